@@ -1,0 +1,105 @@
+// pybind11 bindings for ncfast._C. Arrays cross as buffers (numpy); half and
+// bfloat16 arrive as uint16 with a dtype name, so no libtorch is linked.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "common.h"
+#include "moments.h"
+
+#ifdef NCFAST_WITH_OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using namespace ncfast;
+
+namespace {
+
+Matrix as_matrix(const py::buffer_info& info, const std::string& dtype_name) {
+  if (info.ndim != 2) throw std::invalid_argument("features: expected a 2-D array");
+  Matrix m;
+  m.data = info.ptr;
+  m.rows = info.shape[0];
+  m.cols = info.shape[1];
+  m.dtype = parse_dtype(dtype_name);
+  const int64_t item = info.itemsize;
+  if (info.strides[0] % item || info.strides[1] % item)
+    throw std::invalid_argument("features: strides are not a multiple of the item size");
+  m.row_stride = info.strides[0] / item;
+  m.col_stride = info.strides[1] / item;
+  return m;
+}
+
+template <typename T>
+py::array_t<T> to_array(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  auto* heap = new std::vector<T>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(shape, heap->data(), owner);
+}
+
+std::string compile_options() {
+  std::string s;
+#ifdef NCFAST_WITH_OPENMP
+  s += "OpenMP=ON(max_threads=" + std::to_string(omp_get_max_threads()) + ")";
+#else
+  s += "OpenMP=OFF";
+#endif
+  s += " SIMD=";
+#if defined(__AVX512F__)
+  s += "AVX512";
+#elif defined(__AVX2__)
+  s += "AVX2";
+#elif defined(__SSE4_2__)
+  s += "SSE4.2";
+#elif defined(__ARM_NEON)
+  s += "NEON";
+#else
+  s += "generic";
+#endif
+#ifdef NCFAST_WITH_CUDA
+  s += " CUDA=ON";
+#else
+  s += " CUDA=OFF";
+#endif
+  return s;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ncfast compiled CPU core (no libtorch dependency)";
+  m.def("compile_options", &compile_options,
+        "What this build was compiled with: OpenMP, SIMD level, CUDA on or off.");
+  m.def(
+      "block_moments",
+      [](py::buffer features, const std::string& dtype,
+         py::array_t<int64_t, py::array::c_style | py::array::forcecast> labels,
+         int64_t num_classes, int num_threads) {
+        py::buffer_info info = features.request();
+        Matrix x = as_matrix(info, dtype);
+        if (labels.ndim() != 1 || labels.shape(0) != x.rows)
+          throw std::invalid_argument("labels: expected shape (N,) matching features");
+        if (num_classes < 1) throw std::invalid_argument("num_classes: must be >= 1");
+        const int64_t* y = labels.data();
+        BlockMoments r;
+        {
+          py::gil_scoped_release release;
+          r = block_moments(x, y, num_classes, num_threads);
+        }
+        const py::ssize_t c = num_classes, d = x.cols;
+        py::dict out;
+        out["counts"] = to_array(std::move(r.counts), {c});
+        out["means"] = to_array(std::move(r.means), {c, d});
+        out["m2"] = to_array(std::move(r.m2), {c});
+        out["unit_sums"] = to_array(std::move(r.unit_sums), {c, d});
+        out["norm_sums"] = to_array(std::move(r.norm_sums), {c});
+        return out;
+      },
+      py::arg("features"), py::arg("dtype"), py::arg("labels"), py::arg("num_classes"),
+      py::arg("num_threads") = 1,
+      "Per-class count, float64 mean, centred sum of squares, unit-vector sum and norm sum "
+      "of a block of rows (features: 2-D buffer of float32/float64, or uint16 holding "
+      "float16/bfloat16 bits named by dtype).");
+}

@@ -1,0 +1,84 @@
+// Shared helpers for the ncfast CPU kernels: element loads for the supported
+// input dtypes and a strided 2-D view. No libtorch: inputs arrive as buffers.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace ncfast {
+
+enum class DType { F32, F16, BF16, F64 };
+
+inline DType parse_dtype(const std::string& name) {
+  if (name == "float32") return DType::F32;
+  if (name == "float16") return DType::F16;
+  if (name == "bfloat16") return DType::BF16;
+  if (name == "float64") return DType::F64;
+  throw std::invalid_argument("features: unsupported dtype '" + name + "'");
+}
+
+inline float bf16_to_float(uint16_t bits) {
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// IEEE half -> float without relying on F16C, so the build is portable;
+// subnormals, infinities and NaN are handled exactly.
+inline float f16_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal: normalise the mantissa
+      int e = -1;
+      do {
+        ++e;
+        mant <<= 1;
+      } while ((mant & 0x400u) == 0);
+      u = sign | ((127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// A read-only 2-D view with element strides; 64-bit offsets throughout so
+// that N * D beyond 2^31 elements is addressed correctly.
+struct Matrix {
+  const void* data;
+  int64_t rows, cols;
+  int64_t row_stride, col_stride;  // in elements
+  DType dtype;
+
+  inline int64_t offset(int64_t i, int64_t j) const {
+    return i * row_stride + j * col_stride;
+  }
+
+  inline double at(int64_t i, int64_t j) const {
+    const int64_t o = offset(i, j);
+    switch (dtype) {
+      case DType::F32: return static_cast<const float*>(data)[o];
+      case DType::F64: return static_cast<const double*>(data)[o];
+      case DType::F16: return f16_to_float(static_cast<const uint16_t*>(data)[o]);
+      case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(data)[o]);
+    }
+    return 0.0;
+  }
+
+  // Row i converted to double into out[0..cols).
+  void load_row(int64_t i, double* out) const;
+};
+
+}  // namespace ncfast

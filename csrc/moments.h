@@ -1,0 +1,24 @@
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace ncfast {
+
+// Per-class statistics of one block of rows, all in float64:
+//   counts[c]     n_c
+//   means[c, :]   mu_c                          (0 for absent classes)
+//   m2[c]         sum_{y_i=c} ||h_i - mu_c||^2   (two-pass: centred on mu_c)
+//   unit_sums[c]  sum_{y_i=c} h_i / ||h_i||      (a zero row contributes 0)
+//   norm_sums[c]  sum_{y_i=c} ||h_i||
+struct BlockMoments {
+  std::vector<int64_t> counts;
+  std::vector<double> means, m2, unit_sums, norm_sums;
+};
+
+BlockMoments block_moments(const Matrix& x, const int64_t* labels,
+                           int64_t num_classes, int num_threads);
+
+}  // namespace ncfast

@@ -1,0 +1,61 @@
+"""ncfast: exact, mergeable Neural Collapse metrics with a compiled C++ core.
+
+Quick use::
+
+    import ncfast
+    m = ncfast.nc_metrics(features, labels, weight=W, bias=b)   # dict of floats: m["nc1"], m["vci"], ...
+    D = ncfast.class_distance(features, labels)                 # (C, C) float64
+
+Streaming::
+
+    stats = ncfast.ClassMoments(num_classes, dim)
+    for x, y in loader:
+        stats.update(x, y)
+    stats.all_reduce()                    # across torch.distributed processes
+    m = ncfast.metrics_from_moments(stats)
+"""
+from . import _C, reference
+from .labels import coarse_labels, fine_labels, random_coarse_labels
+from .losses import svsl_loss
+from .metrics import (
+    DEFAULT_RTOL,
+    NCMetrics,
+    class_distance,
+    class_distance_from_moments,
+    class_moments,
+    metrics_from_moments,
+    nc_metrics,
+)
+from .ncc import classifier_decisions, ncc_assign, ncc_mismatch
+from .stats import ClassMoments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassMoments",
+    "DEFAULT_RTOL",
+    "NCMetrics",
+    "class_distance",
+    "class_distance_from_moments",
+    "class_moments",
+    "classifier_decisions",
+    "coarse_labels",
+    "compile_options",
+    "fine_labels",
+    "metrics_from_moments",
+    "nc_metrics",
+    "ncc_assign",
+    "ncc_mismatch",
+    "random_coarse_labels",
+    "reference",
+    "svsl_loss",
+]
+
+compile_options = _C.compile_options
+
+try:
+    from .torchmetrics import NeuralCollapse  # noqa: F401  (needs the optional torchmetrics package)
+except ImportError:
+    pass
+else:
+    __all__.append("NeuralCollapse")

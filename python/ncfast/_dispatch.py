@@ -1,0 +1,62 @@
+"""The one place that picks a backend for a tensor.
+
+CPU tensors go to the compiled C++ core (`ncfast._C`); other devices to the
+PyTorch implementation until their Triton kernels land. The environment
+variable NCFAST_BACKEND ("cpp" or "torch") overrides the choice; "cpp" on a
+non-CPU tensor is an error rather than a silent copy.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _C
+
+BACKENDS = ("cpp", "torch")
+
+
+def backend_for(x: torch.Tensor) -> str:
+    forced = os.environ.get("NCFAST_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"NCFAST_BACKEND: expected one of {BACKENDS}, got {forced!r}")
+        if forced == "cpp" and x.device.type != "cpu":
+            raise ValueError(f"NCFAST_BACKEND=cpp needs CPU tensors, got one on {x.device}")
+        return forced
+    return "cpp" if x.device.type == "cpu" else "torch"
+
+
+def _torch_block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int):
+    x = x.to(torch.float64)
+    d = x.shape[1]
+    counts = torch.bincount(y, minlength=num_classes)
+    sums = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device).index_add_(0, y, x)
+    means = sums / counts.clamp_min(1).unsqueeze(1)
+    centred = x - means[y]
+    m2 = torch.zeros(num_classes, dtype=torch.float64, device=x.device).index_add_(0, y, centred.square().sum(1))
+    norms = x.norm(dim=1)
+    unit = x / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(1)
+    unit_sums = torch.zeros_like(sums).index_add_(0, y, unit)
+    norm_sums = torch.zeros_like(m2).index_add_(0, y, norms)
+    return counts, means, m2, unit_sums, norm_sums
+
+
+def _cpp_block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int):
+    if x.dtype in (torch.float16, torch.bfloat16):
+        buf = x.view(torch.int16).numpy()  # the C++ side reads the bits as uint16
+    else:
+        buf = x.numpy()
+    dtype_name = str(x.dtype).replace("torch.", "")
+    r = _C.block_moments(buf, dtype_name, y.contiguous().numpy(), num_classes, torch.get_num_threads())
+    return tuple(torch.from_numpy(r[k]) for k in ("counts", "means", "m2", "unit_sums", "norm_sums"))
+
+
+def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int):
+    """Per-class (counts, means, m2, unit_sums, norm_sums) of one block of rows, float64.
+
+    m2[c] = sum_{y_i=c} ||h_i - mu_c||^2 centred on the block's own class means.
+    """
+    if backend_for(x) == "cpp":
+        return _cpp_block_moments(x, y, num_classes)
+    return _torch_block_moments(x, y, num_classes)

@@ -1,0 +1,84 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises before any state is touched, and names the offending argument,
+as SPEC.md's bad-input contract asks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WEIGHTINGS = ("balanced", "sample")
+NAN_POLICIES = ("raise", "omit")
+
+
+def as_tensor(x, name: str) -> torch.Tensor:
+    """Torch tensors pass through; numpy arrays (and lists) are converted without a copy where possible."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    try:
+        return torch.as_tensor(x)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+        raise TypeError(f"{name}: expected a torch tensor or numpy array, got {type(x).__name__}") from exc
+
+
+def check_features(features, name: str = "features", *, allow_empty: bool = False) -> torch.Tensor:
+    x = as_tensor(features, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected shape (N, D), got {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: D = 0 (features have no columns)")
+    if x.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name}: N = 0 (no rows)")
+    return x
+
+
+def check_labels(labels, n: int, device: torch.device, num_classes: int | None, name: str = "labels") -> tuple[torch.Tensor, int]:
+    """Return (labels as int64, num_classes). num_classes=None means labels.max() + 1."""
+    y = as_tensor(labels, name)
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer dtype, got {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"{name}: expected shape (N,), got {tuple(y.shape)}")
+    if y.shape[0] != n:
+        raise ValueError(f"{name}: length {y.shape[0]} does not match features' N = {n}")
+    if y.device != device:
+        raise ValueError(f"{name}: on device {y.device}, but features are on {device}")
+    y = y.to(torch.int64)
+    if n:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0:
+            raise ValueError(f"{name}: negative label {lo}")
+    else:
+        hi = -1
+    if num_classes is None:
+        if n == 0:
+            raise ValueError("num_classes: must be given when there are no labels")
+        num_classes = hi + 1
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
+    if hi >= num_classes:
+        raise ValueError(f"{name}: label {hi} out of range [0, {num_classes})")
+    return y, num_classes
+
+
+def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+def check_same_device(ref: torch.Tensor, other: torch.Tensor, name: str) -> None:
+    if other.device != ref.device:
+        raise ValueError(f"{name}: on device {other.device}, but features are on {ref.device}")
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Mask of rows without NaN or Inf."""
+    return torch.isfinite(x).all(dim=1)

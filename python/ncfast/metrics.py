@@ -1,0 +1,359 @@
+"""Neural-collapse metrics on top of ClassMoments (definitions: SPEC.md).
+
+Everything here is float64 linear algebra on the streamed statistics: class means,
+per-class variances, the D x D within-class scatter and the unit-vector class sums.
+Pseudo-inverses and ranks use symmetric eigendecompositions on the smaller side, with
+eigenvalues at or below ``rtol * lambda_max`` counted as zero.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._validation import (
+    NAN_POLICIES,
+    WEIGHTINGS,
+    as_tensor,
+    check_choice,
+    check_features,
+    check_labels,
+    check_same_device,
+    finite_rows,
+)
+from .ncc import classifier_decisions, ncc_assign
+from .stats import ClassMoments
+
+DEFAULT_RTOL = 1e-10
+"""Relative eigenvalue threshold for every pseudo-inverse and rank (SPEC.md)."""
+
+# Metrics that need the D x D within-class scatter; NaN when ClassMoments was built without it.
+SCATTER_METRICS = ("nc1", "fuzziness", "vci", "rank", "effective_rank")
+
+
+class NCMetrics(dict):
+    """A dict of metric name -> Python float, with what the numbers rest on.
+
+    Attributes:
+        ranks: the ranks actually used: ``sigma_b`` (pseudo-inverse in NC1 and rB in VCI),
+            ``sigma_w`` (range kept in VCI) and ``sigma_t`` (the ``rank`` metric); absent when
+            the scatter was not kept.
+        absent_classes: class indices with no sample, left out of every metric.
+        omitted_rows: rows dropped by ``nan_policy="omit"``.
+        weighting, rtol: the settings used.
+    """
+
+    def __init__(self, values, *, ranks, absent_classes, omitted_rows, weighting, rtol):
+        super().__init__(values)
+        self.ranks = ranks
+        self.absent_classes = absent_classes
+        self.omitted_rows = omitted_rows
+        self.weighting = weighting
+        self.rtol = rtol
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}={v:.6g}" for k, v in self.items())
+        return f"NCMetrics({body}; ranks={self.ranks}, absent_classes={self.absent_classes})"
+
+
+def _eigh_kept(sym: torch.Tensor, rtol: float):
+    """Eigenpairs of a symmetric PSD matrix with eigenvalue > rtol * lambda_max."""
+    lam, vec = torch.linalg.eigh(sym)
+    top = lam.max() if lam.numel() else torch.tensor(0.0, dtype=sym.dtype)
+    keep = lam > rtol * top if float(top) > 0 else torch.zeros_like(lam, dtype=torch.bool)
+    return lam[keep], vec[:, keep]
+
+
+def _between_eig(a: torch.Tensor, rtol: float):
+    """(s, V) with Sigma_B = A^T A = V diag(s) V^T on its numerical range (V is D x rank).
+
+    Decomposes the C x C Gram A A^T when C <= D, else the D x D matrix.
+    """
+    c, d = a.shape
+    if c <= d:
+        s, u = _eigh_kept(a @ a.T, rtol)
+        return s, (a.T @ u) / s.sqrt()
+    return _eigh_kept(a.T @ a, rtol)
+
+
+def _vci(sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float, rtol: float):
+    """VCI = ((r - rB) + sum_{k<=rB} mu_k) / r without cancellation (paper 004, SPEC.md).
+
+    mu_k = 1 / (1 + kappa_k) are the generalized eigenvalues of (Sigma_W, Sigma_T), with
+    kappa_k those of (Sigma_B, Sigma_W). In the eigenbasis P of Sigma_W (eigenvalues
+    omega, split into kept P1 and zero P0 by the rtol rule), the directions of range(A P0)
+    have Sigma_W = 0 and so mu = 0; the rest are kappa = sigma^2 of
+    F = (I - Pi_{A P0}) A P1 diag(omega1)^{-1/2} (the Schur complement of the pencil), a C x d1
+    matrix. Sigma_T = Sigma_W + Sigma_B is never formed, so Sigma_B's rounding noise is never
+    divided by a tiny Sigma_W. Returns (vci, rank of Sigma_W).
+    """
+    c, d = a.shape
+    r = min(d, c - 1)
+    omega, p = torch.linalg.eigh(sigma_w)
+    wmax = float(omega.max())
+    keep = omega > rtol * wmax if wmax > 0 else torch.zeros_like(omega, dtype=torch.bool)
+    f = (a @ p[:, keep]) / omega[keep].sqrt()
+    a0 = a @ p[:, ~keep]
+    r0 = 0
+    if a0.shape[1]:
+        u0, s0, _ = torch.linalg.svd(a0, full_matrices=False)
+        k0 = s0.square() > rtol * lam_b_max
+        r0 = int(k0.sum())
+        u0 = u0[:, k0]
+        f = f - u0 @ (u0.T @ f)
+    kappa = torch.linalg.svdvals(f).square() if f.numel() else f.new_zeros(0)
+    mu = torch.cat([f.new_zeros(r0), 1.0 / (1.0 + kappa)])  # ascending: kappa is descending
+    return ((r - r_b) + float(mu[:r_b].sum())) / r, int(keep.sum())
+
+
+def _pair_sq_dist(mt: torch.Tensor) -> torch.Tensor:
+    """||mu_i - mu_j||^2 from centred means (centring keeps the expansion well conditioned)."""
+    sq = mt.square().sum(1)
+    d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (mt @ mt.T)).clamp_min(0.0)
+    d2.fill_diagonal_(0.0)
+    return d2
+
+
+def class_distance_from_moments(moments: ClassMoments) -> torch.Tensor:
+    """D_ij = ||mu_i - mu_j||^2 + v_i + v_j (paper 000 eq. 6), float64 (num_classes, num_classes).
+
+    Equals the average of ||h_u - h_v||^2 over all pairs u in class i, v in class j, without
+    forming any pair; D_ii = 2 v_i. Rows and columns of absent classes are NaN.
+    """
+    p = moments.present
+    mt = moments.mean[p] - moments.mean[p].mean(0)
+    v = moments.variances[p]
+    inner = _pair_sq_dist(mt) + v.unsqueeze(1) + v.unsqueeze(0)
+    c = moments.num_classes
+    out = torch.full((c, c), float("nan"), dtype=torch.float64, device=mt.device)
+    idx = p.nonzero().squeeze(1)
+    out[idx.unsqueeze(1), idx.unsqueeze(0)] = inner
+    return out
+
+
+def _check_superclass(superclass, num_classes: int, device) -> torch.Tensor:
+    s = as_tensor(superclass, "superclass")
+    if s.dtype.is_floating_point:
+        raise TypeError(f"superclass: expected an integer dtype, got {s.dtype}")
+    if s.shape != (num_classes,):
+        raise ValueError(f"superclass: expected shape ({num_classes},) mapping class -> super-class, got {tuple(s.shape)}")
+    return s.to(device=device, dtype=torch.int64)
+
+
+def _check_weight(weight, num_classes: int, dim: int, device) -> torch.Tensor:
+    w = as_tensor(weight, "weight")
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"weight: expected a floating dtype, got {w.dtype}")
+    if w.shape != (num_classes, dim):
+        raise ValueError(f"weight: expected shape ({num_classes}, {dim}) (classes x features), got {tuple(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"weight: on device {w.device}, but the features are on {device}")
+    return w
+
+
+def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None, weighting: str = "balanced",
+                         rtol: float = DEFAULT_RTOL) -> NCMetrics:
+    """Every metric that the streamed statistics determine (SPEC.md), as an NCMetrics.
+
+    Keys: nc1, fuzziness, squared_distance, nc2_etf, equinorm, equiangularity, coherence, cdnv,
+    vci, cosine_separation, rank, effective_rank, feature_norm; nc3 with ``weight``; msdr with
+    ``superclass``. The NCC metrics need the final class means and a second pass over the
+    features: ``ncc_assign`` / ``ncc_mismatch`` (``nc_metrics`` does both passes for you).
+
+    Formulas (C present classes, w_c the class weights of ``weighting``, Mt rows mu_c - mu_G):
+        nc1 = Tr(Sigma_W Sigma_B^+) / C,  fuzziness = C * nc1
+        squared_distance = Tr(Sigma_W) / Tr(Sigma_B)
+        nc2_etf = || Mt Mt^T / ||Mt Mt^T||_F - (I - 11^T/C) / sqrt(C-1) ||_F
+        equinorm = std ||Mt_c|| / mean ||Mt_c||; equiangularity = std_{i!=j} cos_ij;
+        coherence = mean_{i!=j} |cos_ij + 1/(C-1)|
+        cdnv = mean_{i<j} (v_i + v_j) / (2 ||mu_i - mu_j||^2)
+        nc3 = || W/||W||_F - Mt/||Mt||_F ||_F
+        vci = 1 - Tr(Sigma_T^+ Sigma_B) / min(D, C-1)   (stable form, see _vci)
+        cosine_separation = 1 - dbar_within / dbar_total   (Kornblith et al. 2021)
+        rank, effective_rank: numerical rank and exp(entropy) of sqrt-eigenvalues of Sigma_T
+        msdr = mean_{i!=j, s(i)=s(j)} D_ij / mean_i D_ii
+    """
+    check_choice(weighting, WEIGHTINGS, "weighting")
+    if not isinstance(moments, ClassMoments):
+        raise TypeError(f"moments: expected a ClassMoments, got {type(moments).__name__}")
+    p = moments.present
+    c = int(p.sum())
+    if c < 2:
+        raise ValueError(f"labels: these metrics need at least 2 present classes, got {c}")
+    if not rtol >= 0:
+        raise ValueError(f"rtol: must be >= 0, got {rtol}")
+    d = moments.dim
+    out: dict[str, float] = {}
+    ranks: dict[str, int] = {}
+
+    mt = moments.centred_means(weighting)
+    a = moments.between_factor(weighting)
+    v = moments.variances[p]
+
+    tr_w = moments.within_trace(weighting)
+    out["squared_distance"] = tr_w / float(a.square().sum())
+
+    s_b, v_b = _between_eig(a, rtol)
+    ranks["sigma_b"] = int(s_b.numel())
+    if moments.scatter is not None:
+        sigma_w = moments.sigma_w(weighting)
+        fuzz = float((((sigma_w @ v_b) * v_b).sum(0) / s_b).sum())
+        out["nc1"] = fuzz / c
+        out["fuzziness"] = fuzz
+        out["vci"], ranks["sigma_w"] = _vci(sigma_w, a, ranks["sigma_b"], float(s_b.max()), rtol)
+        lam_t, _ = _eigh_kept(sigma_w + a.T @ a, rtol)
+        ranks["sigma_t"] = int(lam_t.numel())
+        out["rank"] = float(lam_t.numel())
+        sv = torch.linalg.eigvalsh(sigma_w + a.T @ a).clamp_min(0.0).sqrt()
+        prob = sv / sv.sum()
+        prob = prob[prob > 0]
+        out["effective_rank"] = math.exp(float(-(prob * prob.log()).sum()))
+    else:
+        for k in SCATTER_METRICS:
+            out[k] = float("nan")
+
+    gram = mt @ mt.T
+    eye = torch.eye(c, dtype=torch.float64, device=mt.device)
+    etf = (eye - 1.0 / c) / math.sqrt(c - 1)
+    out["nc2_etf"] = float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf))
+    norms = mt.norm(dim=1)
+    out["equinorm"] = float(norms.std(correction=0) / norms.mean())
+    cos = gram / (norms.unsqueeze(1) * norms.unsqueeze(0))
+    off = cos[~eye.bool()]
+    out["equiangularity"] = float(off.std(correction=0))
+    out["coherence"] = float((off + 1.0 / (c - 1)).abs().mean())
+
+    d2 = _pair_sq_dist(mt)
+    iu = torch.triu_indices(c, c, offset=1, device=mt.device)
+    out["cdnv"] = float(((v[iu[0]] + v[iu[1]]) / (2.0 * d2[iu[0], iu[1]])).mean())
+
+    if weight is not None:
+        w = _check_weight(weight, moments.num_classes, d, moments.device)[p].to(torch.float64)
+        out["nc3"] = float(torch.linalg.norm(w / torch.linalg.norm(w) - mt / torch.linalg.norm(mt)))
+
+    if superclass is not None:
+        s = _check_superclass(superclass, moments.num_classes, moments.device)[p]
+        dist = d2 + v.unsqueeze(1) + v.unsqueeze(0)
+        same = (s.unsqueeze(1) == s.unsqueeze(0)) & ~eye.bool()
+        out["msdr"] = float(dist[same].mean() / dist.diagonal().mean()) if bool(same.any()) else float("nan")
+
+    unit = moments.unit_sum[p] / moments.count[p].unsqueeze(1)
+    within = float((1.0 - unit.square().sum(1)).mean())
+    total = 1.0 - float(unit.mean(0).square().sum())
+    out["cosine_separation"] = 1.0 - within / total
+    out["feature_norm"] = float(moments.norm_sum.sum()) / moments.num_samples
+
+    return NCMetrics(out, ranks=ranks, absent_classes=moments.absent_classes, omitted_rows=moments.omitted_rows,
+                     weighting=weighting, rtol=rtol)
+
+
+def _prepare(features, labels, num_classes, nan_policy):
+    """Validated (x, y, num_classes) with NaN/Inf rows handled per nan_policy, plus the omitted count."""
+    check_choice(nan_policy, NAN_POLICIES, "nan_policy")
+    x = check_features(features)
+    y, num_classes = check_labels(labels, x.shape[0], x.device, num_classes)
+    keep = finite_rows(x)
+    omitted = 0
+    if not bool(keep.all()):
+        if nan_policy == "raise":
+            raise ValueError("features: contains NaN or Inf (pass nan_policy='omit' to drop such rows)")
+        omitted = int((~keep).sum())
+        x, y = x[keep], y[keep]
+        if x.shape[0] == 0:
+            raise ValueError("features: every row holds NaN or Inf")
+    return x, y, num_classes, omitted, keep
+
+
+def _moments(x, y, num_classes, weighting, scatter) -> ClassMoments:
+    counts = torch.bincount(y, minlength=num_classes)
+    present = counts[counts > 0]
+    imbalanced = bool((present != present[0]).any())
+    m = ClassMoments(num_classes, x.shape[1], scatter=scatter, device=x.device,
+                     class_counts=counts if (scatter and imbalanced and weighting == "balanced") else None)
+    return m.update(x, y)
+
+
+def class_moments(features, labels, *, num_classes=None, weighting: str = "balanced", scatter: bool = True,
+                  nan_policy: str = "raise") -> ClassMoments:
+    """One-shot ClassMoments of (features, labels).
+
+    With ``weighting="balanced"`` on imbalanced labels the exact balanced Sigma_W is kept too
+    (the class counts are known up front here).
+    """
+    check_choice(weighting, WEIGHTINGS, "weighting")
+    x, y, num_classes, omitted, _ = _prepare(features, labels, num_classes, nan_policy)
+    m = _moments(x, y, num_classes, weighting, scatter)
+    m.omitted_rows = omitted
+    return m
+
+
+def class_distance(features, labels, *, num_classes=None) -> torch.Tensor:
+    """Class-distance matrix D (paper 000 eq. 6), float64 (num_classes, num_classes).
+
+    D_ij = (1/(n_i n_j)) sum_{u in i} sum_{v in j} ||h_u - h_v||^2 = ||mu_i - mu_j||^2 + v_i + v_j,
+    computed from class means and variances (never from pairs). Absent classes: NaN rows/columns.
+    """
+    return class_distance_from_moments(class_moments(features, labels, num_classes=num_classes, scatter=False))
+
+
+def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, logits=None, superclass=None,
+               weighting: str = "balanced", rtol: float = DEFAULT_RTOL, nan_policy: str = "raise") -> NCMetrics:
+    """All Neural-Collapse metrics of SPEC.md for one layer's features, as an NCMetrics (a dict of floats).
+
+    Args:
+        features: (N, D) float tensor or array (float16 / bfloat16 / float32 / float64, any device).
+        labels: (N,) integer class labels in [0, num_classes).
+        num_classes: defaults to labels.max() + 1; classes without samples are absent and left out.
+        weight, bias: the classifier (C, D) and (C,); adds nc3 and ncc_mismatch (decision =
+            argmax W h + b, computed block-wise without materialising logits).
+        logits: (N, C) network outputs; adds logits_norm and ncc_mismatch. When both logits and
+            weight are given, the decision is logits.argmax(1) (what the network actually output).
+        superclass: (num_classes,) class -> super-class map; adds msdr.
+        weighting: "balanced" (every class counts equally, Papyan et al.) or "sample".
+        rtol: eigenvalues <= rtol * lambda_max count as zero in pseudo-inverses and ranks.
+        nan_policy: "raise" or "omit" (drop rows with NaN/Inf and report ``omitted_rows``).
+
+    Beside the metrics_from_moments keys: ncc_accuracy (fraction whose nearest class mean is their
+    label), ncc_mismatch (paper 003 def. 5), logits_norm (mean ||z_i||).
+    """
+    check_choice(weighting, WEIGHTINGS, "weighting")
+    x, y, num_classes, omitted, keep = _prepare(features, labels, num_classes, nan_policy)
+    d = x.shape[1]
+    w = _check_weight(weight, num_classes, d, x.device) if weight is not None else None
+    b = None
+    if bias is not None:
+        if w is None:
+            raise ValueError("bias: given without weight")
+        b = as_tensor(bias, "bias")
+        if b.shape != (num_classes,):
+            raise ValueError(f"bias: expected shape ({num_classes},), got {tuple(b.shape)}")
+        check_same_device(x, b, "bias")
+    z = None
+    if logits is not None:
+        z = as_tensor(logits, "logits")
+        if not z.dtype.is_floating_point:
+            raise TypeError(f"logits: expected a floating dtype, got {z.dtype}")
+        if z.dim() != 2 or z.shape[0] != keep.shape[0]:
+            raise ValueError(f"logits: expected shape ({keep.shape[0]}, C), got {tuple(z.shape)}")
+        check_same_device(x, z, "logits")
+        z = z[keep] if omitted else z
+    if superclass is not None:
+        _check_superclass(superclass, num_classes, x.device)
+    present = int((torch.bincount(y, minlength=num_classes) > 0).sum())
+    if present < 2:
+        raise ValueError(f"labels: nc_metrics needs at least 2 present classes, got {present}")
+
+    m = _moments(x, y, num_classes, weighting, scatter=True)
+    m.omitted_rows = omitted
+    out = metrics_from_moments(m, weight=w, superclass=superclass, weighting=weighting, rtol=rtol)
+    nearest = ncc_assign(x, m.means)
+    out["ncc_accuracy"] = float((nearest == y).to(torch.float64).mean())
+    decisions = None
+    if z is not None:
+        decisions = z.argmax(dim=1)
+        out["logits_norm"] = float(z.to(torch.float64).norm(dim=1).mean())
+    elif w is not None:
+        decisions = classifier_decisions(x, w, b)
+    if decisions is not None:
+        out["ncc_mismatch"] = float((decisions != nearest).to(torch.float64).mean())
+    return out

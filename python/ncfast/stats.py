@@ -1,0 +1,387 @@
+"""ClassMoments: exact, mergeable per-class sufficient statistics.
+
+State (all float64, on the device of the features it was fed):
+
+- ``count[c]``      n_c
+- ``mean[c]``       mu_c
+- ``m2[c]``         sum_{y_i=c} ||h_i - mu_c||^2           (so v_c = m2[c] / n_c)
+- ``scatter``       sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T  (D x D, optional)
+- ``wscatter``      sum_c (1/N_c) sum_{y_i=c} (h_i - mu_c)(h_i - mu_c)^T for the class
+                    counts N_c announced in ``class_counts`` (optional; gives the balanced
+                    Sigma_W exactly on imbalanced data)
+- ``unit_sum[c]``   sum_{y_i=c} h_i / ||h_i||               (cosine separation)
+- ``norm_sum[c]``   sum_{y_i=c} ||h_i||                      (feature norm)
+
+Every block is centred on its own class means before it is combined (Chan et al.):
+for two parts a, b of class c with delta = mu_b - mu_a and n = n_a + n_b,
+
+    mu   = mu_a + delta * n_b / n
+    M2   = M2_a + M2_b + (n_a n_b / n) delta delta^T
+
+so raw moments E[hh^T] - mu mu^T are never formed, and the statistics stay exact when
+the within-class spread is tiny next to the class means. Updates in any order, merges
+of shards in any order and ``all_reduce`` across processes give the one-shot result to
+float64 rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _dispatch
+from ._validation import (
+    NAN_POLICIES,
+    WEIGHTINGS,
+    as_tensor,
+    check_choice,
+    check_features,
+    check_labels,
+    finite_rows,
+)
+
+# Rows per block: the float64 centred block used for the D x D scatter stays near 64 MB.
+_BLOCK_BYTES = 64 << 20
+
+_STATE_KEYS = ("count", "mean", "m2", "unit_sum", "norm_sum", "scatter", "wscatter")
+
+
+@dataclass
+class _Part:
+    """The statistics of one block, in the same layout as ClassMoments' state."""
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+    unit_sum: torch.Tensor
+    norm_sum: torch.Tensor
+    scatter: torch.Tensor | None
+    wscatter: torch.Tensor | None
+
+
+class ClassMoments:
+    """Streaming per-class moments of features, mergeable exactly.
+
+    Args:
+        num_classes: number of label values C; labels must lie in [0, C).
+        dim: feature dimension D.
+        scatter: keep the D x D within-class scatter (needed by nc1, fuzziness, vci, rank,
+            effective_rank). Turn off when D is large: the other metrics need only O(C * D).
+        class_counts: the per-class sample counts the whole stream will deliver. When given,
+            the balanced within-class covariance (1/C) sum_c Cov_c is accumulated exactly even
+            on imbalanced data. Without it, the balanced Sigma_W is available when all present
+            classes end up with equal counts (balanced data), and raises otherwise.
+        device: where the float64 state lives (the features' device).
+
+    Example::
+
+        m = ncfast.ClassMoments(10, 512)
+        for x, y in loader:
+            m.update(model.features(x), y)
+        metrics = ncfast.metrics_from_moments(m)
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, scatter: bool = True, class_counts=None, device="cpu"):
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
+        if int(dim) < 1:
+            raise ValueError(f"dim: must be >= 1, got {dim}")
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.device = torch.device(device)
+        self.omitted_rows = 0
+        if class_counts is not None:
+            cc = as_tensor(class_counts, "class_counts").to(device=self.device, dtype=torch.int64).reshape(-1)
+            if cc.numel() != self.num_classes:
+                raise ValueError(f"class_counts: expected {self.num_classes} entries, got {cc.numel()}")
+            if bool((cc < 0).any()):
+                raise ValueError("class_counts: negative count")
+            self.class_counts = cc
+        else:
+            self.class_counts = None
+        z = dict(dtype=torch.float64, device=self.device)
+        c, d = self.num_classes, self.dim
+        self.count = torch.zeros(c, dtype=torch.int64, device=self.device)
+        self.mean = torch.zeros(c, d, **z)
+        self.m2 = torch.zeros(c, **z)
+        self.unit_sum = torch.zeros(c, d, **z)
+        self.norm_sum = torch.zeros(c, **z)
+        self.scatter = torch.zeros(d, d, **z) if scatter else None
+        self.wscatter = torch.zeros(d, d, **z) if (scatter and class_counts is not None) else None
+
+    # ------------------------------------------------------------------ update
+    def update(self, features, labels, *, nan_policy: str = "raise") -> "ClassMoments":
+        """Add a batch. Atomic: on any error the state is left exactly as it was.
+
+        nan_policy: "raise" (default) rejects features holding NaN or Inf; "omit" drops those
+        rows and counts them in ``omitted_rows``.
+        """
+        check_choice(nan_policy, NAN_POLICIES, "nan_policy")
+        x = check_features(features, allow_empty=True)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"features: expected D = {self.dim}, got {x.shape[1]}")
+        if x.device != self.device:
+            raise ValueError(f"features: on device {x.device}, but this ClassMoments lives on {self.device}")
+        y, _ = check_labels(labels, x.shape[0], x.device, self.num_classes)
+        omitted = 0
+        if nan_policy == "omit":
+            keep = finite_rows(x)
+            omitted = int((~keep).sum())
+            if omitted:
+                x, y = x[keep], y[keep]
+        part = self._moments_of(x, y)
+        if nan_policy == "raise" and not (bool(torch.isfinite(part.mean).all()) and bool(torch.isfinite(part.m2).all())):
+            raise ValueError("features: contains NaN or Inf (pass nan_policy='omit' to drop such rows)")
+        self._merge_part(part)
+        self.omitted_rows += omitted
+        return self
+
+    def _moments_of(self, x: torch.Tensor, y: torch.Tensor) -> _Part:
+        """The statistics of (x, y), block by block, merged with Chan's formula."""
+        acc = self._empty_part()
+        rows = max(1, _BLOCK_BYTES // (8 * self.dim))
+        for lo in range(0, x.shape[0], rows):
+            xb, yb = x[lo : lo + rows], y[lo : lo + rows]
+            count, mean, m2, unit_sum, norm_sum = _dispatch.block_moments(xb, yb, self.num_classes)
+            scatter = wscatter = None
+            if self.scatter is not None:
+                centred = xb.to(torch.float64) - mean.to(self.device)[yb]
+                scatter = centred.T @ centred
+                if self.wscatter is not None:
+                    w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
+                    wscatter = centred.T @ (centred * w[yb].unsqueeze(1))
+            part = _Part(count.to(self.device), mean.to(self.device), m2.to(self.device),
+                         unit_sum.to(self.device), norm_sum.to(self.device), scatter, wscatter)
+            acc = self._combine(acc, part)
+        return acc
+
+    def _empty_part(self) -> _Part:
+        z = dict(dtype=torch.float64, device=self.device)
+        c, d = self.num_classes, self.dim
+        return _Part(torch.zeros(c, dtype=torch.int64, device=self.device), torch.zeros(c, d, **z),
+                     torch.zeros(c, **z), torch.zeros(c, d, **z), torch.zeros(c, **z),
+                     torch.zeros(d, d, **z) if self.scatter is not None else None,
+                     torch.zeros(d, d, **z) if self.wscatter is not None else None)
+
+    def _combine(self, a: _Part, b: _Part) -> _Part:
+        """Chan's pairwise combination of two parts (a new _Part; inputs untouched)."""
+        n = a.count + b.count
+        both = (a.count > 0) & (b.count > 0)
+        na = a.count.to(torch.float64)
+        nb = b.count.to(torch.float64)
+        nn = n.clamp_min(1).to(torch.float64)
+        delta = torch.where(both.unsqueeze(1), b.mean - a.mean, torch.zeros_like(a.mean))
+        mean = torch.where((a.count == 0).unsqueeze(1), b.mean,
+                           a.mean + delta * (nb / nn).unsqueeze(1))
+        coef = torch.where(both, na * nb / nn, torch.zeros_like(na))
+        m2 = a.m2 + b.m2 + coef * delta.square().sum(1)
+        scatter = wscatter = None
+        if a.scatter is not None:
+            idx = both.nonzero().squeeze(1)
+            dsel = delta[idx]
+            scatter = a.scatter + b.scatter + dsel.T @ (dsel * coef[idx].unsqueeze(1))
+            if a.wscatter is not None:
+                w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
+                wscatter = a.wscatter + b.wscatter + dsel.T @ (dsel * (coef * w)[idx].unsqueeze(1))
+        return _Part(n, mean, m2, a.unit_sum + b.unit_sum, a.norm_sum + b.norm_sum, scatter, wscatter)
+
+    def _as_part(self) -> _Part:
+        return _Part(*(getattr(self, k) for k in _STATE_KEYS))
+
+    def _merge_part(self, part: _Part) -> None:
+        merged = self._combine(self._as_part(), part)
+        for k in _STATE_KEYS:
+            setattr(self, k, getattr(merged, k))
+
+    # ------------------------------------------------------------- merge / sync
+    def _check_compatible(self, other: "ClassMoments") -> None:
+        if not isinstance(other, ClassMoments):
+            raise TypeError(f"other: expected a ClassMoments, got {type(other).__name__}")
+        if (other.num_classes, other.dim) != (self.num_classes, self.dim):
+            raise ValueError(f"other: shape (num_classes={other.num_classes}, dim={other.dim}) differs from "
+                             f"(num_classes={self.num_classes}, dim={self.dim})")
+        if (other.scatter is None) != (self.scatter is None) or (other.wscatter is None) != (self.wscatter is None):
+            raise ValueError("other: keeps a different set of statistics (scatter / class_counts)")
+        if self.class_counts is not None and not torch.equal(self.class_counts, other.class_counts.to(self.device)):
+            raise ValueError("other: was built with different class_counts")
+        if other.device != self.device:
+            raise ValueError(f"other: on device {other.device}, but this ClassMoments lives on {self.device}")
+
+    def merge(self, other: "ClassMoments") -> "ClassMoments":
+        """Fold another ClassMoments (e.g. another shard) into this one, exactly."""
+        self._check_compatible(other)
+        self._merge_part(other._as_part())
+        self.omitted_rows += other.omitted_rows
+        return self
+
+    def all_reduce(self, group=None) -> "ClassMoments":
+        """Combine the statistics of every process in ``group`` (torch.distributed); all end equal.
+
+        Two sum-reductions, so any backend works (gloo, nccl, mpi): first the counts and
+        n_c * mu_c give the global means mu_c; then each process adds its Chan correction
+        n_pc (mu_pc - mu_c)(mu_pc - mu_c)^T to its centred sums before they are summed. This
+        is the exact parallel form of Chan's formula, with no raw second moments.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("all_reduce: torch.distributed is not initialised")
+        n_local = self.count.to(torch.float64)
+        first = torch.cat([n_local, (self.mean * n_local.unsqueeze(1)).reshape(-1),
+                           torch.tensor([float(self.omitted_rows)], dtype=torch.float64, device=self.device)])
+        dist.all_reduce(first, group=group)
+        c, d = self.num_classes, self.dim
+        n_total = first[:c]
+        mean = first[c : c + c * d].reshape(c, d) / n_total.clamp_min(1).unsqueeze(1)
+        delta = torch.where((n_local > 0).unsqueeze(1), self.mean - mean, torch.zeros_like(mean))
+        m2 = self.m2 + n_local * delta.square().sum(1)
+        pieces = [m2, self.unit_sum.reshape(-1), self.norm_sum]
+        if self.scatter is not None:
+            pieces.append((self.scatter + delta.T @ (delta * n_local.unsqueeze(1))).reshape(-1))
+        if self.wscatter is not None:
+            w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
+            pieces.append((self.wscatter + delta.T @ (delta * (n_local * w).unsqueeze(1))).reshape(-1))
+        second = torch.cat(pieces)
+        dist.all_reduce(second, group=group)
+        self.count = n_total.round().to(torch.int64)
+        self.mean = mean
+        self.omitted_rows = int(first[-1].round())
+        self.m2 = second[:c]
+        self.unit_sum = second[c : c + c * d].reshape(c, d)
+        self.norm_sum = second[c + c * d : 2 * c + c * d]
+        off = 2 * c + c * d
+        if self.scatter is not None:
+            self.scatter = second[off : off + d * d].reshape(d, d)
+            off += d * d
+        if self.wscatter is not None:
+            self.wscatter = second[off : off + d * d].reshape(d, d)
+        return self
+
+    def state_dict(self) -> dict:
+        """Tensors and settings; ``ClassMoments.from_state_dict`` or ``load_state_dict`` restores them."""
+        sd = {k: getattr(self, k) for k in _STATE_KEYS if getattr(self, k) is not None}
+        sd.update(num_classes=self.num_classes, dim=self.dim, omitted_rows=self.omitted_rows,
+                  class_counts=self.class_counts)
+        return sd
+
+    def load_state_dict(self, state: dict) -> "ClassMoments":
+        if (state["num_classes"], state["dim"]) != (self.num_classes, self.dim):
+            raise ValueError("state: num_classes / dim differ from this ClassMoments")
+        if ("scatter" in state) != (self.scatter is not None) or ("wscatter" in state) != (self.wscatter is not None):
+            raise ValueError("state: holds a different set of statistics (scatter / class_counts)")
+        for k in _STATE_KEYS:
+            if k in state:
+                setattr(self, k, state[k].to(device=self.device).clone())
+        self.omitted_rows = int(state["omitted_rows"])
+        cc = state.get("class_counts")
+        self.class_counts = None if cc is None else cc.to(self.device).clone()
+        return self
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device="cpu") -> "ClassMoments":
+        m = cls(state["num_classes"], state["dim"], scatter="scatter" in state,
+                class_counts=state.get("class_counts"), device=device)
+        return m.load_state_dict(state)
+
+    def clone(self) -> "ClassMoments":
+        return ClassMoments.from_state_dict(self.state_dict(), device=self.device)
+
+    # ---------------------------------------------------------------- read-outs
+    @property
+    def counts(self) -> torch.Tensor:
+        """n_c, int64 (C,)."""
+        return self.count
+
+    @property
+    def present(self) -> torch.Tensor:
+        """Boolean mask of classes with n_c > 0."""
+        return self.count > 0
+
+    @property
+    def absent_classes(self) -> list[int]:
+        return (self.count == 0).nonzero().squeeze(1).tolist()
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.count.sum())
+
+    @property
+    def means(self) -> torch.Tensor:
+        """mu_c (C, D) float64; NaN rows for absent classes."""
+        return torch.where(self.present.unsqueeze(1), self.mean, torch.full_like(self.mean, float("nan")))
+
+    @property
+    def variances(self) -> torch.Tensor:
+        """v_c = (1/n_c) sum_{y_i=c} ||h_i - mu_c||^2, the trace of the class covariance; NaN if absent."""
+        return torch.where(self.present, self.m2 / self.count.clamp_min(1), torch.full_like(self.m2, float("nan")))
+
+    @property
+    def unit_sums(self) -> torch.Tensor:
+        """S_c = sum_{y_i=c} h_i / ||h_i|| (C, D); zero vectors contribute nothing."""
+        return self.unit_sum
+
+    def class_weights(self, weighting: str = "balanced") -> torch.Tensor:
+        """Weight of each present class in mu_G and Sigma_B: 1/C (balanced) or n_c/N (sample)."""
+        check_choice(weighting, WEIGHTINGS, "weighting")
+        n = self.count[self.present].to(torch.float64)
+        if weighting == "balanced":
+            return torch.full_like(n, 1.0 / n.numel())
+        return n / n.sum()
+
+    def _require_samples(self) -> None:
+        if self.num_samples == 0:
+            raise ValueError("ClassMoments: no samples have been added")
+
+    def global_mean(self, weighting: str = "balanced") -> torch.Tensor:
+        """mu_G: mean of class means (balanced) or of all samples (sample)."""
+        self._require_samples()
+        return self.class_weights(weighting) @ self.mean[self.present]
+
+    def centred_means(self, weighting: str = "balanced") -> torch.Tensor:
+        """Mt: rows mu_c - mu_G for the present classes, (C_present, D)."""
+        return self.mean[self.present] - self.global_mean(weighting)
+
+    def between_factor(self, weighting: str = "balanced") -> torch.Tensor:
+        """A with Sigma_B = A^T A: rows sqrt(w_c) (mu_c - mu_G) over present classes."""
+        return self.class_weights(weighting).sqrt().unsqueeze(1) * self.centred_means(weighting)
+
+    def within_trace(self, weighting: str = "balanced") -> float:
+        """Tr(Sigma_W) from the per-class traces alone (no D x D matrix needed)."""
+        self._require_samples()
+        p = self.present
+        if weighting == "balanced":
+            return float((self.m2[p] / self.count[p]).mean())
+        check_choice(weighting, WEIGHTINGS, "weighting")
+        return float(self.m2[p].sum() / self.num_samples)
+
+    def sigma_w(self, weighting: str = "balanced") -> torch.Tensor:
+        """Sigma_W (D x D): (1/C) sum_c Cov_c (balanced) or (1/N) sum_i (h_i-mu_yi)(h_i-mu_yi)^T (sample)."""
+        check_choice(weighting, WEIGHTINGS, "weighting")
+        self._require_samples()
+        if self.scatter is None:
+            raise ValueError("ClassMoments was built with scatter=False: Sigma_W is not kept")
+        if weighting == "sample":
+            return self.scatter / self.num_samples
+        present_counts = self.count[self.present]
+        if self.wscatter is not None:
+            if not torch.equal(self.class_counts, self.count):
+                raise ValueError("class_counts: the counts seen differ from the class_counts announced, so the "
+                                 "balanced Sigma_W cannot be exact; pass the true counts or weighting='sample'")
+            return self.wscatter / present_counts.numel()
+        if bool((present_counts != present_counts[0]).any()):
+            raise ValueError("weighting: 'balanced' Sigma_W on imbalanced classes needs class_counts at "
+                             "construction (one-shot functions pass it); or use weighting='sample'")
+        return self.scatter / self.num_samples
+
+    def sigma_b(self, weighting: str = "balanced") -> torch.Tensor:
+        """Sigma_B = sum_c w_c (mu_c - mu_G)(mu_c - mu_G)^T (D x D)."""
+        a = self.between_factor(weighting)
+        return a.T @ a
+
+    def sigma_t(self, weighting: str = "balanced") -> torch.Tensor:
+        """Sigma_T = Sigma_W + Sigma_B (exactly the total covariance under sample weighting)."""
+        return self.sigma_w(weighting) + self.sigma_b(weighting)
+
+    def __repr__(self) -> str:
+        return (f"ClassMoments(num_classes={self.num_classes}, dim={self.dim}, samples={self.num_samples}, "
+                f"scatter={self.scatter is not None}, device={self.device})")

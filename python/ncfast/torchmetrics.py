@@ -1,0 +1,91 @@
+"""NeuralCollapse: a torchmetrics.Metric over ClassMoments (needs the torchmetrics package)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torchmetrics import Metric
+
+from .metrics import DEFAULT_RTOL, metrics_from_moments
+from .stats import ClassMoments
+
+_KEYS = ("count", "mean", "m2", "unit_sum", "norm_sum", "scatter", "wscatter")
+
+
+def _pack(m: ClassMoments) -> torch.Tensor:
+    parts = [getattr(m, k).reshape(-1).to(torch.float64) for k in _KEYS if getattr(m, k) is not None]
+    parts.append(torch.tensor([float(m.omitted_rows)], dtype=torch.float64, device=m.device))
+    return torch.cat(parts)
+
+
+def _unpack(flat: torch.Tensor, template: ClassMoments) -> ClassMoments:
+    m = template.clone()
+    off = 0
+    for k in _KEYS:
+        cur = getattr(template, k)
+        if cur is None:
+            continue
+        piece = flat[off : off + cur.numel()].reshape(cur.shape)
+        setattr(m, k, piece.round().to(torch.int64) if k == "count" else piece.clone())
+        off += cur.numel()
+    m.omitted_rows = int(flat[off].round())
+    return m
+
+
+def _merge_packed(template_state: dict, stacked: torch.Tensor) -> torch.Tensor:
+    """Reduction of the packed state across processes: Chan merge in process order.
+
+    A plain sum would need raw moments E[hh^T], which the numerics contract rules out.
+    """
+    template = ClassMoments.from_state_dict(template_state, device=stacked.device)
+    acc = _unpack(stacked[0], template)
+    for row in stacked[1:]:
+        acc.merge(_unpack(row, template))
+    return _pack(acc)
+
+
+class NeuralCollapse(Metric):
+    """Neural-collapse metrics as a torchmetrics Metric, streamed over batches.
+
+    ``update(features, labels)`` feeds a ClassMoments; ``compute()`` returns
+    ``metrics_from_moments`` (every metric except the NCC ones, which need a second pass over
+    the features: see ``ncfast.ncc_mismatch``). Across processes the state is gathered and
+    merged with Chan's formula in rank order, so every process computes the one-shot result.
+
+    Args:
+        num_classes, dim: as ClassMoments.
+        weighting, rtol: as nc_metrics.
+        class_counts: per-class counts of the data to come, for an exact balanced Sigma_W on
+            imbalanced classes (see ClassMoments).
+        weight: optional classifier weight (C, D) for nc3; superclass: map for msdr.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+    is_differentiable = False
+
+    def __init__(self, num_classes: int, dim: int, *, weighting: str = "balanced", rtol: float = DEFAULT_RTOL,
+                 class_counts=None, scatter: bool = True, weight=None, superclass=None, **kwargs):
+        super().__init__(**kwargs)
+        self._template = ClassMoments(num_classes, dim, scatter=scatter, class_counts=class_counts)
+        self.weighting = weighting
+        self.rtol = rtol
+        self.weight = weight
+        self.superclass = superclass
+        reduce = functools.partial(_merge_packed, self._template.state_dict())
+        self.add_state("packed", default=_pack(self._template), dist_reduce_fx=reduce)
+
+    def _moments(self) -> ClassMoments:
+        template = ClassMoments.from_state_dict(self._template.state_dict(), device=self.packed.device)
+        return _unpack(self.packed, template)
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        m = self._moments()
+        m.update(features, labels)
+        self.packed = _pack(m)
+
+    def compute(self):
+        m = self._moments()
+        weight = None if self.weight is None else torch.as_tensor(self.weight).to(m.device)
+        return metrics_from_moments(m, weight=weight, superclass=self.superclass, weighting=self.weighting,
+                                    rtol=self.rtol)
