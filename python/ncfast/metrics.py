@@ -43,10 +43,11 @@ class NCMetrics(dict):
         weighting, rtol: the settings used.
     """
 
-    def __init__(self, values, *, ranks, absent_classes, omitted_rows, weighting, rtol):
+    def __init__(self, values=(), *, ranks=None, absent_classes=(), omitted_rows=0, weighting=None, rtol=None):
+        # Constructible from a mapping alone: torchmetrics rebuilds compute() outputs that way.
         super().__init__(values)
-        self.ranks = ranks
-        self.absent_classes = absent_classes
+        self.ranks = ranks or {}
+        self.absent_classes = list(absent_classes)
         self.omitted_rows = omitted_rows
         self.weighting = weighting
         self.rtol = rtol
@@ -306,8 +307,8 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
         num_classes: defaults to labels.max() + 1; classes without samples are absent and left out.
         weight, bias: the classifier (C, D) and (C,); adds nc3 and ncc_mismatch (decision =
             argmax W h + b, computed block-wise without materialising logits).
-        logits: (N, C) network outputs; adds logits_norm and ncc_mismatch. When both logits and
-            weight are given, the decision is logits.argmax(1) (what the network actually output).
+        logits: (N, C) network outputs; adds logits_norm, and ncc_mismatch with decision
+            logits.argmax(1) when no weight is given (with a weight, SPEC's W h + b decides).
         superclass: (num_classes,) class -> super-class map; adds msdr.
         weighting: "balanced" (every class counts equally, Papyan et al.) or "sample".
         rtol: eigenvalues <= rtol * lambda_max count as zero in pseudo-inverses and ranks.
@@ -349,11 +350,12 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     nearest = ncc_assign(x, m.means)
     out["ncc_accuracy"] = float((nearest == y).to(torch.float64).mean())
     decisions = None
-    if z is not None:
-        decisions = z.argmax(dim=1)
-        out["logits_norm"] = float(z.to(torch.float64).norm(dim=1).mean())
-    elif w is not None:
+    if w is not None:
         decisions = classifier_decisions(x, w, b)
+    if z is not None:
+        out["logits_norm"] = float(z.to(torch.float64).norm(dim=1).mean())
+        if decisions is None:
+            decisions = z.argmax(dim=1)
     if decisions is not None:
         out["ncc_mismatch"] = float((decisions != nearest).to(torch.float64).mean())
     return out

@@ -84,6 +84,11 @@ class NeuralCollapse(Metric):
         m.update(features, labels)
         self.packed = _pack(m)
 
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Same as update: a per-batch value is not computed, since one batch rarely holds enough
+        samples per class for these metrics (and cannot match the stream's class_counts)."""
+        self.update(features, labels)
+
     def compute(self):
         m = self._moments()
         weight = None if self.weight is None else torch.as_tensor(self.weight).to(m.device)

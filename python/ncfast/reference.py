@@ -1,0 +1,648 @@
+"""Float64 brute-force definitions of every quantity in SPEC.md.
+
+This module is the ground truth that the fast paths of ncfast are tested against. Each function
+follows its SPEC.md formula as literally as is practical: pair averages are averaged over pairs of
+samples, covariances are sums of per-sample outer products, pseudo-inverses and ranks come from an
+explicit symmetric eigendecomposition. Everything is computed in float64 with numpy and scipy only,
+and nothing is imported from the rest of ncfast, so that the reference stays an independent check.
+It is written for clarity, not speed: some functions take O(N^2 D) time or O(N K D) memory, so use it
+on small inputs.
+
+Conventions shared by all functions:
+
+- ``features`` is (N, D) and ``labels`` is (N,); numpy arrays or torch tensors of any dtype
+  (features are converted to float64, labels to int64; float labels are a TypeError).
+  ``num_classes=None`` means ``labels.max() + 1``.
+- A class with n_c = 0 is *absent* and is left out of every metric; C is the number of present
+  classes. Per-class outputs of length num_classes hold NaN for absent classes.
+- ``weighting="balanced"`` (default, Papyan et al.): every class counts equally.
+  ``weighting="sample"``: every sample counts equally. Both as defined in SPEC.md "Notation".
+- Rank rule: eigenvalues of a symmetric matrix that are <= rtol * lambda_max count as zero
+  (``DEFAULT_RTOL = 1e-10``). Every pseudo-inverse and rank below uses it.
+- Ties in argmin / argmax go to the lowest class index.
+"""
+
+import numpy as np
+import scipy.linalg
+
+DEFAULT_RTOL = 1e-10
+
+_WEIGHTINGS = ("balanced", "sample")
+
+
+# ----------------------------------------------------------------------------------------------
+# Input handling
+# ----------------------------------------------------------------------------------------------
+
+
+def _np64(x):
+    """Float64 numpy copy of a numpy array or torch tensor.
+
+    Torch tensors are detached and moved to the CPU; float16 / bfloat16 go through float32 first
+    because numpy has no bfloat16 (the float32 value is exact, so nothing is lost).
+    """
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.element_size() < 4:
+            x = x.float()
+        x = x.numpy()
+    return np.array(x, dtype=np.float64)
+
+
+def _labels64(labels):
+    """Int64 numpy copy of a 1-D label array or tensor; rejects float and negative labels."""
+    if hasattr(labels, "detach"):
+        labels = labels.detach().cpu().numpy()
+    y = np.asarray(labels)
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"labels must have an integer dtype, got {y.dtype}")
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {y.shape}")
+    if y.size and y.min() < 0:
+        raise ValueError("labels must be non-negative")
+    return y.astype(np.int64)
+
+
+def _num_classes(y, num_classes):
+    """num_classes, defaulting to labels.max() + 1, checked against the labels."""
+    if num_classes is None:
+        return int(y.max()) + 1 if y.size else 0
+    num_classes = int(num_classes)
+    if y.size and y.max() >= num_classes:
+        raise ValueError(f"labels must be < num_classes={num_classes}, got {int(y.max())}")
+    return num_classes
+
+
+def _prepare(features, labels, num_classes):
+    """Validated (h, y, K): float64 (N, D) features, int64 (N,) labels and the class count K."""
+    h = _np64(features)
+    y = _labels64(labels)
+    if h.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, D), got shape {h.shape}")
+    if h.shape[0] != y.shape[0]:
+        raise ValueError(f"features has {h.shape[0]} rows but labels has {y.shape[0]} entries")
+    if h.shape[0] == 0:
+        raise ValueError("features is empty (N = 0)")
+    if h.shape[1] == 0:
+        raise ValueError("features has D = 0 columns")
+    if not np.isfinite(h).all():
+        raise ValueError("features contains NaN or Inf")
+    return h, y, _num_classes(y, num_classes)
+
+
+def _check_weighting(weighting):
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+
+
+def _present(y, K):
+    """Indices of the classes with at least one sample, ascending."""
+    return np.flatnonzero(np.bincount(y, minlength=K) > 0)
+
+
+def _require_two_classes(present):
+    if len(present) < 2:
+        raise ValueError(f"this metric needs at least 2 present classes in labels, got {len(present)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear algebra under the rank rule
+# ----------------------------------------------------------------------------------------------
+
+
+def _sym_eigh(a):
+    """Eigendecomposition of the symmetric part of a (outer-product sums are symmetric only up to
+    rounding, and eigh reads a single triangle)."""
+    return np.linalg.eigh((a + a.T) / 2)
+
+
+def _sym_rank(a, rtol):
+    """Number of eigenvalues of symmetric a above rtol * lambda_max."""
+    w = np.linalg.eigvalsh((a + a.T) / 2)
+    return int(np.sum(w > rtol * max(w.max(), 0.0)))
+
+
+def _sym_pinv(a, rtol):
+    """Pseudo-inverse of symmetric a: V diag(1/lambda) V^T over the eigenvalues above
+    rtol * lambda_max."""
+    w, v = _sym_eigh(a)
+    keep = w > rtol * max(w.max(), 0.0)
+    return (v[:, keep] / w[keep]) @ v[:, keep].T
+
+
+# ----------------------------------------------------------------------------------------------
+# Class statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def class_counts(labels, num_classes=None):
+    """n_c = number of samples with label c, for c = 0..num_classes-1 (int64)."""
+    y = _labels64(labels)
+    K = _num_classes(y, num_classes)
+    return np.bincount(y, minlength=K).astype(np.int64)
+
+
+def class_means(features, labels, num_classes=None):
+    """mu_c = (1/n_c) sum_{y_i=c} h_i (SPEC "Notation"), shape (num_classes, D); NaN rows for absent
+    classes."""
+    h, y, K = _prepare(features, labels, num_classes)
+    means = np.full((K, h.shape[1]), np.nan)
+    for c in _present(y, K):
+        means[c] = h[y == c].mean(axis=0)
+    return means
+
+
+def class_variances(features, labels, num_classes=None):
+    """v_c = (1/n_c) sum_{y_i=c} ||h_i - mu_c||^2 (SPEC "Notation"; biased, the trace of the class
+    covariance), shape (num_classes,); NaN for absent classes."""
+    h, y, K = _prepare(features, labels, num_classes)
+    variances = np.full(K, np.nan)
+    for c in _present(y, K):
+        hc = h[y == c]
+        variances[c] = ((hc - hc.mean(axis=0)) ** 2).sum(axis=1).mean()
+    return variances
+
+
+def global_mean(features, labels, num_classes=None, weighting="balanced"):
+    """mu_G (SPEC "Notation").
+
+    balanced: mu_G = (1/C) sum_c mu_c over present classes.
+    sample:   mu_G = (1/N) sum_i h_i.
+    """
+    _check_weighting(weighting)
+    h, y, K = _prepare(features, labels, num_classes)
+    if weighting == "sample":
+        return h.mean(axis=0)
+    return class_means(h, y, K)[_present(y, K)].mean(axis=0)
+
+
+def _mt(h, y, K, weighting):
+    """(Mt, present): Mt is the C x D matrix with rows mu_c - mu_G over the present classes."""
+    present = _present(y, K)
+    mt = class_means(h, y, K)[present] - global_mean(h, y, K, weighting)
+    return mt, present
+
+
+def within_class_covariance(features, labels, num_classes=None, weighting="balanced"):
+    """Sigma_W (SPEC "Notation"), summed literally from per-sample outer products.
+
+    balanced: Sigma_W = (1/C) sum_c (1/n_c) sum_{y_i=c} (h_i - mu_c)(h_i - mu_c)^T
+              (the mean of the biased class covariances).
+    sample:   Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T.
+    """
+    _check_weighting(weighting)
+    h, y, K = _prepare(features, labels, num_classes)
+    d = h - class_means(h, y, K)[y]
+    if weighting == "sample":
+        w = np.full(len(y), 1.0 / len(y))
+    else:
+        w = 1.0 / (len(_present(y, K)) * class_counts(y, K)[y])
+    return np.einsum("i,ij,ik->jk", w, d, d)
+
+
+def between_class_covariance(features, labels, num_classes=None, weighting="balanced"):
+    """Sigma_B (SPEC "Notation"), summed from per-class outer products.
+
+    balanced: Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T.
+    sample:   Sigma_B = sum_c (n_c/N) (mu_c - mu_G)(mu_c - mu_G)^T.
+    """
+    _check_weighting(weighting)
+    h, y, K = _prepare(features, labels, num_classes)
+    mt, present = _mt(h, y, K, weighting)
+    if weighting == "sample":
+        p = class_counts(y, K)[present] / len(y)
+    else:
+        p = np.full(len(present), 1.0 / len(present))
+    return np.einsum("c,cj,ck->jk", p, mt, mt)
+
+
+def total_covariance(features, labels, num_classes=None, weighting="balanced"):
+    """Sigma_T (SPEC "Notation").
+
+    balanced: Sigma_T = Sigma_W + Sigma_B.
+    sample:   Sigma_T = (1/N) sum_i (h_i - mu_G)(h_i - mu_G)^T, summed literally (it equals
+              Sigma_W + Sigma_B, which the tests check).
+    """
+    _check_weighting(weighting)
+    h, y, K = _prepare(features, labels, num_classes)
+    if weighting == "sample":
+        d = h - h.mean(axis=0)
+        return np.einsum("ij,ik->jk", d, d) / len(y)
+    return within_class_covariance(h, y, K, weighting) + between_class_covariance(h, y, K, weighting)
+
+
+def class_distance(features, labels, num_classes=None):
+    """Class-distance matrix, paper 000 eq. (6) / SPEC "Class statistics".
+
+    D_ij = (1/(n_i n_j)) sum_{u in i} sum_{v in j} ||h_u - h_v||^2, computed literally as the average
+    over all pairs of samples (the fast paths use the identity D_ij = ||mu_i - mu_j||^2 + v_i + v_j,
+    which the tests check against this). Shape (num_classes, num_classes); rows and columns of
+    absent classes are NaN.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    dist = np.full((K, K), np.nan)
+    present = _present(y, K)
+    for i in present:
+        hi = h[y == i]
+        for j in present:
+            hj = h[y == j]
+            dist[i, j] = ((hi[:, None, :] - hj[None, :, :]) ** 2).sum(axis=-1).mean()
+    return dist
+
+
+def cdnv(features, labels, num_classes=None):
+    """Class-distance normalized variance (Galanti et al.; SPEC "Class statistics").
+
+    CDNV_ij = (v_i + v_j) / (2 ||mu_i - mu_j||^2), reported as the mean over the unordered pairs
+    i < j of present classes.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    present = _present(y, K)
+    _require_two_classes(present)
+    means = class_means(h, y, K)
+    variances = class_variances(h, y, K)
+    values = [
+        (variances[i] + variances[j]) / (2 * np.sum((means[i] - means[j]) ** 2))
+        for a, i in enumerate(present)
+        for j in present[a + 1 :]
+    ]
+    return float(np.mean(values))
+
+
+def msdr(features, labels, superclass, num_classes=None):
+    """Mean squared distance ratio, paper 000 appendix B / SPEC "Class statistics".
+
+    MSDR = mean_{i != j present, s(i) = s(j)} D_ij / mean_{i present} D_ii, with D the class-distance
+    matrix and s = superclass, an array (num_classes,) mapping class -> super-class. The numerator
+    averages over ordered pairs (D is symmetric, so this equals the unordered average). NaN if no
+    super-class holds two present classes.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    s = superclass.detach().cpu().numpy() if hasattr(superclass, "detach") else np.asarray(superclass)
+    if s.shape != (K,):
+        raise ValueError(f"superclass must have shape ({K},) (one entry per class), got {s.shape}")
+    dist = class_distance(h, y, K)
+    present = _present(y, K)
+    same = [dist[i, j] for i in present for j in present if i != j and s[i] == s[j]]
+    if not same:
+        return float("nan")
+    return float(np.mean(same) / np.mean(np.diag(dist)[present]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Neural-collapse metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def fuzziness(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
+    """Separation fuzziness = Tr(Sigma_W Sigma_B^+) (SPEC "Neural-collapse metrics"; paper 004).
+
+    Sigma_B^+ by the rank rule with rtol.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    _require_two_classes(_present(y, K))
+    sigma_w = within_class_covariance(h, y, K, weighting)
+    sigma_b = between_class_covariance(h, y, K, weighting)
+    return float(np.trace(sigma_w @ _sym_pinv(sigma_b, rtol)))
+
+
+def nc1(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
+    """NC1 = (1/C) Tr(Sigma_W Sigma_B^+) (Papyan et al.; SPEC "Neural-collapse metrics")."""
+    h, y, K = _prepare(features, labels, num_classes)
+    return fuzziness(h, y, K, weighting, rtol) / len(_present(y, K))
+
+
+def squared_distance(features, labels, num_classes=None, weighting="balanced"):
+    """Squared distance (Hui et al.; SPEC) = Tr(Sigma_W) / Tr(Sigma_B)."""
+    h, y, K = _prepare(features, labels, num_classes)
+    _require_two_classes(_present(y, K))
+    sigma_w = within_class_covariance(h, y, K, weighting)
+    sigma_b = between_class_covariance(h, y, K, weighting)
+    return float(np.trace(sigma_w) / np.trace(sigma_b))
+
+
+def nc2_etf(features, labels, num_classes=None, weighting="balanced"):
+    """NC2 distance to a simplex ETF, paper 000 eq. (3) / SPEC.
+
+    nc2_etf = || Mt Mt^T / ||Mt Mt^T||_F - (I - 11^T/C) / sqrt(C-1) ||_F, Mt the C x D matrix of
+    centred class means of the present classes.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    mt, present = _mt(h, y, K, weighting)
+    _require_two_classes(present)
+    C = len(present)
+    gram = mt @ mt.T
+    etf = (np.eye(C) - np.ones((C, C)) / C) / np.sqrt(C - 1)
+    return float(np.linalg.norm(gram / np.linalg.norm(gram) - etf))
+
+
+def equinorm(features, labels, num_classes=None, weighting="balanced"):
+    """Equinorm (Papyan et al.; SPEC) = std_c ||Mt_c|| / mean_c ||Mt_c|| (population std)."""
+    h, y, K = _prepare(features, labels, num_classes)
+    mt, present = _mt(h, y, K, weighting)
+    _require_two_classes(present)
+    norms = np.linalg.norm(mt, axis=1)
+    return float(norms.std() / norms.mean())
+
+
+def _offdiag_cosines(h, y, K, weighting):
+    """(cos_ij for i != j of present classes, C), cos_ij = cos(Mt_i, Mt_j).
+
+    A centred mean of zero length has no direction, so its cosines (and the metrics built on them)
+    are NaN.
+    """
+    mt, present = _mt(h, y, K, weighting)
+    _require_two_classes(present)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        unit = mt / np.linalg.norm(mt, axis=1, keepdims=True)
+    C = len(present)
+    cos = unit @ unit.T
+    return cos[~np.eye(C, dtype=bool)], C
+
+
+def equiangularity(features, labels, num_classes=None, weighting="balanced"):
+    """Equiangularity (Papyan et al.; SPEC) = std_{i != j} cos(Mt_i, Mt_j) (population std)."""
+    h, y, K = _prepare(features, labels, num_classes)
+    cos, _ = _offdiag_cosines(h, y, K, weighting)
+    return float(cos.std())
+
+
+def coherence(features, labels, num_classes=None, weighting="balanced"):
+    """Coherence, as SPEC defines it: mean_{i != j} |cos(Mt_i, Mt_j) + 1/(C-1)| (0 for a simplex
+    ETF, whose cosines are all -1/(C-1))."""
+    h, y, K = _prepare(features, labels, num_classes)
+    cos, C = _offdiag_cosines(h, y, K, weighting)
+    return float(np.abs(cos + 1.0 / (C - 1)).mean())
+
+
+def nc3(features, labels, weight, num_classes=None, weighting="balanced"):
+    """NC3 self-duality (SPEC; unsquared) = || W/||W||_F - Mt/||Mt||_F ||_F.
+
+    weight is the (num_classes, D) classifier, rows are classes; only the rows of present classes
+    enter, matching the rows of Mt.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    mt, present = _mt(h, y, K, weighting)
+    _require_two_classes(present)
+    w = _np64(weight)
+    if w.shape != (K, h.shape[1]):
+        raise ValueError(f"weight must have shape ({K}, {h.shape[1]}), got {w.shape}")
+    w = w[present]
+    return float(np.linalg.norm(w / np.linalg.norm(w) - mt / np.linalg.norm(mt)))
+
+
+def ncc_assign(features, means):
+    """Nearest class centre: argmin_c ||h_i - mu_c||^2, summed literally as ((h - mu)**2).sum in
+    float64 (SPEC NC4). means is (K, D); rows containing NaN (absent classes) never win. Ties go to
+    the lowest index. Returns int64 (N,)."""
+    h = _np64(features)
+    m = _np64(means)
+    if h.ndim != 2 or m.ndim != 2 or h.shape[1] != m.shape[1]:
+        raise ValueError(f"features (N, D) and means (K, D) must agree in D, got {h.shape} and {m.shape}")
+    usable = ~np.isnan(m).any(axis=1)
+    if not usable.any():
+        raise ValueError("means has no row without NaN")
+    dist = ((h[:, None, :] - m[None, :, :]) ** 2).sum(axis=-1)
+    dist[:, ~usable] = np.inf
+    return np.argmin(dist, axis=1).astype(np.int64)
+
+
+def decisions(features, weight, bias=None):
+    """Network decision argmax_c (W h_i + b)_c in float64 (SPEC NC4); ties to the lowest index.
+    weight (K, D), bias (K,) or None. Returns int64 (N,)."""
+    h = _np64(features)
+    w = _np64(weight)
+    if h.ndim != 2 or w.ndim != 2 or h.shape[1] != w.shape[1]:
+        raise ValueError(f"features (N, D) and weight (K, D) must agree in D, got {h.shape} and {w.shape}")
+    scores = h @ w.T
+    if bias is not None:
+        b = _np64(bias)
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
+        scores = scores + b
+    return np.argmax(scores, axis=1).astype(np.int64)
+
+
+def ncc_mismatch(features, labels, num_classes=None, weight=None, bias=None, logits=None):
+    """NCC mismatch, paper 003 def. 5 / SPEC NC4: the fraction of samples whose network decision
+    differs from the nearest class centre among the present classes' means (as class indices).
+
+    The decision is argmax_c (W h_i + b)_c when weight is given (bias optional), otherwise
+    argmax_c z_ic of the given logits (N, num_classes). When both weight and logits are given the
+    weight is used. Ties go to the lowest class index on both sides.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    if weight is not None:
+        decided = decisions(h, weight, bias)
+    elif bias is not None:
+        raise ValueError("bias was given without weight")
+    elif logits is not None:
+        z = _np64(logits)
+        if z.ndim != 2 or z.shape[0] != len(y):
+            raise ValueError(f"logits must have shape ({len(y)}, num_classes), got {z.shape}")
+        decided = np.argmax(z, axis=1)
+    else:
+        raise ValueError("ncc_mismatch needs weight or logits")
+    nearest = ncc_assign(h, class_means(h, y, K))
+    return float(np.mean(decided != nearest))
+
+
+def ncc_accuracy(features, labels, num_classes=None):
+    """Fraction of samples whose nearest class centre (present classes only) is their label."""
+    h, y, K = _prepare(features, labels, num_classes)
+    return float(np.mean(ncc_assign(h, class_means(h, y, K)) == y))
+
+
+def vci_literal(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
+    """VCI exactly as paper 004 writes it: 1 - Tr(Sigma_T^+ Sigma_B) / r, r = min(D, C-1),
+    Sigma_T^+ by the rank rule.
+
+    Kept to show the cancellation SPEC.md describes: with a within-class spread about 1e-4 of the
+    class spacing, rounding noise of size eps * ||Sigma_B|| in the null space of Sigma_B is divided
+    by the tiny eigenvalues of Sigma_T there, and the result loses every digit or turns negative.
+    Use vci for the value.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    present = _present(y, K)
+    _require_two_classes(present)
+    r = min(h.shape[1], len(present) - 1)
+    sigma_t = total_covariance(h, y, K, weighting)
+    sigma_b = between_class_covariance(h, y, K, weighting)
+    return float(1.0 - np.trace(_sym_pinv(sigma_t, rtol) @ sigma_b) / r)
+
+
+def vci(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
+    """Variability Collapse Index (paper 004; SPEC), VCI = 1 - Tr(Sigma_T^+ Sigma_B) / r with
+    r = min(D, C-1), evaluated without cancellation. 0 means full collapse.
+
+    Stable form: let kappa_k be the generalized eigenvalues of the pencil (Sigma_B, Sigma_W), i.e.
+    Sigma_B x = kappa Sigma_W x. Then mu_k = 1/(1 + kappa_k) are the generalized eigenvalues of
+    (Sigma_W, Sigma_T), and since Tr(Sigma_T^{-1} Sigma_B) = sum_k kappa_k/(1 + kappa_k)
+    = sum_k (1 - mu_k),
+
+        VCI = ((r - rB) + sum_{k <= rB} mu_k) / r,
+
+    where rB = rank(Sigma_B) by the rank rule and the sum runs over the rB largest kappa (the rB
+    smallest mu). The other D - rB kappa are zero up to rounding; leaving them out is what removes
+    the cancellation, and each small mu_k = 1/(1 + kappa_k) is computed to full relative accuracy.
+    Sigma_T is never formed.
+
+    This needs Sigma_W positive definite (smallest eigenvalue > rtol * largest). Otherwise (e.g. an
+    exact ETF with zero within-class spread, or fewer samples than dimensions) this falls back to
+    vci_literal, which is accurate whenever Sigma_W has no tiny but nonzero spread to be swamped.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    present = _present(y, K)
+    _require_two_classes(present)
+    D = h.shape[1]
+    r = min(D, len(present) - 1)
+    sigma_w = within_class_covariance(h, y, K, weighting)
+    sigma_b = between_class_covariance(h, y, K, weighting)
+    w_eigs = np.linalg.eigvalsh((sigma_w + sigma_w.T) / 2)
+    if not w_eigs[0] > rtol * w_eigs[-1]:
+        return vci_literal(h, y, K, weighting, rtol)
+    r_b = _sym_rank(sigma_b, rtol)
+    kappa = scipy.linalg.eigh((sigma_b + sigma_b.T) / 2, (sigma_w + sigma_w.T) / 2, eigvals_only=True)
+    mu = 1.0 / (1.0 + kappa[D - r_b :])
+    return float(((r - r_b) + mu.sum()) / r)
+
+
+def cosine_separation(features, labels, num_classes=None):
+    """Class separation R^2 of Kornblith et al. (2021) with cosine distance (SPEC), balanced over
+    classes.
+
+    With unit vectors u_i = h_i/||h_i|| (a zero vector stays zero) and the pair average
+    dbar_ij = 1 - (1/(n_i n_j)) sum_{u in i} sum_{v in j} u_u . u_v (self-pairs included),
+    R^2 = 1 - dbar_within / dbar_total with dbar_within = (1/C) sum_c dbar_cc and
+    dbar_total = (1/C^2) sum_{i,j} dbar_ij. Computed here literally from the pairs; with
+    S_c = sum_{y_i=c} u_i this is SPEC's dbar_within = (1/C) sum_c (1 - ||S_c||^2 / n_c^2),
+    dbar_total = 1 - ||(1/C) sum_c S_c/n_c||^2.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    present = _present(y, K)
+    _require_two_classes(present)
+    norms = np.linalg.norm(h, axis=1, keepdims=True)
+    u = np.divide(h, norms, out=np.zeros_like(h), where=norms > 0)
+    gram = u @ u.T
+    dbar = np.array([[1.0 - gram[np.ix_(y == i, y == j)].mean() for j in present] for i in present])
+    return float(1.0 - np.mean(np.diag(dbar)) / np.mean(dbar))
+
+
+def rank(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
+    """Numerical rank of Sigma_T (paper 002; SPEC): the number of eigenvalues above
+    rtol * lambda_max."""
+    return _sym_rank(total_covariance(features, labels, num_classes, weighting), rtol)
+
+
+def effective_rank(features, labels, num_classes=None, weighting="balanced"):
+    """Effective rank (paper 002; SPEC) = exp(H(p)), H(p) = -sum_k p_k log p_k, p_k = s_k / sum s,
+    s_k = sqrt(max(lambda_k, 0)) over the eigenvalues lambda_k of Sigma_T; terms with p_k = 0
+    contribute 0. If Sigma_T = 0 (all features equal) there is no spectrum to spread and the
+    result is 0, matching rank = 0.
+    """
+    lam = np.linalg.eigvalsh(total_covariance(features, labels, num_classes, weighting))
+    s = np.sqrt(np.maximum(lam, 0.0))
+    if s.sum() == 0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def feature_norm(features):
+    """mean_i ||h_i||_2 (SPEC); each sample is flattened to a vector."""
+    h = _np64(features)
+    return float(np.linalg.norm(h.reshape(h.shape[0], -1), axis=1).mean())
+
+
+def logits_norm(logits):
+    """mean_i ||z_i||_2 over the logits z (paper 002; SPEC)."""
+    z = _np64(logits)
+    return float(np.linalg.norm(z.reshape(z.shape[0], -1), axis=1).mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+def svsl_loss(layer_features, labels, alpha):
+    """Stochastic Variability-Simplification Loss term, paper 003 def. 10 / SPEC "Losses".
+
+    For layers j = 1..L with batch features g_j(x_i) (each flattened to (N, D_j)) and batch class
+    means mu_c^(j):
+
+        SVSL = alpha / L * (1/C_B) sum_{c present} (1/n_c) sum_{i: y_i=c} sum_j ||g_j(x_i) - mu_c^(j)||^2,
+
+    C_B = number of classes present in the batch. Explicit loops over classes, samples and layers.
+    """
+    y = _labels64(labels)
+    layers = [_np64(f) for f in layer_features]
+    if not layers:
+        raise ValueError("layer_features is empty")
+    for j, g in enumerate(layers):
+        if g.ndim < 1 or g.shape[0] != len(y):
+            raise ValueError(f"layer_features[{j}] has shape {g.shape}, expected first dim {len(y)}")
+    layers = [g.reshape(len(y), -1) for g in layers]
+    present = np.unique(y)
+    total = 0.0
+    for c in present:
+        members = np.flatnonzero(y == c)
+        class_sum = 0.0
+        for i in members:
+            for g in layers:
+                class_sum += np.sum((g[i] - g[members].mean(axis=0)) ** 2)
+        total += class_sum / len(members)
+    return float(alpha / len(layers) * total / len(present))
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything at once
+# ----------------------------------------------------------------------------------------------
+
+
+def nc_metrics(
+    features,
+    labels,
+    *,
+    num_classes=None,
+    weight=None,
+    bias=None,
+    logits=None,
+    superclass=None,
+    weighting="balanced",
+    rtol=DEFAULT_RTOL,
+):
+    """All metrics of SPEC.md for one feature set, as a dict of Python floats (rank too).
+
+    Always: nc1, fuzziness, squared_distance, nc2_etf, equinorm, equiangularity, coherence, cdnv,
+    vci, cosine_separation, rank, effective_rank, ncc_accuracy, feature_norm.
+    With weight: nc3 and ncc_mismatch (decision from weight/bias). With logits: logits_norm, and
+    ncc_mismatch from the logits when no weight is given. With superclass: msdr.
+    """
+    h, y, K = _prepare(features, labels, num_classes)
+    out = {
+        "nc1": nc1(h, y, K, weighting, rtol),
+        "fuzziness": fuzziness(h, y, K, weighting, rtol),
+        "squared_distance": squared_distance(h, y, K, weighting),
+        "nc2_etf": nc2_etf(h, y, K, weighting),
+        "equinorm": equinorm(h, y, K, weighting),
+        "equiangularity": equiangularity(h, y, K, weighting),
+        "coherence": coherence(h, y, K, weighting),
+        "cdnv": cdnv(h, y, K),
+        "vci": vci(h, y, K, weighting, rtol),
+        "cosine_separation": cosine_separation(h, y, K),
+        "rank": float(rank(h, y, K, weighting, rtol)),
+        "effective_rank": effective_rank(h, y, K, weighting),
+        "ncc_accuracy": ncc_accuracy(h, y, K),
+        "feature_norm": feature_norm(h),
+    }
+    if weight is not None:
+        out["nc3"] = nc3(h, y, weight, K, weighting)
+    if weight is not None or logits is not None:
+        out["ncc_mismatch"] = ncc_mismatch(h, y, K, weight=weight, bias=bias, logits=logits)
+    if logits is not None:
+        out["logits_norm"] = logits_norm(logits)
+    if superclass is not None:
+        out["msdr"] = msdr(h, y, superclass, K)
+    return out

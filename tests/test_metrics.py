@@ -1,0 +1,198 @@
+"""The public metric functions against the float64 reference (ncfast.reference)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ncfast
+from ncfast import reference as ref
+from conftest import assert_close, make_data
+
+CASES = {
+    "random": dict(),
+    "imbalanced": dict(imbalanced=True),
+    "absent": dict(absent=(2,), c=6),
+    "d_lt_c": dict(d=4, c=9, n=900),
+    "two_classes": dict(c=2),
+    "float16": dict(dtype=torch.float16),
+    "bfloat16": dict(dtype=torch.bfloat16),
+    "float64": dict(dtype=torch.float64),
+}
+
+
+def _inputs(case, seed=0):
+    x, y, c = make_data(seed=seed, **CASES[case])
+    g = torch.Generator().manual_seed(seed + 100)
+    w = torch.randn(c, x.shape[1], generator=g)
+    b = torch.randn(c, generator=g)
+    return x, y, c, w, b
+
+
+@pytest.mark.parametrize("weighting", ["balanced", "sample"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_nc_metrics_matches_reference(case, weighting):
+    x, y, c, w, b = _inputs(case)
+    superclass = torch.arange(c) % 2
+    got = ncfast.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass, weighting=weighting)
+    want = ref.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass, weighting=weighting)
+    assert set(got) == set(want)
+    for k in want:
+        assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
+    assert got.absent_classes == list(CASES[case].get("absent", ()))
+    assert got.ranks["sigma_b"] == min(c - len(got.absent_classes) - 1, x.shape[1])
+
+
+def test_nc_metrics_non_contiguous_equals_contiguous():
+    x, y, c, w, b = _inputs("random")
+    wide = torch.zeros(x.shape[0], 2 * x.shape[1])
+    wide[:, ::2] = x
+    strided = wide[:, ::2]
+    assert not strided.is_contiguous()
+    got = ncfast.nc_metrics(strided, y, weight=w, bias=b)
+    want = ref.nc_metrics(x, y, weight=w, bias=b)
+    for k in want:
+        assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
+    # a transposed (column-major) view too
+    xt = x.T.contiguous().T
+    assert not xt.is_contiguous()
+    got_t = ncfast.nc_metrics(xt, y, weight=w, bias=b)
+    for k in want:
+        assert_close(got_t[k], want[k], rtol=1e-6, atol=1e-12, what=k)
+
+
+def test_logits_route():
+    x, y, c, w, b = _inputs("random")
+    logits = x @ w.T + b
+    got = ncfast.nc_metrics(x, y, logits=logits)
+    want = ref.nc_metrics(x, y, logits=logits)
+    assert set(got) == set(want) and "logits_norm" in got and "nc3" not in got
+    for k in want:
+        assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
+
+
+def test_numpy_inputs_accepted():
+    x, y, c, w, b = _inputs("random")
+    got = ncfast.nc_metrics(x.numpy(), y.numpy(), weight=w.numpy())
+    want = ref.nc_metrics(x, y, weight=w)
+    for k in want:
+        assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
+
+
+@pytest.mark.parametrize("weighting", ["balanced", "sample"])
+def test_collapse_regime_float32(weighting):
+    """Within-class std 1e-4 of the spacing of the means, every feature shifted by 1e3."""
+    x, y, c = make_data(n=2000, d=16, c=8, spread=1e-4, shift=1e3, imbalanced=(weighting == "sample"),
+                        dtype=torch.float32, seed=3)
+    superclass = torch.arange(c) % 2
+    w = torch.randn(c, 16, generator=torch.Generator().manual_seed(1))
+    got = ncfast.nc_metrics(x, y, weight=w, superclass=superclass, weighting=weighting)
+    want = ref.nc_metrics(x, y, weight=w, superclass=superclass, weighting=weighting)
+    for k in want:
+        assert_close(got[k], want[k], rtol=1e-6, what=k)
+    assert 0 < got["vci"] < 1e-6 and 0 < got["nc1"] < 1e-6
+    assert got["ncc_accuracy"] == 1.0
+
+
+def test_class_distance_matches_pairwise_reference():
+    x, y, c = make_data(n=300, c=6, absent=(4,), imbalanced=True)
+    got = ncfast.class_distance(x, y, num_classes=7)
+    want = ref.class_distance(x, y, num_classes=7)
+    assert got.dtype == torch.float64 and got.shape == (7, 7)
+    assert_close(got.numpy(), want, rtol=1e-9, what="class_distance")
+    assert torch.isnan(got[4]).all() and torch.isnan(got[:, 6]).all()
+
+
+def test_class_distance_collapse_regime():
+    x, y, c = make_data(n=800, d=8, c=5, spread=1e-4, shift=1e3, seed=5)
+    assert_close(ncfast.class_distance(x, y).numpy(), ref.class_distance(x, y), rtol=1e-6, what="D")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ncc_assign_equals_float64_argmin(dtype):
+    x, y, c = make_data(n=2000, d=24, c=40, spread=2.0, dtype=dtype, seed=7)
+    means = torch.from_numpy(ref.class_means(x, y))
+    got = ncfast.ncc_assign(x, means)
+    assert torch.equal(got, torch.from_numpy(ref.ncc_assign(x, means)))
+
+
+def test_ncc_assign_near_ties_and_shift():
+    """Rows placed almost exactly between two means must still get the float64 answer."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(6, 10, generator=g, dtype=torch.float64) + 1e3
+    mid = (means[0] + means[1]) / 2
+    direction = means[1] - means[0]
+    eps = torch.tensor([-1e-7, -1e-9, 0.0, 1e-9, 1e-7], dtype=torch.float64)
+    rows = (mid + eps.unsqueeze(1) * direction).to(torch.float32)
+    got = ncfast.ncc_assign(rows, means)
+    assert torch.equal(got, torch.from_numpy(ref.ncc_assign(rows, means)))
+
+
+def test_ncc_assign_skips_nan_rows_and_ties_go_low():
+    means = torch.tensor([[float("nan"), 0.0], [1.0, 0.0], [-1.0, 0.0]])
+    x = torch.tensor([[0.0, 0.0], [0.9, 0.0], [-3.0, 1.0]])
+    assert ncfast.ncc_assign(x, means).tolist() == [1, 1, 2]
+
+
+def test_classifier_decisions_and_ncc_mismatch():
+    x, y, c, w, b = _inputs("random")
+    dec = ncfast.classifier_decisions(x, w, b)
+    assert torch.equal(dec, torch.from_numpy(ref.decisions(x, w, b)))
+    means = torch.from_numpy(ref.class_means(x, y))
+    got = ncfast.ncc_mismatch(x, means, dec)
+    assert got == pytest.approx(ref.ncc_mismatch(x, y, weight=w, bias=b), abs=0)
+
+
+def test_etf_with_no_spread_is_fully_collapsed():
+    c, d = 5, 8
+    etf = torch.eye(c, d, dtype=torch.float64) - torch.cat([torch.full((c, c), 1.0 / c, dtype=torch.float64), torch.zeros(c, d - c)], 1)
+    y = torch.arange(c).repeat(4)
+    x = etf[y] * 3.0
+    m = ncfast.nc_metrics(x, y, weight=etf)
+    for k in ("nc1", "nc2_etf", "vci", "equinorm", "equiangularity", "coherence", "nc3", "ncc_mismatch"):
+        assert abs(m[k]) < 1e-12, (k, m[k])
+    assert m["ncc_accuracy"] == 1.0 and m["cdnv"] == 0.0
+
+
+def test_vci_invariant_to_invertible_linear_map():
+    x, y, c = make_data(n=800, d=10, c=6, dtype=torch.float64, seed=11)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(10, 10, generator=g, dtype=torch.float64) + 3 * torch.eye(10, dtype=torch.float64)
+    v1 = ncfast.nc_metrics(x, y)["vci"]
+    v2 = ncfast.nc_metrics(x @ a.T, y)["vci"]
+    assert v2 == pytest.approx(v1, rel=1e-8)
+    assert v1 == pytest.approx(ref.vci(x, y), rel=1e-9)
+
+
+def test_vci_with_singular_within_class_scatter():
+    """Features on a subspace Sigma_W does not reach: the Schur-complement branch of the stable form."""
+    x, y, c = make_data(n=400, d=6, c=4, dtype=torch.float64, seed=4)
+    means = torch.from_numpy(ref.class_means(x, y))
+    x = torch.cat([x, 5.0 * means[y, :2]], dim=1)  # two extra dims that only vary between classes
+    x[:, 6:] = (means[y, :2] * 5.0)
+    got = ncfast.nc_metrics(x, y)
+    assert got.ranks["sigma_w"] == 6
+    assert got["vci"] == pytest.approx(ref.vci_literal(x, y), rel=1e-7, abs=1e-12)
+
+
+def test_scatter_free_moments_leave_dxd_metrics_nan():
+    x, y, c = make_data()
+    m = ncfast.class_moments(x, y, scatter=False)
+    out = ncfast.metrics_from_moments(m)
+    assert all(math.isnan(out[k]) for k in ("nc1", "vci", "rank", "effective_rank", "fuzziness"))
+    assert out["cdnv"] == pytest.approx(ref.cdnv(x, y), rel=1e-9)
+    assert out["nc2_etf"] == pytest.approx(ref.nc2_etf(x, y), rel=1e-9)
+
+
+def test_nan_policy_omit_drops_rows():
+    x, y, c, w, b = _inputs("random")
+    bad = x.clone()
+    bad[[3, 10], 0] = float("nan")
+    bad[17, 2] = float("inf")
+    keep = torch.ones(x.shape[0], dtype=torch.bool)
+    keep[[3, 10, 17]] = False
+    got = ncfast.nc_metrics(bad, y, weight=w, nan_policy="omit")
+    want = ref.nc_metrics(x[keep], y[keep], weight=w)
+    assert got.omitted_rows == 3
+    for k in want:
+        assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)

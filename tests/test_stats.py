@@ -1,0 +1,168 @@
+"""ClassMoments: read-outs against the reference, exact merging, sync across processes."""
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ncfast
+from ncfast import reference as ref
+from conftest import assert_close, make_data
+
+
+def _state_close(a: ncfast.ClassMoments, b: ncfast.ClassMoments, rtol=1e-10):
+    assert torch.equal(a.count, b.count)
+    scale = float(b.mean.abs().max())
+    for k in ("mean", "unit_sum"):
+        assert_close(getattr(a, k).numpy(), getattr(b, k).numpy(), rtol=rtol, atol=rtol * scale, what=k)
+    for k in ("m2", "norm_sum", "scatter", "wscatter"):
+        if getattr(b, k) is not None:
+            ref_k = getattr(b, k).numpy()
+            assert_close(getattr(a, k).numpy(), ref_k, rtol=rtol, atol=rtol * np.abs(ref_k).max(), what=k)
+
+
+@pytest.mark.parametrize("weighting", ["balanced", "sample"])
+@pytest.mark.parametrize("imbalanced", [False, True])
+def test_readouts_match_reference(weighting, imbalanced):
+    x, y, c = make_data(n=500, d=7, c=5, imbalanced=imbalanced, absent=(1,), seed=2)
+    m = ncfast.class_moments(x, y, weighting=weighting)
+    assert m.counts.tolist() == ref.class_counts(y, c).tolist()
+    assert m.absent_classes == [1]
+    assert_close(m.means.numpy(), ref.class_means(x, y), rtol=1e-12, what="means")
+    assert_close(m.variances.numpy(), ref.class_variances(x, y), rtol=1e-10, what="variances")
+    assert_close(m.global_mean(weighting).numpy(), ref.global_mean(x, y, weighting=weighting), rtol=1e-12,
+                 atol=1e-14, what="mu_G")
+    for got, want in ((m.sigma_w(weighting), ref.within_class_covariance(x, y, weighting=weighting)),
+                      (m.sigma_b(weighting), ref.between_class_covariance(x, y, weighting=weighting)),
+                      (m.sigma_t(weighting), ref.total_covariance(x, y, weighting=weighting))):
+        assert_close(got.numpy(), want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    units = x.double() / x.double().norm(dim=1, keepdim=True)
+    want_units = torch.zeros(c, 7, dtype=torch.float64).index_add_(0, y, units)
+    assert_close(m.unit_sums.numpy(), want_units.numpy(), rtol=1e-12, atol=1e-13)
+
+
+def test_balanced_sigma_w_on_imbalanced_stream_needs_class_counts():
+    x, y, c = make_data(n=400, c=4, imbalanced=True)
+    plain = ncfast.ClassMoments(c, x.shape[1]).update(x, y)
+    with pytest.raises(ValueError, match="class_counts"):
+        plain.sigma_w("balanced")
+    assert_close(plain.sigma_w("sample").numpy(), ref.within_class_covariance(x, y, weighting="sample"), rtol=1e-9)
+    counted = ncfast.ClassMoments(c, x.shape[1], class_counts=torch.bincount(y, minlength=c))
+    for lo in range(0, 400, 64):
+        counted.update(x[lo : lo + 64], y[lo : lo + 64])
+    assert_close(counted.sigma_w("balanced").numpy(), ref.within_class_covariance(x, y), rtol=1e-9)
+    wrong = ncfast.ClassMoments(c, x.shape[1], class_counts=torch.full((c,), 100)).update(x, y)
+    with pytest.raises(ValueError, match="class_counts"):
+        wrong.sigma_w("balanced")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shards_merged_in_any_order_equal_one_shot(seed):
+    x, y, c = make_data(n=700, d=9, c=6, imbalanced=True, spread=1e-3, shift=50.0, seed=seed)
+    counts = torch.bincount(y, minlength=c)
+    one = ncfast.ClassMoments(c, 9, class_counts=counts).update(x, y)
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randint(1, 699, (5,), generator=g).tolist())
+    bounds = [0, *cuts, 700]
+    shards = [ncfast.ClassMoments(c, 9, class_counts=counts).update(x[a:b], y[a:b]) for a, b in zip(bounds, bounds[1:])]
+    order = torch.randperm(len(shards), generator=g).tolist()
+    acc = shards[order[0]].clone()
+    for i in order[1:]:
+        acc.merge(shards[i])
+    _state_close(acc, one)
+    # batch-by-batch updates of a shuffled stream, too
+    perm = torch.randperm(700, generator=g)
+    stream = ncfast.ClassMoments(c, 9, class_counts=counts)
+    for lo in range(0, 700, 33):
+        stream.update(x[perm[lo : lo + 33]], y[perm[lo : lo + 33]])
+    _state_close(stream, one)
+
+
+def test_state_dict_round_trip_and_clone():
+    x, y, c = make_data()
+    m = ncfast.class_moments(x, y)
+    restored = ncfast.ClassMoments.from_state_dict(m.state_dict())
+    _state_close(restored, m, rtol=0)
+    twin = m.clone()
+    twin.update(x[:5], y[:5])
+    assert int(m.count.sum()) == x.shape[0]  # the clone does not share state
+
+
+def test_cpp_and_torch_backends_agree(monkeypatch):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        x, y, c = make_data(n=300, d=5, c=4, dtype=dtype)
+        monkeypatch.setenv("NCFAST_BACKEND", "cpp")
+        a = ncfast.class_moments(x, y)
+        monkeypatch.setenv("NCFAST_BACKEND", "torch")
+        b = ncfast.class_moments(x, y)
+        _state_close(a, b, rtol=1e-12)
+
+
+def test_thread_count_does_not_change_result():
+    x, y, c = make_data(n=3000, d=16, c=30, seed=9)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ncfast.class_moments(x, y)
+        torch.set_num_threads(2)
+        two = ncfast.class_moments(x, y)
+    finally:
+        torch.set_num_threads(old)
+    for k in ("mean", "m2", "unit_sum", "norm_sum"):
+        assert torch.equal(getattr(one, k), getattr(two, k)), k
+
+
+def test_compile_options_reports_build():
+    opts = ncfast.compile_options()
+    assert "OpenMP=" in opts and "SIMD=" in opts and "CUDA=OFF" in opts
+
+
+def _distributed_worker(rank, world, init_file, x, y, c, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        counts = torch.bincount(y, minlength=c)
+        part = slice(0, 250) if rank == 0 else slice(250, None)
+        m = ncfast.ClassMoments(c, x.shape[1], class_counts=counts).update(x[part], y[part])
+        m.all_reduce()
+        torch.save(m.state_dict(), f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_two_process_gloo_equals_one_shot():
+    x, y, c = make_data(n=600, d=6, c=5, imbalanced=True, spread=1e-4, shift=1e3, seed=4)
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        out_file = os.path.join(tmp, "state")
+        mp.spawn(_distributed_worker, args=(2, init_file, x, y, c, out_file), nprocs=2, join=True)
+        states = [ncfast.ClassMoments.from_state_dict(torch.load(f"{out_file}.{r}")) for r in range(2)]
+    one = ncfast.ClassMoments(c, 6, class_counts=torch.bincount(y, minlength=c)).update(x, y)
+    for s in states:
+        _state_close(s, one)
+    assert ncfast.metrics_from_moments(states[0])["vci"] == pytest.approx(
+        ncfast.metrics_from_moments(one)["vci"], rel=1e-9)
+
+
+def test_neural_collapse_metric_equals_nc_metrics():
+    pytest.importorskip("torchmetrics")
+    x, y, c = make_data(n=640, d=10, c=5, seed=8)
+    w = torch.randn(c, 10, generator=torch.Generator().manual_seed(0))
+    metric = ncfast.NeuralCollapse(c, 10, weight=w, class_counts=torch.bincount(y, minlength=c))
+    for lo in range(0, 640, 128):
+        metric.update(x[lo : lo + 128], y[lo : lo + 128])
+    got = metric.compute()
+    want = ncfast.nc_metrics(x, y, weight=w)
+    for k in got:
+        assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), k
+    # the cross-process reduction: two metrics' packed states, stacked as torchmetrics gathers them
+    halves = [ncfast.NeuralCollapse(c, 10, weight=w, class_counts=torch.bincount(y, minlength=c)) for _ in range(2)]
+    halves[0](x[:300], y[:300])
+    halves[1].update(x[300:], y[300:])
+    reduce = halves[0]._reductions["packed"]
+    halves[0].packed = reduce(torch.stack([halves[0].packed, halves[1].packed]))
+    again = halves[0].compute()
+    for k in got:
+        assert again[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), k
