@@ -1,0 +1,146 @@
+"""SPEC.md's bad-input contract: a clear error naming the argument, and no partial state change."""
+import pytest
+import torch
+
+import ncfast
+from conftest import make_data
+
+
+@pytest.fixture
+def data():
+    x, y, c = make_data(n=200, d=6, c=4)
+    return x, y, c
+
+
+def _one_shot_calls(x, y, c):
+    return [
+        lambda: ncfast.nc_metrics(x, y, num_classes=c),
+        lambda: ncfast.class_distance(x, y, num_classes=c),
+        lambda: ncfast.class_moments(x, y, num_classes=c),
+    ]
+
+
+@pytest.mark.parametrize("mutate, exc, name", [
+    (lambda x, y: (x, y + 10), ValueError, "labels"),                      # out of range
+    (lambda x, y: (x, y - 5), ValueError, "labels"),                       # negative
+    (lambda x, y: (x, y.float()), TypeError, "labels"),                    # float labels
+    (lambda x, y: (x, y[:-1]), ValueError, "labels"),                      # shape mismatch
+    (lambda x, y: (x[:, :0], y), ValueError, "features"),                  # D = 0
+    (lambda x, y: (x[:0], y[:0]), ValueError, "features"),                 # N = 0 one-shot
+    (lambda x, y: (x.int(), y), TypeError, "features"),                    # integer features
+    (lambda x, y: (x[0], y), ValueError, "features"),                      # 1-D features
+    (lambda x, y: (x.index_put((torch.tensor([3]),), torch.tensor(float("nan"))), y), ValueError, "features"),
+    (lambda x, y: (x.index_put((torch.tensor([5]),), torch.tensor(float("inf"))), y), ValueError, "features"),
+])
+def test_one_shot_functions_reject(data, mutate, exc, name):
+    x, y, c = data
+    bx, by = mutate(x, y)
+    for call in _one_shot_calls(bx, by, c):
+        with pytest.raises(exc, match=name):
+            call()
+
+
+def test_fewer_than_two_present_classes(data):
+    x, y, c = data
+    with pytest.raises(ValueError, match="2 present classes"):
+        ncfast.nc_metrics(x, torch.zeros_like(y), num_classes=c)
+    one = ncfast.class_moments(x, torch.zeros_like(y), num_classes=c)  # statistics themselves are fine
+    with pytest.raises(ValueError, match="2 present classes"):
+        ncfast.metrics_from_moments(one)
+
+
+def test_bad_optional_arguments(data):
+    x, y, c = data
+    with pytest.raises(ValueError, match="weight"):
+        ncfast.nc_metrics(x, y, weight=torch.randn(c, 5))
+    with pytest.raises(TypeError, match="weight"):
+        ncfast.nc_metrics(x, y, weight=torch.ones(c, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="bias"):
+        ncfast.nc_metrics(x, y, weight=torch.randn(c, 6), bias=torch.randn(c + 1))
+    with pytest.raises(ValueError, match="bias"):
+        ncfast.nc_metrics(x, y, bias=torch.randn(c))
+    with pytest.raises(ValueError, match="logits"):
+        ncfast.nc_metrics(x, y, logits=torch.randn(10, c))
+    with pytest.raises(ValueError, match="superclass"):
+        ncfast.nc_metrics(x, y, superclass=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="weighting"):
+        ncfast.nc_metrics(x, y, weighting="uniform")
+    with pytest.raises(ValueError, match="nan_policy"):
+        ncfast.nc_metrics(x, y, nan_policy="ignore")
+    with pytest.raises(ValueError, match="means"):
+        ncfast.ncc_assign(x, torch.randn(3, 5))
+    with pytest.raises(ValueError, match="decisions"):
+        ncfast.ncc_mismatch(x, torch.randn(3, 6), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="decisions"):
+        ncfast.ncc_mismatch(x, torch.randn(3, 6), torch.zeros(200))
+
+
+def test_devices_that_differ(data):
+    x, y, c = data
+    meta_labels = torch.zeros(200, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match="labels"):
+        ncfast.nc_metrics(x, meta_labels, num_classes=c)
+    with pytest.raises(ValueError, match="weight"):
+        ncfast.nc_metrics(x, y, weight=torch.randn(c, 6, device="meta"))
+    with pytest.raises(ValueError, match="means"):
+        ncfast.ncc_assign(x, torch.randn(c, 6, device="meta"))
+
+
+def _snapshot(m):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in m.state_dict().items()}
+
+
+def test_failed_update_leaves_state_unchanged(data):
+    x, y, c = data
+    m = ncfast.ClassMoments(c, 6)
+    m.update(x[:100], y[:100])
+    before = _snapshot(m)
+    nan_x = x[100:].clone()
+    nan_x[7, 2] = float("nan")
+    bad_calls = [
+        lambda: m.update(nan_x, y[100:]),
+        lambda: m.update(x[100:], y[100:] + c),
+        lambda: m.update(x[100:], -y[100:] - 1),
+        lambda: m.update(x[100:], y[100:].double()),
+        lambda: m.update(x[100:, :5], y[100:]),
+        lambda: m.update(x[100:], y[101:]),
+        lambda: m.update(x[100:], y[100:], nan_policy="drop"),
+        lambda: m.merge(ncfast.ClassMoments(c + 1, 6)),
+        lambda: m.merge(ncfast.ClassMoments(c, 6, scatter=False)),
+    ]
+    for call in bad_calls:
+        with pytest.raises((ValueError, TypeError)):
+            call()
+        after = _snapshot(m)
+        for k, v in before.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(after[k], v), k
+            else:
+                assert after[k] == v, k
+
+
+def test_omit_counts_rows_in_streaming(data):
+    x, y, c = data
+    bad = x.clone()
+    bad[[0, 1], 0] = float("nan")
+    m = ncfast.ClassMoments(c, 6).update(bad, y, nan_policy="omit")
+    assert m.omitted_rows == 2 and m.num_samples == 198
+    ref = ncfast.ClassMoments(c, 6).update(x[2:], y[2:])
+    assert torch.equal(m.count, ref.count)
+
+
+def test_empty_update_is_a_no_op(data):
+    x, y, c = data
+    m = ncfast.ClassMoments(c, 6).update(x, y)
+    before = _snapshot(m)
+    m.update(x[:0], y[:0])
+    assert torch.equal(m.mean, before["mean"]) and torch.equal(m.count, before["count"])
+
+
+def test_constructor_arguments():
+    with pytest.raises(ValueError, match="num_classes"):
+        ncfast.ClassMoments(0, 4)
+    with pytest.raises(ValueError, match="dim"):
+        ncfast.ClassMoments(3, 0)
+    with pytest.raises(ValueError, match="class_counts"):
+        ncfast.ClassMoments(3, 4, class_counts=[1, 2])
