@@ -43,6 +43,21 @@ def test_nc_metrics_matches_reference(case, weighting):
     assert got.ranks["sigma_b"] == min(c - len(got.absent_classes) - 1, x.shape[1])
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_class_functions_match_reference(case):
+    x, y, c, w, b = _inputs(case)
+    m = ncfast.class_moments(x, y, num_classes=c)
+    assert_close(m.means.numpy(), ref.class_means(x, y, c), rtol=1e-12, atol=1e-14, what="means")
+    assert_close(m.variances.numpy(), ref.class_variances(x, y, c), rtol=1e-10, what="variances")
+    assert_close(ncfast.class_distance(x, y, num_classes=c).numpy(), ref.class_distance(x, y, c), rtol=1e-9,
+                 what="class_distance")
+    assert torch.equal(ncfast.ncc_assign(x, m.means), torch.from_numpy(ref.ncc_assign(x, ref.class_means(x, y, c))))
+    assert torch.equal(ncfast.classifier_decisions(x, w, b), torch.from_numpy(ref.decisions(x, w, b)))
+    cdnv = ncfast.cdnv_matrix(m)
+    iu = np.triu_indices(c, 1)
+    assert np.nanmean(cdnv.numpy()[iu]) == pytest.approx(ref.cdnv(x, y, c), rel=1e-9)
+
+
 def test_nc_metrics_non_contiguous_equals_contiguous():
     x, y, c, w, b = _inputs("random")
     wide = torch.zeros(x.shape[0], 2 * x.shape[1])

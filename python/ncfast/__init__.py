@@ -23,6 +23,7 @@ from .metrics import (
     class_distance,
     class_distance_from_moments,
     class_moments,
+    cdnv_matrix,
     metrics_from_moments,
     nc_metrics,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "class_distance",
     "class_distance_from_moments",
     "class_moments",
+    "cdnv_matrix",
     "classifier_decisions",
     "coarse_labels",
     "compile_options",

@@ -115,21 +115,41 @@ def _pair_sq_dist(mt: torch.Tensor) -> torch.Tensor:
     return d2
 
 
+def _present_pairs(moments: ClassMoments):
+    """(||mu_i - mu_j||^2, v) over the present classes."""
+    p = moments.present
+    return _pair_sq_dist(moments.mean[p] - moments.mean[p].mean(0)), moments.variances[p]
+
+
+def _embed_present(inner: torch.Tensor, moments: ClassMoments) -> torch.Tensor:
+    """A present x present matrix placed in a NaN num_classes x num_classes one."""
+    c = moments.num_classes
+    out = torch.full((c, c), float("nan"), dtype=torch.float64, device=inner.device)
+    idx = moments.present.nonzero().squeeze(1)
+    out[idx.unsqueeze(1), idx.unsqueeze(0)] = inner
+    return out
+
+
 def class_distance_from_moments(moments: ClassMoments) -> torch.Tensor:
     """D_ij = ||mu_i - mu_j||^2 + v_i + v_j (paper 000 eq. 6), float64 (num_classes, num_classes).
 
     Equals the average of ||h_u - h_v||^2 over all pairs u in class i, v in class j, without
     forming any pair; D_ii = 2 v_i. Rows and columns of absent classes are NaN.
     """
-    p = moments.present
-    mt = moments.mean[p] - moments.mean[p].mean(0)
-    v = moments.variances[p]
-    inner = _pair_sq_dist(mt) + v.unsqueeze(1) + v.unsqueeze(0)
-    c = moments.num_classes
-    out = torch.full((c, c), float("nan"), dtype=torch.float64, device=mt.device)
-    idx = p.nonzero().squeeze(1)
-    out[idx.unsqueeze(1), idx.unsqueeze(0)] = inner
-    return out
+    d2, v = _present_pairs(moments)
+    return _embed_present(d2 + v.unsqueeze(1) + v.unsqueeze(0), moments)
+
+
+def cdnv_matrix(moments: ClassMoments) -> torch.Tensor:
+    """CDNV of every class pair, (v_i + v_j) / (2 ||mu_i - mu_j||^2), float64 (num_classes, num_classes).
+
+    The ``cdnv`` metric is the mean of its upper triangle. The diagonal and the rows and columns of
+    absent classes are NaN. Meant for small C (it holds the C x C matrix).
+    """
+    d2, v = _present_pairs(moments)
+    inner = (v.unsqueeze(1) + v.unsqueeze(0)) / (2.0 * d2)
+    inner.fill_diagonal_(float("nan"))
+    return _embed_present(inner, moments)
 
 
 def _check_superclass(superclass, num_classes: int, device) -> torch.Tensor:

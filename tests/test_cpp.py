@@ -1,0 +1,57 @@
+"""The compiled core directly: dtypes, strides and 64-bit offsets."""
+import numpy as np
+import pytest
+import torch
+
+from ncfast import _C
+from conftest import assert_close
+
+
+def test_block_moments_float16_bits_and_strides():
+    g = np.random.default_rng(0)
+    x = g.standard_normal((50, 7)).astype(np.float16)
+    y = g.integers(0, 3, 50)
+    strided = np.asfortranarray(x)  # column-major: row stride 1, column stride 50
+    r = _C.block_moments(strided.view(np.uint16), "float16", y, 3, 2)
+    x64 = x.astype(np.float64)
+    for c in range(3):
+        rows = x64[y == c]
+        assert r["counts"][c] == len(rows)
+        assert_close(r["means"][c], rows.mean(0), rtol=1e-13, atol=1e-15)
+        assert_close(r["m2"][c], ((rows - rows.mean(0)) ** 2).sum(), rtol=1e-12)
+        units = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        assert_close(r["unit_sums"][c], units.sum(0), rtol=1e-12, atol=1e-13)
+
+
+def test_block_moments_rejects_bad_labels():
+    x = np.zeros((3, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="labels"):
+        _C.block_moments(x, "float32", np.array([0, 1, 5]), 3, 1)
+    with pytest.raises(ValueError, match="labels"):
+        _C.block_moments(x, "float32", np.array([0, 1]), 3, 1)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.block_moments(x, "int8", np.array([0, 1, 2]), 3, 1)
+
+
+def test_offsets_beyond_2_pow_31_elements(tmp_path):
+    """Element offsets past 2^31 must be addressed where they are, not wrapped.
+
+    A sparse float16 file of (2^19 + 1) x 4096 elements (4 GiB of zeros that cost no disk) is read
+    through a row-strided view, every 2^17-th row, so the last row starts at element 2^31 exactly
+    and only five rows are read. A 32-bit offset would wrap negative and read the wrong memory.
+    """
+    d = 4096
+    n = (1 << 19) + 1
+    path = tmp_path / "big.f16"
+    x = np.memmap(path, dtype=np.float16, mode="w+", shape=(n, d))
+    last = (np.arange(d) % 7 - 3).astype(np.float16)
+    x[-1] = last
+    x.flush()
+    view = x[:: 1 << 17]
+    assert view.shape[0] == 5 and (view.shape[0] - 1) * view.strides[0] // 2 == 2 ** 31
+    y = np.array([0, 0, 0, 0, 1])
+    r = _C.block_moments(view.view(np.uint16), "float16", y, 2, torch.get_num_threads())
+    assert r["counts"].tolist() == [4, 1]
+    assert np.array_equal(r["means"][1], last.astype(np.float64))
+    assert r["norm_sums"][1] == pytest.approx(np.linalg.norm(last.astype(np.float64)), rel=1e-14)
+    assert not r["means"][0].any()
