@@ -222,10 +222,10 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         out["nc1"] = fuzz / c
         out["fuzziness"] = fuzz
         out["vci"], ranks["sigma_w"] = _vci(sigma_w, a, ranks["sigma_b"], float(s_b.max()), rtol)
-        lam_t, _ = _eigh_kept(sigma_w + a.T @ a, rtol)
-        ranks["sigma_t"] = int(lam_t.numel())
-        out["rank"] = float(lam_t.numel())
-        sv = torch.linalg.eigvalsh(sigma_w + a.T @ a).clamp_min(0.0).sqrt()
+        lam_t = torch.linalg.eigvalsh(sigma_w + a.T @ a)
+        ranks["sigma_t"] = int((lam_t > rtol * lam_t.max()).sum()) if float(lam_t.max()) > 0 else 0
+        out["rank"] = float(ranks["sigma_t"])
+        sv = lam_t.clamp_min(0.0).sqrt()
         prob = sv / sv.sum()
         prob = prob[prob > 0]
         out["effective_rank"] = math.exp(float(-(prob * prob.log()).sum()))

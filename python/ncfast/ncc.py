@@ -2,14 +2,16 @@
 
 Both are an argmin over classes of an affine score of the row,
 
-    NCC:       s_c(h) = ||mu_c - m0||^2 - 2 (h - m0) . (mu_c - m0)   (= ||h - mu_c||^2 - ||h - m0||^2)
-    decision:  s_c(h) = -(b_c + h . w_c)                              (argmax of the logits)
+    NCC:       s_c(h) = ||mu_c - t||^2 - 2 (h - t) . (mu_c - t)   (= ||h - mu_c||^2 - ||h - t||^2)
+    decision:  s_c(h) = -(b_c + h . w_c)                            (argmax of the logits)
 
-computed on a block of rows at a time in float32 (so no N x C matrix is ever held whole),
-then certified: every row whose two best float32 scores are closer than twice the
-float32 error bound is recomputed literally in float64, so the answer equals the float64
-argmin of the definition on every row. Centring on m0 (the mean of the class means)
-keeps the bound small when all features share a large offset. Ties go to the lowest index.
+for any shift t. A block of rows at a time (no N x C matrix is ever held whole) is scored in
+float32, then certified in two tiers: rows whose two best float32 scores are closer than twice
+the float32 error bound are rescored with a float64 product, and the rare rows whose float64 gap
+is still inside the float64 bound are recomputed literally (||h - mu_c||^2 summed in float64).
+The answer is the float64 argmin of the definition on every row. Shifting by the mean of the
+class means (rounded to float32, so the shift is exact in both precisions) keeps the bound small
+when all features share a large offset. Ties go to the lowest index.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from ._validation import as_tensor, check_features, check_same_device
 
 _U32 = 2.0 ** -24  # unit roundoff of float32
+_U64 = 2.0 ** -53  # unit roundoff of float64
 _BLOCK_ELEMS = 1 << 22  # floats in one (rows x classes) score block
 
 
@@ -37,39 +40,52 @@ def _full_fp32():
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _certified_argmin(x: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor, scale: float,
-                      shift: torch.Tensor, exact_scores) -> torch.Tensor:
-    """argmin_c offsets_c + scale * (x - shift) . centres_c, equal to the float64 argmin of exact_scores.
+def _error_bound(u: float, d: int, scale: float, row_norms: torch.Tensor, cmax: float, omax: float) -> torch.Tensor:
+    """Worst-case |computed - exact| of one score offsets_c + scale * x . c_c at unit roundoff u.
 
-    centres (K, D), offsets (K,), shift (D,) are float64. exact_scores(rows_float64) -> (r, K)
-    float64 scores of the literal definition, used on rows whose float32 top-2 gap is
-    within the error bound (and when K == 1 nothing needs checking).
+    Rounding of x and of the centres to the working precision (u each), the length-d dot product
+    in any summation order (gamma_d <= 1.01 d u), the scaling and the offset (one rounding each),
+    with 10% headroom for the row norm itself being computed in that precision.
+    """
+    return 1.1 * ((1.01 * d + 4) * u * abs(scale) * row_norms * cmax + 2 * u * omax)
+
+
+def _top2(scores: torch.Tensor):
+    top = torch.topk(scores, 2, dim=1, largest=False)
+    return top.indices[:, 0], top.values[:, 1] - top.values[:, 0]
+
+
+def _certified_argmin(x: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor, scale: float,
+                      shift: torch.Tensor, literal_scores) -> torch.Tensor:
+    """argmin_c offsets_c + scale * (x - shift) . centres_c, equal to the float64 argmin of literal_scores.
+
+    centres (K, D), offsets (K,) are float64, shift (D,) is float32 (so x - shift is the same
+    value in both precisions). literal_scores(rows_float64) -> (r, K) float64 scores of the
+    literal definition, used for rows whose float64 gap is still within the float64 bound.
     """
     n, d = x.shape
     k = centres.shape[0]
     out = torch.empty(n, dtype=torch.int64, device=x.device)
-    c32 = centres.to(torch.float32)
-    o32 = offsets.to(torch.float32)
+    if k == 1:
+        return out.zero_()
+    c32, o32 = centres.to(torch.float32), offsets.to(torch.float32)
     cmax = float(centres.norm(dim=1).max())
     omax = float(offsets.abs().max())
-    # Rounding of x - shift and of the centres, the length-D dot product in any summation
-    # order (gamma_D), and the offset: a generous multiple of each, per row.
-    rel = 4.0 * (d + 4) * _U32
+    shift64 = shift.to(torch.float64)
     rows = max(1, min(16384, _BLOCK_ELEMS // max(k, d)))
     for lo in range(0, n, rows):
-        xb64 = x[lo : lo + rows].to(torch.float64) - shift
+        xb = x[lo : lo + rows].to(torch.float32) - shift
         with _full_fp32():
-            scores = torch.addmm(o32, xb64.to(torch.float32), c32.T, alpha=scale)
-        if k == 1:
-            out[lo : lo + rows] = 0
-            continue
-        top = torch.topk(scores, 2, dim=1, largest=False)
-        best = top.indices[:, 0]
-        bound = rel * (abs(scale) * xb64.norm(dim=1) * cmax + omax)
-        unsure = (top.values[:, 1] - top.values[:, 0]) <= 2.0 * bound
-        if bool(unsure.any()):
-            idx = unsure.nonzero().squeeze(1)
-            best[idx] = torch.argmin(exact_scores(x[lo : lo + rows][idx].to(torch.float64)), dim=1)
+            scores = torch.addmm(o32, xb, c32.T, alpha=scale)
+        best, gap = _top2(scores)
+        unsure = (gap <= 2.0 * _error_bound(_U32, d, scale, xb.norm(dim=1), cmax, omax)).nonzero().squeeze(1)
+        if unsure.numel():
+            x64 = x[lo : lo + rows][unsure].to(torch.float64) - shift64
+            b64, gap64 = _top2(torch.addmm(offsets, x64, centres.T, alpha=scale))
+            still = gap64 <= 2.0 * _error_bound(_U64, d, scale, x64.norm(dim=1), cmax, omax)
+            if bool(still.any()):
+                b64[still] = torch.argmin(literal_scores(x64[still] + shift64), dim=1)
+            best[unsure] = b64
         out[lo : lo + rows] = best
     return out
 
@@ -95,13 +111,13 @@ def ncc_assign(features, means) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64, device=x.device)
     index = valid.nonzero().squeeze(1)
     m64 = mu[index].to(torch.float64)
-    m0 = m64.mean(dim=0)
-    mc = m64 - m0
+    shift = m64.mean(dim=0).to(torch.float32)
+    mc = m64 - shift.to(torch.float64)
 
-    def exact(rows64):
+    def literal(rows64):
         return (rows64.unsqueeze(1) - m64.unsqueeze(0)).square().sum(-1)
 
-    local = _certified_argmin(x, mc, mc.square().sum(1), -2.0, m0, exact)
+    local = _certified_argmin(x, mc, mc.square().sum(1), -2.0, shift, literal)
     return index[local]
 
 
@@ -127,12 +143,12 @@ def classifier_decisions(features, weight, bias=None) -> torch.Tensor:
         b64 = b.to(torch.float64)
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=x.device)
-    zero = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    zero = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
 
-    def exact(rows64):
+    def literal(rows64):
         return -(rows64 @ w64.T + b64)
 
-    return _certified_argmin(x, w64, -b64, -1.0, zero, exact)
+    return _certified_argmin(x, w64, -b64, -1.0, zero, literal)
 
 
 def ncc_mismatch(features, means, decisions) -> float:

@@ -137,31 +137,35 @@ class ClassMoments:
         return self
 
     def _moments_of(self, x: torch.Tensor, y: torch.Tensor) -> _Part:
-        """The statistics of (x, y), block by block, merged with Chan's formula."""
+        """The statistics of (x, y): per-block moments merged with Chan's formula, then the scatter.
+
+        The D x D scatter is a second pass centred on this call's final class means (the exact
+        two-pass form), so blocks need no C x D x D merge correction among themselves.
+        """
         acc = self._empty_part()
         rows = max(1, _BLOCK_BYTES // (8 * self.dim))
-        for lo in range(0, x.shape[0], rows):
-            xb, yb = x[lo : lo + rows], y[lo : lo + rows]
-            count, mean, m2, unit_sum, norm_sum = _dispatch.block_moments(xb, yb, self.num_classes)
-            scatter = wscatter = None
-            if self.scatter is not None:
-                centred = xb.to(torch.float64) - mean.to(self.device)[yb]
-                scatter = centred.T @ centred
-                if self.wscatter is not None:
-                    w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
-                    wscatter = centred.T @ (centred * w[yb].unsqueeze(1))
-            part = _Part(count.to(self.device), mean.to(self.device), m2.to(self.device),
-                         unit_sum.to(self.device), norm_sum.to(self.device), scatter, wscatter)
-            acc = self._combine(acc, part)
+        blocks = [(x[lo : lo + rows], y[lo : lo + rows]) for lo in range(0, x.shape[0], rows)]
+        for xb, yb in blocks:
+            stats = (t.to(self.device) for t in _dispatch.block_moments(xb, yb, self.num_classes))
+            acc = self._combine(acc, _Part(*stats, None, None))
+        if self.scatter is not None:
+            acc.scatter = torch.zeros_like(self.scatter)
+            if self.wscatter is not None:
+                acc.wscatter = torch.zeros_like(self.wscatter)
+                w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
+            for xb, yb in blocks:
+                centred = xb.to(torch.float64) - acc.mean[yb]
+                acc.scatter += centred.T @ centred
+                if acc.wscatter is not None:
+                    acc.wscatter += centred.T @ (centred * w[yb].unsqueeze(1))
         return acc
 
     def _empty_part(self) -> _Part:
+        """No samples yet, and no scatter (it is added after the per-block pass)."""
         z = dict(dtype=torch.float64, device=self.device)
         c, d = self.num_classes, self.dim
         return _Part(torch.zeros(c, dtype=torch.int64, device=self.device), torch.zeros(c, d, **z),
-                     torch.zeros(c, **z), torch.zeros(c, d, **z), torch.zeros(c, **z),
-                     torch.zeros(d, d, **z) if self.scatter is not None else None,
-                     torch.zeros(d, d, **z) if self.wscatter is not None else None)
+                     torch.zeros(c, **z), torch.zeros(c, d, **z), torch.zeros(c, **z), None, None)
 
     def _combine(self, a: _Part, b: _Part) -> _Part:
         """Chan's pairwise combination of two parts (a new _Part; inputs untouched)."""
@@ -176,7 +180,7 @@ class ClassMoments:
         coef = torch.where(both, na * nb / nn, torch.zeros_like(na))
         m2 = a.m2 + b.m2 + coef * delta.square().sum(1)
         scatter = wscatter = None
-        if a.scatter is not None:
+        if a.scatter is not None and b.scatter is not None:
             idx = both.nonzero().squeeze(1)
             dsel = delta[idx]
             scatter = a.scatter + b.scatter + dsel.T @ (dsel * coef[idx].unsqueeze(1))

@@ -1,0 +1,382 @@
+"""Benchmark ncfast against the PyTorch (and faiss) code people write today.
+
+Measures, for each op and each size (N rows, D features, C classes), the wall time of
+ncfast and of its baselines on identical inputs:
+
+    class_moments          counts, float64 means, per-class variances  vs  bincount + index_add_
+    class_moments+scatter  the same plus the D x D within-class scatter vs  ... + centred.T @ centred
+    class_distance         (C, C) class-distance matrix                 vs  index_add_ moments + cdist
+    ncc_assign             nearest class mean of every row              vs  chunked addmm + argmin,
+                                                                            chunked cdist + argmin,
+                                                                            faiss.knn (if installed)
+    nc_metrics             all NC metrics                               vs  a compact PyTorch script
+                                                                            (torch_nc_metrics below)
+
+Run from the repository root::
+
+    python bench/run.py                      # default sizes, < 3 minutes on 2 CPU cores
+    python bench/run.py --sizes quick        # smoke run, ~10 s
+    python bench/run.py --full --ops ncc_assign --threads 16
+
+Each provider runs ``--warmup`` times, then ``--repeat`` timed runs (providers take turns, so
+a burst of background load hits all of them alike); the median and min are reported.
+``ratio`` = baseline median / ncfast median, so ratio > 1 means ncfast is faster.
+Every baseline's result is checked against ncfast's (the same quantities, to
+float64 rounding); for ncc_assign, ncfast's certified float64 argmin is first checked against
+``ncfast.reference`` on a sample of rows, and ``agree`` is the fraction of rows on which a
+float32 baseline picks the same class as ncfast. Results also go to JSON (``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ncfast
+
+OPS = ("class_moments", "class_moments+scatter", "class_distance", "ncc_assign", "nc_metrics")
+
+# (N, D, C) per op. N is a multiple of C so the classes are balanced and every one is present.
+# The default set runs in about a minute on 2 idle cores, leaving room for a loaded machine.
+PRESETS = {
+    "quick": {
+        "class_moments": [(20_000, 256, 100)],
+        "class_moments+scatter": [(20_000, 256, 100)],
+        "class_distance": [(20_000, 256, 100)],
+        "ncc_assign": [(20_000, 256, 10), (20_000, 256, 1000)],
+        "nc_metrics": [(10_000, 256, 100)],
+    },
+    "default": {
+        "class_moments": [(50_000, 512, 10), (50_000, 512, 100), (50_000, 512, 1000)],
+        "class_moments+scatter": [(50_000, 512, 10), (50_000, 512, 1000)],
+        "class_distance": [(50_000, 512, 100), (50_000, 512, 1000)],
+        "ncc_assign": [(50_000, 512, 10), (50_000, 512, 100), (50_000, 512, 1000)],
+        "nc_metrics": [(20_000, 512, 10), (20_000, 512, 1000)],
+    },
+    "full": {
+        "class_moments": [(200_000, 512, 10), (200_000, 512, 1000)],
+        "class_moments+scatter": [(200_000, 512, 10), (200_000, 512, 1000)],
+        "class_distance": [(200_000, 512, 1000)],
+        "ncc_assign": [(200_000, 512, 1000), (200_000, 512, 10_000)],
+        "nc_metrics": [(100_000, 512, 100), (100_000, 512, 1000)],
+    },
+}
+
+SEED = 0
+# Scale of the class centres against unit noise: NCC accuracy lands between about 0.5 and 1.
+SEPARATION = 0.1
+# Scores per block in the chunked baselines: the same budget ncfast's own blocks use (16 MiB of
+# float32), so neither side wins by holding more memory.
+BLOCK_ELEMS = 1 << 22
+# Rows of each ncc_assign input on which ncfast is checked against the float64 brute force.
+REFERENCE_ROWS = 64
+
+
+# ----------------------------------------------------------------------------- data
+def make_data(n: int, d: int, c: int, device: torch.device):
+    """Post-ReLU-like float32 features and balanced int64 labels, the same for a given size.
+
+    ReLU gives the features a large common mean, as penultimate-layer features have, so the
+    float32 baselines of ncc_assign meet the rounding they meet in practice.
+    """
+    g = torch.Generator().manual_seed(SEED)
+    centres = torch.randn(c, d, generator=g) * SEPARATION
+    y = (torch.arange(n) % c)[torch.randperm(n, generator=g)]
+    x = torch.relu(centres[y] + torch.randn(n, d, generator=g))
+    return x.to(device), y.to(device)
+
+
+# ------------------------------------------------------------------ PyTorch baselines
+def torch_moments(x, y, c, scatter):
+    """(counts, means, variances[, scatter]) in float64, the idiomatic two-pass way."""
+    x64 = x.to(torch.float64)
+    counts = torch.bincount(y, minlength=c)
+    n = counts.clamp_min(1).to(torch.float64)
+    means = torch.zeros(c, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, y, x64) / n.unsqueeze(1)
+    centred = x64 - means[y]
+    var = torch.zeros(c, dtype=torch.float64, device=x.device).index_add_(0, y, centred.square().sum(1)) / n
+    if scatter:
+        return counts, means, var, centred.T @ centred
+    return counts, means, var
+
+
+def torch_class_distance(x, y, c):
+    _, means, var = torch_moments(x, y, c, scatter=False)
+    return torch.cdist(means, means).square() + var.unsqueeze(1) + var.unsqueeze(0)
+
+
+def _block_rows(c: int) -> int:
+    return max(1, BLOCK_ELEMS // c)
+
+
+def torch_addmm_argmin(x, means):
+    sq = means.square().sum(1)
+    rows = _block_rows(means.shape[0])
+    return torch.cat([torch.addmm(sq, x[lo : lo + rows], means.T, alpha=-2.0).argmin(1)
+                      for lo in range(0, x.shape[0], rows)])
+
+
+def torch_cdist_argmin(x, means):
+    rows = _block_rows(means.shape[0])
+    return torch.cat([torch.cdist(x[lo : lo + rows], means).argmin(1) for lo in range(0, x.shape[0], rows)])
+
+
+def torch_nc_metrics(x, y, c):
+    """What people copy today: NC1 (Papyan et al.), NC2 and NCC accuracy, all in one pass of torch."""
+    x64 = x.to(torch.float64)
+    n = x.shape[0]
+    counts = torch.bincount(y, minlength=c).to(torch.float64)
+    means = torch.zeros(c, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, y, x64) / counts.unsqueeze(1)
+    centred = x64 - means[y]
+    sigma_w = centred.T @ centred / n
+    mt = means - means.mean(0)
+    sigma_b = mt.T @ mt / c
+    nc1 = torch.trace(sigma_w @ torch.linalg.pinv(sigma_b)) / c
+    norms = mt.norm(dim=1)
+    gram = mt @ mt.T
+    etf = (torch.eye(c, dtype=torch.float64, device=x.device) - 1.0 / c) / (c - 1) ** 0.5
+    nearest = torch.cdist(x, means.to(x.dtype)).argmin(1)
+    return {
+        "nc1": float(nc1),
+        "equinorm": float(norms.std(correction=0) / norms.mean()),
+        "nc2_etf": float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf)),
+        "ncc_accuracy": float((nearest == y).to(torch.float64).mean()),
+    }
+
+
+def faiss_provider(device: torch.device):
+    """faiss.knn as an ncc_assign baseline, or None (with the reason printed) when unavailable."""
+    if device.type != "cpu":
+        print(f"faiss: skipped on {device.type}")
+        return None
+    try:
+        import faiss
+    except ImportError:
+        print("faiss: not installed")
+        return None
+    faiss.omp_set_num_threads(torch.get_num_threads())
+
+    def knn(x, means):
+        return torch.from_numpy(faiss.knn(x.numpy(), means.numpy(), 1)[1][:, 0])
+
+    return knn
+
+
+# --------------------------------------------------------------------------- checks
+def _close(a, b, what, rtol=1e-7):
+    a, b = a.to(torch.float64).cpu(), b.to(torch.float64).cpu()
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    if not torch.allclose(a, b, rtol=rtol, atol=rtol * scale, equal_nan=True):
+        raise AssertionError(f"{what}: baseline and ncfast disagree (max abs diff {float((a - b).abs().max()):.3g})")
+
+
+def check_moments(ours, theirs):
+    _close(theirs[0], ours.counts, "counts", rtol=0.0)
+    _close(theirs[1], ours.means, "means")
+    _close(theirs[2], ours.variances, "variances")
+    if len(theirs) == 4:
+        _close(theirs[3], ours.scatter, "scatter")
+
+
+def check_distance(ours, theirs):
+    # cdist expands ||a||^2 - 2ab + ||b||^2, so its error scales with the largest entry.
+    _close(theirs, ours, "class_distance", rtol=1e-6)
+
+
+def check_nc_metrics(ours, theirs):
+    # The baseline's float32 cdist may flip a near-tie or two, hence the loose ncc_accuracy bound.
+    for k, tol in (("nc1", 1e-6 * abs(ours["nc1"])), ("equinorm", 1e-6 * abs(ours["equinorm"])),
+                   ("nc2_etf", 1e-6 * abs(ours["nc2_etf"])), ("ncc_accuracy", 1e-3)):
+        if abs(theirs[k] - ours[k]) > tol:
+            raise AssertionError(f"nc_metrics[{k}]: baseline {theirs[k]!r} vs ncfast {ours[k]!r}")
+
+
+def check_exact(x, means):
+    """ncfast.ncc_assign must equal the float64 brute force, since agree is measured against it.
+
+    Each row's answer depends on that row and the means alone, so a sample of rows suffices.
+    """
+    sample = x[:REFERENCE_ROWS]
+    xs, ms = sample.cpu().numpy(), means.cpu().numpy()
+    step = max(1, (1 << 24) // (ms.shape[0] * ms.shape[1]))  # the reference holds rows x C x D doubles
+    ref = torch.cat([torch.from_numpy(ncfast.reference.ncc_assign(xs[lo : lo + step], ms))
+                     for lo in range(0, xs.shape[0], step)])
+    if not torch.equal(ref, ncfast.ncc_assign(sample, means).cpu()):
+        raise AssertionError("ncc_assign: ncfast differs from ncfast.reference on the sampled rows")
+
+
+def agreement(ours, theirs) -> float:
+    return float((ours == theirs.to(ours.device)).to(torch.float64).mean())
+
+
+# --------------------------------------------------------------------------- cases
+def build_case(op, x, y, c, faiss_knn):
+    """(ncfast fn, {baseline name: fn or None}, check(ours, theirs) -> agree or None) for one op."""
+    if op in ("class_moments", "class_moments+scatter"):
+        scatter = op.endswith("+scatter")
+        return (lambda: ncfast.class_moments(x, y, num_classes=c, scatter=scatter),
+                {"torch": lambda: torch_moments(x, y, c, scatter)}, check_moments)
+    if op == "class_distance":
+        return (lambda: ncfast.class_distance(x, y, num_classes=c),
+                {"torch": lambda: torch_class_distance(x, y, c)}, check_distance)
+    if op == "ncc_assign":
+        # Every provider gets the same float32 means (ncfast widens them to float64 itself).
+        means = ncfast.class_moments(x, y, num_classes=c, scatter=False).means.to(torch.float32)
+        check_exact(x, means)
+        baselines = {
+            "torch addmm": lambda: torch_addmm_argmin(x, means),
+            "torch cdist": lambda: torch_cdist_argmin(x, means),
+            "faiss knn": None if faiss_knn is None else (lambda: faiss_knn(x, means)),
+        }
+        return lambda: ncfast.ncc_assign(x, means), baselines, agreement
+    if op == "nc_metrics":
+        return (lambda: ncfast.nc_metrics(x, y, num_classes=c),
+                {"torch script": lambda: torch_nc_metrics(x, y, c)}, check_nc_metrics)
+    raise ValueError(f"unknown op {op!r}")
+
+
+# --------------------------------------------------------------------------- timing
+def time_providers(fns: dict, warmup: int, repeat: int, sync):
+    """{name: (last output, median ms, min ms)}; providers take turns on every repeat."""
+    outs, times = {}, {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: (outs[name], statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def machine_header(device, threads):
+    cpu = platform.processor()
+    if not cpu and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    header = {
+        "machine": {"platform": platform.platform(), "processor": cpu, "cpu_count": os.cpu_count()},
+        "torch": torch.__version__,
+        "ncfast": ncfast.__version__,
+        "compile_options": ncfast.compile_options(),
+        "device": str(device),
+        "threads": threads,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        header["machine"]["gpu"] = torch.cuda.get_device_name(device)
+    return header
+
+
+def _fmt_ms(v):
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def print_table(records):
+    cols = [("op", 22, "<"), ("N", 8, ">"), ("D", 5, ">"), ("C", 6, ">"), ("baseline", 13, "<"),
+            ("ncfast ms", 10, ">"), ("(min)", 9, ">"), ("base ms", 10, ">"), ("(min)", 9, ">"),
+            ("ratio", 7, ">"), ("agree", 9, ">")]
+    line = "  ".join(f"{name:{align}{width}}" for name, width, align in cols)
+    print(line)
+    print("-" * len(line))
+    ours = {}
+    for r in records:
+        key = (r["op"], tuple(r["size"].values()))
+        if r["provider"] == "ncfast":
+            ours[key] = r
+            continue
+        o = ours[key]
+        cells = [r["op"], r["size"]["N"], r["size"]["D"], r["size"]["C"], r["provider"],
+                 _fmt_ms(o["median_ms"]), _fmt_ms(o["min_ms"]), _fmt_ms(r["median_ms"]), _fmt_ms(r["min_ms"]),
+                 "n/a" if r["ratio_vs_ncfast"] is None else f"{r['ratio_vs_ncfast']:.2f}",
+                 "-" if r["agree"] is None else f"{r['agree']:.6f}"]
+        print("  ".join(f"{v:{align}{width}}" for v, (_, width, align) in zip(cells, cols)))
+    print()
+    print("ratio = baseline median / ncfast median (> 1: ncfast is faster). Times in ms: median (min).")
+    print("agree = fraction of rows where the baseline's class equals ncfast's; ncfast's ncc_assign is the exact")
+    print("        (certified float64) argmin, the baselines are plain float32. '-': results checked equal instead.")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {', '.join(OPS)}")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--sizes", choices=tuple(PRESETS), default="default", help="size preset (default: default)")
+    sizes.add_argument("--full", action="store_const", const="full", dest="sizes", help="same as --sizes full")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per provider (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per provider first (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's current)")
+    p.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "latest.json",
+                   help="where to write the results (default bench/results/latest.json)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the inputs live (default cpu)")
+    args = p.parse_args(argv)
+    args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = [op for op in args.ops if op not in OPS]
+    if unknown:
+        p.error(f"--ops: unknown {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    if args.repeat < 1 or args.warmup < 0:
+        p.error("--repeat must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    faiss_knn = faiss_provider(device) if "ncc_assign" in args.ops else None
+
+    # Grouped by size so each data set is generated once; the table is sorted back by op.
+    jobs = sorted(((op, size) for op in args.ops for size in PRESETS[args.sizes][op]), key=lambda j: j[1])
+    records = []
+    data_size = None
+    start = time.perf_counter()
+    for i, (op, (n, d, c)) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {op} N={n} D={d} C={c} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+        if data_size != (n, d, c):
+            data_size, data = (n, d, c), make_data(n, d, c, device)
+        x, y = data
+        run_ours, baselines, check = build_case(op, x, y, c, faiss_knn)
+        available = {name: fn for name, fn in baselines.items() if fn is not None}
+        timed = time_providers({"ncfast": run_ours, **available}, args.warmup, args.repeat, sync)
+        ours, our_median, our_min = timed["ncfast"]
+        size = {"N": n, "D": d, "C": c}
+        records.append(dict(op=op, size=size, provider="ncfast", median_ms=our_median, min_ms=our_min,
+                            ratio_vs_ncfast=1.0, agree=None))
+        for name in baselines:
+            if name not in timed:
+                records.append(dict(op=op, size=size, provider=name, median_ms=None, min_ms=None,
+                                    ratio_vs_ncfast=None, agree=None))
+                continue
+            theirs, median, low = timed[name]
+            records.append(dict(op=op, size=size, provider=name, median_ms=median, min_ms=low,
+                                ratio_vs_ncfast=median / our_median, agree=check(ours, theirs)))
+    records.sort(key=lambda r: (OPS.index(r["op"]), r["size"]["N"], r["size"]["D"], r["size"]["C"]))
+    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+    print_table(records)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"header": machine_header(device, torch.get_num_threads()), "records": records}, f, indent=1)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
