@@ -1,14 +1,22 @@
-// Segmented class moments over a block of rows.
+// Segmented class moments over a block of rows, in one read of the features.
 //
-// Rows are bucketed by label with a counting sort, then every class segment is
-// reduced by exactly one thread: a first pass for the float64 mean, a second
-// pass (rows still in cache) for the centred sum of squares. Because a class is
-// never split across threads, the result is bit-identical for any thread count.
-// Merging blocks (Chan's formula) happens in Python on the float64 state.
+// Rows are bucketed by label (counting sort of row indices). The sorted positions are split
+// into one contiguous range per thread; each thread walks its range class segment by class
+// segment, in chunks of rows small enough to stay in L2. A chunk is converted once to float64
+// (sums and squared norms fused into that conversion), its own mean is taken, and a second
+// pass over the in-cache chunk gives the centred sum of squares and the unit-vector sums. The
+// chunk is folded into the class's running state with Chan's formula. A class cut by a thread
+// boundary leaves one partial state per side; these are merged after the parallel region in
+// thread order. Thread counts therefore change the result only by float64 rounding.
 #include "moments.h"
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 #ifdef NCFAST_WITH_OPENMP
 #include <omp.h>
 #endif
@@ -17,16 +25,215 @@ namespace ncfast {
 
 void Matrix::load_row(int64_t i, double* out) const {
   const int64_t base = i * row_stride;
-  if (dtype == DType::F32 && col_stride == 1) {
-    const float* p = static_cast<const float*>(data) + base;
-    for (int64_t j = 0; j < cols; ++j) out[j] = p[j];
-    return;
+  if (col_stride == 1) {
+    switch (dtype) {
+      case DType::F32: {
+        const float* p = static_cast<const float*>(data) + base;
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) out[j] = p[j];
+        return;
+      }
+      case DType::F64: {
+        const double* p = static_cast<const double*>(data) + base;
+        std::copy(p, p + cols, out);
+        return;
+      }
+      case DType::BF16: {
+        const uint16_t* p = static_cast<const uint16_t*>(data) + base;
+#pragma omp simd
+        for (int64_t j = 0; j < cols; ++j) {
+          const uint32_t u = static_cast<uint32_t>(p[j]) << 16;
+          float f;
+          std::memcpy(&f, &u, sizeof f);
+          out[j] = f;
+        }
+        return;
+      }
+      case DType::F16: {
+        const uint16_t* p = static_cast<const uint16_t*>(data) + base;
+        int64_t j = 0;
+#if defined(__F16C__)
+        for (; j + 8 <= cols; j += 8) {
+          const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)));
+          _mm256_storeu_pd(out + j, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+          _mm256_storeu_pd(out + j + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+        }
+#endif
+        for (; j < cols; ++j) out[j] = f16_to_float(p[j]);
+        return;
+      }
+    }
   }
   for (int64_t j = 0; j < cols; ++j) out[j] = at(i, j);
 }
 
-BlockMoments block_moments(const Matrix& x, const int64_t* labels,
-                           int64_t num_classes, int num_threads) {
+namespace {
+
+// The statistics of one class over the rows seen so far.
+struct Running {
+  int64_t n = 0;
+  double m2 = 0.0, norm_sum = 0.0;
+  std::vector<double> mean, unit_sum;
+  explicit Running(int64_t d) : mean(d, 0.0), unit_sum(d, 0.0) {}
+  void reset() {
+    n = 0;
+    m2 = norm_sum = 0.0;
+    std::fill(mean.begin(), mean.end(), 0.0);
+    std::fill(unit_sum.begin(), unit_sum.end(), 0.0);
+  }
+};
+
+// Chan's combination of (nb, mean_b, m2_b) into (n, mean, m2); unit and norm sums simply add.
+void chan_merge(int64_t& n, double* mean, double& m2, int64_t nb, const double* mean_b, double m2_b,
+                int64_t d) {
+  if (nb == 0) return;
+  if (n == 0) {
+    n = nb;
+    std::copy(mean_b, mean_b + d, mean);
+    m2 = m2_b;
+    return;
+  }
+  const double nn = static_cast<double>(n + nb);
+  const double wb = static_cast<double>(nb) / nn;
+  double dd = 0.0;
+#pragma omp simd reduction(+ : dd)
+  for (int64_t j = 0; j < d; ++j) {
+    const double delta = mean_b[j] - mean[j];
+    dd += delta * delta;
+    mean[j] += delta * wb;
+  }
+  m2 += m2_b + dd * (static_cast<double>(n) * static_cast<double>(nb) / nn);
+  n += nb;
+}
+
+// One chunk of rows of one class: pointers to its rows (float or double elements, contiguous),
+// reduced in two passes over data that stays in L2. Rows are taken four at a time so that each
+// load and store of an accumulator row (chunk sum, unit sum) serves four elements.
+template <typename T>
+void reduce_chunk(const T* const* rows, int64_t r, int64_t d, double* cmean, double* norms, Running& run) {
+  std::fill(cmean, cmean + d, 0.0);
+  int64_t t = 0;
+  for (; t + 4 <= r; t += 4) {
+    const T *a = rows[t], *b = rows[t + 1], *c = rows[t + 2], *e = rows[t + 3];
+    double qa = 0.0, qb = 0.0, qc = 0.0, qe = 0.0;
+#pragma omp simd reduction(+ : qa, qb, qc, qe)
+    for (int64_t j = 0; j < d; ++j) {
+      const double va = a[j], vb = b[j], vc = c[j], ve = e[j];
+      cmean[j] += (va + vb) + (vc + ve);
+      qa += va * va;
+      qb += vb * vb;
+      qc += vc * vc;
+      qe += ve * ve;
+    }
+    norms[t] = std::sqrt(qa);
+    norms[t + 1] = std::sqrt(qb);
+    norms[t + 2] = std::sqrt(qc);
+    norms[t + 3] = std::sqrt(qe);
+  }
+  for (; t < r; ++t) {
+    const T* a = rows[t];
+    double qa = 0.0;
+#pragma omp simd reduction(+ : qa)
+    for (int64_t j = 0; j < d; ++j) {
+      const double va = a[j];
+      cmean[j] += va;
+      qa += va * va;
+    }
+    norms[t] = std::sqrt(qa);
+  }
+  const double inv_r = 1.0 / static_cast<double>(r);
+  for (int64_t j = 0; j < d; ++j) cmean[j] *= inv_r;
+  for (t = 0; t < r; ++t) run.norm_sum += norms[t];
+
+  auto inv = [&](int64_t k) { return norms[k] > 0.0 ? 1.0 / norms[k] : 0.0; };
+  double m2 = 0.0;
+  double* usum = run.unit_sum.data();
+  for (t = 0; t + 4 <= r; t += 4) {
+    const T *a = rows[t], *b = rows[t + 1], *c = rows[t + 2], *e = rows[t + 3];
+    const double ia = inv(t), ib = inv(t + 1), ic = inv(t + 2), ie = inv(t + 3);
+#pragma omp simd reduction(+ : m2)
+    for (int64_t j = 0; j < d; ++j) {
+      const double va = a[j], vb = b[j], vc = c[j], ve = e[j], m = cmean[j];
+      const double da = va - m, db = vb - m, dc = vc - m, de = ve - m;
+      m2 += (da * da + db * db) + (dc * dc + de * de);
+      usum[j] += (va * ia + vb * ib) + (vc * ic + ve * ie);
+    }
+  }
+  for (; t < r; ++t) {
+    const T* a = rows[t];
+    const double ia = inv(t);
+#pragma omp simd reduction(+ : m2)
+    for (int64_t j = 0; j < d; ++j) {
+      const double va = a[j], da = va - cmean[j];
+      m2 += da * da;
+      usum[j] += va * ia;
+    }
+  }
+  chan_merge(run.n, run.mean.data(), run.m2, r, cmean, m2, d);
+}
+
+// Rows as float32 (or float64) pointers: in place when contiguous, else converted into buf.
+// float16 / bfloat16 convert exactly to float32.
+void convert_row_f32(const Matrix& x, int64_t i, float* out) {
+  const int64_t base = i * x.row_stride;
+  const int64_t d = x.cols;
+  if (x.col_stride == 1 && x.dtype == DType::BF16) {
+    const uint16_t* p = static_cast<const uint16_t*>(x.data) + base;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      const uint32_t u = static_cast<uint32_t>(p[j]) << 16;
+      std::memcpy(out + j, &u, sizeof(float));
+    }
+    return;
+  }
+  if (x.col_stride == 1 && x.dtype == DType::F16) {
+    const uint16_t* p = static_cast<const uint16_t*>(x.data) + base;
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= d; j += 8)
+      _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j))));
+#endif
+    for (; j < d; ++j) out[j] = f16_to_float(p[j]);
+    return;
+  }
+  for (int64_t j = 0; j < d; ++j) out[j] = static_cast<float>(x.at(i, j));
+}
+
+// Fold rows order[p0..p1) (all of one class) into `run`, chunk by chunk.
+template <typename T>
+void accumulate_segment(const Matrix& x, const int64_t* order, int64_t p0, int64_t p1, int64_t rows_per_chunk,
+                        T* buf, const T** ptrs, double* cmean, double* norms, Running& run) {
+  const int64_t d = x.cols;
+  const bool in_place = x.col_stride == 1 && ((std::is_same<T, float>::value && x.dtype == DType::F32) ||
+                                              (std::is_same<T, double>::value && x.dtype == DType::F64));
+  for (int64_t c0 = p0; c0 < p1; c0 += rows_per_chunk) {
+    const int64_t r = std::min(rows_per_chunk, p1 - c0);
+    for (int64_t t = 0; t < r; ++t) {
+      const int64_t i = order[c0 + t];
+      if (in_place) {
+        ptrs[t] = static_cast<const T*>(x.data) + i * x.row_stride;
+      } else {
+        T* row = buf + t * d;
+        if constexpr (std::is_same<T, double>::value) {
+          x.load_row(i, row);
+        } else {
+          convert_row_f32(x, i, row);
+        }
+        ptrs[t] = row;
+      }
+    }
+    reduce_chunk(ptrs, r, d, cmean, norms, run);
+  }
+}
+
+struct Partial {
+  int64_t cls;
+  Running state;
+};
+
+}  // namespace
+
+BlockMoments block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, int num_threads) {
   const int64_t n = x.rows, d = x.cols, c = num_classes;
   BlockMoments r;
   r.counts.assign(c, 0);
@@ -40,7 +247,7 @@ BlockMoments block_moments(const Matrix& x, const int64_t* labels,
     if (y < 0 || y >= c) throw std::invalid_argument("labels: value out of range [0, num_classes)");
     ++r.counts[y];
   }
-  // Counting sort of row indices by class: start[c] .. start[c+1].
+  // Counting sort of row indices by class: class k owns sorted positions start[k] .. start[k+1].
   std::vector<int64_t> start(c + 1, 0), order(n);
   for (int64_t k = 0; k < c; ++k) start[k + 1] = start[k] + r.counts[k];
   {
@@ -48,47 +255,62 @@ BlockMoments block_moments(const Matrix& x, const int64_t* labels,
     for (int64_t i = 0; i < n; ++i) order[fill[labels[i]]++] = i;
   }
 
+  // About 128 KiB of rows per chunk: the second pass reads them from L2.
+  const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (128 << 10) / (4 * d)));
+  int threads = 1;
 #ifdef NCFAST_WITH_OPENMP
-  if (num_threads < 1) num_threads = 1;
-#pragma omp parallel num_threads(num_threads)
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, (n + 1023) / 1024)));
+#endif
+  std::vector<std::vector<Partial>> partials(threads);
+
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
 #endif
   {
-    std::vector<double> row(d);
+    int t = 0;
 #ifdef NCFAST_WITH_OPENMP
-#pragma omp for schedule(dynamic, 1)
+    t = omp_get_thread_num();
 #endif
-    for (int64_t k = 0; k < c; ++k) {
-      const int64_t lo = start[k], hi = start[k + 1];
-      if (lo == hi) continue;
-      double* mean = r.means.data() + k * d;
+    const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+    const bool wide = x.dtype == DType::F64;  // float64 input keeps its precision
+    std::vector<float> buf32(wide ? 0 : rows_per_chunk * d);
+    std::vector<double> buf64(wide ? rows_per_chunk * d : 0), cmean(d), norms(rows_per_chunk);
+    std::vector<const float*> ptr32(rows_per_chunk);
+    std::vector<const double*> ptr64(rows_per_chunk);
+    Running run(d);
+    int64_t pos = lo;
+    while (pos < hi) {
+      // The class owning sorted position pos, and the end of its segment inside [lo, hi).
+      const int64_t k = std::upper_bound(start.begin(), start.end(), pos) - start.begin() - 1;
+      const int64_t end = std::min(hi, start[k + 1]);
+      run.reset();
+      if (wide)
+        accumulate_segment(x, order.data(), pos, end, rows_per_chunk, buf64.data(), ptr64.data(), cmean.data(),
+                           norms.data(), run);
+      else
+        accumulate_segment(x, order.data(), pos, end, rows_per_chunk, buf32.data(), ptr32.data(), cmean.data(),
+                           norms.data(), run);
+      if (pos == start[k] && end == start[k + 1]) {  // the whole class: no other thread touches it
+        std::copy(run.mean.begin(), run.mean.end(), r.means.begin() + k * d);
+        std::copy(run.unit_sum.begin(), run.unit_sum.end(), r.unit_sums.begin() + k * d);
+        r.m2[k] = run.m2;
+        r.norm_sums[k] = run.norm_sum;
+      } else {
+        partials[t].push_back(Partial{k, run});
+      }
+      pos = end;
+    }
+  }
+
+  // Classes cut by thread boundaries: merge their pieces in thread order.
+  std::vector<int64_t> seen(c, 0);
+  for (auto& list : partials) {
+    for (auto& p : list) {
+      const int64_t k = p.cls;
+      chan_merge(seen[k], r.means.data() + k * d, r.m2[k], p.state.n, p.state.mean.data(), p.state.m2, d);
       double* usum = r.unit_sums.data() + k * d;
-      double nsum = 0.0;
-      for (int64_t p = lo; p < hi; ++p) {
-        x.load_row(order[p], row.data());
-        double sq = 0.0;
-        for (int64_t j = 0; j < d; ++j) {
-          mean[j] += row[j];
-          sq += row[j] * row[j];
-        }
-        const double norm = std::sqrt(sq);
-        nsum += norm;
-        if (norm > 0.0) {
-          const double inv = 1.0 / norm;
-          for (int64_t j = 0; j < d; ++j) usum[j] += row[j] * inv;
-        }
-      }
-      const double inv_n = 1.0 / static_cast<double>(hi - lo);
-      for (int64_t j = 0; j < d; ++j) mean[j] *= inv_n;
-      double m2 = 0.0;
-      for (int64_t p = lo; p < hi; ++p) {
-        x.load_row(order[p], row.data());
-        for (int64_t j = 0; j < d; ++j) {
-          const double t = row[j] - mean[j];
-          m2 += t * t;
-        }
-      }
-      r.m2[k] = m2;
-      r.norm_sums[k] = nsum;
+      for (int64_t j = 0; j < d; ++j) usum[j] += p.state.unit_sum[j];
+      r.norm_sums[k] += p.state.norm_sum;
     }
   }
   return r;

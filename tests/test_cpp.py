@@ -55,3 +55,37 @@ def test_offsets_beyond_2_pow_31_elements(tmp_path):
     assert np.array_equal(r["means"][1], last.astype(np.float64))
     assert r["norm_sums"][1] == pytest.approx(np.linalg.norm(last.astype(np.float64)), rel=1e-14)
     assert not r["means"][0].any()
+
+
+def _numpy_moments(x64, y, c):
+    counts = np.bincount(y, minlength=c)
+    means = np.zeros((c, x64.shape[1]))
+    m2 = np.zeros(c)
+    units = np.zeros((c, x64.shape[1]))
+    norms = np.linalg.norm(x64, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    for k in range(c):
+        rows = x64[y == k]
+        if len(rows):
+            means[k] = rows.mean(0)
+            m2[k] = ((rows - means[k]) ** 2).sum()
+            units[k] = (rows / safe[y == k, None]).sum(0)
+    return counts, means, m2, units, np.bincount(y, weights=norms, minlength=c)
+
+
+@pytest.mark.parametrize("n, d, c", [(1, 1, 1), (5, 1, 3), (7, 3, 1), (1000, 37, 200), (4099, 9, 2), (3001, 300, 5)])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_moments_awkward_sizes(n, d, c, dtype, threads):
+    g = np.random.default_rng(n * 31 + d)
+    base = torch.from_numpy(g.standard_normal((n, 2 * d)) + 3.0).to(getattr(torch, dtype))[:, ::2]  # strided
+    y = g.integers(0, c, n)
+    x64 = base.to(torch.float64).numpy()
+    for view in (base, base.contiguous()):
+        buf = view.view(torch.int16).numpy() if dtype in ("float16", "bfloat16") else view.numpy()
+        r = _C.block_moments(buf, dtype, y, c, threads)
+        want = _numpy_moments(x64, y, c)
+        assert r["counts"].tolist() == want[0].tolist()
+        for got, exp, what in zip((r["means"], r["m2"], r["unit_sums"], r["norm_sums"]), want[1:],
+                                  ("means", "m2", "unit_sums", "norm_sums")):
+            assert_close(got, exp, rtol=1e-11, atol=1e-11 * max(1.0, float(np.abs(exp).max())), what=what)

@@ -101,8 +101,9 @@ def test_cpp_and_torch_backends_agree(monkeypatch):
         _state_close(a, b, rtol=1e-12)
 
 
-def test_thread_count_does_not_change_result():
-    x, y, c = make_data(n=3000, d=16, c=30, seed=9)
+def test_thread_count_changes_result_only_by_rounding():
+    """Classes cut by thread boundaries are merged with Chan's formula: equal to float64 rounding."""
+    x, y, c = make_data(n=5000, d=16, c=3, seed=9, shift=100.0)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -111,8 +112,8 @@ def test_thread_count_does_not_change_result():
         two = ncfast.class_moments(x, y)
     finally:
         torch.set_num_threads(old)
-    for k in ("mean", "m2", "unit_sum", "norm_sum"):
-        assert torch.equal(getattr(one, k), getattr(two, k)), k
+    assert torch.equal(one.count, two.count)
+    _state_close(two, one, rtol=1e-13)
 
 
 def test_compile_options_reports_build():
