@@ -22,6 +22,7 @@ from ._validation import (
     finite_rows,
 )
 from .ncc import classifier_decisions, ncc_assign
+from .pairwise import DEFAULT_TILE, class_pair_stats
 from .stats import ClassMoments
 
 DEFAULT_RTOL = 1e-10
@@ -173,13 +174,15 @@ def _check_weight(weight, num_classes: int, dim: int, device) -> torch.Tensor:
 
 
 def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None, weighting: str = "balanced",
-                         rtol: float = DEFAULT_RTOL) -> NCMetrics:
+                         rtol: float = DEFAULT_RTOL, tile: int = DEFAULT_TILE) -> NCMetrics:
     """Every metric that the streamed statistics determine (SPEC.md), as an NCMetrics.
 
     Keys: nc1, fuzziness, squared_distance, nc2_etf, equinorm, equiangularity, coherence, cdnv,
     vci, cosine_separation, rank, effective_rank, feature_norm; nc3 with ``weight``; msdr with
     ``superclass``. The NCC metrics need the final class means and a second pass over the
     features: ``ncc_assign`` / ``ncc_mismatch`` (``nc_metrics`` does both passes for you).
+    The pairwise metrics stream over tiles of ``tile`` classes (``class_pair_stats``), so no C x C
+    matrix is held: memory is O(C * D + tile^2).
 
     Formulas (C present classes, w_c the class weights of ``weighting``, Mt rows mu_c - mu_G):
         nc1 = Tr(Sigma_W Sigma_B^+) / C,  fuzziness = C * nc1
@@ -233,30 +236,20 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         for k in SCATTER_METRICS:
             out[k] = float("nan")
 
-    gram = mt @ mt.T
-    eye = torch.eye(c, dtype=torch.float64, device=mt.device)
-    etf = (eye - 1.0 / c) / math.sqrt(c - 1)
-    out["nc2_etf"] = float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf))
     norms = mt.norm(dim=1)
     out["equinorm"] = float(norms.std(correction=0) / norms.mean())
-    cos = gram / (norms.unsqueeze(1) * norms.unsqueeze(0))
-    off = cos[~eye.bool()]
-    out["equiangularity"] = float(off.std(correction=0))
-    out["coherence"] = float((off + 1.0 / (c - 1)).abs().mean())
-
-    d2 = _pair_sq_dist(mt)
-    iu = torch.triu_indices(c, c, offset=1, device=mt.device)
-    out["cdnv"] = float(((v[iu[0]] + v[iu[1]]) / (2.0 * d2[iu[0], iu[1]])).mean())
+    sup = None if superclass is None else _check_superclass(superclass, moments.num_classes, moments.device)
+    pairs = class_pair_stats(moments, weighting=weighting, superclass=sup, tile=tile)
+    out["nc2_etf"] = pairs.nc2_etf
+    out["equiangularity"] = pairs.equiangularity
+    out["coherence"] = pairs.coherence
+    out["cdnv"] = pairs.cdnv
 
     if weight is not None:
         w = _check_weight(weight, moments.num_classes, d, moments.device)[p].to(torch.float64)
         out["nc3"] = float(torch.linalg.norm(w / torch.linalg.norm(w) - mt / torch.linalg.norm(mt)))
-
-    if superclass is not None:
-        s = _check_superclass(superclass, moments.num_classes, moments.device)[p]
-        dist = d2 + v.unsqueeze(1) + v.unsqueeze(0)
-        same = (s.unsqueeze(1) == s.unsqueeze(0)) & ~eye.bool()
-        out["msdr"] = float(dist[same].mean() / dist.diagonal().mean()) if bool(same.any()) else float("nan")
+    if sup is not None:
+        out["msdr"] = pairs.msdr
 
     unit = moments.unit_sum[p] / moments.count[p].unsqueeze(1)
     within = float((1.0 - unit.square().sum(1)).mean())

@@ -1,0 +1,61 @@
+"""Tiled pairwise class reductions: any tile size gives the reference's numbers."""
+import numpy as np
+import pytest
+import torch
+
+import ncfast
+from ncfast import reference as ref
+from ncfast.pairwise import class_pair_stats
+from conftest import make_data
+
+
+@pytest.mark.parametrize("tile", [1, 3, 4, 1024])
+@pytest.mark.parametrize("weighting", ["balanced", "sample"])
+def test_tiles_match_reference(tile, weighting):
+    x, y, c = make_data(n=700, d=6, c=11, absent=(4,), imbalanced=True, seed=5)
+    superclass = torch.arange(c) % 3
+    m = ncfast.class_moments(x, y, weighting=weighting)
+    got = ncfast.metrics_from_moments(m, superclass=superclass, weighting=weighting, tile=tile)
+    for k in ("cdnv", "nc2_etf", "equiangularity", "coherence", "msdr"):
+        want = getattr(ref, k)(x, y, superclass) if k == "msdr" else (
+            ref.cdnv(x, y) if k == "cdnv" else getattr(ref, k)(x, y, weighting=weighting))
+        assert got[k] == pytest.approx(want, rel=1e-9), k
+
+
+@pytest.mark.parametrize("tile", [2, 5, 64])
+def test_nearest_class_std_and_mean_distance(tile):
+    x, y, c = make_data(n=900, d=5, c=13, absent=(0, 7), seed=6)
+    m = ncfast.class_moments(x, y)
+    stats = class_pair_stats(m, tile=tile)
+    means = ref.class_means(x, y)
+    v = ref.class_variances(x, y)
+    present = [k for k in range(c) if k not in (0, 7)]
+    d2 = ((means[:, None, :] - means[None, :, :]) ** 2).sum(-1)
+    for i in range(c):
+        if i in (0, 7):
+            assert stats.nearest_class[i] == -1 and torch.isnan(stats.nearest_sq_distance[i])
+            continue
+        others = [j for j in present if j != i]
+        j = others[int(np.argmin(d2[i, others]))]
+        assert stats.nearest_class[i] == j
+        assert float(stats.nearest_sq_distance[i]) == pytest.approx(d2[i, j], rel=1e-9)
+    iu = [(i, j) for a, i in enumerate(present) for j in present[a + 1 :]]
+    ratios = np.array([(v[i] + v[j]) / (2 * d2[i, j]) for i, j in iu])
+    assert stats.cdnv_std == pytest.approx(ratios.std(), rel=1e-9)
+    dist = ref.class_distance(x, y)
+    assert stats.class_distance_mean == pytest.approx(np.mean([dist[i, j] for i, j in iu]), rel=1e-9)
+
+
+def test_near_etf_keeps_digits():
+    """An ETF with tiny within-class spread: nc2_etf and equiangularity near 1e-6 stay accurate."""
+    c, d = 6, 8
+    etf = np.eye(c, d) - np.hstack([np.full((c, c), 1.0 / c), np.zeros((c, d - c))])
+    g = np.random.default_rng(0)
+    y = np.repeat(np.arange(c), 50)
+    x = torch.from_numpy(etf[y] * 3.0 + 1e-5 * g.standard_normal((len(y), d)))
+    yt = torch.from_numpy(y)
+    got = ncfast.metrics_from_moments(ncfast.class_moments(x, yt), tile=4)
+    for k in ("nc2_etf", "equiangularity", "coherence"):
+        want = getattr(ref, k)(x, yt)
+        assert 0 < want < 1e-4
+        assert got[k] == pytest.approx(want, rel=1e-6), k
