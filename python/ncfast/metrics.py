@@ -266,15 +266,16 @@ def _prepare(features, labels, num_classes, nan_policy):
     check_choice(nan_policy, NAN_POLICIES, "nan_policy")
     x = check_features(features)
     y, num_classes = check_labels(labels, x.shape[0], x.device, num_classes)
-    keep = finite_rows(x)
+    # Under "raise", ClassMoments.update rejects NaN/Inf from its own statistics: no extra pass.
+    keep = None
     omitted = 0
-    if not bool(keep.all()):
-        if nan_policy == "raise":
-            raise ValueError("features: contains NaN or Inf (pass nan_policy='omit' to drop such rows)")
+    if nan_policy == "omit":
+        keep = finite_rows(x)
         omitted = int((~keep).sum())
-        x, y = x[keep], y[keep]
-        if x.shape[0] == 0:
-            raise ValueError("features: every row holds NaN or Inf")
+        if omitted:
+            x, y = x[keep], y[keep]
+            if x.shape[0] == 0:
+                raise ValueError("features: every row holds NaN or Inf")
     return x, y, num_classes, omitted, keep
 
 
@@ -347,8 +348,9 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
         z = as_tensor(logits, "logits")
         if not z.dtype.is_floating_point:
             raise TypeError(f"logits: expected a floating dtype, got {z.dtype}")
-        if z.dim() != 2 or z.shape[0] != keep.shape[0]:
-            raise ValueError(f"logits: expected shape ({keep.shape[0]}, C), got {tuple(z.shape)}")
+        n_in = x.shape[0] + omitted
+        if z.dim() != 2 or z.shape[0] != n_in:
+            raise ValueError(f"logits: expected shape ({n_in}, C), got {tuple(z.shape)}")
         check_same_device(x, z, "logits")
         z = z[keep] if omitted else z
     if superclass is not None:
