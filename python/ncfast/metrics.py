@@ -125,6 +125,8 @@ def _present_pairs(moments: ClassMoments):
 def _embed_present(inner: torch.Tensor, moments: ClassMoments) -> torch.Tensor:
     """A present x present matrix placed in a NaN num_classes x num_classes one."""
     c = moments.num_classes
+    if inner.shape[0] == c:
+        return inner
     out = torch.full((c, c), float("nan"), dtype=torch.float64, device=inner.device)
     idx = moments.present.nonzero().squeeze(1)
     out[idx.unsqueeze(1), idx.unsqueeze(0)] = inner

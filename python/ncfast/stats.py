@@ -145,7 +145,9 @@ class ClassMoments:
         acc = self._empty_part()
         rows = max(1, _BLOCK_BYTES // (8 * self.dim))
         blocks = [(x[lo : lo + rows], y[lo : lo + rows]) for lo in range(0, x.shape[0], rows)]
-        for xb, yb in blocks:
+        # The C++ core streams any number of rows in O(C * D) memory; the torch path widens its
+        # block to float64, so it goes block by block.
+        for xb, yb in ([(x, y)] if _dispatch.backend_for(x) == "cpp" else blocks):
             stats = (t.to(self.device) for t in _dispatch.block_moments(xb, yb, self.num_classes))
             acc = self._combine(acc, _Part(*stats, None, None))
         if self.scatter is not None:
@@ -168,7 +170,11 @@ class ClassMoments:
                      torch.zeros(c, **z), torch.zeros(c, d, **z), torch.zeros(c, **z), None, None)
 
     def _combine(self, a: _Part, b: _Part) -> _Part:
-        """Chan's pairwise combination of two parts (a new _Part; inputs untouched)."""
+        """Chan's pairwise combination of two parts (a new _Part, or one of the inputs if the other is empty)."""
+        if not bool(b.count.any()):
+            return a
+        if not bool(a.count.any()) and (a.scatter is None) == (b.scatter is None):
+            return b
         n = a.count + b.count
         both = (a.count > 0) & (b.count > 0)
         na = a.count.to(torch.float64)
@@ -214,7 +220,7 @@ class ClassMoments:
     def merge(self, other: "ClassMoments") -> "ClassMoments":
         """Fold another ClassMoments (e.g. another shard) into this one, exactly."""
         self._check_compatible(other)
-        self._merge_part(other._as_part())
+        self._merge_part(other.clone()._as_part())  # never share tensors with `other`
         self.omitted_rows += other.omitted_rows
         return self
 
