@@ -6,6 +6,7 @@ ncfast and of its baselines on identical inputs:
     class_moments          counts, float64 means, per-class variances  vs  bincount + index_add_
     class_moments+scatter  the same plus the D x D within-class scatter vs  ... + centred.T @ centred
     class_distance         (C, C) class-distance matrix                 vs  index_add_ moments + cdist
+    class_pair_stats       CDNV and NC2 statistics over all class pairs vs  the dense C x C torch way
     ncc_assign             nearest class mean of every row              vs  chunked addmm + argmin,
                                                                             chunked cdist + argmin,
                                                                             faiss.knn (if installed)
@@ -42,7 +43,7 @@ import torch
 
 import ncfast
 
-OPS = ("class_moments", "class_moments+scatter", "class_distance", "ncc_assign", "nc_metrics")
+OPS = ("class_moments", "class_moments+scatter", "class_distance", "ncc_assign", "class_pair_stats", "nc_metrics")
 
 # (N, D, C) per op. N is a multiple of C so the classes are balanced and every one is present.
 # The default set runs in about a minute on 2 idle cores, leaving room for a loaded machine.
@@ -52,6 +53,7 @@ PRESETS = {
         "class_moments+scatter": [(20_000, 256, 100)],
         "class_distance": [(20_000, 256, 100)],
         "ncc_assign": [(20_000, 256, 10), (20_000, 256, 1000)],
+        "class_pair_stats": [(4_000, 256, 1000)],
         "nc_metrics": [(10_000, 256, 100)],
     },
     "default": {
@@ -59,6 +61,7 @@ PRESETS = {
         "class_moments+scatter": [(50_000, 512, 10), (50_000, 512, 1000)],
         "class_distance": [(50_000, 512, 100), (50_000, 512, 1000)],
         "ncc_assign": [(50_000, 512, 10), (50_000, 512, 100), (50_000, 512, 1000)],
+        "class_pair_stats": [(8_000, 512, 4000)],
         "nc_metrics": [(20_000, 512, 10), (20_000, 512, 1000)],
     },
     "full": {
@@ -66,6 +69,7 @@ PRESETS = {
         "class_moments+scatter": [(200_000, 512, 10), (200_000, 512, 1000)],
         "class_distance": [(200_000, 512, 1000)],
         "ncc_assign": [(200_000, 512, 1000), (200_000, 512, 10_000)],
+        "class_pair_stats": [(40_000, 512, 20_000)],
         "nc_metrics": [(100_000, 512, 100), (100_000, 512, 1000)],
     },
 }
@@ -150,6 +154,23 @@ def torch_nc_metrics(x, y, c):
         "nc2_etf": float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf)),
         "ncc_accuracy": float((nearest == y).to(torch.float64).mean()),
     }
+
+
+def torch_pair_stats(means, var):
+    """CDNV and the NC2 cosine statistics the dense way: full C x C Gram, distance and cosine matrices."""
+    c = means.shape[0]
+    mt = means - means.mean(0)
+    gram = mt @ mt.T
+    d2 = torch.cdist(means, means).square()
+    iu = torch.triu_indices(c, c, 1)
+    cdnv = ((var.unsqueeze(1) + var.unsqueeze(0)) / (2 * d2))[iu[0], iu[1]]
+    norms = mt.norm(dim=1)
+    cos = gram / (norms.unsqueeze(1) * norms.unsqueeze(0))
+    off = cos[~torch.eye(c, dtype=torch.bool)]
+    etf = (torch.eye(c, dtype=torch.float64) - 1.0 / c) / (c - 1) ** 0.5
+    return {"cdnv": float(cdnv.mean()), "equiangularity": float(off.std(correction=0)),
+            "coherence": float((off + 1.0 / (c - 1)).abs().mean()),
+            "nc2_etf": float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf))}
 
 
 def faiss_provider(device: torch.device):
@@ -237,6 +258,18 @@ def build_case(op, x, y, c, faiss_knn):
             "faiss knn": None if faiss_knn is None else (lambda: faiss_knn(x, means)),
         }
         return lambda: ncfast.ncc_assign(x, means), baselines, agreement
+    if op == "class_pair_stats":
+        from ncfast.pairwise import class_pair_stats
+
+        moments = ncfast.class_moments(x, y, num_classes=c, scatter=False)
+        means, var = moments.means, moments.variances
+
+        def check(ours, theirs):
+            for k in theirs:
+                if abs(getattr(ours, k) - theirs[k]) > 1e-7 * abs(theirs[k]):
+                    raise AssertionError(f"class_pair_stats[{k}]: baseline {theirs[k]!r} vs ncfast {getattr(ours, k)!r}")
+
+        return (lambda: class_pair_stats(moments), {"torch dense": lambda: torch_pair_stats(means, var)}, check)
     if op == "nc_metrics":
         return (lambda: ncfast.nc_metrics(x, y, num_classes=c),
                 {"torch script": lambda: torch_nc_metrics(x, y, c)}, check_nc_metrics)
