@@ -73,6 +73,31 @@ PYBIND11_MODULE(_C, m) {
   m.def("compile_options", &compile_options,
         "What this build was compiled with: OpenMP, SIMD level, CUDA on or off.");
   m.def(
+      "centre_rows",
+      [](py::buffer features, const std::string& dtype,
+         py::array_t<int64_t, py::array::c_style | py::array::forcecast> labels,
+         py::array_t<double, py::array::c_style> means, py::array_t<double, py::array::c_style> out,
+         int num_threads) {
+        py::buffer_info info = features.request();
+        Matrix x = as_matrix(info, dtype);
+        if (labels.ndim() != 1 || labels.shape(0) != x.rows)
+          throw std::invalid_argument("labels: expected shape (N,) matching features");
+        if (means.ndim() != 2 || means.shape(1) != x.cols)
+          throw std::invalid_argument("means: expected shape (C, D)");
+        if (out.ndim() != 2 || out.shape(0) != x.rows || out.shape(1) != x.cols || !out.writeable())
+          throw std::invalid_argument("out: expected a writable float64 array of shape (N, D)");
+        const int64_t* y = labels.data();
+        for (int64_t i = 0; i < x.rows; ++i)
+          if (y[i] < 0 || y[i] >= means.shape(0)) throw std::invalid_argument("labels: value out of range");
+        double* dst = out.mutable_data();
+        const double* mu = means.data();
+        py::gil_scoped_release release;
+        centre_rows(x, y, mu, dst, num_threads);
+      },
+      py::arg("features"), py::arg("dtype"), py::arg("labels"), py::arg("means"), py::arg("out"),
+      py::arg("num_threads") = 1,
+      "out[i] = features[i] - means[labels[i]] in float64: the centred rows of the within-class scatter.");
+  m.def(
       "block_moments",
       [](py::buffer features, const std::string& dtype,
          py::array_t<int64_t, py::array::c_style | py::array::forcecast> labels,

@@ -233,6 +233,23 @@ struct Partial {
 
 }  // namespace
 
+void centre_rows(const Matrix& x, const int64_t* labels, const double* means, double* out, int num_threads) {
+  const int64_t n = x.rows, d = x.cols;
+  int threads = 1;
+#ifdef NCFAST_WITH_OPENMP
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, (n + 255) / 256)));
+#pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    double* row = out + i * d;
+    x.load_row(i, row);
+    const double* m = means + labels[i] * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) row[j] -= m[j];
+  }
+  (void)threads;
+}
+
 BlockMoments block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, int num_threads) {
   const int64_t n = x.rows, d = x.cols, c = num_classes;
   BlockMoments r;

@@ -18,6 +18,10 @@ struct BlockMoments {
   std::vector<double> means, m2, unit_sums, norm_sums;
 };
 
+// out[i, :] = x[i, :] - means[labels[i], :] in float64 (out is n x d, row-major): the centred rows
+// whose Gram matrix is the within-class scatter.
+void centre_rows(const Matrix& x, const int64_t* labels, const double* means, double* out, int num_threads);
+
 BlockMoments block_moments(const Matrix& x, const int64_t* labels,
                            int64_t num_classes, int num_threads);
 

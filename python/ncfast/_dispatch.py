@@ -42,12 +42,14 @@ def _torch_block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int):
     return counts, means, m2, unit_sums, norm_sums
 
 
+def _buffer(x: torch.Tensor):
+    """(numpy view, dtype name) of a CPU tensor; half and bfloat16 travel as their uint16 bits."""
+    buf = x.view(torch.int16).numpy() if x.dtype in (torch.float16, torch.bfloat16) else x.numpy()
+    return buf, str(x.dtype).replace("torch.", "")
+
+
 def _cpp_block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int):
-    if x.dtype in (torch.float16, torch.bfloat16):
-        buf = x.view(torch.int16).numpy()  # the C++ side reads the bits as uint16
-    else:
-        buf = x.numpy()
-    dtype_name = str(x.dtype).replace("torch.", "")
+    buf, dtype_name = _buffer(x)
     r = _C.block_moments(buf, dtype_name, y.contiguous().numpy(), num_classes, torch.get_num_threads())
     return tuple(torch.from_numpy(r[k]) for k in ("counts", "means", "m2", "unit_sums", "norm_sums"))
 
@@ -60,3 +62,14 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int):
     if backend_for(x) == "cpp":
         return _cpp_block_moments(x, y, num_classes)
     return _torch_block_moments(x, y, num_classes)
+
+
+def centred_rows(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x_i - means[y_i] in float64, written into ``out`` (N, D) on the C++ path (a reused buffer
+    avoids first-touch page faults): the rows whose Gram matrix is the within-class scatter."""
+    if backend_for(x) == "cpp":
+        buf, dtype_name = _buffer(x)
+        _C.centre_rows(buf, dtype_name, y.contiguous().numpy(), means.contiguous().numpy(), out.numpy(),
+                       torch.get_num_threads())
+        return out
+    return x.to(torch.float64) - means[y]

