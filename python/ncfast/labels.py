@@ -3,30 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import as_tensor
+from ._validation import as_tensor, check_labels
 
 
-def _check(labels, name="labels") -> torch.Tensor:
-    y = as_tensor(labels, name)
-    if y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer dtype, got {y.dtype}")
-    if y.dim() != 1:
-        raise ValueError(f"{name}: expected shape (N,), got {tuple(y.shape)}")
-    if y.numel() and int(y.min()) < 0:
-        raise ValueError(f"{name}: negative label {int(y.min())}")
-    return y.to(torch.int64)
-
-
-def _num_classes(y: torch.Tensor, num_classes) -> int:
-    c = int(y.max()) + 1 if num_classes is None else int(num_classes)
-    if c < 1 or (y.numel() and int(y.max()) >= c):
-        raise ValueError(f"num_classes: {num_classes} does not cover the labels")
-    return c
+def _check(labels, num_classes=None) -> tuple[torch.Tensor, int]:
+    """(labels as int64, num_classes) through the shared checks of every entry point."""
+    y = as_tensor(labels, "labels")
+    return check_labels(y, y.shape[0] if y.dim() == 1 else -1, y.device, num_classes)
 
 
 def coarse_labels(labels, num_coarse: int) -> torch.Tensor:
     """y_coarse = y mod K (paper 000 eq. 4): classes c, c+K, c+2K, ... share a super-class."""
-    y = _check(labels)
+    y, _ = _check(labels)
     if int(num_coarse) < 1:
         raise ValueError(f"num_coarse: must be >= 1, got {num_coarse}")
     return y % int(num_coarse)
@@ -38,8 +26,7 @@ def fine_labels(labels, num_classes=None, *, seed: int = 0) -> torch.Tensor:
     Every class is split at random into two halves; the result has 2C classes and
     ``y_fine mod C`` recovers y.
     """
-    y = _check(labels)
-    c = _num_classes(y, num_classes)
+    y, c = _check(labels, num_classes)
     g = torch.Generator().manual_seed(int(seed))
     beta = torch.randint(0, 2, (y.numel(),), generator=g).to(y.device)
     return y + beta * c
@@ -50,8 +37,7 @@ def random_coarse_labels(labels, num_coarse: int, num_classes=None, *, seed: int
 
     The super-classes then group arbitrary classes rather than every K-th one.
     """
-    y = _check(labels)
-    c = _num_classes(y, num_classes)
+    y, c = _check(labels, num_classes)
     if int(num_coarse) < 1:
         raise ValueError(f"num_coarse: must be >= 1, got {num_coarse}")
     g = torch.Generator().manual_seed(int(seed))
