@@ -9,6 +9,13 @@ from ncfast.pairwise import class_pair_stats
 from conftest import make_data
 
 
+@pytest.fixture(params=["cpp", "torch"], autouse=True)
+def backend(request, monkeypatch):
+    """Every test runs with the fused C++ tile reducer and with the torch one."""
+    monkeypatch.setenv("NCFAST_BACKEND", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("tile", [1, 3, 4, 1024])
 @pytest.mark.parametrize("weighting", ["balanced", "sample"])
 def test_tiles_match_reference(tile, weighting):
@@ -59,3 +66,15 @@ def test_near_etf_keeps_digits():
         want = getattr(ref, k)(x, yt)
         assert 0 < want < 1e-4
         assert got[k] == pytest.approx(want, rel=1e-6), k
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 8])
+def test_nearest_class_ties_go_to_the_lowest_index(tile):
+    """Means on a line at 0, 1, 2, ...: every inner class has two nearest neighbours at distance 1."""
+    c = 7
+    y = torch.arange(c).repeat(3)
+    x = torch.zeros(len(y), 3, dtype=torch.float64)
+    x[:, 0] = y.double()
+    x[:, 1] = torch.tensor([-1e-3, 0.0, 1e-3]).repeat_interleave(c)
+    stats = class_pair_stats(ncfast.class_moments(x, y), tile=tile)
+    assert stats.nearest_class.tolist() == [1, 0, 1, 2, 3, 4, 5]

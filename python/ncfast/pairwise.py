@@ -7,9 +7,9 @@ the fly. With C = 100,000 classes that is the difference between 80 GB and a few
 Numerics: the mean cosine over ordered pairs has a closed form, (||sum_i u_i||^2 - C) / (C (C-1))
 with u_i the unit centred means, so the tiled pass sums squared deviations from it directly
 (no E[x^2] - E[x]^2 cancellation when the cosines are nearly equal, as at collapse). CDNV's mean
-and std are merged across tiles with Chan's formula. nc2_etf needs ||G||_F before its residual, so
-it takes a second pass that sums (G_ij / ||G||_F - E_ij)^2 exactly rather than the expansion
-2 - 2 <G, E> / ||G||_F, which loses every digit near an exact ETF.
+and std are merged across tiles with Chan's formula. nc2_etf sums (G_ij / ||G||_F - E_ij)^2 exactly
+rather than the expansion 2 - 2 <G, E> / ||G||_F, which loses every digit near an exact ETF; the
+norm ||G||_F = ||Mt^T Mt||_F comes first from the smaller Gram, so one pass over the tiles does all.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _C, _dispatch
 from .stats import ClassMoments
 
 DEFAULT_TILE = 1024
@@ -64,6 +65,82 @@ def _tiles(c: int, tile: int):
             yield i0, j0, rows, cols
 
 
+@dataclass
+class _Context:
+    """Per-class vectors and constants every tile needs; best / best_idx are updated in place."""
+
+    sq: torch.Tensor
+    norms: torch.Tensor
+    var: torch.Tensor
+    sup: torch.Tensor | None
+    g: float
+    etf_diag: float
+    etf_offdiag: float
+    mean_cos: float
+    etf_cos: float
+    best: torch.Tensor
+    best_idx: torch.Tensor
+
+
+def _reduce_tile_cpp(gram: torch.Tensor, rows: slice, cols: slice, k: _Context) -> dict:
+    """The fused C++ sweep over one tile (csrc/pairwise.cpp)."""
+    sup_r = sup_c = None
+    if k.sup is not None:
+        sup_r, sup_c = k.sup[rows].numpy(), k.sup[cols].numpy()
+    return _C.reduce_pair_tile(
+        gram.numpy(), rows.start == cols.start, k.sq[rows].numpy(), k.sq[cols].numpy(), k.norms[rows].numpy(),
+        k.norms[cols].numpy(), k.var[rows].numpy(), k.var[cols].numpy(), sup_r, sup_c, k.g, k.etf_diag,
+        k.etf_offdiag, k.mean_cos, k.etf_cos, rows.start, cols.start, k.best[rows].numpy(),
+        k.best_idx[rows].numpy(), k.best[cols].numpy(), k.best_idx[cols].numpy(), torch.get_num_threads())
+
+
+def _reduce_tile_torch(gram: torch.Tensor, rows: slice, cols: slice, k: _Context) -> dict:
+    """The same sums with torch operations, for devices without the C++ core."""
+    diagonal = rows.start == cols.start
+    # Pairs i < j: a whole off-diagonal tile, the strict upper triangle of a diagonal one.
+    sel = torch.ones_like(gram, dtype=torch.bool).triu_(1) if diagonal else None
+
+    def total(t):
+        return float(t[sel].sum()) if diagonal else float(t.sum())
+
+    out = {}
+    r = gram / k.g
+    out["resid"] = float((r.diagonal() - k.etf_diag).square().sum()) if diagonal else 0.0
+    out["resid"] += 2.0 * total(r.sub_(k.etf_offdiag).square_())
+    del r
+    cos = gram / k.norms[rows].unsqueeze(1)
+    cos /= k.norms[cols].unsqueeze(0)
+    out["cos_dev"] = 2.0 * total((cos - k.mean_cos).square_())
+    out["coh"] = 2.0 * total((cos + k.etf_cos).abs_())
+    del cos
+    d2 = gram.mul_(-2.0).add_(k.sq[rows].unsqueeze(1)).add_(k.sq[cols].unsqueeze(0)).clamp_min_(0.0)
+    vsum = k.var[rows].unsqueeze(1) + k.var[cols].unsqueeze(0)
+    ratio = vsum / (2.0 * d2)
+    ratio = ratio[sel] if diagonal else ratio.reshape(-1)
+    out["cdnv"] = (0, 0.0, 0.0)
+    if ratio.numel():
+        m = ratio.mean()
+        out["cdnv"] = (ratio.numel(), float(m), float((ratio - m).square().sum()))
+    dist = vsum.add_(d2)
+    out["dist"] = total(dist)
+    out["msdr_sum"], out["msdr_n"] = 0.0, 0
+    if k.sup is not None:
+        same = k.sup[rows].unsqueeze(1) == k.sup[cols].unsqueeze(0)
+        if diagonal:
+            same &= sel
+        out["msdr_sum"] = 2.0 * float(dist[same].sum())
+        out["msdr_n"] = 2 * int(same.sum())
+    if diagonal:
+        d2.fill_diagonal_(float("inf"))
+    views = ((d2, rows, cols),) if diagonal else ((d2, rows, cols), (d2.T, cols, rows))
+    for dist2, own, other in views:
+        val, arg = dist2.min(dim=1)
+        better = val < k.best[own]
+        k.best[own] = torch.where(better, val, k.best[own])
+        k.best_idx[own] = torch.where(better, arg + other.start, k.best_idx[own])
+    return out
+
+
 def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", superclass=None,
                      tile: int = DEFAULT_TILE) -> PairStats:
     """CDNV, NC2 cosine statistics, nearest other class and MSDR without a C x C matrix.
@@ -77,79 +154,37 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
     p = moments.present
     c = int(p.sum())
     mt = moments.centred_means(weighting)
-    v = moments.variances[p]
+    device = mt.device
+    # ||G||_F = ||Mt Mt^T||_F = ||Mt^T Mt||_F: the smaller Gram gives it before the tile pass, so
+    # the exact nc2 residual is summed in the same pass.
+    small = mt @ mt.T if c <= mt.shape[1] else mt.T @ mt
+    g = float(torch.linalg.norm(small))
+    del small
     sq = mt.square().sum(1)
     norms = sq.sqrt()
     unit_sum = mt.T @ (1.0 / norms)  # sum_i u_i without a C x D temporary
-    mean_cos = (float(unit_sum.square().sum()) - c) / (c * (c - 1))
-    etf_off = 1.0 / (c - 1)
-    sup = None if superclass is None else superclass[p]
-    device = mt.device
-
-    cdnv_acc = (0, 0.0, 0.0)
-    g_sq = cos_dev = coh = dist_sum = 0.0
-    msdr_sum, msdr_n = 0.0, 0
-    best = torch.full((c,), float("inf"), dtype=torch.float64, device=device)
-    best_idx = torch.full((c,), -1, dtype=torch.int64, device=device)
-
-    def nearest(d2, offset, other):
-        val, arg = d2.min(dim=1)
-        idx = slice(offset, offset + d2.shape[0])
-        better = val < best[idx]
-        best[idx] = torch.where(better, val, best[idx])
-        best_idx[idx] = torch.where(better, arg + other, best_idx[idx])
-
-    for i0, j0, rows, cols in _tiles(c, tile):
-        diagonal = i0 == j0
-        gram = mt[rows] @ mt[cols].T
-        # Pairs i < j: a whole off-diagonal tile, the strict upper triangle of a diagonal one.
-        sel = torch.ones_like(gram, dtype=torch.bool).triu_(1) if diagonal else None
-
-        def total(t):
-            return float(t[sel].sum()) if diagonal else float(t.sum())
-
-        g_sq += 2.0 * total(gram.square())
-        if diagonal:
-            g_sq += float(gram.diagonal().square().sum())
-        cos = gram / norms[rows].unsqueeze(1)
-        cos /= norms[cols].unsqueeze(0)
-        cos_dev += 2.0 * total((cos - mean_cos).square_())
-        coh += 2.0 * total((cos + etf_off).abs_())
-        del cos
-        d2 = gram.mul_(-2.0).add_(sq[rows].unsqueeze(1)).add_(sq[cols].unsqueeze(0)).clamp_min_(0.0)
-        vsum = v[rows].unsqueeze(1) + v[cols].unsqueeze(0)
-        ratio = vsum / (2.0 * d2)
-        ratio = ratio[sel] if diagonal else ratio.reshape(-1)
-        if ratio.numel():
-            m = ratio.mean()
-            cdnv_acc = _chan(cdnv_acc, (ratio.numel(), float(m), float((ratio - m).square().sum())))
-        dist = vsum.add_(d2)
-        dist_sum += total(dist)
-        if sup is not None:
-            same = sup[rows].unsqueeze(1) == sup[cols].unsqueeze(0)
-            if diagonal:
-                same &= sel
-            msdr_sum += 2.0 * float(dist[same].sum())
-            msdr_n += 2 * int(same.sum())
-        if diagonal:
-            d2.fill_diagonal_(float("inf"))
-            nearest(d2, i0, j0)
-        else:
-            nearest(d2, i0, j0)
-            nearest(d2.T, j0, i0)
-
-    g = math.sqrt(g_sq)
     inv_sqrt = 1.0 / math.sqrt(c - 1)
-    resid = 0.0
+    ctx = _Context(
+        sq=sq, norms=norms, var=moments.variances[p], sup=None if superclass is None else superclass[p],
+        g=g, etf_diag=(1.0 - 1.0 / c) * inv_sqrt, etf_offdiag=-inv_sqrt / c,
+        mean_cos=(float(unit_sum.square().sum()) - c) / (c * (c - 1)), etf_cos=1.0 / (c - 1),
+        best=torch.full((c,), float("inf"), dtype=torch.float64, device=device),
+        best_idx=torch.full((c,), -1, dtype=torch.int64, device=device),
+    )
+    reduce_tile = _reduce_tile_cpp if _dispatch.backend_for(mt) == "cpp" else _reduce_tile_torch
+    cdnv_acc = (0, 0.0, 0.0)
+    resid = cos_dev = coh = dist_sum = msdr_sum = 0.0
+    msdr_n = 0
     for i0, j0, rows, cols in _tiles(c, tile):
-        # E_ij = -1/(C sqrt(C-1)) off the diagonal, (1 - 1/C)/sqrt(C-1) on it
-        r = (mt[rows] @ mt[cols].T).div_(g).add_(inv_sqrt / c)
-        if i0 == j0:
-            r.diagonal().sub_(inv_sqrt)
-            r.square_()
-            resid += 2.0 * float(r.triu(1).sum()) + float(r.diagonal().sum())
-        else:
-            resid += 2.0 * float(r.square_().sum())
+        sums = reduce_tile(mt[rows] @ mt[cols].T, rows, cols, ctx)
+        resid += sums["resid"]
+        cos_dev += sums["cos_dev"]
+        coh += sums["coh"]
+        dist_sum += sums["dist"]
+        msdr_sum += sums["msdr_sum"]
+        msdr_n += sums["msdr_n"]
+        cdnv_acc = _chan(cdnv_acc, sums["cdnv"])
+    v, best, best_idx, sup = ctx.var, ctx.best, ctx.best_idx, ctx.sup
 
     pairs = c * (c - 1)
     n_pairs, cdnv_mean, cdnv_m2 = cdnv_acc

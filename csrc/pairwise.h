@@ -1,0 +1,36 @@
+#pragma once
+
+#include <cstdint>
+
+namespace ncfast {
+
+// Inputs of one tile of class pairs: rows I x columns J of G = Mt Mt^T (row-major, t1 x t2).
+struct PairTile {
+  const double* gram;
+  int64_t t1, t2;
+  bool diagonal;                   // I == J: only pairs j > i count (the diagonal enters nc2 once)
+  const double *sq_r, *sq_c;       // ||Mt_i||^2
+  const double *norm_r, *norm_c;   // ||Mt_i||
+  const double *var_r, *var_c;     // v_i
+  const int64_t *sup_r, *sup_c;    // super-class of each class, or null
+  double g;                        // ||G||_F
+  double etf_diag, etf_offdiag;    // entries of E = (I - 11^T/C) / sqrt(C-1)
+  double mean_cos, etf_cos;        // mean cosine over i != j; 1/(C-1)
+};
+
+// Sums over the tile's unordered pairs, with ordered-pair weights (x2) where the metric averages
+// over i != j, and CDNV's (n, mean, M2) for a Chan merge across tiles.
+struct PairSums {
+  double resid = 0, cos_dev = 0, coh = 0, dist = 0, msdr_sum = 0;
+  int64_t msdr_n = 0;
+  int64_t cdnv_n = 0;
+  double cdnv_mean = 0, cdnv_m2 = 0;
+};
+
+// Reduces one tile and updates the running nearest other class of its rows (best_r/idx_r, by
+// ||mu_i - mu_j||^2, global column index col0 + j) and, off the diagonal, of its columns.
+// Strictly smaller wins, so among equal distances the lowest index (visited first) stays.
+PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double* best_r, int64_t* idx_r,
+                          double* best_c, int64_t* idx_c, int num_threads);
+
+}  // namespace ncfast
