@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.linalg import blas as scipy_blas
+from threadpoolctl import threadpool_limits
 
 from . import _dispatch
 from ._validation import (
@@ -182,11 +183,13 @@ class ClassMoments:
             if wscatter is not None:
                 root_w = (1.0 / self.class_counts.clamp_min(1).to(torch.float64)).sqrt()
             buf = torch.empty(min(rows, x.shape[0]), self.dim, dtype=torch.float64, device=self.device)
-            for xb, yb in blocks:
-                centred = _dispatch.centred_rows(xb, yb, acc.mean, out=buf[: xb.shape[0]])
-                scatter.add(centred)
-                if wscatter is not None:
-                    wscatter.add(centred.mul_(root_w[yb].unsqueeze(1)))
+            # scipy's BLAS keeps its own thread pool: hold it to torch's thread count.
+            with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+                for xb, yb in blocks:
+                    centred = _dispatch.centred_rows(xb, yb, acc.mean, out=buf[: xb.shape[0]])
+                    scatter.add(centred)
+                    if wscatter is not None:
+                        wscatter.add(centred.mul_(root_w[yb].unsqueeze(1)))
             acc.scatter = scatter.total()
             acc.wscatter = None if wscatter is None else wscatter.total()
         return acc
