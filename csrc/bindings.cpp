@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "moments.h"
+#include "ncc.h"
 #include "pairwise.h"
 
 #ifdef NCFAST_WITH_OPENMP
@@ -73,6 +74,31 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ncfast compiled CPU core (no libtorch dependency)";
   m.def("compile_options", &compile_options,
         "What this build was compiled with: OpenMP, SIMD level, CUDA on or off.");
+  m.def(
+      "ncc_sweep",
+      [](py::buffer features, const std::string& dtype, py::array_t<float, py::array::c_style> shift,
+         py::array_t<float, py::array::c_style> centres, py::array_t<float, py::array::c_style> offsets, float scale,
+         double rel, double cmax, double omax, int num_threads) {
+        py::buffer_info info = features.request();
+        Matrix x = as_matrix(info, dtype);
+        if (centres.ndim() != 2 || centres.shape(1) != x.cols)
+          throw std::invalid_argument("centres: expected shape (K, D)");
+        const int64_t k = centres.shape(0);
+        if (k < 1) throw std::invalid_argument("centres: no class");
+        if (offsets.ndim() != 1 || offsets.shape(0) != k) throw std::invalid_argument("offsets: expected shape (K,)");
+        if (shift.ndim() != 1 || shift.shape(0) != x.cols) throw std::invalid_argument("shift: expected shape (D,)");
+        py::array_t<int64_t> best(x.rows);
+        py::array_t<uint8_t> unsure(x.rows);
+        const float *sh = shift.data(), *ce = centres.data(), *of = offsets.data();
+        int64_t* b = best.mutable_data();
+        uint8_t* u = unsure.mutable_data();
+        {
+          py::gil_scoped_release release;
+          ncc_sweep(x, sh, ce, of, k, scale, rel, cmax, omax, b, u, num_threads);
+        }
+        return py::make_tuple(best, unsure);
+      },
+      "Certified float32 argmin sweep (see csrc/ncc.h): returns (argmin int64 (N,), unsure uint8 (N,)).");
   m.def(
       "reduce_pair_tile",
       [](py::array_t<double, py::array::c_style> gram, bool diagonal, py::array_t<double, py::array::c_style> sq_r,

@@ -79,6 +79,8 @@ struct Matrix {
 
   // Row i converted to double into out[0..cols).
   void load_row(int64_t i, double* out) const;
+  // Row i as float32 into out[0..cols): exact for float32, float16 and bfloat16 (not for float64).
+  void load_row_f32(int64_t i, float* out) const;
 };
 
 }  // namespace ncfast

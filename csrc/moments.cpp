@@ -67,6 +67,38 @@ void Matrix::load_row(int64_t i, double* out) const {
   for (int64_t j = 0; j < cols; ++j) out[j] = at(i, j);
 }
 
+// float16 / bfloat16 convert exactly to float32; float32 is copied; float64 would round.
+void Matrix::load_row_f32(int64_t i, float* out) const {
+  const Matrix& x = *this;
+  const int64_t base = i * x.row_stride;
+  const int64_t d = x.cols;
+  if (x.col_stride == 1 && x.dtype == DType::F32) {
+    const float* p = static_cast<const float*>(x.data) + base;
+    std::copy(p, p + d, out);
+    return;
+  }
+  if (x.col_stride == 1 && x.dtype == DType::BF16) {
+    const uint16_t* p = static_cast<const uint16_t*>(x.data) + base;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      const uint32_t u = static_cast<uint32_t>(p[j]) << 16;
+      std::memcpy(out + j, &u, sizeof(float));
+    }
+    return;
+  }
+  if (x.col_stride == 1 && x.dtype == DType::F16) {
+    const uint16_t* p = static_cast<const uint16_t*>(x.data) + base;
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= d; j += 8)
+      _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j))));
+#endif
+    for (; j < d; ++j) out[j] = f16_to_float(p[j]);
+    return;
+  }
+  for (int64_t j = 0; j < d; ++j) out[j] = static_cast<float>(x.at(i, j));
+}
+
 namespace {
 
 // The statistics of one class over the rows seen so far.
@@ -173,32 +205,6 @@ void reduce_chunk(const T* const* rows, int64_t r, int64_t d, double* cmean, dou
 }
 
 // Rows as float32 (or float64) pointers: in place when contiguous, else converted into buf.
-// float16 / bfloat16 convert exactly to float32.
-void convert_row_f32(const Matrix& x, int64_t i, float* out) {
-  const int64_t base = i * x.row_stride;
-  const int64_t d = x.cols;
-  if (x.col_stride == 1 && x.dtype == DType::BF16) {
-    const uint16_t* p = static_cast<const uint16_t*>(x.data) + base;
-#pragma omp simd
-    for (int64_t j = 0; j < d; ++j) {
-      const uint32_t u = static_cast<uint32_t>(p[j]) << 16;
-      std::memcpy(out + j, &u, sizeof(float));
-    }
-    return;
-  }
-  if (x.col_stride == 1 && x.dtype == DType::F16) {
-    const uint16_t* p = static_cast<const uint16_t*>(x.data) + base;
-    int64_t j = 0;
-#if defined(__F16C__)
-    for (; j + 8 <= d; j += 8)
-      _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j))));
-#endif
-    for (; j < d; ++j) out[j] = f16_to_float(p[j]);
-    return;
-  }
-  for (int64_t j = 0; j < d; ++j) out[j] = static_cast<float>(x.at(i, j));
-}
-
 // Fold rows order[p0..p1) (all of one class) into `run`, chunk by chunk.
 template <typename T>
 void accumulate_segment(const Matrix& x, const int64_t* order, int64_t p0, int64_t p1, int64_t rows_per_chunk,
@@ -217,7 +223,7 @@ void accumulate_segment(const Matrix& x, const int64_t* order, int64_t p0, int64
         if constexpr (std::is_same<T, double>::value) {
           x.load_row(i, row);
         } else {
-          convert_row_f32(x, i, row);
+          x.load_row_f32(i, row);
         }
         ptrs[t] = row;
       }

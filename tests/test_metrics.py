@@ -211,3 +211,18 @@ def test_nan_policy_omit_drops_rows():
     assert got.omitted_rows == 3
     for k in want:
         assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_certified_sweep_exact_on_both_backends(backend, dtype, monkeypatch):
+    """The fused C++ sweep and the torch one both return the float64 argmin, shifted data included."""
+    monkeypatch.setenv("NCFAST_BACKEND", backend)
+    x, y, c = make_data(n=1500, d=21, c=37, spread=3.0, shift=1e3, dtype=dtype, seed=12)
+    means = torch.from_numpy(ref.class_means(x, y))
+    mid = ((means[0] + means[1]) / 2).to(dtype)  # a row on the midpoint of two means
+    x = torch.cat([x, mid.unsqueeze(0)])
+    assert torch.equal(ncfast.ncc_assign(x, means), torch.from_numpy(ref.ncc_assign(x, means)))
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(c, 21, generator=g), torch.randn(c, generator=g)
+    assert torch.equal(ncfast.classifier_decisions(x, w, b), torch.from_numpy(ref.decisions(x, w, b)))
