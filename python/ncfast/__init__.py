@@ -28,6 +28,7 @@ from .metrics import (
     nc_metrics,
 )
 from .ncc import classifier_decisions, ncc_assign, ncc_mismatch
+from .pairwise import PairStats, class_pair_stats
 from .stats import ClassMoments
 
 __version__ = "0.1.0"
@@ -36,9 +37,11 @@ __all__ = [
     "ClassMoments",
     "DEFAULT_RTOL",
     "NCMetrics",
+    "PairStats",
     "class_distance",
     "class_distance_from_moments",
     "class_moments",
+    "class_pair_stats",
     "cdnv_matrix",
     "classifier_decisions",
     "coarse_labels",
