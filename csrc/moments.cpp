@@ -115,28 +115,6 @@ struct Running {
   }
 };
 
-// Chan's combination of (nb, mean_b, m2_b) into (n, mean, m2); unit and norm sums simply add.
-void chan_merge(int64_t& n, double* mean, double& m2, int64_t nb, const double* mean_b, double m2_b,
-                int64_t d) {
-  if (nb == 0) return;
-  if (n == 0) {
-    n = nb;
-    std::copy(mean_b, mean_b + d, mean);
-    m2 = m2_b;
-    return;
-  }
-  const double nn = static_cast<double>(n + nb);
-  const double wb = static_cast<double>(nb) / nn;
-  double dd = 0.0;
-#pragma omp simd reduction(+ : dd)
-  for (int64_t j = 0; j < d; ++j) {
-    const double delta = mean_b[j] - mean[j];
-    dd += delta * delta;
-    mean[j] += delta * wb;
-  }
-  m2 += m2_b + dd * (static_cast<double>(n) * static_cast<double>(nb) / nn);
-  n += nb;
-}
 
 // One chunk of rows of one class: pointers to its rows (float or double elements, contiguous),
 // reduced in two passes over data that stays in L2. Rows are taken four at a time so that each

@@ -4,6 +4,8 @@
 // minima, combined afterwards in thread order.
 #include "pairwise.h"
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -15,24 +17,6 @@
 
 namespace ncfast {
 
-namespace {
-
-void chan(int64_t& n, double& mean, double& m2, int64_t nb, double mb, double qb) {
-  if (nb == 0) return;
-  if (n == 0) {
-    n = nb;
-    mean = mb;
-    m2 = qb;
-    return;
-  }
-  const double nn = static_cast<double>(n + nb);
-  const double delta = mb - mean;
-  mean += delta * static_cast<double>(nb) / nn;
-  m2 += qb + delta * delta * static_cast<double>(n) * static_cast<double>(nb) / nn;
-  n += nb;
-}
-
-}  // namespace
 
 PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double* best_r, int64_t* idx_r,
                           double* best_c, int64_t* idx_c, int num_threads) {
@@ -95,7 +79,7 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
           const double dev = (vi + t.var_c[j]) / (2.0 * d2) - rmean;
           rm2 += dev * dev;
         }
-        chan(s.cdnv_n, s.cdnv_mean, s.cdnv_m2, cnt, rmean, rm2);
+        chan_merge(s.cdnv_n, &s.cdnv_mean, s.cdnv_m2, cnt, &rmean, rm2, 1);
       }
       if (t.diagonal) {
         const double r = grow[i] / t.g - t.etf_diag;
@@ -131,7 +115,7 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
     out.dist += s.dist;
     out.msdr_sum += s.msdr_sum;
     out.msdr_n += s.msdr_n;
-    chan(out.cdnv_n, out.cdnv_mean, out.cdnv_m2, s.cdnv_n, s.cdnv_mean, s.cdnv_m2);
+    chan_merge(out.cdnv_n, &out.cdnv_mean, out.cdnv_m2, s.cdnv_n, &s.cdnv_mean, s.cdnv_m2, 1);
   }
   if (!t.diagonal) {
     for (int tid = 0; tid < threads; ++tid) {
