@@ -77,28 +77,38 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "ncc_sweep",
       [](py::buffer features, const std::string& dtype, py::array_t<float, py::array::c_style> shift,
-         py::array_t<float, py::array::c_style> centres, py::array_t<float, py::array::c_style> offsets, float scale,
-         double rel, double cmax, double omax, int num_threads) {
+         py::array_t<float, py::array::c_style> centres, py::array_t<float, py::array::c_style> offsets,
+         py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts, double rel,
+         py::array_t<double, py::array::c_style | py::array::forcecast> cmax,
+         py::array_t<double, py::array::c_style | py::array::forcecast> omax, int num_threads) {
         py::buffer_info info = features.request();
         Matrix x = as_matrix(info, dtype);
         if (centres.ndim() != 2 || centres.shape(1) != x.cols)
           throw std::invalid_argument("centres: expected shape (K, D)");
         const int64_t k = centres.shape(0);
-        if (k < 1) throw std::invalid_argument("centres: no class");
         if (offsets.ndim() != 1 || offsets.shape(0) != k) throw std::invalid_argument("offsets: expected shape (K,)");
         if (shift.ndim() != 1 || shift.shape(0) != x.cols) throw std::invalid_argument("shift: expected shape (D,)");
-        py::array_t<int64_t> best(x.rows);
-        py::array_t<uint8_t> unsure(x.rows);
+        const int groups = static_cast<int>(starts.shape(0)) - 1;
+        if (groups < 1 || cmax.shape(0) != groups || omax.shape(0) != groups)
+          throw std::invalid_argument("starts / cmax / omax: one group boundary more than groups");
+        const int64_t* st = starts.data();
+        if (st[0] != 0 || st[groups] != k) throw std::invalid_argument("starts: must run from 0 to K");
+        for (int g = 0; g < groups; ++g)
+          if (st[g + 1] <= st[g]) throw std::invalid_argument("starts: every group needs a class");
+        py::array_t<int64_t> best({x.rows, static_cast<int64_t>(groups)});
+        py::array_t<uint8_t> unsure({x.rows, static_cast<int64_t>(groups)});
         const float *sh = shift.data(), *ce = centres.data(), *of = offsets.data();
+        const double *cm = cmax.data(), *om = omax.data();
         int64_t* b = best.mutable_data();
         uint8_t* u = unsure.mutable_data();
         {
           py::gil_scoped_release release;
-          ncc_sweep(x, sh, ce, of, k, scale, rel, cmax, omax, b, u, num_threads);
+          ncc_sweep(x, sh, ce, of, k, st, groups, rel, cm, om, b, u, num_threads);
         }
         return py::make_tuple(best, unsure);
       },
-      "Certified float32 argmin sweep (see csrc/ncc.h): returns (argmin int64 (N,), unsure uint8 (N,)).");
+      "Certified float32 argmin sweep over groups of classes (see csrc/ncc.h): returns "
+      "(argmin within each group int64 (N, G), unsure uint8 (N, G)).");
   m.def(
       "reduce_pair_tile",
       [](py::array_t<double, py::array::c_style> gram, bool diagonal, py::array_t<double, py::array::c_style> sq_r,

@@ -3,12 +3,13 @@
 // A block of rows is converted once (minus the shift) into a float32 buffer that stays in L1/L2;
 // the class centres are swept in tiles of four against pairs of rows, so every loaded vector of
 // a row or a centre feeds several fused multiply-adds (8 accumulators: FMA-bound on AVX2).
-// Scores are reduced at once into (best, second best, index) per row.
+// Scores are reduced at once into (best, second best, index) per row and class group.
 #include "ncc.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 #include <vector>
 
 #ifdef NCFAST_WITH_OPENMP
@@ -20,6 +21,7 @@ namespace ncfast {
 namespace {
 
 constexpr int64_t kRowBlock = 32;
+constexpr int kMaxGroups = 4;
 
 inline void consider(float s, int64_t c, float& b1, float& b2, int64_t& i1) {
   if (s < b1) {  // strict: among equal scores the lower class index (seen first) stays
@@ -34,8 +36,13 @@ inline void consider(float s, int64_t c, float& b1, float& b2, int64_t& i1) {
 }  // namespace
 
 void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const float* offsets, int64_t k,
-               float scale, double rel, double cmax, double omax, int64_t* best, uint8_t* unsure,
-               int num_threads) {
+               const int64_t* starts, int groups, double rel, const double* cmax, const double* omax,
+               int64_t* best, uint8_t* unsure, int num_threads) {
+  if (groups < 1 || groups > kMaxGroups) throw std::invalid_argument("groups: between 1 and 4");
+  // group_of[c]: which argmin problem class c belongs to
+  std::vector<int> group_of(k);
+  for (int g = 0; g < groups; ++g)
+    for (int64_t c = starts[g]; c < starts[g + 1]; ++c) group_of[c] = g;
   const int64_t n = x.rows, d = x.cols;
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   const float inf = std::numeric_limits<float>::infinity();
@@ -47,8 +54,8 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
   {
     std::vector<float> buf(kRowBlock * d);
     std::vector<double> row64(d);
-    float b1[kRowBlock], b2[kRowBlock];
-    int64_t i1[kRowBlock];
+    float b1[kRowBlock][kMaxGroups], b2[kRowBlock][kMaxGroups];
+    int64_t i1[kRowBlock][kMaxGroups];
     double norm[kRowBlock];
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 4)
@@ -72,8 +79,10 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
 #pragma omp simd reduction(+ : sq)
         for (int64_t j = 0; j < d; ++j) sq += static_cast<double>(dst[j]) * dst[j];
         norm[t] = std::sqrt(sq);
-        b1[t] = b2[t] = inf;
-        i1[t] = 0;
+        for (int g = 0; g < groups; ++g) {
+          b1[t][g] = b2[t][g] = inf;
+          i1[t][g] = 0;
+        }
       }
       int64_t t = 0;
       for (; t + 2 <= rows; t += 2) {
@@ -97,8 +106,9 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
           }
           const float as[4] = {a0, a1, a2, a3}, es[4] = {e0, e1, e2, e3};
           for (int q = 0; q < 4; ++q) {
-            consider(offsets[c + q] + scale * as[q], c + q, b1[t], b2[t], i1[t]);
-            consider(offsets[c + q] + scale * es[q], c + q, b1[t + 1], b2[t + 1], i1[t + 1]);
+            const int g = group_of[c + q];
+            consider(offsets[c + q] + as[q], c + q, b1[t][g], b2[t][g], i1[t][g]);
+            consider(offsets[c + q] + es[q], c + q, b1[t + 1][g], b2[t + 1][g], i1[t + 1][g]);
           }
         }
         for (; c < k; ++c) {
@@ -109,8 +119,9 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
             a += xa[j] * w[j];
             e += xb[j] * w[j];
           }
-          consider(offsets[c] + scale * a, c, b1[t], b2[t], i1[t]);
-          consider(offsets[c] + scale * e, c, b1[t + 1], b2[t + 1], i1[t + 1]);
+          const int g = group_of[c];
+          consider(offsets[c] + a, c, b1[t][g], b2[t][g], i1[t][g]);
+          consider(offsets[c] + e, c, b1[t + 1][g], b2[t + 1][g], i1[t + 1][g]);
         }
       }
       for (; t < rows; ++t) {
@@ -120,13 +131,18 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
           float a = 0;
 #pragma omp simd reduction(+ : a)
           for (int64_t j = 0; j < d; ++j) a += xa[j] * w[j];
-          consider(offsets[c] + scale * a, c, b1[t], b2[t], i1[t]);
+          const int g = group_of[c];
+          consider(offsets[c] + a, c, b1[t][g], b2[t][g], i1[t][g]);
         }
       }
       for (t = 0; t < rows; ++t) {
-        const double bound = rel * (std::fabs(scale) * norm[t] * cmax + omax);
-        best[r0 + t] = i1[t];
-        unsure[r0 + t] = (k > 1 && static_cast<double>(b2[t]) - static_cast<double>(b1[t]) <= 2.0 * bound) ? 1 : 0;
+        for (int g = 0; g < groups; ++g) {
+          const double bound = rel * (norm[t] * cmax[g] + omax[g]);
+          const int64_t o = (r0 + t) * groups + g;
+          best[o] = i1[t][g] - starts[g];
+          unsure[o] = (starts[g + 1] - starts[g] > 1 &&
+                       static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]) <= 2.0 * bound) ? 1 : 0;
+        }
       }
     }
   }

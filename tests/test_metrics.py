@@ -226,3 +226,6 @@ def test_certified_sweep_exact_on_both_backends(backend, dtype, monkeypatch):
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(c, 21, generator=g), torch.randn(c, generator=g)
     assert torch.equal(ncfast.classifier_decisions(x, w, b), torch.from_numpy(ref.decisions(x, w, b)))
+    nearest, decisions = ncfast.ncc_and_decisions(x, means, w, b)  # one shared sweep
+    assert torch.equal(nearest, torch.from_numpy(ref.ncc_assign(x, means)))
+    assert torch.equal(decisions, torch.from_numpy(ref.decisions(x, w, b)))

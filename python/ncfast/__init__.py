@@ -27,7 +27,7 @@ from .metrics import (
     metrics_from_moments,
     nc_metrics,
 )
-from .ncc import classifier_decisions, ncc_assign, ncc_mismatch
+from .ncc import classifier_decisions, ncc_and_decisions, ncc_assign, ncc_mismatch
 from .pairwise import PairStats, class_pair_stats
 from .stats import ClassMoments
 
@@ -48,6 +48,7 @@ __all__ = [
     "compile_options",
     "fine_labels",
     "metrics_from_moments",
+    "ncc_and_decisions",
     "nc_metrics",
     "ncc_assign",
     "ncc_mismatch",

@@ -21,7 +21,7 @@ from ._validation import (
     check_same_device,
     finite_rows,
 )
-from .ncc import classifier_decisions, ncc_assign
+from .ncc import ncc_and_decisions, ncc_assign
 from .pairwise import DEFAULT_TILE, class_pair_stats
 from .stats import ClassMoments
 
@@ -364,11 +364,12 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     m = _moments(x, y, num_classes, weighting, scatter=True)
     m.omitted_rows = omitted
     out = metrics_from_moments(m, weight=w, superclass=superclass, weighting=weighting, rtol=rtol)
-    nearest = ncc_assign(x, m.means)
-    out["ncc_accuracy"] = float((nearest == y).to(torch.float64).mean())
     decisions = None
     if w is not None:
-        decisions = classifier_decisions(x, w, b)
+        nearest, decisions = ncc_and_decisions(x, m.means, w, b)
+    else:
+        nearest = ncc_assign(x, m.means)
+    out["ncc_accuracy"] = float((nearest == y).to(torch.float64).mean())
     if z is not None:
         out["logits_norm"] = float(z.to(torch.float64).norm(dim=1).mean())
         if decisions is None:

@@ -17,6 +17,8 @@ when all features share a large offset. Ties go to the lowest index.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -43,14 +45,14 @@ def _full_fp32():
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _error_bound(u: float, d: int, scale: float, row_norms: torch.Tensor | float, cmax: float, omax: float):
-    """Worst-case |computed - exact| of one score offsets_c + scale * x . c_c at unit roundoff u.
+def _error_bound(u: float, d: int, row_norms, cmax: float, omax: float):
+    """Worst-case |computed - exact| of one score offsets_c + x . c_c at unit roundoff u.
 
     Rounding of x - shift and of the centres to the working precision (u each), the length-d dot
-    product in any summation order (gamma_d <= 1.01 d u), the scaling and the offset, with 10%
-    headroom for the row norm itself being computed in that precision.
+    product in any summation order (gamma_d <= 1.01 d u), and the offset, with 10% headroom for
+    the row norm itself being computed in that precision.
     """
-    return _rel(u, d) * (abs(scale) * row_norms * cmax + omax)
+    return _rel(u, d) * (row_norms * cmax + omax)
 
 
 def _rel(u: float, d: int) -> float:
@@ -62,76 +64,90 @@ def _top2(scores: torch.Tensor):
     return top.indices[:, 0], top.values[:, 1] - top.values[:, 0]
 
 
-def _recheck(rows: torch.Tensor, centres, offsets, scale, shift64, cmax, omax, literal_scores) -> torch.Tensor:
+@dataclass
+class _Problem:
+    """argmin_c offsets_c + (x - shift) . centres_c (scales folded into the centres, exactly)."""
+
+    centres: torch.Tensor  # (K, D) float64
+    offsets: torch.Tensor  # (K,) float64
+    literal: Callable[[torch.Tensor], torch.Tensor]  # original rows in float64 -> (r, K) scores
+
+    @property
+    def cmax(self) -> float:
+        return float(self.centres.norm(dim=1).max())
+
+    @property
+    def omax(self) -> float:
+        return float(self.offsets.abs().max())
+
+
+def _recheck(rows: torch.Tensor, p: _Problem, shift64: torch.Tensor) -> torch.Tensor:
     """Exact answers for rows the float32 sweep could not certify: a float64 product, then the
     literal definition for rows still within the float64 bound."""
-    d = rows.shape[1]
     x64 = rows.to(torch.float64) - shift64
-    best, gap = _top2(torch.addmm(offsets, x64, centres.T, alpha=scale))
-    still = gap <= 2.0 * _error_bound(_U64, d, scale, x64.norm(dim=1), cmax, omax)
+    best, gap = _top2(torch.addmm(p.offsets, x64, p.centres.T))
+    still = gap <= 2.0 * _error_bound(_U64, rows.shape[1], x64.norm(dim=1), p.cmax, p.omax)
     if bool(still.any()):
-        best[still] = torch.argmin(literal_scores(x64[still] + shift64), dim=1)
+        best[still] = torch.argmin(p.literal(x64[still] + shift64), dim=1)
     return best
 
 
-def _certified_argmin(x: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor, scale: float,
-                      shift: torch.Tensor, literal_scores) -> torch.Tensor:
-    """argmin_c offsets_c + scale * (x - shift) . centres_c, equal to the float64 argmin of literal_scores.
+def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem]) -> list[torch.Tensor]:
+    """For each problem, the float64 argmin of its literal scores on every row of x.
 
-    centres (K, D), offsets (K,) are float64, shift (D,) is float32 (so x - shift is the same
-    value in both precisions). The float32 sweep runs in the fused C++ kernel on CPU
-    (csrc/ncc.cpp) and block-wise with torch elsewhere; both flag the rows to recheck.
+    shift (D,) is float32, so x - shift is the same value in both precisions. On CPU, with few
+    classes in all, one fused C++ sweep (csrc/ncc.cpp) scores every problem in a single read of x;
+    otherwise block-wise GEMMs. Rows whose float32 top-2 gap is within the bound are rechecked.
     """
     n, d = x.shape
-    k = centres.shape[0]
-    if k == 1:
-        return torch.zeros(n, dtype=torch.int64, device=x.device)
-    c32, o32 = centres.to(torch.float32), offsets.to(torch.float32)
-    cmax = float(centres.norm(dim=1).max())
-    omax = float(offsets.abs().max())
     shift64 = shift.to(torch.float64)
-    rows = max(1, min(16384, _BLOCK_ELEMS // max(k, d)))
-
-    def recheck(idx, block):
-        return _recheck(block[idx], centres, offsets, scale, shift64, cmax, omax, literal_scores)
-
-    # The fused sweep wins while the centres stay in cache and a GEMM is mostly overhead; for
-    # more classes the BLAS GEMM route is faster (50k x 512: C=100 66 vs 84 ms, C=1000 622 vs 373 ms).
-    if _dispatch.backend_for(x) == "cpp" and k <= _FUSED_MAX_CLASSES:
+    total = sum(p.centres.shape[0] for p in problems)
+    rows = max(1, min(16384, _BLOCK_ELEMS // max(total, d)))
+    outs = []
+    if _dispatch.backend_for(x) == "cpp" and total <= _FUSED_MAX_CLASSES:
         buf, dtype_name = _dispatch._buffer(x)
-        best, unsure = _C.ncc_sweep(buf, dtype_name, shift.contiguous().numpy(), c32.contiguous().numpy(),
-                                    o32.contiguous().numpy(), scale, _rel(_U32, d), cmax, omax,
-                                    torch.get_num_threads())
-        out = torch.from_numpy(best)
-        idx = torch.from_numpy(unsure).nonzero().squeeze(1)
-        for lo in range(0, idx.numel(), rows):
-            part = idx[lo : lo + rows]
-            out[part] = recheck(part, x)
-        return out
+        starts = [0]
+        for p in problems:
+            starts.append(starts[-1] + p.centres.shape[0])
+        best, unsure = _C.ncc_sweep(
+            buf, dtype_name, shift.contiguous().numpy(),
+            torch.cat([p.centres for p in problems]).to(torch.float32).numpy(),
+            torch.cat([p.offsets for p in problems]).to(torch.float32).numpy(),
+            starts, _rel(_U32, d), [p.cmax for p in problems], [p.omax for p in problems], torch.get_num_threads())
+        for g, p in enumerate(problems):
+            out = torch.from_numpy(best[:, g].copy())
+            idx = torch.from_numpy(unsure[:, g]).nonzero().squeeze(1)
+            for lo in range(0, idx.numel(), rows):
+                part = idx[lo : lo + rows]
+                out[part] = _recheck(x[part], p, shift64)
+            outs.append(out)
+        return outs
+    for p in problems:
+        if p.centres.shape[0] == 1:
+            outs.append(torch.zeros(n, dtype=torch.int64, device=x.device))
+            continue
+        c32, o32 = p.centres.to(torch.float32), p.offsets.to(torch.float32)
+        out = torch.empty(n, dtype=torch.int64, device=x.device)
+        for lo in range(0, n, rows):
+            block = x[lo : lo + rows]
+            # one rounding of the exact difference, also for float64 input (the bound assumes it)
+            xb = (block - shift64).to(torch.float32) if x.dtype == torch.float64 else block.to(torch.float32) - shift
+            with _full_fp32():
+                scores = torch.addmm(o32, xb, c32.T)
+            best, gap = _top2(scores)
+            unsure = (gap <= 2.0 * _error_bound(_U32, d, xb.norm(dim=1), p.cmax, p.omax)).nonzero().squeeze(1)
+            if unsure.numel():
+                best[unsure] = _recheck(block[unsure], p, shift64)
+            out[lo : lo + rows] = best
+        outs.append(out)
+    return outs
 
-    out = torch.empty(n, dtype=torch.int64, device=x.device)
-    for lo in range(0, n, rows):
-        block = x[lo : lo + rows]
-        # one rounding of the exact difference, also for float64 input (the bound assumes it)
-        xb = (block - shift64).to(torch.float32) if x.dtype == torch.float64 else block.to(torch.float32) - shift
-        with _full_fp32():
-            scores = torch.addmm(o32, xb, c32.T, alpha=scale)
-        best, gap = _top2(scores)
-        unsure = (gap <= 2.0 * _error_bound(_U32, d, scale, xb.norm(dim=1), cmax, omax)).nonzero().squeeze(1)
-        if unsure.numel():
-            best[unsure] = recheck(unsure, block)
-        out[lo : lo + rows] = best
-    return out
 
+def _ncc_problem(x: torch.Tensor, means):
+    """(problem, shift, index of the finite rows of means) for the nearest class mean.
 
-def ncc_assign(features, means) -> torch.Tensor:
-    """Nearest class mean of every row: argmin_c ||h_i - mu_c||^2, int64 (N,).
-
-    Equal to the float64 argmin on every row (see module docstring). Rows of ``means`` that
-    hold NaN (absent classes, as ``ClassMoments.means`` reports them) never win; the
-    returned indices refer to the rows of ``means``.
+    Score ||mu_c - t||^2 - 2 (h - t) . (mu_c - t) with t the mean of the class means in float32.
     """
-    x = check_features(features, allow_empty=True)
     mu = as_tensor(means, "means")
     if mu.dim() != 2 or mu.shape[1] != x.shape[1]:
         raise ValueError(f"means: expected shape (C, {x.shape[1]}), got {tuple(mu.shape)}")
@@ -141,8 +157,6 @@ def ncc_assign(features, means) -> torch.Tensor:
     valid = torch.isfinite(mu).all(dim=1)
     if not bool(valid.any()):
         raise ValueError("means: no row is finite")
-    if x.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=x.device)
     index = valid.nonzero().squeeze(1)
     m64 = mu[index].to(torch.float64)
     shift = m64.mean(dim=0).to(torch.float32)
@@ -151,17 +165,11 @@ def ncc_assign(features, means) -> torch.Tensor:
     def literal(rows64):
         return (rows64.unsqueeze(1) - m64.unsqueeze(0)).square().sum(-1)
 
-    local = _certified_argmin(x, mc, mc.square().sum(1), -2.0, shift, literal)
-    return index[local]
+    return _Problem(-2.0 * mc, mc.square().sum(1), literal), shift, index
 
 
-def classifier_decisions(features, weight, bias=None) -> torch.Tensor:
-    """The network's decision argmax_c (W h_i + b)_c, int64 (N,), equal to the float64 argmax.
-
-    Computed block by block with the same certified float32 sweep as ncc_assign, so the
-    N x C logits are never materialised.
-    """
-    x = check_features(features, allow_empty=True)
+def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Problem:
+    """The classifier decision as an argmin: -(b_c + w_c . t) - (h - t) . w_c for the shift t."""
     w = as_tensor(weight, "weight")
     if w.dim() != 2 or w.shape[1] != x.shape[1]:
         raise ValueError(f"weight: expected shape (C, {x.shape[1]}), got {tuple(w.shape)}")
@@ -175,14 +183,53 @@ def classifier_decisions(features, weight, bias=None) -> torch.Tensor:
             raise ValueError(f"bias: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
         check_same_device(x, b, "bias")
         b64 = b.to(torch.float64)
-    if x.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=x.device)
-    zero = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
 
     def literal(rows64):
         return -(rows64 @ w64.T + b64)
 
-    return _certified_argmin(x, w64, -b64, -1.0, zero, literal)
+    return _Problem(-w64, -(b64 + w64 @ shift.to(torch.float64)), literal)
+
+
+def ncc_assign(features, means) -> torch.Tensor:
+    """Nearest class mean of every row: argmin_c ||h_i - mu_c||^2, int64 (N,).
+
+    Equal to the float64 argmin on every row (see module docstring). Rows of ``means`` that
+    hold NaN (absent classes, as ``ClassMoments.means`` reports them) never win; the
+    returned indices refer to the rows of ``means``.
+    """
+    x = check_features(features, allow_empty=True)
+    problem, shift, index = _ncc_problem(x, means)
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=x.device)
+    return index[_certified_argmins(x, shift, [problem])[0]]
+
+
+def classifier_decisions(features, weight, bias=None) -> torch.Tensor:
+    """The network's decision argmax_c (W h_i + b)_c, int64 (N,), equal to the float64 argmax.
+
+    Computed block by block with the same certified float32 sweep as ncc_assign, so the
+    N x C logits are never materialised.
+    """
+    x = check_features(features, allow_empty=True)
+    shift = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    problem = _decision_problem(x, weight, bias, shift)
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=x.device)
+    return _certified_argmins(x, shift, [problem])[0]
+
+
+def ncc_and_decisions(features, means, weight, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ncc_assign(features, means), classifier_decisions(features, weight, bias)) in one read of
+    the features: both argmins share the sweep (and its certified recheck), so NCC mismatch needs
+    neither the N x C distances nor the logits."""
+    x = check_features(features, allow_empty=True)
+    ncc, shift, index = _ncc_problem(x, means)
+    decision = _decision_problem(x, weight, bias, shift)
+    if x.shape[0] == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=x.device)
+        return empty, empty.clone()
+    nearest, decisions = _certified_argmins(x, shift, [ncc, decision])
+    return index[nearest], decisions
 
 
 def ncc_mismatch(features, means, decisions) -> float:
