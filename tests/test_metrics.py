@@ -229,3 +229,16 @@ def test_certified_sweep_exact_on_both_backends(backend, dtype, monkeypatch):
     nearest, decisions = ncfast.ncc_and_decisions(x, means, w, b)  # one shared sweep
     assert torch.equal(nearest, torch.from_numpy(ref.ncc_assign(x, means)))
     assert torch.equal(decisions, torch.from_numpy(ref.decisions(x, w, b)))
+
+
+@pytest.mark.parametrize("case", ["imbalanced", "absent", "bfloat16"])
+def test_torch_backend_end_to_end(case, monkeypatch):
+    """The pure-PyTorch path (what CUDA tensors take until the Triton kernels land), on CPU."""
+    monkeypatch.setenv("NCFAST_BACKEND", "torch")
+    x, y, c, w, b = _inputs(case)
+    superclass = torch.arange(c) % 2
+    got = ncfast.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass)
+    want = ref.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass)
+    assert set(got) == set(want)
+    for k in want:
+        assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
