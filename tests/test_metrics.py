@@ -242,3 +242,22 @@ def test_torch_backend_end_to_end(case, monkeypatch):
     assert set(got) == set(want)
     for k in want:
         assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
+
+
+@pytest.mark.parametrize("n, d, k", [(1, 1, 2), (3, 1, 5), (33, 7, 1), (65, 3, 9), (100, 300, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ncc_sweep_awkward_sizes(n, d, k, dtype, threads):
+    """Sizes off every tile of the C++ sweep (32-row blocks, 2 x 4 register tiles), all dtypes, 1 and 2 threads."""
+    g = torch.Generator().manual_seed(n + 7 * d + k)
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 5).to(dtype)
+    means = torch.randn(k, d, generator=g, dtype=torch.float64) + 5
+    w, b = torch.randn(k, d, generator=g), torch.randn(k, generator=g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        nearest, decisions = ncfast.ncc_and_decisions(x, means, w, b)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(nearest, torch.from_numpy(ref.ncc_assign(x, means)))
+    assert torch.equal(decisions, torch.from_numpy(ref.decisions(x, w, b)))

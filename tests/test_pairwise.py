@@ -78,3 +78,19 @@ def test_nearest_class_ties_go_to_the_lowest_index(tile):
     x[:, 1] = torch.tensor([-1e-3, 0.0, 1e-3]).repeat_interleave(c)
     stats = class_pair_stats(ncfast.class_moments(x, y), tile=tile)
     assert stats.nearest_class.tolist() == [1, 0, 1, 2, 3, 4, 5]
+
+
+def test_thread_count_changes_pair_stats_only_by_rounding(backend):
+    x, y, c = make_data(n=900, d=6, c=40, seed=13)
+    m = ncfast.class_moments(x, y)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = class_pair_stats(m, superclass=torch.arange(c) % 4, tile=16)
+        torch.set_num_threads(2)
+        two = class_pair_stats(m, superclass=torch.arange(c) % 4, tile=16)
+    finally:
+        torch.set_num_threads(old)
+    for k in ("cdnv", "cdnv_std", "nc2_etf", "equiangularity", "coherence", "class_distance_mean", "msdr"):
+        assert getattr(two, k) == pytest.approx(getattr(one, k), rel=1e-12), k
+    assert torch.equal(one.nearest_class, two.nearest_class)
