@@ -8,7 +8,32 @@
 #include <stdexcept>
 #include <string>
 
+#ifdef NCFAST_WITH_OPENMP
+#include <omp.h>
+#endif
+
 namespace ncfast {
+
+// Threads for a parallel region: the caller's count (torch.get_num_threads() on the Python side),
+// at most one per work item, and 1 in a build without OpenMP.
+inline int region_threads(int requested, int64_t items) {
+#ifdef NCFAST_WITH_OPENMP
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(requested, items)));
+#else
+  (void)requested;
+  (void)items;
+  return 1;
+#endif
+}
+
+// This thread's index inside a parallel region (0 outside one, or without OpenMP).
+inline int thread_id() {
+#ifdef NCFAST_WITH_OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 enum class DType { F32, F16, BF16, F64 };
 

@@ -17,9 +17,6 @@
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
-#ifdef NCFAST_WITH_OPENMP
-#include <omp.h>
-#endif
 
 namespace ncfast {
 
@@ -219,9 +216,8 @@ struct Partial {
 
 void centre_rows(const Matrix& x, const int64_t* labels, const double* means, double* out, int num_threads) {
   const int64_t n = x.rows, d = x.cols;
-  int threads = 1;
+  const int threads = region_threads(num_threads, (n + 255) / 256);
 #ifdef NCFAST_WITH_OPENMP
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, (n + 255) / 256)));
 #pragma omp parallel for schedule(static) num_threads(threads)
 #endif
   for (int64_t i = 0; i < n; ++i) {
@@ -231,7 +227,7 @@ void centre_rows(const Matrix& x, const int64_t* labels, const double* means, do
 #pragma omp simd
     for (int64_t j = 0; j < d; ++j) row[j] -= m[j];
   }
-  (void)threads;
+  (void)threads;  // unused without OpenMP
 }
 
 BlockMoments block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, int num_threads) {
@@ -258,20 +254,14 @@ BlockMoments block_moments(const Matrix& x, const int64_t* labels, int64_t num_c
 
   // About 128 KiB of rows per chunk: the second pass reads them from L2.
   const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (128 << 10) / (4 * d)));
-  int threads = 1;
-#ifdef NCFAST_WITH_OPENMP
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, (n + 1023) / 1024)));
-#endif
+  const int threads = region_threads(num_threads, (n + 1023) / 1024);
   std::vector<std::vector<Partial>> partials(threads);
 
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    int t = 0;
-#ifdef NCFAST_WITH_OPENMP
-    t = omp_get_thread_num();
-#endif
+    const int t = thread_id();
     const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
     const bool wide = x.dtype == DType::F64;  // float64 input keeps its precision
     std::vector<float> buf32(wide ? 0 : rows_per_chunk * d);

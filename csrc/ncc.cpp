@@ -12,9 +12,6 @@
 #include <stdexcept>
 #include <vector>
 
-#ifdef NCFAST_WITH_OPENMP
-#include <omp.h>
-#endif
 
 namespace ncfast {
 
@@ -46,9 +43,8 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
   const int64_t n = x.rows, d = x.cols;
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   const float inf = std::numeric_limits<float>::infinity();
-  int threads = 1;
+  const int threads = region_threads(num_threads, blocks);
 #ifdef NCFAST_WITH_OPENMP
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, blocks)));
 #pragma omp parallel num_threads(threads)
 #endif
   {
@@ -146,7 +142,7 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
       }
     }
   }
-  (void)threads;
+  (void)threads;  // unused without OpenMP
 }
 
 }  // namespace ncfast

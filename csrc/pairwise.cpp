@@ -11,9 +11,6 @@
 #include <limits>
 #include <vector>
 
-#ifdef NCFAST_WITH_OPENMP
-#include <omp.h>
-#endif
 
 namespace ncfast {
 
@@ -21,10 +18,7 @@ namespace ncfast {
 PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double* best_r, int64_t* idx_r,
                           double* best_c, int64_t* idx_c, int num_threads) {
   const double inf = std::numeric_limits<double>::infinity();
-  int threads = 1;
-#ifdef NCFAST_WITH_OPENMP
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, t.t1)));
-#endif
+  const int threads = region_threads(num_threads, t.t1);
   std::vector<PairSums> part(threads);
   // Column minima per thread (off-diagonal tiles only): merged in thread order = row order.
   std::vector<double> cbest(t.diagonal ? 0 : static_cast<size_t>(threads) * t.t2, inf);
@@ -34,10 +28,7 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    int tid = 0;
-#ifdef NCFAST_WITH_OPENMP
-    tid = omp_get_thread_num();
-#endif
+    const int tid = thread_id();
     PairSums& s = part[tid];
     double* my_cbest = t.diagonal ? nullptr : cbest.data() + static_cast<size_t>(tid) * t.t2;
     int64_t* my_cidx = t.diagonal ? nullptr : cidx.data() + static_cast<size_t>(tid) * t.t2;
