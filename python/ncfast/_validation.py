@@ -79,6 +79,15 @@ def check_same_device(ref: torch.Tensor, other: torch.Tensor, name: str) -> None
         raise ValueError(f"{name}: on device {other.device}, but features are on {ref.device}")
 
 
+def check_bias(bias, num_classes: int, ref: torch.Tensor) -> torch.Tensor:
+    """A classifier bias of shape (num_classes,) on the features' device."""
+    b = as_tensor(bias, "bias")
+    if b.shape != (num_classes,):
+        raise ValueError(f"bias: expected shape ({num_classes},), got {tuple(b.shape)}")
+    check_same_device(ref, b, "bias")
+    return b
+
+
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
     """Mask of rows without NaN or Inf.
 

@@ -15,6 +15,7 @@ from ._validation import (
     NAN_POLICIES,
     WEIGHTINGS,
     as_tensor,
+    check_bias,
     check_choice,
     check_features,
     check_labels,
@@ -214,7 +215,6 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
 
     mt = moments.centred_means(weighting)
     a = moments.between_factor(weighting)
-    v = moments.variances[p]
 
     tr_w = moments.within_trace(weighting)
     out["squared_distance"] = tr_w / float(a.square().sum())
@@ -281,8 +281,9 @@ def _prepare(features, labels, num_classes, nan_policy):
     return x, y, num_classes, omitted, keep
 
 
-def _moments(x, y, num_classes, weighting, scatter) -> ClassMoments:
-    counts = torch.bincount(y, minlength=num_classes)
+def _moments(x, y, num_classes, weighting, scatter, counts=None) -> ClassMoments:
+    if counts is None:
+        counts = torch.bincount(y, minlength=num_classes)
     present = counts[counts > 0]
     imbalanced = bool((present != present[0]).any())
     m = ClassMoments(num_classes, x.shape[1], scatter=scatter, device=x.device,
@@ -341,10 +342,7 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     if bias is not None:
         if w is None:
             raise ValueError("bias: given without weight")
-        b = as_tensor(bias, "bias")
-        if b.shape != (num_classes,):
-            raise ValueError(f"bias: expected shape ({num_classes},), got {tuple(b.shape)}")
-        check_same_device(x, b, "bias")
+        b = check_bias(bias, num_classes, x)
     z = None
     if logits is not None:
         z = as_tensor(logits, "logits")
@@ -357,11 +355,12 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
         z = z[keep] if omitted else z
     if superclass is not None:
         _check_superclass(superclass, num_classes, x.device)
-    present = int((torch.bincount(y, minlength=num_classes) > 0).sum())
+    counts = torch.bincount(y, minlength=num_classes)
+    present = int((counts > 0).sum())
     if present < 2:
         raise ValueError(f"labels: nc_metrics needs at least 2 present classes, got {present}")
 
-    m = _moments(x, y, num_classes, weighting, scatter=True)
+    m = _moments(x, y, num_classes, weighting, scatter=True, counts=counts)
     m.omitted_rows = omitted
     out = metrics_from_moments(m, weight=w, superclass=superclass, weighting=weighting, rtol=rtol)
     decisions = None

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from . import _C, _dispatch
-from ._validation import as_tensor, check_features, check_same_device
+from ._validation import as_tensor, check_bias, check_features, check_same_device
 
 _U32 = 2.0 ** -24  # unit roundoff of float32
 _U64 = 2.0 ** -53  # unit roundoff of float64
@@ -178,11 +178,7 @@ def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Pr
     if bias is None:
         b64 = torch.zeros(w.shape[0], dtype=torch.float64, device=x.device)
     else:
-        b = as_tensor(bias, "bias")
-        if b.shape != (w.shape[0],):
-            raise ValueError(f"bias: expected shape ({w.shape[0]},), got {tuple(b.shape)}")
-        check_same_device(x, b, "bias")
-        b64 = b.to(torch.float64)
+        b64 = check_bias(bias, w.shape[0], x).to(torch.float64)
 
     def literal(rows64):
         return -(rows64 @ w64.T + b64)

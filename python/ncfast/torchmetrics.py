@@ -7,13 +7,10 @@ import torch
 from torchmetrics import Metric
 
 from .metrics import DEFAULT_RTOL, metrics_from_moments
-from .stats import ClassMoments
-
-_KEYS = ("count", "mean", "m2", "unit_sum", "norm_sum", "scatter", "wscatter")
-
+from .stats import _STATE_KEYS, ClassMoments
 
 def _pack(m: ClassMoments) -> torch.Tensor:
-    parts = [getattr(m, k).reshape(-1).to(torch.float64) for k in _KEYS if getattr(m, k) is not None]
+    parts = [getattr(m, k).reshape(-1).to(torch.float64) for k in _STATE_KEYS if getattr(m, k) is not None]
     parts.append(torch.tensor([float(m.omitted_rows)], dtype=torch.float64, device=m.device))
     return torch.cat(parts)
 
@@ -21,7 +18,7 @@ def _pack(m: ClassMoments) -> torch.Tensor:
 def _unpack(flat: torch.Tensor, template: ClassMoments) -> ClassMoments:
     m = template.clone()
     off = 0
-    for k in _KEYS:
+    for k in _STATE_KEYS:
         cur = getattr(template, k)
         if cur is None:
             continue
