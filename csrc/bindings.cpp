@@ -9,6 +9,7 @@
 #include "moments.h"
 #include "ncc.h"
 #include "pairwise.h"
+#include "peak.h"
 
 #ifdef NCFAST_WITH_OPENMP
 #include <omp.h>
@@ -60,6 +61,11 @@ std::string compile_options() {
 #else
   s += "generic";
 #endif
+#if defined(__AVX512BF16__)
+  s += " BF16=ON";
+#else
+  s += " BF16=OFF";
+#endif
 #ifdef NCFAST_WITH_CUDA
   s += " CUDA=ON";
 #else
@@ -80,7 +86,8 @@ PYBIND11_MODULE(_C, m) {
          py::array_t<float, py::array::c_style> centres, py::array_t<float, py::array::c_style> offsets,
          py::array_t<int64_t, py::array::c_style | py::array::forcecast> starts, double rel,
          py::array_t<double, py::array::c_style | py::array::forcecast> cmax,
-         py::array_t<double, py::array::c_style | py::array::forcecast> omax, int num_threads) {
+         py::array_t<double, py::array::c_style | py::array::forcecast> omax, int num_threads,
+         const std::string& precision) {
         py::buffer_info info = features.request();
         Matrix x = as_matrix(info, dtype);
         if (centres.ndim() != 2 || centres.shape(1) != x.cols)
@@ -103,12 +110,20 @@ PYBIND11_MODULE(_C, m) {
         uint8_t* u = unsure.mutable_data();
         {
           py::gil_scoped_release release;
-          ncc_sweep(x, sh, ce, of, k, st, groups, rel, cm, om, b, u, num_threads);
+          ncc_sweep(x, sh, ce, of, k, st, groups, rel, cm, om, b, u, num_threads, precision);
         }
         return py::make_tuple(best, unsure);
       },
-      "Certified float32 argmin sweep over groups of classes (see csrc/ncc.h): returns "
-      "(argmin within each group int64 (N, G), unsure uint8 (N, G)).");
+      "Certified argmin sweep over groups of classes (see csrc/ncc.h): returns "
+      "(argmin within each group int64 (N, G), unsure uint8 (N, G)).",
+      py::arg("features"), py::arg("dtype"), py::arg("shift"), py::arg("centres"), py::arg("offsets"),
+      py::arg("starts"), py::arg("rel"), py::arg("cmax"), py::arg("omax"), py::arg("num_threads"),
+      py::arg("precision") = "fp32");
+  m.def("fma_peak", &fma_peak, py::arg("float64"), py::arg("seconds"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Measured peak FLOP/s of vector fused multiply-adds on num_threads threads (see csrc/peak.h).");
+  m.def("ncc_has_precision", &ncc_has_precision,
+        "Whether ncc_sweep offers this precision ('fp32' always, 'bf16' with AVX512-BF16).");
   m.def(
       "reduce_pair_tile",
       [](py::array_t<double, py::array::c_style> gram, bool diagonal, py::array_t<double, py::array::c_style> sq_r,

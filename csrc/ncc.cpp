@@ -10,7 +10,14 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <cstring>
+#include <memory>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 
 namespace ncfast {
@@ -32,10 +39,269 @@ inline void consider(float s, int64_t c, float& b1, float& b2, int64_t& i1) {
 
 }  // namespace
 
+#if defined(__AVX512F__)
+// ---------------------------------------------------------------------------------------------
+// AVX-512 engine: centres packed into panels of 32 classes (two zmm registers per feature), a
+// 12-row x 32-class register tile (24 accumulators) swept over the whole feature dimension, so
+// every loaded centre vector feeds 12 fused multiply-adds and every broadcast row element two.
+// Groups are padded to whole panels separately (padding lanes score +inf), so a panel belongs to
+// one group and its 32 scores are screened against the rows' second-best with one compare each.
+// The bf16 variant keeps the same tiles over pairs of features with VDPBF16PS (products exact,
+// accumulated in float32), twice the products per instruction.
+namespace {
+
+constexpr int kLanes = 32;     // classes per panel
+constexpr int kTileRows = 12;  // rows per register tile
+constexpr int64_t kPackedBlock = 48;  // rows converted per block (4 register tiles)
+
+struct Panels {
+  int64_t count = 0;
+  std::vector<int> group;      // group of panel p
+  std::vector<int64_t> base;   // class index (in 0..K) of lane 0
+  std::vector<float> offsets;  // count * 32, +inf on padding lanes
+};
+
+Panels make_panels(const int64_t* starts, int groups, const float* offsets) {
+  Panels p;
+  for (int g = 0; g < groups; ++g) {
+    for (int64_t c = starts[g]; c < starts[g + 1]; c += kLanes) {
+      p.group.push_back(g);
+      p.base.push_back(c);
+      for (int l = 0; l < kLanes; ++l)
+        p.offsets.push_back(c + l < starts[g + 1] ? offsets[c + l] : std::numeric_limits<float>::infinity());
+    }
+  }
+  p.count = static_cast<int64_t>(p.group.size());
+  return p;
+}
+
+inline void update_rows(const float* scores, int64_t base, float& b1, float& b2, int64_t& i1) {
+  const __m512 lim = _mm512_set1_ps(b2);
+  uint32_t mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(scores), lim, _CMP_LT_OQ) |
+                  (static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(scores + 16), lim, _CMP_LT_OQ)) << 16);
+  while (mask) {  // lanes in increasing class order: ties keep the lowest index
+    const int l = __builtin_ctz(mask);
+    mask &= mask - 1;
+    consider(scores[l], base + l, b1, b2, i1);
+  }
+}
+
+// acc[2r + h] += x_r . panel lanes 16h..16h+15, over d features (float32).
+template <int MR>
+inline void tile_f32(const float* xs, int64_t ld, const float* panel, int64_t d, float* out) {
+  __m512 acc[2 * MR];
+#pragma GCC unroll 24
+  for (int q = 0; q < 2 * MR; ++q) acc[q] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d; ++j) {
+    const __m512 w0 = _mm512_load_ps(panel + j * kLanes);
+    const __m512 w1 = _mm512_load_ps(panel + j * kLanes + 16);
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const __m512 v = _mm512_set1_ps(xs[r * ld + j]);
+      acc[2 * r] = _mm512_fmadd_ps(v, w0, acc[2 * r]);
+      acc[2 * r + 1] = _mm512_fmadd_ps(v, w1, acc[2 * r + 1]);
+    }
+  }
+#pragma GCC unroll 24
+  for (int q = 0; q < 2 * MR; ++q) _mm512_storeu_ps(out + q * 16, acc[q]);
+}
+
+#if defined(__AVX512BF16__)
+// The same tile over pairs of bf16 features: xs rows hold d2 uint32 pairs, the panel d2 x 64 bf16.
+template <int MR>
+inline void tile_bf16(const uint32_t* xs, int64_t ld, const uint16_t* panel, int64_t d2, float* out) {
+  __m512 acc[2 * MR];
+#pragma GCC unroll 24
+  for (int q = 0; q < 2 * MR; ++q) acc[q] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < d2; ++j) {
+    const __m512bh w0 = (__m512bh)_mm512_load_si512(panel + j * 2 * kLanes);
+    const __m512bh w1 = (__m512bh)_mm512_load_si512(panel + j * 2 * kLanes + 32);
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh v = (__m512bh)_mm512_set1_epi32(static_cast<int>(xs[r * ld + j]));
+      acc[2 * r] = _mm512_dpbf16_ps(acc[2 * r], v, w0);
+      acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], v, w1);
+    }
+  }
+#pragma GCC unroll 24
+  for (int q = 0; q < 2 * MR; ++q) _mm512_storeu_ps(out + q * 16, acc[q]);
+}
+#endif
+
+// float -> bf16 bits, round to nearest even (finite inputs).
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <typename Tile>
+void dispatch_rows(int64_t rows, Tile&& tile) {
+  int64_t t = 0;
+  for (; t + kTileRows <= rows; t += kTileRows) tile(std::integral_constant<int, kTileRows>{}, t);
+  switch (rows - t) {
+    case 11: tile(std::integral_constant<int, 11>{}, t); break;
+    case 10: tile(std::integral_constant<int, 10>{}, t); break;
+    case 9: tile(std::integral_constant<int, 9>{}, t); break;
+    case 8: tile(std::integral_constant<int, 8>{}, t); break;
+    case 7: tile(std::integral_constant<int, 7>{}, t); break;
+    case 6: tile(std::integral_constant<int, 6>{}, t); break;
+    case 5: tile(std::integral_constant<int, 5>{}, t); break;
+    case 4: tile(std::integral_constant<int, 4>{}, t); break;
+    case 3: tile(std::integral_constant<int, 3>{}, t); break;
+    case 2: tile(std::integral_constant<int, 2>{}, t); break;
+    case 1: tile(std::integral_constant<int, 1>{}, t); break;
+    default: break;
+  }
+}
+
+}  // namespace
+#endif
+
+#if defined(__AVX512F__)
+namespace {
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+
+template <typename T>
+std::unique_ptr<T[], AlignedFree> aligned_array(int64_t count) {
+  const size_t bytes = ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64;
+  void* p = std::aligned_alloc(64, std::max<size_t>(bytes, 64));
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, std::max<size_t>(bytes, 64));
+  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
+}
+
+void sweep_packed(const Matrix& x, const float* shift, const float* centres, const float* offsets,
+                  const int64_t* starts, int groups, double rel, const double* cmax, const double* omax,
+                  int64_t* best, uint8_t* unsure, int num_threads, bool bf16) {
+  const int64_t n = x.rows, d = x.cols, d2 = (d + 1) / 2;
+  const Panels pan = make_panels(starts, groups, offsets);
+  // Panel p, feature j, lane l at [(p * d + j) * 32 + l] (float32), or pairs of features
+  // [((p * d2 + j2) * 32 + l) * 2 + {0,1}] (bf16); padding lanes and the odd feature stay zero.
+  auto packed32 = aligned_array<float>(bf16 ? 1 : pan.count * d * kLanes);
+  auto packed16 = aligned_array<uint16_t>(bf16 ? pan.count * d2 * kLanes * 2 : 1);
+  for (int64_t p = 0; p < pan.count; ++p) {
+    const int g = pan.group[p];
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t c = pan.base[p] + l;
+      if (c >= starts[g + 1]) break;
+      const float* w = centres + c * d;
+      for (int64_t j = 0; j < d; ++j) {
+        if (bf16)
+          packed16[((p * d2 + j / 2) * kLanes + l) * 2 + (j & 1)] = to_bf16(w[j]);
+        else
+          packed32[(p * d + j) * kLanes + l] = w[j];
+      }
+    }
+  }
+  const int64_t blocks = (n + kPackedBlock - 1) / kPackedBlock;
+  const float inf = std::numeric_limits<float>::infinity();
+  const int threads = region_threads(num_threads, blocks);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    auto buf = aligned_array<float>(kPackedBlock * d);
+    auto buf16 = aligned_array<uint32_t>(bf16 ? kPackedBlock * d2 : 1);
+    std::vector<double> row64(d);
+    alignas(64) float sc[kTileRows * kLanes];
+    float b1[kPackedBlock][kMaxGroups], b2[kPackedBlock][kMaxGroups];
+    int64_t i1[kPackedBlock][kMaxGroups];
+    double norm[kPackedBlock];
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp for schedule(dynamic, 2)
+#endif
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t r0 = blk * kPackedBlock;
+      const int64_t rows = std::min(kPackedBlock, n - r0);
+      for (int64_t t = 0; t < rows; ++t) {
+        float* dst = buf.get() + t * d;
+        if (x.dtype == DType::F64) {
+          x.load_row(r0 + t, row64.data());
+          for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(row64[j] - static_cast<double>(shift[j]));
+        } else {
+          x.load_row_f32(r0 + t, dst);
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) dst[j] -= shift[j];
+        }
+        double sq = 0.0;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t j = 0; j < d; ++j) sq += static_cast<double>(dst[j]) * dst[j];
+        norm[t] = std::sqrt(sq);
+        if (bf16) {
+          uint32_t* pairs = buf16.get() + t * d2;
+          for (int64_t j2 = 0; j2 < d2; ++j2) {
+            const uint32_t lo = to_bf16(dst[2 * j2]);
+            const uint32_t hi = 2 * j2 + 1 < d ? to_bf16(dst[2 * j2 + 1]) : 0u;
+            pairs[j2] = lo | (hi << 16);
+          }
+        }
+        for (int g = 0; g < groups; ++g) {
+          b1[t][g] = b2[t][g] = inf;
+          i1[t][g] = 0;
+        }
+      }
+      for (int64_t p = 0; p < pan.count; ++p) {
+        const int g = pan.group[p];
+        const int64_t base = pan.base[p];
+        const __m512 o0 = _mm512_loadu_ps(pan.offsets.data() + p * kLanes);
+        const __m512 o1 = _mm512_loadu_ps(pan.offsets.data() + p * kLanes + 16);
+        dispatch_rows(rows, [&](auto mr, int64_t t) {
+          constexpr int MR = decltype(mr)::value;
+#if defined(__AVX512BF16__)
+          if (bf16)
+            tile_bf16<MR>(buf16.get() + t * d2, d2, packed16.get() + p * d2 * kLanes * 2, d2, sc);
+          else
+#endif
+            tile_f32<MR>(buf.get() + t * d, d, packed32.get() + p * d * kLanes, d, sc);
+          for (int r = 0; r < MR; ++r) {
+            float* s = sc + r * kLanes;
+            _mm512_store_ps(s, _mm512_add_ps(_mm512_load_ps(s), o0));
+            _mm512_store_ps(s + 16, _mm512_add_ps(_mm512_load_ps(s + 16), o1));
+            update_rows(s, base, b1[t + r][g], b2[t + r][g], i1[t + r][g]);
+          }
+        });
+      }
+      for (int64_t t = 0; t < rows; ++t) {
+        for (int g = 0; g < groups; ++g) {
+          const double bound = rel * (norm[t] * cmax[g] + omax[g]);
+          const int64_t o = (r0 + t) * groups + g;
+          best[o] = i1[t][g] - starts[g];
+          unsure[o] = (starts[g + 1] - starts[g] > 1 &&
+                       static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]) <= 2.0 * bound) ? 1 : 0;
+        }
+      }
+    }
+  }
+  (void)threads;
+}
+
+}  // namespace
+#endif
+
+bool ncc_has_precision(const std::string& precision) {
+  if (precision == "fp32") return true;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  if (precision == "bf16") return true;
+#endif
+  return false;
+}
+
 void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const float* offsets, int64_t k,
                const int64_t* starts, int groups, double rel, const double* cmax, const double* omax,
-               int64_t* best, uint8_t* unsure, int num_threads) {
+               int64_t* best, uint8_t* unsure, int num_threads, const std::string& precision) {
   if (groups < 1 || groups > kMaxGroups) throw std::invalid_argument("groups: between 1 and 4");
+  if (!ncc_has_precision(precision))
+    throw std::invalid_argument("precision: '" + precision + "' is not available in this build (see compile_options())");
+#if defined(__AVX512F__)
+  sweep_packed(x, shift, centres, offsets, starts, groups, rel, cmax, omax, best, unsure, num_threads,
+               precision == "bf16");
+  return;
+#endif
   // group_of[c]: which argmin problem class c belongs to
   std::vector<int> group_of(k);
   for (int g = 0; g < groups; ++g)

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "common.h"
 
@@ -16,6 +17,11 @@ namespace ncfast {
 // so the caller can recompute exactly those rows in float64. centres: K x D row-major float32.
 void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const float* offsets, int64_t k,
                const int64_t* starts, int groups, double rel, const double* cmax, const double* omax,
-               int64_t* best, uint8_t* unsure, int num_threads);
+               int64_t* best, uint8_t* unsure, int num_threads, const std::string& precision = "fp32");
+
+// Whether ncc_sweep offers a precision here: "fp32" always; "bf16" (VDPBF16PS products of the
+// row and centre rounded to bfloat16, accumulated in float32; the caller's rel must cover the two
+// extra roundings) only in an AVX512-BF16 build.
+bool ncc_has_precision(const std::string& precision);
 
 }  // namespace ncfast

@@ -213,20 +213,21 @@ def test_nan_policy_omit_drops_rows():
         assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_certified_sweep_exact_on_both_backends(backend, dtype, monkeypatch):
+def test_certified_sweep_exact_on_both_backends(backend, dtype, mode, monkeypatch):
     """The fused C++ sweep and the torch one both return the float64 argmin, shifted data included."""
     monkeypatch.setenv("NCFAST_BACKEND", backend)
     x, y, c = make_data(n=1500, d=21, c=37, spread=3.0, shift=1e3, dtype=dtype, seed=12)
     means = torch.from_numpy(ref.class_means(x, y))
     mid = ((means[0] + means[1]) / 2).to(dtype)  # a row on the midpoint of two means
     x = torch.cat([x, mid.unsqueeze(0)])
-    assert torch.equal(ncfast.ncc_assign(x, means), torch.from_numpy(ref.ncc_assign(x, means)))
+    assert torch.equal(ncfast.ncc_assign(x, means, mode=mode), torch.from_numpy(ref.ncc_assign(x, means)))
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(c, 21, generator=g), torch.randn(c, generator=g)
-    assert torch.equal(ncfast.classifier_decisions(x, w, b), torch.from_numpy(ref.decisions(x, w, b)))
-    nearest, decisions = ncfast.ncc_and_decisions(x, means, w, b)  # one shared sweep
+    assert torch.equal(ncfast.classifier_decisions(x, w, b, mode=mode), torch.from_numpy(ref.decisions(x, w, b)))
+    nearest, decisions = ncfast.ncc_and_decisions(x, means, w, b, mode=mode)  # one shared sweep
     assert torch.equal(nearest, torch.from_numpy(ref.ncc_assign(x, means)))
     assert torch.equal(decisions, torch.from_numpy(ref.decisions(x, w, b)))
 
@@ -244,11 +245,14 @@ def test_torch_backend_end_to_end(case, monkeypatch):
         assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
 
 
-@pytest.mark.parametrize("n, d, k", [(1, 1, 2), (3, 1, 5), (33, 7, 1), (65, 3, 9), (100, 300, 13)])
+@pytest.mark.parametrize("n, d, k", [(1, 1, 2), (3, 1, 5), (33, 7, 1), (65, 3, 9), (100, 300, 13), (209, 5, 33),
+                                     (97, 16, 70)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_ncc_sweep_awkward_sizes(n, d, k, dtype, threads):
-    """Sizes off every tile of the C++ sweep (32-row blocks, 2 x 4 register tiles), all dtypes, 1 and 2 threads."""
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_ncc_sweep_awkward_sizes(n, d, k, dtype, threads, mode):
+    """Sizes off every tile of the C++ sweeps (32- and 96-row blocks, 2 x 4 and 12 x 32 register
+    tiles, odd d for the bfloat16 pairs), all dtypes, 1 and 2 threads, both modes."""
     g = torch.Generator().manual_seed(n + 7 * d + k)
     x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 5).to(dtype)
     means = torch.randn(k, d, generator=g, dtype=torch.float64) + 5
@@ -256,8 +260,36 @@ def test_ncc_sweep_awkward_sizes(n, d, k, dtype, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        nearest, decisions = ncfast.ncc_and_decisions(x, means, w, b)
+        nearest, decisions = ncfast.ncc_and_decisions(x, means, w, b, mode=mode)
     finally:
         torch.set_num_threads(old)
     assert torch.equal(nearest, torch.from_numpy(ref.ncc_assign(x, means)))
     assert torch.equal(decisions, torch.from_numpy(ref.decisions(x, w, b)))
+
+
+def test_bf16_sweep_is_certified_or_refused():
+    """Where the build has AVX512-BF16, the bfloat16 sweep's certain rows are the float64 argmin and
+    near-ties are flagged; elsewhere asking for it is an error, never a silent float32 sweep."""
+    from ncfast import _C
+    from ncfast.ncc import _rel_bf16
+
+    g = torch.Generator().manual_seed(11)
+    n, d, k = 400, 45, 70
+    means = torch.randn(k, d, generator=g, dtype=torch.float64)
+    x = (means[torch.randint(0, k, (n,), generator=g)] + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    x[:40] = ((means[0] + means[1]) / 2 + 1e-4 * torch.randn(40, d, generator=g, dtype=torch.float64))
+    x = x.to(torch.float32)
+    centres = (-2.0 * means).to(torch.float32)
+    offsets = means.square().sum(1).to(torch.float32)
+    args = (x.numpy(), "float32", torch.zeros(d).numpy(), centres.numpy(), offsets.numpy(), [0, k], _rel_bf16(d),
+            [float(centres.double().norm(dim=1).max())], [float(offsets.double().abs().max())], 2)
+    if not _C.ncc_has_precision("bf16"):
+        with pytest.raises(ValueError, match="precision"):
+            _C.ncc_sweep(*args, "bf16")
+        return
+    best, unsure = _C.ncc_sweep(*args, "bf16")
+    want = ref.ncc_assign(x, means)
+    certain = unsure[:, 0] == 0
+    assert (best[certain, 0] == want[certain]).all()
+    assert unsure[:40, 0].all()  # the midpoint rows cannot be certified at bfloat16 precision
+    assert certain.mean() > 0.5  # well-separated rows are

@@ -5,12 +5,14 @@ Both are an argmin over classes of an affine score of the row,
     NCC:       s_c(h) = ||mu_c - t||^2 - 2 (h - t) . (mu_c - t)   (= ||h - mu_c||^2 - ||h - t||^2)
     decision:  s_c(h) = -(b_c + h . w_c)                            (argmax of the logits)
 
-for any shift t. A block of rows at a time (no N x C matrix is ever held whole; for few classes on
-CPU, the fused C++ sweep of csrc/ncc.cpp) is scored in float32, then certified in two tiers: rows
-whose two best float32 scores are closer than twice the float32 error bound are rescored with a
-float64 product, and the rare rows whose float64 gap is still inside the float64 bound are
-recomputed literally (||h - mu_c||^2 summed in float64).
-The answer is the float64 argmin of the definition on every row. Shifting by the mean of the
+for any shift t. A block of rows at a time (no N x C matrix is ever held whole; on CPU the fused
+C++ sweep of csrc/ncc.cpp, in an AVX-512 build for any number of classes, else for few) is scored
+in float32, then certified in tiers: rows whose two best float32 scores are closer than twice the
+float32 error bound are rescored with a float64 product, and the rare rows whose float64 gap is
+still inside the float64 bound are recomputed literally (||h - mu_c||^2 summed in float64).
+``mode="fast"`` scores first with bfloat16 products (VDPBF16PS, AVX512-BF16 builds) under the
+bfloat16 bound, sends its unsure rows through the float32 sweep, then on as above.
+The answer is the float64 argmin of the definition on every row, in either mode. Shifting by the mean of the
 class means (rounded to float32, so the shift is exact in both precisions) keeps the bound small
 when all features share a large offset. Ties go to the lowest index.
 """
@@ -27,8 +29,11 @@ from ._validation import as_tensor, check_bias, check_features, check_same_devic
 
 _U32 = 2.0 ** -24  # unit roundoff of float32
 _U64 = 2.0 ** -53  # unit roundoff of float64
+_UBF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
+MODES = ("exact", "fast")
 _BLOCK_ELEMS = 1 << 22  # floats in one (rows x classes) score block
-_FUSED_MAX_CLASSES = 256  # up to here the C++ sweep; above, GEMM blocks
+_FUSED_MAX_CLASSES = 256  # without AVX-512, the C++ sweep up to here; above, GEMM blocks
+_PACKED = "SIMD=AVX512" in _C.compile_options()  # the register-tiled sweep beats BLAS at any C
 
 
 @contextlib.contextmanager
@@ -57,6 +62,19 @@ def _error_bound(u: float, d: int, row_norms, cmax: float, omax: float):
 
 def _rel(u: float, d: int) -> float:
     return 1.1 * (1.01 * d + 4) * u
+
+
+def _rel_bf16(d: int) -> float:
+    """Relative bound of a bfloat16-product score: the row and the centre each rounded once more
+    (to bfloat16, u = 2^-8), products exact in float32, a float32 sum of d terms; a 2^-100 term
+    covers centre elements flushed to zero (VDPBF16PS treats denormals as zero)."""
+    return 1.1 * (2.0 * _UBF16 + (1.01 * d + 4) * _U32) + 2.0 ** -100
+
+
+def _bf16_floor(d: int, cmax: float) -> float:
+    """Absolute error of flushed denormal inputs, products and partial sums (added to omax so the
+    bound stays rel * (||x|| cmax + omax))."""
+    return 2.0 ** -120 * d * (1.0 + cmax)
 
 
 def _top2(scores: torch.Tensor):
@@ -92,31 +110,57 @@ def _recheck(rows: torch.Tensor, p: _Problem, shift64: torch.Tensor) -> torch.Te
     return best
 
 
-def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem]) -> list[torch.Tensor]:
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    return mode
+
+
+def _sweep_cpp(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], precision: str):
+    """One fused C++ sweep over every problem: (best (N, G) int64, unsure (N, G) bool)."""
+    d = x.shape[1]
+    buf, dtype_name = _dispatch._buffer(x)
+    starts = [0]
+    for p in problems:
+        starts.append(starts[-1] + p.centres.shape[0])
+    cmax = [p.cmax for p in problems]
+    omax = [p.omax for p in problems]
+    rel = _rel(_U32, d)
+    if precision == "bf16":
+        rel = _rel_bf16(d)
+        omax = [o + _bf16_floor(d, c) / rel for o, c in zip(omax, cmax)]
+    best, unsure = _C.ncc_sweep(
+        buf, dtype_name, shift.contiguous().numpy(),
+        torch.cat([p.centres for p in problems]).to(torch.float32).numpy(),
+        torch.cat([p.offsets for p in problems]).to(torch.float32).numpy(),
+        starts, rel, cmax, omax, torch.get_num_threads(), precision)
+    return torch.from_numpy(best), torch.from_numpy(unsure).to(torch.bool)
+
+
+def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem],
+                       mode: str = "exact") -> list[torch.Tensor]:
     """For each problem, the float64 argmin of its literal scores on every row of x.
 
-    shift (D,) is float32, so x - shift is the same value in both precisions. On CPU, with few
-    classes in all, one fused C++ sweep (csrc/ncc.cpp) scores every problem in a single read of x;
-    otherwise block-wise GEMMs. Rows whose float32 top-2 gap is within the bound are rechecked.
+    shift (D,) is float32, so x - shift is the same value in both precisions. On CPU one fused
+    C++ sweep (csrc/ncc.cpp) scores every problem in a single read of x (without AVX-512 only up
+    to _FUSED_MAX_CLASSES classes in all; above, block-wise GEMMs). Rows whose top-2 gap is
+    within the bound are rechecked: bfloat16 -> float32 sweep -> float64 product -> literal.
     """
     n, d = x.shape
     shift64 = shift.to(torch.float64)
     total = sum(p.centres.shape[0] for p in problems)
     rows = max(1, min(16384, _BLOCK_ELEMS // max(total, d)))
     outs = []
-    if _dispatch.backend_for(x) == "cpp" and total <= _FUSED_MAX_CLASSES:
-        buf, dtype_name = _dispatch._buffer(x)
-        starts = [0]
-        for p in problems:
-            starts.append(starts[-1] + p.centres.shape[0])
-        best, unsure = _C.ncc_sweep(
-            buf, dtype_name, shift.contiguous().numpy(),
-            torch.cat([p.centres for p in problems]).to(torch.float32).numpy(),
-            torch.cat([p.offsets for p in problems]).to(torch.float32).numpy(),
-            starts, _rel(_U32, d), [p.cmax for p in problems], [p.omax for p in problems], torch.get_num_threads())
+    if _dispatch.backend_for(x) == "cpp" and (_PACKED or total <= _FUSED_MAX_CLASSES):
+        fast = mode == "fast" and _C.ncc_has_precision("bf16")
+        best, unsure = _sweep_cpp(x, shift, problems, "bf16" if fast else "fp32")
+        if fast:
+            again = unsure.any(dim=1).nonzero().squeeze(1)
+            if again.numel():
+                best[again], unsure[again] = _sweep_cpp(x[again], shift, problems, "fp32")
         for g, p in enumerate(problems):
-            out = torch.from_numpy(best[:, g].copy())
-            idx = torch.from_numpy(unsure[:, g]).nonzero().squeeze(1)
+            out = best[:, g].contiguous()
+            idx = unsure[:, g].nonzero().squeeze(1)
             for lo in range(0, idx.numel(), rows):
                 part = idx[lo : lo + rows]
                 out[part] = _recheck(x[part], p, shift64)
@@ -186,45 +230,51 @@ def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Pr
     return _Problem(-w64, -(b64 + w64 @ shift.to(torch.float64)), literal)
 
 
-def ncc_assign(features, means) -> torch.Tensor:
+def ncc_assign(features, means, *, mode: str = "exact") -> torch.Tensor:
     """Nearest class mean of every row: argmin_c ||h_i - mu_c||^2, int64 (N,).
 
-    Equal to the float64 argmin on every row (see module docstring). Rows of ``means`` that
-    hold NaN (absent classes, as ``ClassMoments.means`` reports them) never win; the
-    returned indices refer to the rows of ``means``.
+    Equal to the float64 argmin on every row (see module docstring), in both modes: ``"exact"``
+    scores in float32, ``"fast"`` first in bfloat16 where the CPU has AVX512-BF16 (elsewhere it
+    is the same as "exact"); the certified recheck makes their answers identical. Rows of
+    ``means`` that hold NaN (absent classes, as ``ClassMoments.means`` reports them) never win;
+    the returned indices refer to the rows of ``means``.
     """
+    _check_mode(mode)
     x = check_features(features, allow_empty=True)
     problem, shift, index = _ncc_problem(x, means)
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=x.device)
-    return index[_certified_argmins(x, shift, [problem])[0]]
+    return index[_certified_argmins(x, shift, [problem], mode)[0]]
 
 
-def classifier_decisions(features, weight, bias=None) -> torch.Tensor:
+def classifier_decisions(features, weight, bias=None, *, mode: str = "exact") -> torch.Tensor:
     """The network's decision argmax_c (W h_i + b)_c, int64 (N,), equal to the float64 argmax.
 
-    Computed block by block with the same certified float32 sweep as ncc_assign, so the
-    N x C logits are never materialised.
+    Computed block by block with the same certified sweep as ncc_assign (``mode`` as there), so
+    the N x C logits are never materialised.
     """
+    _check_mode(mode)
     x = check_features(features, allow_empty=True)
     shift = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
     problem = _decision_problem(x, weight, bias, shift)
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=x.device)
-    return _certified_argmins(x, shift, [problem])[0]
+    return _certified_argmins(x, shift, [problem], mode)[0]
 
 
-def ncc_and_decisions(features, means, weight, bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+def ncc_and_decisions(features, means, weight, bias=None, *,
+                      mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """(ncc_assign(features, means), classifier_decisions(features, weight, bias)) in one read of
     the features: both argmins share the sweep (and its certified recheck), so NCC mismatch needs
-    neither the N x C distances nor the logits."""
+    neither the N x C distances nor the logits. ``mode`` as in ncc_assign."""
+    _check_mode(mode)
     x = check_features(features, allow_empty=True)
     ncc, shift, index = _ncc_problem(x, means)
     decision = _decision_problem(x, weight, bias, shift)
     if x.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.int64, device=x.device)
         return empty, empty.clone()
-    nearest, decisions = _certified_argmins(x, shift, [ncc, decision])
+    nearest, decisions = _certified_argmins(x, shift, [ncc, decision], mode)
     return index[nearest], decisions
 
 
