@@ -1,0 +1,70 @@
+// The machine's arithmetic floor, measured: fused multiply-adds on independent register
+// accumulators, every thread busy, no memory traffic. bench/run.py divides an op's FLOP count by
+// this rate to get its compute floor (BLAS throughput is not the floor: a kernel can beat it).
+#include "peak.h"
+
+#include <chrono>
+#include <vector>
+
+#include "common.h"
+
+namespace ncfast {
+
+namespace {
+
+constexpr int kAccumulators = 16;  // covers FMA latency x pipes on current x86 and ARM cores
+
+template <typename T>
+double fma_loop(int64_t iterations) {
+  // One cache line of lanes per accumulator: the compiler maps it onto its widest vectors.
+  typedef T vec __attribute__((vector_size(64)));
+  constexpr int lanes = 64 / sizeof(T);
+  vec acc[kAccumulators];
+  vec a, b;
+  for (int l = 0; l < lanes; ++l) {
+    a[l] = static_cast<T>(0.999999);
+    b[l] = static_cast<T>(1e-6);
+  }
+  for (int q = 0; q < kAccumulators; ++q)
+    for (int l = 0; l < lanes; ++l) acc[q][l] = static_cast<T>(q + l);
+  for (int64_t it = 0; it < iterations; ++it) {
+#pragma GCC unroll 16
+    for (int q = 0; q < kAccumulators; ++q) acc[q] = acc[q] * a + b;
+    asm volatile("" : "+x"(a));  // keeps the loop from being folded away
+  }
+  double sink = 0.0;
+  for (int q = 0; q < kAccumulators; ++q)
+    for (int l = 0; l < lanes; ++l) sink += acc[q][l];
+  return sink;
+}
+
+}  // namespace
+
+double fma_peak(bool float64, double seconds, int num_threads) {
+  const int threads = region_threads(num_threads, num_threads);
+  const int lanes = float64 ? 8 : 16;
+  const int64_t iterations = 1 << 22;
+  double best = 0.0;
+  volatile double sink = 0.0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  do {
+    const auto t0 = std::chrono::steady_clock::now();
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+      const double s = float64 ? fma_loop<double>(iterations) : fma_loop<float>(iterations);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp atomic
+#endif
+      sink += s;
+    }
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double flops = 2.0 * lanes * kAccumulators * static_cast<double>(iterations) * threads;
+    best = std::max(best, flops / dt);
+  } while (std::chrono::steady_clock::now() < deadline);
+  (void)sink;
+  return best;
+}
+
+}  // namespace ncfast
