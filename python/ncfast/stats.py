@@ -32,7 +32,7 @@ import torch
 from scipy.linalg import blas as scipy_blas
 from threadpoolctl import threadpool_limits
 
-from . import _dispatch
+from . import _C, _dispatch
 from ._validation import (
     NAN_POLICIES,
     WEIGHTINGS,
@@ -177,7 +177,19 @@ class ClassMoments:
         for xb, yb in ([(x, y)] if _dispatch.backend_for(x) == "cpp" else blocks):
             stats = (t.to(self.device) for t in _dispatch.block_moments(xb, yb, self.num_classes))
             acc = self._combine(acc, _Part(*stats, None, None))
-        if self.scatter is not None:
+        if self.scatter is not None and _dispatch.backend_for(x) == "cpp" and _C.gram_available():
+            # The register-tiled engine centres rows as it packs them: no N x D float64 copy.
+            buf, dtype_name = _dispatch._buffer(x)
+            labels = y.contiguous().numpy()
+            means = acc.mean.contiguous().numpy()
+            acc.scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+            _C.centred_scatter(buf, dtype_name, labels, means, None, acc.scatter.numpy(), torch.get_num_threads())
+            if self.wscatter is not None:
+                root_w = (1.0 / self.class_counts.clamp_min(1).to(torch.float64)).sqrt()
+                acc.wscatter = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+                _C.centred_scatter(buf, dtype_name, labels, means, root_w.numpy(), acc.wscatter.numpy(),
+                                   torch.get_num_threads())
+        elif self.scatter is not None:
             scatter = _Gram(self.dim, self.device)
             wscatter = _Gram(self.dim, self.device) if self.wscatter is not None else None
             if wscatter is not None:

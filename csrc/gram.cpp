@@ -1,0 +1,181 @@
+// Float64 Gram products on a 12 x 16 register tile (AVX-512: 24 accumulators, two vector loads
+// and twelve broadcasts per step of the inner dimension), fed from packed panels:
+//   A panel p: [k][12] = the 12 output rows' values at step k;  B panel q: [k][16] likewise.
+// The within-class scatter packs panels straight from the feature rows, centring them on the
+// way, so its D x D product needs no centred N x D copy; the pairwise pass packs class means.
+#include "gram.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace ncfast {
+
+#if defined(__AVX512F__)
+namespace {
+
+constexpr int kMR = 12;        // rows of the register tile (broadcast side)
+constexpr int kNR = 16;        // columns (two 8-double vectors)
+constexpr int64_t kChunk = 256;  // inner-dimension steps per packed panel: an A panel of 24 KB stays in L1
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+std::unique_ptr<double[], FreeDeleter> zeroed(int64_t count) {
+  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(double) + 63) / 64) * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return std::unique_ptr<double[], FreeDeleter>(static_cast<double*>(p));
+}
+
+// c (12 x 16, leading dimension ldc) += sum_{t < kc} ap[t][:] (x) bp[t][:].
+inline void micro(const double* ap, const double* bp, int64_t kc, double* c, int64_t ldc) {
+  __m512d acc[2 * kMR];
+#pragma GCC unroll 24
+  for (int q = 0; q < 2 * kMR; ++q) acc[q] = _mm512_setzero_pd();
+  for (int64_t t = 0; t < kc; ++t) {
+    const __m512d w0 = _mm512_load_pd(bp + t * kNR);
+    const __m512d w1 = _mm512_load_pd(bp + t * kNR + 8);
+#pragma GCC unroll 12
+    for (int r = 0; r < kMR; ++r) {
+      const __m512d v = _mm512_set1_pd(ap[t * kMR + r]);
+      acc[2 * r] = _mm512_fmadd_pd(v, w0, acc[2 * r]);
+      acc[2 * r + 1] = _mm512_fmadd_pd(v, w1, acc[2 * r + 1]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kMR; ++r) {
+    double* row = c + r * ldc;
+    _mm512_storeu_pd(row, _mm512_add_pd(_mm512_loadu_pd(row), acc[2 * r]));
+    _mm512_storeu_pd(row + 8, _mm512_add_pd(_mm512_loadu_pd(row + 8), acc[2 * r + 1]));
+  }
+}
+
+// Register tiles (p, q) of a padded square output that touch its upper triangle.
+std::vector<std::pair<int64_t, int64_t>> upper_tiles(int64_t pa, int64_t pb) {
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t p = 0; p < pa; ++p)
+    for (int64_t q = 0; q < pb; ++q)
+      if ((q + 1) * kNR - 1 >= p * kMR) tiles.emplace_back(p, q);
+  return tiles;
+}
+
+}  // namespace
+
+bool gram_available() { return true; }
+
+void centred_scatter(const Matrix& x, const int64_t* labels, const double* means, const double* scale,
+                     double* out, int num_threads) {
+  const int64_t n = x.rows, d = x.cols;
+  const int64_t pa = (d + kMR - 1) / kMR, pb = (d + kNR - 1) / kNR;
+  const int64_t ldc = pb * kNR;
+  auto acc = zeroed(pa * kMR * ldc);
+  auto apack = zeroed(pa * kChunk * kMR);
+  auto bpack = zeroed(pb * kChunk * kNR);
+  const auto tiles = upper_tiles(pa, pb);
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  const int threads = region_threads(num_threads, std::max<int64_t>(ntiles, 1));
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    std::vector<double> row(d);
+    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+      const int64_t kc = std::min(kChunk, n - i0);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t t = 0; t < kc; ++t) {
+        const int64_t c = labels[i0 + t];
+        x.load_row(i0 + t, row.data());
+        const double* mu = means + c * d;
+        const double s = scale ? scale[c] : 1.0;
+        for (int64_t j = 0; j < d; ++j) row[j] = (row[j] - mu[j]) * s;
+        for (int64_t j = 0; j < d; ++j) {
+          apack[((j / kMR) * kChunk + t) * kMR + j % kMR] = row[j];
+          bpack[((j / kNR) * kChunk + t) * kNR + j % kNR] = row[j];
+        }
+      }
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp for schedule(dynamic, 4)
+#endif
+      for (int64_t k = 0; k < ntiles; ++k) {
+        const auto [p, q] = tiles[k];
+        micro(apack.get() + p * kChunk * kMR, bpack.get() + q * kChunk * kNR, kc,
+              acc.get() + p * kMR * ldc + q * kNR, ldc);
+      }
+    }
+  }
+  // Rows of the padded accumulator at or left of the diagonal come from the upper triangle.
+  for (int64_t a = 0; a < d; ++a)
+    for (int64_t b = a; b < d; ++b) {
+      const double v = acc[a * ldc + b];
+      out[a * d + b] += v;
+      if (b != a) out[b * d + a] += v;
+    }
+  (void)threads;
+}
+
+void gram_nt(const double* a, int64_t m, const double* b, int64_t n, int64_t k, double* out, int num_threads) {
+  const int64_t pa = (m + kMR - 1) / kMR, pb = (n + kNR - 1) / kNR;
+  const int64_t ldc = pb * kNR;
+  auto acc = zeroed(pa * kMR * ldc);
+  auto apack = zeroed(pa * kChunk * kMR);
+  auto bpack = zeroed(pb * kChunk * kNR);
+  const int64_t ntiles = pa * pb;
+  const int threads = region_threads(num_threads, std::max<int64_t>(ntiles, 1));
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    for (int64_t k0 = 0; k0 < k; k0 += kChunk) {
+      const int64_t kc = std::min(kChunk, k - k0);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t i = 0; i < m + n; ++i) {  // rows of A, then rows of B, into their panels
+        const bool is_a = i < m;
+        const int64_t r = is_a ? i : i - m;
+        const double* src = (is_a ? a : b) + r * k + k0;
+        const int w = is_a ? kMR : kNR;
+        double* dst = (is_a ? apack.get() : bpack.get()) + (r / w) * kChunk * w + r % w;
+        for (int64_t t = 0; t < kc; ++t) dst[t * w] = src[t];
+      }
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp for schedule(dynamic, 4)
+#endif
+      for (int64_t tile = 0; tile < ntiles; ++tile) {
+        const int64_t p = tile / pb, q = tile % pb;
+        micro(apack.get() + p * kChunk * kMR, bpack.get() + q * kChunk * kNR, kc,
+              acc.get() + p * kMR * ldc + q * kNR, ldc);
+      }
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) std::copy(acc.get() + i * ldc, acc.get() + i * ldc + n, out + i * n);
+  (void)threads;
+}
+
+#else
+
+bool gram_available() { return false; }
+
+void centred_scatter(const Matrix&, const int64_t*, const double*, const double*, double*, int) {
+  throw std::runtime_error("centred_scatter: this build has no AVX-512 Gram engine (see gram_available())");
+}
+
+void gram_nt(const double*, int64_t, const double*, int64_t, int64_t, double*, int) {
+  throw std::runtime_error("gram_nt: this build has no AVX-512 Gram engine (see gram_available())");
+}
+
+#endif
+
+}  // namespace ncfast
