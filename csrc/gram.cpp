@@ -128,7 +128,11 @@ void centred_scatter(const Matrix& x, const int64_t* labels, const double* means
 void gram_nt(const double* a, int64_t m, const double* b, int64_t n, int64_t k, double* out, int num_threads) {
   const int64_t pa = (m + kMR - 1) / kMR, pb = (n + kNR - 1) / kNR;
   const int64_t ldc = pb * kNR;
-  auto acc = zeroed(pa * kMR * ldc);
+  // Whole tiles accumulate straight into out; otherwise into a padded buffer copied out after.
+  const bool direct = m % kMR == 0 && n % kNR == 0;
+  auto padded = zeroed(direct ? 1 : pa * kMR * ldc);
+  if (direct) std::fill(out, out + m * n, 0.0);
+  double* acc = direct ? out : padded.get();
   auto apack = zeroed(pa * kChunk * kMR);
   auto bpack = zeroed(pb * kChunk * kNR);
   const int64_t ntiles = pa * pb;
@@ -156,11 +160,12 @@ void gram_nt(const double* a, int64_t m, const double* b, int64_t n, int64_t k, 
       for (int64_t tile = 0; tile < ntiles; ++tile) {
         const int64_t p = tile / pb, q = tile % pb;
         micro(apack.get() + p * kChunk * kMR, bpack.get() + q * kChunk * kNR, kc,
-              acc.get() + p * kMR * ldc + q * kNR, ldc);
+              acc + p * kMR * ldc + q * kNR, ldc);
       }
     }
   }
-  for (int64_t i = 0; i < m; ++i) std::copy(acc.get() + i * ldc, acc.get() + i * ldc + n, out + i * n);
+  if (!direct)
+    for (int64_t i = 0; i < m; ++i) std::copy(acc + i * ldc, acc + i * ldc + n, out + i * n);
   (void)threads;
 }
 

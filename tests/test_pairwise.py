@@ -94,3 +94,16 @@ def test_thread_count_changes_pair_stats_only_by_rounding(backend):
     for k in ("cdnv", "cdnv_std", "nc2_etf", "equiangularity", "coherence", "class_distance_mean", "msdr"):
         assert getattr(two, k) == pytest.approx(getattr(one, k), rel=1e-12), k
     assert torch.equal(one.nearest_class, two.nearest_class)
+
+
+@pytest.mark.parametrize("tile", [48, 50])
+def test_many_classes_whole_and_ragged_gram_tiles(tile):
+    """C = 130 classes: tiles of 48 are whole 12 x 16 register tiles (the C++ Gram engine writes them
+    in place) except the last, tiles of 50 never are; both must give the reference's numbers."""
+    x, y, c = make_data(n=2600, d=19, c=130, seed=8)
+    superclass = torch.arange(c) % 4
+    got = ncfast.metrics_from_moments(ncfast.class_moments(x, y), superclass=superclass, tile=tile)
+    for k in ("cdnv", "nc2_etf", "equiangularity", "coherence"):
+        want = ref.cdnv(x, y) if k == "cdnv" else getattr(ref, k)(x, y)
+        assert got[k] == pytest.approx(want, rel=1e-9), k
+    assert got["msdr"] == pytest.approx(ref.msdr(x, y, superclass), rel=1e-9)
