@@ -144,3 +144,15 @@ def test_constructor_arguments():
         ncfast.ClassMoments(3, 0)
     with pytest.raises(ValueError, match="class_counts"):
         ncfast.ClassMoments(3, 4, class_counts=[1, 2])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("row", [0, 5])
+def test_update_rejects_any_non_finite_value(value, row):
+    """Row 0 is the only sample of class 3; row 5 shares class 0 with others: either way the
+    class's M2 turns non-finite, which is what update checks."""
+    x = torch.randn(8, 4)
+    y = torch.tensor([3, 0, 1, 2, 1, 0, 2, 0])
+    x[row, 2] = value
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        ncfast.ClassMoments(4, 4).update(x, y)

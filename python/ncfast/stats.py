@@ -157,7 +157,9 @@ class ClassMoments:
             if omitted:
                 x, y = x[keep], y[keep]
         part = self._moments_of(x, y)
-        if nan_policy == "raise" and not (bool(torch.isfinite(part.mean).all()) and bool(torch.isfinite(part.m2).all())):
+        # A NaN or Inf anywhere in a class's rows makes its centred M2 NaN or Inf (Inf - Inf), so the
+        # (C,) vector tells without a pass over the C x D means.
+        if nan_policy == "raise" and not bool(torch.isfinite(part.m2).all()):
             raise ValueError("features: contains NaN or Inf (pass nan_policy='omit' to drop such rows)")
         self._merge_part(part)
         self.omitted_rows += omitted
@@ -169,14 +171,17 @@ class ClassMoments:
         The D x D scatter is a second pass centred on this call's final class means (the exact
         two-pass form), so blocks need no C x D x D merge correction among themselves.
         """
-        acc = self._empty_part()
+        acc = None
         rows = max(1, _BLOCK_BYTES // (8 * self.dim))
         blocks = [(x[lo : lo + rows], y[lo : lo + rows]) for lo in range(0, x.shape[0], rows)]
         # The C++ core streams any number of rows in O(C * D) memory; the torch path widens its
         # block to float64, so it goes block by block.
         for xb, yb in ([(x, y)] if _dispatch.backend_for(x) == "cpp" else blocks):
             stats = (t.to(self.device) for t in _dispatch.block_moments(xb, yb, self.num_classes))
-            acc = self._combine(acc, _Part(*stats, None, None))
+            part = _Part(*stats, None, None)
+            acc = part if acc is None else self._combine(acc, part)
+        if acc is None:
+            acc = self._empty_part()
         if self.scatter is not None and _dispatch.backend_for(x) == "cpp" and _C.gram_available():
             # The register-tiled engine centres rows as it packs them: no N x D float64 copy.
             buf, dtype_name = _dispatch._buffer(x)
