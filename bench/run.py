@@ -10,6 +10,7 @@ ncfast and of its baselines on identical inputs:
     ncc_assign             nearest class mean of every row              vs  chunked addmm + argmin,
                                                                             chunked cdist + argmin,
                                                                             faiss.knn (if installed)
+    ncc_assign:fast        the same, mode="fast" (bf16 products, same certified answers)
     nc_metrics             all NC metrics                               vs  a compact PyTorch script
                                                                             (torch_nc_metrics below)
 
@@ -26,6 +27,12 @@ Every baseline's result is checked against ncfast's (the same quantities, to
 float64 rounding); for ncc_assign, ncfast's certified float64 argmin is first checked against
 ``ncfast.reference`` on a sample of rows, and ``agree`` is the fraction of rows on which a
 float32 baseline picks the same class as ncfast. Results also go to JSON (``--json``).
+
+The floors are measured in the same run: the read bandwidth of each input array (``x.sum()``,
+best of 5) and the peak vector-FMA rate of every thread (``ncfast._C.fma_peak``, float32 and
+float64). An op's floor is max(bytes / bandwidth, flops / peak); ``of floor`` = floor / ncfast
+time. Where the work is a matrix product, the same product through ``torch.mm`` on the same
+shapes is timed too, so ncfast's FLOP rate can be set beside BLAS's.
 """
 from __future__ import annotations
 
@@ -43,7 +50,8 @@ import torch
 
 import ncfast
 
-OPS = ("class_moments", "class_moments+scatter", "class_distance", "ncc_assign", "class_pair_stats", "nc_metrics")
+OPS = ("class_moments", "class_moments+scatter", "class_distance", "ncc_assign", "ncc_assign:fast", "class_pair_stats",
+       "nc_metrics")
 
 # (N, D, C) per op. N is a multiple of C so the classes are balanced and every one is present.
 # The default set runs in about a minute on 2 idle cores, leaving room for a loaded machine.
@@ -53,6 +61,7 @@ PRESETS = {
         "class_moments+scatter": [(20_000, 256, 100)],
         "class_distance": [(20_000, 256, 100)],
         "ncc_assign": [(20_000, 256, 10), (20_000, 256, 1000)],
+        "ncc_assign:fast": [(20_000, 256, 10), (20_000, 256, 1000)],
         "class_pair_stats": [(4_000, 256, 1000)],
         "nc_metrics": [(10_000, 256, 100)],
     },
@@ -61,6 +70,7 @@ PRESETS = {
         "class_moments+scatter": [(50_000, 512, 10), (50_000, 512, 1000)],
         "class_distance": [(50_000, 512, 100), (50_000, 512, 1000)],
         "ncc_assign": [(50_000, 512, 10), (50_000, 512, 100), (50_000, 512, 1000)],
+        "ncc_assign:fast": [(50_000, 512, 10), (50_000, 512, 100), (50_000, 512, 1000)],
         "class_pair_stats": [(8_000, 512, 4000)],
         "nc_metrics": [(20_000, 512, 10), (20_000, 512, 1000)],
     },
@@ -69,6 +79,7 @@ PRESETS = {
         "class_moments+scatter": [(200_000, 512, 10), (200_000, 512, 1000)],
         "class_distance": [(200_000, 512, 1000)],
         "ncc_assign": [(200_000, 512, 1000), (200_000, 512, 10_000)],
+        "ncc_assign:fast": [(200_000, 512, 1000), (200_000, 512, 10_000)],
         "class_pair_stats": [(40_000, 512, 20_000)],
         "nc_metrics": [(100_000, 512, 100), (100_000, 512, 1000)],
     },
@@ -220,7 +231,7 @@ def check_nc_metrics(ours, theirs):
             raise AssertionError(f"nc_metrics[{k}]: baseline {theirs[k]!r} vs ncfast {ours[k]!r}")
 
 
-def check_exact(x, means):
+def check_exact(x, means, mode="exact"):
     """ncfast.ncc_assign must equal the float64 brute force, since agree is measured against it.
 
     Each row's answer depends on that row and the means alone, so a sample of rows suffices.
@@ -230,7 +241,7 @@ def check_exact(x, means):
     step = max(1, (1 << 24) // (ms.shape[0] * ms.shape[1]))  # the reference holds rows x C x D doubles
     ref = torch.cat([torch.from_numpy(ncfast.reference.ncc_assign(xs[lo : lo + step], ms))
                      for lo in range(0, xs.shape[0], step)])
-    if not torch.equal(ref, ncfast.ncc_assign(sample, means).cpu()):
+    if not torch.equal(ref, ncfast.ncc_assign(sample, means, mode=mode).cpu()):
         raise AssertionError("ncc_assign: ncfast differs from ncfast.reference on the sampled rows")
 
 
@@ -248,16 +259,17 @@ def build_case(op, x, y, c, faiss_knn):
     if op == "class_distance":
         return (lambda: ncfast.class_distance(x, y, num_classes=c),
                 {"torch": lambda: torch_class_distance(x, y, c)}, check_distance)
-    if op == "ncc_assign":
+    if op.startswith("ncc_assign"):
+        mode = "fast" if op.endswith(":fast") else "exact"
         # Every provider gets the same float32 means (ncfast widens them to float64 itself).
         means = ncfast.class_moments(x, y, num_classes=c, scatter=False).means.to(torch.float32)
-        check_exact(x, means)
+        check_exact(x, means, mode)
         baselines = {
             "torch addmm": lambda: torch_addmm_argmin(x, means),
             "torch cdist": lambda: torch_cdist_argmin(x, means),
             "faiss knn": None if faiss_knn is None else (lambda: faiss_knn(x, means)),
         }
-        return lambda: ncfast.ncc_assign(x, means), baselines, agreement
+        return lambda: ncfast.ncc_assign(x, means, mode=mode), baselines, agreement
     if op == "class_pair_stats":
         from ncfast.pairwise import class_pair_stats
 
@@ -274,6 +286,58 @@ def build_case(op, x, y, c, faiss_knn):
         return (lambda: ncfast.nc_metrics(x, y, num_classes=c),
                 {"torch script": lambda: torch_nc_metrics(x, y, c)}, check_nc_metrics)
     raise ValueError(f"unknown op {op!r}")
+
+
+# --------------------------------------------------------------------------- floors
+def best_ms(fn, repeat=5, sync=lambda: None):
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return min(times)
+
+
+def machine_peaks(threads: int, device) -> dict:
+    """Peak FLOP/s of the machine (vector FMAs on every thread), float32 and float64."""
+    if device.type != "cpu":
+        return {}
+    return {"fp32": ncfast._C.fma_peak(False, 0.5, threads), "fp64": ncfast._C.fma_peak(True, 0.5, threads)}
+
+
+def op_work(op, n, d, c) -> tuple[float, float, str]:
+    """(bytes read from the input, flops, precision) of an op's unavoidable work."""
+    read = n * d * 4
+    if op in ("class_moments", "class_distance"):
+        return read, 0.0, "fp64"
+    if op == "class_moments+scatter":
+        return read, n * d * (d + 1), "fp64"  # one triangle of the D x D product
+    if op.startswith("ncc_assign"):
+        return read, 2.0 * n * c * d, "fp32"
+    if op == "class_pair_stats":
+        return 0.0, c * (c + 1) * d, "fp64"  # one triangle of the C x C Gram matrix
+    if op == "nc_metrics":
+        return read, n * d * (d + 1) + 2.0 * n * c * d, "fp64"
+    raise ValueError(op)
+
+
+def torch_mm_case(op, x, y, c):
+    """(fn, flops) of the op's matrix product through torch.mm on the same shapes, or None."""
+    if op not in ("class_moments+scatter", "class_pair_stats"):
+        return None
+    moments = ncfast.class_moments(x, y, num_classes=c, scatter=False)
+    if op == "class_moments+scatter":
+        z = x.to(torch.float64) - moments.means[y]
+        return (lambda: z.T @ z), 2.0 * z.shape[0] * z.shape[1] ** 2
+    from ncfast.pairwise import DEFAULT_TILE, _tiles
+
+    mt = moments.centred_means("balanced")
+    tiles = list(_tiles(mt.shape[0], DEFAULT_TILE))
+    flops = sum(2.0 * (r.stop - r.start) * (q.stop - q.start) * mt.shape[1] for r, q in tiles)
+    return (lambda: [mt[r] @ mt[q].T for r, q in tiles]), flops
 
 
 # --------------------------------------------------------------------------- timing
@@ -341,6 +405,32 @@ def print_table(records):
     print("        (certified float64) argmin, the baselines are plain float32. '-': results checked equal instead.")
 
 
+def print_floors(records, peaks):
+    if not peaks:
+        return
+    print()
+    print(f"ncfast against the floors (peak FMA rate measured now: {peaks['fp32'] / 1e9:.0f} GFLOP/s float32, "
+          f"{peaks['fp64'] / 1e9:.0f} float64; read bandwidth: x.sum() on each input)")
+    cols = [("op", 22, "<"), ("N", 8, ">"), ("D", 5, ">"), ("C", 6, ">"), ("ncfast ms", 10, ">"), ("floor ms", 9, ">"),
+            ("of floor", 9, ">"), ("GB/s", 7, ">"), ("GFLOP/s", 8, ">"), ("torch.mm", 9, ">"), ("vs mm", 6, ">")]
+    line = "  ".join(f"{name:{align}{width}}" for name, width, align in cols)
+    print(line)
+    print("-" * len(line))
+    for r in records:
+        if r["provider"] != "ncfast":
+            continue
+        mm = r["torch_mm_GFLOPs"]
+        cells = [r["op"], r["size"]["N"], r["size"]["D"], r["size"]["C"], _fmt_ms(r["median_ms"]),
+                 _fmt_ms(r["floor_ms"]), f"{100 * r['of_floor']:.0f}%",
+                 "-" if r["bandwidth_GBps"] is None else f"{r['bandwidth_GBps']:.1f}",
+                 "-" if r["useful_GFLOPs"] is None else f"{r['useful_GFLOPs']:.0f}",
+                 "-" if mm is None else f"{mm:.0f}",
+                 "-" if mm is None else f"{100 * r['useful_GFLOPs'] / mm:.0f}%"]
+        print("  ".join(f"{v:{align}{width}}" for v, (_, width, align) in zip(cells, cols)))
+    print("GB/s = input bytes / ncfast time; GFLOP/s = the op's useful flops (one triangle of a symmetric")
+    print("product) / ncfast time; torch.mm = the same product's rate through torch.mm (a full GEMM); vs mm = ratio.")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -379,7 +469,8 @@ def main(argv=None):
     # Grouped by size so each data set is generated once; the table is sorted back by op.
     jobs = sorted(((op, size) for op in args.ops for size in PRESETS[args.sizes][op]), key=lambda j: j[1])
     records = []
-    data_size = None
+    data_size = read_size = read_ms = None
+    peaks = machine_peaks(torch.get_num_threads(), device)
     start = time.perf_counter()
     for i, (op, (n, d, c)) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {op} N={n} D={d} C={c} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
@@ -391,8 +482,21 @@ def main(argv=None):
         timed = time_providers({"ncfast": run_ours, **available}, args.warmup, args.repeat, sync)
         ours, our_median, our_min = timed["ncfast"]
         size = {"N": n, "D": d, "C": c}
+        if read_ms is None or read_size != (n, d, c):
+            read_size, read_ms = (n, d, c), best_ms(lambda: x.sum(), sync=sync)
+        nbytes, flops, precision = op_work(op, n, d, c)
+        floor = {"read_ms": read_ms * nbytes / (n * d * 4), "compute_ms": flops / peaks[precision] * 1e3} if peaks else {}
+        floor_ms = max(floor.values()) if floor else None
+        mm = torch_mm_case(op, x, y, c)
+        mm_rate = None
+        if mm is not None:
+            mm_rate = mm[1] / (best_ms(mm[0], repeat=3, sync=sync) * 1e-3)
         records.append(dict(op=op, size=size, provider="ncfast", median_ms=our_median, min_ms=our_min,
-                            ratio_vs_ncfast=1.0, agree=None))
+                            ratio_vs_ncfast=1.0, agree=None, floor_ms=floor_ms, floor=floor,
+                            of_floor=None if floor_ms is None else floor_ms / our_median,
+                            bandwidth_GBps=nbytes / (our_median * 1e-3) / 1e9 if nbytes else None,
+                            useful_GFLOPs=flops / (our_median * 1e-3) / 1e9 if flops else None,
+                            torch_mm_GFLOPs=None if mm_rate is None else mm_rate / 1e9))
         for name in baselines:
             if name not in timed:
                 records.append(dict(op=op, size=size, provider=name, median_ms=None, min_ms=None,
@@ -405,9 +509,12 @@ def main(argv=None):
     print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
     print_table(records)
+    print_floors(records, peaks)
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    header = machine_header(device, torch.get_num_threads())
+    header["peak_GFLOPs"] = {k: v / 1e9 for k, v in peaks.items()}
     with open(args.json, "w") as f:
-        json.dump({"header": machine_header(device, torch.get_num_threads()), "records": records}, f, indent=1)
+        json.dump({"header": header, "records": records}, f, indent=1)
     print(f"\nwrote {args.json}")
 
 

@@ -293,3 +293,17 @@ def test_bf16_sweep_is_certified_or_refused():
     assert (best[certain, 0] == want[certain]).all()
     assert unsure[:40, 0].all()  # the midpoint rows cannot be certified at bfloat16 precision
     assert certain.mean() > 0.5  # well-separated rows are
+
+
+@pytest.mark.parametrize("separation", [5.0, 0.05])
+def test_fast_mode_probe_then_rest(separation, monkeypatch):
+    """The fast mode probes its first rows in bfloat16, then sweeps the rest in bfloat16 (separated
+    classes: most rows certain) or float32 (close classes): the answers are the float64 argmin."""
+    import ncfast.ncc as ncc_mod
+
+    monkeypatch.setattr(ncc_mod, "_FAST_PROBE_ROWS", 64)
+    g = torch.Generator().manual_seed(21)
+    k, d, n = 45, 33, 1500
+    means = torch.randn(k, d, generator=g, dtype=torch.float64) * separation
+    x = (means[torch.randint(0, k, (n,), generator=g)] + torch.randn(n, d, generator=g, dtype=torch.float64)).float()
+    assert torch.equal(ncfast.ncc_assign(x, means, mode="fast"), torch.from_numpy(ref.ncc_assign(x, means)))

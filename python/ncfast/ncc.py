@@ -34,6 +34,8 @@ MODES = ("exact", "fast")
 _BLOCK_ELEMS = 1 << 22  # floats in one (rows x classes) score block
 _FUSED_MAX_CLASSES = 256  # without AVX-512, the C++ sweep up to here; above, GEMM blocks
 _PACKED = "SIMD=AVX512" in _C.compile_options()  # the register-tiled sweep beats BLAS at any C
+_FAST_PROBE_ROWS = 4096  # rows the fast mode scores in bfloat16 before deciding for the rest
+_FAST_MAX_UNSURE = 0.25  # above this share of unsure probe rows, float32 is the faster first pass
 
 
 @contextlib.contextmanager
@@ -137,6 +139,23 @@ def _sweep_cpp(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], p
     return torch.from_numpy(best), torch.from_numpy(unsure).to(torch.bool)
 
 
+def _sweep_fast(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem]):
+    """bfloat16 sweep, its unsure rows swept again in float32. When the classes are too close for
+    bfloat16 to certify most rows (a probe of the first rows says so), the rest goes straight to
+    float32: the fast mode then costs no more than the exact one."""
+    n = x.shape[0]
+    probe = min(n, _FAST_PROBE_ROWS)
+    best, unsure = _sweep_cpp(x[:probe], shift, problems, "bf16")
+    if n > probe:
+        bf16_pays = float(unsure.any(dim=1).to(torch.float64).mean()) <= _FAST_MAX_UNSURE
+        rest = _sweep_cpp(x[probe:], shift, problems, "bf16" if bf16_pays else "fp32")
+        best, unsure = torch.cat([best, rest[0]]), torch.cat([unsure, rest[1]])
+    again = unsure.any(dim=1).nonzero().squeeze(1)
+    if again.numel():
+        best[again], unsure[again] = _sweep_cpp(x[again], shift, problems, "fp32")
+    return best, unsure
+
+
 def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem],
                        mode: str = "exact") -> list[torch.Tensor]:
     """For each problem, the float64 argmin of its literal scores on every row of x.
@@ -152,12 +171,10 @@ def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Pro
     rows = max(1, min(16384, _BLOCK_ELEMS // max(total, d)))
     outs = []
     if _dispatch.backend_for(x) == "cpp" and (_PACKED or total <= _FUSED_MAX_CLASSES):
-        fast = mode == "fast" and _C.ncc_has_precision("bf16")
-        best, unsure = _sweep_cpp(x, shift, problems, "bf16" if fast else "fp32")
-        if fast:
-            again = unsure.any(dim=1).nonzero().squeeze(1)
-            if again.numel():
-                best[again], unsure[again] = _sweep_cpp(x[again], shift, problems, "fp32")
+        if mode == "fast" and _C.ncc_has_precision("bf16"):
+            best, unsure = _sweep_fast(x, shift, problems)
+        else:
+            best, unsure = _sweep_cpp(x, shift, problems, "fp32")
         for g, p in enumerate(problems):
             out = best[:, g].contiguous()
             idx = unsure[:, g].nonzero().squeeze(1)
