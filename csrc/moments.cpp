@@ -316,6 +316,82 @@ struct Partial {
   Running state;
 };
 
+// Up to this many classes, rows are taken in memory order (see stream_moments); above, one state
+// per class per thread would outgrow the caches, and rows are visited class by class instead.
+constexpr int64_t kStreamClasses = 64;
+
+// Few classes: each thread walks its contiguous range of rows in memory order, chunk by chunk
+// (sequential reads, friendly to the prefetcher and the TLB even when the data is cold), groups
+// the chunk's rows by class, and folds each group into its own per-class state (two passes in
+// cache, Chan's merge). Per-thread states are merged in thread order after the region.
+void stream_moments(const Matrix& x, const int64_t* labels, int64_t c, int num_threads, BlockMoments& r) {
+  const int64_t n = x.rows, d = x.cols;
+  const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (256 << 10) / (4 * d)));
+  const int threads = region_threads(num_threads, (n + 1023) / 1024);
+  std::vector<std::vector<Running>> states(threads);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    const int t = thread_id();
+    const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+    std::vector<Running>& state = states[t];
+    state.assign(c, Running(d));
+    const bool wide = x.dtype == DType::F64;
+    const bool in_place = x.col_stride == 1 && x.dtype == DType::F32;
+    std::vector<float> buf32(wide || in_place ? 0 : rows_per_chunk * d);
+    std::vector<double> buf64(wide ? rows_per_chunk * d : 0), cmean(d), norms(rows_per_chunk);
+    std::vector<const float*> ptr32(rows_per_chunk), next32(rows_per_chunk);
+    std::vector<const double*> ptr64(rows_per_chunk), next64(rows_per_chunk);
+    std::vector<int64_t> count(c + 1), slot(rows_per_chunk);
+    for (int64_t c0 = lo; c0 < hi; c0 += rows_per_chunk) {
+      const int64_t rows = std::min(rows_per_chunk, hi - c0);
+      const int64_t nrows = in_place ? std::max<int64_t>(0, std::min(rows_per_chunk, hi - c0 - rows)) : 0;
+      // counting sort of the chunk's rows by class (stable: memory order within a class)
+      std::fill(count.begin(), count.end(), 0);
+      for (int64_t i = 0; i < rows; ++i) ++count[labels[c0 + i] + 1];
+      for (int64_t k = 0; k < c; ++k) count[k + 1] += count[k];
+      for (int64_t i = 0; i < rows; ++i) slot[count[labels[c0 + i]]++] = i;
+      for (int64_t k = c; k > 0; --k) count[k] = count[k - 1];
+      count[0] = 0;
+      for (int64_t p = 0; p < rows; ++p) {
+        const int64_t i = c0 + slot[p];
+        if (wide) {
+          x.load_row(i, buf64.data() + p * d);
+          ptr64[p] = buf64.data() + p * d;
+        } else if (in_place) {
+          ptr32[p] = static_cast<const float*>(x.data) + i * x.row_stride;
+        } else {
+          x.load_row_f32(i, buf32.data() + p * d);
+          ptr32[p] = buf32.data() + p * d;
+        }
+      }
+      for (int64_t p = 0; p < nrows; ++p) next32[p] = static_cast<const float*>(x.data) + (c0 + rows + p) * x.row_stride;
+      for (int64_t k = 0; k < c; ++k) {
+        const int64_t g0 = count[k], g = count[k + 1] - g0;
+        if (g == 0) continue;
+        // each group prefetches its share of the next chunk, so the whole chunk is asked for
+        const int64_t pf = std::max<int64_t>(0, std::min(g, nrows - g0));
+        if (wide)
+          reduce_chunk(ptr64.data() + g0, g, d, cmean.data(), norms.data(), state[k], next64.data(), 0);
+        else
+          reduce_chunk(ptr32.data() + g0, g, d, cmean.data(), norms.data(), state[k], next32.data() + g0, pf);
+      }
+    }
+  }
+  std::vector<int64_t> seen(c, 0);
+  for (int t = 0; t < threads; ++t) {
+    for (int64_t k = 0; k < c; ++k) {
+      const Running& s = states[t][k];
+      if (s.n == 0) continue;
+      chan_merge(seen[k], r.means.data() + k * d, r.m2[k], s.n, s.mean.data(), s.m2, d);
+      double* usum = r.unit_sums.data() + k * d;
+      for (int64_t j = 0; j < d; ++j) usum[j] += s.unit_sum[j];
+      r.norm_sums[k] += s.norm_sum;
+    }
+  }
+}
+
 }  // namespace
 
 void centre_rows(const Matrix& x, const int64_t* labels, const double* means, double* out, int num_threads) {
@@ -347,6 +423,10 @@ BlockMoments block_moments(const Matrix& x, const int64_t* labels, int64_t num_c
     const int64_t y = labels[i];
     if (y < 0 || y >= c) throw std::invalid_argument("labels: value out of range [0, num_classes)");
     ++r.counts[y];
+  }
+  if (c <= kStreamClasses) {
+    stream_moments(x, labels, c, num_threads, r);
+    return r;
   }
   // Counting sort of row indices by class: class k owns sorted positions start[k] .. start[k+1].
   std::vector<int64_t> start(c + 1, 0), order(n);
