@@ -1,0 +1,456 @@
+"""Data sets, augmentation and models of the reference trainer (ncfast.train.data / .models).
+
+Every file is written here into tmp_path (tiny IDX files, tiny CIFAR pickles); nothing is downloaded.
+"""
+import dataclasses
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ncfast.labels import coarse_labels
+from ncfast.train import data
+from ncfast.train.data import augment_batch, batches, gaussian_mixture, load_dataset
+from ncfast.train.models import ARCHS, build_model, logits_for_loss
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def write_idx(path, array, gz):
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    raw = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+    return path
+
+
+def make_idx_dir(root, gz, n_train=20, n_test=10, seed=0):
+    """The four (Fashion-)MNIST files; gz: True, False, or "mixed" (images gzipped, labels plain)."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, arr in arrays.items():
+        write_idx(root / name, arr, gz if gz != "mixed" else "images" in name)
+    return arrays
+
+
+def cifar_batches(name, n_train=30, n_test=10, seed=0):
+    """{member: pickled bytes} in the layout of the official python-version archive."""
+    rng = np.random.default_rng(seed)
+    src = data.CIFAR[name]
+    per = n_train // len(src.train)
+    out, raw = {}, {}
+    for members, n in ((src.train, per), (src.test, n_test)):
+        for m in members:
+            x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+            y = rng.integers(0, src.num_classes, n)
+            d = {b"batch_label": m.encode(), b"data": x}
+            if name == "cifar10":
+                d[b"labels"] = y.tolist()
+            else:
+                d[b"fine_labels"] = y.tolist()
+                d[b"coarse_labels"] = (y // 5).tolist()
+            out[m] = pickle.dumps(d)
+            raw[m] = (x, y)
+    return out, raw
+
+
+def write_cifar(root, name, layout, **kw):
+    """layout: "tar" (the .tar.gz in root), "folder" (root/<folder>/...), "direct" (root is the folder)."""
+    members, raw = cifar_batches(name, **kw)
+    src = data.CIFAR[name]
+    root.mkdir(parents=True, exist_ok=True)
+    if layout == "tar":
+        with tarfile.open(root / src.archive, "w:gz") as tar:
+            for m, blob in members.items():
+                info = tarfile.TarInfo(f"{src.folder}/{m}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    else:
+        folder = root / src.folder if layout == "folder" else root
+        folder.mkdir(parents=True, exist_ok=True)
+        for m, blob in members.items():
+            (folder / m).write_bytes(blob)
+    return raw
+
+
+def expected_normalised(train_u8, test_u8, scale):
+    """Reference: x / scale, then per-channel (x - mean) / std of the train split, in float64."""
+    tr = train_u8.astype(np.float64) / scale
+    te = test_u8.astype(np.float64) / scale
+    mean = tr.mean(axis=(0, 2, 3), keepdims=True)
+    std = tr.std(axis=(0, 2, 3), keepdims=True)
+    return (tr - mean) / std, (te - mean) / std, mean.ravel(), std.ravel()
+
+
+def features_at(model, name, x):
+    """(logits, output of module `name`) for one forward pass."""
+    seen = {}
+    hook = dict(model.named_modules())[name].register_forward_hook(
+        lambda m, i, o: seen.setdefault("h", o))
+    try:
+        logits = model(x)
+    finally:
+        hook.remove()
+    return logits, seen["h"]
+
+
+# ---------------------------------------------------------------------------------- MNIST / IDX
+
+@pytest.mark.parametrize("gz", [True, False, "mixed"])
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_idx_sets_load_with_shapes_labels_and_normalisation(tmp_path, gz, name):
+    arrays = make_idx_dir(tmp_path, gz)
+    ds = load_dataset(name, data_dir=tmp_path)
+    assert ds.name == name and ds.num_classes == 10
+    assert ds.augment and not ds.flip
+    assert ds.train_x.shape == (20, 1, 28, 28) and ds.test_x.shape == (10, 1, 28, 28)
+    assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64
+    assert ds.train_y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    assert ds.test_y.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    tr, te, mean, std = expected_normalised(arrays["train-images-idx3-ubyte"][:, None],
+                                            arrays["t10k-images-idx3-ubyte"][:, None], 255.0)
+    np.testing.assert_allclose(ds.train_x.numpy(), tr, atol=1e-5)
+    np.testing.assert_allclose(ds.test_x.numpy(), te, atol=1e-5)
+    np.testing.assert_allclose(ds.mean.numpy(), mean, rtol=1e-12)
+    np.testing.assert_allclose(ds.std.numpy(), std, rtol=1e-12)
+
+
+def test_idx_missing_files_say_which_and_where(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="--data") as e:
+        load_dataset("mnist")
+    for base in data.IDX_FILES:
+        assert base in str(e.value)
+
+    make_idx_dir(tmp_path, gz=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset("mnist", data_dir=tmp_path)
+    msg = str(e.value)
+    assert "missing t10k-labels-idx1-ubyte[.gz]" in msg and str(tmp_path) in msg
+    assert "missing train-images" not in msg
+
+    nowhere = tmp_path / "no-such-dir"
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(nowhere))
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset("fashion-mnist")
+    msg = str(e.value)
+    assert str(nowhere) in msg and "apt install dataset-fashion-mnist" in msg and "--data DIR" in msg
+    for base in data.IDX_FILES:
+        assert base in msg
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda raw: b"\x01" + raw[1:], "magic number"),
+    (lambda raw: raw[:2] + b"\x0d" + raw[3:], "element type"),  # 0x0D: float, not ubyte
+    (lambda raw: raw[:3] + b"\x02" + raw[4:], "dimensions"),
+    (lambda raw: raw[:-5], "data bytes"),
+])
+@pytest.mark.parametrize("gz", [True, False])
+def test_corrupted_idx_raises_value_error(tmp_path, damage, match, gz):
+    make_idx_dir(tmp_path, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    raw = damage(path.read_bytes())
+    if gz:
+        path.unlink()
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=match):
+        load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_idx_image_and_label_counts_must_agree(tmp_path):
+    make_idx_dir(tmp_path, gz=False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(19, np.uint8), gz=False)
+    with pytest.raises(ValueError, match="20 images but .* 19 labels"):
+        load_dataset("mnist", data_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- CIFAR
+
+@pytest.mark.parametrize("layout", ["tar", "folder", "direct"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_loads_from_archive_or_folder(tmp_path, layout, name):
+    raw = write_cifar(tmp_path, name, layout)
+    src = data.CIFAR[name]
+    ds = load_dataset(name, data_dir=tmp_path)
+    assert ds.num_classes == src.num_classes and ds.augment and ds.flip
+    assert ds.train_x.shape == (30, 3, 32, 32) and ds.test_x.shape == (10, 3, 32, 32)
+    train_x = np.concatenate([raw[m][0] for m in src.train]).reshape(-1, 3, 32, 32)
+    train_y = np.concatenate([raw[m][1] for m in src.train])
+    test_x = raw[src.test[0]][0].reshape(-1, 3, 32, 32)
+    assert ds.train_y.tolist() == train_y.tolist()
+    assert ds.test_y.tolist() == raw[src.test[0]][1].tolist()
+    tr, te, mean, std = expected_normalised(train_x, test_x, 255.0)
+    np.testing.assert_allclose(ds.train_x.numpy(), tr, atol=1e-5)
+    np.testing.assert_allclose(ds.test_x.numpy(), te, atol=1e-5)
+    # channel-major rows of 1024: pixel (c, i, j) of an image is data[c * 1024 + 32 * i + j]
+    flat = raw[src.train[0]][0][0].astype(np.float64) / 255
+    assert abs(ds.train_x[0, 2, 3, 5].item() * std[2] + mean[2] - flat[2 * 1024 + 3 * 32 + 5]) < 1e-6
+    if name == "cifar100":
+        present = torch.cat([ds.train_y, ds.test_y]).unique()
+        assert torch.equal(ds.coarse_of[present], present // 5)
+    else:
+        assert ds.coarse_of is None
+
+
+def test_cifar_missing_data_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data DIR"):
+        load_dataset("cifar10")
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset("cifar100", data_dir=tmp_path)
+    msg = str(e.value)
+    assert "cifar-100-python.tar.gz" in msg and "cifar-100-python/" in msg and "--download" in msg
+    # an incomplete folder is not taken for the data
+    write_cifar(tmp_path, "cifar10", "folder")
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks data_batch_3"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    # an archive without one of the batches is broken
+    members, _ = cifar_batches("cifar10")
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for m, blob in members.items():
+            if m != "test_batch":
+                info = tarfile.TarInfo(f"cifar-10-batches-py/{m}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(ValueError, match="no member cifar-10-batches-py/test_batch"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+def test_cifar_download_is_md5_checked(tmp_path, monkeypatch):
+    def fake_urlopen(payload):
+        def urlopen(url):
+            assert url == data.CIFAR["cifar10"].url
+            return io.BytesIO(payload)
+        return urlopen
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen(b"not the archive"))
+    with pytest.raises(RuntimeError, match="MD5"):
+        load_dataset("cifar10", data_dir=tmp_path, download=True)
+    assert list(tmp_path.iterdir()) == []  # neither the archive nor the .part stays
+
+    src_dir = tmp_path / "src"
+    write_cifar(src_dir, "cifar10", "tar")
+    blob = (src_dir / "cifar-10-python.tar.gz").read_bytes()
+    monkeypatch.setitem(data.CIFAR, "cifar10",
+                        dataclasses.replace(data.CIFAR["cifar10"], md5=hashlib.md5(blob).hexdigest()))
+    monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen(blob))
+    dest = tmp_path / "dest"
+    ds = load_dataset("cifar10", data_dir=dest, download=True)
+    assert ds.train_x.shape == (30, 3, 32, 32)
+    assert (dest / "cifar-10-python.tar.gz").read_bytes() == blob
+
+
+def test_cifar_bad_pickle_is_a_value_error(tmp_path):
+    write_cifar(tmp_path, "cifar10", "folder")
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": 1}))
+    with pytest.raises(ValueError, match="test_batch"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ digits
+
+def test_digits_split_is_stratified_seeded_and_normalised():
+    a = load_dataset("digits", seed=0)
+    assert a.train_x.shape == (1437, 1, 8, 8) and a.test_x.shape == (360, 1, 8, 8)
+    assert a.augment and not a.flip and a.num_classes == 10
+    total = torch.bincount(torch.cat([a.train_y, a.test_y]), minlength=10)
+    test = torch.bincount(a.test_y, minlength=10)
+    assert ((test - 0.2 * total).abs() <= 1).all()  # stratified
+    b = load_dataset("digits", seed=0)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    c = load_dataset("digits", seed=1)
+    assert not torch.equal(a.test_y, c.test_y)
+    assert abs(a.train_x.mean().item()) < 1e-5 and abs(a.train_x.std(unbiased=False).item() - 1) < 1e-4
+    raw = a.train_x * a.std.float() + a.mean.float()
+    assert raw.min() > -1e-5 and raw.max() < 1 + 1e-5
+    np.testing.assert_allclose((raw * 16).numpy(), (raw * 16).round().numpy(), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- gmm
+
+def class_means(x, y, c):
+    return torch.stack([x[y == k].double().mean(0) for k in range(c)])
+
+
+def test_gaussian_mixture_shapes_and_noise():
+    x, y = gaussian_mixture(n_per_cluster=500, clusters=8, dim=16, sigma2=4.0, seed=0)
+    assert x.shape == (4000, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.bincount(y).tolist() == [500] * 8
+    within = torch.stack([x[y == k].double().var(0, unbiased=False).mean() for k in range(8)])
+    assert ((within - 1).abs() < 0.1).all()  # N(mu_c, I)
+    x2, y2 = gaussian_mixture(n_per_cluster=500, clusters=8, dim=16, sigma2=4.0, seed=0)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_gaussian_mixture_similar_superclasses_follow_the_appendix():
+    """B.1: super-classes {c, c + K} (eq. 4 with K = 4); the first K/2 have sub-class means within tau."""
+    k = 4
+    assert coarse_labels(torch.arange(8), k).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    x0, y0 = gaussian_mixture(clusters=8, dim=32, sigma2=4.0, tau2=None, seed=3)
+    x1, y1 = gaussian_mixture(clusters=8, dim=32, sigma2=4.0, tau2=1e-4, seed=3)
+    assert torch.equal(y0, y1)
+    m0, m1 = class_means(x0, y0, 8), class_means(x1, y1, 8)
+    gap = lambda m, s: (m[s] - m[s + k]).norm().item()  # noqa: E731
+    typical = (2 * 4.0 * 32) ** 0.5  # E||mu_a - mu_b|| for independent N(0, 4 I) in 32-D, about 16
+    for s in (0, 1):  # similar: the two means are sqrt(2 * 32 * 1e-4) apart, plus sampling noise
+        assert gap(m1, s) < 1.0 and gap(m0, s) > typical / 2
+    for s in (2, 3):  # dissimilar, and the very same draw as without tau2
+        assert gap(m1, s) > typical / 2
+        assert torch.equal(x0[y0 == s], x1[y1 == s]) and torch.equal(x0[y0 == s + k], x1[y1 == s + k])
+
+
+def test_gmm_dataset_split():
+    ds = load_dataset("gmm", seed=0)
+    assert ds.train_x.shape == (4000, 32) and ds.test_x.shape == (1000, 32)
+    assert torch.bincount(ds.train_y).tolist() == [500] * 8
+    assert torch.bincount(ds.test_y).tolist() == [125] * 8
+    assert not ds.augment and not ds.flip and ds.mean is None and ds.num_classes == 8
+    again = load_dataset("gmm", seed=0)
+    assert torch.equal(ds.train_x, again.train_x) and torch.equal(ds.test_y, again.test_y)
+    small = load_dataset("gmm", seed=1, dim=4, clusters=4, n_per_cluster=10)
+    assert small.train_x.shape == (32, 4) and small.num_classes == 4
+
+
+def test_load_dataset_rejects_unknown_names_and_options():
+    with pytest.raises(ValueError, match="unknown data set"):
+        load_dataset("svhn")
+    with pytest.raises(TypeError, match="gmm"):
+        load_dataset("digits", sigma2=2.0)
+    with pytest.raises(ValueError, match="clusters"):
+        gaussian_mixture(clusters=7)
+
+
+# ------------------------------------------------------------------------------------ augmentation
+
+def test_augment_batch_crops_and_flips_deterministically():
+    x = torch.randn(6, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = augment_batch(x, torch.Generator().manual_seed(5), pad=4, flip=True)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    again = augment_batch(x, torch.Generator().manual_seed(5), pad=4, flip=True)
+    assert torch.equal(out, again)
+    other = augment_batch(x, torch.Generator().manual_seed(6), pad=4, flip=True)
+    assert not torch.equal(out, other)
+    # every image is one of the 9 x 9 zero-padded crops, mirrored or not
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(6):
+        crops = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
+
+
+def test_augment_batch_pad0_identity_and_flip_only():
+    x = torch.randn(5, 3, 4, 6)
+    assert torch.equal(augment_batch(x, torch.Generator().manual_seed(0), pad=0, flip=False), x)
+    out = augment_batch(x, torch.Generator().manual_seed(0), pad=0, flip=True)
+    flipped = [torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x)]
+    assert all(torch.equal(o, xi) or f for o, xi, f in zip(out, x, flipped))
+    many = augment_batch(x.repeat(40, 1, 1, 1), torch.Generator().manual_seed(1), pad=0, flip=True)
+    share = np.mean([torch.equal(o, xi.flip(-1)) for o, xi in zip(many, x.repeat(40, 1, 1, 1))])
+    assert 0.3 < share < 0.7
+    with pytest.raises(ValueError, match="x"):
+        augment_batch(x[0], torch.Generator())
+
+
+def test_batches_cover_every_index_once():
+    g = torch.Generator().manual_seed(0)
+    parts = list(batches(10, 3, g))
+    assert [len(p) for p in parts] == [3, 3, 3, 1]
+    assert sorted(torch.cat(parts).tolist()) == list(range(10))
+    again = list(batches(10, 3, torch.Generator().manual_seed(0)))
+    assert all(torch.equal(a, b) for a, b in zip(parts, again))
+    assert [p.tolist() for p in batches(5, 2, None, shuffle=False)] == [[0, 1], [2, 3], [4]]
+    assert [len(p) for p in batches(10, 3, g, drop_last=True)] == [3, 3, 3]
+
+
+# ------------------------------------------------------------------------------------------- models
+
+@pytest.mark.parametrize("in_channels, size", [(1, 8), (3, 32)])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_models_forward_and_expose_head_penultimate_probes(arch, in_channels, size):
+    torch.manual_seed(0)
+    model = build_model(arch, 10, in_channels, size).eval()
+    x = torch.randn(2, in_channels, size, size)
+    with torch.no_grad():
+        logits, h = features_at(model, model.penultimate_name, x)
+    assert logits.shape == (2, 10)
+    assert isinstance(model.head, nn.Linear) and model.head.out_features == 10
+    assert h.shape == (2, model.head.in_features)
+    torch.testing.assert_close(model.head(h), logits)  # h is exactly what the head sees
+    modules = dict(model.named_modules())
+    assert model.default_probe_layers[-1] == model.penultimate_name
+    assert all(name in modules for name in model.default_probe_layers)
+
+
+def test_resnet18_stages_and_mlp_flat_input():
+    model = build_model("resnet18", 5, 3, 32, width=8)
+    assert model.default_probe_layers == ["layer1", "layer2", "layer3", "layer4", "pool"]
+    assert model.head.in_features == 64
+    flat = build_model("mlp", 8, 32, None, hidden=(16,))
+    assert flat(torch.randn(3, 32)).shape == (3, 8) and flat.penultimate_name == "layer1"
+    with pytest.raises(ValueError, match="input_size"):
+        build_model("vgg11", 8, 32, None)
+    with pytest.raises(ValueError, match="arch"):
+        build_model("resnet50", 10, 3, 32)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_init_scale_multiplies_initial_weights(arch):
+    torch.manual_seed(0)
+    one = build_model(arch, 10, 1, 8, init_scale=1.0)
+    torch.manual_seed(0)
+    half = build_model(arch, 10, 1, 8, init_scale=0.5)
+    p1, p2 = dict(one.named_parameters()), dict(half.named_parameters())
+    scaled = {n for n, m in one.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert scaled
+    for name, p in p1.items():
+        owner, _, kind = name.rpartition(".")
+        factor = 0.5 if owner in scaled and kind == "weight" else 1.0
+        torch.testing.assert_close(p2[name], factor * p, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="init_scale"):
+        build_model(arch, 10, 1, 8, init_scale=0.0)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mlp"])
+def test_output_layernorm_normalises_penultimate_features(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 10, 3, 8, output_norm="layernorm").eval()
+    assert model.penultimate_name == "norm" and model.default_probe_layers[-1] == "norm"
+    x = 3 + 5 * torch.randn(4, 3, 8, 8)
+    before = "pool" if arch == "resnet18" else "layer2"
+    with torch.no_grad():
+        logits, h = features_at(model, model.penultimate_name, x)
+        _, raw = features_at(model, before, x)
+    torch.testing.assert_close(h.mean(1), torch.zeros(4), atol=1e-5, rtol=0)
+    # per sample: (raw - mean) / sqrt(var + eps), eps = 1e-5 of nn.LayerNorm
+    v = raw.var(1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(h, (raw - raw.mean(1, keepdim=True)) / (v + 1e-5).sqrt())
+    torch.testing.assert_close(h.var(1, unbiased=False), (v / (v + 1e-5)).flatten())
+    torch.testing.assert_close(model.head(h), logits)
+    assert not any(p.requires_grad for p in model.norm.parameters())  # no affine
+    with pytest.raises(ValueError, match="output_norm"):
+        build_model(arch, 10, 3, 8, output_norm="batchnorm")
+
+
+def test_logits_for_loss_divides_by_temperature():
+    z = torch.tensor([[1.0, -2.0, 4.0]])
+    torch.testing.assert_close(logits_for_loss(z, 4.0), z / 4)
+    assert logits_for_loss(z) is z
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            logits_for_loss(z, bad)
