@@ -13,6 +13,11 @@ Streaming::
         stats.update(x, y)
     stats.all_reduce()                    # across torch.distributed processes
     m = ncfast.metrics_from_moments(stats)
+
+Every probed layer of a network, from forward hooks::
+
+    probe = ncfast.LayerProbe(model, ["layer3", "layer4", "pool"], num_classes=10)
+    per_layer = probe.measure(loader)      # {layer: NCMetrics}, NCC mismatch included
 """
 from . import _C, reference
 from .labels import coarse_labels, fine_labels, random_coarse_labels
@@ -29,6 +34,7 @@ from .metrics import (
 )
 from .ncc import classifier_decisions, ncc_and_decisions, ncc_assign, ncc_mismatch
 from .pairwise import PairStats, class_pair_stats
+from .probe import LayerProbe
 from .stats import ClassMoments
 
 __version__ = "0.1.0"
@@ -36,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ClassMoments",
     "DEFAULT_RTOL",
+    "LayerProbe",
     "NCMetrics",
     "PairStats",
     "class_distance",

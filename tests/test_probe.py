@@ -1,0 +1,101 @@
+"""LayerProbe: per-layer metrics from hooks equal nc_metrics on the same features."""
+import pytest
+import torch
+from torch import nn
+
+import ncfast
+from ncfast import reference as ref
+from conftest import assert_close
+
+
+class Net(nn.Module):
+    def __init__(self, d_in=12, c=4):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 3, 3, padding=1)  # output (B, 3, d_in): 36 flattened features
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(3 * d_in, 9), nn.Tanh())
+        self.head = nn.Linear(9, c)
+
+    def forward(self, x):
+        return self.head(self.hidden(self.conv(x.unsqueeze(1))))
+
+
+def _data(n=240, d_in=12, c=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % c
+    x = torch.randn(c, d_in, generator=g)[y] * 2 + torch.randn(n, d_in, generator=g)
+    y_orig = y + c * ((torch.arange(n) // c) % 2)  # two original classes per training class
+    return x, y, y_orig
+
+
+def _batches(x, y, y_orig=None, size=50):
+    out = []
+    for lo in range(0, x.shape[0], size):
+        b = (x[lo:lo + size], y[lo:lo + size])
+        out.append(b + ((y_orig[lo:lo + size],) if y_orig is not None else ()))
+    return out
+
+
+def _features(model, x, name):
+    store = {}
+    h = dict(model.named_modules())[name].register_forward_hook(lambda m, i, o: store.__setitem__("o", o))
+    with torch.no_grad():
+        logits = model(x)
+    h.remove()
+    return store["o"], logits
+
+
+@pytest.mark.parametrize("max_dim", [4096, 10])
+def test_probe_equals_nc_metrics_per_layer(max_dim):
+    torch.manual_seed(0)
+    model = Net().eval()
+    x, y, y_orig = _data()
+    probe = ncfast.LayerProbe(model, ["conv", "hidden"], num_classes=4, head=model.head, penultimate="hidden",
+                              num_original_classes=8, max_dim=max_dim)
+    got = probe.measure(_batches(x, y, y_orig))
+    for name in ("conv", "hidden"):
+        out, logits = _features(model, x, name)
+        flat = out.reshape(x.shape[0], -1)
+        weight = model.head.weight.detach() if name == "hidden" else None
+        bias = model.head.bias.detach() if name == "hidden" else None
+        want = ncfast.nc_metrics(flat, y, num_classes=4, weight=weight, bias=bias, logits=logits)
+        pooled = name == "conv" and flat.shape[1] > max_dim
+        if pooled:  # D x D metrics from the channel means
+            want_dxd = ncfast.nc_metrics(out.mean(dim=2), y, num_classes=4)
+        assert got[name].dxd_features == ("channel_pooled" if pooled else "full")
+        for k, v in want.items():
+            expect = want_dxd[k] if pooled and k in ncfast.metrics.SCATTER_METRICS else v
+            # effective_rank takes sqrt of every eigenvalue, the conv layer's ~1e-16 rounding-level
+            # ones included (its 36 features have rank 12), so batch order moves it at 1e-8.
+            rtol = 1e-6 if k == "effective_rank" else 1e-9
+            assert_close(got[name][k], expect, rtol=rtol, atol=1e-12, what=f"{name}.{k}")
+        decisions = logits.argmax(1)
+        nearest = ncfast.ncc_assign(flat, ncfast.class_moments(flat, y, scatter=False).means)
+        assert got[name]["ncc_mismatch"] == pytest.approx(float((nearest != decisions).double().mean()), abs=0)
+        # original labels: class distance and MSDR inside the training labels
+        assert_close(probe.details[name].class_distance.numpy(), ref.class_distance(flat.numpy(), y_orig.numpy()),
+                     rtol=1e-9, what="class_distance")
+        superclass = (torch.arange(8) % 4).numpy()
+        assert got[name]["msdr"] == pytest.approx(ref.msdr(flat.numpy(), y_orig.numpy(), superclass), rel=1e-9)
+
+
+def test_probe_counts_imbalanced_labels_itself_and_restores_mode():
+    model = Net().train()
+    x, y, _ = _data(n=203)  # 203 = 50+51+51+51: imbalanced, so balanced Sigma_W needs the counts
+    probe = ncfast.LayerProbe(model, ["hidden"], num_classes=4)
+    got = probe.measure(_batches(x, y))
+    assert model.training  # measure runs in eval mode and puts the mode back
+    out, logits = _features(model.eval(), x, "hidden")
+    want = ncfast.nc_metrics(out, y, num_classes=4, logits=logits)
+    assert_close(got["hidden"]["nc1"], want["nc1"], rtol=1e-9, what="nc1")
+
+
+def test_probe_rejects_bad_arguments():
+    model = Net()
+    with pytest.raises(ValueError, match="layers"):
+        ncfast.LayerProbe(model, ["nope"], num_classes=4)
+    with pytest.raises(ValueError, match="penultimate"):
+        ncfast.LayerProbe(model, ["conv"], num_classes=4, head=model.head, penultimate="hidden")
+    with pytest.raises(ValueError, match="head and penultimate"):
+        ncfast.LayerProbe(model, ["hidden"], num_classes=4, head=model.head)
+    with pytest.raises(ValueError, match="loader"):
+        ncfast.LayerProbe(model, ["hidden"], num_classes=4, class_counts=[1, 1, 1, 1]).measure([])
