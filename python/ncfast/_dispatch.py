@@ -1,9 +1,11 @@
 """The one place that picks a backend for a tensor.
 
-CPU tensors go to the compiled C++ core (`ncfast._C`); other devices to the
-PyTorch implementation until their Triton kernels land. The environment
-variable NCFAST_BACKEND ("cpp" or "torch") overrides the choice; "cpp" on a
-non-CPU tensor is an error rather than a silent copy.
+CPU tensors go to the compiled C++ core (`ncfast._C`); CUDA tensors to the Triton
+kernels (`ncfast.triton`) where triton is installed, else, like other devices, to
+the PyTorch implementation. The environment variable NCFAST_BACKEND ("cpp",
+"torch" or "triton") overrides the choice; "cpp" on a non-CPU tensor is an error
+rather than a silent copy, and "triton" on a CPU tensor needs TRITON_INTERPRET=1
+(Triton's interpreter, as the tests use it).
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import os
 import torch
 
 from . import _C
+from . import triton as _triton
 
-BACKENDS = ("cpp", "torch")
+BACKENDS = ("cpp", "torch", "triton")
 
 
 def backend_for(x: torch.Tensor) -> str:
@@ -23,8 +26,13 @@ def backend_for(x: torch.Tensor) -> str:
             raise ValueError(f"NCFAST_BACKEND: expected one of {BACKENDS}, got {forced!r}")
         if forced == "cpp" and x.device.type != "cpu":
             raise ValueError(f"NCFAST_BACKEND=cpp needs CPU tensors, got one on {x.device}")
+        if forced == "triton" and not _triton.available(x):
+            raise ValueError(f"NCFAST_BACKEND=triton needs triton installed and a CUDA tensor, or TRITON_INTERPRET=1 "
+                             f"for a CPU tensor; got one on {x.device}")
         return forced
-    return "cpp" if x.device.type == "cpu" else "torch"
+    if x.device.type == "cpu":
+        return "cpp"
+    return "triton" if x.device.type == "cuda" and _triton.available(x) else "torch"
 
 
 def _torch_block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int):
@@ -59,15 +67,26 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int):
 
     m2[c] = sum_{y_i=c} ||h_i - mu_c||^2 centred on the block's own class means.
     """
-    if backend_for(x) == "cpp":
+    backend = backend_for(x)
+    if backend == "cpp":
         return _cpp_block_moments(x, y, num_classes)
+    if backend == "triton":
+        from .triton import moments
+
+        return moments.block_moments(x, y, num_classes)
     return _torch_block_moments(x, y, num_classes)
 
 
 def centred_rows(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """x_i - means[y_i] in float64, written into ``out`` (N, D) on the C++ path (a reused buffer
-    avoids first-touch page faults): the rows whose Gram matrix is the within-class scatter."""
-    if backend_for(x) == "cpp":
+    avoids first-touch page faults, and on the Triton path): the rows whose Gram matrix is the
+    within-class scatter."""
+    backend = backend_for(x)
+    if backend == "triton":
+        from .triton import moments
+
+        return moments.centre_rows(x, y, means, out=out)
+    if backend == "cpp":
         buf, dtype_name = _buffer(x)
         _C.centre_rows(buf, dtype_name, y.contiguous().numpy(), means.contiguous().numpy(), out.numpy(),
                        torch.get_num_threads())

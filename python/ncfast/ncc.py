@@ -10,8 +10,9 @@ C++ sweep of csrc/ncc.cpp, in an AVX-512 build for any number of classes, else f
 in float32, then certified in tiers: rows whose two best float32 scores are closer than twice the
 float32 error bound are rescored with a float64 product, and the rare rows whose float64 gap is
 still inside the float64 bound are recomputed literally (||h - mu_c||^2 summed in float64).
-``mode="fast"`` scores first with bfloat16 products (VDPBF16PS, AVX512-BF16 builds) under the
-bfloat16 bound, sends its unsure rows through the float32 sweep, then on as above.
+``mode="fast"`` scores first with bfloat16 products (VDPBF16PS, AVX512-BF16 builds) or, on CUDA,
+TF32 tensor cores (Triton) under that format's bound, sends its unsure rows through the float32
+sweep, then on as above.
 The answer is the float64 argmin of the definition on every row, in either mode. Shifting by the mean of the
 class means (rounded to float32, so the shift is exact in both precisions) keeps the bound small
 when all features share a large offset. Ties go to the lowest index.
@@ -118,41 +119,49 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def _sweep_cpp(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], precision: str):
-    """One fused C++ sweep over every problem: (best (N, G) int64, unsure (N, G) bool)."""
+def _sweep(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], precision: str, backend: str):
+    """One fused sweep over every problem: (best (N, G) int64, unsure (N, G) bool).
+
+    backend "cpp" (csrc/ncc.cpp; precision "fp32" or "bf16") or "triton" (ncfast.triton.ncc;
+    "fp32" or "tf32"). The bound's rel follows the precision of the products.
+    """
     d = x.shape[1]
-    buf, dtype_name = _dispatch._buffer(x)
     starts = [0]
     for p in problems:
         starts.append(starts[-1] + p.centres.shape[0])
     cmax = [p.cmax for p in problems]
     omax = [p.omax for p in problems]
+    centres = torch.cat([p.centres for p in problems]).to(torch.float32)
+    offsets = torch.cat([p.offsets for p in problems]).to(torch.float32)
+    if backend == "triton":
+        from .triton import ncc as triton_ncc
+
+        rel = triton_ncc.relative_bound(precision, d)
+        return triton_ncc.ncc_sweep(x, shift, centres, offsets, starts, rel, cmax, omax, precision)
     rel = _rel(_U32, d)
     if precision == "bf16":
         rel = _rel_bf16(d)
         omax = [o + _bf16_floor(d, c) / rel for o, c in zip(omax, cmax)]
-    best, unsure = _C.ncc_sweep(
-        buf, dtype_name, shift.contiguous().numpy(),
-        torch.cat([p.centres for p in problems]).to(torch.float32).numpy(),
-        torch.cat([p.offsets for p in problems]).to(torch.float32).numpy(),
-        starts, rel, cmax, omax, torch.get_num_threads(), precision)
+    buf, dtype_name = _dispatch._buffer(x)
+    best, unsure = _C.ncc_sweep(buf, dtype_name, shift.contiguous().numpy(), centres.numpy(), offsets.numpy(),
+                                starts, rel, cmax, omax, torch.get_num_threads(), precision)
     return torch.from_numpy(best), torch.from_numpy(unsure).to(torch.bool)
 
 
-def _sweep_fast(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem]):
-    """bfloat16 sweep, its unsure rows swept again in float32. When the classes are too close for
-    bfloat16 to certify most rows (a probe of the first rows says so), the rest goes straight to
-    float32: the fast mode then costs no more than the exact one."""
+def _sweep_fast(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], low: str, backend: str):
+    """A sweep at the low precision (bf16 on CPU, tf32 on GPU), its unsure rows swept again in float32.
+    When the classes are too close for it to certify most rows (a probe of the first rows says so),
+    the rest goes straight to float32: the fast mode then costs no more than the exact one."""
     n = x.shape[0]
     probe = min(n, _FAST_PROBE_ROWS)
-    best, unsure = _sweep_cpp(x[:probe], shift, problems, "bf16")
+    best, unsure = _sweep(x[:probe], shift, problems, low, backend)
     if n > probe:
-        bf16_pays = float(unsure.any(dim=1).to(torch.float64).mean()) <= _FAST_MAX_UNSURE
-        rest = _sweep_cpp(x[probe:], shift, problems, "bf16" if bf16_pays else "fp32")
+        low_pays = float(unsure.any(dim=1).to(torch.float64).mean()) <= _FAST_MAX_UNSURE
+        rest = _sweep(x[probe:], shift, problems, low if low_pays else "fp32", backend)
         best, unsure = torch.cat([best, rest[0]]), torch.cat([unsure, rest[1]])
     again = unsure.any(dim=1).nonzero().squeeze(1)
     if again.numel():
-        best[again], unsure[again] = _sweep_cpp(x[again], shift, problems, "fp32")
+        best[again], unsure[again] = _sweep(x[again], shift, problems, "fp32", backend)
     return best, unsure
 
 
@@ -162,19 +171,22 @@ def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Pro
 
     shift (D,) is float32, so x - shift is the same value in both precisions. On CPU one fused
     C++ sweep (csrc/ncc.cpp) scores every problem in a single read of x (without AVX-512 only up
-    to _FUSED_MAX_CLASSES classes in all; above, block-wise GEMMs). Rows whose top-2 gap is
-    within the bound are rechecked: bfloat16 -> float32 sweep -> float64 product -> literal.
+    to _FUSED_MAX_CLASSES classes in all; above, block-wise GEMMs); on CUDA the Triton sweep
+    (ncfast.triton.ncc) does. Rows whose top-2 gap is within the bound are rechecked: bf16 / tf32
+    (fast mode) -> float32 sweep -> float64 product -> literal.
     """
     n, d = x.shape
     shift64 = shift.to(torch.float64)
     total = sum(p.centres.shape[0] for p in problems)
     rows = max(1, min(16384, _BLOCK_ELEMS // max(total, d)))
     outs = []
-    if _dispatch.backend_for(x) == "cpp" and (_PACKED or total <= _FUSED_MAX_CLASSES):
-        if mode == "fast" and _C.ncc_has_precision("bf16"):
-            best, unsure = _sweep_fast(x, shift, problems)
+    backend = _dispatch.backend_for(x)
+    if backend == "triton" or (backend == "cpp" and (_PACKED or total <= _FUSED_MAX_CLASSES)):
+        low = "tf32" if backend == "triton" else ("bf16" if _C.ncc_has_precision("bf16") else None)
+        if mode == "fast" and low is not None:
+            best, unsure = _sweep_fast(x, shift, problems, low, backend)
         else:
-            best, unsure = _sweep_cpp(x, shift, problems, "fp32")
+            best, unsure = _sweep(x, shift, problems, "fp32", backend)
         for g, p in enumerate(problems):
             out = best[:, g].contiguous()
             idx = unsure[:, g].nonzero().squeeze(1)
@@ -252,7 +264,8 @@ def ncc_assign(features, means, *, mode: str = "exact") -> torch.Tensor:
 
     Equal to the float64 argmin on every row (see module docstring), in both modes: ``"exact"``
     scores in float32, ``"fast"`` first in bfloat16 where the CPU has AVX512-BF16 (elsewhere it
-    is the same as "exact"); the certified recheck makes their answers identical. Rows of
+    is the same as "exact"; on CUDA TF32 tensor cores); the certified recheck makes their answers
+    identical. Rows of
     ``means`` that hold NaN (absent classes, as ``ClassMoments.means`` reports them) never win;
     the returned indices refer to the rows of ``means``.
     """

@@ -93,6 +93,23 @@ def _reduce_tile_cpp(gram: torch.Tensor, rows: slice, cols: slice, k: _Context) 
         k.best_idx[rows].numpy(), k.best[cols].numpy(), k.best_idx[cols].numpy(), torch.get_num_threads())
 
 
+def _reduce_tile_triton(mt: torch.Tensor, rows: slice, cols: slice, k: _Context) -> dict:
+    """The Triton tile kernel (ncfast.triton.pairwise): Gram block and reductions in one pass."""
+    from .triton import pairwise as triton_pairwise
+
+    sup_r = sup_c = None
+    if k.sup is not None:
+        sup_r, sup_c = k.sup[rows], k.sup[cols]
+    best_r, idx_r = k.best[rows], k.best_idx[rows]
+    best_c, idx_c = k.best[cols], k.best_idx[cols]
+    out = triton_pairwise.reduce_pair_tile(
+        mt[rows], mt[cols], rows.start == cols.start, k.sq[rows], k.sq[cols], k.norms[rows], k.norms[cols],
+        k.var[rows], k.var[cols], sup_r, sup_c, k.g, k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos,
+        rows.start, cols.start, best_r, idx_r, best_c, idx_c)
+    # slices of a 1-D tensor are views: the kernel's in-place updates already reached k.best
+    return out
+
+
 def _reduce_tile_torch(gram: torch.Tensor, rows: slice, cols: slice, k: _Context) -> dict:
     """The same sums with torch operations, for devices without the C++ core."""
     diagonal = rows.start == cols.start
@@ -170,7 +187,8 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
         best=torch.full((c,), float("inf"), dtype=torch.float64, device=device),
         best_idx=torch.full((c,), -1, dtype=torch.int64, device=device),
     )
-    cpp = _dispatch.backend_for(mt) == "cpp"
+    backend = _dispatch.backend_for(mt)
+    cpp = backend == "cpp"
     reduce_tile = _reduce_tile_cpp if cpp else _reduce_tile_torch
     if cpp and _C.gram_available():
         mt = mt.contiguous()
@@ -187,7 +205,10 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
     resid = cos_dev = coh = dist_sum = msdr_sum = 0.0
     msdr_n = 0
     for rows, cols in _tiles(c, tile):
-        sums = reduce_tile(gram(rows, cols), rows, cols, ctx)
+        if backend == "triton":  # the kernel forms the tile's Gram block itself, in registers
+            sums = _reduce_tile_triton(mt, rows, cols, ctx)
+        else:
+            sums = reduce_tile(gram(rows, cols), rows, cols, ctx)
         resid += sums["resid"]
         cos_dev += sums["cos_dev"]
         coh += sums["coh"]

@@ -1,0 +1,264 @@
+"""Per-class moments of a block of rows, and the centred rows of the within-class scatter.
+
+For every class c of a block (x, y), in float64:
+
+    counts[c]    = n_c
+    means[c]     = mu_c = (1/n_c) sum_{y_i=c} h_i
+    m2[c]        = sum_{y_i=c} ||h_i - mu_c||^2          (about the block's own class mean)
+    unit_sums[c] = sum_{y_i=c} h_i / ||h_i||             (a zero row adds 0)
+    norm_sums[c] = sum_{y_i=c} ||h_i||
+
+Rows are sorted by label on the host (a stable argsort), and each class segment is cut into
+chunks of at most BLOCK_R rows. ``_chunk_moments_kernel`` gives every (chunk, column block) pair
+to one program: the (BLOCK_R, BLOCK_D) tile is loaded once, widened to float64 on load, and
+reduced in registers to the chunk's column means, its M2 about those means (a two-pass form over
+the in-register tile, so nothing cancels however far the data sit from the origin) and its unit
+sums. ``_merge_chunks_kernel`` then folds the chunks of each class, in chunk order, with Chan's
+formula
+
+    mu = mu_a + delta * n_b / n,   M2 = M2_a + M2_b + |delta|^2 n_a n_b / n,
+
+so the result is deterministic (no floating-point atomics) and exact to float64 rounding when the
+within-class spread is tiny next to the means. Row norms need the whole row: with one column
+block the tile has it, otherwise ``_row_norms_kernel`` computes them first.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@triton.jit
+def _row_norms_kernel(
+    norm_ptr,  # (N,) float64 out: ||h_i||
+    x_ptr, stride_xm, stride_xd,  # (N, D) features, any float dtype and strides
+    n, d,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    for d0 in range(0, d, BLOCK_D):
+        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        mask = rmask[:, None] & (cols < d)[None, :]
+        # widen on load: half and bfloat16 arithmetic would round (and is wrong in the interpreter)
+        h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float64)
+        acc += tl.sum(h * h, axis=1)
+    # tl.sqrt is approximate only for float32; on float64 it is the correctly rounded sqrt.rn.f64
+    tl.store(norm_ptr + rows, tl.sqrt(acc), mask=rmask)
+
+
+@triton.jit
+def _chunk_moments_kernel(
+    mean_ptr, stride_mean_k, stride_mean_d,  # (chunks, D) float64 out: the chunk's column means
+    unit_ptr, stride_unit_k, stride_unit_d,  # (chunks, D) float64 out: sum of h_i / ||h_i||
+    m2_ptr, stride_m2_k, stride_m2_b,  # (chunks, column blocks) float64 out: centred squares of the block
+    norm_sum_ptr,  # (chunks,) float64 out: sum of ||h_i||
+    x_ptr, stride_xm, stride_xd,  # (N, D) features, any float dtype and strides
+    order_ptr,  # (N,) int64: row indices sorted by label
+    start_ptr,  # (chunks,) int64: the chunk's first position in order
+    count_ptr,  # (chunks,) int64: its number of rows (1 .. BLOCK_R)
+    row_norm_ptr,  # (N,) float64 ||h_i||, read only when not NORMS_IN_TILE
+    d,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMS_IN_TILE: tl.constexpr,  # one column block holds whole rows: the norms come from the tile
+):
+    chunk = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    start = tl.load(start_ptr + chunk)
+    count = tl.load(count_ptr + chunk)
+    r = tl.arange(0, BLOCK_R)
+    rmask = r < count
+    rows = tl.load(order_ptr + start + r, mask=rmask, other=0)
+    cols = blk.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    mask = rmask[:, None] & cmask[None, :]
+    h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float64)
+    if NORMS_IN_TILE:
+        norms = tl.sqrt(tl.sum(h * h, axis=1))
+    else:
+        norms = tl.load(row_norm_ptr + rows, mask=rmask, other=0.0)
+    mean = tl.sum(h, axis=0) / count.to(tl.float64)
+    # second pass over the tile in registers: squares about the chunk's own mean, no cancellation
+    dev = tl.where(mask, h - mean[None, :], 0.0)
+    m2 = tl.sum(tl.sum(dev * dev, axis=1), axis=0)
+    inv = tl.where(norms > 0.0, 1.0 / tl.where(norms > 0.0, norms, 1.0), 0.0)
+    unit = tl.sum(h * inv[:, None], axis=0)
+    tl.store(mean_ptr + chunk * stride_mean_k + cols * stride_mean_d, mean, mask=cmask)
+    tl.store(unit_ptr + chunk * stride_unit_k + cols * stride_unit_d, unit, mask=cmask)
+    tl.store(m2_ptr + chunk * stride_m2_k + blk * stride_m2_b, m2)
+    if blk == 0:
+        tl.store(norm_sum_ptr + chunk, tl.sum(norms, axis=0))
+
+
+@triton.jit
+def _merge_chunks_kernel(
+    mean_ptr, stride_mean_c, stride_mean_d,  # (C, D) float64 out: class means (0 for an absent class)
+    unit_ptr, stride_unit_c, stride_unit_d,  # (C, D) float64 out: unit sums
+    m2_ptr, stride_m2_c, stride_m2_b,  # (C, column blocks) float64 out: M2 restricted to the block
+    norm_sum_ptr,  # (C,) float64 out
+    cmean_ptr, stride_cmean_k, stride_cmean_d,  # the chunk partials of _chunk_moments_kernel
+    cunit_ptr, stride_cunit_k, stride_cunit_d,
+    cm2_ptr, stride_cm2_k, stride_cm2_b,
+    cnorm_sum_ptr,
+    count_ptr,  # (chunks,) int64 rows per chunk
+    first_ptr,  # (C + 1,) int64: class c owns chunks first[c] .. first[c + 1]
+    d,
+    BLOCK_D: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    cols = blk.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    k0 = tl.load(first_ptr + c)
+    k1 = tl.load(first_ptr + c + 1)
+    n = tl.full([], 0.0, tl.float64)
+    m2 = tl.full([], 0.0, tl.float64)
+    norm_sum = tl.full([], 0.0, tl.float64)
+    mean = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    unit = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    # Chunks in order, so the result does not depend on scheduling. M2 splits over columns
+    # (|delta|^2 is a sum over them), so each column block merges its own share.
+    for k in range(k0, k1):
+        nb = tl.load(count_ptr + k).to(tl.float64)
+        mb = tl.load(cmean_ptr + k * stride_cmean_k + cols * stride_cmean_d, mask=cmask, other=0.0)
+        tot = n + nb
+        delta = mb - mean
+        # nb / tot is exactly 1 for the first chunk and n * nb / tot exactly 0: it is copied
+        mean += delta * (nb / tot)
+        m2 += tl.load(cm2_ptr + k * stride_cm2_k + blk * stride_cm2_b) + tl.sum(delta * delta, axis=0) * (n * nb / tot)
+        n = tot
+        unit += tl.load(cunit_ptr + k * stride_cunit_k + cols * stride_cunit_d, mask=cmask, other=0.0)
+        norm_sum += tl.load(cnorm_sum_ptr + k)
+    tl.store(mean_ptr + c * stride_mean_c + cols * stride_mean_d, mean, mask=cmask)
+    tl.store(unit_ptr + c * stride_unit_c + cols * stride_unit_d, unit, mask=cmask)
+    tl.store(m2_ptr + c * stride_m2_c + blk * stride_m2_b, m2)
+    if blk == 0:
+        tl.store(norm_sum_ptr + c, norm_sum)
+
+
+@triton.jit
+def _centre_rows_kernel(
+    out_ptr, stride_om, stride_od,  # (N, D) float64 out: h_i - mu_{y_i}
+    x_ptr, stride_xm, stride_xd,  # (N, D) features, any float dtype and strides
+    y_ptr,  # (N,) int64 labels
+    means_ptr, stride_mc, stride_md,  # (C, D) float64
+    n, d,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < n
+    mask = rmask[:, None] & (cols < d)[None, :]
+    labels = tl.load(y_ptr + rows, mask=rmask, other=0)
+    h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float64)
+    mu = tl.load(means_ptr + labels[:, None] * stride_mc + cols[None, :] * stride_md, mask=mask, other=0.0)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_od, h - mu, mask=mask)
+
+
+def _check_features(x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"features: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"features: expected one of {_FLOAT_DTYPES}, got {x.dtype}")
+
+
+def _block_d(d: int, block_d: int | None) -> int:
+    return block_d if block_d is not None else min(64, triton.next_power_of_2(max(d, 1)))
+
+
+def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, block_rows: int = 64,
+                  block_d: int | None = None):
+    """(counts int64 (C,), means (C, D), m2 (C,), unit_sums (C, D), norm_sums (C,)), float64, of
+    the rows x (N, D; float16, bfloat16, float32 or float64, any strides) with labels y (N,) in
+    [0, num_classes). The same values as ``ncfast._dispatch._torch_block_moments``, deterministic.
+
+    block_rows / block_d (powers of two) set the chunk tile; the defaults suit a GPU.
+    """
+    _check_features(x)
+    n, d = x.shape
+    dev = x.device
+    y = y.to(device=dev, dtype=torch.int64).contiguous()
+    counts = torch.bincount(y, minlength=num_classes)
+    if counts.numel() > num_classes:
+        raise ValueError("labels: value out of range [0, num_classes)")
+    f64 = dict(dtype=torch.float64, device=dev)
+    means = torch.zeros(num_classes, d, **f64)
+    unit_sums = torch.zeros(num_classes, d, **f64)
+    norm_sums = torch.zeros(num_classes, **f64)
+    if n == 0 or d == 0:
+        return counts, means, torch.zeros(num_classes, **f64), unit_sums, norm_sums
+    block_d = _block_d(d, block_d)
+    col_blocks = triton.cdiv(d, block_d)
+
+    # Chunk table: class c's sorted rows start at class_start[c]; it is cut into
+    # ceil(n_c / block_rows) chunks, numbered first[c] .. first[c + 1] in class order.
+    order = torch.argsort(y, stable=True)
+    class_start = torch.cumsum(counts, 0) - counts
+    per_class = (counts + block_rows - 1) // block_rows
+    first = torch.cat([per_class.new_zeros(1), torch.cumsum(per_class, 0)])
+    chunks = int(first[-1])
+    chunk_class = torch.repeat_interleave(torch.arange(num_classes, device=dev), per_class, output_size=chunks)
+    chunk_start = class_start[chunk_class] + (torch.arange(chunks, device=dev) - first[chunk_class]) * block_rows
+    chunk_count = torch.clamp(class_start[chunk_class] + counts[chunk_class] - chunk_start, max=block_rows)
+
+    row_norms = norm_sums  # not read when one column block holds whole rows
+    if col_blocks > 1:
+        row_norms = torch.empty(n, **f64)
+        _row_norms_kernel[(triton.cdiv(n, block_rows),)](
+            row_norms, x, x.stride(0), x.stride(1), n, d, BLOCK_M=block_rows, BLOCK_D=block_d)
+    cmean = torch.empty(chunks, d, **f64)
+    cunit = torch.empty(chunks, d, **f64)
+    cm2 = torch.empty(chunks, col_blocks, **f64)
+    cnorm = torch.empty(chunks, **f64)
+    _chunk_moments_kernel[(chunks, col_blocks)](
+        cmean, cmean.stride(0), cmean.stride(1),
+        cunit, cunit.stride(0), cunit.stride(1),
+        cm2, cm2.stride(0), cm2.stride(1),
+        cnorm,
+        x, x.stride(0), x.stride(1),
+        order, chunk_start, chunk_count, row_norms, d,
+        BLOCK_R=block_rows, BLOCK_D=block_d, NORMS_IN_TILE=col_blocks == 1,
+        num_warps=8,  # the float64 tile: 16 values per thread at 64 x 64
+    )
+    m2_blocks = torch.empty(num_classes, col_blocks, **f64)
+    _merge_chunks_kernel[(num_classes, col_blocks)](
+        means, means.stride(0), means.stride(1),
+        unit_sums, unit_sums.stride(0), unit_sums.stride(1),
+        m2_blocks, m2_blocks.stride(0), m2_blocks.stride(1),
+        norm_sums,
+        cmean, cmean.stride(0), cmean.stride(1),
+        cunit, cunit.stride(0), cunit.stride(1),
+        cm2, cm2.stride(0), cm2.stride(1),
+        cnorm, chunk_count, first, d,
+        BLOCK_D=block_d,
+    )
+    return counts, means, m2_blocks.sum(1), unit_sums, norm_sums
+
+
+def centre_rows(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, out: torch.Tensor | None = None, *,
+                block_rows: int = 32, block_d: int | None = None) -> torch.Tensor:
+    """x_i - means[y_i] in float64, (N, D), written into ``out`` when given (any strides): the
+    rows whose Gram matrix is the within-class scatter (the product itself stays a matmul)."""
+    _check_features(x)
+    n, d = x.shape
+    y = y.to(device=x.device, dtype=torch.int64).contiguous()
+    means = means.to(device=x.device, dtype=torch.float64)
+    if out is None:
+        out = torch.empty(n, d, dtype=torch.float64, device=x.device)
+    elif out.shape != (n, d) or out.dtype != torch.float64:
+        raise ValueError(f"out: expected a float64 tensor of shape {(n, d)}, got {out.dtype} {tuple(out.shape)}")
+    if n == 0 or d == 0:
+        return out
+    block_d = _block_d(d, block_d)
+    grid = (triton.cdiv(n, block_rows), triton.cdiv(d, block_d))
+    _centre_rows_kernel[grid](
+        out, out.stride(0), out.stride(1),
+        x, x.stride(0), x.stride(1),
+        y, means, means.stride(0), means.stride(1), n, d,
+        BLOCK_M=block_rows, BLOCK_D=block_d,
+    )
+    return out

@@ -1,0 +1,192 @@
+"""Certified argmin sweep: the nearest class centre (and classifier decision) without an N x K matrix.
+
+For rows x_i (N, D), a float32 shift t (D,), centres w_c (K, D) and offsets o_c (K,) in float32,
+split into G consecutive groups of classes (starts[g] .. starts[g + 1]), each group its own
+problem over the same rows:
+
+    best[i, g]   = argmin_{c in g} o_c + (x_i - t) . w_c         (index within the group; lowest on ties)
+    unsure[i, g] = the two best scores of the group are within 2 * rel * (||x_i - t|| cmax[g] + omax[g])
+
+with rel * (...) the caller's bound on the error of one computed score, so every row not flagged
+is the exact argmin and the caller recomputes only the flagged ones (see ncfast.ncc). The same
+contract as the C++ ``_C.ncc_sweep`` (csrc/ncc.h).
+
+``_ncc_sweep_kernel`` is row-stationary: a program owns BLOCK_M rows, and for every group sweeps
+its classes in tiles of BLOCK_N, each score tile a K-loop of ``tl.dot`` over BLOCK_D features
+(``input_precision`` "ieee" = float32 FMAs, "tf32" = tensor cores). A tile is folded at once into
+a running (best, second best, best index) per row kept in registers, so only one index and one
+flag per row and group are written. The first BLOCK_D features of the rows (all of them when
+D <= BLOCK_D) stay in registers for the whole sweep.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PRECISIONS = ("ieee", "tf32")
+_ALIASES = {"fp32": "ieee"}  # the C++ sweep's name for the exact float32 products
+
+_UNIT_ROUNDOFF = {"ieee": 2.0 ** -24, "fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "bf16": 2.0 ** -8}
+
+
+def unit_roundoff(precision: str) -> float:
+    """Unit roundoff of a product precision's input format: float32 ("ieee"/"fp32") 2^-24,
+    tf32 2^-11, bfloat16 2^-8."""
+    if precision not in _UNIT_ROUNDOFF:
+        raise ValueError(f"precision: expected one of {tuple(_UNIT_ROUNDOFF)}, got {precision!r}")
+    return _UNIT_ROUNDOFF[precision]
+
+
+def relative_bound(precision: str, d: int) -> float:
+    """rel for ``ncc_sweep`` at this precision: |computed - exact score| <= rel (||x - t|| cmax + omax).
+
+    "ieee": x - t rounded once to float32, a float32 dot product of length d in any order
+    (gamma_d <= 1.01 d u), the offset; 10% headroom (the C++ sweep's bound). "tf32": the tensor
+    cores may truncate both operands to tf32 rather than round them (the tl.dot docs warn of it), an
+    error of 2 u_tf32 each, and we allow truncating float32 accumulation too (2 u_fp32 per add).
+    """
+    u32 = unit_roundoff("ieee")
+    if _ALIASES.get(precision, precision) == "ieee":
+        return 1.1 * (1.01 * d + 4) * u32
+    if precision == "tf32":
+        return 1.1 * (2.0 * 2.0 * unit_roundoff("tf32") + (1.01 * d + 4) * 2.0 * u32)
+    raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+
+
+@triton.jit
+def _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d,
+                  BLOCK_D: tl.constexpr, X_F64: tl.constexpr):
+    """(BLOCK_M, BLOCK_D) float32 tile of x - shift, zero outside the matrix: one rounding of the
+    exact difference (float64 input is shifted in float64 first; other dtypes widen exactly)."""
+    cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+    cmask = cols < d
+    mask = rmask[:, None] & cmask[None, :]
+    h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0)
+    s = tl.load(shift_ptr + cols, mask=cmask, other=0.0)
+    if X_F64:
+        xs = (h - s.to(tl.float64)[None, :]).to(tl.float32)
+    else:
+        xs = h.to(tl.float32) - s[None, :]
+    return xs
+
+
+@triton.jit
+def _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D: tl.constexpr):
+    """(BLOCK_D, BLOCK_N) float32 tile of the centres, transposed for the dot, zero outside."""
+    cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+    mask = (cols < d)[:, None] & kmask[None, :]
+    return tl.load(centres_ptr + cls[None, :] * stride_ck + cols[:, None] * stride_cd, mask=mask, other=0.0)
+
+
+@triton.jit
+def _ncc_sweep_kernel(
+    best_ptr, stride_bm, stride_bg,  # (N, G) int64 out: argmin within each group
+    unsure_ptr, stride_um, stride_ug,  # (N, G) bool out: top-2 gap within twice the bound
+    x_ptr, stride_xm, stride_xd,  # (N, D) rows, any float dtype and strides
+    shift_ptr,  # (D,) float32
+    centres_ptr, stride_ck, stride_cd,  # (K, D) float32
+    offsets_ptr,  # (K,) float32
+    starts_ptr,  # (G + 1,) int64: group g owns classes starts[g] .. starts[g + 1]
+    rel_ptr,  # (1,) float64 (a Python float argument would arrive as float32)
+    cmax_ptr, omax_ptr,  # (G,) float64
+    n, d, groups,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" or "tf32"
+    X_F64: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n
+    # The first feature block stays in registers for the whole sweep; the norm of the rounded
+    # rows feeds the bound (float32 is enough: the bound carries 10% headroom).
+    x0 = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, 0, d, BLOCK_D, X_F64)
+    sq = tl.sum(x0 * x0, axis=1)
+    for d0 in range(BLOCK_D, d, BLOCK_D):
+        xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64)
+        sq += tl.sum(xs * xs, axis=1)
+    norm = tl.sqrt(sq.to(tl.float64))
+    rel = tl.load(rel_ptr)
+    for g in range(0, groups):
+        lo = tl.load(starts_ptr + g)
+        hi = tl.load(starts_ptr + g + 1)
+        b1 = tl.full((BLOCK_M,), float("inf"), tl.float32)
+        b2 = tl.full((BLOCK_M,), float("inf"), tl.float32)
+        i1 = tl.zeros((BLOCK_M,), dtype=tl.int64) + lo
+        for n0 in range(lo, hi, BLOCK_N):
+            cls = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            kmask = cls < hi
+            acc = tl.dot(x0, _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, 0, d, BLOCK_D),
+                         input_precision=PRECISION)
+            for d0 in range(BLOCK_D, d, BLOCK_D):
+                xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64)
+                ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D)
+                acc = tl.dot(xs, ct, acc, input_precision=PRECISION)
+            # columns past the group (the next group's classes, or past K) score +inf: never best
+            off = tl.load(offsets_ptr + cls, mask=kmask, other=float("inf"))
+            s = acc + off[None, :]
+            t1 = tl.min(s, axis=1)
+            a1 = tl.min(tl.where(s == t1[:, None], cls[None, :], hi), axis=1)  # lowest index on ties
+            t2 = tl.min(tl.where(cls[None, :] == a1[:, None], float("inf"), s), axis=1)
+            # strict: an equal score in a later tile (higher indices) does not take over
+            better = t1 < b1
+            b2 = tl.where(better, tl.minimum(b1, t2), tl.minimum(b2, t1))
+            b1 = tl.where(better, t1, b1)
+            i1 = tl.where(better, a1, i1)
+        bound = rel * (norm * tl.load(cmax_ptr + g) + tl.load(omax_ptr + g))
+        # a group of one class keeps b2 = +inf: never unsure
+        unsure = b2.to(tl.float64) - b1.to(tl.float64) <= 2.0 * bound
+        tl.store(best_ptr + rows * stride_bm + g * stride_bg, i1 - lo, mask=rmask)
+        tl.store(unsure_ptr + rows * stride_um + g * stride_ug, unsure, mask=rmask)
+
+
+def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor, starts,
+              rel: float, cmax, omax, precision: str = "ieee", *, block_m: int = 64, block_n: int = 64,
+              block_d: int = 64):
+    """(best int64 (N, G), unsure bool (N, G)): the certified argmin of every group of classes.
+
+    x (N, D) any float dtype and strides; shift (D,), centres (K, D) and offsets (K,) as float32;
+    starts: G + 1 ints from 0 to K; rel, cmax, omax: the per-row error bound
+    rel * (||x_i - shift|| * cmax[g] + omax[g]) (``relative_bound(precision, D)`` gives rel);
+    precision: "ieee" (alias "fp32") or "tf32". A group of one class gives best 0, never unsure.
+    Block sizes are powers of two >= 16 (tl.dot's minimum), shrunk to the problem.
+    """
+    precision = _ALIASES.get(precision, precision)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS} (or 'fp32'), got {precision!r}")
+    if x.dim() != 2 or not x.dtype.is_floating_point:
+        raise ValueError(f"features: expected a 2-D floating tensor, got {x.dtype} {tuple(x.shape)}")
+    n, d = x.shape
+    dev = x.device
+    k = centres.shape[0]
+    starts = [int(s) for s in starts]
+    groups = len(starts) - 1
+    if groups < 1 or starts[0] != 0 or starts[-1] != k or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"starts: expected G + 1 >= 2 increasing ints from 0 to K = {k}, got {starts}")
+    if centres.shape != (k, d) or offsets.shape != (k,) or shift.shape != (d,):
+        raise ValueError(f"centres, offsets, shift: expected shapes {(k, d)}, {(k,)}, {(d,)}")
+    best = torch.empty(n, groups, dtype=torch.int64, device=dev)
+    unsure = torch.empty(n, groups, dtype=torch.bool, device=dev)
+    if n == 0:
+        return best, unsure
+    f32 = dict(dtype=torch.float32, device=dev)
+    f64 = dict(dtype=torch.float64, device=dev)
+    centres = centres.to(**f32)
+    widest = max(b - a for a, b in zip(starts, starts[1:]))
+    block_n = max(16, min(block_n, triton.next_power_of_2(max(widest, 1))))
+    block_d = max(16, min(block_d, triton.next_power_of_2(max(d, 1))))
+    _ncc_sweep_kernel[(triton.cdiv(n, block_m),)](
+        best, best.stride(0), best.stride(1),
+        unsure, unsure.stride(0), unsure.stride(1),
+        x, x.stride(0), x.stride(1),
+        shift.to(**f32).contiguous(),
+        centres, centres.stride(0), centres.stride(1),
+        offsets.to(**f32).contiguous(),
+        torch.tensor(starts, dtype=torch.int64, device=dev),
+        torch.tensor([rel], **f64),
+        torch.as_tensor(cmax, **f64).reshape(groups).contiguous(),
+        torch.as_tensor(omax, **f64).reshape(groups).contiguous(),
+        n, d, groups,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        PRECISION=precision, X_F64=x.dtype == torch.float64,
+    )
+    return best, unsure

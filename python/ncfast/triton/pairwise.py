@@ -1,0 +1,227 @@
+"""One tile of class pairs: its block of G = Mt Mt^T computed and reduced in one kernel.
+
+For rows I and columns J of the centred class means Mt (float64), with G_ij = Mt_i . Mt_j,
+cos_ij = G_ij / (||Mt_i|| ||Mt_j||), d2_ij = max(||Mt_i||^2 + ||Mt_j||^2 - 2 G_ij, 0) and
+v the within-class variances, the tile's sums over unordered pairs i < j (all of I x J off the
+diagonal; the strict upper triangle on a diagonal tile, where I = J) are, as in csrc/pairwise.cpp,
+
+    resid    = sum_{i in I} (G_ii / g - etf_diag)^2  [diagonal tile only]  + 2 sum (G_ij / g - etf_offdiag)^2
+    cos_dev  = 2 sum (cos_ij - mean_cos)^2          coh = 2 sum |cos_ij + etf_cos|
+    dist     = sum (d2_ij + v_i + v_j)              msdr_sum, msdr_n = 2 x (sum, count) over s(i) = s(j)
+    cdnv     = (n, mean, M2) of (v_i + v_j) / (2 d2_ij)
+
+and the nearest other class of every row (and, off the diagonal, of every column) by d2.
+
+``_pair_tile_kernel`` gives each (BLOCK_I, BLOCK_J) sub-tile to one program: a K-loop of float64
+``tl.dot`` over BLOCK_D features builds the sub-tile of G in registers, which is reduced on the
+spot to the program's partial sums, its CDNV (n, mean, M2) (two passes over the in-register
+ratios), and its row and column minima (lowest index on ties). The partials are combined on the
+host side in program order (Chan's formula for CDNV), so the result is deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Columns of the per-program float64 partials.
+_RESID, _COS_DEV, _COH, _DIST, _MSDR_SUM, _CDNV_MEAN, _CDNV_M2 = range(7)
+
+
+@triton.jit
+def _pair_tile_kernel(
+    sums_ptr, stride_sp, stride_sq,  # (P, 7) float64 out: resid, cos_dev, coh, dist, msdr_sum, cdnv mean, cdnv M2
+    counts_ptr, stride_cp, stride_cq,  # (P, 2) int64 out: msdr_n, cdnv n
+    rbest_ptr, stride_rb_b, stride_rb_i,  # (J blocks, t1) float64 out: row minima of d2 over the program's columns
+    ridx_ptr, stride_ri_b, stride_ri_i,  # (J blocks, t1) int64 out: their column (within the tile)
+    cbest_ptr, stride_cb_b, stride_cb_j,  # (I blocks, t2) float64 out: column minima (off-diagonal tiles)
+    cidx_ptr, stride_ci_b, stride_ci_j,  # (I blocks, t2) int64 out: their row (within the tile)
+    a_ptr, stride_am, stride_ad,  # (t1, D) float64: Mt rows of I
+    b_ptr, stride_bm, stride_bd,  # (t2, D) float64: Mt rows of J
+    sq_r_ptr, sq_c_ptr,  # (t1,), (t2,) float64: ||Mt_i||^2
+    norm_r_ptr, norm_c_ptr,  # ||Mt_i||
+    var_r_ptr, var_c_ptr,  # v_i
+    sup_r_ptr, sup_c_ptr,  # (t1,), (t2,) int64 super-classes, read only when HAS_SUP
+    params_ptr,  # (5,) float64: g, etf_diag, etf_offdiag, mean_cos, etf_cos (float64: a Python float would arrive as float32)
+    t1, t2, d,
+    DIAGONAL: tl.constexpr,  # I = J: pairs j > i only, G_ii enters resid once
+    HAS_SUP: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    prog = pid_i.to(tl.int64) * tl.num_programs(1) + pid_j
+    ii = pid_i.to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    jj = pid_j.to(tl.int64) * BLOCK_J + tl.arange(0, BLOCK_J)
+    imask = ii < t1
+    jmask = jj < t2
+
+    gram = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64)
+    for d0 in range(0, d, BLOCK_D):
+        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        cmask = cols < d
+        a = tl.load(a_ptr + ii[:, None] * stride_am + cols[None, :] * stride_ad,
+                    mask=imask[:, None] & cmask[None, :], other=0.0)
+        b = tl.load(b_ptr + jj[None, :] * stride_bm + cols[:, None] * stride_bd,
+                    mask=cmask[:, None] & jmask[None, :], other=0.0)
+        gram = tl.dot(a, b, gram, input_precision="ieee", out_dtype=tl.float64)
+
+    g = tl.load(params_ptr + 0)
+    etf_diag = tl.load(params_ptr + 1)
+    etf_offdiag = tl.load(params_ptr + 2)
+    mean_cos = tl.load(params_ptr + 3)
+    etf_cos = tl.load(params_ptr + 4)
+    sq_i = tl.load(sq_r_ptr + ii, mask=imask, other=0.0)
+    sq_j = tl.load(sq_c_ptr + jj, mask=jmask, other=0.0)
+    norm_i = tl.load(norm_r_ptr + ii, mask=imask, other=1.0)
+    norm_j = tl.load(norm_c_ptr + jj, mask=jmask, other=1.0)
+    var_i = tl.load(var_r_ptr + ii, mask=imask, other=0.0)
+    var_j = tl.load(var_c_ptr + jj, mask=jmask, other=0.0)
+
+    inside = imask[:, None] & jmask[None, :]
+    if DIAGONAL:
+        pair = inside & (jj[None, :] > ii[:, None])
+        other = inside & (jj[None, :] != ii[:, None])  # candidates for the nearest other class
+    else:
+        pair = inside
+        other = inside
+
+    r = gram / g - etf_offdiag
+    resid = 2.0 * tl.sum(tl.sum(tl.where(pair, r * r, 0.0), axis=1), axis=0)
+    if DIAGONAL:
+        rd = gram / g - etf_diag
+        eye = inside & (jj[None, :] == ii[:, None])
+        resid += tl.sum(tl.sum(tl.where(eye, rd * rd, 0.0), axis=1), axis=0)
+    cs = gram / (norm_i[:, None] * norm_j[None, :])
+    cos_dev = 2.0 * tl.sum(tl.sum(tl.where(pair, (cs - mean_cos) * (cs - mean_cos), 0.0), axis=1), axis=0)
+    coh = 2.0 * tl.sum(tl.sum(tl.where(pair, tl.abs(cs + etf_cos), 0.0), axis=1), axis=0)
+    d2 = tl.maximum(sq_i[:, None] + sq_j[None, :] - 2.0 * gram, 0.0)
+    vs = var_i[:, None] + var_j[None, :]
+    dist = tl.sum(tl.sum(tl.where(pair, d2 + vs, 0.0), axis=1), axis=0)
+
+    # CDNV ratios: the program's mean first, then squares about it (no E[r^2] - E[r]^2).
+    ratio = vs / (2.0 * tl.where(pair, d2, 1.0))  # padding lanes stay finite; a real d2 = 0 gives inf, as in C++
+    cnt = tl.sum(tl.sum(pair.to(tl.int64), axis=1), axis=0)
+    rmean = tl.sum(tl.sum(tl.where(pair, ratio, 0.0), axis=1), axis=0) / tl.maximum(cnt, 1).to(tl.float64)
+    rdev = ratio - rmean
+    rm2 = tl.sum(tl.sum(tl.where(pair, rdev * rdev, 0.0), axis=1), axis=0)
+
+    msdr_sum = tl.full([], 0.0, tl.float64)
+    msdr_n = tl.full([], 0, tl.int64)
+    if HAS_SUP:
+        sup_i = tl.load(sup_r_ptr + ii, mask=imask, other=-1)
+        sup_j = tl.load(sup_c_ptr + jj, mask=jmask, other=-1)
+        same = pair & (sup_i[:, None] == sup_j[None, :])
+        msdr_sum = 2.0 * tl.sum(tl.sum(tl.where(same, d2 + vs, 0.0), axis=1), axis=0)
+        msdr_n = 2 * tl.sum(tl.sum(same.to(tl.int64), axis=1), axis=0)
+
+    sums = sums_ptr + prog * stride_sp
+    tl.store(sums + 0 * stride_sq, resid)
+    tl.store(sums + 1 * stride_sq, cos_dev)
+    tl.store(sums + 2 * stride_sq, coh)
+    tl.store(sums + 3 * stride_sq, dist)
+    tl.store(sums + 4 * stride_sq, msdr_sum)
+    tl.store(sums + 5 * stride_sq, rmean)
+    tl.store(sums + 6 * stride_sq, rm2)
+    tl.store(counts_ptr + prog * stride_cp, msdr_n)
+    tl.store(counts_ptr + prog * stride_cp + stride_cq, cnt)
+
+    # Nearest other class: the smallest d2, and among equal ones the lowest index.
+    dm = tl.where(other, d2, float("inf"))
+    rmin = tl.min(dm, axis=1)
+    rarg = tl.min(tl.where(dm == rmin[:, None], jj[None, :], t2), axis=1)
+    tl.store(rbest_ptr + pid_j * stride_rb_b + ii * stride_rb_i, rmin, mask=imask)
+    tl.store(ridx_ptr + pid_j * stride_ri_b + ii * stride_ri_i, rarg, mask=imask)
+    if not DIAGONAL:
+        cmin = tl.min(dm, axis=0)
+        carg = tl.min(tl.where(dm == cmin[None, :], ii[:, None], t1), axis=0)
+        tl.store(cbest_ptr + pid_i * stride_cb_b + jj * stride_cb_j, cmin, mask=jmask)
+        tl.store(cidx_ptr + pid_i * stride_ci_b + jj * stride_ci_j, carg, mask=jmask)
+
+
+def _fold_minima(vals: torch.Tensor, idx: torch.Tensor, offset: int, best: torch.Tensor, best_idx: torch.Tensor):
+    """Fold per-program minima (blocks, t) into the running best / best_idx in place: the lowest
+    block wins among equal values (torch.min returns the first), then strictly smaller wins
+    against the running value, so the lowest index stays on ties."""
+    val, which = vals.min(dim=0)
+    arg = idx.gather(0, which.unsqueeze(0)).squeeze(0) + offset
+    better = val < best
+    best.copy_(torch.where(better, val, best))
+    best_idx.copy_(torch.where(better, arg, best_idx))
+
+
+def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: bool, sq_r, sq_c, norm_r, norm_c,
+                     var_r, var_c, sup_r, sup_c, g: float, etf_diag: float, etf_offdiag: float, mean_cos: float,
+                     etf_cos: float, row0: int, col0: int, best_r: torch.Tensor, idx_r: torch.Tensor,
+                     best_c: torch.Tensor, idx_c: torch.Tensor, *, block_i: int = 64, block_j: int = 64,
+                     block_d: int = 32) -> dict:
+    """Reduce the tile of pairs (rows of mt_rows) x (rows of mt_cols), both (t, D) float64.
+
+    Returns the dict of ``ncfast.pairwise._reduce_tile_torch`` (resid, cos_dev, coh, dist,
+    msdr_sum, msdr_n, cdnv = (n, mean, M2)) and updates the running nearest class in place:
+    best_r / idx_r for the rows (global column index col0 + j) and, off the diagonal,
+    best_c / idx_c for the columns (row0 + i). sup_r / sup_c: super-classes (int64) or None.
+    """
+    t1, d = mt_rows.shape
+    t2 = mt_cols.shape[0]
+    if mt_cols.shape[1] != d:
+        raise ValueError(f"mt_cols: expected {d} columns, got {mt_cols.shape[1]}")
+    if diagonal and t1 != t2:
+        raise ValueError(f"diagonal tile: expected t1 == t2, got {t1} and {t2}")
+    dev = mt_rows.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    a = mt_rows.to(**f64)
+    b = mt_cols.to(**f64)
+    vec = [v.to(**f64).contiguous() for v in (sq_r, sq_c, norm_r, norm_c, var_r, var_c)]
+    has_sup = sup_r is not None
+    sups = [s.to(device=dev, dtype=torch.int64).contiguous() for s in (sup_r, sup_c)] if has_sup else [vec[0], vec[0]]
+    params = torch.tensor([g, etf_diag, etf_offdiag, mean_cos, etf_cos], **f64)
+    block_i = max(16, min(block_i, triton.next_power_of_2(max(t1, 1))))
+    block_j = max(16, min(block_j, triton.next_power_of_2(max(t2, 1))))
+    block_d = max(16, min(block_d, triton.next_power_of_2(max(d, 1))))
+    grid = (triton.cdiv(t1, block_i), triton.cdiv(t2, block_j))
+    progs = grid[0] * grid[1]
+    sums = torch.empty(progs, 7, **f64)
+    counts = torch.empty(progs, 2, dtype=torch.int64, device=dev)
+    rbest = torch.empty(grid[1], t1, **f64)
+    ridx = torch.empty(grid[1], t1, dtype=torch.int64, device=dev)
+    cbest = torch.empty(grid[0], t2, **f64)  # written off the diagonal only
+    cidx = torch.empty(grid[0], t2, dtype=torch.int64, device=dev)
+    if progs:
+        _pair_tile_kernel[grid](
+            sums, sums.stride(0), sums.stride(1),
+            counts, counts.stride(0), counts.stride(1),
+            rbest, rbest.stride(0), rbest.stride(1),
+            ridx, ridx.stride(0), ridx.stride(1),
+            cbest, cbest.stride(0), cbest.stride(1),
+            cidx, cidx.stride(0), cidx.stride(1),
+            a, a.stride(0), a.stride(1),
+            b, b.stride(0), b.stride(1),
+            *vec, *sups, params, t1, t2, d,
+            DIAGONAL=bool(diagonal), HAS_SUP=has_sup,
+            BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d,
+            num_warps=8,  # a 64 x 64 float64 tile and its temporaries: spread over 256 threads
+        )
+    if t1 and t2:
+        _fold_minima(rbest, ridx, col0, best_r, idx_r)
+        if not diagonal:
+            _fold_minima(cbest, cidx, row0, best_c, idx_c)
+
+    # Program order, on the device: a fixed summation order. CDNV: Chan's formula for many parts,
+    # M2 = sum M2_p + sum n_p (mean_p - mean)^2.
+    total = sums.sum(0)
+    n_p = counts[:, 1].to(torch.float64)
+    n_cdnv = n_p.sum()
+    mean = (n_p * sums[:, _CDNV_MEAN]).sum() / n_cdnv.clamp_min(1.0)
+    m2 = sums[:, _CDNV_M2].sum() + (n_p * (sums[:, _CDNV_MEAN] - mean).square()).sum()
+    host = torch.cat([total, torch.stack([mean, m2])]).tolist()
+    msdr_n, cdnv_n = counts.sum(0).tolist()
+    return {
+        "resid": host[_RESID],
+        "cos_dev": host[_COS_DEV],
+        "coh": host[_COH],
+        "dist": host[_DIST],
+        "msdr_sum": host[_MSDR_SUM],
+        "msdr_n": int(msdr_n),
+        "cdnv": (int(cdnv_n), host[7], host[8]) if cdnv_n else (0, 0.0, 0.0),
+    }

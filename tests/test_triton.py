@@ -1,0 +1,429 @@
+"""Triton kernels (ncfast.triton) against float64 references, the C++ core and the torch reducer.
+
+Without a GPU the kernels run on CPU tensors in Triton's interpreter: TRITON_INTERPRET must be
+set before the kernel modules are imported (triton.jit reads it when a kernel is defined). Sizes
+stay small, with blocks large next to the data, because the interpreter's cost grows with
+programs x loop steps; explicit small blocks exercise the multi-block paths.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import ncfast  # noqa: E402
+from ncfast import _C, _dispatch  # noqa: E402
+from ncfast.pairwise import _Context, _reduce_tile_torch  # noqa: E402
+from ncfast.triton import moments as tmoments  # noqa: E402
+from ncfast.triton import ncc as tncc  # noqa: E402
+from ncfast.triton import pairwise as tpairwise  # noqa: E402
+from conftest import assert_close, make_data  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+# ----------------------------------------------------------------------------------- dispatch
+def test_backend_for_triton(monkeypatch):
+    x = torch.zeros(3, 2, device=DEVICE)
+    monkeypatch.setenv("NCFAST_BACKEND", "triton")
+    assert _dispatch.backend_for(x) == "triton"
+    cpu = torch.zeros(3, 2)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        _dispatch.backend_for(cpu)
+    monkeypatch.delenv("NCFAST_BACKEND")
+    assert _dispatch.backend_for(cpu) == "cpp"
+
+
+# ------------------------------------------------------------------------------ block moments
+def _moments64(x: torch.Tensor, y: torch.Tensor, c: int):
+    """Brute-force float64 block moments of the values x holds (two-pass, per class)."""
+    h = x.double().cpu().numpy()
+    labels = y.cpu().numpy()
+    d = h.shape[1]
+    counts = np.zeros(c, dtype=np.int64)
+    means, unit = np.zeros((c, d)), np.zeros((c, d))
+    m2, norm_sums = np.zeros(c), np.zeros(c)
+    for k in range(c):
+        rows = h[labels == k]
+        counts[k] = rows.shape[0]
+        if not rows.shape[0]:
+            continue
+        means[k] = rows.mean(0)
+        m2[k] = ((rows - means[k]) ** 2).sum()
+        norms = np.sqrt((rows ** 2).sum(1))
+        unit[k] = (rows / np.where(norms > 0, norms, 1.0)[:, None]).sum(0)
+        norm_sums[k] = norms.sum()
+    return counts, means, m2, unit, norm_sums
+
+
+def _check_moments(got, want, rtol):
+    names = ("counts", "means", "m2", "unit_sums", "norm_sums")
+    assert np.array_equal(got[0].cpu().numpy(), want[0]), "counts"
+    for name, a, b in zip(names[1:], got[1:], want[1:]):
+        a = a.cpu().numpy()
+        assert a.dtype == np.float64, name
+        assert_close(a, b, rtol=rtol, atol=rtol * max(np.abs(b).max(), 1e-300), what=name)
+
+
+# (n, d, c, absent, block_rows, block_d): one and several column blocks, chunks cut inside classes
+SHAPES = [
+    (300, 70, 7, (2,), 64, None),
+    (257, 33, 5, (), 16, 16),
+    (1, 1, 1, (), 64, None),
+    (40, 5, 1, (), 16, None),
+    (90, 17, 40, (0, 13, 39), 16, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,c,absent,block_rows,block_d", SHAPES)
+def test_block_moments_match_float64(dtype, n, d, c, absent, block_rows, block_d):
+    g = torch.Generator().manual_seed(n + d + c)
+    y = torch.randint(0, c, (n,), generator=g)
+    keep = min(set(range(c)) - set(absent))
+    for a in absent:
+        y[y == a] = keep
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+    x[0] = 0  # a zero row: its unit vector stays zero
+    x = x.to(DEVICE)
+    got = tmoments.block_moments(x, y.to(DEVICE), c, block_rows=block_rows, block_d=block_d)
+    want = _moments64(x, y, c)
+    assert (want[0][list(absent)] == 0).all()
+    _check_moments(got, want, rtol=1e-10)
+
+
+def test_block_moments_strided_and_torch_reference():
+    x, y, c = make_data(n=210, d=40, c=6, absent=(4,), seed=3)
+    wide = torch.randn(210, 80, dtype=torch.float32)
+    wide[:, ::2] = x
+    strided = wide[:, ::2].to(DEVICE)  # column stride 2
+    assert not strided.is_contiguous()
+    got = tmoments.block_moments(strided, y.to(DEVICE), c, block_rows=32, block_d=16)
+    want = _dispatch._torch_block_moments(x, y, c)
+    assert torch.equal(got[0].cpu(), want[0])
+    for a, b in zip(got[1:], want[1:]):
+        b = b.numpy()
+        assert_close(a.cpu().numpy(), b, rtol=1e-10, atol=1e-10 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_block_moments_collapse_regime(dtype):
+    """Means ~1e3, within-class spread 1e-4 of them: M2 still to 1e-6 (no raw second moments)."""
+    x, y, c = make_data(n=280, d=24, c=4, spread=0.1, shift=1e3, seed=5, dtype=dtype)
+    got = tmoments.block_moments(x.to(DEVICE), y.to(DEVICE), c, block_rows=32)
+    want = _moments64(x, y, c)
+    assert_close(got[2].cpu().numpy(), want[2], rtol=1e-6, what="m2")
+    assert_close(got[1].cpu().numpy(), want[1], rtol=1e-12, what="means")
+
+
+def test_centre_rows():
+    x, y, c = make_data(n=130, d=21, c=5, seed=7, dtype=torch.bfloat16)
+    means = torch.randn(c, 21, dtype=torch.float64)
+    xt = x.T.contiguous().T.to(DEVICE)  # column-major
+    out = torch.full((130, 21), float("nan"), dtype=torch.float64, device=DEVICE)
+    got = tmoments.centre_rows(xt, y.to(DEVICE), means.to(DEVICE), out=out, block_rows=32, block_d=16)
+    assert got.data_ptr() == out.data_ptr()
+    # both sides widen exactly and subtract once in float64: bit-equal
+    assert torch.equal(got.cpu(), x.double() - means[y])
+
+
+# ---------------------------------------------------------------------------------- NCC sweep
+def _ncc_case(n, d, sizes, dtype, seed, near_ties=False, offset=10.0):
+    """Rows, a float32 shift, and groups of float64 (centres, offsets): the nearest class mean
+    (centres -2 (mu - t), offsets ||mu - t||^2) first, then random affine problems. ``offset``
+    is added to every feature (the shift takes it out again)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(sizes[0], d, generator=g, dtype=torch.float64) * 2 + offset
+    if near_ties:
+        # rows on the bisector of two means (up to 1e-7): their top-2 gap is within any float32 bound
+        pick = torch.randint(0, sizes[0] - 1, (n,), generator=g)
+        pick[1:60:3] = 15  # pairs 15 / 16 straddle a 16-class tile: the best can come after the second
+        pick[0], pick[3] = 2, 7  # rows near the means of classes 2 and 7 (duplicated in a test)
+        mid = 0.5 * (mu[pick] + mu[pick + 1])
+        x64 = mid + 1e-7 * torch.randn(n, d, generator=g, dtype=torch.float64)
+        x64[::3] = mu[pick[::3]] + 0.3 * torch.randn((n + 2) // 3, d, generator=g, dtype=torch.float64)
+    else:
+        x64 = mu[torch.randint(0, sizes[0], (n,), generator=g)] + torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = x64.to(dtype)
+    shift = mu.mean(0).to(torch.float32)
+    mc = mu - shift.double()
+    centres, offsets = [-2.0 * mc], [mc.square().sum(1)]
+    for k in sizes[1:]:
+        centres.append(torch.randn(k, d, generator=g, dtype=torch.float64))
+        offsets.append(torch.randn(k, generator=g, dtype=torch.float64))
+    return x, shift, centres, offsets
+
+
+def _float64_argmins(x, shift, centres, offsets):
+    """Exact scores of the float32-stored problem, in float64 numpy: (argmins (N, G), gaps (N, G))."""
+    xs = x.double().cpu().numpy() - shift.double().numpy()
+    best, gaps = [], []
+    for c, o in zip(centres, offsets):
+        s = xs @ c.float().double().numpy().T + o.float().double().numpy()
+        best.append(np.argmin(s, axis=1))
+        part = np.sort(s, axis=1)
+        gaps.append(part[:, 1] - part[:, 0] if s.shape[1] > 1 else np.full(s.shape[0], np.inf))
+    return np.stack(best, 1), np.stack(gaps, 1)
+
+
+def _sweep(x, shift, centres, offsets, precision, **blocks):
+    d = x.shape[1]
+    starts = np.cumsum([0] + [c.shape[0] for c in centres]).tolist()
+    cmax = [float(c.float().double().norm(dim=1).max()) for c in centres]
+    omax = [float(o.float().double().abs().max()) for o in offsets]
+    rel = tncc.relative_bound(precision, d)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    best, unsure = tncc.ncc_sweep(dev(x), dev(shift), dev(torch.cat(centres).float()),
+                                  dev(torch.cat(offsets).float()), starts, rel, cmax, omax, precision, **blocks)
+    buf, dtype_name = _dispatch._buffer(x)
+    cbest, cunsure = _C.ncc_sweep(buf, dtype_name, shift.numpy(), torch.cat(centres).float().numpy(),
+                                  torch.cat(offsets).float().numpy(), starts, rel, cmax, omax, 1, "fp32")
+    xs = x.double() - shift.double()
+    bound = rel * (xs.norm(dim=1, keepdim=True).numpy() * np.array(cmax) + np.array(omax))
+    return best.cpu().numpy(), unsure.cpu().numpy(), cbest, cunsure.astype(bool), bound
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("n,d,sizes,dtype,blocks", [
+    (300, 70, [40, 13, 1], torch.float32, {}),
+    (300, 70, [40, 13], torch.float64, {}),
+    (97, 17, [35, 20], torch.bfloat16, dict(block_m=32, block_n=16, block_d=16)),
+    (61, 33, [23], torch.float16, dict(block_m=16, block_n=16, block_d=16)),
+    (1, 1, [3, 2], torch.float32, {}),
+])
+def test_ncc_sweep_certified(precision, n, d, sizes, dtype, blocks):
+    x, shift, centres, offsets = _ncc_case(n, d, sizes, dtype, seed=n + d)
+    best, unsure, cbest, cunsure, bound = _sweep(x, shift, centres, offsets, precision, **blocks)
+    want, gaps = _float64_argmins(x, shift, centres, offsets)
+    assert best.shape == unsure.shape == (n, len(sizes))
+    certain = ~unsure
+    assert np.array_equal(best[certain], want[certain])
+    both = certain & ~cunsure
+    assert np.array_equal(best[both], cbest[both])
+    # sound: a true gap well inside the bound is always flagged; complete: one beyond twice the
+    # flagging threshold is always certified
+    assert unsure[gaps < 0.1 * bound].all()
+    assert not (unsure & (gaps > 4.0 * bound)).any()
+    if sizes[-1] == 1:
+        assert (best[:, -1] == 0).all() and not unsure[:, -1].any()
+    if n > 50 and precision == "ieee":
+        assert certain[:, 0].mean() > 0.9  # ties-free data: the bound is not vacuous
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("dtype,offset", [(torch.float32, 10.0), (torch.float64, 1e4)])
+def test_ncc_sweep_near_ties(precision, dtype, offset):
+    """Rows on bisectors; with float64 input far from the origin, x - shift must be rounded once
+    (rounding x to float32 first would err far beyond the bound)."""
+    x, shift, centres, offsets = _ncc_case(240, 40, [30], dtype, seed=11, near_ties=True, offset=offset)
+    # exact ties inside a class tile (classes 2 and 5 identical) and across tiles (7 and 23)
+    for lo, hi in ((2, 5), (7, 23)):
+        centres[0][hi], offsets[0][hi] = centres[0][lo], offsets[0][lo]
+    best, unsure, cbest, cunsure, bound = _sweep(x, shift, centres, offsets, precision, block_n=16, block_d=16)
+    want, gaps = _float64_argmins(x, shift, centres, offsets)
+    assert unsure[1::3].mean() > 0.5  # the bisector rows are flagged
+    assert np.array_equal(best[~unsure], want[~unsure])
+    both = ~unsure & ~cunsure
+    assert np.array_equal(best[both], cbest[both])
+    assert unsure[gaps < 0.1 * bound].all()
+    assert not (unsure & (gaps > 4.0 * bound)).any()
+    # the lower of two equal scores wins
+    assert (best[:, 0] == 2).any() and (best[:, 0] == 7).any() and not np.isin(best, (5, 23)).any()
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_ncc_sweep_flags_at_the_threshold(precision):
+    """True top-2 gaps spread over [0, 4 bound]: rows are flagged exactly around 2 * bound (the
+    actual rounding is far below the bound), so the bound uses the whole row norm (D spans three
+    feature blocks here) and the running second best across class tiles."""
+    n, d, k = 200, 40, 20
+    g = torch.Generator().manual_seed(17)
+    mu = torch.randn(k, d, generator=g, dtype=torch.float64) * 2 + 10
+    shift = mu.mean(0).to(torch.float32)
+    mc = mu - shift.double()
+    centres, offsets = [-2.0 * mc], [mc.square().sum(1)]
+    w, o = centres[0].float().double(), offsets[0].float().double()
+    a = torch.randint(0, k - 1, (n,), generator=g)
+    b = a + 1
+    xs = 0.5 * (mc[a] + mc[b])  # the bisector of a and b, then moved along w_b - w_a to the target gap
+    bound = tncc.relative_bound(precision, d) * (xs.norm(dim=1) * w.norm(dim=1).max() + o.abs().max())
+    target = 4.0 * torch.rand(n, generator=g, dtype=torch.float64) * bound
+    dw = w[b] - w[a]
+    xs += ((target - (o[b] - o[a]) - (xs * dw).sum(1)) / dw.square().sum(1)).unsqueeze(1) * dw
+    x = (xs + shift.double()).to(torch.float32)
+    best, unsure, cbest, cunsure, bound = _sweep(x, shift, centres, offsets, precision, block_n=16, block_d=16)
+    want, gaps = _float64_argmins(x, shift, centres, offsets)
+    ratio = gaps / bound
+    assert (ratio < 1.8).sum() > 40 and (ratio > 2.2).sum() > 40
+    assert unsure[ratio < 1.8].all()
+    assert not unsure[ratio > 2.2].any()
+    assert np.array_equal(best[~unsure], want[~unsure])
+
+
+# ---------------------------------------------------------------------------------- pair tiles
+def _pair_context(c, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    mt = torch.randn(c, d, generator=g, dtype=torch.float64)
+    mt -= mt.mean(0)
+    sq = mt.square().sum(1)
+    norms = sq.sqrt()
+    unit_sum = mt.T @ (1.0 / norms)
+    inv = 1.0 / math.sqrt(c - 1)
+    sup = torch.randint(0, 4, (c,), generator=g)
+    var = torch.rand(c, generator=g, dtype=torch.float64)
+
+    def ctx(with_sup):
+        return _Context(sq=sq, norms=norms, var=var, sup=sup if with_sup else None,
+                        g=float(torch.linalg.norm(mt @ mt.T)), etf_diag=(1.0 - 1.0 / c) * inv,
+                        etf_offdiag=-inv / c, mean_cos=(float(unit_sum.square().sum()) - c) / (c * (c - 1)),
+                        etf_cos=1.0 / (c - 1), best=torch.full((c,), float("inf"), dtype=torch.float64),
+                        best_idx=torch.full((c,), -1, dtype=torch.int64))
+    return mt, ctx
+
+
+@pytest.mark.parametrize("with_sup", [False, True])
+@pytest.mark.parametrize("rows,cols,block", [
+    (slice(0, 25), slice(0, 25), 64),
+    (slice(0, 25), slice(0, 25), 16),
+    (slice(0, 25), slice(25, 40), 64),
+    (slice(0, 25), slice(25, 40), 16),
+])
+def test_reduce_pair_tile_matches_torch(with_sup, rows, cols, block):
+    mt, make_ctx = _pair_context(40, 23, seed=1)
+    want_ctx, got_ctx = make_ctx(with_sup), make_ctx(with_sup)
+    # a previous tile's running minima, so the in-place merge keeps or replaces them
+    for k in (want_ctx, got_ctx):
+        k.best[rows] = torch.linspace(20.0, 60.0, rows.stop - rows.start, dtype=torch.float64)
+        k.best_idx[rows] = 99
+    want = _reduce_tile_torch(mt[rows] @ mt[cols].T, rows, cols, want_ctx)
+    k = got_ctx
+    sup_r = sup_c = None
+    if with_sup:
+        sup_r, sup_c = k.sup[rows].to(DEVICE), k.sup[cols].to(DEVICE)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    best, best_idx = dev(k.best), dev(k.best_idx)
+    got = tpairwise.reduce_pair_tile(
+        dev(mt[rows]), dev(mt[cols]), rows.start == cols.start, dev(k.sq[rows]), dev(k.sq[cols]),
+        dev(k.norms[rows]), dev(k.norms[cols]), dev(k.var[rows]), dev(k.var[cols]), sup_r, sup_c, k.g,
+        k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, rows.start, cols.start, best[rows], best_idx[rows],
+        best[cols], best_idx[cols], block_i=block, block_j=block, block_d=16)
+    assert set(got) == set(want)
+    for key in ("resid", "cos_dev", "coh", "dist", "msdr_sum"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-300), key
+    assert got["msdr_n"] == want["msdr_n"]
+    assert (got["msdr_n"] > 0) == with_sup
+    assert got["cdnv"][0] == want["cdnv"][0] > 0
+    assert got["cdnv"][1:] == pytest.approx(want["cdnv"][1:], rel=1e-9)
+    assert torch.equal(best_idx.cpu(), want_ctx.best_idx)
+    np.testing.assert_allclose(best.cpu().numpy(), want_ctx.best.numpy(), rtol=1e-12)  # inf where untouched
+    assert (want_ctx.best_idx[rows] != 99).any() and (want_ctx.best_idx[rows] == 99).any()
+
+
+@pytest.mark.parametrize("block", [64, 16])
+def test_reduce_pair_tile_ties(block):
+    """Equal distances: rows 3 / 20 duplicated (different row blocks when block = 16), columns
+    27 / 31 (one tile) and 36 (the next tile) duplicated. The lowest index wins inside a
+    program, across programs and against the running minimum of an earlier tile."""
+    mt, make_ctx = _pair_context(40, 23, seed=2)
+    mt[31] = mt[36] = mt[27]
+    mt[3] = mt[20] = 0.9 * mt[27]
+    k = make_ctx(False)
+    k.sq, k.norms = mt.square().sum(1), mt.norm(dim=1)
+    want_ctx = _Context(**{**k.__dict__, "best": k.best.clone(), "best_idx": k.best_idx.clone()})
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    best, best_idx = dev(k.best), dev(k.best_idx)
+    rows = slice(0, 25)
+    for cols in (slice(25, 33), slice(33, 40)):
+        want = _reduce_tile_torch(mt[rows] @ mt[cols].T, rows, cols, want_ctx)
+        got = tpairwise.reduce_pair_tile(
+            dev(mt[rows]), dev(mt[cols]), False, dev(k.sq[rows]), dev(k.sq[cols]), dev(k.norms[rows]),
+            dev(k.norms[cols]), dev(k.var[rows]), dev(k.var[cols]), None, None, k.g, k.etf_diag, k.etf_offdiag,
+            k.mean_cos, k.etf_cos, rows.start, cols.start, best[rows], best_idx[rows], best[cols], best_idx[cols],
+            block_i=block, block_j=block, block_d=16)
+        assert got["dist"] == pytest.approx(want["dist"], rel=1e-9)
+    assert torch.equal(best_idx.cpu(), want_ctx.best_idx)
+    assert best_idx[3] == best_idx[20] == 27
+    assert best_idx[27] == best_idx[31] == best_idx[36] == 3
+
+
+# ---------------------------------------------------------------------------------- end to end
+def test_class_moments_triton_equals_cpp(monkeypatch):
+    x, y, c = make_data(n=260, d=20, c=6, imbalanced=True, absent=(3,), seed=13)
+    calls = []
+    for name in ("block_moments", "centre_rows"):
+        fn = getattr(tmoments, name)
+        monkeypatch.setattr(tmoments, name, lambda *a, _fn=fn, _name=name, **k: calls.append(_name) or _fn(*a, **k))
+    monkeypatch.setenv("NCFAST_BACKEND", "cpp")
+    want = ncfast.class_moments(x, y, num_classes=c)
+    streamed_want = ncfast.ClassMoments(c, 20).update(x[:100], y[:100]).update(x[100:], y[100:])
+    monkeypatch.setenv("NCFAST_BACKEND", "triton")
+    xd, yd = x.to(DEVICE), y.to(DEVICE)
+    assert _dispatch.backend_for(xd) == "triton"
+    got = ncfast.class_moments(xd, yd, num_classes=c)
+    streamed = ncfast.ClassMoments(c, 20, device=DEVICE).update(xd[:100], yd[:100]).update(xd[100:], yd[100:])
+    assert "block_moments" in calls and "centre_rows" in calls
+    for a, b in ((got, want), (streamed, streamed_want)):
+        assert torch.equal(a.count.cpu(), b.count)
+        for key in ("mean", "m2", "unit_sum", "norm_sum", "scatter", "wscatter"):
+            ref_k = getattr(b, key)
+            if ref_k is None:
+                assert getattr(a, key) is None, key
+                continue
+            ref_k = ref_k.numpy()
+            assert_close(getattr(a, key).cpu().numpy(), ref_k, rtol=1e-10, atol=1e-10 * np.abs(ref_k).max(), what=key)
+    assert want.wscatter is not None  # imbalanced one-shot: the balanced scatter is exercised too
+
+
+# --------------------------------------------------------------------------- end to end, wired
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_ncc_entry_points_on_triton_backend(mode, monkeypatch):
+    """ncc_assign / classifier_decisions / ncc_and_decisions through the Triton sweep: the float64
+    argmin on every row, near-ties included, in both modes (fast = tf32 first)."""
+    from ncfast import reference as ref
+
+    monkeypatch.setenv("NCFAST_BACKEND", "triton")
+    x, y, c = make_data(n=150, d=21, c=9, spread=2.0, shift=50.0, seed=4)
+    means = torch.from_numpy(ref.class_means(x, y))
+    mid = ((means[0] + means[1]) / 2).to(x.dtype)
+    x = torch.cat([x, mid.unsqueeze(0)]).to(DEVICE)
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(c, 21, generator=g), torch.randn(c, generator=g)
+    xs = x.cpu()
+    got = ncfast.ncc_assign(x, means.to(DEVICE), mode=mode).cpu()
+    assert torch.equal(got, torch.from_numpy(ref.ncc_assign(xs, means)))
+    nearest, decisions = ncfast.ncc_and_decisions(x, means.to(DEVICE), w.to(DEVICE), b.to(DEVICE), mode=mode)
+    assert torch.equal(nearest.cpu(), torch.from_numpy(ref.ncc_assign(xs, means)))
+    assert torch.equal(decisions.cpu(), torch.from_numpy(ref.decisions(xs, w, b)))
+
+
+def test_nc_metrics_on_triton_backend(monkeypatch):
+    """nc_metrics end to end with every kernel on the Triton path (moments, NCC, pairwise tiles)."""
+    from ncfast import reference as ref
+
+    monkeypatch.setenv("NCFAST_BACKEND", "triton")
+    x, y, c = make_data(n=180, d=10, c=6, imbalanced=True, seed=9)
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(c, 10, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
+    superclass = torch.arange(c) % 2
+    got = ncfast.nc_metrics(x.to(DEVICE), y.to(DEVICE), num_classes=c, weight=w.to(DEVICE), bias=b.to(DEVICE),
+                            superclass=superclass.to(DEVICE))
+    want = ref.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass)
+    for k in want:
+        assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
+    from ncfast.pairwise import class_pair_stats
+
+    stats = class_pair_stats(ncfast.class_moments(x.to(DEVICE), y.to(DEVICE), scatter=False), tile=4)
+    means = ref.class_means(x, y)
+    d2 = ((means[:, None] - means[None]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    assert stats.nearest_class.cpu().tolist() == d2.argmin(1).tolist()
