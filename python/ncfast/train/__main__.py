@@ -1,0 +1,106 @@
+"""python -m ncfast.train: train a network on original, coarse, fine or randomly coarsened labels and
+measure Neural Collapse at every probed layer as it trains (papers 000, 002, 003).
+
+Examples::
+
+    python -m ncfast.train                                   # ResNet-18 on digits, original labels
+    python -m ncfast.train --arch resnet18 --coarse 5        # coarse digits: CLP vs linear probe
+    python -m ncfast.train --dataset fashion-mnist --coarse 5 --epochs 50
+    python -m ncfast.train --dataset cifar10 --data ~/data --download --coarse 5 --epochs 350
+    python -m ncfast.train --dataset gmm --arch mlp --coarse 4
+
+Writes to --out: metrics.jsonl (one line per evaluated epoch), class_distance/epoch_NNN.npy,
+summary.json, figures/ and checkpoint.pt (atomic, each epoch; --resume continues from it).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .data import DATASETS
+from .models import ARCHS
+from .probes import EMBEDDINGS
+from .trainer import LEARNING_RATES, WEIGHT_DECAYS, Config, train
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(prog="python -m ncfast.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=ARCHS, default="resnet18")
+    p.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits ships with scikit-learn (default); fashion-mnist reads the IDX files from --data "
+                        "(default /usr/share/datasets/fashion-mnist, Debian package dataset-fashion-mnist)")
+    p.add_argument("--data", default=None, help="directory of the data files")
+    p.add_argument("--download", action="store_true", help="CIFAR: download into --data (MD5 checked) if missing")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--coarse", type=int, metavar="K", help="train on y mod K (paper 000 eq. 4)")
+    labels.add_argument("--fine", action="store_true", help="train on every class split in two (eq. 5)")
+    labels.add_argument("--random-coarse", type=int, metavar="K", help="coarse labels after a seeded class shuffle")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.01,
+                   help=f"SGD learning rate (the papers sweep {LEARNING_RATES}; default paper 000 config #1)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4,
+                   help=f"(the papers sweep {WEIGHT_DECAYS}; default paper 000 config #1)")
+    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine")
+    p.add_argument("--metrics-every", type=int, default=5, help="measure every N epochs (and epochs 0 and last)")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated module names to probe (default: the model's stages and pooled features)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T: loss on logits / T")
+    p.add_argument("--init-scale", type=float, default=1.0, help="factor on the initial conv / linear weights")
+    p.add_argument("--output-norm", choices=("layernorm",), default=None,
+                   help="affine-free LayerNorm on the penultimate features (paper 002)")
+    p.add_argument("--svsl-alpha", type=float, default=0.0, help="weight of the SVSL term (paper 003); 0: off")
+    p.add_argument("--svsl-gamma", type=int, default=0,
+                   help="first probed layer (index into --layers) that SVSL acts on")
+    p.add_argument("--clp-embed", choices=EMBEDDINGS, default="tsne", help="reduction before CLP's k-means")
+    p.add_argument("--it-threshold", type=float, default=0.995,
+                   help="train accuracy that marks the interpolation threshold")
+    p.add_argument("--max-dim", type=int, default=1024,
+                   help="layers with more flattened features get their D x D metrics (nc1, vci, rank, ...) "
+                        "from channel-pooled features")
+    p.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default="runs/latest")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bar")
+    a = p.parse_args(argv)
+    if a.epochs < 1:
+        p.error("--epochs must be >= 1")
+    if a.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if a.metrics_every < 1:
+        p.error("--metrics-every must be >= 1")
+    if a.temperature <= 0:
+        p.error("--temperature must be > 0")
+    if a.init_scale <= 0:
+        p.error("--init-scale must be > 0")
+    if a.svsl_alpha < 0:
+        p.error("--svsl-alpha must be >= 0")
+    if a.max_dim < 1:
+        p.error("--max-dim must be >= 1")
+    return Config(arch=a.arch, dataset=a.dataset, data=a.data, download=a.download, coarse=a.coarse, fine=a.fine,
+                  random_coarse=a.random_coarse, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                  momentum=a.momentum, weight_decay=a.weight_decay, schedule=a.schedule,
+                  metrics_every=a.metrics_every, layers=None if a.layers is None else
+                  [s.strip() for s in a.layers.split(",") if s.strip()], temperature=a.temperature,
+                  init_scale=a.init_scale, output_norm=a.output_norm, svsl_alpha=a.svsl_alpha,
+                  svsl_gamma=a.svsl_gamma, clp_embed=a.clp_embed, it_threshold=a.it_threshold, width=a.width,
+                  max_dim=a.max_dim,
+                  seed=a.seed, device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress)
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Figures of a training run, drawn from its metrics.jsonl and class-distance files."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+CURVES = ("nc1", "nc2_etf", "cdnv", "vci", "rank", "ncc_mismatch", "ncc_accuracy", "msdr")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path, title: str = "") -> None:
+    """Heatmaps of D on the original labels at up to six epochs (paper 000 fig. 5)."""
+    plt = _plt()
+    epochs = sorted(distances)
+    if len(epochs) > 6:
+        epochs = [epochs[round(i * (len(epochs) - 1) / 5)] for i in range(6)]
+    fig, axes = plt.subplots(1, len(epochs), figsize=(3 * len(epochs), 3), squeeze=False)
+    for ax, e in zip(axes[0], epochs):
+        ax.imshow(distances[e], cmap="viridis")
+        ax.set_title(f"epoch {e}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title or "class distance D (original labels, penultimate layer, train)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def nc_curves(records: list[dict], layer: str, path: Path) -> None:
+    """The NC metrics of one layer over epochs, train and test."""
+    plt = _plt()
+    names = [k for k in CURVES if any(k in r["layers"][layer].get("train", {}) for r in records)]
+    cols = 4
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    epochs = [r["epoch"] for r in records]
+    for ax, name in zip(axes.flat, names):
+        for split in ("train", "test"):
+            ys = [r["layers"][layer].get(split, {}).get(name, float("nan")) for r in records]
+            ax.plot(epochs, ys, marker=".", label=split)
+        if name in ("nc1", "cdnv") and all(v > 0 for v in ys if v == v):
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.suptitle(f"{layer}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def mismatch_per_layer(records: list[dict], layers: list[str], path: Path, split: str = "train") -> None:
+    """NCC mismatch of every probed layer over epochs (paper 003 fig. 2)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    epochs = [r["epoch"] for r in records]
+    for layer in layers:
+        ax.plot(epochs, [r["layers"][layer][split]["ncc_mismatch"] for r in records], marker=".", label=layer)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"NCC mismatch ({split})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def superclass_embeddings(pictures: dict, path: Path, original_names=None) -> None:
+    """The 2-D embedding of each super-class's train features, coloured by original class (paper 000 fig. 6)."""
+    plt = _plt()
+    supers = sorted(pictures)
+    cols = min(5, len(supers))
+    rows = math.ceil(len(supers) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax, s in zip(axes.flat, supers):
+        z, orig = pictures[s]
+        for o in np.unique(orig):
+            sel = orig == o
+            ax.scatter(z[sel, 0], z[sel, 1], s=4, label=str(o if original_names is None else original_names[o]))
+        ax.set_title(f"super-class {s}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=6, markerscale=2)
+    for ax in list(axes.flat)[len(supers):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,101 @@
+"""End-of-training probes of the representation: CLP and linear probes (paper 000 sec. 4.3).
+
+CLP, cluster-and-linear-probe (SPEC.md "Losses and procedures"): inside each super-class (a
+training label), the train features are reduced (t-SNE to 2-D as the paper, PCA, or not at all),
+clustered with k-means into as many clusters as the super-class has original classes, and the
+(super-class, cluster) pairs become pseudo-labels. A linear classifier fitted on the train features
+with those labels then predicts the test set; inside each super-class its clusters are matched to
+the original classes by the Hungarian method on the test predictions (equal to trying every
+permutation), and the accuracy on the original test labels is reported. The linear probe on the true
+original labels is the reference it is set beside.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.manifold import TSNE
+from sklearn.preprocessing import StandardScaler
+
+EMBEDDINGS = ("tsne", "pca", "none")
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Cluster labels of the rows of x: faiss k-means (best of 10 restarts) when faiss is installed,
+    else scikit-learn's."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if k == 1 or x.shape[0] <= k:
+        return np.arange(x.shape[0]) % k
+    try:
+        import faiss
+    except ImportError:
+        from sklearn.cluster import KMeans
+
+        return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+    km = faiss.Kmeans(x.shape[1], k, niter=50, nredo=10, seed=seed, verbose=False)
+    km.train(x)
+    return km.index.search(x, 1)[1][:, 0]
+
+
+def embed(x: np.ndarray, how: str, seed: int = 0) -> np.ndarray:
+    """The features CLP clusters: t-SNE to 2-D, PCA to 2-D, or the features themselves."""
+    if how == "none" or x.shape[0] < 4:
+        return x
+    if how == "pca":
+        return PCA(n_components=min(2, x.shape[1]), random_state=seed).fit_transform(x)
+    if how == "tsne":
+        perplexity = float(min(30.0, max(2.0, (x.shape[0] - 1) / 3.0)))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    raise ValueError(f"embed: expected one of {EMBEDDINGS}, got {how!r}")
+
+
+def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0) -> float:
+    """Test accuracy of a multinomial logistic regression on standardised features."""
+    scaler = StandardScaler().fit(train_x)
+    clf = LogisticRegression(max_iter=2000, random_state=seed)
+    clf.fit(scaler.transform(train_x), train_y)
+    return float((clf.predict(scaler.transform(test_x)) == test_y).mean())
+
+
+def clp(train_x, train_sup, train_orig, test_x, test_sup, test_orig, *, embedding: str = "tsne", seed: int = 0):
+    """(CLP test accuracy on the original labels, embeddings {super-class: (2-D points, original labels)}).
+
+    ``*_sup`` are the training labels (super-classes), ``*_orig`` the original labels; only the
+    number of original classes inside each super-class (from the train split) is used to cluster.
+    """
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding: expected one of {EMBEDDINGS}, got {embedding!r}")
+    pseudo = np.full(train_x.shape[0], -1, dtype=np.int64)
+    groups = {}  # super-class -> (first pseudo-label, number of clusters)
+    pictures = {}
+    next_label = 0
+    for s in np.unique(train_sup):
+        rows = np.flatnonzero(train_sup == s)
+        k = len(np.unique(train_orig[rows]))
+        z = embed(train_x[rows], embedding, seed)
+        pseudo[rows] = next_label + kmeans(z, k, seed)
+        groups[int(s)] = (next_label, k)
+        pictures[int(s)] = (z if z.shape[1] == 2 else embed(train_x[rows], "pca", seed), train_orig[rows])
+        next_label += k
+    scaler = StandardScaler().fit(train_x)
+    if next_label > 1:
+        clf = LogisticRegression(max_iter=2000, random_state=seed).fit(scaler.transform(train_x), pseudo)
+        predicted = clf.predict(scaler.transform(test_x))
+    else:
+        predicted = np.zeros(test_x.shape[0], dtype=np.int64)
+    correct = 0
+    for s, (first, k) in groups.items():
+        rows = np.flatnonzero(test_sup == s)
+        if rows.size == 0:
+            continue
+        originals = np.unique(np.concatenate([train_orig[train_sup == s], test_orig[rows]]))
+        # confusion between the super-class's clusters and its original classes, on its test rows
+        conf = np.zeros((k, originals.size))
+        for cluster in range(k):
+            hit = predicted[rows] == first + cluster
+            for j, o in enumerate(originals):
+                conf[cluster, j] = np.sum(hit & (test_orig[rows] == o))
+        r, c = linear_sum_assignment(conf, maximize=True)
+        correct += conf[r, c].sum()
+    return float(correct / max(1, test_x.shape[0])), pictures

@@ -1,0 +1,415 @@
+"""The reference trainer behind ``python -m ncfast.train``: train a network on (transformed) labels and
+measure its representations with ncfast every few epochs (see ``__main__.py`` for the options).
+
+Every metric comes from ncfast's streaming statistics through ``ncfast.LayerProbe``: no layer's
+features are stored whole while training. Only the end-of-run probes (CLP, linear probes) hold the
+penultimate (and, channel-pooled where wide, each probed layer's) features of the train and test sets.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..labels import coarse_labels, fine_labels, random_coarse_labels
+from ..losses import svsl_loss
+from ..probe import LayerProbe
+from . import figures
+from .data import augment_batch, batches, load_dataset
+from .models import build_model, logits_for_loss
+from .probes import clp, linear_probe
+
+LEARNING_RATES = (0.1, 0.01, 0.001)
+WEIGHT_DECAYS = (5e-3, 5e-4, 5e-5)
+
+
+@dataclass
+class Config:
+    arch: str = "resnet18"
+    dataset: str = "digits"
+    data: str | None = None
+    download: bool = False
+    coarse: int | None = None
+    fine: bool = False
+    random_coarse: int | None = None
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 0.01  # paper 000 config #1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # paper 000 config #1
+    schedule: str = "cosine"
+    metrics_every: int = 5
+    layers: list[str] | None = None
+    temperature: float = 1.0
+    init_scale: float = 1.0
+    output_norm: str | None = None
+    svsl_alpha: float = 0.0
+    svsl_gamma: int = 0
+    clp_embed: str = "tsne"
+    it_threshold: float = 0.995
+    width: int = 64
+    seed: int = 0
+    device: str = "auto"
+    out: str = "runs/latest"
+    resume: bool = False
+    progress: bool = True
+    max_dim: int = 1024  # wider layers: D x D metrics on channel-pooled features (eigh of 4096^2 x 3 per split is minutes)
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _finite(obj):
+    """JSON-safe copy: NaN / Inf become null."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_text(text: str, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _Progress:
+    """tqdm when installed and wanted, else nothing (the per-epoch summary line still prints)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, loss: float):
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def transform_labels(cfg: Config, y_train: torch.Tensor, y_test: torch.Tensor, num_classes: int):
+    """(train labels, test labels, number of training classes) under --coarse / --fine / --random-coarse."""
+    chosen = [cfg.coarse is not None, cfg.fine, cfg.random_coarse is not None]
+    if sum(chosen) > 1:
+        raise ValueError("--coarse, --fine and --random-coarse: choose at most one")
+    if cfg.coarse is not None:
+        if not 1 <= cfg.coarse <= num_classes:
+            raise ValueError(f"--coarse: must be in [1, {num_classes}], got {cfg.coarse}")
+        return coarse_labels(y_train, cfg.coarse), coarse_labels(y_test, cfg.coarse), cfg.coarse
+    if cfg.random_coarse is not None:
+        if not 1 <= cfg.random_coarse <= num_classes:
+            raise ValueError(f"--random-coarse: must be in [1, {num_classes}], got {cfg.random_coarse}")
+        k = cfg.random_coarse
+        return (random_coarse_labels(y_train, k, num_classes, seed=cfg.seed),
+                random_coarse_labels(y_test, k, num_classes, seed=cfg.seed), k)
+    if cfg.fine:
+        return (fine_labels(y_train, num_classes, seed=cfg.seed), fine_labels(y_test, num_classes, seed=cfg.seed + 1),
+                2 * num_classes)
+    return y_train.clone(), y_test.clone(), num_classes
+
+
+# -------------------------------------------------------------------------------------------- run
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = _device(cfg.device)
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        ds = load_dataset(cfg.dataset, cfg.data, download=cfg.download, seed=cfg.seed)
+        self.ds = ds
+        self.num_original = ds.num_classes
+        y_tr, y_te, self.num_train_classes = transform_labels(cfg, ds.train_y, ds.test_y, ds.num_classes)
+        dev = self.device
+        # the whole data set lives on the device: batches are index gathers, augmentation runs there too
+        self.x = {"train": ds.train_x.to(dev), "test": ds.test_x.to(dev)}
+        self.y = {"train": y_tr.to(dev), "test": y_te.to(dev)}
+        self.y_orig = {"train": ds.train_y.to(dev), "test": ds.test_y.to(dev)}
+        image = ds.train_x.dim() == 4
+        if cfg.arch != "mlp" and not image:
+            raise ValueError(f"--arch {cfg.arch}: needs image data; {cfg.dataset} is flat (use --arch mlp)")
+        options = {"width": cfg.width} if cfg.arch == "resnet18" else {}
+        self.model = build_model(cfg.arch, self.num_train_classes, ds.train_x.shape[1],
+                                 tuple(ds.train_x.shape[2:]) if image else None,
+                                 init_scale=cfg.init_scale, output_norm=cfg.output_norm, **options).to(dev)
+        self.layers = list(cfg.layers) if cfg.layers else list(self.model.default_probe_layers)
+        modules = dict(self.model.named_modules())
+        unknown = [name for name in self.layers if name not in modules]
+        if unknown:
+            raise ValueError(f"--layers: {unknown} are not modules of {cfg.arch}; it has "
+                             f"{[n for n in modules if n][:40]}")
+        if cfg.lr <= 0 or cfg.weight_decay < 0:
+            raise ValueError("--lr must be > 0 and --weight-decay >= 0")
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        if cfg.schedule == "cosine":
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, cfg.epochs))
+        elif cfg.schedule == "step":
+            # the usual step schedule: / 10 at 1/2 and 3/4 of training
+            self.sched = torch.optim.lr_scheduler.MultiStepLR(
+                self.opt, milestones=[max(1, cfg.epochs // 2), max(1, 3 * cfg.epochs // 4)], gamma=0.1)
+        else:
+            raise ValueError(f"--schedule: expected cosine or step, got {cfg.schedule!r}")
+        self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        height = ds.train_x.shape[2] if image else 0
+        self.pad = 4 if height >= 28 else max(1, height // 8)  # 4 on 28 / 32 px, 1 on the 8 x 8 digits
+        self.svsl_layers = self.layers[cfg.svsl_gamma:] if cfg.svsl_alpha > 0 else []
+        self.autocast = dev.type == "cuda"
+        self.history: list[dict] = []
+        self.epoch = 0
+        self.epoch_seconds: list[float] = []
+        self.counts = {s: torch.bincount(self.y[s].cpu(), minlength=self.num_train_classes) for s in self.y}
+
+    # ---------------------------------------------------------------- checkpoints
+    def _checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save(self) -> None:
+        state = {
+            "config": asdict(self.cfg), "epoch": self.epoch, "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
+            "history": self.history, "epoch_seconds": self.epoch_seconds,
+        }
+        _atomic_save(state, self._checkpoint_path())
+
+    def load(self) -> bool:
+        path = self._checkpoint_path()
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.gen.set_state(state["gen"].cpu())
+        self.history = state["history"]
+        self.epoch = state["epoch"]
+        self.epoch_seconds = state.get("epoch_seconds", [])
+        return True
+
+    # ---------------------------------------------------------------- one epoch
+    def train_epoch(self) -> float:
+        cfg, model = self.cfg, self.model
+        model.train()
+        captured: dict[str, torch.Tensor] = {}
+        handles = [dict(model.named_modules())[name].register_forward_hook(
+            lambda m, i, o, name=name: captured.__setitem__(name, o)) for name in self.svsl_layers]
+        x, y = self.x["train"], self.y["train"]
+        n = x.shape[0]
+        steps = math.ceil(n / cfg.batch_size)
+        bar = _Progress(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.progress)
+        total, count = 0.0, 0
+        try:
+            for idx in batches(n, cfg.batch_size, self.gen, shuffle=True):
+                xb, yb = x[idx], y[idx]
+                if self.ds.augment:
+                    xb = augment_batch(xb, self.gen, pad=self.pad, flip=self.ds.flip)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits_for_loss(logits.float(), cfg.temperature), yb)
+                    if self.svsl_layers:
+                        loss = loss + svsl_loss([captured[name] for name in self.svsl_layers], yb,
+                                                alpha=cfg.svsl_alpha)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                value = float(loss.detach())
+                total += value * yb.shape[0]
+                count += yb.shape[0]
+                bar.update(value)
+        finally:
+            bar.close()
+            for h in handles:
+                h.remove()
+        self.sched.step()
+        return total / max(1, count)
+
+    def _loader(self, split: str, batch: int = 512):
+        x, y, yo = self.x[split], self.y[split], self.y_orig[split]
+        return [(x[lo:lo + batch], y[lo:lo + batch], yo[lo:lo + batch]) for lo in range(0, x.shape[0], batch)]
+
+    @torch.no_grad()
+    def accuracy(self, split: str) -> float:
+        self.model.eval()
+        hits = 0
+        for xb, yb, _ in self._loader(split):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                hits += int((self.model(xb).argmax(1) == yb).sum())
+        return hits / self.x[split].shape[0]
+
+    def measure(self) -> tuple[dict, dict]:
+        """{layer: {split: metrics}} and the class-distance matrices of the train split."""
+        layers: dict[str, dict] = {name: {} for name in self.layers}
+        distances = {}
+        pen = self.model.penultimate_name if self.model.penultimate_name in self.layers else None
+        for split in ("train", "test"):
+            probe = LayerProbe(self.model, self.layers, self.num_train_classes,
+                               head=self.model.head if pen else None, penultimate=pen,
+                               num_original_classes=self.num_original, class_counts=self.counts[split],
+                               max_dim=self.cfg.max_dim)
+            result = probe.measure(self._loader(split))
+            for name, metrics in result.items():
+                entry = dict(metrics)
+                entry["dxd_features"] = metrics.dxd_features
+                entry["dim"] = probe.details[name].dim
+                layers[name][split] = entry
+                if split == "train":
+                    distances[name] = probe.details[name].class_distance
+        return layers, distances
+
+    # ---------------------------------------------------------------- the run
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "class_distance").mkdir(exist_ok=True)
+        (self.out / "figures").mkdir(exist_ok=True)
+        resumed = cfg.resume and self.load()
+        if resumed:
+            print(f"resumed from {self._checkpoint_path()} at epoch {self.epoch}", file=sys.stderr)
+        else:
+            self._evaluate(0, float("nan"))  # epoch 0: the untrained network
+            self.save()
+        self._write_metrics()
+        while self.epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            loss = self.train_epoch()
+            self.epoch += 1
+            self.epoch_seconds.append(time.perf_counter() - t0)
+            self._evaluate(self.epoch, loss)
+            self._write_metrics()
+            self.save()
+        return self.finish()
+
+    def _evaluate(self, epoch: int, loss: float) -> None:
+        cfg = self.cfg
+        record = {"epoch": epoch, "train_acc": self.accuracy("train"), "test_acc": self.accuracy("test"),
+                  "train_loss": loss, "lr": self.opt.param_groups[0]["lr"]}
+        if epoch % cfg.metrics_every == 0 or epoch == cfg.epochs:
+            record["layers"], distances = self.measure()
+            pen = self.model.penultimate_name
+            if distances.get(pen) is not None:
+                np.save(self.out / "class_distance" / f"epoch_{epoch:03d}.npy", distances[pen].cpu().numpy())
+        self.history.append(record)
+        line = f"epoch {epoch:3d}  loss {loss:.4f}  train acc {record['train_acc']:.4f}  test acc {record['test_acc']:.4f}"
+        if "layers" in record:
+            m = record["layers"].get(self.model.penultimate_name, {}).get("train", {})
+            line += "  " + "  ".join(f"{k} {m[k]:.4g}" for k in ("nc1", "nc2_etf", "ncc_mismatch", "msdr") if k in m)
+        if self.epoch_seconds and epoch > 0:
+            line += f"  ({self.epoch_seconds[-1]:.1f} s)"
+        print(line, flush=True)
+
+    def _write_metrics(self) -> None:
+        lines = [json.dumps(_finite(r)) for r in self.history if "layers" in r]
+        _atomic_text("\n".join(lines) + ("\n" if lines else ""), self.out / "metrics.jsonl")
+
+    @torch.no_grad()
+    def _features(self, split: str, name: str) -> np.ndarray:
+        """Flattened (channel-pooled when wider than max_dim) features of one layer, float32 numpy."""
+        store = []
+        module = dict(self.model.named_modules())[name]
+        self.model.eval()
+
+        def hook(m, i, o):
+            o = o.detach().float()
+            flat = o.reshape(o.shape[0], -1)
+            if flat.shape[1] > self.cfg.max_dim and o.dim() > 2:
+                flat = o.reshape(o.shape[0], o.shape[1], -1).mean(2)
+            store.append(flat.cpu())
+
+        h = module.register_forward_hook(hook)
+        try:
+            for xb, _, _ in self._loader(split):
+                self.model(xb)
+        finally:
+            h.remove()
+        return torch.cat(store).numpy()
+
+    def finish(self) -> dict:
+        cfg = self.cfg
+        pen = self.model.penultimate_name
+        y_sup = {s: self.y[s].cpu().numpy() for s in self.y}
+        y_orig = {s: self.y_orig[s].cpu().numpy() for s in self.y}
+        feats = {s: self._features(s, pen) for s in ("train", "test")}
+        t0 = time.perf_counter()
+        clp_acc, pictures = clp(feats["train"], y_sup["train"], y_orig["train"], feats["test"], y_sup["test"],
+                                y_orig["test"], embedding=cfg.clp_embed, seed=cfg.seed)
+        lin_acc = linear_probe(feats["train"], y_orig["train"], feats["test"], y_orig["test"], seed=cfg.seed)
+        per_layer = {}
+        for name in self.layers:
+            f = feats if name == pen else {s: self._features(s, name) for s in ("train", "test")}
+            per_layer[name] = linear_probe(f["train"], y_orig["train"], f["test"], y_orig["test"], seed=cfg.seed)
+        probe_seconds = time.perf_counter() - t0
+        evaluated = [r for r in self.history if "layers" in r]
+        it = next((r["epoch"] for r in self.history if r["epoch"] > 0 and r["train_acc"] >= cfg.it_threshold), None)
+        last = self.history[-1]
+        summary = {
+            "command": " ".join(sys.argv) if sys.argv else "",
+            "config": asdict(cfg),
+            "train_accuracy": last["train_acc"],
+            "test_accuracy": last["test_acc"],
+            "clp_accuracy": clp_acc,
+            "clp_embedding": cfg.clp_embed,
+            "linear_probe_accuracy": lin_acc,
+            "linear_probe_per_layer": per_layer,
+            "interpolation_epoch": it,
+            "terminal_phase_epochs": 0 if it is None else cfg.epochs - it,
+            "num_train_classes": self.num_train_classes,
+            "num_original_classes": self.num_original,
+            "final_metrics": evaluated[-1]["layers"] if evaluated else {},
+            "initial_logits_norm": evaluated[0]["layers"][pen]["train"].get("logits_norm") if evaluated else None,
+            "mean_epoch_seconds": float(np.mean(self.epoch_seconds)) if self.epoch_seconds else None,
+            "probe_seconds": probe_seconds,
+            "device": str(self.device),
+        }
+        _atomic_text(json.dumps(_finite(summary), indent=1), self.out / "summary.json")
+        self._figures(evaluated, pictures)
+        print(f"CLP accuracy on the {self.num_original} original classes: {clp_acc:.4f}   "
+              f"linear probe on the true original labels: {lin_acc:.4f}   "
+              f"train acc {last['train_acc']:.4f}  test acc {last['test_acc']:.4f}  "
+              f"interpolation epoch {it}", flush=True)
+        return summary
+
+    def _figures(self, evaluated: list[dict], pictures: dict) -> None:
+        fig_dir = self.out / "figures"
+        pen = self.model.penultimate_name
+        distances = {int(p.stem.split("_")[1]): np.load(p) for p in sorted((self.out / "class_distance").glob("epoch_*.npy"))}
+        if distances:
+            figures.class_distance_heatmaps(distances, fig_dir / "class_distance.png")
+        if evaluated:
+            figures.nc_curves(evaluated, pen, fig_dir / "nc_curves.png")
+            figures.mismatch_per_layer(evaluated, self.layers, fig_dir / "ncc_mismatch_per_layer.png")
+        figures.superclass_embeddings(pictures, fig_dir / f"{self.cfg.clp_embed}_superclasses.png")
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) a training run; returns the summary written to ``cfg.out / summary.json``."""
+    return Trainer(cfg).run()

@@ -1,0 +1,168 @@
+"""The reference trainer end to end on tiny runs of every data kind, resume, label transforms and
+the metrics.jsonl schema. Data files are written by the tests (nothing is downloaded)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ncfast.train.__main__ import main, parse_args
+from ncfast.train.trainer import Config, Trainer, transform_labels
+from test_train_data import make_idx_dir, write_cifar
+
+METRICS = {"nc1", "nc2_etf", "cdnv", "vci", "rank", "effective_rank", "ncc_mismatch", "ncc_accuracy",
+           "logits_norm", "feature_norm", "equinorm", "squared_distance", "cosine_separation", "msdr"}
+
+
+def _tiny(tmp_path, **kw):
+    base = dict(arch="resnet18", width=4, epochs=1, batch_size=16, metrics_every=1, clp_embed="pca",
+                out=str(tmp_path / "run"), progress=False, max_dim=16)
+    base.update(kw)
+    return Config(**base)
+
+
+def _check_outputs(out, epochs, layers):
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(epochs + 1))  # epoch 0 (untrained) included
+    for r in lines:
+        assert set(r) >= {"epoch", "train_acc", "test_acc", "train_loss", "layers"}
+        assert set(r["layers"]) == set(layers)
+        for name in layers:
+            for split in ("train", "test"):
+                m = r["layers"][name][split]
+                assert METRICS <= set(m), METRICS - set(m)
+                assert m["dxd_features"] in ("full", "channel_pooled")
+                assert 0.0 <= m["ncc_mismatch"] <= 1.0 and 0.0 <= m["ncc_accuracy"] <= 1.0
+    for e in range(epochs + 1):
+        d = np.load(out / "class_distance" / f"epoch_{e:03d}.npy")
+        assert d.ndim == 2 and d.shape[0] == d.shape[1]
+    summary = json.loads((out / "summary.json").read_text())
+    for k in ("clp_accuracy", "linear_probe_accuracy", "train_accuracy", "test_accuracy", "interpolation_epoch",
+              "final_metrics", "linear_probe_per_layer"):
+        assert k in summary
+    assert 0.0 <= summary["clp_accuracy"] <= 1.0 and 0.0 <= summary["linear_probe_accuracy"] <= 1.0
+    for f in ("class_distance.png", "nc_curves.png", "ncc_mismatch_per_layer.png"):
+        assert (out / "figures" / f).stat().st_size > 0
+    return lines, summary
+
+
+def test_digits_coarse_end_to_end(tmp_path):
+    cfg = _tiny(tmp_path, dataset="digits", coarse=5, epochs=2, batch_size=128)
+    summary = Trainer(cfg).run()
+    lines, _ = _check_outputs(tmp_path / "run", 2, ["layer1", "layer2", "layer3", "layer4", "pool"])
+    pool = lines[-1]["layers"]["pool"]["train"]
+    assert pool["dxd_features"] == "channel_pooled"  # 32 features > max_dim 16
+    assert lines[-1]["layers"]["layer1"]["train"]["dim"] == 4 * 8 * 8
+    assert summary["num_train_classes"] == 5 and summary["num_original_classes"] == 10
+    # MSDR exists because every original digit sits inside one coarse label
+    assert math.isfinite(pool["msdr"])
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_idx_data_end_to_end(tmp_path, name):
+    make_idx_dir(tmp_path / "data", gz=True, n_train=40, n_test=20)
+    cfg = _tiny(tmp_path, dataset=name, data=str(tmp_path / "data"), arch="mlp", coarse=2)
+    Trainer(cfg).run()
+    _check_outputs(tmp_path / "run", 1, ["layer1", "layer2"])
+
+
+@pytest.mark.parametrize("name, layout", [("cifar10", "folder"), ("cifar100", "tar")])
+def test_cifar_end_to_end(tmp_path, name, layout):
+    write_cifar(tmp_path / "data", name, layout, n_train=60, n_test=20)
+    cfg = _tiny(tmp_path, dataset=name, data=str(tmp_path / "data"), arch="vgg11", random_coarse=3)
+    Trainer(cfg).run()
+    lines, _ = _check_outputs(tmp_path / "run", 1, ["block1", "block2", "block3", "block4", "block5", "pool"])
+
+
+def test_gmm_fine_labels_end_to_end(tmp_path):
+    cfg = _tiny(tmp_path, dataset="gmm", arch="mlp", fine=True, batch_size=256)
+    summary = Trainer(cfg).run()
+    _check_outputs(tmp_path / "run", 1, ["layer1", "layer2"])
+    assert summary["num_train_classes"] == 16
+
+
+def test_resume_reaches_the_same_result(tmp_path, monkeypatch):
+    straight = _tiny(tmp_path / "a", dataset="digits", coarse=5, epochs=3, metrics_every=2)
+    t = Trainer(straight)
+    t.run()
+    want = {k: v.clone() for k, v in t.model.state_dict().items()}
+
+    cut = _tiny(tmp_path / "b", dataset="digits", coarse=5, epochs=3, metrics_every=2)
+    first = Trainer(cut)
+    calls = {"n": 0}
+    original = Trainer.train_epoch
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed during the second epoch, after the first checkpoint
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    cut.resume = True
+    again = Trainer(cut)
+    again.run()
+    got = again.model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    a = (tmp_path / "a" / "run" / "metrics.jsonl").read_text()
+    b = (tmp_path / "b" / "run" / "metrics.jsonl").read_text()
+    assert a == b
+
+
+def test_label_transforms():
+    y = torch.arange(10).repeat(3)
+    cfg = Config(coarse=5)
+    tr, te, k = transform_labels(cfg, y, y, 10)
+    assert k == 5 and torch.equal(tr, y % 5)
+    tr, te, k = transform_labels(Config(fine=True), y, y, 10)
+    assert k == 20 and torch.equal(tr % 10, y) and not torch.equal(tr, te)  # own draws per split
+    tr, te, k = transform_labels(Config(random_coarse=2, seed=3), y, y, 10)
+    assert k == 2 and torch.equal(tr, te)  # one class shuffle for both splits
+    # classes of one super-class share it everywhere
+    assert all(len(set(tr[y == c].tolist())) == 1 for c in range(10))
+    with pytest.raises(ValueError, match="--coarse"):
+        transform_labels(Config(coarse=11), y, y, 10)
+    with pytest.raises(ValueError, match="at most one"):
+        transform_labels(Config(coarse=2, fine=True), y, y, 10)
+
+
+def test_command_line(tmp_path, capsys):
+    cfg = parse_args(["--arch", "mlp", "--coarse", "5", "--layers", "layer1, layer2", "--epochs", "3"])
+    assert cfg.coarse == 5 and cfg.layers == ["layer1", "layer2"] and cfg.epochs == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--coarse", "5", "--fine"])
+    assert main(["--dataset", "mnist", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "mnist" in err and "train-images-idx3-ubyte" in err
+    assert main(["--dataset", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10" in err and "--download" in err
+
+
+def test_gmm_study_msdr_rises_with_sigma2():
+    """Paper 000 appendix B: well separated clusters (large sigma^2) keep their sub-classes apart
+    inside a super-class (MSDR well above 1); overlapping ones do not."""
+    from ncfast.experiments import gmm
+
+    cfg = dict(gmm.DEFAULTS, steps=300, n_per_cluster=200)
+    low = [gmm.run_one(0.25, seed, **cfg)["msdr"] for seed in range(2)]
+    high = [gmm.run_one(16.0, seed, **cfg)["msdr"] for seed in range(2)]
+    assert min(high) > max(low)
+    assert np.mean(high) > 1.5 * np.mean(low)
+    similar = gmm.run_one(4.0, 0, tau2=0.01, **cfg)
+    assert similar["msdr_similar"] < similar["msdr_dissimilar"]  # B.1: similar sub-classes merge
+
+
+def test_gmm_study_quick_writes_table_and_plot(tmp_path, capsys):
+    from ncfast.experiments import gmm
+
+    assert gmm.main(["--quick", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "MSDR vs sigma^2" in table and "| τ² | similar | dissimilar |" in table
+    assert (tmp_path / "msdr.png").stat().st_size > 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["sweeps"]["dim"]) == 4 and len(results["tau2"]) == 2
