@@ -83,6 +83,14 @@ PRESETS = {
         "class_pair_stats": [(40_000, 512, 20_000)],
         "nc_metrics": [(100_000, 512, 100), (100_000, 512, 1000)],
     },
+    # issue 4's targets on one H100 (run with --device cuda): 16-41 GB of features
+    "h100": {
+        "class_moments": [(10_000_000, 1024, 10)],
+        "ncc_assign": [(4_000_000, 1024, 1000), (4_000_000, 1024, 50_000)],
+        "ncc_assign:fast": [(4_000_000, 1024, 1000), (4_000_000, 1024, 50_000)],
+        "class_pair_stats": [(200_000, 1024, 100_000)],
+        "nc_metrics": [(50_000, 512, 10)],
+    },
 }
 
 SEED = 0
@@ -304,10 +312,23 @@ def best_ms(fn, repeat=5, sync=lambda: None):
 
 
 def machine_peaks(threads: int, device) -> dict:
-    """Peak FLOP/s of the machine (vector FMAs on every thread), float32 and float64."""
-    if device.type != "cpu":
-        return {}
-    return {"fp32": ncfast._C.fma_peak(False, 0.5, threads), "fp64": ncfast._C.fma_peak(True, 0.5, threads)}
+    """Peak FLOP/s of the machine, float32 and float64: on CPU vector FMAs on every thread; on a
+    GPU the best of large torch.mm products (float32 at 'highest' precision, i.e. no TF32; tf32
+    separately, the fast mode's floor)."""
+    if device.type == "cpu":
+        return {"fp32": ncfast._C.fma_peak(False, 0.5, threads), "fp64": ncfast._C.fma_peak(True, 0.5, threads)}
+    peaks = {}
+    n = 8192
+    for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("fp64", torch.float64, False)):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            peaks[name] = 2.0 * n ** 3 / (best_ms(lambda: a @ a, sync=torch.cuda.synchronize) * 1e-3)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+        del a
+    return peaks
 
 
 def op_work(op, n, d, c) -> tuple[float, float, str]:
@@ -318,7 +339,7 @@ def op_work(op, n, d, c) -> tuple[float, float, str]:
     if op == "class_moments+scatter":
         return read, n * d * (d + 1), "fp64"  # one triangle of the D x D product
     if op.startswith("ncc_assign"):
-        return read, 2.0 * n * c * d, "fp32"
+        return read, 2.0 * n * c * d, "fp32"  # (on a GPU the fast mode's floor is the tf32 one, printed too)
     if op == "class_pair_stats":
         return 0.0, c * (c + 1) * d, "fp64"  # one triangle of the C x C Gram matrix
     if op == "nc_metrics":
@@ -345,15 +366,30 @@ def torch_mm_case(op, x, y, c):
 # --------------------------------------------------------------------------- timing
 def time_providers(fns: dict, warmup: int, repeat: int, sync):
     """{name: (last output, median ms, min ms)}; providers take turns on every repeat."""
+    fns = dict(fns)
     outs, times = {}, {name: [] for name in fns}
-    for fn in fns.values():
+
+    def call(name):
+        try:
+            return fns[name]()
+        except torch.cuda.OutOfMemoryError:  # a dense baseline at a GPU size: reported as n/a
+            print(f"{name}: out of memory, skipped", file=sys.stderr)
+            del fns[name], times[name]
+            torch.cuda.empty_cache()
+            return None
+
+    for name in list(fns):
         for _ in range(warmup):
-            fn()
+            if name in fns:
+                call(name)
     for _ in range(repeat):
-        for name, fn in fns.items():
+        for name in list(fns):
             sync()
             t0 = time.perf_counter()
-            outs[name] = fn()
+            out = call(name)
+            if name not in fns:
+                continue
+            outs[name] = out
             sync()
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: (outs[name], statistics.median(t), min(t)) for name, t in times.items()}
@@ -445,7 +481,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's current)")
     p.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "latest.json",
                    help="where to write the results (default bench/results/latest.json)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the inputs live (default cpu)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the inputs live (default cpu); issue 4's GPU sizes: --device cuda --sizes h100")
     args = p.parse_args(argv)
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in args.ops if op not in OPS]
