@@ -77,6 +77,17 @@ std::string compile_options() {
 
 }  // namespace
 
+// Labels (N,) in [0, C) for the rows of x, and class means (C, D): shared by the centring kernels.
+static void check_labels_means(const Matrix& x, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& labels,
+                        const py::array_t<double, py::array::c_style>& means) {
+  if (labels.ndim() != 1 || labels.shape(0) != x.rows)
+    throw std::invalid_argument("labels: expected shape (N,) matching features");
+  if (means.ndim() != 2 || means.shape(1) != x.cols) throw std::invalid_argument("means: expected shape (C, D)");
+  const int64_t* y = labels.data();
+  for (int64_t i = 0; i < x.rows; ++i)
+    if (y[i] < 0 || y[i] >= means.shape(0)) throw std::invalid_argument("labels: out of range [0, C)");
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ncfast compiled CPU core (no libtorch dependency)";
   m.def("compile_options", &compile_options,
@@ -186,16 +197,11 @@ PYBIND11_MODULE(_C, m) {
          int num_threads) {
         py::buffer_info info = features.request();
         Matrix x = as_matrix(info, dtype);
-        if (labels.ndim() != 1 || labels.shape(0) != x.rows)
-          throw std::invalid_argument("labels: expected shape (N,) matching features");
-        if (means.ndim() != 2 || means.shape(1) != x.cols)
-          throw std::invalid_argument("means: expected shape (C, D)");
+        check_labels_means(x, labels, means);
         if (out.ndim() != 2 || out.shape(0) != x.cols || out.shape(1) != x.cols || !out.writeable())
           throw std::invalid_argument("out: expected a writeable (D, D) float64 array");
         const int64_t c = means.shape(0);
         const int64_t* y = labels.data();
-        for (int64_t i = 0; i < x.rows; ++i)
-          if (y[i] < 0 || y[i] >= c) throw std::invalid_argument("labels: out of range [0, C)");
         py::array_t<double, py::array::c_style | py::array::forcecast> s;
         if (!scale.is_none()) {
           s = scale.cast<py::array_t<double, py::array::c_style | py::array::forcecast>>();
@@ -231,15 +237,10 @@ PYBIND11_MODULE(_C, m) {
          int num_threads) {
         py::buffer_info info = features.request();
         Matrix x = as_matrix(info, dtype);
-        if (labels.ndim() != 1 || labels.shape(0) != x.rows)
-          throw std::invalid_argument("labels: expected shape (N,) matching features");
-        if (means.ndim() != 2 || means.shape(1) != x.cols)
-          throw std::invalid_argument("means: expected shape (C, D)");
+        check_labels_means(x, labels, means);
         if (out.ndim() != 2 || out.shape(0) != x.rows || out.shape(1) != x.cols || !out.writeable())
           throw std::invalid_argument("out: expected a writable float64 array of shape (N, D)");
         const int64_t* y = labels.data();
-        for (int64_t i = 0; i < x.rows; ++i)
-          if (y[i] < 0 || y[i] >= means.shape(0)) throw std::invalid_argument("labels: value out of range");
         double* dst = out.mutable_data();
         const double* mu = means.data();
         py::gil_scoped_release release;

@@ -37,6 +37,25 @@ inline void consider(float s, int64_t c, float& b1, float& b2, int64_t& i1) {
   }
 }
 
+// Row r of x minus the shift into dst (float32) with one rounding of the exact difference, as the
+// bound assumes: float32 arithmetic on exactly converted float32/16/bf16 values, float64 first for
+// float64 input (row64: scratch of d doubles). Returns ||dst|| in float64.
+inline double shifted_row(const Matrix& x, int64_t r, const float* shift, float* dst, double* row64) {
+  const int64_t d = x.cols;
+  if (x.dtype == DType::F64) {
+    x.load_row(r, row64);
+    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(row64[j] - static_cast<double>(shift[j]));
+  } else {
+    x.load_row_f32(r, dst);
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) dst[j] -= shift[j];
+  }
+  double sq = 0.0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < d; ++j) sq += static_cast<double>(dst[j]) * dst[j];
+  return std::sqrt(sq);
+}
+
 }  // namespace
 
 #if defined(__AVX512F__)
@@ -228,18 +247,7 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
       const int64_t rows = std::min(block_rows, n - r0);
       for (int64_t t = 0; t < rows; ++t) {
         float* dst = buf.get() + t * d;
-        if (x.dtype == DType::F64) {
-          x.load_row(r0 + t, row64.data());
-          for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(row64[j] - static_cast<double>(shift[j]));
-        } else {
-          x.load_row_f32(r0 + t, dst);
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) dst[j] -= shift[j];
-        }
-        double sq = 0.0;
-#pragma omp simd reduction(+ : sq)
-        for (int64_t j = 0; j < d; ++j) sq += static_cast<double>(dst[j]) * dst[j];
-        norm[t] = std::sqrt(sq);
+        norm[t] = shifted_row(x, r0 + t, shift, dst, row64.data());
         if (bf16) {
           uint32_t* pairs = buf16.get() + t * d2;
           for (int64_t j2 = 0; j2 < d2; ++j2) {
@@ -334,21 +342,7 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
       const int64_t r0 = blk * kRowBlock;
       const int64_t rows = std::min(kRowBlock, n - r0);
       for (int64_t t = 0; t < rows; ++t) {
-        float* dst = buf.data() + t * d;
-        double sq = 0.0;
-        // x - shift with one rounding of the exact difference, as the bound assumes: float32
-        // arithmetic on exactly converted float32/16/bf16 values, float64 first for float64 input.
-        if (x.dtype == DType::F64) {
-          x.load_row(r0 + t, row64.data());
-          for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(row64[j] - static_cast<double>(shift[j]));
-        } else {
-          x.load_row_f32(r0 + t, dst);
-#pragma omp simd
-          for (int64_t j = 0; j < d; ++j) dst[j] -= shift[j];
-        }
-#pragma omp simd reduction(+ : sq)
-        for (int64_t j = 0; j < d; ++j) sq += static_cast<double>(dst[j]) * dst[j];
-        norm[t] = std::sqrt(sq);
+        norm[t] = shifted_row(x, r0 + t, shift, buf.data() + t * d, row64.data());
         for (int g = 0; g < groups; ++g) {
           b1[t][g] = b2[t][g] = inf;
           i1[t][g] = 0;
