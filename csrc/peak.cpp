@@ -29,8 +29,7 @@ double fma_loop(int64_t iterations) {
     for (int l = 0; l < lanes; ++l) acc[q][l] = static_cast<T>(q + l);
   for (int64_t it = 0; it < iterations; ++it) {
 #pragma GCC unroll 16
-    for (int q = 0; q < kAccumulators; ++q) acc[q] = acc[q] * a + b;
-    asm volatile("" : "+x"(a));  // keeps the loop from being folded away
+    for (int q = 0; q < kAccumulators; ++q) acc[q] = acc[q] * a + b;  // a float recurrence: not foldable
   }
   double sink = 0.0;
   for (int q = 0; q < kAccumulators; ++q)
