@@ -23,7 +23,11 @@ namespace {
 
 constexpr int kMR = 12;        // rows of the register tile (broadcast side)
 constexpr int kNR = 16;        // columns (two 8-double vectors)
-constexpr int64_t kChunk = 512;  // inner-dimension steps per packed panel (fewer chunks, fewer barriers)
+// Inner-dimension steps per packed panel: the scatter streams N rows in chunks and synchronises its
+// threads per chunk, so long chunks (fewer barriers) win there; the pairwise tiles re-pack per call
+// and prefer panels that stay in L1/L2 (1008^2 x 512 tile: 123 GFLOP/s at 128 against 95 at 512).
+constexpr int64_t kScatterChunk = 512;
+constexpr int64_t kGramChunk = 128;
 
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
@@ -79,8 +83,8 @@ void centred_scatter(const Matrix& x, const int64_t* labels, const double* means
   const int64_t pa = (d + kMR - 1) / kMR, pb = (d + kNR - 1) / kNR;
   const int64_t ldc = pb * kNR;
   auto acc = zeroed(pa * kMR * ldc);
-  auto apack = zeroed(pa * kChunk * kMR);
-  auto bpack = zeroed(pb * kChunk * kNR);
+  auto apack = zeroed(pa * kScatterChunk * kMR);
+  auto bpack = zeroed(pb * kScatterChunk * kNR);
   const auto tiles = upper_tiles(pa, pb);
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
   const int threads = region_threads(num_threads, std::max<int64_t>(ntiles, 1));
@@ -89,8 +93,8 @@ void centred_scatter(const Matrix& x, const int64_t* labels, const double* means
 #endif
   {
     std::vector<double> row(d);
-    for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-      const int64_t kc = std::min(kChunk, n - i0);
+    for (int64_t i0 = 0; i0 < n; i0 += kScatterChunk) {
+      const int64_t kc = std::min(kScatterChunk, n - i0);
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -101,8 +105,8 @@ void centred_scatter(const Matrix& x, const int64_t* labels, const double* means
         const double s = scale ? scale[c] : 1.0;
         for (int64_t j = 0; j < d; ++j) row[j] = (row[j] - mu[j]) * s;
         for (int64_t j = 0; j < d; ++j) {
-          apack[((j / kMR) * kChunk + t) * kMR + j % kMR] = row[j];
-          bpack[((j / kNR) * kChunk + t) * kNR + j % kNR] = row[j];
+          apack[((j / kMR) * kScatterChunk + t) * kMR + j % kMR] = row[j];
+          bpack[((j / kNR) * kScatterChunk + t) * kNR + j % kNR] = row[j];
         }
       }
 #ifdef NCFAST_WITH_OPENMP
@@ -110,7 +114,7 @@ void centred_scatter(const Matrix& x, const int64_t* labels, const double* means
 #endif
       for (int64_t k = 0; k < ntiles; ++k) {
         const auto [p, q] = tiles[k];
-        micro(apack.get() + p * kChunk * kMR, bpack.get() + q * kChunk * kNR, kc,
+        micro(apack.get() + p * kScatterChunk * kMR, bpack.get() + q * kScatterChunk * kNR, kc,
               acc.get() + p * kMR * ldc + q * kNR, ldc);
       }
     }
@@ -133,16 +137,16 @@ void gram_nt(const double* a, int64_t m, const double* b, int64_t n, int64_t k, 
   auto padded = zeroed(direct ? 1 : pa * kMR * ldc);
   if (direct) std::fill(out, out + m * n, 0.0);
   double* acc = direct ? out : padded.get();
-  auto apack = zeroed(pa * kChunk * kMR);
-  auto bpack = zeroed(pb * kChunk * kNR);
+  auto apack = zeroed(pa * kGramChunk * kMR);
+  auto bpack = zeroed(pb * kGramChunk * kNR);
   const int64_t ntiles = pa * pb;
   const int threads = region_threads(num_threads, std::max<int64_t>(ntiles, 1));
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    for (int64_t k0 = 0; k0 < k; k0 += kChunk) {
-      const int64_t kc = std::min(kChunk, k - k0);
+    for (int64_t k0 = 0; k0 < k; k0 += kGramChunk) {
+      const int64_t kc = std::min(kGramChunk, k - k0);
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -151,7 +155,7 @@ void gram_nt(const double* a, int64_t m, const double* b, int64_t n, int64_t k, 
         const int64_t r = is_a ? i : i - m;
         const double* src = (is_a ? a : b) + r * k + k0;
         const int w = is_a ? kMR : kNR;
-        double* dst = (is_a ? apack.get() : bpack.get()) + (r / w) * kChunk * w + r % w;
+        double* dst = (is_a ? apack.get() : bpack.get()) + (r / w) * kGramChunk * w + r % w;
         for (int64_t t = 0; t < kc; ++t) dst[t * w] = src[t];
       }
 #ifdef NCFAST_WITH_OPENMP
@@ -159,7 +163,7 @@ void gram_nt(const double* a, int64_t m, const double* b, int64_t n, int64_t k, 
 #endif
       for (int64_t tile = 0; tile < ntiles; ++tile) {
         const int64_t p = tile / pb, q = tile % pb;
-        micro(apack.get() + p * kChunk * kMR, bpack.get() + q * kChunk * kNR, kc,
+        micro(apack.get() + p * kGramChunk * kMR, bpack.get() + q * kGramChunk * kNR, kc,
               acc + p * kMR * ldc + q * kNR, ldc);
       }
     }
