@@ -99,3 +99,17 @@ def test_probe_rejects_bad_arguments():
         ncfast.LayerProbe(model, ["hidden"], num_classes=4, head=model.head)
     with pytest.raises(ValueError, match="loader"):
         ncfast.LayerProbe(model, ["hidden"], num_classes=4, class_counts=[1, 1, 1, 1]).measure([])
+
+
+def test_probe_leaves_out_msdr_when_original_classes_are_split():
+    """Fine labels: an original class under two training labels has no super-class, so no MSDR;
+    the class distance on the original labels is still there."""
+    model = Net(c=8).eval()
+    x, y_orig, _ = _data(c=4)
+    y = y_orig + 4 * ((torch.arange(x.shape[0]) // 4) % 2)  # every original class split in two
+    probe = ncfast.LayerProbe(model, ["hidden"], num_classes=8, num_original_classes=4)
+    got = probe.measure(_batches(x, y, y_orig))
+    assert "msdr" not in got["hidden"]
+    out, _ = _features(model, x, "hidden")
+    assert_close(probe.details["hidden"].class_distance.numpy(), ref.class_distance(out.numpy(), y_orig.numpy()),
+                 rtol=1e-9, what="class_distance")

@@ -166,3 +166,20 @@ def test_gmm_study_quick_writes_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "msdr.png").stat().st_size > 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["sweeps"]["dim"]) == 4 and len(results["tau2"]) == 2
+
+
+def test_paper_knobs_run_and_change_training(tmp_path):
+    """--svsl-alpha / --svsl-gamma, --temperature, --init-scale and --output-norm reach the run: the
+    LayerNorm becomes the penultimate layer, and SVSL changes the first epoch's loss."""
+    base = dict(dataset="digits", arch="mlp", coarse=5, epochs=1, batch_size=256, metrics_every=1,
+                clp_embed="none", progress=False)
+    plain = Trainer(Config(out=str(tmp_path / "plain"), **base))
+    plain.run()
+    knobs = Trainer(Config(out=str(tmp_path / "knobs"), svsl_alpha=0.5, svsl_gamma=1, temperature=2.0,
+                           init_scale=0.5, output_norm="layernorm", **base))
+    assert knobs.model.penultimate_name == "norm" and "norm" in knobs.layers
+    assert knobs.svsl_layers == knobs.layers[1:]
+    summary = knobs.run()
+    first = lambda run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[1])
+    assert first("knobs")["train_loss"] != first("plain")["train_loss"]
+    assert "norm" in summary["final_metrics"] and "nc3" in summary["final_metrics"]["norm"]["train"]

@@ -20,7 +20,8 @@ included, uses the full flattened features.
 With original labels beside the training labels (coarse / fine experiments, paper 000), each
 layer also keeps the moments of the original classes: ``LayerResult.class_distance`` is their
 class-distance matrix and the metric ``msdr`` their mean super-class distance ratio, the super-class
-of an original class being its training label.
+of an original class being its training label (left out when an original class appears under two
+training labels, as with fine labels).
 """
 from __future__ import annotations
 
@@ -171,7 +172,13 @@ class LayerProbe:
                     s["pooled"].update(_pool(out), y)
                 if s["orig"] is not None:
                     s["orig"].update(flat, y_orig)
-                    s["superclass"][y_orig] = y
+                    # an original class seen under two training labels (fine labels) has no super-class
+                    sup = s["superclass"]
+                    seen = sup[y_orig]
+                    sup[y_orig] = y
+                    split = ((seen >= 0) & (seen != y)) | (sup[y_orig] != y)
+                    if bool(split.any()):
+                        s["split"] = True
             state.setdefault("_logits", {"norm_sum": 0.0, "n": 0})
             state["_logits"]["norm_sum"] += float(logits.detach().to(torch.float64).norm(dim=1).sum())
             state["_logits"]["n"] += logits.shape[0]
@@ -219,7 +226,8 @@ class LayerProbe:
             distance = None
             if s["orig"] is not None:
                 distance = class_distance_from_moments(s["orig"])
-                out["msdr"] = _msdr(distance, sup)
+                if not s.get("split"):  # with fine labels the original classes have no super-class
+                    out["msdr"] = _msdr(distance, sup)
             results[name] = out
             self.details[name] = LayerResult(class_distance=distance, dim=s["full"].dim, dxd_dim=dxd)
         return results
