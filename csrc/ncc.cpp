@@ -37,6 +37,35 @@ inline void consider(float s, int64_t c, float& b1, float& b2, int64_t& i1) {
   }
 }
 
+// A block of rows' running (best, second best, index) per group and their norms.
+template <int64_t R>
+struct BlockBest {
+  float b1[R][kMaxGroups], b2[R][kMaxGroups];
+  int64_t i1[R][kMaxGroups];
+  double norm[R];
+
+  void reset(int64_t t, int groups) {
+    for (int g = 0; g < groups; ++g) {
+      b1[t][g] = b2[t][g] = std::numeric_limits<float>::infinity();
+      i1[t][g] = 0;
+    }
+  }
+
+  // best / unsure of rows r0 .. r0 + rows (see ncc.h), the bound rel * (||x - t|| cmax + omax).
+  void write(int64_t r0, int64_t rows, int groups, const int64_t* starts, double rel, const double* cmax,
+             const double* omax, int64_t* best, uint8_t* unsure) const {
+    for (int64_t t = 0; t < rows; ++t) {
+      for (int g = 0; g < groups; ++g) {
+        const double bound = rel * (norm[t] * cmax[g] + omax[g]);
+        const int64_t o = (r0 + t) * groups + g;
+        best[o] = i1[t][g] - starts[g];
+        unsure[o] = (starts[g + 1] - starts[g] > 1 &&
+                     static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]) <= 2.0 * bound) ? 1 : 0;
+      }
+    }
+  }
+};
+
 // Row r of x minus the shift into dst (float32) with one rounding of the exact difference, as the
 // bound assumes: float32 arithmetic on exactly converted float32/16/bf16 values, float64 first for
 // float64 input (row64: scratch of d doubles). Returns ||dst|| in float64.
@@ -226,7 +255,6 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
   }
   const int64_t block_rows = packed_block_rows(d);
   const int64_t blocks = (n + block_rows - 1) / block_rows;
-  const float inf = std::numeric_limits<float>::infinity();
   const int threads = region_threads(num_threads, blocks);
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
@@ -236,9 +264,7 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
     auto buf16 = aligned_array<uint32_t>(bf16 ? block_rows * d2 : 1);
     std::vector<double> row64(d);
     alignas(64) float sc[kTileRows * kLanes];
-    float b1[kPackedBlock][kMaxGroups], b2[kPackedBlock][kMaxGroups];
-    int64_t i1[kPackedBlock][kMaxGroups];
-    double norm[kPackedBlock];
+    BlockBest<kPackedBlock> st;
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 2)
 #endif
@@ -247,7 +273,7 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
       const int64_t rows = std::min(block_rows, n - r0);
       for (int64_t t = 0; t < rows; ++t) {
         float* dst = buf.get() + t * d;
-        norm[t] = shifted_row(x, r0 + t, shift, dst, row64.data());
+        st.norm[t] = shifted_row(x, r0 + t, shift, dst, row64.data());
         if (bf16) {
           uint32_t* pairs = buf16.get() + t * d2;
           for (int64_t j2 = 0; j2 < d2; ++j2) {
@@ -256,10 +282,7 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
             pairs[j2] = lo | (hi << 16);
           }
         }
-        for (int g = 0; g < groups; ++g) {
-          b1[t][g] = b2[t][g] = inf;
-          i1[t][g] = 0;
-        }
+        st.reset(t, groups);
       }
       for (int64_t p = 0; p < pan.count; ++p) {
         const int g = pan.group[p];
@@ -278,19 +301,11 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
             float* s = sc + r * kLanes;
             _mm512_store_ps(s, _mm512_add_ps(_mm512_load_ps(s), o0));
             _mm512_store_ps(s + 16, _mm512_add_ps(_mm512_load_ps(s + 16), o1));
-            update_rows(s, base, b1[t + r][g], b2[t + r][g], i1[t + r][g]);
+            update_rows(s, base, st.b1[t + r][g], st.b2[t + r][g], st.i1[t + r][g]);
           }
         });
       }
-      for (int64_t t = 0; t < rows; ++t) {
-        for (int g = 0; g < groups; ++g) {
-          const double bound = rel * (norm[t] * cmax[g] + omax[g]);
-          const int64_t o = (r0 + t) * groups + g;
-          best[o] = i1[t][g] - starts[g];
-          unsure[o] = (starts[g + 1] - starts[g] > 1 &&
-                       static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]) <= 2.0 * bound) ? 1 : 0;
-        }
-      }
+      st.write(r0, rows, groups, starts, rel, cmax, omax, best, unsure);
     }
   }
   (void)threads;
@@ -324,7 +339,6 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
     for (int64_t c = starts[g]; c < starts[g + 1]; ++c) group_of[c] = g;
   const int64_t n = x.rows, d = x.cols;
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  const float inf = std::numeric_limits<float>::infinity();
   const int threads = region_threads(num_threads, blocks);
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
@@ -332,9 +346,10 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
   {
     std::vector<float> buf(kRowBlock * d);
     std::vector<double> row64(d);
-    float b1[kRowBlock][kMaxGroups], b2[kRowBlock][kMaxGroups];
-    int64_t i1[kRowBlock][kMaxGroups];
-    double norm[kRowBlock];
+    BlockBest<kRowBlock> st;
+    auto& b1 = st.b1;
+    auto& b2 = st.b2;
+    auto& i1 = st.i1;
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp for schedule(dynamic, 4)
 #endif
@@ -342,11 +357,8 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
       const int64_t r0 = blk * kRowBlock;
       const int64_t rows = std::min(kRowBlock, n - r0);
       for (int64_t t = 0; t < rows; ++t) {
-        norm[t] = shifted_row(x, r0 + t, shift, buf.data() + t * d, row64.data());
-        for (int g = 0; g < groups; ++g) {
-          b1[t][g] = b2[t][g] = inf;
-          i1[t][g] = 0;
-        }
+        st.norm[t] = shifted_row(x, r0 + t, shift, buf.data() + t * d, row64.data());
+        st.reset(t, groups);
       }
       int64_t t = 0;
       for (; t + 2 <= rows; t += 2) {
@@ -399,15 +411,7 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
           consider(offsets[c] + a, c, b1[t][g], b2[t][g], i1[t][g]);
         }
       }
-      for (t = 0; t < rows; ++t) {
-        for (int g = 0; g < groups; ++g) {
-          const double bound = rel * (norm[t] * cmax[g] + omax[g]);
-          const int64_t o = (r0 + t) * groups + g;
-          best[o] = i1[t][g] - starts[g];
-          unsure[o] = (starts[g + 1] - starts[g] > 1 &&
-                       static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]) <= 2.0 * bound) ? 1 : 0;
-        }
-      }
+      st.write(r0, rows, groups, starts, rel, cmax, omax, best, unsure);
     }
   }
   (void)threads;  // unused without OpenMP
