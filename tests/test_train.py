@@ -37,6 +37,9 @@ def _check_outputs(out, epochs, layers):
     for e in range(epochs + 1):
         d = np.load(out / "class_distance" / f"epoch_{e:03d}.npy")
         assert d.ndim == 2 and d.shape[0] == d.shape[1]
+        every = np.load(out / "class_distance" / f"epoch_{e:03d}_layers.npz")
+        assert set(every.files) == {f"{name}/{split}" for name in layers for split in ("train", "test")}
+        assert all(every[k].shape == d.shape for k in every.files)
     summary = json.loads((out / "summary.json").read_text())
     for k in ("clp_accuracy", "linear_probe_accuracy", "train_accuracy", "test_accuracy", "interpolation_epoch",
               "final_metrics", "linear_probe_per_layer"):

@@ -267,7 +267,7 @@ class Trainer:
         return hits / self.x[split].shape[0]
 
     def measure(self) -> tuple[dict, dict]:
-        """{layer: {split: metrics}} and the class-distance matrices of the train split."""
+        """{layer: {split: metrics}} and {(layer, split): class-distance matrix on the original labels}."""
         layers: dict[str, dict] = {name: {} for name in self.layers}
         distances = {}
         pen = self.model.penultimate_name if self.model.penultimate_name in self.layers else None
@@ -282,8 +282,7 @@ class Trainer:
                 entry["dxd_features"] = metrics.dxd_features
                 entry["dim"] = probe.details[name].dim
                 layers[name][split] = entry
-                if split == "train":
-                    distances[name] = probe.details[name].class_distance
+                distances[(name, split)] = probe.details[name].class_distance
         return layers, distances
 
     # ---------------------------------------------------------------- the run
@@ -316,8 +315,12 @@ class Trainer:
         if epoch % cfg.metrics_every == 0 or epoch == cfg.epochs:
             record["layers"], distances = self.measure()
             pen = self.model.penultimate_name
-            if distances.get(pen) is not None:
-                np.save(self.out / "class_distance" / f"epoch_{epoch:03d}.npy", distances[pen].cpu().numpy())
+            folder = self.out / "class_distance"
+            if distances.get((pen, "train")) is not None:
+                np.save(folder / f"epoch_{epoch:03d}.npy", distances[(pen, "train")].cpu().numpy())
+            # every probed layer and split, original labels: arrays named "<layer>/<split>"
+            np.savez(folder / f"epoch_{epoch:03d}_layers.npz",
+                     **{f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None})
         self.history.append(record)
         line = f"epoch {epoch:3d}  loss {loss:.4f}  train acc {record['train_acc']:.4f}  test acc {record['test_acc']:.4f}"
         if "layers" in record:
@@ -401,7 +404,8 @@ class Trainer:
     def _figures(self, evaluated: list[dict], pictures: dict) -> None:
         fig_dir = self.out / "figures"
         pen = self.model.penultimate_name
-        distances = {int(p.stem.split("_")[1]): np.load(p) for p in sorted((self.out / "class_distance").glob("epoch_*.npy"))}
+        distances = {int(p.stem.split("_")[1]): np.load(p)
+                     for p in sorted((self.out / "class_distance").glob("epoch_[0-9][0-9][0-9].npy"))}
         if distances:
             figures.class_distance_heatmaps(distances, fig_dir / "class_distance.png")
         if evaluated:
