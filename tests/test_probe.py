@@ -84,6 +84,8 @@ def test_probe_counts_imbalanced_labels_itself_and_restores_mode():
     probe = ncfast.LayerProbe(model, ["hidden"], num_classes=4)
     got = probe.measure(_batches(x, y))
     assert model.training  # measure runs in eval mode and puts the mode back
+    with torch.no_grad():
+        assert probe.accuracy == float((model.eval()(x).argmax(1) == y).double().mean())
     out, logits = _features(model.eval(), x, "hidden")
     want = ncfast.nc_metrics(out, y, num_classes=4, logits=logits)
     assert_close(got["hidden"]["nc1"], want["nc1"], rtol=1e-9, what="nc1")

@@ -188,9 +188,12 @@ class LayerProbe:
             raise ValueError("loader: yielded no batch")
 
         hits = {name: [0, 0, 0] for name in self.layers}  # ncc == label, ncc != decision, rows
+        correct = [0, 0]  # decision == label, rows
 
         def second(captured, logits, y, y_orig):
             decisions = logits.argmax(dim=1)
+            correct[0] += int((decisions == y).sum())
+            correct[1] += y.shape[0]
             for name in self.layers:
                 nearest = ncc_assign(_flatten(captured[name]), state[name]["full"].means)
                 h = hits[name]
@@ -199,6 +202,7 @@ class LayerProbe:
                 h[2] += y.shape[0]
 
         self._forward_all(loader, second)
+        self.accuracy = correct[0] / max(1, correct[1])  # the network's own accuracy on these samples
 
         results: dict[str, NCMetrics] = {}
         self.details: dict[str, LayerResult] = {}

@@ -259,17 +259,19 @@ class Trainer:
 
     @torch.no_grad()
     def accuracy(self, split: str) -> float:
+        """The network's accuracy on a split (eval mode, no augmentation, float32 like the probes)."""
         self.model.eval()
         hits = 0
         for xb, yb, _ in self._loader(split):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                hits += int((self.model(xb).argmax(1) == yb).sum())
+            hits += int((self.model(xb).argmax(1) == yb).sum())
         return hits / self.x[split].shape[0]
 
-    def measure(self) -> tuple[dict, dict]:
-        """{layer: {split: metrics}} and {(layer, split): class-distance matrix on the original labels}."""
+    def measure(self) -> tuple[dict, dict, dict]:
+        """{layer: {split: metrics}}, {(layer, split): class-distance matrix on the original labels}
+        and {split: accuracy} (from the probe's own pass: no extra forward pass)."""
         layers: dict[str, dict] = {name: {} for name in self.layers}
         distances = {}
+        accuracy = {}
         pen = self.model.penultimate_name if self.model.penultimate_name in self.layers else None
         for split in ("train", "test"):
             probe = LayerProbe(self.model, self.layers, self.num_train_classes,
@@ -277,13 +279,14 @@ class Trainer:
                                num_original_classes=self.num_original, class_counts=self.counts[split],
                                max_dim=self.cfg.max_dim)
             result = probe.measure(self._loader(split))
+            accuracy[split] = probe.accuracy
             for name, metrics in result.items():
                 entry = dict(metrics)
                 entry["dxd_features"] = metrics.dxd_features
                 entry["dim"] = probe.details[name].dim
                 layers[name][split] = entry
                 distances[(name, split)] = probe.details[name].class_distance
-        return layers, distances
+        return layers, distances, accuracy
 
     # ---------------------------------------------------------------- the run
     def run(self) -> dict:
@@ -310,10 +313,10 @@ class Trainer:
 
     def _evaluate(self, epoch: int, loss: float) -> None:
         cfg = self.cfg
-        record = {"epoch": epoch, "train_acc": self.accuracy("train"), "test_acc": self.accuracy("test"),
-                  "train_loss": loss, "lr": self.opt.param_groups[0]["lr"]}
+        record = {"epoch": epoch, "train_loss": loss, "lr": self.opt.param_groups[0]["lr"]}
         if epoch % cfg.metrics_every == 0 or epoch == cfg.epochs:
-            record["layers"], distances = self.measure()
+            record["layers"], distances, accuracy = self.measure()
+            record["train_acc"], record["test_acc"] = accuracy["train"], accuracy["test"]
             pen = self.model.penultimate_name
             folder = self.out / "class_distance"
             if distances.get((pen, "train")) is not None:
@@ -321,6 +324,8 @@ class Trainer:
             # every probed layer and split, original labels: arrays named "<layer>/<split>"
             np.savez(folder / f"epoch_{epoch:03d}_layers.npz",
                      **{f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None})
+        else:
+            record["train_acc"], record["test_acc"] = self.accuracy("train"), self.accuracy("test")
         self.history.append(record)
         line = f"epoch {epoch:3d}  loss {loss:.4f}  train acc {record['train_acc']:.4f}  test acc {record['test_acc']:.4f}"
         if "layers" in record:
