@@ -102,6 +102,19 @@ def test_block_moments_match_float64(dtype, n, d, c, absent, block_rows, block_d
     _check_moments(got, want, rtol=1e-10)
 
 
+@pytest.mark.parametrize("fanin", [2, 3])
+def test_block_moments_tree_of_merges(fanin):
+    """Small fan-in: 257 rows of one dominant class in 16-row chunks need three or more levels of
+    merges (runs of 2 or 3 partials, then the classes); still the float64 statistics, and
+    the collapse regime (spread 1e-4 of the means) keeps its M2."""
+    g = torch.Generator().manual_seed(17)
+    y = torch.zeros(300, dtype=torch.int64)
+    y[257:] = torch.randint(1, 4, (43,), generator=g)
+    x = (1e3 + 0.1 * torch.randn(300, 33, generator=g, dtype=torch.float64))
+    got = tmoments.block_moments(x.to(DEVICE), y.to(DEVICE), 4, block_rows=16, block_d=16, fanin=fanin)
+    _check_moments(got, _moments64(x, y, 4), rtol=1e-9)
+
+
 def test_block_moments_strided_and_torch_reference():
     x, y, c = make_data(n=210, d=40, c=6, absent=(4,), seed=3)
     wide = torch.randn(210, 80, dtype=torch.float32)

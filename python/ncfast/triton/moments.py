@@ -105,7 +105,7 @@ def _merge_chunks_kernel(
     cm2_ptr, stride_cm2_k, stride_cm2_b,
     cnorm_sum_ptr,
     count_ptr,  # (chunks,) int64 rows per chunk
-    first_ptr,  # (C + 1,) int64: class c owns chunks first[c] .. first[c + 1]
+    first_ptr,  # (S + 1,) int64: segment s (a class, or a run of one class's partials) owns first[s] .. first[s + 1]
     d,
     BLOCK_D: tl.constexpr,
 ):
@@ -171,12 +171,13 @@ def _block_d(d: int, block_d: int | None) -> int:
 
 
 def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, block_rows: int = 64,
-                  block_d: int | None = None):
+                  block_d: int | None = None, fanin: int = 64):
     """(counts int64 (C,), means (C, D), m2 (C,), unit_sums (C, D), norm_sums (C,)), float64, of
     the rows x (N, D; float16, bfloat16, float32 or float64, any strides) with labels y (N,) in
     [0, num_classes). The same values as ``ncfast._dispatch._torch_block_moments``, deterministic.
 
-    block_rows / block_d (powers of two) set the chunk tile; the defaults suit a GPU.
+    block_rows / block_d (powers of two) set the chunk tile; the defaults suit a GPU. fanin: the
+    most partials one merge program folds (a tree of merges above it).
     """
     _check_features(x)
     n, d = x.shape
@@ -224,19 +225,49 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, block_r
         BLOCK_R=block_rows, BLOCK_D=block_d, NORMS_IN_TILE=col_blocks == 1,
         num_warps=8,  # the float64 tile: 16 values per thread at 64 x 64
     )
-    m2_blocks = torch.empty(num_classes, col_blocks, **f64)
-    _merge_chunks_kernel[(num_classes, col_blocks)](
+    # A tree of merges: while some class has more than `fanin` partials, runs of `fanin`
+    # consecutive partials of one class are merged in parallel (one program per run and column
+    # block); then one program per class folds what is left. Fixed order at every level, so the
+    # result stays deterministic, and a class of 10^7 rows is no longer one serial loop.
+    parts = (cmean, cunit, cm2, cnorm, chunk_count)
+    while int(per_class.max()) > fanin:
+        groups = (per_class + fanin - 1) // fanin
+        gfirst = torch.cat([groups.new_zeros(1), torch.cumsum(groups, 0)])
+        ngroups = int(gfirst[-1])
+        gclass = torch.repeat_interleave(torch.arange(num_classes, device=dev), groups, output_size=ngroups)
+        gstart = first[gclass] + (torch.arange(ngroups, device=dev) - gfirst[gclass]) * fanin
+        bounds = torch.cat([gstart, first[-1:]])  # group g owns partials bounds[g] .. bounds[g + 1]
+        parts = _merge(parts, bounds, ngroups, d, block_d, col_blocks)
+        first, per_class = gfirst, groups
+    m2_blocks = _merge(parts, first, num_classes, d, block_d, col_blocks, out=(means, unit_sums, norm_sums))[2]
+    return counts, means, m2_blocks.sum(1), unit_sums, norm_sums
+
+
+def _merge(parts, bounds, segments, d, block_d, col_blocks, out=None):
+    """Chan-merge partials bounds[s] .. bounds[s + 1] into segment s, for every segment: the
+    (means, unit sums, M2 per column block, norm sums, counts) of the segments."""
+    cmean, cunit, cm2, cnorm, count = parts
+    dev = cmean.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    means, unit, norm = out if out is not None else (torch.empty(segments, d, **f64), torch.empty(segments, d, **f64),
+                                                     torch.empty(segments, **f64))
+    m2 = torch.empty(segments, col_blocks, **f64)
+    _merge_chunks_kernel[(segments, col_blocks)](
         means, means.stride(0), means.stride(1),
-        unit_sums, unit_sums.stride(0), unit_sums.stride(1),
-        m2_blocks, m2_blocks.stride(0), m2_blocks.stride(1),
-        norm_sums,
+        unit, unit.stride(0), unit.stride(1),
+        m2, m2.stride(0), m2.stride(1),
+        norm,
         cmean, cmean.stride(0), cmean.stride(1),
         cunit, cunit.stride(0), cunit.stride(1),
         cm2, cm2.stride(0), cm2.stride(1),
-        cnorm, chunk_count, first, d,
+        cnorm, count, bounds, d,
         BLOCK_D=block_d,
     )
-    return counts, means, m2_blocks.sum(1), unit_sums, norm_sums
+    totals = torch.zeros(segments, dtype=torch.int64, device=dev)
+    owner = torch.repeat_interleave(torch.arange(segments, device=dev), bounds[1:] - bounds[:-1],
+                                    output_size=count.numel())
+    totals.index_add_(0, owner, count)
+    return means, unit, m2, norm, totals
 
 
 def centre_rows(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, out: torch.Tensor | None = None, *,
