@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
 from sklearn.manifold import TSNE
-from sklearn.preprocessing import StandardScaler
+import torch
+import torch.nn.functional as F
 
 EMBEDDINGS = ("tsne", "pca", "none")
 
@@ -50,15 +50,60 @@ def embed(x: np.ndarray, how: str, seed: int = 0) -> np.ndarray:
     raise ValueError(f"embed: expected one of {EMBEDDINGS}, got {how!r}")
 
 
-def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0) -> float:
+class _Logistic:
+    """Multinomial logistic regression on standardised features, fitted by full-batch L-BFGS in
+    torch (the objective of scikit-learn's default LogisticRegression: mean cross-entropy plus
+    ||W||^2 / (2 n)). scikit-learn's solver took minutes on 60,000 x 512 features; this takes
+    seconds, on the GPU when the trainer runs there."""
+
+    def __init__(self, max_iter: int = 100, device=None):  # scikit-learn's default too
+        self.max_iter = max_iter
+        self.device = device
+
+    def fit(self, x, y):
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.device)
+        self.classes_, yi = np.unique(np.asarray(y), return_inverse=True)
+        y = torch.as_tensor(yi, device=x.device)
+        self.mean = x.mean(0)
+        self.std = x.std(0).clamp_min(1e-12)
+        z = (x - self.mean) / self.std
+        n, k = z.shape[0], len(self.classes_)
+        self.w = torch.zeros(z.shape[1], k, device=x.device)
+        self.b = torch.zeros(k, device=x.device)
+        onehot = F.one_hot(y, k).to(z.dtype)
+        opt = torch.optim.LBFGS([self.w, self.b], max_iter=self.max_iter, tolerance_grad=1e-6,
+                                history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            # gradients by hand: (g^T z)^T is several times faster than autograd's z^T g for
+            # n x 512 features and a handful of classes on BLAS libraries tuned for square shapes
+            logits = z @ self.w + self.b
+            loss = F.cross_entropy(logits, y) + self.w.square().sum() / (2 * n)
+            g = (torch.softmax(logits, dim=1) - onehot) / n
+            self.w.grad = ((g.T @ z).T + self.w / n).contiguous()
+            self.b.grad = g.sum(0)
+            return loss
+
+        if k > 1:
+            opt.step(closure)
+        return self
+
+    @torch.no_grad()
+    def predict(self, x):
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float32, device=self.w.device)
+        scores = ((x - self.mean) / self.std) @ self.w + self.b
+        return self.classes_[scores.argmax(1).cpu().numpy()]
+
+
+def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0, device=None) -> float:
     """Test accuracy of a multinomial logistic regression on standardised features."""
-    scaler = StandardScaler().fit(train_x)
-    clf = LogisticRegression(max_iter=2000, random_state=seed)
-    clf.fit(scaler.transform(train_x), train_y)
-    return float((clf.predict(scaler.transform(test_x)) == test_y).mean())
+    torch.manual_seed(seed)
+    clf = _Logistic(device=device).fit(train_x, train_y)
+    return float((clf.predict(test_x) == np.asarray(test_y)).mean())
 
 
-def clp(train_x, train_sup, train_orig, test_x, test_sup, test_orig, *, embedding: str = "tsne", seed: int = 0):
+def clp(train_x, train_sup, train_orig, test_x, test_sup, test_orig, *, embedding: str = "tsne", seed: int = 0,
+        device=None):
     """(CLP test accuracy on the original labels, embeddings {super-class: (2-D points, original labels)}).
 
     ``*_sup`` are the training labels (super-classes), ``*_orig`` the original labels; only the
@@ -78,12 +123,7 @@ def clp(train_x, train_sup, train_orig, test_x, test_sup, test_orig, *, embeddin
         groups[int(s)] = (next_label, k)
         pictures[int(s)] = (z if z.shape[1] == 2 else embed(train_x[rows], "pca", seed), train_orig[rows])
         next_label += k
-    scaler = StandardScaler().fit(train_x)
-    if next_label > 1:
-        clf = LogisticRegression(max_iter=2000, random_state=seed).fit(scaler.transform(train_x), pseudo)
-        predicted = clf.predict(scaler.transform(test_x))
-    else:
-        predicted = np.zeros(test_x.shape[0], dtype=np.int64)
+    predicted = _Logistic(device=device).fit(train_x, pseudo).predict(test_x)
     correct = 0
     for s, (first, k) in groups.items():
         rows = np.flatnonzero(test_sup == s)

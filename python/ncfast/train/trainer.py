@@ -369,12 +369,14 @@ class Trainer:
         feats = {s: self._features(s, pen) for s in ("train", "test")}
         t0 = time.perf_counter()
         clp_acc, pictures = clp(feats["train"], y_sup["train"], y_orig["train"], feats["test"], y_sup["test"],
-                                y_orig["test"], embedding=cfg.clp_embed, seed=cfg.seed)
-        lin_acc = linear_probe(feats["train"], y_orig["train"], feats["test"], y_orig["test"], seed=cfg.seed)
+                                y_orig["test"], embedding=cfg.clp_embed, seed=cfg.seed, device=self.device)
+        lin_acc = linear_probe(feats["train"], y_orig["train"], feats["test"], y_orig["test"], seed=cfg.seed,
+                               device=self.device)
         per_layer = {}
         for name in self.layers:
             f = feats if name == pen else {s: self._features(s, name) for s in ("train", "test")}
-            per_layer[name] = linear_probe(f["train"], y_orig["train"], f["test"], y_orig["test"], seed=cfg.seed)
+            per_layer[name] = linear_probe(f["train"], y_orig["train"], f["test"], y_orig["test"], seed=cfg.seed,
+                                           device=self.device)
         probe_seconds = time.perf_counter() - t0
         evaluated = [r for r in self.history if "layers" in r]
         it = next((r["epoch"] for r in self.history if r["epoch"] > 0 and r["train_acc"] >= cfg.it_threshold), None)
