@@ -4,7 +4,10 @@
 
 #include <cstdint>
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -33,6 +36,20 @@ inline int thread_id() {
 #else
   return 0;
 #endif
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+// count zeroed elements on a 64-byte boundary (whole cache lines; AVX-512 aligned loads).
+template <typename T>
+std::unique_ptr<T[], FreeDeleter> aligned_zeros(int64_t count) {
+  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64) * 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, bytes);
+  return std::unique_ptr<T[], FreeDeleter>(static_cast<T*>(p));
 }
 
 enum class DType { F32, F16, BF16, F64 };

@@ -29,18 +29,6 @@ constexpr int kNR = 16;        // columns (two 8-double vectors)
 constexpr int64_t kScatterChunk = 512;
 constexpr int64_t kGramChunk = 128;
 
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-
-std::unique_ptr<double[], FreeDeleter> zeroed(int64_t count) {
-  const size_t bytes = ((static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(double) + 63) / 64) * 64;
-  void* p = std::aligned_alloc(64, bytes);
-  if (!p) throw std::bad_alloc();
-  std::memset(p, 0, bytes);
-  return std::unique_ptr<double[], FreeDeleter>(static_cast<double*>(p));
-}
-
 // c (12 x 16, leading dimension ldc) += sum_{t < kc} ap[t][:] (x) bp[t][:].
 inline void micro(const double* ap, const double* bp, int64_t kc, double* c, int64_t ldc) {
   __m512d acc[2 * kMR];
@@ -82,9 +70,9 @@ void centred_scatter(const Matrix& x, const int64_t* labels, const double* means
   const int64_t n = x.rows, d = x.cols;
   const int64_t pa = (d + kMR - 1) / kMR, pb = (d + kNR - 1) / kNR;
   const int64_t ldc = pb * kNR;
-  auto acc = zeroed(pa * kMR * ldc);
-  auto apack = zeroed(pa * kScatterChunk * kMR);
-  auto bpack = zeroed(pb * kScatterChunk * kNR);
+  auto acc = aligned_zeros<double>(pa * kMR * ldc);
+  auto apack = aligned_zeros<double>(pa * kScatterChunk * kMR);
+  auto bpack = aligned_zeros<double>(pb * kScatterChunk * kNR);
   const auto tiles = upper_tiles(pa, pb);
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
   const int threads = region_threads(num_threads, std::max<int64_t>(ntiles, 1));
@@ -134,11 +122,11 @@ void gram_nt(const double* a, int64_t m, const double* b, int64_t n, int64_t k, 
   const int64_t ldc = pb * kNR;
   // Whole tiles accumulate straight into out; otherwise into a padded buffer copied out after.
   const bool direct = m % kMR == 0 && n % kNR == 0;
-  auto padded = zeroed(direct ? 1 : pa * kMR * ldc);
+  auto padded = aligned_zeros<double>(direct ? 1 : pa * kMR * ldc);
   if (direct) std::fill(out, out + m * n, 0.0);
   double* acc = direct ? out : padded.get();
-  auto apack = zeroed(pa * kGramChunk * kMR);
-  auto bpack = zeroed(pb * kGramChunk * kNR);
+  auto apack = aligned_zeros<double>(pa * kGramChunk * kMR);
+  auto bpack = aligned_zeros<double>(pb * kGramChunk * kNR);
   const int64_t ntiles = pa * pb;
   const int threads = region_threads(num_threads, std::max<int64_t>(ntiles, 1));
 #ifdef NCFAST_WITH_OPENMP

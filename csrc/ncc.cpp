@@ -217,19 +217,6 @@ void dispatch_rows(int64_t rows, Tile&& tile) {
 #if defined(__AVX512F__)
 namespace {
 
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
-};
-
-template <typename T>
-std::unique_ptr<T[], AlignedFree> aligned_array(int64_t count) {
-  const size_t bytes = ((static_cast<size_t>(count) * sizeof(T) + 63) / 64) * 64;
-  void* p = std::aligned_alloc(64, std::max<size_t>(bytes, 64));
-  if (!p) throw std::bad_alloc();
-  std::memset(p, 0, std::max<size_t>(bytes, 64));
-  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
-}
-
 void sweep_packed(const Matrix& x, const float* shift, const float* centres, const float* offsets,
                   const int64_t* starts, int groups, double rel, const double* cmax, const double* omax,
                   int64_t* best, uint8_t* unsure, int num_threads, bool bf16) {
@@ -237,8 +224,8 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
   const Panels pan = make_panels(starts, groups, offsets);
   // Panel p, feature j, lane l at [(p * d + j) * 32 + l] (float32), or pairs of features
   // [((p * d2 + j2) * 32 + l) * 2 + {0,1}] (bf16); padding lanes and the odd feature stay zero.
-  auto packed32 = aligned_array<float>(bf16 ? 1 : pan.count * d * kLanes);
-  auto packed16 = aligned_array<uint16_t>(bf16 ? pan.count * d2 * kLanes * 2 : 1);
+  auto packed32 = aligned_zeros<float>(bf16 ? 1 : pan.count * d * kLanes);
+  auto packed16 = aligned_zeros<uint16_t>(bf16 ? pan.count * d2 * kLanes * 2 : 1);
   for (int64_t p = 0; p < pan.count; ++p) {
     const int g = pan.group[p];
     for (int l = 0; l < kLanes; ++l) {
@@ -260,8 +247,8 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    auto buf = aligned_array<float>(block_rows * d);
-    auto buf16 = aligned_array<uint32_t>(bf16 ? block_rows * d2 : 1);
+    auto buf = aligned_zeros<float>(block_rows * d);
+    auto buf16 = aligned_zeros<uint32_t>(bf16 ? block_rows * d2 : 1);
     std::vector<double> row64(d);
     alignas(64) float sc[kTileRows * kLanes];
     BlockBest<kPackedBlock> st;
