@@ -157,6 +157,28 @@ def _reduce_tile_torch(gram: torch.Tensor, rows: slice, cols: slice, k: _Context
     return out
 
 
+def _tile_reducer(mt: torch.Tensor, c: int, tile: int, k: _Context):
+    """(rows, cols) -> the tile's sums, for mt's backend: Triton forms the Gram block in the kernel;
+    the C++ reducer takes it from the C++ Gram engine (BLAS through torch.mm without AVX-512);
+    the torch reducer from torch.mm."""
+    backend = _dispatch.backend_for(mt)
+    if backend == "triton":
+        return lambda rows, cols: _reduce_tile_triton(mt, rows, cols, k)
+    if backend != "cpp":
+        return lambda rows, cols: _reduce_tile_torch(mt[rows] @ mt[cols].T, rows, cols, k)
+    if not _C.gram_available():
+        return lambda rows, cols: _reduce_tile_cpp(mt[rows] @ mt[cols].T, rows, cols, k)
+    mt = mt.contiguous()
+    buf = torch.empty(min(tile, c) ** 2, dtype=torch.float64)  # one tile's Gram block, reused
+
+    def reduce(rows, cols):
+        gram = buf[: (rows.stop - rows.start) * (cols.stop - cols.start)].view(rows.stop - rows.start, -1)
+        _C.gram_nt(mt[rows].numpy(), mt[cols].numpy(), gram.numpy(), torch.get_num_threads())
+        return _reduce_tile_cpp(gram, rows, cols, k)
+
+    return reduce
+
+
 def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", superclass=None,
                      tile: int = DEFAULT_TILE) -> PairStats:
     """CDNV, NC2 cosine statistics, nearest other class and MSDR without a C x C matrix.
@@ -187,28 +209,12 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
         best=torch.full((c,), float("inf"), dtype=torch.float64, device=device),
         best_idx=torch.full((c,), -1, dtype=torch.int64, device=device),
     )
-    backend = _dispatch.backend_for(mt)
-    cpp = backend == "cpp"
-    reduce_tile = _reduce_tile_cpp if cpp else _reduce_tile_torch
-    if cpp and _C.gram_available():
-        mt = mt.contiguous()
-        buf = torch.empty(min(tile, c) ** 2, dtype=torch.float64)
-
-        def gram(rows, cols):
-            out = buf[: (rows.stop - rows.start) * (cols.stop - cols.start)].view(rows.stop - rows.start, -1)
-            _C.gram_nt(mt[rows].numpy(), mt[cols].numpy(), out.numpy(), torch.get_num_threads())
-            return out
-    else:
-        def gram(rows, cols):
-            return mt[rows] @ mt[cols].T
+    tile_sums = _tile_reducer(mt, c, tile, ctx)
     cdnv_acc = (0, 0.0, 0.0)
     resid = cos_dev = coh = dist_sum = msdr_sum = 0.0
     msdr_n = 0
     for rows, cols in _tiles(c, tile):
-        if backend == "triton":  # the kernel forms the tile's Gram block itself, in registers
-            sums = _reduce_tile_triton(mt, rows, cols, ctx)
-        else:
-            sums = reduce_tile(gram(rows, cols), rows, cols, ctx)
+        sums = tile_sums(rows, cols)
         resid += sums["resid"]
         cos_dev += sums["cos_dev"]
         coh += sums["coh"]
