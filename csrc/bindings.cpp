@@ -3,6 +3,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
 
 #include "common.h"
@@ -36,11 +39,87 @@ Matrix as_matrix(const py::buffer_info& info, const std::string& dtype_name) {
   return m;
 }
 
+// Output arrays of the per-call kernels come from a small pool of recycled buffers. A training
+// loop calls class_moments every batch or epoch with the same shapes; fresh C x D arrays would
+// page-fault every call (on some virtual machines ~1 us per 4 KiB page, more than the kernel
+// itself at C = 1,000, D = 512). A buffer returns to the pool when numpy frees its array; the pool
+// keeps at most kPoolBytes and reuses a buffer only for a request of exactly its size.
+class BufferPool {
+ public:
+  static constexpr size_t kPoolBytes = size_t{256} << 20;
+
+  void* get(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        void* p = it->second;
+        free_.erase(it);
+        cached_ -= bytes;
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+
+  void put(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cached_ + bytes <= kPoolBytes) {
+        free_.emplace(bytes, p);
+        cached_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  size_t release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t n = cached_;
+    for (auto& kv : free_) std::free(kv.second);
+    free_.clear();
+    cached_ = 0;
+    return n;
+  }
+
+  size_t cached() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cached_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0;
+};
+
+// Never destroyed: numpy may free arrays after static destructors have run.
+BufferPool& pool() {
+  static BufferPool* p = new BufferPool();
+  return *p;
+}
+
+struct PooledBlock {
+  void* ptr;
+  size_t bytes;
+};
+
+// An uninitialised C-contiguous array whose memory comes from (and returns to) the pool.
 template <typename T>
-py::array_t<T> to_array(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
-  auto* heap = new std::vector<T>(std::move(v));
-  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
-  return py::array_t<T>(shape, heap->data(), owner);
+py::array_t<T> pooled_array(std::vector<py::ssize_t> shape) {
+  size_t count = 1;
+  for (auto s : shape) count *= static_cast<size_t>(s);
+  const size_t bytes = std::max<size_t>(count, 1) * sizeof(T);
+  auto* block = new PooledBlock{pool().get(bytes), bytes};
+  py::capsule owner(block, [](void* b) {
+    auto* blk = static_cast<PooledBlock*>(b);
+    pool().put(blk->ptr, blk->bytes);
+    delete blk;
+  });
+  return py::array_t<T>(shape, static_cast<T*>(block->ptr), owner);
 }
 
 std::string compile_options() {
@@ -90,6 +169,13 @@ static void check_labels_means(const Matrix& x, const py::array_t<int64_t, py::a
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ncfast compiled CPU core (no libtorch dependency)";
+  m.def(
+      "release_cached_buffers", []() { return pool().release(); },
+      "Free the recycled output buffers (kept up to 256 MiB so repeated calls with the same shapes do not "
+      "page-fault); returns the bytes freed.");
+  m.def(
+      "cached_buffer_bytes", []() { return pool().cached(); },
+      "Bytes held by the pool of recycled output buffers.");
   m.def("compile_options", &compile_options,
         "What this build was compiled with: OpenMP, SIMD level, CUDA on or off.");
   m.def(
@@ -260,18 +346,22 @@ PYBIND11_MODULE(_C, m) {
           throw std::invalid_argument("labels: expected shape (N,) matching features");
         if (num_classes < 1) throw std::invalid_argument("num_classes: must be >= 1");
         const int64_t* y = labels.data();
-        BlockMoments r;
+        const py::ssize_t c = num_classes, d = x.cols;
+        py::array_t<int64_t> counts = pooled_array<int64_t>({c});
+        py::array_t<double> means = pooled_array<double>({c, d}), m2 = pooled_array<double>({c}),
+                            unit_sums = pooled_array<double>({c, d}), norm_sums = pooled_array<double>({c});
+        const MomentsOut dst{counts.mutable_data(), means.mutable_data(), m2.mutable_data(),
+                             unit_sums.mutable_data(), norm_sums.mutable_data()};
         {
           py::gil_scoped_release release;
-          r = block_moments(x, y, num_classes, num_threads);
+          block_moments(x, y, num_classes, num_threads, dst);
         }
-        const py::ssize_t c = num_classes, d = x.cols;
         py::dict out;
-        out["counts"] = to_array(std::move(r.counts), {c});
-        out["means"] = to_array(std::move(r.means), {c, d});
-        out["m2"] = to_array(std::move(r.m2), {c});
-        out["unit_sums"] = to_array(std::move(r.unit_sums), {c, d});
-        out["norm_sums"] = to_array(std::move(r.norm_sums), {c});
+        out["counts"] = counts;
+        out["means"] = means;
+        out["m2"] = m2;
+        out["unit_sums"] = unit_sums;
+        out["norm_sums"] = norm_sums;
         return out;
       },
       py::arg("features"), py::arg("dtype"), py::arg("labels"), py::arg("num_classes"),

@@ -1,18 +1,21 @@
 // Segmented class moments over a block of rows, in one read of the features.
 //
-// Rows are bucketed by label (counting sort of row indices). The sorted positions are split
-// into one contiguous range per thread; each thread walks its range class segment by class
-// segment, in chunks of rows small enough to stay in L2. A chunk is converted once to float64
-// (sums and squared norms fused into that conversion), its own mean is taken, and a second
-// pass over the in-cache chunk gives the centred sum of squares and the unit-vector sums. The
-// chunk is folded into the class's running state with Chan's formula. A class cut by a thread
-// boundary leaves one partial state per side; these are merged after the parallel region in
-// thread order. Thread counts therefore change the result only by float64 rounding.
+// Each row is visited twice while it sits in cache: pass A takes its norm, pass B folds it into
+// its class's running state centred on the running mean (deviations s, squared deviations q and
+// unit vectors x / ||x||), and the group of rows is closed with Chan's batch update. Up to 64
+// classes a thread walks its rows in memory order chunk by chunk (grouping each chunk by class);
+// above, rows are bucketed by label and each thread walks a contiguous range of class-sorted
+// positions. Either way the next chunk is prefetched during pass B, so the arithmetic overlaps
+// the memory reads. Per-thread states are merged after the parallel region in thread order, so
+// thread counts change the result only by float64 rounding. The results are written straight
+// into the caller's arrays (no C x D temporaries).
 #include "moments.h"
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <type_traits>
+#include <utility>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -102,7 +105,7 @@ namespace {
 struct Running {
   int64_t n = 0;
   double m2 = 0.0, norm_sum = 0.0;
-  std::vector<double> mean, unit_sum;
+  aligned_vector<double> mean, unit_sum;
   explicit Running(int64_t d) : mean(d, 0.0), unit_sum(d, 0.0) {}
   void reset() {
     n = 0;
@@ -112,283 +115,338 @@ struct Running {
   }
 };
 
+inline double inverse_norm(double norm) { return norm > 0.0 ? 1.0 / norm : 0.0; }
 
-// One chunk of rows of one class: pointers to its rows (float or double elements, contiguous),
-// reduced in two passes over data that stays in L2. Rows are taken four at a time so that each
-// load and store of an accumulator row (chunk sum, unit sum) serves four elements.
+// Close a group of r rows that were centred on run.mean (s = sum of deviations, q = sum of their
+// squared norms): the batch form of Chan's update,
+//   n' = n + r,  mean' = mean + s / n',  M2' = M2 + q - ||s||^2 / n'.
+// It equals Chan's merge of the group's own (r, mean_g, M2_g) (q = M2_g + r ||mean_g - mean||^2,
+// s = r (mean_g - mean)); because the deviations are taken from the running mean, q and s are
+// small where the data are tightly clustered and nothing large cancels.
+void close_group(Running& run, const double* s, double q, int64_t r, int64_t d) {
+  const int64_t n1 = run.n + r;
+  const double inv = 1.0 / static_cast<double>(n1);
+  double* mu = run.mean.data();
+  double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < d; ++j) {
+    ss += s[j] * s[j];
+    mu[j] += s[j] * inv;
+  }
+  // >= 0 exactly (Cauchy-Schwarz), rounding may not be; NaN and Inf must pass through (the caller's
+  // bad-input check reads M2), which std::max(0.0, NaN) would not do.
+  const double added = q - ss * inv;
+  run.m2 += added < 0.0 ? 0.0 : added;
+  run.n = n1;
+}
+
+// Pass A: ||row|| of r rows, float64 sums of the widened elements.
 template <typename T>
-void reduce_chunk(const T* const* rows, int64_t r, int64_t d, double* cmean, double* norms, Running& run,
-                  const T* const* /*next*/, int64_t /*rn*/) {
-  std::fill(cmean, cmean + d, 0.0);
+void row_norms(const T* const* rows, int64_t r, int64_t d, double* norms) {
+  for (int64_t t = 0; t < r; ++t) {
+    const T* a = rows[t];
+    double q = 0.0;
+#pragma omp simd reduction(+ : q)
+    for (int64_t j = 0; j < d; ++j) {
+      const double v = a[j];
+      q += v * v;
+    }
+    norms[t] = std::sqrt(q);
+  }
+}
+
+// Pass B: fold r rows of one class into run, centred on its running mean (a new class is
+// centred on its first row), with their unit vectors x / ||x||. s is d doubles of scratch.
+// The r rows are in cache after pass A; `next` (rn rows) are the rows the caller reads next,
+// which the specialised kernels prefetch meanwhile.
+template <typename T>
+void fold_rows(const T* const* rows, const double* norms, int64_t r, int64_t d, Running& run, double* s,
+               const T* const* /*next*/, int64_t /*rn*/) {
+  double* mu = run.mean.data();
+  double* usum = run.unit_sum.data();
+  if (run.n == 0)
+    for (int64_t j = 0; j < d; ++j) mu[j] = rows[0][j];
+  std::fill(s, s + d, 0.0);
+  double q = 0.0;
   int64_t t = 0;
   for (; t + 4 <= r; t += 4) {
     const T *a = rows[t], *b = rows[t + 1], *c = rows[t + 2], *e = rows[t + 3];
-    double qa = 0.0, qb = 0.0, qc = 0.0, qe = 0.0;
-#pragma omp simd reduction(+ : qa, qb, qc, qe)
+    const double ia = inverse_norm(norms[t]), ib = inverse_norm(norms[t + 1]), ic = inverse_norm(norms[t + 2]),
+                 ie = inverse_norm(norms[t + 3]);
+#pragma omp simd reduction(+ : q)
     for (int64_t j = 0; j < d; ++j) {
-      const double va = a[j], vb = b[j], vc = c[j], ve = e[j];
-      cmean[j] += (va + vb) + (vc + ve);
-      qa += va * va;
-      qb += vb * vb;
-      qc += vc * vc;
-      qe += ve * ve;
-    }
-    norms[t] = std::sqrt(qa);
-    norms[t + 1] = std::sqrt(qb);
-    norms[t + 2] = std::sqrt(qc);
-    norms[t + 3] = std::sqrt(qe);
-  }
-  for (; t < r; ++t) {
-    const T* a = rows[t];
-    double qa = 0.0;
-#pragma omp simd reduction(+ : qa)
-    for (int64_t j = 0; j < d; ++j) {
-      const double va = a[j];
-      cmean[j] += va;
-      qa += va * va;
-    }
-    norms[t] = std::sqrt(qa);
-  }
-  const double inv_r = 1.0 / static_cast<double>(r);
-  for (int64_t j = 0; j < d; ++j) cmean[j] *= inv_r;
-  for (t = 0; t < r; ++t) run.norm_sum += norms[t];
-
-  auto inv = [&](int64_t k) { return norms[k] > 0.0 ? 1.0 / norms[k] : 0.0; };
-  double m2 = 0.0;
-  double* usum = run.unit_sum.data();
-  for (t = 0; t + 4 <= r; t += 4) {
-    const T *a = rows[t], *b = rows[t + 1], *c = rows[t + 2], *e = rows[t + 3];
-    const double ia = inv(t), ib = inv(t + 1), ic = inv(t + 2), ie = inv(t + 3);
-#pragma omp simd reduction(+ : m2)
-    for (int64_t j = 0; j < d; ++j) {
-      const double va = a[j], vb = b[j], vc = c[j], ve = e[j], m = cmean[j];
+      const double va = a[j], vb = b[j], vc = c[j], ve = e[j], m = mu[j];
       const double da = va - m, db = vb - m, dc = vc - m, de = ve - m;
-      m2 += (da * da + db * db) + (dc * dc + de * de);
+      s[j] += (da + db) + (dc + de);
+      q += (da * da + db * db) + (dc * dc + de * de);
       usum[j] += (va * ia + vb * ib) + (vc * ic + ve * ie);
     }
   }
   for (; t < r; ++t) {
     const T* a = rows[t];
-    const double ia = inv(t);
-#pragma omp simd reduction(+ : m2)
+    const double ia = inverse_norm(norms[t]);
+#pragma omp simd reduction(+ : q)
     for (int64_t j = 0; j < d; ++j) {
-      const double va = a[j], da = va - cmean[j];
-      m2 += da * da;
+      const double va = a[j], da = va - mu[j];
+      s[j] += da;
+      q += da * da;
       usum[j] += va * ia;
     }
   }
-  chan_merge(run.n, run.mean.data(), run.m2, r, cmean, m2, d);
+  for (t = 0; t < r; ++t) run.norm_sum += norms[t];
+  close_group(run, s, q, r, d);
 }
 
 #if defined(__AVX512F__) && !defined(NCFAST_GENERIC_MOMENTS)
-// The float32 chunk with explicit AVX-512: four rows per step, each 8-element slice widened to
-// float64 once per pass, the squared norms and M2 kept in vector accumulators and reduced once
-// per row. The same arithmetic as the generic template, in fewer instructions.
+// float32 rows with explicit AVX-512: each 8-element slice is widened to float64 once per pass,
+// K rows per step share the loads and stores of the accumulator rows; masked loads and stores
+// only on the d % 8 tail (AMD's masked stores are slow).
+inline __m512d widen8(const float* p, int64_t j, bool masked, __mmask8 m) {
+  return _mm512_cvtps_pd(masked ? _mm256_maskz_loadu_ps(m, p + j) : _mm256_loadu_ps(p + j));
+}
+
+// One row at a time, front to back: rows in memory order are then read as one sequential stream
+// (interleaving rows splits it into short per-row streams that the hardware prefetcher follows
+// badly from cold memory). Four accumulators keep the FMAs independent.
 template <>
-void reduce_chunk<float>(const float* const* rows, int64_t r, int64_t d, double* cmean, double* norms, Running& run,
-                         const float* const* next, int64_t rn) {
-  std::fill(cmean, cmean + d, 0.0);
-  const int64_t full = d & ~int64_t{7};
+void row_norms<float>(const float* const* rows, int64_t r, int64_t d, double* norms) {
+  const int64_t full = d & ~int64_t{7}, full4 = d & ~int64_t{31};
   const __mmask8 tail = static_cast<__mmask8>((1u << (d - full)) - 1u);
-  auto widen = [](const float* p, int64_t j, __mmask8 m) {
-    return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, p + j));
-  };
-  int64_t t = 0;
-  for (; t < r; t += 4) {
-    const int k = static_cast<int>(std::min<int64_t>(4, r - t));
-    const float* p[4];
-    for (int q = 0; q < 4; ++q) p[q] = rows[t + std::min(q, k - 1)];
+  for (int64_t t = 0; t < r; ++t) {
+    const float* p = rows[t];
     __m512d q0 = _mm512_setzero_pd(), q1 = q0, q2 = q0, q3 = q0;
-    // rows beyond r repeat the last row with weight 0, so one code path serves 1..4 rows;
-    // masked loads and stores only on the tail (AMD's masked stores are slow)
-    auto step = [&](int64_t j, auto masked, __mmask8 m) {
-      constexpr bool mk = decltype(masked)::value;
-      auto ld = [&](const float* q) { return mk ? widen(q, j, m) : _mm512_cvtps_pd(_mm256_loadu_ps(q + j)); };
-      const __m512d a = ld(p[0]);
-      const __m512d b = k > 1 ? ld(p[1]) : _mm512_setzero_pd();
-      const __m512d c = k > 2 ? ld(p[2]) : _mm512_setzero_pd();
-      const __m512d e = k > 3 ? ld(p[3]) : _mm512_setzero_pd();
-      const __m512d s = _mm512_add_pd(_mm512_add_pd(a, b), _mm512_add_pd(c, e));
-      if constexpr (mk)
-        _mm512_mask_storeu_pd(cmean + j, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, cmean + j), s));
-      else
-        _mm512_storeu_pd(cmean + j, _mm512_add_pd(_mm512_loadu_pd(cmean + j), s));
+    int64_t j = 0;
+    for (; j < full4; j += 32) {
+      const __m512d a = widen8(p, j, false, 0xff), b = widen8(p, j + 8, false, 0xff),
+                    c = widen8(p, j + 16, false, 0xff), e = widen8(p, j + 24, false, 0xff);
       q0 = _mm512_fmadd_pd(a, a, q0);
       q1 = _mm512_fmadd_pd(b, b, q1);
       q2 = _mm512_fmadd_pd(c, c, q2);
       q3 = _mm512_fmadd_pd(e, e, q3);
-    };
-    for (int64_t j = 0; j < full; j += 8) step(j, std::false_type{}, 0xff);
-    if (full < d) step(full, std::true_type{}, tail);
-    const double qs[4] = {_mm512_reduce_add_pd(q0), _mm512_reduce_add_pd(q1), _mm512_reduce_add_pd(q2),
-                          _mm512_reduce_add_pd(q3)};
-    for (int q = 0; q < k; ++q) norms[t + q] = std::sqrt(qs[q]);
+    }
+    for (; j < full; j += 8) {
+      const __m512d a = widen8(p, j, false, 0xff);
+      q0 = _mm512_fmadd_pd(a, a, q0);
+    }
+    if (full < d) {
+      const __m512d a = widen8(p, full, true, tail);
+      q1 = _mm512_fmadd_pd(a, a, q1);
+    }
+    norms[t] = std::sqrt(_mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(q0, q1), _mm512_add_pd(q2, q3))));
   }
-  const double inv_r = 1.0 / static_cast<double>(r);
-  for (int64_t j = 0; j < d; ++j) cmean[j] *= inv_r;
-  for (t = 0; t < r; ++t) run.norm_sum += norms[t];
+}
 
-  double* usum = run.unit_sum.data();
-  __m512d m2v = _mm512_setzero_pd();
-  for (t = 0; t < r; t += 4) {
-    const int k = static_cast<int>(std::min<int64_t>(4, r - t));
-    const float* p[4];
-    double inv[4];
-    for (int q = 0; q < 4; ++q) {
-      p[q] = rows[t + std::min(q, k - 1)];
-      inv[q] = (q < k && norms[t + q] > 0.0) ? 1.0 / norms[t + q] : 0.0;
+// K rows centred on mu: s += sum of deviations, usum += sum of x * inv, qacc += squared deviations;
+// `lines` prefetches per 8-element step.
+// Walks a list of rows front to back, 64 bytes per issue, asking for them in L2: rows in memory
+// order become one sequential stream of requests.
+struct RowPrefetcher {
+  const float* const* rows;
+  int64_t count, row_bytes, row = 0, offset = 0;
+  void issue(int lines) {
+    for (; lines > 0 && row < count; --lines) {
+      _mm_prefetch(reinterpret_cast<const char*>(rows[row]) + offset, _MM_HINT_T1);
+      offset += 64;
+      if (offset >= row_bytes) {
+        offset = 0;
+        ++row;
+      }
     }
-    const __m512d live[4] = {_mm512_set1_pd(1.0), _mm512_set1_pd(k > 1), _mm512_set1_pd(k > 2), _mm512_set1_pd(k > 3)};
-    const __m512d ia = _mm512_set1_pd(inv[0]), ib = _mm512_set1_pd(inv[1]), ic = _mm512_set1_pd(inv[2]),
-                  ie = _mm512_set1_pd(inv[3]);
-    auto step = [&](int64_t j, auto masked, __mmask8 m) {
-      constexpr bool mk = decltype(masked)::value;
-      auto ld = [&](const float* q) { return mk ? widen(q, j, m) : _mm512_cvtps_pd(_mm256_loadu_ps(q + j)); };
-      const __m512d mu = mk ? _mm512_maskz_loadu_pd(m, cmean + j) : _mm512_loadu_pd(cmean + j);
-      // a row beyond r is the last row again: its difference is zeroed and its 1/norm is 0
-      const __m512d a = ld(p[0]), b = ld(p[1]), c = ld(p[2]), e = ld(p[3]);
-      const __m512d da = _mm512_sub_pd(a, mu), db = _mm512_mul_pd(_mm512_sub_pd(b, mu), live[1]);
-      const __m512d dc = _mm512_mul_pd(_mm512_sub_pd(c, mu), live[2]), de = _mm512_mul_pd(_mm512_sub_pd(e, mu), live[3]);
-      const __m512d sq = _mm512_add_pd(_mm512_fmadd_pd(da, da, _mm512_mul_pd(db, db)),
-                                       _mm512_fmadd_pd(dc, dc, _mm512_mul_pd(de, de)));
-      m2v = _mm512_add_pd(m2v, sq);
-      const __m512d u = _mm512_add_pd(_mm512_fmadd_pd(a, ia, _mm512_mul_pd(b, ib)),
-                                      _mm512_fmadd_pd(c, ic, _mm512_mul_pd(e, ie)));
-      if constexpr (mk)
-        _mm512_mask_storeu_pd(usum + j, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, usum + j), u));
-      else
-        _mm512_storeu_pd(usum + j, _mm512_add_pd(_mm512_loadu_pd(usum + j), u));
-    };
-    // The second pass runs from cache: meanwhile, ask memory for the next chunk's rows (the
-    // hardware prefetcher alone leaves the first pass waiting on every 2 KB row).
-    const float* pf[4];
-    int npf = 0;
-    for (int q = 0; q < 4; ++q)
-      if (t + q < rn) pf[npf++] = next[t + q];
-    for (int64_t j = 0; j < full; j += 8) {
-      if ((j & 15) == 0)
-        for (int q = 0; q < npf; ++q) _mm_prefetch(reinterpret_cast<const char*>(pf[q] + j), _MM_HINT_T1);
-      step(j, std::false_type{}, 0xff);
-    }
-    if (full < d) step(full, std::true_type{}, tail);
   }
-  for (t = (r + 3) / 4 * 4; t < rn; ++t)  // a next chunk longer than this one
-    for (int64_t j = 0; j < d; j += 16) _mm_prefetch(reinterpret_cast<const char*>(next[t] + j), _MM_HINT_T1);
-  chan_merge(run.n, run.mean.data(), run.m2, r, cmean, _mm512_reduce_add_pd(m2v), d);
+};
+
+// Returns the sum of squared deviations as a vector (a local accumulator: one passed by
+// reference could alias the stores to s and usum and be reloaded every step).
+template <int K>
+__m512d fold_k(const float* const* p, const double* inv, int64_t d, int64_t full, __mmask8 tail,
+               const double* __restrict mu, double* __restrict s, double* __restrict usum, RowPrefetcher& pf,
+               int lines) {
+  __m512d w[K];
+  for (int i = 0; i < K; ++i) w[i] = _mm512_set1_pd(inv[i]);
+  __m512d qacc = _mm512_setzero_pd();
+  auto step = [&](int64_t j, auto masked_t, __mmask8 m) {
+    constexpr bool masked = decltype(masked_t)::value;
+    const __m512d mean = masked ? _mm512_maskz_loadu_pd(m, mu + j) : _mm512_loadu_pd(mu + j);
+    __m512d x = widen8(p[0], j, masked, m);
+    __m512d dev = _mm512_sub_pd(x, mean);
+    __m512d ds = dev, sq = _mm512_mul_pd(dev, dev), u = _mm512_mul_pd(x, w[0]);
+    for (int i = 1; i < K; ++i) {
+      x = widen8(p[i], j, masked, m);
+      dev = _mm512_sub_pd(x, mean);
+      ds = _mm512_add_pd(ds, dev);
+      sq = _mm512_fmadd_pd(dev, dev, sq);
+      u = _mm512_fmadd_pd(x, w[i], u);
+    }
+    qacc = _mm512_add_pd(qacc, sq);
+    if constexpr (masked) {
+      _mm512_mask_storeu_pd(s + j, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, s + j), ds));
+      _mm512_mask_storeu_pd(usum + j, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, usum + j), u));
+    } else {
+      _mm512_storeu_pd(s + j, _mm512_add_pd(_mm512_loadu_pd(s + j), ds));
+      _mm512_storeu_pd(usum + j, _mm512_add_pd(_mm512_loadu_pd(usum + j), u));
+    }
+  };
+  for (int64_t j = 0; j < full; j += 8) {
+    pf.issue(lines);
+    step(j, std::false_type{}, 0xff);
+  }
+  if (full < d) step(full, std::true_type{}, tail);
+  return qacc;
+}
+
+template <>
+void fold_rows<float>(const float* const* rows, const double* norms, int64_t r, int64_t d, Running& run, double* s,
+                      const float* const* next, int64_t rn) {
+  double* mu = run.mean.data();
+  double* usum = run.unit_sum.data();
+  if (run.n == 0)
+    for (int64_t j = 0; j < d; ++j) mu[j] = rows[0][j];
+  std::fill(s, s + d, 0.0);
+  const int64_t full = d & ~int64_t{7};
+  const __mmask8 tail = static_cast<__mmask8>((1u << (d - full)) - 1u);
+  __m512d qacc = _mm512_setzero_pd();
+  // The next rows are asked for evenly over this group's steps (at least one line per step).
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float));
+  RowPrefetcher pf{next, rn, row_bytes};
+  const int64_t steps = std::max<int64_t>(1, ((r + 3) / 4) * ((d + 7) / 8));
+  const int lines = static_cast<int>((rn * ((row_bytes + 63) / 64) + steps - 1) / steps);
+  int64_t t = 0;
+  for (; t + 4 <= r; t += 4) {
+    const double inv[4] = {inverse_norm(norms[t]), inverse_norm(norms[t + 1]), inverse_norm(norms[t + 2]),
+                           inverse_norm(norms[t + 3])};
+    qacc = _mm512_add_pd(qacc, fold_k<4>(rows + t, inv, d, full, tail, mu, s, usum, pf, lines));
+  }
+  for (; t < r; ++t) {
+    const double inv = inverse_norm(norms[t]);
+    qacc = _mm512_add_pd(qacc, fold_k<1>(rows + t, &inv, d, full, tail, mu, s, usum, pf, lines));
+  }
+  pf.issue(static_cast<int>(std::min<int64_t>(rn * ((row_bytes + 63) / 64), 1 << 20)));  // whatever is left
+  for (t = 0; t < r; ++t) run.norm_sum += norms[t];
+  close_group(run, s, _mm512_reduce_add_pd(qacc), r, d);
 }
 #endif
 
-// Rows as float32 (or float64) pointers: in place when contiguous, else converted into buf.
-// Fold rows order[p0..p1) (all of one class) into `run`, chunk by chunk; rows up to p_end (the
-// end of the thread's range) are prefetched one chunk ahead.
+// Whether rows of x can be read in place as T (contiguous elements of that type).
 template <typename T>
-void accumulate_segment(const Matrix& x, const int64_t* order, int64_t p0, int64_t p1, int64_t p_end,
-                        int64_t rows_per_chunk, T* buf, const T** ptrs, double* cmean, double* norms, Running& run) {
+bool rows_in_place(const Matrix& x) {
+  return x.col_stride == 1 && ((std::is_same<T, float>::value && x.dtype == DType::F32) ||
+                               (std::is_same<T, double>::value && x.dtype == DType::F64));
+}
+
+// Row i as a T pointer: in place, or converted into dst (float16/bfloat16 widen exactly to float32).
+template <typename T>
+const T* row_as(const Matrix& x, int64_t i, T* dst) {
+  if (rows_in_place<T>(x)) return static_cast<const T*>(x.data) + i * x.row_stride;
+  if constexpr (std::is_same<T, double>::value)
+    x.load_row(i, dst);
+  else
+    x.load_row_f32(i, dst);
+  return dst;
+}
+
+// Up to this many classes, rows are taken in memory order (see stream_thread); above, one state
+// per class per thread would outgrow the caches, and rows are visited class by class instead.
+constexpr int64_t kStreamClasses = 64;
+
+// Few classes: one thread's contiguous rows [lo, hi) in memory order, chunk by chunk. Pass A
+// takes the chunk's row norms in memory order (sequential reads, friendly to the prefetcher and
+// the TLB even when the data are cold); the chunk's rows are then grouped by class (stable
+// counting sort) and pass B folds each group into that class's state from cache while the next
+// chunk is prefetched.
+template <typename T>
+void stream_thread(const Matrix& x, const int64_t* labels, int64_t c, int64_t lo, int64_t hi, int64_t rows_per_chunk,
+                   std::vector<Running>& state) {
   const int64_t d = x.cols;
-  const bool in_place = x.col_stride == 1 && ((std::is_same<T, float>::value && x.dtype == DType::F32) ||
-                                              (std::is_same<T, double>::value && x.dtype == DType::F64));
-  std::vector<const T*> next(in_place ? rows_per_chunk : 0);
-  for (int64_t c0 = p0; c0 < p1; c0 += rows_per_chunk) {
-    const int64_t r = std::min(rows_per_chunk, p1 - c0);
-    // the rows after this chunk in the thread's range, the next class's included
-    const int64_t rn = in_place ? std::max<int64_t>(0, std::min(rows_per_chunk, p_end - c0 - r)) : 0;
-    for (int64_t t = 0; t < rn; ++t) next[t] = static_cast<const T*>(x.data) + order[c0 + r + t] * x.row_stride;
-    for (int64_t t = 0; t < r; ++t) {
-      const int64_t i = order[c0 + t];
-      if (in_place) {
-        ptrs[t] = static_cast<const T*>(x.data) + i * x.row_stride;
-      } else {
-        T* row = buf + t * d;
-        if constexpr (std::is_same<T, double>::value) {
-          x.load_row(i, row);
-        } else {
-          x.load_row_f32(i, row);
-        }
-        ptrs[t] = row;
-      }
+  const bool in_place = rows_in_place<T>(x);
+  aligned_vector<T> buf(in_place ? 0 : rows_per_chunk * d);
+  aligned_vector<double> s(d);
+  std::vector<double> norms_mem(rows_per_chunk), norms(rows_per_chunk);
+  std::vector<const T*> mem(rows_per_chunk), grouped(rows_per_chunk), next(rows_per_chunk);
+  std::vector<int64_t> count(c + 1), slot(rows_per_chunk);
+  for (int64_t c0 = lo; c0 < hi; c0 += rows_per_chunk) {
+    const int64_t rows = std::min(rows_per_chunk, hi - c0);
+    const int64_t nrows = in_place ? std::max<int64_t>(0, std::min(rows_per_chunk, hi - c0 - rows)) : 0;
+    for (int64_t i = 0; i < rows; ++i) mem[i] = row_as(x, c0 + i, buf.data() + (in_place ? 0 : i * d));
+    for (int64_t i = 0; i < nrows; ++i) next[i] = static_cast<const T*>(x.data) + (c0 + rows + i) * x.row_stride;
+    row_norms(mem.data(), rows, d, norms_mem.data());
+    // counting sort of the chunk's rows by class (stable: memory order within a class)
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < rows; ++i) ++count[labels[c0 + i] + 1];
+    for (int64_t k = 0; k < c; ++k) count[k + 1] += count[k];
+    for (int64_t i = 0; i < rows; ++i) slot[count[labels[c0 + i]]++] = i;
+    for (int64_t k = c; k > 0; --k) count[k] = count[k - 1];
+    count[0] = 0;
+    for (int64_t p = 0; p < rows; ++p) {
+      grouped[p] = mem[slot[p]];
+      norms[p] = norms_mem[slot[p]];
     }
-    reduce_chunk(ptrs, r, d, cmean, norms, run, next.data(), rn);
+    for (int64_t k = 0; k < c; ++k) {
+      const int64_t g0 = count[k], g = count[k + 1] - g0;
+      if (g == 0) continue;
+      // each group prefetches its share of the next chunk, so the whole chunk is asked for
+      const int64_t pf = std::max<int64_t>(0, std::min(g, nrows - g0));
+      fold_rows(grouped.data() + g0, norms.data() + g0, g, d, state[k], s.data(), pf ? next.data() + g0 : nullptr, pf);
+    }
   }
 }
 
+// Many classes: one thread's range [lo, hi) of class-sorted positions, class segment by class
+// segment, in chunks that stay in L2: pass A (norms), then pass B (fold) while the rows after
+// the chunk, the next class's included, are prefetched. Whole classes are written to `out`;
+// classes cut by the range's ends are left in `partials`.
 struct Partial {
   int64_t cls;
   Running state;
 };
 
-// Up to this many classes, rows are taken in memory order (see stream_moments); above, one state
-// per class per thread would outgrow the caches, and rows are visited class by class instead.
-constexpr int64_t kStreamClasses = 64;
-
-// Few classes: each thread walks its contiguous range of rows in memory order, chunk by chunk
-// (sequential reads, friendly to the prefetcher and the TLB even when the data is cold), groups
-// the chunk's rows by class, and folds each group into its own per-class state (two passes in
-// cache, Chan's merge). Per-thread states are merged in thread order after the region.
-void stream_moments(const Matrix& x, const int64_t* labels, int64_t c, int num_threads, BlockMoments& r) {
-  const int64_t n = x.rows, d = x.cols;
-  const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (256 << 10) / (4 * d)));
-  const int threads = region_threads(num_threads, (n + 1023) / 1024);
-  std::vector<std::vector<Running>> states(threads);
-#ifdef NCFAST_WITH_OPENMP
-#pragma omp parallel num_threads(threads)
-#endif
-  {
-    const int t = thread_id();
-    const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-    std::vector<Running>& state = states[t];
-    state.assign(c, Running(d));
-    const bool wide = x.dtype == DType::F64;
-    const bool in_place = x.col_stride == 1 && x.dtype == DType::F32;
-    std::vector<float> buf32(wide || in_place ? 0 : rows_per_chunk * d);
-    std::vector<double> buf64(wide ? rows_per_chunk * d : 0), cmean(d), norms(rows_per_chunk);
-    std::vector<const float*> ptr32(rows_per_chunk), next32(rows_per_chunk);
-    std::vector<const double*> ptr64(rows_per_chunk), next64(rows_per_chunk);
-    std::vector<int64_t> count(c + 1), slot(rows_per_chunk);
-    for (int64_t c0 = lo; c0 < hi; c0 += rows_per_chunk) {
-      const int64_t rows = std::min(rows_per_chunk, hi - c0);
-      const int64_t nrows = in_place ? std::max<int64_t>(0, std::min(rows_per_chunk, hi - c0 - rows)) : 0;
-      // counting sort of the chunk's rows by class (stable: memory order within a class)
-      std::fill(count.begin(), count.end(), 0);
-      for (int64_t i = 0; i < rows; ++i) ++count[labels[c0 + i] + 1];
-      for (int64_t k = 0; k < c; ++k) count[k + 1] += count[k];
-      for (int64_t i = 0; i < rows; ++i) slot[count[labels[c0 + i]]++] = i;
-      for (int64_t k = c; k > 0; --k) count[k] = count[k - 1];
-      count[0] = 0;
-      for (int64_t p = 0; p < rows; ++p) {
-        const int64_t i = c0 + slot[p];
-        if (wide) {
-          x.load_row(i, buf64.data() + p * d);
-          ptr64[p] = buf64.data() + p * d;
-        } else if (in_place) {
-          ptr32[p] = static_cast<const float*>(x.data) + i * x.row_stride;
-        } else {
-          x.load_row_f32(i, buf32.data() + p * d);
-          ptr32[p] = buf32.data() + p * d;
-        }
-      }
-      for (int64_t p = 0; p < nrows; ++p) next32[p] = static_cast<const float*>(x.data) + (c0 + rows + p) * x.row_stride;
-      for (int64_t k = 0; k < c; ++k) {
-        const int64_t g0 = count[k], g = count[k + 1] - g0;
-        if (g == 0) continue;
-        // each group prefetches its share of the next chunk, so the whole chunk is asked for
-        const int64_t pf = std::max<int64_t>(0, std::min(g, nrows - g0));
-        if (wide)
-          reduce_chunk(ptr64.data() + g0, g, d, cmean.data(), norms.data(), state[k], next64.data(), 0);
-        else
-          reduce_chunk(ptr32.data() + g0, g, d, cmean.data(), norms.data(), state[k], next32.data() + g0, pf);
-      }
+template <typename T>
+void sorted_thread(const Matrix& x, const int64_t* order, const std::vector<int64_t>& start, int64_t lo, int64_t hi,
+                   int64_t rows_per_chunk, const MomentsOut& out, std::vector<Partial>& partials) {
+  const int64_t d = x.cols;
+  const bool in_place = rows_in_place<T>(x);
+  aligned_vector<T> buf(in_place ? 0 : rows_per_chunk * d);
+  aligned_vector<double> s(d);
+  std::vector<double> norms(rows_per_chunk);
+  std::vector<const T*> ptrs(rows_per_chunk), next(rows_per_chunk);
+  Running run(d);
+  int64_t pos = lo;
+  while (pos < hi) {
+    // The class owning sorted position pos, and the end of its segment inside [lo, hi).
+    const int64_t k = std::upper_bound(start.begin(), start.end(), pos) - start.begin() - 1;
+    const int64_t end = std::min(hi, start[k + 1]);
+    run.reset();
+    for (int64_t c0 = pos; c0 < end; c0 += rows_per_chunk) {
+      const int64_t r = std::min(rows_per_chunk, end - c0);
+      const int64_t rn = in_place ? std::max<int64_t>(0, std::min(rows_per_chunk, hi - c0 - r)) : 0;
+      for (int64_t t = 0; t < r; ++t) ptrs[t] = row_as(x, order[c0 + t], buf.data() + (in_place ? 0 : t * d));
+      for (int64_t t = 0; t < rn; ++t) next[t] = static_cast<const T*>(x.data) + order[c0 + r + t] * x.row_stride;
+      row_norms(ptrs.data(), r, d, norms.data());
+      fold_rows(ptrs.data(), norms.data(), r, d, run, s.data(), rn ? next.data() : nullptr, rn);
     }
+    if (pos == start[k] && end == start[k + 1]) {  // the whole class: no other thread touches it
+      std::copy(run.mean.begin(), run.mean.end(), out.means + k * d);
+      std::copy(run.unit_sum.begin(), run.unit_sum.end(), out.unit_sums + k * d);
+      out.m2[k] = run.m2;
+      out.norm_sums[k] = run.norm_sum;
+    } else {
+      partials.push_back(Partial{k, run});
+    }
+    pos = end;
   }
-  std::vector<int64_t> seen(c, 0);
-  for (int t = 0; t < threads; ++t) {
-    for (int64_t k = 0; k < c; ++k) {
-      const Running& s = states[t][k];
-      if (s.n == 0) continue;
-      chan_merge(seen[k], r.means.data() + k * d, r.m2[k], s.n, s.mean.data(), s.m2, d);
-      double* usum = r.unit_sums.data() + k * d;
-      for (int64_t j = 0; j < d; ++j) usum[j] += s.unit_sum[j];
-      r.norm_sums[k] += s.norm_sum;
-    }
+}
+
+// Fold one thread's state of class k into out, in thread order (the first copies).
+void merge_into(const MomentsOut& out, int64_t k, int64_t d, int64_t& seen, const Running& s) {
+  if (s.n == 0) return;
+  const bool first = seen == 0;
+  chan_merge(seen, out.means + k * d, out.m2[k], s.n, s.mean.data(), s.m2, d);
+  double* usum = out.unit_sums + k * d;
+  if (first) {
+    std::copy(s.unit_sum.begin(), s.unit_sum.end(), usum);
+    out.norm_sums[k] = s.norm_sum;
+  } else {
+    for (int64_t j = 0; j < d; ++j) usum[j] += s.unit_sum[j];
+    out.norm_sums[k] += s.norm_sum;
   }
 }
 
@@ -410,85 +468,71 @@ void centre_rows(const Matrix& x, const int64_t* labels, const double* means, do
   (void)threads;  // unused without OpenMP
 }
 
-BlockMoments block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, int num_threads) {
+void block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, int num_threads,
+                   const MomentsOut& out) {
   const int64_t n = x.rows, d = x.cols, c = num_classes;
-  BlockMoments r;
-  r.counts.assign(c, 0);
-  r.means.assign(c * d, 0.0);
-  r.m2.assign(c, 0.0);
-  r.unit_sums.assign(c * d, 0.0);
-  r.norm_sums.assign(c, 0.0);
-
+  std::fill(out.counts, out.counts + c, int64_t{0});
   for (int64_t i = 0; i < n; ++i) {
     const int64_t y = labels[i];
     if (y < 0 || y >= c) throw std::invalid_argument("labels: value out of range [0, num_classes)");
-    ++r.counts[y];
+    ++out.counts[y];
   }
+  // Classes without rows are zero; every other entry is written (not accumulated) below.
+  for (int64_t k = 0; k < c; ++k) {
+    if (out.counts[k] > 0) continue;
+    std::fill(out.means + k * d, out.means + (k + 1) * d, 0.0);
+    std::fill(out.unit_sums + k * d, out.unit_sums + (k + 1) * d, 0.0);
+    out.m2[k] = out.norm_sums[k] = 0.0;
+  }
+  const bool wide = x.dtype == DType::F64;  // float64 input keeps its precision
+  const int threads = region_threads(num_threads, (n + 1023) / 1024);
+
   if (c <= kStreamClasses) {
-    stream_moments(x, labels, c, num_threads, r);
-    return r;
+    const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (256 << 10) / (4 * d)));
+    std::vector<std::vector<Running>> states(threads);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+      const int t = thread_id();
+      const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+      states[t].assign(c, Running(d));
+      if (wide)
+        stream_thread<double>(x, labels, c, lo, hi, rows_per_chunk, states[t]);
+      else
+        stream_thread<float>(x, labels, c, lo, hi, rows_per_chunk, states[t]);
+    }
+    std::vector<int64_t> seen(c, 0);
+    for (int t = 0; t < threads; ++t)
+      for (int64_t k = 0; k < c; ++k) merge_into(out, k, d, seen[k], states[t][k]);
+    return;
   }
+
   // Counting sort of row indices by class: class k owns sorted positions start[k] .. start[k+1].
   std::vector<int64_t> start(c + 1, 0), order(n);
-  for (int64_t k = 0; k < c; ++k) start[k + 1] = start[k] + r.counts[k];
+  for (int64_t k = 0; k < c; ++k) start[k + 1] = start[k] + out.counts[k];
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t i = 0; i < n; ++i) order[fill[labels[i]]++] = i;
   }
-
-  // About 128 KiB of rows per chunk: the second pass reads them from L2.
+  // About 128 KiB of rows per chunk: pass B reads them from L2.
   const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (128 << 10) / (4 * d)));
-  const int threads = region_threads(num_threads, (n + 1023) / 1024);
   std::vector<std::vector<Partial>> partials(threads);
-
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
     const int t = thread_id();
     const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-    const bool wide = x.dtype == DType::F64;  // float64 input keeps its precision
-    std::vector<float> buf32(wide ? 0 : rows_per_chunk * d);
-    std::vector<double> buf64(wide ? rows_per_chunk * d : 0), cmean(d), norms(rows_per_chunk);
-    std::vector<const float*> ptr32(rows_per_chunk);
-    std::vector<const double*> ptr64(rows_per_chunk);
-    Running run(d);
-    int64_t pos = lo;
-    while (pos < hi) {
-      // The class owning sorted position pos, and the end of its segment inside [lo, hi).
-      const int64_t k = std::upper_bound(start.begin(), start.end(), pos) - start.begin() - 1;
-      const int64_t end = std::min(hi, start[k + 1]);
-      run.reset();
-      if (wide)
-        accumulate_segment(x, order.data(), pos, end, hi, rows_per_chunk, buf64.data(), ptr64.data(), cmean.data(),
-                           norms.data(), run);
-      else
-        accumulate_segment(x, order.data(), pos, end, hi, rows_per_chunk, buf32.data(), ptr32.data(), cmean.data(),
-                           norms.data(), run);
-      if (pos == start[k] && end == start[k + 1]) {  // the whole class: no other thread touches it
-        std::copy(run.mean.begin(), run.mean.end(), r.means.begin() + k * d);
-        std::copy(run.unit_sum.begin(), run.unit_sum.end(), r.unit_sums.begin() + k * d);
-        r.m2[k] = run.m2;
-        r.norm_sums[k] = run.norm_sum;
-      } else {
-        partials[t].push_back(Partial{k, run});
-      }
-      pos = end;
-    }
+    if (wide)
+      sorted_thread<double>(x, order.data(), start, lo, hi, rows_per_chunk, out, partials[t]);
+    else
+      sorted_thread<float>(x, order.data(), start, lo, hi, rows_per_chunk, out, partials[t]);
   }
-
   // Classes cut by thread boundaries: merge their pieces in thread order.
   std::vector<int64_t> seen(c, 0);
-  for (auto& list : partials) {
-    for (auto& p : list) {
-      const int64_t k = p.cls;
-      chan_merge(seen[k], r.means.data() + k * d, r.m2[k], p.state.n, p.state.mean.data(), p.state.m2, d);
-      double* usum = r.unit_sums.data() + k * d;
-      for (int64_t j = 0; j < d; ++j) usum[j] += p.state.unit_sum[j];
-      r.norm_sums[k] += p.state.norm_sum;
-    }
-  }
-  return r;
+  for (auto& list : partials)
+    for (auto& p : list) merge_into(out, p.cls, d, seen[p.cls], p.state);
 }
 
 }  // namespace ncfast

@@ -13,16 +13,18 @@ namespace ncfast {
 //   m2[c]         sum_{y_i=c} ||h_i - mu_c||^2   (two-pass: centred on mu_c)
 //   unit_sums[c]  sum_{y_i=c} h_i / ||h_i||      (a zero row contributes 0)
 //   norm_sums[c]  sum_{y_i=c} ||h_i||
-struct BlockMoments {
-  std::vector<int64_t> counts;
-  std::vector<double> means, m2, unit_sums, norm_sums;
+// Where block_moments writes: counts, m2, norm_sums hold C entries, means and unit_sums C x D
+// (row-major). Every entry is written; the caller need not zero them.
+struct MomentsOut {
+  int64_t* counts;
+  double *means, *m2, *unit_sums, *norm_sums;
 };
 
 // out[i, :] = x[i, :] - means[labels[i], :] in float64 (out is n x d, row-major): the centred rows
 // whose Gram matrix is the within-class scatter.
 void centre_rows(const Matrix& x, const int64_t* labels, const double* means, double* out, int num_threads);
 
-BlockMoments block_moments(const Matrix& x, const int64_t* labels,
-                           int64_t num_classes, int num_threads);
+void block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, int num_threads,
+                   const MomentsOut& out);
 
 }  // namespace ncfast

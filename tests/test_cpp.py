@@ -91,6 +91,64 @@ def test_block_moments_awkward_sizes(n, d, c, dtype, threads):
             assert_close(got, exp, rtol=1e-11, atol=1e-11 * max(1.0, float(np.abs(exp).max())), what=what)
 
 
+@pytest.mark.parametrize("n, d, c", [(6000, 600, 3), (20000, 600, 65)])  # memory-order and class-sorted paths
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_moments_collapse_regime_with_an_outlier_first(n, d, c, threads):
+    """Within-class spread 1e-4 of the class spacing, all features shifted by 1e3, and each class's
+    first row an outlier 1e4 spreads away from its mean: the groups are centred on the running mean,
+    so the outlier must not cost precision. Several chunks per class (600 floats per row: 54-row
+    chunks when sorted, 109-row chunks in memory order); M2 against numpy in float64 to 1e-9."""
+    g = np.random.default_rng(n + c)
+    means = g.standard_normal((c, d)) + 1e3
+    y = g.integers(0, c, n)
+    x = (means[y] + 1e-4 * g.standard_normal((n, d))).astype(np.float32)
+    for k in range(c):
+        first = np.flatnonzero(y == k)[0]
+        x[first] += np.float32(1.0)  # 1e4 spreads
+    r = _C.block_moments(x, "float32", y, c, threads)
+    want = _numpy_moments(x.astype(np.float64), y, c)
+    assert r["counts"].tolist() == want[0].tolist()
+    assert_close(r["means"], want[1], rtol=1e-12, atol=0.0, what="means")
+    assert_close(r["m2"], want[2], rtol=1e-9, atol=0.0, what="m2")
+    assert_close(r["unit_sums"], want[3], rtol=1e-11, atol=1e-11 * float(np.abs(want[3]).max()), what="unit_sums")
+    assert_close(r["norm_sums"], want[4], rtol=1e-12, atol=0.0, what="norm_sums")
+
+
+@pytest.mark.parametrize("c", [3, 70])  # memory-order and class-sorted paths
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_block_moments_non_finite_reaches_m2(c, bad):
+    """The bad-input check reads only M2: a NaN or Inf element must make its class's M2 non-finite
+    and leave the other classes finite."""
+    g = np.random.default_rng(c)
+    x = g.standard_normal((500, 40)).astype(np.float32)
+    y = np.arange(500) % c
+    x[123, 7] = bad
+    m2 = _C.block_moments(x, "float32", y, c, 2)["m2"]
+    assert not np.isfinite(m2[y[123]])
+    assert np.isfinite(np.delete(m2, y[123])).all()
+
+
+def test_block_moments_recycles_output_buffers():
+    """Outputs come from a pool: a second call with the same shapes reuses the freed buffers
+    (no fresh C x D pages) and results stay independent of the recycled contents."""
+    g = np.random.default_rng(3)
+    x = g.standard_normal((300, 64)).astype(np.float32)
+    y = g.integers(0, 120, 300)
+    _C.release_cached_buffers()
+    first = _C.block_moments(x, "float32", y, 120, 1)
+    want = {k: v.copy() for k, v in first.items()}
+    del first
+    held = _C.cached_buffer_bytes()
+    assert held >= 2 * 120 * 64 * 8  # the two C x D arrays came back
+    again = _C.block_moments(x, "float32", y, 120, 1)
+    assert _C.cached_buffer_bytes() < held
+    for k in want:
+        assert np.array_equal(again[k], want[k]), k
+    del again
+    assert _C.release_cached_buffers() >= 2 * 120 * 64 * 8
+    assert _C.cached_buffer_bytes() == 0
+
+
 def _buf(t: torch.Tensor):
     return t.view(torch.int16).numpy() if t.dtype in (torch.float16, torch.bfloat16) else t.numpy()
 
