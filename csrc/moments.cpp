@@ -140,33 +140,25 @@ void close_group(Running& run, const double* s, double q, int64_t r, int64_t d) 
   run.n = n1;
 }
 
-// Pass A: ||row|| of r rows, float64 sums of the widened elements.
+// ||row||: float64 sum of the widened elements.
 template <typename T>
-void row_norms(const T* const* rows, int64_t r, int64_t d, double* norms) {
-  for (int64_t t = 0; t < r; ++t) {
-    const T* a = rows[t];
-    double q = 0.0;
+double row_norm(const T* a, int64_t d) {
+  double q = 0.0;
 #pragma omp simd reduction(+ : q)
-    for (int64_t j = 0; j < d; ++j) {
-      const double v = a[j];
-      q += v * v;
-    }
-    norms[t] = std::sqrt(q);
+  for (int64_t j = 0; j < d; ++j) {
+    const double v = a[j];
+    q += v * v;
   }
+  return std::sqrt(q);
 }
 
-// Pass B: fold r rows of one class into run, centred on its running mean (a new class is
-// centred on its first row), with their unit vectors x / ||x||. s is d doubles of scratch.
-// The r rows are in cache after pass A; `next` (rn rows) are the rows the caller reads next,
-// which the specialised kernels prefetch meanwhile.
+// Fold r rows of one class (their norms known) centred on mu: s += sum (x - mu),
+// usum += sum x / ||x||; returns sum ||x - mu||^2. The caller closes the group (close_group).
+// `next` (rn rows) are the rows the caller reads after these; the AVX-512 kernel prefetches them
+// meanwhile, row t's slice with row t's, so memory works while this runs from cache.
 template <typename T>
-void fold_rows(const T* const* rows, const double* norms, int64_t r, int64_t d, Running& run, double* s,
-               const T* const* /*next*/, int64_t /*rn*/) {
-  double* mu = run.mean.data();
-  double* usum = run.unit_sum.data();
-  if (run.n == 0)
-    for (int64_t j = 0; j < d; ++j) mu[j] = rows[0][j];
-  std::fill(s, s + d, 0.0);
+double fold_group(const T* const* rows, const double* norms, int64_t r, int64_t d, const double* mu, double* s,
+                  double* usum, const T* const* /*next*/, int64_t /*rn*/) {
   double q = 0.0;
   int64_t t = 0;
   for (; t + 4 <= r; t += 4) {
@@ -193,8 +185,7 @@ void fold_rows(const T* const* rows, const double* norms, int64_t r, int64_t d, 
       usum[j] += va * ia;
     }
   }
-  for (t = 0; t < r; ++t) run.norm_sum += norms[t];
-  close_group(run, s, q, r, d);
+  return q;
 }
 
 #if defined(__AVX512F__) && !defined(NCFAST_GENERIC_MOMENTS)
@@ -205,77 +196,62 @@ inline __m512d widen8(const float* p, int64_t j, bool masked, __mmask8 m) {
   return _mm512_cvtps_pd(masked ? _mm256_maskz_loadu_ps(m, p + j) : _mm256_loadu_ps(p + j));
 }
 
-// One row at a time, front to back: rows in memory order are then read as one sequential stream
-// (interleaving rows splits it into short per-row streams that the hardware prefetcher follows
-// badly from cold memory). Four accumulators keep the FMAs independent.
+// Front to back with four accumulators (independent FMAs): rows taken in memory order are then
+// read as one sequential stream, which the hardware prefetcher follows from cold memory.
 template <>
-void row_norms<float>(const float* const* rows, int64_t r, int64_t d, double* norms) {
+double row_norm<float>(const float* p, int64_t d) {
   const int64_t full = d & ~int64_t{7}, full4 = d & ~int64_t{31};
-  const __mmask8 tail = static_cast<__mmask8>((1u << (d - full)) - 1u);
-  for (int64_t t = 0; t < r; ++t) {
-    const float* p = rows[t];
-    __m512d q0 = _mm512_setzero_pd(), q1 = q0, q2 = q0, q3 = q0;
-    int64_t j = 0;
-    for (; j < full4; j += 32) {
-      const __m512d a = widen8(p, j, false, 0xff), b = widen8(p, j + 8, false, 0xff),
-                    c = widen8(p, j + 16, false, 0xff), e = widen8(p, j + 24, false, 0xff);
-      q0 = _mm512_fmadd_pd(a, a, q0);
-      q1 = _mm512_fmadd_pd(b, b, q1);
-      q2 = _mm512_fmadd_pd(c, c, q2);
-      q3 = _mm512_fmadd_pd(e, e, q3);
-    }
-    for (; j < full; j += 8) {
-      const __m512d a = widen8(p, j, false, 0xff);
-      q0 = _mm512_fmadd_pd(a, a, q0);
-    }
-    if (full < d) {
-      const __m512d a = widen8(p, full, true, tail);
-      q1 = _mm512_fmadd_pd(a, a, q1);
-    }
-    norms[t] = std::sqrt(_mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(q0, q1), _mm512_add_pd(q2, q3))));
+  __m512d q0 = _mm512_setzero_pd(), q1 = q0, q2 = q0, q3 = q0;
+  int64_t j = 0;
+  for (; j < full4; j += 32) {
+    const __m512d a = widen8(p, j, false, 0xff), b = widen8(p, j + 8, false, 0xff),
+                  c = widen8(p, j + 16, false, 0xff), e = widen8(p, j + 24, false, 0xff);
+    q0 = _mm512_fmadd_pd(a, a, q0);
+    q1 = _mm512_fmadd_pd(b, b, q1);
+    q2 = _mm512_fmadd_pd(c, c, q2);
+    q3 = _mm512_fmadd_pd(e, e, q3);
   }
+  for (; j < full; j += 8) {
+    const __m512d a = widen8(p, j, false, 0xff);
+    q0 = _mm512_fmadd_pd(a, a, q0);
+  }
+  if (full < d) {
+    const __m512d a = widen8(p, full, true, static_cast<__mmask8>((1u << (d - full)) - 1u));
+    q1 = _mm512_fmadd_pd(a, a, q1);
+  }
+  return std::sqrt(_mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(q0, q1), _mm512_add_pd(q2, q3))));
 }
 
-// K rows centred on mu: s += sum of deviations, usum += sum of x * inv, qacc += squared deviations;
-// `lines` prefetches per 8-element step.
-// Walks a list of rows front to back, 64 bytes per issue, asking for them in L2: rows in memory
-// order become one sequential stream of requests.
-struct RowPrefetcher {
-  const float* const* rows;
-  int64_t count, row_bytes, row = 0, offset = 0;
-  void issue(int lines) {
-    for (; lines > 0 && row < count; --lines) {
-      _mm_prefetch(reinterpret_cast<const char*>(rows[row]) + offset, _MM_HINT_T1);
-      offset += 64;
-      if (offset >= row_bytes) {
-        offset = 0;
-        ++row;
-      }
-    }
-  }
-};
-
-// Returns the sum of squared deviations as a vector (a local accumulator: one passed by
-// reference could alias the stores to s and usum and be reloaded every step).
+// K (1 or 4) rows centred on mu: s += sum of deviations, usum += sum of x * inv; returns the
+// squared deviations as a vector (a local accumulator: one passed by reference could alias the
+// stores to s and usum and be reloaded every step). The four rows' terms are summed as a tree,
+// which keeps the dependency chains short. Every 16 elements, the same slice of the npf rows pf[]
+// is prefetched to L2.
 template <int K>
 __m512d fold_k(const float* const* p, const double* inv, int64_t d, int64_t full, __mmask8 tail,
-               const double* __restrict mu, double* __restrict s, double* __restrict usum, RowPrefetcher& pf,
-               int lines) {
+               const double* __restrict mu, double* __restrict s, double* __restrict usum, const float* const* pf,
+               int npf) {
+  static_assert(K == 1 || K == 4, "fold_k: 1 or 4 rows");
   __m512d w[K];
   for (int i = 0; i < K; ++i) w[i] = _mm512_set1_pd(inv[i]);
   __m512d qacc = _mm512_setzero_pd();
   auto step = [&](int64_t j, auto masked_t, __mmask8 m) {
     constexpr bool masked = decltype(masked_t)::value;
     const __m512d mean = masked ? _mm512_maskz_loadu_pd(m, mu + j) : _mm512_loadu_pd(mu + j);
-    __m512d x = widen8(p[0], j, masked, m);
-    __m512d dev = _mm512_sub_pd(x, mean);
-    __m512d ds = dev, sq = _mm512_mul_pd(dev, dev), u = _mm512_mul_pd(x, w[0]);
-    for (int i = 1; i < K; ++i) {
-      x = widen8(p[i], j, masked, m);
-      dev = _mm512_sub_pd(x, mean);
-      ds = _mm512_add_pd(ds, dev);
-      sq = _mm512_fmadd_pd(dev, dev, sq);
-      u = _mm512_fmadd_pd(x, w[i], u);
+    __m512d ds, sq, u;
+    if constexpr (K == 1) {
+      const __m512d x = widen8(p[0], j, masked, m), dev = _mm512_sub_pd(x, mean);
+      ds = dev;
+      sq = _mm512_mul_pd(dev, dev);
+      u = _mm512_mul_pd(x, w[0]);
+    } else {
+      const __m512d a = widen8(p[0], j, masked, m), b = widen8(p[1], j, masked, m), c = widen8(p[2], j, masked, m),
+                    e = widen8(p[3], j, masked, m);
+      const __m512d da = _mm512_sub_pd(a, mean), db = _mm512_sub_pd(b, mean), dc = _mm512_sub_pd(c, mean),
+                    de = _mm512_sub_pd(e, mean);
+      ds = _mm512_add_pd(_mm512_add_pd(da, db), _mm512_add_pd(dc, de));
+      sq = _mm512_add_pd(_mm512_fmadd_pd(da, da, _mm512_mul_pd(db, db)), _mm512_fmadd_pd(dc, dc, _mm512_mul_pd(de, de)));
+      u = _mm512_add_pd(_mm512_fmadd_pd(a, w[0], _mm512_mul_pd(b, w[1])), _mm512_fmadd_pd(c, w[2], _mm512_mul_pd(e, w[3])));
     }
     qacc = _mm512_add_pd(qacc, sq);
     if constexpr (masked) {
@@ -287,7 +263,8 @@ __m512d fold_k(const float* const* p, const double* inv, int64_t d, int64_t full
     }
   };
   for (int64_t j = 0; j < full; j += 8) {
-    pf.issue(lines);
+    if ((j & 15) == 0)
+      for (int i = 0; i < npf; ++i) _mm_prefetch(reinterpret_cast<const char*>(pf[i] + j), _MM_HINT_T1);
     step(j, std::false_type{}, 0xff);
   }
   if (full < d) step(full, std::true_type{}, tail);
@@ -295,36 +272,62 @@ __m512d fold_k(const float* const* p, const double* inv, int64_t d, int64_t full
 }
 
 template <>
-void fold_rows<float>(const float* const* rows, const double* norms, int64_t r, int64_t d, Running& run, double* s,
-                      const float* const* next, int64_t rn) {
-  double* mu = run.mean.data();
-  double* usum = run.unit_sum.data();
-  if (run.n == 0)
-    for (int64_t j = 0; j < d; ++j) mu[j] = rows[0][j];
-  std::fill(s, s + d, 0.0);
+double fold_group<float>(const float* const* rows, const double* norms, int64_t r, int64_t d, const double* mu,
+                         double* s, double* usum, const float* const* next, int64_t rn) {
   const int64_t full = d & ~int64_t{7};
   const __mmask8 tail = static_cast<__mmask8>((1u << (d - full)) - 1u);
   __m512d qacc = _mm512_setzero_pd();
-  // The next rows are asked for evenly over this group's steps (at least one line per step).
-  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float));
-  RowPrefetcher pf{next, rn, row_bytes};
-  const int64_t steps = std::max<int64_t>(1, ((r + 3) / 4) * ((d + 7) / 8));
-  const int lines = static_cast<int>((rn * ((row_bytes + 63) / 64) + steps - 1) / steps);
+  auto prefetched = [&](int64_t t, int k) {  // how many of next[t .. t + k) go with rows t .. t + k
+    return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(k, rn - t)));
+  };
+  double inv[4];
   int64_t t = 0;
   for (; t + 4 <= r; t += 4) {
-    const double inv[4] = {inverse_norm(norms[t]), inverse_norm(norms[t + 1]), inverse_norm(norms[t + 2]),
-                           inverse_norm(norms[t + 3])};
-    qacc = _mm512_add_pd(qacc, fold_k<4>(rows + t, inv, d, full, tail, mu, s, usum, pf, lines));
+    for (int i = 0; i < 4; ++i) inv[i] = inverse_norm(norms[t + i]);
+    const int npf = prefetched(t, 4);
+    qacc = _mm512_add_pd(qacc, fold_k<4>(rows + t, inv, d, full, tail, mu, s, usum, npf ? next + t : nullptr, npf));
   }
   for (; t < r; ++t) {
-    const double inv = inverse_norm(norms[t]);
-    qacc = _mm512_add_pd(qacc, fold_k<1>(rows + t, &inv, d, full, tail, mu, s, usum, pf, lines));
+    inv[0] = inverse_norm(norms[t]);
+    const int npf = prefetched(t, 1);
+    qacc = _mm512_add_pd(qacc, fold_k<1>(rows + t, inv, d, full, tail, mu, s, usum, npf ? next + t : nullptr, npf));
   }
-  pf.issue(static_cast<int>(std::min<int64_t>(rn * ((row_bytes + 63) / 64), 1 << 20)));  // whatever is left
-  for (t = 0; t < r; ++t) run.norm_sum += norms[t];
-  close_group(run, s, _mm512_reduce_add_pd(qacc), r, d);
+  for (; t < rn; ++t)  // more next rows than rows here
+    for (int64_t j = 0; j < d; j += 16) _mm_prefetch(reinterpret_cast<const char*>(next[t] + j), _MM_HINT_T1);
+  return _mm512_reduce_add_pd(qacc);
 }
 #endif
+
+// A class's state in one thread: its Running state and the deviation sums (s, q) of the rows
+// folded since the last close, all centred on run.mean. The shift (run.mean) is the mean of the
+// rows before (or the class's first row), so deviations stay small; closing costs O(D), so it
+// happens once kCloseRows rows have gathered, not after every small group.
+struct ClassAccumulator {
+  static constexpr int64_t kCloseRows = 64;
+  Running run;
+  aligned_vector<double> s;
+  double q = 0.0;
+  int64_t since = 0;
+  explicit ClassAccumulator(int64_t d) : run(d), s(d, 0.0) {}
+
+  template <typename T>
+  void fold(const T* const* rows, const double* norms, int64_t r, int64_t d, const T* const* next, int64_t rn) {
+    if (r == 0) return;
+    if (run.n == 0 && since == 0)  // a new class is centred on its first row
+      for (int64_t j = 0; j < d; ++j) run.mean[j] = rows[0][j];
+    q += fold_group(rows, norms, r, d, run.mean.data(), s.data(), run.unit_sum.data(), next, rn);
+    for (int64_t t = 0; t < r; ++t) run.norm_sum += norms[t];
+    since += r;
+    if (since >= kCloseRows) close(d);
+  }
+  void close(int64_t d) {
+    if (since == 0) return;
+    close_group(run, s.data(), q, since, d);
+    std::fill(s.begin(), s.end(), 0.0);
+    q = 0.0;
+    since = 0;
+  }
+};
 
 // Whether rows of x can be read in place as T (contiguous elements of that type).
 template <typename T>
@@ -349,26 +352,26 @@ const T* row_as(const Matrix& x, int64_t i, T* dst) {
 constexpr int64_t kStreamClasses = 64;
 
 // Few classes: one thread's contiguous rows [lo, hi) in memory order, chunk by chunk. Pass A
-// takes the chunk's row norms in memory order (sequential reads, friendly to the prefetcher and
-// the TLB even when the data are cold); the chunk's rows are then grouped by class (stable
-// counting sort) and pass B folds each group into that class's state from cache while the next
-// chunk is prefetched.
+// takes the chunk's row norms front to back (sequential reads, friendly to the prefetcher and
+// the TLB even when the data are cold); the rows are then grouped by class (stable counting sort)
+// and pass B folds each group into its class from cache while the next chunk is prefetched.
 template <typename T>
 void stream_thread(const Matrix& x, const int64_t* labels, int64_t c, int64_t lo, int64_t hi, int64_t rows_per_chunk,
-                   std::vector<Running>& state) {
+                   std::vector<ClassAccumulator>& acc) {
   const int64_t d = x.cols;
   const bool in_place = rows_in_place<T>(x);
   aligned_vector<T> buf(in_place ? 0 : rows_per_chunk * d);
-  aligned_vector<double> s(d);
   std::vector<double> norms_mem(rows_per_chunk), norms(rows_per_chunk);
   std::vector<const T*> mem(rows_per_chunk), grouped(rows_per_chunk), next(rows_per_chunk);
   std::vector<int64_t> count(c + 1), slot(rows_per_chunk);
   for (int64_t c0 = lo; c0 < hi; c0 += rows_per_chunk) {
     const int64_t rows = std::min(rows_per_chunk, hi - c0);
     const int64_t nrows = in_place ? std::max<int64_t>(0, std::min(rows_per_chunk, hi - c0 - rows)) : 0;
-    for (int64_t i = 0; i < rows; ++i) mem[i] = row_as(x, c0 + i, buf.data() + (in_place ? 0 : i * d));
+    for (int64_t i = 0; i < rows; ++i) {
+      mem[i] = row_as(x, c0 + i, buf.data() + (in_place ? 0 : i * d));
+      norms_mem[i] = row_norm(mem[i], d);
+    }
     for (int64_t i = 0; i < nrows; ++i) next[i] = static_cast<const T*>(x.data) + (c0 + rows + i) * x.row_stride;
-    row_norms(mem.data(), rows, d, norms_mem.data());
     // counting sort of the chunk's rows by class (stable: memory order within a class)
     std::fill(count.begin(), count.end(), 0);
     for (int64_t i = 0; i < rows; ++i) ++count[labels[c0 + i] + 1];
@@ -382,12 +385,12 @@ void stream_thread(const Matrix& x, const int64_t* labels, int64_t c, int64_t lo
     }
     for (int64_t k = 0; k < c; ++k) {
       const int64_t g0 = count[k], g = count[k + 1] - g0;
-      if (g == 0) continue;
       // each group prefetches its share of the next chunk, so the whole chunk is asked for
       const int64_t pf = std::max<int64_t>(0, std::min(g, nrows - g0));
-      fold_rows(grouped.data() + g0, norms.data() + g0, g, d, state[k], s.data(), pf ? next.data() + g0 : nullptr, pf);
+      acc[k].fold(grouped.data() + g0, norms.data() + g0, g, d, pf ? next.data() + g0 : nullptr, pf);
     }
   }
+  for (auto& a : acc) a.close(d);
 }
 
 // Many classes: one thread's range [lo, hi) of class-sorted positions, class segment by class
@@ -420,8 +423,14 @@ void sorted_thread(const Matrix& x, const int64_t* order, const std::vector<int6
       const int64_t rn = in_place ? std::max<int64_t>(0, std::min(rows_per_chunk, hi - c0 - r)) : 0;
       for (int64_t t = 0; t < r; ++t) ptrs[t] = row_as(x, order[c0 + t], buf.data() + (in_place ? 0 : t * d));
       for (int64_t t = 0; t < rn; ++t) next[t] = static_cast<const T*>(x.data) + order[c0 + r + t] * x.row_stride;
-      row_norms(ptrs.data(), r, d, norms.data());
-      fold_rows(ptrs.data(), norms.data(), r, d, run, s.data(), rn ? next.data() : nullptr, rn);
+      for (int64_t t = 0; t < r; ++t) norms[t] = row_norm(ptrs[t], d);
+      if (run.n == 0)  // a new class is centred on its first row
+        for (int64_t j = 0; j < d; ++j) run.mean[j] = ptrs[0][j];
+      std::fill(s.begin(), s.end(), 0.0);
+      const double q = fold_group(ptrs.data(), norms.data(), r, d, run.mean.data(), s.data(), run.unit_sum.data(),
+                                  rn ? next.data() : nullptr, rn);
+      for (int64_t t = 0; t < r; ++t) run.norm_sum += norms[t];
+      close_group(run, s.data(), q, r, d);
     }
     if (pos == start[k] && end == start[k + 1]) {  // the whole class: no other thread touches it
       std::copy(run.mean.begin(), run.mean.end(), out.means + k * d);
@@ -489,22 +498,23 @@ void block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, 
 
   if (c <= kStreamClasses) {
     const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (256 << 10) / (4 * d)));
-    std::vector<std::vector<Running>> states(threads);
+    std::vector<std::vector<ClassAccumulator>> acc(threads);
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
     {
       const int t = thread_id();
       const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-      states[t].assign(c, Running(d));
+      acc[t].assign(c, ClassAccumulator(d));
       if (wide)
-        stream_thread<double>(x, labels, c, lo, hi, rows_per_chunk, states[t]);
+        stream_thread<double>(x, labels, c, lo, hi, rows_per_chunk, acc[t]);
       else
-        stream_thread<float>(x, labels, c, lo, hi, rows_per_chunk, states[t]);
+        stream_thread<float>(x, labels, c, lo, hi, rows_per_chunk, acc[t]);
     }
     std::vector<int64_t> seen(c, 0);
     for (int t = 0; t < threads; ++t)
-      for (int64_t k = 0; k < c; ++k) merge_into(out, k, d, seen[k], states[t][k]);
+      for (int64_t k = 0; k < c; ++k)
+        merge_into(out, k, d, seen[k], acc[t][k].run);
     return;
   }
 
