@@ -237,7 +237,12 @@ __m512d fold_k(const float* const* p, const double* inv, int64_t d, int64_t full
   __m512d qacc = _mm512_setzero_pd();
   auto step = [&](int64_t j, auto masked_t, __mmask8 m) {
     constexpr bool masked = decltype(masked_t)::value;
-    const __m512d mean = masked ? _mm512_maskz_loadu_pd(m, mu + j) : _mm512_loadu_pd(mu + j);
+    __m512d mean = masked ? _mm512_maskz_loadu_pd(m, mu + j) : _mm512_loadu_pd(mu + j);
+    // one load of the mean per step: left alone, GCC folds it into each row's subtraction, four
+    // loads where one will do, and the load ports are this loop's bottleneck
+#if defined(__GNUC__)
+    asm("" : "+v"(mean));
+#endif
     __m512d ds, sq, u;
     if constexpr (K == 1) {
       const __m512d x = widen8(p[0], j, masked, m), dev = _mm512_sub_pd(x, mean);
@@ -361,9 +366,15 @@ void stream_thread(const Matrix& x, const int64_t* labels, int64_t c, int64_t lo
   const int64_t d = x.cols;
   const bool in_place = rows_in_place<T>(x);
   aligned_vector<T> buf(in_place ? 0 : rows_per_chunk * d);
-  std::vector<double> norms_mem(rows_per_chunk), norms(rows_per_chunk);
-  std::vector<const T*> mem(rows_per_chunk), grouped(rows_per_chunk), next(rows_per_chunk);
+  std::vector<double> norms_mem(rows_per_chunk), norms(rows_per_chunk + 3);
+  std::vector<const T*> mem(rows_per_chunk), grouped(rows_per_chunk + 3), next(rows_per_chunk);
   std::vector<int64_t> count(c + 1), slot(rows_per_chunk);
+  struct Waiting {
+    int count = 0;
+    const T* rows[3];
+    double norms[3];
+  };
+  std::vector<Waiting> waiting(c);
   for (int64_t c0 = lo; c0 < hi; c0 += rows_per_chunk) {
     const int64_t rows = std::min(rows_per_chunk, hi - c0);
     const int64_t nrows = in_place ? std::max<int64_t>(0, std::min(rows_per_chunk, hi - c0 - rows)) : 0;
@@ -379,16 +390,40 @@ void stream_thread(const Matrix& x, const int64_t* labels, int64_t c, int64_t lo
     for (int64_t i = 0; i < rows; ++i) slot[count[labels[c0 + i]]++] = i;
     for (int64_t k = c; k > 0; --k) count[k] = count[k - 1];
     count[0] = 0;
-    for (int64_t p = 0; p < rows; ++p) {
-      grouped[p] = mem[slot[p]];
-      norms[p] = norms_mem[slot[p]];
-    }
+    // A class's rows beyond a multiple of four wait (in cache, with their norms) for the next
+    // chunk, so that nearly every fold takes four rows at a time; converted rows live in the
+    // chunk's buffer, so those are all folded before it is reused.
+    int64_t pf0 = 0;  // the next chunk's rows are prefetched by the folds, in turn
     for (int64_t k = 0; k < c; ++k) {
       const int64_t g0 = count[k], g = count[k + 1] - g0;
-      // each group prefetches its share of the next chunk, so the whole chunk is asked for
-      const int64_t pf = std::max<int64_t>(0, std::min(g, nrows - g0));
-      acc[k].fold(grouped.data() + g0, norms.data() + g0, g, d, pf ? next.data() + g0 : nullptr, pf);
+      if (g == 0) continue;
+      auto& wait = waiting[k];
+      int64_t r = 0;
+      for (int w = 0; w < wait.count; ++w, ++r) {
+        grouped[r] = wait.rows[w];
+        norms[r] = wait.norms[w];
+      }
+      for (int64_t p = 0; p < g; ++p, ++r) {
+        grouped[r] = mem[slot[g0 + p]];
+        norms[r] = norms_mem[slot[g0 + p]];
+      }
+      const int64_t fold = in_place ? r & ~int64_t{3} : r;
+      const int64_t pf = std::max<int64_t>(0, std::min(fold, nrows - pf0));
+      acc[k].fold(grouped.data(), norms.data(), fold, d, pf ? next.data() + pf0 : nullptr, pf);
+      pf0 += pf;
+      wait.count = static_cast<int>(r - fold);
+      for (int w = 0; w < wait.count; ++w) {
+        wait.rows[w] = grouped[fold + w];
+        wait.norms[w] = norms[fold + w];
+      }
     }
+    for (int64_t i = pf0; i < nrows; ++i)  // rows no fold took along
+      for (int64_t j = 0; j < d * static_cast<int64_t>(sizeof(T)); j += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(next[i]) + j, 0, 2);
+  }
+  for (int64_t k = 0; k < c; ++k) {
+    auto& wait = waiting[k];
+    acc[k].fold(wait.rows, wait.norms, wait.count, d, static_cast<const T* const*>(nullptr), 0);
   }
   for (auto& a : acc) a.close(d);
 }
