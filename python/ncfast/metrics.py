@@ -282,12 +282,14 @@ def _prepare(features, labels, num_classes, nan_policy):
 
 
 def _moments(x, y, num_classes, weighting, scatter, counts=None) -> ClassMoments:
-    if counts is None:
-        counts = torch.bincount(y, minlength=num_classes)
-    present = counts[counts > 0]
-    imbalanced = bool((present != present[0]).any())
-    m = ClassMoments(num_classes, x.shape[1], scatter=scatter, device=x.device,
-                     class_counts=counts if (scatter and imbalanced and weighting == "balanced") else None)
+    class_counts = None
+    if scatter and weighting == "balanced":  # only the balanced scatter needs the counts up front
+        if counts is None:
+            counts = torch.bincount(y, minlength=num_classes)
+        present = counts[counts > 0]
+        if bool((present != present[0]).any()):
+            class_counts = counts
+    m = ClassMoments(num_classes, x.shape[1], scatter=scatter, device=x.device, class_counts=class_counts)
     return m.update(x, y)
 
 
