@@ -26,3 +26,16 @@ def test_harness_runs_every_op_and_writes_floors(tmp_path, monkeypatch, capsys):
             assert 0.9 <= r["agree"] <= 1.0
     text = capsys.readouterr().out
     assert "ncfast against the floors" in text
+
+
+def test_moments_bandwidth_script_runs(capsys):
+    """bench/moments_bandwidth.py at a tiny size: one line per C, both timings and ratios printed."""
+    import moments_bandwidth
+
+    assert moments_bandwidth.main(["--rows", "300", "--dim", "8", "--classes", "3,70", "--repeat", "1",
+                                   "--before", "baseline"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [ln.split() for ln in lines[2:]]
+    assert [r[0] for r in rows] == ["3", "70"]
+    for r in rows:
+        assert len(r) == 6 and all(float(v) > 0 for v in (r[1], r[2], r[4]))
