@@ -140,16 +140,19 @@ void close_group(Running& run, const double* s, double q, int64_t r, int64_t d) 
   run.n = n1;
 }
 
-// ||row||: float64 sum of the widened elements.
+// ||row|| of r rows, front to back (float64 sums of the widened elements).
 template <typename T>
-double row_norm(const T* a, int64_t d) {
-  double q = 0.0;
+void row_norms(const T* const* rows, int64_t r, int64_t d, double* norms) {
+  for (int64_t t = 0; t < r; ++t) {
+    const T* a = rows[t];
+    double q = 0.0;
 #pragma omp simd reduction(+ : q)
-  for (int64_t j = 0; j < d; ++j) {
-    const double v = a[j];
-    q += v * v;
+    for (int64_t j = 0; j < d; ++j) {
+      const double v = a[j];
+      q += v * v;
+    }
+    norms[t] = std::sqrt(q);
   }
-  return std::sqrt(q);
 }
 
 // Fold r rows of one class (their norms known) centred on mu: s += sum (x - mu),
@@ -197,29 +200,38 @@ inline __m512d widen8(const float* p, int64_t j, bool masked, __mmask8 m) {
 }
 
 // Front to back with four accumulators (independent FMAs): rows taken in memory order are then
-// read as one sequential stream, which the hardware prefetcher follows from cold memory.
+// read as one sequential stream, which the hardware prefetcher follows from cold memory. All r
+// rows in one call, square roots at the end: per row, a call's return (vzeroupper) and a scalar
+// square root cost as much as the 512 elements' FMAs.
 template <>
-double row_norm<float>(const float* p, int64_t d) {
+void row_norms<float>(const float* const* rows, int64_t r, int64_t d, double* norms) {
   const int64_t full = d & ~int64_t{7}, full4 = d & ~int64_t{31};
-  __m512d q0 = _mm512_setzero_pd(), q1 = q0, q2 = q0, q3 = q0;
-  int64_t j = 0;
-  for (; j < full4; j += 32) {
-    const __m512d a = widen8(p, j, false, 0xff), b = widen8(p, j + 8, false, 0xff),
-                  c = widen8(p, j + 16, false, 0xff), e = widen8(p, j + 24, false, 0xff);
-    q0 = _mm512_fmadd_pd(a, a, q0);
-    q1 = _mm512_fmadd_pd(b, b, q1);
-    q2 = _mm512_fmadd_pd(c, c, q2);
-    q3 = _mm512_fmadd_pd(e, e, q3);
+  const __mmask8 tail = static_cast<__mmask8>((1u << (d - full)) - 1u);
+  for (int64_t t = 0; t < r; ++t) {
+    const float* p = rows[t];
+    __m512d q0 = _mm512_setzero_pd(), q1 = q0, q2 = q0, q3 = q0;
+    int64_t j = 0;
+    for (; j < full4; j += 32) {
+      const __m512d a = widen8(p, j, false, 0xff), b = widen8(p, j + 8, false, 0xff),
+                    c = widen8(p, j + 16, false, 0xff), e = widen8(p, j + 24, false, 0xff);
+      q0 = _mm512_fmadd_pd(a, a, q0);
+      q1 = _mm512_fmadd_pd(b, b, q1);
+      q2 = _mm512_fmadd_pd(c, c, q2);
+      q3 = _mm512_fmadd_pd(e, e, q3);
+    }
+    for (; j < full; j += 8) {
+      const __m512d a = widen8(p, j, false, 0xff);
+      q0 = _mm512_fmadd_pd(a, a, q0);
+    }
+    if (full < d) {
+      const __m512d a = widen8(p, full, true, tail);
+      q1 = _mm512_fmadd_pd(a, a, q1);
+    }
+    norms[t] = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(q0, q1), _mm512_add_pd(q2, q3)));
   }
-  for (; j < full; j += 8) {
-    const __m512d a = widen8(p, j, false, 0xff);
-    q0 = _mm512_fmadd_pd(a, a, q0);
-  }
-  if (full < d) {
-    const __m512d a = widen8(p, full, true, static_cast<__mmask8>((1u << (d - full)) - 1u));
-    q1 = _mm512_fmadd_pd(a, a, q1);
-  }
-  return std::sqrt(_mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(q0, q1), _mm512_add_pd(q2, q3))));
+  int64_t t = 0;
+  for (; t + 8 <= r; t += 8) _mm512_storeu_pd(norms + t, _mm512_sqrt_pd(_mm512_loadu_pd(norms + t)));
+  for (; t < r; ++t) norms[t] = std::sqrt(norms[t]);
 }
 
 // K (1 or 4) rows centred on mu: s += sum of deviations, usum += sum of x * inv; returns the
@@ -235,6 +247,7 @@ __m512d fold_k(const float* const* p, const double* inv, int64_t d, int64_t full
   __m512d w[K];
   for (int i = 0; i < K; ++i) w[i] = _mm512_set1_pd(inv[i]);
   __m512d qacc = _mm512_setzero_pd();
+  const __m512d one = _mm512_set1_pd(1.0);
   auto step = [&](int64_t j, auto masked_t, __mmask8 m) {
     constexpr bool masked = decltype(masked_t)::value;
     __m512d mean = masked ? _mm512_maskz_loadu_pd(m, mu + j) : _mm512_loadu_pd(mu + j);
@@ -244,16 +257,18 @@ __m512d fold_k(const float* const* p, const double* inv, int64_t d, int64_t full
     asm("" : "+v"(mean));
 #endif
     __m512d ds, sq, u;
+    // x - mean as x * 1 - mean (exact product, one rounding: the same value) on the FMA pipes:
+    // the widening conversions and the additions already fill the two FP add pipes (Zen 4/5).
     if constexpr (K == 1) {
-      const __m512d x = widen8(p[0], j, masked, m), dev = _mm512_sub_pd(x, mean);
+      const __m512d x = widen8(p[0], j, masked, m), dev = _mm512_fmsub_pd(x, one, mean);
       ds = dev;
       sq = _mm512_mul_pd(dev, dev);
       u = _mm512_mul_pd(x, w[0]);
     } else {
       const __m512d a = widen8(p[0], j, masked, m), b = widen8(p[1], j, masked, m), c = widen8(p[2], j, masked, m),
                     e = widen8(p[3], j, masked, m);
-      const __m512d da = _mm512_sub_pd(a, mean), db = _mm512_sub_pd(b, mean), dc = _mm512_sub_pd(c, mean),
-                    de = _mm512_sub_pd(e, mean);
+      const __m512d da = _mm512_fmsub_pd(a, one, mean), db = _mm512_fmsub_pd(b, one, mean),
+                    dc = _mm512_fmsub_pd(c, one, mean), de = _mm512_fmsub_pd(e, one, mean);
       ds = _mm512_add_pd(_mm512_add_pd(da, db), _mm512_add_pd(dc, de));
       sq = _mm512_add_pd(_mm512_fmadd_pd(da, da, _mm512_mul_pd(db, db)), _mm512_fmadd_pd(dc, dc, _mm512_mul_pd(de, de)));
       u = _mm512_add_pd(_mm512_fmadd_pd(a, w[0], _mm512_mul_pd(b, w[1])), _mm512_fmadd_pd(c, w[2], _mm512_mul_pd(e, w[3])));
@@ -388,10 +403,8 @@ void stream_thread(const Matrix& x, const int64_t* labels, int64_t c, int64_t lo
   for (int64_t c0 = lo; c0 < hi; c0 += rows_per_chunk) {
     const int64_t rows = std::min(rows_per_chunk, hi - c0);
     const int64_t nrows = in_place ? std::max<int64_t>(0, std::min(rows, hi - c0 - ahead)) : 0;
-    for (int64_t i = 0; i < rows; ++i) {
-      mem[i] = row_as(x, c0 + i, buf.data() + (in_place ? 0 : i * d));
-      norms_mem[i] = row_norm(mem[i], d);
-    }
+    for (int64_t i = 0; i < rows; ++i) mem[i] = row_as(x, c0 + i, buf.data() + (in_place ? 0 : i * d));
+    row_norms(mem.data(), rows, d, norms_mem.data());
     for (int64_t i = 0; i < nrows; ++i) next[i] = static_cast<const T*>(x.data) + (c0 + ahead + i) * x.row_stride;
     // counting sort of the chunk's rows by class (stable: memory order within a class)
     std::fill(count.begin(), count.end(), 0);
@@ -469,7 +482,7 @@ void sorted_thread(const Matrix& x, const int64_t* order, const std::vector<int6
       const int64_t rn = in_place ? std::max<int64_t>(0, std::min(r, hi - c0 - ahead)) : 0;
       for (int64_t t = 0; t < r; ++t) ptrs[t] = row_as(x, order[c0 + t], buf.data() + (in_place ? 0 : t * d));
       for (int64_t t = 0; t < rn; ++t) next[t] = static_cast<const T*>(x.data) + order[c0 + ahead + t] * x.row_stride;
-      for (int64_t t = 0; t < r; ++t) norms[t] = row_norm(ptrs[t], d);
+      row_norms(ptrs.data(), r, d, norms.data());
       if (run.n == 0)  // a new class is centred on its first row
         for (int64_t j = 0; j < d; ++j) run.mean[j] = ptrs[0][j];
       std::fill(s.begin(), s.end(), 0.0);
