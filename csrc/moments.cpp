@@ -5,8 +5,8 @@
 // unit vectors x / ||x||), and the group of rows is closed with Chan's batch update. Up to 64
 // classes a thread walks its rows in memory order chunk by chunk (grouping each chunk by class);
 // above, rows are bucketed by label and each thread walks a contiguous range of class-sorted
-// positions. Either way the next chunk is prefetched during pass B, so the arithmetic overlaps
-// the memory reads. Per-thread states are merged after the parallel region in thread order, so
+// positions. Either way pass B prefetches rows a few chunks ahead (kStreamAheadChunks,
+// kSortedAheadChunks), so the arithmetic overlaps the memory reads. Per-thread states are merged after the parallel region in thread order, so
 // thread counts change the result only by float64 rounding. The results are written straight
 // into the caller's arrays (no C x D temporaries).
 #include "moments.h"
