@@ -304,6 +304,7 @@ def _pair_context(c, d, seed):
     return mt, ctx
 
 
+@pytest.mark.parametrize("f64_dot", [True, False])  # False: the FMA fallback for a Triton without float64 dots
 @pytest.mark.parametrize("with_sup", [False, True])
 @pytest.mark.parametrize("rows,cols,block", [
     (slice(0, 25), slice(0, 25), 64),
@@ -311,7 +312,9 @@ def _pair_context(c, d, seed):
     (slice(0, 25), slice(25, 40), 64),
     (slice(0, 25), slice(25, 40), 16),
 ])
-def test_reduce_pair_tile_matches_torch(with_sup, rows, cols, block):
+def test_reduce_pair_tile_matches_torch(with_sup, rows, cols, block, f64_dot, monkeypatch):
+    where = torch.zeros(1, device=DEVICE).device  # cuda:0, not cuda
+    monkeypatch.setitem(tpairwise._F64_DOT, (where.type, where.index), f64_dot)
     mt, make_ctx = _pair_context(40, 23, seed=1)
     want_ctx, got_ctx = make_ctx(with_sup), make_ctx(with_sup)
     # a previous tile's running minima, so the in-place merge keeps or replaces them
@@ -340,6 +343,35 @@ def test_reduce_pair_tile_matches_torch(with_sup, rows, cols, block):
     assert torch.equal(best_idx.cpu(), want_ctx.best_idx)
     np.testing.assert_allclose(best.cpu().numpy(), want_ctx.best.numpy(), rtol=1e-12)  # inf where untouched
     assert (want_ctx.best_idx[rows] != 99).any() and (want_ctx.best_idx[rows] == 99).any()
+
+
+def test_pair_tile_falls_back_when_float64_dot_does_not_compile(monkeypatch):
+    """On a GPU whose Triton refuses a float64 tl.dot, the first launch warns once, relaunches with
+    the FMA form, and later launches go straight to it; a failure after a successful compile, or on
+    the CPU interpreter, is not swallowed."""
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, F64_DOT, BLOCK_D, **kwargs):
+                calls.append((F64_DOT, BLOCK_D))
+                if F64_DOT:
+                    raise RuntimeError("float64 dot not supported")
+            return run
+
+    monkeypatch.setattr(tpairwise, "_pair_tile_kernel", Kernel())
+    monkeypatch.setattr(tpairwise, "_F64_DOT", {})
+    gpu = torch.device("cuda", 3)
+    with pytest.warns(RuntimeWarning, match="float64 tl.dot"):
+        tpairwise._launch((1, 1), (), {}, gpu, 32)
+    assert calls == [(True, 32), (False, 8)] and tpairwise._F64_DOT == {("cuda", 3): False}
+    tpairwise._launch((1, 1), (), {}, gpu, 32)
+    assert calls[-1] == (False, 8) and len(calls) == 3
+    with pytest.raises(RuntimeError):  # the interpreter: no fallback
+        tpairwise._launch((1, 1), (), {}, torch.device("cpu"), 32)
+    tpairwise._F64_DOT[("cuda", 4)] = True  # compiled before on that GPU: a later failure is real
+    with pytest.raises(RuntimeError):
+        tpairwise._launch((1, 1), (), {}, torch.device("cuda", 4), 32)
 
 
 @pytest.mark.parametrize("block", [64, 16])

@@ -13,7 +13,8 @@ diagonal; the strict upper triangle on a diagonal tile, where I = J) are, as in 
 and the nearest other class of every row (and, off the diagonal, of every column) by d2.
 
 ``_pair_tile_kernel`` gives each (BLOCK_I, BLOCK_J) sub-tile to one program: a K-loop of float64
-``tl.dot`` over BLOCK_D features builds the sub-tile of G in registers, which is reduced on the
+``tl.dot`` over BLOCK_D features (or, on a GPU whose Triton compiles no float64 dot, broadcast
+float64 products; see ``_launch``) builds the sub-tile of G in registers, which is reduced on the
 spot to the program's partial sums, its CDNV (n, mean, M2) (two passes over the in-register
 ratios), and its row and column minima (lowest index on ties). The partials are combined on the
 host side in program order (Chan's formula for CDNV), so the result is deterministic.
@@ -46,6 +47,7 @@ def _pair_tile_kernel(
     t1, t2, d,
     DIAGONAL: tl.constexpr,  # I = J: pairs j > i only, G_ii enters resid once
     HAS_SUP: tl.constexpr,
+    F64_DOT: tl.constexpr,  # float64 tl.dot; else broadcast products summed over BLOCK_D (plain FMAs)
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
@@ -64,7 +66,10 @@ def _pair_tile_kernel(
                     mask=imask[:, None] & cmask[None, :], other=0.0)
         b = tl.load(b_ptr + jj[None, :] * stride_bm + cols[:, None] * stride_bd,
                     mask=cmask[:, None] & jmask[None, :], other=0.0)
-        gram = tl.dot(a, b, gram, input_precision="ieee", out_dtype=tl.float64)
+        if F64_DOT:
+            gram = tl.dot(a, b, gram, input_precision="ieee", out_dtype=tl.float64)
+        else:
+            gram += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
     g = tl.load(params_ptr + 0)
     etf_diag = tl.load(params_ptr + 1)
@@ -150,6 +155,33 @@ def _fold_minima(vals: torch.Tensor, idx: torch.Tensor, offset: int, best: torch
     best_idx.copy_(torch.where(better, arg, best_idx))
 
 
+# Per device, whether the float64 tl.dot compiled there (absent: not tried yet). Float64 dots
+# arrived in Triton only in 2025-26 (MMA on SM80 / SM90, FMAs elsewhere); where the compiler
+# refuses one, the first launch on that GPU falls back for good to building the tile's Gram block
+# from broadcast products (the same float64 sums in another order). The interpreter runs both;
+# the tests set an entry to False to take the fallback.
+_F64_DOT: dict = {}
+
+
+def _launch(grid, args, kwargs, device: torch.device, block_d: int):
+    key = (device.type, device.index)
+    if _F64_DOT.get(key, True):
+        try:
+            _pair_tile_kernel[grid](*args, **kwargs, F64_DOT=True, BLOCK_D=block_d)
+            _F64_DOT.setdefault(key, True)
+            return
+        except Exception as exc:  # noqa: BLE001 - a compiler without float64 dots; anything else re-raises below
+            if device.type != "cuda" or key in _F64_DOT:  # only a first, never-compiled launch on a GPU
+                raise
+            import warnings
+
+            warnings.warn(f"ncfast: this Triton does not compile a float64 tl.dot on {device} ({type(exc).__name__}); "
+                          "class_pair_stats tiles use float64 FMAs instead", RuntimeWarning, stacklevel=3)
+            _F64_DOT[key] = False
+    # broadcast products: a (BLOCK_I, BLOCK_D, BLOCK_J) temporary, so a short BLOCK_D
+    _pair_tile_kernel[grid](*args, **kwargs, F64_DOT=False, BLOCK_D=min(block_d, 8))
+
+
 def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: bool, sq_r, sq_c, norm_r, norm_c,
                      var_r, var_c, sup_r, sup_c, g: float, etf_diag: float, etf_offdiag: float, mean_cos: float,
                      etf_cos: float, row0: int, col0: int, best_r: torch.Tensor, idx_r: torch.Tensor,
@@ -188,7 +220,7 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
     cbest = torch.empty(grid[0], t2, **f64)  # written off the diagonal only
     cidx = torch.empty(grid[0], t2, dtype=torch.int64, device=dev)
     if progs:
-        _pair_tile_kernel[grid](
+        args = (
             sums, sums.stride(0), sums.stride(1),
             counts, counts.stride(0), counts.stride(1),
             rbest, rbest.stride(0), rbest.stride(1),
@@ -198,10 +230,10 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
             a, a.stride(0), a.stride(1),
             b, b.stride(0), b.stride(1),
             *vec, *sups, params, t1, t2, d,
-            DIAGONAL=bool(diagonal), HAS_SUP=has_sup,
-            BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_D=block_d,
-            num_warps=8,  # a 64 x 64 float64 tile and its temporaries: spread over 256 threads
         )
+        kwargs = dict(DIAGONAL=bool(diagonal), HAS_SUP=has_sup, BLOCK_I=block_i, BLOCK_J=block_j,
+                      num_warps=8)  # a 64 x 64 float64 tile and its temporaries: spread over 256 threads
+        _launch(grid, args, kwargs, dev, block_d)
     if t1 and t2:
         _fold_minima(rbest, ridx, col0, best_r, idx_r)
         if not diagonal:
