@@ -347,6 +347,12 @@ struct ClassAccumulator {
     q = 0.0;
     since = 0;
   }
+  void reset() {
+    run.reset();
+    std::fill(s.begin(), s.end(), 0.0);
+    q = 0.0;
+    since = 0;
+  }
 };
 
 // Whether rows of x can be read in place as T (contiguous elements of that type).
@@ -467,30 +473,25 @@ void sorted_thread(const Matrix& x, const int64_t* order, const std::vector<int6
   const bool in_place = rows_in_place<T>(x);
   const int64_t ahead = kSortedAheadChunks * rows_per_chunk;
   aligned_vector<T> buf(in_place ? 0 : rows_per_chunk * d);
-  aligned_vector<double> s(d);
   std::vector<double> norms(rows_per_chunk);
   std::vector<const T*> ptrs(rows_per_chunk), next(rows_per_chunk);
-  Running run(d);
+  ClassAccumulator acc(d);
+  const Running& run = acc.run;
   int64_t pos = lo;
   while (pos < hi) {
     // The class owning sorted position pos, and the end of its segment inside [lo, hi).
     const int64_t k = std::upper_bound(start.begin(), start.end(), pos) - start.begin() - 1;
     const int64_t end = std::min(hi, start[k + 1]);
-    run.reset();
+    acc.reset();
     for (int64_t c0 = pos; c0 < end; c0 += rows_per_chunk) {
       const int64_t r = std::min(rows_per_chunk, end - c0);
       const int64_t rn = in_place ? std::max<int64_t>(0, std::min(r, hi - c0 - ahead)) : 0;
       for (int64_t t = 0; t < r; ++t) ptrs[t] = row_as(x, order[c0 + t], buf.data() + (in_place ? 0 : t * d));
       for (int64_t t = 0; t < rn; ++t) next[t] = static_cast<const T*>(x.data) + order[c0 + ahead + t] * x.row_stride;
       row_norms(ptrs.data(), r, d, norms.data());
-      if (run.n == 0)  // a new class is centred on its first row
-        for (int64_t j = 0; j < d; ++j) run.mean[j] = ptrs[0][j];
-      std::fill(s.begin(), s.end(), 0.0);
-      const double q = fold_group(ptrs.data(), norms.data(), r, d, run.mean.data(), s.data(), run.unit_sum.data(),
-                                  rn ? next.data() : nullptr, rn);
-      for (int64_t t = 0; t < r; ++t) run.norm_sum += norms[t];
-      close_group(run, s.data(), q, r, d);
+      acc.fold(ptrs.data(), norms.data(), r, d, rn ? next.data() : nullptr, rn);
     }
+    acc.close(d);
     if (pos == start[k] && end == start[k + 1]) {  // the whole class: no other thread touches it
       std::copy(run.mean.begin(), run.mean.end(), out.means + k * d);
       std::copy(run.unit_sum.begin(), run.unit_sum.end(), out.unit_sums + k * d);
