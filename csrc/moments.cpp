@@ -519,6 +519,18 @@ void merge_into(const MomentsOut& out, int64_t k, int64_t d, int64_t& seen, cons
   }
 }
 
+// body(t, lo, hi) on every thread of a parallel region, [lo, hi) being thread t's share of n rows.
+template <typename Body>
+void for_thread_ranges(int threads, int64_t n, Body&& body) {
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    const int t = thread_id();
+    body(t, n * t / threads, n * (t + 1) / threads);
+  }
+}
+
 }  // namespace
 
 void centre_rows(const Matrix& x, const int64_t* labels, const double* means, double* out, int num_threads) {
@@ -559,18 +571,13 @@ void block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, 
   if (c <= kStreamClasses) {
     const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (256 << 10) / (4 * d)));
     std::vector<std::vector<ClassAccumulator>> acc(threads);
-#ifdef NCFAST_WITH_OPENMP
-#pragma omp parallel num_threads(threads)
-#endif
-    {
-      const int t = thread_id();
-      const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+    for_thread_ranges(threads, n, [&](int t, int64_t lo, int64_t hi) {
       acc[t].assign(c, ClassAccumulator(d));
       if (wide)
         stream_thread<double>(x, labels, c, lo, hi, rows_per_chunk, acc[t]);
       else
         stream_thread<float>(x, labels, c, lo, hi, rows_per_chunk, acc[t]);
-    }
+    });
     std::vector<int64_t> seen(c, 0);
     for (int t = 0; t < threads; ++t)
       for (int64_t k = 0; k < c; ++k)
@@ -588,17 +595,12 @@ void block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, 
   // About 128 KiB of rows per chunk: pass B reads them from L2.
   const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (128 << 10) / (4 * d)));
   std::vector<std::vector<Partial>> partials(threads);
-#ifdef NCFAST_WITH_OPENMP
-#pragma omp parallel num_threads(threads)
-#endif
-  {
-    const int t = thread_id();
-    const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+  for_thread_ranges(threads, n, [&](int t, int64_t lo, int64_t hi) {
     if (wide)
       sorted_thread<double>(x, order.data(), start, lo, hi, rows_per_chunk, out, partials[t]);
     else
       sorted_thread<float>(x, order.data(), start, lo, hi, rows_per_chunk, out, partials[t]);
-  }
+  });
   // Classes cut by thread boundaries: merge their pieces in thread order.
   std::vector<int64_t> seen(c, 0);
   for (auto& list : partials)
