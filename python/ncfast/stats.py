@@ -223,10 +223,9 @@ class ClassMoments:
 
     def _empty_part(self) -> _Part:
         """No samples yet, and no scatter (it is added after the per-block pass)."""
-        z = dict(dtype=torch.float64, device=self.device)
+        z = _zeros_on(self.device)
         c, d = self.num_classes, self.dim
-        return _Part(torch.zeros(c, dtype=torch.int64, device=self.device), torch.zeros(c, d, **z),
-                     torch.zeros(c, **z), torch.zeros(c, d, **z), torch.zeros(c, **z), None, None)
+        return _Part(torch.zeros(c, dtype=torch.int64, device=self.device), z(c, d), z(c), z(c, d), z(c), None, None)
 
     def _combine(self, a: _Part, b: _Part) -> _Part:
         """Chan's pairwise combination of two parts (a new _Part, or one of the inputs if the other is empty)."""
