@@ -339,7 +339,7 @@ PYBIND11_MODULE(_C, m) {
       "block_moments",
       [](py::buffer features, const std::string& dtype,
          py::array_t<int64_t, py::array::c_style | py::array::forcecast> labels,
-         int64_t num_classes, int num_threads) {
+         int64_t num_classes, int num_threads, bool unit_sums) {
         py::buffer_info info = features.request();
         Matrix x = as_matrix(info, dtype);
         if (labels.ndim() != 1 || labels.shape(0) != x.rows)
@@ -348,10 +348,14 @@ PYBIND11_MODULE(_C, m) {
         const int64_t* y = labels.data();
         const py::ssize_t c = num_classes, d = x.cols;
         py::array_t<int64_t> counts = pooled_array<int64_t>({c});
-        py::array_t<double> means = pooled_array<double>({c, d}), m2 = pooled_array<double>({c}),
-                            unit_sums = pooled_array<double>({c, d}), norm_sums = pooled_array<double>({c});
+        py::array_t<double> means = pooled_array<double>({c, d}), m2 = pooled_array<double>({c});
+        py::array_t<double> units, norms;
+        if (unit_sums) {
+          units = pooled_array<double>({c, d});
+          norms = pooled_array<double>({c});
+        }
         const MomentsOut dst{counts.mutable_data(), means.mutable_data(), m2.mutable_data(),
-                             unit_sums.mutable_data(), norm_sums.mutable_data()};
+                             unit_sums ? units.mutable_data() : nullptr, unit_sums ? norms.mutable_data() : nullptr};
         {
           py::gil_scoped_release release;
           block_moments(x, y, num_classes, num_threads, dst);
@@ -360,13 +364,15 @@ PYBIND11_MODULE(_C, m) {
         out["counts"] = counts;
         out["means"] = means;
         out["m2"] = m2;
-        out["unit_sums"] = unit_sums;
-        out["norm_sums"] = norm_sums;
+        if (unit_sums) {
+          out["unit_sums"] = units;
+          out["norm_sums"] = norms;
+        }
         return out;
       },
       py::arg("features"), py::arg("dtype"), py::arg("labels"), py::arg("num_classes"),
-      py::arg("num_threads") = 1,
-      "Per-class count, float64 mean, centred sum of squares, unit-vector sum and norm sum "
-      "of a block of rows (features: 2-D buffer of float32/float64, or uint16 holding "
-      "float16/bfloat16 bits named by dtype).");
+      py::arg("num_threads") = 1, py::arg("unit_sums") = true,
+      "Per-class count, float64 mean, centred sum of squares and, with unit_sums, the unit-vector "
+      "sum and norm sum of a block of rows (features: 2-D buffer of float32/float64, or uint16 "
+      "holding float16/bfloat16 bits named by dtype).");
 }

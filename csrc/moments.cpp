@@ -105,8 +105,8 @@ namespace {
 struct Running {
   int64_t n = 0;
   double m2 = 0.0, norm_sum = 0.0;
-  aligned_vector<double> mean, unit_sum;
-  explicit Running(int64_t d) : mean(d, 0.0), unit_sum(d, 0.0) {}
+  aligned_vector<double> mean, unit_sum;  // unit_sum is empty when the unit vectors are not summed
+  Running(int64_t d, bool unit_sums) : mean(d, 0.0), unit_sum(unit_sums ? d : 0, 0.0) {}
   void reset() {
     n = 0;
     m2 = norm_sum = 0.0;
@@ -155,18 +155,18 @@ void row_norms(const T* const* rows, int64_t r, int64_t d, double* norms) {
   }
 }
 
-// Fold r rows of one class centred on mu: s += sum (x - mu), usum += sum x / ||x||,
-// norm_sum += sum ||x||; returns sum ||x - mu||^2. The caller closes the group (close_group).
+// Fold r rows of one class centred on mu: s += sum (x - mu), and unless usum is null
+// usum += sum x / ||x||, norm_sum += sum ||x||; returns sum ||x - mu||^2. The caller closes the group (close_group).
 // next[t] (or null; `next` itself may be null) is the row the AVX-512 kernel prefetches while it
 // reads row t, slice by slice, so memory works while this runs from cache. `stage`
 // (4 rows of stage_stride(d) doubles, 64-byte aligned) is scratch for the AVX-512 kernel.
 template <typename T>
 double fold_group(const T* const* rows, int64_t r, int64_t d, const double* mu, double* s, double* usum,
                   double& norm_sum, const T* const* /*next*/, double* /*stage*/) {
-  double q = 0.0, norms[4];
+  double q = 0.0, norms[4] = {0.0, 0.0, 0.0, 0.0};
   int64_t t = 0;
   for (; t + 4 <= r; t += 4) {
-    row_norms(rows + t, 4, d, norms);
+    if (usum) row_norms(rows + t, 4, d, norms);
     const T *a = rows[t], *b = rows[t + 1], *c = rows[t + 2], *e = rows[t + 3];
     const double ia = inverse_norm(norms[0]), ib = inverse_norm(norms[1]), ic = inverse_norm(norms[2]),
                  ie = inverse_norm(norms[3]);
@@ -177,21 +177,25 @@ double fold_group(const T* const* rows, int64_t r, int64_t d, const double* mu, 
       const double da = va - m, db = vb - m, dc = vc - m, de = ve - m;
       s[j] += (da + db) + (dc + de);
       q += (da * da + db * db) + (dc * dc + de * de);
-      usum[j] += (va * ia + vb * ib) + (vc * ic + ve * ie);
     }
+    if (usum)
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) usum[j] += (a[j] * ia + b[j] * ib) + (c[j] * ic + e[j] * ie);
   }
   for (; t < r; ++t) {
     const T* a = rows[t];
-    row_norms(rows + t, 1, d, norms);
+    if (usum) row_norms(rows + t, 1, d, norms);
     const double ia = inverse_norm(norms[0]);
     norm_sum += norms[0];
 #pragma omp simd reduction(+ : q)
     for (int64_t j = 0; j < d; ++j) {
-      const double va = a[j], da = va - mu[j];
+      const double da = a[j] - mu[j];
       s[j] += da;
       q += da * da;
-      usum[j] += va * ia;
     }
+    if (usum)
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) usum[j] += a[j] * ia;
   }
   return q;
 }
@@ -215,34 +219,33 @@ inline int64_t stage_stride(int64_t d) { return ((d + 7) & ~int64_t{7}) + 8; }
 
 #if defined(__AVX512F__) && !defined(NCFAST_GENERIC_MOMENTS)
 
-// Pass A for one row: widen it into st (zero past d, up to a multiple of 8) and return ||x||^2,
-// with four accumulators (independent FMAs).
-inline double stage_row(const float* p, int64_t d, int64_t full, __mmask8 tail, double* __restrict st) {
-  __m512d q0 = _mm512_setzero_pd(), q1 = q0, q2 = q0, q3 = q0;
-  int64_t j = 0;
-  for (; j + 32 <= full; j += 32) {
-    const __m512d a = widen8(p, j, false, 0xff), b = widen8(p, j + 8, false, 0xff),
-                  c = widen8(p, j + 16, false, 0xff), e = widen8(p, j + 24, false, 0xff);
-    _mm512_store_pd(st + j, a);
-    _mm512_store_pd(st + j + 8, b);
-    _mm512_store_pd(st + j + 16, c);
-    _mm512_store_pd(st + j + 24, e);
-    q0 = _mm512_fmadd_pd(a, a, q0);
-    q1 = _mm512_fmadd_pd(b, b, q1);
-    q2 = _mm512_fmadd_pd(c, c, q2);
-    q3 = _mm512_fmadd_pd(e, e, q3);
-  }
-  for (; j < full; j += 8) {
-    const __m512d a = widen8(p, j, false, 0xff);
-    _mm512_store_pd(st + j, a);
-    q0 = _mm512_fmadd_pd(a, a, q0);
-  }
-  if (full < d) {
-    const __m512d a = widen8(p, full, true, tail);
-    _mm512_store_pd(st + full, a);
-    q1 = _mm512_fmadd_pd(a, a, q1);
-  }
-  return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(q0, q1), _mm512_add_pd(q2, q3)));
+// v[0] + ... + v[K - 1] as a tree, K = 1, 2 or 4 (spelt out: GCC keeps a loop over h and i in
+// memory, the vectors spilled to the stack).
+template <int K>
+inline __m512d tree_sum(const __m512d* v) {
+  static_assert(K == 1 || K == 2 || K == 4, "tree_sum: 1, 2 or 4 vectors");
+  if constexpr (K == 1) return v[0];
+  else if constexpr (K == 2) return _mm512_add_pd(v[0], v[1]);
+  else return _mm512_add_pd(_mm512_add_pd(v[0], v[1]), _mm512_add_pd(v[2], v[3]));
+}
+
+// Pass A for K rows at once (one loop, the K rows' loads and FMAs interleaved): widen row i into
+// st + i * dpad (zero past d, up to a multiple of 8) and sum its squares into sq[i].
+template <int K>
+void stage_rows(const float* const* p, int64_t d, int64_t full, __mmask8 tail, double* __restrict st, int64_t dpad,
+                double* sq) {
+  __m512d q[K];
+  for (int i = 0; i < K; ++i) q[i] = _mm512_setzero_pd();
+  auto step = [&](int64_t j, bool masked, __mmask8 m) {
+    for (int i = 0; i < K; ++i) {
+      const __m512d a = widen8(p[i], j, masked, m);
+      _mm512_store_pd(st + i * dpad + j, a);
+      q[i] = _mm512_fmadd_pd(a, a, q[i]);
+    }
+  };
+  for (int64_t j = 0; j < full; j += 8) step(j, false, 0xff);
+  if (full < d) step(full, true, tail);
+  for (int i = 0; i < K; ++i) sq[i] = _mm512_reduce_add_pd(q[i]);
 }
 
 // K staged rows (row i at stage + i * dpad, dpad = stage_stride(d)) centred on mu: s += sum of
@@ -257,30 +260,26 @@ template <int K>
 __m512d fold_staged(const double* __restrict stage, int64_t dpad, const double* inv, int64_t d, int64_t full,
                     __mmask8 tail, const double* __restrict mu, double* __restrict s, double* __restrict usum,
                     const float* const* pf) {
-  static_assert(K == 1 || K == 4, "fold_staged: 1 or 4 rows");
-  __m512d w[K], qa[K];
-  for (int i = 0; i < K; ++i) {
-    w[i] = _mm512_set1_pd(inv[i]);
-    qa[i] = _mm512_setzero_pd();
-  }
+  static_assert(K == 1 || K == 2 || K == 4, "fold_staged: 1, 2 or 4 rows");
+  constexpr int kAcc = K < 4 ? K : 4;  // accumulators of squared deviations
+  __m512d qa[kAcc];
+  for (int i = 0; i < kAcc; ++i) qa[i] = _mm512_setzero_pd();
   auto step = [&](int64_t j, auto masked_t, __mmask8 m) {
     constexpr bool masked = decltype(masked_t)::value;
     if ((j & 15) == 0)
       for (int i = 0; i < K; ++i)
         if (pf[i]) _mm_prefetch(reinterpret_cast<const char*>(pf[i] + j), _MM_HINT_T0);
     const __m512d mean = masked ? _mm512_maskz_loadu_pd(m, mu + j) : _mm512_loadu_pd(mu + j);
-    __m512d x[K], dev[K];
-    for (int i = 0; i < K; ++i) {
-      x[i] = _mm512_load_pd(stage + i * dpad + j);
-      dev[i] = _mm512_sub_pd(x[i], mean);
-      qa[i] = _mm512_fmadd_pd(dev[i], dev[i], qa[i]);
-    }
-    __m512d ds = dev[0];
-    if constexpr (K == 4) ds = _mm512_add_pd(_mm512_add_pd(dev[0], dev[1]), _mm512_add_pd(dev[2], dev[3]));
     __m512d sv = masked ? _mm512_maskz_loadu_pd(m, s + j) : _mm512_loadu_pd(s + j);
     __m512d u = masked ? _mm512_maskz_loadu_pd(m, usum + j) : _mm512_loadu_pd(usum + j);
-    sv = _mm512_add_pd(sv, ds);
-    for (int i = 0; i < K; ++i) u = _mm512_fmadd_pd(x[i], w[i], u);
+    // Few live registers: the staged values are loaded again for the unit vectors, the weights
+    // are broadcast from memory, and s and usum take their terms in a chain.
+    for (int i = 0; i < K; ++i) {
+      const __m512d x = _mm512_load_pd(stage + i * dpad + j), dev = _mm512_sub_pd(x, mean);
+      qa[i % kAcc] = _mm512_fmadd_pd(dev, dev, qa[i % kAcc]);
+      sv = _mm512_add_pd(sv, dev);
+      u = _mm512_fmadd_pd(x, _mm512_set1_pd(inv[i]), u);
+    }
     if constexpr (masked) {
       _mm512_mask_storeu_pd(s + j, m, sv);
       _mm512_mask_storeu_pd(usum + j, m, u);
@@ -291,39 +290,75 @@ __m512d fold_staged(const double* __restrict stage, int64_t dpad, const double* 
   };
   for (int64_t j = 0; j < full; j += 8) step(j, std::false_type{}, 0xff);
   if (full < d) step(full, std::true_type{}, tail);
-  __m512d q = qa[0];
-  if constexpr (K == 4) q = _mm512_add_pd(_mm512_add_pd(qa[0], qa[1]), _mm512_add_pd(qa[2], qa[3]));
-  return q;
+  return tree_sum<kAcc>(qa);
 }
 
-// Rows in fours (each four staged, then folded), the last r % 4 one by one.
+// Without unit vectors no row needs its norm first: K rows (1, 2 or 4) widened and folded in one
+// pass, s += sum of deviations, the squared deviations returned as a vector.
+template <int K>
+__m512d fold_plain(const float* const* p, int64_t d, int64_t full, __mmask8 tail, const double* __restrict mu,
+                   double* __restrict s, const float* const* pf) {
+  constexpr int kAcc = K < 4 ? K : 4;
+  __m512d qa[kAcc];
+  for (int i = 0; i < kAcc; ++i) qa[i] = _mm512_setzero_pd();
+  auto step = [&](int64_t j, auto masked_t, __mmask8 m) {
+    constexpr bool masked = decltype(masked_t)::value;
+    if ((j & 15) == 0 && pf)
+      for (int i = 0; i < K; ++i)
+        if (pf[i]) _mm_prefetch(reinterpret_cast<const char*>(pf[i] + j), _MM_HINT_T0);
+    const __m512d mean = masked ? _mm512_maskz_loadu_pd(m, mu + j) : _mm512_loadu_pd(mu + j);
+    __m512d dev[K];
+    for (int i = 0; i < K; ++i) {
+      dev[i] = _mm512_sub_pd(widen8(p[i], j, masked, m), mean);
+      qa[i % kAcc] = _mm512_fmadd_pd(dev[i], dev[i], qa[i % kAcc]);
+    }
+    const __m512d ds = tree_sum<K>(dev);
+    if constexpr (masked)
+      _mm512_mask_storeu_pd(s + j, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, s + j), ds));
+    else
+      _mm512_storeu_pd(s + j, _mm512_add_pd(_mm512_loadu_pd(s + j), ds));
+  };
+  for (int64_t j = 0; j < full; j += 8) step(j, std::false_type{}, 0xff);
+  if (full < d) step(full, std::true_type{}, tail);
+  return tree_sum<kAcc>(qa);
+}
+
+// K rows (1, 2 or 4) staged, their norms taken, then folded.
+template <int K>
+__m512d stage_and_fold(const float* const* rows, int64_t d, int64_t full, __mmask8 tail, const double* mu, double* s,
+                       double* usum, double& norm_sum, const float* const* next, double* stage) {
+  if (!usum) return fold_plain<K>(rows, d, full, tail, mu, s, next);
+  const int64_t dpad = stage_stride(d);
+  double sq[4] = {0.0, 0.0, 0.0, 0.0}, nrm[4], inv[4];
+  stage_rows<K>(rows, d, full, tail, stage, dpad, sq);
+  const __m256d n = _mm256_sqrt_pd(_mm256_loadu_pd(sq));
+  // 1 / ||x||, and 0 for a zero row (whose unit vector counts as zero)
+  const __m256d w = _mm256_and_pd(_mm256_div_pd(_mm256_set1_pd(1.0), n), _mm256_cmp_pd(n, _mm256_setzero_pd(), _CMP_GT_OQ));
+  _mm256_storeu_pd(nrm, n);
+  _mm256_storeu_pd(inv, w);
+  norm_sum += K == 1 ? nrm[0] : K == 2 ? nrm[0] + nrm[1] : (nrm[0] + nrm[1]) + (nrm[2] + nrm[3]);
+  const float* pf[K];
+  for (int i = 0; i < K; ++i) pf[i] = next ? next[i] : nullptr;
+  return fold_staged<K>(stage, dpad, inv, d, full, tail, mu, s, usum, pf);
+}
+
+// Rows in fours, the last r % 4 as a two and a one. Four rows is the widest fold that fits: with
+// eight, the stage (32 KiB) and the rows pushed L1 (48 KiB) over and the fold ran 30% slower.
 template <>
 double fold_group<float>(const float* const* rows, int64_t r, int64_t d, const double* mu, double* s,
                          double* usum, double& norm_sum, const float* const* next, double* stage) {
-  const int64_t full = d & ~int64_t{7}, dpad = stage_stride(d);
+  const int64_t full = d & ~int64_t{7};
   const __mmask8 tail = static_cast<__mmask8>((1u << (d - full)) - 1u);
   __m512d qacc = _mm512_setzero_pd();
-  const float* pf[4];
-  auto pf_rows = [&](int64_t t, int k) {  // the rows prefetched with rows t .. t + k
-    for (int i = 0; i < k; ++i) pf[i] = next ? next[t + i] : nullptr;
-    return pf;
-  };
-  double inv[4];
   int64_t t = 0;
-  for (; t + 4 <= r; t += 4) {
-    double n4[4];
-    for (int i = 0; i < 4; ++i) n4[i] = stage_row(rows[t + i], d, full, tail, stage + i * dpad);
-    _mm256_storeu_pd(n4, _mm256_sqrt_pd(_mm256_loadu_pd(n4)));
-    norm_sum += (n4[0] + n4[1]) + (n4[2] + n4[3]);
-    for (int i = 0; i < 4; ++i) inv[i] = inverse_norm(n4[i]);
-    qacc = _mm512_add_pd(qacc, fold_staged<4>(stage, dpad, inv, d, full, tail, mu, s, usum, pf_rows(t, 4)));
+  auto nx = [&](int64_t t) { return next ? next + t : nullptr; };
+  for (; t + 4 <= r; t += 4)
+    qacc = _mm512_add_pd(qacc, stage_and_fold<4>(rows + t, d, full, tail, mu, s, usum, norm_sum, nx(t), stage));
+  if (t + 2 <= r) {
+    qacc = _mm512_add_pd(qacc, stage_and_fold<2>(rows + t, d, full, tail, mu, s, usum, norm_sum, nx(t), stage));
+    t += 2;
   }
-  for (; t < r; ++t) {
-    const double nrm = std::sqrt(stage_row(rows[t], d, full, tail, stage));
-    norm_sum += nrm;
-    inv[0] = inverse_norm(nrm);
-    qacc = _mm512_add_pd(qacc, fold_staged<1>(stage, dpad, inv, d, full, tail, mu, s, usum, pf_rows(t, 1)));
-  }
+  if (t < r) qacc = _mm512_add_pd(qacc, stage_and_fold<1>(rows + t, d, full, tail, mu, s, usum, norm_sum, nx(t), stage));
   return _mm512_reduce_add_pd(qacc);
 }
 #endif
@@ -338,14 +373,16 @@ struct ClassAccumulator {
   aligned_vector<double> s;
   double q = 0.0;
   int64_t since = 0;
-  explicit ClassAccumulator(int64_t d) : run(d), s(d, 0.0) {}
+  bool unit_sums;
+  ClassAccumulator(int64_t d, bool unit_sums) : run(d, unit_sums), s(d, 0.0), unit_sums(unit_sums) {}
 
   template <typename T>
   void fold(const T* const* rows, int64_t r, int64_t d, const T* const* next, double* stage) {
     if (r == 0) return;
     if (run.n == 0 && since == 0)  // a new class is centred on its first row
       for (int64_t j = 0; j < d; ++j) run.mean[j] = rows[0][j];
-    q += fold_group(rows, r, d, run.mean.data(), s.data(), run.unit_sum.data(), run.norm_sum, next, stage);
+    q += fold_group(rows, r, d, run.mean.data(), s.data(), unit_sums ? run.unit_sum.data() : nullptr, run.norm_sum,
+                    next, stage);
     since += r;
     if (since >= kCloseRows) close(d);
   }
@@ -481,7 +518,7 @@ void sorted_thread(const Matrix& x, const int64_t* order, const std::vector<int6
   aligned_vector<T> buf(in_place ? 0 : rows_per_chunk * d);
   aligned_vector<double> stage(4 * stage_stride(d));
   std::vector<const T*> ptrs(rows_per_chunk), next(rows_per_chunk);
-  ClassAccumulator acc(d);
+  ClassAccumulator acc(d, out.unit_sums != nullptr);
   const Running& run = acc.run;
   int64_t pos = lo;
   while (pos < hi) {
@@ -501,9 +538,11 @@ void sorted_thread(const Matrix& x, const int64_t* order, const std::vector<int6
     acc.close(d);
     if (pos == start[k] && end == start[k + 1]) {  // the whole class: no other thread touches it
       std::copy(run.mean.begin(), run.mean.end(), out.means + k * d);
-      std::copy(run.unit_sum.begin(), run.unit_sum.end(), out.unit_sums + k * d);
       out.m2[k] = run.m2;
-      out.norm_sums[k] = run.norm_sum;
+      if (out.unit_sums) {
+        std::copy(run.unit_sum.begin(), run.unit_sum.end(), out.unit_sums + k * d);
+        out.norm_sums[k] = run.norm_sum;
+      }
     } else {
       partials.push_back(Partial{k, run});
     }
@@ -516,6 +555,7 @@ void merge_into(const MomentsOut& out, int64_t k, int64_t d, int64_t& seen, cons
   if (s.n == 0) return;
   const bool first = seen == 0;
   chan_merge(seen, out.means + k * d, out.m2[k], s.n, s.mean.data(), s.m2, d);
+  if (!out.unit_sums) return;
   double* usum = out.unit_sums + k * d;
   if (first) {
     std::copy(s.unit_sum.begin(), s.unit_sum.end(), usum);
@@ -569,8 +609,11 @@ void block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, 
   for (int64_t k = 0; k < c; ++k) {
     if (out.counts[k] > 0) continue;
     std::fill(out.means + k * d, out.means + (k + 1) * d, 0.0);
-    std::fill(out.unit_sums + k * d, out.unit_sums + (k + 1) * d, 0.0);
-    out.m2[k] = out.norm_sums[k] = 0.0;
+    out.m2[k] = 0.0;
+    if (out.unit_sums) {
+      std::fill(out.unit_sums + k * d, out.unit_sums + (k + 1) * d, 0.0);
+      out.norm_sums[k] = 0.0;
+    }
   }
   const bool wide = x.dtype == DType::F64;  // float64 input keeps its precision
   const int threads = region_threads(num_threads, (n + 1023) / 1024);
@@ -579,7 +622,7 @@ void block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, 
     const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (256 << 10) / (4 * d)));
     std::vector<std::vector<ClassAccumulator>> acc(threads);
     for_thread_ranges(threads, n, [&](int t, int64_t lo, int64_t hi) {
-      acc[t].assign(c, ClassAccumulator(d));
+      acc[t].assign(c, ClassAccumulator(d, out.unit_sums != nullptr));
       if (wide)
         stream_thread<double>(x, labels, c, lo, hi, rows_per_chunk, acc[t]);
       else

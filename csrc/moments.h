@@ -14,7 +14,8 @@ namespace ncfast {
 //   unit_sums[c]  sum_{y_i=c} h_i / ||h_i||      (a zero row contributes 0)
 //   norm_sums[c]  sum_{y_i=c} ||h_i||
 // Where block_moments writes: counts, m2, norm_sums hold C entries, means and unit_sums C x D
-// (row-major). Every entry is written; the caller need not zero them.
+// (row-major). Every entry is written; the caller need not zero them. unit_sums and norm_sums
+// may both be null: then the unit vectors and norms are not taken (a third less work).
 struct MomentsOut {
   int64_t* counts;
   double *means, *m2, *unit_sums, *norm_sums;
