@@ -76,24 +76,27 @@ def _numpy_moments(x64, y, c):
 @pytest.mark.parametrize("n, d, c", [(1, 1, 1), (5, 1, 3), (7, 3, 1), (1000, 37, 200), (4099, 9, 2), (3001, 300, 5)])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_block_moments_awkward_sizes(n, d, c, dtype, threads):
+@pytest.mark.parametrize("unit_sums", [True, False])
+def test_block_moments_awkward_sizes(n, d, c, dtype, threads, unit_sums):
     g = np.random.default_rng(n * 31 + d)
     base = torch.from_numpy(g.standard_normal((n, 2 * d)) + 3.0).to(getattr(torch, dtype))[:, ::2]  # strided
     y = g.integers(0, c, n)
     x64 = base.to(torch.float64).numpy()
+    names = ("means", "m2", "unit_sums", "norm_sums") if unit_sums else ("means", "m2")
     for view in (base, base.contiguous()):
         buf = view.view(torch.int16).numpy() if dtype in ("float16", "bfloat16") else view.numpy()
-        r = _C.block_moments(buf, dtype, y, c, threads)
+        r = _C.block_moments(buf, dtype, y, c, threads, unit_sums=unit_sums)
         want = _numpy_moments(x64, y, c)
+        assert sorted(r) == sorted(("counts",) + names)
         assert r["counts"].tolist() == want[0].tolist()
-        for got, exp, what in zip((r["means"], r["m2"], r["unit_sums"], r["norm_sums"]), want[1:],
-                                  ("means", "m2", "unit_sums", "norm_sums")):
+        for got, exp, what in zip((r[k] for k in names), want[1:], names):
             assert_close(got, exp, rtol=1e-11, atol=1e-11 * max(1.0, float(np.abs(exp).max())), what=what)
 
 
 @pytest.mark.parametrize("n, d, c", [(6000, 600, 3), (20000, 600, 65)])  # memory-order and class-sorted paths
 @pytest.mark.parametrize("threads", [1, 2])
-def test_block_moments_collapse_regime_with_an_outlier_first(n, d, c, threads):
+@pytest.mark.parametrize("unit_sums", [True, False])
+def test_block_moments_collapse_regime_with_an_outlier_first(n, d, c, threads, unit_sums):
     """Within-class spread 1e-4 of the class spacing, all features shifted by 1e3, and each class's
     first row an outlier 1e4 spreads away from its mean: the groups are centred on the running mean,
     so the outlier must not cost precision. Several chunks per class (600 floats per row: 54-row
@@ -105,25 +108,29 @@ def test_block_moments_collapse_regime_with_an_outlier_first(n, d, c, threads):
     for k in range(c):
         first = np.flatnonzero(y == k)[0]
         x[first] += np.float32(1.0)  # 1e4 spreads
-    r = _C.block_moments(x, "float32", y, c, threads)
+    r = _C.block_moments(x, "float32", y, c, threads, unit_sums=unit_sums)
     want = _numpy_moments(x.astype(np.float64), y, c)
     assert r["counts"].tolist() == want[0].tolist()
     assert_close(r["means"], want[1], rtol=1e-12, atol=0.0, what="means")
     assert_close(r["m2"], want[2], rtol=1e-9, atol=0.0, what="m2")
-    assert_close(r["unit_sums"], want[3], rtol=1e-11, atol=1e-11 * float(np.abs(want[3]).max()), what="unit_sums")
-    assert_close(r["norm_sums"], want[4], rtol=1e-12, atol=0.0, what="norm_sums")
+    if unit_sums:
+        assert_close(r["unit_sums"], want[3], rtol=1e-11, atol=1e-11 * float(np.abs(want[3]).max()), what="unit_sums")
+        assert_close(r["norm_sums"], want[4], rtol=1e-12, atol=0.0, what="norm_sums")
+    else:
+        assert "unit_sums" not in r and "norm_sums" not in r
 
 
 @pytest.mark.parametrize("c", [3, 70])  # memory-order and class-sorted paths
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_block_moments_non_finite_reaches_m2(c, bad):
+@pytest.mark.parametrize("unit_sums", [True, False])
+def test_block_moments_non_finite_reaches_m2(c, bad, unit_sums):
     """The bad-input check reads only M2: a NaN or Inf element must make its class's M2 non-finite
     and leave the other classes finite."""
     g = np.random.default_rng(c)
     x = g.standard_normal((500, 40)).astype(np.float32)
     y = np.arange(500) % c
     x[123, 7] = bad
-    m2 = _C.block_moments(x, "float32", y, c, 2)["m2"]
+    m2 = _C.block_moments(x, "float32", y, c, 2, unit_sums=unit_sums)["m2"]
     assert not np.isfinite(m2[y[123]])
     assert np.isfinite(np.delete(m2, y[123])).all()
 

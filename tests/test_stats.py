@@ -17,8 +17,10 @@ def _state_close(a: ncfast.ClassMoments, b: ncfast.ClassMoments, rtol=1e-10):
     assert torch.equal(a.count, b.count)
     scale = float(b.mean.abs().max())
     for k in ("mean", "unit_sum"):
-        assert_close(getattr(a, k).numpy(), getattr(b, k).numpy(), rtol=rtol, atol=rtol * scale, what=k)
+        if getattr(b, k) is not None:
+            assert_close(getattr(a, k).numpy(), getattr(b, k).numpy(), rtol=rtol, atol=rtol * scale, what=k)
     for k in ("m2", "norm_sum", "scatter", "wscatter"):
+        assert (getattr(a, k) is None) == (getattr(b, k) is None), k
         if getattr(b, k) is not None:
             ref_k = getattr(b, k).numpy()
             assert_close(getattr(a, k).numpy(), ref_k, rtol=rtol, atol=rtol * np.abs(ref_k).max(), what=k)
@@ -91,6 +93,39 @@ def test_state_dict_round_trip_and_clone():
     assert int(m.count.sum()) == x.shape[0]  # the clone does not share state
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_unit_sums_off_keeps_every_other_statistic(monkeypatch, backend):
+    """unit_sums=False drops exactly the unit-vector and norm sums: the rest of the state, its
+    merges, its state_dict and every metric but cosine_separation and feature_norm stay the same."""
+    monkeypatch.setenv("NCFAST_BACKEND", backend)
+    x, y, c = make_data(n=700, d=9, c=6, imbalanced=True, spread=1e-3, shift=50.0, seed=5)
+    full = ncfast.class_moments(x, y)
+    bare = ncfast.class_moments(x, y, unit_sums=False)
+    assert bare.unit_sum is None and bare.norm_sum is None
+    with pytest.raises(ValueError, match="unit_sums=False"):
+        bare.unit_sums
+    for k in ("mean", "m2", "scatter", "wscatter"):
+        assert_close(getattr(bare, k).numpy(), getattr(full, k).numpy(), rtol=1e-13, atol=1e-13, what=k)
+    assert torch.equal(bare.count, full.count)
+    assert_close(bare.variances.numpy(), ref.class_variances(x, y), rtol=1e-10, what="variances")
+    want = ncfast.metrics_from_moments(full)
+    got = ncfast.metrics_from_moments(bare)
+    assert set(want) - set(got) == {"cosine_separation", "feature_norm"}
+    for k in got:
+        assert got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-15), k
+    # shards merged, then a state_dict round trip and a clone, against the one-shot state
+    counts = torch.bincount(y, minlength=c)
+    shards = [ncfast.ClassMoments(c, 9, unit_sums=False, class_counts=counts).update(x[a:b], y[a:b])
+              for a, b in ((0, 123), (123, 450), (450, 700))]
+    acc = shards[2].clone().merge(shards[0]).merge(shards[1])
+    _state_close(acc, bare)
+    _state_close(ncfast.ClassMoments.from_state_dict(acc.state_dict()), acc, rtol=0)
+    with pytest.raises(ValueError, match="unit_sums"):
+        acc.merge(ncfast.ClassMoments(c, 9, class_counts=counts).update(x, y))
+    with pytest.raises(ValueError, match="unit_sums"):
+        ncfast.ClassMoments(c, 9, class_counts=counts).load_state_dict(acc.state_dict())
+
+
 def test_cpp_and_torch_backends_agree(monkeypatch):
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         x, y, c = make_data(n=300, d=5, c=4, dtype=dtype)
@@ -128,9 +163,12 @@ def _distributed_worker(rank, world, init_file, x, y, c, out_file):
         part = slice(0, 250) if rank == 0 else slice(250, None)
         m = ncfast.ClassMoments(c, x.shape[1], class_counts=counts).update(x[part], y[part])
         m.all_reduce()
+        bare = ncfast.ClassMoments(c, x.shape[1], scatter=False, unit_sums=False).update(x[part], y[part])
+        bare.all_reduce()
         metric = ncfast.NeuralCollapse(c, x.shape[1], class_counts=counts)
         metric.update(x[part], y[part])
-        torch.save({"state": m.state_dict(), "metric": dict(metric.compute())}, f"{out_file}.{rank}")
+        torch.save({"state": m.state_dict(), "bare": bare.state_dict(), "metric": dict(metric.compute())},
+                   f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -144,9 +182,11 @@ def test_all_reduce_two_process_gloo_equals_one_shot():
         mp.spawn(_distributed_worker, args=(2, init_file, x, y, c, out_file), nprocs=2, join=True)
         saved = [torch.load(f"{out_file}.{r}") for r in range(2)]
     one = ncfast.ClassMoments(c, 6, class_counts=torch.bincount(y, minlength=c)).update(x, y)
+    one_bare = ncfast.ClassMoments(c, 6, scatter=False, unit_sums=False).update(x, y)
     want = ncfast.metrics_from_moments(one)
     for r in range(2):
         _state_close(ncfast.ClassMoments.from_state_dict(saved[r]["state"]), one)
+        _state_close(ncfast.ClassMoments.from_state_dict(saved[r]["bare"]), one_bare)
         # NeuralCollapse syncs through torchmetrics' gather and its Chan-merge reduction
         for k, v in want.items():
             assert saved[r]["metric"][k] == pytest.approx(v, rel=1e-9, abs=1e-15), k

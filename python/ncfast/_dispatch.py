@@ -56,25 +56,29 @@ def _buffer(x: torch.Tensor):
     return buf, str(x.dtype).replace("torch.", "")
 
 
-def _cpp_block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int):
+def _cpp_block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, unit_sums: bool):
     buf, dtype_name = _buffer(x)
-    r = _C.block_moments(buf, dtype_name, y.contiguous().numpy(), num_classes, torch.get_num_threads())
-    return tuple(torch.from_numpy(r[k]) for k in ("counts", "means", "m2", "unit_sums", "norm_sums"))
+    r = _C.block_moments(buf, dtype_name, y.contiguous().numpy(), num_classes, torch.get_num_threads(),
+                         unit_sums=unit_sums)
+    return tuple(torch.from_numpy(r[k]) if k in r else None for k in ("counts", "means", "m2", "unit_sums", "norm_sums"))
 
 
-def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int):
+def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, unit_sums: bool = True):
     """Per-class (counts, means, m2, unit_sums, norm_sums) of one block of rows, float64.
 
-    m2[c] = sum_{y_i=c} ||h_i - mu_c||^2 centred on the block's own class means.
+    m2[c] = sum_{y_i=c} ||h_i - mu_c||^2 centred on the block's own class means. With
+    ``unit_sums=False`` the last two are None (the C++ core then takes no row norms).
     """
     backend = backend_for(x)
     if backend == "cpp":
-        return _cpp_block_moments(x, y, num_classes)
+        return _cpp_block_moments(x, y, num_classes, unit_sums)
     if backend == "triton":
         from .triton import moments
 
-        return moments.block_moments(x, y, num_classes)
-    return _torch_block_moments(x, y, num_classes)
+        stats = moments.block_moments(x, y, num_classes)
+    else:
+        stats = _torch_block_moments(x, y, num_classes)
+    return stats if unit_sums else (*stats[:3], None, None)
 
 
 def centred_rows(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -253,11 +253,12 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
     if sup is not None:
         out["msdr"] = pairs.msdr
 
-    unit = moments.unit_sum[p] / moments.count[p].unsqueeze(1)
-    within = float((1.0 - unit.square().sum(1)).mean())
-    total = 1.0 - float(unit.mean(0).square().sum())
-    out["cosine_separation"] = 1.0 - within / total
-    out["feature_norm"] = float(moments.norm_sum.sum()) / moments.num_samples
+    if moments.unit_sum is not None:  # kept unless the ClassMoments was built with unit_sums=False
+        unit = moments.unit_sum[p] / moments.count[p].unsqueeze(1)
+        within = float((1.0 - unit.square().sum(1)).mean())
+        total = 1.0 - float(unit.mean(0).square().sum())
+        out["cosine_separation"] = 1.0 - within / total
+        out["feature_norm"] = float(moments.norm_sum.sum()) / moments.num_samples
 
     return NCMetrics(out, ranks=ranks, absent_classes=moments.absent_classes, omitted_rows=moments.omitted_rows,
                      weighting=weighting, rtol=rtol)
@@ -281,7 +282,7 @@ def _prepare(features, labels, num_classes, nan_policy):
     return x, y, num_classes, omitted, keep
 
 
-def _moments(x, y, num_classes, weighting, scatter, counts=None) -> ClassMoments:
+def _moments(x, y, num_classes, weighting, scatter, counts=None, unit_sums=True) -> ClassMoments:
     class_counts = None
     if scatter and weighting == "balanced":  # only the balanced scatter needs the counts up front
         if counts is None:
@@ -289,20 +290,23 @@ def _moments(x, y, num_classes, weighting, scatter, counts=None) -> ClassMoments
         present = counts[counts > 0]
         if bool((present != present[0]).any()):
             class_counts = counts
-    m = ClassMoments(num_classes, x.shape[1], scatter=scatter, device=x.device, class_counts=class_counts)
+    m = ClassMoments(num_classes, x.shape[1], scatter=scatter, unit_sums=unit_sums, device=x.device,
+                     class_counts=class_counts)
     return m.update(x, y)
 
 
 def class_moments(features, labels, *, num_classes=None, weighting: str = "balanced", scatter: bool = True,
-                  nan_policy: str = "raise") -> ClassMoments:
+                  unit_sums: bool = True, nan_policy: str = "raise") -> ClassMoments:
     """One-shot ClassMoments of (features, labels).
 
     With ``weighting="balanced"`` on imbalanced labels the exact balanced Sigma_W is kept too
-    (the class counts are known up front here).
+    (the class counts are known up front here). ``scatter=False`` drops the D x D scatter and
+    ``unit_sums=False`` the unit-vector and norm sums (see ClassMoments): counts, means and
+    variances are always kept.
     """
     check_choice(weighting, WEIGHTINGS, "weighting")
     x, y, num_classes, omitted, _ = _prepare(features, labels, num_classes, nan_policy)
-    m = _moments(x, y, num_classes, weighting, scatter)
+    m = _moments(x, y, num_classes, weighting, scatter, unit_sums=unit_sums)
     m.omitted_rows = omitted
     return m
 
@@ -313,7 +317,8 @@ def class_distance(features, labels, *, num_classes=None) -> torch.Tensor:
     D_ij = (1/(n_i n_j)) sum_{u in i} sum_{v in j} ||h_u - h_v||^2 = ||mu_i - mu_j||^2 + v_i + v_j,
     computed from class means and variances (never from pairs). Absent classes: NaN rows/columns.
     """
-    return class_distance_from_moments(class_moments(features, labels, num_classes=num_classes, scatter=False))
+    return class_distance_from_moments(class_moments(features, labels, num_classes=num_classes, scatter=False,
+                                                     unit_sums=False))
 
 
 def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, logits=None, superclass=None,

@@ -163,7 +163,7 @@ class LayerProbe:
                         "pooled": ClassMoments(self.num_classes, pooled_dim, scatter=True, device=dev,
                                                class_counts=cc) if big else None,
                         "orig": None if y_orig is None or self.num_original_classes is None else
-                        ClassMoments(self.num_original_classes, d, scatter=False, device=dev),
+                        ClassMoments(self.num_original_classes, d, scatter=False, unit_sums=False, device=dev),
                         "superclass": None if y_orig is None or self.num_original_classes is None else
                         torch.full((self.num_original_classes,), -1, dtype=torch.int64, device=dev),
                     }
