@@ -51,7 +51,7 @@ def check_labels(labels, n: int, device: torch.device, num_classes: int | None, 
         raise ValueError(f"{name}: on device {y.device}, but features are on {device}")
     y = y.to(torch.int64)
     if n:
-        lo, hi = int(y.min()), int(y.max())
+        lo, hi = (int(v) for v in torch.aminmax(y))  # one read of the labels
         if lo < 0:
             raise ValueError(f"{name}: negative label {lo}")
     else:

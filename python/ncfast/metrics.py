@@ -292,7 +292,8 @@ def _moments(x, y, num_classes, weighting, scatter, counts=None, unit_sums=True)
             class_counts = counts
     m = ClassMoments(num_classes, x.shape[1], scatter=scatter, unit_sums=unit_sums, device=x.device,
                      class_counts=class_counts)
-    return m.update(x, y)
+    m._add(x, y)  # (x, y) come checked from _prepare, NaN/Inf rows already dropped under "omit"
+    return m
 
 
 def class_moments(features, labels, *, num_classes=None, weighting: str = "balanced", scatter: bool = True,

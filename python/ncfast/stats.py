@@ -171,14 +171,19 @@ class ClassMoments:
             omitted = int((~keep).sum())
             if omitted:
                 x, y = x[keep], y[keep]
+        self._add(x, y, finite_required=nan_policy == "raise")
+        self.omitted_rows += omitted
+        return self
+
+    def _add(self, x: torch.Tensor, y: torch.Tensor, *, finite_required: bool = True) -> None:
+        """update() after its checks: x (N, D) float on this device, y int64 labels in range (the
+        one-shot functions, which have checked both already, call this directly)."""
         part = self._moments_of(x, y)
         # A NaN or Inf anywhere in a class's rows makes its centred M2 NaN or Inf (Inf - Inf), so the
         # (C,) vector tells without a pass over the C x D means.
-        if nan_policy == "raise" and not bool(torch.isfinite(part.m2).all()):
+        if finite_required and not bool(torch.isfinite(part.m2).all()):
             raise ValueError("features: contains NaN or Inf (pass nan_policy='omit' to drop such rows)")
         self._merge_part(part)
-        self.omitted_rows += omitted
-        return self
 
     def _moments_of(self, x: torch.Tensor, y: torch.Tensor) -> _Part:
         """The statistics of (x, y): per-block moments merged with Chan's formula, then the scatter.
