@@ -4,6 +4,8 @@ Measures, for each op and each size (N rows, D features, C classes), the wall ti
 ncfast and of its baselines on identical inputs:
 
     class_moments          counts, float64 means, per-class variances  vs  bincount + index_add_
+                           (ncfast also sums the unit vectors and norms of cosine_separation)
+    class_moments:no_units the same with unit_sums=False: the baseline's statistics and no more
     class_moments+scatter  the same plus the D x D within-class scatter vs  ... + centred.T @ centred
     class_distance         (C, C) class-distance matrix                 vs  index_add_ moments + cdist
     class_pair_stats       CDNV and NC2 statistics over all class pairs vs  the dense C x C torch way
@@ -50,7 +52,7 @@ import torch
 
 import ncfast
 
-OPS = ("class_moments", "class_moments+scatter", "class_distance", "ncc_assign", "ncc_assign:fast", "class_pair_stats",
+OPS = ("class_moments", "class_moments:no_units", "class_moments+scatter", "class_distance", "ncc_assign", "ncc_assign:fast", "class_pair_stats",
        "nc_metrics")
 
 # (N, D, C) per op. N is a multiple of C so the classes are balanced and every one is present.
@@ -58,6 +60,7 @@ OPS = ("class_moments", "class_moments+scatter", "class_distance", "ncc_assign",
 PRESETS = {
     "quick": {
         "class_moments": [(20_000, 256, 100)],
+        "class_moments:no_units": [(20_000, 256, 100)],
         "class_moments+scatter": [(20_000, 256, 100)],
         "class_distance": [(20_000, 256, 100)],
         "ncc_assign": [(20_000, 256, 10), (20_000, 256, 1000)],
@@ -67,6 +70,7 @@ PRESETS = {
     },
     "default": {
         "class_moments": [(50_000, 512, 10), (50_000, 512, 100), (50_000, 512, 1000)],
+        "class_moments:no_units": [(50_000, 512, 10), (50_000, 512, 100), (50_000, 512, 1000)],
         "class_moments+scatter": [(50_000, 512, 10), (50_000, 512, 1000)],
         "class_distance": [(50_000, 512, 100), (50_000, 512, 1000)],
         "ncc_assign": [(50_000, 512, 10), (50_000, 512, 100), (50_000, 512, 1000)],
@@ -76,6 +80,7 @@ PRESETS = {
     },
     "full": {
         "class_moments": [(200_000, 512, 10), (200_000, 512, 1000)],
+        "class_moments:no_units": [(200_000, 512, 10), (200_000, 512, 1000)],
         "class_moments+scatter": [(200_000, 512, 10), (200_000, 512, 1000)],
         "class_distance": [(200_000, 512, 1000)],
         "ncc_assign": [(200_000, 512, 1000), (200_000, 512, 10_000)],
@@ -260,9 +265,10 @@ def agreement(ours, theirs) -> float:
 # --------------------------------------------------------------------------- cases
 def build_case(op, x, y, c, faiss_knn):
     """(ncfast fn, {baseline name: fn or None}, check(ours, theirs) -> agree or None) for one op."""
-    if op in ("class_moments", "class_moments+scatter"):
+    if op.startswith("class_moments"):
         scatter = op.endswith("+scatter")
-        return (lambda: ncfast.class_moments(x, y, num_classes=c, scatter=scatter),
+        units = not op.endswith(":no_units")
+        return (lambda: ncfast.class_moments(x, y, num_classes=c, scatter=scatter, unit_sums=units),
                 {"torch": lambda: torch_moments(x, y, c, scatter)}, check_moments)
     if op == "class_distance":
         return (lambda: ncfast.class_distance(x, y, num_classes=c),
@@ -334,7 +340,7 @@ def machine_peaks(threads: int, device) -> dict:
 def op_work(op, n, d, c) -> tuple[float, float, str]:
     """(bytes read from the input, flops, precision) of an op's unavoidable work."""
     read = n * d * 4
-    if op in ("class_moments", "class_distance"):
+    if op in ("class_moments", "class_moments:no_units", "class_distance"):
         return read, 0.0, "fp64"
     if op == "class_moments+scatter":
         return read, n * d * (d + 1), "fp64"  # one triangle of the D x D product

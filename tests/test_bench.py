@@ -38,4 +38,4 @@ def test_moments_bandwidth_script_runs(capsys):
     rows = [ln.split() for ln in lines[2:]]
     assert [r[0] for r in rows] == ["3", "70"]
     for r in rows:
-        assert len(r) == 6 and all(float(v) > 0 for v in (r[1], r[2], r[4]))
+        assert len(r) == 10 and all(float(v) > 0 for v in (r[1], r[2], r[4], r[6], r[8]))
