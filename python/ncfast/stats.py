@@ -192,17 +192,22 @@ class ClassMoments:
         two-pass form), so blocks need no C x D x D merge correction among themselves.
         """
         acc = None
+        backend = _dispatch.backend_for(x)
         rows = max(1, _BLOCK_BYTES // (8 * self.dim))
-        blocks = [(x[lo : lo + rows], y[lo : lo + rows]) for lo in range(0, x.shape[0], rows)]
+
+        def blocks():
+            return ((x[lo : lo + rows], y[lo : lo + rows]) for lo in range(0, x.shape[0], rows))
+
         # The C++ core streams any number of rows in O(C * D) memory; the torch path widens its
         # block to float64, so it goes block by block.
-        for xb, yb in ([(x, y)] if _dispatch.backend_for(x) == "cpp" else blocks):
+        for xb, yb in ([(x, y)] if backend == "cpp" else blocks()):
             stats = _dispatch.block_moments(xb, yb, self.num_classes, unit_sums=self.unit_sum is not None)
-            part = _Part(*(None if t is None else t.to(self.device) for t in stats), None, None)
+            part = _Part(*(t if t is None or t.device == self.device else t.to(self.device) for t in stats), None,
+                         None)
             acc = part if acc is None else self._combine(acc, part)
         if acc is None:
             acc = self._empty_part()
-        if self.scatter is not None and _dispatch.backend_for(x) == "cpp" and _C.gram_available():
+        if self.scatter is not None and backend == "cpp" and _C.gram_available():
             # The register-tiled engine centres rows as it packs them: no N x D float64 copy.
             buf, dtype_name = _dispatch._buffer(x)
             labels = y.contiguous().numpy()
@@ -222,7 +227,7 @@ class ClassMoments:
             buf = torch.empty(min(rows, x.shape[0]), self.dim, dtype=torch.float64, device=self.device)
             # scipy's BLAS keeps its own thread pool: hold it to torch's thread count.
             with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-                for xb, yb in blocks:
+                for xb, yb in blocks():
                     centred = _dispatch.centred_rows(xb, yb, acc.mean, out=buf[: xb.shape[0]])
                     scatter.add(centred)
                     if wscatter is not None:
