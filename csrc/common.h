@@ -86,6 +86,8 @@ inline DType parse_dtype(const std::string& name) {
   throw std::invalid_argument("features: unsupported dtype '" + name + "'");
 }
 
+inline int64_t dtype_bytes(DType t) { return t == DType::F64 ? 8 : t == DType::F32 ? 4 : 2; }
+
 inline float bf16_to_float(uint16_t bits) {
   uint32_t u = static_cast<uint32_t>(bits) << 16;
   float f;
