@@ -104,9 +104,16 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
       // Nearest other class of row i: all columns of the tile (both sides of the diagonal); the
       // smallest value first, then its first column (the lowest index among ties).
       if (t.diagonal) dd[i] = inf;
-      double low = inf;
-#pragma omp simd reduction(min : low)
-      for (int64_t j = 0; j < t.t2; ++j) low = std::min(low, dd[j]);
+      // Eight running minima, folded at the end: GCC keeps `low = std::min(low, dd[j])` a scalar
+      // chain (4 cycles per pair), even under omp simd.
+      double lows[8] = {inf, inf, inf, inf, inf, inf, inf, inf};
+      int64_t j8 = 0;
+      for (; j8 + 8 <= t.t2; j8 += 8)
+#pragma omp simd
+        for (int l = 0; l < 8; ++l) lows[l] = dd[j8 + l] < lows[l] ? dd[j8 + l] : lows[l];
+      for (; j8 < t.t2; ++j8) lows[0] = dd[j8] < lows[0] ? dd[j8] : lows[0];
+      double low = lows[0];
+      for (int l = 1; l < 8; ++l) low = lows[l] < low ? lows[l] : low;
       if (low < best_r[i]) {
         int64_t j = 0;
         while (dd[j] != low) ++j;

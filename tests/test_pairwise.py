@@ -107,3 +107,39 @@ def test_many_classes_whole_and_ragged_gram_tiles(tile):
         want = ref.cdnv(x, y) if k == "cdnv" else getattr(ref, k)(x, y)
         assert got[k] == pytest.approx(want, rel=1e-9), k
     assert got["msdr"] == pytest.approx(ref.msdr(x, y, superclass), rel=1e-9)
+
+
+@pytest.mark.parametrize("engine_faster", [True, False])
+def test_tile_products_from_the_engine_or_blas_agree(monkeypatch, backend, engine_faster):
+    """On the C++ path the tile products come from the Gram engine or from torch.mm, whichever a
+    one-off timing found faster (pairwise._engine_faster): both choices give the reference's
+    numbers and the same nearest classes. The timing's verdict is forced here."""
+    from ncfast import pairwise
+
+    x, y, c = make_data(n=2600, d=19, c=130, seed=9)
+    m = ncfast.class_moments(x, y)
+    timed = []
+    monkeypatch.setattr(pairwise, "_engine_faster", lambda mt, side: timed.append(side) or engine_faster)
+    got = pairwise.class_pair_stats(m, tile=40)  # 4 x 4 tiles: 10 of the upper triangle, above PROBE_MIN_TILES
+    assert timed == ([40] if backend == "cpp" and ncfast._C.gram_available() else [])
+    for k in ("cdnv", "nc2_etf", "equiangularity", "coherence"):
+        want = ref.cdnv(x, y) if k == "cdnv" else getattr(ref, k)(x, y)
+        assert getattr(got, k) == pytest.approx(want, rel=1e-9), k
+    means = m.means.numpy()
+    d2 = ((means[:, None, :] - means[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    assert got.nearest_class.tolist() == d2.argmin(1).tolist()
+
+
+def test_engine_probe_remembers_its_verdict(monkeypatch):
+    """_engine_faster times both products once per (side, D, threads) and keeps the answer."""
+    from ncfast import pairwise
+
+    monkeypatch.setattr(pairwise, "_ENGINE_FASTER", {})
+    mt = torch.randn(64, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if not ncfast._C.gram_available():
+        pytest.skip("this build has no Gram engine: BLAS forms every tile, nothing to probe")
+    first = pairwise._engine_faster(mt, 32)
+    assert pairwise._ENGINE_FASTER == {(32, 24, torch.get_num_threads()): first}
+    monkeypatch.setattr(pairwise._C, "gram_nt", lambda *a: pytest.fail("timed twice"))
+    assert pairwise._engine_faster(mt, 32) == first

@@ -14,6 +14,7 @@ norm ||G||_F = ||Mt^T Mt||_F comes first from the smaller Gram, so one pass over
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -157,18 +158,56 @@ def _reduce_tile_torch(gram: torch.Tensor, rows: slice, cols: slice, k: _Context
     return out
 
 
+# (tile side, D, threads) -> whether the C++ Gram engine formed a tile faster than torch.mm (BLAS)
+# when this process first timed both: on a Zen 5 the engine won, on a Xeon MKL's dgemm does
+# (163 against 131 GFLOP/s at 1008 x 1008 x 512).
+_ENGINE_FASTER: dict[tuple[int, int, int], bool] = {}
+
+# Below this many tiles the product is not timed (the engine is used): the probe would cost more
+# than it could save.
+PROBE_MIN_TILES = 6
+
+
+def _engine_faster(mt: torch.Tensor, side: int) -> bool:
+    """Time one side x side x D tile product through the C++ Gram engine and through torch.mm, once
+    per process and shape, and remember which was faster (both give the same float64 products up
+    to rounding, and the reducer after them is the same)."""
+    key = (side, mt.shape[1], torch.get_num_threads())
+    if key not in _ENGINE_FASTER:
+        a, b = mt[:side], mt[-side:]
+        out = torch.empty(side, side, dtype=torch.float64)
+        best = {}
+        for name, fn in (("engine", lambda: _C.gram_nt(a.numpy(), b.numpy(), out.numpy(), torch.get_num_threads())),
+                         ("blas", lambda: torch.mm(a, b.T, out=out))):
+            fn()  # warm: pages, code, BLAS threads
+            t0 = time.perf_counter()
+            fn()
+            best[name] = time.perf_counter() - t0
+        _ENGINE_FASTER[key] = best["engine"] <= best["blas"]
+    return _ENGINE_FASTER[key]
+
+
 def _tile_reducer(mt: torch.Tensor, c: int, tile: int, k: _Context):
     """(rows, cols) -> the tile's sums, for mt's backend: Triton forms the Gram block in the kernel;
-    the C++ reducer takes it from the C++ Gram engine (BLAS through torch.mm without AVX-512);
-    the torch reducer from torch.mm."""
+    the C++ reducer takes it from the C++ Gram engine or from torch.mm (BLAS), whichever formed a
+    tile faster on this machine (_engine_faster; BLAS without AVX-512); the torch reducer from
+    torch.mm."""
     backend = _dispatch.backend_for(mt)
     if backend == "triton":
         return lambda rows, cols: _reduce_tile_triton(mt, rows, cols, k)
     if backend != "cpp":
         return lambda rows, cols: _reduce_tile_torch(mt[rows] @ mt[cols].T, rows, cols, k)
-    if not _C.gram_available():
-        return lambda rows, cols: _reduce_tile_cpp(mt[rows] @ mt[cols].T, rows, cols, k)
     mt = mt.contiguous()
+    tiles = -(-c // tile) * (-(-c // tile) + 1) // 2
+    if not _C.gram_available() or (tiles >= PROBE_MIN_TILES and not _engine_faster(mt, min(tile, c))):
+        buf = torch.empty(min(tile, c) ** 2, dtype=torch.float64)
+
+        def reduce_blas(rows, cols):
+            gram = buf[: (rows.stop - rows.start) * (cols.stop - cols.start)].view(rows.stop - rows.start, -1)
+            torch.mm(mt[rows], mt[cols].T, out=gram)
+            return _reduce_tile_cpp(gram, rows, cols, k)
+
+        return reduce_blas
     buf = torch.empty(min(tile, c) ** 2, dtype=torch.float64)  # one tile's Gram block, reused
 
     def reduce(rows, cols):
