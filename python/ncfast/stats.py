@@ -430,11 +430,17 @@ class ClassMoments:
     def global_mean(self, weighting: str = "balanced") -> torch.Tensor:
         """mu_G: mean of class means (balanced) or of all samples (sample)."""
         self._require_samples()
-        return self.class_weights(weighting) @ self.mean[self.present]
+        return self.class_weights(weighting) @ self._present_means()
 
     def centred_means(self, weighting: str = "balanced") -> torch.Tensor:
         """Mt: rows mu_c - mu_G for the present classes, (C_present, D)."""
-        return self.mean[self.present] - self.global_mean(weighting)
+        return self._present_means() - self.global_mean(weighting)
+
+    def _present_means(self) -> torch.Tensor:
+        """mu_c of the present classes: the state itself when every class is present (a masked copy
+        of C x D float64 costs as much as the pairwise pass's per-tile work at C = 20,000)."""
+        p = self.present
+        return self.mean if bool(p.all()) else self.mean[p]
 
     def between_factor(self, weighting: str = "balanced") -> torch.Tensor:
         """A with Sigma_B = A^T A: rows sqrt(w_c) (mu_c - mu_G) over present classes."""
