@@ -1,8 +1,9 @@
-// Float64 Gram products on a 12 x 16 register tile (AVX-512: 24 accumulators, two vector loads
-// and twelve broadcasts per step of the inner dimension), fed from packed panels:
-//   A panel p: [k][12] = the 12 output rows' values at step k;  B panel q: [k][16] likewise.
-// The within-class scatter packs panels straight from the feature rows, centring them on the
-// way, so its D x D product needs no centred N x D copy; the pairwise pass packs class means.
+// Float64 Gram products on MR x 16 register tiles (AVX-512: 2 MR accumulators, two vector loads
+// and MR broadcasts per step of the inner dimension), fed from packed panels:
+//   B panel q: [k][16] = the 16 output columns' values at step k;  A panel p: [k][MR] likewise.
+// The within-class scatter packs B panels straight from the feature rows, centring them on the
+// way (no centred N x D copy), and reads its 8-row A operands from the same panels; gram_nt (the
+// pairwise tiles) packs 12-row A panels of class means.
 #include "gram.h"
 
 #include <algorithm>
@@ -28,32 +29,39 @@ constexpr int kNR = 16;        // columns (two 8-double vectors)
 // and the product ran at 59 GFLOP/s per Xeon core against 70 at 128).
 constexpr int64_t kChunk = 128;
 
-// c (12 x 16, leading dimension ldc) += sum_{t < kc} ap[t][:] (x) bp[t][:].
-inline void micro(const double* ap, const double* bp, int64_t kc, double* c, int64_t ldc) {
-  __m512d acc[2 * kMR];
+// c (MR x 16, leading dimension ldc) += sum_{t < kc} a_t (x) bp[t][:], where a_t[r] = ap[t * lda + r]
+// (a packed A panel: lda = MR; or, for the scatter, a half of a B panel: lda = 16).
+template <int MR>
+inline void micro(const double* ap, int64_t lda, const double* bp, int64_t kc, double* c, int64_t ldc) {
+  __m512d acc[2 * MR];
 #pragma GCC unroll 24
-  for (int q = 0; q < 2 * kMR; ++q) acc[q] = _mm512_setzero_pd();
+  for (int q = 0; q < 2 * MR; ++q) acc[q] = _mm512_setzero_pd();
   for (int64_t t = 0; t < kc; ++t) {
     const __m512d w0 = _mm512_load_pd(bp + t * kNR);
     const __m512d w1 = _mm512_load_pd(bp + t * kNR + 8);
 #pragma GCC unroll 12
-    for (int r = 0; r < kMR; ++r) {
-      const __m512d v = _mm512_set1_pd(ap[t * kMR + r]);
+    for (int r = 0; r < MR; ++r) {
+      const __m512d v = _mm512_set1_pd(ap[t * lda + r]);
       acc[2 * r] = _mm512_fmadd_pd(v, w0, acc[2 * r]);
       acc[2 * r + 1] = _mm512_fmadd_pd(v, w1, acc[2 * r + 1]);
     }
   }
 #pragma GCC unroll 12
-  for (int r = 0; r < kMR; ++r) {
+  for (int r = 0; r < MR; ++r) {
     double* row = c + r * ldc;
     _mm512_storeu_pd(row, _mm512_add_pd(_mm512_loadu_pd(row), acc[2 * r]));
     _mm512_storeu_pd(row + 8, _mm512_add_pd(_mm512_loadu_pd(row + 8), acc[2 * r + 1]));
   }
 }
 
-// The first register-tile column q of tile row p that touches the upper triangle of a square
-// output ((q + 1) * kNR - 1 >= p * kMR).
-inline int64_t first_upper(int64_t p) { return p * kMR / kNR; }
+// The scatter's register tile is 8 x 16: its eight rows are half of a 16-wide B panel, so the
+// rows are packed once (B panels only) and A is broadcast straight from them (12 x 16 tiles with
+// their own A panels: 121-126 GFLOP/s on the Xeon, 8 x 16: 129-133).
+constexpr int kSR = 8;
+
+// The first register-tile column q of tile row p (tiles of mr rows) that touches the upper
+// triangle of a square output ((q + 1) * kNR - 1 >= p * mr).
+inline int64_t first_upper(int64_t p, int64_t mr) { return p * mr / kNR; }
 
 // Thread t's tile rows [lo, hi) of pa rows whose costs cost(p) add up as evenly as threads allow.
 template <typename Cost>
@@ -119,32 +127,31 @@ struct RowPrefetcher {
 bool gram_available() { return true; }
 
 // Threads share nothing: each takes a band of tile rows (balanced by the number of tiles of the
-// upper triangle in it), packs its own A panels and the B panels its tiles read from the same
-// centred rows, and walks all N rows chunk by chunk. Packing shared panels and meeting at a
-// barrier per chunk scaled 1.4x from one thread to two on a Xeon (each core pulled the other's
-// half of the panels through L3 every chunk); the private packing costs each thread d / (d / 2)
-// of its work at most.
+// upper triangle in it), packs the B panels its tiles read from the centred rows, and walks all
+// N rows chunk by chunk. Packing shared panels and meeting at a barrier per chunk scaled 1.4x
+// from one thread to two on a Xeon (each core pulled the other's half of the panels through L3
+// every chunk); the private packing costs each thread d / (d / 2) of its work at most.
 void centred_scatter(const Matrix& x, const int64_t* labels, const double* means, const double* scale,
                      double* out, int num_threads) {
   const int64_t n = x.rows, d = x.cols;
-  const int64_t pa = (d + kMR - 1) / kMR, pb = (d + kNR - 1) / kNR;
+  const int64_t pb = (d + kNR - 1) / kNR, pa = 2 * pb;  // tile rows of 8: two per B panel
   const int64_t ldc = pb * kNR;
-  auto acc = aligned_zeros<double>(pa * kMR * ldc);
+  auto acc = aligned_zeros<double>(pa * kSR * ldc);
   const int threads = region_threads(num_threads, pa);
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    const auto [p0, p1] = tile_rows(thread_id(), threads, pa, [&](int64_t p) { return double(pb - first_upper(p)); });
+    const auto [p0, p1] =
+        tile_rows(thread_id(), threads, pa, [&](int64_t p) { return double(pb - first_upper(p, kSR)); });
     if (p0 < p1) {
-      const int64_t q0 = first_upper(p0), j0 = q0 * kNR;  // B columns from j0; A columns from p0 * kMR >= j0
-      const int64_t na = p1 - p0, nb = pb - q0;
-      auto apack = aligned_zeros<double>(na * kChunk * kMR);
+      const int64_t q0 = first_upper(p0, kSR), j0 = q0 * kNR;  // B panels from column j0 (A rows lie inside)
+      const int64_t nb = pb - q0;
       auto bpack = aligned_zeros<double>(nb * kChunk * kNR);
       std::vector<double> row(d);
       RowPrefetcher ahead(x);
       int64_t tiles = 0;  // of this thread, per chunk
-      for (int64_t p = p0; p < p1; ++p) tiles += pb - first_upper(p);
+      for (int64_t p = p0; p < p1; ++p) tiles += pb - first_upper(p, kSR);
       for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
         const int64_t kc = std::min(kChunk, n - i0);
         ahead.start(i0 + kc, std::min(n, i0 + kc + kChunk));
@@ -155,15 +162,16 @@ void centred_scatter(const Matrix& x, const int64_t* labels, const double* means
           const double* mu = means + c * d;
           const double s = scale ? scale[c] : 1.0;
           for (int64_t j = j0; j < d; ++j) row[j] = (row[j] - mu[j]) * s;
-          pack_step<kMR>(row.data() + p0 * kMR, d - p0 * kMR, na, t, apack.get());
           pack_step<kNR>(row.data() + j0, d - j0, nb, t, bpack.get());
         }
-        for (int64_t p = p0; p < p1; ++p)
-          for (int64_t q = first_upper(p); q < pb; ++q) {
+        for (int64_t p = p0; p < p1; ++p) {
+          // rows 8p .. 8p + 8 are lanes (p % 2) * 8 .. of B panel p / 2
+          const double* ap = bpack.get() + (p / 2 - q0) * kChunk * kNR + (p % 2) * kSR;
+          for (int64_t q = first_upper(p, kSR); q < pb; ++q) {
             ahead.step(per_tile);
-            micro(apack.get() + (p - p0) * kChunk * kMR, bpack.get() + (q - q0) * kChunk * kNR, kc,
-                  acc.get() + p * kMR * ldc + q * kNR, ldc);
+            micro<kSR>(ap, kNR, bpack.get() + (q - q0) * kChunk * kNR, kc, acc.get() + p * kSR * ldc + q * kNR, ldc);
           }
+        }
       }
     }
   }
@@ -212,8 +220,8 @@ void gram_nt(const double* a, int64_t m, const double* b, int64_t n, int64_t k, 
         pack(b, n, 0, pb * kNR, kNR, bpack.get());
         for (int64_t p = p0; p < p1; ++p)
           for (int64_t q = 0; q < pb; ++q)
-            micro(apack.get() + (p - p0) * kChunk * kMR, bpack.get() + q * kChunk * kNR, kc,
-                  acc + p * kMR * ldc + q * kNR, ldc);
+            micro<kMR>(apack.get() + (p - p0) * kChunk * kMR, kMR, bpack.get() + q * kChunk * kNR, kc,
+                       acc + p * kMR * ldc + q * kNR, ldc);
       }
     }
   }
