@@ -297,14 +297,28 @@ def test_bf16_sweep_is_certified_or_refused():
 
 
 @pytest.mark.parametrize("separation", [5.0, 0.05])
-def test_fast_mode_probe_then_rest(separation, monkeypatch):
-    """The fast mode probes its first rows in bfloat16, then sweeps the rest in bfloat16 (separated
-    classes: most rows certain) or float32 (close classes): the answers are the float64 argmin."""
+@pytest.mark.parametrize("low_pays", [True, False])
+def test_fast_mode_probe_then_rest(separation, low_pays, monkeypatch):
+    """The fast mode sweeps its first rows in both precisions, then the rest in bfloat16 (with a
+    float32 recheck of its unsure rows) or in float32, as the timing decides (forced both ways here):
+    with separated classes (most rows certain in bf16) or close ones, the answers are the float64
+    argmin."""
     import ncfast.ncc as ncc_mod
 
     monkeypatch.setattr(ncc_mod, "_FAST_PROBE_ROWS", 64)
+    decided = []
+    monkeypatch.setattr(ncc_mod, "_low_pays", lambda *a: decided.append(a) or low_pays)
     g = torch.Generator().manual_seed(21)
     k, d, n = 45, 33, 1500
     means = torch.randn(k, d, generator=g, dtype=torch.float64) * separation
     x = (means[torch.randint(0, k, (n,), generator=g)] + torch.randn(n, d, generator=g, dtype=torch.float64)).float()
     assert torch.equal(ncfast.ncc_assign(x, means, mode="fast"), torch.from_numpy(ref.ncc_assign(x, means)))
+    assert len(decided) == (1 if ncfast._C.ncc_has_precision("bf16") else 0)
+
+
+def test_fast_mode_low_precision_pays_only_when_faster():
+    from ncfast.ncc import _low_pays
+
+    assert _low_pays(1.0, 3.0, 0.5)  # 1 + 1.5 < 3
+    assert not _low_pays(1.0, 3.0, 0.7)  # 1 + 2.1 > 3
+    assert not _low_pays(3.0, 2.9, 0.0)  # bf16 no faster than float32

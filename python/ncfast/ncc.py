@@ -20,6 +20,7 @@ when all features share a large offset. Ties go to the lowest index.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,8 +36,7 @@ MODES = ("exact", "fast")
 _BLOCK_ELEMS = 1 << 22  # floats in one (rows x classes) score block
 _FUSED_MAX_CLASSES = 256  # without AVX-512, the C++ sweep up to here; above, GEMM blocks
 _PACKED = "SIMD=AVX512" in _C.compile_options()  # the register-tiled sweep beats BLAS at any C
-_FAST_PROBE_ROWS = 4096  # rows the fast mode scores in bfloat16 before deciding for the rest
-_FAST_MAX_UNSURE = 0.25  # above this share of unsure probe rows, float32 is the faster first pass
+_FAST_PROBE_ROWS = 4096  # rows the fast mode scores in both precisions, timed, before the rest
 
 
 @contextlib.contextmanager
@@ -148,20 +148,47 @@ def _sweep(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], preci
     return torch.from_numpy(best), torch.from_numpy(unsure).to(torch.bool)
 
 
+def _timed_sweep(x, shift, problems, precision, backend):
+    """_sweep and its wall time in seconds (the device synchronised on both ends)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = _sweep(x, shift, problems, precision, backend)
+    sync()
+    return out, time.perf_counter() - t0
+
+
+def _low_pays(low_seconds: float, fp32_seconds: float, unsure_share: float) -> bool:
+    """Whether a low-precision sweep plus a float32 sweep of its unsure rows beats float32 alone."""
+    return low_seconds + unsure_share * fp32_seconds < fp32_seconds
+
+
 def _sweep_fast(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], low: str, backend: str):
-    """A sweep at the low precision (bf16 on CPU, tf32 on GPU), its unsure rows swept again in float32.
-    When the classes are too close for it to certify most rows (a probe of the first rows says so),
-    the rest goes straight to float32: the fast mode then costs no more than the exact one."""
+    """The fast mode's first pass: a sweep at the low precision (bf16 on CPU, tf32 on GPU) whose unsure
+    rows are swept again in float32, or float32 alone, whichever the first rows time faster.
+
+    The first _FAST_PROBE_ROWS rows are swept both ways (their float32 results are kept); the low
+    precision takes the rest only if its time plus the float32 recheck of the share of rows it could
+    not certify beats float32. Classes too close for bf16 to certify most rows make it lose, and so
+    does a CPU whose bf16 dot products are no faster than float32 FMAs (a Xeon with AVX512-BF16 but
+    no AMX: VDPBF16PS at one per cycle, 2x slower than exact at C = 10,000), so the fast mode never
+    costs much more than the exact one."""
     n = x.shape[0]
-    probe = min(n, _FAST_PROBE_ROWS)
-    best, unsure = _sweep(x[:probe], shift, problems, low, backend)
-    if n > probe:
-        low_pays = float(unsure.any(dim=1).to(torch.float64).mean()) <= _FAST_MAX_UNSURE
-        rest = _sweep(x[probe:], shift, problems, low if low_pays else "fp32", backend)
+    if n <= _FAST_PROBE_ROWS:
+        best, unsure = _sweep(x, shift, problems, low, backend)
+        low_rows = torch.arange(n, device=x.device)
+    else:
+        probe = x[:_FAST_PROBE_ROWS]
+        (_, unsure_low), t_low = _timed_sweep(probe, shift, problems, low, backend)
+        (best, unsure), t_fp32 = _timed_sweep(probe, shift, problems, "fp32", backend)
+        use_low = _low_pays(t_low, t_fp32, float(unsure_low.any(dim=1).to(torch.float64).mean()))
+        rest = _sweep(x[_FAST_PROBE_ROWS:], shift, problems, low if use_low else "fp32", backend)
         best, unsure = torch.cat([best, rest[0]]), torch.cat([unsure, rest[1]])
-    again = unsure.any(dim=1).nonzero().squeeze(1)
-    if again.numel():
-        best[again], unsure[again] = _sweep(x[again], shift, problems, "fp32", backend)
+        low_rows = torch.arange(_FAST_PROBE_ROWS, n, device=x.device) if use_low else None
+    if low_rows is not None:  # rows the low precision could not certify get a float32 sweep
+        again = low_rows[unsure[low_rows].any(dim=1)]
+        if again.numel():
+            best[again], unsure[again] = _sweep(x[again], shift, problems, "fp32", backend)
     return best, unsure
 
 
