@@ -36,7 +36,7 @@ MODES = ("exact", "fast")
 _BLOCK_ELEMS = 1 << 22  # floats in one (rows x classes) score block
 _FUSED_MAX_CLASSES = 256  # without AVX-512, the C++ sweep up to here; above, GEMM blocks
 _PACKED = "SIMD=AVX512" in _C.compile_options()  # the register-tiled sweep beats BLAS at any C
-_FAST_PROBE_ROWS = 4096  # rows the fast mode scores in both precisions, timed, before the rest
+_FAST_PROBE_ROWS = 1024  # rows the fast mode scores in both precisions, timed, before the rest
 
 
 @contextlib.contextmanager
