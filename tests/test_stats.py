@@ -212,3 +212,15 @@ def test_neural_collapse_metric_equals_nc_metrics():
     again = halves[0].compute()
     for k in got:
         assert again[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), k
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (1000, 300)])  # numpy's zeros, and a fresh mapping
+def test_cpu_zero_states_are_zero_and_writable(shape):
+    from ncfast.stats import _MAPPED_ZEROS_BYTES, _cpu_zeros
+
+    z = _cpu_zeros(*shape)
+    assert z.shape == shape and z.dtype == torch.float64 and z.is_contiguous()
+    assert (shape[0] * shape[1] * 8 >= _MAPPED_ZEROS_BYTES) == (shape == (1000, 300))
+    assert not bool(z.any())
+    z += 1.5
+    assert bool((z == 1.5).all())

@@ -25,6 +25,8 @@ float64 rounding.
 """
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,13 +88,27 @@ class _Part:
     wscatter: torch.Tensor | None
 
 
+# Zero states of at least this many bytes are mapped afresh (see _zeros_on).
+_MAPPED_ZEROS_BYTES = 1 << 20
+
+
+def _cpu_zeros(*shape: int) -> torch.Tensor:
+    """float64 zeros whose pages are not written until used: anonymous memory mapped afresh for large
+    states (pages the kernel zeroes on first touch, given back on release). The empty state of a
+    one-shot call is replaced by the first block's statistics without being read, so it should cost
+    nothing; numpy's calloc gave that only until glibc's allocator, having freed one such block,
+    raised its mmap threshold and served the next from the heap with a memset (at C = 1,000,
+    D = 512: 1,000 page faults and 1.7 ms per call)."""
+    count = math.prod(shape)
+    if count * 8 < _MAPPED_ZEROS_BYTES:
+        return torch.from_numpy(np.zeros(shape, dtype=np.float64))
+    return torch.from_numpy(np.frombuffer(mmap.mmap(-1, count * 8), dtype=np.float64).reshape(shape))
+
+
 def _zeros_on(device: torch.device):
-    """A float64 zeros factory for the state. On CPU the memory comes from numpy's calloc: fresh
-    pages are zero without being written, so the empty state of a one-shot call (replaced by the
-    first block's statistics, never touched) costs no page faults — at C = 1,000, D = 512 the two
-    C x D tensors from torch.zeros cost 1-2 ms of faults on some virtual machines."""
+    """A float64 zeros factory for the state (on CPU: _cpu_zeros)."""
     if device.type == "cpu":
-        return lambda *shape: torch.from_numpy(np.zeros(shape, dtype=np.float64))
+        return _cpu_zeros
     return lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
 
 
