@@ -1,14 +1,16 @@
 // Segmented class moments over a block of rows, in one read of the features.
 //
-// Each row is visited twice while it sits in cache: pass A takes its norm, pass B folds it into
-// its class's running state centred on the running mean (deviations s, squared deviations q and
-// unit vectors x / ||x||), and the group of rows is closed with Chan's batch update. Up to 64
-// classes a thread walks its rows in memory order chunk by chunk (grouping each chunk by class);
-// above, rows are bucketed by label and each thread walks a contiguous range of class-sorted
-// positions. Either way pass B prefetches rows a few chunks ahead (kStreamAheadChunks,
-// kSortedAheadChunks), so the arithmetic overlaps the memory reads. Per-thread states are merged after the parallel region in thread order, so
-// thread counts change the result only by float64 rounding. The results are written straight
-// into the caller's arrays (no C x D temporaries).
+// Rows of one class are taken four at a time. Pass A widens them to float64 into an L1 stage and
+// sums their squares (the norms their unit vectors need first); pass B folds the staged rows into
+// the class's running state centred on the running mean (deviations s, squared deviations q and
+// unit vectors x / ||x||), and every 64 rows the group is closed with Chan's batch update. Without
+// unit sums no norm is needed and each row is widened and folded in one pass. Up to 64 classes a
+// thread walks its rows in memory order chunk by chunk (grouping each chunk by class); above, rows
+// are bucketed by label and each thread walks a contiguous range of class-sorted positions. Either
+// way each fold prefetches the rows kPrefetchBytes later in its visiting order, so the arithmetic
+// overlaps the memory reads. Per-thread states are merged after the parallel region in thread
+// order, so thread counts change the result only by float64 rounding. The results are written
+// straight into the caller's arrays (no C x D temporaries).
 #include "moments.h"
 
 #include <algorithm>
