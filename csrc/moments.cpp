@@ -157,11 +157,6 @@ void row_norms(const T* const* rows, int64_t r, int64_t d, double* norms) {
   }
 }
 
-// Fold r rows of one class centred on mu: s += sum (x - mu), and unless usum is null
-// usum += sum x / ||x||, norm_sum += sum ||x||; returns sum ||x - mu||^2. The caller closes the group (close_group).
-// next[t] (or null; `next` itself may be null) is the row the AVX-512 kernel prefetches while it
-// reads row t, slice by slice, so memory works while this runs from cache. `stage`
-// (4 rows of stage_stride(d) doubles, 64-byte aligned) is scratch for the AVX-512 kernel.
 // Four rows a..e centred on mu in one loop: s += their deviations and, with Units, usum += the rows
 // times their inverse norms w[0..4); returns their squared deviations (one loop for all the sums:
 // a second pass for the unit vectors cost the generic build a third more).
@@ -180,6 +175,11 @@ double fold_four(const T* a, const T* b, const T* c, const T* e, const double* w
   return q;
 }
 
+// Fold r rows of one class centred on mu: s += sum (x - mu), and unless usum is null
+// usum += sum x / ||x||, norm_sum += sum ||x||; returns sum ||x - mu||^2. The caller closes the
+// group (close_group). next[t] (or null; `next` itself may be null) is the row the AVX-512 kernel
+// prefetches while it folds row t, slice by slice, so memory works while this runs from cache.
+// `stage` (4 rows of stage_stride(d) doubles, 64-byte aligned) is scratch for the AVX-512 kernel.
 template <typename T>
 double fold_group(const T* const* rows, int64_t r, int64_t d, const double* mu, double* s, double* usum,
                   double& norm_sum, const T* const* /*next*/, double* /*stage*/) {
@@ -383,16 +383,15 @@ struct ClassAccumulator {
   aligned_vector<double> s;
   double q = 0.0;
   int64_t since = 0;
-  bool unit_sums;
-  ClassAccumulator(int64_t d, bool unit_sums) : run(d, unit_sums), s(d, 0.0), unit_sums(unit_sums) {}
+  ClassAccumulator(int64_t d, bool unit_sums) : run(d, unit_sums), s(d, 0.0) {}
 
   template <typename T>
   void fold(const T* const* rows, int64_t r, int64_t d, const T* const* next, double* stage) {
     if (r == 0) return;
     if (run.n == 0 && since == 0)  // a new class is centred on its first row
       for (int64_t j = 0; j < d; ++j) run.mean[j] = rows[0][j];
-    q += fold_group(rows, r, d, run.mean.data(), s.data(), unit_sums ? run.unit_sum.data() : nullptr, run.norm_sum,
-                    next, stage);
+    double* usum = run.unit_sum.empty() ? nullptr : run.unit_sum.data();  // empty: no unit sums kept
+    q += fold_group(rows, r, d, run.mean.data(), s.data(), usum, run.norm_sum, next, stage);
     since += r;
     if (since >= kCloseRows) close(d);
   }
@@ -430,7 +429,7 @@ const T* row_as(const Matrix& x, int64_t i, T* dst) {
 }
 
 // How far ahead of its reads a fold prefetches, in bytes of rows of its own visiting order (at
-// least one row): while row t is staged, the row visited kPrefetchBytes later is requested into
+// least one row): while row t is folded, the row visited kPrefetchBytes later is requested into
 // L1. The hardware prefetchers cannot follow rows taken class by class, and a stream of software
 // prefetches a few rows ahead keeps the memory busy while the arithmetic runs (Xeon, 2 threads,
 // streaming 2 KB rows: 1-16 rows ahead all read at the same speed; 384 rows ahead, as a whole

@@ -38,7 +38,7 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
     double* my_cbest = t.diagonal ? nullptr : cbest.data() + static_cast<size_t>(tid) * t.t2;
     int64_t* my_cidx = t.diagonal ? nullptr : cidx.data() + static_cast<size_t>(tid) * t.t2;
     // Row i's squared distances and CDNV ratios, computed once and read by the later sweeps (each
-    // sweep a loop the compiler vectorises: 4.3 -> 0.4 ns per pair).
+    // sweep a loop the compiler vectorises: 4.3 -> 1.2 ms per 1008 x 1008 tile on two threads).
     std::vector<double> d2(t.t2), ratio(t.t2);
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp for schedule(static)

@@ -199,20 +199,15 @@ def _tile_reducer(mt: torch.Tensor, c: int, tile: int, k: _Context):
         return lambda rows, cols: _reduce_tile_torch(mt[rows] @ mt[cols].T, rows, cols, k)
     mt = mt.contiguous()
     tiles = -(-c // tile) * (-(-c // tile) + 1) // 2
-    if not _C.gram_available() or (tiles >= PROBE_MIN_TILES and not _engine_faster(mt, min(tile, c))):
-        buf = torch.empty(min(tile, c) ** 2, dtype=torch.float64)
-
-        def reduce_blas(rows, cols):
-            gram = buf[: (rows.stop - rows.start) * (cols.stop - cols.start)].view(rows.stop - rows.start, -1)
-            torch.mm(mt[rows], mt[cols].T, out=gram)
-            return _reduce_tile_cpp(gram, rows, cols, k)
-
-        return reduce_blas
+    blas = not _C.gram_available() or (tiles >= PROBE_MIN_TILES and not _engine_faster(mt, min(tile, c)))
     buf = torch.empty(min(tile, c) ** 2, dtype=torch.float64)  # one tile's Gram block, reused
 
     def reduce(rows, cols):
         gram = buf[: (rows.stop - rows.start) * (cols.stop - cols.start)].view(rows.stop - rows.start, -1)
-        _C.gram_nt(mt[rows].numpy(), mt[cols].numpy(), gram.numpy(), torch.get_num_threads())
+        if blas:
+            torch.mm(mt[rows], mt[cols].T, out=gram)
+        else:
+            _C.gram_nt(mt[rows].numpy(), mt[cols].numpy(), gram.numpy(), torch.get_num_threads())
         return _reduce_tile_cpp(gram, rows, cols, k)
 
     return reduce
