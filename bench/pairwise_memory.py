@@ -49,10 +49,13 @@ def main(argv=None) -> None:
     flops = float(c) * (c + 1) * d  # one triangle of the C x C Gram matrix
     mt = moments.centred_means("balanced").contiguous()
     tiles = list(_tiles(c, DEFAULT_TILE))[:6]
-    t1 = time.perf_counter()
-    for r, q in tiles:
-        mt[r] @ mt[q].T
-    mm_rate = sum(2.0 * (r.stop - r.start) * (q.stop - q.start) * d for r, q in tiles) / (time.perf_counter() - t1)
+    mm_seconds = float("inf")
+    for _ in range(3):  # the best of three passes: the reference rate is not understated by a slow pass
+        t1 = time.perf_counter()
+        for r, q in tiles:
+            mt[r] @ mt[q].T
+        mm_seconds = min(mm_seconds, time.perf_counter() - t1)
+    mm_rate = sum(2.0 * (r.stop - r.start) * (q.stop - q.start) * d for r, q in tiles) / mm_seconds
     print(f"C={c} D={d}: class_pair_stats {seconds:.2f} s, {flops / seconds / 1e9:.1f} GFLOP/s "
           f"(torch.mm on the same {DEFAULT_TILE}-tiles {mm_rate / 1e9:.1f} GFLOP/s: "
           f"{100 * flops / seconds / mm_rate:.0f}%), peak RSS growth {growth_mb:.0f} MB, "

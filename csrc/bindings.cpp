@@ -224,7 +224,7 @@ PYBIND11_MODULE(_C, m) {
         "Whether ncc_sweep offers this precision ('fp32' always, 'bf16' with AVX512-BF16).");
   m.def(
       "reduce_pair_tile",
-      [](py::array_t<double, py::array::c_style> gram, bool diagonal, py::array_t<double, py::array::c_style> sq_r,
+      [](py::array_t<double, py::array::c_style> gram, py::array_t<double, py::array::c_style> sq_r,
          py::array_t<double, py::array::c_style> sq_c, py::array_t<double, py::array::c_style> norm_r,
          py::array_t<double, py::array::c_style> norm_c, py::array_t<double, py::array::c_style> var_r,
          py::array_t<double, py::array::c_style> var_c, py::object sup_r, py::object sup_c, double g,
@@ -241,9 +241,8 @@ PYBIND11_MODULE(_C, m) {
         need(best_r, t1, "best_r"); need(idx_r, t1, "idx_r");
         need(sq_c, t2, "sq_c"); need(norm_c, t2, "norm_c"); need(var_c, t2, "var_c");
         need(best_c, t2, "best_c"); need(idx_c, t2, "idx_c");
-        if (diagonal && t1 != t2) throw std::invalid_argument("gram: a diagonal tile must be square");
         py::array_t<int64_t, py::array::c_style | py::array::forcecast> sr, sc;
-        PairTile t{gram.data(), t1, t2, diagonal, sq_r.data(), sq_c.data(), norm_r.data(), norm_c.data(),
+        PairTile t{gram.data(), t1, t2, sq_r.data(), sq_c.data(), norm_r.data(), norm_c.data(),
                    var_r.data(), var_c.data(), nullptr, nullptr, g, etf_diag, etf_offdiag, mean_cos, etf_cos};
         if (!sup_r.is_none()) {
           sr = sup_r.cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();

@@ -1,7 +1,9 @@
 // Fused reduction of one tile of class pairs: every pair statistic of ncfast.pairwise in one
-// sweep over the tile of G = Mt Mt^T (computed by the caller's BLAS), instead of a dozen
-// elementwise passes. Rows are split across threads; each thread keeps its own sums and column
-// minima, combined afterwards in thread order.
+// sweep over the tile of G = Mt Mt^T (computed by the caller's BLAS or Gram engine), instead of a
+// dozen elementwise passes. Only the pairs above the diagonal of G count (global column > global
+// row), so a tile may be a row strip of a diagonal block whose lower part was never computed.
+// Rows are split across threads; each thread keeps its own sums and column minima, combined
+// afterwards.
 #include "pairwise.h"
 
 #include "common.h"
@@ -21,18 +23,19 @@ namespace ncfast {
 #if defined(__AVX512F__)
 namespace {
 
-// Running sums of one row's sweep, eight lanes each; the row minimum keeps its first column per lane.
+// Running sums of one row's sweep, eight lanes each; the row minimum keeps its first column per
+// lane (INT64_MAX in a lane that never took a value).
 struct RowAcc {
   __m512d resid, cos_dev, coh, dist, rsum, low;
   __m512i low_j;
 };
 
 // Columns [jb, je) of row i in one pass (AVX-512): the squared distance of each pair is formed in a
-// register and feeds the row minimum (always), the pair sums and the CDNV ratios written to rr
-// (kSums), and the column minima of an off-diagonal tile (kCols). The separate vectorised loops of
-// the generic path read and wrote an 8 KiB row buffer five times, and GCC turned some into
-// emulated gathers: 1.16 ms per 1008 x 1008 tile on two Xeon threads.
-template <bool kSums, bool kCols>
+// register and feeds the row minimum, the column minima, the pair sums and the CDNV ratios written
+// to rr. The generic path's separate loops read and wrote an 8 KiB row buffer five times, and GCC
+// turned some of them into emulated gathers (1.16 against 0.53 ms per 1008 x 1008 tile, two Xeon
+// threads). A Markstein reciprocal in place of the division measured slower (0.60 ms): the sweep
+// is bound by its issue ports, not by the divider.
 inline void sweep_row(const PairTile& t, const double* grow, const double* inv_nc, double sqi, double inv_ni,
                       double vi, int64_t gi, int64_t jb, int64_t je, double* rr, double* cbest, int64_t* cidx,
                       RowAcc& a) {
@@ -52,24 +55,20 @@ inline void sweep_row(const PairTile& t, const double* grow, const double* inv_n
     a.low = _mm512_mask_mov_pd(a.low, lt, dd);
     a.low_j = _mm512_mask_mov_epi64(a.low_j, lt, jv);
     jv = _mm512_add_epi64(jv, eight);
-    if (kCols) {
-      const __mmask8 better = _mm512_mask_cmp_pd_mask(m, dd, _mm512_loadu_pd(cbest + j), _CMP_LT_OQ);
-      _mm512_mask_storeu_pd(cbest + j, better, dd);
-      _mm512_mask_storeu_epi64(cidx + j, better, vgi);
-    }
-    if (kSums) {
-      const __m512d r = _mm512_fmsub_pd(g, vinv_g, voff);
-      a.resid = _mm512_mask3_fmadd_pd(r, r, a.resid, m);
-      const __m512d cs = _mm512_mul_pd(_mm512_mul_pd(g, vinv_ni), _mm512_maskz_loadu_pd(m, inv_nc + j));
-      const __m512d cd = _mm512_sub_pd(cs, vmean);
-      a.cos_dev = _mm512_mask3_fmadd_pd(cd, cd, a.cos_dev, m);
-      a.coh = _mm512_mask_add_pd(a.coh, m, a.coh, _mm512_abs_pd(_mm512_add_pd(cs, vetf)));
-      const __m512d vs = _mm512_add_pd(vvi, _mm512_maskz_loadu_pd(m, t.var_c + j));
-      a.dist = _mm512_mask_add_pd(a.dist, m, a.dist, _mm512_add_pd(dd, vs));
-      const __m512d ratio = _mm512_div_pd(vs, _mm512_add_pd(dd, dd));
-      _mm512_mask_storeu_pd(rr + j, m, ratio);
-      a.rsum = _mm512_mask_add_pd(a.rsum, m, a.rsum, ratio);
-    }
+    const __mmask8 better = _mm512_mask_cmp_pd_mask(m, dd, _mm512_maskz_loadu_pd(m, cbest + j), _CMP_LT_OQ);
+    _mm512_mask_storeu_pd(cbest + j, better, dd);
+    _mm512_mask_storeu_epi64(cidx + j, better, vgi);
+    const __m512d r = _mm512_fmsub_pd(g, vinv_g, voff);
+    a.resid = _mm512_mask3_fmadd_pd(r, r, a.resid, m);
+    const __m512d cs = _mm512_mul_pd(_mm512_mul_pd(g, vinv_ni), _mm512_maskz_loadu_pd(m, inv_nc + j));
+    const __m512d cd = _mm512_sub_pd(cs, vmean);
+    a.cos_dev = _mm512_mask3_fmadd_pd(cd, cd, a.cos_dev, m);
+    a.coh = _mm512_mask_add_pd(a.coh, m, a.coh, _mm512_abs_pd(_mm512_add_pd(cs, vetf)));
+    const __m512d vs = _mm512_add_pd(vvi, _mm512_maskz_loadu_pd(m, t.var_c + j));
+    a.dist = _mm512_mask_add_pd(a.dist, m, a.dist, _mm512_add_pd(dd, vs));
+    const __m512d ratio = _mm512_div_pd(vs, _mm512_add_pd(dd, dd));
+    _mm512_mask_storeu_pd(rr + j, m, ratio);
+    a.rsum = _mm512_mask_add_pd(a.rsum, m, a.rsum, ratio);
   }
 }
 
@@ -109,17 +108,24 @@ inline double sum_sq_dev(const double* x, int64_t n, double m) {
 #endif
 }
 
+// (value, index) replaces (best, best_idx) if smaller, or equal with a lower index: the nearest
+// class is the lowest index among equal distances whatever order the candidates arrive in.
+inline bool lex_less(double v, int64_t idx, double best, int64_t best_idx) {
+  return v < best || (v == best && idx >= 0 && (best_idx < 0 || idx < best_idx));
+}
+
 }  // namespace
 
 
 PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double* best_r, int64_t* idx_r,
                           double* best_c, int64_t* idx_c, int num_threads) {
   const double inf = std::numeric_limits<double>::infinity();
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
   const int threads = region_threads(num_threads, t.t1);
   std::vector<PairSums> part(threads);
-  // Column minima per thread (off-diagonal tiles only): merged in thread order = row order.
-  std::vector<double> cbest(t.diagonal ? 0 : static_cast<size_t>(threads) * t.t2, inf);
-  std::vector<int64_t> cidx(t.diagonal ? 0 : static_cast<size_t>(threads) * t.t2, -1);
+  // Column minima per thread, merged afterwards.
+  std::vector<double> cbest(static_cast<size_t>(threads) * t.t2, inf);
+  std::vector<int64_t> cidx(static_cast<size_t>(threads) * t.t2, -1);
   // Divisions by the norms become products with their inverses (one division per column, not per
   // pair); the CDNV ratio keeps its division.
   std::vector<double> inv_nc(t.t2);
@@ -132,8 +138,8 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
   {
     const int tid = thread_id();
     PairSums& s = part[tid];
-    double* my_cbest = t.diagonal ? nullptr : cbest.data() + static_cast<size_t>(tid) * t.t2;
-    int64_t* my_cidx = t.diagonal ? nullptr : cidx.data() + static_cast<size_t>(tid) * t.t2;
+    double* my_cbest = cbest.data() + static_cast<size_t>(tid) * t.t2;
+    int64_t* my_cidx = cidx.data() + static_cast<size_t>(tid) * t.t2;
     // Row i's CDNV ratios, for their second (deviation) pass. The generic path also keeps the row's
     // squared distances, computed once and read by its later sweeps (each a loop the compiler
     // vectorises: 4.3 -> 1.2 ms per 1008 x 1008 tile on two Xeon threads).
@@ -141,27 +147,23 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
 #if !defined(__AVX512F__)
     std::vector<double> d2(t.t2);
 #endif
+    // Rows in interleaved blocks of 8: a tile that crosses the diagonal has rows of unequal length.
 #ifdef NCFAST_WITH_OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 8)
 #endif
     for (int64_t i = 0; i < t.t1; ++i) {
+      const int64_t gi = row0 + i;
       const double* grow = t.gram + i * t.t2;
       const double sqi = t.sq_r[i], inv_ni = 1.0 / t.norm_r[i], vi = t.var_r[i];
-      const int64_t j0 = t.diagonal ? i + 1 : 0;
+      // the pairs of row i: global column above gi
+      const int64_t j0 = std::min(t.t2, std::max<int64_t>(0, gi + 1 - col0));
       double* rr = ratio.data();
       double resid, cos_dev, coh, dist, rsum, low;
       int64_t low_j;
 #if defined(__AVX512F__)
       RowAcc a{_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(),
-               _mm512_setzero_pd(), _mm512_set1_pd(inf), _mm512_setzero_si512()};
-      if (t.diagonal) {
-        // the row minimum skips column i; the pairs are j > i
-        sweep_row<false, false>(t, grow, inv_nc.data(), sqi, inv_ni, vi, row0 + i, 0, i, rr, nullptr, nullptr, a);
-        sweep_row<true, false>(t, grow, inv_nc.data(), sqi, inv_ni, vi, row0 + i, i + 1, t.t2, rr, nullptr, nullptr,
-                               a);
-      } else {
-        sweep_row<true, true>(t, grow, inv_nc.data(), sqi, inv_ni, vi, row0 + i, 0, t.t2, rr, my_cbest, my_cidx, a);
-      }
+               _mm512_setzero_pd(), _mm512_set1_pd(inf), _mm512_set1_epi64(kNone)};
+      sweep_row(t, grow, inv_nc.data(), sqi, inv_ni, vi, gi, j0, t.t2, rr, my_cbest, my_cidx, a);
       resid = _mm512_reduce_add_pd(a.resid);
       cos_dev = _mm512_reduce_add_pd(a.cos_dev);
       coh = _mm512_reduce_add_pd(a.coh);
@@ -173,7 +175,7 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
 #else
       double* dd = d2.data();
 #pragma omp simd
-      for (int64_t j = 0; j < t.t2; ++j) dd[j] = std::max(sqi + t.sq_c[j] - 2.0 * grow[j], 0.0);
+      for (int64_t j = j0; j < t.t2; ++j) dd[j] = std::max(sqi + t.sq_c[j] - 2.0 * grow[j], 0.0);
       resid = cos_dev = coh = dist = rsum = 0;
 #pragma omp simd reduction(+ : resid, cos_dev, coh, dist, rsum)
       for (int64_t j = j0; j < t.t2; ++j) {
@@ -188,31 +190,25 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
         rr[j] = vs / (2.0 * dd[j]);
         rsum += rr[j];
       }
-      if (!t.diagonal) {
-        const int64_t gi = row0 + i;
 #pragma omp simd
-        for (int64_t j = 0; j < t.t2; ++j) {
-          const bool better = dd[j] < my_cbest[j];
-          my_cbest[j] = better ? dd[j] : my_cbest[j];
-          my_cidx[j] = better ? gi : my_cidx[j];
-        }
+      for (int64_t j = j0; j < t.t2; ++j) {
+        const bool better = dd[j] < my_cbest[j];
+        my_cbest[j] = better ? dd[j] : my_cbest[j];
+        my_cidx[j] = better ? gi : my_cidx[j];
       }
-      // Nearest other class of row i: all columns of the tile (both sides of the diagonal); the
-      // smallest value first, then its first column (the lowest index among ties).
-      if (t.diagonal) dd[i] = inf;
       // Eight running minima, folded at the end: GCC keeps `low = std::min(low, dd[j])` a scalar
       // chain (4 cycles per pair), even under omp simd.
       double lows[8] = {inf, inf, inf, inf, inf, inf, inf, inf};
-      int64_t j8 = 0;
+      int64_t j8 = j0;
       for (; j8 + 8 <= t.t2; j8 += 8)
 #pragma omp simd
         for (int l = 0; l < 8; ++l) lows[l] = dd[j8 + l] < lows[l] ? dd[j8 + l] : lows[l];
       for (; j8 < t.t2; ++j8) lows[0] = dd[j8] < lows[0] ? dd[j8] : lows[0];
       low = lows[0];
       for (int l = 1; l < 8; ++l) low = lows[l] < low ? lows[l] : low;
-      low_j = 0;
-      if (low < best_r[i])
-        while (dd[low_j] != low) ++low_j;
+      low_j = kNone;  // as in the AVX-512 sweep, only finite distances are candidates; the scan
+      if (low < inf && low <= best_r[i])  // for its column only where it can win
+        for (low_j = j0; dd[low_j] != low;) ++low_j;
 #endif
       if (t.sup_r) {
         double msdr = 0;
@@ -231,15 +227,17 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
         const double rm2 = sum_sq_dev(rr + j0, cnt, rmean);
         chan_merge(s.cdnv_n, &s.cdnv_mean, s.cdnv_m2, cnt, &rmean, rm2, 1);
       }
-      if (t.diagonal) {
-        const double r = grow[i] * inv_g - t.etf_diag;
+      if (gi >= col0 && gi < col0 + t.t2) {  // G_ii, the diagonal of G, enters nc2 once
+        const double r = grow[gi - col0] * inv_g - t.etf_diag;
         s.resid += r * r;
       }
       s.resid += 2.0 * resid;
       s.cos_dev += 2.0 * cos_dev;
       s.coh += 2.0 * coh;
       s.dist += dist;
-      if (low < best_r[i]) {
+      // Nearest other class of row i among the columns above it; those below reach it as column
+      // minima of this or earlier tiles.
+      if (low_j != kNone && lex_less(low, col0 + low_j, best_r[i], idx_r[i])) {
         best_r[i] = low;
         idx_r[i] = col0 + low_j;
       }
@@ -256,14 +254,13 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
     out.msdr_n += s.msdr_n;
     chan_merge(out.cdnv_n, &out.cdnv_mean, out.cdnv_m2, s.cdnv_n, &s.cdnv_mean, s.cdnv_m2, 1);
   }
-  if (!t.diagonal) {
-    for (int tid = 0; tid < threads; ++tid) {
-      for (int64_t j = 0; j < t.t2; ++j) {
-        const double v = cbest[static_cast<size_t>(tid) * t.t2 + j];
-        if (v < best_c[j]) {
-          best_c[j] = v;
-          idx_c[j] = cidx[static_cast<size_t>(tid) * t.t2 + j];
-        }
+  // Column minima, after the rows' own updates: best_c may be best_r (a tile on the diagonal).
+  for (int tid = 0; tid < threads; ++tid) {
+    for (int64_t j = 0; j < t.t2; ++j) {
+      const size_t at = static_cast<size_t>(tid) * t.t2 + j;
+      if (lex_less(cbest[at], cidx[at], best_c[j], idx_c[j])) {
+        best_c[j] = cbest[at];
+        idx_c[j] = cidx[at];
       }
     }
   }

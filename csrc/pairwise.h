@@ -4,11 +4,13 @@
 
 namespace ncfast {
 
-// Inputs of one tile of class pairs: rows I x columns J of G = Mt Mt^T (row-major, t1 x t2).
+// Inputs of one tile of class pairs: rows I x columns J of G = Mt Mt^T (row-major, t1 x t2), the
+// classes row0 + i and col0 + j (reduce_pair_tile's offsets). Only the pairs with col0 + j >
+// row0 + i count, and G_ii enters nc2 once where the tile holds it: a tile on the diagonal of G may
+// be any row strip of it, its entries below the diagonal never read.
 struct PairTile {
   const double* gram;
   int64_t t1, t2;
-  bool diagonal;                   // I == J: only pairs j > i count (the diagonal enters nc2 once)
   const double *sq_r, *sq_c;       // ||Mt_i||^2
   const double *norm_r, *norm_c;   // ||Mt_i||
   const double *var_r, *var_c;     // v_i
@@ -27,9 +29,10 @@ struct PairSums {
   double cdnv_mean = 0, cdnv_m2 = 0;
 };
 
-// Reduces one tile and updates the running nearest other class of its rows (best_r/idx_r, by
-// ||mu_i - mu_j||^2, global column index col0 + j) and, off the diagonal, of its columns.
-// Strictly smaller wins, so among equal distances the lowest index (visited first) stays.
+// Reduces one tile and updates the running nearest other class (by ||mu_i - mu_j||^2, as a global
+// index) of its rows (best_r/idx_r, from the pairs' columns) and of its columns (best_c/idx_c, from
+// the pairs' rows); on a diagonal tile the two may be the same arrays. A smaller distance wins,
+// and among equal ones the lower index, whatever order the tiles come in.
 PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double* best_r, int64_t* idx_r,
                           double* best_c, int64_t* idx_c, int num_threads);
 

@@ -68,9 +68,25 @@ def test_near_etf_keeps_digits():
         assert got[k] == pytest.approx(want, rel=1e-6), k
 
 
+@pytest.fixture
+def narrow_strips(monkeypatch):
+    """The C++ path's diagonal blocks as row strips of any height (not whole register tiles), so
+    small tests reach strips that start inside a block."""
+    from ncfast import pairwise
+
+    def use(strips):
+        monkeypatch.setattr(pairwise, "DIAGONAL_STRIPS", strips)
+        monkeypatch.setattr(pairwise, "STRIP_ALIGN", 1)
+
+    return use
+
+
+@pytest.mark.parametrize("strips", [1, 2, 3, 7])
 @pytest.mark.parametrize("tile", [1, 2, 3, 8])
-def test_nearest_class_ties_go_to_the_lowest_index(tile):
-    """Means on a line at 0, 1, 2, ...: every inner class has two nearest neighbours at distance 1."""
+def test_nearest_class_ties_go_to_the_lowest_index(tile, strips, narrow_strips):
+    """Means on a line at 0, 1, 2, ...: every inner class has two nearest neighbours at distance 1,
+    one seen from its row and one from its column (of the same strip, or of another)."""
+    narrow_strips(strips)
     c = 7
     y = torch.arange(c).repeat(3)
     x = torch.zeros(len(y), 3, dtype=torch.float64)
@@ -96,6 +112,64 @@ def test_thread_count_changes_pair_stats_only_by_rounding(backend):
     assert torch.equal(one.nearest_class, two.nearest_class)
 
 
+@pytest.mark.parametrize("strips", [2, 3, 5])
+@pytest.mark.parametrize("tile", [13, 130])
+def test_diagonal_blocks_as_row_strips(tile, strips, narrow_strips):
+    """C++ path: diagonal blocks reduced as row strips that start at the diagonal (their lower
+    parts never formed) give the reference's statistics and nearest classes."""
+    narrow_strips(strips)
+    x, y, c = make_data(n=2600, d=7, c=130, absent=(3, 77), seed=21)
+    superclass = torch.arange(c) % 5
+    m = ncfast.class_moments(x, y)
+    got = ncfast.metrics_from_moments(m, superclass=superclass, tile=tile)
+    for k in ("cdnv", "nc2_etf", "equiangularity", "coherence"):
+        want = ref.cdnv(x, y) if k == "cdnv" else getattr(ref, k)(x, y)
+        assert got[k] == pytest.approx(want, rel=1e-9), k
+    assert got["msdr"] == pytest.approx(ref.msdr(x, y, superclass), rel=1e-9)
+    stats = class_pair_stats(m, tile=tile)
+    means = ref.class_means(x, y)
+    d2 = ((means[:, None, :] - means[None, :, :]) ** 2).sum(-1)
+    present = np.array([k for k in range(c) if k not in (3, 77)])
+    sub = d2[np.ix_(present, present)]
+    np.fill_diagonal(sub, np.inf)
+    assert stats.nearest_class[present].tolist() == present[sub.argmin(1)].tolist()
+    np.testing.assert_allclose(stats.nearest_sq_distance[present].numpy(), sub.min(1), rtol=1e-9)
+
+
+def test_tile_reducer_takes_any_row_strip():
+    """_C.reduce_pair_tile on a diagonal block cut into strips of uneven heights, each from the
+    diagonal rightwards, sums to what the torch reducer gives for the whole block."""
+    from ncfast import pairwise
+
+    x, y, c = make_data(n=1500, d=9, c=61, seed=22)
+    m = ncfast.class_moments(x, y)
+    mt = m.centred_means("balanced")
+    sq = mt.square().sum(1)
+
+    def context():
+        return pairwise._Context(
+            sq=sq, norms=sq.sqrt(), var=m.variances.clone(), sup=torch.arange(c) % 3, g=float(torch.linalg.norm(mt @ mt.T)),
+            etf_diag=0.11, etf_offdiag=-0.02, mean_cos=0.01, etf_cos=1.0 / (c - 1),
+            best=torch.full((c,), float("inf"), dtype=torch.float64), best_idx=torch.full((c,), -1, dtype=torch.int64))
+
+    whole = slice(0, c)
+    k_ref = context()
+    want = pairwise._reduce_tile_torch(mt @ mt.T, whole, whole, k_ref)
+    k = context()
+    got = None
+    for lo, hi in [(0, 1), (1, 17), (17, 18), (18, 50), (50, 61)]:
+        rows, cols = slice(lo, hi), slice(lo, c)
+        part = pairwise._reduce_tile_cpp((mt[rows] @ mt[cols].T).contiguous(), rows, cols, k)
+        got = part if got is None else pairwise._merge_sums(got, part)
+    for key in ("resid", "cos_dev", "coh", "dist", "msdr_sum"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert got["msdr_n"] == want["msdr_n"]
+    assert got["cdnv"][0] == want["cdnv"][0]
+    assert got["cdnv"][1:] == pytest.approx(want["cdnv"][1:], rel=1e-12)
+    assert torch.equal(k.best_idx, k_ref.best_idx)
+    torch.testing.assert_close(k.best, k_ref.best, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("tile", [48, 50])
 def test_many_classes_whole_and_ragged_gram_tiles(tile):
     """C = 130 classes: tiles of 48 are whole 12 x 16 register tiles (the C++ Gram engine writes them
@@ -109,19 +183,21 @@ def test_many_classes_whole_and_ragged_gram_tiles(tile):
     assert got["msdr"] == pytest.approx(ref.msdr(x, y, superclass), rel=1e-9)
 
 
-@pytest.mark.parametrize("engine_faster", [True, False])
+@pytest.mark.parametrize("engine_faster", [True, False, None])
 def test_tile_products_from_the_engine_or_blas_agree(monkeypatch, backend, engine_faster):
     """On the C++ path the tile products come from the Gram engine or from torch.mm, whichever a
-    one-off timing found faster (pairwise._engine_faster): both choices give the reference's
-    numbers and the same nearest classes. The timing's verdict is forced here."""
+    timing of the pass's first full tiles found faster (pairwise._TileProducts): both choices, and
+    the pass that times them, give the reference's numbers and the same nearest classes. The
+    verdict is forced here (None: no verdict yet, the pass times both)."""
     from ncfast import pairwise
 
     x, y, c = make_data(n=2600, d=19, c=130, seed=9)
     m = ncfast.class_moments(x, y)
-    timed = []
-    monkeypatch.setattr(pairwise, "_engine_faster", lambda mt, side: timed.append(side) or engine_faster)
+    key = (40, 19, torch.get_num_threads())
+    monkeypatch.setattr(pairwise, "_ENGINE_FASTER", {} if engine_faster is None else {key: engine_faster})
     got = pairwise.class_pair_stats(m, tile=40)  # 4 x 4 tiles: 10 of the upper triangle, above PROBE_MIN_TILES
-    assert timed == ([40] if backend == "cpp" and ncfast._C.gram_available() else [])
+    if backend == "cpp" and ncfast._C.gram_available():
+        assert key in pairwise._ENGINE_FASTER  # a verdict now, timed or forced
     for k in ("cdnv", "nc2_etf", "equiangularity", "coherence"):
         want = ref.cdnv(x, y) if k == "cdnv" else getattr(ref, k)(x, y)
         assert getattr(got, k) == pytest.approx(want, rel=1e-9), k
@@ -131,15 +207,30 @@ def test_tile_products_from_the_engine_or_blas_agree(monkeypatch, backend, engin
     assert got.nearest_class.tolist() == d2.argmin(1).tolist()
 
 
-def test_engine_probe_remembers_its_verdict(monkeypatch):
-    """_engine_faster times both products once per (side, D, threads) and keeps the answer."""
+def test_product_timing_uses_the_pass_tiles_and_is_remembered(monkeypatch, backend):
+    """Without a verdict the pass times the engine (twice, the first its warm-up) and torch.mm
+    (once) on its own full tiles, forms every product exactly once, and keeps the verdict for
+    (side, D, threads): the next pass times nothing."""
     from ncfast import pairwise
 
-    monkeypatch.setattr(pairwise, "_ENGINE_FASTER", {})
-    mt = torch.randn(64, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if backend != "cpp":
+        pytest.skip("the torch reducer forms its products with @ and times nothing")
     if not ncfast._C.gram_available():
-        pytest.skip("this build has no Gram engine: BLAS forms every tile, nothing to probe")
-    first = pairwise._engine_faster(mt, 32)
-    assert pairwise._ENGINE_FASTER == {(32, 24, torch.get_num_threads()): first}
-    monkeypatch.setattr(pairwise._C, "gram_nt", lambda *a: pytest.fail("timed twice"))
-    assert pairwise._engine_faster(mt, 32) == first
+        pytest.skip("this build has no Gram engine: BLAS forms every tile, nothing to time")
+    monkeypatch.setattr(pairwise, "_ENGINE_FASTER", {})
+    monkeypatch.setattr(pairwise, "DIAGONAL_STRIPS", 1)  # whole blocks: every product a full tile
+    calls = []
+    gram_nt, mm = pairwise._C.gram_nt, torch.mm
+    monkeypatch.setattr(pairwise._C, "gram_nt", lambda *a: calls.append("engine") or gram_nt(*a))
+    monkeypatch.setattr(pairwise.torch, "mm", lambda *a, **kw: calls.append("blas") or mm(*a, **kw))
+    x, y, c = make_data(n=2600, d=19, c=130, seed=9)
+    m = ncfast.class_moments(x, y)
+    pairwise.class_pair_stats(m, tile=40)
+    key = (40, 19, torch.get_num_threads())
+    verdict = pairwise._ENGINE_FASTER[key]
+    assert len(calls) == 10  # the 10 tiles of the upper triangle (4 x 4 tiles), none twice
+    assert calls[:3] == ["engine", "engine", "blas"]
+    assert set(calls[3:]) == {"engine" if verdict else "blas"}
+    calls.clear()
+    pairwise.class_pair_stats(m, tile=40)
+    assert calls == ["engine" if verdict else "blas"] * 10

@@ -13,6 +13,7 @@ norm ||G||_F = ||Mt^T Mt||_F comes first from the smaller Gram, so one pass over
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -81,17 +82,25 @@ class _Context:
     best: torch.Tensor
     best_idx: torch.Tensor
 
+    @functools.cached_property
+    def arrays(self) -> dict:
+        """The per-class vectors as numpy arrays sharing their memory (CPU tensors only)."""
+        names = ("sq", "norms", "var", "sup", "best", "best_idx")
+        return {n: None if getattr(self, n) is None else getattr(self, n).numpy() for n in names}
+
 
 def _reduce_tile_cpp(gram: torch.Tensor, rows: slice, cols: slice, k: _Context) -> dict:
-    """The fused C++ sweep over one tile (csrc/pairwise.cpp)."""
+    """The fused C++ sweep over one tile (csrc/pairwise.cpp): the pairs with global column above
+    global row, so rows x cols may be a row strip of a diagonal block."""
+    a = k.arrays  # numpy views, sliced without a torch view and a .numpy() per array and tile
     sup_r = sup_c = None
-    if k.sup is not None:
-        sup_r, sup_c = k.sup[rows].numpy(), k.sup[cols].numpy()
+    if a["sup"] is not None:
+        sup_r, sup_c = a["sup"][rows], a["sup"][cols]
     return _C.reduce_pair_tile(
-        gram.numpy(), rows.start == cols.start, k.sq[rows].numpy(), k.sq[cols].numpy(), k.norms[rows].numpy(),
-        k.norms[cols].numpy(), k.var[rows].numpy(), k.var[cols].numpy(), sup_r, sup_c, k.g, k.etf_diag,
-        k.etf_offdiag, k.mean_cos, k.etf_cos, rows.start, cols.start, k.best[rows].numpy(),
-        k.best_idx[rows].numpy(), k.best[cols].numpy(), k.best_idx[cols].numpy(), torch.get_num_threads())
+        gram.numpy(), a["sq"][rows], a["sq"][cols], a["norms"][rows], a["norms"][cols], a["var"][rows],
+        a["var"][cols], sup_r, sup_c, k.g, k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, rows.start,
+        cols.start, a["best"][rows], a["best_idx"][rows], a["best"][cols], a["best_idx"][cols],
+        torch.get_num_threads())
 
 
 def _reduce_tile_triton(mt: torch.Tensor, rows: slice, cols: slice, k: _Context) -> dict:
@@ -158,39 +167,63 @@ def _reduce_tile_torch(gram: torch.Tensor, rows: slice, cols: slice, k: _Context
     return out
 
 
+DIAGONAL_STRIPS = 3
+"""Row strips per diagonal block in the C++ path: 3 forms 2/3 of the block's products (the strips
+start at the diagonal), and a 336-row strip still runs at 94% of torch.mm's full-tile rate."""
+STRIP_ALIGN = 48
+"""Strip heights are multiples of this: whole register tiles of the C++ Gram engine (12 x 16)."""
+
 # (tile side, D, threads) -> whether the C++ Gram engine formed a tile faster than torch.mm (BLAS)
 # when this process first timed both: on a Zen 5 the engine won, on a Xeon MKL's dgemm does
 # (163 against 131 GFLOP/s at 1008 x 1008 x 512).
 _ENGINE_FASTER: dict[tuple[int, int, int], bool] = {}
 
-# Below this many tiles the product is not timed (the engine is used): the probe would cost more
-# than it could save.
+# Below this many tiles the products are not timed (the engine forms them): the slower choice on
+# the timed tiles could cost more than the right choice saves on the rest.
 PROBE_MIN_TILES = 6
 
 
-def _engine_faster(mt: torch.Tensor, side: int) -> bool:
-    """Time one side x side x D tile product through the C++ Gram engine and through torch.mm, once
-    per process and shape, and remember which was faster (both give the same float64 products up
-    to rounding, and the reducer after them is the same)."""
-    key = (side, mt.shape[1], torch.get_num_threads())
-    if key not in _ENGINE_FASTER:
-        a, b = mt[:side], mt[-side:]
-        out = torch.empty(side, side, dtype=torch.float64)
-        best = {}
-        for name, fn in (("engine", lambda: _C.gram_nt(a.numpy(), b.numpy(), out.numpy(), torch.get_num_threads())),
-                         ("blas", lambda: torch.mm(a, b.T, out=out))):
-            fn()  # warm: pages, code, BLAS threads
-            t0 = time.perf_counter()
-            fn()
-            best[name] = time.perf_counter() - t0
-        _ENGINE_FASTER[key] = best["engine"] <= best["blas"]
-    return _ENGINE_FASTER[key]
+class _TileProducts:
+    """Forms tile products G[rows, cols] = Mt[rows] Mt[cols]^T into a given buffer, by the C++ Gram
+    engine or by torch.mm (BLAS): both give the same float64 products up to rounding. Where this
+    process has no verdict for (tile side, D, threads) yet, the pass's own first full tiles time the
+    two: the engine's first one untimed (its warm-up), its second, then torch.mm's first (BLAS
+    warmed by the diagonal strips before it); the faster one forms the rest and is remembered in
+    _ENGINE_FASTER. No product is formed twice: the timing costs only the slower choice's excess
+    on two tiles. (A separate probe on spare tiles took 30 ms of the 1.6 s pass at C = 20,000.)"""
+
+    def __init__(self, mt: torch.Tensor, side: int, tiles: int):
+        self.mt, self.side = mt, side
+        self.key = (side, mt.shape[1], torch.get_num_threads())
+        self.seconds: dict[str, list[float]] = {"engine": [], "blas": []}
+        if not _C.gram_available():
+            self.engine = False
+        elif tiles < PROBE_MIN_TILES:
+            self.engine = True
+        else:
+            self.engine = _ENGINE_FASTER.get(self.key)  # None: time it on this pass's tiles
+
+    def __call__(self, rows: slice, cols: slice, out: torch.Tensor) -> None:
+        engine, timing = self.engine, False
+        if engine is None and out.shape == (self.side, self.side):
+            timing = True
+            engine = len(self.seconds["engine"]) < 2
+        t0 = time.perf_counter()
+        if engine:
+            _C.gram_nt(self.mt[rows].numpy(), self.mt[cols].numpy(), out.numpy(), torch.get_num_threads())
+        else:
+            torch.mm(self.mt[rows], self.mt[cols].T, out=out)
+        if timing:
+            self.seconds["engine" if engine else "blas"].append(time.perf_counter() - t0)
+            if self.seconds["blas"]:
+                self.engine = self.seconds["engine"][-1] <= self.seconds["blas"][0]
+                _ENGINE_FASTER[self.key] = self.engine
 
 
 def _tile_reducer(mt: torch.Tensor, c: int, tile: int, k: _Context):
     """(rows, cols) -> the tile's sums, for mt's backend: Triton forms the Gram block in the kernel;
-    the C++ reducer takes it from the C++ Gram engine or from torch.mm (BLAS), whichever formed a
-    tile faster on this machine (_engine_faster; BLAS without AVX-512); the torch reducer from
+    the C++ reducer takes it from the C++ Gram engine or from torch.mm (BLAS), whichever forms a
+    tile faster on this machine (_TileProducts; BLAS without AVX-512); the torch reducer from
     torch.mm."""
     backend = _dispatch.backend_for(mt)
     if backend == "triton":
@@ -198,19 +231,51 @@ def _tile_reducer(mt: torch.Tensor, c: int, tile: int, k: _Context):
     if backend != "cpp":
         return lambda rows, cols: _reduce_tile_torch(mt[rows] @ mt[cols].T, rows, cols, k)
     mt = mt.contiguous()
-    tiles = -(-c // tile) * (-(-c // tile) + 1) // 2
-    blas = not _C.gram_available() or (tiles >= PROBE_MIN_TILES and not _engine_faster(mt, min(tile, c)))
-    buf = torch.empty(min(tile, c) ** 2, dtype=torch.float64)  # one tile's Gram block, reused
+    side = min(tile, c)
+    products = _TileProducts(mt, side, -(-c // tile) * (-(-c // tile) + 1) // 2)
+    buf = torch.empty(side * side, dtype=torch.float64)  # one tile's Gram block, reused
 
-    def reduce(rows, cols):
+    def product_and_sums(rows, cols):
         gram = buf[: (rows.stop - rows.start) * (cols.stop - cols.start)].view(rows.stop - rows.start, -1)
-        if blas:
-            torch.mm(mt[rows], mt[cols].T, out=gram)
-        else:
-            _C.gram_nt(mt[rows].numpy(), mt[cols].numpy(), gram.numpy(), torch.get_num_threads())
+        products(rows, cols, gram)
         return _reduce_tile_cpp(gram, rows, cols, k)
 
+    def reduce(rows, cols):
+        if rows.start != cols.start:
+            return product_and_sums(rows, cols)
+        # A diagonal block as row strips from the diagonal rightwards: the products below the
+        # diagonal, which no statistic reads, are not formed.
+        step = -(-(rows.stop - rows.start) // DIAGONAL_STRIPS)
+        step = -(-step // STRIP_ALIGN) * STRIP_ALIGN
+        sums = None
+        for r0 in range(rows.start, rows.stop, step):
+            part = product_and_sums(slice(r0, min(rows.stop, r0 + step)), slice(r0, cols.stop))
+            sums = part if sums is None else _merge_sums(sums, part)
+        return sums
+
     return reduce
+
+
+def _merge_sums(a: dict, b: dict) -> dict:
+    """Two tiles' sums as one (CDNV's (n, mean, M2) by Chan's formula)."""
+    out = {key: a[key] + b[key] for key in a if key != "cdnv"}
+    out["cdnv"] = _chan(a["cdnv"], b["cdnv"])
+    return out
+
+
+def _small_gram(mt: torch.Tensor) -> torch.Tensor:
+    """Mt Mt^T or Mt^T Mt, whichever is smaller; for C > D on the C++ path, the Gram engine's
+    symmetric update (half the products of torch.mm's: 40 against 66 ms at C = 20,000, D = 512)."""
+    c, d = mt.shape
+    if c <= d:
+        return mt @ mt.T
+    if _dispatch.backend_for(mt) == "cpp" and _C.gram_available():
+        out = torch.zeros(d, d, dtype=torch.float64)
+        origin = torch.zeros(1, d, dtype=torch.float64)  # one class centred at 0: the plain Mt^T Mt
+        _C.centred_scatter(mt.contiguous().numpy(), "float64", torch.zeros(c, dtype=torch.int64).numpy(),
+                           origin.numpy(), None, out.numpy(), torch.get_num_threads())
+        return out
+    return mt.T @ mt
 
 
 def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", superclass=None,
@@ -229,11 +294,9 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
     device = mt.device
     # ||G||_F = ||Mt Mt^T||_F = ||Mt^T Mt||_F: the smaller Gram gives it before the tile pass, so
     # the exact nc2 residual is summed in the same pass.
-    small = mt @ mt.T if c <= mt.shape[1] else mt.T @ mt
-    g = float(torch.linalg.norm(small))
-    del small
-    sq = mt.square().sum(1)
-    norms = sq.sqrt()
+    g = float(torch.linalg.norm(_small_gram(mt)))
+    norms = torch.linalg.vector_norm(mt, dim=1)  # no C x D temporary (mt.square().sum(1) made one)
+    sq = norms.square()
     unit_sum = mt.T @ (1.0 / norms)  # sum_i u_i without a C x D temporary
     inv_sqrt = 1.0 / math.sqrt(c - 1)
     ctx = _Context(
