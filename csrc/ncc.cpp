@@ -92,6 +92,7 @@ inline double shifted_row(const Matrix& x, int64_t r, const float* shift, float*
 // AVX-512 engine: centres packed into panels of 32 classes (two zmm registers per feature), a
 // 12-row x 32-class register tile (24 accumulators) swept over the whole feature dimension, so
 // every loaded centre vector feeds 12 fused multiply-adds and every broadcast row element two.
+// Where no argmin has more than 16 classes the panels are 16 wide (one register per feature).
 // Groups are padded to whole panels separately (padding lanes score +inf), so a panel belongs to
 // one group and its 32 scores are screened against the rows' second-best with one compare each.
 // The bf16 variant keeps the same tiles over pairs of features with VDPBF16PS (products exact,
@@ -99,6 +100,9 @@ inline double shifted_row(const Matrix& x, int64_t r, const float* shift, float*
 namespace {
 
 constexpr int kLanes = 32;     // classes per panel
+// Narrow panels of 16 classes (one zmm per feature) where every group has at most 16: at C = 10
+// a 32-lane panel computes 22 padding lanes, and the sweep is FMA-bound on them.
+constexpr int kNarrowLanes = 16;
 constexpr int kTileRows = 12;  // rows per register tile
 // Rows converted per block: up to 384 (each centre panel streamed from L2/L3 serves 32 register
 // tiles; at C = 10,000 that is 434 against 318 GFLOP/s with 96 rows), fewer when the block would
@@ -116,13 +120,14 @@ struct Panels {
   std::vector<float> offsets;  // count * 32, +inf on padding lanes
 };
 
+template <int L>
 Panels make_panels(const int64_t* starts, int groups, const float* offsets) {
   Panels p;
   for (int g = 0; g < groups; ++g) {
-    for (int64_t c = starts[g]; c < starts[g + 1]; c += kLanes) {
+    for (int64_t c = starts[g]; c < starts[g + 1]; c += L) {
       p.group.push_back(g);
       p.base.push_back(c);
-      for (int l = 0; l < kLanes; ++l)
+      for (int l = 0; l < L; ++l)
         p.offsets.push_back(c + l < starts[g + 1] ? offsets[c + l] : std::numeric_limits<float>::infinity());
     }
   }
@@ -130,10 +135,12 @@ Panels make_panels(const int64_t* starts, int groups, const float* offsets) {
   return p;
 }
 
+template <int L>
 inline void update_rows(const float* scores, int64_t base, float& b1, float& b2, int64_t& i1) {
   const __m512 lim = _mm512_set1_ps(b2);
-  uint32_t mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(scores), lim, _CMP_LT_OQ) |
-                  (static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(scores + 16), lim, _CMP_LT_OQ)) << 16);
+  uint32_t mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(scores), lim, _CMP_LT_OQ);
+  if (L == 32)
+    mask |= static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(scores + 16), lim, _CMP_LT_OQ)) << 16;
   while (mask) {  // lanes in increasing class order: ties keep the lowest index
     const int l = __builtin_ctz(mask);
     mask &= mask - 1;
@@ -141,45 +148,60 @@ inline void update_rows(const float* scores, int64_t base, float& b1, float& b2,
   }
 }
 
-// acc[2r + h] += x_r . panel lanes 16h..16h+15, over d features (float32).
-template <int MR>
-inline void tile_f32(const float* xs, int64_t ld, const float* panel, int64_t d, float* out) {
-  __m512 acc[2 * MR];
+// acc[H r + h] += x_r . panel lanes 16h..16h+15 (H = L / 16 vectors a row), over d features
+// (float32); out holds MR rows of L scores.
+// With PF, the tile requests pf_lines cache lines from pf into L2 while it runs (one or two a
+// step; without, the loop keeps every general register for its row pointers).
+template <int MR, int L, bool PF>
+inline void tile_f32(const float* xs, int64_t ld, const float* panel, int64_t d, float* out, const char* pf,
+                     int64_t pf_lines) {
+  constexpr int H = L / 16;
+  __m512 acc[H * MR];
 #pragma GCC unroll 24
-  for (int q = 0; q < 2 * MR; ++q) acc[q] = _mm512_setzero_ps();
+  for (int q = 0; q < H * MR; ++q) acc[q] = _mm512_setzero_ps();
   for (int64_t j = 0; j < d; ++j) {
-    const __m512 w0 = _mm512_load_ps(panel + j * kLanes);
-    const __m512 w1 = _mm512_load_ps(panel + j * kLanes + 16);
+    if (PF) {
+      if (j < pf_lines) _mm_prefetch(pf + 64 * j, _MM_HINT_T1);
+      if (j + d < pf_lines) _mm_prefetch(pf + 64 * (j + d), _MM_HINT_T1);
+    }
+    const __m512 w0 = _mm512_load_ps(panel + j * L);
+    const __m512 w1 = H == 2 ? _mm512_load_ps(panel + j * L + 16) : w0;
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       const __m512 v = _mm512_set1_ps(xs[r * ld + j]);
-      acc[2 * r] = _mm512_fmadd_ps(v, w0, acc[2 * r]);
-      acc[2 * r + 1] = _mm512_fmadd_ps(v, w1, acc[2 * r + 1]);
+      acc[H * r] = _mm512_fmadd_ps(v, w0, acc[H * r]);
+      if (H == 2) acc[H * r + 1] = _mm512_fmadd_ps(v, w1, acc[H * r + 1]);
     }
   }
 #pragma GCC unroll 24
-  for (int q = 0; q < 2 * MR; ++q) _mm512_storeu_ps(out + q * 16, acc[q]);
+  for (int q = 0; q < H * MR; ++q) _mm512_storeu_ps(out + q * 16, acc[q]);
 }
 
 #if defined(__AVX512BF16__)
-// The same tile over pairs of bf16 features: xs rows hold d2 uint32 pairs, the panel d2 x 64 bf16.
-template <int MR>
-inline void tile_bf16(const uint32_t* xs, int64_t ld, const uint16_t* panel, int64_t d2, float* out) {
-  __m512 acc[2 * MR];
+// The same tile over pairs of bf16 features: xs rows hold d2 uint32 pairs, the panel d2 x 2L bf16.
+template <int MR, int L, bool PF>
+inline void tile_bf16(const uint32_t* xs, int64_t ld, const uint16_t* panel, int64_t d2, float* out,
+                      const char* pf, int64_t pf_lines) {
+  constexpr int H = L / 16;
+  __m512 acc[H * MR];
 #pragma GCC unroll 24
-  for (int q = 0; q < 2 * MR; ++q) acc[q] = _mm512_setzero_ps();
+  for (int q = 0; q < H * MR; ++q) acc[q] = _mm512_setzero_ps();
   for (int64_t j = 0; j < d2; ++j) {
-    const __m512bh w0 = (__m512bh)_mm512_load_si512(panel + j * 2 * kLanes);
-    const __m512bh w1 = (__m512bh)_mm512_load_si512(panel + j * 2 * kLanes + 32);
+    if (PF) {
+      if (j < pf_lines) _mm_prefetch(pf + 64 * j, _MM_HINT_T1);
+      if (j + d2 < pf_lines) _mm_prefetch(pf + 64 * (j + d2), _MM_HINT_T1);
+    }
+    const __m512bh w0 = (__m512bh)_mm512_load_si512(panel + j * 2 * L);
+    const __m512bh w1 = H == 2 ? (__m512bh)_mm512_load_si512(panel + j * 2 * L + 32) : w0;
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       const __m512bh v = (__m512bh)_mm512_set1_epi32(static_cast<int>(xs[r * ld + j]));
-      acc[2 * r] = _mm512_dpbf16_ps(acc[2 * r], v, w0);
-      acc[2 * r + 1] = _mm512_dpbf16_ps(acc[2 * r + 1], v, w1);
+      acc[H * r] = _mm512_dpbf16_ps(acc[H * r], v, w0);
+      if (H == 2) acc[H * r + 1] = _mm512_dpbf16_ps(acc[H * r + 1], v, w1);
     }
   }
 #pragma GCC unroll 24
-  for (int q = 0; q < 2 * MR; ++q) _mm512_storeu_ps(out + q * 16, acc[q]);
+  for (int q = 0; q < H * MR; ++q) _mm512_storeu_ps(out + q * 16, acc[q]);
 }
 #endif
 
@@ -217,26 +239,27 @@ void dispatch_rows(int64_t rows, Tile&& tile) {
 #if defined(__AVX512F__)
 namespace {
 
+template <int L>
 void sweep_packed(const Matrix& x, const float* shift, const float* centres, const float* offsets,
                   const int64_t* starts, int groups, double rel, const double* cmax, const double* omax,
                   int64_t* best, uint8_t* unsure, int num_threads, bool bf16) {
   const int64_t n = x.rows, d = x.cols, d2 = (d + 1) / 2;
-  const Panels pan = make_panels(starts, groups, offsets);
-  // Panel p, feature j, lane l at [(p * d + j) * 32 + l] (float32), or pairs of features
-  // [((p * d2 + j2) * 32 + l) * 2 + {0,1}] (bf16); padding lanes and the odd feature stay zero.
-  auto packed32 = aligned_zeros<float>(bf16 ? 1 : pan.count * d * kLanes);
-  auto packed16 = aligned_zeros<uint16_t>(bf16 ? pan.count * d2 * kLanes * 2 : 1);
+  const Panels pan = make_panels<L>(starts, groups, offsets);
+  // Panel p, feature j, lane l at [(p * d + j) * L + l] (float32), or pairs of features
+  // [((p * d2 + j2) * L + l) * 2 + {0,1}] (bf16); padding lanes and the odd feature stay zero.
+  auto packed32 = aligned_zeros<float>(bf16 ? 1 : pan.count * d * L);
+  auto packed16 = aligned_zeros<uint16_t>(bf16 ? pan.count * d2 * L * 2 : 1);
   for (int64_t p = 0; p < pan.count; ++p) {
     const int g = pan.group[p];
-    for (int l = 0; l < kLanes; ++l) {
+    for (int l = 0; l < L; ++l) {
       const int64_t c = pan.base[p] + l;
       if (c >= starts[g + 1]) break;
       const float* w = centres + c * d;
       for (int64_t j = 0; j < d; ++j) {
         if (bf16)
-          packed16[((p * d2 + j / 2) * kLanes + l) * 2 + (j & 1)] = to_bf16(w[j]);
+          packed16[((p * d2 + j / 2) * L + l) * 2 + (j & 1)] = to_bf16(w[j]);
         else
-          packed32[(p * d + j) * kLanes + l] = w[j];
+          packed32[(p * d + j) * L + l] = w[j];
       }
     }
   }
@@ -250,14 +273,31 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
     auto buf = aligned_zeros<float>(block_rows * d);
     auto buf16 = aligned_zeros<uint32_t>(bf16 ? block_rows * d2 : 1);
     std::vector<double> row64(d);
-    alignas(64) float sc[kTileRows * kLanes];
+    alignas(64) float sc[kTileRows * L];
     BlockBest<kPackedBlock> st;
+    // Blocks are dealt round-robin, so a thread knows its next block, and where the centres fill
+    // at most two panels its tiles prefetch that block's rows into L2 while they compute: the
+    // conversion pass then reads from L2, not from memory (at C = 10 the two phases had run one
+    // after the other, each about half the time; 12.2 -> 8.8 ms at N = 50,000, D = 512). With
+    // more panels the sweep is compute-bound and the prefetch's registers cost more than it saves
+    // (C = 100: 32 -> 36 ms).
+    const bool prefetch = pan.count <= 2;
+    const int nthreads = threads;
+    const int64_t esize = x.dtype == DType::F64 ? 8 : x.dtype == DType::F32 ? 4 : 2;
+    const bool contiguous_rows = x.col_stride == 1 && x.row_stride == d;
 #ifdef NCFAST_WITH_OPENMP
-#pragma omp for schedule(dynamic, 2)
+#pragma omp for schedule(static, 1)
 #endif
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r0 = blk * block_rows;
       const int64_t rows = std::min(block_rows, n - r0);
+      const int64_t nr0 = (blk + nthreads) * block_rows;  // this thread's next block
+      const int64_t next_rows = contiguous_rows && nr0 < n ? std::min(block_rows, n - nr0) : 0;
+      const char* pf_base = static_cast<const char*>(x.data) + nr0 * d * esize;
+      const int64_t pf_total = (next_rows * d * esize + 63) / 64;
+      const int64_t tiles = pan.count * ((rows + kTileRows - 1) / kTileRows);
+      const int64_t pf_each = tiles > 0 ? (pf_total + tiles - 1) / tiles : 0;
+      int64_t tile_no = 0;
       for (int64_t t = 0; t < rows; ++t) {
         float* dst = buf.get() + t * d;
         st.norm[t] = shifted_row(x, r0 + t, shift, dst, row64.data());
@@ -274,21 +314,30 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
       for (int64_t p = 0; p < pan.count; ++p) {
         const int g = pan.group[p];
         const int64_t base = pan.base[p];
-        const __m512 o0 = _mm512_loadu_ps(pan.offsets.data() + p * kLanes);
-        const __m512 o1 = _mm512_loadu_ps(pan.offsets.data() + p * kLanes + 16);
+        const __m512 o0 = _mm512_loadu_ps(pan.offsets.data() + p * L);
+        const __m512 o1 = L == 32 ? _mm512_loadu_ps(pan.offsets.data() + p * L + 16) : o0;
         dispatch_rows(rows, [&](auto mr, int64_t t) {
           constexpr int MR = decltype(mr)::value;
+          const int64_t first = std::min(pf_total, tile_no * pf_each);
+          const char* pf = pf_base + 64 * first;
+          const int64_t pf_lines = std::min(pf_total, first + pf_each) - first;
+          ++tile_no;
 #if defined(__AVX512BF16__)
-          if (bf16)
-            tile_bf16<MR>(buf16.get() + t * d2, d2, packed16.get() + p * d2 * kLanes * 2, d2, sc);
+          if (bf16 && prefetch)
+            tile_bf16<MR, L, true>(buf16.get() + t * d2, d2, packed16.get() + p * d2 * L * 2, d2, sc, pf, pf_lines);
+          else if (bf16)
+            tile_bf16<MR, L, false>(buf16.get() + t * d2, d2, packed16.get() + p * d2 * L * 2, d2, sc, pf, 0);
           else
 #endif
-            tile_f32<MR>(buf.get() + t * d, d, packed32.get() + p * d * kLanes, d, sc);
+          if (prefetch)
+            tile_f32<MR, L, true>(buf.get() + t * d, d, packed32.get() + p * d * L, d, sc, pf, pf_lines);
+          else
+            tile_f32<MR, L, false>(buf.get() + t * d, d, packed32.get() + p * d * L, d, sc, pf, 0);
           for (int r = 0; r < MR; ++r) {
-            float* s = sc + r * kLanes;
+            float* s = sc + r * L;
             _mm512_store_ps(s, _mm512_add_ps(_mm512_load_ps(s), o0));
-            _mm512_store_ps(s + 16, _mm512_add_ps(_mm512_load_ps(s + 16), o1));
-            update_rows(s, base, st.b1[t + r][g], st.b2[t + r][g], st.i1[t + r][g]);
+            if (L == 32) _mm512_store_ps(s + 16, _mm512_add_ps(_mm512_load_ps(s + 16), o1));
+            update_rows<L>(s, base, st.b1[t + r][g], st.b2[t + r][g], st.i1[t + r][g]);
           }
         });
       }
@@ -316,8 +365,14 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
   if (!ncc_has_precision(precision))
     throw std::invalid_argument("precision: '" + precision + "' is not available in this build (see compile_options())");
 #if defined(__AVX512F__)
-  sweep_packed(x, shift, centres, offsets, starts, groups, rel, cmax, omax, best, unsure, num_threads,
-               precision == "bf16");
+  int64_t widest = 0;
+  for (int g = 0; g < groups; ++g) widest = std::max(widest, starts[g + 1] - starts[g]);
+  if (widest <= kNarrowLanes)
+    sweep_packed<kNarrowLanes>(x, shift, centres, offsets, starts, groups, rel, cmax, omax, best, unsure,
+                               num_threads, precision == "bf16");
+  else
+    sweep_packed<kLanes>(x, shift, centres, offsets, starts, groups, rel, cmax, omax, best, unsure, num_threads,
+                         precision == "bf16");
   return;
 #endif
   // group_of[c]: which argmin problem class c belongs to

@@ -246,14 +246,15 @@ def test_torch_backend_end_to_end(case, monkeypatch):
 
 
 @pytest.mark.parametrize("n, d, k", [(1, 1, 2), (3, 1, 5), (33, 7, 1), (65, 3, 9), (100, 300, 13), (209, 5, 33),
-                                     (97, 16, 70), (801, 5, 33), (130, 3001, 40)])
+                                     (97, 16, 70), (801, 5, 33), (130, 3001, 40), (801, 5, 20), (1000, 64, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_ncc_sweep_awkward_sizes(n, d, k, dtype, threads, mode):
     """Sizes off every tile of the C++ sweeps (32-row blocks and 2 x 4 tiles without AVX-512; with
-    it 12 x 32 tiles in blocks of 384 rows, or of 60 at d = 3001), odd d for the bfloat16 pairs,
-    all dtypes, 1 and 2 threads, both modes."""
+    it 12 x 32 tiles, or 12 x 16 where no argmin has more than 16 classes, in blocks of 384 rows,
+    or of 60 at d = 3001; with at most two panels the tiles prefetch the next block: k = 20 and 3
+    over several blocks), odd d for the bfloat16 pairs, all dtypes, 1 and 2 threads, both modes."""
     g = torch.Generator().manual_seed(n + 7 * d + k)
     x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 5).to(dtype)
     means = torch.randn(k, d, generator=g, dtype=torch.float64) + 5
