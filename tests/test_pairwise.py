@@ -207,14 +207,13 @@ def test_tile_products_from_the_engine_or_blas_agree(monkeypatch, backend, engin
     assert got.nearest_class.tolist() == d2.argmin(1).tolist()
 
 
+@pytest.mark.parametrize("backend", ["cpp"], indirect=True)  # the torch reducer times nothing
 def test_product_timing_uses_the_pass_tiles_and_is_remembered(monkeypatch, backend):
     """Without a verdict the pass times the engine (twice, the first its warm-up) and torch.mm
     (once) on its own full tiles, forms every product exactly once, and keeps the verdict for
     (side, D, threads): the next pass times nothing."""
     from ncfast import pairwise
 
-    if backend != "cpp":
-        pytest.skip("the torch reducer forms its products with @ and times nothing")
     if not ncfast._C.gram_available():
         pytest.skip("this build has no Gram engine: BLAS forms every tile, nothing to time")
     monkeypatch.setattr(pairwise, "_ENGINE_FASTER", {})
