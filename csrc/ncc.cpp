@@ -282,8 +282,7 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
     // more panels the sweep is compute-bound and the prefetch's registers cost more than it saves
     // (C = 100: 32 -> 36 ms).
     const bool prefetch = pan.count <= 2;
-    const int nthreads = threads;
-    const int64_t esize = x.dtype == DType::F64 ? 8 : x.dtype == DType::F32 ? 4 : 2;
+    const int64_t esize = dtype_bytes(x.dtype);
     const bool contiguous_rows = x.col_stride == 1 && x.row_stride == d;
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp for schedule(static, 1)
@@ -291,9 +290,9 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r0 = blk * block_rows;
       const int64_t rows = std::min(block_rows, n - r0);
-      const int64_t nr0 = (blk + nthreads) * block_rows;  // this thread's next block
+      const int64_t nr0 = (blk + threads) * block_rows;  // this thread's next block
       const int64_t next_rows = contiguous_rows && nr0 < n ? std::min(block_rows, n - nr0) : 0;
-      const char* pf_base = static_cast<const char*>(x.data) + nr0 * d * esize;
+      const char* pf_base = next_rows > 0 ? static_cast<const char*>(x.data) + nr0 * d * esize : nullptr;
       const int64_t pf_total = (next_rows * d * esize + 63) / 64;
       const int64_t tiles = pan.count * ((rows + kTileRows - 1) / kTileRows);
       const int64_t pf_each = tiles > 0 ? (pf_total + tiles - 1) / tiles : 0;
@@ -319,7 +318,7 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
         dispatch_rows(rows, [&](auto mr, int64_t t) {
           constexpr int MR = decltype(mr)::value;
           const int64_t first = std::min(pf_total, tile_no * pf_each);
-          const char* pf = pf_base + 64 * first;
+          const char* pf = pf_base ? pf_base + 64 * first : nullptr;
           const int64_t pf_lines = std::min(pf_total, first + pf_each) - first;
           ++tile_no;
 #if defined(__AVX512BF16__)
