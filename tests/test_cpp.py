@@ -162,11 +162,14 @@ def _buf(t: torch.Tensor):
 
 @pytest.mark.parametrize("n, d, c", [(1, 1, 1), (7, 13, 2), (300, 17, 4), (513, 40, 3), (700, 29, 50)])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
-def test_centred_scatter_awkward_sizes(n, d, c, dtype):
-    """The packed Gram engine (12 x 16 tiles, 256-row chunks) against float64 numpy, strided input,
-    with and without per-class scales; 1 and 2 threads give identical bits."""
+@pytest.mark.parametrize("layout", ["strided", "contiguous", "padded_rows"])
+def test_centred_scatter_awkward_sizes(n, d, c, dtype, layout):
+    """The packed Gram engine (12 x 16 tiles, 256-row chunks) against float64 numpy, for strided
+    columns, contiguous rows (float32 rows widen straight from the input) and rows with a gap
+    between them, with and without per-class scales; 1 and 2 threads give identical bits."""
     g = np.random.default_rng(n + 3 * d)
-    base = torch.from_numpy(g.standard_normal((n, 2 * d)) * 2 + 7).to(getattr(torch, dtype))[:, ::2]
+    wide = torch.from_numpy(g.standard_normal((n, 2 * d)) * 2 + 7).to(getattr(torch, dtype))
+    base = {"strided": wide[:, ::2], "contiguous": wide[:, ::2].contiguous(), "padded_rows": wide[:, :d]}[layout]
     y = g.integers(0, c, n)
     x64 = base.to(torch.float64).numpy()
     means = g.standard_normal((c, d)) + 7
