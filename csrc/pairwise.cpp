@@ -36,11 +36,11 @@ struct RowAcc {
 // turned some of them into emulated gathers (1.16 against 0.53 ms per 1008 x 1008 tile, two Xeon
 // threads). A Markstein reciprocal in place of the division measured slower (0.60 ms): the sweep
 // is bound by its issue ports, not by the divider.
-inline void sweep_row(const PairTile& t, const double* grow, const double* inv_nc, double sqi, double inv_ni,
-                      double vi, int64_t gi, int64_t jb, int64_t je, double* rr, double* cbest, int64_t* cidx,
-                      RowAcc& a) {
+inline void sweep_row(const PairTile& t, const double* grow, const double* inv_nc, double inv_g, double sqi,
+                      double inv_ni, double vi, int64_t gi, int64_t jb, int64_t je, double* rr, double* cbest,
+                      int64_t* cidx, RowAcc& a) {
   const __m512d vsqi = _mm512_set1_pd(sqi), vinv_ni = _mm512_set1_pd(inv_ni), vvi = _mm512_set1_pd(vi);
-  const __m512d vinv_g = _mm512_set1_pd(1.0 / t.g), voff = _mm512_set1_pd(t.etf_offdiag);
+  const __m512d vinv_g = _mm512_set1_pd(inv_g), voff = _mm512_set1_pd(t.etf_offdiag);
   const __m512d vmean = _mm512_set1_pd(t.mean_cos), vetf = _mm512_set1_pd(t.etf_cos);
   const __m512d zero = _mm512_setzero_pd(), two = _mm512_set1_pd(2.0);
   const __m512i vgi = _mm512_set1_epi64(gi), eight = _mm512_set1_epi64(8);
@@ -163,7 +163,7 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
 #if defined(__AVX512F__)
       RowAcc a{_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(),
                _mm512_setzero_pd(), _mm512_set1_pd(inf), _mm512_set1_epi64(kNone)};
-      sweep_row(t, grow, inv_nc.data(), sqi, inv_ni, vi, gi, j0, t.t2, rr, my_cbest, my_cidx, a);
+      sweep_row(t, grow, inv_nc.data(), inv_g, sqi, inv_ni, vi, gi, j0, t.t2, rr, my_cbest, my_cidx, a);
       resid = _mm512_reduce_add_pd(a.resid);
       cos_dev = _mm512_reduce_add_pd(a.cos_dev);
       coh = _mm512_reduce_add_pd(a.coh);

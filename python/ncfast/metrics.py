@@ -124,8 +124,7 @@ def _pair_sq_dist(mt: torch.Tensor) -> torch.Tensor:
 
 def _present_pairs(moments: ClassMoments):
     """(||mu_i - mu_j||^2, v) over the present classes."""
-    means = moments._present_means()  # no masked copy when every class is present
-    return _pair_sq_dist(means - means.mean(0)), moments.variances[moments.present]
+    return _pair_sq_dist(moments.centred_means("balanced")), moments.variances[moments.present]
 
 
 def _embed_present(inner: torch.Tensor, moments: ClassMoments) -> torch.Tensor:
