@@ -94,14 +94,14 @@ inline double shifted_row(const Matrix& x, int64_t r, const float* shift, float*
 // every loaded centre vector feeds 12 fused multiply-adds and every broadcast row element two.
 // Where no argmin has more than 16 classes the panels are 16 wide (one register per feature).
 // Groups are padded to whole panels separately (padding lanes score +inf), so a panel belongs to
-// one group and its 32 scores are screened against the rows' second-best with one compare each.
+// one group and its scores are screened against the rows' second-best with one compare each.
 // The bf16 variant keeps the same tiles over pairs of features with VDPBF16PS (products exact,
 // accumulated in float32), twice the products per instruction.
 namespace {
 
 constexpr int kLanes = 32;     // classes per panel
-// Narrow panels of 16 classes (one zmm per feature) where every group has at most 16: at C = 10
-// a 32-lane panel computes 22 padding lanes, and the sweep is FMA-bound on them.
+// Narrow panels (see above): at C = 10 a 32-lane panel computes 22 padding lanes, and the sweep is
+// FMA-bound on them.
 constexpr int kNarrowLanes = 16;
 constexpr int kTileRows = 12;  // rows per register tile
 // Rows converted per block: up to 384 (each centre panel streamed from L2/L3 serves 32 register
