@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -359,10 +360,15 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release release;
           block_moments(x, y, num_classes, num_threads, dst);
         }
+        // NaN or Inf in any row of a class makes its centred M2 NaN or Inf: the caller's bad-input
+        // check, here where M2 is still in cache.
+        bool finite = true;
+        for (py::ssize_t k = 0; k < c; ++k) finite = finite && std::isfinite(m2.data()[k]);
         py::dict out;
         out["counts"] = counts;
         out["means"] = means;
         out["m2"] = m2;
+        out["finite"] = finite;
         if (unit_sums) {
           out["unit_sums"] = units;
           out["norm_sums"] = norms;
@@ -372,6 +378,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("features"), py::arg("dtype"), py::arg("labels"), py::arg("num_classes"),
       py::arg("num_threads") = 1, py::arg("unit_sums") = true,
       "Per-class count, float64 mean, centred sum of squares and, with unit_sums, the unit-vector "
-      "sum and norm sum of a block of rows (features: 2-D buffer of float32/float64, or uint16 "
+      "sum and norm sum of a block of rows, and whether every M2 is finite (no NaN or Inf in the rows) (features: 2-D buffer of float32/float64, or uint16 "
       "holding float16/bfloat16 bits named by dtype).");
 }

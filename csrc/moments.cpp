@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -609,15 +610,30 @@ void centre_rows(const Matrix& x, const int64_t* labels, const double* means, do
   (void)threads;  // unused without OpenMP
 }
 
+namespace {
+
+// Count the labels into counts[0, c), checking each: a label outside [0, c) raises
+// std::invalid_argument naming it (the first in memory order) before anything else is written.
+// The Python layer leaves this check to the kernel on its path (its torch pass over the labels
+// cost 0.1-0.2 ms of a 5 ms call with cold caches). One thread: counting in parallel (per-thread
+// counts, then a parallel fill of the sort below) measured no faster at N = 50,000.
+void count_labels(const int64_t* labels, int64_t n, int64_t c, int64_t* counts) {
+  std::fill(counts, counts + c, int64_t{0});
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t y = labels[i];
+    if (y < 0) throw std::invalid_argument("labels: negative label " + std::to_string(y));
+    if (y >= c)
+      throw std::invalid_argument("labels: label " + std::to_string(y) + " out of range [0, " + std::to_string(c) + ")");
+    ++counts[y];
+  }
+}
+
+}  // namespace
+
 void block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, int num_threads,
                    const MomentsOut& out) {
   const int64_t n = x.rows, d = x.cols, c = num_classes;
-  std::fill(out.counts, out.counts + c, int64_t{0});
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t y = labels[i];
-    if (y < 0 || y >= c) throw std::invalid_argument("labels: value out of range [0, num_classes)");
-    ++out.counts[y];
-  }
+  count_labels(labels, n, c, out.counts);
   // Classes without rows are zero; every other entry is written (not accumulated) below.
   for (int64_t k = 0; k < c; ++k) {
     if (out.counts[k] > 0) continue;

@@ -40,6 +40,27 @@ def test_one_shot_functions_reject(data, mutate, exc, name):
             call()
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_bad_labels_are_named_with_their_value(data, backend, monkeypatch):
+    """On the C++ path class_moments and update leave the label check to the kernel; either way
+    the error names the argument and the offending value, and update changes nothing."""
+    monkeypatch.setenv("NCFAST_BACKEND", backend)
+    x, y, c = data
+    for bad, message in ((y.clone().index_fill_(0, torch.tensor([150]), c + 3), f"label {c + 3} out of range"),
+                         (y.clone().index_fill_(0, torch.tensor([7]), -2), "negative label -2")):
+        for call in (lambda: ncfast.class_moments(x, bad, num_classes=c),
+                     lambda: ncfast.class_moments(x, bad, num_classes=c, scatter=False, unit_sums=False),
+                     lambda: ncfast.class_distance(x, bad, num_classes=c)):
+            with pytest.raises(ValueError, match=f"^labels: {message}"):
+                call()
+        m = ncfast.ClassMoments(c, 6).update(x[:50], y[:50])
+        before = _snapshot(m)
+        with pytest.raises(ValueError, match=f"^labels: {message}"):
+            m.update(x, bad)
+        for k, v in before.items():
+            assert torch.equal(m.state_dict()[k], v) if isinstance(v, torch.Tensor) else m.state_dict()[k] == v
+
+
 def test_fewer_than_two_present_classes(data):
     x, y, c = data
     with pytest.raises(ValueError, match="2 present classes"):

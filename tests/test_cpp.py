@@ -87,10 +87,29 @@ def test_block_moments_awkward_sizes(n, d, c, dtype, threads, unit_sums):
         buf = view.view(torch.int16).numpy() if dtype in ("float16", "bfloat16") else view.numpy()
         r = _C.block_moments(buf, dtype, y, c, threads, unit_sums=unit_sums)
         want = _numpy_moments(x64, y, c)
-        assert sorted(r) == sorted(("counts",) + names)
+        assert sorted(r) == sorted(("counts", "finite") + names)
+        assert r["finite"] is True
         assert r["counts"].tolist() == want[0].tolist()
         for got, exp, what in zip((r[k] for k in names), want[1:], names):
             assert_close(got, exp, rtol=1e-11, atol=1e-11 * max(1.0, float(np.abs(exp).max())), what=what)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("c", [3, 70])  # memory-order and class-sorted paths
+def test_block_moments_names_the_first_bad_label(threads, c):
+    """The kernel checks every label (the Python layer leaves it that check on the C++ path) and
+    names the first bad one in memory order, wherever the others lie."""
+    n, d = 5000, 4
+    x = np.ones((n, d), dtype=np.float32)
+    y = np.arange(n) % c
+    for bad, message in (({4000: -3, 4500: c + 2}, "negative label -3"),
+                         ({1000: c + 6, 3000: -1}, rf"label {c + 6} out of range \[0, {c}\)"),
+                         ({2600: c, 2700: -8}, rf"label {c} out of range")):
+        yb = y.copy()
+        for i, v in bad.items():
+            yb[i] = v
+        with pytest.raises(ValueError, match=rf"^labels: {message}"):
+            _C.block_moments(x, "float32", yb, c, threads)
 
 
 @pytest.mark.parametrize("n, d, c", [(6000, 600, 3), (20000, 600, 65)])  # memory-order and class-sorted paths
@@ -130,7 +149,9 @@ def test_block_moments_non_finite_reaches_m2(c, bad, unit_sums):
     x = g.standard_normal((500, 40)).astype(np.float32)
     y = np.arange(500) % c
     x[123, 7] = bad
-    m2 = _C.block_moments(x, "float32", y, c, 2, unit_sums=unit_sums)["m2"]
+    r = _C.block_moments(x, "float32", y, c, 2, unit_sums=unit_sums)
+    m2 = r["m2"]
+    assert r["finite"] is False  # the flag the Python layer raises on
     assert not np.isfinite(m2[y[123]])
     assert np.isfinite(np.delete(m2, y[123])).all()
 
@@ -143,7 +164,7 @@ def test_block_moments_recycles_output_buffers():
     y = g.integers(0, 120, 300)
     _C.release_cached_buffers()
     first = _C.block_moments(x, "float32", y, 120, 1)
-    want = {k: v.copy() for k, v in first.items()}
+    want = {k: v.copy() for k, v in first.items() if k != "finite"}
     del first
     held = _C.cached_buffer_bytes()
     assert held >= 2 * 120 * 64 * 8  # the two C x D arrays came back

@@ -17,6 +17,7 @@ from . import _C
 from . import triton as _triton
 
 BACKENDS = ("cpp", "torch", "triton")
+NON_FINITE = "features: contains NaN or Inf (pass nan_policy='omit' to drop such rows)"
 
 
 def backend_for(x: torch.Tensor) -> str:
@@ -56,28 +57,36 @@ def _buffer(x: torch.Tensor):
     return buf, str(x.dtype).replace("torch.", "")
 
 
-def _cpp_block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, unit_sums: bool):
+def _cpp_block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, unit_sums: bool, check_finite: bool):
     buf, dtype_name = _buffer(x)
     r = _C.block_moments(buf, dtype_name, y.contiguous().numpy(), num_classes, torch.get_num_threads(),
                          unit_sums=unit_sums)
+    if check_finite and not r["finite"]:
+        raise ValueError(NON_FINITE)
     return tuple(torch.from_numpy(r[k]) if k in r else None for k in ("counts", "means", "m2", "unit_sums", "norm_sums"))
 
 
-def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, unit_sums: bool = True):
+def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, unit_sums: bool = True,
+                  check_finite: bool = False):
     """Per-class (counts, means, m2, unit_sums, norm_sums) of one block of rows, float64.
 
     m2[c] = sum_{y_i=c} ||h_i - mu_c||^2 centred on the block's own class means. With
-    ``unit_sums=False`` the last two are None (the C++ core then takes no row norms).
+    ``unit_sums=False`` the last two are None (the C++ core then takes no row norms). With
+    ``check_finite``, NaN or Inf in the rows raises ValueError: it makes a class's centred M2 NaN
+    or Inf, so the (C,) vector tells without a pass over the features (the C++ core checks it as
+    it returns).
     """
     backend = backend_for(x)
     if backend == "cpp":
-        return _cpp_block_moments(x, y, num_classes, unit_sums)
+        return _cpp_block_moments(x, y, num_classes, unit_sums, check_finite)
     if backend == "triton":
         from .triton import moments
 
         stats = moments.block_moments(x, y, num_classes)
     else:
         stats = _torch_block_moments(x, y, num_classes)
+    if check_finite and not bool(torch.isfinite(stats[2]).all()):
+        raise ValueError(NON_FINITE)
     return stats if unit_sums else (*stats[:3], None, None)
 
 

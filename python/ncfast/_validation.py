@@ -38,8 +38,14 @@ def check_features(features, name: str = "features", *, allow_empty: bool = Fals
     return x
 
 
-def check_labels(labels, n: int, device: torch.device, num_classes: int | None, name: str = "labels") -> tuple[torch.Tensor, int]:
-    """Return (labels as int64, num_classes). num_classes=None means labels.max() + 1."""
+def check_labels(labels, n: int, device: torch.device, num_classes: int | None, name: str = "labels", *,
+                 values: bool = True) -> tuple[torch.Tensor, int]:
+    """Return (labels as int64, num_classes). num_classes=None means labels.max() + 1.
+
+    ``values=False`` (with num_classes given) skips the pass that checks every label lies in
+    [0, num_classes): for callers whose first use of the labels is the C++ moments kernel, which
+    checks them itself before it writes anything and raises the same ValueError.
+    """
     y = as_tensor(labels, name)
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer dtype, got {y.dtype}")
@@ -50,6 +56,11 @@ def check_labels(labels, n: int, device: torch.device, num_classes: int | None, 
     if y.device != device:
         raise ValueError(f"{name}: on device {y.device}, but features are on {device}")
     y = y.to(torch.int64)
+    if not values and num_classes is not None:
+        num_classes = int(num_classes)
+        if num_classes < 1:
+            raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
+        return y, num_classes
     if n:
         lo, hi = (int(v) for v in torch.aminmax(y))  # one read of the labels
         if lo < 0:

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from . import _dispatch
 from ._validation import (
     NAN_POLICIES,
     WEIGHTINGS,
@@ -268,12 +269,19 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
                      weighting=weighting, rtol=rtol)
 
 
-def _prepare(features, labels, num_classes, nan_policy):
-    """Validated (x, y, num_classes) with NaN/Inf rows handled per nan_policy, plus the omitted count."""
+def _prepare(features, labels, num_classes, nan_policy, *, kernel_checks_labels: bool = False):
+    """Validated (x, y, num_classes) with NaN/Inf rows handled per nan_policy, plus the omitted count.
+
+    ``kernel_checks_labels``: the caller's first use of the labels is the C++ moments kernel, which
+    checks every label before it writes anything; the torch pass over them is then skipped when
+    num_classes is given and the C++ path will run.
+    """
     check_choice(nan_policy, NAN_POLICIES, "nan_policy")
     x = check_features(features)
-    y, num_classes = check_labels(labels, x.shape[0], x.device, num_classes)
-    # Under "raise", ClassMoments.update rejects NaN/Inf from its own statistics: no extra pass.
+    defer = (kernel_checks_labels and num_classes is not None and nan_policy == "raise"
+             and _dispatch.backend_for(x) == "cpp")
+    y, num_classes = check_labels(labels, x.shape[0], x.device, num_classes, values=not defer)
+    # Under "raise", ClassMoments rejects NaN/Inf from its own statistics: no extra pass.
     keep = None
     omitted = 0
     if nan_policy == "omit":
@@ -286,18 +294,11 @@ def _prepare(features, labels, num_classes, nan_policy):
     return x, y, num_classes, omitted, keep
 
 
-def _moments(x, y, num_classes, weighting, scatter, counts=None, unit_sums=True) -> ClassMoments:
-    class_counts = None
-    if scatter and weighting == "balanced":  # only the balanced scatter needs the counts up front
-        if counts is None:
-            counts = torch.bincount(y, minlength=num_classes)
-        present = counts[counts > 0]
-        if bool((present != present[0]).any()):
-            class_counts = counts
-    m = ClassMoments(num_classes, x.shape[1], scatter=scatter, unit_sums=unit_sums, device=x.device,
-                     class_counts=class_counts)
-    m._add(x, y)  # (x, y) come checked from _prepare, NaN/Inf rows already dropped under "omit"
-    return m
+def _moments(x, y, num_classes, weighting, scatter, unit_sums=True) -> ClassMoments:
+    """The one-shot ClassMoments of checked (x, y); under balanced weighting on imbalanced labels it
+    keeps the exact balanced Sigma_W too."""
+    return ClassMoments._of_batch(x, y, num_classes, scatter=scatter, unit_sums=unit_sums,
+                                  balanced=weighting == "balanced")
 
 
 def class_moments(features, labels, *, num_classes=None, weighting: str = "balanced", scatter: bool = True,
@@ -310,7 +311,7 @@ def class_moments(features, labels, *, num_classes=None, weighting: str = "balan
     variances are always kept.
     """
     check_choice(weighting, WEIGHTINGS, "weighting")
-    x, y, num_classes, omitted, _ = _prepare(features, labels, num_classes, nan_policy)
+    x, y, num_classes, omitted, _ = _prepare(features, labels, num_classes, nan_policy, kernel_checks_labels=True)
     m = _moments(x, y, num_classes, weighting, scatter, unit_sums=unit_sums)
     m.omitted_rows = omitted
     return m
@@ -372,7 +373,7 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     if present < 2:
         raise ValueError(f"labels: nc_metrics needs at least 2 present classes, got {present}")
 
-    m = _moments(x, y, num_classes, weighting, scatter=True, counts=counts)
+    m = _moments(x, y, num_classes, weighting, scatter=True)
     m.omitted_rows = omitted
     out = metrics_from_moments(m, weight=w, superclass=superclass, weighting=weighting, rtol=rtol)
     decisions = None
