@@ -514,6 +514,33 @@ void stream_thread(const Matrix& x, const int64_t* labels, int64_t c, int64_t lo
   for (auto& a : acc) a.close(d);
 }
 
+// dst[0, d) = src[0, d) with non-temporal stores where the AVX-512 build can: with many classes
+// the C x D results are written once and not read again here, and an ordinary store first reads
+// each line from memory (at C = 1,000, D = 512, 4 MB more traffic beside the 102 MB of rows).
+// The caller fences (_mm_sfence) before the results are read elsewhere.
+inline void stream_copy(const double* src, double* dst, int64_t d) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j < d && (reinterpret_cast<uintptr_t>(dst + j) & 63) != 0; ++j) dst[j] = src[j];
+  for (; j + 8 <= d; j += 8) _mm512_stream_pd(dst + j, _mm512_loadu_pd(src + j));
+#endif
+  for (; j < d; ++j) dst[j] = src[j];
+}
+
+inline void prefetch_l1(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
+inline void store_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
 // Many classes: one thread's range [lo, hi) of class-sorted positions, class segment by class
 // segment, in chunks; each fold prefetches the rows `ahead` sorted positions later, the next
 // class's included. Whole classes are written to `out`; classes cut by the range's ends are left
@@ -542,6 +569,10 @@ void sorted_thread(const Matrix& x, const int64_t* order, const std::vector<int6
     acc.reset();
     for (int64_t c0 = pos; c0 < end; c0 += rows_per_chunk) {
       const int64_t r = std::min(rows_per_chunk, end - c0);
+      // The sorted positions the next chunk will read (the other thread wrote them; a plain
+      // read of each new line waited on it).
+      for (int64_t q = c0 + r + ahead; q < std::min(hi, c0 + r + ahead + rows_per_chunk); q += 8)
+        prefetch_l1(order + q);
       for (int64_t t = 0; t < r; ++t) {
         ptrs[t] = row_as(x, order[c0 + t], buf.data() + (in_place ? 0 : t * d));
         const int64_t q = c0 + t + ahead;
@@ -551,10 +582,10 @@ void sorted_thread(const Matrix& x, const int64_t* order, const std::vector<int6
     }
     acc.close(d);
     if (pos == start[k] && end == start[k + 1]) {  // the whole class: no other thread touches it
-      std::copy(run.mean.begin(), run.mean.end(), out.means + k * d);
+      stream_copy(run.mean.data(), out.means + k * d, d);
       out.m2[k] = run.m2;
       if (out.unit_sums) {
-        std::copy(run.unit_sum.begin(), run.unit_sum.end(), out.unit_sums + k * d);
+        stream_copy(run.unit_sum.data(), out.unit_sums + k * d, d);
         out.norm_sums[k] = run.norm_sum;
       }
     } else {
@@ -562,6 +593,7 @@ void sorted_thread(const Matrix& x, const int64_t* order, const std::vector<int6
     }
     pos = end;
   }
+  store_fence();
 }
 
 // Fold one thread's state of class k into out, in thread order (the first copies).
