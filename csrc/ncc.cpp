@@ -108,6 +108,11 @@ constexpr int kTileRows = 12;  // rows per register tile
 // tiles; at C = 10,000 that is 434 against 318 GFLOP/s with 96 rows), fewer when the block would
 // outgrow ~768 KB of L2.
 constexpr int64_t kPackedBlock = 384;
+// Up to this many panels the tiles prefetch the thread's next block, of at most kPrefetchBlock
+// rows (A/B at N = 50,000, D = 512: C = 10 and 100 0.88 and 0.93 of the time with 2 panels and
+// 384 rows as the limits; 96-192 rows measured alike).
+constexpr int64_t kPrefetchPanels = 4;
+constexpr int64_t kPrefetchBlock = 192;
 inline int64_t packed_block_rows(int64_t d) {
   const int64_t fit = (768 << 10) / (4 * std::max<int64_t>(d, 1));
   return std::max<int64_t>(kTileRows, std::min<int64_t>(kPackedBlock, fit / kTileRows * kTileRows));
@@ -135,13 +140,54 @@ Panels make_panels(const int64_t* starts, int groups, const float* offsets) {
   return p;
 }
 
+// Fold a panel's L scores (lanes in increasing class order, padding +inf) into a row's running
+// (best, second best, index), as consider() on each lane in turn would. Lanes not under the second
+// best (NaN included) cannot change it and are skipped. With more than two candidates (every lane
+// of a row's first panel) the panel's two smallest come from vector reductions instead: the lane
+// loop's unpredictable branches had made this update a fifth of the sweep at C = 100.
+// The smallest candidate m1 at its lowest lane l, then the smallest of the others (the second
+// order statistic m2); lanes outside mlo / mhi count as +inf. Every candidate is under b2, so: a
+// new best takes the old best or m2 as its second; otherwise (m1 >= b1: the earlier, lower class
+// keeps a tie) m1 may become the second. Out of line, so that the sweep's loop stays small.
+__attribute__((noinline)) void fold_panel_top2(__m512 lo, __m512 hi, __mmask16 mlo, __mmask16 mhi, int64_t base,
+                                               float& b1, float& b2, int64_t& i1) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512 vlo = _mm512_mask_mov_ps(inf, mlo, lo), vhi = _mm512_mask_mov_ps(inf, mhi, hi);
+  const float m1 = _mm512_reduce_min_ps(_mm512_min_ps(vlo, vhi));
+  const __m512 m1v = _mm512_set1_ps(m1);
+  const uint32_t at = _mm512_cmp_ps_mask(vlo, m1v, _CMP_EQ_OQ) |
+                      (static_cast<uint32_t>(_mm512_cmp_ps_mask(vhi, m1v, _CMP_EQ_OQ)) << 16);
+  const uint32_t first = at & (0u - at);  // the lowest lane holding m1
+  const __m512 wlo = _mm512_mask_mov_ps(vlo, static_cast<__mmask16>(first), inf);
+  const __m512 whi = _mm512_mask_mov_ps(vhi, static_cast<__mmask16>(first >> 16), inf);
+  const float m2 = _mm512_reduce_min_ps(_mm512_min_ps(wlo, whi));
+  if (m1 < b1) {
+    b2 = std::min(b1, m2);
+    b1 = m1;
+    i1 = base + __builtin_ctz(at);
+  } else {
+    b2 = std::min(b2, m1);
+  }
+}
+
+// Fold a panel's L scores (lanes in increasing class order, padding +inf) into a row's running
+// (best, second best, index), as consider() on each lane in turn would. Lanes not under the second
+// best (NaN included) cannot change it and are skipped. With more than two candidates (every lane
+// of a row's first panel) the panel's two smallest come from vector reductions instead: the lane
+// loop's unpredictable branches had made this update a fifth of the sweep at C = 100.
 template <int L>
 inline void update_rows(const float* scores, int64_t base, float& b1, float& b2, int64_t& i1) {
   const __m512 lim = _mm512_set1_ps(b2);
-  uint32_t mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(scores), lim, _CMP_LT_OQ);
-  if (L == 32)
-    mask |= static_cast<uint32_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(scores + 16), lim, _CMP_LT_OQ)) << 16;
-  while (mask) {  // lanes in increasing class order: ties keep the lowest index
+  const __m512 lo = _mm512_loadu_ps(scores);
+  const __m512 hi = L == 32 ? _mm512_loadu_ps(scores + 16) : _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __mmask16 mlo = _mm512_cmp_ps_mask(lo, lim, _CMP_LT_OQ);
+  const __mmask16 mhi = L == 32 ? _mm512_cmp_ps_mask(hi, lim, _CMP_LT_OQ) : 0;
+  uint32_t mask = mlo | (static_cast<uint32_t>(mhi) << 16);
+  if (__builtin_popcount(mask) > 2) {
+    fold_panel_top2(lo, hi, mlo, mhi, base, b1, b2, i1);
+    return;
+  }
+  while (mask) {  // ties keep the lowest index
     const int l = __builtin_ctz(mask);
     mask &= mask - 1;
     consider(scores[l], base + l, b1, b2, i1);
@@ -263,7 +309,14 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
       }
     }
   }
-  const int64_t block_rows = packed_block_rows(d);
+  // Blocks are dealt round-robin, so a thread knows its next block, and where the centres fill
+  // at most kPrefetchPanels panels its tiles prefetch that block's rows into L2 while they compute:
+  // the conversion pass then reads from L2, not from memory (at C = 10 the two phases had run one
+  // after the other, each about half the time). Those blocks are smaller, so that two of them
+  // and the panels stay well inside L2. With more panels the sweep is compute-bound and the
+  // prefetch's registers cost more than it saves (C = 200: no gain; 32 panels: slower).
+  const bool prefetch = pan.count <= kPrefetchPanels;
+  const int64_t block_rows = prefetch ? std::min(kPrefetchBlock, packed_block_rows(d)) : packed_block_rows(d);
   const int64_t blocks = (n + block_rows - 1) / block_rows;
   const int threads = region_threads(num_threads, blocks);
 #ifdef NCFAST_WITH_OPENMP
@@ -275,13 +328,6 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
     std::vector<double> row64(d);
     alignas(64) float sc[kTileRows * L];
     BlockBest<kPackedBlock> st;
-    // Blocks are dealt round-robin, so a thread knows its next block, and where the centres fill
-    // at most two panels its tiles prefetch that block's rows into L2 while they compute: the
-    // conversion pass then reads from L2, not from memory (at C = 10 the two phases had run one
-    // after the other, each about half the time; 12.2 -> 8.8 ms at N = 50,000, D = 512). With
-    // more panels the sweep is compute-bound and the prefetch's registers cost more than it saves
-    // (C = 100: 32 -> 36 ms).
-    const bool prefetch = pan.count <= 2;
     const int64_t esize = dtype_bytes(x.dtype);
     const bool contiguous_rows = x.col_stride == 1 && x.row_stride == d;
 #ifdef NCFAST_WITH_OPENMP

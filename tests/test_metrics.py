@@ -149,6 +149,49 @@ def test_ncc_assign_skips_nan_rows_and_ties_go_low():
     assert ncfast.ncc_assign(x, means).tolist() == [1, 1, 2]
 
 
+@pytest.mark.parametrize("k", [12, 40, 100])
+def test_ncc_assign_exact_ties_inside_a_panel(k):
+    """Every class mean appears twice, side by side, so a row's best two scores can be equal and in
+    one panel (the sweep folds a panel's many candidates by vector reductions): the tie must be
+    seen (second best = best) and the lower class win, here and in rows that sit on a mean."""
+    g = torch.Generator().manual_seed(k)
+    base = torch.randint(-3, 4, (k // 2, 16), generator=g).to(torch.float64)
+    means = base.repeat_interleave(2, dim=0)  # classes 2i and 2i + 1 share a mean
+    x = torch.cat([torch.randint(-3, 4, (300, 16), generator=g).to(torch.float32), means[::2].to(torch.float32)])
+    got = ncfast.ncc_assign(x, means)
+    assert torch.equal(got, torch.from_numpy(ref.ncc_assign(x, means)))
+    assert bool((got % 2 == 0).all())  # the lower of each equal pair
+
+
+@pytest.mark.parametrize("k, groups", [(12, 1), (40, 1), (100, 1), (100, 3), (300, 2)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ncc_sweep_running_top_two_is_exact(k, groups, threads):
+    """The sweep's own (best, second best) on scores that float32 holds exactly (small integers):
+    with a zero error bound a row is unsure exactly when its two best scores tie, and its best is
+    the lowest class at the minimum. Duplicated centres put ties inside one panel, where many
+    candidates are folded by vector reductions, and across panels."""
+    from ncfast import _C
+
+    g = np.random.default_rng(k + groups)
+    d = 8
+    means = g.integers(-2, 3, (k, d)).astype(np.float64)
+    means[1::3] = means[0::3][: len(means[1::3])]  # class 3i + 1 repeats class 3i
+    means[-1] = means[0]  # and the last class the first, panels apart
+    x = np.concatenate([g.integers(-2, 3, (500, d)), means[:5]]).astype(np.float32)
+    starts = np.linspace(0, k, groups + 1).round().astype(np.int64)
+    scores = -2.0 * x.astype(np.float64) @ means.T + (means**2).sum(1)  # exact in float64 and float32
+    best, unsure = _C.ncc_sweep(x, "float32", np.zeros(d, np.float32), (-2.0 * means).astype(np.float32),
+                                (means**2).sum(1).astype(np.float32), starts, 0.0, [1.0] * groups, [1.0] * groups,
+                                threads, "fp32")
+    for gi in range(groups):
+        part = scores[:, starts[gi] : starts[gi + 1]]
+        two = np.sort(part, axis=1)[:, :2]
+        assert (best[:, gi] == part.argmin(1)).all()
+        if part.shape[1] > 1:
+            assert (unsure[:, gi] == (two[:, 0] == two[:, 1])).all()
+    assert unsure.any() and not unsure.all()
+
+
 def test_classifier_decisions_and_ncc_mismatch():
     x, y, c, w, b = _inputs("random")
     dec = ncfast.classifier_decisions(x, w, b)
@@ -246,15 +289,17 @@ def test_torch_backend_end_to_end(case, monkeypatch):
 
 
 @pytest.mark.parametrize("n, d, k", [(1, 1, 2), (3, 1, 5), (33, 7, 1), (65, 3, 9), (100, 300, 13), (209, 5, 33),
-                                     (97, 16, 70), (801, 5, 33), (130, 3001, 40), (801, 5, 20), (1000, 64, 3)])
+                                     (97, 16, 70), (801, 5, 33), (130, 3001, 40), (801, 5, 20), (1000, 64, 3),
+                                     (801, 64, 128), (500, 64, 129)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_ncc_sweep_awkward_sizes(n, d, k, dtype, threads, mode):
     """Sizes off every tile of the C++ sweeps (32-row blocks and 2 x 4 tiles without AVX-512; with
     it 12 x 32 tiles, or 12 x 16 where no argmin has more than 16 classes, in blocks of 384 rows,
-    or of 60 at d = 3001; with at most two panels the tiles prefetch the next block: k = 20 and 3
-    over several blocks), odd d for the bfloat16 pairs, all dtypes, 1 and 2 threads, both modes."""
+    or of 60 at d = 3001; with at most four panels the tiles prefetch the next block, of 192 rows:
+    k = 20, 3 and 128 over several blocks, k = 129 just past it), odd d for the bfloat16 pairs, all
+    dtypes, 1 and 2 threads, both modes."""
     g = torch.Generator().manual_seed(n + 7 * d + k)
     x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 5).to(dtype)
     means = torch.randn(k, d, generator=g, dtype=torch.float64) + 5
