@@ -4,12 +4,13 @@
 // sums their squares (the norms their unit vectors need first); pass B folds the staged rows into
 // the class's running state centred on the running mean (deviations s, squared deviations q and
 // unit vectors x / ||x||), and every 64 rows the group is closed with Chan's batch update. Without
-// unit sums no norm is needed and each row is widened and folded in one pass. Up to 64 classes a
+// unit sums no norm is needed and each row is widened and folded in one pass. Up to 32 classes a
 // thread walks its rows in memory order chunk by chunk (grouping each chunk by class); above, rows
 // are bucketed by label and each thread walks a contiguous range of class-sorted positions. Either
 // way each fold prefetches the rows kPrefetchBytes later in its visiting order into L1 (class by
-// class also those kFarPrefetchBytes later into L2), so the arithmetic overlaps the memory reads. Per-thread states are merged after the parallel region in thread
-// order, so thread counts change the result only by float64 rounding. The results are written
+// class also those kFarPrefetchBytes later into L2), so the arithmetic overlaps the memory reads.
+// Per-thread states are merged after the parallel region in thread order, so thread counts change
+// the result only by float64 rounding. The results are written
 // straight into the caller's arrays (no C x D temporaries).
 #include "moments.h"
 
@@ -482,9 +483,12 @@ inline int64_t far_rows(int64_t row_bytes, int64_t near) {
   return std::max<int64_t>(near + 1, kFarPrefetchBytes / std::max<int64_t>(1, row_bytes));
 }
 
-// Up to this many classes, rows are taken in memory order (see stream_thread); above, one state
-// per class per thread would outgrow the caches, and rows are visited class by class instead.
-constexpr int64_t kStreamClasses = 64;
+// Up to this many classes, rows are taken in memory order (see stream_thread); above, rows are
+// visited class by class instead: each chunk's groups get small and the per-class states outgrow
+// L1. With the far prefetch of the class-sorted path the two meet near 40 classes (A/B, N = 50,000,
+// D = 512, unit_sums=False, class-sorted against memory order: C = 24 1.04, 32 1.02, 48 0.95-1.0,
+// 64 0.92-0.94 of the time; with unit sums C = 32 0.86, 64 0.88); it was 64 before that prefetch.
+constexpr int64_t kStreamClasses = 32;
 
 // Few classes: one thread's contiguous rows [lo, hi) in memory order, chunk by chunk. The
 // chunk's rows are grouped by class (stable counting sort) and folded group by group; each fold
