@@ -586,8 +586,8 @@ inline void store_fence() {
 
 // Many classes: one thread's range [lo, hi) of class-sorted positions, class segment by class
 // segment, in chunks; each fold prefetches the rows `ahead` sorted positions later into L1 and
-// those `far` later into L2, the next classes' included. Whole classes are written to `out`; classes cut by the range's ends are left
-// in `partials`.
+// those `far` later into L2, the next classes' included. Whole classes are written to `out`;
+// classes cut by the range's ends are left in `partials`.
 struct Partial {
   int64_t cls;
   Running state;
