@@ -59,6 +59,12 @@ inline void micro(const double* ap, int64_t lda, const double* bp, int64_t kc, d
 // their own A panels: 121-126 GFLOP/s on the Xeon, 8 x 16: 129-133).
 constexpr int kSR = 8;
 
+// Packing one 16-column B panel of a chunk (widening, centring, scaling 128 x 16 values from
+// memory) costs about as long as this many 8 x 16 register tiles of the chunk (Xeon, D = 512:
+// 2.3 against 0.95 thousand cycles; 1.5-2.5 measured alike, 3.5 slower). Balanced by tiles
+// alone, the thread that packs every panel ran 7-12% longer than the other.
+constexpr double kPackTiles = 2.0;
+
 // The first register-tile column q of tile row p (tiles of mr rows) that touches the upper
 // triangle of a square output ((q + 1) * kNR - 1 >= p * mr).
 inline int64_t first_upper(int64_t p, int64_t mr) { return p * mr / kNR; }
@@ -80,6 +86,34 @@ std::pair<int64_t, int64_t> tile_rows(int t, int threads, int64_t pa, Cost cost)
   }
   if (lo < 0) lo = pa;
   return {lo, std::max(lo, hi)};
+}
+
+// Contiguous bands of pa tile rows, one a thread, that make the costliest band as cheap as can be
+// when a band starting at row lo costs start(lo) on top of its rows' cost(p): bisection on that
+// largest cost, each candidate checked by filling bands greedily from row 0 (optimal here, as
+// start falls with lo). Thread t's band is [lo, hi).
+template <typename Cost, typename Start>
+std::pair<int64_t, int64_t> balanced_rows(int t, int threads, int64_t pa, Cost cost, Start start) {
+  std::vector<int64_t> cuts;
+  auto fill = [&](double cap) {  // the bands of cost <= cap (each holds a row at least)
+    cuts.assign(1, 0);
+    for (int64_t p = 0; p < pa;) {
+      double c = start(p) + cost(p);
+      int64_t q = p + 1;
+      for (; q < pa && c + cost(q) <= cap; ++q) c += cost(q);
+      cuts.push_back(p = q);
+    }
+    return static_cast<int64_t>(cuts.size()) - 1;
+  };
+  double lo = 0.0, hi = start(0);
+  for (int64_t p = 0; p < pa; ++p) hi += cost(p);
+  for (int it = 0; it < 60; ++it) {
+    const double mid = 0.5 * (lo + hi);
+    (fill(mid) <= threads ? hi : lo) = mid;
+  }
+  fill(hi);
+  cuts.resize(threads + 1, pa);
+  return {cuts[t], cuts[t + 1]};
 }
 
 // Pack values v[0 .. W * panels) of step t into panels of width W ([panel][step][W]); entries past
@@ -142,8 +176,11 @@ void centred_scatter(const Matrix& x, const int64_t* labels, const double* means
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    const auto [p0, p1] =
-        tile_rows(thread_id(), threads, pa, [&](int64_t p) { return double(pb - first_upper(p, kSR)); });
+    // A band's cost: its tiles, and the B panels it packs every chunk (from its first tile's
+    // column on), each about kPackTiles tiles' time.
+    const auto [p0, p1] = balanced_rows(
+        thread_id(), threads, pa, [&](int64_t p) { return double(pb - first_upper(p, kSR)); },
+        [&](int64_t lo) { return kPackTiles * double(pb - first_upper(lo, kSR)); });
     if (p0 < p1) {
       const int64_t q0 = first_upper(p0, kSR), j0 = q0 * kNR;  // B panels from column j0 (A rows lie inside)
       const int64_t nb = pb - q0;
