@@ -378,6 +378,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("features"), py::arg("dtype"), py::arg("labels"), py::arg("num_classes"),
       py::arg("num_threads") = 1, py::arg("unit_sums") = true,
       "Per-class count, float64 mean, centred sum of squares and, with unit_sums, the unit-vector "
-      "sum and norm sum of a block of rows, and whether every M2 is finite (no NaN or Inf in the rows) (features: 2-D buffer of float32/float64, or uint16 "
-      "holding float16/bfloat16 bits named by dtype).");
+      "sum and norm sum of a block of rows (features: 2-D buffer of float32/float64, or uint16 "
+      "holding float16/bfloat16 bits named by dtype), and 'finite': whether every M2 is finite "
+      "(no NaN or Inf in the rows). Labels outside [0, num_classes) raise ValueError.");
 }

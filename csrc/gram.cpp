@@ -69,25 +69,6 @@ constexpr double kPackTiles = 2.0;
 // triangle of a square output ((q + 1) * kNR - 1 >= p * mr).
 inline int64_t first_upper(int64_t p, int64_t mr) { return p * mr / kNR; }
 
-// Thread t's tile rows [lo, hi) of pa rows whose costs cost(p) add up as evenly as threads allow.
-template <typename Cost>
-std::pair<int64_t, int64_t> tile_rows(int t, int threads, int64_t pa, Cost cost) {
-  double total = 0.0;
-  for (int64_t p = 0; p < pa; ++p) total += cost(p);
-  int64_t lo = -1, hi = pa;
-  double seen = 0.0;
-  for (int64_t p = 0; p < pa; ++p) {
-    if (lo < 0 && seen >= total * t / threads) lo = p;
-    if (seen >= total * (t + 1) / threads) {
-      hi = p;
-      break;
-    }
-    seen += cost(p);
-  }
-  if (lo < 0) lo = pa;
-  return {lo, std::max(lo, hi)};
-}
-
 // Contiguous bands of pa tile rows, one a thread, that make the costliest band as cheap as can be
 // when a band starting at row lo costs start(lo) on top of its rows' cost(p): bisection on that
 // largest cost, each candidate checked by filling bands greedily from row 0 (optimal here, as
@@ -244,7 +225,8 @@ void gram_nt(const double* a, int64_t m, const double* b, int64_t n, int64_t k, 
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    const auto [p0, p1] = tile_rows(thread_id(), threads, pa, [](int64_t) { return 1.0; });
+    const auto [p0, p1] =
+        balanced_rows(thread_id(), threads, pa, [](int64_t) { return 1.0; }, [](int64_t) { return 0.0; });
     if (p0 < p1) {
       const int64_t na = p1 - p0;
       auto apack = aligned_zeros<double>(na * kChunk * kMR);

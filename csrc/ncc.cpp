@@ -140,15 +140,11 @@ Panels make_panels(const int64_t* starts, int groups, const float* offsets) {
   return p;
 }
 
-// Fold a panel's L scores (lanes in increasing class order, padding +inf) into a row's running
-// (best, second best, index), as consider() on each lane in turn would. Lanes not under the second
-// best (NaN included) cannot change it and are skipped. With more than two candidates (every lane
-// of a row's first panel) the panel's two smallest come from vector reductions instead: the lane
-// loop's unpredictable branches had made this update a fifth of the sweep at C = 100.
-// The smallest candidate m1 at its lowest lane l, then the smallest of the others (the second
-// order statistic m2); lanes outside mlo / mhi count as +inf. Every candidate is under b2, so: a
-// new best takes the old best or m2 as its second; otherwise (m1 >= b1: the earlier, lower class
-// keeps a tie) m1 may become the second. Out of line, so that the sweep's loop stays small.
+// update_rows' many-candidate case: the smallest candidate m1 at its lowest lane l, then the
+// smallest of the others (the second order statistic m2); lanes outside mlo / mhi count as +inf.
+// Every candidate is under b2, so: a new best takes the old best or m2 as its second; otherwise
+// (m1 >= b1: the earlier, lower class keeps a tie) m1 may become the second. Out of line, so that
+// the sweep's loop stays small.
 __attribute__((noinline)) void fold_panel_top2(__m512 lo, __m512 hi, __mmask16 mlo, __mmask16 mhi, int64_t base,
                                                float& b1, float& b2, int64_t& i1) {
   const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
