@@ -353,7 +353,7 @@ def test_fast_mode_probe_then_rest(separation, low_pays, monkeypatch):
 
     monkeypatch.setattr(ncc_mod, "_FAST_PROBE_ROWS", 64)
     decided = []
-    monkeypatch.setattr(ncc_mod, "_low_pays", lambda *a: decided.append(a) or low_pays)
+    monkeypatch.setattr(ncc_mod, "_low_cost", lambda *a: decided.append(a) or (0.0 if low_pays else math.inf))
     g = torch.Generator().manual_seed(21)
     k, d, n = 45, 33, 1500
     means = torch.randn(k, d, generator=g, dtype=torch.float64) * separation
@@ -363,8 +363,10 @@ def test_fast_mode_probe_then_rest(separation, low_pays, monkeypatch):
 
 
 def test_fast_mode_low_precision_pays_only_when_faster():
-    from ncfast.ncc import _low_pays
+    """A low precision is chosen when its cost (its time plus the float32 recheck of its unsure
+    share) is under float32's time."""
+    from ncfast.ncc import _low_cost
 
-    assert _low_pays(1.0, 3.0, 0.5)  # 1 + 1.5 < 3
-    assert not _low_pays(1.0, 3.0, 0.7)  # 1 + 2.1 > 3
-    assert not _low_pays(3.0, 2.9, 0.0)  # bf16 no faster than float32
+    assert _low_cost(1.0, 3.0, 0.5) == 2.5 < 3.0  # 1 + 1.5
+    assert _low_cost(1.0, 3.0, 0.7) > 3.0  # 1 + 2.1
+    assert _low_cost(3.0, 2.9, 0.0) > 2.9  # bf16 no faster than float32

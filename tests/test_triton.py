@@ -206,7 +206,7 @@ def _sweep(x, shift, centres, offsets, precision, **blocks):
     return best.cpu().numpy(), unsure.cpu().numpy(), cbest, cunsure.astype(bool), bound
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("precision", tncc.PRECISIONS)
 @pytest.mark.parametrize("n,d,sizes,dtype,blocks", [
     (300, 70, [40, 13, 1], torch.float32, {}),
     (300, 70, [40, 13], torch.float64, {}),
@@ -233,7 +233,7 @@ def test_ncc_sweep_certified(precision, n, d, sizes, dtype, blocks):
         assert certain[:, 0].mean() > 0.9  # ties-free data: the bound is not vacuous
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("precision", tncc.PRECISIONS)
 @pytest.mark.parametrize("dtype,offset", [(torch.float32, 10.0), (torch.float64, 1e4)])
 def test_ncc_sweep_near_ties(precision, dtype, offset):
     """Rows on bisectors; with float64 input far from the origin, x - shift must be rounded once
@@ -254,11 +254,12 @@ def test_ncc_sweep_near_ties(precision, dtype, offset):
     assert (best[:, 0] == 2).any() and (best[:, 0] == 7).any() and not np.isin(best, (5, 23)).any()
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
 def test_ncc_sweep_flags_at_the_threshold(precision):
     """True top-2 gaps spread over [0, 4 bound]: rows are flagged exactly around 2 * bound (the
     actual rounding is far below the bound), so the bound uses the whole row norm (D spans three
-    feature blocks here) and the running second best across class tiles."""
+    feature blocks here) and the running second best across class tiles. (Only the float32-level
+    precisions: on a GPU one tf32 or bf16 rounding is a sizeable part of its bound.)"""
     n, d, k = 200, 40, 20
     g = torch.Generator().manual_seed(17)
     mu = torch.randn(k, d, generator=g, dtype=torch.float64) * 2 + 10
@@ -281,6 +282,63 @@ def test_ncc_sweep_flags_at_the_threshold(precision):
     assert unsure[ratio < 1.8].all()
     assert not unsure[ratio > 2.2].any()
     assert np.array_equal(best[~unsure], want[~unsure])
+
+
+def _toward_zero(s: np.ndarray) -> np.ndarray:
+    """float64 values rounded to float32 toward zero (the worst a truncating adder does)."""
+    r = s.astype(np.float32)
+    over = np.abs(r.astype(np.float64)) > np.abs(s)
+    r[over] = np.nextafter(r[over], np.float32(0))
+    return r
+
+
+def _tf32_truncated(a: np.ndarray) -> np.ndarray:
+    """The tf32 value a tensor core may read from float32 a: the low 13 mantissa bits dropped."""
+    return (a.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def _emulated_scores(xs: np.ndarray, w: np.ndarray, o: np.ndarray, precision: str) -> np.ndarray:
+    """o + xs @ w.T with the worst roundings relative_bound allows for: operands truncated to
+    tf32 (tf32x3 split into truncated high and low parts) or rounded to bfloat16, products exact
+    (tf32 / bf16) or rounded (ieee), every float32 add of the sum truncated, one term at a time."""
+    if precision == "ieee":
+        pairs = [(xs, w)]
+    elif precision == "tf32":
+        pairs = [(_tf32_truncated(xs), _tf32_truncated(w))]
+    elif precision == "tf32x3":
+        xh, wh = _tf32_truncated(xs), _tf32_truncated(w)
+        xl, wl = _tf32_truncated(xs - xh), _tf32_truncated(w - wh)
+        pairs = [(xh, wl), (xl, wh), (xh, wh)]
+    else:
+        pairs = [(torch.from_numpy(a).bfloat16().float().numpy() for a in (xs, w))]
+    acc = np.broadcast_to(o, (xs.shape[0], w.shape[0])).astype(np.float32)
+    for a, b in pairs:
+        for k in range(xs.shape[1]):
+            prod = np.outer(a[:, k], b[:, k]).astype(np.float32) if precision == "ieee" else \
+                np.outer(a[:, k].astype(np.float64), b[:, k].astype(np.float64))
+            acc = _toward_zero(acc.astype(np.float64) + prod)
+    return acc
+
+
+@pytest.mark.parametrize("precision", tncc.PRECISIONS)
+def test_relative_bound_covers_worst_roundings(precision):
+    """relative_bound against an emulation of each precision's worst rounding (the interpreter
+    multiplies in float32 whatever the precision, so this is where the tensor-core bounds meet
+    their roundings): positive, aligned rows and centres, so no error cancels. The error stays
+    under the bound, and above a fiftieth of it (the bound is not vacuous)."""
+    n, k, d = 24, 16, 300
+    g = np.random.default_rng(3)
+    xs = g.uniform(0.5, 2.0, (n, d)).astype(np.float32)
+    w = g.uniform(0.5, 2.0, (k, d)).astype(np.float32)
+    o = g.uniform(0.0, 10.0, k).astype(np.float32)
+    exact = o.astype(np.float64) + xs.astype(np.float64) @ w.astype(np.float64).T
+    err = np.abs(_emulated_scores(xs, w, o, precision).astype(np.float64) - exact)
+    bound = tncc.relative_bound(precision, d) * (np.linalg.norm(xs.astype(np.float64), axis=1)[:, None]
+                                                 * np.linalg.norm(w.astype(np.float64), axis=1).max()
+                                                 + np.abs(o).max())
+    ratio = err / bound
+    assert ratio.max() <= 1.0
+    assert ratio.max() > 0.02
 
 
 # ---------------------------------------------------------------------------------- pair tiles

@@ -37,6 +37,7 @@ _BLOCK_ELEMS = 1 << 22  # floats in one (rows x classes) score block
 _FUSED_MAX_CLASSES = 256  # without AVX-512, the C++ sweep up to here; above, GEMM blocks
 _PACKED = "SIMD=AVX512" in _C.compile_options()  # the register-tiled sweep beats BLAS at any C
 _FAST_PROBE_ROWS = 1024  # rows the fast mode scores in both precisions, timed, before the rest
+_FAST_PROBE_ROWS_GPU = 32768  # the same on a GPU: 256 programs of 128 rows, two waves of an H100
 
 
 @contextlib.contextmanager
@@ -123,7 +124,8 @@ def _sweep(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], preci
     """One fused sweep over every problem: (best (N, G) int64, unsure (N, G) bool).
 
     backend "cpp" (csrc/ncc.cpp; precision "fp32" or "bf16") or "triton" (ncfast.triton.ncc;
-    "fp32" or "tf32"). The bound's rel follows the precision of the products.
+    "fp32", which sweeps there with its FLOAT32 = "tf32x3" tensor-core products, or any of its
+    PRECISIONS). The bound's rel follows the precision of the products.
     """
     d = x.shape[1]
     starts = [0]
@@ -136,7 +138,10 @@ def _sweep(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], preci
     if backend == "triton":
         from .triton import ncc as triton_ncc
 
+        precision = triton_ncc.FLOAT32 if precision == "fp32" else precision
         rel = triton_ncc.relative_bound(precision, d)
+        if precision in triton_ncc.TENSOR_CORES:  # flushed subnormals, as for the C++ bf16 sweep
+            omax = [o + _bf16_floor(d, c) / rel for o, c in zip(omax, cmax)]
         return triton_ncc.ncc_sweep(x, shift, centres, offsets, starts, rel, cmax, omax, precision)
     rel = _rel(_U32, d)
     if precision == "bf16":
@@ -158,33 +163,49 @@ def _timed_sweep(x, shift, problems, precision, backend):
     return out, time.perf_counter() - t0
 
 
-def _low_pays(low_seconds: float, fp32_seconds: float, unsure_share: float) -> bool:
-    """Whether a low-precision sweep plus a float32 sweep of its unsure rows beats float32 alone."""
-    return low_seconds + unsure_share * fp32_seconds < fp32_seconds
+def _low_cost(low_seconds: float, fp32_seconds: float, unsure_share: float) -> float:
+    """Estimated time of a low-precision sweep plus a float32 sweep of its unsure rows."""
+    return low_seconds + unsure_share * fp32_seconds
 
 
-def _sweep_fast(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], low: str, backend: str):
-    """The fast mode's first pass: a sweep at the low precision (bf16 on CPU, tf32 on GPU) whose unsure
-    rows are swept again in float32, or float32 alone, whichever the first rows time faster.
+def _probe_rows(x: torch.Tensor) -> int:
+    """Rows the fast mode's probe sweeps: on a GPU enough to fill it (1,024 rows are 8 programs)."""
+    return _FAST_PROBE_ROWS_GPU if x.is_cuda else _FAST_PROBE_ROWS
 
-    The first _FAST_PROBE_ROWS rows are swept both ways (their float32 results are kept); the low
-    precision takes the rest only if its time plus the float32 recheck of the share of rows it could
-    not certify beats float32. Classes too close for bf16 to certify most rows make it lose, and so
-    does a CPU whose bf16 dot products are no faster than float32 FMAs (a Xeon with AVX512-BF16 but
-    no AMX: VDPBF16PS at one per cycle, 2x slower than exact at C = 10,000), so the fast mode never
-    costs much more than the exact one."""
+
+def _sweep_fast(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], lows: tuple[str, ...],
+                backend: str):
+    """The fast mode's first pass: a sweep at a low precision (bf16 on CPU; tf32 or bf16 on GPU)
+    whose unsure rows are swept again in float32, or float32 alone, whichever the first rows time
+    fastest.
+
+    The first rows (``_probe_rows``) are swept every way (their float32 results are kept; on a GPU
+    each kernel is compiled on a few rows first, so no compile is timed); a low precision takes the
+    rest only if its time plus the float32 recheck of the share of rows it could not certify beats
+    float32. Classes too close for bf16 to certify most rows make it lose, and so does a CPU whose
+    bf16 dot products are no faster than float32 FMAs (a Xeon with AVX512-BF16 but no AMX:
+    VDPBF16PS at one per cycle, 2x slower than exact at C = 10,000), so the fast mode never costs
+    much more than the exact one."""
     n = x.shape[0]
-    if n <= _FAST_PROBE_ROWS:
-        best, unsure = _sweep(x, shift, problems, low, backend)
+    probe_n = _probe_rows(x)
+    if n <= probe_n:
+        best, unsure = _sweep(x, shift, problems, lows[0], backend)
         low_rows = torch.arange(n, device=x.device)
     else:
-        probe = x[:_FAST_PROBE_ROWS]
-        (_, unsure_low), t_low = _timed_sweep(probe, shift, problems, low, backend)
+        probe = x[:probe_n]
+        if x.is_cuda:
+            for precision in (*lows, "fp32"):
+                _sweep(probe[:16], shift, problems, precision, backend)
         (best, unsure), t_fp32 = _timed_sweep(probe, shift, problems, "fp32", backend)
-        use_low = _low_pays(t_low, t_fp32, float(unsure_low.any(dim=1).to(torch.float64).mean()))
-        rest = _sweep(x[_FAST_PROBE_ROWS:], shift, problems, low if use_low else "fp32", backend)
+        choice, cost = "fp32", t_fp32
+        for low in lows:
+            (_, unsure_low), t_low = _timed_sweep(probe, shift, problems, low, backend)
+            c = _low_cost(t_low, t_fp32, float(unsure_low.any(dim=1).to(torch.float64).mean()))
+            if c < cost:
+                choice, cost = low, c
+        rest = _sweep(x[probe_n:], shift, problems, choice, backend)
         best, unsure = torch.cat([best, rest[0]]), torch.cat([unsure, rest[1]])
-        low_rows = torch.arange(_FAST_PROBE_ROWS, n, device=x.device) if use_low else None
+        low_rows = torch.arange(probe_n, n, device=x.device) if choice != "fp32" else None
     if low_rows is not None:  # rows the low precision could not certify get a float32 sweep
         again = low_rows[unsure[low_rows].any(dim=1)]
         if again.numel():
@@ -209,9 +230,9 @@ def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Pro
     outs = []
     backend = _dispatch.backend_for(x)
     if backend == "triton" or (backend == "cpp" and (_PACKED or total <= _FUSED_MAX_CLASSES)):
-        low = "tf32" if backend == "triton" else ("bf16" if _C.ncc_has_precision("bf16") else None)
-        if mode == "fast" and low is not None:
-            best, unsure = _sweep_fast(x, shift, problems, low, backend)
+        lows = ("tf32", "bf16") if backend == "triton" else (("bf16",) if _C.ncc_has_precision("bf16") else ())
+        if mode == "fast" and lows:
+            best, unsure = _sweep_fast(x, shift, problems, lows, backend)
         else:
             best, unsure = _sweep(x, shift, problems, "fp32", backend)
         for g, p in enumerate(problems):

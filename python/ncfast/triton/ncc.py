@@ -12,11 +12,23 @@ is the exact argmin and the caller recomputes only the flagged ones (see ncfast.
 contract as the C++ ``_C.ncc_sweep`` (csrc/ncc.h).
 
 ``_ncc_sweep_kernel`` is row-stationary: a program owns BLOCK_M rows, and for every group sweeps
-its classes in tiles of BLOCK_N, each score tile a K-loop of ``tl.dot`` over BLOCK_D features
-(``input_precision`` "ieee" = float32 FMAs, "tf32" = tensor cores). A tile is folded at once into
-a running (best, second best, best index) per row kept in registers, so only one index and one
-flag per row and group are written. The first BLOCK_D features of the rows (all of them when
-D <= BLOCK_D) stay in registers for the whole sweep.
+its classes in tiles of BLOCK_N, each score tile a K-loop of ``tl.dot`` over BLOCK_D features.
+A tile is folded at once into a running (best, second best, best index) per row kept in
+registers, so only one index and one flag per row and group are written. The first BLOCK_D
+features of the rows (all of them when D <= BLOCK_D) stay in registers for the whole sweep.
+
+Precisions of the products (``PRECISIONS``), each with its own bound (``relative_bound``):
+
+- "ieee":   float32 FMAs (tl.dot's input_precision="ieee");
+- "tf32x3": three TF32 tensor-core products (a_hi b_hi + a_hi b_lo + a_lo b_hi), float32-like
+            accuracy; ncfast.ncc's exact mode uses it on a GPU (``FLOAT32``);
+- "tf32":   one TF32 tensor-core product; "bf16": both tiles rounded to bfloat16, one
+            bfloat16 tensor-core product. The fast mode's first passes.
+
+Each precision has its own tile shape (``CONFIGS``), chosen from the sm_90 compile of
+``bench/sm90_compile.py`` (Triton 3.6): the largest tiles that keep every value in registers (no
+local-memory spills) and the pipeline within the 227 KiB of shared memory. "ieee" spills at
+anything above 64 x 64 x 16 (its FMA dot holds both operand tiles in registers).
 """
 from __future__ import annotations
 
@@ -24,34 +36,64 @@ import torch
 import triton
 import triton.language as tl
 
-PRECISIONS = ("ieee", "tf32")
+from . import interpreting
+
+PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 _ALIASES = {"fp32": "ieee"}  # the C++ sweep's name for the exact float32 products
+FLOAT32 = "tf32x3"  # the float32-level precision ncfast.ncc sweeps with on a GPU (exact mode)
+TENSOR_CORES = ("tf32x3", "tf32", "bf16")
 
-_UNIT_ROUNDOFF = {"ieee": 2.0 ** -24, "fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "bf16": 2.0 ** -8}
+# (block_m, block_n, block_d, num_warps, num_stages) per precision: see the module docstring.
+CONFIGS = {
+    "ieee": (64, 64, 16, 4, 3),
+    "tf32x3": (128, 128, 32, 8, 3),
+    "tf32": (128, 128, 32, 8, 3),
+    "bf16": (128, 128, 64, 8, 3),
+}
+
+_U32, _UTF32, _UBF16 = 2.0 ** -24, 2.0 ** -11, 2.0 ** -8  # unit roundoffs (round to nearest)
+# Tensor cores may flush subnormal inputs and products to zero: a relative floor for the centres'
+# elements (the caller adds the absolute one to omax, as for the C++ bf16 sweep).
+_TC_FLOOR = 2.0 ** -100
 
 
-def unit_roundoff(precision: str) -> float:
-    """Unit roundoff of a product precision's input format: float32 ("ieee"/"fp32") 2^-24,
-    tf32 2^-11, bfloat16 2^-8."""
-    if precision not in _UNIT_ROUNDOFF:
-        raise ValueError(f"precision: expected one of {tuple(_UNIT_ROUNDOFF)}, got {precision!r}")
-    return _UNIT_ROUNDOFF[precision]
+def canonical(precision: str) -> str:
+    """The precision's name in PRECISIONS ("fp32" is "ieee"); ValueError naming the argument."""
+    p = _ALIASES.get(precision, precision)
+    if p not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS} (or 'fp32'), got {precision!r}")
+    return p
 
 
 def relative_bound(precision: str, d: int) -> float:
     """rel for ``ncc_sweep`` at this precision: |computed - exact score| <= rel (||x - t|| cmax + omax).
 
-    "ieee": x - t rounded once to float32, a float32 dot product of length d in any order
-    (gamma_d <= 1.01 d u), the offset; 10% headroom (the C++ sweep's bound). "tf32": the tensor
-    cores may truncate both operands to tf32 rather than round them (the tl.dot docs warn of it), an
-    error of 2 u_tf32 each, and we allow truncating float32 accumulation too (2 u_fp32 per add).
+    With u = 2^-24, a float32 dot product of length d in any order errs by gamma_d <= 1.01 d u,
+    x - t is rounded once and the offset added once (+4 u); 10% headroom on everything:
+
+    - "ieee":   1.1 (1.01 d + 4) u  (the C++ sweep's bound);
+    - tensor cores may truncate the float32 sums rather than round them, so 2 u per add (A), and
+      may truncate an operand to tf32 rather than round it (the tl.dot docs warn of it), 2 u_tf32
+      with u_tf32 = 2^-11;
+    - "tf32":   1.1 (2 * 2 u_tf32 + A);
+    - "tf32x3": each operand a = a_hi + a_lo with |a - a_hi| <= 2 u_tf32 |a| and a_lo's own error
+      <= 2 u_tf32 |a - a_hi|; dropping a_lo b_lo, the product errs by at most 3 (2 u_tf32)^2 |a||b|
+      (bounded by 4 (2 u_tf32)^2), and three products accumulate, 3 A;
+    - "bf16":   both operands rounded to bfloat16 (u_bf16 = 2^-8, round to nearest), products exact
+      in float32: 1.1 (2 u_bf16 + A).
+
+    The tensor-core precisions add a 2^-100 floor (see _TC_FLOOR).
     """
-    u32 = unit_roundoff("ieee")
-    if _ALIASES.get(precision, precision) == "ieee":
-        return 1.1 * (1.01 * d + 4) * u32
-    if precision == "tf32":
-        return 1.1 * (2.0 * 2.0 * unit_roundoff("tf32") + (1.01 * d + 4) * 2.0 * u32)
-    raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    p = canonical(precision)
+    acc = (1.01 * d + 4) * _U32
+    if p == "ieee":
+        return 1.1 * acc
+    tc = 2.0 * acc
+    if p == "tf32":
+        return 1.1 * (2.0 * 2.0 * _UTF32 + tc) + _TC_FLOOR
+    if p == "tf32x3":
+        return 1.1 * (4.0 * (2.0 * _UTF32) ** 2 + 3.0 * tc) + _TC_FLOOR
+    return 1.1 * (2.0 * _UBF16 + tc) + _TC_FLOOR
 
 
 @triton.jit
@@ -80,6 +122,22 @@ def _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D: 
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + a @ b for float32 tiles: "bf16" rounds both to bfloat16 (exact products, float32
+    sums), the others are tl.dot's input precisions. The interpreter's bfloat16 dot is wrong, so
+    there the rounded tiles go back to float32 first (the same values, multiplied exactly)."""
+    if PRECISION == "bf16":
+        if INTERPRETED:
+            out = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
+                         input_precision="ieee")
+        else:
+            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
 def _ncc_sweep_kernel(
     best_ptr, stride_bm, stride_bg,  # (N, G) int64 out: argmin within each group
     unsure_ptr, stride_um, stride_ug,  # (N, G) bool out: top-2 gap within twice the bound
@@ -92,8 +150,9 @@ def _ncc_sweep_kernel(
     cmax_ptr, omax_ptr,  # (G,) float64
     n, d, groups,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" or "tf32"
+    PRECISION: tl.constexpr,  # one of PRECISIONS (see _dot)
     X_F64: tl.constexpr,
+    INTERPRETED: tl.constexpr,  # TRITON_INTERPRET=1 (see _dot)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
@@ -115,12 +174,13 @@ def _ncc_sweep_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             cls = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             kmask = cls < hi
-            acc = tl.dot(x0, _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, 0, d, BLOCK_D),
-                         input_precision=PRECISION)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, 0, d, BLOCK_D)
+            acc = _dot(x0, ct, acc, PRECISION, INTERPRETED)
             for d0 in range(BLOCK_D, d, BLOCK_D):
                 xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64)
                 ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D)
-                acc = tl.dot(xs, ct, acc, input_precision=PRECISION)
+                acc = _dot(xs, ct, acc, PRECISION, INTERPRETED)
             # columns past the group (the next group's classes, or past K) score +inf: never best
             off = tl.load(offsets_ptr + cls, mask=kmask, other=float("inf"))
             s = acc + off[None, :]
@@ -140,19 +200,19 @@ def _ncc_sweep_kernel(
 
 
 def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor, starts,
-              rel: float, cmax, omax, precision: str = "ieee", *, block_m: int = 64, block_n: int = 64,
-              block_d: int = 64):
+              rel: float, cmax, omax, precision: str = "ieee", *, block_m: int | None = None,
+              block_n: int | None = None, block_d: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None):
     """(best int64 (N, G), unsure bool (N, G)): the certified argmin of every group of classes.
 
     x (N, D) any float dtype and strides; shift (D,), centres (K, D) and offsets (K,) as float32;
     starts: G + 1 ints from 0 to K; rel, cmax, omax: the per-row error bound
     rel * (||x_i - shift|| * cmax[g] + omax[g]) (``relative_bound(precision, D)`` gives rel);
-    precision: "ieee" (alias "fp32") or "tf32". A group of one class gives best 0, never unsure.
-    Block sizes are powers of two >= 16 (tl.dot's minimum), shrunk to the problem.
+    precision: one of PRECISIONS (alias "fp32" = "ieee"). A group of one class gives best 0, never
+    unsure. Tile shape and launch settings default to CONFIGS[precision]; block sizes are powers
+    of two >= 16 (tl.dot's minimum), block_n and block_d shrunk to the problem.
     """
-    precision = _ALIASES.get(precision, precision)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS} (or 'fp32'), got {precision!r}")
+    precision = canonical(precision)
     if x.dim() != 2 or not x.dtype.is_floating_point:
         raise ValueError(f"features: expected a 2-D floating tensor, got {x.dtype} {tuple(x.shape)}")
     n, d = x.shape
@@ -171,9 +231,11 @@ def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offse
     f32 = dict(dtype=torch.float32, device=dev)
     f64 = dict(dtype=torch.float64, device=dev)
     centres = centres.to(**f32)
+    cfg_m, cfg_n, cfg_d, cfg_warps, cfg_stages = CONFIGS[precision]
     widest = max(b - a for a, b in zip(starts, starts[1:]))
-    block_n = max(16, min(block_n, triton.next_power_of_2(max(widest, 1))))
-    block_d = max(16, min(block_d, triton.next_power_of_2(max(d, 1))))
+    block_m = block_m or cfg_m
+    block_n = max(16, min(block_n or cfg_n, triton.next_power_of_2(max(widest, 1))))
+    block_d = max(16, min(block_d or cfg_d, triton.next_power_of_2(max(d, 1))))
     _ncc_sweep_kernel[(triton.cdiv(n, block_m),)](
         best, best.stride(0), best.stride(1),
         unsure, unsure.stride(0), unsure.stride(1),
@@ -187,6 +249,7 @@ def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offse
         torch.as_tensor(omax, **f64).reshape(groups).contiguous(),
         n, d, groups,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=precision, X_F64=x.dtype == torch.float64,
+        PRECISION=precision, X_F64=x.dtype == torch.float64, INTERPRETED=interpreting(),
+        num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
     return best, unsure

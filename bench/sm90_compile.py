@@ -1,0 +1,171 @@
+"""Compile ncfast's Triton kernels for a Hopper GPU (sm_90) on a machine without one, and report
+what the compiler made of them: registers, local memory (spills), shared memory, and the
+instructions that say which arithmetic path a kernel took (HGMMA = Hopper tensor cores, HMMA =
+older tensor cores, DMMA = float64 tensor cores, FFMA / DFMA = plain float32 / float64 FMAs).
+
+    python bench/sm90_compile.py                 # every kernel at the launchers' settings
+    python bench/sm90_compile.py --sass-dir DIR  # also write each kernel's SASS there
+
+The launchers in ncfast.triton are called on CPU tensors of representative shapes; every kernel
+launch is turned into an ahead-of-time compile for GPUTarget("cuda", 90, 32), with the argument
+specialisation a real launch would get (Triton's own binder: ints equal to 1 become constants,
+pointers and ints divisible by 16 get the divisibility hint). No kernel runs, so outputs are
+garbage and only the compile reports count. It needs a Triton with the NVIDIA backend (the
+PyPI wheel carries ptxas and cuobjdump); the GPU machine's Triton version is what matters, so
+run it under that version (for example a wheel unpacked on PYTHONPATH).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real, before the kernel modules load
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver as _driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+TARGET = GPUTarget("cuda", 90, 32)
+# SASS opcodes worth counting: which unit does the arithmetic, and how wide the global loads are.
+# LDG / LDGSTS are split by width: .128 (16-byte vectors), .64, and 4 bytes or less.
+OPCODES = ("HGMMA", "HMMA", "DMMA", "FFMA", "DFMA", "LDG.128", "LDG.64", "LDG", "LDGSTS.128", "LDGSTS",
+           "STG", "LDL", "STL")
+
+
+class _AheadOfTimeDriver:
+    """The few driver calls JITFunction.run makes, answered without a GPU."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return TARGET
+
+
+def _cuobjdump() -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def _report(kernel, label: str, sass_dir: Path | None) -> dict:
+    """Resource usage and opcode counts of one compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "--dump-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    ops = collections.Counter()
+    for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)([.\w]*)", sass):
+        op, suffix = m.group(1), m.group(2)
+        if op in ("LDG", "LDGSTS"):
+            width = re.search(r"\.(128|64)\b", suffix)
+            op = f"{op}.{width.group(1)}" if width else op
+        ops[op] += 1
+    if sass_dir is not None:
+        sass_dir.mkdir(parents=True, exist_ok=True)
+        (sass_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + ".sass")).write_text(sass)
+    return {"label": label, "regs": int(fields.get("REG", 0)), "local": int(fields.get("LOCAL", 0)),
+            "stack": int(fields.get("STACK", 0)), "shared": int(kernel.metadata.shared),
+            "ops": {k: ops.get(k, 0) for k in OPCODES}}
+
+
+class _Recorder:
+    """Turns ``kernel[grid](*args, **kwargs)`` into an ahead-of-time compile and keeps the report."""
+
+    def __init__(self, sass_dir):
+        self.rows: list[dict] = []
+        self.sass_dir = sass_dir
+        self.label = ""
+
+    def __call__(self, fn: JITFunction, grid):
+        def launch(*args, **kwargs):
+            kernel = fn.run(*args, grid=grid, warmup=True, **kwargs)
+            consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+            label = f"{fn.__name__} {self.label} " + " ".join(f"{k}={v}" for k, v in consts.items())
+            self.rows.append(_report(kernel, label.strip(), self.sass_dir))
+            return kernel
+        return launch
+
+
+def _cases(recorder: _Recorder):
+    """Call every launcher at shapes like issue 4's (D = 1024; the row count only sets alignment)."""
+    from ncfast.triton import moments, ncc, pairwise
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 4096, 1024
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        recorder.label = f"x={str(dtype).removeprefix('torch.')}"
+        moments.block_moments(x.to(dtype), y, 10)
+    recorder.label = "D=512"
+    moments.block_moments(x[:, :512].contiguous(), y, 10)
+    recorder.label = ""
+    moments.centre_rows(x, y, torch.zeros(10, d, dtype=torch.float64))
+
+    k = 1000
+    centres = torch.randn(k, d, generator=g)
+    for prec in ncc.PRECISIONS:
+        recorder.label = f"precision={prec}"
+        ncc.ncc_sweep(x, torch.zeros(d), centres, torch.zeros(k), [0, k], ncc.relative_bound(prec, d),
+                      [1.0], [1.0], prec)
+
+    t = 512
+    mt = torch.randn(t, d, dtype=torch.float64, generator=g)
+    vec = torch.ones(t, dtype=torch.float64)
+    best, idx = torch.full((t,), float("inf"), dtype=torch.float64), torch.zeros(t, dtype=torch.int64)
+    key = ("cpu", None)
+    for f64_dot in (True, False):
+        pairwise._F64_DOT[key] = f64_dot
+        recorder.label = f"F64_DOT={f64_dot}"
+        try:
+            pairwise.reduce_pair_tile(mt, mt, False, vec, vec, vec, vec, vec, vec, None, None, 1.0, 0.1, -0.1, 0.0,
+                                      0.1, 0, t, best, idx, best.clone(), idx.clone())
+        except Exception as exc:  # noqa: BLE001 - the report says which variant does not compile
+            recorder.rows.append({"label": f"_pair_tile_kernel F64_DOT={f64_dot}: does not compile "
+                                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"})
+    pairwise._F64_DOT.pop(key, None)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sass-dir", type=Path, default=None, help="write each kernel's SASS into this folder")
+    args = p.parse_args(argv)
+
+    _driver.set_active(_AheadOfTimeDriver())
+    recorder = _Recorder(args.sass_dir)
+    original = JITFunction.__getitem__
+    JITFunction.__getitem__ = lambda fn, grid: recorder(fn, grid)
+    try:
+        _cases(recorder)
+    finally:
+        JITFunction.__getitem__ = original  # the stub driver stays: without a GPU there is no other
+
+    print(f"triton {triton.__version__}, target {TARGET.backend} sm_{TARGET.arch}")
+    head = ["regs", "stack", "shared"] + list(OPCODES)
+    print(f"{'kernel':<90} " + " ".join(f"{h:>10}" for h in head))
+    for row in recorder.rows:
+        if "regs" not in row:
+            print(row["label"])
+            continue
+        vals = [row["regs"], row["stack"], row["shared"]] + [row["ops"][k] for k in OPCODES]
+        print(f"{row['label'][:90]:<90} " + " ".join(f"{v:>10}" for v in vals))
+
+
+if __name__ == "__main__":
+    main()
