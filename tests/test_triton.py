@@ -67,8 +67,12 @@ def _moments64(x: torch.Tensor, y: torch.Tensor, c: int):
 
 
 def _check_moments(got, want, rtol):
+    """got against want; got without unit sums (None, None) is checked on the first three."""
     names = ("counts", "means", "m2", "unit_sums", "norm_sums")
     assert np.array_equal(got[0].cpu().numpy(), want[0]), "counts"
+    if got[3] is None:
+        assert got[4] is None
+        got, want = got[:3], want[:3]
     for name, a, b in zip(names[1:], got[1:], want[1:]):
         a = a.cpu().numpy()
         assert a.dtype == np.float64, name
@@ -85,9 +89,10 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("unit_sums", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,d,c,absent,block_rows,block_d", SHAPES)
-def test_block_moments_match_float64(dtype, n, d, c, absent, block_rows, block_d):
+def test_block_moments_match_float64(dtype, n, d, c, absent, block_rows, block_d, unit_sums):
     g = torch.Generator().manual_seed(n + d + c)
     y = torch.randint(0, c, (n,), generator=g)
     keep = min(set(range(c)) - set(absent))
@@ -96,14 +101,15 @@ def test_block_moments_match_float64(dtype, n, d, c, absent, block_rows, block_d
     x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
     x[0] = 0  # a zero row: its unit vector stays zero
     x = x.to(DEVICE)
-    got = tmoments.block_moments(x, y.to(DEVICE), c, block_rows=block_rows, block_d=block_d)
+    got = tmoments.block_moments(x, y.to(DEVICE), c, block_rows=block_rows, block_d=block_d, unit_sums=unit_sums)
     want = _moments64(x, y, c)
+    assert (got[3] is None) == (not unit_sums)
     assert (want[0][list(absent)] == 0).all()
     _check_moments(got, want, rtol=1e-10)
 
 
-@pytest.mark.parametrize("fanin", [2, 3])
-def test_block_moments_tree_of_merges(fanin):
+@pytest.mark.parametrize("fanin,unit_sums", [(2, True), (3, True), (2, False)])
+def test_block_moments_tree_of_merges(fanin, unit_sums):
     """Small fan-in: 257 rows of one dominant class in 16-row chunks need three or more levels of
     merges (runs of 2 or 3 partials, then the classes); still the float64 statistics, and
     the collapse regime (spread 1e-4 of the means) keeps its M2."""
@@ -111,7 +117,8 @@ def test_block_moments_tree_of_merges(fanin):
     y = torch.zeros(300, dtype=torch.int64)
     y[257:] = torch.randint(1, 4, (43,), generator=g)
     x = (1e3 + 0.1 * torch.randn(300, 33, generator=g, dtype=torch.float64))
-    got = tmoments.block_moments(x.to(DEVICE), y.to(DEVICE), 4, block_rows=16, block_d=16, fanin=fanin)
+    got = tmoments.block_moments(x.to(DEVICE), y.to(DEVICE), 4, block_rows=16, block_d=16, fanin=fanin,
+                                 unit_sums=unit_sums)
     _check_moments(got, _moments64(x, y, 4), rtol=1e-9)
 
 

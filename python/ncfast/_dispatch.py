@@ -71,7 +71,8 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, unit_sums:
     """Per-class (counts, means, m2, unit_sums, norm_sums) of one block of rows, float64.
 
     m2[c] = sum_{y_i=c} ||h_i - mu_c||^2 centred on the block's own class means. With
-    ``unit_sums=False`` the last two are None (the C++ core then takes no row norms). With
+    ``unit_sums=False`` the last two are None (the C++ core and the Triton kernels then take no
+    row norms). With
     ``check_finite``, NaN or Inf in the rows raises ValueError: it makes a class's centred M2 NaN
     or Inf, so the (C,) vector tells without a pass over the features (the C++ core checks it as
     it returns).
@@ -82,12 +83,13 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, unit_sums:
     if backend == "triton":
         from .triton import moments
 
-        stats = moments.block_moments(x, y, num_classes)
+        stats = moments.block_moments(x, y, num_classes, unit_sums=unit_sums)
     else:
         stats = _torch_block_moments(x, y, num_classes)
+        stats = stats if unit_sums else (*stats[:3], None, None)
     if check_finite and not bool(torch.isfinite(stats[2]).all()):
         raise ValueError(NON_FINITE)
-    return stats if unit_sums else (*stats[:3], None, None)
+    return stats
 
 
 def centred_rows(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -8,19 +8,21 @@ For every class c of a block (x, y), in float64:
     unit_sums[c] = sum_{y_i=c} h_i / ||h_i||             (a zero row adds 0)
     norm_sums[c] = sum_{y_i=c} ||h_i||
 
-Rows are sorted by label on the host (a stable argsort), and each class segment is cut into
-chunks of at most BLOCK_R rows. ``_chunk_moments_kernel`` gives every (chunk, column block) pair
-to one program: the (BLOCK_R, BLOCK_D) tile is loaded once, widened to float64 on load, and
-reduced in registers to the chunk's column means, its M2 about those means (a two-pass form over
-the in-register tile, so nothing cancels however far the data sit from the origin) and its unit
-sums. ``_merge_chunks_kernel`` then folds the chunks of each class, in chunk order, with Chan's
-formula
+Rows are sorted by label (a stable argsort of the labels as int32), and each class segment is
+cut into chunks of at most BLOCK_R rows. ``_chunk_moments_kernel`` gives every chunk to one
+program, which sweeps its rows' columns in blocks of BLOCK_D: each (BLOCK_R, BLOCK_D) tile is
+loaded once, widened to float64 on load, and reduced in registers to the chunk's column means,
+its M2 about those means (a two-pass form over the in-register tile, so nothing cancels however
+far the data sit from the origin) and, when asked, its unit sums. Unit sums need each row's
+norm first, so with ``unit_sums`` the program takes the norms in a first sweep of its rows; the
+second sweep then finds them in L2 (BLOCK_R x D values, 256 KiB at 64 x 1024 float32), so the
+features are read from device memory once either way. ``_merge_chunks_kernel`` then folds the
+chunks of each class, in chunk order, with Chan's formula
 
     mu = mu_a + delta * n_b / n,   M2 = M2_a + M2_b + |delta|^2 n_a n_b / n,
 
 so the result is deterministic (no floating-point atomics) and exact to float64 rounding when the
-within-class spread is tiny next to the means. Row norms need the whole row: with one column
-block the tile has it, otherwise ``_row_norms_kernel`` computes them first.
+within-class spread is tiny next to the means.
 """
 from __future__ import annotations
 
@@ -32,66 +34,51 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
-def _row_norms_kernel(
-    norm_ptr,  # (N,) float64 out: ||h_i||
-    x_ptr, stride_xm, stride_xd,  # (N, D) features, any float dtype and strides
-    n, d,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float64)
-    for d0 in range(0, d, BLOCK_D):
-        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        mask = rmask[:, None] & (cols < d)[None, :]
-        # widen on load: half and bfloat16 arithmetic would round (and is wrong in the interpreter)
-        h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float64)
-        acc += tl.sum(h * h, axis=1)
-    # tl.sqrt is approximate only for float32; on float64 it is the correctly rounded sqrt.rn.f64
-    tl.store(norm_ptr + rows, tl.sqrt(acc), mask=rmask)
-
-
-@triton.jit
 def _chunk_moments_kernel(
     mean_ptr, stride_mean_k, stride_mean_d,  # (chunks, D) float64 out: the chunk's column means
-    unit_ptr, stride_unit_k, stride_unit_d,  # (chunks, D) float64 out: sum of h_i / ||h_i||
-    m2_ptr, stride_m2_k, stride_m2_b,  # (chunks, column blocks) float64 out: centred squares of the block
-    norm_sum_ptr,  # (chunks,) float64 out: sum of ||h_i||
+    unit_ptr, stride_unit_k, stride_unit_d,  # (chunks, D) float64 out: sum of h_i / ||h_i|| (UNITS)
+    m2_ptr, stride_m2_k, stride_m2_b,  # (chunks, column blocks) float64 out: centred squares of each block
+    norm_sum_ptr,  # (chunks,) float64 out: sum of ||h_i|| (UNITS)
     x_ptr, stride_xm, stride_xd,  # (N, D) features, any float dtype and strides
     order_ptr,  # (N,) int64: row indices sorted by label
     start_ptr,  # (chunks,) int64: the chunk's first position in order
     count_ptr,  # (chunks,) int64: its number of rows (1 .. BLOCK_R)
-    row_norm_ptr,  # (N,) float64 ||h_i||, read only when not NORMS_IN_TILE
     d,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    NORMS_IN_TILE: tl.constexpr,  # one column block holds whole rows: the norms come from the tile
+    UNITS: tl.constexpr,  # also the unit sums and norm sums
 ):
     chunk = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1)
     start = tl.load(start_ptr + chunk)
     count = tl.load(count_ptr + chunk)
     r = tl.arange(0, BLOCK_R)
     rmask = r < count
     rows = tl.load(order_ptr + start + r, mask=rmask, other=0)
-    cols = blk.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < d
-    mask = rmask[:, None] & cmask[None, :]
-    h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float64)
-    if NORMS_IN_TILE:
-        norms = tl.sqrt(tl.sum(h * h, axis=1))
-    else:
-        norms = tl.load(row_norm_ptr + rows, mask=rmask, other=0.0)
-    mean = tl.sum(h, axis=0) / count.to(tl.float64)
-    # second pass over the tile in registers: squares about the chunk's own mean, no cancellation
-    dev = tl.where(mask, h - mean[None, :], 0.0)
-    m2 = tl.sum(tl.sum(dev * dev, axis=1), axis=0)
-    inv = tl.where(norms > 0.0, 1.0 / tl.where(norms > 0.0, norms, 1.0), 0.0)
-    unit = tl.sum(h * inv[:, None], axis=0)
-    tl.store(mean_ptr + chunk * stride_mean_k + cols * stride_mean_d, mean, mask=cmask)
-    tl.store(unit_ptr + chunk * stride_unit_k + cols * stride_unit_d, unit, mask=cmask)
-    tl.store(m2_ptr + chunk * stride_m2_k + blk * stride_m2_b, m2)
-    if blk == 0:
+    base = x_ptr + rows[:, None] * stride_xm
+    if UNITS:
+        sq = tl.zeros((BLOCK_R,), dtype=tl.float64)
+        for d0 in range(0, d, BLOCK_D):
+            cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            mask = rmask[:, None] & (cols < d)[None, :]
+            # widen on load: half and bfloat16 arithmetic would round (and is wrong in the interpreter)
+            h = tl.load(base + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float64)
+            sq += tl.sum(h * h, axis=1)
+        # tl.sqrt is approximate only for float32; on float64 it is the correctly rounded sqrt.rn.f64
+        norms = tl.sqrt(sq)
+        inv = tl.where(norms > 0.0, 1.0 / tl.where(norms > 0.0, norms, 1.0), 0.0)
         tl.store(norm_sum_ptr + chunk, tl.sum(norms, axis=0))
+    for d0 in range(0, d, BLOCK_D):
+        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        cmask = cols < d
+        mask = rmask[:, None] & cmask[None, :]
+        h = tl.load(base + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float64)
+        mean = tl.sum(h, axis=0) / count.to(tl.float64)
+        # second pass over the tile in registers: squares about the chunk's own mean, no cancellation
+        dev = tl.where(mask, h - mean[None, :], 0.0)
+        tl.store(mean_ptr + chunk * stride_mean_k + cols * stride_mean_d, mean, mask=cmask)
+        tl.store(m2_ptr + chunk * stride_m2_k + (d0 // BLOCK_D) * stride_m2_b, tl.sum(tl.sum(dev * dev, axis=1), axis=0))
+        if UNITS:
+            tl.store(unit_ptr + chunk * stride_unit_k + cols * stride_unit_d, tl.sum(h * inv[:, None], axis=0),
+                     mask=cmask)
 
 
 @triton.jit
@@ -108,6 +95,7 @@ def _merge_chunks_kernel(
     first_ptr,  # (S + 1,) int64: segment s (a class, or a run of one class's partials) owns first[s] .. first[s + 1]
     d,
     BLOCK_D: tl.constexpr,
+    UNITS: tl.constexpr,  # also the unit sums and norm sums
 ):
     c = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -131,13 +119,15 @@ def _merge_chunks_kernel(
         mean += delta * (nb / tot)
         m2 += tl.load(cm2_ptr + k * stride_cm2_k + blk * stride_cm2_b) + tl.sum(delta * delta, axis=0) * (n * nb / tot)
         n = tot
-        unit += tl.load(cunit_ptr + k * stride_cunit_k + cols * stride_cunit_d, mask=cmask, other=0.0)
-        norm_sum += tl.load(cnorm_sum_ptr + k)
+        if UNITS:
+            unit += tl.load(cunit_ptr + k * stride_cunit_k + cols * stride_cunit_d, mask=cmask, other=0.0)
+            norm_sum += tl.load(cnorm_sum_ptr + k)
     tl.store(mean_ptr + c * stride_mean_c + cols * stride_mean_d, mean, mask=cmask)
-    tl.store(unit_ptr + c * stride_unit_c + cols * stride_unit_d, unit, mask=cmask)
     tl.store(m2_ptr + c * stride_m2_c + blk * stride_m2_b, m2)
-    if blk == 0:
-        tl.store(norm_sum_ptr + c, norm_sum)
+    if UNITS:
+        tl.store(unit_ptr + c * stride_unit_c + cols * stride_unit_d, unit, mask=cmask)
+        if blk == 0:
+            tl.store(norm_sum_ptr + c, norm_sum)
 
 
 @triton.jit
@@ -170,14 +160,16 @@ def _block_d(d: int, block_d: int | None) -> int:
     return block_d if block_d is not None else min(64, triton.next_power_of_2(max(d, 1)))
 
 
-def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, block_rows: int = 64,
-                  block_d: int | None = None, fanin: int = 64):
+def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_sums: bool = True,
+                  block_rows: int = 64, block_d: int | None = None, fanin: int = 64, num_warps: int = 8):
     """(counts int64 (C,), means (C, D), m2 (C,), unit_sums (C, D), norm_sums (C,)), float64, of
     the rows x (N, D; float16, bfloat16, float32 or float64, any strides) with labels y (N,) in
     [0, num_classes). The same values as ``ncfast._dispatch._torch_block_moments``, deterministic.
+    With ``unit_sums=False`` the last two are None and no row norm is taken.
 
     block_rows / block_d (powers of two) set the chunk tile; the defaults suit a GPU. fanin: the
-    most partials one merge program folds (a tree of merges above it).
+    most partials one merge program folds (a tree of merges above it). num_warps: of the chunk
+    kernel (8: the 64 x 64 float64 tile is 16 values per thread).
     """
     _check_features(x)
     n, d = x.shape
@@ -188,16 +180,17 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, block_r
         raise ValueError("labels: value out of range [0, num_classes)")
     f64 = dict(dtype=torch.float64, device=dev)
     means = torch.zeros(num_classes, d, **f64)
-    unit_sums = torch.zeros(num_classes, d, **f64)
-    norm_sums = torch.zeros(num_classes, **f64)
+    units = (torch.zeros(num_classes, d, **f64), torch.zeros(num_classes, **f64)) if unit_sums else (None, None)
     if n == 0 or d == 0:
-        return counts, means, torch.zeros(num_classes, **f64), unit_sums, norm_sums
+        return counts, means, torch.zeros(num_classes, **f64), *units
     block_d = _block_d(d, block_d)
     col_blocks = triton.cdiv(d, block_d)
 
     # Chunk table: class c's sorted rows start at class_start[c]; it is cut into
-    # ceil(n_c / block_rows) chunks, numbered first[c] .. first[c + 1] in class order.
-    order = torch.argsort(y, stable=True)
+    # ceil(n_c / block_rows) chunks, numbered first[c] .. first[c + 1] in class order. Labels sort
+    # as int32 (fewer radix passes on a GPU than int64).
+    key = y.to(torch.int32) if num_classes < 2 ** 31 else y
+    order = torch.argsort(key, stable=True)
     class_start = torch.cumsum(counts, 0) - counts
     per_class = (counts + block_rows - 1) // block_rows
     first = torch.cat([per_class.new_zeros(1), torch.cumsum(per_class, 0)])
@@ -206,24 +199,20 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, block_r
     chunk_start = class_start[chunk_class] + (torch.arange(chunks, device=dev) - first[chunk_class]) * block_rows
     chunk_count = torch.clamp(class_start[chunk_class] + counts[chunk_class] - chunk_start, max=block_rows)
 
-    row_norms = norm_sums  # not read when one column block holds whole rows
-    if col_blocks > 1:
-        row_norms = torch.empty(n, **f64)
-        _row_norms_kernel[(triton.cdiv(n, block_rows),)](
-            row_norms, x, x.stride(0), x.stride(1), n, d, BLOCK_M=block_rows, BLOCK_D=block_d)
     cmean = torch.empty(chunks, d, **f64)
-    cunit = torch.empty(chunks, d, **f64)
     cm2 = torch.empty(chunks, col_blocks, **f64)
-    cnorm = torch.empty(chunks, **f64)
-    _chunk_moments_kernel[(chunks, col_blocks)](
+    # without unit sums the kernel writes neither: a (1, 1) stand-in keeps the arguments
+    cunit = torch.empty(chunks, d, **f64) if unit_sums else cm2[:1, :1]
+    cnorm = torch.empty(chunks, **f64) if unit_sums else cm2[:1, 0]
+    _chunk_moments_kernel[(chunks,)](
         cmean, cmean.stride(0), cmean.stride(1),
         cunit, cunit.stride(0), cunit.stride(1),
         cm2, cm2.stride(0), cm2.stride(1),
         cnorm,
         x, x.stride(0), x.stride(1),
-        order, chunk_start, chunk_count, row_norms, d,
-        BLOCK_R=block_rows, BLOCK_D=block_d, NORMS_IN_TILE=col_blocks == 1,
-        num_warps=8,  # the float64 tile: 16 values per thread at 64 x 64
+        order, chunk_start, chunk_count, d,
+        BLOCK_R=block_rows, BLOCK_D=block_d, UNITS=unit_sums,
+        num_warps=num_warps,
     )
     # A tree of merges: while some class has more than `fanin` partials, runs of `fanin`
     # consecutive partials of one class are merged in parallel (one program per run and column
@@ -237,21 +226,26 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, block_r
         gclass = torch.repeat_interleave(torch.arange(num_classes, device=dev), groups, output_size=ngroups)
         gstart = first[gclass] + (torch.arange(ngroups, device=dev) - gfirst[gclass]) * fanin
         bounds = torch.cat([gstart, first[-1:]])  # group g owns partials bounds[g] .. bounds[g + 1]
-        parts = _merge(parts, bounds, ngroups, d, block_d, col_blocks)
+        parts = _merge(parts, bounds, ngroups, d, block_d, col_blocks, unit_sums)
         first, per_class = gfirst, groups
-    m2_blocks = _merge(parts, first, num_classes, d, block_d, col_blocks, out=(means, unit_sums, norm_sums))[2]
-    return counts, means, m2_blocks.sum(1), unit_sums, norm_sums
+    out = (means, *units) if unit_sums else (means, cm2[:1, :1], cm2[:1, 0])
+    m2_blocks = _merge(parts, first, num_classes, d, block_d, col_blocks, unit_sums, out=out)[2]
+    return counts, means, m2_blocks.sum(1), *units
 
 
-def _merge(parts, bounds, segments, d, block_d, col_blocks, out=None):
+def _merge(parts, bounds, segments, d, block_d, col_blocks, unit_sums, out=None):
     """Chan-merge partials bounds[s] .. bounds[s + 1] into segment s, for every segment: the
-    (means, unit sums, M2 per column block, norm sums, counts) of the segments."""
+    (means, unit sums, M2 per column block, norm sums, counts) of the segments (without
+    ``unit_sums``, stand-ins that are neither read nor written for the unit and norm sums)."""
     cmean, cunit, cm2, cnorm, count = parts
     dev = cmean.device
     f64 = dict(dtype=torch.float64, device=dev)
-    means, unit, norm = out if out is not None else (torch.empty(segments, d, **f64), torch.empty(segments, d, **f64),
-                                                     torch.empty(segments, **f64))
     m2 = torch.empty(segments, col_blocks, **f64)
+    if out is None:
+        means = torch.empty(segments, d, **f64)
+        unit, norm = (torch.empty(segments, d, **f64), torch.empty(segments, **f64)) if unit_sums else (cunit, cnorm)
+    else:
+        means, unit, norm = out
     _merge_chunks_kernel[(segments, col_blocks)](
         means, means.stride(0), means.stride(1),
         unit, unit.stride(0), unit.stride(1),
@@ -261,7 +255,7 @@ def _merge(parts, bounds, segments, d, block_d, col_blocks, out=None):
         cunit, cunit.stride(0), cunit.stride(1),
         cm2, cm2.stride(0), cm2.stride(1),
         cnorm, count, bounds, d,
-        BLOCK_D=block_d,
+        BLOCK_D=block_d, UNITS=unit_sums,
     )
     totals = torch.zeros(segments, dtype=torch.int64, device=dev)
     owner = torch.repeat_interleave(torch.arange(segments, device=dev), bounds[1:] - bounds[:-1],
