@@ -70,7 +70,7 @@ def _report(kernel, label: str, sass_dir: Path | None) -> dict:
                               check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     ops = collections.Counter()
-    for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)([.\w]*)", sass):
+    for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)([.\w]*)", sass):
         op, suffix = m.group(1), m.group(2)
         if op in ("LDG", "LDGSTS"):
             width = re.search(r"\.(128|64)\b", suffix)
@@ -132,8 +132,9 @@ def _cases(recorder: _Recorder):
         pairwise._F64_DOT[key] = f64_dot
         recorder.label = f"F64_DOT={f64_dot}"
         try:
-            pairwise.reduce_pair_tile(mt, mt, False, vec, vec, vec, vec, vec, vec, None, None, 1.0, 0.1, -0.1, 0.0,
-                                      0.1, 0, t, best, idx, best.clone(), idx.clone())
+            for diagonal in (False, True):
+                pairwise.reduce_pair_tile(mt, mt, diagonal, vec, vec, vec, vec, vec, vec, None, None, 1.0, 0.1,
+                                          -0.1, 0.0, 0.1, 0, 0 if diagonal else t, best, idx, best.clone(), idx.clone())
         except Exception as exc:  # noqa: BLE001 - the report says which variant does not compile
             recorder.rows.append({"label": f"_pair_tile_kernel F64_DOT={f64_dot}: does not compile "
                                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"})

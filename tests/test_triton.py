@@ -466,6 +466,33 @@ def test_reduce_pair_tile_ties(block):
     assert best_idx[27] == best_idx[31] == best_idx[36] == 3
 
 
+@pytest.mark.parametrize("block", [64, 16])
+def test_reduce_pair_tile_diagonal_ties(block):
+    """A diagonal tile whose sub-tiles below the diagonal are skipped (block 16: three row blocks):
+    classes 5, 21 and 37 identical (one per row block). Every class's nearest other class is the
+    lowest index among the equal ones, whether it comes from a row or from the mirror image's
+    column minima."""
+    mt, make_ctx = _pair_context(40, 23, seed=4)
+    mt[21] = mt[37] = mt[5]
+    k = make_ctx(False)
+    k.sq, k.norms = mt.square().sum(1), mt.norm(dim=1)
+    want_ctx = _Context(**{**k.__dict__, "best": k.best.clone(), "best_idx": k.best_idx.clone()})
+    rows = slice(0, 40)
+    want = _reduce_tile_torch(mt @ mt.T, rows, rows, want_ctx)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    best, best_idx = dev(k.best), dev(k.best_idx)
+    got = tpairwise.reduce_pair_tile(
+        dev(mt), dev(mt), True, dev(k.sq), dev(k.sq), dev(k.norms), dev(k.norms), dev(k.var), dev(k.var), None,
+        None, k.g, k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, 0, 0, best, best_idx, best, best_idx,
+        block_i=block, block_j=block, block_d=16)
+    for key in ("resid", "cos_dev", "coh", "dist"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    assert got["cdnv"][0] == want["cdnv"][0] == 40 * 39 // 2
+    assert torch.equal(best_idx.cpu(), want_ctx.best_idx)
+    assert (best_idx[5], best_idx[21], best_idx[37]) == (21, 5, 5)
+    np.testing.assert_allclose(best.cpu().numpy(), want_ctx.best.numpy(), rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------- end to end
 def test_class_moments_triton_equals_cpp(monkeypatch):
     x, y, c = make_data(n=260, d=20, c=6, imbalanced=True, absent=(3,), seed=13)

@@ -24,7 +24,7 @@ from ._validation import (
     finite_rows,
 )
 from .ncc import ncc_and_decisions, ncc_assign
-from .pairwise import DEFAULT_TILE, class_pair_stats
+from .pairwise import class_pair_stats
 from .stats import ClassMoments
 
 DEFAULT_RTOL = 1e-10
@@ -182,15 +182,15 @@ def _check_weight(weight, num_classes: int, dim: int, device) -> torch.Tensor:
 
 
 def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None, weighting: str = "balanced",
-                         rtol: float = DEFAULT_RTOL, tile: int = DEFAULT_TILE) -> NCMetrics:
+                         rtol: float = DEFAULT_RTOL, tile: int | None = None) -> NCMetrics:
     """Every metric that the streamed statistics determine (SPEC.md), as an NCMetrics.
 
     Keys: nc1, fuzziness, squared_distance, nc2_etf, equinorm, equiangularity, coherence, cdnv,
     vci, cosine_separation, rank, effective_rank, feature_norm; nc3 with ``weight``; msdr with
     ``superclass``. The NCC metrics need the final class means and a second pass over the
     features: ``ncc_assign`` / ``ncc_mismatch`` (``nc_metrics`` does both passes for you).
-    The pairwise metrics stream over tiles of ``tile`` classes (``class_pair_stats``), so no C x C
-    matrix is held: memory is O(C * D + tile^2).
+    The pairwise metrics stream over tiles of ``tile`` classes (``class_pair_stats``; by default
+    1,008, or 16,384 on the Triton path), so no C x C matrix is held: memory is O(C * D + tile^2).
 
     Formulas (C present classes, w_c the class weights of ``weighting``, Mt rows mu_c - mu_G):
         nc1 = Tr(Sigma_W Sigma_B^+) / C,  fuzziness = C * nc1

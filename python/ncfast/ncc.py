@@ -34,6 +34,7 @@ _U64 = 2.0 ** -53  # unit roundoff of float64
 _UBF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
 MODES = ("exact", "fast")
 _BLOCK_ELEMS = 1 << 22  # floats in one (rows x classes) score block
+_BLOCK_ELEMS_GPU = 1 << 26  # the same on a GPU, where the rechecks' float64 GEMMs want many rows
 _FUSED_MAX_CLASSES = 256  # without AVX-512, the C++ sweep up to here; above, GEMM blocks
 _PACKED = "SIMD=AVX512" in _C.compile_options()  # the register-tiled sweep beats BLAS at any C
 _FAST_PROBE_ROWS = 1024  # rows the fast mode scores in both precisions, timed, before the rest
@@ -226,7 +227,7 @@ def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Pro
     n, d = x.shape
     shift64 = shift.to(torch.float64)
     total = sum(p.centres.shape[0] for p in problems)
-    rows = max(1, min(16384, _BLOCK_ELEMS // max(total, d)))
+    rows = max(1, min(16384, (_BLOCK_ELEMS_GPU if x.is_cuda else _BLOCK_ELEMS) // max(total, d)))
     outs = []
     backend = _dispatch.backend_for(x)
     if backend == "triton" or (backend == "cpp" and (_PACKED or total <= _FUSED_MAX_CLASSES)):

@@ -26,6 +26,15 @@ from .stats import ClassMoments
 DEFAULT_TILE = 1008
 """Classes per tile side: an 8 MB float64 tile of G (the torch reducer adds a few temporaries);
 a multiple of the C++ Gram engine's 12 x 16 register tile, so it writes the tile in place."""
+TRITON_TILE = 16384
+"""The same for the Triton kernel, which never holds the tile (it reduces 64 x 64 blocks in
+registers): only its per-program partials, 16 bytes per row per 64 columns (67 MB at 16,384), so
+C = 100,000 takes 28 launches and host syncs instead of 4,950 of 1,008-tiles."""
+
+
+def default_tile(mt: torch.Tensor) -> int:
+    """Tile side for mt's backend: TRITON_TILE on the Triton path, else DEFAULT_TILE."""
+    return TRITON_TILE if _dispatch.backend_for(mt) == "triton" else DEFAULT_TILE
 
 
 @dataclass
@@ -279,18 +288,20 @@ def _small_gram(mt: torch.Tensor) -> torch.Tensor:
 
 
 def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", superclass=None,
-                     tile: int = DEFAULT_TILE) -> PairStats:
+                     tile: int | None = None) -> PairStats:
     """CDNV, NC2 cosine statistics, nearest other class and MSDR without a C x C matrix.
 
     Mt rows are mu_c - mu_G (mu_G of ``weighting``), G = Mt Mt^T, cos_ij = G_ij / (||Mt_i|| ||Mt_j||),
     E = (I - 11^T / C) / sqrt(C - 1):
         nc2_etf = || G / ||G||_F - E ||_F;  equiangularity = std_{i != j} cos_ij;
         coherence = mean_{i != j} |cos_ij + 1/(C-1)|;  msdr = mean_{i != j, s(i)=s(j)} D_ij / mean_i D_ii.
-    ``superclass`` is a (num_classes,) int64 tensor on the moments' device, or None.
+    ``superclass`` is a (num_classes,) int64 tensor on the moments' device, or None. ``tile``:
+    classes per tile side, default ``default_tile`` (DEFAULT_TILE, or TRITON_TILE on the Triton path).
     """
     p = moments.present
     c = int(p.sum())
     mt = moments.centred_means(weighting)
+    tile = default_tile(mt) if tile is None else tile
     device = mt.device
     # ||G||_F = ||Mt Mt^T||_F = ||Mt^T Mt||_F: the smaller Gram gives it before the tile pass, so
     # the exact nc2 residual is summed in the same pass.

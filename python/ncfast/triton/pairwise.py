@@ -10,7 +10,8 @@ diagonal; the strict upper triangle on a diagonal tile, where I = J) are, as in 
     dist     = sum (d2_ij + v_i + v_j)              msdr_sum, msdr_n = 2 x (sum, count) over s(i) = s(j)
     cdnv     = (n, mean, M2) of (v_i + v_j) / (2 d2_ij)
 
-and the nearest other class of every row (and, off the diagonal, of every column) by d2.
+and the nearest other class of every row and of every column by d2 (on a diagonal tile the
+sub-tiles below the diagonal are skipped, their minima given by their mirror images' columns).
 
 ``_pair_tile_kernel`` gives each (BLOCK_I, BLOCK_J) sub-tile to one program: a K-loop of float64
 ``tl.dot`` over BLOCK_D features (or, on a GPU whose Triton compiles no float64 dot, broadcast
@@ -58,8 +59,15 @@ def _pair_tile_kernel(
     imask = ii < t1
     jmask = jj < t2
 
+    # On a diagonal tile the sub-tiles below the diagonal hold no pair i < j: they form no Gram
+    # block (their loop is empty), and every minimum they would give comes from their mirror
+    # image's column minima instead.
+    if DIAGONAL:
+        d_end = tl.where(pid_j < pid_i, 0, d)
+    else:
+        d_end = d
     gram = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64)
-    for d0 in range(0, d, BLOCK_D):
+    for d0 in range(0, d_end, BLOCK_D):
         cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         cmask = cols < d
         a = tl.load(a_ptr + ii[:, None] * stride_am + cols[None, :] * stride_ad,
@@ -86,7 +94,7 @@ def _pair_tile_kernel(
     inside = imask[:, None] & jmask[None, :]
     if DIAGONAL:
         pair = inside & (jj[None, :] > ii[:, None])
-        other = inside & (jj[None, :] != ii[:, None])  # candidates for the nearest other class
+        other = inside & (jj[None, :] != ii[:, None]) & (pid_j >= pid_i)  # candidates for the nearest other class
     else:
         pair = inside
         other = inside
@@ -137,11 +145,10 @@ def _pair_tile_kernel(
     rarg = tl.min(tl.where(dm == rmin[:, None], jj[None, :], t2), axis=1)
     tl.store(rbest_ptr + pid_j * stride_rb_b + ii * stride_rb_i, rmin, mask=imask)
     tl.store(ridx_ptr + pid_j * stride_ri_b + ii * stride_ri_i, rarg, mask=imask)
-    if not DIAGONAL:
-        cmin = tl.min(dm, axis=0)
-        carg = tl.min(tl.where(dm == cmin[None, :], ii[:, None], t1), axis=0)
-        tl.store(cbest_ptr + pid_i * stride_cb_b + jj * stride_cb_j, cmin, mask=jmask)
-        tl.store(cidx_ptr + pid_i * stride_ci_b + jj * stride_ci_j, carg, mask=jmask)
+    cmin = tl.min(dm, axis=0)
+    carg = tl.min(tl.where(dm == cmin[None, :], ii[:, None], t1), axis=0)
+    tl.store(cbest_ptr + pid_i * stride_cb_b + jj * stride_cb_j, cmin, mask=jmask)
+    tl.store(cidx_ptr + pid_i * stride_ci_b + jj * stride_ci_j, carg, mask=jmask)
 
 
 def _fold_minima(vals: torch.Tensor, idx: torch.Tensor, offset: int, best: torch.Tensor, best_idx: torch.Tensor):
@@ -217,7 +224,7 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
     counts = torch.empty(progs, 2, dtype=torch.int64, device=dev)
     rbest = torch.empty(grid[1], t1, **f64)
     ridx = torch.empty(grid[1], t1, dtype=torch.int64, device=dev)
-    cbest = torch.empty(grid[0], t2, **f64)  # written off the diagonal only
+    cbest = torch.empty(grid[0], t2, **f64)
     cidx = torch.empty(grid[0], t2, dtype=torch.int64, device=dev)
     if progs:
         args = (
@@ -235,8 +242,13 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
                       num_warps=8)  # a 64 x 64 float64 tile and its temporaries: spread over 256 threads
         _launch(grid, args, kwargs, dev, block_d)
     if t1 and t2:
-        _fold_minima(rbest, ridx, col0, best_r, idx_r)
-        if not diagonal:
+        if diagonal:
+            # Column minima first: their candidates include every lower index of the tile, so an
+            # equal value among the row minima (candidates from the same block on) keeps the lower.
+            _fold_minima(cbest, cidx, row0, best_r, idx_r)
+            _fold_minima(rbest, ridx, col0, best_r, idx_r)
+        else:
+            _fold_minima(rbest, ridx, col0, best_r, idx_r)
             _fold_minima(cbest, cidx, row0, best_c, idx_c)
 
     # Program order, on the device: a fixed summation order. CDNV: Chan's formula for many parts,

@@ -1,0 +1,201 @@
+"""Kernel-level timings of ncfast's Triton kernels on a GPU: the numbers for choosing their tiles.
+
+    python bench/gpu_tune.py                 # about a minute and a half on an H100, compiles included
+    python bench/gpu_tune.py --only ncc      # one part: ncc, moments or pairwise
+    python bench/gpu_tune.py --smoke         # tiny sizes on CPU in Triton's interpreter: the script runs
+
+Beside each kernel the same run measures its ceiling on this GPU: a device-to-device copy and
+x.sum() (bytes / s), torch.mm in float32 ('highest', no TF32), TF32, bfloat16 and float64
+(flop / s). Every time is the median of triton.testing.do_bench (CUDA events, warm caches
+flushed by do_bench itself between runs).
+
+- ncc: ``ncfast.triton.ncc.ncc_sweep`` alone at D = 1,024 and C = 1,000 and 50,000, for each
+  precision its CONFIGS entry and a few other tile shapes that compile without spills on sm_90
+  (bench/sm90_compile.py); rate = 2 N C D / time, and the share of rows it could not certify.
+- moments: ``ncfast.triton.moments.block_moments`` (the whole call: sort, chunk kernel, merges)
+  on 8 GiB of float32 features, C = 10, with and without unit sums, over chunk tiles; GB/s of
+  the features read.
+- pairwise: ``reduce_pair_tile`` on a 4,096 x 4,096 tile of float64 centred means, D = 1,024,
+  against torch.mm of the same shapes in float64.
+
+Writes the table and a JSON (``--json``). Nothing here is a test: the answers are checked by
+tests/test_triton.py, which the device run executes first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+
+# Tile shapes tried per precision (block_m, block_n, block_d, num_warps, num_stages), CONFIGS first.
+NCC_TRIALS = {
+    "ieee": [(64, 64, 16, 4, 3), (64, 64, 16, 4, 4), (32, 64, 16, 4, 3)],
+    "tf32x3": [(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 3)],
+    "tf32": [(128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 3)],
+    "bf16": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 2), (64, 128, 64, 4, 3)],
+}
+# (block_rows, block_d, num_warps) of the moments chunk kernel; the launcher's default first.
+MOMENT_TRIALS = [(64, 64, 8), (32, 128, 8), (32, 64, 4), (128, 32, 8), (16, 256, 4)]
+
+
+SMOKE = False  # --smoke: tiny sizes, CPU tensors, Triton's interpreter, wall-clock timing
+
+
+def _size(full: int, smoke: int) -> int:
+    return smoke if SMOKE else full
+
+
+def _bench(fn) -> float:
+    """Median milliseconds of fn (CUDA events; with --smoke three wall-clock runs)."""
+    if SMOKE:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def ceilings(device) -> dict:
+    """Copy and read bandwidth (bytes/s, a copy counts its read and its write) and torch.mm rates."""
+    out = {}
+    a = torch.empty(_size(1 << 30, 1 << 12), dtype=torch.float32, device=device).normal_()  # 4 GiB
+    b = torch.empty_like(a)
+    out["copy_GBps"] = 2 * a.numel() * 4 / (_bench(lambda: b.copy_(a)) * 1e-3) / 1e9
+    out["sum_GBps"] = a.numel() * 4 / (_bench(lambda: a.sum()) * 1e-3) / 1e9
+    del a, b
+    n = _size(8192, 64)
+    for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
+                              ("bf16", torch.bfloat16, False), ("fp64", torch.float64, False)):
+        m = torch.randn(n, n, device=device, dtype=dtype)
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            out[f"mm_{name}_TFLOPs"] = 2.0 * n ** 3 / (_bench(lambda: m @ m) * 1e-3) / 1e12
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+        del m
+    return out
+
+
+def tune_ncc(device, rows_out: list):
+    from ncfast.triton import ncc
+
+    g = torch.Generator(device=device).manual_seed(0)
+    d = _size(1024, 32)
+    for k, n in ((_size(1000, 40), _size(1 << 18, 64)), (_size(50_000, 70), _size(1 << 16, 32))):
+        centres = torch.randn(k, d, device=device, generator=g) * 0.1
+        x = torch.relu(centres[torch.randint(0, k, (n,), device=device, generator=g)]
+                       + torch.randn(n, d, device=device, generator=g))
+        shift = centres.mean(0)
+        w = -2.0 * (centres - shift)
+        o = (centres - shift).square().sum(1)
+        cmax, omax = [float(w.double().norm(dim=1).max())], [float(o.double().abs().max())]
+        for precision, trials in NCC_TRIALS.items():
+            rel = ncc.relative_bound(precision, d)
+            for bm, bn, bd, warps, stages in trials:
+                def run():
+                    return ncc.ncc_sweep(x, shift, w, o, [0, k], rel, cmax, omax, precision, block_m=bm,
+                                         block_n=bn, block_d=bd, num_warps=warps, num_stages=stages)
+                try:
+                    unsure = float(run()[1].float().mean())
+                    ms = _bench(run)
+                except Exception as exc:  # noqa: BLE001 - a tile shape the GPU refuses is reported, not fatal
+                    rows_out.append(dict(part="ncc", C=k, N=n, precision=precision, config=[bm, bn, bd, warps, stages],
+                                         error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"))
+                    print(f"ncc C={k} {precision} {bm}x{bn}x{bd} w{warps} s{stages}: {rows_out[-1]['error']}", flush=True)
+                    continue
+                rows_out.append(dict(part="ncc", C=k, N=n, precision=precision, config=[bm, bn, bd, warps, stages],
+                                     ms=ms, TFLOPs=2.0 * n * k * d / (ms * 1e-3) / 1e12, unsure=unsure))
+                print(f"ncc C={k:<6} {precision:<7} {bm}x{bn}x{bd} w{warps} s{stages}: {ms:8.2f} ms "
+                      f"{rows_out[-1]['TFLOPs']:7.1f} TFLOP/s, unsure {unsure:.4f}", flush=True)
+        del x, centres
+
+
+def tune_moments(device, rows_out: list):
+    from ncfast.triton import moments
+
+    n, d, c = _size(1 << 21, 200), _size(1024, 40), 10
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(n, d, device=device, generator=g).add_(1.0)
+    y = torch.randint(0, c, (n,), device=device, generator=g)
+    nbytes = n * d * 4
+    for units in (False, True):
+        for rows, bd, warps in MOMENT_TRIALS:
+            ms = _bench(lambda: moments.block_moments(x, y, c, unit_sums=units, block_rows=rows, block_d=bd,
+                                                      num_warps=warps))
+            rows_out.append(dict(part="moments", N=n, D=d, C=c, unit_sums=units, config=[rows, bd, warps], ms=ms,
+                                 GBps=nbytes / (ms * 1e-3) / 1e9))
+            print(f"moments units={units!s:<5} rows={rows:<3} block_d={bd:<3} w{warps}: {ms:7.2f} ms "
+                  f"{rows_out[-1]['GBps']:7.0f} GB/s", flush=True)
+
+
+def tune_pairwise(device, rows_out: list):
+    from ncfast.triton import pairwise
+
+    t, d = _size(4096, 40), _size(1024, 24)
+    g = torch.Generator(device=device).manual_seed(2)
+    mt = torch.randn(t, d, device=device, dtype=torch.float64, generator=g)
+    sq = mt.square().sum(1)
+    norms, var = sq.sqrt(), torch.rand(t, device=device, dtype=torch.float64, generator=g)
+    best = torch.full((t,), float("inf"), device=device, dtype=torch.float64)
+    idx = torch.zeros(t, device=device, dtype=torch.int64)
+
+    def run():
+        return pairwise.reduce_pair_tile(mt, mt, False, sq, sq, norms, norms, var, var, None, None, 1.0, 0.1, -0.1,
+                                         0.0, 0.1, 0, t, best, idx, best.clone(), idx.clone())
+
+    run()
+    ms = _bench(run)
+    mm = _bench(lambda: mt @ mt.T)
+    flops = 2.0 * t * t * d
+    rows_out.append(dict(part="pairwise", tile=t, D=d, ms=ms, GFLOPs=flops / (ms * 1e-3) / 1e9,
+                         mm_GFLOPs=flops / (mm * 1e-3) / 1e9, f64_dot=pairwise._F64_DOT.get((device.type, device.index))))
+    print(f"pairwise tile {t}x{t} D={d}: {ms:.2f} ms, {rows_out[-1]['GFLOPs']:.0f} GFLOP/s "
+          f"(torch.mm float64 {rows_out[-1]['mm_GFLOPs']:.0f})", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("ncc", "moments", "pairwise"), default=None)
+    p.add_argument("--json", type=Path, default=Path("bench/results/gpu_tune.json"))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (checks the script)")
+    args = p.parse_args(argv)
+    global SMOKE
+    SMOKE = args.smoke
+    if SMOKE:
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (or --smoke)")
+    else:
+        device = torch.device("cuda")
+    import triton
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (--smoke)"
+    header = {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__}
+    header.update(ceilings(device))
+    print(json.dumps(header), flush=True)
+    rows: list = []
+    for name, fn in (("moments", tune_moments), ("pairwise", tune_pairwise), ("ncc", tune_ncc)):
+        if args.only in (None, name):
+            fn(device, rows)
+            torch.cuda.empty_cache()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
