@@ -1,7 +1,7 @@
 """Kernel-level timings of ncfast's Triton kernels on a GPU: the numbers for choosing their tiles.
 
     python bench/gpu_tune.py                 # about a minute and a half on an H100, compiles included
-    python bench/gpu_tune.py --only ncc      # one part: ncc, moments or pairwise
+    python bench/gpu_tune.py --only ncc      # one part: metrics, moments, pairwise or ncc
     python bench/gpu_tune.py --smoke         # tiny sizes on CPU in Triton's interpreter: the script runs
 
 Beside each kernel the same run measures its ceiling on this GPU: a device-to-device copy and
@@ -17,6 +17,9 @@ flushed by do_bench itself between runs).
   the features read.
 - pairwise: ``reduce_pair_tile`` on a 4,096 x 4,096 tile of float64 centred means, D = 1,024,
   against torch.mm of the same shapes in float64.
+- metrics: ``nc_metrics`` on 50,000 x 512 features, C = 10 (issue 4's 20 ms target), its parts
+  (moments with the scatter, metrics_from_moments, ncc_assign) and the D x D eigendecompositions
+  it makes, on the GPU and on the host.
 
 Writes the table and a JSON (``--json``). Nothing here is a test: the answers are checked by
 tests/test_triton.py, which the device run executes first.
@@ -27,13 +30,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 # Tile shapes tried per precision (block_m, block_n, block_d, num_warps, num_stages), CONFIGS first.
 NCC_TRIALS = {
@@ -166,9 +167,37 @@ def tune_pairwise(device, rows_out: list):
           f"(torch.mm float64 {rows_out[-1]['mm_GFLOPs']:.0f})", flush=True)
 
 
+def tune_metrics(device, rows_out: list):
+    """nc_metrics on one CIFAR-10 epoch's features (50,000 x 512, C = 10) and its parts, and the two
+    D x D eigendecompositions it makes, on the GPU and on the host."""
+    import ncfast
+    from ncfast.metrics import metrics_from_moments
+
+    n, d, c = _size(50_000, 300), _size(512, 24), 10
+    g = torch.Generator(device=device).manual_seed(3)
+    y = torch.randint(0, c, (n,), device=device, generator=g)
+    x = torch.relu(torch.randn(c, d, device=device, generator=g)[y] + torch.randn(n, d, device=device, generator=g))
+    m = ncfast.class_moments(x, y, num_classes=c)
+    means = m.means
+    sym = m.sigma_w("balanced")
+    parts = {
+        "nc_metrics": lambda: ncfast.nc_metrics(x, y, num_classes=c),
+        "class_moments(scatter)": lambda: ncfast.class_moments(x, y, num_classes=c),
+        "metrics_from_moments": lambda: metrics_from_moments(m),
+        "ncc_assign": lambda: ncfast.ncc_assign(x, means),
+        "eigh D x D (device)": lambda: torch.linalg.eigh(sym),
+        "eigvalsh D x D (device)": lambda: torch.linalg.eigvalsh(sym),
+        "eigh D x D (host)": lambda: torch.linalg.eigh(sym.cpu()),
+    }
+    for name, fn in parts.items():
+        ms = _bench(fn)
+        rows_out.append(dict(part="metrics", what=name, N=n, D=d, C=c, ms=ms))
+        print(f"metrics {name:<26} {ms:8.2f} ms", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("ncc", "moments", "pairwise"), default=None)
+    p.add_argument("--only", choices=("ncc", "moments", "pairwise", "metrics"), default=None)
     p.add_argument("--json", type=Path, default=Path("bench/results/gpu_tune.json"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (checks the script)")
     args = p.parse_args(argv)
@@ -176,6 +205,7 @@ def main(argv=None):
     SMOKE = args.smoke
     if SMOKE:
         os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are imported
+        os.environ["NCFAST_BACKEND"] = "triton"  # the public calls too, on CPU tensors
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --smoke)")
@@ -188,7 +218,8 @@ def main(argv=None):
     header.update(ceilings(device))
     print(json.dumps(header), flush=True)
     rows: list = []
-    for name, fn in (("moments", tune_moments), ("pairwise", tune_pairwise), ("ncc", tune_ncc)):
+    for name, fn in (("metrics", tune_metrics), ("moments", tune_moments), ("pairwise", tune_pairwise),
+                     ("ncc", tune_ncc)):
         if args.only in (None, name):
             fn(device, rows)
             torch.cuda.empty_cache()

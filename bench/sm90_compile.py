@@ -21,7 +21,6 @@ import collections
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as _driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 TARGET = GPUTarget("cuda", 90, 32)
 # SASS opcodes worth counting: which unit does the arithmetic, and how wide the global loads are.
