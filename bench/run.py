@@ -91,6 +91,7 @@ PRESETS = {
     # issue 4's targets on one H100 (run with --device cuda): 16-41 GB of features
     "h100": {
         "class_moments": [(10_000_000, 1024, 10)],
+        "class_moments:no_units": [(10_000_000, 1024, 10)],  # the target's counts, means and variances
         "ncc_assign": [(4_000_000, 1024, 1000), (4_000_000, 1024, 50_000)],
         "ncc_assign:fast": [(4_000_000, 1024, 1000), (4_000_000, 1024, 50_000)],
         "class_pair_stats": [(200_000, 1024, 100_000)],

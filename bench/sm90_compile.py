@@ -120,6 +120,9 @@ def _cases(recorder: _Recorder):
         recorder.label = f"precision={prec}"
         ncc.ncc_sweep(x, torch.zeros(d), centres, torch.zeros(k), [0, k], ncc.relative_bound(prec, d),
                       [1.0], [1.0], prec)
+    recorder.label = "D=32"  # one feature block: the rows stay in registers through the sweep
+    ncc.ncc_sweep(x[:, :32].contiguous(), torch.zeros(32), centres[:, :32].contiguous(), torch.zeros(k), [0, k],
+                  ncc.relative_bound("tf32", 32), [1.0], [1.0], "tf32", block_d=32)
 
     t = 512
     mt = torch.randn(t, d, dtype=torch.float64, generator=g)

@@ -14,8 +14,8 @@ contract as the C++ ``_C.ncc_sweep`` (csrc/ncc.h).
 ``_ncc_sweep_kernel`` is row-stationary: a program owns BLOCK_M rows, and for every group sweeps
 its classes in tiles of BLOCK_N, each score tile a K-loop of ``tl.dot`` over BLOCK_D features.
 A tile is folded at once into a running (best, second best, best index) per row kept in
-registers, so only one index and one flag per row and group are written. The first BLOCK_D
-features of the rows (all of them when D <= BLOCK_D) stay in registers for the whole sweep.
+registers, so only one index and one flag per row and group are written. When D <= BLOCK_D the
+rows' features stay in registers for the whole sweep.
 
 Precisions of the products (``PRECISIONS``), each with its own bound (``relative_bound``):
 
@@ -26,9 +26,10 @@ Precisions of the products (``PRECISIONS``), each with its own bound (``relative
             bfloat16 tensor-core product. The fast mode's first passes.
 
 Each precision has its own tile shape (``CONFIGS``), chosen from the sm_90 compile of
-``bench/sm90_compile.py`` (Triton 3.6): the largest tiles that keep every value in registers (no
-local-memory spills) and the pipeline within the 227 KiB of shared memory. "ieee" spills at
-anything above 64 x 64 x 16 (its FMA dot holds both operand tiles in registers).
+``bench/sm90_compile.py`` (Triton 3.6): the largest tiles that keep every value in registers
+(no local-memory spills; "ieee" 24 bytes) and the pipeline within the 227 KiB of shared memory.
+128 x 256 tiles spill at every precision; so did every "ieee" tile above 64 x 64 x 16 while the
+first feature block was held in registers through the sweep.
 """
 from __future__ import annotations
 
@@ -45,9 +46,9 @@ TENSOR_CORES = ("tf32x3", "tf32", "bf16")
 
 # (block_m, block_n, block_d, num_warps, num_stages) per precision: see the module docstring.
 CONFIGS = {
-    "ieee": (64, 64, 16, 4, 3),
+    "ieee": (128, 128, 32, 8, 3),
     "tf32x3": (128, 128, 32, 8, 3),
-    "tf32": (128, 128, 32, 8, 3),
+    "tf32": (128, 128, 64, 8, 3),
     "bf16": (128, 128, 64, 8, 3),
 }
 
@@ -153,11 +154,14 @@ def _ncc_sweep_kernel(
     PRECISION: tl.constexpr,  # one of PRECISIONS (see _dot)
     X_F64: tl.constexpr,
     INTERPRETED: tl.constexpr,  # TRITON_INTERPRET=1 (see _dot)
+    RESIDENT: tl.constexpr,  # D <= BLOCK_D: the rows' one feature block stays in registers
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
-    # The first feature block stays in registers for the whole sweep; the norm of the rounded
-    # rows feeds the bound (float32 is enough: the bound carries 10% headroom).
+    # The norm of the rounded rows feeds the bound (float32 is enough: the bound carries 10%
+    # headroom). With one feature block that tile stays in registers for the whole sweep; with
+    # more, keeping the first one there costs the score fold registers (spills at 128 x 256) for
+    # a few per cent of the loads, so every block is loaded where it is used.
     x0 = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, 0, d, BLOCK_D, X_F64)
     sq = tl.sum(x0 * x0, axis=1)
     for d0 in range(BLOCK_D, d, BLOCK_D):
@@ -175,12 +179,14 @@ def _ncc_sweep_kernel(
             cls = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             kmask = cls < hi
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, 0, d, BLOCK_D)
-            acc = _dot(x0, ct, acc, PRECISION, INTERPRETED)
-            for d0 in range(BLOCK_D, d, BLOCK_D):
-                xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64)
-                ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D)
-                acc = _dot(xs, ct, acc, PRECISION, INTERPRETED)
+            if RESIDENT:
+                ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, 0, d, BLOCK_D)
+                acc = _dot(x0, ct, acc, PRECISION, INTERPRETED)
+            else:
+                for d0 in range(0, d, BLOCK_D):
+                    xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64)
+                    ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D)
+                    acc = _dot(xs, ct, acc, PRECISION, INTERPRETED)
             # columns past the group (the next group's classes, or past K) score +inf: never best
             off = tl.load(offsets_ptr + cls, mask=kmask, other=float("inf"))
             s = acc + off[None, :]
@@ -249,7 +255,7 @@ def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offse
         torch.as_tensor(omax, **f64).reshape(groups).contiguous(),
         n, d, groups,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=precision, X_F64=x.dtype == torch.float64, INTERPRETED=interpreting(),
+        PRECISION=precision, X_F64=x.dtype == torch.float64, INTERPRETED=interpreting(), RESIDENT=d <= block_d,
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
     return best, unsure
