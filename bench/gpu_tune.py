@@ -43,8 +43,8 @@ NCC_TRIALS = {
     "tf32": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (64, 256, 32, 8, 3)],
     "bf16": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 4), (64, 256, 32, 8, 3)],
 }
-# (block_rows, block_d, num_warps) of the moments chunk kernel; the launcher's default first.
-MOMENT_TRIALS = [(64, 64, 8), (32, 128, 8), (32, 64, 4), (128, 32, 8), (16, 256, 4)]
+# (block_rows, block_d, num_warps) of the moments chunk kernel; None: the launcher's default.
+MOMENT_TRIALS = [(None, None, 8), (64, 64, 8), (128, 64, 8), (32, 128, 8), (32, 64, 4), (16, 256, 4)]
 
 
 SMOKE = False  # --smoke: tiny sizes, CPU tensors, Triton's interpreter, wall-clock timing
@@ -138,7 +138,7 @@ def tune_moments(device, rows_out: list):
                                                       num_warps=warps))
             rows_out.append(dict(part="moments", N=n, D=d, C=c, unit_sums=units, config=[rows, bd, warps], ms=ms,
                                  GBps=nbytes / (ms * 1e-3) / 1e9))
-            print(f"moments units={units!s:<5} rows={rows:<3} block_d={bd:<3} w{warps}: {ms:7.2f} ms "
+            print(f"moments units={units!s:<5} rows={rows or 'def':<3} block_d={bd or 'def':<3} w{warps}: {ms:7.2f} ms "
                   f"{rows_out[-1]['GBps']:7.0f} GB/s", flush=True)
 
 

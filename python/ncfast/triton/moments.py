@@ -160,16 +160,28 @@ def _block_d(d: int, block_d: int | None) -> int:
     return block_d if block_d is not None else min(64, triton.next_power_of_2(max(d, 1)))
 
 
+def _chunk_rows(d: int, itemsize: int, unit_sums: bool) -> int:
+    """Rows per chunk. Each chunk writes float64 partials of D values (two with unit sums) that the
+    merges read again: 8 / (rows * itemsize) of the input each way. Without unit sums, 128 rows
+    (1.6% of float32 input, written and read). With them the chunk's rows are read twice, the
+    second time from cache: at most 128 KiB of them (32 rows at D = 1,024 in float32), so that
+    two programs on each of 132 multiprocessors keep 34 MB in a 50-60 MB L2."""
+    if not unit_sums:
+        return 128
+    return max(16, min(64, triton.next_power_of_2((128 << 10) // max(1, d * itemsize) + 1) // 2))
+
+
 def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_sums: bool = True,
-                  block_rows: int = 64, block_d: int | None = None, fanin: int = 64, num_warps: int = 8):
+                  block_rows: int | None = None, block_d: int | None = None, fanin: int = 64,
+                  num_warps: int = 8):
     """(counts int64 (C,), means (C, D), m2 (C,), unit_sums (C, D), norm_sums (C,)), float64, of
     the rows x (N, D; float16, bfloat16, float32 or float64, any strides) with labels y (N,) in
     [0, num_classes). The same values as ``ncfast._dispatch._torch_block_moments``, deterministic.
     With ``unit_sums=False`` the last two are None and no row norm is taken.
 
-    block_rows / block_d (powers of two) set the chunk tile; the defaults suit a GPU. fanin: the
-    most partials one merge program folds (a tree of merges above it). num_warps: of the chunk
-    kernel (8: the 64 x 64 float64 tile is 16 values per thread).
+    block_rows / block_d (powers of two) set the chunk tile; the defaults suit a GPU
+    (``_chunk_rows``). fanin: the most partials one merge program folds (a tree of merges above
+    it). num_warps: of the chunk kernel (8: a 64 x 64 float64 tile is 16 values per thread).
     """
     _check_features(x)
     n, d = x.shape
@@ -185,6 +197,7 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_su
         return counts, means, torch.zeros(num_classes, **f64), *units
     block_d = _block_d(d, block_d)
     col_blocks = triton.cdiv(d, block_d)
+    block_rows = block_rows or _chunk_rows(d, x.element_size(), unit_sums)
 
     # Chunk table: class c's sorted rows start at class_start[c]; it is cut into
     # ceil(n_c / block_rows) chunks, numbered first[c] .. first[c + 1] in class order. Labels sort
