@@ -534,11 +534,16 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     faiss_knn = faiss_provider(device) if "ncc_assign" in args.ops else None
 
-    # Grouped by size so each data set is generated once; the table is sorted back by op.
-    jobs = sorted(((op, size) for op in args.ops for size in PRESETS[args.sizes][op]), key=lambda j: j[1])
+    # Cheapest first (a run cut short by a timeout keeps the most results), grouped by size so
+    # each data set is generated once; the table is sorted back by op.
+    jobs = sorted(((op, size) for op in args.ops for size in PRESETS[args.sizes][op]),
+                  key=lambda j: (_job_cost(j[0], *j[1]), j[1]))
     records = []
     data_size = None
     peaks = machine_peaks(torch.get_num_threads(), device)
+    header = machine_header(device, torch.get_num_threads())
+    header["peak_GFLOPs"] = {k: v / 1e9 for k, v in peaks.items()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for i, (op, (n, d, c)) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {op} N={n} D={d} C={c} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
@@ -575,17 +580,27 @@ def main(argv=None):
             theirs, median, low = timed[name]
             records.append(dict(op=op, size=size, provider=name, median_ms=median, min_ms=low,
                                 ratio_vs_ncfast=median / our_median, agree=check(ours, theirs)))
+        summary = ", ".join(f"{r['provider']} {_fmt_ms(r['median_ms'])} ms" for r in records if r["op"] == op
+                            and r["size"] == size)
+        print(f"    {summary}", file=sys.stderr)
+        _write_json(args.json, header, records, partial=i < len(jobs))  # kept if the run is cut short
     records.sort(key=lambda r: (OPS.index(r["op"]), r["size"]["N"], r["size"]["D"], r["size"]["C"]))
     print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
     print_table(records)
     print_floors(records, peaks)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    header = machine_header(device, torch.get_num_threads())
-    header["peak_GFLOPs"] = {k: v / 1e9 for k, v in peaks.items()}
-    with open(args.json, "w") as f:
-        json.dump({"header": header, "records": records}, f, indent=1)
+    _write_json(args.json, header, records, partial=False)
     print(f"\nwrote {args.json}")
+
+
+def _job_cost(op, n, d, c) -> int:
+    """A rough size of an op's work, to run the cheap jobs first."""
+    return c * c * d if op == "class_pair_stats" else n * d * c
+
+
+def _write_json(path, header, records, partial: bool):
+    with open(path, "w") as f:
+        json.dump({"header": header, "records": records, "partial": partial}, f, indent=1)
 
 
 if __name__ == "__main__":
