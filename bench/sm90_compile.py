@@ -5,6 +5,7 @@ older tensor cores, DMMA = float64 tensor cores, FFMA / DFMA = plain float32 / f
 
     python bench/sm90_compile.py                 # every kernel at the launchers' settings
     python bench/sm90_compile.py --sass-dir DIR  # also write each kernel's SASS there
+    python bench/sm90_compile.py --tests         # every launch tests/test_triton.py makes, compiled instead of run
 
 The launchers in ncfast.triton are called on CPU tensors of representative shapes; every kernel
 launch is turned into an ahead-of-time compile for GPUTarget("cuda", 90, 32), with the argument
@@ -142,12 +143,53 @@ def _cases(recorder: _Recorder):
     pairwise._F64_DOT.pop(key, None)
 
 
+def _compile_tests(recorder: _Recorder) -> int:
+    """Run tests/test_triton.py with every launch compiled for sm_90 instead of run: which of the
+    kernel variants the tests use fail to compile, or spill. The tests' assertions then fail
+    (nothing ran), so only the compile report counts."""
+    import pytest
+
+    from ncfast import triton as nt
+    from ncfast.triton import moments, ncc, pairwise  # noqa: F401 - compiled kernels, before the tests set the interpreter
+
+    ncc.interpreting = nt.interpreting = lambda: False  # the GPU variants (no bf16 emulation)
+    failures = []
+    seen = {}
+
+    def launch_report(fn, grid):
+        def launch(*args, **kwargs):
+            consts = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
+            try:
+                kernel = fn.run(*args, grid=grid, warmup=True, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                failures.append(f"{fn.__name__} {dict(consts)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                return None
+            if (fn.__name__, consts) not in seen:
+                seen[(fn.__name__, consts)] = _report(kernel, fn.__name__, recorder.sass_dir)
+            return None
+        return launch
+
+    JITFunction.__getitem__ = launch_report
+    pytest.main(["-q", "-p", "no:cacheprovider", "--tb=no", "--no-header", "-rN",
+                 str(Path(__file__).resolve().parents[1] / "tests" / "test_triton.py")])
+    print(f"\nsm_90: {len(seen)} distinct kernel launches of the tests compiled, {len(failures)} failed to compile")
+    for (name, consts), row in seen.items():
+        if row["stack"] or row["ops"]["LDL"]:
+            print(f"  spills: {name} {dict(consts)}: stack {row['stack']} bytes, {row['ops']['LDL']} LDL")
+    for f in failures:
+        print("  does not compile:", f)
+    return 1 if failures else 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sass-dir", type=Path, default=None, help="write each kernel's SASS into this folder")
+    p.add_argument("--tests", action="store_true", help="compile every launch of tests/test_triton.py instead")
     args = p.parse_args(argv)
 
     _driver.set_active(_AheadOfTimeDriver())
+    if args.tests:
+        raise SystemExit(_compile_tests(_Recorder(args.sass_dir)))
     recorder = _Recorder(args.sass_dir)
     original = JITFunction.__getitem__
     JITFunction.__getitem__ = lambda fn, grid: recorder(fn, grid)
