@@ -72,10 +72,9 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, unit_sums:
 
     m2[c] = sum_{y_i=c} ||h_i - mu_c||^2 centred on the block's own class means. With
     ``unit_sums=False`` the last two are None (the C++ core and the Triton kernels then take no
-    row norms). With
-    ``check_finite``, NaN or Inf in the rows raises ValueError: it makes a class's centred M2 NaN
-    or Inf, so the (C,) vector tells without a pass over the features (the C++ core checks it as
-    it returns).
+    row norms). With ``check_finite``, NaN or Inf in the rows raises ValueError: it makes a
+    class's centred M2 NaN or Inf, so the (C,) vector tells without a pass over the features (the
+    C++ core checks it as it returns).
     """
     backend = backend_for(x)
     if backend == "cpp":

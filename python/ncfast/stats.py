@@ -246,9 +246,10 @@ class ClassMoments:
         checks the labels; with ``check_finite`` NaN or Inf in x raises ValueError."""
         acc = None
         # The C++ core streams any number of rows in O(C * D) memory, and the Triton kernels take
-        # them in one launch (float64 partials of 64-row chunks, 1/16 of float32 features: one
-        # launch sequence instead of N / 8,192 of them, each with its sort, merges and host
-        # syncs); the torch path widens its block to float64, so it goes block by block.
+        # them in one launch (float64 partials per chunk of rows, 1.6-12.5% of float32 features,
+        # see triton.moments._chunk_rows: one launch sequence instead of N / 8,192 of them, each
+        # with its sort, merges and host syncs); the torch path widens its block to float64, so
+        # it goes block by block.
         whole = _dispatch.backend_for(x) in ("cpp", "triton")
         for xb, yb in ([(x, y)] if whole else self._blocks(x, y)):
             stats = _dispatch.block_moments(xb, yb, self.num_classes, unit_sums=self._keeps_units,

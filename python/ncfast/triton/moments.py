@@ -15,7 +15,7 @@ loaded once, widened to float64 on load, and reduced in registers to the chunk's
 its M2 about those means (a two-pass form over the in-register tile, so nothing cancels however
 far the data sit from the origin) and, when asked, its unit sums. Unit sums need each row's
 norm first, so with ``unit_sums`` the program takes the norms in a first sweep of its rows; the
-second sweep then finds them in L2 (BLOCK_R x D values, 256 KiB at 64 x 1024 float32), so the
+second sweep then finds them in L2 (at most 128 KiB of rows per chunk, ``_chunk_rows``), so the
 features are read from device memory once either way. ``_merge_chunks_kernel`` then folds the
 chunks of each class, in chunk order, with Chan's formula
 

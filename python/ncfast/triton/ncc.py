@@ -160,8 +160,8 @@ def _ncc_sweep_kernel(
     rmask = rows < n
     # The norm of the rounded rows feeds the bound (float32 is enough: the bound carries 10%
     # headroom). With one feature block that tile stays in registers for the whole sweep; with
-    # more, keeping the first one there costs the score fold registers (spills at 128 x 256) for
-    # a few per cent of the loads, so every block is loaded where it is used.
+    # more, keeping the first one there cost registers (the ieee sweep spilled 3 KB a thread at
+    # 128 x 128 x 32) for a few per cent of the loads, so every block is loaded where it is used.
     x0 = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, 0, d, BLOCK_D, X_F64)
     sq = tl.sum(x0 * x0, axis=1)
     for d0 in range(BLOCK_D, d, BLOCK_D):
