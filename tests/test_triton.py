@@ -304,26 +304,41 @@ def _tf32_truncated(a: np.ndarray) -> np.ndarray:
     return (a.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
 
 
+def _mma_step(acc: np.ndarray, prods: np.ndarray) -> np.ndarray:
+    """acc + the sum of prods (..., k) as a tensor core adds them (Fasi et al. 2021): every addend
+    aligned to the largest one's exponent and truncated to 24 bits there, summed, the sum
+    truncated to float32."""
+    terms = np.concatenate([acc[..., None].astype(np.float64), prods], axis=-1)
+    big = np.abs(terms).max(axis=-1, keepdims=True)
+    ulp = np.exp2(np.floor(np.log2(np.where(big > 0, big, 1.0))) - 23)
+    return _toward_zero(np.sum(np.trunc(terms / ulp) * ulp, axis=-1))
+
+
 def _emulated_scores(xs: np.ndarray, w: np.ndarray, o: np.ndarray, precision: str) -> np.ndarray:
-    """o + xs @ w.T with the worst roundings relative_bound allows for: operands truncated to
-    tf32 (tf32x3 split into truncated high and low parts) or rounded to bfloat16, products exact
-    (tf32 / bf16) or rounded (ieee), every float32 add of the sum truncated, one term at a time."""
+    """o + xs @ w.T with the worst roundings relative_bound allows for: "ieee" as rounded float32
+    products summed one at a time with truncating adds; the tensor-core precisions with operands
+    truncated to tf32 (tf32x3 split into truncated high and low parts) or rounded to bfloat16,
+    exact products, and each instruction's k = 8 (tf32) or 16 (bf16) products added to the
+    accumulator as _mma_step does."""
     if precision == "ieee":
-        pairs = [(xs, w)]
+        pairs, k = [(xs, w)], 1
     elif precision == "tf32":
-        pairs = [(_tf32_truncated(xs), _tf32_truncated(w))]
+        pairs, k = [(_tf32_truncated(xs), _tf32_truncated(w))], 8
     elif precision == "tf32x3":
         xh, wh = _tf32_truncated(xs), _tf32_truncated(w)
         xl, wl = _tf32_truncated(xs - xh), _tf32_truncated(w - wh)
-        pairs = [(xh, wl), (xl, wh), (xh, wh)]
+        pairs, k = [(xh, wl), (xl, wh), (xh, wh)], 8
     else:
-        pairs = [(torch.from_numpy(a).bfloat16().float().numpy() for a in (xs, w))]
+        pairs, k = [tuple(torch.from_numpy(a).bfloat16().float().numpy() for a in (xs, w))], 16
     acc = np.broadcast_to(o, (xs.shape[0], w.shape[0])).astype(np.float32)
     for a, b in pairs:
-        for k in range(xs.shape[1]):
-            prod = np.outer(a[:, k], b[:, k]).astype(np.float32) if precision == "ieee" else \
-                np.outer(a[:, k].astype(np.float64), b[:, k].astype(np.float64))
-            acc = _toward_zero(acc.astype(np.float64) + prod)
+        for k0 in range(0, xs.shape[1], k):
+            if precision == "ieee":
+                prod = np.outer(a[:, k0], b[:, k0]).astype(np.float32)
+                acc = _toward_zero(acc.astype(np.float64) + prod)
+            else:
+                a64, b64 = a[:, k0:k0 + k].astype(np.float64), b[:, k0:k0 + k].astype(np.float64)
+                acc = _mma_step(acc, a64[:, None, :] * b64[None, :, :])
     return acc
 
 

@@ -73,9 +73,12 @@ def relative_bound(precision: str, d: int) -> float:
     x - t is rounded once and the offset added once (+4 u); 10% headroom on everything:
 
     - "ieee":   1.1 (1.01 d + 4) u  (the C++ sweep's bound);
-    - tensor cores may truncate the float32 sums rather than round them, so 2 u per add (A), and
-      may truncate an operand to tf32 rather than round it (the tl.dot docs warn of it), 2 u_tf32
-      with u_tf32 = 2^-11;
+    - tensor cores add each instruction's k products (k = 8 for tf32, 16 for bf16) and the
+      accumulator after aligning them to the largest and truncating (Fasi, Higham, Mikaitis and
+      Pranesh 2021, "Numerical behavior of NVIDIA tensor cores"): under (k + 1) units in the last
+      place of the largest, 2 u (1 + 1/k) per product-add over a long sum. We take 2.5 u (A), and
+      an operand may be truncated to tf32 rather than rounded (the tl.dot docs warn of it),
+      2 u_tf32 with u_tf32 = 2^-11;
     - "tf32":   1.1 (2 * 2 u_tf32 + A);
     - "tf32x3": each operand a = a_hi + a_lo with |a - a_hi| <= 2 u_tf32 |a| and a_lo's own error
       <= 2 u_tf32 |a - a_hi|; dropping a_lo b_lo, the product errs by at most 3 (2 u_tf32)^2 |a||b|
@@ -89,7 +92,7 @@ def relative_bound(precision: str, d: int) -> float:
     acc = (1.01 * d + 4) * _U32
     if p == "ieee":
         return 1.1 * acc
-    tc = 2.0 * acc
+    tc = 2.5 * acc
     if p == "tf32":
         return 1.1 * (2.0 * 2.0 * _UTF32 + tc) + _TC_FLOOR
     if p == "tf32x3":
