@@ -291,6 +291,20 @@ def test_ncc_sweep_flags_at_the_threshold(precision):
     assert np.array_equal(best[~unsure], want[~unsure])
 
 
+def test_ncc_sweep_bf16_rows_rounded_block_by_block(monkeypatch):
+    """The "bf16" sweep rounds x - shift to bfloat16 a block of rows at a time before its launches:
+    blocks of 7 rows (15 launches, the last one short) give the answers of one launch, and those
+    are the float64 argmins wherever the sweep is sure."""
+    x, shift, centres, offsets = _ncc_case(100, 40, [30, 9], torch.float32, seed=23)
+    whole = _sweep(x, shift, centres, offsets, "bf16", block_n=16, block_d=16)
+    monkeypatch.setattr(tncc, "_ROUNDED_BLOCK", 7 * 40)
+    blocks = _sweep(x, shift, centres, offsets, "bf16", block_n=16, block_d=16)
+    assert np.array_equal(whole[0], blocks[0]) and np.array_equal(whole[1], blocks[1])
+    want, _ = _float64_argmins(x, shift, centres, offsets)
+    sure = ~blocks[1]
+    assert sure.mean() > 0.5 and np.array_equal(blocks[0][sure], want[sure])
+
+
 def _toward_zero(s: np.ndarray) -> np.ndarray:
     """float64 values rounded to float32 toward zero (the worst a truncating adder does)."""
     r = s.astype(np.float32)

@@ -23,7 +23,8 @@ Precisions of the products (``PRECISIONS``), each with its own bound (``relative
 - "tf32x3": three TF32 tensor-core products (a_hi b_hi + a_hi b_lo + a_lo b_hi), float32-like
             accuracy; ncfast.ncc's exact mode uses it on a GPU (``FLOAT32``);
 - "tf32":   one TF32 tensor-core product; "bf16": both tiles rounded to bfloat16, one
-            bfloat16 tensor-core product. The fast mode's first passes.
+            bfloat16 tensor-core product (the launcher rounds x - shift and the centres to
+            bfloat16 before the sweep, so it reads half the bytes). The fast mode's first passes.
 
 Each precision has its own tile shape (``CONFIGS``), chosen from the sm_90 compile of
 ``bench/sm90_compile.py`` (Triton 3.6): the largest tiles that keep every value in registers
@@ -53,6 +54,7 @@ CONFIGS = {
 }
 
 _U32, _UTF32, _UBF16 = 2.0 ** -24, 2.0 ** -11, 2.0 ** -8  # unit roundoffs (round to nearest)
+_ROUNDED_BLOCK = 1 << 28  # elements of bfloat16 rows made at a time for a "bf16" sweep (512 MiB)
 # Tensor cores may flush subnormal inputs and products to zero: a relative floor for the centres'
 # elements (the caller adds the absolute one to omax, as for the C++ bf16 sweep).
 _TC_FLOOR = 2.0 ** -100
@@ -102,18 +104,22 @@ def relative_bound(precision: str, d: int) -> float:
 
 @triton.jit
 def _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d,
-                  BLOCK_D: tl.constexpr, X_F64: tl.constexpr):
+                  BLOCK_D: tl.constexpr, X_F64: tl.constexpr, ROUNDED: tl.constexpr):
     """(BLOCK_M, BLOCK_D) float32 tile of x - shift, zero outside the matrix: one rounding of the
-    exact difference (float64 input is shifted in float64 first; other dtypes widen exactly)."""
+    exact difference (float64 input is shifted in float64 first; other dtypes widen exactly).
+    ROUNDED: x already holds bfloat16(x - shift) (see ncc_sweep); the tile is returned as loaded."""
     cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
     cmask = cols < d
     mask = rmask[:, None] & cmask[None, :]
     h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0)
-    s = tl.load(shift_ptr + cols, mask=cmask, other=0.0)
-    if X_F64:
-        xs = (h - s.to(tl.float64)[None, :]).to(tl.float32)
+    if ROUNDED:
+        xs = h
     else:
-        xs = h.to(tl.float32) - s[None, :]
+        s = tl.load(shift_ptr + cols, mask=cmask, other=0.0)
+        if X_F64:
+            xs = (h - s.to(tl.float64)[None, :]).to(tl.float32)
+        else:
+            xs = h.to(tl.float32) - s[None, :]
     return xs
 
 
@@ -158,6 +164,7 @@ def _ncc_sweep_kernel(
     X_F64: tl.constexpr,
     INTERPRETED: tl.constexpr,  # TRITON_INTERPRET=1 (see _dot)
     RESIDENT: tl.constexpr,  # D <= BLOCK_D: the rows' one feature block stays in registers
+    ROUNDED: tl.constexpr,  # "bf16": x holds bfloat16(x - shift) and the centres bfloat16 (see ncc_sweep)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
@@ -165,10 +172,12 @@ def _ncc_sweep_kernel(
     # headroom). With one feature block that tile stays in registers for the whole sweep; with
     # more, keeping the first one there cost registers (the ieee sweep spilled 3 KB a thread at
     # 128 x 128 x 32) for a few per cent of the loads, so every block is loaded where it is used.
-    x0 = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, 0, d, BLOCK_D, X_F64)
-    sq = tl.sum(x0 * x0, axis=1)
+    x0 = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, 0, d, BLOCK_D, X_F64, ROUNDED)
+    x0f = x0.to(tl.float32)
+    sq = tl.sum(x0f * x0f, axis=1)
     for d0 in range(BLOCK_D, d, BLOCK_D):
-        xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64)
+        xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64,
+                           ROUNDED).to(tl.float32)
         sq += tl.sum(xs * xs, axis=1)
     norm = tl.sqrt(sq.to(tl.float64))
     rel = tl.load(rel_ptr)
@@ -187,7 +196,7 @@ def _ncc_sweep_kernel(
                 acc = _dot(x0, ct, acc, PRECISION, INTERPRETED)
             else:
                 for d0 in range(0, d, BLOCK_D):
-                    xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64)
+                    xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64, ROUNDED)
                     ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D)
                     acc = _dot(xs, ct, acc, PRECISION, INTERPRETED)
             # columns past the group (the next group's classes, or past K) score +inf: never best
@@ -239,26 +248,41 @@ def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offse
         return best, unsure
     f32 = dict(dtype=torch.float32, device=dev)
     f64 = dict(dtype=torch.float64, device=dev)
-    centres = centres.to(**f32)
+    shift = shift.to(**f32).contiguous()
+    rounded = precision == "bf16"
+    centres = centres.to(torch.bfloat16 if rounded else torch.float32)
     cfg_m, cfg_n, cfg_d, cfg_warps, cfg_stages = CONFIGS[precision]
     widest = max(b - a for a, b in zip(starts, starts[1:]))
     block_m = block_m or cfg_m
     block_n = max(16, min(block_n or cfg_n, triton.next_power_of_2(max(widest, 1))))
     block_d = max(16, min(block_d or cfg_d, triton.next_power_of_2(max(d, 1))))
-    _ncc_sweep_kernel[(triton.cdiv(n, block_m),)](
-        best, best.stride(0), best.stride(1),
-        unsure, unsure.stride(0), unsure.stride(1),
-        x, x.stride(0), x.stride(1),
-        shift.to(**f32).contiguous(),
+    common = (
+        shift,
         centres, centres.stride(0), centres.stride(1),
         offsets.to(**f32).contiguous(),
         torch.tensor(starts, dtype=torch.int64, device=dev),
         torch.tensor([rel], **f64),
         torch.as_tensor(cmax, **f64).reshape(groups).contiguous(),
         torch.as_tensor(omax, **f64).reshape(groups).contiguous(),
-        n, d, groups,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=precision, X_F64=x.dtype == torch.float64, INTERPRETED=interpreting(), RESIDENT=d <= block_d,
-        num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
+    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, INTERPRETED=interpreting(),
+                  RESIDENT=d <= block_d, num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages)
+    # "bf16": the rows are shifted and rounded to bfloat16 once, a block of them at a time (the
+    # same values the kernel would make from float32 x - shift), so the sweep, which re-reads
+    # each row block for every tile of classes, moves half the bytes and holds half in L2.
+    step = max(1, _ROUNDED_BLOCK // max(d, 1)) if rounded else n
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        xb = x[lo:hi]
+        if rounded:
+            xb = ((xb.to(torch.float64) - shift.to(torch.float64)).to(torch.float32) if x.dtype == torch.float64
+                  else xb.to(torch.float32) - shift).to(torch.bfloat16)
+        bb, ub = best[lo:hi], unsure[lo:hi]
+        _ncc_sweep_kernel[(triton.cdiv(hi - lo, block_m),)](
+            bb, bb.stride(0), bb.stride(1),
+            ub, ub.stride(0), ub.stride(1),
+            xb, xb.stride(0), xb.stride(1),
+            *common, hi - lo, d, groups,
+            X_F64=xb.dtype == torch.float64, ROUNDED=rounded, **consts,
+        )
     return best, unsure
