@@ -101,7 +101,10 @@ class _Recorder:
         return launch
 
 
-def _cases(recorder: _Recorder):
+PARTS = ("moments", "ncc", "pairwise")
+
+
+def _cases(recorder: _Recorder, parts=PARTS):
     """Call every launcher at shapes like issue 4's (D = 1024; the row count only sets alignment)."""
     from ncfast.triton import moments, ncc, pairwise
 
@@ -109,12 +112,20 @@ def _cases(recorder: _Recorder):
     n, d = 4096, 1024
     x = torch.randn(n, d, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    for dtype, units in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, True)):
-        recorder.label = f"x={str(dtype).removeprefix('torch.')}"
-        moments.block_moments(x.to(dtype), y, 10, unit_sums=units)
-    recorder.label = ""
-    moments.centre_rows(x, y, torch.zeros(10, d, dtype=torch.float64))
+    if "moments" in parts:
+        for dtype, units in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, True)):
+            recorder.label = f"x={str(dtype).removeprefix('torch.')}"
+            moments.block_moments(x.to(dtype), y, 10, unit_sums=units)
+        recorder.label = ""
+        moments.centre_rows(x, y, torch.zeros(10, d, dtype=torch.float64))
+    if "ncc" in parts:
+        _ncc_cases(recorder, ncc, x, g)
+    if "pairwise" in parts:
+        _pair_cases(recorder, pairwise, g)
 
+
+def _ncc_cases(recorder: _Recorder, ncc, x, g):
+    d = x.shape[1]
     k = 1000
     centres = torch.randn(k, d, generator=g)
     for prec in ncc.PRECISIONS:
@@ -125,7 +136,9 @@ def _cases(recorder: _Recorder):
     ncc.ncc_sweep(x[:, :32].contiguous(), torch.zeros(32), centres[:, :32].contiguous(), torch.zeros(k), [0, k],
                   ncc.relative_bound("tf32", 32), [1.0], [1.0], "tf32", block_d=32)
 
-    t = 512
+
+def _pair_cases(recorder: _Recorder, pairwise, g):
+    t, d = 512, 1024
     mt = torch.randn(t, d, dtype=torch.float64, generator=g)
     vec = torch.ones(t, dtype=torch.float64)
     best, idx = torch.full((t,), float("inf"), dtype=torch.float64), torch.zeros(t, dtype=torch.int64)
@@ -185,6 +198,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sass-dir", type=Path, default=None, help="write each kernel's SASS into this folder")
     p.add_argument("--tests", action="store_true", help="compile every launch of tests/test_triton.py instead")
+    p.add_argument("--only", choices=PARTS, default=None, help="one group of kernels")
     args = p.parse_args(argv)
 
     _driver.set_active(_AheadOfTimeDriver())
@@ -194,20 +208,23 @@ def main(argv=None):
     original = JITFunction.__getitem__
     JITFunction.__getitem__ = lambda fn, grid: recorder(fn, grid)
     try:
-        _cases(recorder)
+        _cases(recorder, PARTS if args.only is None else (args.only,))
     finally:
         JITFunction.__getitem__ = original  # the stub driver stays: without a GPU there is no other
 
     print(f"triton {triton.__version__}, target {TARGET.backend} sm_{TARGET.arch}")
     head = ["regs", "stack", "shared"] + list(OPCODES)
     print(f"{'kernel':<90} " + " ".join(f"{h:>10}" for h in head))
+    failed = 0
     for row in recorder.rows:
         if "regs" not in row:
             print(row["label"])
+            failed += "F64_DOT=False" not in row["label"]  # the fallback is optional, the rest is not
             continue
         vals = [row["regs"], row["stack"], row["shared"]] + [row["ops"][k] for k in OPCODES]
         print(f"{row['label'][:90]:<90} " + " ".join(f"{v:>10}" for v in vals))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,8 +1,11 @@
 """The benchmark harness runs end to end (tiny sizes): every op, its checks against the baselines,
 the floors and the JSON. Nothing here is timed or asserted on speed."""
 import json
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -39,3 +42,42 @@ def test_moments_bandwidth_script_runs(capsys):
     assert [r[0] for r in rows] == ["3", "70"]
     for r in rows:
         assert len(r) == 10 and all(float(v) > 0 for v in (r[1], r[2], r[4], r[6], r[8]))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sm90_compile_report_runs():
+    """bench/sm90_compile.py --only moments compiles the moments kernels for sm_90 without a GPU
+    (Triton's own ptxas and cuobjdump): a row per kernel with registers, float64 FMAs, 16-byte
+    loads and no spills."""
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "bench/sm90_compile.py", "--only", "moments"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    head = next(ln for ln in lines if ln.startswith("kernel")).split()[1:]
+    rows = {}
+    for ln in lines:
+        if ln.startswith("_chunk_moments_kernel") or ln.startswith("_merge_chunks_kernel"):
+            parts = ln.split()
+            rows.setdefault(parts[0], []).append(dict(zip(head, map(int, parts[-len(head):]))))
+    assert len(rows["_chunk_moments_kernel"]) == 3 and len(rows["_merge_chunks_kernel"]) == 3
+    for row in rows["_chunk_moments_kernel"]:
+        assert 0 < row["regs"] <= 255 and row["DFMA"] > 0 and row["LDG.128"] > 0
+        assert row["stack"] == 0 and row["LDL"] == 0
+
+
+def test_gpu_tune_smoke_runs(tmp_path):
+    """bench/gpu_tune.py --smoke (CPU tensors, Triton's interpreter) runs its nc_metrics part and
+    writes the ceilings and one timing per part of nc_metrics."""
+    pytest.importorskip("triton")
+    out = tmp_path / "tune.json"
+    r = subprocess.run([sys.executable, "bench/gpu_tune.py", "--smoke", "--only", "metrics", "--json", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["header"]["copy_GBps"] > 0 and data["header"]["mm_fp64_TFLOPs"] > 0
+    parts = [row["what"] for row in data["rows"]]
+    assert parts[0] == "nc_metrics" and len(parts) == 7
+    assert all(row["ms"] > 0 for row in data["rows"])
