@@ -11,8 +11,10 @@ in float32, then certified in tiers: rows whose two best float32 scores are clos
 float32 error bound are rescored with a float64 product, and the rare rows whose float64 gap is
 still inside the float64 bound are recomputed literally (||h - mu_c||^2 summed in float64).
 ``mode="fast"`` scores first with bfloat16 products (VDPBF16PS, AVX512-BF16 builds) or, on CUDA,
-TF32 tensor cores (Triton) under that format's bound, sends its unsure rows through the float32
-sweep, then on as above.
+TF32 or bfloat16 tensor cores (Triton; a probe of the first rows picks) under that format's
+bound, sends its unsure rows through the float32 sweep, then on as above. On CUDA the float32
+sweep itself runs on tensor cores as tf32x3 (three TF32 products, float32-like accuracy, its own
+bound; ``ncfast.triton.ncc``).
 The answer is the float64 argmin of the definition on every row, in either mode. Shifting by the mean of the
 class means (rounded to float32, so the shift is exact in both precisions) keeps the bound small
 when all features share a large offset. Ties go to the lowest index.
@@ -312,9 +314,9 @@ def ncc_assign(features, means, *, mode: str = "exact") -> torch.Tensor:
     """Nearest class mean of every row: argmin_c ||h_i - mu_c||^2, int64 (N,).
 
     Equal to the float64 argmin on every row (see module docstring), in both modes: ``"exact"``
-    scores in float32, ``"fast"`` first in bfloat16 where the CPU has AVX512-BF16 (elsewhere it
-    is the same as "exact"; on CUDA TF32 tensor cores); the certified recheck makes their answers
-    identical. Rows of
+    scores in float32 (on CUDA tf32x3 tensor cores), ``"fast"`` first in bfloat16 where the CPU
+    has AVX512-BF16 (elsewhere it is the same as "exact"; on CUDA TF32 or bfloat16 tensor cores);
+    the certified recheck makes their answers identical. Rows of
     ``means`` that hold NaN (absent classes, as ``ClassMoments.means`` reports them) never win;
     the returned indices refer to the rows of ``means``.
     """
