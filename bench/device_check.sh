@@ -11,7 +11,8 @@
 #                workers (kernel compiles dominate).
 # bench (230 s): bench/run.py --device cuda --sizes h100 (issue 4's targets), 2 timed runs each:
 #                the float32 baselines at N = 4M, C = 50,000 take about 8 s a call.
-# tune (120 s):  bench/gpu_tune.py, each kernel alone over its tile shapes, with the GPU's ceilings.
+# tune (the rest, at least 120 s): bench/gpu_tune.py, each kernel alone over its tile shapes, with
+#                the GPU's ceilings (NCC first; its JSON is rewritten after each part).
 #
 # Every stage has its own timeout and writes its log (and JSON) under $OUT as it goes, so a stage
 # that runs long still leaves the others' results. Stages can be split over two calls while the
@@ -24,6 +25,10 @@ PY=${PYTHON:-python3}
 stages=("$@")
 ((${#stages[@]})) || stages=(build tests bench tune)
 say() { printf '\n== %s %s\n' "$(date -u +%T)" "$*"; }
+# One deadline for the whole call: a stage gets its own cap or what is left of 590 s, whichever is
+# less, so the time a quick stage leaves goes to the later ones.
+start=$SECONDS
+cap() { local left=$((590 - (SECONDS - start))); ((left < $1)) && echo $((left > 5 ? left : 5)) || echo "$1"; }
 
 say "machine"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
@@ -33,11 +38,11 @@ for stage in "${stages[@]}"; do
   case $stage in
     build)
       say "build"
-      timeout 90 $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
+      timeout "$(cap 90)" $PY -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
       rc=$?
       if ((rc)); then  # an older scikit-build-core may not do editable installs: a plain one then
         tail -5 "$OUT/build.log"
-        timeout 90 $PY -m pip install -q --no-build-isolation --no-deps . >>"$OUT/build.log" 2>&1
+        timeout "$(cap 90)" $PY -m pip install -q --no-build-isolation --no-deps . >>"$OUT/build.log" 2>&1
         rc=$?
       fi
       echo "build rc $rc"; tail -5 "$OUT/build.log"
@@ -45,14 +50,14 @@ for stage in "${stages[@]}"; do
     tests)
       say "tests (tests/test_triton.py on the GPU)"
       workers=(); $PY -c "import xdist" 2>/dev/null && workers=(-n 8)
-      timeout 150 $PY -m pytest -q "${workers[@]}" -p no:cacheprovider tests/test_triton.py >"$OUT/tests.log" 2>&1
+      timeout "$(cap 150)" $PY -m pytest -q "${workers[@]}" -p no:cacheprovider tests/test_triton.py >"$OUT/tests.log" 2>&1
       echo "tests rc $?"; tail -15 "$OUT/tests.log" ;;
     tune)
       say "tune (bench/gpu_tune.py)"
-      timeout 120 $PY bench/gpu_tune.py --json "$OUT/gpu_tune.json" 2>&1 | tee "$OUT/tune.log" | tail -45 ;;
+      timeout "$(cap 590)" $PY bench/gpu_tune.py --json "$OUT/gpu_tune.json" 2>&1 | tee "$OUT/tune.log" | tail -45 ;;
     bench)
       say "bench (bench/run.py --device cuda --sizes h100)"
-      timeout 230 $PY bench/run.py --device cuda --sizes h100 --repeat 2 --json "$OUT/h100.json" >"$OUT/bench.log" 2>&1
+      timeout "$(cap 230)" $PY bench/run.py --device cuda --sizes h100 --repeat 2 --json "$OUT/h100.json" >"$OUT/bench.log" 2>&1
       echo "bench rc $?"; tail -40 "$OUT/bench.log" ;;
     *) echo "unknown stage $stage (build, tests, bench, tune)"; exit 2 ;;
   esac
