@@ -572,6 +572,39 @@ def test_ncc_entry_points_on_triton_backend(mode, monkeypatch):
     assert torch.equal(decisions.cpu(), torch.from_numpy(ref.decisions(xs, w, b)))
 
 
+@pytest.mark.parametrize("pick", ["tf32", "bf16", None])
+def test_fast_mode_probe_picks_among_tensor_core_precisions(pick, monkeypatch):
+    """On the Triton path the fast mode's probe weighs tf32 and bf16 against the float32-level
+    sweep and takes the cheapest (forced here: one low precision made free, or none): the rest
+    of the rows go that way, its unsure rows get the float32 sweep, and every answer is the
+    float64 argmin."""
+    import ncfast.ncc as ncc_mod
+    from ncfast import reference as ref
+
+    monkeypatch.setenv("NCFAST_BACKEND", "triton")
+    monkeypatch.setattr(ncc_mod, "_FAST_PROBE_ROWS", 64)
+    seen = []
+    real_sweep = ncc_mod._sweep
+
+    def sweep(x, shift, problems, precision, backend):
+        seen.append((x.shape[0], precision))
+        return real_sweep(x, shift, problems, precision, backend)
+
+    monkeypatch.setattr(ncc_mod, "_sweep", sweep)
+    costs = iter([0.0 if low == pick else math.inf for low in ("tf32", "bf16")])
+    monkeypatch.setattr(ncc_mod, "_low_cost", lambda *a: next(costs))
+    g = torch.Generator().manual_seed(8)
+    k, d, n = 12, 20, 400
+    means = torch.randn(k, d, generator=g, dtype=torch.float64)
+    x = (means[torch.randint(0, k, (n,), generator=g)] + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    x = x.float()
+    got = ncfast.ncc_assign(x.to(DEVICE), means.to(DEVICE), mode="fast").cpu()
+    assert torch.equal(got, torch.from_numpy(ref.ncc_assign(x, means)))
+    assert {p for rows, p in seen if rows == 64} == {"fp32", "tf32", "bf16"}  # the probe, every way
+    rest = [p for rows, p in seen if rows == n - 64]
+    assert rest == [pick or "fp32"]
+
+
 def test_nc_metrics_on_triton_backend(monkeypatch):
     """nc_metrics end to end with every kernel on the Triton path (moments, NCC, pairwise tiles)."""
     from ncfast import reference as ref
