@@ -84,19 +84,31 @@ def _report(kernel, label: str, sass_dir: Path | None) -> dict:
 
 
 class _Recorder:
-    """Turns ``kernel[grid](*args, **kwargs)`` into an ahead-of-time compile and keeps the report."""
+    """Turns ``kernel[grid](*args, **kwargs)`` into an ahead-of-time compile and keeps its report
+    (a row without "regs" for a launch that does not compile). With ``dedupe`` a launch whose
+    label was seen before adds nothing."""
 
-    def __init__(self, sass_dir):
+    def __init__(self, sass_dir, dedupe: bool = False):
         self.rows: list[dict] = []
         self.sass_dir = sass_dir
         self.label = ""
+        self.dedupe = dedupe
+        self._seen: set = set()
 
     def __call__(self, fn: JITFunction, grid):
         def launch(*args, **kwargs):
-            kernel = fn.run(*args, grid=grid, warmup=True, **kwargs)
             consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
-            label = f"{fn.__name__} {self.label} " + " ".join(f"{k}={v}" for k, v in consts.items())
-            self.rows.append(_report(kernel, label.strip(), self.sass_dir))
+            label = (f"{fn.__name__} {self.label} " + " ".join(f"{k}={v}" for k, v in consts.items())).replace("  ", " ")
+            if self.dedupe and label in self._seen:
+                return None
+            self._seen.add(label)
+            try:
+                kernel = fn.run(*args, grid=grid, warmup=True, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - reported as a row of its own
+                self.rows.append({"label": f"{label}: does not compile "
+                                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"})
+                return None
+            self.rows.append(_report(kernel, label, self.sass_dir))
             return kernel
         return launch
 
@@ -146,49 +158,31 @@ def _pair_cases(recorder: _Recorder, pairwise, g):
     for f64_dot in (True, False):
         pairwise._F64_DOT[key] = f64_dot
         recorder.label = f"F64_DOT={f64_dot}"
-        try:
-            for diagonal in (False, True):
-                pairwise.reduce_pair_tile(mt, mt, diagonal, vec, vec, vec, vec, vec, vec, None, None, 1.0, 0.1,
-                                          -0.1, 0.0, 0.1, 0, 0 if diagonal else t, best, idx, best.clone(), idx.clone())
-        except Exception as exc:  # noqa: BLE001 - the report says which variant does not compile
-            recorder.rows.append({"label": f"_pair_tile_kernel F64_DOT={f64_dot}: does not compile "
-                                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"})
+        for diagonal in (False, True):
+            pairwise.reduce_pair_tile(mt, mt, diagonal, vec, vec, vec, vec, vec, vec, None, None, 1.0, 0.1,
+                                      -0.1, 0.0, 0.1, 0, 0 if diagonal else t, best, idx, best.clone(), idx.clone())
     pairwise._F64_DOT.pop(key, None)
 
 
 def _compile_tests(recorder: _Recorder) -> int:
-    """Run tests/test_triton.py with every launch compiled for sm_90 instead of run: which of the
-    kernel variants the tests use fail to compile, or spill. The tests' assertions then fail
-    (nothing ran), so only the compile report counts."""
+    """Run tests/test_triton.py with every launch compiled for sm_90 instead of run (``recorder``
+    with dedupe): which of the kernel variants the tests use fail to compile, or spill. The
+    tests' assertions then fail (nothing ran), so only the compile report counts."""
     import pytest
 
     from ncfast import triton as nt
     from ncfast.triton import moments, ncc, pairwise  # noqa: F401 - compiled kernels, before the tests set the interpreter
 
     ncc.interpreting = nt.interpreting = lambda: False  # the GPU variants (no bf16 emulation)
-    failures = []
-    seen = {}
-
-    def launch_report(fn, grid):
-        def launch(*args, **kwargs):
-            consts = tuple(sorted((k, str(v)) for k, v in kwargs.items()))
-            try:
-                kernel = fn.run(*args, grid=grid, warmup=True, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - reported below
-                failures.append(f"{fn.__name__} {dict(consts)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-                return None
-            if (fn.__name__, consts) not in seen:
-                seen[(fn.__name__, consts)] = _report(kernel, fn.__name__, recorder.sass_dir)
-            return None
-        return launch
-
-    JITFunction.__getitem__ = launch_report
+    JITFunction.__getitem__ = lambda fn, grid: recorder(fn, grid)
     pytest.main(["-q", "-p", "no:cacheprovider", "--tb=no", "--no-header", "-rN",
                  str(Path(__file__).resolve().parents[1] / "tests" / "test_triton.py")])
-    print(f"\nsm_90: {len(seen)} distinct kernel launches of the tests compiled, {len(failures)} failed to compile")
-    for (name, consts), row in seen.items():
+    compiled = [row for row in recorder.rows if "regs" in row]
+    failures = [row["label"] for row in recorder.rows if "regs" not in row]
+    print(f"\nsm_90: {len(compiled)} distinct kernel launches of the tests compiled, {len(failures)} failed to compile")
+    for row in compiled:
         if row["stack"] or row["ops"]["LDL"]:
-            print(f"  spills: {name} {dict(consts)}: stack {row['stack']} bytes, {row['ops']['LDL']} LDL")
+            print(f"  spills: {row['label']}: stack {row['stack']} bytes, {row['ops']['LDL']} LDL")
     for f in failures:
         print("  does not compile:", f)
     return 1 if failures else 0
@@ -203,7 +197,7 @@ def main(argv=None):
 
     _driver.set_active(_AheadOfTimeDriver())
     if args.tests:
-        raise SystemExit(_compile_tests(_Recorder(args.sass_dir)))
+        raise SystemExit(_compile_tests(_Recorder(args.sass_dir, dedupe=True)))
     recorder = _Recorder(args.sass_dir)
     original = JITFunction.__getitem__
     JITFunction.__getitem__ = lambda fn, grid: recorder(fn, grid)

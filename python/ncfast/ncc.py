@@ -143,13 +143,14 @@ def _sweep(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], preci
 
         precision = triton_ncc.FLOAT32 if precision == "fp32" else precision
         rel = triton_ncc.relative_bound(precision, d)
-        if precision in triton_ncc.TENSOR_CORES:  # flushed subnormals, as for the C++ bf16 sweep
-            omax = [o + _bf16_floor(d, c) / rel for o, c in zip(omax, cmax)]
-        return triton_ncc.ncc_sweep(x, shift, centres, offsets, starts, rel, cmax, omax, precision)
-    rel = _rel(_U32, d)
-    if precision == "bf16":
-        rel = _rel_bf16(d)
+        flushes = precision in triton_ncc.TENSOR_CORES
+    else:
+        rel = _rel_bf16(d) if precision == "bf16" else _rel(_U32, d)
+        flushes = precision == "bf16"
+    if flushes:  # tensor cores and VDPBF16PS flush subnormal inputs and products
         omax = [o + _bf16_floor(d, c) / rel for o, c in zip(omax, cmax)]
+    if backend == "triton":
+        return triton_ncc.ncc_sweep(x, shift, centres, offsets, starts, rel, cmax, omax, precision)
     buf, dtype_name = _dispatch._buffer(x)
     best, unsure = _C.ncc_sweep(buf, dtype_name, shift.contiguous().numpy(), centres.numpy(), offsets.numpy(),
                                 starts, rel, cmax, omax, torch.get_num_threads(), precision)
