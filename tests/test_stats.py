@@ -61,6 +61,31 @@ def test_balanced_sigma_w_on_imbalanced_stream_needs_class_counts():
         wrong.sigma_w("balanced")
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("imbalanced", [False, True])
+def test_one_shot_without_pooled_scatter_keeps_the_balanced_one(backend, imbalanced, monkeypatch):
+    """nc_metrics' moments (pooled=False): on imbalanced labels only the balanced scatter is taken,
+    equal to the full state's; on equal counts the pooled one is the balanced Sigma_W and is kept."""
+    from ncfast.stats import ClassMoments
+
+    monkeypatch.setenv("NCFAST_BACKEND", backend)
+    x, y, c = make_data(n=500, d=7, c=5, imbalanced=imbalanced, seed=3)
+    if not imbalanced:
+        x, y = x[:450], torch.arange(450) % c
+    full = ClassMoments._of_batch(x, y, c, scatter=True, unit_sums=True, balanced=True)
+    lean = ClassMoments._of_batch(x, y, c, scatter=True, unit_sums=True, balanced=True, pooled=False)
+    assert lean.has_scatter and (lean.wscatter is not None) == imbalanced
+    assert (lean.scatter is None) == imbalanced
+    assert_close(lean.sigma_w("balanced").numpy(), ref.within_class_covariance(x, y), rtol=1e-10)
+    assert_close(lean.sigma_w("balanced").numpy(), full.sigma_w("balanced").numpy(), rtol=1e-12)
+    if imbalanced:
+        with pytest.raises(ValueError, match="weighting"):
+            lean.sigma_w("sample")
+    got, want = ncfast.metrics_from_moments(lean), ncfast.metrics_from_moments(full)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-10, abs=1e-14), k
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_shards_merged_in_any_order_equal_one_shot(seed):
     x, y, c = make_data(n=700, d=9, c=6, imbalanced=True, spread=1e-3, shift=50.0, seed=seed)

@@ -226,7 +226,7 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
 
     s_b, v_b = _between_eig(a, rtol)
     ranks["sigma_b"] = int(s_b.numel())
-    if moments.scatter is not None:
+    if moments.has_scatter:
         sigma_w = moments.sigma_w(weighting)
         fuzz = float((((sigma_w @ v_b) * v_b).sum(0) / s_b).sum())
         out["nc1"] = fuzz / c
@@ -294,11 +294,11 @@ def _prepare(features, labels, num_classes, nan_policy, *, kernel_checks_labels:
     return x, y, num_classes, omitted, keep
 
 
-def _moments(x, y, num_classes, weighting, scatter, unit_sums=True) -> ClassMoments:
+def _moments(x, y, num_classes, weighting, scatter, unit_sums=True, pooled=True) -> ClassMoments:
     """The one-shot ClassMoments of checked (x, y); under balanced weighting on imbalanced labels it
-    keeps the exact balanced Sigma_W too."""
+    keeps the exact balanced Sigma_W too (and, with ``pooled=False``, only that one)."""
     return ClassMoments._of_batch(x, y, num_classes, scatter=scatter, unit_sums=unit_sums,
-                                  balanced=weighting == "balanced")
+                                  balanced=weighting == "balanced", pooled=pooled)
 
 
 def class_moments(features, labels, *, num_classes=None, weighting: str = "balanced", scatter: bool = True,
@@ -373,7 +373,8 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     if present < 2:
         raise ValueError(f"labels: nc_metrics needs at least 2 present classes, got {present}")
 
-    m = _moments(x, y, num_classes, weighting, scatter=True)
+    # Only `weighting`'s Sigma_W is read here, so imbalanced labels under "balanced" cost one scatter.
+    m = _moments(x, y, num_classes, weighting, scatter=True, pooled=False)
     m.omitted_rows = omitted
     out = metrics_from_moments(m, weight=w, superclass=superclass, weighting=weighting, rtol=rtol)
     decisions = None

@@ -180,13 +180,18 @@ class ClassMoments:
 
     @classmethod
     def _of_batch(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, scatter: bool, unit_sums: bool,
-                  balanced: bool) -> "ClassMoments":
+                  balanced: bool, pooled: bool = True) -> "ClassMoments":
         """The one-shot ClassMoments of checked (x, y) (labels may be left to the C++ kernel's check).
 
         The batch's statistics become the state itself: no empty state is made and merged into
         (with cold caches those torch calls were 0.25 ms of a 5 ms call). With a scatter and
         ``balanced``, imbalanced counts, known once the moments are taken, become ``class_counts``
         so that the balanced Sigma_W is exact.
+
+        ``pooled=False`` (for callers that read only the balanced Sigma_W, like nc_metrics): when
+        the balanced scatter is kept, the pooled one is not computed (it was half of nc_metrics'
+        time on the CPU on imbalanced labels). The state then has ``scatter`` None and
+        ``wscatter`` set; sigma_w("sample") refuses it, and it is not meant to be merged.
         """
         m = cls.__new__(cls)
         m._configure(num_classes, x.shape[1], scatter, unit_sums, None, x.device)
@@ -195,7 +200,7 @@ class ClassMoments:
             present = part.count[part.count > 0]
             if bool((present != present[0]).any()):
                 m.class_counts = part.count.clone()
-        m._add_scatter(part, x, y)
+        m._add_scatter(part, x, y, pooled=pooled)
         for k in _STATE_KEYS:
             setattr(m, k, getattr(part, k))
         return m
@@ -259,11 +264,13 @@ class ClassMoments:
             acc = part if acc is None else self._combine(acc, part)
         return self._empty_part() if acc is None else acc
 
-    def _add_scatter(self, acc: _Part, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _add_scatter(self, acc: _Part, x: torch.Tensor, y: torch.Tensor, pooled: bool = True) -> None:
         """acc.scatter (and acc.wscatter) of (x, y), if kept: a second pass centred on acc's final class
-        means (the exact two-pass form), so blocks need no C x D x D merge correction among themselves."""
+        means (the exact two-pass form), so blocks need no C x D x D merge correction among themselves.
+        ``pooled=False`` skips acc.scatter when acc.wscatter is kept (see _of_batch)."""
         if not self._keeps_scatter:
             return
+        pooled = pooled or not self._keeps_wscatter
         backend = _dispatch.backend_for(x)
         rows = self._rows_per_block()
         if backend == "cpp" and _C.gram_available():
@@ -271,15 +278,17 @@ class ClassMoments:
             buf, dtype_name = _dispatch._buffer(x)
             labels = y.contiguous().numpy()
             means = acc.mean.contiguous().numpy()
-            acc.scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-            _C.centred_scatter(buf, dtype_name, labels, means, None, acc.scatter.numpy(), torch.get_num_threads())
+            if pooled:
+                acc.scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+                _C.centred_scatter(buf, dtype_name, labels, means, None, acc.scatter.numpy(),
+                                   torch.get_num_threads())
             if self._keeps_wscatter:
                 root_w = (1.0 / self.class_counts.clamp_min(1).to(torch.float64)).sqrt()
                 acc.wscatter = torch.zeros(self.dim, self.dim, dtype=torch.float64)
                 _C.centred_scatter(buf, dtype_name, labels, means, root_w.numpy(), acc.wscatter.numpy(),
                                    torch.get_num_threads())
         else:
-            scatter = _Gram(self.dim, self.device)
+            scatter = _Gram(self.dim, self.device) if pooled else None
             wscatter = _Gram(self.dim, self.device) if self._keeps_wscatter else None
             if wscatter is not None:
                 root_w = (1.0 / self.class_counts.clamp_min(1).to(torch.float64)).sqrt()
@@ -288,10 +297,11 @@ class ClassMoments:
             with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
                 for xb, yb in self._blocks(x, y):
                     centred = _dispatch.centred_rows(xb, yb, acc.mean, out=buf[: xb.shape[0]])
-                    scatter.add(centred)
+                    if scatter is not None:
+                        scatter.add(centred)
                     if wscatter is not None:
                         wscatter.add(centred.mul_(root_w[yb].unsqueeze(1)))
-            acc.scatter = scatter.total()
+            acc.scatter = None if scatter is None else scatter.total()
             acc.wscatter = None if wscatter is None else wscatter.total()
 
     def _empty_part(self) -> _Part:
@@ -513,13 +523,20 @@ class ClassMoments:
         check_choice(weighting, WEIGHTINGS, "weighting")
         return float(self.m2[p].sum() / self.num_samples)
 
+    @property
+    def has_scatter(self) -> bool:
+        """Whether a D x D Sigma_W is kept (pooled, balanced or both)."""
+        return self.scatter is not None or self.wscatter is not None
+
     def sigma_w(self, weighting: str = "balanced") -> torch.Tensor:
         """Sigma_W (D x D): (1/C) sum_c Cov_c (balanced) or (1/N) sum_i (h_i-mu_yi)(h_i-mu_yi)^T (sample)."""
         check_choice(weighting, WEIGHTINGS, "weighting")
         self._require_samples()
-        if self.scatter is None:
+        if not self.has_scatter:
             raise ValueError("ClassMoments was built with scatter=False: Sigma_W is not kept")
         if weighting == "sample":
+            if self.scatter is None:
+                raise ValueError("weighting: this ClassMoments keeps only the balanced Sigma_W (pooled=False)")
             return self.scatter / self.num_samples
         present_counts = self.count[self.present]
         if self.wscatter is not None:
