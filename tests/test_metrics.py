@@ -233,6 +233,45 @@ def test_vci_with_singular_within_class_scatter():
     assert got["vci"] == pytest.approx(ref.vci_literal(x, y), rel=1e-7, abs=1e-12)
 
 
+def _whitening_calls(monkeypatch):
+    """Records whether metrics._whitened_between certified Sigma_W (True) or declined (False)."""
+    from ncfast import metrics as metrics_mod
+
+    seen = []
+    inner = metrics_mod._whitened_between
+    monkeypatch.setattr(metrics_mod, "_whitened_between",
+                        lambda *a: (lambda f: seen.append(f is not None) or f)(inner(*a)))
+    return seen
+
+
+@pytest.mark.parametrize("case", ["collapse", "ill_conditioned", "singular"])
+def test_vci_cholesky_certificate_and_eigh_fallback_agree(case, monkeypatch):
+    """VCI by the Cholesky factor (Sigma_W certified full rank) equals VCI by the eigendecomposition
+    and the reference; the certificate declines Sigma_W that the rtol rule cuts, or nearly cuts."""
+    from ncfast import metrics as metrics_mod
+
+    x, y, c = make_data(n=1500, d=12, c=7, spread=1e-4 if case == "collapse" else 1.0,
+                        shift=1e3 if case == "collapse" else 0.0, dtype=torch.float64, seed=21)
+    if case != "collapse":
+        # Sigma_W's spread along the first axis scaled by 2e-5 (eigenvalue ratio 3.2e-10: the rule
+        # keeps it, but the certificate's bound, 8.9e9, exceeds 1 / (2 rtol)) or by 0
+        means = torch.from_numpy(ref.class_means(x, y))
+        x[:, 0] = means[y, 0] + (x[:, 0] - means[y, 0]) * (2e-5 if case == "ill_conditioned" else 0.0)
+    seen = _whitening_calls(monkeypatch)
+    got = ncfast.nc_metrics(x, y)
+    assert seen == [case == "collapse"]
+    if case != "singular":
+        assert got["vci"] == pytest.approx(ref.vci(x, y), rel=1e-7, abs=1e-13)
+        assert got.ranks["sigma_w"] == 12
+    else:
+        assert got.ranks["sigma_w"] == 11
+        assert got["vci"] == pytest.approx(ref.vci_literal(x, y), rel=1e-7, abs=1e-12)
+    monkeypatch.setattr(metrics_mod, "_whitened_between", lambda *a: None)
+    by_eigh = ncfast.nc_metrics(x, y)
+    assert got["vci"] == pytest.approx(by_eigh["vci"], rel=1e-9, abs=1e-15)
+    assert got.ranks == by_eigh.ranks
+
+
 def test_scatter_free_moments_leave_dxd_metrics_nan():
     x, y, c = make_data()
     m = ncfast.class_moments(x, y, scatter=False)

@@ -80,6 +80,31 @@ def _between_eig(a: torch.Tensor, rtol: float):
     return _eigh_kept(a.T @ a, rtol)
 
 
+def _whitened_between(sigma_w: torch.Tensor, a: torch.Tensor, rtol: float):
+    """A L^{-T} with Sigma_W = L L^T, when a Cholesky factor certifies that the rtol rule keeps every
+    eigenvalue of Sigma_W; None otherwise (the caller then decomposes Sigma_W).
+
+    The certificate is lambda_max * (1 / lambda_min) <= ||Sigma_W||_F * Tr(Sigma_W^{-1})
+    = ||Sigma_W||_F * ||L^{-1}||_F^2 < 1 / (2 rtol): both factors are upper bounds, so the
+    condition number is below 1 / (2 rtol) and no eigenvalue is at or below rtol * lambda_max,
+    with a factor 2 to spare for the rounding of L (relative D u cond(Sigma_W) <= 6e-4 there
+    at D = 1,024 and the default rtol). The bound is loose by at most D^1.5, so it certifies
+    every Sigma_W of condition number below 1 / (2 rtol D^1.5) and, in practice, most of those
+    the rank rule keeps whole. A Cholesky factor and one triangular inverse cost about a sixth
+    of the symmetric eigendecomposition it replaces (CPU, D = 512: 2 + 2 ms against 19 ms).
+    """
+    d = sigma_w.shape[0]
+    l, info = torch.linalg.cholesky_ex(sigma_w)
+    if int(info) != 0:
+        return None
+    eye = torch.eye(d, dtype=l.dtype, device=l.device)
+    l_inv = torch.linalg.solve_triangular(l, eye, upper=False)
+    bound = torch.linalg.matrix_norm(sigma_w) * l_inv.square().sum()
+    if not float(bound) * rtol < 0.5:  # also rejects NaN and Inf
+        return None
+    return a @ l_inv.T
+
+
 def _vci(sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float, rtol: float):
     """VCI = ((r - rB) + sum_{k<=rB} mu_k) / r without cancellation (paper 004, SPEC.md).
 
@@ -89,10 +114,17 @@ def _vci(sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float, rto
     have Sigma_W = 0 and so mu = 0; the rest are kappa = sigma^2 of
     F = (I - Pi_{A P0}) A P1 diag(omega1)^{-1/2} (the Schur complement of the pencil), a C x d1
     matrix. Sigma_T = Sigma_W + Sigma_B is never formed, so Sigma_B's rounding noise is never
-    divided by a tiny Sigma_W. Returns (vci, rank of Sigma_W).
+    divided by a tiny Sigma_W. When a Cholesky factor certifies Sigma_W full rank by the rtol
+    rule (the usual case), F = A L^{-T} with Sigma_W = L L^T gives the same kappa without the
+    eigendecomposition (_whitened_between). Returns (vci, rank of Sigma_W).
     """
     c, d = a.shape
     r = min(d, c - 1)
+    f = _whitened_between(sigma_w, a, rtol)
+    if f is not None:  # Sigma_W certified full rank: P0 is empty and F = A L^{-T}
+        kappa = torch.linalg.svdvals(f).square()
+        mu = 1.0 / (1.0 + kappa)
+        return ((r - r_b) + float(mu[:r_b].sum())) / r, d
     omega, p = torch.linalg.eigh(sigma_w)
     wmax = float(omega.max())
     keep = omega > rtol * wmax if wmax > 0 else torch.zeros_like(omega, dtype=torch.bool)
