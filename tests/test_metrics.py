@@ -230,7 +230,95 @@ def test_vci_with_singular_within_class_scatter():
     x[:, 6:] = (means[y, :2] * 5.0)
     got = ncfast.nc_metrics(x, y)
     assert got.ranks["sigma_w"] == 6
-    assert got["vci"] == pytest.approx(ref.vci_literal(x, y), rel=1e-7, abs=1e-12)
+    assert got["vci"] == pytest.approx(ref.vci(x, y), rel=1e-9, abs=1e-15)
+    assert got["vci"] == pytest.approx(ref.vci_literal(x, y), rel=1e-7, abs=1e-12)  # no tiny spread here
+
+
+@pytest.mark.parametrize("weighting", ["balanced", "sample"])
+@pytest.mark.parametrize("n", [9, 14])
+def test_vci_fewer_samples_than_dimensions_in_the_collapse_regime(n, weighting):
+    """N - C < D: Sigma_W is singular and tiny (spread 1e-4, shift 1e3). Where the class means
+    differ along directions with no within-class spread, mu = 0 there: VCI = 0 at N = 9 (7 such
+    directions for rB = 3), 2.5e-11 and 4.6e-11 at N = 14 (2 of them). The float64 literal formula loses every digit here; the reference
+    evaluates it at 50 digits on the ranges (reference._vci_on_ranges)."""
+    c, g = 4, torch.Generator().manual_seed(n)
+    y = torch.arange(n) % c if weighting == "balanced" else torch.cat([torch.arange(c), torch.zeros(n - c, dtype=torch.int64)])
+    means = 3.0 * torch.randn(c, 12, generator=g, dtype=torch.float64)
+    x = means[y] + 1e-4 * torch.randn(n, 12, generator=g, dtype=torch.float64) + 1e3
+    got = ncfast.nc_metrics(x, y, num_classes=c, weighting=weighting)
+    want = ref.vci(x, y, c, weighting)
+    assert got.ranks["sigma_w"] == n - c
+    assert got["vci"] == pytest.approx(want, rel=1e-8, abs=1e-20)
+    literal = ref.vci_literal(x, y, c, weighting)
+    assert abs(literal - want) > 1e-3 * abs(want) + 1e-12  # what the float64 literal form gets
+
+
+@pytest.mark.parametrize("case", ["all_equal", "equal_means", "one_signed_axis"])
+def test_degenerate_features_give_the_references_values_not_an_error(case):
+    """Valid inputs whose metrics are 0 / 0 or x / 0: every feature equal (a network whose units
+    are all dead), classes with the same mean, D = 1 with features of one sign (every unit vector
+    equal). nc_metrics had raised ZeroDivisionError on each; now NaN and inf as in float64."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(40) % 2
+    if case == "all_equal":
+        x = torch.ones(40, 5, dtype=torch.float64)
+    elif case == "equal_means":
+        base = torch.randn(20, 5, generator=g, dtype=torch.float64)
+        x, y = torch.cat([base, base]), torch.cat([torch.zeros(20), torch.ones(20)]).long()
+    else:
+        x = torch.rand(40, 1, generator=g, dtype=torch.float64) + 1.0
+    w = torch.randn(2, x.shape[1], generator=g)
+    got = ncfast.nc_metrics(x, y, weight=w)
+    with np.errstate(all="ignore"):
+        want = ref.nc_metrics(x, y, weight=w)
+    for k in want:
+        if math.isnan(want[k]) or math.isinf(want[k]):
+            assert got[k] == want[k] or (math.isnan(got[k]) and math.isnan(want[k])), k
+        else:
+            assert_close(got[k], want[k], rtol=1e-9, atol=1e-12, what=k)
+    if case == "all_equal":
+        assert got["rank"] == 0 and got["effective_rank"] == 0 and got["vci"] == 1.0
+        assert math.isnan(got["squared_distance"])  # cosine_separation: 0 / (rounding of 1 - ||m||^2)
+    if case == "equal_means":
+        assert got["squared_distance"] == math.inf and got.ranks["sigma_b"] == 0 and got["vci"] == 1.0
+    if case == "one_signed_axis":
+        assert math.isnan(got["cosine_separation"])
+
+
+def test_effective_rank_unchanged_by_an_isometric_embedding():
+    """As in test_reference: 294 exact zeros added to Sigma_T's spectrum leave the effective rank."""
+    g = torch.Generator().manual_seed(12)
+    y = torch.arange(95) % 3
+    h = torch.randn(95, 6, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.2, 0.1],
+                                                                           dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(300, 6, generator=g, dtype=torch.float64))
+    small, big = ncfast.nc_metrics(h, y), ncfast.nc_metrics(h @ q.T, y)
+    assert big["effective_rank"] == pytest.approx(small["effective_rank"], rel=1e-12)
+    assert big["effective_rank"] == pytest.approx(ref.effective_rank(h @ q.T, y), rel=1e-12)
+    assert big["rank"] == 6
+
+
+def test_cosine_separation_when_every_feature_points_the_same_way():
+    """A common shift of 1e3 over a spread of 1 and barely separated classes: both dbar are 1e-6
+    and agree to 1e-6 of that. Against the value at 50 digits (mpmath), from its definition."""
+    import mpmath
+
+    g = torch.Generator().manual_seed(116)
+    y = torch.randint(0, 2, (50,), generator=g)
+    x = 3 * torch.randn(2, 2, generator=g, dtype=torch.float64)[y] + torch.randn(50, 2, generator=g,
+                                                                                 dtype=torch.float64) + 1e3
+    with mpmath.workdps(50):
+        rows = [[mpmath.mpf(v) for v in r] for r in x.tolist()]
+        units = [[v / mpmath.sqrt(mpmath.fsum(w * w for w in r)) for v in r] for r in rows]
+        m = [[mpmath.fsum(u[j] for u, c in zip(units, y.tolist()) if c == k) / int((y == k).sum()) for j in range(2)]
+             for k in range(2)]
+        within = mpmath.fsum(1 - mpmath.fsum(v * v for v in mc) for mc in m) / 2
+        centre = [mpmath.fsum(mc[j] for mc in m) / 2 for j in range(2)]
+        total = 1 - mpmath.fsum(v * v for v in centre)
+        want = float(1 - within / total)
+    assert 1e-7 < want < 1e-5  # 1.747e-6: 1 - within / total taken directly kept 5 digits (2.6e-5, 3.4e-5)
+    assert ncfast.nc_metrics(x, y)["cosine_separation"] == pytest.approx(want, rel=1e-8)
+    assert ref.cosine_separation(x, y) == pytest.approx(want, rel=1e-8)
 
 
 def _whitening_calls(monkeypatch):
@@ -265,7 +353,7 @@ def test_vci_cholesky_certificate_and_eigh_fallback_agree(case, monkeypatch):
         assert got.ranks["sigma_w"] == 12
     else:
         assert got.ranks["sigma_w"] == 11
-        assert got["vci"] == pytest.approx(ref.vci_literal(x, y), rel=1e-7, abs=1e-12)
+        assert got["vci"] == pytest.approx(ref.vci(x, y), rel=1e-9, abs=1e-15)
     monkeypatch.setattr(metrics_mod, "_whitened_between", lambda *a: None)
     by_eigh = ncfast.nc_metrics(x, y)
     assert got["vci"] == pytest.approx(by_eigh["vci"], rel=1e-9, abs=1e-15)

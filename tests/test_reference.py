@@ -292,6 +292,20 @@ def test_rank_of_low_dimensional_features(weighting):
     assert ref.effective_rank(h, y, weighting=weighting) < 3
 
 
+@pytest.mark.parametrize("weighting", ["balanced", "sample"])
+def test_effective_rank_unchanged_by_an_isometric_embedding(weighting):
+    """Features of 6 dimensions embedded isometrically in 300: Sigma_T's spectrum gains 294 zeros,
+    which eigvalsh returns as rounding noise (1e-16 lambda_max). Counted as zeros by the rank
+    rule they leave the effective rank as it was; their square roots had moved it by 1e-6."""
+    rng = np.random.default_rng(12)
+    y = np.repeat(np.arange(3), [30, 25, 40])
+    h = rng.normal(size=(len(y), 6)) * np.array([3.0, 2.0, 1.0, 0.5, 0.2, 0.1]) + rng.normal(size=6)
+    q, _ = np.linalg.qr(rng.normal(size=(300, 6)))
+    small = ref.effective_rank(h, y, weighting=weighting)
+    assert ref.effective_rank(h @ q.T, y, weighting=weighting) == pytest.approx(small, rel=1e-12)
+    assert ref.rank(h @ q.T, y, weighting=weighting) == 6
+
+
 def test_effective_rank_of_isotropic_data():
     rng = np.random.default_rng(10)
     y = np.repeat(np.arange(2), 2000)

@@ -60,6 +60,18 @@ class NCMetrics(dict):
         return f"NCMetrics({body}; ranks={self.ranks}, absent_classes={self.absent_classes})"
 
 
+def _ratio(num: float, den: float) -> float:
+    """num / den with IEEE semantics where Python raises: x / 0 is +-inf, 0 / 0 is NaN.
+
+    Degenerate but valid inputs reach these divisions (features that are all equal, as from a
+    network whose units are all dead; classes with the same mean; D = 1 with features of one
+    sign): the metric is then undefined or infinite, like the reference's float64 value, and
+    nc_metrics must not raise inside a training loop."""
+    if den == 0.0:
+        return math.nan if num == 0.0 or math.isnan(num) else math.copysign(math.inf, num) * math.copysign(1.0, den)
+    return num / den
+
+
 def _eigh_kept(sym: torch.Tensor, rtol: float):
     """Eigenpairs of a symmetric PSD matrix with eigenvalue > rtol * lambda_max."""
     lam, vec = torch.linalg.eigh(sym)
@@ -234,7 +246,9 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         nc3 = || W/||W||_F - Mt/||Mt||_F ||_F
         vci = 1 - Tr(Sigma_T^+ Sigma_B) / min(D, C-1)   (stable form, see _vci)
         cosine_separation = 1 - dbar_within / dbar_total   (Kornblith et al. 2021)
+            = (1/C) sum_c ||m_c - mean m||^2 / (1 - ||mean m||^2), m_c = S_c / n_c
         rank, effective_rank: numerical rank and exp(entropy) of sqrt-eigenvalues of Sigma_T
+            (over the eigenvalues above rtol * lambda_max; 0 when Sigma_T = 0)
         msdr = mean_{i!=j, s(i)=s(j)} D_ij / mean_i D_ii
     """
     check_choice(weighting, WEIGHTINGS, "weighting")
@@ -254,7 +268,7 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
     a = moments.between_factor(weighting)
 
     tr_w = moments.within_trace(weighting)
-    out["squared_distance"] = tr_w / float(a.square().sum())
+    out["squared_distance"] = _ratio(tr_w, float(a.square().sum()))
 
     s_b, v_b = _between_eig(a, rtol)
     ranks["sigma_b"] = int(s_b.numel())
@@ -263,14 +277,20 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         fuzz = float((((sigma_w @ v_b) * v_b).sum(0) / s_b).sum())
         out["nc1"] = fuzz / c
         out["fuzziness"] = fuzz
-        out["vci"], ranks["sigma_w"] = _vci(sigma_w, a, ranks["sigma_b"], float(s_b.max()), rtol)
+        lam_b_max = float(s_b.max()) if s_b.numel() else 0.0  # Sigma_B = 0: equal class means
+        out["vci"], ranks["sigma_w"] = _vci(sigma_w, a, ranks["sigma_b"], lam_b_max, rtol)
         lam_t = torch.linalg.eigvalsh(sigma_w + a.T @ a)
-        ranks["sigma_t"] = int((lam_t > rtol * lam_t.max()).sum()) if float(lam_t.max()) > 0 else 0
+        top_t = float(lam_t.max())
+        kept_t = lam_t[lam_t > rtol * top_t] if top_t > 0 else lam_t[:0]
+        ranks["sigma_t"] = int(kept_t.numel())
         out["rank"] = float(ranks["sigma_t"])
-        sv = lam_t.clamp_min(0.0).sqrt()
-        prob = sv / sv.sum()
-        prob = prob[prob > 0]
-        out["effective_rank"] = math.exp(float(-(prob * prob.log()).sum()))
+        # over the kept eigenvalues only: the rank rule's zeros are exact zeros, not the rounding
+        # noise whose square roots moved the value by 1e-6 (reference.effective_rank)
+        if kept_t.numel():
+            prob = kept_t.sqrt() / kept_t.sqrt().sum()
+            out["effective_rank"] = math.exp(float(-(prob * prob.log()).sum()))
+        else:  # Sigma_T = 0: every feature equal
+            out["effective_rank"] = 0.0
     else:
         for k in SCATTER_METRICS:
             out[k] = float("nan")
@@ -291,10 +311,16 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         out["msdr"] = pairs.msdr
 
     if moments.unit_sum is not None:  # kept unless the ClassMoments was built with unit_sums=False
+        # 1 - dbar_within / dbar_total as (dbar_total - dbar_within) / dbar_total, the numerator
+        # being the spread of the class-mean unit vectors m_c = S_c / n_c about their mean:
+        # (1/C) sum_c ||m_c - m||^2, no difference of two dbar (which agree to 1e-6 when every
+        # feature points nearly the same way, leaving 5 digits). total = 0 (every unit vector
+        # equal) is 0 / 0.
         unit = moments.unit_sum[p] / moments.count[p].unsqueeze(1)
-        within = float((1.0 - unit.square().sum(1)).mean())
-        total = 1.0 - float(unit.mean(0).square().sum())
-        out["cosine_separation"] = 1.0 - within / total
+        centre = unit.mean(0)
+        total = 1.0 - float(centre.square().sum())
+        between = float((unit - centre).square().sum(1).mean())
+        out["cosine_separation"] = between / total if total != 0.0 else math.nan
         out["feature_norm"] = float(moments.norm_sum.sum()) / moments.num_samples
 
     return NCMetrics(out, ranks=ranks, absent_classes=moments.absent_classes, omitted_rows=moments.omitted_rows,
