@@ -108,6 +108,20 @@ inline double sum_sq_dev(const double* x, int64_t n, double m) {
 #endif
 }
 
+// Chan's combination for the CDNV ratios, which are +inf where two classes share a mean: the mean
+// of a set holding inf is inf (its delta, inf - inf, would have made it NaN), its M2 NaN.
+inline void chan_merge_ratio(int64_t& n, double& mean, double& m2, int64_t nb, double mean_b, double m2_b) {
+  if (nb == 0) return;
+  if (n == 0 || (std::isfinite(mean) && std::isfinite(mean_b))) {
+    chan_merge(n, &mean, m2, nb, &mean_b, m2_b, 1);
+    return;
+  }
+  const double nn = static_cast<double>(n + nb);
+  mean = mean * (static_cast<double>(n) / nn) + mean_b * (static_cast<double>(nb) / nn);
+  m2 = std::numeric_limits<double>::quiet_NaN();
+  n += nb;
+}
+
 // (value, index) replaces (best, best_idx) if smaller, or equal with a lower index: the nearest
 // class is the lowest index among equal distances whatever order the candidates arrive in.
 inline bool lex_less(double v, int64_t idx, double best, int64_t best_idx) {
@@ -225,7 +239,7 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
       if (cnt > 0) {
         const double rmean = rsum / static_cast<double>(cnt);
         const double rm2 = sum_sq_dev(rr + j0, cnt, rmean);
-        chan_merge(s.cdnv_n, &s.cdnv_mean, s.cdnv_m2, cnt, &rmean, rm2, 1);
+        chan_merge_ratio(s.cdnv_n, s.cdnv_mean, s.cdnv_m2, cnt, rmean, rm2);
       }
       if (gi >= col0 && gi < col0 + t.t2) {  // G_ii, the diagonal of G, enters nc2 once
         const double r = grow[gi - col0] * inv_g - t.etf_diag;
@@ -252,7 +266,7 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
     out.dist += s.dist;
     out.msdr_sum += s.msdr_sum;
     out.msdr_n += s.msdr_n;
-    chan_merge(out.cdnv_n, &out.cdnv_mean, out.cdnv_m2, s.cdnv_n, &s.cdnv_mean, s.cdnv_m2, 1);
+    chan_merge_ratio(out.cdnv_n, out.cdnv_mean, out.cdnv_m2, s.cdnv_n, s.cdnv_mean, s.cdnv_m2);
   }
   // Column minima, after the rows' own updates: best_c may be best_r (a tile on the diagonal).
   for (int tid = 0; tid < threads; ++tid) {

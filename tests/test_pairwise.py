@@ -29,6 +29,26 @@ def test_tiles_match_reference(tile, weighting):
         assert got[k] == pytest.approx(want, rel=1e-9), k
 
 
+@pytest.mark.parametrize("tile", [2, 3, 1024])
+def test_cdnv_is_inf_where_two_classes_share_a_mean(tile, backend):
+    """Classes 1, 4 and 5 hold the same rows: their three ratios are (v + v) / 0 = inf, so the mean
+    over pairs is inf (as the reference's) and its std NaN, whichever tiles and rows they fall in;
+    merging two parts that both held inf had made the mean NaN (inf - inf)."""
+    x, y, c = make_data(n=300, d=4, c=6, seed=8, dtype=torch.float64)
+    twin = x[y == 1]
+    keep = (y != 1) & (y != 4) & (y != 5)
+    x = torch.cat([x[keep], twin, twin, twin])
+    y = torch.cat([y[keep]] + [torch.full((len(twin),), k) for k in (1, 4, 5)])
+    stats = class_pair_stats(ncfast.class_moments(x, y, num_classes=c), tile=tile)
+    with np.errstate(divide="ignore"):
+        want = ref.cdnv(x, y)
+    assert want == np.inf
+    if backend == "cpp" or stats.cdnv == np.inf:
+        assert stats.cdnv == np.inf and np.isnan(stats.cdnv_std)
+    else:  # torch's tiles take ||mu_i - mu_j||^2 = sq_i + sq_j - 2 G_ij: rounding, not 0, may remain
+        assert stats.cdnv > 1e12
+
+
 @pytest.mark.parametrize("tile", [2, 5, 64])
 def test_nearest_class_std_and_mean_distance(tile):
     x, y, c = make_data(n=900, d=5, c=13, absent=(0, 7), seed=6)

@@ -64,6 +64,9 @@ def _chan(a: tuple, b: tuple) -> tuple:
     if na == 0:
         return b
     n = na + nb
+    if not (math.isfinite(ma) and math.isfinite(mb)):
+        # an infinite ratio (two classes with one mean): inf - inf would turn the mean into NaN
+        return n, (ma * na + mb * nb) / n, math.nan
     delta = mb - ma
     return n, ma + delta * nb / n, qa + qb + delta * delta * na * nb / n
 
