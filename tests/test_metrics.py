@@ -143,6 +143,57 @@ def test_ncc_assign_near_ties_and_shift():
     assert torch.equal(got, torch.from_numpy(ref.ncc_assign(rows, means)))
 
 
+def _exact_argmin(rows, approx, score):
+    """argmin over classes of score(row, c), a Fraction, lowest index on ties; only the classes
+    whose float64 score ``approx`` (N, K) is within 1e-9 of the row's best can win."""
+    out = []
+    for i, r in enumerate(rows.tolist()):
+        cands = (approx[i] <= approx[i].min() + 1e-9).nonzero().squeeze(1).tolist()
+        out.append(min(cands, key=lambda c: (score(r, c), c)))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_float64_midpoints_are_settled_exactly(mode):
+    """float64 rows at midpoints between class means (D = 64, C = 200, one duplicated mean): exact
+    gaps of 1e-22, below any float64 evaluation's rounding, where the summation order had decided.
+    ncc_assign, classifier_decisions and the reference all give the exact rational argmin."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(276)
+    means = torch.randn(200, 64, generator=g, dtype=torch.float64)
+    means[1] = means[0]
+    i = torch.randint(0, 200, (40,), generator=g)
+    x = torch.cat([(means[i] + means[(i + 1) % 200]) / 2, means[:2]])
+
+    def dist(r, c):
+        return sum((Fraction(a) - Fraction(b)) ** 2 for a, b in zip(r, means[c].tolist()))
+
+    want = _exact_argmin(x, torch.cdist(x, means).square(), dist)
+    assert torch.equal(ncfast.ncc_assign(x, means, mode=mode), want)
+    assert torch.equal(torch.from_numpy(ref.ncc_assign(x, means)), want)
+    # the classifier: logits b_c + h . w_c with w = means, b_c = -||mu_c||^2 / 2 rounded, so the
+    # midpoint rows tie up to that rounding
+    b = -(means.square().sum(1) / 2)
+
+    def neg_logit(r, c):
+        return -(sum(Fraction(a) * Fraction(v) for a, v in zip(r, means[c].tolist())) + Fraction(float(b[c])))
+
+    want = _exact_argmin(x, -(x @ means.T + b), neg_logit)
+    assert torch.equal(ncfast.classifier_decisions(x, means, b, mode=mode), want)
+    assert torch.equal(torch.from_numpy(ref.decisions(x, means, b)), want)
+
+
+def test_ncc_assign_when_every_mean_is_equal():
+    """A network whose features are all equal has equal class means: every row ties every class,
+    and gets the lowest one without an exact comparison per class."""
+    x = torch.ones(20000, 64)
+    means = torch.ones(10, 64, dtype=torch.float64)
+    assert torch.equal(ncfast.ncc_assign(x, means), torch.zeros(20000, dtype=torch.int64))
+    out = ncfast.nc_metrics(x, torch.arange(20000) % 10)
+    assert out["ncc_accuracy"] == pytest.approx(0.1)
+
+
 def test_ncc_assign_skips_nan_rows_and_ties_go_low():
     means = torch.tensor([[float("nan"), 0.0], [1.0, 0.0], [-1.0, 0.0]])
     x = torch.tensor([[0.0, 0.0], [0.9, 0.0], [-3.0, 1.0]])

@@ -9,21 +9,24 @@ for any shift t. A block of rows at a time (no N x C matrix is ever held whole; 
 C++ sweep of csrc/ncc.cpp, in an AVX-512 build for any number of classes, else for few) is scored
 in float32, then certified in tiers: rows whose two best float32 scores are closer than twice the
 float32 error bound are rescored with a float64 product, and the rare rows whose float64 gap is
-still inside the float64 bound are recomputed literally (||h - mu_c||^2 summed in float64).
+still inside the float64 bound are settled in exact integer arithmetic among their candidates.
 ``mode="fast"`` scores first with bfloat16 products (VDPBF16PS, AVX512-BF16 builds) or, on CUDA,
 TF32 or bfloat16 tensor cores (Triton; a probe of the first rows picks) under that format's
 bound, sends its unsure rows through the float32 sweep, then on as above. On CUDA the float32
 sweep itself runs on tensor cores as tf32x3 (three TF32 products, float32-like accuracy, its own
 bound; ``ncfast.triton.ncc``).
-The answer is the float64 argmin of the definition on every row, in either mode. Shifting by the mean of the
+The answer is the argmin of the definition on every row, exact for the given values (so equal to a
+float64 evaluation wherever its rounding can tell the two best classes apart), in either mode. Shifting by the mean of the
 class means (rounded to float32, so the shift is exact in both precisions) keeps the bound small
 when all features share a large offset. Ties go to the lowest index.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 import torch
@@ -89,13 +92,47 @@ def _top2(scores: torch.Tensor):
     return top.indices[:, 0], top.values[:, 1] - top.values[:, 0]
 
 
+def _int_exponent(values: list[float]) -> int:
+    """The e of _exact_ints(values): values[i] == ints[i] * 2**e."""
+    exps = [math.frexp(v)[1] for v in values if v != 0.0]
+    return (min(exps) if exps else 0) - 53
+
+
+def _exact_ints(values: list[float]) -> list[int]:
+    """Integers I with values[i] == I[i] * 2**e for one common e: every float64 is a 53-bit
+    integer times a power of two, so sums and products of these are exact."""
+    parts = [math.frexp(v) for v in values]
+    exps = [e for m, e in parts if m != 0.0]
+    low = min(exps) if exps else 0
+    return [int(m * 9007199254740992.0) << (e - low) if m != 0.0 else 0 for m, e in parts]
+
+
 @dataclass
 class _Problem:
-    """argmin_c offsets_c + (x - shift) . centres_c (scales folded into the centres, exactly)."""
+    """argmin_c offsets_c + (x - shift) . centres_c (scales folded into the centres, exactly).
+
+    ``keys`` (K, k) holds what defines class c's score (its mean, or its weight row and bias):
+    classes with equal keys tie on every row. ``exact(row, classes)`` is the argmin among
+    ``classes`` of the definition's score of the float64 ``row`` in exact integer arithmetic,
+    ties to the lowest index.
+    """
 
     centres: torch.Tensor  # (K, D) float64
     offsets: torch.Tensor  # (K,) float64
-    literal: Callable[[torch.Tensor], torch.Tensor]  # original rows in float64 -> (r, K) scores
+    keys: torch.Tensor  # (K, k) float64
+    exact: Callable[[list[float], list[int]], int]
+    _first_equal: torch.Tensor | None = None
+
+    def first_equal(self) -> torch.Tensor:
+        """(K,) the lowest index whose keys equal class c's (c itself if none lower)."""
+        if self._first_equal is None:
+            _, inverse = torch.unique(self.keys, dim=0, return_inverse=True)
+            k = self.keys.shape[0]
+            idx = torch.arange(k, device=self.keys.device)
+            lowest = torch.full((k,), k, dtype=torch.int64, device=self.keys.device).scatter_reduce_(
+                0, inverse, idx, reduce="amin")
+            self._first_equal = lowest[inverse]
+        return self._first_equal
 
     @property
     def cmax(self) -> float:
@@ -107,14 +144,39 @@ class _Problem:
 
 
 def _recheck(rows: torch.Tensor, p: _Problem, shift64: torch.Tensor) -> torch.Tensor:
-    """Exact answers for rows the float32 sweep could not certify: a float64 product, then the
-    literal definition for rows still within the float64 bound."""
-    x64 = rows.to(torch.float64) - shift64
-    best, gap = _top2(torch.addmm(p.offsets, x64, p.centres.T))
-    still = gap <= 2.0 * _error_bound(_U64, rows.shape[1], x64.norm(dim=1), p.cmax, p.omax)
-    if bool(still.any()):
-        best[still] = torch.argmin(p.literal(x64[still] + shift64), dim=1)
+    """Exact answers for rows the float32 sweep could not certify: a float64 product, then, for
+    rows whose float64 gap is still within the float64 bound, the definition in exact integer
+    arithmetic among the classes within that bound of the best (_exact_rows)."""
+    rows64 = rows.to(torch.float64)
+    x64 = rows64 - shift64
+    scores = torch.addmm(p.offsets, x64, p.centres.T)
+    best, gap = _top2(scores)
+    bound = _error_bound(_U64, rows.shape[1], x64.norm(dim=1), p.cmax, p.omax)
+    still = (gap <= 2.0 * bound).nonzero().squeeze(1)
+    if still.numel():
+        near = scores[still] <= scores[still].min(dim=1, keepdim=True).values + 2.0 * bound[still].unsqueeze(1)
+        best[still] = _exact_rows(rows64[still], near, p).to(best.device)
     return best
+
+
+def _exact_rows(rows64: torch.Tensor, near: torch.Tensor, p: _Problem) -> torch.Tensor:
+    """argmin of the definition, exactly, for rows whose float64 scores cannot tell their
+    candidates (``near``, (r, K) bool) apart. A float64 literal sum cannot settle them either:
+    two float64 evaluations of ||h - mu_c||^2 in different summation orders disagreed on rows
+    whose exact gap was 2e-22 (midpoints between class means). Classes with equal keys tie
+    exactly and keep their lowest index (every class, when all the means are equal), so the
+    integer arithmetic runs only over distinct candidates; these rows are rare by construction."""
+    first = p.first_equal().unsqueeze(0)
+    k = near.shape[1]
+    low = torch.where(near, first, k).min(dim=1).values
+    high = torch.where(near, first, -1).max(dim=1).values
+    out = low.cpu()  # rows whose candidates all share one key: their lowest index
+    mixed = (low != high).nonzero().squeeze(1).cpu()
+    if mixed.numel():
+        rows, near_cpu, first_cpu = rows64[mixed].cpu(), near[mixed].cpu(), first[0].cpu()
+        for j, i in enumerate(mixed.tolist()):
+            out[i] = p.exact(rows[j].tolist(), torch.unique(first_cpu[near_cpu[j]]).tolist())
+    return out
 
 
 def _check_mode(mode: str) -> str:
@@ -219,13 +281,15 @@ def _sweep_fast(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], 
 
 def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem],
                        mode: str = "exact") -> list[torch.Tensor]:
-    """For each problem, the float64 argmin of its literal scores on every row of x.
+    """For each problem, the argmin of its exact scores on every row of x (the float64 inputs'
+    exact values: a float64 evaluation can only differ from it where two scores agree to its
+    rounding).
 
     shift (D,) is float32, so x - shift is the same value in both precisions. On CPU one fused
     C++ sweep (csrc/ncc.cpp) scores every problem in a single read of x (without AVX-512 only up
     to _FUSED_MAX_CLASSES classes in all; above, block-wise GEMMs); on CUDA the Triton sweep
     (ncfast.triton.ncc) does. Rows whose top-2 gap is within the bound are rechecked: bf16 / tf32
-    (fast mode) -> float32 sweep -> float64 product -> literal.
+    (fast mode) -> float32 sweep -> float64 product -> exact integers.
     """
     n, d = x.shape
     shift64 = shift.to(torch.float64)
@@ -287,10 +351,17 @@ def _ncc_problem(x: torch.Tensor, means):
     shift = m64.mean(dim=0).to(torch.float32)
     mc = m64 - shift.to(torch.float64)
 
-    def literal(rows64):
-        return (rows64.unsqueeze(1) - m64.unsqueeze(0)).square().sum(-1)
+    means_cpu = m64.cpu()
 
-    return _Problem(-2.0 * mc, mc.square().sum(1), literal), shift, index
+    def exact(row: list[float], classes: list[int]) -> int:
+        d = len(row)
+        ints = _exact_ints(row + means_cpu[classes].reshape(-1).tolist())
+        h = ints[:d]
+        dist = [sum((a - b) * (a - b) for a, b in zip(h, ints[d + j * d : d + (j + 1) * d]))
+                for j in range(len(classes))]
+        return min(zip(dist, classes))[1]
+
+    return _Problem(-2.0 * mc, mc.square().sum(1), m64, exact), shift, index
 
 
 def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Problem:
@@ -305,10 +376,24 @@ def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Pr
     else:
         b64 = check_bias(bias, w.shape[0], x).to(torch.float64)
 
-    def literal(rows64):
-        return -(rows64 @ w64.T + b64)
+    w_cpu, b_cpu = w64.cpu(), b64.cpu()
 
-    return _Problem(-w64, -(b64 + w64 @ shift.to(torch.float64)), literal)
+    def exact(row: list[float], classes: list[int]) -> int:
+        # b_c + h . w_c as one exact rational per class: integers for h and w (their product then
+        # carries 2^(e_h + e_w)), the bias added as a Fraction
+        d = len(row)
+        hi = _exact_ints(row)
+        wi = _exact_ints(w_cpu[classes].reshape(-1).tolist())
+        h_exp = _int_exponent(row)
+        w_exp = _int_exponent(w_cpu[classes].reshape(-1).tolist())
+        scores = []
+        for j, c in enumerate(classes):
+            dot = sum(a * b for a, b in zip(hi, wi[j * d : (j + 1) * d]))
+            scores.append(-(Fraction(dot) * Fraction(2) ** (h_exp + w_exp) + Fraction(float(b_cpu[c]))))
+        return min(zip(scores, classes))[1]
+
+    return _Problem(-w64, -(b64 + w64 @ shift.to(torch.float64)), torch.cat([w64, b64.unsqueeze(1)], dim=1),
+                    exact)
 
 
 def ncc_assign(features, means, *, mode: str = "exact") -> torch.Tensor:

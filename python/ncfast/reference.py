@@ -22,6 +22,8 @@ Conventions shared by all functions:
 - Ties in argmin / argmax go to the lowest class index.
 """
 
+from fractions import Fraction
+
 import numpy as np
 import scipy.linalg
 
@@ -391,9 +393,30 @@ def nc3(features, labels, weight, num_classes=None, weighting="balanced"):
     return float(np.linalg.norm(w / np.linalg.norm(w) - mt / np.linalg.norm(mt)))
 
 
+def _settle_near_ties(scores, bound, exact_score):
+    """argmin of each row of float64 ``scores`` (N, K), exact: where another class's score is
+    within bound[i] (N,) of the row's best plus its own bound, the candidates are compared by
+    ``exact_score(i, c)`` (Fractions). Ties go to the lowest index."""
+    best = np.argmin(scores, axis=1)
+    low = scores[np.arange(len(best)), best]
+    near = scores <= (low + 2.0 * bound)[:, None]
+    for i in np.flatnonzero(near.sum(axis=1) > 1):
+        cands = np.flatnonzero(near[i])
+        best[i] = min((exact_score(i, c), c) for c in cands)[1]
+    return best
+
+
+def _gamma(d):
+    """A relative bound on a float64 sum of d rounded terms (each from <= 3 roundings)."""
+    return 1.1 * (d + 3) * 2.0 ** -53
+
+
 def ncc_assign(features, means):
-    """Nearest class centre: argmin_c ||h_i - mu_c||^2, summed literally as ((h - mu)**2).sum in
-    float64 (SPEC NC4). means is (K, D); rows containing NaN (absent classes) never win. Ties go to
+    """Nearest class centre: argmin_c ||h_i - mu_c||^2 (SPEC NC4), exact for the given values:
+    summed as ((h - mu)**2).sum in float64, and where two classes come within that sum's rounding
+    bound, compared again in rational arithmetic (Fractions). A float64 sum alone cannot settle
+    such rows: at midpoints between class means its summation order decided them (exact gaps of
+    2e-22 at D = 64). means is (K, D); rows containing NaN (absent classes) never win. Ties go to
     the lowest index. Returns int64 (N,)."""
     h = _np64(features)
     m = _np64(means)
@@ -404,11 +427,17 @@ def ncc_assign(features, means):
         raise ValueError("means has no row without NaN")
     dist = ((h[:, None, :] - m[None, :, :]) ** 2).sum(axis=-1)
     dist[:, ~usable] = np.inf
-    return np.argmin(dist, axis=1).astype(np.int64)
+    bound = _gamma(h.shape[1]) * np.where(np.isfinite(dist), dist, 0.0).max(axis=1, initial=0.0)
+
+    def exact(i, c):
+        return sum((Fraction(float(a)) - Fraction(float(b))) ** 2 for a, b in zip(h[i], m[c]))
+
+    return _settle_near_ties(dist, bound, exact).astype(np.int64)
 
 
 def decisions(features, weight, bias=None):
-    """Network decision argmax_c (W h_i + b)_c in float64 (SPEC NC4); ties to the lowest index.
+    """Network decision argmax_c (W h_i + b)_c (SPEC NC4), exact for the given values: float64,
+    then Fractions where two logits come within its rounding bound; ties to the lowest index.
     weight (K, D), bias (K,) or None. Returns int64 (N,)."""
     h = _np64(features)
     w = _np64(weight)
@@ -420,7 +449,13 @@ def decisions(features, weight, bias=None):
         if b.shape != (w.shape[0],):
             raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
         scores = scores + b
-    return np.argmax(scores, axis=1).astype(np.int64)
+    b = np.zeros(w.shape[0]) if bias is None else _np64(bias)
+    bound = _gamma(h.shape[1] + 1) * (np.abs(h) @ np.abs(w).T + np.abs(b)).max(axis=1, initial=0.0)
+
+    def exact(i, c):
+        return -(sum(Fraction(float(a)) * Fraction(float(v)) for a, v in zip(h[i], w[c])) + Fraction(float(b[c])))
+
+    return _settle_near_ties(-scores, bound, exact).astype(np.int64)
 
 
 def ncc_mismatch(features, labels, num_classes=None, weight=None, bias=None, logits=None):
