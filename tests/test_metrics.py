@@ -304,24 +304,28 @@ def test_vci_fewer_samples_than_dimensions_in_the_collapse_regime(n, weighting):
     assert abs(literal - want) > 1e-3 * abs(want) + 1e-12  # what the float64 literal form gets
 
 
-@pytest.mark.parametrize("case", ["all_equal", "equal_means", "one_signed_axis"])
+@pytest.mark.parametrize("case", ["all_equal", "equal_means", "one_signed_axis", "one_sample_each"])
 def test_degenerate_features_give_the_references_values_not_an_error(case):
     """Valid inputs whose metrics are 0 / 0 or x / 0: every feature equal (a network whose units
     are all dead), classes with the same mean, D = 1 with features of one sign (every unit vector
-    equal). nc_metrics had raised ZeroDivisionError on each; now NaN and inf as in float64."""
+    equal), one sample per class (no within-class spread: MSDR's denominator is 0). nc_metrics
+    had raised ZeroDivisionError on each; now NaN and inf as in float64."""
     g = torch.Generator().manual_seed(3)
     y = torch.arange(40) % 2
-    if case == "all_equal":
+    if case == "one_sample_each":
+        x, y = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.arange(4)
+    elif case == "all_equal":
         x = torch.ones(40, 5, dtype=torch.float64)
     elif case == "equal_means":
         base = torch.randn(20, 5, generator=g, dtype=torch.float64)
         x, y = torch.cat([base, base]), torch.cat([torch.zeros(20), torch.ones(20)]).long()
     else:
         x = torch.rand(40, 1, generator=g, dtype=torch.float64) + 1.0
-    w = torch.randn(2, x.shape[1], generator=g)
-    got = ncfast.nc_metrics(x, y, weight=w)
+    c = int(y.max()) + 1
+    w, sup = torch.randn(c, x.shape[1], generator=g), torch.arange(c) % 2
+    got = ncfast.nc_metrics(x, y, weight=w, superclass=sup)
     with np.errstate(all="ignore"):
-        want = ref.nc_metrics(x, y, weight=w)
+        want = ref.nc_metrics(x, y, weight=w, superclass=sup)
     for k in want:
         if math.isnan(want[k]) or math.isinf(want[k]):
             assert got[k] == want[k] or (math.isnan(got[k]) and math.isnan(want[k])), k
@@ -334,6 +338,8 @@ def test_degenerate_features_give_the_references_values_not_an_error(case):
         assert got["squared_distance"] == math.inf and got.ranks["sigma_b"] == 0 and got["vci"] == 1.0
     if case == "one_signed_axis":
         assert math.isnan(got["cosine_separation"])
+    if case == "one_sample_each":
+        assert got["msdr"] == math.inf and got["cdnv"] == 0.0
 
 
 def test_effective_rank_unchanged_by_an_isometric_embedding():

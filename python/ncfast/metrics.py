@@ -24,7 +24,7 @@ from ._validation import (
     finite_rows,
 )
 from .ncc import ncc_and_decisions, ncc_assign
-from .pairwise import class_pair_stats
+from .pairwise import class_pair_stats, ieee_ratio
 from .stats import ClassMoments
 
 DEFAULT_RTOL = 1e-10
@@ -58,18 +58,6 @@ class NCMetrics(dict):
     def __repr__(self) -> str:
         body = ", ".join(f"{k}={v:.6g}" for k, v in self.items())
         return f"NCMetrics({body}; ranks={self.ranks}, absent_classes={self.absent_classes})"
-
-
-def _ratio(num: float, den: float) -> float:
-    """num / den with IEEE semantics where Python raises: x / 0 is +-inf, 0 / 0 is NaN.
-
-    Degenerate but valid inputs reach these divisions (features that are all equal, as from a
-    network whose units are all dead; classes with the same mean; D = 1 with features of one
-    sign): the metric is then undefined or infinite, like the reference's float64 value, and
-    nc_metrics must not raise inside a training loop."""
-    if den == 0.0:
-        return math.nan if num == 0.0 or math.isnan(num) else math.copysign(math.inf, num) * math.copysign(1.0, den)
-    return num / den
 
 
 def _eigh_kept(sym: torch.Tensor, rtol: float):
@@ -268,7 +256,7 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
     a = moments.between_factor(weighting)
 
     tr_w = moments.within_trace(weighting)
-    out["squared_distance"] = _ratio(tr_w, float(a.square().sum()))
+    out["squared_distance"] = ieee_ratio(tr_w, float(a.square().sum()))
 
     s_b, v_b = _between_eig(a, rtol)
     ranks["sigma_b"] = int(s_b.numel())

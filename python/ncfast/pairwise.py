@@ -55,6 +55,18 @@ class PairStats:
     nearest_sq_distance: torch.Tensor  # min_{j != i} ||mu_i - mu_j||^2, float64
 
 
+def ieee_ratio(num: float, den: float) -> float:
+    """num / den with IEEE semantics where Python raises: x / 0 is +-inf, 0 / 0 is NaN.
+
+    Degenerate but valid inputs reach these divisions (features that are all equal, as from a
+    network whose units are all dead; classes with the same mean; D = 1 with features of one
+    sign): the metric is then undefined or infinite, like the reference's float64 value, and
+    nc_metrics must not raise inside a training loop."""
+    if den == 0.0:
+        return math.nan if num == 0.0 or math.isnan(num) else math.copysign(math.inf, num) * math.copysign(1.0, den)
+    return num / den
+
+
 def _chan(a: tuple, b: tuple) -> tuple:
     """Combine (n, mean, M2) of two sets of scalars."""
     na, ma, qa = a
@@ -339,7 +351,7 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
     n_pairs, cdnv_mean, cdnv_m2 = cdnv_acc
     msdr = None
     if sup is not None:
-        msdr = (msdr_sum / msdr_n) / float(2.0 * v.mean()) if msdr_n else float("nan")
+        msdr = ieee_ratio(msdr_sum / msdr_n, float(2.0 * v.mean())) if msdr_n else float("nan")
     full_idx = torch.full((moments.num_classes,), -1, dtype=torch.int64, device=device)
     full_d2 = torch.full((moments.num_classes,), float("nan"), dtype=torch.float64, device=device)
     present_idx = p.nonzero().squeeze(1)
