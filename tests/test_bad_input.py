@@ -177,3 +177,14 @@ def test_update_rejects_any_non_finite_value(value, row):
     x[row, 2] = value
     with pytest.raises(ValueError, match="NaN or Inf"):
         ncfast.ClassMoments(4, 4).update(x, y)
+
+
+def test_class_distance_takes_the_nan_policy_its_error_names(data):
+    x, y, c = data
+    bad = x.clone()
+    bad[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="nan_policy='omit'"):
+        ncfast.class_distance(bad, y, num_classes=c)
+    keep = torch.arange(len(y)) != 3
+    got = ncfast.class_distance(bad, y, num_classes=c, nan_policy="omit")
+    assert torch.equal(got, ncfast.class_distance(x[keep], y[keep], num_classes=c))

@@ -363,14 +363,15 @@ def class_moments(features, labels, *, num_classes=None, weighting: str = "balan
     return m
 
 
-def class_distance(features, labels, *, num_classes=None) -> torch.Tensor:
+def class_distance(features, labels, *, num_classes=None, nan_policy: str = "raise") -> torch.Tensor:
     """Class-distance matrix D (paper 000 eq. 6), float64 (num_classes, num_classes).
 
     D_ij = (1/(n_i n_j)) sum_{u in i} sum_{v in j} ||h_u - h_v||^2 = ||mu_i - mu_j||^2 + v_i + v_j,
     computed from class means and variances (never from pairs). Absent classes: NaN rows/columns.
+    nan_policy: "raise" or "omit" (drop rows with NaN/Inf), as in nc_metrics.
     """
     return class_distance_from_moments(class_moments(features, labels, num_classes=num_classes, scatter=False,
-                                                     unit_sums=False))
+                                                     unit_sums=False, nan_policy=nan_policy))
 
 
 def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, logits=None, superclass=None,
