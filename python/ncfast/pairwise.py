@@ -10,6 +10,14 @@ with u_i the unit centred means, so the tiled pass sums squared deviations from 
 and std are merged across tiles with Chan's formula. nc2_etf sums (G_ij / ||G||_F - E_ij)^2 exactly
 rather than the expansion 2 - 2 <G, E> / ||G||_F, which loses every digit near an exact ETF; the
 norm ||G||_F = ||Mt^T Mt||_F comes first from the smaller Gram, so one pass over the tiles does all.
+
+Known limit: ||mu_i - mu_j||^2 comes from the Gram, as ||Mt_i||^2 + ||Mt_j||^2 - 2 G_ij, so it
+carries an absolute error of about D eps (||Mt_i||^2 + ||Mt_j||^2). For two classes whose means
+nearly coincide, that is a large relative error in their distance and so in their CDNV ratio
+and nearest-class distance. Fuzzing found it where the CDNV mean was dominated by one such pair:
+means 2e-8 of their norm apart (d2 = 4.9e-16 against 4.4e-16 from the Gram), the mean 10% off
+the reference (C = 130, D = 1). Where class means are apart by more than about 1e-4 of their
+norms, the error is below 1e-8 relative.
 """
 from __future__ import annotations
 
