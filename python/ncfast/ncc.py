@@ -92,19 +92,13 @@ def _top2(scores: torch.Tensor):
     return top.indices[:, 0], top.values[:, 1] - top.values[:, 0]
 
 
-def _int_exponent(values: list[float]) -> int:
-    """The e of _exact_ints(values): values[i] == ints[i] * 2**e."""
-    exps = [math.frexp(v)[1] for v in values if v != 0.0]
-    return (min(exps) if exps else 0) - 53
-
-
-def _exact_ints(values: list[float]) -> list[int]:
-    """Integers I with values[i] == I[i] * 2**e for one common e: every float64 is a 53-bit
-    integer times a power of two, so sums and products of these are exact."""
+def _exact_ints(values: list[float]) -> tuple[list[int], int]:
+    """(I, e) with values[i] == I[i] * 2**e for one common e: every float64 is a 53-bit integer
+    times a power of two, so sums and products of these integers are exact."""
     parts = [math.frexp(v) for v in values]
     exps = [e for m, e in parts if m != 0.0]
     low = min(exps) if exps else 0
-    return [int(m * 9007199254740992.0) << (e - low) if m != 0.0 else 0 for m, e in parts]
+    return [int(m * 9007199254740992.0) << (e - low) if m != 0.0 else 0 for m, e in parts], low - 53
 
 
 @dataclass
@@ -355,7 +349,7 @@ def _ncc_problem(x: torch.Tensor, means):
 
     def exact(row: list[float], classes: list[int]) -> int:
         d = len(row)
-        ints = _exact_ints(row + means_cpu[classes].reshape(-1).tolist())
+        ints, _ = _exact_ints(row + means_cpu[classes].reshape(-1).tolist())
         h = ints[:d]
         dist = [sum((a - b) * (a - b) for a, b in zip(h, ints[d + j * d : d + (j + 1) * d]))
                 for j in range(len(classes))]
@@ -379,17 +373,15 @@ def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Pr
     w_cpu, b_cpu = w64.cpu(), b64.cpu()
 
     def exact(row: list[float], classes: list[int]) -> int:
-        # b_c + h . w_c as one exact rational per class: integers for h and w (their product then
-        # carries 2^(e_h + e_w)), the bias added as a Fraction
+        # b_c + h . w_c as one exact rational per class: integers for h and w at one scale 2^e
+        # (their products at 2^(2e)), the bias added as a Fraction
         d = len(row)
-        hi = _exact_ints(row)
-        wi = _exact_ints(w_cpu[classes].reshape(-1).tolist())
-        h_exp = _int_exponent(row)
-        w_exp = _int_exponent(w_cpu[classes].reshape(-1).tolist())
+        ints, e = _exact_ints(row + w_cpu[classes].reshape(-1).tolist())
+        scale = Fraction(2) ** (2 * e)
         scores = []
         for j, c in enumerate(classes):
-            dot = sum(a * b for a, b in zip(hi, wi[j * d : (j + 1) * d]))
-            scores.append(-(Fraction(dot) * Fraction(2) ** (h_exp + w_exp) + Fraction(float(b_cpu[c]))))
+            dot = sum(a * b for a, b in zip(ints[:d], ints[d + j * d : d + (j + 1) * d]))
+            scores.append(-(dot * scale + Fraction(float(b_cpu[c]))))
         return min(zip(scores, classes))[1]
 
     return _Problem(-w64, -(b64 + w64 @ shift.to(torch.float64)), torch.cat([w64, b64.unsqueeze(1)], dim=1),
