@@ -275,7 +275,8 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         # over the kept eigenvalues only: the rank rule's zeros are exact zeros, not the rounding
         # noise whose square roots moved the value by 1e-6 (reference.effective_rank)
         if kept_t.numel():
-            prob = kept_t.sqrt() / kept_t.sqrt().sum()
+            sv = kept_t.sqrt()
+            prob = sv / sv.sum()
             out["effective_rank"] = math.exp(float(-(prob * prob.log()).sum()))
         else:  # Sigma_T = 0: every feature equal
             out["effective_rank"] = 0.0

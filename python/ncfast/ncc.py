@@ -23,6 +23,7 @@ when all features share a large offset. Ties go to the lowest index.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -115,18 +116,16 @@ class _Problem:
     offsets: torch.Tensor  # (K,) float64
     keys: torch.Tensor  # (K, k) float64
     exact: Callable[[list[float], list[int]], int]
-    _first_equal: torch.Tensor | None = None
 
+    @functools.cached_property
     def first_equal(self) -> torch.Tensor:
         """(K,) the lowest index whose keys equal class c's (c itself if none lower)."""
-        if self._first_equal is None:
-            _, inverse = torch.unique(self.keys, dim=0, return_inverse=True)
-            k = self.keys.shape[0]
-            idx = torch.arange(k, device=self.keys.device)
-            lowest = torch.full((k,), k, dtype=torch.int64, device=self.keys.device).scatter_reduce_(
-                0, inverse, idx, reduce="amin")
-            self._first_equal = lowest[inverse]
-        return self._first_equal
+        _, inverse = torch.unique(self.keys, dim=0, return_inverse=True)
+        k = self.keys.shape[0]
+        idx = torch.arange(k, device=self.keys.device)
+        lowest = torch.full((k,), k, dtype=torch.int64, device=self.keys.device).scatter_reduce_(
+            0, inverse, idx, reduce="amin")
+        return lowest[inverse]
 
     @property
     def cmax(self) -> float:
@@ -148,7 +147,8 @@ def _recheck(rows: torch.Tensor, p: _Problem, shift64: torch.Tensor) -> torch.Te
     bound = _error_bound(_U64, rows.shape[1], x64.norm(dim=1), p.cmax, p.omax)
     still = (gap <= 2.0 * bound).nonzero().squeeze(1)
     if still.numel():
-        near = scores[still] <= scores[still].min(dim=1, keepdim=True).values + 2.0 * bound[still].unsqueeze(1)
+        tied = scores[still]
+        near = tied <= tied.min(dim=1, keepdim=True).values + 2.0 * bound[still].unsqueeze(1)
         best[still] = _exact_rows(rows64[still], near, p).to(best.device)
     return best
 
@@ -160,7 +160,7 @@ def _exact_rows(rows64: torch.Tensor, near: torch.Tensor, p: _Problem) -> torch.
     whose exact gap was 2e-22 (midpoints between class means). Classes with equal keys tie
     exactly and keep their lowest index (every class, when all the means are equal), so the
     integer arithmetic runs only over distinct candidates; these rows are rare by construction."""
-    first = p.first_equal().unsqueeze(0)
+    first = p.first_equal.unsqueeze(0)
     k = near.shape[1]
     low = torch.where(near, first, k).min(dim=1).values
     high = torch.where(near, first, -1).max(dim=1).values

@@ -69,8 +69,8 @@ def ieee_ratio(num: float, den: float) -> float:
     """num / den with IEEE semantics where Python raises: x / 0 is +-inf, 0 / 0 is NaN.
 
     Degenerate but valid inputs reach these divisions (features that are all equal, as from a
-    network whose units are all dead; classes with the same mean; D = 1 with features of one
-    sign): the metric is then undefined or infinite, like the reference's float64 value, and
+    network whose units are all dead; classes with the same mean; one sample per class, for
+    MSDR): the metric is then undefined or infinite, like the reference's float64 value, and
     nc_metrics must not raise inside a training loop."""
     if den == 0.0:
         return math.nan if num == 0.0 or math.isnan(num) else math.copysign(math.inf, num) * math.copysign(1.0, den)
