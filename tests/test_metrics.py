@@ -554,3 +554,125 @@ def test_fast_mode_low_precision_pays_only_when_faster():
     assert _low_cost(1.0, 3.0, 0.5) == 2.5 < 3.0  # 1 + 1.5
     assert _low_cost(1.0, 3.0, 0.7) > 3.0  # 1 + 2.1
     assert _low_cost(3.0, 2.9, 0.0) > 2.9  # bf16 no faster than float32
+
+
+# ------------------------------------------------------------------ the peer library's metrics
+@pytest.mark.parametrize("weighting", ["balanced", "sample"])
+@pytest.mark.parametrize("case", ["random", "imbalanced", "absent", "d_lt_c", "two_classes", "bfloat16"])
+def test_duality_and_ood_metrics_match_reference(case, weighting):
+    x, y, c, w, b = _inputs(case)
+    ood = torch.randn(37, x.shape[1], generator=torch.Generator().manual_seed(5)) + 0.3
+    got = ncfast.nc_metrics(x, y, num_classes=c, weight=w, bias=b, ood_features=ood, weighting=weighting)
+    assert_close(got["nc3_etf"], ref.nc3_etf(x, y, w, c, weighting), rtol=1e-6, what="nc3_etf")
+    mean, std = ref.duality(x, y, w, c, weighting)
+    assert_close(got["duality_mean"], mean, rtol=1e-6, what="duality_mean")
+    assert_close(got["duality_std"], std, rtol=1e-6, what="duality_std")
+    assert_close(got["nc5_ood"], ref.nc5_ood(x, y, ood, c), rtol=1e-6, what="nc5_ood")
+    pc = got.per_class
+    assert_close(pc["duality"].numpy(), ref.duality_per_class(x, y, w, c, weighting), rtol=1e-6, what="duality_c")
+    assert_close(pc["count"].numpy(), np.where(ref.class_counts(y, c) > 0, ref.class_counts(y, c), np.nan),
+                 rtol=0, what="count")
+    assert_close(pc["variance"].numpy(), ref.class_variances(x, y, c), rtol=1e-6, what="variance")
+    assert_close(pc["ncc_accuracy"].numpy(), ref.ncc_accuracy_per_class(x, y, c), rtol=1e-12, what="ncc_acc_c")
+    assert_close(pc["ncc_mismatch"].numpy(), ref.ncc_mismatch_per_class(x, y, c, weight=w, bias=b), rtol=1e-12,
+                 what="ncc_mismatch_c")
+    for k in ("count", "variance", "ncc_accuracy", "ncc_mismatch", "duality"):
+        assert pc[k].dtype == torch.float64 and pc[k].shape == (c,)
+
+
+def test_nc3_etf_in_row_blocks_equals_one_block(monkeypatch):
+    """nc3_etf forms W Mt^T a block of rows at a time past 2^22 entries: with tiny blocks, both ways
+    of taking ||P||_F first (D x D products when D < C, a first pass when not) give the reference."""
+    for d, c in ((5, 40), (60, 40)):
+        x, y, _ = make_data(n=400, d=d, c=c, seed=d)
+        w = torch.randn(c, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        want = ref.nc3_etf(x, y, w, c)
+        one = ncfast.nc_metrics(x, y, num_classes=c, weight=w)["nc3_etf"]
+        monkeypatch.setattr(ncfast.metrics, "_NC3_ETF_BLOCK", 3 * c)  # 3 rows per block, the last ragged
+        blocked = ncfast.nc_metrics(x, y, num_classes=c, weight=w)["nc3_etf"]
+        monkeypatch.undo()
+        assert_close(one, want, rtol=1e-9, what=f"one block d={d}")
+        assert_close(blocked, want, rtol=1e-9, what=f"blocks d={d}")
+
+
+def test_nc3_etf_is_zero_for_a_classifier_dual_to_an_etf():
+    """W = Mt (self-dual) on simplex-ETF means with no spread: W Mt^T is a multiple of the ETF Gram."""
+    c = 5
+    etf = torch.eye(c, dtype=torch.float64) - 1.0 / c
+    y = torch.arange(c).repeat(3)
+    got = ncfast.nc_metrics(etf[y], y, weight=etf)
+    assert got["nc3_etf"] == pytest.approx(0.0, abs=1e-7)
+    assert got["duality_mean"] == pytest.approx(1.0, rel=1e-12)
+    assert got["duality_std"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_ood_from_a_second_moments_or_a_mean():
+    """metrics_from_moments takes the OOD data as a ClassMoments (any labels) or as its mean."""
+    x, y, c, w, _ = _inputs("imbalanced")
+    ood = torch.randn(50, x.shape[1], generator=torch.Generator().manual_seed(9)) - 0.2
+    m = ncfast.class_moments(x, y, num_classes=c)
+    ood_stats = ncfast.class_moments(ood, torch.arange(50) % 3)
+    want = ref.nc5_ood(x, y, ood, c)
+    assert_close(ncfast.metrics_from_moments(m, ood=ood_stats)["nc5_ood"], want, rtol=1e-9, what="moments")
+    assert_close(ncfast.metrics_from_moments(m, ood=ood.double().mean(0))["nc5_ood"], want, rtol=1e-9, what="mean")
+    with pytest.raises(ValueError, match="ood"):
+        ncfast.metrics_from_moments(m, ood=torch.zeros(x.shape[1] + 1))
+    with pytest.raises(ValueError, match="ood_features"):
+        ncfast.nc_metrics(x, y, ood_features=torch.zeros(4, x.shape[1] + 1))
+
+
+def test_held_out_ncc_uses_the_given_train_means():
+    """A test split scored against the train split's class means (paper 003 def. 6) gives the
+    reference's value with those centres, and differs from scoring against its own means on data
+    built so that the two disagree. A class absent from the train means is never the nearest."""
+    g = torch.Generator().manual_seed(3)
+    c, d = 4, 6
+    centres = torch.randn(c, d, generator=g, dtype=torch.float64) * 2
+    y_tr = torch.arange(400) % c
+    y_te = torch.arange(160) % c
+    x_tr = (centres[y_tr] + torch.randn(400, d, generator=g, dtype=torch.float64)).float()
+    # the test split's classes drift towards each other: its own means sit elsewhere
+    x_te = (0.4 * centres[y_te] + torch.randn(160, d, generator=g, dtype=torch.float64)).float()
+    w = torch.randn(c, d, generator=g)
+    train_means = ncfast.class_moments(x_tr, y_tr).means
+    got = ncfast.nc_metrics(x_te, y_te, weight=w, class_means=train_means)
+    own = ncfast.nc_metrics(x_te, y_te, weight=w)
+    want_acc = ref.ncc_accuracy(x_te, y_te, c, class_means=train_means)
+    want_mis = ref.ncc_mismatch(x_te, y_te, c, weight=w, class_means=train_means)
+    assert got["ncc_accuracy"] == want_acc and got["ncc_mismatch"] == want_mis
+    assert_close(got.per_class["ncc_accuracy"].numpy(), ref.ncc_accuracy_per_class(x_te, y_te, c, train_means),
+                 rtol=0, what="per class")
+    assert (got["ncc_accuracy"], got["ncc_mismatch"]) != (own["ncc_accuracy"], own["ncc_mismatch"])
+    assert got["nc1"] == own["nc1"]  # the other metrics describe the test features themselves
+    # class 1 absent from the train split: its NaN row is no candidate
+    keep = y_tr != 1
+    partial = ncfast.class_moments(x_tr[keep], y_tr[keep], num_classes=c).means
+    nearest = ncfast.ncc_assign(x_te, partial)
+    assert not bool((nearest == 1).any())
+    got = ncfast.nc_metrics(x_te, y_te, class_means=partial)
+    assert got["ncc_accuracy"] == ref.ncc_accuracy(x_te, y_te, c, class_means=partial)
+    assert got.per_class["ncc_accuracy"][1] == 0.0
+    with pytest.raises(ValueError, match="class_means"):
+        ncfast.nc_metrics(x_te, y_te, class_means=train_means[:, :3])
+    with pytest.raises(ValueError, match="class_means"):
+        ncfast.nc_metrics(x_te, y_te, class_means=torch.full((c, d), float("nan")))
+
+
+@pytest.mark.parametrize("weighting", ["balanced", "sample"])
+def test_degenerate_flag_both_ways(weighting):
+    """rank(Sigma_T) = N - 1 (N - 1 <= D samples in general position) flags vci, rank and
+    effective_rank, whose values the sample size forced (VCI = 1 - rank(Sigma_B) / r = 0 here);
+    with N - 1 > D nothing is flagged. Both as the reference decides."""
+    x, y, c = make_data(n=9, d=12, c=3, seed=4)
+    got = ncfast.nc_metrics(x, y, weighting=weighting)
+    assert got.degenerate == ("vci", "rank", "effective_rank") == ref.degenerate(x, y, c, weighting)
+    assert got["rank"] == 8.0
+    assert got["vci"] == pytest.approx(0.0, abs=1e-9)
+    x, y, c = make_data(n=60, d=12, c=3, seed=4)
+    got = ncfast.nc_metrics(x, y, weighting=weighting)
+    assert got.degenerate == () == ref.degenerate(x, y, c, weighting)
+    # N - 1 <= D but the samples on a 3-dimensional subspace: rank 3 < N - 1, not degenerate
+    x3, y3, _ = make_data(n=9, d=3, c=3, seed=2)
+    low = x3 @ torch.randn(3, 12, generator=torch.Generator().manual_seed(0))
+    got = ncfast.nc_metrics(low, y3)
+    assert got["rank"] == 3.0 and got.degenerate == ()

@@ -33,6 +33,10 @@ DEFAULT_RTOL = 1e-10
 # Metrics that need the D x D within-class scatter; NaN when ClassMoments was built without it.
 SCATTER_METRICS = ("nc1", "fuzziness", "vci", "rank", "effective_rank")
 
+# Metrics that the sample size alone decides once the samples are affinely independent
+# (rank(Sigma_T) = N - 1): listed in NCMetrics.degenerate then (docs/metrics.md, "Degenerate values").
+DEGENERATE_METRICS = ("vci", "rank", "effective_rank")
+
 
 class NCMetrics(dict):
     """A dict of metric name -> Python float, with what the numbers rest on.
@@ -44,9 +48,18 @@ class NCMetrics(dict):
         absent_classes: class indices with no sample, left out of every metric.
         omitted_rows: rows dropped by ``nan_policy="omit"``.
         weighting, rtol: the settings used.
+        degenerate: names of the metrics that the sample size forced rather than the geometry
+            (``DEGENERATE_METRICS`` when rank(Sigma_T) = N - 1: N samples in general position
+            span N - 1 dimensions, so any labels are linearly separable and VCI and rank take
+            values fixed by N alone); empty otherwise. The values are still reported.
+        per_class: float64 tensors of length num_classes, NaN for absent classes: ``count``,
+            ``variance`` (v_c), ``cdnv`` (mean over j != c of the pair CDNV), ``ncc_accuracy``
+            (from nc_metrics and LayerProbe, which make the NCC pass) and, with a classifier,
+            ``ncc_mismatch`` and ``duality`` (cos(w_c, mu_c - mu_G)).
     """
 
-    def __init__(self, values=(), *, ranks=None, absent_classes=(), omitted_rows=0, weighting=None, rtol=None):
+    def __init__(self, values=(), *, ranks=None, absent_classes=(), omitted_rows=0, weighting=None, rtol=None,
+                 degenerate=(), per_class=None):
         # Constructible from a mapping alone: torchmetrics rebuilds compute() outputs that way.
         super().__init__(values)
         self.ranks = ranks or {}
@@ -54,10 +67,13 @@ class NCMetrics(dict):
         self.omitted_rows = omitted_rows
         self.weighting = weighting
         self.rtol = rtol
+        self.degenerate = tuple(degenerate)
+        self.per_class = dict(per_class or {})
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}={v:.6g}" for k, v in self.items())
-        return f"NCMetrics({body}; ranks={self.ranks}, absent_classes={self.absent_classes})"
+        extra = f", degenerate={list(self.degenerate)}" if self.degenerate else ""
+        return f"NCMetrics({body}; ranks={self.ranks}, absent_classes={self.absent_classes}{extra})"
 
 
 def _eigh_kept(sym: torch.Tensor, rtol: float):
@@ -193,6 +209,80 @@ def cdnv_matrix(moments: ClassMoments) -> torch.Tensor:
     return _embed_present(inner, moments)
 
 
+_NC3_ETF_BLOCK = 1 << 22
+"""Entries of W Mt^T held at once by nc3_etf (a 32 MB float64 block of rows)."""
+
+
+def _nc3_etf(w: torch.Tensor, mt: torch.Tensor) -> float:
+    """|| P / ||P||_F - E ||_F with P = W Mt^T and E = (I - 11^T/C) / sqrt(C-1) (Kothapalli 2023).
+
+    P is formed a block of rows at a time (no C x C matrix beyond 2^22 entries) and the residual
+    summed entry by entry, not expanded as 2 - 2 <P, E> / ||P||_F, which loses every digit near an
+    exact ETF. ||P||_F comes first: from the one block when it holds P whole, else from
+    ||P||_F^2 = <W^T W, Mt^T Mt> (D x D products) when D < C, else from a first pass of blocks.
+    """
+    c, d = mt.shape
+    rows = max(1, _NC3_ETF_BLOCK // c)
+    blocks = [slice(i, min(c, i + rows)) for i in range(0, c, rows)]
+    if len(blocks) == 1:
+        p = w @ mt.T
+        norm = float(torch.linalg.norm(p))
+        parts = [(blocks[0], p)]
+    else:
+        parts = None
+        if d < c:
+            norm = math.sqrt(max(float(((w.T @ w) * (mt.T @ mt)).sum()), 0.0))
+        else:
+            norm = math.sqrt(sum(float((w[b] @ mt.T).square().sum()) for b in blocks))
+    inv_sqrt = 1.0 / math.sqrt(c - 1)
+    off = -inv_sqrt / c
+    resid = 0.0
+    for b, p in parts or ((b, w[b] @ mt.T) for b in blocks):
+        r = p / norm - off
+        idx = torch.arange(b.stop - b.start, device=r.device)
+        r[idx, idx + b.start] -= inv_sqrt
+        resid += float(r.square().sum())
+    return math.sqrt(resid)
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cos(a_c, b_c); NaN where a row is zero (no direction)."""
+    return (a * b).sum(1) / (torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1))
+
+
+def _ood_mean(ood, dim: int, device) -> torch.Tensor:
+    """mu_G^ood as float64 (D,): the mean of every sample of a ClassMoments, or a given mean vector."""
+    if isinstance(ood, ClassMoments):
+        if ood.dim != dim:
+            raise ValueError(f"ood: has dim {ood.dim}, the in-distribution features have {dim}")
+        if ood.device != device:
+            raise ValueError(f"ood: on device {ood.device}, but the moments are on {device}")
+        return ood.global_mean("sample")
+    m = as_tensor(ood, "ood")
+    if not m.dtype.is_floating_point:
+        raise TypeError(f"ood: expected a ClassMoments or a floating mean vector, got dtype {m.dtype}")
+    if m.shape != (dim,):
+        raise ValueError(f"ood: expected a ClassMoments or a mean of shape ({dim},), got {tuple(m.shape)}")
+    if m.device != device:
+        raise ValueError(f"ood: on device {m.device}, but the moments are on {device}")
+    return m.to(torch.float64)
+
+
+def _on_classes(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """A vector over the present classes placed in a NaN vector over all num_classes."""
+    out = torch.full(present.shape, float("nan"), dtype=torch.float64, device=present.device)
+    out[present] = values.to(torch.float64)
+    return out
+
+
+def per_class_fraction(hits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """For each class c, the fraction of its samples (labels == c) where ``hits`` holds; NaN where
+    the class has no sample. float64 (num_classes,)."""
+    counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    sums = torch.bincount(labels, weights=hits.to(torch.float64), minlength=num_classes)
+    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(counts, float("nan")))
+
+
 def _check_superclass(superclass, num_classes: int, device) -> torch.Tensor:
     s = as_tensor(superclass, "superclass")
     if s.dtype.is_floating_point:
@@ -200,6 +290,20 @@ def _check_superclass(superclass, num_classes: int, device) -> torch.Tensor:
     if s.shape != (num_classes,):
         raise ValueError(f"superclass: expected shape ({num_classes},) mapping class -> super-class, got {tuple(s.shape)}")
     return s.to(device=device, dtype=torch.int64)
+
+
+def _check_class_means(means, num_classes: int, dim: int, device) -> torch.Tensor:
+    mu = as_tensor(means, "class_means")
+    if not mu.dtype.is_floating_point:
+        raise TypeError(f"class_means: expected a floating dtype, got {mu.dtype}")
+    if mu.shape != (num_classes, dim):
+        raise ValueError(f"class_means: expected shape ({num_classes}, {dim}) (classes x features), "
+                         f"got {tuple(mu.shape)}")
+    if mu.device != device:
+        raise ValueError(f"class_means: on device {mu.device}, but the features are on {device}")
+    if not bool(torch.isfinite(mu).all(dim=1).any()):
+        raise ValueError("class_means: every row is NaN or Inf (no class to be nearest to)")
+    return mu
 
 
 def _check_weight(weight, num_classes: int, dim: int, device) -> torch.Tensor:
@@ -213,14 +317,19 @@ def _check_weight(weight, num_classes: int, dim: int, device) -> torch.Tensor:
     return w
 
 
-def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None, weighting: str = "balanced",
-                         rtol: float = DEFAULT_RTOL, tile: int | None = None) -> NCMetrics:
+def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None, ood=None,
+                         weighting: str = "balanced", rtol: float = DEFAULT_RTOL, cdnv_exponent: float = 1.0,
+                         tile: int | None = None) -> NCMetrics:
     """Every metric that the streamed statistics determine (SPEC.md), as an NCMetrics.
 
     Keys: nc1, fuzziness, squared_distance, nc2_etf, equinorm, equiangularity, coherence, cdnv,
-    vci, cosine_separation, rank, effective_rank, feature_norm; nc3 with ``weight``; msdr with
-    ``superclass``. The NCC metrics need the final class means and a second pass over the
-    features: ``ncc_assign`` / ``ncc_mismatch`` (``nc_metrics`` does both passes for you).
+    uniformity_mean, uniformity_var, vci, cosine_separation, rank, effective_rank, feature_norm;
+    nc3, nc3_etf, duality_mean, duality_std with ``weight``; msdr with ``superclass``; nc5_ood
+    with ``ood`` (the out-of-distribution features' ClassMoments, any labels, or their (D,) mean).
+    ``NCMetrics.per_class`` holds count, variance, cdnv (and duality with ``weight``);
+    ``NCMetrics.degenerate`` the metrics forced by the sample size. The NCC metrics need the final
+    class means and a second pass over the features: ``ncc_assign`` / ``ncc_mismatch``
+    (``nc_metrics`` does both passes for you). Definitions: docs/metrics.md.
     The pairwise metrics stream over tiles of ``tile`` classes (``class_pair_stats``; by default
     1,008, or 16,384 on the Triton path), so no C x C matrix is held: memory is O(C * D + tile^2).
 
@@ -230,8 +339,12 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         nc2_etf = || Mt Mt^T / ||Mt Mt^T||_F - (I - 11^T/C) / sqrt(C-1) ||_F
         equinorm = std ||Mt_c|| / mean ||Mt_c||; equiangularity = std_{i!=j} cos_ij;
         coherence = mean_{i!=j} |cos_ij + 1/(C-1)|
-        cdnv = mean_{i<j} (v_i + v_j) / (2 ||mu_i - mu_j||^2)
+        cdnv = mean_{i<j} (v_i + v_j) / (2 ||mu_i - mu_j||^(2p)),  p = cdnv_exponent (default 1)
+        uniformity_mean / _var = mean / variance_{i<j} log(1 / ||u_i - u_j||),  u_c = Mt_c / ||Mt_c||
         nc3 = || W/||W||_F - Mt/||Mt||_F ||_F
+        nc3_etf = || W Mt^T / ||W Mt^T||_F - (I - 11^T/C) / sqrt(C-1) ||_F
+        duality_mean / _std = mean / std_c cos(w_c, Mt_c)
+        nc5_ood = mean_c |cos(mu_c, mu_G^ood)|   (uncentred class means)
         vci = 1 - Tr(Sigma_T^+ Sigma_B) / min(D, C-1)   (stable form, see _vci)
         cosine_separation = 1 - dbar_within / dbar_total   (Kornblith et al. 2021)
             = (1/C) sum_c ||m_c - mean m||^2 / (1 - ||mean m||^2), m_c = S_c / n_c
@@ -287,17 +400,32 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
     norms = mt.norm(dim=1)
     out["equinorm"] = float(norms.std(correction=0) / norms.mean())
     sup = None if superclass is None else _check_superclass(superclass, moments.num_classes, moments.device)
-    pairs = class_pair_stats(moments, weighting=weighting, superclass=sup, tile=tile)
+    pairs = class_pair_stats(moments, weighting=weighting, superclass=sup, tile=tile, cdnv_exponent=cdnv_exponent)
     out["nc2_etf"] = pairs.nc2_etf
     out["equiangularity"] = pairs.equiangularity
     out["coherence"] = pairs.coherence
     out["cdnv"] = pairs.cdnv
+    out["uniformity_mean"] = pairs.uniformity_mean
+    out["uniformity_var"] = pairs.uniformity_var
+    per_class = {
+        "count": _on_classes(moments.count[p], p),
+        "variance": moments.variances,
+        "cdnv": pairs.cdnv_per_class,
+    }
 
     if weight is not None:
         w = _check_weight(weight, moments.num_classes, d, moments.device)[p].to(torch.float64)
         out["nc3"] = float(torch.linalg.norm(w / torch.linalg.norm(w) - mt / torch.linalg.norm(mt)))
+        out["nc3_etf"] = _nc3_etf(w, mt)
+        duality = _cosines(w, mt)
+        out["duality_mean"] = float(duality.mean())
+        out["duality_std"] = float(duality.std(correction=0))
+        per_class["duality"] = _on_classes(duality, p)
     if sup is not None:
         out["msdr"] = pairs.msdr
+    if ood is not None:
+        mu_ood = _ood_mean(ood, d, moments.device)
+        out["nc5_ood"] = float(_cosines(moments.mean[p], mu_ood.expand(c, d)).abs().mean())
 
     if moments.unit_sum is not None:  # kept unless the ClassMoments was built with unit_sums=False
         # 1 - dbar_within / dbar_total as (dbar_total - dbar_within) / dbar_total, the numerator
@@ -312,8 +440,9 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         out["cosine_separation"] = between / total if total != 0.0 else math.nan
         out["feature_norm"] = float(moments.norm_sum.sum()) / moments.num_samples
 
+    degenerate = DEGENERATE_METRICS if ranks.get("sigma_t") == moments.num_samples - 1 else ()
     return NCMetrics(out, ranks=ranks, absent_classes=moments.absent_classes, omitted_rows=moments.omitted_rows,
-                     weighting=weighting, rtol=rtol)
+                     weighting=weighting, rtol=rtol, degenerate=degenerate, per_class=per_class)
 
 
 def _prepare(features, labels, num_classes, nan_policy, *, kernel_checks_labels: bool = False):
@@ -376,8 +505,10 @@ def class_distance(features, labels, *, num_classes=None, nan_policy: str = "rai
 
 
 def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, logits=None, superclass=None,
-               weighting: str = "balanced", rtol: float = DEFAULT_RTOL, nan_policy: str = "raise") -> NCMetrics:
-    """All Neural-Collapse metrics of SPEC.md for one layer's features, as an NCMetrics (a dict of floats).
+               ood_features=None, class_means=None, weighting: str = "balanced", rtol: float = DEFAULT_RTOL,
+               cdnv_exponent: float = 1.0, nan_policy: str = "raise") -> NCMetrics:
+    """All Neural-Collapse metrics for one layer's features (docs/metrics.md), as an NCMetrics (a dict
+    of floats with ``per_class`` vectors and the ``degenerate`` flags).
 
     Args:
         features: (N, D) float tensor or array (float16 / bfloat16 / float32 / float64, any device).
@@ -388,12 +519,19 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
         logits: (N, C) network outputs; adds logits_norm, and ncc_mismatch with decision
             logits.argmax(1) when no weight is given (with a weight, SPEC's W h + b decides).
         superclass: (num_classes,) class -> super-class map; adds msdr.
+        ood_features: (N_ood, D) out-of-distribution features of the same layer; adds nc5_ood.
+        class_means: (num_classes, D) class means to score the nearest class centre against, for
+            a held-out split: the TRAIN split's means of the same layer (paper 003 def. 6), e.g.
+            ``class_moments(train_features, train_labels).means``. Rows holding NaN (classes
+            absent from the train split) are no candidates. Default: the means of ``features``.
         weighting: "balanced" (every class counts equally, Papyan et al.) or "sample".
         rtol: eigenvalues <= rtol * lambda_max count as zero in pseudo-inverses and ranks.
+        cdnv_exponent: p in CDNV = (v_i + v_j) / (2 ||mu_i - mu_j||^(2p)); default 1.
         nan_policy: "raise" or "omit" (drop rows with NaN/Inf and report ``omitted_rows``).
 
     Beside the metrics_from_moments keys: ncc_accuracy (fraction whose nearest class mean is their
-    label), ncc_mismatch (paper 003 def. 5), logits_norm (mean ||z_i||).
+    label), ncc_mismatch (paper 003 def. 5), logits_norm (mean ||z_i||); ``per_class`` gains
+    ncc_accuracy and, with a classifier or logits, ncc_mismatch.
     """
     check_choice(weighting, WEIGHTINGS, "weighting")
     x, y, num_classes, omitted, keep = _prepare(features, labels, num_classes, nan_policy)
@@ -416,6 +554,14 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
         z = z[keep] if omitted else z
     if superclass is not None:
         _check_superclass(superclass, num_classes, x.device)
+    if class_means is not None:
+        class_means = _check_class_means(class_means, num_classes, d, x.device)
+    xo = None
+    if ood_features is not None:
+        xo = check_features(ood_features, "ood_features")
+        if xo.shape[1] != d:
+            raise ValueError(f"ood_features: expected {d} columns like features, got {xo.shape[1]}")
+        check_same_device(x, xo, "ood_features")
     counts = torch.bincount(y, minlength=num_classes)
     present = int((counts > 0).sum())
     if present < 2:
@@ -424,17 +570,27 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     # Only `weighting`'s Sigma_W is read here, so imbalanced labels under "balanced" cost one scatter.
     m = _moments(x, y, num_classes, weighting, scatter=True, pooled=False)
     m.omitted_rows = omitted
-    out = metrics_from_moments(m, weight=w, superclass=superclass, weighting=weighting, rtol=rtol)
+    ood = None
+    if xo is not None:  # only its mean is read: one class, no scatter, no unit sums
+        ood = _moments(xo, torch.zeros(xo.shape[0], dtype=torch.int64, device=xo.device), 1, "sample",
+                       scatter=False, unit_sums=False)
+    out = metrics_from_moments(m, weight=w, superclass=superclass, ood=ood, weighting=weighting, rtol=rtol,
+                               cdnv_exponent=cdnv_exponent)
+    means = m.means if class_means is None else class_means
     decisions = None
     if w is not None:
-        nearest, decisions = ncc_and_decisions(x, m.means, w, b)
+        nearest, decisions = ncc_and_decisions(x, means, w, b)
     else:
-        nearest = ncc_assign(x, m.means)
-    out["ncc_accuracy"] = float((nearest == y).to(torch.float64).mean())
+        nearest = ncc_assign(x, means)
+    hits = nearest == y
+    out["ncc_accuracy"] = float(hits.to(torch.float64).mean())
+    out.per_class["ncc_accuracy"] = per_class_fraction(hits, y, num_classes)
     if z is not None:
         out["logits_norm"] = float(z.to(torch.float64).norm(dim=1).mean())
         if decisions is None:
             decisions = z.argmax(dim=1)
     if decisions is not None:
-        out["ncc_mismatch"] = float((decisions != nearest).to(torch.float64).mean())
+        mismatch = decisions != nearest
+        out["ncc_mismatch"] = float(mismatch.to(torch.float64).mean())
+        out.per_class["ncc_mismatch"] = per_class_fraction(mismatch, y, num_classes)
     return out

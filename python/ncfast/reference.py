@@ -393,6 +393,67 @@ def nc3(features, labels, weight, num_classes=None, weighting="balanced"):
     return float(np.linalg.norm(w / np.linalg.norm(w) - mt / np.linalg.norm(mt)))
 
 
+def _check_weight(weight, K, d):
+    w = _np64(weight)
+    if w.shape != (K, d):
+        raise ValueError(f"weight must have shape ({K}, {d}), got {w.shape}")
+    return w
+
+
+def nc3_etf(features, labels, weight, num_classes=None, weighting="balanced"):
+    """Self-duality against the simplex ETF (Kothapalli 2023; SPEC):
+    || P / ||P||_F - (I - 11^T/C) / sqrt(C-1) ||_F with P = W Mt^T over the present classes'
+    rows of W. Forms the C x C matrix P literally."""
+    h, y, K = _prepare(features, labels, num_classes)
+    mt, present = _mt(h, y, K, weighting)
+    _require_two_classes(present)
+    w = _check_weight(weight, K, h.shape[1])[present]
+    C = len(present)
+    p = w @ mt.T
+    etf = (np.eye(C) - np.ones((C, C)) / C) / np.sqrt(C - 1)
+    return float(np.linalg.norm(p / np.linalg.norm(p) - etf))
+
+
+def duality_per_class(features, labels, weight, num_classes=None, weighting="balanced"):
+    """cos(w_c, mu_c - mu_G) for each class (uniform duality, Wu & Papyan 2024; SPEC), float64
+    (num_classes,), NaN for absent classes."""
+    h, y, K = _prepare(features, labels, num_classes)
+    mt, present = _mt(h, y, K, weighting)
+    w = _check_weight(weight, K, h.shape[1])
+    out = np.full(K, np.nan)
+    for row, c in enumerate(present):
+        out[c] = np.dot(w[c], mt[row]) / (np.linalg.norm(w[c]) * np.linalg.norm(mt[row]))
+    return out
+
+
+def duality(features, labels, weight, num_classes=None, weighting="balanced"):
+    """(duality_mean, duality_std): mean and population std over the present classes of
+    cos(w_c, mu_c - mu_G)."""
+    cos = duality_per_class(features, labels, weight, num_classes, weighting)
+    cos = cos[~np.isnan(cos)]
+    return float(cos.mean()), float(cos.std())
+
+
+def nc5_ood(features, labels, ood_features, num_classes=None):
+    """ID/OOD orthogonality (Ben Ammar et al. 2024, NECO; SPEC): mean over the present classes of
+    |cos(mu_c, mu_G^ood)|, with the uncentred class means mu_c and the mean of the OOD features."""
+    h, y, K = _prepare(features, labels, num_classes)
+    o = _np64(ood_features)
+    if o.ndim != 2 or o.shape[1] != h.shape[1] or o.shape[0] == 0:
+        raise ValueError(f"ood_features must be (N_ood >= 1, {h.shape[1]}), got {o.shape}")
+    mu_ood = o.mean(axis=0)
+    means = class_means(h, y, K)[_present(y, K)]
+    cos = [abs(np.dot(m, mu_ood)) / (np.linalg.norm(m) * np.linalg.norm(mu_ood)) for m in means]
+    return float(np.mean(cos))
+
+
+def degenerate(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
+    """The metrics forced by the sample size (SPEC "Degenerate values"): ("vci", "rank",
+    "effective_rank") when rank(Sigma_T) = N - 1 by the rank rule, else ()."""
+    h, y, K = _prepare(features, labels, num_classes)
+    return ("vci", "rank", "effective_rank") if rank(h, y, K, weighting, rtol) == h.shape[0] - 1 else ()
+
+
 def _settle_near_ties(scores, bound, exact_score):
     """argmin of each row of float64 ``scores`` (N, K), exact: where another class's score is
     within bound[i] (N,) of the row's best plus its own bound, the candidates are compared by
@@ -458,34 +519,75 @@ def decisions(features, weight, bias=None):
     return _settle_near_ties(-scores, bound, exact).astype(np.int64)
 
 
-def ncc_mismatch(features, labels, num_classes=None, weight=None, bias=None, logits=None):
+def _decisions_of(h, y, weight, bias, logits):
+    """The network decision of each row: from weight (and bias), else from the logits."""
+    if weight is not None:
+        return decisions(h, weight, bias)
+    if bias is not None:
+        raise ValueError("bias was given without weight")
+    if logits is not None:
+        z = _np64(logits)
+        if z.ndim != 2 or z.shape[0] != len(y):
+            raise ValueError(f"logits must have shape ({len(y)}, num_classes), got {z.shape}")
+        return np.argmax(z, axis=1)
+    raise ValueError("ncc_mismatch needs weight or logits")
+
+
+def _centres(h, y, K, given):
+    """The class means NCC scores against: the given ones (a held-out split scored against the
+    train means, SPEC NC4) or those of (h, y)."""
+    if given is None:
+        return class_means(h, y, K)
+    m = _np64(given)
+    if m.shape != (K, h.shape[1]):
+        raise ValueError(f"class_means must have shape ({K}, {h.shape[1]}), got {m.shape}")
+    return m
+
+
+def _per_class(values, y, K):
+    """Mean of values over each class's samples; NaN for classes without samples."""
+    out = np.full(K, np.nan)
+    for c in range(K):
+        if np.any(y == c):
+            out[c] = float(np.mean(values[y == c]))
+    return out
+
+
+def ncc_mismatch_per_class(features, labels, num_classes=None, weight=None, bias=None, logits=None,
+                           class_means=None):
+    """For each class c, the NCC mismatch over the samples labelled c; NaN where none is."""
+    h, y, K = _prepare(features, labels, num_classes)
+    nearest = ncc_assign(h, _centres(h, y, K, class_means))
+    return _per_class(_decisions_of(h, y, weight, bias, logits) != nearest, y, K)
+
+
+def ncc_accuracy_per_class(features, labels, num_classes=None, class_means=None):
+    """For each class c, the fraction of its samples whose nearest class centre is c; NaN for
+    absent classes."""
+    h, y, K = _prepare(features, labels, num_classes)
+    return _per_class(ncc_assign(h, _centres(h, y, K, class_means)) == y, y, K)
+
+
+def ncc_mismatch(features, labels, num_classes=None, weight=None, bias=None, logits=None, class_means=None):
     """NCC mismatch, paper 003 def. 5 / SPEC NC4: the fraction of samples whose network decision
     differs from the nearest class centre among the present classes' means (as class indices).
 
     The decision is argmax_c (W h_i + b)_c when weight is given (bias optional), otherwise
     argmax_c z_ic of the given logits (N, num_classes). When both weight and logits are given the
-    weight is used. Ties go to the lowest class index on both sides.
+    weight is used. Ties go to the lowest class index on both sides. ``class_means`` (K, D): the
+    centres for a held-out split (the train split's means; NaN rows never win); default the
+    means of these features.
     """
     h, y, K = _prepare(features, labels, num_classes)
-    if weight is not None:
-        decided = decisions(h, weight, bias)
-    elif bias is not None:
-        raise ValueError("bias was given without weight")
-    elif logits is not None:
-        z = _np64(logits)
-        if z.ndim != 2 or z.shape[0] != len(y):
-            raise ValueError(f"logits must have shape ({len(y)}, num_classes), got {z.shape}")
-        decided = np.argmax(z, axis=1)
-    else:
-        raise ValueError("ncc_mismatch needs weight or logits")
-    nearest = ncc_assign(h, class_means(h, y, K))
-    return float(np.mean(decided != nearest))
+    nearest = ncc_assign(h, _centres(h, y, K, class_means))
+    return float(np.mean(_decisions_of(h, y, weight, bias, logits) != nearest))
 
 
-def ncc_accuracy(features, labels, num_classes=None):
-    """Fraction of samples whose nearest class centre (present classes only) is their label."""
+def ncc_accuracy(features, labels, num_classes=None, class_means=None):
+    """Fraction of samples whose nearest class centre (present classes only, or the given
+    ``class_means`` of the train split for a held-out one) is their label."""
     h, y, K = _prepare(features, labels, num_classes)
-    return float(np.mean(ncc_assign(h, class_means(h, y, K)) == y))
+    return float(np.mean(ncc_assign(h, _centres(h, y, K, class_means)) == y))
 
 
 def vci_literal(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
@@ -730,6 +832,8 @@ def nc_metrics(
     bias=None,
     logits=None,
     superclass=None,
+    ood_features=None,
+    class_means=None,
     weighting="balanced",
     rtol=DEFAULT_RTOL,
 ):
@@ -737,8 +841,10 @@ def nc_metrics(
 
     Always: nc1, fuzziness, squared_distance, nc2_etf, equinorm, equiangularity, coherence, cdnv,
     vci, cosine_separation, rank, effective_rank, ncc_accuracy, feature_norm.
-    With weight: nc3 and ncc_mismatch (decision from weight/bias). With logits: logits_norm, and
-    ncc_mismatch from the logits when no weight is given. With superclass: msdr.
+    With weight: nc3, nc3_etf, duality_mean, duality_std and ncc_mismatch (decision from
+    weight/bias). With logits: logits_norm, and ncc_mismatch from the logits when no weight is
+    given. With superclass: msdr. With ood_features: nc5_ood. ``class_means``: the NCC centres
+    (the train split's means, for a held-out split).
     """
     h, y, K = _prepare(features, labels, num_classes)
     out = {
@@ -754,15 +860,19 @@ def nc_metrics(
         "cosine_separation": cosine_separation(h, y, K),
         "rank": float(rank(h, y, K, weighting, rtol)),
         "effective_rank": effective_rank(h, y, K, weighting, rtol),
-        "ncc_accuracy": ncc_accuracy(h, y, K),
+        "ncc_accuracy": ncc_accuracy(h, y, K, class_means),
         "feature_norm": feature_norm(h),
     }
     if weight is not None:
         out["nc3"] = nc3(h, y, weight, K, weighting)
+        out["nc3_etf"] = nc3_etf(h, y, weight, K, weighting)
+        out["duality_mean"], out["duality_std"] = duality(h, y, weight, K, weighting)
     if weight is not None or logits is not None:
-        out["ncc_mismatch"] = ncc_mismatch(h, y, K, weight=weight, bias=bias, logits=logits)
+        out["ncc_mismatch"] = ncc_mismatch(h, y, K, weight=weight, bias=bias, logits=logits, class_means=class_means)
     if logits is not None:
         out["logits_norm"] = logits_norm(logits)
     if superclass is not None:
         out["msdr"] = msdr(h, y, superclass, K)
+    if ood_features is not None:
+        out["nc5_ood"] = nc5_ood(h, y, ood_features, K)
     return out
