@@ -114,3 +114,61 @@ def test_probe_leaves_out_msdr_when_original_classes_are_split():
     out, _ = _features(model, x, "hidden")
     assert_close(probe.details["hidden"].class_distance.numpy(), ref.class_distance(out.numpy(), y_orig.numpy()),
                  rtol=1e-9, what="class_distance")
+
+
+def test_held_out_loader_scored_against_the_train_means():
+    """measure(test, class_means=train_probe.class_means) scores NCC on the test features against
+    the train split's class means of each layer (paper 003 def. 6), equal to nc_metrics with those
+    means; every other metric is the test split's own. logits_norm is the norm of the logits the
+    loss sees (logit_scale times the network's), logits_norm_raw the network's."""
+    torch.manual_seed(1)
+    model = Net().eval()
+    x_tr, y_tr, _ = _data(n=240, seed=0)
+    x_te, y_te, _ = _data(n=120, seed=7)
+    probe = ncfast.LayerProbe(model, ["conv", "hidden"], num_classes=4, head=model.head, penultimate="hidden",
+                              logit_scale=10.0)
+    probe.measure(_batches(x_tr, y_tr))
+    train_means = probe.class_means
+    assert set(train_means) == {"conv", "hidden"}
+    got = probe.measure(_batches(x_te, y_te), class_means=train_means)
+    own_means = probe.class_means
+    for name in ("conv", "hidden"):
+        out_tr, _ = _features(model, x_tr, name)
+        out, logits = _features(model, x_te, name)
+        flat = out.reshape(x_te.shape[0], -1)
+        want_means = ncfast.class_moments(out_tr.reshape(x_tr.shape[0], -1), y_tr).means
+        assert_close(train_means[name].numpy(), want_means.numpy(), rtol=1e-12, what="train means")
+        assert_close(own_means[name].numpy(), ncfast.class_moments(flat, y_te).means.numpy(), rtol=1e-12,
+                     what="own means")
+        want = ncfast.nc_metrics(flat, y_te, num_classes=4, logits=logits, class_means=want_means)
+        assert got[name]["ncc_accuracy"] == want["ncc_accuracy"]
+        assert got[name]["ncc_mismatch"] == want["ncc_mismatch"]
+        assert got[name]["ncc_accuracy"] == ref.ncc_accuracy(flat, y_te, 4, class_means=want_means)
+        assert_close(got[name].per_class["ncc_accuracy"].numpy(), want.per_class["ncc_accuracy"].numpy(), rtol=0,
+                     what="per class accuracy")
+        assert_close(got[name].per_class["ncc_mismatch"].numpy(), want.per_class["ncc_mismatch"].numpy(), rtol=0,
+                     what="per class mismatch")
+        assert_close(got[name]["nc1"], want["nc1"], rtol=1e-9, what="nc1 of the test features")
+        assert got[name]["logits_norm_raw"] == pytest.approx(ref.logits_norm(logits), rel=1e-12)
+        assert got[name]["logits_norm"] == pytest.approx(10.0 * ref.logits_norm(logits), rel=1e-12)
+    with pytest.raises(ValueError, match="class_means"):
+        probe.measure(_batches(x_te, y_te), class_means={"conv": train_means["conv"]})
+    with pytest.raises(ValueError, match="class_means"):
+        probe.measure(_batches(x_te, y_te), class_means={"conv": train_means["conv"][:, :3],
+                                                         "hidden": train_means["hidden"]})
+    with pytest.raises(ValueError, match="logit_scale"):
+        ncfast.LayerProbe(model, ["hidden"], num_classes=4, logit_scale=0.0)
+
+
+def test_degenerate_is_judged_on_the_features_the_dxd_metrics_used():
+    """A batch of 8 samples: the 36 flattened conv features are affinely independent (rank 7 =
+    N - 1: degenerate), but with max_dim below 36 the D x D metrics come from the 3 channel means,
+    where rank 3 < N - 1 is no artefact of the sample size."""
+    torch.manual_seed(2)
+    model = Net().eval()
+    x, y, _ = _data(n=8)
+    full = ncfast.LayerProbe(model, ["conv"], num_classes=4).measure(_batches(x, y))
+    pooled = ncfast.LayerProbe(model, ["conv"], num_classes=4, max_dim=10).measure(_batches(x, y))
+    out, _ = _features(model, x, "conv")
+    assert full["conv"].degenerate == ref.degenerate(out.reshape(8, -1), y, 4) == ("vci", "rank", "effective_rank")
+    assert pooled["conv"].degenerate == ref.degenerate(out.mean(dim=2), y, 4) == ()

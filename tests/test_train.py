@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import ncfast
 from ncfast.train.__main__ import main, parse_args
 from ncfast.train.trainer import Config, Trainer, transform_labels
 from test_train_data import make_idx_dir, write_cifar
@@ -23,7 +24,8 @@ def _tiny(tmp_path, **kw):
 
 
 def _check_outputs(out, epochs, layers, msdr=True):
-    """msdr: whether every original class sits inside one training label (not so for fine labels)."""
+    """A run on relabelled data (coarse, fine or random-coarse labels). msdr: whether every
+    original class sits inside one training label (not so for fine labels)."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == list(range(epochs + 1))  # epoch 0 (untrained) included
     for r in lines:
@@ -36,6 +38,7 @@ def _check_outputs(out, epochs, layers, msdr=True):
                 assert want <= set(m), want - set(m)
                 assert msdr or "msdr" not in m
                 assert m["dxd_features"] in ("full", "channel_pooled")
+                assert set(m["degenerate"]) <= {"vci", "rank", "effective_rank"}
                 assert 0.0 <= m["ncc_mismatch"] <= 1.0 and 0.0 <= m["ncc_accuracy"] <= 1.0
     for e in range(epochs + 1):
         d = np.load(out / "class_distance" / f"epoch_{e:03d}.npy")
@@ -43,19 +46,26 @@ def _check_outputs(out, epochs, layers, msdr=True):
         every = np.load(out / "class_distance" / f"epoch_{e:03d}_layers.npz")
         assert set(every.files) == {f"{name}/{split}" for name in layers for split in ("train", "test")}
         assert all(every[k].shape == d.shape for k in every.files)
+        # the class distance over the training labels (paper 000 fig. 15 under --fine)
+        assert (out / "class_distance" / f"epoch_{e:03d}_train_labels.npy").exists()
     summary = json.loads((out / "summary.json").read_text())
     for k in ("clp_accuracy", "linear_probe_accuracy", "train_accuracy", "test_accuracy", "interpolation_epoch",
               "final_metrics", "linear_probe_per_layer"):
         assert k in summary
-    assert 0.0 <= summary["clp_accuracy"] <= 1.0 and 0.0 <= summary["linear_probe_accuracy"] <= 1.0
+    # CLP only where a training class holds several original classes: never under fine labels
+    assert (summary["clp_accuracy"] is None) == (not msdr)
+    assert msdr is False or 0.0 <= summary["clp_accuracy"] <= 1.0
+    assert 0.0 <= summary["linear_probe_accuracy"] <= 1.0
     for f in ("class_distance.png", "nc_curves.png", "ncc_mismatch_per_layer.png"):
         assert (out / "figures" / f).stat().st_size > 0
+    assert (out / "figures" / "class_distance_train_labels.png").stat().st_size > 0
     return lines, summary
 
 
 def test_digits_coarse_end_to_end(tmp_path):
     cfg = _tiny(tmp_path, dataset="digits", coarse=5, epochs=2, batch_size=128)
-    summary = Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    summary = trainer.run()
     lines, _ = _check_outputs(tmp_path / "run", 2, ["layer1", "layer2", "layer3", "layer4", "pool"])
     pool = lines[-1]["layers"]["pool"]["train"]
     assert pool["dxd_features"] == "channel_pooled"  # 32 features > max_dim 16
@@ -63,6 +73,24 @@ def test_digits_coarse_end_to_end(tmp_path):
     assert summary["num_train_classes"] == 5 and summary["num_original_classes"] == 10
     # MSDR exists because every original digit sits inside one coarse label
     assert math.isfinite(pool["msdr"])
+    assert np.load(tmp_path / "run" / "class_distance" / "epoch_002_train_labels.npy").shape == (5, 5)
+    # the test split's NCC is scored against the train split's class means of the same layer
+    model = trainer.model.eval()
+    for name in ("layer1", "pool"):
+        feats, logits = {}, {}
+        for split in ("train", "test"):
+            store = []
+            hook = dict(model.named_modules())[name].register_forward_hook(
+                lambda m, i, o: store.append(o.reshape(o.shape[0], -1)))
+            with torch.no_grad():
+                logits[split] = model(trainer.x[split])
+            hook.remove()
+            feats[split] = store[0]
+        train_means = ncfast.class_moments(feats["train"], trainer.y["train"], num_classes=5).means
+        want = ncfast.nc_metrics(feats["test"], trainer.y["test"], num_classes=5, logits=logits["test"],
+                                 class_means=train_means)
+        got = lines[-1]["layers"][name]["test"]
+        assert got["ncc_accuracy"] == want["ncc_accuracy"] and got["ncc_mismatch"] == want["ncc_mismatch"]
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
@@ -86,6 +114,8 @@ def test_gmm_fine_labels_end_to_end(tmp_path):
     summary = Trainer(cfg).run()
     _check_outputs(tmp_path / "run", 1, ["layer1", "layer2"], msdr=False)
     assert summary["num_train_classes"] == 16
+    # paper 000 fig. 15: the 2C x 2C class distance over the fine training labels
+    assert np.load(tmp_path / "run" / "class_distance" / "epoch_001_train_labels.npy").shape == (16, 16)
 
 
 def test_resume_reaches_the_same_result(tmp_path, monkeypatch):

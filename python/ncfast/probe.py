@@ -4,18 +4,26 @@
 ``ClassMoments`` per watched layer (features are never stored); a second pass, now that the class
 means are final, scores every sample's nearest class centre at every layer against its label and
 against the network's own decision (NCC accuracy and NCC mismatch, paper 003 def. 5). Then
-``metrics_from_moments`` gives the rest of SPEC.md's metrics for each layer::
+``metrics_from_moments`` gives the rest of the metrics of docs/metrics.md for each layer::
 
     probe = ncfast.LayerProbe(model, ["layer3", "layer4", "pool"], num_classes=10)
-    metrics = probe.measure(loader)          # {layer: NCMetrics}
-    print(metrics["layer4"]["nc1"], metrics["layer4"]["ncc_mismatch"])
+    train = probe.measure(train_loader)      # {layer: NCMetrics}
+    train_means = probe.class_means          # {layer: (C, D) float64}, this loader's class means
+    test = probe.measure(test_loader, class_means=train_means)
+    print(test["layer4"]["nc1"], test["layer4"]["ncc_mismatch"])
+
+On a held-out split the nearest class centre must be taken among the TRAIN class means of the same
+layer (paper 003 def. 6; Papyan et al.'s NC4 on test data), never the held-out split's own: pass a
+train measure's ``class_means`` back, as above. Every other metric of the held-out split describes
+its own features.
 
 A layer's output is flattened per sample. When its flattened size exceeds ``max_dim`` (a D x D
 scatter would be too large: 64 x 32 x 32 = 65,536 features make a 34 GB matrix), the D x D
 metrics (``SCATTER_METRICS``: nc1, fuzziness, vci, rank, effective_rank) are computed on the
 channel-pooled features (the mean over spatial positions, one value per channel) and the layer's
 result says so in ``NCMetrics.dxd_features == "channel_pooled"``; every other metric, NCC
-included, uses the full flattened features.
+included, uses the full flattened features. ``NCMetrics.degenerate`` is judged on the features the
+D x D metrics were computed on (the channel-pooled ones for such a layer).
 
 With original labels beside the training labels (coarse / fine experiments, paper 000), each
 layer also keeps the moments of the original classes: ``LayerResult.class_distance`` is their
@@ -25,6 +33,7 @@ training labels, as with fine labels).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +55,7 @@ class LayerResult:
     class_distance: torch.Tensor | None  # (C_orig, C_orig) on the original labels, or None
     dim: int  # flattened feature size
     dxd_dim: int  # size of the features the D x D metrics were computed on
+    train_class_distance: torch.Tensor  # (C, C) on the training labels the loader yields
 
 
 def _flatten(out) -> torch.Tensor:
@@ -73,6 +83,9 @@ class LayerProbe:
         penultimate: name (in ``layers``) of the layer that feeds ``head``.
         num_original_classes: number of original classes when the loader also yields original labels.
         weighting, rtol: as in ``nc_metrics``.
+        logit_scale: the factor T by which the loss sees the network's logits (paper 002's
+            temperature): ``logits_norm`` is mean_i ||T z_i||, the norm of the logits the loss
+            sees, and ``logits_norm_raw`` mean_i ||z_i|| of the network's output.
         max_dim: layers with more flattened features get their D x D metrics from channel-pooled
             features (see the module docstring).
         class_counts: training-label counts of the data the loader yields; needed for the exact
@@ -83,7 +96,7 @@ class LayerProbe:
     def __init__(self, model: nn.Module, layers, num_classes: int, *, head: nn.Linear | None = None,
                  penultimate: str | None = None, num_original_classes: int | None = None,
                  weighting: str = "balanced", rtol: float | None = None, max_dim: int = DEFAULT_MAX_DIM,
-                 class_counts=None):
+                 class_counts=None, logit_scale: float = 1.0):
         check_choice(weighting, WEIGHTINGS, "weighting")
         modules = dict(model.named_modules())
         layers = list(layers)
@@ -100,6 +113,8 @@ class LayerProbe:
             raise ValueError(f"num_classes: must be >= 2, got {num_classes}")
         if max_dim < 1:
             raise ValueError(f"max_dim: must be >= 1, got {max_dim}")
+        if not (math.isfinite(logit_scale) and logit_scale > 0):
+            raise ValueError(f"logit_scale: must be a finite number > 0, got {logit_scale}")
         self.model = model
         self.layers = layers
         self.modules = {name: modules[name] for name in layers}
@@ -111,6 +126,8 @@ class LayerProbe:
         self.rtol = rtol
         self.max_dim = int(max_dim)
         self.class_counts = None if class_counts is None else torch.as_tensor(class_counts, dtype=torch.int64)
+        self.logit_scale = float(logit_scale)
+        self.class_means: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ passes
     def _forward_all(self, loader, on_batch):
@@ -134,10 +151,23 @@ class LayerProbe:
                 h.remove()
             self.model.train(was_training)
 
-    def measure(self, loader) -> dict[str, NCMetrics]:
+    def measure(self, loader, class_means=None) -> dict[str, NCMetrics]:
         """Per-layer metrics of the samples ``loader`` yields as (inputs, labels) or (inputs, labels,
         original_labels), on the model's device. ``loader`` must yield the same samples on each
-        iteration (no shuffling or augmentation)."""
+        iteration (no shuffling or augmentation).
+
+        ``class_means``: ``{layer: (num_classes, D) tensor}`` to score the nearest class centre
+        (ncc_accuracy, ncc_mismatch and their per-class vectors) against, for a held-out loader:
+        the ``class_means`` a measure of the train loader left (paper 003 def. 6). Rows holding
+        NaN (classes absent from the train data) are no candidates. Default: this loader's own
+        means. Afterwards ``self.class_means`` holds this loader's means, float64, NaN rows for
+        absent classes; ``self.details`` a LayerResult per layer; ``self.accuracy`` the
+        network's accuracy on these samples.
+        """
+        if class_means is not None:
+            missing = [name for name in self.layers if name not in class_means]
+            if missing:
+                raise ValueError(f"class_means: no means for layers {missing}")
         counts = self.class_counts
         if counts is None:
             counts = torch.zeros(self.num_classes, dtype=torch.int64)
@@ -167,6 +197,13 @@ class LayerProbe:
                         "superclass": None if y_orig is None or self.num_original_classes is None else
                         torch.full((self.num_original_classes,), -1, dtype=torch.int64, device=dev),
                     }
+                if class_means is not None and "checked" not in s:
+                    mu = class_means[name]
+                    if not isinstance(mu, torch.Tensor) or mu.shape != (self.num_classes, flat.shape[1]):
+                        raise ValueError(f"class_means[{name!r}]: expected a tensor of shape "
+                                         f"({self.num_classes}, {flat.shape[1]}), got "
+                                         f"{tuple(getattr(mu, 'shape', ()))}")
+                    s["checked"] = True
                 s["full"].update(flat, y)
                 if s["pooled"] is not None:
                     s["pooled"].update(_pool(out), y)
@@ -187,7 +224,11 @@ class LayerProbe:
         if not state:
             raise ValueError("loader: yielded no batch")
 
-        hits = {name: [0, 0, 0] for name in self.layers}  # ncc == label, ncc != decision, rows
+        means = {name: state[name]["full"].means for name in self.layers}
+        centres = means if class_means is None else {
+            name: class_means[name].to(device=means[name].device, dtype=torch.float64) for name in self.layers}
+        # per layer and class: samples whose nearest centre is their label / differs from the decision
+        hits = {name: torch.zeros(2, self.num_classes, dtype=torch.int64) for name in self.layers}
         correct = [0, 0]  # decision == label, rows
 
         def second(captured, logits, y, y_orig):
@@ -195,21 +236,20 @@ class LayerProbe:
             correct[0] += int((decisions == y).sum())
             correct[1] += y.shape[0]
             for name in self.layers:
-                nearest = ncc_assign(_flatten(captured[name]), state[name]["full"].means)
-                h = hits[name]
-                h[0] += int((nearest == y).sum())
-                h[1] += int((nearest != decisions).sum())
-                h[2] += y.shape[0]
+                nearest = ncc_assign(_flatten(captured[name]), centres[name])
+                hits[name][0] += torch.bincount(y[nearest == y], minlength=self.num_classes).cpu()
+                hits[name][1] += torch.bincount(y[nearest != decisions], minlength=self.num_classes).cpu()
 
         self._forward_all(loader, second)
         self.accuracy = correct[0] / max(1, correct[1])  # the network's own accuracy on these samples
+        self.class_means = means
 
         results: dict[str, NCMetrics] = {}
         self.details: dict[str, LayerResult] = {}
         kw = dict(weighting=self.weighting)
         if self.rtol is not None:
             kw["rtol"] = self.rtol
-        logits_norm = state["_logits"]["norm_sum"] / max(1, state["_logits"]["n"])
+        logits_norm_raw = state["_logits"]["norm_sum"] / max(1, state["_logits"]["n"])
         for name in self.layers:
             s = state[name]
             weight = self.head.weight.detach() if (self.head is not None and name == self.penultimate) else None
@@ -221,19 +261,26 @@ class LayerProbe:
                 for k in SCATTER_METRICS:
                     out[k] = pooled[k]
                 out.ranks.update(pooled.ranks)
+                out.degenerate = pooled.degenerate
                 dxd = s["pooled"].dim
             out.dxd_features = "channel_pooled" if s["pooled"] is not None else "full"
-            n_rows = hits[name][2]
-            out["ncc_accuracy"] = hits[name][0] / n_rows
-            out["ncc_mismatch"] = hits[name][1] / n_rows
-            out["logits_norm"] = logits_norm
+            counts = s["full"].counts.cpu()
+            n_rows = int(counts.sum())
+            out["ncc_accuracy"] = int(hits[name][0].sum()) / n_rows
+            out["ncc_mismatch"] = int(hits[name][1].sum()) / n_rows
+            nan = torch.full((self.num_classes,), float("nan"), dtype=torch.float64)
+            for i, key in enumerate(("ncc_accuracy", "ncc_mismatch")):
+                out.per_class[key] = torch.where(counts > 0, hits[name][i].double() / counts.clamp_min(1), nan)
+            out["logits_norm"] = self.logit_scale * logits_norm_raw
+            out["logits_norm_raw"] = logits_norm_raw
             distance = None
             if s["orig"] is not None:
                 distance = class_distance_from_moments(s["orig"])
                 if not s.get("split"):  # with fine labels the original classes have no super-class
                     out["msdr"] = _msdr(distance, sup)
             results[name] = out
-            self.details[name] = LayerResult(class_distance=distance, dim=s["full"].dim, dxd_dim=dxd)
+            self.details[name] = LayerResult(class_distance=distance, dim=s["full"].dim, dxd_dim=dxd,
+                                             train_class_distance=class_distance_from_moments(s["full"]))
         return results
 
 

@@ -37,17 +37,28 @@ def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path, title:
 
 
 def nc_curves(records: list[dict], layer: str, path: Path) -> None:
-    """The NC metrics of one layer over epochs, train and test."""
+    """The NC metrics of one layer over epochs, train and test.
+
+    A value the sample size forced (listed in the record's ``degenerate``: rank(Sigma_T) = N - 1,
+    where VCI and rank say nothing about the geometry) is left off its curve and drawn as a hollow
+    marker, so that it does not read as collapse."""
     plt = _plt()
     names = [k for k in CURVES if any(k in r["layers"][layer].get("train", {}) for r in records)]
     cols = 4
     rows = max(1, math.ceil(len(names) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     epochs = [r["epoch"] for r in records]
+    any_degenerate = False
     for ax, name in zip(axes.flat, names):
         for split in ("train", "test"):
-            ys = [r["layers"][layer].get(split, {}).get(name, float("nan")) for r in records]
-            ax.plot(epochs, ys, marker=".", label=split)
+            entries = [r["layers"][layer].get(split, {}) for r in records]
+            forced = [name in e.get("degenerate", ()) for e in entries]
+            ys = [float("nan") if e.get(name) is None else e[name] for e in entries]
+            line = ax.plot(epochs, [float("nan") if f else v for v, f in zip(ys, forced)], marker=".", label=split)[0]
+            if any(forced):
+                any_degenerate = True
+                ax.plot([e for e, f in zip(epochs, forced) if f], [v for v, f in zip(ys, forced) if f],
+                        linestyle="none", marker="o", markerfacecolor="none", color=line.get_color())
         if name in ("nc1", "cdnv") and all(v > 0 for v in ys if v == v):
             ax.set_yscale("log")
         ax.set_title(name)
@@ -55,7 +66,8 @@ def nc_curves(records: list[dict], layer: str, path: Path) -> None:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes.flat[0].legend()
-    fig.suptitle(f"{layer}")
+    note = "   (hollow: degenerate, forced by the sample size: rank(Sigma_T) = N - 1)" if any_degenerate else ""
+    fig.suptitle(f"{layer}{note}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -108,6 +108,10 @@ def clp(train_x, train_sup, train_orig, test_x, test_sup, test_orig, *, embeddin
 
     ``*_sup`` are the training labels (super-classes), ``*_orig`` the original labels; only the
     number of original classes inside each super-class (from the train split) is used to cluster.
+    The accuracy is taken over the test samples of the super-classes that hold more than one
+    original class (a super-class of one original class has nothing to discover: its samples
+    would score 100% whatever the features); None when no super-class holds more than one, as
+    with fine labels, where every training class is part of one original class.
     """
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding: expected one of {EMBEDDINGS}, got {embedding!r}")
@@ -123,12 +127,15 @@ def clp(train_x, train_sup, train_orig, test_x, test_sup, test_orig, *, embeddin
         groups[int(s)] = (next_label, k)
         pictures[int(s)] = (z if z.shape[1] == 2 else embed(train_x[rows], "pca", seed), train_orig[rows])
         next_label += k
+    if all(k == 1 for _, k in groups.values()):
+        return None, pictures
     predicted = _Logistic(device=device).fit(train_x, pseudo).predict(test_x)
-    correct = 0
+    correct = scored = 0
     for s, (first, k) in groups.items():
         rows = np.flatnonzero(test_sup == s)
-        if rows.size == 0:
+        if rows.size == 0 or k == 1:
             continue
+        scored += rows.size
         originals = np.unique(np.concatenate([train_orig[train_sup == s], test_orig[rows]]))
         # confusion between the super-class's clusters and its original classes, on its test rows
         conf = np.zeros((k, originals.size))
@@ -138,4 +145,4 @@ def clp(train_x, train_sup, train_orig, test_x, test_sup, test_orig, *, embeddin
                 conf[cluster, j] = np.sum(hit & (test_orig[rows] == o))
         r, c = linear_sum_assignment(conf, maximize=True)
         correct += conf[r, c].sum()
-    return float(correct / max(1, test_x.shape[0])), pictures
+    return float(correct / max(1, scored)), pictures

@@ -184,6 +184,7 @@ class Trainer:
         height = ds.train_x.shape[2] if image else 0
         self.pad = 4 if height >= 28 else max(1, height // 8)  # 4 on 28 / 32 px, 1 on the 8 x 8 digits
         self.svsl_layers = self.layers[cfg.svsl_gamma:] if cfg.svsl_alpha > 0 else []
+        self.logit_scale = 1.0 / cfg.temperature  # the loss sees the network's logits times this
         self.autocast = dev.type == "cuda"
         self.history: list[dict] = []
         self.epoch = 0
@@ -266,27 +267,42 @@ class Trainer:
             hits += int((self.model(xb).argmax(1) == yb).sum())
         return hits / self.x[split].shape[0]
 
-    def measure(self) -> tuple[dict, dict, dict]:
-        """{layer: {split: metrics}}, {(layer, split): class-distance matrix on the original labels}
-        and {split: accuracy} (from the probe's own pass: no extra forward pass)."""
+    def measure(self) -> tuple[dict, dict, dict, dict]:
+        """{layer: {split: metrics}}, {(layer, split): class-distance matrix on the original labels},
+        the same on the training labels, and {split: accuracy} (from the probe's own pass: no extra
+        forward pass).
+
+        The test split's NCC accuracy and mismatch are scored against the train split's class means
+        of the same layer (paper 003 def. 6), not the test split's own; its other metrics describe
+        the test features themselves."""
         layers: dict[str, dict] = {name: {} for name in self.layers}
-        distances = {}
+        distances, train_label_distances = {}, {}
         accuracy = {}
         pen = self.model.penultimate_name if self.model.penultimate_name in self.layers else None
+        train_means = None
         for split in ("train", "test"):
             probe = LayerProbe(self.model, self.layers, self.num_train_classes,
                                head=self.model.head if pen else None, penultimate=pen,
                                num_original_classes=self.num_original, class_counts=self.counts[split],
-                               max_dim=self.cfg.max_dim)
-            result = probe.measure(self._loader(split))
+                               max_dim=self.cfg.max_dim, logit_scale=self.logit_scale)
+            result = probe.measure(self._loader(split), class_means=train_means)
+            if split == "train":
+                train_means = probe.class_means
             accuracy[split] = probe.accuracy
             for name, metrics in result.items():
                 entry = dict(metrics)
                 entry["dxd_features"] = metrics.dxd_features
                 entry["dim"] = probe.details[name].dim
+                entry["degenerate"] = list(metrics.degenerate)
                 layers[name][split] = entry
                 distances[(name, split)] = probe.details[name].class_distance
-        return layers, distances, accuracy
+                train_label_distances[(name, split)] = probe.details[name].train_class_distance
+        return layers, distances, train_label_distances, accuracy
+
+    @property
+    def relabelled(self) -> bool:
+        """Whether the training labels differ from the original ones (--coarse, --fine, --random-coarse)."""
+        return self.cfg.coarse is not None or self.cfg.fine or self.cfg.random_coarse is not None
 
     # ---------------------------------------------------------------- the run
     def run(self) -> dict:
@@ -315,12 +331,16 @@ class Trainer:
         cfg = self.cfg
         record = {"epoch": epoch, "train_loss": loss, "lr": self.opt.param_groups[0]["lr"]}
         if epoch % cfg.metrics_every == 0 or epoch == cfg.epochs:
-            record["layers"], distances, accuracy = self.measure()
+            record["layers"], distances, train_label_distances, accuracy = self.measure()
             record["train_acc"], record["test_acc"] = accuracy["train"], accuracy["test"]
             pen = self.model.penultimate_name
             folder = self.out / "class_distance"
             if distances.get((pen, "train")) is not None:
                 np.save(folder / f"epoch_{epoch:03d}.npy", distances[(pen, "train")].cpu().numpy())
+            if self.relabelled and train_label_distances.get((pen, "train")) is not None:
+                # over the training labels: with --fine the 2C x 2C matrix of paper 000 fig. 15
+                np.save(folder / f"epoch_{epoch:03d}_train_labels.npy",
+                        train_label_distances[(pen, "train")].cpu().numpy())
             # every probed layer and split, original labels: arrays named "<layer>/<split>"
             np.savez(folder / f"epoch_{epoch:03d}_layers.npz",
                      **{f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None})
@@ -402,7 +422,8 @@ class Trainer:
         }
         _atomic_text(json.dumps(_finite(summary), indent=1), self.out / "summary.json")
         self._figures(evaluated, pictures)
-        print(f"CLP accuracy on the {self.num_original} original classes: {clp_acc:.4f}   "
+        clp_text = "n/a (no training class holds two original classes)" if clp_acc is None else f"{clp_acc:.4f}"
+        print(f"CLP accuracy on the {self.num_original} original classes: {clp_text}   "
               f"linear probe on the true original labels: {lin_acc:.4f}   "
               f"train acc {last['train_acc']:.4f}  test acc {last['test_acc']:.4f}  "
               f"interpolation epoch {it}", flush=True)
@@ -415,6 +436,12 @@ class Trainer:
                      for p in sorted((self.out / "class_distance").glob("epoch_[0-9][0-9][0-9].npy"))}
         if distances:
             figures.class_distance_heatmaps(distances, fig_dir / "class_distance.png")
+        relabelled = {int(p.stem.split("_")[1]): np.load(p)
+                      for p in sorted((self.out / "class_distance").glob("epoch_[0-9][0-9][0-9]_train_labels.npy"))}
+        if relabelled:
+            figures.class_distance_heatmaps(
+                relabelled, fig_dir / "class_distance_train_labels.png",
+                title=f"class distance D ({self.num_train_classes} training labels, penultimate layer, train)")
         if evaluated:
             figures.nc_curves(evaluated, pen, fig_dir / "nc_curves.png")
             figures.mismatch_per_layer(evaluated, self.layers, fig_dir / "ncc_mismatch_per_layer.png")
