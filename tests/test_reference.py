@@ -1,5 +1,4 @@
-"""Tests of ncfast.reference against hand-computed cases and identities, and of the torch
-svsl_loss against the reference."""
+"""Tests of ncfast.reference against hand-computed cases and identities (svsl_loss: test_losses.py)."""
 
 import math
 
@@ -8,7 +7,6 @@ import pytest
 import torch
 
 from ncfast import reference as ref
-from ncfast.losses import svsl_loss
 
 
 def _blobs(rng, counts, dim, spread=1.0, spacing=3.0):
@@ -362,67 +360,3 @@ def test_bad_input():
         ref.nc1(H1[:5], Y1)
     with pytest.raises(ValueError, match="2 present classes"):
         ref.nc1(H1[:2], Y1[:2])
-
-
-# ----------------------------------------------------------------------------------------------
-# SVSL
-# ----------------------------------------------------------------------------------------------
-
-
-def test_svsl_reference_hand_case():
-    y = np.array([0, 0, 2, 2])  # class 1 absent: C_B = 2
-    layer1 = np.array([[0.0], [2.0], [5.0], [9.0]])  # per-class mean sq. deviation: 1, 4
-    layer2 = np.array([[0.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 1.0]])  # 1, 0
-    # alpha/L * (1/C_B) * ((1 + 1) + (4 + 0)) = 0.5/2 * 3
-    assert ref.svsl_loss([layer1, layer2], y, alpha=0.5) == pytest.approx(0.75, rel=1e-15)
-
-
-def _svsl_batch(dtype=torch.float64, n=12, seed=13):
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.tensor([0, 3, 1, 0, 3, 3, 1, 0, 4, 1, 0, 3][:n])  # class 2 absent
-    conv = torch.randn(n, 4, 3, 3, generator=gen, dtype=torch.float64).to(dtype)
-    flat = torch.randn(n, 7, generator=gen, dtype=torch.float64).to(dtype)
-    return [conv, flat], labels
-
-
-def test_svsl_torch_matches_reference():
-    layers, labels = _svsl_batch()
-    loss = svsl_loss(layers, labels, alpha=0.3)
-    assert loss.dim() == 0 and loss.dtype == torch.float64
-    assert loss.item() == pytest.approx(ref.svsl_loss(layers, labels, 0.3), rel=1e-12)
-    one = svsl_loss(layers[1:], labels, alpha=0.3)
-    assert one.item() == pytest.approx(ref.svsl_loss(layers[1:], labels, 0.3), rel=1e-12)
-    # channels-last style non-contiguous input gives the same value
-    strided = [layers[0].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), layers[1]]
-    assert not strided[0].is_contiguous()
-    assert svsl_loss(strided, labels, alpha=0.3).item() == pytest.approx(loss.item(), rel=1e-14)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_svsl_torch_low_precision(dtype):
-    layers, labels = _svsl_batch(dtype)
-    loss = svsl_loss(layers, labels, alpha=0.3)
-    assert loss.dtype == torch.float32
-    # the reference sees the same rounded inputs, so only float32 accumulation differs
-    assert loss.item() == pytest.approx(ref.svsl_loss(layers, labels, 0.3), rel=1e-5)
-
-
-def test_svsl_gradcheck():
-    layers, labels = _svsl_batch(n=8)
-    small = [layers[0][:, :2, :2, :1].clone().requires_grad_(), layers[1][:, :3].clone().requires_grad_()]
-    assert torch.autograd.gradcheck(lambda a, b: svsl_loss([a, b], labels[:8], alpha=0.7), small)
-
-
-def test_svsl_alpha_zero_and_bad_input():
-    layers, labels = _svsl_batch()
-    assert svsl_loss(layers, labels, alpha=0.0).item() == 0.0
-    with pytest.raises(ValueError, match="layer_features"):
-        svsl_loss([], labels, alpha=0.1)
-    with pytest.raises(ValueError, match=r"layer_features\[1\]"):
-        svsl_loss([layers[0], layers[1][:-1]], labels, alpha=0.1)
-    with pytest.raises(ValueError, match="labels"):
-        svsl_loss(layers, labels - 1, alpha=0.1)
-    with pytest.raises(TypeError, match="labels"):
-        svsl_loss(layers, labels.double(), alpha=0.1)
-    with pytest.raises(ValueError, match="alpha"):
-        svsl_loss(layers, labels, alpha=-0.1)

@@ -179,6 +179,23 @@ def test_command_line(tmp_path, capsys):
     assert "cifar-10" in err and "--download" in err
 
 
+def test_command_line_paper_knobs(tmp_path, capsys):
+    cfg = parse_args(["--arch", "mlp", "--logit-scale", "100", "--svsl-alpha", "1e-5", "--svsl-from", "layer2"])
+    assert cfg.logit_scale == 100.0 and cfg.svsl_alpha == 1e-5 and cfg.svsl_from == "layer2"
+    cfg = parse_args([])
+    assert cfg.logit_scale == 1.0 and cfg.svsl_alpha == 0.0 and cfg.svsl_from is None
+    for bad in (["--logit-scale", "0"], ["--logit-scale", "-1"], ["--logit-scale", "nan"],
+                ["--svsl-alpha", "-1e-5"], ["--temperature", "2"], ["--svsl-gamma", "1"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+        assert bad[0] in capsys.readouterr().err
+    out = str(tmp_path / "x")
+    assert main(["--dataset", "gmm", "--arch", "mlp", "--svsl-alpha", "1e-5", "--svsl-from", "layer7",
+                 "--out", out, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--svsl-from" in err and "layer7" in err and "layer1" in err
+
+
 def test_gmm_study_msdr_rises_with_sigma2():
     """Paper 000 appendix B: well separated clusters (large sigma^2) keep their sub-classes apart
     inside a super-class (MSDR well above 1); overlapping ones do not."""
@@ -205,20 +222,64 @@ def test_gmm_study_quick_writes_table_and_plot(tmp_path, capsys):
 
 
 def test_paper_knobs_run_and_change_training(tmp_path):
-    """--svsl-alpha / --svsl-gamma, --temperature, --init-scale and --output-norm reach the run: the
+    """--svsl-alpha / --svsl-from, --logit-scale, --init-scale and --output-norm reach the run: the
     LayerNorm becomes the penultimate layer, and SVSL changes the first epoch's loss."""
     base = dict(dataset="digits", arch="mlp", coarse=5, epochs=1, batch_size=256, metrics_every=1,
                 clp_embed="none", progress=False)
     plain = Trainer(Config(out=str(tmp_path / "plain"), **base))
+    assert plain.logit_scale == 1.0 and plain.svsl_layers == []
     plain.run()
-    knobs = Trainer(Config(out=str(tmp_path / "knobs"), svsl_alpha=0.5, svsl_gamma=1, temperature=2.0,
+    knobs = Trainer(Config(out=str(tmp_path / "knobs"), svsl_alpha=0.5, svsl_from="layer2", logit_scale=2.0,
                            init_scale=0.5, output_norm="layernorm", **base))
-    assert knobs.model.penultimate_name == "norm" and "norm" in knobs.layers
-    assert knobs.svsl_layers == knobs.layers[1:]
+    assert knobs.model.penultimate_name == "norm" and knobs.layers == ["layer1", "layer2", "norm"]
+    assert knobs.svsl_layers == ["layer2", "norm"] and knobs.logit_scale == 2.0
     summary = knobs.run()
     first = lambda run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[1])
     assert first("knobs")["train_loss"] != first("plain")["train_loss"]
     assert "norm" in summary["final_metrics"] and "nc3" in summary["final_metrics"]["norm"]["train"]
+    assert summary["config"]["logit_scale"] == 2.0 and summary["config"]["svsl_from"] == "layer2"
+
+
+def test_svsl_layers_follow_the_model_from_svsl_from(tmp_path):
+    """SVSL covers the probed layers from --svsl-from on in model order (not --layers order), the first
+    probed layer by default; the head is the output layer, which train_epoch always adds."""
+    base = dict(dataset="gmm", arch="mlp", epochs=1, progress=False, out=str(tmp_path / "run"))
+    t = Trainer(Config(svsl_alpha=1e-5, layers=["layer2", "head", "layer1"], **base))
+    assert t.svsl_layers == ["layer1", "layer2"]
+    assert Trainer(Config(svsl_alpha=1e-5, svsl_from="layer2", **base)).svsl_layers == ["layer2"]
+    assert Trainer(Config(svsl_alpha=1e-5, svsl_from="head", layers=["layer1", "head"], **base)).svsl_layers == []
+    assert Trainer(Config(svsl_alpha=0.0, svsl_from="layer2", **base)).svsl_layers == []  # off
+    for bad in ("layer9", "flatten"):  # unknown, or a module that is not probed
+        with pytest.raises(ValueError, match="--svsl-from"):
+            Trainer(Config(svsl_alpha=1e-5, svsl_from=bad, **base))
+    with pytest.raises(ValueError, match="--svsl-alpha"):
+        Trainer(Config(svsl_alpha=-1.0, **base))
+    for bad in (0.0, -2.0, float("inf")):
+        with pytest.raises(ValueError, match="--logit-scale"):
+            Trainer(Config(logit_scale=bad, **base))
+
+
+def test_training_loss_is_ce_of_scaled_logits_plus_svsl(tmp_path):
+    """One full batch: the loss train_epoch reports (taken before the step) is paper 002's CE on
+    T * z plus paper 003's SVSL over the layers from --svsl-from to the output layer, the scaled
+    logits, with C = the number of training classes."""
+    from ncfast.losses import svsl_loss
+
+    t = Trainer(Config(dataset="gmm", arch="mlp", coarse=4, epochs=1, batch_size=100_000, progress=False,
+                       out=str(tmp_path / "run"), svsl_alpha=20.0, svsl_from="layer2", logit_scale=3.0))
+    x, y = t.x["train"], t.y["train"]
+    assert t.num_train_classes == 4 and not t.ds.augment
+    with torch.no_grad():
+        h2 = t.model.layer2(t.model.layer1(t.model.flatten(x)))
+        z = t.model.head(h2)
+        ce = torch.nn.functional.cross_entropy(3.0 * z, y)
+        want = ce + svsl_loss([h2, 3.0 * z], y, alpha=20.0, num_classes=4)
+        without_output = ce + svsl_loss([h2], y, alpha=20.0, num_classes=4)
+        unscaled = torch.nn.functional.cross_entropy(z, y) + svsl_loss([h2, z], y, alpha=20.0, num_classes=4)
+    got = t.train_epoch()
+    assert got == pytest.approx(want.item(), rel=1e-5)
+    for other in (without_output, unscaled):
+        assert got != pytest.approx(other.item(), rel=1e-3)
 
 
 def test_linear_probe_matches_scikit_learn():

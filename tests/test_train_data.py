@@ -447,10 +447,13 @@ def test_output_layernorm_normalises_penultimate_features(arch):
         build_model(arch, 10, 3, 8, output_norm="batchnorm")
 
 
-def test_logits_for_loss_divides_by_temperature():
+def test_logits_for_loss_multiplies_by_the_logit_scale():
+    """Paper 002's T multiplies the logits: T = 100 means logits x 100, a greater logits norm."""
     z = torch.tensor([[1.0, -2.0, 4.0]])
-    torch.testing.assert_close(logits_for_loss(z, 4.0), z / 4)
+    torch.testing.assert_close(logits_for_loss(z, 100.0), torch.tensor([[100.0, -200.0, 400.0]]))
+    torch.testing.assert_close(logits_for_loss(z, 0.25), z / 4)
+    assert logits_for_loss(z, 100.0).norm() > z.norm()
     assert logits_for_loss(z) is z
-    for bad in (0.0, -1.0, float("inf")):
-        with pytest.raises(ValueError, match="temperature"):
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale"):
             logits_for_loss(z, bad)

@@ -788,17 +788,28 @@ def logits_norm(logits):
 # ----------------------------------------------------------------------------------------------
 
 
-def svsl_loss(layer_features, labels, alpha):
+def svsl_loss(layer_features, labels, *, alpha, num_classes, reduction="mean"):
     """Stochastic Variability-Simplification Loss term, paper 003 def. 10 / SPEC "Losses".
 
-    For layers j = 1..L with batch features g_j(x_i) (each flattened to (N, D_j)) and batch class
-    means mu_c^(j):
+    Per sample i of the batch with label c and the layers j = 1..L passed (the paper's gamma..k):
 
-        SVSL = alpha / L * (1/C_B) sum_{c present} (1/n_c) sum_{i: y_i=c} sum_j ||g_j(x_i) - mu_c^(j)||^2,
+        eta_c sum_j ||g_j(x_i) - mu_c^(j)||^2,   eta_c = alpha / (C L n_c),
 
-    C_B = number of classes present in the batch. Explicit loops over classes, samples and layers.
+    C = num_classes, n_c = batch count of class c, mu_c^(j) = batch mean of class c at layer j (each
+    layer flattened to (N, D_j)). Summed over the batch (reduction="sum") or summed and divided by N
+    (reduction="mean"). Explicit loops over samples and layers, in float64.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    if int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes: must be an int >= 1, got {num_classes}")
+    if not alpha >= 0:
+        raise ValueError(f"alpha: must be >= 0, got {alpha}")
     y = _labels64(labels)
+    if y.size == 0:
+        raise ValueError("labels is empty (N = 0)")
+    if y.max() >= num_classes:
+        raise ValueError(f"labels must be < num_classes={num_classes}, got {int(y.max())}")
     layers = [_np64(f) for f in layer_features]
     if not layers:
         raise ValueError("layer_features is empty")
@@ -806,16 +817,13 @@ def svsl_loss(layer_features, labels, alpha):
         if g.ndim < 1 or g.shape[0] != len(y):
             raise ValueError(f"layer_features[{j}] has shape {g.shape}, expected first dim {len(y)}")
     layers = [g.reshape(len(y), -1) for g in layers]
-    present = np.unique(y)
     total = 0.0
-    for c in present:
-        members = np.flatnonzero(y == c)
-        class_sum = 0.0
-        for i in members:
-            for g in layers:
-                class_sum += np.sum((g[i] - g[members].mean(axis=0)) ** 2)
-        total += class_sum / len(members)
-    return float(alpha / len(layers) * total / len(present))
+    for i in range(len(y)):
+        members = np.flatnonzero(y == y[i])
+        eta = alpha / (num_classes * len(layers) * len(members))
+        for g in layers:
+            total += eta * np.sum((g[i] - g[members].mean(axis=0)) ** 2)
+    return float(total / len(y) if reduction == "mean" else total)
 
 
 # ----------------------------------------------------------------------------------------------

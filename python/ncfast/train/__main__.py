@@ -15,6 +15,7 @@ summary.json, figures/ and checkpoint.pt (atomic, each epoch; --resume continues
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .data import DATASETS
@@ -47,13 +48,22 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--metrics-every", type=int, default=5, help="measure every N epochs (and epochs 0 and last)")
     p.add_argument("--layers", default=None,
                    help="comma-separated module names to probe (default: the model's stages and pooled features)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T: loss on logits / T")
+    p.add_argument("--logit-scale", type=float, default=1.0, metavar="T",
+                   help="paper 002's temperature T: the loss sees T * logits (T = 100 means logits x 100); a "
+                        "greater T gives a greater initial logits norm and more rank collapse. The network's "
+                        "output itself is not scaled")
     p.add_argument("--init-scale", type=float, default=1.0, help="factor on the initial conv / linear weights")
     p.add_argument("--output-norm", choices=("layernorm",), default=None,
                    help="affine-free LayerNorm on the penultimate features (paper 002)")
-    p.add_argument("--svsl-alpha", type=float, default=0.0, help="weight of the SVSL term (paper 003); 0: off")
-    p.add_argument("--svsl-gamma", type=int, default=0,
-                   help="first probed layer (index into --layers) that SVSL acts on")
+    p.add_argument("--svsl-alpha", type=float, default=0.0,
+                   help="alpha of paper 003's SVSL (def. 10: eta = alpha / (C (k+1-gamma) n_c), C the number of "
+                        "training classes); 0: off. Its Table 2 values mean the same here: 1e-5 from Layer 1 on "
+                        "MNIST / Fashion-MNIST (--arch resnet18 --svsl-from layer1), 4e-6 from AvgPool on "
+                        "CIFAR-10 (--arch resnet18 --svsl-from pool)")
+    p.add_argument("--svsl-from", default=None, metavar="LAYER",
+                   help="paper 003's gamma: the probed layer (a --layers name) SVSL starts at. SVSL covers the "
+                        "probed layers from it on, in model order, and the output layer: the logits the loss "
+                        "sees (after --logit-scale). Default: the first probed layer")
     p.add_argument("--clp-embed", choices=EMBEDDINGS, default="tsne", help="reduction before CLP's k-means")
     p.add_argument("--it-threshold", type=float, default=0.995,
                    help="train accuracy that marks the interpolation threshold")
@@ -73,21 +83,21 @@ def parse_args(argv=None) -> Config:
         p.error("--batch-size must be >= 1")
     if a.metrics_every < 1:
         p.error("--metrics-every must be >= 1")
-    if a.temperature <= 0:
-        p.error("--temperature must be > 0")
+    if not (math.isfinite(a.logit_scale) and a.logit_scale > 0):
+        p.error("--logit-scale must be a finite number > 0")
     if a.init_scale <= 0:
         p.error("--init-scale must be > 0")
-    if a.svsl_alpha < 0:
-        p.error("--svsl-alpha must be >= 0")
+    if not (math.isfinite(a.svsl_alpha) and a.svsl_alpha >= 0):
+        p.error("--svsl-alpha must be a finite number >= 0")
     if a.max_dim < 1:
         p.error("--max-dim must be >= 1")
     return Config(arch=a.arch, dataset=a.dataset, data=a.data, download=a.download, coarse=a.coarse, fine=a.fine,
                   random_coarse=a.random_coarse, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                   momentum=a.momentum, weight_decay=a.weight_decay, schedule=a.schedule,
                   metrics_every=a.metrics_every, layers=None if a.layers is None else
-                  [s.strip() for s in a.layers.split(",") if s.strip()], temperature=a.temperature,
+                  [s.strip() for s in a.layers.split(",") if s.strip()], logit_scale=a.logit_scale,
                   init_scale=a.init_scale, output_norm=a.output_norm, svsl_alpha=a.svsl_alpha,
-                  svsl_gamma=a.svsl_gamma, clp_embed=a.clp_embed, it_threshold=a.it_threshold, width=a.width,
+                  svsl_from=a.svsl_from, clp_embed=a.clp_embed, it_threshold=a.it_threshold, width=a.width,
                   max_dim=a.max_dim,
                   seed=a.seed, device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress)
 

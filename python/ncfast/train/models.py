@@ -24,12 +24,11 @@ The knobs of paper 002 (rank collapse driven by the logits norm; its Figures 1-4
   ||h|| = sqrt(D). The paper applies "a normalization layer at the output of the network" that
   "prevents increasing the logits norm" (Figure 1 bottom, Figures 2-4); its text does not say more.
   With it, ``penultimate_name`` is "norm": the metrics see the normalised features the head sees.
-- ``temperature``: not a model attribute; forward always returns the raw logits z = W h + b, so NC3 /
+- ``logit_scale``: not a model attribute; forward always returns the raw logits z = W h + b, so NC3 /
   NC4 computed from ``head`` agree with the model's decisions. The trainer computes the loss on
-  ``logits_for_loss(z, T)`` = z / T, the softmax_T of the paper's eq. 1. The paper's captions call
-  larger temperatures more collapsing, and also note that its figure titles show the inverse of the
-  temperature; what is certain is the mechanism: a larger norm of the logits fed to the softmax (here a
-  smaller T) gives a lower final rank.
+  ``logits_for_loss(z, T)`` = T * z, with T the "temperature" of paper 002's captions, which
+  multiplies the logits (T = 100 means logits x 100; the figure titles show 1/T, as the captions
+  note). A greater T gives a greater initial logits norm and more rank collapse (its Figures 7-12).
 """
 from __future__ import annotations
 
@@ -278,11 +277,11 @@ def scale_init_(model: nn.Module, init_scale: float) -> nn.Module:
     return model
 
 
-def logits_for_loss(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """z / T, the logits the softmax cross-entropy sees at temperature T (paper 002 eq. 1)."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: must be a finite number > 0, got {temperature}")
-    return logits if temperature == 1 else logits / temperature
+def logits_for_loss(logits: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * z, the logits the softmax cross-entropy sees under paper 002's logit scale T = scale."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: must be a finite number > 0, got {scale}")
+    return logits if scale == 1 else logits * scale
 
 
 def build_model(arch: str, num_classes: int, in_channels: int, input_size=None,

@@ -48,11 +48,11 @@ class Config:
     schedule: str = "cosine"
     metrics_every: int = 5
     layers: list[str] | None = None
-    temperature: float = 1.0
+    logit_scale: float = 1.0  # paper 002's T: the loss sees T * logits
     init_scale: float = 1.0
     output_norm: str | None = None
     svsl_alpha: float = 0.0
-    svsl_gamma: int = 0
+    svsl_from: str | None = None  # paper 003's gamma, a probed layer; None: the first probed layer
     clp_embed: str = "tsne"
     it_threshold: float = 0.995
     width: int = 64
@@ -183,13 +183,36 @@ class Trainer:
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         height = ds.train_x.shape[2] if image else 0
         self.pad = 4 if height >= 28 else max(1, height // 8)  # 4 on 28 / 32 px, 1 on the 8 x 8 digits
-        self.svsl_layers = self.layers[cfg.svsl_gamma:] if cfg.svsl_alpha > 0 else []
-        self.logit_scale = 1.0 / cfg.temperature  # the loss sees the network's logits times this
+        if not (math.isfinite(cfg.logit_scale) and cfg.logit_scale > 0):
+            raise ValueError(f"--logit-scale: must be a finite number > 0, got {cfg.logit_scale}")
+        # the loss's logits are the network's output times this (paper 002's T)
+        self.logit_scale = float(cfg.logit_scale)
+        self.svsl_layers = self._svsl_layers(modules)
         self.autocast = dev.type == "cuda"
         self.history: list[dict] = []
         self.epoch = 0
         self.epoch_seconds: list[float] = []
         self.counts = {s: torch.bincount(self.y[s].cpu(), minlength=self.num_train_classes) for s in self.y}
+
+    def _svsl_layers(self, modules: dict) -> list[str]:
+        """The probed modules whose outputs SVSL covers, shallowest first: from --svsl-from (paper
+        003's gamma; default the first probed layer) on, in the model's module order (the forward
+        order of every ARCHS model). The output layer k, the scaled logits the loss sees, is added
+        to them in ``train_epoch``; the head module itself is therefore left out. Empty when
+        --svsl-alpha is 0."""
+        cfg = self.cfg
+        if not (math.isfinite(cfg.svsl_alpha) and cfg.svsl_alpha >= 0):
+            raise ValueError(f"--svsl-alpha: must be a finite number >= 0, got {cfg.svsl_alpha}")
+        order = {name: i for i, name in enumerate(modules)}
+        probed = sorted(self.layers, key=order.__getitem__)
+        first = probed[0] if cfg.svsl_from is None else cfg.svsl_from
+        if first not in probed:
+            raise ValueError(f"--svsl-from: {first!r} is not a probed layer; the probed layers are {probed} "
+                             f"(add it to --layers to use another module)")
+        if cfg.svsl_alpha == 0:
+            return []
+        head = next(name for name, m in modules.items() if m is self.model.head)
+        return [name for name in probed if order[name] >= order[first] and name != head]
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint_path(self) -> Path:
@@ -224,6 +247,7 @@ class Trainer:
         captured: dict[str, torch.Tensor] = {}
         handles = [dict(model.named_modules())[name].register_forward_hook(
             lambda m, i, o, name=name: captured.__setitem__(name, o)) for name in self.svsl_layers]
+        svsl = cfg.svsl_alpha > 0
         x, y = self.x["train"], self.y["train"]
         n = x.shape[0]
         steps = math.ceil(n / cfg.batch_size)
@@ -236,10 +260,13 @@ class Trainer:
                     xb = augment_batch(xb, self.gen, pad=self.pad, flip=self.ds.flip)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     logits = model(xb)
-                    loss = F.cross_entropy(logits_for_loss(logits.float(), cfg.temperature), yb)
-                    if self.svsl_layers:
-                        loss = loss + svsl_loss([captured[name] for name in self.svsl_layers], yb,
-                                                alpha=cfg.svsl_alpha)
+                    scaled = logits_for_loss(logits.float(), self.logit_scale)
+                    loss = F.cross_entropy(scaled, yb)
+                    if svsl:
+                        # layers gamma..k of paper 003: the probed ones, then the output layer
+                        layers = [captured[name] for name in self.svsl_layers] + [scaled]
+                        loss = loss + svsl_loss(layers, yb, alpha=cfg.svsl_alpha,
+                                                num_classes=self.num_train_classes)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
