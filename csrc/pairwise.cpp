@@ -70,8 +70,8 @@ inline __m512d neg_half_log(__m512d x) {
   __m512d e = _mm512_getexp_pd(x);
   e = _mm512_mask_add_pd(e, _mm512_cmp_pd_mask(m, _mm512_set1_pd(1.0), _CMP_LT_OQ), e, _mm512_set1_pd(1.0));
   const __m512d pos = _mm512_mul_pd(_mm512_sub_pd(m, _mm512_set1_pd(0.75)), _mm512_set1_pd(64.0 / 3.0));
-  __m512i k = _mm512_cvtepi32_epi64(_mm512_cvttpd_epi32(pos));
-  k = _mm512_min_epi64(_mm512_max_epi64(k, _mm512_setzero_si512()), _mm512_set1_epi64(15));
+  // bin 0..15 for every finite x > 0; at x = 0 (m = 1, e = -inf) and NaN, any bin: e decides
+  const __m512i k = _mm512_cvtepi32_epi64(_mm512_cvttpd_epi32(pos));
   auto table = [&](const double* t) {
     return _mm512_permutex2var_pd(_mm512_load_pd(t), k, _mm512_load_pd(t + 8));
   };
@@ -90,9 +90,8 @@ inline __m512d neg_half_log(__m512d x) {
   const __m512d log1p_r = _mm512_fmadd_pd(_mm512_mul_pd(r, r), q, r);
   const __m512d small = _mm512_add_pd(log1p_r, _mm512_fmadd_pd(e, _mm512_set1_pd(ln2_lo), table(log_lo)));
   const __m512d big = _mm512_fmadd_pd(e, _mm512_set1_pd(ln2_hi), table(log_hi));
-  const __m512d out = _mm512_mul_pd(_mm512_add_pd(big, small), _mm512_set1_pd(-0.5));
-  return _mm512_mask_mov_pd(out, _mm512_cmp_pd_mask(x, _mm512_setzero_pd(), _CMP_EQ_OQ),
-                            _mm512_set1_pd(std::numeric_limits<double>::infinity()));
+  // x = 0: getexp gives e = -inf, so big and small are -inf and the value +inf
+  return _mm512_mul_pd(_mm512_add_pd(big, small), _mm512_set1_pd(-0.5));
 }
 
 // Running sums of one row's sweep, eight lanes each; the row minimum keeps its first column per
