@@ -161,17 +161,26 @@ inline void sweep_row(const PairTile& t, const double* grow, const double* inv_n
 namespace {
 
 // The CDNV ratios of row i for p != 1, from the squared distances in rr[j0, n): rr[j] becomes
-// (vi + var_c[j]) / (2 rr[j]^p), added to csum[j]; returns their sum.
-inline double ratios_pow(double* rr, const double* var_c, double vi, double p, int64_t j0, int64_t n, double* csum) {
+// (vi + var_c[j]) / (2 rr[j]^p), added to csum[j]; returns their sum. p = 2 and p = 1/2 take a
+// product and a square root (3x faster than pow, and exactly rounded); other p pow.
+template <typename Power>
+inline double ratios_with(double* rr, const double* var_c, double vi, int64_t j0, int64_t n, double* csum,
+                          Power power) {
   double rsum = 0;
 #pragma omp simd simdlen(8) reduction(+ : rsum)
   for (int64_t j = j0; j < n; ++j) {
-    const double r = (vi + var_c[j]) / (2.0 * std::pow(rr[j], p));
+    const double r = (vi + var_c[j]) / (2.0 * power(rr[j]));
     rr[j] = r;
     csum[j] += r;
     rsum += r;
   }
   return rsum;
+}
+
+inline double ratios_pow(double* rr, const double* var_c, double vi, double p, int64_t j0, int64_t n, double* csum) {
+  if (p == 2.0) return ratios_with(rr, var_c, vi, j0, n, csum, [](double d) { return d * d; });
+  if (p == 0.5) return ratios_with(rr, var_c, vi, j0, n, csum, [](double d) { return std::sqrt(d); });
+  return ratios_with(rr, var_c, vi, j0, n, csum, [p](double d) { return std::pow(d, p); });
 }
 
 // lg[j] = log(1 / sqrt(lg[j])) = -log(lg[j]) / 2 over [j0, n) (+inf where lg[j] = 0); returns their sum.
