@@ -22,7 +22,7 @@
 // the generic path's uniformity logs (at most 1.6 ulp, 2.4e-16 relative, from the exact log over
 // 2e7 inputs in (0, 4] and near 1; log(0) = -inf as the scalar one) and the CDNV powers for an
 // exponent other than 1. Without glibc the loops call the scalar functions. The AVX-512 sweep has
-// its own log (neg_half_log): libmvec's, in a loop of its own, tripled the time of a tile.
+// its own log (neg_half_log), inline, which costs a fraction of a libmvec call per eight values.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
     !defined(__FAST_MATH__)
 #if __GLIBC_PREREQ(2, 22)
@@ -106,9 +106,8 @@ struct RowAcc {
 // CDNV ratios are written to rr and added to the row's sum and to the column sums csum, without it
 // the squared distances are written to rr for ratios_pow. The uniformity terms
 // -log(max(0, 2 - 2 cos_ij)) / 2 go to lg and their sum to usum. The generic path's separate loops
-// read and wrote an 8 KiB row buffer five times, and GCC
-// turned some of them into emulated gathers (1.16 against 0.53 ms per 1008 x 1008 tile, two Xeon
-// threads). A Markstein reciprocal in place of the division measured slower (0.60 ms): the sweep
+// read and wrote an 8 KiB row buffer five times, and GCC turned some of them into emulated gathers
+// (1.16 against 0.53 ms per 1008 x 1008 tile, two Xeon threads). A Markstein reciprocal in place of the division measured slower (0.60 ms): the sweep
 // is bound by its issue ports, not by the divider.
 template <bool kRatio>
 inline void sweep_row(const PairTile& t, const double* grow, const double* inv_nc, double inv_g, double sqi,
@@ -162,7 +161,7 @@ namespace {
 
 // The CDNV ratios of row i for p != 1, from the squared distances in rr[j0, n): rr[j] becomes
 // (vi + var_c[j]) / (2 rr[j]^p), added to csum[j]; returns their sum. p = 2 and p = 1/2 take a
-// product and a square root (3x faster than pow, and exactly rounded); other p pow.
+// product and a square root (faster than pow, and exactly rounded); other p pow.
 template <typename Power>
 inline double ratios_with(double* rr, const double* var_c, double vi, int64_t j0, int64_t n, double* csum,
                           Power power) {
