@@ -23,9 +23,10 @@ errors of a dot product grow like sqrt(D), not D).
 
 Hyperspherical uniformity takes ||u_i - u_j||^2 = 2 - 2 cos_ij from the same Gram entries, so it
 has the same limit for two nearly coincident directions: cos_ij carries an absolute error of about
-D eps, hence the term log(1 / ||u_i - u_j||) = -log(2 - 2 cos_ij) / 2 an absolute error of about
-D eps / (2 (2 - 2 cos_ij)), under 1e-6 while the angle between u_i and u_j is above
-sqrt(D eps / 1e-6) (3e-4 rad at D = 1,024). Where 2 - 2 cos_ij rounds to 0 or below (the two
+D eps, so 2 - 2 cos_ij one of about 2 D eps (its cancellation when cos_ij is near 1), hence the
+term log(1 / ||u_i - u_j||) = -log(2 - 2 cos_ij) / 2 an absolute error of about
+D eps / (2 - 2 cos_ij): under 1e-6 while the angle between u_i and u_j (2 - 2 cos_ij ~ angle^2) is
+above sqrt(D eps / 1e-6), 5e-4 rad at D = 1,024. Where 2 - 2 cos_ij rounds to 0 or below (the two
 directions coincide to rounding) the term is +inf, like a CDNV ratio over ||mu_i - mu_j|| = 0.
 The C++ path takes the logarithms from glibc's vector library (csrc/pairwise.cpp: at most 2.4e-16
 relative error measured), the torch and Triton paths from torch.log / tl.log.
