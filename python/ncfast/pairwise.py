@@ -28,8 +28,9 @@ term log(1 / ||u_i - u_j||) = -log(2 - 2 cos_ij) / 2 an absolute error of about
 D eps / (2 - 2 cos_ij): under 1e-6 while the angle between u_i and u_j (2 - 2 cos_ij ~ angle^2) is
 above sqrt(D eps / 1e-6), 5e-4 rad at D = 1,024. Where 2 - 2 cos_ij rounds to 0 or below (the two
 directions coincide to rounding) the term is +inf, like a CDNV ratio over ||mu_i - mu_j|| = 0.
-The C++ path takes the logarithms from glibc's vector library (csrc/pairwise.cpp: at most 2.4e-16
-relative error measured), the torch and Triton paths from torch.log / tl.log.
+The C++ path takes the logarithms from its own AVX-512 log (csrc/pairwise.cpp neg_half_log: at most
+3.0e-16 relative error measured) or, without AVX-512, from glibc's vector library (2.4e-16); the
+torch and Triton paths from torch.log / tl.log.
 """
 from __future__ import annotations
 
