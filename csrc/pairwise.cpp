@@ -17,28 +17,102 @@
 #include <immintrin.h>
 #endif
 
+// glibc's vector math library (libmvec) has SIMD variants of log and pow (_ZGVdN4v_log and kin),
+// but its headers declare them only under -ffast-math. Declared here, `omp simd` loops call them:
+// the generic path's uniformity logs (at most 1.6 ulp, 2.4e-16 relative, from the exact log over
+// 2e7 inputs in (0, 4] and near 1; log(0) = -inf as the scalar one) and the CDNV powers for an
+// exponent other than 1. Without glibc the loops call the scalar functions. The AVX-512 sweep has
+// its own log (neg_half_log), inline, which costs a fraction of a libmvec call per eight values.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
+    !defined(__FAST_MATH__)
+#if __GLIBC_PREREQ(2, 22)
+extern "C" double log(double) noexcept __attribute__((__simd__("notinbranch")));
+extern "C" double pow(double, double) noexcept __attribute__((__simd__("notinbranch")));
+#endif
+#endif
+
 
 namespace ncfast {
 
 #if defined(__AVX512F__)
 namespace {
 
+// -log(x) / 2 for x in [0, 4] (+inf at 0, NaN for NaN), eight lanes, without a division or a call:
+// x = m 2^e with m in [0.75, 1.5) (getmant / getexp), m in one of 16 bins of width 3/64 with a
+// point c_k (c_k = 1 for the bin holding 1), log m = log c_k + log1p(r), r = m / c_k - 1 formed by
+// one FMA with 1/c_k (|r| <= 1/32), log c_k tabulated as a double-double for the double 1/c_k as
+// stored (so the reduction is exact up to r's one rounding), log1p(r) as its Taylor polynomial to
+// r^11 (truncation below 3e-18 relative). Error against the exact value: a few roundings, so a
+// bound of about 4e-16 relative; measured on 2e7 inputs over [0, 4] (uniform, near 1, and down to
+// 2^-60) against long double logl, at most 3.0e-16 (near x = 0.984, where log c_k and log1p(r)
+// partly cancel). For e = 0 in the bin of 1 (x near 1, the value near 0) the sum is log1p(r)
+// alone, with r = m - 1 exact, so the error stays relative there too.
+inline __m512d neg_half_log(__m512d x) {
+  alignas(64) static const double inv_c[16] = {
+      1.292929292929293,  1.2190476190476192, 1.1531531531531531, 1.0940170940170941,
+      1.0406504065040652, 1.0,                0.9481481481481482, 0.9078014184397163,
+      0.8707482993197279, 0.8366013071895425, 0.8050314465408805, 0.7757575757575758,
+      0.7485380116959064, 0.7231638418079096, 0.6994535519125683, 0.6772486772486772};
+  // log c_k = -log(inv_c[k]) = hi + lo
+  alignas(64) static const double log_hi[16] = {
+      -0.2569104137850273, -0.19806991376209387, -0.142500062607283, -0.08985632912186114,
+      -0.03984590854719978, 0.0,                 0.05324451451881224, 0.09672962645855114,
+      0.1384023228591192,  0.17840765747281825,  0.2168739383006143,  0.25391520998096345,
+      0.2896332925830427,  0.324119468654212,    0.3574558889218038,  0.38971675114002524};
+  alignas(64) static const double log_lo[16] = {
+      9.92419178127068e-19,   -1.0681737386368664e-17, -9.155570001519129e-18, -2.84207093558465e-18,
+      1.3948242043384064e-18, 0.0,                     1.803871134979952e-18,  -4.0291867005826106e-18,
+      -1.3766819196398948e-17, 1.2720936612962572e-17, 6.285749669211092e-18,  -7.180735656435798e-18,
+      2.0535953219858177e-17, -4.488767429940198e-18,  -2.4269548334425144e-17, 2.734172667856699e-17};
+  const double ln2_hi = 0.6931471805599453, ln2_lo = 2.3190468138462996e-17;
+  const __m512d m = _mm512_getmant_pd(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+  // getexp gives floor(log2 x) for a mantissa in [1, 2); one more where m fell in [0.75, 1)
+  __m512d e = _mm512_getexp_pd(x);
+  e = _mm512_mask_add_pd(e, _mm512_cmp_pd_mask(m, _mm512_set1_pd(1.0), _CMP_LT_OQ), e, _mm512_set1_pd(1.0));
+  const __m512d pos = _mm512_mul_pd(_mm512_sub_pd(m, _mm512_set1_pd(0.75)), _mm512_set1_pd(64.0 / 3.0));
+  // bin 0..15 for every finite x > 0; at x = 0 (m = 1, e = -inf) and NaN, any bin: e decides
+  const __m512i k = _mm512_cvtepi32_epi64(_mm512_cvttpd_epi32(pos));
+  auto table = [&](const double* t) {
+    return _mm512_permutex2var_pd(_mm512_load_pd(t), k, _mm512_load_pd(t + 8));
+  };
+  const __m512d r = _mm512_fmsub_pd(m, table(inv_c), _mm512_set1_pd(1.0));
+  // log1p(r) = r + r^2 q(r), q(r) = sum_{n=2..11} (-1)^(n+1) r^(n-2) / n
+  __m512d q = _mm512_set1_pd(1.0 / 11.0);
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(-1.0 / 10.0));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0 / 9.0));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(-1.0 / 8.0));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0 / 7.0));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(-1.0 / 6.0));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0 / 5.0));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(-1.0 / 4.0));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(1.0 / 3.0));
+  q = _mm512_fmadd_pd(q, r, _mm512_set1_pd(-0.5));
+  const __m512d log1p_r = _mm512_fmadd_pd(_mm512_mul_pd(r, r), q, r);
+  const __m512d small = _mm512_add_pd(log1p_r, _mm512_fmadd_pd(e, _mm512_set1_pd(ln2_lo), table(log_lo)));
+  const __m512d big = _mm512_fmadd_pd(e, _mm512_set1_pd(ln2_hi), table(log_hi));
+  // x = 0: getexp gives e = -inf, so big and small are -inf and the value +inf
+  return _mm512_mul_pd(_mm512_add_pd(big, small), _mm512_set1_pd(-0.5));
+}
+
 // Running sums of one row's sweep, eight lanes each; the row minimum keeps its first column per
-// lane (INT64_MAX in a lane that never took a value).
+// lane (INT64_MAX in a lane that never took a value). rsum is used only with kRatio.
 struct RowAcc {
-  __m512d resid, cos_dev, coh, dist, rsum, low;
+  __m512d resid, cos_dev, coh, dist, rsum, usum, low;
   __m512i low_j;
 };
 
 // Columns [jb, je) of row i in one pass (AVX-512): the squared distance of each pair is formed in a
-// register and feeds the row minimum, the column minima, the pair sums and the CDNV ratios written
-// to rr. The generic path's separate loops read and wrote an 8 KiB row buffer five times, and GCC
-// turned some of them into emulated gathers (1.16 against 0.53 ms per 1008 x 1008 tile, two Xeon
-// threads). A Markstein reciprocal in place of the division measured slower (0.60 ms): the sweep
+// register and feeds the row minimum, the column minima and the pair sums; with kRatio (p = 1) the
+// CDNV ratios are written to rr and added to the row's sum and to the column sums csum, without it
+// the squared distances are written to rr for ratios_pow. The uniformity terms
+// -log(max(0, 2 - 2 cos_ij)) / 2 go to lg and their sum to usum. The generic path's separate loops
+// read and wrote an 8 KiB row buffer five times, and GCC turned some of them into emulated gathers
+// (1.16 against 0.53 ms per 1008 x 1008 tile, two Xeon threads). A Markstein reciprocal in place of the division measured slower (0.60 ms): the sweep
 // is bound by its issue ports, not by the divider.
+template <bool kRatio>
 inline void sweep_row(const PairTile& t, const double* grow, const double* inv_nc, double inv_g, double sqi,
-                      double inv_ni, double vi, int64_t gi, int64_t jb, int64_t je, double* rr, double* cbest,
-                      int64_t* cidx, RowAcc& a) {
+                      double inv_ni, double vi, int64_t gi, int64_t jb, int64_t je, double* rr, double* lg,
+                      double* csum, double* cbest, int64_t* cidx, RowAcc& a) {
   const __m512d vsqi = _mm512_set1_pd(sqi), vinv_ni = _mm512_set1_pd(inv_ni), vvi = _mm512_set1_pd(vi);
   const __m512d vinv_g = _mm512_set1_pd(inv_g), voff = _mm512_set1_pd(t.etf_offdiag);
   const __m512d vmean = _mm512_set1_pd(t.mean_cos), vetf = _mm512_set1_pd(t.etf_cos);
@@ -61,14 +135,22 @@ inline void sweep_row(const PairTile& t, const double* grow, const double* inv_n
     const __m512d r = _mm512_fmsub_pd(g, vinv_g, voff);
     a.resid = _mm512_mask3_fmadd_pd(r, r, a.resid, m);
     const __m512d cs = _mm512_mul_pd(_mm512_mul_pd(g, vinv_ni), _mm512_maskz_loadu_pd(m, inv_nc + j));
+    const __m512d ul = neg_half_log(_mm512_max_pd(zero, _mm512_fnmadd_pd(two, cs, two)));
+    _mm512_mask_storeu_pd(lg + j, m, ul);
+    a.usum = _mm512_mask_add_pd(a.usum, m, a.usum, ul);
     const __m512d cd = _mm512_sub_pd(cs, vmean);
     a.cos_dev = _mm512_mask3_fmadd_pd(cd, cd, a.cos_dev, m);
     a.coh = _mm512_mask_add_pd(a.coh, m, a.coh, _mm512_abs_pd(_mm512_add_pd(cs, vetf)));
     const __m512d vs = _mm512_add_pd(vvi, _mm512_maskz_loadu_pd(m, t.var_c + j));
     a.dist = _mm512_mask_add_pd(a.dist, m, a.dist, _mm512_add_pd(dd, vs));
-    const __m512d ratio = _mm512_div_pd(vs, _mm512_add_pd(dd, dd));
-    _mm512_mask_storeu_pd(rr + j, m, ratio);
-    a.rsum = _mm512_mask_add_pd(a.rsum, m, a.rsum, ratio);
+    if constexpr (kRatio) {
+      const __m512d ratio = _mm512_div_pd(vs, _mm512_add_pd(dd, dd));
+      _mm512_mask_storeu_pd(rr + j, m, ratio);
+      a.rsum = _mm512_mask_add_pd(a.rsum, m, a.rsum, ratio);
+      _mm512_mask_storeu_pd(csum + j, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, csum + j), ratio));
+    } else {
+      _mm512_mask_storeu_pd(rr + j, m, dd);
+    }
   }
 }
 
@@ -76,6 +158,41 @@ inline void sweep_row(const PairTile& t, const double* grow, const double* inv_n
 #endif
 
 namespace {
+
+// The CDNV ratios of row i for p != 1, from the squared distances in rr[j0, n): rr[j] becomes
+// (vi + var_c[j]) / (2 rr[j]^p), added to csum[j]; returns their sum. p = 2 and p = 1/2 take a
+// product and a square root (faster than pow, and exactly rounded); other p pow.
+template <typename Power>
+inline double ratios_with(double* rr, const double* var_c, double vi, int64_t j0, int64_t n, double* csum,
+                          Power power) {
+  double rsum = 0;
+#pragma omp simd simdlen(8) reduction(+ : rsum)
+  for (int64_t j = j0; j < n; ++j) {
+    const double r = (vi + var_c[j]) / (2.0 * power(rr[j]));
+    rr[j] = r;
+    csum[j] += r;
+    rsum += r;
+  }
+  return rsum;
+}
+
+inline double ratios_pow(double* rr, const double* var_c, double vi, double p, int64_t j0, int64_t n, double* csum) {
+  if (p == 2.0) return ratios_with(rr, var_c, vi, j0, n, csum, [](double d) { return d * d; });
+  if (p == 0.5) return ratios_with(rr, var_c, vi, j0, n, csum, [](double d) { return std::sqrt(d); });
+  return ratios_with(rr, var_c, vi, j0, n, csum, [p](double d) { return std::pow(d, p); });
+}
+
+// lg[j] = log(1 / sqrt(lg[j])) = -log(lg[j]) / 2 over [j0, n) (+inf where lg[j] = 0); returns their sum.
+inline double log_terms(double* lg, int64_t j0, int64_t n) {
+  double sum = 0;
+#pragma omp simd simdlen(8) reduction(+ : sum)
+  for (int64_t j = j0; j < n; ++j) {
+    const double l = -0.5 * std::log(lg[j]);
+    lg[j] = l;
+    sum += l;
+  }
+  return sum;
+}
 
 // sum_j (x_j - m)^2 in eight independent partial sums: `omp simd reduction` left this a scalar
 // chain of dependent FMAs (4 cycles per element, two thirds of the whole tile's time).
@@ -108,8 +225,9 @@ inline double sum_sq_dev(const double* x, int64_t n, double m) {
 #endif
 }
 
-// Chan's combination for the CDNV ratios, which are +inf where two classes share a mean: the mean
-// of a set holding inf is inf (its delta, inf - inf, would have made it NaN), its M2 NaN.
+// Chan's combination for the CDNV ratios and the uniformity terms, which are +inf where two classes
+// share a mean (a direction): the mean of a set holding inf is inf (its delta, inf - inf, would
+// have made it NaN), its M2 NaN.
 inline void chan_merge_ratio(int64_t& n, double& mean, double& m2, int64_t nb, double mean_b, double m2_b) {
   if (nb == 0) return;
   if (n == 0 || (std::isfinite(mean) && std::isfinite(mean_b))) {
@@ -132,7 +250,7 @@ inline bool lex_less(double v, int64_t idx, double best, int64_t best_idx) {
 
 
 PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double* best_r, int64_t* idx_r,
-                          double* best_c, int64_t* idx_c, int num_threads) {
+                          double* best_c, int64_t* idx_c, double* ratio_r, double* ratio_c, int num_threads) {
   const double inf = std::numeric_limits<double>::infinity();
   constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
   const int threads = region_threads(num_threads, t.t1);
@@ -140,6 +258,10 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
   // Column minima per thread, merged afterwards.
   std::vector<double> cbest(static_cast<size_t>(threads) * t.t2, inf);
   std::vector<int64_t> cidx(static_cast<size_t>(threads) * t.t2, -1);
+  // Column sums of the CDNV ratios per thread, likewise.
+  std::vector<double> csums(static_cast<size_t>(threads) * t.t2, 0.0);
+  const double p = t.cdnv_exponent;
+  const bool unit_p = p == 1.0;
   // Divisions by the norms become products with their inverses (one division per column, not per
   // pair); the CDNV ratio keeps its division.
   std::vector<double> inv_nc(t.t2);
@@ -154,6 +276,9 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
     PairSums& s = part[tid];
     double* my_cbest = cbest.data() + static_cast<size_t>(tid) * t.t2;
     int64_t* my_cidx = cidx.data() + static_cast<size_t>(tid) * t.t2;
+    double* my_csum = csums.data() + static_cast<size_t>(tid) * t.t2;
+    // Row i's uniformity terms, for the log loop and their deviation pass.
+    std::vector<double> lgs(t.t2);
     // Row i's CDNV ratios, for their second (deviation) pass. The generic path also keeps the row's
     // squared distances, computed once and read by its later sweeps (each a loop the compiler
     // vectorises: 4.3 -> 1.2 ms per 1008 x 1008 tile on two Xeon threads).
@@ -172,17 +297,24 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
       // the pairs of row i: global column above gi
       const int64_t j0 = std::min(t.t2, std::max<int64_t>(0, gi + 1 - col0));
       double* rr = ratio.data();
-      double resid, cos_dev, coh, dist, rsum, low;
+      double* lg = lgs.data();
+      double resid, cos_dev, coh, dist, rsum, usum, low;
       int64_t low_j;
 #if defined(__AVX512F__)
       RowAcc a{_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(),
-               _mm512_setzero_pd(), _mm512_set1_pd(inf), _mm512_set1_epi64(kNone)};
-      sweep_row(t, grow, inv_nc.data(), inv_g, sqi, inv_ni, vi, gi, j0, t.t2, rr, my_cbest, my_cidx, a);
+               _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_set1_pd(inf), _mm512_set1_epi64(kNone)};
+      if (unit_p)
+        sweep_row<true>(t, grow, inv_nc.data(), inv_g, sqi, inv_ni, vi, gi, j0, t.t2, rr, lg, my_csum, my_cbest,
+                        my_cidx, a);
+      else
+        sweep_row<false>(t, grow, inv_nc.data(), inv_g, sqi, inv_ni, vi, gi, j0, t.t2, rr, lg, my_csum, my_cbest,
+                         my_cidx, a);
       resid = _mm512_reduce_add_pd(a.resid);
       cos_dev = _mm512_reduce_add_pd(a.cos_dev);
       coh = _mm512_reduce_add_pd(a.coh);
       dist = _mm512_reduce_add_pd(a.dist);
-      rsum = _mm512_reduce_add_pd(a.rsum);
+      rsum = unit_p ? _mm512_reduce_add_pd(a.rsum) : ratios_pow(rr, t.var_c, vi, p, j0, t.t2, my_csum);
+      usum = _mm512_reduce_add_pd(a.usum);
       low = _mm512_reduce_min_pd(a.low);
       // the first column among the lanes that hold the minimum (each lane keeps its own first)
       low_j = _mm512_mask_reduce_min_epi64(_mm512_cmp_pd_mask(a.low, _mm512_set1_pd(low), _CMP_EQ_OQ), a.low_j);
@@ -190,20 +322,32 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
       double* dd = d2.data();
 #pragma omp simd
       for (int64_t j = j0; j < t.t2; ++j) dd[j] = std::max(sqi + t.sq_c[j] - 2.0 * grow[j], 0.0);
-      resid = cos_dev = coh = dist = rsum = 0;
-#pragma omp simd reduction(+ : resid, cos_dev, coh, dist, rsum)
+      resid = cos_dev = coh = dist = 0;
+#pragma omp simd reduction(+ : resid, cos_dev, coh, dist)
       for (int64_t j = j0; j < t.t2; ++j) {
         const double gij = grow[j];
         const double r = gij * inv_g - t.etf_offdiag;
         resid += r * r;
         const double cs = gij * inv_ni * inv_nc[j];
+        lg[j] = std::max(2.0 - 2.0 * cs, 0.0);
         cos_dev += (cs - t.mean_cos) * (cs - t.mean_cos);
         coh += std::fabs(cs + t.etf_cos);
-        const double vs = vi + t.var_c[j];
-        dist += dd[j] + vs;
-        rr[j] = vs / (2.0 * dd[j]);
-        rsum += rr[j];
+        dist += dd[j] + vi + t.var_c[j];
       }
+      if (unit_p) {
+        rsum = 0;
+#pragma omp simd reduction(+ : rsum)
+        for (int64_t j = j0; j < t.t2; ++j) {
+          const double r = (vi + t.var_c[j]) / (2.0 * dd[j]);
+          rr[j] = r;
+          my_csum[j] += r;
+          rsum += r;
+        }
+      } else {
+        std::copy(dd + j0, dd + t.t2, rr + j0);
+        rsum = ratios_pow(rr, t.var_c, vi, p, j0, t.t2, my_csum);
+      }
+      usum = log_terms(lg, j0, t.t2);
 #pragma omp simd
       for (int64_t j = j0; j < t.t2; ++j) {
         const bool better = dd[j] < my_cbest[j];
@@ -240,6 +384,10 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
         const double rmean = rsum / static_cast<double>(cnt);
         const double rm2 = sum_sq_dev(rr + j0, cnt, rmean);
         chan_merge_ratio(s.cdnv_n, s.cdnv_mean, s.cdnv_m2, cnt, rmean, rm2);
+        ratio_r[i] += rsum;
+        const double umean = usum / static_cast<double>(cnt);
+        const double um2 = sum_sq_dev(lg + j0, cnt, umean);
+        chan_merge_ratio(s.unif_n, s.unif_mean, s.unif_m2, cnt, umean, um2);
       }
       if (gi >= col0 && gi < col0 + t.t2) {  // G_ii, the diagonal of G, enters nc2 once
         const double r = grow[gi - col0] * inv_g - t.etf_diag;
@@ -267,6 +415,12 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
     out.msdr_sum += s.msdr_sum;
     out.msdr_n += s.msdr_n;
     chan_merge_ratio(out.cdnv_n, out.cdnv_mean, out.cdnv_m2, s.cdnv_n, s.cdnv_mean, s.cdnv_m2);
+    chan_merge_ratio(out.unif_n, out.unif_mean, out.unif_m2, s.unif_n, s.unif_mean, s.unif_m2);
+  }
+  // Column sums of the ratios, after the rows' own: ratio_c may be ratio_r (a tile on the diagonal).
+  for (int tid = 0; tid < threads; ++tid) {
+    const double* cs = csums.data() + static_cast<size_t>(tid) * t.t2;
+    for (int64_t j = 0; j < t.t2; ++j) ratio_c[j] += cs[j];
   }
   // Column minima, after the rows' own updates: best_c may be best_r (a tile on the diagonal).
   for (int tid = 0; tid < threads; ++tid) {

@@ -253,3 +253,142 @@ def test_product_timing_uses_the_pass_tiles_and_is_remembered(monkeypatch, backe
     calls.clear()
     pairwise.class_pair_stats(m, tile=40)
     assert calls == ["engine" if verdict else "blas"] * 10
+
+
+# ------------------------------------------- hyperspherical uniformity, per-class CDNV, exponent
+def _check_new_stats(stats, x, y, p, rel, weighting="balanced"):
+    from conftest import assert_close
+
+    want_mean, want_var = ref.uniformity(x, y, weighting=weighting)
+    assert stats.uniformity_mean == pytest.approx(want_mean, rel=rel)
+    assert stats.uniformity_var == pytest.approx(want_var, rel=rel)
+    assert stats.cdnv == pytest.approx(ref.cdnv(x, y, cdnv_exponent=p), rel=rel)
+    per_class = ref.cdnv_per_class(x, y, num_classes=len(stats.cdnv_per_class), cdnv_exponent=p)
+    assert stats.cdnv_per_class.dtype == torch.float64
+    assert_close(stats.cdnv_per_class.cpu().numpy(), per_class, rtol=rel, what="cdnv_per_class")
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-6), (torch.float64, 1e-9)])
+@pytest.mark.parametrize("tile", [1, 3, 5, 1024])
+def test_uniformity_and_per_class_cdnv_match_reference(tile, dtype, rel, p):
+    """Tiles smaller than C (ragged last tiles), absent classes (NaN per class), every exponent."""
+    x, y, c = make_data(n=700, d=6, c=11, absent=(4, 9), imbalanced=True, seed=31, dtype=dtype)
+    for weighting in ("balanced", "sample"):
+        m = ncfast.class_moments(x, y, num_classes=c, weighting=weighting)
+        stats = class_pair_stats(m, weighting=weighting, tile=tile, cdnv_exponent=p)
+        _check_new_stats(stats, x, y, p, rel, weighting)
+        assert torch.isnan(stats.cdnv_per_class[[4, 9]]).all()
+
+
+def test_cdnv_exponent_changes_only_the_cdnv_statistics():
+    x, y, c = make_data(n=500, d=5, c=9, seed=32, dtype=torch.float64)
+    m = ncfast.class_moments(x, y)
+    one, two = class_pair_stats(m, tile=4), class_pair_stats(m, tile=4, cdnv_exponent=2)
+    assert one.cdnv != pytest.approx(two.cdnv, rel=1e-3)
+    assert one.cdnv == pytest.approx(class_pair_stats(m, tile=4, cdnv_exponent=1.0).cdnv, rel=1e-15)
+    for k in ("uniformity_mean", "uniformity_var", "nc2_etf", "equiangularity", "class_distance_mean"):
+        assert getattr(one, k) == getattr(two, k), k
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "two", None])
+def test_cdnv_exponent_is_validated(bad):
+    x, y, c = make_data(n=100, d=3, c=4, seed=33)
+    with pytest.raises(ValueError, match="cdnv_exponent"):
+        class_pair_stats(ncfast.class_moments(x, y), cdnv_exponent=bad)
+    if isinstance(bad, (int, float)):
+        for fn in (ref.cdnv, ref.cdnv_per_class):
+            with pytest.raises(ValueError, match="cdnv_exponent"):
+                fn(x, y, cdnv_exponent=bad)
+
+
+@pytest.mark.parametrize("tile", [1, 2, 4, 1024])
+def test_equal_directions_give_infinite_uniformity(tile):
+    """Centred means (3, 4, 0), (3, 4, 0), (-12, -16, 0), (0, 0, 5), (0, 0, -5), (6, 8, 0) and an absent
+    class: classes 0, 1 and 5 share a direction (exactly, in float64: cos = 1, 2 - 2 cos = 0), so the
+    uniformity mean is inf and its variance NaN, as the reference's; classes 0 and 1 share a mean, so
+    their per-class CDNV is inf; the absent class's is NaN."""
+    means = torch.tensor([[3, 4, 0], [3, 4, 0], [-12, -16, 0], [0, 0, 5], [0, 0, -5], [6, 8, 0]], dtype=torch.float32)
+    y = torch.arange(6).repeat_interleave(2)
+    x = means[y] + torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]).repeat(6, 1)
+    stats = class_pair_stats(ncfast.class_moments(x, y, num_classes=7), tile=tile)
+    with np.errstate(divide="ignore"):
+        want = ref.uniformity(x, y, num_classes=7)
+        per_class = ref.cdnv_per_class(x, y, num_classes=7)
+    assert want[0] == np.inf and np.isnan(want[1])
+    assert stats.uniformity_mean == np.inf and np.isnan(stats.uniformity_var)
+    assert stats.cdnv == np.inf and np.isnan(stats.cdnv_std)
+    got = stats.cdnv_per_class.numpy()
+    assert got[0] == got[1] == np.inf and np.isnan(got[6])
+    np.testing.assert_allclose(got[2:6], per_class[2:6], rtol=1e-12)
+
+
+@pytest.mark.parametrize("strips", [2, 3, 5])
+def test_new_stats_over_diagonal_row_strips(strips, narrow_strips):
+    """C++ path: diagonal blocks as row strips of any height (ragged tiles of 13 over 130 classes)."""
+    narrow_strips(strips)
+    x, y, c = make_data(n=2600, d=7, c=130, absent=(3, 77), seed=34, dtype=torch.float64)
+    m = ncfast.class_moments(x, y)
+    for p in (1.0, 0.5):
+        _check_new_stats(class_pair_stats(m, tile=13, cdnv_exponent=p), x, y, p, 1e-9)
+
+
+def test_thread_count_changes_new_stats_only_by_rounding(backend):
+    x, y, c = make_data(n=900, d=6, c=40, seed=35)
+    m = ncfast.class_moments(x, y)
+    old = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got.append(class_pair_stats(m, tile=16, cdnv_exponent=0.5))
+    finally:
+        torch.set_num_threads(old)
+    one, two = got
+    for k in ("uniformity_mean", "uniformity_var", "cdnv", "cdnv_std"):
+        assert getattr(two, k) == pytest.approx(getattr(one, k), rel=1e-12), k
+    torch.testing.assert_close(two.cdnv_per_class, one.cdnv_per_class, rtol=1e-12, atol=0)
+
+
+def test_many_classes_need_no_c_by_c_matrix(monkeypatch, backend):
+    """C = 3,000 classes in tiles of 256: the tile reducer only ever sees blocks of at most 256 x 256
+    (12 x 12 tiles of the upper triangle, diagonal ones as row strips on the C++ path), and the new
+    statistics match the dense float64 computation."""
+    from ncfast import pairwise
+
+    c, d = 3000, 8
+    g = torch.Generator().manual_seed(36)
+    y = torch.arange(c).repeat(2)
+    x = torch.randn(c, d, generator=g, dtype=torch.float64)[y] + 0.1 * torch.randn(2 * c, d, generator=g,
+                                                                                     dtype=torch.float64)
+    shapes = []
+    name = "_reduce_tile_cpp" if backend == "cpp" else "_reduce_tile_torch"
+    reducer = getattr(pairwise, name)
+    monkeypatch.setattr(pairwise, name, lambda gram, rows, cols, k: shapes.append(tuple(gram.shape)) or reducer(
+        gram, rows, cols, k))
+    old = torch.get_num_threads()
+    # One thread: the torch reducer's ~1,000 small operations each wait at a thread barrier
+    # otherwise, which on a loaded machine took seconds instead of 0.1 s.
+    torch.set_num_threads(1)
+    try:
+        stats = class_pair_stats(ncfast.class_moments(x, y), tile=256)
+    finally:
+        torch.set_num_threads(old)
+    assert len(shapes) >= 12 * 13 // 2 and max(max(s) for s in shapes) <= 256
+    means = ref.class_means(x, y)
+    v = ref.class_variances(x, y)
+    mt = means - means.mean(0)
+    u = mt / np.linalg.norm(mt, axis=1, keepdims=True)
+    per_class, terms = np.empty(c), []
+    for i0 in range(0, c, 250):  # the dense check in row blocks, without C x C x D temporaries
+        rows = slice(i0, i0 + 250)
+        d2 = ((means[rows, None] - means[None]) ** 2).sum(-1)
+        own = np.arange(i0, min(c, i0 + 250))
+        d2[own - i0, own] = np.inf
+        per_class[rows] = ((v[rows, None] + v[None]) / (2 * d2)).sum(1) / (c - 1)
+        du = np.sqrt(((u[rows, None] - u[None]) ** 2).sum(-1))
+        terms.append(-np.log(du[np.arange(c)[None] > own[:, None]]))
+    terms = np.concatenate(terms)
+    np.testing.assert_allclose(stats.cdnv_per_class.numpy(), per_class, rtol=1e-9)
+    assert stats.uniformity_mean == pytest.approx(terms.mean(), rel=1e-9)
+    assert stats.uniformity_var == pytest.approx(terms.var(), rel=1e-9)

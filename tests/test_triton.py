@@ -626,3 +626,56 @@ def test_nc_metrics_on_triton_backend(monkeypatch):
     d2 = ((means[:, None] - means[None]) ** 2).sum(-1)
     np.fill_diagonal(d2, np.inf)
     assert stats.nearest_class.cpu().tolist() == d2.argmin(1).tolist()
+
+
+# ------------------------------------- pair tiles: uniformity, per-class CDNV sums, CDNV exponent
+@pytest.mark.parametrize("p", [1.0, 0.5])
+@pytest.mark.parametrize("rows,cols", [(slice(0, 25), slice(0, 25)), (slice(0, 25), slice(25, 40))])
+def test_reduce_pair_tile_uniformity_and_ratio_sums(rows, cols, p):
+    """Multi-block tiles (block 16): the uniformity (n, mean, M2), the CDNV (n, mean, M2) with exponent
+    p and the per-class ratio sums of rows and columns equal the torch reducer's."""
+    mt, make_ctx = _pair_context(40, 23, seed=5)
+    want_ctx, k = make_ctx(False), make_ctx(False)
+    want_ctx.cdnv_exponent = p
+    want = _reduce_tile_torch(mt[rows] @ mt[cols].T, rows, cols, want_ctx)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    best, best_idx, ratio = dev(k.best), dev(k.best_idx), dev(k.ratio_sum)
+    got = tpairwise.reduce_pair_tile(
+        dev(mt[rows]), dev(mt[cols]), rows.start == cols.start, dev(k.sq[rows]), dev(k.sq[cols]),
+        dev(k.norms[rows]), dev(k.norms[cols]), dev(k.var[rows]), dev(k.var[cols]), None, None, k.g,
+        k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, rows.start, cols.start, best[rows], best_idx[rows],
+        best[cols], best_idx[cols], cdnv_exponent=p, ratio_r=ratio[rows], ratio_c=ratio[cols],
+        block_i=16, block_j=16, block_d=16)
+    for key in ("cdnv", "unif"):
+        assert got[key][0] == want[key][0] > 0, key
+        assert got[key][1:] == pytest.approx(want[key][1:], rel=1e-9), key
+    np.testing.assert_allclose(ratio.cpu().numpy(), want_ctx.ratio_sum.numpy(), rtol=1e-9)
+    assert (want_ctx.ratio_sum[cols] > 0).all()
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0])
+def test_class_pair_stats_new_stats_on_triton(monkeypatch, p):
+    """End to end on the Triton path, ragged tiles of 4 over 7 classes (one absent), against the
+    reference; then classes sharing a direction and a mean: uniformity and per-class CDNV inf."""
+    from ncfast import reference as ref
+    from ncfast.pairwise import class_pair_stats
+
+    monkeypatch.setenv("NCFAST_BACKEND", "triton")
+    x, y, c = make_data(n=200, d=5, c=8, absent=(6,), seed=14)
+    stats = class_pair_stats(ncfast.class_moments(x.to(DEVICE), y.to(DEVICE), num_classes=c, scatter=False),
+                             tile=4, cdnv_exponent=p)
+    mean, var = ref.uniformity(x, y, num_classes=c)
+    assert stats.uniformity_mean == pytest.approx(mean, rel=1e-6)
+    assert stats.uniformity_var == pytest.approx(var, rel=1e-6)
+    assert stats.cdnv == pytest.approx(ref.cdnv(x, y, num_classes=c, cdnv_exponent=p), rel=1e-6)
+    assert_close(stats.cdnv_per_class.cpu().numpy(), ref.cdnv_per_class(x, y, num_classes=c, cdnv_exponent=p),
+                 rtol=1e-6, what="cdnv_per_class")
+    if p != 1.0:
+        return
+    means = torch.tensor([[3, 4, 0], [3, 4, 0], [-12, -16, 0], [0, 0, 5], [0, 0, -5], [6, 8, 0]], dtype=torch.float32)
+    y = torch.arange(6).repeat_interleave(2)
+    x = means[y] + torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]).repeat(6, 1)
+    stats = class_pair_stats(ncfast.class_moments(x.to(DEVICE), y.to(DEVICE), num_classes=7, scatter=False), tile=4)
+    assert stats.uniformity_mean == np.inf and np.isnan(stats.uniformity_var)
+    got = stats.cdnv_per_class.cpu().numpy()
+    assert got[0] == got[1] == np.inf and np.isnan(got[6]) and np.isfinite(got[2:6]).all()

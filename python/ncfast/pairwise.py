@@ -20,6 +20,17 @@ the reference (C = 130, D = 1). The relative error is at most about
 D eps (||Mt_i||^2 + ||Mt_j||^2) / ||mu_i - mu_j||^2: under 1e-6 once two means are apart by more
 than sqrt(2 D eps / 1e-6) of their norm (5e-4 at D = 1,024; typically far less, as rounding
 errors of a dot product grow like sqrt(D), not D).
+
+Hyperspherical uniformity takes ||u_i - u_j||^2 = 2 - 2 cos_ij from the same Gram entries, so it
+has the same limit for two nearly coincident directions: cos_ij carries an absolute error of about
+D eps, so 2 - 2 cos_ij one of about 2 D eps (its cancellation when cos_ij is near 1), hence the
+term log(1 / ||u_i - u_j||) = -log(2 - 2 cos_ij) / 2 an absolute error of about
+D eps / (2 - 2 cos_ij): under 1e-6 while the angle between u_i and u_j (2 - 2 cos_ij ~ angle^2) is
+above sqrt(D eps / 1e-6), 5e-4 rad at D = 1,024. Where 2 - 2 cos_ij rounds to 0 or below (the two
+directions coincide to rounding) the term is +inf, like a CDNV ratio over ||mu_i - mu_j|| = 0.
+The C++ path takes the logarithms from its own AVX-512 log (csrc/pairwise.cpp neg_half_log: at most
+3.0e-16 relative error measured) or, without AVX-512, from glibc's vector library (2.4e-16); the
+torch and Triton paths from torch.log / tl.log.
 """
 from __future__ import annotations
 
@@ -54,7 +65,7 @@ class PairStats:
     Per-class tensors have num_classes entries; absent classes hold -1 / NaN.
     """
 
-    cdnv: float  # mean over unordered pairs of (v_i + v_j) / (2 ||mu_i - mu_j||^2)
+    cdnv: float  # mean over unordered pairs of (v_i + v_j) / (2 ||mu_i - mu_j||^(2p)), p = cdnv_exponent
     cdnv_std: float  # population std of the same values
     nc2_etf: float
     equiangularity: float
@@ -63,6 +74,9 @@ class PairStats:
     msdr: float | None  # with a superclass map
     nearest_class: torch.Tensor  # argmin_{j != i} ||mu_i - mu_j||, int64
     nearest_sq_distance: torch.Tensor  # min_{j != i} ||mu_i - mu_j||^2, float64
+    uniformity_mean: float  # mean over unordered pairs of log(1 / ||u_i - u_j||), u_c = Mt_c / ||Mt_c||
+    uniformity_var: float  # population variance of the same values
+    cdnv_per_class: torch.Tensor  # mean over present j != c of the CDNV ratio of (c, j), float64
 
 
 def ieee_ratio(num: float, den: float) -> float:
@@ -115,11 +129,17 @@ class _Context:
     etf_cos: float
     best: torch.Tensor
     best_idx: torch.Tensor
+    cdnv_exponent: float = 1.0
+    ratio_sum: torch.Tensor | None = None  # per class: sum of its pairs' CDNV ratios, updated in place
+
+    def __post_init__(self):
+        if self.ratio_sum is None:
+            self.ratio_sum = torch.zeros_like(self.best)
 
     @functools.cached_property
     def arrays(self) -> dict:
         """The per-class vectors as numpy arrays sharing their memory (CPU tensors only)."""
-        names = ("sq", "norms", "var", "sup", "best", "best_idx")
+        names = ("sq", "norms", "var", "sup", "best", "best_idx", "ratio_sum")
         return {n: None if getattr(self, n) is None else getattr(self, n).numpy() for n in names}
 
 
@@ -132,9 +152,9 @@ def _reduce_tile_cpp(gram: torch.Tensor, rows: slice, cols: slice, k: _Context) 
         sup_r, sup_c = a["sup"][rows], a["sup"][cols]
     return _C.reduce_pair_tile(
         gram.numpy(), a["sq"][rows], a["sq"][cols], a["norms"][rows], a["norms"][cols], a["var"][rows],
-        a["var"][cols], sup_r, sup_c, k.g, k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, rows.start,
-        cols.start, a["best"][rows], a["best_idx"][rows], a["best"][cols], a["best_idx"][cols],
-        torch.get_num_threads())
+        a["var"][cols], sup_r, sup_c, k.g, k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, k.cdnv_exponent,
+        rows.start, cols.start, a["best"][rows], a["best_idx"][rows], a["best"][cols], a["best_idx"][cols],
+        a["ratio_sum"][rows], a["ratio_sum"][cols], torch.get_num_threads())
 
 
 def _reduce_tile_triton(mt: torch.Tensor, rows: slice, cols: slice, k: _Context) -> dict:
@@ -149,9 +169,19 @@ def _reduce_tile_triton(mt: torch.Tensor, rows: slice, cols: slice, k: _Context)
     out = triton_pairwise.reduce_pair_tile(
         mt[rows], mt[cols], rows.start == cols.start, k.sq[rows], k.sq[cols], k.norms[rows], k.norms[cols],
         k.var[rows], k.var[cols], sup_r, sup_c, k.g, k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos,
-        rows.start, cols.start, best_r, idx_r, best_c, idx_c)
+        rows.start, cols.start, best_r, idx_r, best_c, idx_c, cdnv_exponent=k.cdnv_exponent,
+        ratio_r=k.ratio_sum[rows], ratio_c=k.ratio_sum[cols])
     # slices of a 1-D tensor are views: the kernel's in-place updates already reached k.best
     return out
+
+
+def _n_mean_m2(values: torch.Tensor, sel: torch.Tensor | None) -> tuple:
+    """(n, mean, M2) of the tile's pair values: those under sel, or all where sel is None."""
+    values = values[sel] if sel is not None else values.reshape(-1)
+    if not values.numel():
+        return 0, 0.0, 0.0
+    m = values.mean()
+    return values.numel(), float(m), float((values - m).square().sum())
 
 
 def _reduce_tile_torch(gram: torch.Tensor, rows: slice, cols: slice, k: _Context) -> dict:
@@ -172,15 +202,19 @@ def _reduce_tile_torch(gram: torch.Tensor, rows: slice, cols: slice, k: _Context
     cos /= k.norms[cols].unsqueeze(0)
     out["cos_dev"] = 2.0 * total((cos - k.mean_cos).square_())
     out["coh"] = 2.0 * total((cos + k.etf_cos).abs_())
+    # log(1 / ||u_i - u_j||) with ||u_i - u_j||^2 = 2 - 2 cos_ij (+inf where that is <= 0)
+    out["unif"] = _n_mean_m2(cos.mul_(-2.0).add_(2.0).clamp_min_(0.0).log_().mul_(-0.5), sel)
     del cos
     d2 = gram.mul_(-2.0).add_(k.sq[rows].unsqueeze(1)).add_(k.sq[cols].unsqueeze(0)).clamp_min_(0.0)
     vsum = k.var[rows].unsqueeze(1) + k.var[cols].unsqueeze(0)
-    ratio = vsum / (2.0 * d2)
-    ratio = ratio[sel] if diagonal else ratio.reshape(-1)
-    out["cdnv"] = (0, 0.0, 0.0)
-    if ratio.numel():
-        m = ratio.mean()
-        out["cdnv"] = (ratio.numel(), float(m), float((ratio - m).square().sum()))
+    p = k.cdnv_exponent
+    ratio = vsum / (2.0 * (d2 if p == 1.0 else d2.pow(p)))
+    out["cdnv"] = _n_mean_m2(ratio, sel)
+    # each pair's ratio counts for both its classes
+    pair_ratio = torch.where(sel, ratio, 0.0) if diagonal else ratio
+    k.ratio_sum[rows] += pair_ratio.sum(1)
+    k.ratio_sum[cols] += pair_ratio.sum(0)
+    del ratio, pair_ratio
     dist = vsum.add_(d2)
     out["dist"] = total(dist)
     out["msdr_sum"], out["msdr_n"] = 0.0, 0
@@ -291,10 +325,15 @@ def _tile_reducer(mt: torch.Tensor, c: int, tile: int, k: _Context):
 
 
 def _merge_sums(a: dict, b: dict) -> dict:
-    """Two tiles' sums as one (CDNV's (n, mean, M2) by Chan's formula)."""
-    out = {key: a[key] + b[key] for key in a if key != "cdnv"}
-    out["cdnv"] = _chan(a["cdnv"], b["cdnv"])
+    """Two tiles' sums as one (the (n, mean, M2) of CDNV and uniformity by Chan's formula)."""
+    out = {key: a[key] + b[key] for key in a if key not in _CHAN_KEYS}
+    for key in _CHAN_KEYS:
+        out[key] = _chan(a[key], b[key])
     return out
+
+
+_CHAN_KEYS = ("cdnv", "unif")
+"""Tile sums that are (n, mean, M2) triples."""
 
 
 def _small_gram(mt: torch.Tensor) -> torch.Tensor:
@@ -312,17 +351,37 @@ def _small_gram(mt: torch.Tensor) -> torch.Tensor:
     return mt.T @ mt
 
 
+def _check_exponent(p) -> float:
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        raise ValueError(f"cdnv_exponent must be a finite number > 0, got {p!r}") from None
+    if isinstance(p, bool) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"cdnv_exponent must be a finite number > 0, got {p!r}")
+    return value
+
+
 def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", superclass=None,
-                     tile: int | None = None) -> PairStats:
-    """CDNV, NC2 cosine statistics, nearest other class and MSDR without a C x C matrix.
+                     tile: int | None = None, cdnv_exponent: float = 1.0) -> PairStats:
+    """CDNV, NC2 cosine statistics, hyperspherical uniformity, nearest other class and MSDR
+    without a C x C matrix.
 
     Mt rows are mu_c - mu_G (mu_G of ``weighting``), G = Mt Mt^T, cos_ij = G_ij / (||Mt_i|| ||Mt_j||),
-    E = (I - 11^T / C) / sqrt(C - 1):
+    u_c = Mt_c / ||Mt_c||, E = (I - 11^T / C) / sqrt(C - 1), v_c the within-class variances:
         nc2_etf = || G / ||G||_F - E ||_F;  equiangularity = std_{i != j} cos_ij;
-        coherence = mean_{i != j} |cos_ij + 1/(C-1)|;  msdr = mean_{i != j, s(i)=s(j)} D_ij / mean_i D_ii.
+        coherence = mean_{i != j} |cos_ij + 1/(C-1)|;  msdr = mean_{i != j, s(i)=s(j)} D_ij / mean_i D_ii;
+        CDNV ratio of a pair: (v_i + v_j) / (2 ||mu_i - mu_j||^(2p)), p = ``cdnv_exponent`` (default 1;
+            a finite number > 0); cdnv / cdnv_std: mean / population std over pairs i < j;
+            cdnv_per_class[c] = mean over present j != c of the ratio of (c, j) (NaN if c is absent);
+        uniformity_mean / uniformity_var = mean / population variance over pairs i < j of
+            log(1 / ||u_i - u_j||), ||u_i - u_j||^2 = 2 - 2 cos_ij.
+    Pairs with ||mu_i - mu_j|| = 0 have an infinite CDNV ratio, and pairs with u_i = u_j (to rounding:
+    2 - 2 cos_ij <= 0) an infinite uniformity term: the mean is then inf and the variance or std NaN
+    (see the module docstring for the accuracy of nearly coincident means and directions).
     ``superclass`` is a (num_classes,) int64 tensor on the moments' device, or None. ``tile``:
     classes per tile side, default ``default_tile`` (DEFAULT_TILE, or TRITON_TILE on the Triton path).
     """
+    exponent = _check_exponent(cdnv_exponent)
     p = moments.present
     c = int(p.sum())
     mt = moments.centred_means(weighting)
@@ -341,9 +400,10 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
         mean_cos=(float(unit_sum.square().sum()) - c) / (c * (c - 1)), etf_cos=1.0 / (c - 1),
         best=torch.full((c,), float("inf"), dtype=torch.float64, device=device),
         best_idx=torch.full((c,), -1, dtype=torch.int64, device=device),
+        cdnv_exponent=exponent,
     )
     tile_sums = _tile_reducer(mt, c, tile, ctx)
-    cdnv_acc = (0, 0.0, 0.0)
+    cdnv_acc = unif_acc = (0, 0.0, 0.0)
     resid = cos_dev = coh = dist_sum = msdr_sum = 0.0
     msdr_n = 0
     for rows, cols in _tiles(c, tile):
@@ -355,6 +415,7 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
         msdr_sum += sums["msdr_sum"]
         msdr_n += sums["msdr_n"]
         cdnv_acc = _chan(cdnv_acc, sums["cdnv"])
+        unif_acc = _chan(unif_acc, sums["unif"])
     v, best, best_idx, sup = ctx.var, ctx.best, ctx.best_idx, ctx.sup
 
     pairs = c * (c - 1)
@@ -367,6 +428,9 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
     present_idx = p.nonzero().squeeze(1)
     full_idx[present_idx] = present_idx[best_idx]
     full_d2[present_idx] = best
+    per_class = torch.full((moments.num_classes,), float("nan"), dtype=torch.float64, device=device)
+    per_class[present_idx] = ctx.ratio_sum / (c - 1)
+    n_unif, unif_mean, unif_m2 = unif_acc
     return PairStats(
         cdnv=cdnv_mean,
         cdnv_std=math.sqrt(cdnv_m2 / n_pairs),
@@ -377,4 +441,7 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
         msdr=msdr,
         nearest_class=full_idx,
         nearest_sq_distance=full_d2,
+        uniformity_mean=unif_mean,
+        uniformity_var=unif_m2 / n_unif,
+        cdnv_per_class=per_class,
     )

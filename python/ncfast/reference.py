@@ -252,23 +252,17 @@ def class_distance(features, labels, num_classes=None):
     return dist
 
 
-def cdnv(features, labels, num_classes=None):
+def cdnv(features, labels, num_classes=None, cdnv_exponent=1.0):
     """Class-distance normalized variance (Galanti et al.; SPEC "Class statistics").
 
-    CDNV_ij = (v_i + v_j) / (2 ||mu_i - mu_j||^2), reported as the mean over the unordered pairs
-    i < j of present classes.
+    CDNV_ij = (v_i + v_j) / (2 ||mu_i - mu_j||^(2p)) with p = cdnv_exponent (default 1), reported as
+    the mean over the unordered pairs i < j of present classes.
     """
     h, y, K = _prepare(features, labels, num_classes)
     present = _present(y, K)
     _require_two_classes(present)
-    means = class_means(h, y, K)
-    variances = class_variances(h, y, K)
-    values = [
-        (variances[i] + variances[j]) / (2 * np.sum((means[i] - means[j]) ** 2))
-        for a, i in enumerate(present)
-        for j in present[a + 1 :]
-    ]
-    return float(np.mean(values))
+    ratio = _cdnv_matrix(h, y, K, cdnv_exponent)
+    return float(np.mean([ratio[i, j] for a, i in enumerate(present) for j in present[a + 1 :]]))
 
 
 def msdr(features, labels, superclass, num_classes=None):
@@ -289,6 +283,54 @@ def msdr(features, labels, superclass, num_classes=None):
     if not same:
         return float("nan")
     return float(np.mean(same) / np.mean(np.diag(dist)[present]))
+
+
+def _cdnv_matrix(h, y, K, cdnv_exponent):
+    """(K, K) CDNV ratios (v_i + v_j) / (2 ||mu_i - mu_j||^(2p)), each pair summed literally."""
+    p = float(cdnv_exponent)
+    if not (np.isfinite(p) and p > 0):
+        raise ValueError(f"cdnv_exponent must be a finite number > 0, got {cdnv_exponent!r}")
+    means = class_means(h, y, K)
+    variances = class_variances(h, y, K)
+    ratio = np.full((K, K), np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i in _present(y, K):
+            for j in _present(y, K):
+                ratio[i, j] = (variances[i] + variances[j]) / (2 * np.sum((means[i] - means[j]) ** 2) ** p)
+    return ratio
+
+
+def cdnv_per_class(features, labels, num_classes=None, cdnv_exponent=1.0):
+    """Per-class CDNV (SPEC "Per-class vectors"): cdnv_c = mean over present j != c of
+    (v_c + v_j) / (2 ||mu_c - mu_j||^(2p)), p = cdnv_exponent. Shape (num_classes,), NaN for absent
+    classes; inf where another class has the same mean."""
+    h, y, K = _prepare(features, labels, num_classes)
+    present = _present(y, K)
+    _require_two_classes(present)
+    ratio = _cdnv_matrix(h, y, K, cdnv_exponent)
+    out = np.full(K, np.nan)
+    for c in present:
+        out[c] = np.mean([ratio[c, j] for j in present if j != c])
+    return out
+
+
+def uniformity(features, labels, num_classes=None, weighting="balanced"):
+    """Hyperspherical uniformity, log kernel (Liu et al. 2023; GNC2 of Wu & Papyan 2024; SPEC
+    "Neural-collapse metrics"): with u_c = Mt_c / ||Mt_c||, the (mean, population variance) over the
+    unordered pairs i < j of present classes of log(1 / ||u_i - u_j||), the distance taken literally
+    from the difference of the unit vectors. A pair with u_i = u_j gives +inf: the mean is then inf
+    and the variance NaN."""
+    h, y, K = _prepare(features, labels, num_classes)
+    _check_weighting(weighting)
+    mt, present = _mt(h, y, K, weighting)
+    _require_two_classes(present)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        unit = mt / np.linalg.norm(mt, axis=1, keepdims=True)
+        values = np.array([-np.log(np.linalg.norm(unit[a] - unit[b]))
+                           for a in range(len(present)) for b in range(a + 1, len(present))])
+        if np.isinf(values).any():
+            return float(values.mean()), float("nan")
+        return float(values.mean()), float(values.var())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,17 +8,21 @@ diagonal; the strict upper triangle on a diagonal tile, where I = J) are, as in 
     resid    = sum_{i in I} (G_ii / g - etf_diag)^2  [diagonal tile only]  + 2 sum (G_ij / g - etf_offdiag)^2
     cos_dev  = 2 sum (cos_ij - mean_cos)^2          coh = 2 sum |cos_ij + etf_cos|
     dist     = sum (d2_ij + v_i + v_j)              msdr_sum, msdr_n = 2 x (sum, count) over s(i) = s(j)
-    cdnv     = (n, mean, M2) of (v_i + v_j) / (2 d2_ij)
+    cdnv     = (n, mean, M2) of the ratios (v_i + v_j) / (2 d2_ij^p)
+    unif     = (n, mean, M2) of log(1 / ||u_i - u_j||) = -log(max(2 - 2 cos_ij, 0)) / 2
 
+the per-class sums of the ratios (each pair's ratio added to its row's and its column's class),
 and the nearest other class of every row and of every column by d2 (on a diagonal tile the
 sub-tiles below the diagonal are skipped, their minima given by their mirror images' columns).
+For p != 1, d2^p is exp(p log d2): a relative error of about |p log d2| eps beyond the division's.
 
 ``_pair_tile_kernel`` gives each (BLOCK_I, BLOCK_J) sub-tile to one program: a K-loop of float64
 ``tl.dot`` over BLOCK_D features (or, on a GPU whose Triton compiles no float64 dot, broadcast
 float64 products; see ``_launch``) builds the sub-tile of G in registers, which is reduced on the
 spot to the program's partial sums, its CDNV (n, mean, M2) (two passes over the in-register
-ratios), and its row and column minima (lowest index on ties). The partials are combined on the
-host side in program order (Chan's formula for CDNV), so the result is deterministic.
+ratios), its uniformity (n, mean, M2) likewise, its row and column sums of the ratios, and its row
+and column minima (lowest index on ties). The partials are combined on the host side in program
+order (Chan's formula for CDNV and uniformity), so the result is deterministic.
 """
 from __future__ import annotations
 
@@ -27,27 +31,32 @@ import triton
 import triton.language as tl
 
 # Columns of the per-program float64 partials.
-_RESID, _COS_DEV, _COH, _DIST, _MSDR_SUM, _CDNV_MEAN, _CDNV_M2 = range(7)
+_RESID, _COS_DEV, _COH, _DIST, _MSDR_SUM, _CDNV_MEAN, _CDNV_M2, _UNIF_MEAN, _UNIF_M2 = range(9)
+_SUMS = 9
 
 
 @triton.jit
 def _pair_tile_kernel(
-    sums_ptr, stride_sp, stride_sq,  # (P, 7) float64 out: resid, cos_dev, coh, dist, msdr_sum, cdnv mean, cdnv M2
+    sums_ptr, stride_sp, stride_sq,  # (P, 9) float64 out: resid, cos_dev, coh, dist, msdr_sum, cdnv mean, cdnv M2,
+                                     # uniformity mean, uniformity M2
     counts_ptr, stride_cp, stride_cq,  # (P, 2) int64 out: msdr_n, cdnv n
     rbest_ptr, stride_rb_b, stride_rb_i,  # (J blocks, t1) float64 out: row minima of d2 over the program's columns
     ridx_ptr, stride_ri_b, stride_ri_i,  # (J blocks, t1) int64 out: their column (within the tile)
     cbest_ptr, stride_cb_b, stride_cb_j,  # (I blocks, t2) float64 out: column minima (off-diagonal tiles)
     cidx_ptr, stride_ci_b, stride_ci_j,  # (I blocks, t2) int64 out: their row (within the tile)
+    rsum_ptr, stride_rs_b, stride_rs_i,  # (J blocks, t1) float64 out: row sums of the CDNV ratios
+    csum_ptr, stride_cs_b, stride_cs_j,  # (I blocks, t2) float64 out: column sums of the CDNV ratios
     a_ptr, stride_am, stride_ad,  # (t1, D) float64: Mt rows of I
     b_ptr, stride_bm, stride_bd,  # (t2, D) float64: Mt rows of J
     sq_r_ptr, sq_c_ptr,  # (t1,), (t2,) float64: ||Mt_i||^2
     norm_r_ptr, norm_c_ptr,  # ||Mt_i||
     var_r_ptr, var_c_ptr,  # v_i
     sup_r_ptr, sup_c_ptr,  # (t1,), (t2,) int64 super-classes, read only when HAS_SUP
-    params_ptr,  # (5,) float64: g, etf_diag, etf_offdiag, mean_cos, etf_cos (float64: a Python float would arrive as float32)
+    params_ptr,  # (6,) float64: g, etf_diag, etf_offdiag, mean_cos, etf_cos, p (float64: a Python float would arrive as float32)
     t1, t2, d,
     DIAGONAL: tl.constexpr,  # I = J: pairs j > i only, G_ii enters resid once
     HAS_SUP: tl.constexpr,
+    UNIT_P: tl.constexpr,  # p = 1: the plain division
     F64_DOT: tl.constexpr,  # float64 tl.dot; else broadcast products summed over BLOCK_D (plain FMAs)
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -84,6 +93,7 @@ def _pair_tile_kernel(
     etf_offdiag = tl.load(params_ptr + 2)
     mean_cos = tl.load(params_ptr + 3)
     etf_cos = tl.load(params_ptr + 4)
+    p = tl.load(params_ptr + 5)
     sq_i = tl.load(sq_r_ptr + ii, mask=imask, other=0.0)
     sq_j = tl.load(sq_c_ptr + jj, mask=jmask, other=0.0)
     norm_i = tl.load(norm_r_ptr + ii, mask=imask, other=1.0)
@@ -108,16 +118,28 @@ def _pair_tile_kernel(
     cs = gram / (norm_i[:, None] * norm_j[None, :])
     cos_dev = 2.0 * tl.sum(tl.sum(tl.where(pair, (cs - mean_cos) * (cs - mean_cos), 0.0), axis=1), axis=0)
     coh = 2.0 * tl.sum(tl.sum(tl.where(pair, tl.abs(cs + etf_cos), 0.0), axis=1), axis=0)
+    lg = -0.5 * tl.log(tl.maximum(2.0 - 2.0 * cs, 0.0))  # +inf where u_i = u_j to rounding
     d2 = tl.maximum(sq_i[:, None] + sq_j[None, :] - 2.0 * gram, 0.0)
     vs = var_i[:, None] + var_j[None, :]
     dist = tl.sum(tl.sum(tl.where(pair, d2 + vs, 0.0), axis=1), axis=0)
 
     # CDNV ratios: the program's mean first, then squares about it (no E[r^2] - E[r]^2).
-    ratio = vs / (2.0 * tl.where(pair, d2, 1.0))  # padding lanes stay finite; a real d2 = 0 gives inf, as in C++
+    den = tl.where(pair, d2, 1.0)  # padding lanes stay finite; a real d2 = 0 gives inf, as in C++
+    if not UNIT_P:
+        den = tl.exp(p * tl.log(den))
+    ratio = vs / (2.0 * den)
     cnt = tl.sum(tl.sum(pair.to(tl.int64), axis=1), axis=0)
-    rmean = tl.sum(tl.sum(tl.where(pair, ratio, 0.0), axis=1), axis=0) / tl.maximum(cnt, 1).to(tl.float64)
+    pair_ratio = tl.where(pair, ratio, 0.0)
+    row_ratio = tl.sum(pair_ratio, axis=1)
+    col_ratio = tl.sum(pair_ratio, axis=0)
+    rmean = tl.sum(row_ratio, axis=0) / tl.maximum(cnt, 1).to(tl.float64)
     rdev = ratio - rmean
     rm2 = tl.sum(tl.sum(tl.where(pair, rdev * rdev, 0.0), axis=1), axis=0)
+    tl.store(rsum_ptr + pid_j * stride_rs_b + ii * stride_rs_i, row_ratio, mask=imask)
+    tl.store(csum_ptr + pid_i * stride_cs_b + jj * stride_cs_j, col_ratio, mask=jmask)
+    umean = tl.sum(tl.sum(tl.where(pair, lg, 0.0), axis=1), axis=0) / tl.maximum(cnt, 1).to(tl.float64)
+    udev = lg - umean
+    um2 = tl.sum(tl.sum(tl.where(pair, udev * udev, 0.0), axis=1), axis=0)
 
     msdr_sum = tl.full([], 0.0, tl.float64)
     msdr_n = tl.full([], 0, tl.int64)
@@ -136,6 +158,8 @@ def _pair_tile_kernel(
     tl.store(sums + 4 * stride_sq, msdr_sum)
     tl.store(sums + 5 * stride_sq, rmean)
     tl.store(sums + 6 * stride_sq, rm2)
+    tl.store(sums + 7 * stride_sq, umean)
+    tl.store(sums + 8 * stride_sq, um2)
     tl.store(counts_ptr + prog * stride_cp, msdr_n)
     tl.store(counts_ptr + prog * stride_cp + stride_cq, cnt)
 
@@ -192,14 +216,19 @@ def _launch(grid, args, kwargs, device: torch.device, block_d: int):
 def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: bool, sq_r, sq_c, norm_r, norm_c,
                      var_r, var_c, sup_r, sup_c, g: float, etf_diag: float, etf_offdiag: float, mean_cos: float,
                      etf_cos: float, row0: int, col0: int, best_r: torch.Tensor, idx_r: torch.Tensor,
-                     best_c: torch.Tensor, idx_c: torch.Tensor, *, block_i: int = 64, block_j: int = 64,
-                     block_d: int = 32) -> dict:
+                     best_c: torch.Tensor, idx_c: torch.Tensor, *, cdnv_exponent: float = 1.0,
+                     ratio_r: torch.Tensor | None = None, ratio_c: torch.Tensor | None = None,
+                     block_i: int = 64, block_j: int = 64, block_d: int = 32) -> dict:
     """Reduce the tile of pairs (rows of mt_rows) x (rows of mt_cols), both (t, D) float64.
 
     Returns the dict of ``ncfast.pairwise._reduce_tile_torch`` (resid, cos_dev, coh, dist,
-    msdr_sum, msdr_n, cdnv = (n, mean, M2)) and updates the running nearest class in place:
+    msdr_sum, msdr_n, cdnv = (n, mean, M2) of the CDNV ratios with exponent ``cdnv_exponent``,
+    unif = (n, mean, M2) of the uniformity terms) and updates the running nearest class in place:
     best_r / idx_r for the rows (global column index col0 + j) and, off the diagonal,
     best_c / idx_c for the columns (row0 + i). sup_r / sup_c: super-classes (int64) or None.
+    ratio_r / ratio_c (float64, or None to skip): the running per-class sums of the CDNV ratios of
+    the rows and of the columns, to which each pair's ratio is added in place (on a diagonal tile
+    the same tensor may be given twice).
     """
     t1, d = mt_rows.shape
     t2 = mt_cols.shape[0]
@@ -214,18 +243,20 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
     vec = [v.to(**f64).contiguous() for v in (sq_r, sq_c, norm_r, norm_c, var_r, var_c)]
     has_sup = sup_r is not None
     sups = [s.to(device=dev, dtype=torch.int64).contiguous() for s in (sup_r, sup_c)] if has_sup else [vec[0], vec[0]]
-    params = torch.tensor([g, etf_diag, etf_offdiag, mean_cos, etf_cos], **f64)
+    params = torch.tensor([g, etf_diag, etf_offdiag, mean_cos, etf_cos, cdnv_exponent], **f64)
     block_i = max(16, min(block_i, triton.next_power_of_2(max(t1, 1))))
     block_j = max(16, min(block_j, triton.next_power_of_2(max(t2, 1))))
     block_d = max(16, min(block_d, triton.next_power_of_2(max(d, 1))))
     grid = (triton.cdiv(t1, block_i), triton.cdiv(t2, block_j))
     progs = grid[0] * grid[1]
-    sums = torch.empty(progs, 7, **f64)
+    sums = torch.empty(progs, _SUMS, **f64)
     counts = torch.empty(progs, 2, dtype=torch.int64, device=dev)
     rbest = torch.empty(grid[1], t1, **f64)
     ridx = torch.empty(grid[1], t1, dtype=torch.int64, device=dev)
     cbest = torch.empty(grid[0], t2, **f64)
     cidx = torch.empty(grid[0], t2, dtype=torch.int64, device=dev)
+    rsum = torch.empty(grid[1], t1, **f64)
+    csum = torch.empty(grid[0], t2, **f64)
     if progs:
         args = (
             sums, sums.stride(0), sums.stride(1),
@@ -234,11 +265,14 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
             ridx, ridx.stride(0), ridx.stride(1),
             cbest, cbest.stride(0), cbest.stride(1),
             cidx, cidx.stride(0), cidx.stride(1),
+            rsum, rsum.stride(0), rsum.stride(1),
+            csum, csum.stride(0), csum.stride(1),
             a, a.stride(0), a.stride(1),
             b, b.stride(0), b.stride(1),
             *vec, *sups, params, t1, t2, d,
         )
-        kwargs = dict(DIAGONAL=bool(diagonal), HAS_SUP=has_sup, BLOCK_I=block_i, BLOCK_J=block_j,
+        kwargs = dict(DIAGONAL=bool(diagonal), HAS_SUP=has_sup, UNIT_P=float(cdnv_exponent) == 1.0,
+                      BLOCK_I=block_i, BLOCK_J=block_j,
                       num_warps=8)  # a 64 x 64 float64 tile and its temporaries: spread over 256 threads
         _launch(grid, args, kwargs, dev, block_d)
     if t1 and t2:
@@ -250,15 +284,23 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
         else:
             _fold_minima(rbest, ridx, col0, best_r, idx_r)
             _fold_minima(cbest, cidx, row0, best_c, idx_c)
+        # rows, then columns: on a diagonal tile ratio_c may be ratio_r
+        if ratio_r is not None:
+            ratio_r += rsum.sum(0)
+        if ratio_c is not None:
+            ratio_c += csum.sum(0)
 
-    # Program order, on the device: a fixed summation order. CDNV: Chan's formula for many parts,
-    # M2 = sum M2_p + sum n_p (mean_p - mean)^2.
+    # Program order, on the device: a fixed summation order. CDNV and uniformity: Chan's formula
+    # for many parts, M2 = sum M2_p + sum n_p (mean_p - mean)^2.
     total = sums.sum(0)
     n_p = counts[:, 1].to(torch.float64)
     n_cdnv = n_p.sum()
-    mean = (n_p * sums[:, _CDNV_MEAN]).sum() / n_cdnv.clamp_min(1.0)
-    m2 = sums[:, _CDNV_M2].sum() + (n_p * (sums[:, _CDNV_MEAN] - mean).square()).sum()
-    host = torch.cat([total, torch.stack([mean, m2])]).tolist()
+    merged = []
+    for at_mean, at_m2 in ((_CDNV_MEAN, _CDNV_M2), (_UNIF_MEAN, _UNIF_M2)):
+        mean = (n_p * sums[:, at_mean]).sum() / n_cdnv.clamp_min(1.0)
+        m2 = sums[:, at_m2].sum() + (n_p * (sums[:, at_mean] - mean).square()).sum()
+        merged += [mean, m2]
+    host = torch.cat([total, torch.stack(merged)]).tolist()
     msdr_n, cdnv_n = counts.sum(0).tolist()
     return {
         "resid": host[_RESID],
@@ -267,5 +309,6 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
         "dist": host[_DIST],
         "msdr_sum": host[_MSDR_SUM],
         "msdr_n": int(msdr_n),
-        "cdnv": (int(cdnv_n), host[7], host[8]) if cdnv_n else (0, 0.0, 0.0),
+        "cdnv": (int(cdnv_n), host[_SUMS], host[_SUMS + 1]) if cdnv_n else (0, 0.0, 0.0),
+        "unif": (int(cdnv_n), host[_SUMS + 2], host[_SUMS + 3]) if cdnv_n else (0, 0.0, 0.0),
     }
