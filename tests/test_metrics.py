@@ -573,10 +573,11 @@ def test_duality_and_ood_metrics_match_reference(case, weighting):
     assert_close(pc["count"].numpy(), np.where(ref.class_counts(y, c) > 0, ref.class_counts(y, c), np.nan),
                  rtol=0, what="count")
     assert_close(pc["variance"].numpy(), ref.class_variances(x, y, c), rtol=1e-6, what="variance")
+    assert_close(pc["cdnv"].numpy(), ref.cdnv_per_class(x, y, c), rtol=1e-6, what="cdnv_c")
     assert_close(pc["ncc_accuracy"].numpy(), ref.ncc_accuracy_per_class(x, y, c), rtol=1e-12, what="ncc_acc_c")
     assert_close(pc["ncc_mismatch"].numpy(), ref.ncc_mismatch_per_class(x, y, c, weight=w, bias=b), rtol=1e-12,
                  what="ncc_mismatch_c")
-    for k in ("count", "variance", "ncc_accuracy", "ncc_mismatch", "duality"):
+    for k in ("count", "variance", "cdnv", "ncc_accuracy", "ncc_mismatch", "duality"):
         assert pc[k].dtype == torch.float64 and pc[k].shape == (c,)
 
 
@@ -676,3 +677,16 @@ def test_degenerate_flag_both_ways(weighting):
     low = x3 @ torch.randn(3, 12, generator=torch.Generator().manual_seed(0))
     got = ncfast.nc_metrics(low, y3)
     assert got["rank"] == 3.0 and got.degenerate == ()
+
+
+@pytest.mark.parametrize("p", [0.5, 2.0])
+def test_cdnv_exponent_reaches_nc_metrics(p):
+    x, y, c, _, _ = _inputs("absent")
+    got = ncfast.nc_metrics(x, y, num_classes=c, cdnv_exponent=p)
+    assert_close(got["cdnv"], ref.cdnv(x, y, c, cdnv_exponent=p), rtol=1e-6, what="cdnv")
+    assert_close(got.per_class["cdnv"].numpy(), ref.cdnv_per_class(x, y, c, cdnv_exponent=p), rtol=1e-6,
+                 what="cdnv_c")
+    want = ref.nc_metrics(x, y, num_classes=c, cdnv_exponent=p)
+    assert_close(got["uniformity_mean"], want["uniformity_mean"], rtol=1e-6, what="uniformity_mean")
+    with pytest.raises(ValueError, match="cdnv_exponent"):
+        ncfast.nc_metrics(x, y, num_classes=c, cdnv_exponent=0.0)

@@ -326,12 +326,15 @@ def test_nc_metrics_keys_and_values():
     base = {
         "nc1", "fuzziness", "squared_distance", "nc2_etf", "equinorm", "equiangularity", "coherence",
         "cdnv", "vci", "cosine_separation", "rank", "effective_rank", "ncc_accuracy", "feature_norm",
+        "uniformity_mean", "uniformity_var",
     }
+    dual = {"nc3", "nc3_etf", "duality_mean", "duality_std", "ncc_mismatch"}
     assert set(ref.nc_metrics(h, y)) == base
-    assert set(ref.nc_metrics(h, y, weight=w)) == base | {"nc3", "ncc_mismatch"}
+    assert set(ref.nc_metrics(h, y, weight=w)) == base | dual
     assert set(ref.nc_metrics(h, y, logits=logits)) == base | {"ncc_mismatch", "logits_norm"}
+    assert set(ref.nc_metrics(h, y, ood_features=h[:3] + 1)) == base | {"nc5_ood"}
     full = ref.nc_metrics(h, y, weight=w, logits=logits, superclass=[0, 0, 1])
-    assert set(full) == base | {"nc3", "ncc_mismatch", "logits_norm", "msdr"}
+    assert set(full) == base | dual | {"logits_norm", "msdr"}
     assert all(type(v) is float for v in full.values())
     assert full["rank"] == 4.0
     assert full["nc1"] == ref.nc1(h, y)

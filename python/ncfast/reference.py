@@ -886,11 +886,13 @@ def nc_metrics(
     class_means=None,
     weighting="balanced",
     rtol=DEFAULT_RTOL,
+    cdnv_exponent=1.0,
 ):
     """All metrics of SPEC.md for one feature set, as a dict of Python floats (rank too).
 
     Always: nc1, fuzziness, squared_distance, nc2_etf, equinorm, equiangularity, coherence, cdnv,
-    vci, cosine_separation, rank, effective_rank, ncc_accuracy, feature_norm.
+    uniformity_mean, uniformity_var, vci, cosine_separation, rank, effective_rank, ncc_accuracy,
+    feature_norm.
     With weight: nc3, nc3_etf, duality_mean, duality_std and ncc_mismatch (decision from
     weight/bias). With logits: logits_norm, and ncc_mismatch from the logits when no weight is
     given. With superclass: msdr. With ood_features: nc5_ood. ``class_means``: the NCC centres
@@ -905,7 +907,7 @@ def nc_metrics(
         "equinorm": equinorm(h, y, K, weighting),
         "equiangularity": equiangularity(h, y, K, weighting),
         "coherence": coherence(h, y, K, weighting),
-        "cdnv": cdnv(h, y, K),
+        "cdnv": cdnv(h, y, K, cdnv_exponent),
         "vci": vci(h, y, K, weighting, rtol),
         "cosine_separation": cosine_separation(h, y, K),
         "rank": float(rank(h, y, K, weighting, rtol)),
@@ -913,6 +915,7 @@ def nc_metrics(
         "ncc_accuracy": ncc_accuracy(h, y, K, class_means),
         "feature_norm": feature_norm(h),
     }
+    out["uniformity_mean"], out["uniformity_var"] = uniformity(h, y, K, weighting)
     if weight is not None:
         out["nc3"] = nc3(h, y, weight, K, weighting)
         out["nc3_etf"] = nc3_etf(h, y, weight, K, weighting)
