@@ -45,7 +45,8 @@ def live_coordinates(sym: torch.Tensor, *factors: torch.Tensor):
 
     Coordinates left out carry an exact zero in ``sym`` and in every ``factor.T @ factor``. NaN
     counts as non-zero, so it is never hidden by the deflation."""
-    live = (sym != 0).any(dim=0) | (sym != 0).any(dim=1)
+    nonzero = sym != 0
+    live = nonzero.any(dim=0) | nonzero.any(dim=1)
     for f in factors:
         live |= (f != 0).any(dim=0)
     if bool(live.all()):

@@ -638,6 +638,10 @@ def vci(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_R
     exactly zero but the class means differ then give mu = 0, as they must. (The float64 literal
     formula, vci_literal, lost every digit there: 4.7e-8 or -3.8e-10 where the 80-digit value is
     0 or 3.03e-10.)
+
+    Both are evaluated on the non-constant feature columns only (r keeps the full D): a constant
+    column (a dead ReLU unit) is an exact zero row and column of Sigma_W, Sigma_B and Sigma_T, so
+    it lies outside every range used above, and with it Sigma_W would never be positive definite.
     """
     h, y, K = _prepare(features, labels, num_classes)
     present = _present(y, K)
