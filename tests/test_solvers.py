@@ -59,7 +59,7 @@ def _dead_unit_sigma_w_fails_torch(x, y):
 def test_dead_units_nc_metrics_equal_reference(weighting):
     """The issue's layer, synthetic: 360 x 512, 492 dead units, N < D. torch.linalg.eigh of Sigma_W
     raised LinAlgError inside nc_metrics' VCI and killed the training run."""
-    x, y, cols = _relu_layer(360, 512, 20, 10, seed=11)
+    x, y, _ = _relu_layer(360, 512, 20, 10, seed=11)
     assert int((x != 0).any(0).sum()) == 20
     got = ncfast.nc_metrics(x, y, weighting=weighting)
     want = ref.nc_metrics(x, y, weighting=weighting)
