@@ -2,6 +2,7 @@
 
     python bench/fuzz_reference.py --what metrics --backend cpp --cases 300 --seed 0
     python bench/fuzz_reference.py --what ncc --backend triton --cases 100   # Triton's interpreter
+    python bench/fuzz_reference.py --what solver --cases 200                 # the eigensolvers' corners
 
 Not a test (CI does not run it): each case is drawn at random from the awkward corners (dtypes down
 to bfloat16, absent classes, NaN rows under nan_policy="omit", the collapse regime with a shift of
@@ -13,6 +14,15 @@ them. A case that finds something belongs in tests/ as a fixed case. Exit status
 --what stream:  ClassMoments fed in shuffled batches, shards merged in random order, then
                 metrics_from_moments, against the one-shot reference.
 --what ncc:     ncc_assign and classifier_decisions, both modes, against the exact argmin.
+--what solver:  what the eigen- and singular-value solvers see (ncfast._linalg): ReLU layers with
+                dead units (all-zero columns at random positions) in D up to 4,096, duplicated
+                columns, rank 1 to D, dense low-rank mixtures, clustered and repeated eigenvalues;
+                nc_metrics, or metrics_from_moments on streamed batches. For D > 512 the reference
+                runs on the non-zero columns (padded with zero columns to C - 1, so that
+                r = min(D, C - 1) is unchanged): zero columns are exact zero rows of every
+                covariance and change no metric, and the reference's O(N D^2) sums take ~8 s per
+                covariance at D = 4,096. Live blocks that are singular stay at <= 40 columns (the
+                reference's 50-digit VCI).
 """
 from __future__ import annotations
 
@@ -26,11 +36,12 @@ import warnings
 
 def _parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--what", choices=("metrics", "stream", "ncc"), default="metrics")
+    ap.add_argument("--what", choices=("metrics", "stream", "ncc", "solver"), default="metrics")
     ap.add_argument("--backend", choices=("cpp", "torch", "triton"), default="cpp",
                     help="NCFAST_BACKEND; triton runs in Triton's CPU interpreter")
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-dim", type=int, default=4096, help="--what solver: largest D drawn")
     return ap.parse_args()
 
 
@@ -165,10 +176,72 @@ def case_ncc(it: int, rng: random.Random):
     return diffs, dict(it=it, c=c, d=d, n=n, dtype=str(dtype), mdtype=str(m.dtype), kind=kind)
 
 
+def case_solver(it: int, rng: random.Random):
+    c = rng.choice([2, 3, 5, 10])
+    d = min(ARGS.max_dim, rng.choice([4, 16, 64, 512, 1024, 4096]))
+    mode = rng.choice(["dead", "dup", "lowrank", "cluster", "rank1"])
+    n = rng.choice([2 * c + 1, 40, 200, 360])
+    dtype = rng.choice([torch.float32, torch.float64])
+    weighting = rng.choice(["balanced", "sample"])
+    g = torch.Generator().manual_seed(it)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[:c] = torch.arange(c)
+    if mode == "dead":  # ReLU units, full rank on the live block when N - C allows
+        k = min(d, rng.choice([1, 5, 20, 60, 96]) if n - c > 100 else rng.choice([1, 5, 20, 40]))
+        q = k
+    elif mode == "rank1":
+        k, q = min(d, rng.choice([1, 3, 20])), 1
+    else:
+        k = min(d, rng.choice([2, 8, 24, 40]))
+        q = rng.randint(1, k)
+    spread = rng.choice([1.0, 0.1])
+    z = torch.randn(c, q, generator=g, dtype=torch.float64)[y] + spread * torch.randn(n, q, generator=g,
+                                                                                  dtype=torch.float64)
+    if mode == "dead":
+        live = torch.relu(z - rng.choice([0.0, 0.5, 1.5]))
+    elif mode == "dup" or mode == "rank1":  # exact copies of the latent columns, times 1, 2 or -0.5
+        src = torch.cat([torch.arange(q), torch.randint(0, q, (k - q,), generator=g)])
+        scale = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)[torch.randint(0, 3, (k,), generator=g)]
+        live = z[:, src] * scale
+    elif mode == "lowrank":
+        live = z @ torch.randn(q, k, generator=g, dtype=torch.float64)
+    else:  # clustered: a few repeated scales (some split by 1e-9) on a rotated basis
+        levels = [1.0, 1.0 + 1e-9, 1e-2, 1e-3]
+        scales = torch.tensor([rng.choice(levels[: rng.randint(1, 4)]) for _ in range(q)], dtype=torch.float64)
+        rot, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))
+        live = (z * scales) @ rot[:q]
+    live = live + rng.choice([0.0, 0.0, 3.0])  # a shift keeps the columns non-constant, not zero
+    cols = torch.randperm(d, generator=g)[:k].sort().values
+    x = torch.zeros(n, d, dtype=torch.float64)
+    x[:, cols] = live
+    x = x.to(dtype)
+    stream = rng.random() < 0.3
+    if stream:
+        counts = torch.bincount(y, minlength=c) if weighting == "balanced" else None
+        m = ncfast.ClassMoments(c, d, class_counts=counts)
+        cut = rng.randint(1, n - 1)
+        m.update(x[:cut], y[:cut])
+        m.update(x[cut:], y[cut:])
+        got = ncfast.metrics_from_moments(m, weighting=weighting)
+    else:
+        got = ncfast.nc_metrics(x, y, weighting=weighting)
+    xr = x
+    if d > 512:  # the reference on the non-zero columns, padded with zeros up to C - 1 columns
+        pad = torch.zeros(n, max(0, c - 1 - k), dtype=dtype)
+        xr = torch.cat([x[:, cols], pad], dim=1)
+    want = ref.nc_metrics(xr, y, num_classes=c, weighting=weighting)
+    if stream:
+        want.pop("ncc_accuracy")
+    diffs = [f"{key}: ncfast {got[key]} reference {want[key]}" for key in want if not _close(got[key], want[key])]
+    desc = dict(it=it, mode=mode, c=c, d=d, live=k, latent=q, n=n, dtype=str(dtype), weighting=weighting,
+                stream=stream, ranks=got.ranks)
+    return diffs, desc
+
+
 def main() -> int:
     warnings.simplefilter("ignore")  # the reference's 0 / 0 warns; the values are compared
     rng = random.Random(ARGS.seed)
-    case = {"metrics": case_metrics, "stream": case_stream, "ncc": case_ncc}[ARGS.what]
+    case = {"metrics": case_metrics, "stream": case_stream, "ncc": case_ncc, "solver": case_solver}[ARGS.what]
     found = 0
     with np.errstate(all="ignore"):
         for it in range(ARGS.cases):

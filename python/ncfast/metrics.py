@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, _linalg
 from ._validation import (
     NAN_POLICIES,
     WEIGHTINGS,
@@ -78,7 +78,7 @@ class NCMetrics(dict):
 
 def _eigh_kept(sym: torch.Tensor, rtol: float):
     """Eigenpairs of a symmetric PSD matrix with eigenvalue > rtol * lambda_max."""
-    lam, vec = torch.linalg.eigh(sym)
+    lam, vec = _linalg.sym_eigh(sym)
     top = lam.max() if lam.numel() else torch.tensor(0.0, dtype=sym.dtype)
     keep = lam > rtol * top if float(top) > 0 else torch.zeros_like(lam, dtype=torch.bool)
     return lam[keep], vec[:, keep]
@@ -133,27 +133,37 @@ def _vci(sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float, rto
     divided by a tiny Sigma_W. When a Cholesky factor certifies Sigma_W full rank by the rtol
     rule (the usual case), F = A L^{-T} with Sigma_W = L L^T gives the same kappa without the
     eigendecomposition (_whitened_between). Returns (vci, rank of Sigma_W).
+
+    Coordinates j where Sigma_W's row and A's column are exactly zero (dead units: a feature
+    that is constant) are first taken out: e_j is in the null space of Sigma_W and of Sigma_B,
+    so it adds nothing to either range and an exact zero to Sigma_W's spectrum, which the rtol
+    rule never keeps. r keeps the full D.
     """
     c, d = a.shape
     r = min(d, c - 1)
+    live = _linalg.live_coordinates(sigma_w, a)
+    if live is not None:
+        if live.numel() == 0:  # Sigma_T = 0: A = 0 too, so rB = 0 and nothing is explained
+            return (r - r_b) / r, 0
+        sigma_w, a = sigma_w[live][:, live], a[:, live]
     f = _whitened_between(sigma_w, a, rtol)
     if f is not None:  # Sigma_W certified full rank: P0 is empty and F = A L^{-T}
-        kappa = torch.linalg.svdvals(f).square()
+        kappa = _linalg.svdvals(f).square()
         mu = 1.0 / (1.0 + kappa)
-        return ((r - r_b) + float(mu[:r_b].sum())) / r, d
-    omega, p = torch.linalg.eigh(sigma_w)
+        return ((r - r_b) + float(mu[:r_b].sum())) / r, sigma_w.shape[0]
+    omega, p = _linalg.sym_eigh(sigma_w)
     wmax = float(omega.max())
     keep = omega > rtol * wmax if wmax > 0 else torch.zeros_like(omega, dtype=torch.bool)
     f = (a @ p[:, keep]) / omega[keep].sqrt()
     a0 = a @ p[:, ~keep]
     r0 = 0
     if a0.shape[1]:
-        u0, s0, _ = torch.linalg.svd(a0, full_matrices=False)
+        u0, s0 = _linalg.svd_left(a0)
         k0 = s0.square() > rtol * lam_b_max
         r0 = int(k0.sum())
         u0 = u0[:, k0]
         f = f - u0 @ (u0.T @ f)
-    kappa = torch.linalg.svdvals(f).square() if f.numel() else f.new_zeros(0)
+    kappa = _linalg.svdvals(f).square() if f.numel() else f.new_zeros(0)
     mu = torch.cat([f.new_zeros(r0), 1.0 / (1.0 + kappa)])  # ascending: kappa is descending
     return ((r - r_b) + float(mu[:r_b].sum())) / r, int(keep.sum())
 
@@ -380,7 +390,7 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         out["fuzziness"] = fuzz
         lam_b_max = float(s_b.max()) if s_b.numel() else 0.0  # Sigma_B = 0: equal class means
         out["vci"], ranks["sigma_w"] = _vci(sigma_w, a, ranks["sigma_b"], lam_b_max, rtol)
-        lam_t = torch.linalg.eigvalsh(sigma_w + a.T @ a)
+        lam_t = _linalg.sym_eigvalsh(sigma_w + a.T @ a)
         top_t = float(lam_t.max())
         kept_t = lam_t[lam_t > rtol * top_t] if top_t > 0 else lam_t[:0]
         ranks["sigma_t"] = int(kept_t.numel())

@@ -112,15 +112,62 @@ def _require_two_classes(present):
 # ----------------------------------------------------------------------------------------------
 
 
+def _dense_eigh(a, vectors):
+    """Ascending eigenvalues (and eigenvectors) of symmetric a by numpy's eigh; if it does not
+    converge, by scipy's MRRR driver (syevr), then by the QR iteration (syev)."""
+    try:
+        return np.linalg.eigh(a) if vectors else np.linalg.eigvalsh(a)
+    except np.linalg.LinAlgError as e:
+        failures = [f"numpy: {e}"]
+    for driver in ("evr", "ev"):
+        try:
+            return scipy.linalg.eigh(a, eigvals_only=not vectors, driver=driver)
+        except np.linalg.LinAlgError as e:
+            failures.append(f"scipy {driver}: {e}")
+    raise np.linalg.LinAlgError("no symmetric eigensolver converged: " + "; ".join(failures))
+
+
+def _sym_eig(a, vectors):
+    """Eigenvalues (and eigenvectors) of the symmetric part of a, ascending. A row and column of
+    it that are exactly zero (a dead unit: a feature that is constant) make e_j an eigenvector
+    with eigenvalue 0, so those are set aside and the rest decomposed: exact, and it spares the
+    solver the hundreds of exact zeros on which LAPACK's divide and conquer has failed to
+    converge."""
+    a = (a + a.T) / 2
+    n = a.shape[0]
+    live = np.flatnonzero((a != 0).any(axis=0))
+    if len(live) == n:
+        return _dense_eigh(a, vectors)
+    dead = np.setdiff1d(np.arange(n), live)
+    if len(live):
+        parts = _dense_eigh(a[np.ix_(live, live)], vectors)
+    else:
+        parts = (np.zeros(0), np.zeros((0, 0))) if vectors else np.zeros(0)
+    w_live = parts[0] if vectors else parts
+    w = np.concatenate([w_live, np.zeros(len(dead))])
+    order = np.argsort(w, kind="stable")
+    if not vectors:
+        return w[order]
+    v = np.zeros((n, n))
+    v[np.ix_(live, np.arange(len(live)))] = parts[1]
+    v[dead, len(live) + np.arange(len(dead))] = 1.0
+    return w[order], v[:, order]
+
+
 def _sym_eigh(a):
-    """Eigendecomposition of the symmetric part of a (outer-product sums are symmetric only up to
-    rounding, and eigh reads a single triangle)."""
-    return np.linalg.eigh((a + a.T) / 2)
+    """Eigendecomposition (w ascending, V) of the symmetric part of a (outer-product sums are
+    symmetric only up to rounding, and eigh reads a single triangle); see _sym_eig."""
+    return _sym_eig(a, True)
+
+
+def _sym_eigvalsh(a):
+    """Ascending eigenvalues of the symmetric part of a; see _sym_eig."""
+    return _sym_eig(a, False)
 
 
 def _sym_rank(a, rtol):
     """Number of eigenvalues of symmetric a above rtol * lambda_max."""
-    w = np.linalg.eigvalsh((a + a.T) / 2)
+    w = _sym_eigvalsh(a)
     return int(np.sum(w > rtol * max(w.max(), 0.0)))
 
 
@@ -735,21 +782,44 @@ def vci(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_R
     exactly zero but the class means differ then give mu = 0, as they must. (The float64 literal
     formula, vci_literal, lost every digit there: 4.7e-8 or -3.8e-10 where the 80-digit value is
     0 or 3.03e-10.)
+
+    Both are evaluated on the non-constant feature columns only (r keeps the full D): a constant
+    column (a dead ReLU unit) is an exact zero row and column of Sigma_W, Sigma_B and Sigma_T, so
+    it lies outside every range used above, and with it Sigma_W would never be positive definite.
     """
     h, y, K = _prepare(features, labels, num_classes)
     present = _present(y, K)
     _require_two_classes(present)
+    r = min(h.shape[1], len(present) - 1)
+    # A constant feature (a dead unit) is an exact zero row and column of Sigma_W, Sigma_B and
+    # Sigma_T: outside every range the formula reads. Its column is dropped, r keeps the full D.
+    h = h[:, (h != h[0]).any(axis=0)]
     D = h.shape[1]
-    r = min(D, len(present) - 1)
+    if D == 0:
+        return 1.0  # Sigma_T = 0: nothing is explained, and rB = 0
     sigma_w = within_class_covariance(h, y, K, weighting)
     sigma_b = between_class_covariance(h, y, K, weighting)
-    w_eigs = np.linalg.eigvalsh((sigma_w + sigma_w.T) / 2)
+    w_eigs = _sym_eigvalsh(sigma_w)
     if not w_eigs[0] > rtol * w_eigs[-1]:
         return _vci_on_ranges(h, y, K, weighting, sigma_w, r, rtol)
     r_b = _sym_rank(sigma_b, rtol)
-    kappa = scipy.linalg.eigh((sigma_b + sigma_b.T) / 2, (sigma_w + sigma_w.T) / 2, eigvals_only=True)
+    kappa = _generalized_eigvalsh((sigma_b + sigma_b.T) / 2, (sigma_w + sigma_w.T) / 2)
     mu = 1.0 / (1.0 + kappa[D - r_b :])
     return float(((r - r_b) + mu.sum()) / r)
+
+
+def _generalized_eigvalsh(a, b):
+    """Ascending eigenvalues of a x = kappa b x, b positive definite: scipy's drivers (divide and
+    conquer, then QR iteration, then bisection), and if none converges the same eigenvalues as
+    those of P^T a P with P = V diag(omega)^{-1/2} from b = V diag(omega) V^T."""
+    for driver in ("gvd", "gv", "gvx"):
+        try:
+            return scipy.linalg.eigh(a, b, eigvals_only=True, driver=driver)
+        except np.linalg.LinAlgError:
+            continue
+    omega, v = _sym_eigh(b)
+    p = v / np.sqrt(omega)
+    return _sym_eigvalsh(p.T @ a @ p)
 
 
 def cosine_separation(features, labels, num_classes=None):
@@ -803,7 +873,7 @@ def effective_rank(features, labels, num_classes=None, weighting="balanced", rto
     below the cut (condition number above 1 / rtol) would each move the value by less than
     sqrt(rtol) = 1e-5 of the largest s_k's share.
     """
-    lam = np.linalg.eigvalsh(total_covariance(features, labels, num_classes, weighting))
+    lam = _sym_eigvalsh(total_covariance(features, labels, num_classes, weighting))
     lam = np.where(lam > rtol * lam[-1], lam, 0.0) if lam[-1] > 0 else np.zeros_like(lam)
     s = np.sqrt(np.maximum(lam, 0.0))
     if s.sum() == 0:
