@@ -229,7 +229,7 @@ PYBIND11_MODULE(_C, m) {
          py::array_t<double, py::array::c_style> sq_c, py::array_t<double, py::array::c_style> norm_r,
          py::array_t<double, py::array::c_style> norm_c, py::array_t<double, py::array::c_style> var_r,
          py::array_t<double, py::array::c_style> var_c, py::object sup_r, py::object sup_c, double g,
-         double etf_diag, double etf_offdiag, double mean_cos, double etf_cos, double cdnv_exponent, int64_t row0,
+         double etf_diag, double etf_offdiag, double mean_cos, double etf_cos, double cdnv_exponent, double unif_floor, int64_t row0,
          int64_t col0, py::array_t<double, py::array::c_style> best_r, py::array_t<int64_t, py::array::c_style> idx_r,
          py::array_t<double, py::array::c_style> best_c, py::array_t<int64_t, py::array::c_style> idx_c,
          py::array_t<double, py::array::c_style> ratio_r, py::array_t<double, py::array::c_style> ratio_c,
@@ -249,7 +249,7 @@ PYBIND11_MODULE(_C, m) {
         py::array_t<int64_t, py::array::c_style | py::array::forcecast> sr, sc;
         PairTile t{gram.data(), t1, t2, sq_r.data(), sq_c.data(), norm_r.data(), norm_c.data(),
                    var_r.data(), var_c.data(), nullptr, nullptr, g, etf_diag, etf_offdiag, mean_cos, etf_cos,
-                   cdnv_exponent};
+                   cdnv_exponent, unif_floor};
         if (!sup_r.is_none()) {
           sr = sup_r.cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
           sc = sup_c.cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();

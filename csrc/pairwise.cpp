@@ -116,6 +116,7 @@ inline void sweep_row(const PairTile& t, const double* grow, const double* inv_n
   const __m512d vsqi = _mm512_set1_pd(sqi), vinv_ni = _mm512_set1_pd(inv_ni), vvi = _mm512_set1_pd(vi);
   const __m512d vinv_g = _mm512_set1_pd(inv_g), voff = _mm512_set1_pd(t.etf_offdiag);
   const __m512d vmean = _mm512_set1_pd(t.mean_cos), vetf = _mm512_set1_pd(t.etf_cos);
+  const __m512d vfloor = _mm512_set1_pd(t.unif_floor);
   const __m512d zero = _mm512_setzero_pd(), two = _mm512_set1_pd(2.0);
   const __m512i vgi = _mm512_set1_epi64(gi), eight = _mm512_set1_epi64(8);
   __m512i jv = _mm512_add_epi64(_mm512_set1_epi64(jb), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
@@ -135,7 +136,8 @@ inline void sweep_row(const PairTile& t, const double* grow, const double* inv_n
     const __m512d r = _mm512_fmsub_pd(g, vinv_g, voff);
     a.resid = _mm512_mask3_fmadd_pd(r, r, a.resid, m);
     const __m512d cs = _mm512_mul_pd(_mm512_mul_pd(g, vinv_ni), _mm512_maskz_loadu_pd(m, inv_nc + j));
-    const __m512d ul = neg_half_log(_mm512_max_pd(zero, _mm512_fnmadd_pd(two, cs, two)));
+    const __m512d u2 = _mm512_fnmadd_pd(two, cs, two);  // ||u_i - u_j||^2; NaN stays NaN
+    const __m512d ul = neg_half_log(_mm512_mask_mov_pd(u2, _mm512_cmp_pd_mask(u2, vfloor, _CMP_LE_OQ), zero));
     _mm512_mask_storeu_pd(lg + j, m, ul);
     a.usum = _mm512_mask_add_pd(a.usum, m, a.usum, ul);
     const __m512d cd = _mm512_sub_pd(cs, vmean);
@@ -329,7 +331,8 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
         const double r = gij * inv_g - t.etf_offdiag;
         resid += r * r;
         const double cs = gij * inv_ni * inv_nc[j];
-        lg[j] = std::max(2.0 - 2.0 * cs, 0.0);
+        const double u2 = 2.0 - 2.0 * cs;
+        lg[j] = u2 <= t.unif_floor ? 0.0 : u2;
         cos_dev += (cs - t.mean_cos) * (cs - t.mean_cos);
         coh += std::fabs(cs + t.etf_cos);
         dist += dd[j] + vi + t.var_c[j];

@@ -19,6 +19,7 @@ struct PairTile {
   double etf_diag, etf_offdiag;    // entries of E = (I - 11^T/C) / sqrt(C-1)
   double mean_cos, etf_cos;        // mean cosine over i != j; 1/(C-1)
   double cdnv_exponent;            // p of the CDNV ratio (v_i + v_j) / (2 ||mu_i - mu_j||^(2p))
+  double unif_floor;               // 2 - 2 cos_ij at or below this: u_i = u_j to rounding, a +inf term
 };
 
 // Sums over the tile's unordered pairs, with ordered-pair weights (x2) where the metric averages

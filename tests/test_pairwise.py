@@ -1,4 +1,6 @@
 """Tiled pairwise class reductions: any tile size gives the reference's numbers."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -392,3 +394,18 @@ def test_many_classes_need_no_c_by_c_matrix(monkeypatch, backend):
     np.testing.assert_allclose(stats.cdnv_per_class.numpy(), per_class, rtol=1e-9)
     assert stats.uniformity_mean == pytest.approx(terms.mean(), rel=1e-9)
     assert stats.uniformity_var == pytest.approx(terms.var(), rel=1e-9)
+
+
+def test_uniformity_of_means_on_a_line_is_inf_like_the_reference(backend):
+    """Every feature a multiple of one vector (float64): two of the three centred means point the
+    same way, so their unit vectors are equal up to rounding and log(1 / ||u_i - u_j||) would be the
+    logarithm of a rounding error. Within 4 (D + 4) eps both count the directions as equal: the
+    mean is +inf and the variance NaN."""
+    g = torch.Generator().manual_seed(8)
+    y = torch.arange(120) % 3
+    t = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)[y] + 0.3 * torch.randn(120, generator=g, dtype=torch.float64)
+    x = t.unsqueeze(1) * torch.randn(16, generator=g, dtype=torch.float64)
+    stats = class_pair_stats(ncfast.class_moments(x, y))
+    want = ref.uniformity(x, y)
+    assert stats.uniformity_mean == want[0] == math.inf
+    assert math.isnan(stats.uniformity_var) and math.isnan(want[1])

@@ -442,12 +442,15 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         # being the spread of the class-mean unit vectors m_c = S_c / n_c about their mean:
         # (1/C) sum_c ||m_c - m||^2, no difference of two dbar (which agree to 1e-6 when every
         # feature points nearly the same way, leaving 5 digits). total = 0 (every unit vector
-        # equal) is 0 / 0.
+        # equal) is 0 / 0: a total within the rounding of 1 - ||centre||^2, 4 (D + 4) eps (the
+        # unit vectors' own norms are 1 only to about D eps), cannot be told from 0, and a ratio
+        # of two rounding errors would be reported otherwise (reference.cosine_separation).
         unit = moments.unit_sum[p] / moments.count[p].unsqueeze(1)
         centre = unit.mean(0)
         total = 1.0 - float(centre.square().sum())
         between = float((unit - centre).square().sum(1).mean())
-        out["cosine_separation"] = between / total if total != 0.0 else math.nan
+        indistinct = total <= 4.0 * (d + 4) * 2.0 ** -53
+        out["cosine_separation"] = math.nan if indistinct else between / total
         out["feature_norm"] = float(moments.norm_sum.sum()) / moments.num_samples
 
     degenerate = DEGENERATE_METRICS if ranks.get("sigma_t") == moments.num_samples - 1 else ()

@@ -26,8 +26,11 @@ has the same limit for two nearly coincident directions: cos_ij carries an absol
 D eps, so 2 - 2 cos_ij one of about 2 D eps (its cancellation when cos_ij is near 1), hence the
 term log(1 / ||u_i - u_j||) = -log(2 - 2 cos_ij) / 2 an absolute error of about
 D eps / (2 - 2 cos_ij): under 1e-6 while the angle between u_i and u_j (2 - 2 cos_ij ~ angle^2) is
-above sqrt(D eps / 1e-6), 5e-4 rad at D = 1,024. Where 2 - 2 cos_ij rounds to 0 or below (the two
-directions coincide to rounding) the term is +inf, like a CDNV ratio over ||mu_i - mu_j|| = 0.
+above sqrt(D eps / 1e-6), 5e-4 rad at D = 1,024. Where 2 - 2 cos_ij is at most 4 (D + 4) eps, the
+rounding of cos_ij itself, the two directions cannot be told apart and the term is +inf, like a CDNV
+ratio over ||mu_i - mu_j|| = 0 (the reference applies the same rule to its ||u_i - u_j||^2): two
+centred means on one ray (class means on a line, rank(Sigma_B) = 1) give an infinite uniformity,
+not the logarithm of a rounding error.
 The C++ path takes the logarithms from its own AVX-512 log (csrc/pairwise.cpp neg_half_log: at most
 3.0e-16 relative error measured) or, without AVX-512, from glibc's vector library (2.4e-16); the
 torch and Triton paths from torch.log / tl.log.
@@ -130,6 +133,7 @@ class _Context:
     best: torch.Tensor
     best_idx: torch.Tensor
     cdnv_exponent: float = 1.0
+    unif_floor: float = 0.0  # 2 - 2 cos_ij at or below this: the two directions coincide to rounding
     ratio_sum: torch.Tensor | None = None  # per class: sum of its pairs' CDNV ratios, updated in place
 
     def __post_init__(self):
@@ -152,7 +156,7 @@ def _reduce_tile_cpp(gram: torch.Tensor, rows: slice, cols: slice, k: _Context) 
         sup_r, sup_c = a["sup"][rows], a["sup"][cols]
     return _C.reduce_pair_tile(
         gram.numpy(), a["sq"][rows], a["sq"][cols], a["norms"][rows], a["norms"][cols], a["var"][rows],
-        a["var"][cols], sup_r, sup_c, k.g, k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, k.cdnv_exponent,
+        a["var"][cols], sup_r, sup_c, k.g, k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, k.cdnv_exponent, k.unif_floor,
         rows.start, cols.start, a["best"][rows], a["best_idx"][rows], a["best"][cols], a["best_idx"][cols],
         a["ratio_sum"][rows], a["ratio_sum"][cols], torch.get_num_threads())
 
@@ -170,7 +174,7 @@ def _reduce_tile_triton(mt: torch.Tensor, rows: slice, cols: slice, k: _Context)
         mt[rows], mt[cols], rows.start == cols.start, k.sq[rows], k.sq[cols], k.norms[rows], k.norms[cols],
         k.var[rows], k.var[cols], sup_r, sup_c, k.g, k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos,
         rows.start, cols.start, best_r, idx_r, best_c, idx_c, cdnv_exponent=k.cdnv_exponent,
-        ratio_r=k.ratio_sum[rows], ratio_c=k.ratio_sum[cols])
+        unif_floor=k.unif_floor, ratio_r=k.ratio_sum[rows], ratio_c=k.ratio_sum[cols])
     # slices of a 1-D tensor are views: the kernel's in-place updates already reached k.best
     return out
 
@@ -202,8 +206,9 @@ def _reduce_tile_torch(gram: torch.Tensor, rows: slice, cols: slice, k: _Context
     cos /= k.norms[cols].unsqueeze(0)
     out["cos_dev"] = 2.0 * total((cos - k.mean_cos).square_())
     out["coh"] = 2.0 * total((cos + k.etf_cos).abs_())
-    # log(1 / ||u_i - u_j||) with ||u_i - u_j||^2 = 2 - 2 cos_ij (+inf where that is <= 0)
-    out["unif"] = _n_mean_m2(cos.mul_(-2.0).add_(2.0).clamp_min_(0.0).log_().mul_(-0.5), sel)
+    # log(1 / ||u_i - u_j||) with ||u_i - u_j||^2 = 2 - 2 cos_ij (+inf at or below unif_floor)
+    u2 = cos.mul_(-2.0).add_(2.0)
+    out["unif"] = _n_mean_m2(u2.masked_fill_(u2 <= k.unif_floor, 0.0).log_().mul_(-0.5), sel)
     del cos
     d2 = gram.mul_(-2.0).add_(k.sq[rows].unsqueeze(1)).add_(k.sq[cols].unsqueeze(0)).clamp_min_(0.0)
     vsum = k.var[rows].unsqueeze(1) + k.var[cols].unsqueeze(0)
@@ -376,7 +381,7 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
         uniformity_mean / uniformity_var = mean / population variance over pairs i < j of
             log(1 / ||u_i - u_j||), ||u_i - u_j||^2 = 2 - 2 cos_ij.
     Pairs with ||mu_i - mu_j|| = 0 have an infinite CDNV ratio, and pairs with u_i = u_j (to rounding:
-    2 - 2 cos_ij <= 0) an infinite uniformity term: the mean is then inf and the variance or std NaN
+    2 - 2 cos_ij <= 4 (D + 4) eps) an infinite uniformity term: the mean is then inf and the variance or std NaN
     (see the module docstring for the accuracy of nearly coincident means and directions).
     ``superclass`` is a (num_classes,) int64 tensor on the moments' device, or None. ``tile``:
     classes per tile side, default ``default_tile`` (DEFAULT_TILE, or TRITON_TILE on the Triton path).
@@ -400,7 +405,7 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
         mean_cos=(float(unit_sum.square().sum()) - c) / (c * (c - 1)), etf_cos=1.0 / (c - 1),
         best=torch.full((c,), float("inf"), dtype=torch.float64, device=device),
         best_idx=torch.full((c,), -1, dtype=torch.int64, device=device),
-        cdnv_exponent=exponent,
+        cdnv_exponent=exponent, unif_floor=4.0 * (mt.shape[1] + 4) * 2.0 ** -53,
     )
     tile_sums = _tile_reducer(mt, c, tile, ctx)
     cdnv_acc = unif_acc = (0, 0.0, 0.0)

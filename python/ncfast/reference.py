@@ -366,15 +366,18 @@ def uniformity(features, labels, num_classes=None, weighting="balanced"):
     "Neural-collapse metrics"): with u_c = Mt_c / ||Mt_c||, the (mean, population variance) over the
     unordered pairs i < j of present classes of log(1 / ||u_i - u_j||), the distance taken literally
     from the difference of the unit vectors. A pair with u_i = u_j gives +inf: the mean is then inf
-    and the variance NaN."""
+    and the variance NaN. Equal to rounding counts as equal: ||u_i - u_j||^2 <= 4 (D + 4) eps (the
+    unit vectors of two means on one ray differ by rounding alone, and their log would report it)."""
     h, y, K = _prepare(features, labels, num_classes)
     _check_weighting(weighting)
     mt, present = _mt(h, y, K, weighting)
     _require_two_classes(present)
+    floor = 4.0 * (h.shape[1] + 4) * 2.0 ** -53
     with np.errstate(invalid="ignore", divide="ignore"):
         unit = mt / np.linalg.norm(mt, axis=1, keepdims=True)
-        values = np.array([-np.log(np.linalg.norm(unit[a] - unit[b]))
-                           for a in range(len(present)) for b in range(a + 1, len(present))])
+        sq = np.array([np.sum((unit[a] - unit[b]) ** 2)
+                       for a in range(len(present)) for b in range(a + 1, len(present))])
+        values = -0.5 * np.log(np.where(sq <= floor, 0.0, sq))
         if np.isinf(values).any():
             return float(values.mean()), float("nan")
         return float(values.mean()), float(values.var())
@@ -849,7 +852,12 @@ def cosine_separation(features, labels, num_classes=None):
     dbar = np.array([[1.0 - gram[np.ix_(y == i, y == j)].mean() for j in present] for i in present])
     m = np.stack([u[y == c].mean(axis=0) for c in present])
     between = ((m[:, None, :] - m[None, :, :]) ** 2).sum(axis=2).sum() / (2 * len(present) ** 2)
-    return float(between / np.mean(dbar))
+    total = np.mean(dbar)
+    # every unit vector the same (to rounding: the norms of the u_i are 1 only to about D eps, so
+    # a dbar_total within 4 (D + 4) eps cannot be told from 0): 0 / 0
+    if total <= 4.0 * (h.shape[1] + 4) * 2.0 ** -53:
+        return float("nan")
+    return float(between / total)
 
 
 def rank(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):

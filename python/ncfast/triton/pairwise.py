@@ -9,7 +9,8 @@ diagonal; the strict upper triangle on a diagonal tile, where I = J) are, as in 
     cos_dev  = 2 sum (cos_ij - mean_cos)^2          coh = 2 sum |cos_ij + etf_cos|
     dist     = sum (d2_ij + v_i + v_j)              msdr_sum, msdr_n = 2 x (sum, count) over s(i) = s(j)
     cdnv     = (n, mean, M2) of the ratios (v_i + v_j) / (2 d2_ij^p)
-    unif     = (n, mean, M2) of log(1 / ||u_i - u_j||) = -log(max(2 - 2 cos_ij, 0)) / 2
+    unif     = (n, mean, M2) of log(1 / ||u_i - u_j||) = -log(2 - 2 cos_ij) / 2, +inf where
+               2 - 2 cos_ij <= unif_floor (the two directions equal to rounding)
 
 the per-class sums of the ratios (each pair's ratio added to its row's and its column's class),
 and the nearest other class of every row and of every column by d2 (on a diagonal tile the
@@ -52,7 +53,8 @@ def _pair_tile_kernel(
     norm_r_ptr, norm_c_ptr,  # ||Mt_i||
     var_r_ptr, var_c_ptr,  # v_i
     sup_r_ptr, sup_c_ptr,  # (t1,), (t2,) int64 super-classes, read only when HAS_SUP
-    params_ptr,  # (6,) float64: g, etf_diag, etf_offdiag, mean_cos, etf_cos, p (float64: a Python float would arrive as float32)
+    params_ptr,  # (7,) float64: g, etf_diag, etf_offdiag, mean_cos, etf_cos, p, unif_floor (float64: a Python
+                 # float would arrive as float32)
     t1, t2, d,
     DIAGONAL: tl.constexpr,  # I = J: pairs j > i only, G_ii enters resid once
     HAS_SUP: tl.constexpr,
@@ -94,6 +96,7 @@ def _pair_tile_kernel(
     mean_cos = tl.load(params_ptr + 3)
     etf_cos = tl.load(params_ptr + 4)
     p = tl.load(params_ptr + 5)
+    unif_floor = tl.load(params_ptr + 6)
     sq_i = tl.load(sq_r_ptr + ii, mask=imask, other=0.0)
     sq_j = tl.load(sq_c_ptr + jj, mask=jmask, other=0.0)
     norm_i = tl.load(norm_r_ptr + ii, mask=imask, other=1.0)
@@ -118,7 +121,8 @@ def _pair_tile_kernel(
     cs = gram / (norm_i[:, None] * norm_j[None, :])
     cos_dev = 2.0 * tl.sum(tl.sum(tl.where(pair, (cs - mean_cos) * (cs - mean_cos), 0.0), axis=1), axis=0)
     coh = 2.0 * tl.sum(tl.sum(tl.where(pair, tl.abs(cs + etf_cos), 0.0), axis=1), axis=0)
-    lg = -0.5 * tl.log(tl.maximum(2.0 - 2.0 * cs, 0.0))  # +inf where u_i = u_j to rounding
+    u2 = 2.0 - 2.0 * cs  # ||u_i - u_j||^2; at or below unif_floor u_i = u_j to rounding: a +inf term
+    lg = -0.5 * tl.log(tl.where(u2 <= unif_floor, 0.0, u2))
     d2 = tl.maximum(sq_i[:, None] + sq_j[None, :] - 2.0 * gram, 0.0)
     vs = var_i[:, None] + var_j[None, :]
     dist = tl.sum(tl.sum(tl.where(pair, d2 + vs, 0.0), axis=1), axis=0)
@@ -217,7 +221,7 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
                      var_r, var_c, sup_r, sup_c, g: float, etf_diag: float, etf_offdiag: float, mean_cos: float,
                      etf_cos: float, row0: int, col0: int, best_r: torch.Tensor, idx_r: torch.Tensor,
                      best_c: torch.Tensor, idx_c: torch.Tensor, *, cdnv_exponent: float = 1.0,
-                     ratio_r: torch.Tensor | None = None, ratio_c: torch.Tensor | None = None,
+                     unif_floor: float = 0.0, ratio_r: torch.Tensor | None = None, ratio_c: torch.Tensor | None = None,
                      block_i: int = 64, block_j: int = 64, block_d: int = 32) -> dict:
     """Reduce the tile of pairs (rows of mt_rows) x (rows of mt_cols), both (t, D) float64.
 
@@ -243,7 +247,7 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
     vec = [v.to(**f64).contiguous() for v in (sq_r, sq_c, norm_r, norm_c, var_r, var_c)]
     has_sup = sup_r is not None
     sups = [s.to(device=dev, dtype=torch.int64).contiguous() for s in (sup_r, sup_c)] if has_sup else [vec[0], vec[0]]
-    params = torch.tensor([g, etf_diag, etf_offdiag, mean_cos, etf_cos, cdnv_exponent], **f64)
+    params = torch.tensor([g, etf_diag, etf_offdiag, mean_cos, etf_cos, cdnv_exponent, unif_floor], **f64)
     block_i = max(16, min(block_i, triton.next_power_of_2(max(t1, 1))))
     block_j = max(16, min(block_j, triton.next_power_of_2(max(t2, 1))))
     block_d = max(16, min(block_d, triton.next_power_of_2(max(d, 1))))
