@@ -1,4 +1,4 @@
-"""Symmetric eigendecompositions and SVDs that do not raise on valid input (SPEC.md "Bad input").
+"""Symmetric eigendecompositions and SVDs that do not raise on valid input (docs/metrics.md "Bad input").
 
 Every eigen- or singular-value decomposition on a path from a public ncfast function goes through
 this module. Each function returns what its ``torch.linalg`` namesake returns, in the input's

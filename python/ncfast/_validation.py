@@ -1,7 +1,7 @@
 """Argument checks shared by every public entry point.
 
 Each check raises before any state is touched, and names the offending argument,
-as SPEC.md's bad-input contract asks.
+as docs/metrics.md's bad-input contract asks.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ REDUCTIONS = ("mean", "sum")
 
 
 def svsl_loss(layer_features, labels, *, alpha, num_classes, reduction="mean"):
-    """Stochastic Variability-Simplification Loss (SVSL) term, paper 003 definition 10 (SPEC "Losses").
+    """Stochastic Variability-Simplification Loss (SVSL) term, paper 003 definition 10 (docs/metrics.md "Losses").
 
     Paper 003, definition 10: for a sample (x_i, y_i = c) of batch B,
 

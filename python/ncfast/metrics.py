@@ -1,4 +1,4 @@
-"""Neural-collapse metrics on top of ClassMoments (definitions: SPEC.md).
+"""Neural-collapse metrics on top of ClassMoments (definitions: docs/metrics.md).
 
 Everything here is float64 linear algebra on the streamed statistics: class means,
 per-class variances, the D x D within-class scatter and the unit-vector class sums.
@@ -28,7 +28,7 @@ from .pairwise import class_pair_stats, ieee_ratio
 from .stats import ClassMoments
 
 DEFAULT_RTOL = 1e-10
-"""Relative eigenvalue threshold for every pseudo-inverse and rank (SPEC.md)."""
+"""Relative eigenvalue threshold for every pseudo-inverse and rank (docs/metrics.md)."""
 
 # Metrics that need the D x D within-class scatter; NaN when ClassMoments was built without it.
 SCATTER_METRICS = ("nc1", "fuzziness", "vci", "rank", "effective_rank")
@@ -122,7 +122,7 @@ def _whitened_between(sigma_w: torch.Tensor, a: torch.Tensor, rtol: float):
 
 
 def _vci(sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float, rtol: float):
-    """VCI = ((r - rB) + sum_{k<=rB} mu_k) / r without cancellation (paper 004, SPEC.md).
+    """VCI = ((r - rB) + sum_{k<=rB} mu_k) / r without cancellation (paper 004, docs/metrics.md).
 
     mu_k = 1 / (1 + kappa_k) are the generalized eigenvalues of (Sigma_W, Sigma_T), with
     kappa_k those of (Sigma_B, Sigma_W). In the eigenbasis P of Sigma_W (eigenvalues
@@ -330,7 +330,7 @@ def _check_weight(weight, num_classes: int, dim: int, device) -> torch.Tensor:
 def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None, ood=None,
                          weighting: str = "balanced", rtol: float = DEFAULT_RTOL, cdnv_exponent: float = 1.0,
                          tile: int | None = None) -> NCMetrics:
-    """Every metric that the streamed statistics determine (SPEC.md), as an NCMetrics.
+    """Every metric that the streamed statistics determine (docs/metrics.md), as an NCMetrics.
 
     Keys: nc1, fuzziness, squared_distance, nc2_etf, equinorm, equiangularity, coherence, cdnv,
     uniformity_mean, uniformity_var, vci, cosine_separation, rank, effective_rank, feature_norm;
@@ -530,7 +530,7 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
         weight, bias: the classifier (C, D) and (C,); adds nc3 and ncc_mismatch (decision =
             argmax W h + b, computed block-wise without materialising logits).
         logits: (N, C) network outputs; adds logits_norm, and ncc_mismatch with decision
-            logits.argmax(1) when no weight is given (with a weight, SPEC's W h + b decides).
+            logits.argmax(1) when no weight is given (with a weight, docs/metrics.md's W h + b decides).
         superclass: (num_classes,) class -> super-class map; adds msdr.
         ood_features: (N_ood, D) out-of-distribution features of the same layer; adds nc5_ood.
         class_means: (num_classes, D) class means to score the nearest class centre against, for

@@ -1,7 +1,7 @@
-"""Float64 brute-force definitions of every quantity in SPEC.md.
+"""Float64 brute-force definitions of every quantity in docs/metrics.md.
 
 This module is the ground truth that the fast paths of ncfast are tested against. Each function
-follows its SPEC.md formula as literally as is practical: pair averages are averaged over pairs of
+follows its docs/metrics.md formula as literally as is practical: pair averages are averaged over pairs of
 samples, covariances are sums of per-sample outer products, pseudo-inverses and ranks come from an
 explicit symmetric eigendecomposition. Everything is computed in float64 with numpy and scipy only,
 and nothing is imported from the rest of ncfast, so that the reference stays an independent check.
@@ -16,7 +16,7 @@ Conventions shared by all functions:
 - A class with n_c = 0 is *absent* and is left out of every metric; C is the number of present
   classes. Per-class outputs of length num_classes hold NaN for absent classes.
 - ``weighting="balanced"`` (default, Papyan et al.): every class counts equally.
-  ``weighting="sample"``: every sample counts equally. Both as defined in SPEC.md "Notation".
+  ``weighting="sample"``: every sample counts equally. Both as defined in docs/metrics.md "Notation".
 - Rank rule: eigenvalues of a symmetric matrix that are <= rtol * lambda_max count as zero
   (``DEFAULT_RTOL = 1e-10``). Every pseudo-inverse and rank below uses it.
 - Ties in argmin / argmax go to the lowest class index.
@@ -192,7 +192,7 @@ def class_counts(labels, num_classes=None):
 
 
 def class_means(features, labels, num_classes=None):
-    """mu_c = (1/n_c) sum_{y_i=c} h_i (SPEC "Notation"), shape (num_classes, D); NaN rows for absent
+    """mu_c = (1/n_c) sum_{y_i=c} h_i (docs/metrics.md "Notation"), shape (num_classes, D); NaN rows for absent
     classes."""
     h, y, K = _prepare(features, labels, num_classes)
     means = np.full((K, h.shape[1]), np.nan)
@@ -202,7 +202,7 @@ def class_means(features, labels, num_classes=None):
 
 
 def class_variances(features, labels, num_classes=None):
-    """v_c = (1/n_c) sum_{y_i=c} ||h_i - mu_c||^2 (SPEC "Notation"; biased, the trace of the class
+    """v_c = (1/n_c) sum_{y_i=c} ||h_i - mu_c||^2 (docs/metrics.md "Notation"; biased, the trace of the class
     covariance), shape (num_classes,); NaN for absent classes."""
     h, y, K = _prepare(features, labels, num_classes)
     variances = np.full(K, np.nan)
@@ -213,7 +213,7 @@ def class_variances(features, labels, num_classes=None):
 
 
 def global_mean(features, labels, num_classes=None, weighting="balanced"):
-    """mu_G (SPEC "Notation").
+    """mu_G (docs/metrics.md "Notation").
 
     balanced: mu_G = (1/C) sum_c mu_c over present classes.
     sample:   mu_G = (1/N) sum_i h_i.
@@ -233,7 +233,7 @@ def _mt(h, y, K, weighting):
 
 
 def within_class_covariance(features, labels, num_classes=None, weighting="balanced"):
-    """Sigma_W (SPEC "Notation"), summed literally from per-sample outer products.
+    """Sigma_W (docs/metrics.md "Notation"), summed literally from per-sample outer products.
 
     balanced: Sigma_W = (1/C) sum_c (1/n_c) sum_{y_i=c} (h_i - mu_c)(h_i - mu_c)^T
               (the mean of the biased class covariances).
@@ -250,7 +250,7 @@ def within_class_covariance(features, labels, num_classes=None, weighting="balan
 
 
 def between_class_covariance(features, labels, num_classes=None, weighting="balanced"):
-    """Sigma_B (SPEC "Notation"), summed from per-class outer products.
+    """Sigma_B (docs/metrics.md "Notation"), summed from per-class outer products.
 
     balanced: Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T.
     sample:   Sigma_B = sum_c (n_c/N) (mu_c - mu_G)(mu_c - mu_G)^T.
@@ -266,7 +266,7 @@ def between_class_covariance(features, labels, num_classes=None, weighting="bala
 
 
 def total_covariance(features, labels, num_classes=None, weighting="balanced"):
-    """Sigma_T (SPEC "Notation").
+    """Sigma_T (docs/metrics.md "Notation").
 
     balanced: Sigma_T = Sigma_W + Sigma_B.
     sample:   Sigma_T = (1/N) sum_i (h_i - mu_G)(h_i - mu_G)^T, summed literally (it equals
@@ -281,7 +281,7 @@ def total_covariance(features, labels, num_classes=None, weighting="balanced"):
 
 
 def class_distance(features, labels, num_classes=None):
-    """Class-distance matrix, paper 000 eq. (6) / SPEC "Class statistics".
+    """Class-distance matrix, paper 000 eq. (6) / docs/metrics.md "Class statistics".
 
     D_ij = (1/(n_i n_j)) sum_{u in i} sum_{v in j} ||h_u - h_v||^2, computed literally as the average
     over all pairs of samples (the fast paths use the identity D_ij = ||mu_i - mu_j||^2 + v_i + v_j,
@@ -300,7 +300,7 @@ def class_distance(features, labels, num_classes=None):
 
 
 def cdnv(features, labels, num_classes=None, cdnv_exponent=1.0):
-    """Class-distance normalized variance (Galanti et al.; SPEC "Class statistics").
+    """Class-distance normalized variance (Galanti et al.; docs/metrics.md "Class statistics").
 
     CDNV_ij = (v_i + v_j) / (2 ||mu_i - mu_j||^(2p)) with p = cdnv_exponent (default 1), reported as
     the mean over the unordered pairs i < j of present classes.
@@ -313,7 +313,7 @@ def cdnv(features, labels, num_classes=None, cdnv_exponent=1.0):
 
 
 def msdr(features, labels, superclass, num_classes=None):
-    """Mean squared distance ratio, paper 000 appendix B / SPEC "Class statistics".
+    """Mean squared distance ratio, paper 000 appendix B / docs/metrics.md "Class statistics".
 
     MSDR = mean_{i != j present, s(i) = s(j)} D_ij / mean_{i present} D_ii, with D the class-distance
     matrix and s = superclass, an array (num_classes,) mapping class -> super-class. The numerator
@@ -348,7 +348,7 @@ def _cdnv_matrix(h, y, K, cdnv_exponent):
 
 
 def cdnv_per_class(features, labels, num_classes=None, cdnv_exponent=1.0):
-    """Per-class CDNV (SPEC "Per-class vectors"): cdnv_c = mean over present j != c of
+    """Per-class CDNV (docs/metrics.md "Per-class vectors"): cdnv_c = mean over present j != c of
     (v_c + v_j) / (2 ||mu_c - mu_j||^(2p)), p = cdnv_exponent. Shape (num_classes,), NaN for absent
     classes; inf where another class has the same mean."""
     h, y, K = _prepare(features, labels, num_classes)
@@ -362,7 +362,7 @@ def cdnv_per_class(features, labels, num_classes=None, cdnv_exponent=1.0):
 
 
 def uniformity(features, labels, num_classes=None, weighting="balanced"):
-    """Hyperspherical uniformity, log kernel (Liu et al. 2023; GNC2 of Wu & Papyan 2024; SPEC
+    """Hyperspherical uniformity, log kernel (Liu et al. 2023; GNC2 of Wu & Papyan 2024; docs/metrics.md
     "Neural-collapse metrics"): with u_c = Mt_c / ||Mt_c||, the (mean, population variance) over the
     unordered pairs i < j of present classes of log(1 / ||u_i - u_j||), the distance taken literally
     from the difference of the unit vectors. A pair with u_i = u_j gives +inf: the mean is then inf
@@ -389,7 +389,7 @@ def uniformity(features, labels, num_classes=None, weighting="balanced"):
 
 
 def fuzziness(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
-    """Separation fuzziness = Tr(Sigma_W Sigma_B^+) (SPEC "Neural-collapse metrics"; paper 004).
+    """Separation fuzziness = Tr(Sigma_W Sigma_B^+) (docs/metrics.md "Neural-collapse metrics"; paper 004).
 
     Sigma_B^+ by the rank rule with rtol.
     """
@@ -401,13 +401,13 @@ def fuzziness(features, labels, num_classes=None, weighting="balanced", rtol=DEF
 
 
 def nc1(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
-    """NC1 = (1/C) Tr(Sigma_W Sigma_B^+) (Papyan et al.; SPEC "Neural-collapse metrics")."""
+    """NC1 = (1/C) Tr(Sigma_W Sigma_B^+) (Papyan et al.; docs/metrics.md "Neural-collapse metrics")."""
     h, y, K = _prepare(features, labels, num_classes)
     return fuzziness(h, y, K, weighting, rtol) / len(_present(y, K))
 
 
 def squared_distance(features, labels, num_classes=None, weighting="balanced"):
-    """Squared distance (Hui et al.; SPEC) = Tr(Sigma_W) / Tr(Sigma_B)."""
+    """Squared distance (Hui et al.; docs/metrics.md) = Tr(Sigma_W) / Tr(Sigma_B)."""
     h, y, K = _prepare(features, labels, num_classes)
     _require_two_classes(_present(y, K))
     sigma_w = within_class_covariance(h, y, K, weighting)
@@ -416,7 +416,7 @@ def squared_distance(features, labels, num_classes=None, weighting="balanced"):
 
 
 def nc2_etf(features, labels, num_classes=None, weighting="balanced"):
-    """NC2 distance to a simplex ETF, paper 000 eq. (3) / SPEC.
+    """NC2 distance to a simplex ETF, paper 000 eq. (3) / docs/metrics.md.
 
     nc2_etf = || Mt Mt^T / ||Mt Mt^T||_F - (I - 11^T/C) / sqrt(C-1) ||_F, Mt the C x D matrix of
     centred class means of the present classes.
@@ -431,7 +431,7 @@ def nc2_etf(features, labels, num_classes=None, weighting="balanced"):
 
 
 def equinorm(features, labels, num_classes=None, weighting="balanced"):
-    """Equinorm (Papyan et al.; SPEC) = std_c ||Mt_c|| / mean_c ||Mt_c|| (population std)."""
+    """Equinorm (Papyan et al.; docs/metrics.md) = std_c ||Mt_c|| / mean_c ||Mt_c|| (population std)."""
     h, y, K = _prepare(features, labels, num_classes)
     mt, present = _mt(h, y, K, weighting)
     _require_two_classes(present)
@@ -455,14 +455,14 @@ def _offdiag_cosines(h, y, K, weighting):
 
 
 def equiangularity(features, labels, num_classes=None, weighting="balanced"):
-    """Equiangularity (Papyan et al.; SPEC) = std_{i != j} cos(Mt_i, Mt_j) (population std)."""
+    """Equiangularity (Papyan et al.; docs/metrics.md) = std_{i != j} cos(Mt_i, Mt_j) (population std)."""
     h, y, K = _prepare(features, labels, num_classes)
     cos, _ = _offdiag_cosines(h, y, K, weighting)
     return float(cos.std())
 
 
 def coherence(features, labels, num_classes=None, weighting="balanced"):
-    """Coherence, as SPEC defines it: mean_{i != j} |cos(Mt_i, Mt_j) + 1/(C-1)| (0 for a simplex
+    """Coherence, as docs/metrics.md defines it: mean_{i != j} |cos(Mt_i, Mt_j) + 1/(C-1)| (0 for a simplex
     ETF, whose cosines are all -1/(C-1))."""
     h, y, K = _prepare(features, labels, num_classes)
     cos, C = _offdiag_cosines(h, y, K, weighting)
@@ -470,7 +470,7 @@ def coherence(features, labels, num_classes=None, weighting="balanced"):
 
 
 def nc3(features, labels, weight, num_classes=None, weighting="balanced"):
-    """NC3 self-duality (SPEC; unsquared) = || W/||W||_F - Mt/||Mt||_F ||_F.
+    """NC3 self-duality (docs/metrics.md; unsquared) = || W/||W||_F - Mt/||Mt||_F ||_F.
 
     weight is the (num_classes, D) classifier, rows are classes; only the rows of present classes
     enter, matching the rows of Mt.
@@ -493,7 +493,7 @@ def _check_weight(weight, K, d):
 
 
 def nc3_etf(features, labels, weight, num_classes=None, weighting="balanced"):
-    """Self-duality against the simplex ETF (Kothapalli 2023; SPEC):
+    """Self-duality against the simplex ETF (Kothapalli 2023; docs/metrics.md):
     || P / ||P||_F - (I - 11^T/C) / sqrt(C-1) ||_F with P = W Mt^T over the present classes'
     rows of W. Forms the C x C matrix P literally."""
     h, y, K = _prepare(features, labels, num_classes)
@@ -507,7 +507,7 @@ def nc3_etf(features, labels, weight, num_classes=None, weighting="balanced"):
 
 
 def duality_per_class(features, labels, weight, num_classes=None, weighting="balanced"):
-    """cos(w_c, mu_c - mu_G) for each class (uniform duality, Wu & Papyan 2024; SPEC), float64
+    """cos(w_c, mu_c - mu_G) for each class (uniform duality, Wu & Papyan 2024; docs/metrics.md), float64
     (num_classes,), NaN for absent classes."""
     h, y, K = _prepare(features, labels, num_classes)
     mt, present = _mt(h, y, K, weighting)
@@ -527,7 +527,7 @@ def duality(features, labels, weight, num_classes=None, weighting="balanced"):
 
 
 def nc5_ood(features, labels, ood_features, num_classes=None):
-    """ID/OOD orthogonality (Ben Ammar et al. 2024, NECO; SPEC): mean over the present classes of
+    """ID/OOD orthogonality (Ben Ammar et al. 2024, NECO; docs/metrics.md): mean over the present classes of
     |cos(mu_c, mu_G^ood)|, with the uncentred class means mu_c and the mean of the OOD features."""
     h, y, K = _prepare(features, labels, num_classes)
     o = _np64(ood_features)
@@ -540,7 +540,7 @@ def nc5_ood(features, labels, ood_features, num_classes=None):
 
 
 def degenerate(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
-    """The metrics forced by the sample size (SPEC "Degenerate values"): ("vci", "rank",
+    """The metrics forced by the sample size (docs/metrics.md "Degenerate values"): ("vci", "rank",
     "effective_rank") when rank(Sigma_T) = N - 1 by the rank rule, else ()."""
     h, y, K = _prepare(features, labels, num_classes)
     return ("vci", "rank", "effective_rank") if rank(h, y, K, weighting, rtol) == h.shape[0] - 1 else ()
@@ -565,7 +565,7 @@ def _gamma(d):
 
 
 def ncc_assign(features, means):
-    """Nearest class centre: argmin_c ||h_i - mu_c||^2 (SPEC NC4), exact for the given values:
+    """Nearest class centre: argmin_c ||h_i - mu_c||^2 (docs/metrics.md NC4), exact for the given values:
     summed as ((h - mu)**2).sum in float64, and where two classes come within that sum's rounding
     bound, compared again in rational arithmetic (Fractions). A float64 sum alone cannot settle
     such rows: at midpoints between class means its summation order decided them (exact gaps of
@@ -589,7 +589,7 @@ def ncc_assign(features, means):
 
 
 def decisions(features, weight, bias=None):
-    """Network decision argmax_c (W h_i + b)_c (SPEC NC4), exact for the given values: float64,
+    """Network decision argmax_c (W h_i + b)_c (docs/metrics.md NC4), exact for the given values: float64,
     then Fractions where two logits come within its rounding bound; ties to the lowest index.
     weight (K, D), bias (K,) or None. Returns int64 (N,)."""
     h = _np64(features)
@@ -627,7 +627,7 @@ def _decisions_of(h, y, weight, bias, logits):
 
 def _centres(h, y, K, given):
     """The class means NCC scores against: the given ones (a held-out split scored against the
-    train means, SPEC NC4) or those of (h, y)."""
+    train means, docs/metrics.md NC4) or those of (h, y)."""
     if given is None:
         return class_means(h, y, K)
     m = _np64(given)
@@ -661,7 +661,7 @@ def ncc_accuracy_per_class(features, labels, num_classes=None, class_means=None)
 
 
 def ncc_mismatch(features, labels, num_classes=None, weight=None, bias=None, logits=None, class_means=None):
-    """NCC mismatch, paper 003 def. 5 / SPEC NC4: the fraction of samples whose network decision
+    """NCC mismatch, paper 003 def. 5 / docs/metrics.md NC4: the fraction of samples whose network decision
     differs from the nearest class centre among the present classes' means (as class indices).
 
     The decision is argmax_c (W h_i + b)_c when weight is given (bias optional), otherwise
@@ -686,7 +686,7 @@ def vci_literal(features, labels, num_classes=None, weighting="balanced", rtol=D
     """VCI exactly as paper 004 writes it: 1 - Tr(Sigma_T^+ Sigma_B) / r, r = min(D, C-1),
     Sigma_T^+ by the rank rule.
 
-    Kept to show the cancellation SPEC.md describes: with a within-class spread about 1e-4 of the
+    Kept to show the cancellation docs/metrics.md describes: with a within-class spread about 1e-4 of the
     class spacing, rounding noise of size eps * ||Sigma_B|| in the null space of Sigma_B is divided
     by the tiny eigenvalues of Sigma_T there, and the result loses every digit or turns negative.
     Use vci for the value.
@@ -709,7 +709,7 @@ def _vci_on_ranges(h, y, K, weighting, sigma_w, r, rtol, digits=50):
 
     Sigma_B is formed here from class means taken at ``digits`` digits, not from its float64
     value: float64 rounding of Sigma_B, 1e-16 of its entries, lies partly in the directions where
-    Sigma_W is tiny, and the trace divides it by Sigma_W there (SPEC's cancellation). The float64
+    Sigma_W is tiny, and the trace divides it by Sigma_W there (docs/metrics.md's cancellation). The float64
     Sigma_W is accurate to its own rounding. Slow: meant for the small test sizes of the
     singular case."""
     import mpmath
@@ -760,7 +760,7 @@ def _vci_on_ranges(h, y, K, weighting, sigma_w, r, rtol, digits=50):
 
 
 def vci(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
-    """Variability Collapse Index (paper 004; SPEC), VCI = 1 - Tr(Sigma_T^+ Sigma_B) / r with
+    """Variability Collapse Index (paper 004; docs/metrics.md), VCI = 1 - Tr(Sigma_T^+ Sigma_B) / r with
     r = min(D, C-1), evaluated without cancellation. 0 means full collapse.
 
     Stable form: let kappa_k be the generalized eigenvalues of the pencil (Sigma_B, Sigma_W), i.e.
@@ -826,14 +826,14 @@ def _generalized_eigvalsh(a, b):
 
 
 def cosine_separation(features, labels, num_classes=None):
-    """Class separation R^2 of Kornblith et al. (2021) with cosine distance (SPEC), balanced over
+    """Class separation R^2 of Kornblith et al. (2021) with cosine distance (docs/metrics.md), balanced over
     classes.
 
     With unit vectors u_i = h_i/||h_i|| (a zero vector stays zero) and the pair average
     dbar_ij = 1 - (1/(n_i n_j)) sum_{u in i} sum_{v in j} u_u . u_v (self-pairs included),
     R^2 = 1 - dbar_within / dbar_total with dbar_within = (1/C) sum_c dbar_cc and
     dbar_total = (1/C^2) sum_{i,j} dbar_ij. Computed here literally from the pairs; with
-    S_c = sum_{y_i=c} u_i this is SPEC's dbar_within = (1/C) sum_c (1 - ||S_c||^2 / n_c^2),
+    S_c = sum_{y_i=c} u_i this is docs/metrics.md's dbar_within = (1/C) sum_c (1 - ||S_c||^2 / n_c^2),
     dbar_total = 1 - ||(1/C) sum_c S_c/n_c||^2.
 
     The numerator dbar_total - dbar_within is not taken as a difference: with m_c = S_c / n_c,
@@ -861,23 +861,23 @@ def cosine_separation(features, labels, num_classes=None):
 
 
 def rank(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
-    """Numerical rank of Sigma_T (paper 002; SPEC): the number of eigenvalues above
+    """Numerical rank of Sigma_T (paper 002; docs/metrics.md): the number of eigenvalues above
     rtol * lambda_max."""
     return _sym_rank(total_covariance(features, labels, num_classes, weighting), rtol)
 
 
 def effective_rank(features, labels, num_classes=None, weighting="balanced", rtol=DEFAULT_RTOL):
-    """Effective rank (paper 002; SPEC) = exp(H(p)), H(p) = -sum_k p_k log p_k, p_k = s_k / sum s,
+    """Effective rank (paper 002; docs/metrics.md) = exp(H(p)), H(p) = -sum_k p_k log p_k, p_k = s_k / sum s,
     s_k = sqrt(max(lambda_k, 0)) over the eigenvalues lambda_k of Sigma_T; terms with p_k = 0
     contribute 0. If Sigma_T = 0 (all features equal) there is no spectrum to spread and the
     result is 0, matching rank = 0.
 
-    Eigenvalues at or below rtol * lambda_max count as zero, as in ``rank``. SPEC.md sums over
+    Eigenvalues at or below rtol * lambda_max count as zero, as in ``rank``. docs/metrics.md sums over
     every eigenvalue, but where Sigma_T is singular (N <= D, or features on a subspace) the exact
     zeros come out of eigvalsh as rounding noise of about 1e-16 lambda_max, whose square roots,
     1e-8 s_max each, moved the value by 1e-6 relative (measured: N = 200, D = 2,048 and
     N = 1,000, D = 4,096, 2.5e-6 and 1.8e-6) and made two correct implementations disagree
-    by more than SPEC's 1e-6. The rule restores the exact zeros; eigenvalues that are real but
+    by more than docs/metrics.md's 1e-6. The rule restores the exact zeros; eigenvalues that are real but
     below the cut (condition number above 1 / rtol) would each move the value by less than
     sqrt(rtol) = 1e-5 of the largest s_k's share.
     """
@@ -892,13 +892,13 @@ def effective_rank(features, labels, num_classes=None, weighting="balanced", rto
 
 
 def feature_norm(features):
-    """mean_i ||h_i||_2 (SPEC); each sample is flattened to a vector."""
+    """mean_i ||h_i||_2 (docs/metrics.md); each sample is flattened to a vector."""
     h = _np64(features)
     return float(np.linalg.norm(h.reshape(h.shape[0], -1), axis=1).mean())
 
 
 def logits_norm(logits):
-    """mean_i ||z_i||_2 over the logits z (paper 002; SPEC)."""
+    """mean_i ||z_i||_2 over the logits z (paper 002; docs/metrics.md)."""
     z = _np64(logits)
     return float(np.linalg.norm(z.reshape(z.shape[0], -1), axis=1).mean())
 
@@ -909,7 +909,7 @@ def logits_norm(logits):
 
 
 def svsl_loss(layer_features, labels, *, alpha, num_classes, reduction="mean"):
-    """Stochastic Variability-Simplification Loss term, paper 003 def. 10 / SPEC "Losses".
+    """Stochastic Variability-Simplification Loss term, paper 003 def. 10 / docs/metrics.md "Losses".
 
     Per sample i of the batch with label c and the layers j = 1..L passed (the paper's gamma..k):
 
@@ -966,7 +966,7 @@ def nc_metrics(
     rtol=DEFAULT_RTOL,
     cdnv_exponent=1.0,
 ):
-    """All metrics of SPEC.md for one feature set, as a dict of Python floats (rank too).
+    """All metrics of docs/metrics.md for one feature set, as a dict of Python floats (rank too).
 
     Always: nc1, fuzziness, squared_distance, nc2_etf, equinorm, equiangularity, coherence, cdnv,
     uniformity_mean, uniformity_var, vci, cosine_separation, rank, effective_rank, ncc_accuracy,

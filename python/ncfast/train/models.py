@@ -2,8 +2,8 @@
 
 Every model maps x to logits with ``forward(x)`` and exposes
 
-- ``head``: the final ``nn.Linear``, so W = ``head.weight`` and b = ``head.bias`` (SPEC.md notation);
-- ``penultimate_name``: the module whose output is the head's input, the features h of SPEC.md;
+- ``head``: the final ``nn.Linear``, so W = ``head.weight`` and b = ``head.bias`` (docs/metrics.md notation);
+- ``penultimate_name``: the module whose output is the head's input, the features h of docs/metrics.md;
 - ``default_probe_layers``: module names whose outputs the trainer records by default (each stage,
   then the penultimate features), all resolvable through ``dict(model.named_modules())``.
 

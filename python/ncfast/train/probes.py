@@ -1,6 +1,6 @@
 """End-of-training probes of the representation: CLP and linear probes (paper 000 sec. 4.3).
 
-CLP, cluster-and-linear-probe (SPEC.md "Losses and procedures"): inside each super-class (a
+CLP, cluster-and-linear-probe (docs/metrics.md "Losses and procedures"): inside each super-class (a
 training label), the train features are reduced (t-SNE to 2-D as the paper, PCA, or not at all),
 clustered with k-means into as many clusters as the super-class has original classes, and the
 (super-class, cluster) pairs become pseudo-labels. A linear classifier fitted on the train features
