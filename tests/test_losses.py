@@ -181,14 +181,6 @@ def test_mixed_dtypes_promote():
     assert loss.item() == pytest.approx(_paper_loss(mixed, labels, 0.3, 5), rel=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu():
-    layers, labels = _batch()
-    want = svsl_loss(layers, labels, alpha=0.3, num_classes=5).item()
-    got = svsl_loss([g.cuda() for g in layers], labels.cuda(), alpha=0.3, num_classes=5)
-    assert got.device.type == "cuda" and got.item() == pytest.approx(want, rel=1e-12)
-
-
 # ------------------------------------------------------------------------------------------ gradient
 
 
