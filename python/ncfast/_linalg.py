@@ -152,28 +152,39 @@ def sym_eigvalsh(a: torch.Tensor) -> torch.Tensor:
     return _sym(a, False)
 
 
-def svd_left(a: torch.Tensor):
-    """(U, S) of the reduced SVD a = U diag(S) V^T: U is m x min(m, n), S descending, as
-    torch.linalg.svd(a, full_matrices=False)[:2]. Falls back to scipy's gesdd, then gesvd, then
-    the eigendecomposition of the m x m Gram a a^T (S = sqrt of its largest min(m, n)
-    eigenvalues, clamped at 0: accurate to eps * ||a|| absolutely, not relatively)."""
-    m, n = a.shape
+def _svd(a: torch.Tensor, vectors: bool):
+    """torch's reduced SVD of a ((U, S), or S), else scipy's gesdd and gesvd; None when every one
+    fails on finite input. Non-finite input gets torch's answer (or error) unchanged."""
     try:
-        u, s, _ = torch.linalg.svd(a, full_matrices=False)
-        if _finite(u, s) or not _finite(a):
-            return u, s
+        out = torch.linalg.svd(a, full_matrices=False)[:2] if vectors else (torch.linalg.svdvals(a),)
+        if _finite(*out) or not _finite(a):
+            return out if vectors else out[0]
     except torch.linalg.LinAlgError:
         if not _finite(a):
             raise
     host = _to_host(a)
     for driver in _SVD_DRIVERS:
         try:
-            u, s, _ = scipy.linalg.svd(host, full_matrices=False, lapack_driver=driver, check_finite=False)
+            out = scipy.linalg.svd(host, full_matrices=False, compute_uv=vectors, lapack_driver=driver,
+                                   check_finite=False)
         except (np.linalg.LinAlgError, ValueError):
             continue
-        if np.isfinite(u).all() and np.isfinite(s).all():
-            return _back(u, a), _back(s, a)
-    w, v = sym_eigh(_back(host @ host.T, a))
+        out = out[:2] if vectors else (out,)
+        if all(np.isfinite(t).all() for t in out):
+            return (_back(out[0], a), _back(out[1], a)) if vectors else _back(out[0], a)
+    return None
+
+
+def svd_left(a: torch.Tensor):
+    """(U, S) of the reduced SVD a = U diag(S) V^T: U is m x min(m, n), S descending, as
+    torch.linalg.svd(a, full_matrices=False)[:2]. Falls back to scipy's gesdd, then gesvd, then
+    the eigendecomposition of the m x m Gram a a^T (S = sqrt of its largest min(m, n)
+    eigenvalues, clamped at 0: accurate to eps * ||a|| absolutely, not relatively)."""
+    out = _svd(a, True)
+    if out is not None:
+        return out
+    m, n = a.shape
+    w, v = sym_eigh(a @ a.T)
     k = min(m, n)
     w, v = w.flip(0)[:k], v.flip(1)[:, :k]
     return v, w.clamp_min(0.0).sqrt()
@@ -183,21 +194,8 @@ def svdvals(a: torch.Tensor) -> torch.Tensor:
     """Singular values of ``a``, descending, as torch.linalg.svdvals; falls back to scipy's
     gesdd, then gesvd, then the square roots of the eigenvalues of the Gram matrix on the smaller
     side (clamped at 0; accurate to eps * ||a|| absolutely)."""
+    out = _svd(a, False)
+    if out is not None:
+        return out
     m, n = a.shape
-    try:
-        s = torch.linalg.svdvals(a)
-        if _finite(s) or not _finite(a):
-            return s
-    except torch.linalg.LinAlgError:
-        if not _finite(a):
-            raise
-    host = _to_host(a)
-    for driver in _SVD_DRIVERS:
-        try:
-            s = scipy.linalg.svd(host, compute_uv=False, lapack_driver=driver, check_finite=False)
-        except (np.linalg.LinAlgError, ValueError):
-            continue
-        if np.isfinite(s).all():
-            return _back(s, a)
-    gram = host @ host.T if m <= n else host.T @ host
-    return sym_eigvalsh(_back(gram, a)).flip(0).clamp_min(0.0).sqrt()
+    return sym_eigvalsh(a @ a.T if m <= n else a.T @ a).flip(0).clamp_min(0.0).sqrt()
