@@ -303,3 +303,19 @@ def test_linear_probe_matches_scikit_learn():
     y = np.repeat(np.arange(3), 40)
     x = centres[y] + g.normal(size=(120, 5))
     assert linear_probe(x[::2], y[::2], x[1::2], y[1::2]) == 1.0
+
+
+@pytest.mark.parametrize("embedding", ["tsne", "pca"])
+def test_clp_on_features_without_spread(embedding):
+    """A super-class whose units all died gives identical rows: t-SNE used to take the process down
+    (segmentation fault) after dividing by their zero spread. They embed at the origin, and CLP
+    scores what its classifier can: with every feature equal it predicts one pseudo-label for every
+    row, right for half of one super-class's rows (1/4 of the test rows) and none of the other's."""
+    from ncfast.train.probes import clp, embed
+
+    x = np.zeros((120, 16), dtype=np.float32)
+    y_orig = np.arange(120) % 4
+    y_sup = y_orig % 2
+    assert (embed(x, embedding) == 0).all() and embed(x, embedding).shape == (120, 2)
+    acc, pictures = clp(x, y_sup, y_orig, x[:40], y_sup[:40], y_orig[:40], embedding=embedding)
+    assert acc == 0.25 and set(pictures) == {0, 1}

@@ -39,9 +39,15 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 
 def embed(x: np.ndarray, how: str, seed: int = 0) -> np.ndarray:
-    """The features CLP clusters: t-SNE to 2-D, PCA to 2-D, or the features themselves."""
+    """The features CLP clusters: t-SNE to 2-D, PCA to 2-D, or the features themselves.
+
+    Rows that are all the same (a super-class whose units all died) have no spread to embed: PCA
+    and t-SNE would divide by it (scikit-learn's t-SNE then crashes the process), so they become
+    the origin of the plane."""
     if how == "none" or x.shape[0] < 4:
         return x
+    if how in EMBEDDINGS and not np.ptp(x, axis=0).any():
+        return np.zeros((x.shape[0], 2), dtype=x.dtype)
     if how == "pca":
         return PCA(n_components=min(2, x.shape[1]), random_state=seed).fit_transform(x)
     if how == "tsne":
