@@ -465,11 +465,19 @@ def test_torch_backend_end_to_end(case, monkeypatch):
     monkeypatch.setenv("NCFAST_BACKEND", "torch")
     x, y, c, w, b = _inputs(case)
     superclass = torch.arange(c) % 2
-    got = ncfast.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass)
-    want = ref.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass)
+    ood = torch.randn(30, x.shape[1], generator=torch.Generator().manual_seed(4)) + 0.5
+    train_means = torch.from_numpy(ref.class_means(*_inputs("random", seed=3)[:2], c))
+    got = ncfast.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass, ood_features=ood,
+                            class_means=train_means)
+    want = ref.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass, ood_features=ood,
+                          class_means=train_means)
     assert set(got) == set(want)
     for k in want:
         assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
+    assert_close(got.per_class["cdnv"].numpy(), ref.cdnv_per_class(x, y, c), rtol=1e-6, what="per-class cdnv")
+    assert_close(got.per_class["ncc_mismatch"].numpy(),
+                 ref.ncc_mismatch_per_class(x, y, c, weight=w, bias=b, class_means=train_means), rtol=0,
+                 what="per-class ncc_mismatch")
 
 
 @pytest.mark.parametrize("n, d, k", [(1, 1, 2), (3, 1, 5), (33, 7, 1), (65, 3, 9), (100, 300, 13), (209, 5, 33),

@@ -614,11 +614,24 @@ def test_nc_metrics_on_triton_backend(monkeypatch):
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(c, 10, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
     superclass = torch.arange(c) % 2
+    ood = torch.randn(30, 10, generator=g) + 0.5
+    train_means = torch.from_numpy(ref.class_means(*make_data(n=120, d=10, c=6, seed=10)[:2]))
     got = ncfast.nc_metrics(x.to(DEVICE), y.to(DEVICE), num_classes=c, weight=w.to(DEVICE), bias=b.to(DEVICE),
-                            superclass=superclass.to(DEVICE))
-    want = ref.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass)
+                            superclass=superclass.to(DEVICE), ood_features=ood.to(DEVICE),
+                            class_means=train_means.to(DEVICE))
+    want = ref.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass, ood_features=ood,
+                          class_means=train_means)
+    assert set(got) == set(want)
     for k in want:
         assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
+    per_class = {
+        "cdnv": ref.cdnv_per_class(x, y, c),
+        "duality": ref.duality_per_class(x, y, w, c),
+        "ncc_accuracy": ref.ncc_accuracy_per_class(x, y, c, class_means=train_means),
+        "ncc_mismatch": ref.ncc_mismatch_per_class(x, y, c, weight=w, bias=b, class_means=train_means),
+    }
+    for k, v in per_class.items():
+        assert_close(got.per_class[k].cpu().numpy(), v, rtol=1e-6, what=f"per_class {k}")
     from ncfast.pairwise import class_pair_stats
 
     stats = class_pair_stats(ncfast.class_moments(x.to(DEVICE), y.to(DEVICE), scatter=False), tile=4)
