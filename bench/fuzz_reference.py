@@ -7,7 +7,7 @@
 Not a test (CI does not run it): each case is drawn at random from the awkward corners (dtypes down
 to bfloat16, absent classes, NaN rows under nan_policy="omit", the collapse regime with a shift of
 1e3, features on a subspace, duplicated means, rows at midpoints between means) and the differences
-from ``ncfast.reference`` beyond docs/metrics.md's 1e-6 are printed, one line each, with the case that gave
+from ``ncfast.reference`` beyond the 1e-6 of docs/metrics.md are printed, one line each, with the case that gave
 them. A case that finds something belongs in tests/ as a fixed case. Exit status 1 if any did.
 
 --what metrics: nc_metrics (weight, bias, logits, superclass; balanced and sample weighting).

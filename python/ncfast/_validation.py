@@ -1,7 +1,7 @@
 """Argument checks shared by every public entry point.
 
 Each check raises before any state is touched, and names the offending argument,
-as docs/metrics.md's bad-input contract asks.
+as the bad-input contract of docs/metrics.md asks.
 """
 from __future__ import annotations
 

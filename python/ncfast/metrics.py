@@ -530,7 +530,7 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
         weight, bias: the classifier (C, D) and (C,); adds nc3 and ncc_mismatch (decision =
             argmax W h + b, computed block-wise without materialising logits).
         logits: (N, C) network outputs; adds logits_norm, and ncc_mismatch with decision
-            logits.argmax(1) when no weight is given (with a weight, docs/metrics.md's W h + b decides).
+            logits.argmax(1) when no weight is given (with a weight, the classifier's W h + b decides).
         superclass: (num_classes,) class -> super-class map; adds msdr.
         ood_features: (N_ood, D) out-of-distribution features of the same layer; adds nc5_ood.
         class_means: (num_classes, D) class means to score the nearest class centre against, for

@@ -285,7 +285,7 @@ class LayerProbe:
 
 
 def _msdr(distance: torch.Tensor, superclass: torch.Tensor) -> float:
-    """docs/metrics.md's MSDR from a class-distance matrix (NaN rows for absent classes) and the super-class
+    """MSDR (docs/metrics.md) from a class-distance matrix (NaN rows for absent classes) and the super-class
     of each class (-1 where absent): mean of D_ij over i != j in one super-class / mean of D_ii."""
     present = superclass >= 0
     d = distance[present][:, present]

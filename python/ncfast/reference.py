@@ -709,7 +709,7 @@ def _vci_on_ranges(h, y, K, weighting, sigma_w, r, rtol, digits=50):
 
     Sigma_B is formed here from class means taken at ``digits`` digits, not from its float64
     value: float64 rounding of Sigma_B, 1e-16 of its entries, lies partly in the directions where
-    Sigma_W is tiny, and the trace divides it by Sigma_W there (docs/metrics.md's cancellation). The float64
+    Sigma_W is tiny, and the trace divides it by Sigma_W there (the cancellation docs/metrics.md describes). The float64
     Sigma_W is accurate to its own rounding. Slow: meant for the small test sizes of the
     singular case."""
     import mpmath
@@ -833,7 +833,7 @@ def cosine_separation(features, labels, num_classes=None):
     dbar_ij = 1 - (1/(n_i n_j)) sum_{u in i} sum_{v in j} u_u . u_v (self-pairs included),
     R^2 = 1 - dbar_within / dbar_total with dbar_within = (1/C) sum_c dbar_cc and
     dbar_total = (1/C^2) sum_{i,j} dbar_ij. Computed here literally from the pairs; with
-    S_c = sum_{y_i=c} u_i this is docs/metrics.md's dbar_within = (1/C) sum_c (1 - ||S_c||^2 / n_c^2),
+    S_c = sum_{y_i=c} u_i this is dbar_within = (1/C) sum_c (1 - ||S_c||^2 / n_c^2) (docs/metrics.md),
     dbar_total = 1 - ||(1/C) sum_c S_c/n_c||^2.
 
     The numerator dbar_total - dbar_within is not taken as a difference: with m_c = S_c / n_c,
@@ -872,12 +872,12 @@ def effective_rank(features, labels, num_classes=None, weighting="balanced", rto
     contribute 0. If Sigma_T = 0 (all features equal) there is no spectrum to spread and the
     result is 0, matching rank = 0.
 
-    Eigenvalues at or below rtol * lambda_max count as zero, as in ``rank``. docs/metrics.md sums over
-    every eigenvalue, but where Sigma_T is singular (N <= D, or features on a subspace) the exact
+    Eigenvalues at or below rtol * lambda_max count as zero, as in ``rank``. The textbook definition sums
+    over every eigenvalue, but where Sigma_T is singular (N <= D, or features on a subspace) the exact
     zeros come out of eigvalsh as rounding noise of about 1e-16 lambda_max, whose square roots,
     1e-8 s_max each, moved the value by 1e-6 relative (measured: N = 200, D = 2,048 and
     N = 1,000, D = 4,096, 2.5e-6 and 1.8e-6) and made two correct implementations disagree
-    by more than docs/metrics.md's 1e-6. The rule restores the exact zeros; eigenvalues that are real but
+    by more than the 1e-6 ncfast promises. The rule restores the exact zeros; eigenvalues that are real but
     below the cut (condition number above 1 / rtol) would each move the value by less than
     sqrt(rtol) = 1e-5 of the largest s_k's share.
     """
