@@ -285,12 +285,11 @@ def _on_classes(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def per_class_fraction(hits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """For each class c, the fraction of its samples (labels == c) where ``hits`` holds; NaN where
-    the class has no sample. float64 (num_classes,)."""
-    counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
-    sums = torch.bincount(labels, weights=hits.to(torch.float64), minlength=num_classes)
-    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(counts, float("nan")))
+def class_fractions(hits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """hits_c / n_c for each class as float64, NaN where the class has no sample: the per-class
+    rates of ``NCMetrics.per_class`` from integer counts of the samples of each class that hit."""
+    counts = counts.to(torch.float64)
+    return torch.where(counts > 0, hits.to(torch.float64) / counts.clamp_min(1), torch.full_like(counts, float("nan")))
 
 
 def _check_superclass(superclass, num_classes: int, device) -> torch.Tensor:
@@ -302,29 +301,17 @@ def _check_superclass(superclass, num_classes: int, device) -> torch.Tensor:
     return s.to(device=device, dtype=torch.int64)
 
 
-def _check_class_means(means, num_classes: int, dim: int, device) -> torch.Tensor:
-    mu = as_tensor(means, "class_means")
-    if not mu.dtype.is_floating_point:
-        raise TypeError(f"class_means: expected a floating dtype, got {mu.dtype}")
-    if mu.shape != (num_classes, dim):
-        raise ValueError(f"class_means: expected shape ({num_classes}, {dim}) (classes x features), "
-                         f"got {tuple(mu.shape)}")
-    if mu.device != device:
-        raise ValueError(f"class_means: on device {mu.device}, but the features are on {device}")
-    if not bool(torch.isfinite(mu).all(dim=1).any()):
-        raise ValueError("class_means: every row is NaN or Inf (no class to be nearest to)")
-    return mu
-
-
-def _check_weight(weight, num_classes: int, dim: int, device) -> torch.Tensor:
-    w = as_tensor(weight, "weight")
-    if not w.dtype.is_floating_point:
-        raise TypeError(f"weight: expected a floating dtype, got {w.dtype}")
-    if w.shape != (num_classes, dim):
-        raise ValueError(f"weight: expected shape ({num_classes}, {dim}) (classes x features), got {tuple(w.shape)}")
-    if w.device != device:
-        raise ValueError(f"weight: on device {w.device}, but the features are on {device}")
-    return w
+def _check_per_class(value, name: str, num_classes: int, dim: int, device) -> torch.Tensor:
+    """A floating (num_classes, dim) matrix on ``device``, one row per class (a classifier's
+    weight, class means); errors name the argument."""
+    m = as_tensor(value, name)
+    if not m.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating dtype, got {m.dtype}")
+    if m.shape != (num_classes, dim):
+        raise ValueError(f"{name}: expected shape ({num_classes}, {dim}) (classes x features), got {tuple(m.shape)}")
+    if m.device != device:
+        raise ValueError(f"{name}: on device {m.device}, but the features are on {device}")
+    return m
 
 
 def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None, ood=None,
@@ -424,7 +411,7 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
     }
 
     if weight is not None:
-        w = _check_weight(weight, moments.num_classes, d, moments.device)[p].to(torch.float64)
+        w = _check_per_class(weight, "weight", moments.num_classes, d, moments.device)[p].to(torch.float64)
         out["nc3"] = float(torch.linalg.norm(w / torch.linalg.norm(w) - mt / torch.linalg.norm(mt)))
         out["nc3_etf"] = _nc3_etf(w, mt)
         duality = _cosines(w, mt)
@@ -549,7 +536,7 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     check_choice(weighting, WEIGHTINGS, "weighting")
     x, y, num_classes, omitted, keep = _prepare(features, labels, num_classes, nan_policy)
     d = x.shape[1]
-    w = _check_weight(weight, num_classes, d, x.device) if weight is not None else None
+    w = _check_per_class(weight, "weight", num_classes, d, x.device) if weight is not None else None
     b = None
     if bias is not None:
         if w is None:
@@ -568,7 +555,9 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     if superclass is not None:
         _check_superclass(superclass, num_classes, x.device)
     if class_means is not None:
-        class_means = _check_class_means(class_means, num_classes, d, x.device)
+        class_means = _check_per_class(class_means, "class_means", num_classes, d, x.device)
+        if not bool(torch.isfinite(class_means).all(dim=1).any()):
+            raise ValueError("class_means: every row is NaN or Inf (no class to be nearest to)")
     xo = None
     if ood_features is not None:
         xo = check_features(ood_features, "ood_features")
@@ -597,7 +586,7 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
         nearest = ncc_assign(x, means)
     hits = nearest == y
     out["ncc_accuracy"] = float(hits.to(torch.float64).mean())
-    out.per_class["ncc_accuracy"] = per_class_fraction(hits, y, num_classes)
+    out.per_class["ncc_accuracy"] = class_fractions(torch.bincount(y[hits], minlength=num_classes), counts)
     if z is not None:
         out["logits_norm"] = float(z.to(torch.float64).norm(dim=1).mean())
         if decisions is None:
@@ -605,5 +594,5 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     if decisions is not None:
         mismatch = decisions != nearest
         out["ncc_mismatch"] = float(mismatch.to(torch.float64).mean())
-        out.per_class["ncc_mismatch"] = per_class_fraction(mismatch, y, num_classes)
+        out.per_class["ncc_mismatch"] = class_fractions(torch.bincount(y[mismatch], minlength=num_classes), counts)
     return out

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ._validation import WEIGHTINGS, check_choice
-from .metrics import SCATTER_METRICS, NCMetrics, class_distance_from_moments, metrics_from_moments
+from .metrics import SCATTER_METRICS, NCMetrics, class_distance_from_moments, class_fractions, metrics_from_moments
 from .ncc import ncc_assign
 from .stats import ClassMoments
 
@@ -268,9 +268,8 @@ class LayerProbe:
             n_rows = int(counts.sum())
             out["ncc_accuracy"] = int(hits[name][0].sum()) / n_rows
             out["ncc_mismatch"] = int(hits[name][1].sum()) / n_rows
-            nan = torch.full((self.num_classes,), float("nan"), dtype=torch.float64)
             for i, key in enumerate(("ncc_accuracy", "ncc_mismatch")):
-                out.per_class[key] = torch.where(counts > 0, hits[name][i].double() / counts.clamp_min(1), nan)
+                out.per_class[key] = class_fractions(hits[name][i], counts)
             out["logits_norm"] = self.logit_scale * logits_norm_raw
             out["logits_norm_raw"] = logits_norm_raw
             distance = None

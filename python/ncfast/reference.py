@@ -469,6 +469,13 @@ def coherence(features, labels, num_classes=None, weighting="balanced"):
     return float(np.abs(cos + 1.0 / (C - 1)).mean())
 
 
+def _check_weight(weight, K, d):
+    w = _np64(weight)
+    if w.shape != (K, d):
+        raise ValueError(f"weight must have shape ({K}, {d}), got {w.shape}")
+    return w
+
+
 def nc3(features, labels, weight, num_classes=None, weighting="balanced"):
     """NC3 self-duality (docs/metrics.md; unsquared) = || W/||W||_F - Mt/||Mt||_F ||_F.
 
@@ -478,18 +485,8 @@ def nc3(features, labels, weight, num_classes=None, weighting="balanced"):
     h, y, K = _prepare(features, labels, num_classes)
     mt, present = _mt(h, y, K, weighting)
     _require_two_classes(present)
-    w = _np64(weight)
-    if w.shape != (K, h.shape[1]):
-        raise ValueError(f"weight must have shape ({K}, {h.shape[1]}), got {w.shape}")
-    w = w[present]
+    w = _check_weight(weight, K, h.shape[1])[present]
     return float(np.linalg.norm(w / np.linalg.norm(w) - mt / np.linalg.norm(mt)))
-
-
-def _check_weight(weight, K, d):
-    w = _np64(weight)
-    if w.shape != (K, d):
-        raise ValueError(f"weight must have shape ({K}, {d}), got {w.shape}")
-    return w
 
 
 def nc3_etf(features, labels, weight, num_classes=None, weighting="balanced"):
