@@ -149,6 +149,8 @@ def test_held_out_loader_scored_against_the_train_means():
         assert_close(got[name].per_class["ncc_mismatch"].numpy(), want.per_class["ncc_mismatch"].numpy(), rtol=0,
                      what="per class mismatch")
         assert_close(got[name]["nc1"], want["nc1"], rtol=1e-9, what="nc1 of the test features")
+        assert_close(probe.details[name].train_class_distance.numpy(), ref.class_distance(flat, y_te, 4),
+                     rtol=1e-9, what="class distance over the training labels")
         assert got[name]["logits_norm_raw"] == pytest.approx(ref.logits_norm(logits), rel=1e-12)
         assert got[name]["logits_norm"] == pytest.approx(10.0 * ref.logits_norm(logits), rel=1e-12)
     with pytest.raises(ValueError, match="class_means"):

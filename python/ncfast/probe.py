@@ -55,7 +55,13 @@ class LayerResult:
     class_distance: torch.Tensor | None  # (C_orig, C_orig) on the original labels, or None
     dim: int  # flattened feature size
     dxd_dim: int  # size of the features the D x D metrics were computed on
-    train_class_distance: torch.Tensor  # (C, C) on the training labels the loader yields
+    moments: ClassMoments  # the layer's full features over the training labels the loader yields
+
+    @property
+    def train_class_distance(self) -> torch.Tensor:
+        """(C, C) class-distance matrix over the training labels, formed on request (a C x C
+        matrix, which the metrics themselves never hold)."""
+        return class_distance_from_moments(self.moments)
 
 
 def _flatten(out) -> torch.Tensor:
@@ -279,7 +285,7 @@ class LayerProbe:
                     out["msdr"] = _msdr(distance, sup)
             results[name] = out
             self.details[name] = LayerResult(class_distance=distance, dim=s["full"].dim, dxd_dim=dxd,
-                                             train_class_distance=class_distance_from_moments(s["full"]))
+                                             moments=s["full"])
         return results
 
 

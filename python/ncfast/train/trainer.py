@@ -294,16 +294,17 @@ class Trainer:
             hits += int((self.model(xb).argmax(1) == yb).sum())
         return hits / self.x[split].shape[0]
 
-    def measure(self) -> tuple[dict, dict, dict, dict]:
+    def measure(self) -> tuple[dict, dict, torch.Tensor | None, dict]:
         """{layer: {split: metrics}}, {(layer, split): class-distance matrix on the original labels},
-        the same on the training labels, and {split: accuracy} (from the probe's own pass: no extra
+        the penultimate layer's class-distance matrix over the training labels of the train split
+        (relabelled runs only, else None) and {split: accuracy} (from the probe's own pass: no extra
         forward pass).
 
         The test split's NCC accuracy and mismatch are scored against the train split's class means
         of the same layer (paper 003 def. 6), not the test split's own; its other metrics describe
         the test features themselves."""
         layers: dict[str, dict] = {name: {} for name in self.layers}
-        distances, train_label_distances = {}, {}
+        distances, train_label_distance = {}, None
         accuracy = {}
         pen = self.model.penultimate_name if self.model.penultimate_name in self.layers else None
         train_means = None
@@ -315,6 +316,8 @@ class Trainer:
             result = probe.measure(self._loader(split), class_means=train_means)
             if split == "train":
                 train_means = probe.class_means
+                if self.relabelled and pen is not None:
+                    train_label_distance = probe.details[pen].train_class_distance
             accuracy[split] = probe.accuracy
             for name, metrics in result.items():
                 entry = dict(metrics)
@@ -323,8 +326,7 @@ class Trainer:
                 entry["degenerate"] = list(metrics.degenerate)
                 layers[name][split] = entry
                 distances[(name, split)] = probe.details[name].class_distance
-                train_label_distances[(name, split)] = probe.details[name].train_class_distance
-        return layers, distances, train_label_distances, accuracy
+        return layers, distances, train_label_distance, accuracy
 
     @property
     def relabelled(self) -> bool:
@@ -358,16 +360,15 @@ class Trainer:
         cfg = self.cfg
         record = {"epoch": epoch, "train_loss": loss, "lr": self.opt.param_groups[0]["lr"]}
         if epoch % cfg.metrics_every == 0 or epoch == cfg.epochs:
-            record["layers"], distances, train_label_distances, accuracy = self.measure()
+            record["layers"], distances, train_label_distance, accuracy = self.measure()
             record["train_acc"], record["test_acc"] = accuracy["train"], accuracy["test"]
             pen = self.model.penultimate_name
             folder = self.out / "class_distance"
             if distances.get((pen, "train")) is not None:
                 np.save(folder / f"epoch_{epoch:03d}.npy", distances[(pen, "train")].cpu().numpy())
-            if self.relabelled and train_label_distances.get((pen, "train")) is not None:
+            if train_label_distance is not None:
                 # over the training labels: with --fine the 2C x 2C matrix of paper 000 fig. 15
-                np.save(folder / f"epoch_{epoch:03d}_train_labels.npy",
-                        train_label_distances[(pen, "train")].cpu().numpy())
+                np.save(folder / f"epoch_{epoch:03d}_train_labels.npy", train_label_distance.cpu().numpy())
             # every probed layer and split, original labels: arrays named "<layer>/<split>"
             np.savez(folder / f"epoch_{epoch:03d}_layers.npz",
                      **{f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None})
