@@ -104,10 +104,11 @@ struct RowAcc {
 // Columns [jb, je) of row i in one pass (AVX-512): the squared distance of each pair is formed in a
 // register and feeds the row minimum, the column minima and the pair sums; with kRatio (p = 1) the
 // CDNV ratios are written to rr and added to the row's sum and to the column sums csum, without it
-// the squared distances are written to rr for ratios_pow. The uniformity terms
-// -log(max(0, 2 - 2 cos_ij)) / 2 go to lg and their sum to usum. The generic path's separate loops
-// read and wrote an 8 KiB row buffer five times, and GCC turned some of them into emulated gathers
-// (1.16 against 0.53 ms per 1008 x 1008 tile, two Xeon threads). A Markstein reciprocal in place of the division measured slower (0.60 ms): the sweep
+// the squared distances are written to rr for ratios_pow. The uniformity terms -log(2 - 2 cos_ij) / 2
+// (+inf where 2 - 2 cos_ij <= t.unif_floor) go to lg and their sum to usum. The generic path's
+// separate loops read and wrote an 8 KiB row buffer five times, and GCC turned some of them into
+// emulated gathers (1.16 against 0.53 ms per 1008 x 1008 tile, two Xeon threads). A Markstein
+// reciprocal in place of the division measured slower (0.60 ms): the sweep
 // is bound by its issue ports, not by the divider.
 template <bool kRatio>
 inline void sweep_row(const PairTile& t, const double* grow, const double* inv_nc, double inv_g, double sqi,
