@@ -223,6 +223,8 @@ PYBIND11_MODULE(_C, m) {
         "Measured peak FLOP/s of vector fused multiply-adds on num_threads threads (see csrc/peak.h).");
   m.def("ncc_has_precision", &ncc_has_precision,
         "Whether ncc_sweep offers this precision ('fp32' always, 'bf16' with AVX512-BF16).");
+  m.def("ncc_register_tiled", &ncc_register_tiled,
+        "Whether ncc_sweep is register-tiled (AVX-512): faster than GEMM blocks at any number of classes.");
   m.def(
       "reduce_pair_tile",
       [](py::array_t<double, py::array::c_style> gram, py::array_t<double, py::array::c_style> sq_r,

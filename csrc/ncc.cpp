@@ -391,6 +391,14 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
 }  // namespace
 #endif
 
+bool ncc_register_tiled() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool ncc_has_precision(const std::string& precision) {
   if (precision == "fp32") return true;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)

@@ -24,4 +24,8 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
 // extra roundings) only in an AVX512-BF16 build.
 bool ncc_has_precision(const std::string& precision);
 
+// Whether ncc_sweep runs its register-tiled AVX-512 form, which beats BLAS GEMM blocks at any number
+// of classes (without AVX-512 the sweep pays off only for few classes).
+bool ncc_register_tiled();
+
 }  // namespace ncfast

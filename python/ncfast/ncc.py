@@ -42,7 +42,7 @@ MODES = ("exact", "fast")
 _BLOCK_ELEMS = 1 << 22  # floats in one (rows x classes) score block
 _BLOCK_ELEMS_GPU = 1 << 26  # the same on a GPU, where the rechecks' float64 GEMMs want many rows
 _FUSED_MAX_CLASSES = 256  # without AVX-512, the C++ sweep up to here; above, GEMM blocks
-_PACKED = "SIMD=AVX512" in _C.compile_options()  # the register-tiled sweep beats BLAS at any C
+_PACKED = _C.ncc_register_tiled()  # the register-tiled sweep beats BLAS at any C
 _FAST_PROBE_ROWS = 1024  # rows the fast mode scores in both precisions, timed, before the rest
 _FAST_PROBE_ROWS_GPU = 32768  # the same on a GPU: 256 programs of 128 rows, two waves of an H100
 
