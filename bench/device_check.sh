@@ -7,7 +7,7 @@
 # build (90 s):  the package (C++ core too) into the machine's python3, no network
 #                (--no-build-isolation, --no-deps: scikit-build-core, pybind11, cmake and ninja are
 #                on the image); 18 s on 2 cores here.
-# tests (150 s): tests/test_triton.py on the GPU (the same tests CI runs in the interpreter), 8
+# tests (150 s): tests/test_triton_*.py on the GPU (the same tests CI runs in the interpreter), 8
 #                workers (kernel compiles dominate).
 # bench (230 s): bench/run.py --device cuda --sizes h100 (issue 4's targets), 2 timed runs each:
 #                the float32 baselines at N = 4M, C = 50,000 take about 8 s a call.
@@ -48,9 +48,9 @@ for stage in "${stages[@]}"; do
       echo "build rc $rc"; tail -5 "$OUT/build.log"
       $PY -c "import ncfast; print('ncfast', ncfast.__version__, ncfast.compile_options())" ;;
     tests)
-      say "tests (tests/test_triton.py on the GPU)"
+      say "tests (tests/test_triton_*.py on the GPU)"
       workers=(); $PY -c "import xdist" 2>/dev/null && workers=(-n 8)
-      timeout "$(cap 150)" $PY -m pytest -q "${workers[@]}" -p no:cacheprovider tests/test_triton.py >"$OUT/tests.log" 2>&1
+      timeout "$(cap 150)" $PY -m pytest -q "${workers[@]}" -p no:cacheprovider tests/test_triton_*.py >"$OUT/tests.log" 2>&1
       echo "tests rc $?"; tail -15 "$OUT/tests.log" ;;
     tune)
       say "tune (bench/gpu_tune.py)"

@@ -22,7 +22,7 @@ flushed by do_bench itself between runs).
   it makes, on the GPU and on the host.
 
 Writes the table and a JSON (``--json``). Nothing here is a test: the answers are checked by
-tests/test_triton.py, which the device run executes first.
+tests/test_triton_*.py, which the device run executes first.
 """
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ def ceilings(device) -> dict:
 
 
 def tune_ncc(device, rows_out: list):
+    from ncfast._numerics import rel_tensor_core
     from ncfast.triton import ncc
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -107,7 +108,7 @@ def tune_ncc(device, rows_out: list):
         o = (centres - shift).square().sum(1)
         cmax, omax = [float(w.double().norm(dim=1).max())], [float(o.double().abs().max())]
         for precision, trials in NCC_TRIALS.items():
-            rel = ncc.relative_bound(precision, d)
+            rel = rel_tensor_core(ncc.canonical(precision), d)
             for bm, bn, bd, warps, stages in trials:
                 def run():
                     return ncc.ncc_sweep(x, shift, w, o, [0, k], rel, cmax, omax, precision, block_m=bm,

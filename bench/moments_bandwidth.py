@@ -31,7 +31,7 @@ import run as harness  # noqa: E402  (make_data and torch_moments: the same data
 
 import ncfast  # noqa: E402
 from ncfast import _C  # noqa: E402
-from ncfast._dispatch import _buffer  # noqa: E402
+from ncfast.backends.cpp import buffer  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
           f"{'bare kernel':>12} {'of floor':>9} {'bare API':>9} {'of floor':>9}")
     for c in (int(v) for v in args.classes.split(",")):
         x, y = harness.make_data(args.rows, args.dim, c, torch.device("cpu"))
-        buf, dtype = _buffer(x)
+        buf, dtype = buffer(x)
         labels = y.numpy()
         calls = {
             "sum": lambda: x.sum(),

@@ -16,7 +16,8 @@ import time
 import torch
 
 import ncfast
-from ncfast.pairwise import DEFAULT_TILE, _tiles, class_pair_stats
+from ncfast.backends.torch import DEFAULT_TILE
+from ncfast.pairwise import _tiles, class_pair_stats
 
 
 def _kb(key: str) -> int:

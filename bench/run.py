@@ -378,10 +378,11 @@ def torch_mm_case(op, x, y, c):
     if op == "class_moments+scatter":
         z = x.to(torch.float64) - moments.means[y]
         return (lambda: z.T @ z), 2.0 * z.shape[0] * z.shape[1] ** 2
-    from ncfast.pairwise import _tiles, default_tile
+    from ncfast import backends
+    from ncfast.pairwise import _tiles
 
     mt = moments.centred_means("balanced")
-    tiles = list(_tiles(mt.shape[0], default_tile(mt)))  # the tiles ncfast itself takes on this device
+    tiles = list(_tiles(mt.shape[0], backends.for_tensor(mt).pair_tile))  # the tiles ncfast takes on this device
     flops = sum(2.0 * (r.stop - r.start) * (q.stop - q.start) * mt.shape[1] for r, q in tiles)
     side = tiles[0][0].stop - tiles[0][0].start
     out = torch.empty(side, side, dtype=mt.dtype, device=mt.device)  # one tile at a time, as ncfast

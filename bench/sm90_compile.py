@@ -5,7 +5,7 @@ older tensor cores, DMMA = float64 tensor cores, FFMA / DFMA = plain float32 / f
 
     python bench/sm90_compile.py                 # every kernel at the launchers' settings
     python bench/sm90_compile.py --sass-dir DIR  # also write each kernel's SASS there
-    python bench/sm90_compile.py --tests         # every launch tests/test_triton.py makes, compiled instead of run
+    python bench/sm90_compile.py --tests         # every launch tests/test_triton_*.py makes, compiled instead of run
 
 The launchers in ncfast.triton are called on CPU tensors of representative shapes; every kernel
 launch is turned into an ahead-of-time compile for GPUTarget("cuda", 90, 32), with the argument
@@ -118,6 +118,7 @@ PARTS = ("moments", "ncc", "pairwise")
 
 def _cases(recorder: _Recorder, parts=PARTS):
     """Call every launcher at shapes like issue 4's (D = 1024; the row count only sets alignment)."""
+    from ncfast._numerics import rel_tensor_core
     from ncfast.triton import moments, ncc, pairwise
 
     g = torch.Generator().manual_seed(0)
@@ -142,11 +143,11 @@ def _ncc_cases(recorder: _Recorder, ncc, x, g):
     centres = torch.randn(k, d, generator=g)
     for prec in ncc.PRECISIONS:
         recorder.label = f"precision={prec}"
-        ncc.ncc_sweep(x, torch.zeros(d), centres, torch.zeros(k), [0, k], ncc.relative_bound(prec, d),
+        ncc.ncc_sweep(x, torch.zeros(d), centres, torch.zeros(k), [0, k], rel_tensor_core(ncc.canonical(prec), d),
                       [1.0], [1.0], prec)
     recorder.label = "D=32"  # one feature block: the rows stay in registers through the sweep
     ncc.ncc_sweep(x[:, :32].contiguous(), torch.zeros(32), centres[:, :32].contiguous(), torch.zeros(k), [0, k],
-                  ncc.relative_bound("tf32", 32), [1.0], [1.0], "tf32", block_d=32)
+                  rel_tensor_core("tf32", 32), [1.0], [1.0], "tf32", block_d=32)
 
 
 def _pair_cases(recorder: _Recorder, pairwise, g):
@@ -168,7 +169,7 @@ def _pair_cases(recorder: _Recorder, pairwise, g):
 
 
 def _compile_tests(recorder: _Recorder) -> int:
-    """Run tests/test_triton.py with every launch compiled for sm_90 instead of run (``recorder``
+    """Run tests/test_triton_*.py with every launch compiled for sm_90 instead of run (``recorder``
     with dedupe): which of the kernel variants the tests use fail to compile, or spill. The
     tests' assertions then fail (nothing ran), so only the compile report counts."""
     import pytest
@@ -178,8 +179,9 @@ def _compile_tests(recorder: _Recorder) -> int:
 
     ncc.interpreting = nt.interpreting = lambda: False  # the GPU variants (no bf16 emulation)
     JITFunction.__getitem__ = lambda fn, grid: recorder(fn, grid)
+    tests = Path(__file__).resolve().parents[1] / "tests"
     pytest.main(["-q", "-p", "no:cacheprovider", "--tb=no", "--no-header", "-rN",
-                 str(Path(__file__).resolve().parents[1] / "tests" / "test_triton.py")])
+                 *map(str, sorted(tests.glob("test_triton_*.py")))])
     compiled = [row for row in recorder.rows if "regs" in row]
     failures = [row["label"] for row in recorder.rows if "regs" not in row]
     print(f"\nsm_90: {len(compiled)} distinct kernel launches of the tests compiled, {len(failures)} failed to compile")
@@ -194,7 +196,7 @@ def _compile_tests(recorder: _Recorder) -> int:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sass-dir", type=Path, default=None, help="write each kernel's SASS into this folder")
-    p.add_argument("--tests", action="store_true", help="compile every launch of tests/test_triton.py instead")
+    p.add_argument("--tests", action="store_true", help="compile every launch of tests/test_triton_*.py instead")
     p.add_argument("--only", choices=PARTS, default=None, help="one group of kernels")
     args = p.parse_args(argv)
 

@@ -1,8 +1,15 @@
 """Shared test data: small, seeded, with every awkward case the SPEC names."""
 import math
+import os
 
 import numpy as np
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+"""Where the Triton tests run their kernels: a GPU, else CPU tensors in Triton's interpreter."""
+if not torch.cuda.is_available():
+    # before any Triton kernel module is imported: triton.jit reads it when a kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_data(n=600, d=12, c=5, *, seed=0, imbalanced=False, absent=(), spread=1.0, shift=0.0,

@@ -92,13 +92,13 @@ def test_near_etf_keeps_digits():
 
 @pytest.fixture
 def narrow_strips(monkeypatch):
-    """The C++ path's diagonal blocks as row strips of any height (not whole register tiles), so
+    """The C++ backend's diagonal blocks as row strips of any height (not whole register tiles), so
     small tests reach strips that start inside a block."""
-    from ncfast import pairwise
+    from ncfast.backends import cpp
 
     def use(strips):
-        monkeypatch.setattr(pairwise, "DIAGONAL_STRIPS", strips)
-        monkeypatch.setattr(pairwise, "STRIP_ALIGN", 1)
+        monkeypatch.setattr(cpp, "DIAGONAL_STRIPS", strips)
+        monkeypatch.setattr(cpp, "STRIP_ALIGN", 1)
 
     return use
 
@@ -159,9 +159,9 @@ def test_diagonal_blocks_as_row_strips(tile, strips, narrow_strips):
 
 
 def test_tile_reducer_takes_any_row_strip():
-    """_C.reduce_pair_tile on a diagonal block cut into strips of uneven heights, each from the
-    diagonal rightwards, sums to what the torch reducer gives for the whole block."""
-    from ncfast import pairwise
+    """The C++ backend's pair_reducer on a diagonal block cut into strips of uneven heights, each
+    from the diagonal rightwards, sums to what the torch backend's reducer gives for the whole block."""
+    from ncfast import backends
 
     x, y, c = make_data(n=1500, d=9, c=61, seed=22)
     m = ncfast.class_moments(x, y)
@@ -169,27 +169,27 @@ def test_tile_reducer_takes_any_row_strip():
     sq = mt.square().sum(1)
 
     def context():
-        return pairwise._Context(
+        return backends.PairContext(
             sq=sq, norms=sq.sqrt(), var=m.variances.clone(), sup=torch.arange(c) % 3, g=float(torch.linalg.norm(mt @ mt.T)),
             etf_diag=0.11, etf_offdiag=-0.02, mean_cos=0.01, etf_cos=1.0 / (c - 1),
             best=torch.full((c,), float("inf"), dtype=torch.float64), best_idx=torch.full((c,), -1, dtype=torch.int64))
 
     whole = slice(0, c)
     k_ref = context()
-    want = pairwise._reduce_tile_torch(mt @ mt.T, whole, whole, k_ref)
+    want = backends.get("torch").pair_reducer(mt, c, k_ref)(whole, whole)
     k = context()
-    got = None
-    for lo, hi in [(0, 1), (1, 17), (17, 18), (18, 50), (50, 61)]:
-        rows, cols = slice(lo, hi), slice(lo, c)
-        part = pairwise._reduce_tile_cpp((mt[rows] @ mt[cols].T).contiguous(), rows, cols, k)
-        got = part if got is None else pairwise._merge_sums(got, part)
+    reduce = backends.get("cpp").pair_reducer(mt, c, k)
+    got = backends.PairSums.total(reduce(slice(lo, hi), slice(lo, c))
+                                  for lo, hi in [(0, 1), (1, 17), (17, 18), (18, 50), (50, 61)])
     for key in ("resid", "cos_dev", "coh", "dist", "msdr_sum"):
-        assert got[key] == pytest.approx(want[key], rel=1e-12), key
-    assert got["msdr_n"] == want["msdr_n"]
-    assert got["cdnv"][0] == want["cdnv"][0]
-    assert got["cdnv"][1:] == pytest.approx(want["cdnv"][1:], rel=1e-12)
+        assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-12), key
+    assert got.msdr_n == want.msdr_n
+    for key in ("cdnv", "unif"):
+        assert getattr(got, key)[0] == getattr(want, key)[0]
+        assert getattr(got, key)[1:] == pytest.approx(getattr(want, key)[1:], rel=1e-12)
     assert torch.equal(k.best_idx, k_ref.best_idx)
     torch.testing.assert_close(k.best, k_ref.best, rtol=1e-12, atol=0)
+    torch.testing.assert_close(k.ratio_sum, k_ref.ratio_sum, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("tile", [48, 50])
@@ -208,18 +208,18 @@ def test_many_classes_whole_and_ragged_gram_tiles(tile):
 @pytest.mark.parametrize("engine_faster", [True, False, None])
 def test_tile_products_from_the_engine_or_blas_agree(monkeypatch, backend, engine_faster):
     """On the C++ path the tile products come from the Gram engine or from torch.mm, whichever a
-    timing of the pass's first full tiles found faster (pairwise._TileProducts): both choices, and
-    the pass that times them, give the reference's numbers and the same nearest classes. The
+    timing of the pass's first full tiles found faster (backends.cpp._TileProducts): both choices,
+    and the pass that times them, give the reference's numbers and the same nearest classes. The
     verdict is forced here (None: no verdict yet, the pass times both)."""
-    from ncfast import pairwise
+    from ncfast.backends import cpp
 
     x, y, c = make_data(n=2600, d=19, c=130, seed=9)
     m = ncfast.class_moments(x, y)
     key = (40, 19, torch.get_num_threads())
-    monkeypatch.setattr(pairwise, "_ENGINE_FASTER", {} if engine_faster is None else {key: engine_faster})
-    got = pairwise.class_pair_stats(m, tile=40)  # 4 x 4 tiles: 10 of the upper triangle, above PROBE_MIN_TILES
+    monkeypatch.setattr(cpp, "_ENGINE_FASTER", {} if engine_faster is None else {key: engine_faster})
+    got = class_pair_stats(m, tile=40)  # 4 x 4 tiles: 10 of the upper triangle, above PROBE_MIN_TILES
     if backend == "cpp" and ncfast._C.gram_available():
-        assert key in pairwise._ENGINE_FASTER  # a verdict now, timed or forced
+        assert key in cpp._ENGINE_FASTER  # a verdict now, timed or forced
     for k in ("cdnv", "nc2_etf", "equiangularity", "coherence"):
         want = ref.cdnv(x, y) if k == "cdnv" else getattr(ref, k)(x, y)
         assert getattr(got, k) == pytest.approx(want, rel=1e-9), k
@@ -234,26 +234,26 @@ def test_product_timing_uses_the_pass_tiles_and_is_remembered(monkeypatch, backe
     """Without a verdict the pass times the engine (twice, the first its warm-up) and torch.mm
     (once) on its own full tiles, forms every product exactly once, and keeps the verdict for
     (side, D, threads): the next pass times nothing."""
-    from ncfast import pairwise
+    from ncfast.backends import cpp
 
     if not ncfast._C.gram_available():
         pytest.skip("this build has no Gram engine: BLAS forms every tile, nothing to time")
-    monkeypatch.setattr(pairwise, "_ENGINE_FASTER", {})
-    monkeypatch.setattr(pairwise, "DIAGONAL_STRIPS", 1)  # whole blocks: every product a full tile
+    monkeypatch.setattr(cpp, "_ENGINE_FASTER", {})
+    monkeypatch.setattr(cpp, "DIAGONAL_STRIPS", 1)  # whole blocks: every product a full tile
     calls = []
-    gram_nt, mm = pairwise._C.gram_nt, torch.mm
-    monkeypatch.setattr(pairwise._C, "gram_nt", lambda *a: calls.append("engine") or gram_nt(*a))
-    monkeypatch.setattr(pairwise.torch, "mm", lambda *a, **kw: calls.append("blas") or mm(*a, **kw))
+    gram_nt, mm = cpp._C.gram_nt, torch.mm
+    monkeypatch.setattr(cpp._C, "gram_nt", lambda *a: calls.append("engine") or gram_nt(*a))
+    monkeypatch.setattr(cpp.torch, "mm", lambda *a, **kw: calls.append("blas") or mm(*a, **kw))
     x, y, c = make_data(n=2600, d=19, c=130, seed=9)
     m = ncfast.class_moments(x, y)
-    pairwise.class_pair_stats(m, tile=40)
+    class_pair_stats(m, tile=40)
     key = (40, 19, torch.get_num_threads())
-    verdict = pairwise._ENGINE_FASTER[key]
+    verdict = cpp._ENGINE_FASTER[key]
     assert len(calls) == 10  # the 10 tiles of the upper triangle (4 x 4 tiles), none twice
     assert calls[:3] == ["engine", "engine", "blas"]
     assert set(calls[3:]) == {"engine" if verdict else "blas"}
     calls.clear()
-    pairwise.class_pair_stats(m, tile=40)
+    class_pair_stats(m, tile=40)
     assert calls == ["engine" if verdict else "blas"] * 10
 
 
@@ -353,10 +353,10 @@ def test_thread_count_changes_new_stats_only_by_rounding(backend):
 
 
 def test_many_classes_need_no_c_by_c_matrix(monkeypatch, backend):
-    """C = 3,000 classes in tiles of 256: the tile reducer only ever sees blocks of at most 256 x 256
-    (12 x 12 tiles of the upper triangle, diagonal ones as row strips on the C++ path), and the new
-    statistics match the dense float64 computation."""
-    from ncfast import pairwise
+    """C = 3,000 classes in tiles of 256: the backend's tile reducer only ever sees blocks of at most
+    256 x 256 (12 x 12 tiles of the upper triangle), and the new statistics match the dense float64
+    computation."""
+    from ncfast import backends
 
     c, d = 3000, 8
     g = torch.Generator().manual_seed(36)
@@ -364,10 +364,14 @@ def test_many_classes_need_no_c_by_c_matrix(monkeypatch, backend):
     x = torch.randn(c, d, generator=g, dtype=torch.float64)[y] + 0.1 * torch.randn(2 * c, d, generator=g,
                                                                                      dtype=torch.float64)
     shapes = []
-    name = "_reduce_tile_cpp" if backend == "cpp" else "_reduce_tile_torch"
-    reducer = getattr(pairwise, name)
-    monkeypatch.setattr(pairwise, name, lambda gram, rows, cols, k: shapes.append(tuple(gram.shape)) or reducer(
-        gram, rows, cols, k))
+    impl = backends.get(backend)
+    make = impl.pair_reducer
+
+    def recording(mt, tile, ctx):
+        reduce = make(mt, tile, ctx)
+        return lambda rows, cols: shapes.append((rows.stop - rows.start, cols.stop - cols.start)) or reduce(rows, cols)
+
+    monkeypatch.setattr(impl, "pair_reducer", recording)
     old = torch.get_num_threads()
     # One thread: the torch reducer's ~1,000 small operations each wait at a thread barrier
     # otherwise, which on a loaded machine took seconds instead of 0.1 s.

@@ -66,15 +66,15 @@ def test_probe_equals_nc_metrics_per_layer(max_dim):
             expect = want_dxd[k] if pooled and k in ncfast.metrics.SCATTER_METRICS else v
             # effective_rank leaves out the eigenvalues the rank rule cuts (the conv layer's 36
             # features have rank 12), so their rounding no longer moves it with the batch order
-            assert_close(got[name][k], expect, rtol=1e-9, atol=1e-12, what=f"{name}.{k}")
+            assert_close(got[name].metrics[k], expect, rtol=1e-9, atol=1e-12, what=f"{name}.{k}")
         decisions = logits.argmax(1)
         nearest = ncfast.ncc_assign(flat, ncfast.class_moments(flat, y, scatter=False).means)
-        assert got[name]["ncc_mismatch"] == pytest.approx(float((nearest != decisions).double().mean()), abs=0)
+        assert got[name].metrics["ncc_mismatch"] == pytest.approx(float((nearest != decisions).double().mean()), abs=0)
         # original labels: class distance and MSDR inside the training labels
-        assert_close(probe.details[name].class_distance.numpy(), ref.class_distance(flat.numpy(), y_orig.numpy()),
+        assert_close(got[name].class_distance.numpy(), ref.class_distance(flat.numpy(), y_orig.numpy()),
                      rtol=1e-9, what="class_distance")
         superclass = (torch.arange(8) % 4).numpy()
-        assert got[name]["msdr"] == pytest.approx(ref.msdr(flat.numpy(), y_orig.numpy(), superclass), rel=1e-9)
+        assert got[name].metrics["msdr"] == pytest.approx(ref.msdr(flat.numpy(), y_orig.numpy(), superclass), rel=1e-9)
 
 
 def test_probe_counts_imbalanced_labels_itself_and_restores_mode():
@@ -84,10 +84,10 @@ def test_probe_counts_imbalanced_labels_itself_and_restores_mode():
     got = probe.measure(_batches(x, y))
     assert model.training  # measure runs in eval mode and puts the mode back
     with torch.no_grad():
-        assert probe.accuracy == float((model.eval()(x).argmax(1) == y).double().mean())
+        assert got.accuracy == float((model.eval()(x).argmax(1) == y).double().mean())
     out, logits = _features(model.eval(), x, "hidden")
     want = ncfast.nc_metrics(out, y, num_classes=4, logits=logits)
-    assert_close(got["hidden"]["nc1"], want["nc1"], rtol=1e-9, what="nc1")
+    assert_close(got["hidden"].metrics["nc1"], want["nc1"], rtol=1e-9, what="nc1")
 
 
 def test_probe_rejects_bad_arguments():
@@ -110,14 +110,14 @@ def test_probe_leaves_out_msdr_when_original_classes_are_split():
     y = y_orig + 4 * ((torch.arange(x.shape[0]) // 4) % 2)  # every original class split in two
     probe = ncfast.LayerProbe(model, ["hidden"], num_classes=8, num_original_classes=4)
     got = probe.measure(_batches(x, y, y_orig))
-    assert "msdr" not in got["hidden"]
+    assert "msdr" not in got["hidden"].metrics
     out, _ = _features(model, x, "hidden")
-    assert_close(probe.details["hidden"].class_distance.numpy(), ref.class_distance(out.numpy(), y_orig.numpy()),
+    assert_close(got["hidden"].class_distance.numpy(), ref.class_distance(out.numpy(), y_orig.numpy()),
                  rtol=1e-9, what="class_distance")
 
 
 def test_held_out_loader_scored_against_the_train_means():
-    """measure(test, class_means=train_probe.class_means) scores NCC on the test features against
+    """measure(test, class_means=train.class_means) scores NCC on the test features against
     the train split's class means of each layer (paper 003 def. 6), equal to nc_metrics with those
     means; every other metric is the test split's own. logits_norm is the norm of the logits the
     loss sees (logit_scale times the network's), logits_norm_raw the network's."""
@@ -127,11 +127,10 @@ def test_held_out_loader_scored_against_the_train_means():
     x_te, y_te, _ = _data(n=120, seed=7)
     probe = ncfast.LayerProbe(model, ["conv", "hidden"], num_classes=4, head=model.head, penultimate="hidden",
                               logit_scale=10.0)
-    probe.measure(_batches(x_tr, y_tr))
-    train_means = probe.class_means
+    train_means = probe.measure(_batches(x_tr, y_tr)).class_means
     assert set(train_means) == {"conv", "hidden"}
     got = probe.measure(_batches(x_te, y_te), class_means=train_means)
-    own_means = probe.class_means
+    own_means = got.class_means
     for name in ("conv", "hidden"):
         out_tr, _ = _features(model, x_tr, name)
         out, logits = _features(model, x_te, name)
@@ -141,18 +140,18 @@ def test_held_out_loader_scored_against_the_train_means():
         assert_close(own_means[name].numpy(), ncfast.class_moments(flat, y_te).means.numpy(), rtol=1e-12,
                      what="own means")
         want = ncfast.nc_metrics(flat, y_te, num_classes=4, logits=logits, class_means=want_means)
-        assert got[name]["ncc_accuracy"] == want["ncc_accuracy"]
-        assert got[name]["ncc_mismatch"] == want["ncc_mismatch"]
-        assert got[name]["ncc_accuracy"] == ref.ncc_accuracy(flat, y_te, 4, class_means=want_means)
-        assert_close(got[name].per_class["ncc_accuracy"].numpy(), want.per_class["ncc_accuracy"].numpy(), rtol=0,
+        assert got[name].metrics["ncc_accuracy"] == want["ncc_accuracy"]
+        assert got[name].metrics["ncc_mismatch"] == want["ncc_mismatch"]
+        assert got[name].metrics["ncc_accuracy"] == ref.ncc_accuracy(flat, y_te, 4, class_means=want_means)
+        assert_close(got[name].metrics.per_class["ncc_accuracy"].numpy(), want.per_class["ncc_accuracy"].numpy(), rtol=0,
                      what="per class accuracy")
-        assert_close(got[name].per_class["ncc_mismatch"].numpy(), want.per_class["ncc_mismatch"].numpy(), rtol=0,
+        assert_close(got[name].metrics.per_class["ncc_mismatch"].numpy(), want.per_class["ncc_mismatch"].numpy(), rtol=0,
                      what="per class mismatch")
-        assert_close(got[name]["nc1"], want["nc1"], rtol=1e-9, what="nc1 of the test features")
-        assert_close(probe.details[name].train_class_distance.numpy(), ref.class_distance(flat, y_te, 4),
+        assert_close(got[name].metrics["nc1"], want["nc1"], rtol=1e-9, what="nc1 of the test features")
+        assert_close(got[name].train_class_distance.numpy(), ref.class_distance(flat, y_te, 4),
                      rtol=1e-9, what="class distance over the training labels")
-        assert got[name]["logits_norm_raw"] == pytest.approx(ref.logits_norm(logits), rel=1e-12)
-        assert got[name]["logits_norm"] == pytest.approx(10.0 * ref.logits_norm(logits), rel=1e-12)
+        assert got[name].metrics["logits_norm_raw"] == pytest.approx(ref.logits_norm(logits), rel=1e-12)
+        assert got[name].metrics["logits_norm"] == pytest.approx(10.0 * ref.logits_norm(logits), rel=1e-12)
     with pytest.raises(ValueError, match="class_means"):
         probe.measure(_batches(x_te, y_te), class_means={"conv": train_means["conv"]})
     with pytest.raises(ValueError, match="class_means"):
@@ -172,5 +171,5 @@ def test_degenerate_is_judged_on_the_features_the_dxd_metrics_used():
     full = ncfast.LayerProbe(model, ["conv"], num_classes=4).measure(_batches(x, y))
     pooled = ncfast.LayerProbe(model, ["conv"], num_classes=4, max_dim=10).measure(_batches(x, y))
     out, _ = _features(model, x, "conv")
-    assert full["conv"].degenerate == ref.degenerate(out.reshape(8, -1), y, 4) == ("vci", "rank", "effective_rank")
-    assert pooled["conv"].degenerate == ref.degenerate(out.mean(dim=2), y, 4) == ()
+    assert full["conv"].metrics.degenerate == ref.degenerate(out.reshape(8, -1), y, 4) == ("vci", "rank", "effective_rank")
+    assert pooled["conv"].metrics.degenerate == ref.degenerate(out.mean(dim=2), y, 4) == ()

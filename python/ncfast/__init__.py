@@ -17,24 +17,23 @@ Streaming::
 Every probed layer of a network, from forward hooks::
 
     probe = ncfast.LayerProbe(model, ["layer3", "layer4", "pool"], num_classes=10)
-    per_layer = probe.measure(loader)      # {layer: NCMetrics}, NCC mismatch included
+    result = probe.measure(loader)          # result["layer4"].metrics: NCMetrics, NCC mismatch included
 """
 from . import _C, reference
+from .functional import class_distance, class_moments, nc_metrics
 from .labels import coarse_labels, fine_labels, random_coarse_labels
 from .losses import svsl_loss
 from .metrics import (
     DEFAULT_RTOL,
     NCMetrics,
-    class_distance,
-    class_distance_from_moments,
-    class_moments,
     cdnv_matrix,
+    class_distance_from_moments,
     metrics_from_moments,
-    nc_metrics,
+    msdr_from_moments,
 )
 from .ncc import classifier_decisions, ncc_and_decisions, ncc_assign, ncc_mismatch
 from .pairwise import PairStats, class_pair_stats
-from .probe import LayerProbe
+from .probe import LayerProbe, LayerResult, ProbeResult
 from .stats import ClassMoments
 
 __version__ = "0.1.0"
@@ -43,8 +42,10 @@ __all__ = [
     "ClassMoments",
     "DEFAULT_RTOL",
     "LayerProbe",
+    "LayerResult",
     "NCMetrics",
     "PairStats",
+    "ProbeResult",
     "class_distance",
     "class_distance_from_moments",
     "class_moments",
@@ -55,6 +56,7 @@ __all__ = [
     "compile_options",
     "fine_labels",
     "metrics_from_moments",
+    "msdr_from_moments",
     "ncc_and_decisions",
     "nc_metrics",
     "ncc_assign",

@@ -11,6 +11,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 WEIGHTINGS = ("balanced", "sample")
 NAN_POLICIES = ("raise", "omit")
+NON_FINITE = "features: contains NaN or Inf (pass nan_policy='omit' to drop such rows)"
 
 
 def as_tensor(x, name: str) -> torch.Tensor:
@@ -108,3 +109,25 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.float64:
         return torch.isfinite(x).all(dim=1)
     return torch.isfinite(x.sum(dim=1, dtype=torch.float64))
+
+
+def check_superclass(superclass, num_classes: int, device) -> torch.Tensor:
+    s = as_tensor(superclass, "superclass")
+    if s.dtype.is_floating_point:
+        raise TypeError(f"superclass: expected an integer dtype, got {s.dtype}")
+    if s.shape != (num_classes,):
+        raise ValueError(f"superclass: expected shape ({num_classes},) mapping class -> super-class, got {tuple(s.shape)}")
+    return s.to(device=device, dtype=torch.int64)
+
+
+def check_per_class(value, name: str, num_classes: int, dim: int, device) -> torch.Tensor:
+    """A floating (num_classes, dim) matrix on ``device``, one row per class (a classifier's
+    weight, class means); errors name the argument."""
+    m = as_tensor(value, name)
+    if not m.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating dtype, got {m.dtype}")
+    if m.shape != (num_classes, dim):
+        raise ValueError(f"{name}: expected shape ({num_classes}, {dim}) (classes x features), got {tuple(m.shape)}")
+    if m.device != device:
+        raise ValueError(f"{name}: on device {m.device}, but the features are on {device}")
+    return m

@@ -11,20 +11,10 @@ import math
 
 import torch
 
-from . import _dispatch, _linalg
-from ._validation import (
-    NAN_POLICIES,
-    WEIGHTINGS,
-    as_tensor,
-    check_bias,
-    check_choice,
-    check_features,
-    check_labels,
-    check_same_device,
-    finite_rows,
-)
-from .ncc import ncc_and_decisions, ncc_assign
-from .pairwise import class_pair_stats, ieee_ratio
+from . import _linalg, backends
+from ._numerics import coincidence_floor, ieee_ratio
+from ._validation import WEIGHTINGS, as_tensor, check_choice, check_per_class, check_superclass
+from .pairwise import PairStats, _class_pair_stats, class_pair_stats
 from .stats import ClassMoments
 
 DEFAULT_RTOL = 1e-10
@@ -219,6 +209,18 @@ def cdnv_matrix(moments: ClassMoments) -> torch.Tensor:
     return _embed_present(inner, moments)
 
 
+def msdr_from_moments(moments: ClassMoments, superclass) -> float:
+    """Mean super-class distance ratio over the present classes (paper 000; docs/metrics.md):
+    mean_{i != j, s(i) = s(j)} D_ij / mean_i D_ii, with D the class-distance matrix and s(c) =
+    ``superclass[c]`` ((num_classes,) integers; entries of absent classes are ignored). NaN when no
+    two present classes share a super-class. From the pairwise pass (``class_pair_stats``), so no
+    C x C matrix is held."""
+    if int(moments.present.sum()) < 2:
+        return math.nan
+    sup = check_superclass(superclass, moments.num_classes, moments.device)
+    return class_pair_stats(moments, superclass=sup).msdr
+
+
 _NC3_ETF_BLOCK = 1 << 22
 """Entries of W Mt^T held at once by nc3_etf (a 32 MB float64 block of rows)."""
 
@@ -292,28 +294,6 @@ def class_fractions(hits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.where(counts > 0, hits.to(torch.float64) / counts.clamp_min(1), torch.full_like(counts, float("nan")))
 
 
-def _check_superclass(superclass, num_classes: int, device) -> torch.Tensor:
-    s = as_tensor(superclass, "superclass")
-    if s.dtype.is_floating_point:
-        raise TypeError(f"superclass: expected an integer dtype, got {s.dtype}")
-    if s.shape != (num_classes,):
-        raise ValueError(f"superclass: expected shape ({num_classes},) mapping class -> super-class, got {tuple(s.shape)}")
-    return s.to(device=device, dtype=torch.int64)
-
-
-def _check_per_class(value, name: str, num_classes: int, dim: int, device) -> torch.Tensor:
-    """A floating (num_classes, dim) matrix on ``device``, one row per class (a classifier's
-    weight, class means); errors name the argument."""
-    m = as_tensor(value, name)
-    if not m.dtype.is_floating_point:
-        raise TypeError(f"{name}: expected a floating dtype, got {m.dtype}")
-    if m.shape != (num_classes, dim):
-        raise ValueError(f"{name}: expected shape ({num_classes}, {dim}) (classes x features), got {tuple(m.shape)}")
-    if m.device != device:
-        raise ValueError(f"{name}: on device {m.device}, but the features are on {device}")
-    return m
-
-
 def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None, ood=None,
                          weighting: str = "balanced", rtol: float = DEFAULT_RTOL, cdnv_exponent: float = 1.0,
                          tile: int | None = None) -> NCMetrics:
@@ -328,7 +308,7 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
     class means and a second pass over the features: ``ncc_assign`` / ``ncc_mismatch``
     (``nc_metrics`` does both passes for you). Definitions: docs/metrics.md.
     The pairwise metrics stream over tiles of ``tile`` classes (``class_pair_stats``; by default
-    1,008, or 16,384 on the Triton path), so no C x C matrix is held: memory is O(C * D + tile^2).
+    1,008, or 16,384 with the Triton backend), so no C x C matrix is held: memory is O(C * D + tile^2).
 
     Formulas (C present classes, w_c the class weights of ``weighting``, Mt rows mu_c - mu_G):
         nc1 = Tr(Sigma_W Sigma_B^+) / C,  fuzziness = C * nc1
@@ -349,6 +329,13 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
             (over the eigenvalues above rtol * lambda_max; 0 when Sigma_T = 0)
         msdr = mean_{i!=j, s(i)=s(j)} D_ij / mean_i D_ii
     """
+    return _metrics_from_moments(moments, backends.for_tensor(moments.mean), weight=weight, superclass=superclass,
+                                 ood=ood, weighting=weighting, rtol=rtol, cdnv_exponent=cdnv_exponent, tile=tile)
+
+
+def _metrics_from_moments(moments: ClassMoments, backend: backends.Backend, *, weight, superclass, ood, weighting: str,
+                          rtol: float, cdnv_exponent: float, tile) -> NCMetrics:
+    """metrics_from_moments with the caller's backend."""
     check_choice(weighting, WEIGHTINGS, "weighting")
     if not isinstance(moments, ClassMoments):
         raise TypeError(f"moments: expected a ClassMoments, got {type(moments).__name__}")
@@ -358,241 +345,116 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         raise ValueError(f"labels: these metrics need at least 2 present classes, got {c}")
     if not rtol >= 0:
         raise ValueError(f"rtol: must be >= 0, got {rtol}")
-    d = moments.dim
-    out: dict[str, float] = {}
-    ranks: dict[str, int] = {}
-
-    mt = moments.centred_means(weighting)
-    a = moments.between_factor(weighting)
-
-    tr_w = moments.within_trace(weighting)
-    out["squared_distance"] = ieee_ratio(tr_w, float(a.square().sum()))
-
-    s_b, v_b = _between_eig(a, rtol)
-    ranks["sigma_b"] = int(s_b.numel())
-    if moments.has_scatter:
-        sigma_w = moments.sigma_w(weighting)
-        fuzz = float((((sigma_w @ v_b) * v_b).sum(0) / s_b).sum())
-        out["nc1"] = fuzz / c
-        out["fuzziness"] = fuzz
-        lam_b_max = float(s_b.max()) if s_b.numel() else 0.0  # Sigma_B = 0: equal class means
-        out["vci"], ranks["sigma_w"] = _vci(sigma_w, a, ranks["sigma_b"], lam_b_max, rtol)
-        lam_t = _linalg.sym_eigvalsh(sigma_w + a.T @ a)
-        top_t = float(lam_t.max())
-        kept_t = lam_t[lam_t > rtol * top_t] if top_t > 0 else lam_t[:0]
-        ranks["sigma_t"] = int(kept_t.numel())
-        out["rank"] = float(ranks["sigma_t"])
-        # over the kept eigenvalues only: the rank rule's zeros are exact zeros, not the rounding
-        # noise whose square roots moved the value by 1e-6 (reference.effective_rank)
-        if kept_t.numel():
-            sv = kept_t.sqrt()
-            prob = sv / sv.sum()
-            out["effective_rank"] = math.exp(float(-(prob * prob.log()).sum()))
-        else:  # Sigma_T = 0: every feature equal
-            out["effective_rank"] = 0.0
-    else:
-        for k in SCATTER_METRICS:
-            out[k] = float("nan")
-
-    norms = mt.norm(dim=1)
-    out["equinorm"] = float(norms.std(correction=0) / norms.mean())
-    sup = None if superclass is None else _check_superclass(superclass, moments.num_classes, moments.device)
-    pairs = class_pair_stats(moments, weighting=weighting, superclass=sup, tile=tile, cdnv_exponent=cdnv_exponent)
-    out["nc2_etf"] = pairs.nc2_etf
-    out["equiangularity"] = pairs.equiangularity
-    out["coherence"] = pairs.coherence
-    out["cdnv"] = pairs.cdnv
-    out["uniformity_mean"] = pairs.uniformity_mean
-    out["uniformity_var"] = pairs.uniformity_var
-    per_class = {
-        "count": _on_classes(moments.count[p], p),
-        "variance": moments.variances,
-        "cdnv": pairs.cdnv_per_class,
-    }
-
+    sup = None if superclass is None else check_superclass(superclass, moments.num_classes, moments.device)
+    w = None
     if weight is not None:
-        w = _check_per_class(weight, "weight", moments.num_classes, d, moments.device)[p].to(torch.float64)
-        out["nc3"] = float(torch.linalg.norm(w / torch.linalg.norm(w) - mt / torch.linalg.norm(mt)))
-        out["nc3_etf"] = _nc3_etf(w, mt)
-        duality = _cosines(w, mt)
-        out["duality_mean"] = float(duality.mean())
-        out["duality_std"] = float(duality.std(correction=0))
+        w = check_per_class(weight, "weight", moments.num_classes, moments.dim, moments.device)[p].to(torch.float64)
+    mt = moments.centred_means(weighting)
+    out, ranks = _within_between(moments, weighting, rtol)
+    pairs = _class_pair_stats(moments, backend, weighting=weighting, superclass=sup, tile=tile,
+                              cdnv_exponent=cdnv_exponent)
+    out.update(_geometry(mt, pairs))
+    per_class = {"count": _on_classes(moments.count[p], p), "variance": moments.variances,
+                 "cdnv": pairs.cdnv_per_class}
+    if w is not None:
+        values, duality = _classifier(w, mt)
+        out.update(values)
         per_class["duality"] = _on_classes(duality, p)
     if sup is not None:
         out["msdr"] = pairs.msdr
     if ood is not None:
-        mu_ood = _ood_mean(ood, d, moments.device)
-        out["nc5_ood"] = float(_cosines(moments.mean[p], mu_ood.expand(c, d)).abs().mean())
-
+        out["nc5_ood"] = _nc5_ood(moments, ood)
     if moments.unit_sum is not None:  # kept unless the ClassMoments was built with unit_sums=False
-        # 1 - dbar_within / dbar_total as (dbar_total - dbar_within) / dbar_total, the numerator
-        # being the spread of the class-mean unit vectors m_c = S_c / n_c about their mean:
-        # (1/C) sum_c ||m_c - m||^2, no difference of two dbar (which agree to 1e-6 when every
-        # feature points nearly the same way, leaving 5 digits). total = 0 (every unit vector
-        # equal) is 0 / 0: a total within the rounding of 1 - ||centre||^2, 4 (D + 4) eps (the
-        # unit vectors' own norms are 1 only to about D eps), cannot be told from 0, and a ratio
-        # of two rounding errors would be reported otherwise (reference.cosine_separation).
-        unit = moments.unit_sum[p] / moments.count[p].unsqueeze(1)
-        centre = unit.mean(0)
-        total = 1.0 - float(centre.square().sum())
-        between = float((unit - centre).square().sum(1).mean())
-        indistinct = total <= 4.0 * (d + 4) * 2.0 ** -53
-        out["cosine_separation"] = math.nan if indistinct else between / total
-        out["feature_norm"] = float(moments.norm_sum.sum()) / moments.num_samples
-
+        out.update(_directions(moments))
     degenerate = DEGENERATE_METRICS if ranks.get("sigma_t") == moments.num_samples - 1 else ()
     return NCMetrics(out, ranks=ranks, absent_classes=moments.absent_classes, omitted_rows=moments.omitted_rows,
                      weighting=weighting, rtol=rtol, degenerate=degenerate, per_class=per_class)
 
 
-def _prepare(features, labels, num_classes, nan_policy, *, kernel_checks_labels: bool = False):
-    """Validated (x, y, num_classes) with NaN/Inf rows handled per nan_policy, plus the omitted count.
+def _within_between(moments: ClassMoments, weighting: str, rtol: float) -> tuple[dict, dict]:
+    """squared_distance, and with the D x D scatter nc1, fuzziness, vci, rank and effective_rank (NaN
+    without it); with the ranks they rest on."""
+    out: dict[str, float] = {}
+    ranks: dict[str, int] = {}
+    c = int(moments.present.sum())
+    a = moments.between_factor(weighting)
+    out["squared_distance"] = ieee_ratio(moments.within_trace(weighting), float(a.square().sum()))
+    s_b, v_b = _between_eig(a, rtol)
+    ranks["sigma_b"] = int(s_b.numel())
+    if not moments.has_scatter:
+        out.update((k, float("nan")) for k in SCATTER_METRICS)
+        return out, ranks
+    sigma_w = moments.sigma_w(weighting)
+    fuzz = float((((sigma_w @ v_b) * v_b).sum(0) / s_b).sum())
+    out["nc1"] = fuzz / c
+    out["fuzziness"] = fuzz
+    lam_b_max = float(s_b.max()) if s_b.numel() else 0.0  # Sigma_B = 0: equal class means
+    out["vci"], ranks["sigma_w"] = _vci(sigma_w, a, ranks["sigma_b"], lam_b_max, rtol)
+    lam_t = _linalg.sym_eigvalsh(sigma_w + a.T @ a)
+    top_t = float(lam_t.max())
+    kept_t = lam_t[lam_t > rtol * top_t] if top_t > 0 else lam_t[:0]
+    ranks["sigma_t"] = int(kept_t.numel())
+    out["rank"] = float(ranks["sigma_t"])
+    # over the kept eigenvalues only: the rank rule's zeros are exact zeros, not the rounding
+    # noise whose square roots moved the value by 1e-6 (reference.effective_rank)
+    if kept_t.numel():
+        sv = kept_t.sqrt()
+        prob = sv / sv.sum()
+        out["effective_rank"] = math.exp(float(-(prob * prob.log()).sum()))
+    else:  # Sigma_T = 0: every feature equal
+        out["effective_rank"] = 0.0
+    return out, ranks
 
-    ``kernel_checks_labels``: the caller's first use of the labels is the C++ moments kernel, which
-    checks every label before it writes anything; the torch pass over them is then skipped when
-    num_classes is given and the C++ path will run.
+
+def _geometry(mt: torch.Tensor, pairs: PairStats) -> dict:
+    """The shape of the centred class means: equinorm, and the pairwise metrics of ``pairs``."""
+    norms = mt.norm(dim=1)
+    return {
+        "equinorm": float(norms.std(correction=0) / norms.mean()),
+        "nc2_etf": pairs.nc2_etf,
+        "equiangularity": pairs.equiangularity,
+        "coherence": pairs.coherence,
+        "cdnv": pairs.cdnv,
+        "uniformity_mean": pairs.uniformity_mean,
+        "uniformity_var": pairs.uniformity_var,
+    }
+
+
+def _classifier(w: torch.Tensor, mt: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """nc3, nc3_etf and duality_mean / _std of the classifier rows w (present classes, float64),
+    and the per-class duality cos(w_c, Mt_c)."""
+    duality = _cosines(w, mt)
+    return {
+        "nc3": float(torch.linalg.norm(w / torch.linalg.norm(w) - mt / torch.linalg.norm(mt))),
+        "nc3_etf": _nc3_etf(w, mt),
+        "duality_mean": float(duality.mean()),
+        "duality_std": float(duality.std(correction=0)),
+    }, duality
+
+
+def _nc5_ood(moments: ClassMoments, ood) -> float:
+    """mean_c |cos(mu_c, mu_G^ood)| over the present classes' uncentred means."""
+    p = moments.present
+    mu_ood = _ood_mean(ood, moments.dim, moments.device)
+    return float(_cosines(moments.mean[p], mu_ood.expand(int(p.sum()), moments.dim)).abs().mean())
+
+
+def _directions(moments: ClassMoments) -> dict:
+    """cosine_separation and feature_norm from the unit-vector and norm sums.
+
+    1 - dbar_within / dbar_total as (dbar_total - dbar_within) / dbar_total, the numerator being
+    the spread of the class-mean unit vectors m_c = S_c / n_c about their mean:
+    (1/C) sum_c ||m_c - m||^2, no difference of two dbar (which agree to 1e-6 when every feature
+    points nearly the same way, leaving 5 digits). total = 0 (every unit vector equal) is 0 / 0:
+    a total within ``coincidence_floor`` (the unit vectors' own norms are 1 only to about D eps)
+    cannot be told from 0, and a ratio of two rounding errors would be reported otherwise
+    (reference.cosine_separation).
     """
-    check_choice(nan_policy, NAN_POLICIES, "nan_policy")
-    x = check_features(features)
-    defer = (kernel_checks_labels and num_classes is not None and nan_policy == "raise"
-             and _dispatch.backend_for(x) == "cpp")
-    y, num_classes = check_labels(labels, x.shape[0], x.device, num_classes, values=not defer)
-    # Under "raise", ClassMoments rejects NaN/Inf from its own statistics: no extra pass.
-    keep = None
-    omitted = 0
-    if nan_policy == "omit":
-        keep = finite_rows(x)
-        omitted = int((~keep).sum())
-        if omitted:
-            x, y = x[keep], y[keep]
-            if x.shape[0] == 0:
-                raise ValueError("features: every row holds NaN or Inf")
-    return x, y, num_classes, omitted, keep
-
-
-def _moments(x, y, num_classes, weighting, scatter, unit_sums=True, pooled=True) -> ClassMoments:
-    """The one-shot ClassMoments of checked (x, y); under balanced weighting on imbalanced labels it
-    keeps the exact balanced Sigma_W too (and, with ``pooled=False``, only that one)."""
-    return ClassMoments._of_batch(x, y, num_classes, scatter=scatter, unit_sums=unit_sums,
-                                  balanced=weighting == "balanced", pooled=pooled)
-
-
-def class_moments(features, labels, *, num_classes=None, weighting: str = "balanced", scatter: bool = True,
-                  unit_sums: bool = True, nan_policy: str = "raise") -> ClassMoments:
-    """One-shot ClassMoments of (features, labels).
-
-    With ``weighting="balanced"`` on imbalanced labels the exact balanced Sigma_W is kept too
-    (the class counts are known up front here). ``scatter=False`` drops the D x D scatter and
-    ``unit_sums=False`` the unit-vector and norm sums (see ClassMoments): counts, means and
-    variances are always kept.
-    """
-    check_choice(weighting, WEIGHTINGS, "weighting")
-    x, y, num_classes, omitted, _ = _prepare(features, labels, num_classes, nan_policy, kernel_checks_labels=True)
-    m = _moments(x, y, num_classes, weighting, scatter, unit_sums=unit_sums)
-    m.omitted_rows = omitted
-    return m
-
-
-def class_distance(features, labels, *, num_classes=None, nan_policy: str = "raise") -> torch.Tensor:
-    """Class-distance matrix D (paper 000 eq. 6), float64 (num_classes, num_classes).
-
-    D_ij = (1/(n_i n_j)) sum_{u in i} sum_{v in j} ||h_u - h_v||^2 = ||mu_i - mu_j||^2 + v_i + v_j,
-    computed from class means and variances (never from pairs). Absent classes: NaN rows/columns.
-    nan_policy: "raise" or "omit" (drop rows with NaN/Inf), as in nc_metrics.
-    """
-    return class_distance_from_moments(class_moments(features, labels, num_classes=num_classes, scatter=False,
-                                                     unit_sums=False, nan_policy=nan_policy))
-
-
-def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, logits=None, superclass=None,
-               ood_features=None, class_means=None, weighting: str = "balanced", rtol: float = DEFAULT_RTOL,
-               cdnv_exponent: float = 1.0, nan_policy: str = "raise") -> NCMetrics:
-    """All Neural-Collapse metrics for one layer's features (docs/metrics.md), as an NCMetrics (a dict
-    of floats with ``per_class`` vectors and the ``degenerate`` flags).
-
-    Args:
-        features: (N, D) float tensor or array (float16 / bfloat16 / float32 / float64, any device).
-        labels: (N,) integer class labels in [0, num_classes).
-        num_classes: defaults to labels.max() + 1; classes without samples are absent and left out.
-        weight, bias: the classifier (C, D) and (C,); adds nc3 and ncc_mismatch (decision =
-            argmax W h + b, computed block-wise without materialising logits).
-        logits: (N, C) network outputs; adds logits_norm, and ncc_mismatch with decision
-            logits.argmax(1) when no weight is given (with a weight, the classifier's W h + b decides).
-        superclass: (num_classes,) class -> super-class map; adds msdr.
-        ood_features: (N_ood, D) out-of-distribution features of the same layer; adds nc5_ood.
-        class_means: (num_classes, D) class means to score the nearest class centre against, for
-            a held-out split: the TRAIN split's means of the same layer (paper 003 def. 6), e.g.
-            ``class_moments(train_features, train_labels).means``. Rows holding NaN (classes
-            absent from the train split) are no candidates. Default: the means of ``features``.
-        weighting: "balanced" (every class counts equally, Papyan et al.) or "sample".
-        rtol: eigenvalues <= rtol * lambda_max count as zero in pseudo-inverses and ranks.
-        cdnv_exponent: p in CDNV = (v_i + v_j) / (2 ||mu_i - mu_j||^(2p)); default 1.
-        nan_policy: "raise" or "omit" (drop rows with NaN/Inf and report ``omitted_rows``).
-
-    Beside the metrics_from_moments keys: ncc_accuracy (fraction whose nearest class mean is their
-    label), ncc_mismatch (paper 003 def. 5), logits_norm (mean ||z_i||); ``per_class`` gains
-    ncc_accuracy and, with a classifier or logits, ncc_mismatch.
-    """
-    check_choice(weighting, WEIGHTINGS, "weighting")
-    x, y, num_classes, omitted, keep = _prepare(features, labels, num_classes, nan_policy)
-    d = x.shape[1]
-    w = _check_per_class(weight, "weight", num_classes, d, x.device) if weight is not None else None
-    b = None
-    if bias is not None:
-        if w is None:
-            raise ValueError("bias: given without weight")
-        b = check_bias(bias, num_classes, x)
-    z = None
-    if logits is not None:
-        z = as_tensor(logits, "logits")
-        if not z.dtype.is_floating_point:
-            raise TypeError(f"logits: expected a floating dtype, got {z.dtype}")
-        n_in = x.shape[0] + omitted
-        if z.dim() != 2 or z.shape[0] != n_in:
-            raise ValueError(f"logits: expected shape ({n_in}, C), got {tuple(z.shape)}")
-        check_same_device(x, z, "logits")
-        z = z[keep] if omitted else z
-    if superclass is not None:
-        _check_superclass(superclass, num_classes, x.device)
-    if class_means is not None:
-        class_means = _check_per_class(class_means, "class_means", num_classes, d, x.device)
-        if not bool(torch.isfinite(class_means).all(dim=1).any()):
-            raise ValueError("class_means: every row is NaN or Inf (no class to be nearest to)")
-    xo = None
-    if ood_features is not None:
-        xo = check_features(ood_features, "ood_features")
-        if xo.shape[1] != d:
-            raise ValueError(f"ood_features: expected {d} columns like features, got {xo.shape[1]}")
-        check_same_device(x, xo, "ood_features")
-    counts = torch.bincount(y, minlength=num_classes)
-    present = int((counts > 0).sum())
-    if present < 2:
-        raise ValueError(f"labels: nc_metrics needs at least 2 present classes, got {present}")
-
-    # Only `weighting`'s Sigma_W is read here, so imbalanced labels under "balanced" cost one scatter.
-    m = _moments(x, y, num_classes, weighting, scatter=True, pooled=False)
-    m.omitted_rows = omitted
-    ood = None
-    if xo is not None:  # only its mean is read: one class, no scatter, no unit sums
-        ood = _moments(xo, torch.zeros(xo.shape[0], dtype=torch.int64, device=xo.device), 1, "sample",
-                       scatter=False, unit_sums=False)
-    out = metrics_from_moments(m, weight=w, superclass=superclass, ood=ood, weighting=weighting, rtol=rtol,
-                               cdnv_exponent=cdnv_exponent)
-    means = m.means if class_means is None else class_means
-    decisions = None
-    if w is not None:
-        nearest, decisions = ncc_and_decisions(x, means, w, b)
-    else:
-        nearest = ncc_assign(x, means)
-    hits = nearest == y
-    out["ncc_accuracy"] = float(hits.to(torch.float64).mean())
-    out.per_class["ncc_accuracy"] = class_fractions(torch.bincount(y[hits], minlength=num_classes), counts)
-    if z is not None:
-        out["logits_norm"] = float(z.to(torch.float64).norm(dim=1).mean())
-        if decisions is None:
-            decisions = z.argmax(dim=1)
-    if decisions is not None:
-        mismatch = decisions != nearest
-        out["ncc_mismatch"] = float(mismatch.to(torch.float64).mean())
-        out.per_class["ncc_mismatch"] = class_fractions(torch.bincount(y[mismatch], minlength=num_classes), counts)
-    return out
+    p = moments.present
+    unit = moments.unit_sum[p] / moments.count[p].unsqueeze(1)
+    centre = unit.mean(0)
+    total = 1.0 - float(centre.square().sum())
+    between = float((unit - centre).square().sum(1).mean())
+    indistinct = total <= coincidence_floor(moments.dim)
+    return {"cosine_separation": math.nan if indistinct else between / total,
+            "feature_norm": float(moments.norm_sum.sum()) / moments.num_samples}

@@ -22,7 +22,6 @@ when all features share a large offset. Ties go to the lowest index.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -32,65 +31,11 @@ from typing import Callable
 
 import torch
 
-from . import _C, _dispatch
+from . import _numerics, backends
 from ._validation import as_tensor, check_bias, check_features, check_same_device
+from .backends.torch import ncc_block_rows
 
-_U32 = 2.0 ** -24  # unit roundoff of float32
-_U64 = 2.0 ** -53  # unit roundoff of float64
-_UBF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
 MODES = ("exact", "fast")
-_BLOCK_ELEMS = 1 << 22  # floats in one (rows x classes) score block
-_BLOCK_ELEMS_GPU = 1 << 26  # the same on a GPU, where the rechecks' float64 GEMMs want many rows
-_FUSED_MAX_CLASSES = 256  # without AVX-512, the C++ sweep up to here; above, GEMM blocks
-_PACKED = _C.ncc_register_tiled()  # the register-tiled sweep beats BLAS at any C
-_FAST_PROBE_ROWS = 1024  # rows the fast mode scores in both precisions, timed, before the rest
-_FAST_PROBE_ROWS_GPU = 32768  # the same on a GPU: 256 programs of 128 rows, two waves of an H100
-
-
-@contextlib.contextmanager
-def _full_fp32():
-    """Keep TF32 off on CUDA: the error bound below is for true float32 products."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _error_bound(u: float, d: int, row_norms, cmax: float, omax: float):
-    """Worst-case |computed - exact| of one score offsets_c + x . c_c at unit roundoff u.
-
-    Rounding of x - shift and of the centres to the working precision (u each), the length-d dot
-    product in any summation order (gamma_d <= 1.01 d u), and the offset, with 10% headroom for
-    the row norm itself being computed in that precision.
-    """
-    return _rel(u, d) * (row_norms * cmax + omax)
-
-
-def _rel(u: float, d: int) -> float:
-    return 1.1 * (1.01 * d + 4) * u
-
-
-def _rel_bf16(d: int) -> float:
-    """Relative bound of a bfloat16-product score: the row and the centre each rounded once more
-    (to bfloat16, u = 2^-8), products exact in float32, a float32 sum of d terms; a 2^-100 term
-    covers centre elements flushed to zero (VDPBF16PS treats denormals as zero)."""
-    return 1.1 * (2.0 * _UBF16 + (1.01 * d + 4) * _U32) + 2.0 ** -100
-
-
-def _bf16_floor(d: int, cmax: float) -> float:
-    """Absolute error of flushed denormal inputs, products and partial sums (added to omax so the
-    bound stays rel * (||x|| cmax + omax))."""
-    return 2.0 ** -120 * d * (1.0 + cmax)
-
-
-def _top2(scores: torch.Tensor):
-    top = torch.topk(scores, 2, dim=1, largest=False)
-    return top.indices[:, 0], top.values[:, 1] - top.values[:, 0]
 
 
 def _exact_ints(values: list[float]) -> tuple[list[int], int]:
@@ -143,8 +88,9 @@ def _recheck(rows: torch.Tensor, p: _Problem, shift64: torch.Tensor) -> torch.Te
     rows64 = rows.to(torch.float64)
     x64 = rows64 - shift64
     scores = torch.addmm(p.offsets, x64, p.centres.T)
-    best, gap = _top2(scores)
-    bound = _error_bound(_U64, rows.shape[1], x64.norm(dim=1), p.cmax, p.omax)
+    best, gap = _numerics.top2(scores)
+    rel = _numerics.rel_float(_numerics.U64, rows.shape[1])
+    bound = _numerics.score_bound(rel, x64.norm(dim=1), p.cmax, p.omax)
     still = (gap <= 2.0 * bound).nonzero().squeeze(1)
     if still.numel():
         tied = scores[still]
@@ -179,47 +125,25 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def _sweep(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], precision: str, backend: str):
-    """One fused sweep over every problem: (best (N, G) int64, unsure (N, G) bool).
-
-    backend "cpp" (csrc/ncc.cpp; precision "fp32" or "bf16") or "triton" (ncfast.triton.ncc;
-    "fp32", which sweeps there with its FLOAT32 = "tf32x3" tensor-core products, or any of its
-    PRECISIONS). The bound's rel follows the precision of the products.
-    """
-    d = x.shape[1]
+def _sweep(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], precision: str,
+           backend: backends.Backend) -> backends.Sweep:
+    """One fused sweep over every problem at ``precision`` ("fp32", or one of the backend's
+    ``fast_precisions``): Sweep(best (N, G), unsure (N, G))."""
     starts = [0]
     for p in problems:
         starts.append(starts[-1] + p.centres.shape[0])
-    cmax = [p.cmax for p in problems]
-    omax = [p.omax for p in problems]
     centres = torch.cat([p.centres for p in problems]).to(torch.float32)
     offsets = torch.cat([p.offsets for p in problems]).to(torch.float32)
-    if backend == "triton":
-        from .triton import ncc as triton_ncc
-
-        precision = triton_ncc.FLOAT32 if precision == "fp32" else precision
-        rel = triton_ncc.relative_bound(precision, d)
-        flushes = precision in triton_ncc.TENSOR_CORES
-    else:
-        rel = _rel_bf16(d) if precision == "bf16" else _rel(_U32, d)
-        flushes = precision == "bf16"
-    if flushes:  # tensor cores and VDPBF16PS flush subnormal inputs and products
-        omax = [o + _bf16_floor(d, c) / rel for o, c in zip(omax, cmax)]
-    if backend == "triton":
-        return triton_ncc.ncc_sweep(x, shift, centres, offsets, starts, rel, cmax, omax, precision)
-    buf, dtype_name = _dispatch._buffer(x)
-    best, unsure = _C.ncc_sweep(buf, dtype_name, shift.contiguous().numpy(), centres.numpy(), offsets.numpy(),
-                                starts, rel, cmax, omax, torch.get_num_threads(), precision)
-    return torch.from_numpy(best), torch.from_numpy(unsure).to(torch.bool)
+    return backend.ncc_sweep(x, shift, centres, offsets, starts, [p.cmax for p in problems],
+                             [p.omax for p in problems], precision)
 
 
 def _timed_sweep(x, shift, problems, precision, backend):
     """_sweep and its wall time in seconds (the device synchronised on both ends)."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    sync()
+    backend.synchronize(x)
     t0 = time.perf_counter()
     out = _sweep(x, shift, problems, precision, backend)
-    sync()
+    backend.synchronize(x)
     return out, time.perf_counter() - t0
 
 
@@ -228,100 +152,70 @@ def _low_cost(low_seconds: float, fp32_seconds: float, unsure_share: float) -> f
     return low_seconds + unsure_share * fp32_seconds
 
 
-def _probe_rows(x: torch.Tensor) -> int:
-    """Rows the fast mode's probe sweeps: on a GPU enough to fill it (1,024 rows are 8 programs)."""
-    return _FAST_PROBE_ROWS_GPU if x.is_cuda else _FAST_PROBE_ROWS
-
-
 def _sweep_fast(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], lows: tuple[str, ...],
-                backend: str):
+                backend: backends.Backend) -> backends.Sweep:
     """The fast mode's first pass: a sweep at a low precision (bf16 on CPU; tf32 or bf16 on GPU)
     whose unsure rows are swept again in float32, or float32 alone, whichever the first rows time
     fastest.
 
-    The first rows (``_probe_rows``) are swept every way (their float32 results are kept; on a GPU
-    each kernel is compiled on a few rows first, so no compile is timed); a low precision takes the
-    rest only if its time plus the float32 recheck of the share of rows it could not certify beats
-    float32. Classes too close for bf16 to certify most rows make it lose, and so does a CPU whose
-    bf16 dot products are no faster than float32 FMAs (a Xeon with AVX512-BF16 but no AMX:
-    VDPBF16PS at one per cycle, 2x slower than exact at C = 10,000), so the fast mode never costs
-    much more than the exact one."""
+    The first rows (``backend.probe_rows()``) are swept every way (their float32 results are
+    kept; where kernels compile on first use, each is compiled on a few rows first, so no compile
+    is timed); a low precision takes the rest only if its time plus the float32 recheck of the
+    share of rows it could not certify beats float32. Classes too close for bf16 to certify most
+    rows make it lose, and so does a CPU whose bf16 dot products are no faster than float32 FMAs
+    (VDPBF16PS without AMX), so the fast mode never costs much more than the exact one."""
     n = x.shape[0]
-    probe_n = _probe_rows(x)
+    probe_n = backend.probe_rows()
     if n <= probe_n:
-        best, unsure = _sweep(x, shift, problems, lows[0], backend)
+        sweep = _sweep(x, shift, problems, lows[0], backend)
         low_rows = torch.arange(n, device=x.device)
     else:
         probe = x[:probe_n]
-        if x.is_cuda:
-            for precision in (*lows, "fp32"):
-                _sweep(probe[:16], shift, problems, precision, backend)
-        (best, unsure), t_fp32 = _timed_sweep(probe, shift, problems, "fp32", backend)
+        backend.warm_up(probe, lambda rows, precision: _sweep(rows, shift, problems, precision, backend))
+        sweep, t_fp32 = _timed_sweep(probe, shift, problems, "fp32", backend)
         choice, cost = "fp32", t_fp32
         for low in lows:
-            (_, unsure_low), t_low = _timed_sweep(probe, shift, problems, low, backend)
-            c = _low_cost(t_low, t_fp32, float(unsure_low.any(dim=1).to(torch.float64).mean()))
+            low_sweep, t_low = _timed_sweep(probe, shift, problems, low, backend)
+            c = _low_cost(t_low, t_fp32, float(low_sweep.unsure.any(dim=1).to(torch.float64).mean()))
             if c < cost:
                 choice, cost = low, c
         rest = _sweep(x[probe_n:], shift, problems, choice, backend)
-        best, unsure = torch.cat([best, rest[0]]), torch.cat([unsure, rest[1]])
+        sweep = backends.Sweep(torch.cat([sweep.best, rest.best]), torch.cat([sweep.unsure, rest.unsure]))
         low_rows = torch.arange(probe_n, n, device=x.device) if choice != "fp32" else None
     if low_rows is not None:  # rows the low precision could not certify get a float32 sweep
-        again = low_rows[unsure[low_rows].any(dim=1)]
+        again = low_rows[sweep.unsure[low_rows].any(dim=1)]
         if again.numel():
-            best[again], unsure[again] = _sweep(x[again], shift, problems, "fp32", backend)
-    return best, unsure
+            redo = _sweep(x[again], shift, problems, "fp32", backend)
+            sweep.best[again], sweep.unsure[again] = redo.best, redo.unsure
+    return sweep
 
 
-def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem],
-                       mode: str = "exact") -> list[torch.Tensor]:
+def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], mode: str,
+                       backend: backends.Backend) -> list[torch.Tensor]:
     """For each problem, the argmin of its exact scores on every row of x (the float64 inputs'
     exact values: a float64 evaluation can only differ from it where two scores agree to its
     rounding).
 
-    shift (D,) is float32, so x - shift is the same value in both precisions. On CPU one fused
-    C++ sweep (csrc/ncc.cpp) scores every problem in a single read of x (without AVX-512 only up
-    to _FUSED_MAX_CLASSES classes in all; above, block-wise GEMMs); on CUDA the Triton sweep
-    (ncfast.triton.ncc) does. Rows whose top-2 gap is within the bound are rechecked: bf16 / tf32
-    (fast mode) -> float32 sweep -> float64 product -> exact integers.
+    shift (D,) is float32, so x - shift is the same value in both precisions. The backend sweeps
+    every problem in one read of x (the C++ core's fused sweep, or GEMM blocks, or the Triton
+    kernel); rows whose top-2 gap is within the bound are rechecked: bf16 / tf32 (fast mode) ->
+    float32 sweep -> float64 product -> exact integers.
     """
-    n, d = x.shape
     shift64 = shift.to(torch.float64)
     total = sum(p.centres.shape[0] for p in problems)
-    rows = max(1, min(16384, (_BLOCK_ELEMS_GPU if x.is_cuda else _BLOCK_ELEMS) // max(total, d)))
+    rows = ncc_block_rows(x, total)
+    lows = backend.fast_precisions(total)
+    if mode == "fast" and lows:
+        sweep = _sweep_fast(x, shift, problems, lows, backend)
+    else:
+        sweep = _sweep(x, shift, problems, "fp32", backend)
     outs = []
-    backend = _dispatch.backend_for(x)
-    if backend == "triton" or (backend == "cpp" and (_PACKED or total <= _FUSED_MAX_CLASSES)):
-        lows = ("tf32", "bf16") if backend == "triton" else (("bf16",) if _C.ncc_has_precision("bf16") else ())
-        if mode == "fast" and lows:
-            best, unsure = _sweep_fast(x, shift, problems, lows, backend)
-        else:
-            best, unsure = _sweep(x, shift, problems, "fp32", backend)
-        for g, p in enumerate(problems):
-            out = best[:, g].contiguous()
-            idx = unsure[:, g].nonzero().squeeze(1)
-            for lo in range(0, idx.numel(), rows):
-                part = idx[lo : lo + rows]
-                out[part] = _recheck(x[part], p, shift64)
-            outs.append(out)
-        return outs
-    for p in problems:
-        if p.centres.shape[0] == 1:
-            outs.append(torch.zeros(n, dtype=torch.int64, device=x.device))
-            continue
-        c32, o32 = p.centres.to(torch.float32), p.offsets.to(torch.float32)
-        out = torch.empty(n, dtype=torch.int64, device=x.device)
-        for lo in range(0, n, rows):
-            block = x[lo : lo + rows]
-            # one rounding of the exact difference, also for float64 input (the bound assumes it)
-            xb = (block - shift64).to(torch.float32) if x.dtype == torch.float64 else block.to(torch.float32) - shift
-            with _full_fp32():
-                scores = torch.addmm(o32, xb, c32.T)
-            best, gap = _top2(scores)
-            unsure = (gap <= 2.0 * _error_bound(_U32, d, xb.norm(dim=1), p.cmax, p.omax)).nonzero().squeeze(1)
-            if unsure.numel():
-                best[unsure] = _recheck(block[unsure], p, shift64)
-            out[lo : lo + rows] = best
+    for g, p in enumerate(problems):
+        out = sweep.best[:, g].contiguous()
+        idx = sweep.unsure[:, g].nonzero().squeeze(1)
+        for lo in range(0, idx.numel(), rows):
+            part = idx[lo : lo + rows]
+            out[part] = _recheck(x[part], p, shift64)
         outs.append(out)
     return outs
 
@@ -400,10 +294,15 @@ def ncc_assign(features, means, *, mode: str = "exact") -> torch.Tensor:
     """
     _check_mode(mode)
     x = check_features(features, allow_empty=True)
+    return _ncc_assign(x, means, mode, backends.for_tensor(x))
+
+
+def _ncc_assign(x: torch.Tensor, means, mode: str, backend: backends.Backend) -> torch.Tensor:
+    """ncc_assign of checked features with the caller's backend."""
     problem, shift, index = _ncc_problem(x, means)
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=x.device)
-    return index[_certified_argmins(x, shift, [problem], mode)[0]]
+    return index[_certified_argmins(x, shift, [problem], mode, backend)[0]]
 
 
 def classifier_decisions(features, weight, bias=None, *, mode: str = "exact") -> torch.Tensor:
@@ -418,7 +317,7 @@ def classifier_decisions(features, weight, bias=None, *, mode: str = "exact") ->
     problem = _decision_problem(x, weight, bias, shift)
     if x.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=x.device)
-    return _certified_argmins(x, shift, [problem], mode)[0]
+    return _certified_argmins(x, shift, [problem], mode, backends.for_tensor(x))[0]
 
 
 def ncc_and_decisions(features, means, weight, bias=None, *,
@@ -428,12 +327,17 @@ def ncc_and_decisions(features, means, weight, bias=None, *,
     neither the N x C distances nor the logits. ``mode`` as in ncc_assign."""
     _check_mode(mode)
     x = check_features(features, allow_empty=True)
+    return _ncc_and_decisions(x, means, weight, bias, mode, backends.for_tensor(x))
+
+
+def _ncc_and_decisions(x: torch.Tensor, means, weight, bias, mode: str, backend: backends.Backend):
+    """ncc_and_decisions of checked features with the caller's backend."""
     ncc, shift, index = _ncc_problem(x, means)
     decision = _decision_problem(x, weight, bias, shift)
     if x.shape[0] == 0:
         empty = torch.empty(0, dtype=torch.int64, device=x.device)
         return empty, empty.clone()
-    nearest, decisions = _certified_argmins(x, shift, [ncc, decision], mode)
+    nearest, decisions = _certified_argmins(x, shift, [ncc, decision], mode, backend)
     return index[nearest], decisions
 
 
@@ -451,4 +355,5 @@ def ncc_mismatch(features, means, decisions) -> float:
     if dec.shape != (x.shape[0],):
         raise ValueError(f"decisions: expected shape ({x.shape[0]},), got {tuple(dec.shape)}")
     check_same_device(x, dec, "decisions")
-    return float((ncc_assign(x, means) != dec.to(torch.int64)).to(torch.float64).mean())
+    nearest = _ncc_assign(x, means, "exact", backends.for_tensor(x))
+    return float((nearest != dec.to(torch.int64)).to(torch.float64).mean())

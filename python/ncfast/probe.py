@@ -7,21 +7,20 @@ against the network's own decision (NCC accuracy and NCC mismatch, paper 003 def
 ``metrics_from_moments`` gives the rest of the metrics of docs/metrics.md for each layer::
 
     probe = ncfast.LayerProbe(model, ["layer3", "layer4", "pool"], num_classes=10)
-    train = probe.measure(train_loader)      # {layer: NCMetrics}
-    train_means = probe.class_means          # {layer: (C, D) float64}, this loader's class means
-    test = probe.measure(test_loader, class_means=train_means)
-    print(test["layer4"]["nc1"], test["layer4"]["ncc_mismatch"])
+    train = probe.measure(train_loader)      # ProbeResult: a LayerResult per layer
+    test = probe.measure(test_loader, class_means=train.class_means)
+    print(test["layer4"].metrics["nc1"], test["layer4"].metrics["ncc_mismatch"], test.accuracy)
 
 On a held-out split the nearest class centre must be taken among the TRAIN class means of the same
 layer (paper 003 def. 6; Papyan et al.'s NC4 on test data), never the held-out split's own: pass a
-train measure's ``class_means`` back, as above. Every other metric of the held-out split describes
+train measure's ``class_means`` (``ProbeResult.class_means``) back, as above. Every other metric of the held-out split describes
 its own features.
 
 A layer's output is flattened per sample. When its flattened size exceeds ``max_dim`` (a D x D
 scatter would be too large: 64 x 32 x 32 = 65,536 features make a 34 GB matrix), the D x D
 metrics (``SCATTER_METRICS``: nc1, fuzziness, vci, rank, effective_rank) are computed on the
 channel-pooled features (the mean over spatial positions, one value per channel) and the layer's
-result says so in ``NCMetrics.dxd_features == "channel_pooled"``; every other metric, NCC
+result says so in ``LayerResult.dxd_features == "channel_pooled"``; every other metric, NCC
 included, uses the full flattened features. ``NCMetrics.degenerate`` is judged on the features the
 D x D metrics were computed on (the channel-pooled ones for such a layer).
 
@@ -34,14 +33,22 @@ training labels, as with fine labels).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from . import backends
 from ._validation import WEIGHTINGS, check_choice
-from .metrics import SCATTER_METRICS, NCMetrics, class_distance_from_moments, class_fractions, metrics_from_moments
-from .ncc import ncc_assign
+from .metrics import (
+    SCATTER_METRICS,
+    NCMetrics,
+    class_distance_from_moments,
+    class_fractions,
+    metrics_from_moments,
+    msdr_from_moments,
+)
+from .ncc import _ncc_assign
 from .stats import ClassMoments
 
 DEFAULT_MAX_DIM = 4096
@@ -50,12 +57,15 @@ DEFAULT_MAX_DIM = 4096
 
 @dataclass
 class LayerResult:
-    """What ``LayerProbe.measure`` reports besides the metrics of one layer."""
+    """One probed layer's measure."""
 
-    class_distance: torch.Tensor | None  # (C_orig, C_orig) on the original labels, or None
-    dim: int  # flattened feature size
+    metrics: NCMetrics  # every metric of the layer (docs/metrics.md)
+    class_means: torch.Tensor  # (C, D) float64 over the loader's training labels; NaN rows for absent classes
+    dim: int  # flattened feature size D
     dxd_dim: int  # size of the features the D x D metrics were computed on
-    moments: ClassMoments  # the layer's full features over the training labels the loader yields
+    dxd_features: str  # "full", or "channel_pooled" when D > max_dim
+    moments: ClassMoments  # the layer's full features over the training labels
+    class_distance: torch.Tensor | None  # (C_orig, C_orig) over the original labels, or None
 
     @property
     def train_class_distance(self) -> torch.Tensor:
@@ -64,14 +74,50 @@ class LayerResult:
         return class_distance_from_moments(self.moments)
 
 
-def _flatten(out) -> torch.Tensor:
+@dataclass
+class ProbeResult:
+    """What ``LayerProbe.measure`` returns: a LayerResult per layer (``result[name]``), and the
+    network's own accuracy on the samples measured."""
+
+    layers: dict[str, LayerResult]
+    accuracy: float  # fraction of samples whose decision (logits argmax) is their label
+
+    def __getitem__(self, name: str) -> LayerResult:
+        return self.layers[name]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def items(self):
+        return self.layers.items()
+
+    @property
+    def class_means(self) -> dict[str, torch.Tensor]:
+        """{layer: (C, D) class means}: the ``class_means`` to score a held-out split against."""
+        return {name: r.class_means for name, r in self.layers.items()}
+
+
+@dataclass
+class _LayerState:
+    """The running statistics of one layer during the first pass."""
+
+    full: ClassMoments  # the flattened features, training labels
+    pooled: ClassMoments | None  # channel-pooled features when D > max_dim
+    orig: ClassMoments | None  # the flattened features, original labels
+    superclass: torch.Tensor | None  # training label of each original class (-1: not seen)
+    split: bool = False  # an original class seen under two training labels (no super-class)
+    hits: torch.Tensor = field(default=None)  # (2, C): nearest centre == label, != decision
+
+
+def flatten(out) -> torch.Tensor:
     if isinstance(out, (tuple, list)):
         out = out[0]
     return out.detach().reshape(out.shape[0], -1)
 
 
-def _pool(out) -> torch.Tensor:
-    """Channel-pooled features: the mean over every axis after the channel axis."""
+def channel_pool(out) -> torch.Tensor:
+    """Channel-pooled features (N, channels) of a layer's output (N, channels, ...): the mean over
+    every axis after the channel axis; a 2-D output as it is."""
     if isinstance(out, (tuple, list)):
         out = out[0]
     out = out.detach()
@@ -133,7 +179,6 @@ class LayerProbe:
         self.max_dim = int(max_dim)
         self.class_counts = None if class_counts is None else torch.as_tensor(class_counts, dtype=torch.int64)
         self.logit_scale = float(logit_scale)
-        self.class_means: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ passes
     def _forward_all(self, loader, on_batch):
@@ -157,145 +202,142 @@ class LayerProbe:
                 h.remove()
             self.model.train(was_training)
 
-    def measure(self, loader, class_means=None) -> dict[str, NCMetrics]:
+    def measure(self, loader, class_means=None) -> ProbeResult:
         """Per-layer metrics of the samples ``loader`` yields as (inputs, labels) or (inputs, labels,
         original_labels), on the model's device. ``loader`` must yield the same samples on each
         iteration (no shuffling or augmentation).
 
         ``class_means``: ``{layer: (num_classes, D) tensor}`` to score the nearest class centre
         (ncc_accuracy, ncc_mismatch and their per-class vectors) against, for a held-out loader:
-        the ``class_means`` a measure of the train loader left (paper 003 def. 6). Rows holding
+        the ``class_means`` of a measure of the train loader (paper 003 def. 6). Rows holding
         NaN (classes absent from the train data) are no candidates. Default: this loader's own
-        means. Afterwards ``self.class_means`` holds this loader's means, float64, NaN rows for
-        absent classes; ``self.details`` a LayerResult per layer; ``self.accuracy`` the
-        network's accuracy on these samples.
+        means.
         """
         if class_means is not None:
             missing = [name for name in self.layers if name not in class_means]
             if missing:
                 raise ValueError(f"class_means: no means for layers {missing}")
-        counts = self.class_counts
-        if counts is None:
-            counts = torch.zeros(self.num_classes, dtype=torch.int64)
-            for batch in loader:
-                counts += torch.bincount(batch[1].reshape(-1).cpu(), minlength=self.num_classes)[: self.num_classes]
-        present = counts[counts > 0]
-        balanced_exact = self.weighting == "balanced" and bool((present != present[0]).any())
-        state: dict[str, dict] = {}
-
-        def first(captured, logits, y, y_orig):
-            for name in self.layers:
-                out = captured[name]
-                flat = _flatten(out)
-                s = state.get(name)
-                if s is None:
-                    dev, d = flat.device, flat.shape[1]
-                    big = d > self.max_dim
-                    pooled_dim = _pool(out).shape[1] if big else d
-                    cc = counts.to(dev) if balanced_exact else None
-                    s = state[name] = {
-                        "full": ClassMoments(self.num_classes, d, scatter=not big, device=dev,
-                                             class_counts=None if big else cc),
-                        "pooled": ClassMoments(self.num_classes, pooled_dim, scatter=True, device=dev,
-                                               class_counts=cc) if big else None,
-                        "orig": None if y_orig is None or self.num_original_classes is None else
-                        ClassMoments(self.num_original_classes, d, scatter=False, unit_sums=False, device=dev),
-                        "superclass": None if y_orig is None or self.num_original_classes is None else
-                        torch.full((self.num_original_classes,), -1, dtype=torch.int64, device=dev),
-                    }
-                if class_means is not None and "checked" not in s:
-                    mu = class_means[name]
-                    if not isinstance(mu, torch.Tensor) or mu.shape != (self.num_classes, flat.shape[1]):
-                        raise ValueError(f"class_means[{name!r}]: expected a tensor of shape "
-                                         f"({self.num_classes}, {flat.shape[1]}), got "
-                                         f"{tuple(getattr(mu, 'shape', ()))}")
-                    s["checked"] = True
-                s["full"].update(flat, y)
-                if s["pooled"] is not None:
-                    s["pooled"].update(_pool(out), y)
-                if s["orig"] is not None:
-                    s["orig"].update(flat, y_orig)
-                    # an original class seen under two training labels (fine labels) has no super-class
-                    sup = s["superclass"]
-                    seen = sup[y_orig]
-                    sup[y_orig] = y
-                    split = ((seen >= 0) & (seen != y)) | (sup[y_orig] != y)
-                    if bool(split.any()):
-                        s["split"] = True
-            state.setdefault("_logits", {"norm_sum": 0.0, "n": 0})
-            state["_logits"]["norm_sum"] += float(logits.detach().to(torch.float64).norm(dim=1).sum())
-            state["_logits"]["n"] += logits.shape[0]
-
-        self._forward_all(loader, first)
-        if not state:
-            raise ValueError("loader: yielded no batch")
-
-        means = {name: state[name]["full"].means for name in self.layers}
+        counts = self._label_counts(loader)
+        states, logits_norm_raw = self._moments_pass(loader, counts, class_means)
+        means = {name: states[name].full.means for name in self.layers}
         centres = means if class_means is None else {
             name: class_means[name].to(device=means[name].device, dtype=torch.float64) for name in self.layers}
-        # per layer and class: samples whose nearest centre is their label / differs from the decision
-        hits = {name: torch.zeros(2, self.num_classes, dtype=torch.int64) for name in self.layers}
-        correct = [0, 0]  # decision == label, rows
+        accuracy = self._ncc_pass(loader, states, centres)
+        layers = {name: self._layer_result(states[name], means[name], logits_norm_raw, name)
+                  for name in self.layers}
+        return ProbeResult(layers=layers, accuracy=accuracy)
 
-        def second(captured, logits, y, y_orig):
+    def _label_counts(self, loader) -> torch.Tensor:
+        """Training-label counts: the given ``class_counts``, else one pass over the loader's labels."""
+        if self.class_counts is not None:
+            return self.class_counts
+        counts = torch.zeros(self.num_classes, dtype=torch.int64)
+        for batch in loader:
+            counts += torch.bincount(batch[1].reshape(-1).cpu(), minlength=self.num_classes)[: self.num_classes]
+        return counts
+
+    def _new_state(self, out, flat: torch.Tensor, counts: torch.Tensor, has_orig: bool) -> _LayerState:
+        dev, d = flat.device, flat.shape[1]
+        present = counts[counts > 0]
+        balanced_exact = self.weighting == "balanced" and bool((present != present[0]).any())
+        cc = counts.to(dev) if balanced_exact else None
+        big = d > self.max_dim
+        orig = has_orig and self.num_original_classes is not None
+        return _LayerState(
+            full=ClassMoments(self.num_classes, d, scatter=not big, device=dev, class_counts=None if big else cc),
+            pooled=ClassMoments(self.num_classes, channel_pool(out).shape[1], scatter=True, device=dev, class_counts=cc)
+            if big else None,
+            orig=ClassMoments(self.num_original_classes, d, scatter=False, unit_sums=False, device=dev)
+            if orig else None,
+            superclass=torch.full((self.num_original_classes,), -1, dtype=torch.int64, device=dev) if orig else None,
+            hits=torch.zeros(2, self.num_classes, dtype=torch.int64),
+        )
+
+    def _moments_pass(self, loader, counts: torch.Tensor, class_means) -> tuple[dict[str, _LayerState], float]:
+        """The first pass: every layer's ClassMoments (and the original labels' and super-classes),
+        and mean_i ||z_i|| of the network's logits."""
+        states: dict[str, _LayerState] = {}
+        norm = [0.0, 0]
+
+        def on_batch(captured, logits, y, y_orig):
+            for name in self.layers:
+                out = captured[name]
+                flat = flatten(out)
+                s = states.get(name)
+                if s is None:
+                    if class_means is not None:
+                        self._check_means(name, class_means[name], flat.shape[1])
+                    s = states[name] = self._new_state(out, flat, counts, y_orig is not None)
+                s.full.update(flat, y)
+                if s.pooled is not None:
+                    s.pooled.update(channel_pool(out), y)
+                if s.orig is not None:
+                    s.orig.update(flat, y_orig)
+                    # an original class seen under two training labels (fine labels) has no super-class
+                    seen = s.superclass[y_orig]
+                    s.superclass[y_orig] = y
+                    if bool((((seen >= 0) & (seen != y)) | (s.superclass[y_orig] != y)).any()):
+                        s.split = True
+            norm[0] += float(logits.detach().to(torch.float64).norm(dim=1).sum())
+            norm[1] += logits.shape[0]
+
+        self._forward_all(loader, on_batch)
+        if not states:
+            raise ValueError("loader: yielded no batch")
+        return states, norm[0] / max(1, norm[1])
+
+    def _check_means(self, name: str, mu, dim: int) -> None:
+        if not isinstance(mu, torch.Tensor) or mu.shape != (self.num_classes, dim):
+            raise ValueError(f"class_means[{name!r}]: expected a tensor of shape ({self.num_classes}, {dim}), got "
+                             f"{tuple(getattr(mu, 'shape', ()))}")
+
+    def _ncc_pass(self, loader, states: dict[str, _LayerState], centres: dict[str, torch.Tensor]) -> float:
+        """The second pass, now that the class means are final: per layer and class, the samples whose
+        nearest centre is their label and those where it differs from the network's decision.
+        Returns the network's accuracy."""
+        correct = [0, 0]
+
+        def on_batch(captured, logits, y, y_orig):
             decisions = logits.argmax(dim=1)
             correct[0] += int((decisions == y).sum())
             correct[1] += y.shape[0]
             for name in self.layers:
-                nearest = ncc_assign(_flatten(captured[name]), centres[name])
-                hits[name][0] += torch.bincount(y[nearest == y], minlength=self.num_classes).cpu()
-                hits[name][1] += torch.bincount(y[nearest != decisions], minlength=self.num_classes).cpu()
+                flat = flatten(captured[name])
+                nearest = _ncc_assign(flat, centres[name], "exact", backends.for_tensor(flat))
+                hits = states[name].hits
+                hits[0] += torch.bincount(y[nearest == y], minlength=self.num_classes).cpu()
+                hits[1] += torch.bincount(y[nearest != decisions], minlength=self.num_classes).cpu()
 
-        self._forward_all(loader, second)
-        self.accuracy = correct[0] / max(1, correct[1])  # the network's own accuracy on these samples
-        self.class_means = means
+        self._forward_all(loader, on_batch)
+        return correct[0] / max(1, correct[1])
 
-        results: dict[str, NCMetrics] = {}
-        self.details: dict[str, LayerResult] = {}
+    def _layer_result(self, s: _LayerState, means: torch.Tensor, logits_norm_raw: float, name: str) -> LayerResult:
+        """The metrics of one layer from its statistics (D x D ones from the pooled features when kept)."""
         kw = dict(weighting=self.weighting)
         if self.rtol is not None:
             kw["rtol"] = self.rtol
-        logits_norm_raw = state["_logits"]["norm_sum"] / max(1, state["_logits"]["n"])
-        for name in self.layers:
-            s = state[name]
-            weight = self.head.weight.detach() if (self.head is not None and name == self.penultimate) else None
-            sup = s["superclass"]
-            out = metrics_from_moments(s["full"], weight=weight, **kw)
-            dxd = s["full"].dim
-            if s["pooled"] is not None:
-                pooled = metrics_from_moments(s["pooled"], **kw)
-                for k in SCATTER_METRICS:
-                    out[k] = pooled[k]
-                out.ranks.update(pooled.ranks)
-                out.degenerate = pooled.degenerate
-                dxd = s["pooled"].dim
-            out.dxd_features = "channel_pooled" if s["pooled"] is not None else "full"
-            counts = s["full"].counts.cpu()
-            n_rows = int(counts.sum())
-            out["ncc_accuracy"] = int(hits[name][0].sum()) / n_rows
-            out["ncc_mismatch"] = int(hits[name][1].sum()) / n_rows
-            for i, key in enumerate(("ncc_accuracy", "ncc_mismatch")):
-                out.per_class[key] = class_fractions(hits[name][i], counts)
-            out["logits_norm"] = self.logit_scale * logits_norm_raw
-            out["logits_norm_raw"] = logits_norm_raw
-            distance = None
-            if s["orig"] is not None:
-                distance = class_distance_from_moments(s["orig"])
-                if not s.get("split"):  # with fine labels the original classes have no super-class
-                    out["msdr"] = _msdr(distance, sup)
-            results[name] = out
-            self.details[name] = LayerResult(class_distance=distance, dim=s["full"].dim, dxd_dim=dxd,
-                                             moments=s["full"])
-        return results
-
-
-def _msdr(distance: torch.Tensor, superclass: torch.Tensor) -> float:
-    """MSDR (docs/metrics.md) from a class-distance matrix (NaN rows for absent classes) and the super-class
-    of each class (-1 where absent): mean of D_ij over i != j in one super-class / mean of D_ii."""
-    present = superclass >= 0
-    d = distance[present][:, present]
-    s = superclass[present]
-    same = (s.unsqueeze(0) == s.unsqueeze(1)) & ~torch.eye(s.numel(), dtype=torch.bool, device=s.device)
-    if not bool(same.any()):
-        return float("nan")
-    return float(d[same].mean() / d.diagonal().mean())
+        weight = self.head.weight.detach() if (self.head is not None and name == self.penultimate) else None
+        out = metrics_from_moments(s.full, weight=weight, **kw)
+        dxd = s.full.dim
+        if s.pooled is not None:
+            pooled = metrics_from_moments(s.pooled, **kw)
+            for k in SCATTER_METRICS:
+                out[k] = pooled[k]
+            out.ranks.update(pooled.ranks)
+            out.degenerate = pooled.degenerate
+            dxd = s.pooled.dim
+        counts = s.full.counts.cpu()
+        n_rows = int(counts.sum())
+        for i, key in enumerate(("ncc_accuracy", "ncc_mismatch")):
+            out[key] = int(s.hits[i].sum()) / n_rows
+            out.per_class[key] = class_fractions(s.hits[i], counts)
+        out["logits_norm"] = self.logit_scale * logits_norm_raw
+        out["logits_norm_raw"] = logits_norm_raw
+        distance = None
+        if s.orig is not None:
+            distance = class_distance_from_moments(s.orig)
+            if not s.split:  # with fine labels the original classes have no super-class
+                out["msdr"] = msdr_from_moments(s.orig, s.superclass)
+        return LayerResult(metrics=out, class_means=means, dim=s.full.dim, dxd_dim=dxd,
+                           dxd_features="channel_pooled" if s.pooled is not None else "full", moments=s.full,
+                           class_distance=distance)

@@ -31,10 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.linalg import blas as scipy_blas
-from threadpoolctl import threadpool_limits
 
-from . import _C, _dispatch
+from . import _numerics, backends
 from ._validation import (
     NAN_POLICIES,
     WEIGHTINGS,
@@ -45,34 +43,7 @@ from ._validation import (
     finite_rows,
 )
 
-# Rows per block: the float64 centred block used for the D x D scatter stays near 64 MB.
-_BLOCK_BYTES = 64 << 20
-
 _STATE_KEYS = ("count", "mean", "m2", "unit_sum", "norm_sum", "scatter", "wscatter")
-
-
-class _Gram:
-    """Accumulates sum of a^T a (D x D) over float64 blocks a.
-
-    On CPU through BLAS dsyrk into one triangle of a Fortran-ordered accumulator (half the flops
-    of a GEMM: 58 vs 126 ms for 16384 x 512), mirrored once at the end.
-    """
-
-    def __init__(self, d: int, device: torch.device):
-        self.cpu = device.type == "cpu"
-        self.acc = np.zeros((d, d), order="F") if self.cpu else torch.zeros(d, d, dtype=torch.float64, device=device)
-
-    def add(self, a: torch.Tensor) -> None:
-        if self.cpu:
-            self.acc = scipy_blas.dsyrk(1.0, a.numpy().T, beta=1.0, c=self.acc, trans=0, lower=0, overwrite_c=1)
-        else:
-            self.acc += a.T @ a
-
-    def total(self) -> torch.Tensor:
-        if not self.cpu:
-            return self.acc
-        upper = torch.from_numpy(np.ascontiguousarray(self.acc))
-        return upper.triu() + upper.triu(1).T
 
 
 @dataclass
@@ -179,8 +150,8 @@ class ClassMoments:
         return self._keeps_scatter and self.class_counts is not None
 
     @classmethod
-    def _of_batch(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, scatter: bool, unit_sums: bool,
-                  balanced: bool, pooled: bool = True) -> "ClassMoments":
+    def _of_batch(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, backend: backends.Backend, *,
+                  scatter: bool, unit_sums: bool, balanced: bool, pooled: bool = True) -> "ClassMoments":
         """The one-shot ClassMoments of checked (x, y) (labels may be left to the C++ kernel's check).
 
         The batch's statistics become the state itself: no empty state is made and merged into
@@ -195,12 +166,12 @@ class ClassMoments:
         """
         m = cls.__new__(cls)
         m._configure(num_classes, x.shape[1], scatter, unit_sums, None, x.device)
-        part = m._block_part(x, y, check_finite=True)
+        part = m._block_part(x, y, backend, check_finite=True)
         if scatter and balanced:
             present = part.count[part.count > 0]
             if bool((present != present[0]).any()):
                 m.class_counts = part.count.clone()
-        m._add_scatter(part, x, y, pooled=pooled)
+        m._add_scatter(part, x, y, backend, pooled=pooled)
         for k in _STATE_KEYS:
             setattr(m, k, getattr(part, k))
         return m
@@ -218,8 +189,9 @@ class ClassMoments:
             raise ValueError(f"features: expected D = {self.dim}, got {x.shape[1]}")
         if x.device != self.device:
             raise ValueError(f"features: on device {x.device}, but this ClassMoments lives on {self.device}")
-        # The C++ kernel checks every label before anything is written: no torch pass over them here.
-        kernel_checks = nan_policy == "raise" and _dispatch.backend_for(x) == "cpp"
+        backend = backends.for_tensor(x)
+        # A kernel that checks every label before anything is written needs no torch pass over them.
+        kernel_checks = nan_policy == "raise" and backend.checks_labels
         y, _ = check_labels(labels, x.shape[0], x.device, self.num_classes, values=not kernel_checks)
         omitted = 0
         if nan_policy == "omit":
@@ -227,82 +199,41 @@ class ClassMoments:
             omitted = int((~keep).sum())
             if omitted:
                 x, y = x[keep], y[keep]
-        self._add(x, y, finite_required=nan_policy == "raise")
+        self._add(x, y, backend, finite_required=nan_policy == "raise")
         self.omitted_rows += omitted
         return self
 
-    def _add(self, x: torch.Tensor, y: torch.Tensor, *, finite_required: bool = True) -> None:
+    def _add(self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend, *,
+             finite_required: bool = True) -> None:
         """update() after its checks: x (N, D) float on this device, y int64 labels (in range, or
-        left to the C++ kernel's check). The batch's moments, then its scatter centred on the
+        left to a backend that checks them). The batch's moments, then its scatter centred on the
         batch's own final class means (the exact two-pass form), merged into the state by Chan."""
-        part = self._block_part(x, y, check_finite=finite_required)
-        self._add_scatter(part, x, y)
+        part = self._block_part(x, y, backend, check_finite=finite_required)
+        self._add_scatter(part, x, y, backend)
         self._merge_part(part)
 
-    def _rows_per_block(self) -> int:
-        return max(1, _BLOCK_BYTES // (8 * self.dim))
+    def _block_part(self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend,
+                    check_finite: bool = False) -> _Part:
+        """Counts, means, M2 (and unit sums) of (x, y); no scatter yet. With ``check_finite`` NaN
+        or Inf in x raises ValueError."""
+        b = backend.block_moments(x, y, self.num_classes, unit_sums=self._keeps_units, check_finite=check_finite)
+        on = (lambda t: t if t is None or t.device == self.device else t.to(self.device))
+        return _Part(on(b.counts), on(b.means), on(b.m2), on(b.unit_sums), on(b.norm_sums), None, None)
 
-    def _blocks(self, x: torch.Tensor, y: torch.Tensor):
-        rows = self._rows_per_block()
-        return ((x[lo : lo + rows], y[lo : lo + rows]) for lo in range(0, x.shape[0], rows))
-
-    def _block_part(self, x: torch.Tensor, y: torch.Tensor, check_finite: bool = False) -> _Part:
-        """Counts, means, M2 (and unit sums) of (x, y); no scatter yet. On the C++ path the kernel
-        checks the labels; with ``check_finite`` NaN or Inf in x raises ValueError."""
-        acc = None
-        # The C++ core streams any number of rows in O(C * D) memory, and the Triton kernels take
-        # them in one launch (float64 partials per chunk of rows, 1.6-12.5% of float32 features,
-        # see triton.moments._chunk_rows: one launch sequence instead of N / 8,192 of them, each
-        # with its sort, merges and host syncs); the torch path widens its block to float64, so
-        # it goes block by block.
-        whole = _dispatch.backend_for(x) in ("cpp", "triton")
-        for xb, yb in ([(x, y)] if whole else self._blocks(x, y)):
-            stats = _dispatch.block_moments(xb, yb, self.num_classes, unit_sums=self._keeps_units,
-                                            check_finite=check_finite)
-            part = _Part(*(t if t is None or t.device == self.device else t.to(self.device) for t in stats), None,
-                         None)
-            acc = part if acc is None else self._combine(acc, part)
-        return self._empty_part() if acc is None else acc
-
-    def _add_scatter(self, acc: _Part, x: torch.Tensor, y: torch.Tensor, pooled: bool = True) -> None:
+    def _add_scatter(self, acc: _Part, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend,
+                     pooled: bool = True) -> None:
         """acc.scatter (and acc.wscatter) of (x, y), if kept: a second pass centred on acc's final class
         means (the exact two-pass form), so blocks need no C x D x D merge correction among themselves.
         ``pooled=False`` skips acc.scatter when acc.wscatter is kept (see _of_batch)."""
         if not self._keeps_scatter:
             return
         pooled = pooled or not self._keeps_wscatter
-        backend = _dispatch.backend_for(x)
-        rows = self._rows_per_block()
-        if backend == "cpp" and _C.gram_available():
-            # The register-tiled engine centres rows as it packs them: no N x D float64 copy.
-            buf, dtype_name = _dispatch._buffer(x)
-            labels = y.contiguous().numpy()
-            means = acc.mean.contiguous().numpy()
-            if pooled:
-                acc.scatter = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-                _C.centred_scatter(buf, dtype_name, labels, means, None, acc.scatter.numpy(),
-                                   torch.get_num_threads())
-            if self._keeps_wscatter:
-                root_w = (1.0 / self.class_counts.clamp_min(1).to(torch.float64)).sqrt()
-                acc.wscatter = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-                _C.centred_scatter(buf, dtype_name, labels, means, root_w.numpy(), acc.wscatter.numpy(),
-                                   torch.get_num_threads())
-        else:
-            scatter = _Gram(self.dim, self.device) if pooled else None
-            wscatter = _Gram(self.dim, self.device) if self._keeps_wscatter else None
-            if wscatter is not None:
-                root_w = (1.0 / self.class_counts.clamp_min(1).to(torch.float64)).sqrt()
-            buf = torch.empty(min(rows, x.shape[0]), self.dim, dtype=torch.float64, device=self.device)
-            # scipy's BLAS keeps its own thread pool: hold it to torch's thread count.
-            with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-                for xb, yb in self._blocks(x, y):
-                    centred = _dispatch.centred_rows(xb, yb, acc.mean, out=buf[: xb.shape[0]])
-                    if scatter is not None:
-                        scatter.add(centred)
-                    if wscatter is not None:
-                        wscatter.add(centred.mul_(root_w[yb].unsqueeze(1)))
-            acc.scatter = None if scatter is None else scatter.total()
-            acc.wscatter = None if wscatter is None else wscatter.total()
+        scales = [None] if pooled else []
+        if self._keeps_wscatter:  # rows scaled by sqrt(1 / N_c): the balanced scatter
+            scales.append((1.0 / self.class_counts.clamp_min(1).to(torch.float64)).sqrt())
+        out = backend.centred_scatters(x, y, acc.mean, scales)
+        acc.scatter = out[0] if pooled else None
+        acc.wscatter = out[-1] if self._keeps_wscatter else None
 
     def _empty_part(self) -> _Part:
         """No samples yet, and no scatter (it is added after the per-block pass)."""
@@ -313,29 +244,21 @@ class ClassMoments:
                      z(c) if units else None, None, None)
 
     def _combine(self, a: _Part, b: _Part) -> _Part:
-        """Chan's pairwise combination of two parts (a new _Part, or one of the inputs if the other is empty)."""
+        """Chan's combination of two parts (a new _Part, or one of the inputs if the other is
+        empty); the scatters merge as S_a + S_b + sum_c w_c delta_c delta_c^T."""
         if not bool(b.count.any()):
             return a
         if not bool(a.count.any()) and (a.scatter is None) == (b.scatter is None):
             return b
-        n = a.count + b.count
-        both = (a.count > 0) & (b.count > 0)
-        na = a.count.to(torch.float64)
-        nb = b.count.to(torch.float64)
-        nn = n.clamp_min(1).to(torch.float64)
-        delta = torch.where(both.unsqueeze(1), b.mean - a.mean, torch.zeros_like(a.mean))
-        mean = torch.where((a.count == 0).unsqueeze(1), b.mean,
-                           a.mean + delta * (nb / nn).unsqueeze(1))
-        coef = torch.where(both, na * nb / nn, torch.zeros_like(na))
-        m2 = a.m2 + b.m2 + coef * delta.square().sum(1)
+        n, mean, m2, delta, weight = _numerics.chan_merge(a.count, a.mean, a.m2, b.count, b.mean, b.m2)
         scatter = wscatter = None
         if a.scatter is not None and b.scatter is not None:
-            idx = both.nonzero().squeeze(1)
+            idx = weight.nonzero().squeeze(1)
             dsel = delta[idx]
-            scatter = a.scatter + b.scatter + dsel.T @ (dsel * coef[idx].unsqueeze(1))
+            scatter = a.scatter + b.scatter + dsel.T @ (dsel * weight[idx].unsqueeze(1))
             if a.wscatter is not None:
                 w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
-                wscatter = a.wscatter + b.wscatter + dsel.T @ (dsel * (coef * w)[idx].unsqueeze(1))
+                wscatter = a.wscatter + b.wscatter + dsel.T @ (dsel * (weight * w)[idx].unsqueeze(1))
         units = a.unit_sum is not None and b.unit_sum is not None
         return _Part(n, mean, m2, a.unit_sum + b.unit_sum if units else None, a.norm_sum + b.norm_sum if units else None,
                      scatter, wscatter)
@@ -373,49 +296,51 @@ class ClassMoments:
     def all_reduce(self, group=None) -> "ClassMoments":
         """Combine the statistics of every process in ``group`` (torch.distributed); all end equal.
 
-        Two sum-reductions, so any backend works (gloo, nccl, mpi): first the counts and
-        n_c * mu_c give the global means mu_c; then each process adds its Chan correction
-        n_pc (mu_pc - mu_c)(mu_pc - mu_c)^T to its centred sums before they are summed. This
-        is the exact parallel form of Chan's formula, with no raw second moments.
+        Each process's state travels packed in one float64 vector (``all_gather``, so any backend
+        works: gloo, nccl, mpi), and every process folds them with ``merge`` in rank order, the
+        exact pairwise form of Chan's formula with no raw second moments. The same fold merges
+        the torchmetrics state (``ncfast.NeuralCollapse``). Memory: one packed state per process.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("all_reduce: torch.distributed is not initialised")
-        n_local = self.count.to(torch.float64)
-        first = torch.cat([n_local, (self.mean * n_local.unsqueeze(1)).reshape(-1),
-                           torch.tensor([float(self.omitted_rows)], dtype=torch.float64, device=self.device)])
-        dist.all_reduce(first, group=group)
-        c, d = self.num_classes, self.dim
-        n_total = first[:c]
-        mean = first[c : c + c * d].reshape(c, d) / n_total.clamp_min(1).unsqueeze(1)
-        delta = torch.where((n_local > 0).unsqueeze(1), self.mean - mean, torch.zeros_like(mean))
-        m2 = self.m2 + n_local * delta.square().sum(1)
-        pieces = [m2]
-        if self.unit_sum is not None:
-            pieces += [self.unit_sum.reshape(-1), self.norm_sum]
-        if self.scatter is not None:
-            pieces.append((self.scatter + delta.T @ (delta * n_local.unsqueeze(1))).reshape(-1))
-        if self.wscatter is not None:
-            w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
-            pieces.append((self.wscatter + delta.T @ (delta * (n_local * w).unsqueeze(1))).reshape(-1))
-        second = torch.cat(pieces)
-        dist.all_reduce(second, group=group)
-        self.count = n_total.round().to(torch.int64)
-        self.mean = mean
-        self.omitted_rows = int(first[-1].round())
-        self.m2 = second[:c]
-        off = c
-        if self.unit_sum is not None:
-            self.unit_sum = second[c : c + c * d].reshape(c, d)
-            self.norm_sum = second[c + c * d : 2 * c + c * d]
-            off = 2 * c + c * d
-        if self.scatter is not None:
-            self.scatter = second[off : off + d * d].reshape(d, d)
-            off += d * d
-        if self.wscatter is not None:
-            self.wscatter = second[off : off + d * d].reshape(d, d)
+        packed = self._pack()
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, packed, group=group)
+        merged = self._fold_packed(torch.stack(gathered))
+        for k in _STATE_KEYS:
+            setattr(self, k, getattr(merged, k))
+        self.omitted_rows = merged.omitted_rows
         return self
+
+    # ----------------------------------------------------------------- packing
+    def _pack(self) -> torch.Tensor:
+        """The state as one float64 vector (counts and omitted_rows as exact float64 integers)."""
+        parts = [getattr(self, k).reshape(-1).to(torch.float64) for k in _STATE_KEYS if getattr(self, k) is not None]
+        parts.append(torch.tensor([float(self.omitted_rows)], dtype=torch.float64, device=self.device))
+        return torch.cat(parts)
+
+    def _unpack(self, flat: torch.Tensor) -> "ClassMoments":
+        """A ClassMoments with this one's settings and the state packed in ``flat`` (``_pack``)."""
+        m = self.clone()
+        off = 0
+        for k in _STATE_KEYS:
+            cur = getattr(self, k)
+            if cur is None:
+                continue
+            piece = flat[off : off + cur.numel()].reshape(cur.shape)
+            setattr(m, k, piece.round().to(torch.int64) if k == "count" else piece.clone())
+            off += cur.numel()
+        m.omitted_rows = int(flat[off].round())
+        return m
+
+    def _fold_packed(self, stacked: torch.Tensor) -> "ClassMoments":
+        """The merge of the packed states of ``stacked`` (one per row), in row order."""
+        acc = self._unpack(stacked[0])
+        for row in stacked[1:]:
+            acc.merge(self._unpack(row))
+        return acc
 
     def state_dict(self) -> dict:
         """Tensors and settings; ``ClassMoments.from_state_dict`` or ``load_state_dict`` restores them."""

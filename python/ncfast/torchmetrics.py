@@ -7,38 +7,15 @@ import torch
 from torchmetrics import Metric
 
 from .metrics import DEFAULT_RTOL, metrics_from_moments
-from .stats import _STATE_KEYS, ClassMoments
-
-def _pack(m: ClassMoments) -> torch.Tensor:
-    parts = [getattr(m, k).reshape(-1).to(torch.float64) for k in _STATE_KEYS if getattr(m, k) is not None]
-    parts.append(torch.tensor([float(m.omitted_rows)], dtype=torch.float64, device=m.device))
-    return torch.cat(parts)
-
-
-def _unpack(flat: torch.Tensor, template: ClassMoments) -> ClassMoments:
-    m = template.clone()
-    off = 0
-    for k in _STATE_KEYS:
-        cur = getattr(template, k)
-        if cur is None:
-            continue
-        piece = flat[off : off + cur.numel()].reshape(cur.shape)
-        setattr(m, k, piece.round().to(torch.int64) if k == "count" else piece.clone())
-        off += cur.numel()
-    m.omitted_rows = int(flat[off].round())
-    return m
+from .stats import ClassMoments
 
 
 def _merge_packed(template_state: dict, stacked: torch.Tensor) -> torch.Tensor:
-    """Reduction of the packed state across processes: Chan merge in process order.
-
-    A plain sum would need raw moments E[hh^T], which the numerics contract rules out.
-    """
+    """Reduction of the packed states gathered from every process: ClassMoments' own fold (Chan's
+    merge in process order, as ``ClassMoments.all_reduce``). A plain sum would need raw moments
+    E[hh^T], which the numerics contract rules out."""
     template = ClassMoments.from_state_dict(template_state, device=stacked.device)
-    acc = _unpack(stacked[0], template)
-    for row in stacked[1:]:
-        acc.merge(_unpack(row, template))
-    return _pack(acc)
+    return template._fold_packed(stacked)._pack()
 
 
 class NeuralCollapse(Metric):
@@ -70,16 +47,16 @@ class NeuralCollapse(Metric):
         self.weight = weight
         self.superclass = superclass
         reduce = functools.partial(_merge_packed, self._template.state_dict())
-        self.add_state("packed", default=_pack(self._template), dist_reduce_fx=reduce)
+        self.add_state("packed", default=self._template._pack(), dist_reduce_fx=reduce)
 
     def _moments(self) -> ClassMoments:
         template = ClassMoments.from_state_dict(self._template.state_dict(), device=self.packed.device)
-        return _unpack(self.packed, template)
+        return template._unpack(self.packed)
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         m = self._moments()
         m.update(features, labels)
-        self.packed = _pack(m)
+        self.packed = m._pack()
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Same as update: a per-batch value is not computed, since one batch rarely holds enough

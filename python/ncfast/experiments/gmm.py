@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..labels import coarse_labels
-from ..metrics import class_distance_from_moments
-from ..probe import _msdr
+from ..metrics import msdr_from_moments
 from ..stats import ClassMoments
 from ..train.data import gaussian_mixture
 
@@ -62,15 +61,19 @@ def run_one(sigma2: float, seed: int, *, dim: int, hidden: int, weight_decay: fl
     with torch.no_grad():
         h = body(x)
         acc = float((head(h).argmax(1) == yc).double().mean())
-    stats = ClassMoments(CLUSTERS, hidden, scatter=False).update(h, y)
-    distance = class_distance_from_moments(stats)
     superclass = torch.arange(CLUSTERS) % k
-    out = {"msdr": _msdr(distance, superclass), "train_acc": acc}
+
+    def msdr(keep: torch.Tensor) -> float:  # over the clusters under `keep` alone
+        rows = keep[y]
+        return msdr_from_moments(ClassMoments(CLUSTERS, hidden, scatter=False, unit_sums=False).update(h[rows], y[rows]),
+                                 superclass)
+
+    out = {"msdr": msdr(torch.ones(CLUSTERS, dtype=torch.bool)), "train_acc": acc}
     if tau2 is not None:
         # the first k // 2 super-classes hold the similar pairs (gaussian_mixture's B.1 layout)
         similar = superclass < k // 2
         for name, sel in (("msdr_similar", similar), ("msdr_dissimilar", ~similar)):
-            out[name] = _msdr(distance[sel][:, sel], superclass[sel])
+            out[name] = msdr(sel)
     return out
 
 

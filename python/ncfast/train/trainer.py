@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..labels import coarse_labels, fine_labels, random_coarse_labels
 from ..losses import svsl_loss
-from ..probe import LayerProbe
+from ..probe import LayerProbe, channel_pool, flatten
 from . import figures
 from .data import augment_batch, batches, load_dataset
 from .models import build_model, logits_for_loss
@@ -315,17 +315,17 @@ class Trainer:
                                max_dim=self.cfg.max_dim, logit_scale=self.logit_scale)
             result = probe.measure(self._loader(split), class_means=train_means)
             if split == "train":
-                train_means = probe.class_means
+                train_means = result.class_means
                 if self.relabelled and pen is not None:
-                    train_label_distance = probe.details[pen].train_class_distance
-            accuracy[split] = probe.accuracy
-            for name, metrics in result.items():
-                entry = dict(metrics)
-                entry["dxd_features"] = metrics.dxd_features
-                entry["dim"] = probe.details[name].dim
-                entry["degenerate"] = list(metrics.degenerate)
+                    train_label_distance = result[pen].train_class_distance
+            accuracy[split] = result.accuracy
+            for name, layer in result.items():
+                entry = dict(layer.metrics)
+                entry["dxd_features"] = layer.dxd_features
+                entry["dim"] = layer.dim
+                entry["degenerate"] = list(layer.metrics.degenerate)
                 layers[name][split] = entry
-                distances[(name, split)] = probe.details[name].class_distance
+                distances[(name, split)] = layer.class_distance
         return layers, distances, train_label_distance, accuracy
 
     @property
@@ -395,11 +395,10 @@ class Trainer:
         self.model.eval()
 
         def hook(m, i, o):
-            o = o.detach().float()
-            flat = o.reshape(o.shape[0], -1)
-            if flat.shape[1] > self.cfg.max_dim and o.dim() > 2:
-                flat = o.reshape(o.shape[0], o.shape[1], -1).mean(2)
-            store.append(flat.cpu())
+            flat = flatten(o)
+            if flat.shape[1] > self.cfg.max_dim:
+                flat = channel_pool(o)
+            store.append(flat.float().cpu())
 
         h = module.register_forward_hook(hook)
         try:

@@ -1,4 +1,4 @@
-"""The GPU path of ncfast as Triton kernels, one module per op.
+"""The GPU path of ncfast as Triton kernels, one module per op (used by ``ncfast.backends.triton``).
 
 - ``moments``:  per-class (count, mean, M2, unit sums, norm sums) of a block of rows, and the
   centred rows of the within-class scatter.
@@ -20,11 +20,10 @@ from __future__ import annotations
 import functools
 import os
 
-import torch
-
 
 @functools.lru_cache(maxsize=None)
-def _triton_imports() -> bool:
+def importable() -> bool:
+    """Whether triton (and triton.language) import."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -36,11 +35,3 @@ def _triton_imports() -> bool:
 def interpreting() -> bool:
     """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1), on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "").strip() == "1"
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on x: triton imports and x is a CUDA tensor, or the
-    interpreter is on (TRITON_INTERPRET=1) and x is a CPU tensor."""
-    if x.device.type == "cuda":
-        return _triton_imports()
-    return x.device.type == "cpu" and interpreting() and _triton_imports()

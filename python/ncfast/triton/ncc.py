@@ -17,7 +17,7 @@ A tile is folded at once into a running (best, second best, best index) per row 
 registers, so only one index and one flag per row and group are written. When D <= BLOCK_D the
 rows' features stay in registers for the whole sweep.
 
-Precisions of the products (``PRECISIONS``), each with its own bound (``relative_bound``):
+Precisions of the products (``PRECISIONS``), each with its own bound (``ncfast._numerics.rel_tensor_core``):
 
 - "ieee":   float32 FMAs (tl.dot's input_precision="ieee");
 - "tf32x3": three TF32 tensor-core products (a_hi b_hi + a_hi b_lo + a_lo b_hi), float32-like
@@ -53,11 +53,7 @@ CONFIGS = {
     "bf16": (128, 128, 64, 8, 3),
 }
 
-_U32, _UTF32, _UBF16 = 2.0 ** -24, 2.0 ** -11, 2.0 ** -8  # unit roundoffs (round to nearest)
 _ROUNDED_BLOCK = 1 << 28  # elements of bfloat16 rows made at a time for a "bf16" sweep (512 MiB)
-# Tensor cores may flush subnormal inputs and products to zero: a relative floor for the centres'
-# elements (the caller adds the absolute one to omax, as for the C++ bf16 sweep).
-_TC_FLOOR = 2.0 ** -100
 
 
 def canonical(precision: str) -> str:
@@ -66,40 +62,6 @@ def canonical(precision: str) -> str:
     if p not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS} (or 'fp32'), got {precision!r}")
     return p
-
-
-def relative_bound(precision: str, d: int) -> float:
-    """rel for ``ncc_sweep`` at this precision: |computed - exact score| <= rel (||x - t|| cmax + omax).
-
-    With u = 2^-24, a float32 dot product of length d in any order errs by gamma_d <= 1.01 d u,
-    x - t is rounded once and the offset added once (+4 u); 10% headroom on everything:
-
-    - "ieee":   1.1 (1.01 d + 4) u  (the C++ sweep's bound);
-    - tensor cores add each instruction's k products (k = 8 for tf32, 16 for bf16) and the
-      accumulator after aligning them to the largest and truncating (Fasi, Higham, Mikaitis and
-      Pranesh 2021, "Numerical behavior of NVIDIA tensor cores"): under (k + 1) units in the last
-      place of the largest, 2 u (1 + 1/k) per product-add over a long sum. We take 2.5 u (A), and
-      an operand may be truncated to tf32 rather than rounded (the tl.dot docs warn of it),
-      2 u_tf32 with u_tf32 = 2^-11;
-    - "tf32":   1.1 (2 * 2 u_tf32 + A);
-    - "tf32x3": each operand a = a_hi + a_lo with |a - a_hi| <= 2 u_tf32 |a| and a_lo's own error
-      <= 2 u_tf32 |a - a_hi|; dropping a_lo b_lo, the product errs by at most 3 (2 u_tf32)^2 |a||b|
-      (bounded by 4 (2 u_tf32)^2), and three products accumulate, 3 A;
-    - "bf16":   both operands rounded to bfloat16 (u_bf16 = 2^-8, round to nearest), products exact
-      in float32: 1.1 (2 u_bf16 + A).
-
-    The tensor-core precisions add a 2^-100 floor (see _TC_FLOOR).
-    """
-    p = canonical(precision)
-    acc = (1.01 * d + 4) * _U32
-    if p == "ieee":
-        return 1.1 * acc
-    tc = 2.5 * acc
-    if p == "tf32":
-        return 1.1 * (2.0 * 2.0 * _UTF32 + tc) + _TC_FLOOR
-    if p == "tf32x3":
-        return 1.1 * (4.0 * (2.0 * _UTF32) ** 2 + 3.0 * tc) + _TC_FLOOR
-    return 1.1 * (2.0 * _UBF16 + tc) + _TC_FLOOR
 
 
 @triton.jit
@@ -225,7 +187,7 @@ def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offse
 
     x (N, D) any float dtype and strides; shift (D,), centres (K, D) and offsets (K,) as float32;
     starts: G + 1 ints from 0 to K; rel, cmax, omax: the per-row error bound
-    rel * (||x_i - shift|| * cmax[g] + omax[g]) (``relative_bound(precision, D)`` gives rel);
+    rel * (||x_i - shift|| * cmax[g] + omax[g]) (``ncfast._numerics.rel_tensor_core(precision, D)`` gives rel);
     precision: one of PRECISIONS (alias "fp32" = "ieee"). A group of one class gives best 0, never
     unsure. Tile shape and launch settings default to CONFIGS[precision]; block sizes are powers
     of two >= 16 (tl.dot's minimum), block_n and block_d shrunk to the problem.

@@ -22,8 +22,8 @@ For p != 1, d2^p is exp(p log d2): a relative error of about |p log d2| eps beyo
 float64 products; see ``_launch``) builds the sub-tile of G in registers, which is reduced on the
 spot to the program's partial sums, its CDNV (n, mean, M2) (two passes over the in-register
 ratios), its uniformity (n, mean, M2) likewise, its row and column sums of the ratios, and its row
-and column minima (lowest index on ties). The partials are combined on the host side in program
-order (Chan's formula for CDNV and uniformity), so the result is deterministic.
+and column minima (lowest index on ties). The launcher returns the partials for the caller
+(``ncfast.backends.triton``) to combine in a fixed order, so the result is deterministic.
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Columns of the per-program float64 partials.
-_RESID, _COS_DEV, _COH, _DIST, _MSDR_SUM, _CDNV_MEAN, _CDNV_M2, _UNIF_MEAN, _UNIF_M2 = range(9)
-_SUMS = 9
+COLUMNS = ("resid", "cos_dev", "coh", "dist", "msdr_sum", "cdnv_mean", "cdnv_m2", "unif_mean", "unif_m2")
+"""Columns of the per-program float64 partials."""
+_SUMS = len(COLUMNS)
 
 
 @triton.jit
@@ -222,12 +222,13 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
                      etf_cos: float, row0: int, col0: int, best_r: torch.Tensor, idx_r: torch.Tensor,
                      best_c: torch.Tensor, idx_c: torch.Tensor, *, cdnv_exponent: float = 1.0,
                      unif_floor: float = 0.0, ratio_r: torch.Tensor | None = None, ratio_c: torch.Tensor | None = None,
-                     block_i: int = 64, block_j: int = 64, block_d: int = 32) -> dict:
+                     block_i: int = 64, block_j: int = 64, block_d: int = 32):
     """Reduce the tile of pairs (rows of mt_rows) x (rows of mt_cols), both (t, D) float64.
 
-    Returns the dict of ``ncfast.pairwise._reduce_tile_torch`` (resid, cos_dev, coh, dist,
-    msdr_sum, msdr_n, cdnv = (n, mean, M2) of the CDNV ratios with exponent ``cdnv_exponent``,
-    unif = (n, mean, M2) of the uniformity terms) and updates the running nearest class in place:
+    Returns the per-program partials (sums (P, 9) float64, in the columns ``COLUMNS`` names: the
+    additive sums, and the program's (mean, M2) of the CDNV ratios with exponent ``cdnv_exponent``
+    and of the uniformity terms; counts (P, 2) int64: msdr_n and the program's number of pairs),
+    for the caller to combine in program order, and updates the running nearest class in place:
     best_r / idx_r for the rows (global column index col0 + j) and, off the diagonal,
     best_c / idx_c for the columns (row0 + i). sup_r / sup_c: super-classes (int64) or None.
     ratio_r / ratio_c (float64, or None to skip): the running per-class sums of the CDNV ratios of
@@ -294,25 +295,4 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
         if ratio_c is not None:
             ratio_c += csum.sum(0)
 
-    # Program order, on the device: a fixed summation order. CDNV and uniformity: Chan's formula
-    # for many parts, M2 = sum M2_p + sum n_p (mean_p - mean)^2.
-    total = sums.sum(0)
-    n_p = counts[:, 1].to(torch.float64)
-    n_cdnv = n_p.sum()
-    merged = []
-    for at_mean, at_m2 in ((_CDNV_MEAN, _CDNV_M2), (_UNIF_MEAN, _UNIF_M2)):
-        mean = (n_p * sums[:, at_mean]).sum() / n_cdnv.clamp_min(1.0)
-        m2 = sums[:, at_m2].sum() + (n_p * (sums[:, at_mean] - mean).square()).sum()
-        merged += [mean, m2]
-    host = torch.cat([total, torch.stack(merged)]).tolist()
-    msdr_n, cdnv_n = counts.sum(0).tolist()
-    return {
-        "resid": host[_RESID],
-        "cos_dev": host[_COS_DEV],
-        "coh": host[_COH],
-        "dist": host[_DIST],
-        "msdr_sum": host[_MSDR_SUM],
-        "msdr_n": int(msdr_n),
-        "cdnv": (int(cdnv_n), host[_SUMS], host[_SUMS + 1]) if cdnv_n else (0, 0.0, 0.0),
-        "unif": (int(cdnv_n), host[_SUMS + 2], host[_SUMS + 3]) if cdnv_n else (0, 0.0, 0.0),
-    }
+    return sums, counts

@@ -1,0 +1,138 @@
+"""What every backend implements (``Backend``) and the dataclasses its kernels return."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from .. import _numerics
+
+
+# ------------------------------------------------------------------------------------ results
+@dataclass
+class BlockMoments:
+    """Per-class statistics of a block of rows, float64 (counts int64), on the rows' device.
+
+    m2[c] = sum_{y_i=c} ||h_i - mu_c||^2 centred on the block's own class means; unit_sums[c] =
+    sum_{y_i=c} h_i / ||h_i|| and norm_sums[c] = sum_{y_i=c} ||h_i|| (None when not asked for).
+    """
+
+    counts: torch.Tensor  # (C,) int64
+    means: torch.Tensor  # (C, D); zero rows for classes without a row
+    m2: torch.Tensor  # (C,)
+    unit_sums: torch.Tensor | None  # (C, D)
+    norm_sums: torch.Tensor | None  # (C,)
+
+    def merge(self, other: "BlockMoments") -> "BlockMoments":
+        """The statistics of both blocks' rows (Chan's merge per class)."""
+        n, mean, m2, _, _ = _numerics.chan_merge(self.counts, self.means, self.m2, other.counts, other.means,
+                                                 other.m2)
+        units = self.unit_sums is not None
+        return BlockMoments(n, mean, m2, self.unit_sums + other.unit_sums if units else None,
+                            self.norm_sums + other.norm_sums if units else None)
+
+
+@dataclass
+class Sweep:
+    """A certified argmin sweep over G groups of classes (``Backend.ncc_sweep``)."""
+
+    best: torch.Tensor  # (N, G) int64: argmin within each group, lowest index on ties
+    unsure: torch.Tensor  # (N, G) bool: the two best scores within twice the error bound
+
+
+@dataclass
+class PairContext:
+    """Per-class vectors and constants every tile of the pairwise pass needs (``ncfast.pairwise``);
+    best, best_idx and ratio_sum are updated in place by the tile reducers."""
+
+    sq: torch.Tensor  # ||Mt_c||^2
+    norms: torch.Tensor  # ||Mt_c||
+    var: torch.Tensor  # v_c
+    sup: torch.Tensor | None  # super-class of each class, int64
+    g: float  # ||G||_F
+    etf_diag: float
+    etf_offdiag: float
+    mean_cos: float
+    etf_cos: float
+    best: torch.Tensor  # running min_{j != i} ||mu_i - mu_j||^2
+    best_idx: torch.Tensor  # its argmin, int64
+    cdnv_exponent: float = 1.0
+    unif_floor: float = 0.0  # 2 - 2 cos_ij at or below this: the two directions coincide to rounding
+    ratio_sum: torch.Tensor | None = None  # per class: sum of its pairs' CDNV ratios
+
+    def __post_init__(self):
+        if self.ratio_sum is None:
+            self.ratio_sum = torch.zeros_like(self.best)
+
+
+@dataclass
+class PairSums:
+    """One tile's sums over its unordered pairs i < j (see ``ncfast.pairwise``): additive sums, and
+    (n, mean, M2) triples for the CDNV ratios and the uniformity terms."""
+
+    resid: float = 0.0  # sum of (G_ij / ||G||_F - E_ij)^2, both triangles
+    cos_dev: float = 0.0  # sum over ordered pairs of (cos_ij - mean cos)^2
+    coh: float = 0.0  # sum over ordered pairs of |cos_ij + 1/(C-1)|
+    dist: float = 0.0  # sum of D_ij
+    msdr_sum: float = 0.0  # sum over ordered same-super-class pairs of D_ij
+    msdr_n: int = 0
+    cdnv: tuple = (0, 0.0, 0.0)
+    unif: tuple = (0, 0.0, 0.0)
+
+    @classmethod
+    def total(cls, tiles) -> "PairSums":
+        """The sums of many tiles (CDNV and uniformity merged by Chan's formula)."""
+        tiles = list(tiles)
+        out = cls(**{k: sum(getattr(t, k) for t in tiles) for k in ("resid", "cos_dev", "coh", "dist", "msdr_sum",
+                                                                     "msdr_n")})
+        out.cdnv = _numerics.scalar_moments(t.cdnv for t in tiles)
+        out.unif = _numerics.scalar_moments(t.unif for t in tiles)
+        return out
+
+
+# ----------------------------------------------------------------------------------- protocol
+class Backend(Protocol):
+    """What a backend implements. Shapes: x (N, D) float16 / bfloat16 / float32 / float64 features,
+    y (N,) int64 labels in [0, num_classes), means (C, D) float64."""
+
+    name: str
+    checks_labels: bool  # block_moments checks every label's range before it writes anything
+    pair_tile: int  # classes per tile side of the pairwise pass
+
+    def block_moments(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_sums: bool,
+                      check_finite: bool) -> BlockMoments:
+        """Per-class moments of all rows (any N; memory O(C D)). ``check_finite``: NaN or Inf in
+        x raises ValueError (``_validation.NON_FINITE``)."""
+
+    def centred_scatters(self, x: torch.Tensor, y: torch.Tensor, means: torch.Tensor,
+                         scales: list) -> list[torch.Tensor]:
+        """For each entry s of ``scales`` (None, or a (C,) float64 per-class factor) the D x D
+        float64 scatter sum_i s_{y_i}^2 (x_i - means[y_i])(x_i - means[y_i])^T (s = 1 for None)."""
+
+    def sym_gram(self, a: torch.Tensor) -> torch.Tensor:
+        """a^T a for a float64 (C, D) matrix, symmetric (D, D)."""
+
+    def ncc_sweep(self, x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor,
+                  starts: list[int], cmax: list[float], omax: list[float], precision: str) -> Sweep:
+        """The certified argmin of offsets_c + (x_i - shift) . centres_c within each group of
+        classes starts[g] .. starts[g + 1] (``ncfast.ncc``): rows whose two best scores are within
+        twice the score bound at ``precision`` (rel (||x_i - shift|| cmax[g] + omax[g])) come back
+        unsure. shift (D,), centres (K, D) and offsets (K,) float32."""
+
+    def fast_precisions(self, classes: int) -> tuple[str, ...]:
+        """The low precisions the fast mode may sweep ``classes`` centres with first (empty: none)."""
+
+    def probe_rows(self) -> int:
+        """Rows the fast mode times every precision on before it chooses one."""
+
+    def warm_up(self, x: torch.Tensor, sweep: Callable) -> None:
+        """Run ``sweep(rows, precision)`` once per precision on a few rows where the first call
+        compiles a kernel (so that no compile is timed); nothing elsewhere."""
+
+    def synchronize(self, x: torch.Tensor) -> None:
+        """Wait for the device's queued work (for timing)."""
+
+    def pair_reducer(self, mt: torch.Tensor, tile: int, ctx: PairContext) -> Callable[[slice, slice], PairSums]:
+        """(rows, cols) -> the PairSums of the tile of pairs (rows x cols of the centred means mt,
+        cols.start >= rows.start), updating ctx.best / best_idx / ratio_sum in place."""

@@ -1,0 +1,119 @@
+"""The Triton backend: the kernels of ``ncfast.triton`` on CUDA tensors (or on CPU tensors in
+Triton's interpreter, TRITON_INTERPRET=1).
+
+The kernel modules are imported on first use, so this module imports without triton. Sweeps at
+"fp32" run as ``ncfast.triton.ncc.FLOAT32`` (three TF32 tensor-core products, float32-like
+accuracy); the fast mode's low precisions are TF32 and bfloat16 tensor cores.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _numerics
+from .._validation import NON_FINITE
+from .base import BlockMoments, PairContext, PairSums, Sweep
+from .torch import blockwise_scatters
+
+TRITON_TILE = 16384
+"""Classes per tile side of the pairwise pass. The kernel never holds the tile (it reduces 64 x 64
+blocks in registers): only its per-program partials, 16 bytes per row per 64 columns (67 MB at
+16,384), so C = 100,000 takes 28 launches and host syncs instead of 4,950 of 1,008-tiles."""
+PROBE_ROWS = 32768
+"""Rows the fast mode times each precision on: 256 programs of 128 rows, two waves of an H100."""
+
+
+def _sweep_bound(precision: str, d: int) -> tuple[float, bool]:
+    """(rel, whether the products flush subnormals) of a sweep at this kernel precision."""
+    from ..triton import ncc
+
+    return _numerics.rel_tensor_core(precision, d), precision in ncc.TENSOR_CORES
+
+
+class TritonBackend:
+    """The Triton kernels."""
+
+    name = "triton"
+    checks_labels = False
+    pair_tile = TRITON_TILE
+
+    def block_moments(self, x, y, num_classes, *, unit_sums, check_finite):
+        # one launch sequence for any number of rows (float64 partials per chunk of rows)
+        from ..triton import moments
+
+        part = BlockMoments(*moments.block_moments(x, y, num_classes, unit_sums=unit_sums))
+        if check_finite and not bool(torch.isfinite(part.m2).all()):
+            raise ValueError(NON_FINITE)
+        return part
+
+    def centred_scatters(self, x, y, means, scales):
+        from ..triton import moments
+
+        return blockwise_scatters(x, y, means, scales, lambda xb, yb, out: moments.centre_rows(xb, yb, means, out=out))
+
+    def sym_gram(self, a):
+        return a.T @ a
+
+    def ncc_sweep(self, x, shift, centres, offsets, starts, cmax, omax, precision):
+        from ..triton import ncc
+
+        precision = ncc.FLOAT32 if precision == "fp32" else ncc.canonical(precision)
+        d = x.shape[1]
+        rel, flushes = _sweep_bound(precision, d)
+        if flushes:
+            omax = [o + _numerics.flush_floor(d, c) / rel for o, c in zip(omax, cmax)]
+        return Sweep(*ncc.ncc_sweep(x, shift, centres, offsets, starts, rel, cmax, omax, precision))
+
+    def fast_precisions(self, classes):
+        return ("tf32", "bf16")
+
+    def probe_rows(self):
+        return PROBE_ROWS
+
+    def warm_up(self, x, sweep):
+        if x.is_cuda:  # compile each kernel on a few rows first
+            for precision in (*self.fast_precisions(0), "fp32"):
+                sweep(x[:16], precision)
+
+    def synchronize(self, x):
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+
+    def pair_reducer(self, mt, tile, ctx: PairContext):
+        from ..triton import pairwise
+
+        def reduce(rows, cols):
+            sup_r = sup_c = None
+            if ctx.sup is not None:
+                sup_r, sup_c = ctx.sup[rows], ctx.sup[cols]
+            # slices of a 1-D tensor are views: the kernel's in-place updates reach ctx.best
+            sums, counts = pairwise.reduce_pair_tile(
+                mt[rows], mt[cols], rows.start == cols.start, ctx.sq[rows], ctx.sq[cols], ctx.norms[rows],
+                ctx.norms[cols], ctx.var[rows], ctx.var[cols], sup_r, sup_c, ctx.g, ctx.etf_diag, ctx.etf_offdiag,
+                ctx.mean_cos, ctx.etf_cos, rows.start, cols.start, ctx.best[rows], ctx.best_idx[rows],
+                ctx.best[cols], ctx.best_idx[cols], cdnv_exponent=ctx.cdnv_exponent, unif_floor=ctx.unif_floor,
+                ratio_r=ctx.ratio_sum[rows], ratio_c=ctx.ratio_sum[cols])
+            return tile_sums(sums, counts)
+
+        return reduce
+
+
+def tile_sums(sums: torch.Tensor, counts: torch.Tensor) -> PairSums:
+    """A tile's PairSums from the per-program partials of ``ncfast.triton.pairwise.reduce_pair_tile``,
+    combined on the device in a fixed order."""
+    from ..triton import pairwise
+
+    columns = {name: i for i, name in enumerate(pairwise.COLUMNS)}
+    total = sums.sum(0)
+    n = counts[:, 1]
+    triples = []
+    for key in ("cdnv", "unif"):
+        mean = sums[:, columns[f"{key}_mean"]].unsqueeze(1)
+        triples.append(_numerics.chan_reduce(n, mean, sums[:, columns[f"{key}_m2"]]) if n.numel() else None)
+    host = total.tolist()
+    msdr_n = int(counts[:, 0].sum()) if counts.numel() else 0
+    out = PairSums(resid=host[columns["resid"]], cos_dev=host[columns["cos_dev"]], coh=host[columns["coh"]],
+                   dist=host[columns["dist"]], msdr_sum=host[columns["msdr_sum"]], msdr_n=msdr_n)
+    for key, triple in zip(("cdnv", "unif"), triples):
+        if triple is not None and int(triple[0]):
+            setattr(out, key, (int(triple[0]), float(triple[1][0]), float(triple[2])))
+    return out

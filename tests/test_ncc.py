@@ -1,0 +1,248 @@
+"""Nearest class centre and classifier decisions (ncfast.ncc): the certified sweep of every backend
+against the float64 argmin, near-ties settled exactly, and the fast mode's choice of precision."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ncfast
+from ncfast import reference as ref
+from conftest import make_data
+
+
+def _exact_argmin(rows, approx, score):
+    """argmin over classes of score(row, c), a Fraction, lowest index on ties; only the classes
+    whose float64 score ``approx`` (N, K) is within 1e-9 of the row's best can win."""
+    out = []
+    for i, r in enumerate(rows.tolist()):
+        cands = (approx[i] <= approx[i].min() + 1e-9).nonzero().squeeze(1).tolist()
+        out.append(min(cands, key=lambda c: (score(r, c), c)))
+    return torch.tensor(out)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ncc_assign_equals_float64_argmin(dtype):
+    x, y, c = make_data(n=2000, d=24, c=40, spread=2.0, dtype=dtype, seed=7)
+    means = torch.from_numpy(ref.class_means(x, y))
+    got = ncfast.ncc_assign(x, means)
+    assert torch.equal(got, torch.from_numpy(ref.ncc_assign(x, means)))
+
+
+def test_ncc_assign_near_ties_and_shift():
+    """Rows placed almost exactly between two means must still get the float64 answer."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(6, 10, generator=g, dtype=torch.float64) + 1e3
+    mid = (means[0] + means[1]) / 2
+    direction = means[1] - means[0]
+    eps = torch.tensor([-1e-7, -1e-9, 0.0, 1e-9, 1e-7], dtype=torch.float64)
+    rows = (mid + eps.unsqueeze(1) * direction).to(torch.float32)
+    got = ncfast.ncc_assign(rows, means)
+    assert torch.equal(got, torch.from_numpy(ref.ncc_assign(rows, means)))
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_float64_midpoints_are_settled_exactly(mode):
+    """float64 rows at midpoints between class means (D = 64, C = 200, one duplicated mean): exact
+    gaps of 1e-22, below any float64 evaluation's rounding, where the summation order had decided.
+    ncc_assign, classifier_decisions and the reference all give the exact rational argmin."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(276)
+    means = torch.randn(200, 64, generator=g, dtype=torch.float64)
+    means[1] = means[0]
+    i = torch.randint(0, 200, (40,), generator=g)
+    x = torch.cat([(means[i] + means[(i + 1) % 200]) / 2, means[:2]])
+
+    def dist(r, c):
+        return sum((Fraction(a) - Fraction(b)) ** 2 for a, b in zip(r, means[c].tolist()))
+
+    want = _exact_argmin(x, torch.cdist(x, means).square(), dist)
+    assert torch.equal(ncfast.ncc_assign(x, means, mode=mode), want)
+    assert torch.equal(torch.from_numpy(ref.ncc_assign(x, means)), want)
+    # the classifier: logits b_c + h . w_c with w = means, b_c = -||mu_c||^2 / 2 rounded, so the
+    # midpoint rows tie up to that rounding
+    b = -(means.square().sum(1) / 2)
+
+    def neg_logit(r, c):
+        return -(sum(Fraction(a) * Fraction(v) for a, v in zip(r, means[c].tolist())) + Fraction(float(b[c])))
+
+    want = _exact_argmin(x, -(x @ means.T + b), neg_logit)
+    assert torch.equal(ncfast.classifier_decisions(x, means, b, mode=mode), want)
+    assert torch.equal(torch.from_numpy(ref.decisions(x, means, b)), want)
+
+
+def test_ncc_assign_when_every_mean_is_equal():
+    """A network whose features are all equal has equal class means: every row ties every class,
+    and gets the lowest one without an exact comparison per class."""
+    x = torch.ones(20000, 64)
+    means = torch.ones(10, 64, dtype=torch.float64)
+    assert torch.equal(ncfast.ncc_assign(x, means), torch.zeros(20000, dtype=torch.int64))
+    out = ncfast.nc_metrics(x, torch.arange(20000) % 10)
+    assert out["ncc_accuracy"] == pytest.approx(0.1)
+
+
+def test_ncc_assign_skips_nan_rows_and_ties_go_low():
+    means = torch.tensor([[float("nan"), 0.0], [1.0, 0.0], [-1.0, 0.0]])
+    x = torch.tensor([[0.0, 0.0], [0.9, 0.0], [-3.0, 1.0]])
+    assert ncfast.ncc_assign(x, means).tolist() == [1, 1, 2]
+
+
+@pytest.mark.parametrize("k", [12, 40, 100])
+def test_ncc_assign_exact_ties_inside_a_panel(k):
+    """Every class mean appears twice, side by side, so a row's best two scores can be equal and in
+    one panel (the sweep folds a panel's many candidates by vector reductions): the tie must be
+    seen (second best = best) and the lower class win, here and in rows that sit on a mean."""
+    g = torch.Generator().manual_seed(k)
+    base = torch.randint(-3, 4, (k // 2, 16), generator=g).to(torch.float64)
+    means = base.repeat_interleave(2, dim=0)  # classes 2i and 2i + 1 share a mean
+    x = torch.cat([torch.randint(-3, 4, (300, 16), generator=g).to(torch.float32), means[::2].to(torch.float32)])
+    got = ncfast.ncc_assign(x, means)
+    assert torch.equal(got, torch.from_numpy(ref.ncc_assign(x, means)))
+    assert bool((got % 2 == 0).all())  # the lower of each equal pair
+
+
+@pytest.mark.parametrize("k, groups", [(12, 1), (40, 1), (100, 1), (100, 3), (300, 2)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ncc_sweep_running_top_two_is_exact(k, groups, threads):
+    """The sweep's own (best, second best) on scores that float32 holds exactly (small integers):
+    with a zero error bound a row is unsure exactly when its two best scores tie, and its best is
+    the lowest class at the minimum. Duplicated centres put ties inside one panel, where many
+    candidates are folded by vector reductions, and across panels."""
+    from ncfast import _C
+
+    g = np.random.default_rng(k + groups)
+    d = 8
+    means = g.integers(-2, 3, (k, d)).astype(np.float64)
+    means[1::3] = means[0::3][: len(means[1::3])]  # class 3i + 1 repeats class 3i
+    means[-1] = means[0]  # and the last class the first, panels apart
+    x = np.concatenate([g.integers(-2, 3, (500, d)), means[:5]]).astype(np.float32)
+    starts = np.linspace(0, k, groups + 1).round().astype(np.int64)
+    scores = -2.0 * x.astype(np.float64) @ means.T + (means**2).sum(1)  # exact in float64 and float32
+    best, unsure = _C.ncc_sweep(x, "float32", np.zeros(d, np.float32), (-2.0 * means).astype(np.float32),
+                                (means**2).sum(1).astype(np.float32), starts, 0.0, [1.0] * groups, [1.0] * groups,
+                                threads, "fp32")
+    for gi in range(groups):
+        part = scores[:, starts[gi] : starts[gi + 1]]
+        two = np.sort(part, axis=1)[:, :2]
+        assert (best[:, gi] == part.argmin(1)).all()
+        if part.shape[1] > 1:
+            assert (unsure[:, gi] == (two[:, 0] == two[:, 1])).all()
+    assert unsure.any() and not unsure.all()
+
+
+def test_classifier_decisions_and_ncc_mismatch():
+    x, y, c = make_data()
+    g = torch.Generator().manual_seed(100)
+    w, b = torch.randn(c, x.shape[1], generator=g), torch.randn(c, generator=g)
+    dec = ncfast.classifier_decisions(x, w, b)
+    assert torch.equal(dec, torch.from_numpy(ref.decisions(x, w, b)))
+    means = torch.from_numpy(ref.class_means(x, y))
+    got = ncfast.ncc_mismatch(x, means, dec)
+    assert got == pytest.approx(ref.ncc_mismatch(x, y, weight=w, bias=b), abs=0)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_certified_sweep_exact_on_both_backends(backend, dtype, mode, monkeypatch):
+    """The fused C++ sweep and the torch one both return the float64 argmin, shifted data included."""
+    monkeypatch.setenv("NCFAST_BACKEND", backend)
+    x, y, c = make_data(n=1500, d=21, c=37, spread=3.0, shift=1e3, dtype=dtype, seed=12)
+    means = torch.from_numpy(ref.class_means(x, y))
+    mid = ((means[0] + means[1]) / 2).to(dtype)  # a row on the midpoint of two means
+    x = torch.cat([x, mid.unsqueeze(0)])
+    assert torch.equal(ncfast.ncc_assign(x, means, mode=mode), torch.from_numpy(ref.ncc_assign(x, means)))
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(c, 21, generator=g), torch.randn(c, generator=g)
+    assert torch.equal(ncfast.classifier_decisions(x, w, b, mode=mode), torch.from_numpy(ref.decisions(x, w, b)))
+    nearest, decisions = ncfast.ncc_and_decisions(x, means, w, b, mode=mode)  # one shared sweep
+    assert torch.equal(nearest, torch.from_numpy(ref.ncc_assign(x, means)))
+    assert torch.equal(decisions, torch.from_numpy(ref.decisions(x, w, b)))
+
+
+@pytest.mark.parametrize("n, d, k", [(1, 1, 2), (3, 1, 5), (33, 7, 1), (65, 3, 9), (100, 300, 13), (209, 5, 33),
+                                     (97, 16, 70), (801, 5, 33), (130, 3001, 40), (801, 5, 20), (1000, 64, 3),
+                                     (801, 64, 128), (500, 64, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_ncc_sweep_awkward_sizes(n, d, k, dtype, threads, mode):
+    """Sizes off every tile of the C++ sweeps (32-row blocks and 2 x 4 tiles without AVX-512; with
+    it 12 x 32 tiles, or 12 x 16 where no argmin has more than 16 classes, in blocks of 384 rows,
+    or of 60 at d = 3001; with at most four panels the tiles prefetch the next block, of 192 rows:
+    k = 20, 3 and 128 over several blocks, k = 129 just past it), odd d for the bfloat16 pairs, all
+    dtypes, 1 and 2 threads, both modes."""
+    g = torch.Generator().manual_seed(n + 7 * d + k)
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 5).to(dtype)
+    means = torch.randn(k, d, generator=g, dtype=torch.float64) + 5
+    w, b = torch.randn(k, d, generator=g), torch.randn(k, generator=g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        nearest, decisions = ncfast.ncc_and_decisions(x, means, w, b, mode=mode)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(nearest, torch.from_numpy(ref.ncc_assign(x, means)))
+    assert torch.equal(decisions, torch.from_numpy(ref.decisions(x, w, b)))
+
+
+def test_bf16_sweep_is_certified_or_refused():
+    """Where the build has AVX512-BF16, the bfloat16 sweep's certain rows are the float64 argmin and
+    near-ties are flagged; elsewhere asking for it is an error, never a silent float32 sweep."""
+    from ncfast import _C, backends
+
+    g = torch.Generator().manual_seed(11)
+    n, d, k = 400, 45, 70
+    means = torch.randn(k, d, generator=g, dtype=torch.float64)
+    x = (means[torch.randint(0, k, (n,), generator=g)] + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    x[:40] = ((means[0] + means[1]) / 2 + 1e-4 * torch.randn(40, d, generator=g, dtype=torch.float64))
+    x = x.to(torch.float32)
+    centres = (-2.0 * means).to(torch.float32)
+    offsets = means.square().sum(1).to(torch.float32)
+    args = (x, torch.zeros(d), centres, offsets, [0, k], [float(centres.double().norm(dim=1).max())],
+            [float(offsets.double().abs().max())])
+    cpp = backends.get("cpp")
+    if not _C.ncc_has_precision("bf16"):
+        with pytest.raises(ValueError, match="precision"):
+            cpp.ncc_sweep(*args, "bf16")
+        return
+    sweep = cpp.ncc_sweep(*args, "bf16")
+    best, unsure = sweep.best.numpy(), sweep.unsure.numpy()
+    want = ref.ncc_assign(x, means)
+    certain = unsure[:, 0] == 0
+    assert (best[certain, 0] == want[certain]).all()
+    assert unsure[:40, 0].all()  # the midpoint rows cannot be certified at bfloat16 precision
+    assert certain.mean() > 0.5  # well-separated rows are
+
+
+@pytest.mark.parametrize("separation", [5.0, 0.05])
+@pytest.mark.parametrize("low_pays", [True, False])
+def test_fast_mode_probe_then_rest(separation, low_pays, monkeypatch):
+    """The fast mode sweeps its first rows in both precisions, then the rest in bfloat16 (with a
+    float32 recheck of its unsure rows) or in float32, as the timing decides (forced both ways here):
+    with separated classes (most rows certain in bf16) or close ones, the answers are the float64
+    argmin."""
+    import ncfast.ncc as ncc_mod
+    from ncfast import backends
+
+    monkeypatch.setattr(backends.get("cpp"), "probe_rows", lambda: 64)
+    decided = []
+    monkeypatch.setattr(ncc_mod, "_low_cost", lambda *a: decided.append(a) or (0.0 if low_pays else math.inf))
+    g = torch.Generator().manual_seed(21)
+    k, d, n = 45, 33, 1500
+    means = torch.randn(k, d, generator=g, dtype=torch.float64) * separation
+    x = (means[torch.randint(0, k, (n,), generator=g)] + torch.randn(n, d, generator=g, dtype=torch.float64)).float()
+    assert torch.equal(ncfast.ncc_assign(x, means, mode="fast"), torch.from_numpy(ref.ncc_assign(x, means)))
+    assert len(decided) == (1 if ncfast._C.ncc_has_precision("bf16") else 0)
+
+
+def test_fast_mode_low_precision_pays_only_when_faster():
+    """A low precision is chosen when its cost (its time plus the float32 recheck of its unsure
+    share) is under float32's time."""
+    from ncfast.ncc import _low_cost
+
+    assert _low_cost(1.0, 3.0, 0.5) == 2.5 < 3.0  # 1 + 1.5
+    assert _low_cost(1.0, 3.0, 0.7) > 3.0  # 1 + 2.1
+    assert _low_cost(3.0, 2.9, 0.0) > 2.9  # bf16 no faster than float32
