@@ -1,10 +1,7 @@
 """The Triton certified NCC sweep (ncfast.triton.ncc) against float64 argmins and the worst
 roundings its bounds allow, and the NCC entry points on the Triton backend.
 
-Without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest.py sets
-TRITON_INTERPRET=1 before any kernel module is imported: triton.jit reads it when a kernel is
-defined). Sizes stay small, with blocks large next to the data, because the interpreter's cost grows
-with programs x loop steps; explicit small blocks exercise the multi-block paths.
+In the interpreter without a GPU (see test_triton_moments.py).
 """
 import math
 
@@ -20,7 +17,6 @@ from ncfast.backends import cpp as cpp_backend  # noqa: E402
 from ncfast.triton import ncc as tncc  # noqa: E402
 from conftest import DEVICE, make_data  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 # ---------------------------------------------------------------------------------- NCC sweep

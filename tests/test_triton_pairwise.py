@@ -1,10 +1,7 @@
 """The Triton pair-tile kernel (ncfast.triton.pairwise) against the torch backend's tile reducer,
 and class_pair_stats / nc_metrics on the Triton backend.
 
-Without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest.py sets
-TRITON_INTERPRET=1 before any kernel module is imported: triton.jit reads it when a kernel is
-defined). Sizes stay small, with blocks large next to the data, because the interpreter's cost grows
-with programs x loop steps; explicit small blocks exercise the multi-block paths.
+In the interpreter without a GPU (see test_triton_moments.py).
 """
 import math
 
@@ -21,7 +18,6 @@ from ncfast.backends import triton as triton_backend  # noqa: E402
 from ncfast.triton import pairwise as tpairwise  # noqa: E402
 from conftest import DEVICE, assert_close, make_data  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 # ---------------------------------------------------------------------------------- pair tiles

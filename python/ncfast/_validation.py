@@ -100,6 +100,14 @@ def check_bias(bias, num_classes: int, ref: torch.Tensor) -> torch.Tensor:
     return b
 
 
+def omit_non_finite(x: torch.Tensor, y: torch.Tensor):
+    """nan_policy="omit": (x, y without the rows holding NaN or Inf, mask of the rows kept, number
+    omitted)."""
+    keep = finite_rows(x)
+    omitted = int((~keep).sum())
+    return (x[keep], y[keep], keep, omitted) if omitted else (x, y, keep, 0)
+
+
 def finite_rows(x: torch.Tensor) -> torch.Tensor:
     """Mask of rows without NaN or Inf.
 

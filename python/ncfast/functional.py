@@ -23,7 +23,7 @@ from ._validation import (
     check_per_class,
     check_same_device,
     check_superclass,
-    finite_rows,
+    omit_non_finite,
 )
 from .metrics import DEFAULT_RTOL, NCMetrics, _metrics_from_moments, class_distance_from_moments, class_fractions
 from .ncc import _ncc_and_decisions, _ncc_assign
@@ -47,12 +47,9 @@ def _prepare(features, labels, num_classes, nan_policy, *, kernel_checks_labels:
     keep = None
     omitted = 0
     if nan_policy == "omit":
-        keep = finite_rows(x)
-        omitted = int((~keep).sum())
-        if omitted:
-            x, y = x[keep], y[keep]
-            if x.shape[0] == 0:
-                raise ValueError("features: every row holds NaN or Inf")
+        x, y, keep, omitted = omit_non_finite(x, y)
+        if x.shape[0] == 0:
+            raise ValueError("features: every row holds NaN or Inf")
     return x, y, num_classes, omitted, keep, backend
 
 

@@ -40,7 +40,7 @@ from ._validation import (
     check_choice,
     check_features,
     check_labels,
-    finite_rows,
+    omit_non_finite,
 )
 
 _STATE_KEYS = ("count", "mean", "m2", "unit_sum", "norm_sum", "scatter", "wscatter")
@@ -195,10 +195,7 @@ class ClassMoments:
         y, _ = check_labels(labels, x.shape[0], x.device, self.num_classes, values=not kernel_checks)
         omitted = 0
         if nan_policy == "omit":
-            keep = finite_rows(x)
-            omitted = int((~keep).sum())
-            if omitted:
-                x, y = x[keep], y[keep]
+            x, y, _, omitted = omit_non_finite(x, y)
         self._add(x, y, backend, finite_required=nan_policy == "raise")
         self.omitted_rows += omitted
         return self
