@@ -67,9 +67,8 @@ def _cpu_zeros(*shape: int) -> torch.Tensor:
     """float64 zeros whose pages are not written until used: anonymous memory mapped afresh for large
     states (pages the kernel zeroes on first touch, given back on release). The empty state of a
     one-shot call is replaced by the first block's statistics without being read, so it should cost
-    nothing; numpy's calloc gave that only until glibc's allocator, having freed one such block,
-    raised its mmap threshold and served the next from the heap with a memset (at C = 1,000,
-    D = 512: 1,000 page faults and 1.7 ms per call)."""
+    nothing; numpy's calloc does not guarantee that (once glibc's allocator has freed one such
+    block it raises its mmap threshold and serves the next from the heap with a memset)."""
     count = math.prod(shape)
     if count * 8 < _MAPPED_ZEROS_BYTES:
         return torch.from_numpy(np.zeros(shape, dtype=np.float64))
@@ -154,8 +153,8 @@ class ClassMoments:
                   scatter: bool, unit_sums: bool, balanced: bool, pooled: bool = True) -> "ClassMoments":
         """The one-shot ClassMoments of checked (x, y) (labels may be left to the C++ kernel's check).
 
-        The batch's statistics become the state itself: no empty state is made and merged into
-        (with cold caches those torch calls were 0.25 ms of a 5 ms call). With a scatter and
+        The batch's statistics become the state itself: no empty state is made and merged into.
+        With a scatter and
         ``balanced``, imbalanced counts, known once the moments are taken, become ``class_counts``
         so that the balanced Sigma_W is exact.
 

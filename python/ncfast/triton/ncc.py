@@ -29,8 +29,7 @@ Precisions of the products (``PRECISIONS``), each with its own bound (``ncfast._
 Each precision has its own tile shape (``CONFIGS``), chosen from the sm_90 compile of
 ``bench/sm90_compile.py`` (Triton 3.6): the largest tiles that keep every value in registers
 (no local-memory spills; "ieee" 24 bytes) and the pipeline within the 227 KiB of shared memory.
-128 x 256 tiles spill at every precision; so did every "ieee" tile above 64 x 64 x 16 while the
-first feature block was held in registers through the sweep.
+128 x 256 tiles spill at every precision.
 """
 from __future__ import annotations
 
