@@ -5,20 +5,23 @@ Both are an argmin over classes of an affine score of the row,
     NCC:       s_c(h) = ||mu_c - t||^2 - 2 (h - t) . (mu_c - t)   (= ||h - mu_c||^2 - ||h - t||^2)
     decision:  s_c(h) = -(b_c + h . w_c)                            (argmax of the logits)
 
-for any shift t. A block of rows at a time (no N x C matrix is ever held whole; on CPU the fused
-C++ sweep of csrc/ncc.cpp, in an AVX-512 build for any number of classes, else for few) is scored
-in float32, then certified in tiers: rows whose two best float32 scores are closer than twice the
-float32 error bound are rescored with a float64 product, and the rare rows whose float64 gap is
-still inside the float64 bound are settled in exact integer arithmetic among their candidates.
-``mode="fast"`` scores first with bfloat16 products (VDPBF16PS, AVX512-BF16 builds) or, on CUDA,
-TF32 or bfloat16 tensor cores (Triton; a probe of the first rows picks) under that format's
-bound, sends its unsure rows through the float32 sweep, then on as above. On CUDA the float32
-sweep itself runs on tensor cores as tf32x3 (three TF32 products, float32-like accuracy, its own
-bound; ``ncfast.triton.ncc``).
-The answer is the argmin of the definition on every row, exact for the given values (so equal to a
-float64 evaluation wherever its rounding can tell the two best classes apart), in either mode. Shifting by the mean of the
-class means (rounded to float32, so the shift is exact in both precisions) keeps the bound small
-when all features share a large offset. Ties go to the lowest index.
+for any shift t. The backend's sweep (``Backend.ncc_sweep``: on CPU the fused C++ sweep of
+csrc/ncc.cpp, in an AVX-512 build for any number of classes, else for few and GEMM blocks above;
+no N x C matrix is ever held whole) scores the rows in float32, then they are certified in tiers:
+rows whose two best float32 scores are closer than twice the float32 error bound are rescored
+with a float64 product, and the rare rows whose float64 gap is still inside the float64 bound are
+settled in exact integer arithmetic among their candidates. ``mode="fast"`` scores first with
+bfloat16 products (VDPBF16PS, AVX512-BF16 builds) or, on CUDA, TF32 or bfloat16 tensor cores
+(Triton; a probe of the first rows picks) under that format's bound, sends its unsure rows
+through the float32 sweep, then on as above. On CUDA the float32 sweep itself runs on tensor
+cores as tf32x3 (three TF32 products, float32-like accuracy, its own bound; ``ncfast.triton.ncc``).
+Every bound is in ``ncfast._numerics``.
+
+The answer is the argmin of the definition on every row, exact for the given values (so equal to
+a float64 evaluation wherever its rounding can tell the two best classes apart), in either mode.
+Shifting by the mean of the class means (rounded to float32, so the shift is exact in both
+precisions) keeps the bound small when all features share a large offset. Ties go to the lowest
+index.
 """
 from __future__ import annotations
 
