@@ -217,9 +217,9 @@ def test_bad_input():
         svsl_loss(layers, labels, alpha=0.1, num_classes=5.0)
     with pytest.raises(TypeError, match="num_classes"):
         svsl_loss(layers, labels, alpha=0.1, num_classes=None)
-    with pytest.raises(ValueError, match=r"labels: label 4 out of range \[0, num_classes\) = \[0, 4\)"):
+    with pytest.raises(ValueError, match=r"labels: label 4 out of range \[0, 4\)"):
         svsl_loss(layers, labels, alpha=0.1, num_classes=4)
-    with pytest.raises(ValueError, match="labels: label -1"):
+    with pytest.raises(ValueError, match="labels: negative label -1"):
         svsl_loss(layers, labels - 1, **ok)
     with pytest.raises(TypeError, match="labels"):
         svsl_loss(layers, labels.double(), **ok)

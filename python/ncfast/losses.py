@@ -5,6 +5,8 @@ import numbers
 
 import torch
 
+from ._validation import as_tensor, check_labels
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum")
 
@@ -74,13 +76,9 @@ def svsl_loss(layer_features, labels, *, alpha, num_classes, reduction="mean"):
     if not layers:
         raise ValueError("layer_features: empty; pass at least one layer")
 
-    if not isinstance(labels, torch.Tensor):
-        labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
-    if labels.dim() != 1:
-        raise ValueError(f"labels: expected shape (N,), got {tuple(labels.shape)}")
-    n = labels.shape[0]
+    labels = as_tensor(labels, "labels")
+    n = labels.shape[0] if labels.dim() == 1 else -1
+    labels, _ = check_labels(labels, n, labels.device, num_classes)
     if n == 0:
         raise ValueError("labels: empty batch (N = 0)")
     for j, g in enumerate(layers):
@@ -95,12 +93,6 @@ def svsl_loss(layer_features, labels, *, alpha, num_classes, reduction="mean"):
             raise ValueError(f"layer_features[{j}]: no features per sample (shape {tuple(g.shape)})")
         if g.device != labels.device:
             raise ValueError(f"layer_features[{j}]: on device {g.device}, but labels are on {labels.device}")
-    lo, hi = (int(v) for v in torch.aminmax(labels))
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"labels: label {bad} out of range [0, num_classes) = [0, {num_classes})")
-
-    labels = labels.long()
     counts = torch.bincount(labels, minlength=num_classes)
     total = None
     for g in layers:
