@@ -13,6 +13,7 @@
 // the result only by float64 rounding. The results are written
 // straight into the caller's arrays (no C x D temporaries).
 #include "moments.h"
+#include "numerics.h"
 
 #include <algorithm>
 #include <cmath>
@@ -134,32 +135,6 @@ struct Ahead {
   const T* far_row(int i) const { return far ? far[i] : nullptr; }
 };
 
-// Close a group of r rows that were centred on run.mean (s = sum of deviations, q = sum of their
-// squared norms): the batch form of Chan's update,
-//   n' = n + r,  mean' = mean + s / n',  M2' = M2 + q - ||s||^2 / n'.
-// It equals Chan's merge of the group's own (r, mean_g, M2_g) (q = M2_g + r ||mean_g - mean||^2,
-// s = r (mean_g - mean)); because the deviations are taken from the running mean, q and s are
-// small where the data are tightly clustered and nothing large cancels. s is zeroed on the way,
-// ready for the next group (a separate memset per close and per class start was 13% of the
-// kernel's time at 10 rows per class).
-void close_group(Running& run, double* s, double q, int64_t r, int64_t d) {
-  const int64_t n1 = run.n + r;
-  const double inv = 1.0 / static_cast<double>(n1);
-  double* mu = run.mean.data();
-  double ss = 0.0;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t j = 0; j < d; ++j) {
-    ss += s[j] * s[j];
-    mu[j] += s[j] * inv;
-    s[j] = 0.0;
-  }
-  // >= 0 exactly (Cauchy-Schwarz), rounding may not be; NaN and Inf must pass through (the caller's
-  // bad-input check reads M2), which std::max(0.0, NaN) would not do.
-  const double added = q - ss * inv;
-  run.m2 += added < 0.0 ? 0.0 : added;
-  run.n = n1;
-}
-
 // ||row|| of r rows, front to back (float64 sums of the widened elements).
 template <typename T>
 void row_norms(const T* const* rows, int64_t r, int64_t d, double* norms) {
@@ -195,7 +170,7 @@ double fold_four(const T* a, const T* b, const T* c, const T* e, const double* w
 
 // Fold r rows of one class centred on mu: s += sum (x - mu), and unless usum is null
 // usum += sum x / ||x||, norm_sum += sum ||x||; returns sum ||x - mu||^2. The caller closes the
-// group (close_group). `next` names the rows the AVX-512 kernel prefetches as it goes (Ahead).
+// group (ClassAccumulator::close). `next` names the rows the AVX-512 kernel prefetches as it goes (Ahead).
 // `stage` (4 rows of stage_stride(d) doubles, 64-byte aligned) is scratch for the AVX-512 kernel.
 template <typename T>
 double fold_group(const T* const* rows, int64_t r, int64_t d, const double* mu, double* s, double* usum,
@@ -432,10 +407,10 @@ struct ClassAccumulator {
     since += r;
     if (since >= kCloseRows) close(d);
   }
-  // s is zero whenever since == 0 (from the constructor, then close_group).
+  // s is zero whenever since == 0 (from the constructor, then chan_merge_sums).
   void close(int64_t d) {
     if (since == 0) return;
-    close_group(run, s.data(), q, since, d);
+    chan_merge_sums(run.n, run.mean.data(), run.m2, since, s.data(), q, d);
     q = 0.0;
     since = 0;
   }

@@ -7,6 +7,7 @@
 #include "pairwise.h"
 
 #include "common.h"
+#include "numerics.h"
 
 #include <algorithm>
 #include <cmath>
