@@ -14,7 +14,6 @@
 #include "moments.h"
 #include "ncc.h"
 #include "pairwise.h"
-#include "peak.h"
 
 #ifdef NCFAST_WITH_OPENMP
 #include <omp.h>
@@ -218,9 +217,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("features"), py::arg("dtype"), py::arg("shift"), py::arg("centres"), py::arg("offsets"),
       py::arg("starts"), py::arg("rel"), py::arg("cmax"), py::arg("omax"), py::arg("num_threads"),
       py::arg("precision") = "fp32");
-  m.def("fma_peak", &fma_peak, py::arg("float64"), py::arg("seconds"), py::arg("num_threads"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Measured peak FLOP/s of vector fused multiply-adds on num_threads threads (see csrc/peak.h).");
   m.def("ncc_has_precision", &ncc_has_precision,
         "Whether ncc_sweep offers this precision ('fp32' always, 'bf16' with AVX512-BF16).");
   m.def("ncc_register_tiled", &ncc_register_tiled,
