@@ -29,11 +29,6 @@ std::string compile_options() {
 #else
   s += " BF16=OFF";
 #endif
-#ifdef NCFAST_WITH_CUDA
-  s += " CUDA=ON";
-#else
-  s += " CUDA=OFF";
-#endif
   return s;
 }
 
@@ -41,7 +36,7 @@ std::string compile_options() {
 
 void bind_build_info(py::module_& m) {
   m.def("compile_options", &compile_options,
-        "What this build was compiled with: OpenMP, SIMD level, CUDA on or off.");
+        "What this build was compiled with: OpenMP (and its threads), SIMD level, AVX512-BF16.");
 }
 
 }  // namespace ncfast

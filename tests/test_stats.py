@@ -178,7 +178,7 @@ def test_thread_count_changes_result_only_by_rounding():
 
 def test_compile_options_reports_build():
     opts = ncfast.compile_options()
-    assert "OpenMP=" in opts and "SIMD=" in opts and "CUDA=OFF" in opts
+    assert "OpenMP=" in opts and "SIMD=" in opts and "BF16=" in opts
 
 
 def _distributed_worker(rank, world, init_file, x, y, c, out_file):
