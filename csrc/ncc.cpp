@@ -36,35 +36,6 @@ inline void consider(float s, int64_t c, float& b1, float& b2, int64_t& i1) {
   }
 }
 
-// A block of rows' running (best, second best, index) per group and their norms.
-template <int64_t R>
-struct BlockBest {
-  float b1[R][kMaxGroups], b2[R][kMaxGroups];
-  int64_t i1[R][kMaxGroups];
-  double norm[R];
-
-  void reset(int64_t t, int groups) {
-    for (int g = 0; g < groups; ++g) {
-      b1[t][g] = b2[t][g] = std::numeric_limits<float>::infinity();
-      i1[t][g] = 0;
-    }
-  }
-
-  // best / unsure of rows r0 .. r0 + rows (see ncc.h), the bound rel * (||x - t|| cmax + omax).
-  void write(int64_t r0, int64_t rows, int groups, const int64_t* starts, double rel, const double* cmax,
-             const double* omax, int64_t* best, uint8_t* unsure) const {
-    for (int64_t t = 0; t < rows; ++t) {
-      for (int g = 0; g < groups; ++g) {
-        const double bound = rel * (norm[t] * cmax[g] + omax[g]);
-        const int64_t o = (r0 + t) * groups + g;
-        best[o] = i1[t][g] - starts[g];
-        unsure[o] = (starts[g + 1] - starts[g] > 1 &&
-                     static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]) <= 2.0 * bound) ? 1 : 0;
-      }
-    }
-  }
-};
-
 // Row r of x minus the shift into dst (float32) with one rounding of the exact difference, as the
 // bound assumes: float32 arithmetic on exactly converted float32/16/bf16 values, float64 first for
 // float64 input (row64: scratch of d doubles). Returns ||dst|| in float64.
@@ -83,6 +54,41 @@ inline double shifted_row(const Matrix& x, int64_t r, const float* shift, float*
   for (int64_t j = 0; j < d; ++j) sq += static_cast<double>(dst[j]) * dst[j];
   return std::sqrt(sq);
 }
+
+// A block of rows' running (best, second best, index) per group and their norms.
+template <int64_t R>
+struct BlockBest {
+  float b1[R][kMaxGroups], b2[R][kMaxGroups];
+  int64_t i1[R][kMaxGroups];
+  double norm[R];
+
+  void reset(int64_t t, int groups) {
+    for (int g = 0; g < groups; ++g) {
+      b1[t][g] = b2[t][g] = std::numeric_limits<float>::infinity();
+      i1[t][g] = 0;
+    }
+  }
+
+  // Block row t: row r of x minus the shift into dst (shifted_row), its norm kept, its bests reset.
+  void start_row(int64_t t, const Matrix& x, int64_t r, const float* shift, float* dst, double* row64, int groups) {
+    norm[t] = shifted_row(x, r, shift, dst, row64);
+    reset(t, groups);
+  }
+
+  // best / unsure of rows r0 .. r0 + rows (see ncc.h), the bound rel * (||x - t|| cmax + omax).
+  void write(int64_t r0, int64_t rows, int groups, const int64_t* starts, double rel, const double* cmax,
+             const double* omax, int64_t* best, uint8_t* unsure) const {
+    for (int64_t t = 0; t < rows; ++t) {
+      for (int g = 0; g < groups; ++g) {
+        const double bound = rel * (norm[t] * cmax[g] + omax[g]);
+        const int64_t o = (r0 + t) * groups + g;
+        best[o] = i1[t][g] - starts[g];
+        unsure[o] = (starts[g + 1] - starts[g] > 1 &&
+                     static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]) <= 2.0 * bound) ? 1 : 0;
+      }
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Generic sweep: blocks of kRowBlock rows; the class centres are swept in tiles of four against
@@ -116,10 +122,7 @@ constexpr int64_t kRowBlock = 32;
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r0 = blk * kRowBlock;
       const int64_t rows = std::min(kRowBlock, n - r0);
-      for (int64_t t = 0; t < rows; ++t) {
-        st.norm[t] = shifted_row(x, r0 + t, shift, buf.data() + t * d, row64.data());
-        st.reset(t, groups);
-      }
+      for (int64_t t = 0; t < rows; ++t) st.start_row(t, x, r0 + t, shift, buf.data() + t * d, row64.data(), groups);
       int64_t t = 0;
       for (; t + 2 <= rows; t += 2) {
         const float* xa = buf.data() + t * d;
@@ -445,7 +448,7 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
       int64_t tile_no = 0;
       for (int64_t t = 0; t < rows; ++t) {
         float* dst = buf.get() + t * d;
-        st.norm[t] = shifted_row(x, r0 + t, shift, dst, row64.data());
+        st.start_row(t, x, r0 + t, shift, dst, row64.data(), groups);
         if (bf16) {
           uint32_t* pairs = buf16.get() + t * d2;
           for (int64_t j2 = 0; j2 < d2; ++j2) {
@@ -454,7 +457,6 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
             pairs[j2] = lo | (hi << 16);
           }
         }
-        st.reset(t, groups);
       }
       for (int64_t p = 0; p < pan.count; ++p) {
         const int g = pan.group[p];
