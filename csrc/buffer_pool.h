@@ -1,8 +1,8 @@
 // Output arrays of the per-call kernels come from a small pool of recycled buffers. A training
 // loop calls class_moments every batch or epoch with the same shapes; fresh C x D arrays would
-// page-fault every call (on some virtual machines ~1 us per 4 KiB page, more than the kernel
-// itself at C = 1,000, D = 512). A buffer returns to the pool when numpy frees its array; the pool
-// keeps at most kPoolBytes and reuses a buffer only for a request of exactly its size.
+// page-fault every call, which on some virtual machines costs more than the kernel itself. A
+// buffer returns to the pool when numpy frees its array; the pool keeps at most kPoolBytes and
+// reuses a buffer only for a request of exactly its size.
 #pragma once
 
 #include <cstddef>

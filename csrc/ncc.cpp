@@ -196,12 +196,10 @@ constexpr int kLanes = 32;     // classes per panel
 constexpr int kNarrowLanes = 16;
 constexpr int kTileRows = 12;  // rows per register tile
 // Rows converted per block: up to 384 (each centre panel streamed from L2/L3 serves 32 register
-// tiles; at C = 10,000 that is 434 against 318 GFLOP/s with 96 rows), fewer when the block would
-// outgrow ~768 KB of L2.
+// tiles), fewer when the block would outgrow ~768 KB of L2.
 constexpr int64_t kPackedBlock = 384;
 // Up to this many panels the tiles prefetch the thread's next block, of at most kPrefetchBlock
-// rows (A/B at N = 50,000, D = 512: C = 10 and 100 0.88 and 0.93 of the time with 2 panels and
-// 384 rows as the limits; 96-192 rows measured alike).
+// rows (see sweep_packed).
 constexpr int64_t kPrefetchPanels = 4;
 constexpr int64_t kPrefetchBlock = 192;
 inline int64_t packed_block_rows(int64_t d) {
@@ -260,8 +258,8 @@ __attribute__((noinline)) void fold_panel_top2(__m512 lo, __m512 hi, __mmask16 m
 // Fold a panel's L scores (lanes in increasing class order, padding +inf) into a row's running
 // (best, second best, index), as consider() on each lane in turn would. Lanes not under the second
 // best (NaN included) cannot change it and are skipped. With more than two candidates (every lane
-// of a row's first panel) the panel's two smallest come from vector reductions instead: the lane
-// loop's unpredictable branches had made this update a fifth of the sweep at C = 100.
+// of a row's first panel) the panel's two smallest come from vector reductions instead of a lane
+// loop, whose branches would be unpredictable there.
 template <int L>
 inline void update_rows(const float* scores, int64_t base, float& b1, float& b2, int64_t& i1) {
   const __m512 lim = _mm512_set1_ps(b2);
@@ -414,10 +412,10 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
   }
   // Blocks are dealt round-robin, so a thread knows its next block, and where the centres fill
   // at most kPrefetchPanels panels its tiles prefetch that block's rows into L2 while they compute:
-  // the conversion pass then reads from L2, not from memory (at C = 10 the two phases had run one
-  // after the other, each about half the time). Those blocks are smaller, so that two of them
-  // and the panels stay well inside L2. With more panels the sweep is compute-bound and the
-  // prefetch's registers cost more than it saves (C = 200: no gain; 32 panels: slower).
+  // the conversion pass then reads from L2, and the memory reads overlap the tiles' arithmetic
+  // instead of following it. Those blocks are smaller, so that two of them and the panels stay
+  // well inside L2. With more panels the sweep is compute-bound and the prefetch's registers cost
+  // more than it saves.
   const bool prefetch = pan.count <= kPrefetchPanels;
   const int64_t block_rows = prefetch ? std::min(kPrefetchBlock, packed_block_rows(d)) : packed_block_rows(d);
   const int64_t blocks = (n + block_rows - 1) / block_rows;

@@ -145,7 +145,7 @@ inline RowSums sweep_row_generic(const PairTile& t, const TileScale& k, const Pa
     out.cidx[j] = better ? row.index : out.cidx[j];
   }
   // Eight running minima, folded at the end: GCC keeps `low = std::min(low, dd[j])` a scalar
-  // chain (4 cycles per pair), even under omp simd.
+  // chain (one compare latency per pair), even under omp simd.
   double lows[8] = {inf, inf, inf, inf, inf, inf, inf, inf};
   int64_t j8 = j0;
   for (; j8 + 8 <= n; j8 += 8)
@@ -174,8 +174,8 @@ inline RowSums sweep_row_generic(const PairTile& t, const TileScale& k, const Pa
   return s;
 }
 
-// sum_j (x_j - m)^2 in eight independent partial sums: `omp simd reduction` left this a scalar
-// chain of dependent FMAs (4 cycles per element, two thirds of the whole tile's time).
+// sum_j (x_j - m)^2 in eight independent partial sums: `omp simd reduction` leaves this a scalar
+// chain of dependent FMAs (one FMA latency per element).
 inline double sum_sq_dev_generic(const double* x, int64_t n, double m) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t j = 0;
@@ -256,11 +256,10 @@ struct RowAcc {
 // register and feeds the row minimum, the column minima and the pair sums; with kRatio (p = 1) the
 // CDNV ratios are written to rr and added to the row's sum and to the column sums csum, without it
 // the squared distances are written to rr for ratios_pow. The uniformity terms -log(2 - 2 cos_ij) / 2
-// (+inf where 2 - 2 cos_ij <= t.unif_floor) go to lg and their sum to usum. The generic path's
-// separate loops read and wrote an 8 KiB row buffer five times, and GCC turned some of them into
-// emulated gathers (1.16 against 0.53 ms per 1008 x 1008 tile, two Xeon threads). A Markstein
-// reciprocal in place of the division measured slower (0.60 ms): the sweep
-// is bound by its issue ports, not by the divider.
+// (+inf where 2 - 2 cos_ij <= t.unif_floor) go to lg and their sum to usum. One pass, where the
+// generic sweep's separate loops read and write a row buffer several times (and GCC turns some of
+// them into emulated gathers). The ratio keeps its division: the sweep is bound by its issue
+// ports, not by the divider, so a Markstein reciprocal would not pay.
 template <bool kRatio>
 inline void sweep_columns(const PairTile& t, const double* grow, const double* inv_nc, double inv_g, double sqi,
                           double inv_ni, double vi, int64_t gi, int64_t jb, int64_t je, double* rr, double* lg,
