@@ -1,3 +1,5 @@
+// The recycled-buffer pool (buffer_pool.h) and its two _C functions, release_cached_buffers and
+// cached_buffer_bytes.
 #include "buffer_pool.h"
 
 #include <cstdlib>
