@@ -31,10 +31,11 @@ float64 rounding); for ncc_assign, ncfast's certified float64 argmin is first ch
 float32 baseline picks the same class as ncfast. Results also go to JSON (``--json``).
 
 The floors are measured in the same run: the read bandwidth of each input array (``x.sum()``,
-timed in turn with the providers, median) and the peak vector-FMA rate of every thread (``ncfast._C.fma_peak``, float32 and
-float64). An op's floor is max(bytes / bandwidth, flops / peak); ``of floor`` = floor / ncfast
-time. Where the work is a matrix product, the same product through ``torch.mm`` on the same
-shapes is timed too, so ncfast's FLOP rate can be set beside BLAS's.
+timed in turn with the providers, median) and the peak vector-FMA rate of every thread
+(``ncfast._peak.fma_peak``, float32 and float64). An op's floor is max(bytes / bandwidth,
+flops / peak); ``of floor`` = floor / ncfast time. Where the work is a matrix product, the same
+product through ``torch.mm`` on the same shapes is timed too, so ncfast's FLOP rate can be set
+beside BLAS's.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ from pathlib import Path
 import torch
 
 import ncfast
+from ncfast import _peak
 
 OPS = ("class_moments", "class_moments:no_units", "class_moments+scatter", "class_distance", "ncc_assign", "ncc_assign:fast", "class_pair_stats",
        "nc_metrics")
@@ -339,7 +341,7 @@ def machine_peaks(threads: int, device) -> dict:
     GPU the best of large torch.mm products (float32 at 'highest' precision, i.e. no TF32; tf32
     separately, the fast mode's floor)."""
     if device.type == "cpu":
-        return {"fp32": ncfast._C.fma_peak(False, 0.5, threads), "fp64": ncfast._C.fma_peak(True, 0.5, threads)}
+        return {"fp32": _peak.fma_peak(False, 0.5, threads), "fp64": _peak.fma_peak(True, 0.5, threads)}
     peaks = {}
     n = 8192
     for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("fp64", torch.float64, False)):

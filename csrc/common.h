@@ -152,28 +152,4 @@ struct Matrix {
   void load_row_f32(int64_t i, float* out) const;
 };
 
-// Chan's combination of a part (nb, mean_b, m2_b) into (n, mean, m2), for d-dimensional means and a
-// scalar sum of squared deviations: mean += delta nb/n', m2 += m2_b + ||delta||^2 n nb / n'.
-inline void chan_merge(int64_t& n, double* mean, double& m2, int64_t nb, const double* mean_b, double m2_b,
-                int64_t d) {
-  if (nb == 0) return;
-  if (n == 0) {
-    n = nb;
-    std::copy(mean_b, mean_b + d, mean);
-    m2 = m2_b;
-    return;
-  }
-  const double nn = static_cast<double>(n + nb);
-  const double wb = static_cast<double>(nb) / nn;
-  double dd = 0.0;
-#pragma omp simd reduction(+ : dd)
-  for (int64_t j = 0; j < d; ++j) {
-    const double delta = mean_b[j] - mean[j];
-    dd += delta * delta;
-    mean[j] += delta * wb;
-  }
-  m2 += m2_b + dd * (static_cast<double>(n) * static_cast<double>(nb) / nn);
-  n += nb;
-}
-
 }  // namespace ncfast

@@ -25,8 +25,8 @@ namespace {
 constexpr int kMR = 12;        // rows of the register tile (broadcast side)
 constexpr int kNR = 16;        // columns (two 8-double vectors)
 // Inner-dimension steps per packed panel: an A panel (12 x 128 doubles, 12 KiB) stays in L1 while
-// the B panels of its row stream from L2 (at d = 512, 512 KiB of them; 256 steps made them 1 MiB
-// and the product ran at 59 GFLOP/s per Xeon core against 70 at 128).
+// the B panels of its row stream from L2 (at d = 512, 512 KiB of them; with 256 steps, 1 MiB, the
+// product runs slower).
 constexpr int64_t kChunk = 128;
 
 // c (MR x 16, leading dimension ldc) += sum_{t < kc} a_t (x) bp[t][:], where a_t[r] = ap[t * lda + r]
@@ -55,14 +55,13 @@ inline void micro(const double* ap, int64_t lda, const double* bp, int64_t kc, d
 }
 
 // The scatter's register tile is 8 x 16: its eight rows are half of a 16-wide B panel, so the
-// rows are packed once (B panels only) and A is broadcast straight from them (12 x 16 tiles with
-// their own A panels: 121-126 GFLOP/s on the Xeon, 8 x 16: 129-133).
+// rows are packed once (B panels only) and A is broadcast straight from them, with no A panels to
+// pack as 12 x 16 tiles would need.
 constexpr int kSR = 8;
 
 // Packing one 16-column B panel of a chunk (widening, centring, scaling 128 x 16 values from
-// memory) costs about as long as this many 8 x 16 register tiles of the chunk (Xeon, D = 512:
-// 2.3 against 0.95 thousand cycles; 1.5-2.5 measured alike, 3.5 slower). Balanced by tiles
-// alone, the thread that packs every panel ran 7-12% longer than the other.
+// memory) costs about as long as this many 8 x 16 register tiles of the chunk. The bands count it:
+// balanced by tiles alone, the thread that packs the most panels would finish last.
 constexpr double kPackTiles = 2.0;
 
 // The first register-tile column q of tile row p (tiles of mr rows) that touches the upper
@@ -110,8 +109,8 @@ inline void pack_step(const double* v, int64_t count, int64_t panels, int64_t t,
 }
 
 // Prefetches the rows [lo, hi) of x into L2 a few cache lines per call of step(), so that the next
-// chunk's rows arrive while the register tiles of this one run (packing them from memory
-// otherwise stalled 13% of the scatter's time at d = 512).
+// chunk's rows arrive while the register tiles of this one run (packing them straight from memory
+// would stall the scatter).
 struct RowPrefetcher {
   const char* base;
   int64_t row_bytes, stride_bytes;
@@ -143,9 +142,9 @@ bool gram_available() { return true; }
 
 // Threads share nothing: each takes a band of tile rows (balanced by the number of tiles of the
 // upper triangle in it), packs the B panels its tiles read from the centred rows, and walks all
-// N rows chunk by chunk. Packing shared panels and meeting at a barrier per chunk scaled 1.4x
-// from one thread to two on a Xeon (each core pulled the other's half of the panels through L3
-// every chunk); the private packing costs each thread d / (d / 2) of its work at most.
+// N rows chunk by chunk. Shared panels with a barrier per chunk would make each core pull the
+// other's half of the panels through L3 every chunk; the private packing costs each thread
+// d / (d / 2) of its work at most.
 void centred_scatter(const Matrix& x, const int64_t* labels, const double* means, const double* scale,
                      double* out, int num_threads) {
   const int64_t n = x.rows, d = x.cols;

@@ -13,6 +13,7 @@
 // the result only by float64 rounding. The results are written
 // straight into the caller's arrays (no C x D temporaries).
 #include "moments.h"
+#include "numerics.h"
 
 #include <algorithm>
 #include <cmath>
@@ -134,32 +135,6 @@ struct Ahead {
   const T* far_row(int i) const { return far ? far[i] : nullptr; }
 };
 
-// Close a group of r rows that were centred on run.mean (s = sum of deviations, q = sum of their
-// squared norms): the batch form of Chan's update,
-//   n' = n + r,  mean' = mean + s / n',  M2' = M2 + q - ||s||^2 / n'.
-// It equals Chan's merge of the group's own (r, mean_g, M2_g) (q = M2_g + r ||mean_g - mean||^2,
-// s = r (mean_g - mean)); because the deviations are taken from the running mean, q and s are
-// small where the data are tightly clustered and nothing large cancels. s is zeroed on the way,
-// ready for the next group (a separate memset per close and per class start was 13% of the
-// kernel's time at 10 rows per class).
-void close_group(Running& run, double* s, double q, int64_t r, int64_t d) {
-  const int64_t n1 = run.n + r;
-  const double inv = 1.0 / static_cast<double>(n1);
-  double* mu = run.mean.data();
-  double ss = 0.0;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t j = 0; j < d; ++j) {
-    ss += s[j] * s[j];
-    mu[j] += s[j] * inv;
-    s[j] = 0.0;
-  }
-  // >= 0 exactly (Cauchy-Schwarz), rounding may not be; NaN and Inf must pass through (the caller's
-  // bad-input check reads M2), which std::max(0.0, NaN) would not do.
-  const double added = q - ss * inv;
-  run.m2 += added < 0.0 ? 0.0 : added;
-  run.n = n1;
-}
-
 // ||row|| of r rows, front to back (float64 sums of the widened elements).
 template <typename T>
 void row_norms(const T* const* rows, int64_t r, int64_t d, double* norms) {
@@ -176,8 +151,8 @@ void row_norms(const T* const* rows, int64_t r, int64_t d, double* norms) {
 }
 
 // Four rows a..e centred on mu in one loop: s += their deviations and, with Units, usum += the rows
-// times their inverse norms w[0..4); returns their squared deviations (one loop for all the sums:
-// a second pass for the unit vectors cost the generic build a third more).
+// times their inverse norms w[0..4); returns their squared deviations (one loop for all the sums,
+// not a second pass over the rows for the unit vectors).
 template <bool Units, typename T>
 double fold_four(const T* a, const T* b, const T* c, const T* e, const double* w, int64_t d, const double* mu,
                  double* s, double* usum) {
@@ -195,7 +170,7 @@ double fold_four(const T* a, const T* b, const T* c, const T* e, const double* w
 
 // Fold r rows of one class centred on mu: s += sum (x - mu), and unless usum is null
 // usum += sum x / ||x||, norm_sum += sum ||x||; returns sum ||x - mu||^2. The caller closes the
-// group (close_group). `next` names the rows the AVX-512 kernel prefetches as it goes (Ahead).
+// group (ClassAccumulator::close). `next` names the rows the AVX-512 kernel prefetches as it goes (Ahead).
 // `stage` (4 rows of stage_stride(d) doubles, 64-byte aligned) is scratch for the AVX-512 kernel.
 template <typename T>
 double fold_group(const T* const* rows, int64_t r, int64_t d, const double* mu, double* s, double* usum,
@@ -231,8 +206,8 @@ double fold_group(const T* const* rows, int64_t r, int64_t d, const double* mu, 
 // float32 rows with explicit AVX-512. Each element is widened to float64 once: pass A widens K
 // (1, 2 or 4) rows into the L1-resident stage while it sums their squares (the norms the unit
 // vectors need first), pass B folds the staged rows. Widening costs two FP uops per 8 elements
-// on Intel (one per cycle on Zen); widening each element a second time in pass B instead of
-// reloading it from L1 was 0.255 ns/element against 0.18 here (Xeon, in-cache micro-benchmark).
+// on Intel (one per cycle on Zen), so pass B reloads the widened values from L1 rather than
+// widening them again.
 // Masked loads and stores only on the d % 8 tail (AMD's masked stores are slow).
 inline __m512d widen8(const float* p, int64_t j, bool masked, __mmask8 m) {
   return _mm512_cvtps_pd(masked ? _mm256_maskz_loadu_ps(m, p + j) : _mm256_loadu_ps(p + j));
@@ -275,13 +250,11 @@ void stage_rows(const float* const* p, int64_t d, int64_t full, __mmask8 tail, d
   for (int i = 0; i < K; ++i) sq[i] = _mm512_reduce_add_pd(q[i]);
 }
 
-// A fold's K rows ahead, taken out of an Ahead once per fold into locals (read through the Ahead
-// at every slice, the folds ran 1.3-1.5x slower); prefetch(j) requests the slice at element j,
-// the near rows into L1, the far ones into L2. The far requests reach L2 before the near ones are
-// made, so a near one waits on L2, not on memory, and the L1 fill buffers (16 a core, each held
-// for a request's whole latency) turn over faster: rows visited in class order, N = 50,000,
-// D = 512, A/B in one process: C = 1,000 0.90, C = 100 0.93-0.95 of the time with the far rows
-// 16-32 rows ahead (64 rows: 0.94-0.99).
+// A fold's K rows ahead, taken out of an Ahead once per fold into locals (not read through the
+// Ahead at every slice); prefetch(j) requests the slice at element j, the near rows into L1, the
+// far ones into L2. The far requests reach L2 before the near ones are made, so a near one waits
+// on L2, not on memory, and the L1 fill buffers (16 a core, each held for a request's whole
+// latency) turn over faster.
 template <int K>
 struct Slices {
   const float* near[K];
@@ -391,7 +364,7 @@ __m512d stage_and_fold(const float* const* rows, int64_t d, int64_t full, __mmas
 }
 
 // Rows in fours, the last r % 4 as a two and a one. Four rows is the widest fold that fits: with
-// eight, the stage (32 KiB) and the rows pushed L1 (48 KiB) over and the fold ran 30% slower.
+// eight, the stage (32 KiB) and the rows would overflow a 48 KiB L1.
 template <>
 double fold_group<float>(const float* const* rows, int64_t r, int64_t d, const double* mu, double* s,
                          double* usum, double& norm_sum, Ahead<float> next, double* stage) {
@@ -432,10 +405,10 @@ struct ClassAccumulator {
     since += r;
     if (since >= kCloseRows) close(d);
   }
-  // s is zero whenever since == 0 (from the constructor, then close_group).
+  // s is zero whenever since == 0 (from the constructor, then chan_merge_sums).
   void close(int64_t d) {
     if (since == 0) return;
-    close_group(run, s.data(), q, since, d);
+    chan_merge_sums(run.n, run.mean.data(), run.m2, since, s.data(), q, d);
     q = 0.0;
     since = 0;
   }
@@ -468,9 +441,8 @@ const T* row_as(const Matrix& x, int64_t i, T* dst) {
 // How far ahead of its reads a fold prefetches, in bytes of rows of its own visiting order (at
 // least one row): while row t is folded, the row visited kPrefetchBytes later is requested into
 // L1. The hardware prefetchers cannot follow rows taken class by class, and a stream of software
-// prefetches a few rows ahead keeps the memory busy while the arithmetic runs (Xeon, 2 threads,
-// streaming 2 KB rows: 1-16 rows ahead all read at the same speed; 384 rows ahead, as a whole
-// chunk ahead is, lost 20%; into L1 (T0) beat into L2 (T1) by 8%).
+// prefetches a few rows ahead keeps the memory busy while the arithmetic runs (a whole chunk ahead
+// is too far, and into L1 beats into L2).
 constexpr int64_t kPrefetchBytes = 8 << 10;
 
 inline int64_t prefetch_rows(int64_t row_bytes) { return std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, row_bytes)); }
@@ -485,9 +457,8 @@ inline int64_t far_rows(int64_t row_bytes, int64_t near) {
 
 // Up to this many classes, rows are taken in memory order (see stream_thread); above, rows are
 // visited class by class instead: each chunk's groups get small and the per-class states outgrow
-// L1. With the far prefetch of the class-sorted path the two meet near 40 classes (A/B, N = 50,000,
-// D = 512, unit_sums=False, class-sorted against memory order: C = 24 1.04, 32 1.02, 48 0.95-1.0,
-// 64 0.92-0.94 of the time; with unit sums C = 32 0.86, 64 0.88); it was 64 before that prefetch.
+// L1. With the far prefetch of the class-sorted path the two orders meet near 40 classes without
+// unit sums (with them, class by class is already ahead at 32).
 constexpr int64_t kStreamClasses = 32;
 
 // Few classes: one thread's contiguous rows [lo, hi) in memory order, chunk by chunk. The
@@ -559,7 +530,7 @@ void stream_thread(const Matrix& x, const int64_t* labels, int64_t c, int64_t lo
 
 // dst[0, d) = src[0, d) with non-temporal stores where the AVX-512 build can: with many classes
 // the C x D results are written once and not read again here, and an ordinary store first reads
-// each line from memory (at C = 1,000, D = 512, 4 MB more traffic beside the 102 MB of rows).
+// each line from memory.
 // The caller fences (_mm_sfence) before the results are read elsewhere.
 inline void stream_copy(const double* src, double* dst, int64_t d) {
   int64_t j = 0;
@@ -613,8 +584,8 @@ void sorted_thread(const Matrix& x, const int64_t* order, const std::vector<int6
     acc.reset();
     for (int64_t c0 = pos; c0 < end; c0 += rows_per_chunk) {
       const int64_t r = std::min(rows_per_chunk, end - c0);
-      // The sorted positions the next chunk will read (the other thread wrote them; a plain
-      // read of each new line waited on it).
+      // The sorted positions the next chunk will read (the other thread wrote them, so a plain
+      // read of each new line would wait on it).
       for (int64_t q = c0 + r + far; q < std::min(hi, c0 + r + far + rows_per_chunk); q += 8)
         prefetch_l1(order + q);
       for (int64_t t = 0; t < r; ++t) {
@@ -692,9 +663,9 @@ namespace {
 
 // Count the labels into counts[0, c), checking each: a label outside [0, c) raises
 // std::invalid_argument naming it (the first in memory order) before anything else is written.
-// The Python layer leaves this check to the kernel on its path (its torch pass over the labels
-// cost 0.1-0.2 ms of a 5 ms call with cold caches). One thread: counting in parallel (per-thread
-// counts, then a parallel fill of the sort below) measured no faster at N = 50,000.
+// The Python layer leaves this check to the kernel on its path, saving a torch pass over the
+// labels. One thread: counting in parallel (per-thread counts, then a parallel fill of the sort
+// below) is no faster.
 void count_labels(const int64_t* labels, int64_t n, int64_t c, int64_t* counts) {
   std::fill(counts, counts + c, int64_t{0});
   for (int64_t i = 0; i < n; ++i) {

@@ -1,9 +1,9 @@
 // Fused nearest-class sweep: no N x C score matrix, one read of the features.
 //
-// A block of rows is converted once (minus the shift) into a float32 buffer that stays in L1/L2;
-// the class centres are swept in tiles of four against pairs of rows, so every loaded vector of
-// a row or a centre feeds several fused multiply-adds (8 accumulators: FMA-bound on AVX2).
-// Scores are reduced at once into (best, second best, index) per row and class group.
+// A block of rows is converted once (minus the shift) into a float32 buffer that stays in cache,
+// and scored against the class centres; scores are reduced at once into (best, second best,
+// index) per row and class group. Two sweeps: the register-tiled AVX-512 engine (any number of
+// classes), and a generic 2 x 4 blocked one; ncc_sweep runs the one this build has.
 #include "ncc.h"
 
 #include <algorithm>
@@ -24,7 +24,6 @@ namespace ncfast {
 
 namespace {
 
-constexpr int64_t kRowBlock = 32;
 constexpr int kMaxGroups = 4;
 
 inline void consider(float s, int64_t c, float& b1, float& b2, int64_t& i1) {
@@ -36,35 +35,6 @@ inline void consider(float s, int64_t c, float& b1, float& b2, int64_t& i1) {
     b2 = s;
   }
 }
-
-// A block of rows' running (best, second best, index) per group and their norms.
-template <int64_t R>
-struct BlockBest {
-  float b1[R][kMaxGroups], b2[R][kMaxGroups];
-  int64_t i1[R][kMaxGroups];
-  double norm[R];
-
-  void reset(int64_t t, int groups) {
-    for (int g = 0; g < groups; ++g) {
-      b1[t][g] = b2[t][g] = std::numeric_limits<float>::infinity();
-      i1[t][g] = 0;
-    }
-  }
-
-  // best / unsure of rows r0 .. r0 + rows (see ncc.h), the bound rel * (||x - t|| cmax + omax).
-  void write(int64_t r0, int64_t rows, int groups, const int64_t* starts, double rel, const double* cmax,
-             const double* omax, int64_t* best, uint8_t* unsure) const {
-    for (int64_t t = 0; t < rows; ++t) {
-      for (int g = 0; g < groups; ++g) {
-        const double bound = rel * (norm[t] * cmax[g] + omax[g]);
-        const int64_t o = (r0 + t) * groups + g;
-        best[o] = i1[t][g] - starts[g];
-        unsure[o] = (starts[g + 1] - starts[g] > 1 &&
-                     static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]) <= 2.0 * bound) ? 1 : 0;
-      }
-    }
-  }
-};
 
 // Row r of x minus the shift into dst (float32) with one rounding of the exact difference, as the
 // bound assumes: float32 arithmetic on exactly converted float32/16/bf16 values, float64 first for
@@ -85,7 +55,130 @@ inline double shifted_row(const Matrix& x, int64_t r, const float* shift, float*
   return std::sqrt(sq);
 }
 
-}  // namespace
+// A block of rows' running (best, second best, index) per group and their norms.
+template <int64_t R>
+struct BlockBest {
+  float b1[R][kMaxGroups], b2[R][kMaxGroups];
+  int64_t i1[R][kMaxGroups];
+  double norm[R];
+
+  void reset(int64_t t, int groups) {
+    for (int g = 0; g < groups; ++g) {
+      b1[t][g] = b2[t][g] = std::numeric_limits<float>::infinity();
+      i1[t][g] = 0;
+    }
+  }
+
+  // Block row t: row r of x minus the shift into dst (shifted_row), its norm kept, its bests reset.
+  void start_row(int64_t t, const Matrix& x, int64_t r, const float* shift, float* dst, double* row64, int groups) {
+    norm[t] = shifted_row(x, r, shift, dst, row64);
+    reset(t, groups);
+  }
+
+  // best / unsure of rows r0 .. r0 + rows (see ncc.h), the bound rel * (||x - t|| cmax + omax).
+  void write(int64_t r0, int64_t rows, int groups, const int64_t* starts, double rel, const double* cmax,
+             const double* omax, int64_t* best, uint8_t* unsure) const {
+    for (int64_t t = 0; t < rows; ++t) {
+      for (int g = 0; g < groups; ++g) {
+        const double bound = rel * (norm[t] * cmax[g] + omax[g]);
+        const int64_t o = (r0 + t) * groups + g;
+        best[o] = i1[t][g] - starts[g];
+        unsure[o] = (starts[g + 1] - starts[g] > 1 &&
+                     static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]) <= 2.0 * bound) ? 1 : 0;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Generic sweep: blocks of kRowBlock rows; the class centres are swept in tiles of four against
+// pairs of rows, so every loaded vector of a row or a centre feeds several fused multiply-adds
+// (8 accumulators: FMA-bound on AVX2). Compiled in every build, run in those without AVX-512.
+constexpr int64_t kRowBlock = 32;
+
+[[maybe_unused]] void sweep_blocked(const Matrix& x, const float* shift, const float* centres, const float* offsets, int64_t k,
+                   const int64_t* starts, int groups, double rel, const double* cmax, const double* omax,
+                   int64_t* best, uint8_t* unsure, int num_threads) {
+  // group_of[c]: which argmin problem class c belongs to
+  std::vector<int> group_of(k);
+  for (int g = 0; g < groups; ++g)
+    for (int64_t c = starts[g]; c < starts[g + 1]; ++c) group_of[c] = g;
+  const int64_t n = x.rows, d = x.cols;
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int threads = region_threads(num_threads, blocks);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    std::vector<float> buf(kRowBlock * d);
+    std::vector<double> row64(d);
+    BlockBest<kRowBlock> st;
+    auto& b1 = st.b1;
+    auto& b2 = st.b2;
+    auto& i1 = st.i1;
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp for schedule(dynamic, 4)
+#endif
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t r0 = blk * kRowBlock;
+      const int64_t rows = std::min(kRowBlock, n - r0);
+      for (int64_t t = 0; t < rows; ++t) st.start_row(t, x, r0 + t, shift, buf.data() + t * d, row64.data(), groups);
+      int64_t t = 0;
+      for (; t + 2 <= rows; t += 2) {
+        const float* xa = buf.data() + t * d;
+        const float* xb = xa + d;
+        int64_t c = 0;
+        for (; c + 4 <= k; c += 4) {
+          const float *w0 = centres + c * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
+          float a0 = 0, a1 = 0, a2 = 0, a3 = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, e0, e1, e2, e3)
+          for (int64_t j = 0; j < d; ++j) {
+            const float va = xa[j], vb = xb[j];
+            a0 += va * w0[j];
+            a1 += va * w1[j];
+            a2 += va * w2[j];
+            a3 += va * w3[j];
+            e0 += vb * w0[j];
+            e1 += vb * w1[j];
+            e2 += vb * w2[j];
+            e3 += vb * w3[j];
+          }
+          const float as[4] = {a0, a1, a2, a3}, es[4] = {e0, e1, e2, e3};
+          for (int q = 0; q < 4; ++q) {
+            const int g = group_of[c + q];
+            consider(offsets[c + q] + as[q], c + q, b1[t][g], b2[t][g], i1[t][g]);
+            consider(offsets[c + q] + es[q], c + q, b1[t + 1][g], b2[t + 1][g], i1[t + 1][g]);
+          }
+        }
+        for (; c < k; ++c) {
+          const float* w = centres + c * d;
+          float a = 0, e = 0;
+#pragma omp simd reduction(+ : a, e)
+          for (int64_t j = 0; j < d; ++j) {
+            a += xa[j] * w[j];
+            e += xb[j] * w[j];
+          }
+          const int g = group_of[c];
+          consider(offsets[c] + a, c, b1[t][g], b2[t][g], i1[t][g]);
+          consider(offsets[c] + e, c, b1[t + 1][g], b2[t + 1][g], i1[t + 1][g]);
+        }
+      }
+      for (; t < rows; ++t) {
+        const float* xa = buf.data() + t * d;
+        for (int64_t c = 0; c < k; ++c) {
+          const float* w = centres + c * d;
+          float a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t j = 0; j < d; ++j) a += xa[j] * w[j];
+          const int g = group_of[c];
+          consider(offsets[c] + a, c, b1[t][g], b2[t][g], i1[t][g]);
+        }
+      }
+      st.write(r0, rows, groups, starts, rel, cmax, omax, best, unsure);
+    }
+  }
+  (void)threads;  // unused without OpenMP
+}
 
 #if defined(__AVX512F__)
 // ---------------------------------------------------------------------------------------------
@@ -97,20 +190,16 @@ inline double shifted_row(const Matrix& x, int64_t r, const float* shift, float*
 // one group and its scores are screened against the rows' second-best with one compare each.
 // The bf16 variant keeps the same tiles over pairs of features with VDPBF16PS (products exact,
 // accumulated in float32), twice the products per instruction.
-namespace {
-
 constexpr int kLanes = 32;     // classes per panel
 // Narrow panels (see above): at C = 10 a 32-lane panel computes 22 padding lanes, and the sweep is
 // FMA-bound on them.
 constexpr int kNarrowLanes = 16;
 constexpr int kTileRows = 12;  // rows per register tile
 // Rows converted per block: up to 384 (each centre panel streamed from L2/L3 serves 32 register
-// tiles; at C = 10,000 that is 434 against 318 GFLOP/s with 96 rows), fewer when the block would
-// outgrow ~768 KB of L2.
+// tiles), fewer when the block would outgrow ~768 KB of L2.
 constexpr int64_t kPackedBlock = 384;
 // Up to this many panels the tiles prefetch the thread's next block, of at most kPrefetchBlock
-// rows (A/B at N = 50,000, D = 512: C = 10 and 100 0.88 and 0.93 of the time with 2 panels and
-// 384 rows as the limits; 96-192 rows measured alike).
+// rows (see sweep_packed).
 constexpr int64_t kPrefetchPanels = 4;
 constexpr int64_t kPrefetchBlock = 192;
 inline int64_t packed_block_rows(int64_t d) {
@@ -169,8 +258,8 @@ __attribute__((noinline)) void fold_panel_top2(__m512 lo, __m512 hi, __mmask16 m
 // Fold a panel's L scores (lanes in increasing class order, padding +inf) into a row's running
 // (best, second best, index), as consider() on each lane in turn would. Lanes not under the second
 // best (NaN included) cannot change it and are skipped. With more than two candidates (every lane
-// of a row's first panel) the panel's two smallest come from vector reductions instead: the lane
-// loop's unpredictable branches had made this update a fifth of the sweep at C = 100.
+// of a row's first panel) the panel's two smallest come from vector reductions instead of a lane
+// loop, whose branches would be unpredictable there.
 template <int L>
 inline void update_rows(const float* scores, int64_t base, float& b1, float& b2, int64_t& i1) {
   const __m512 lim = _mm512_set1_ps(b2);
@@ -275,11 +364,27 @@ void dispatch_rows(int64_t rows, Tile&& tile) {
   }
 }
 
-}  // namespace
+// One register tile of scores, rows t .. t + MR of the block (buf: float32, d a row; buf16: bf16
+// pairs, d2 a row) against panel p, in the sweep's precision, the rows' next block prefetched or
+// not. bf16 exists only in an AVX512-BF16 build (ncc_sweep refuses it elsewhere).
+template <int MR, int L>
+inline void tile_scores(bool bf16, bool prefetch, int64_t t, int64_t p, const float* buf, const uint32_t* buf16,
+                        const float* packed32, const uint16_t* packed16, int64_t d, int64_t d2, float* out,
+                        const char* pf, int64_t pf_lines) {
+#if defined(__AVX512BF16__)
+  if (bf16) {
+    if (prefetch)
+      tile_bf16<MR, L, true>(buf16 + t * d2, d2, packed16 + p * d2 * L * 2, d2, out, pf, pf_lines);
+    else
+      tile_bf16<MR, L, false>(buf16 + t * d2, d2, packed16 + p * d2 * L * 2, d2, out, pf, 0);
+    return;
+  }
 #endif
-
-#if defined(__AVX512F__)
-namespace {
+  if (prefetch)
+    tile_f32<MR, L, true>(buf + t * d, d, packed32 + p * d * L, d, out, pf, pf_lines);
+  else
+    tile_f32<MR, L, false>(buf + t * d, d, packed32 + p * d * L, d, out, pf, 0);
+}
 
 template <int L>
 void sweep_packed(const Matrix& x, const float* shift, const float* centres, const float* offsets,
@@ -307,10 +412,10 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
   }
   // Blocks are dealt round-robin, so a thread knows its next block, and where the centres fill
   // at most kPrefetchPanels panels its tiles prefetch that block's rows into L2 while they compute:
-  // the conversion pass then reads from L2, not from memory (at C = 10 the two phases had run one
-  // after the other, each about half the time). Those blocks are smaller, so that two of them
-  // and the panels stay well inside L2. With more panels the sweep is compute-bound and the
-  // prefetch's registers cost more than it saves (C = 200: no gain; 32 panels: slower).
+  // the conversion pass then reads from L2, and the memory reads overlap the tiles' arithmetic
+  // instead of following it. Those blocks are smaller, so that two of them and the panels stay
+  // well inside L2. With more panels the sweep is compute-bound and the prefetch's registers cost
+  // more than it saves.
   const bool prefetch = pan.count <= kPrefetchPanels;
   const int64_t block_rows = prefetch ? std::min(kPrefetchBlock, packed_block_rows(d)) : packed_block_rows(d);
   const int64_t blocks = (n + block_rows - 1) / block_rows;
@@ -341,7 +446,7 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
       int64_t tile_no = 0;
       for (int64_t t = 0; t < rows; ++t) {
         float* dst = buf.get() + t * d;
-        st.norm[t] = shifted_row(x, r0 + t, shift, dst, row64.data());
+        st.start_row(t, x, r0 + t, shift, dst, row64.data(), groups);
         if (bf16) {
           uint32_t* pairs = buf16.get() + t * d2;
           for (int64_t j2 = 0; j2 < d2; ++j2) {
@@ -350,7 +455,6 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
             pairs[j2] = lo | (hi << 16);
           }
         }
-        st.reset(t, groups);
       }
       for (int64_t p = 0; p < pan.count; ++p) {
         const int g = pan.group[p];
@@ -363,17 +467,8 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
           const char* pf = pf_base ? pf_base + 64 * first : nullptr;
           const int64_t pf_lines = std::min(pf_total, first + pf_each) - first;
           ++tile_no;
-#if defined(__AVX512BF16__)
-          if (bf16 && prefetch)
-            tile_bf16<MR, L, true>(buf16.get() + t * d2, d2, packed16.get() + p * d2 * L * 2, d2, sc, pf, pf_lines);
-          else if (bf16)
-            tile_bf16<MR, L, false>(buf16.get() + t * d2, d2, packed16.get() + p * d2 * L * 2, d2, sc, pf, 0);
-          else
-#endif
-          if (prefetch)
-            tile_f32<MR, L, true>(buf.get() + t * d, d, packed32.get() + p * d * L, d, sc, pf, pf_lines);
-          else
-            tile_f32<MR, L, false>(buf.get() + t * d, d, packed32.get() + p * d * L, d, sc, pf, 0);
+          tile_scores<MR, L>(bf16, prefetch, t, p, buf.get(), buf16.get(), packed32.get(), packed16.get(), d, d2, sc,
+                             pf, pf_lines);
           for (int r = 0; r < MR; ++r) {
             float* s = sc + r * L;
             _mm512_store_ps(s, _mm512_add_ps(_mm512_load_ps(s), o0));
@@ -388,8 +483,22 @@ void sweep_packed(const Matrix& x, const float* shift, const float* centres, con
   (void)threads;
 }
 
-}  // namespace
+// The AVX-512 engine: 16-wide panels where no argmin has more than 16 classes, else 32-wide.
+void sweep_register_tiled(const Matrix& x, const float* shift, const float* centres, const float* offsets,
+                          const int64_t* starts, int groups, double rel, const double* cmax, const double* omax,
+                          int64_t* best, uint8_t* unsure, int num_threads, bool bf16) {
+  int64_t widest = 0;
+  for (int g = 0; g < groups; ++g) widest = std::max(widest, starts[g + 1] - starts[g]);
+  if (widest <= kNarrowLanes)
+    sweep_packed<kNarrowLanes>(x, shift, centres, offsets, starts, groups, rel, cmax, omax, best, unsure,
+                               num_threads, bf16);
+  else
+    sweep_packed<kLanes>(x, shift, centres, offsets, starts, groups, rel, cmax, omax, best, unsure, num_threads,
+                         bf16);
+}
 #endif
+
+}  // namespace
 
 bool ncc_register_tiled() {
 #if defined(__AVX512F__)
@@ -414,98 +523,11 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
   if (!ncc_has_precision(precision))
     throw std::invalid_argument("precision: '" + precision + "' is not available in this build (see compile_options())");
 #if defined(__AVX512F__)
-  int64_t widest = 0;
-  for (int g = 0; g < groups; ++g) widest = std::max(widest, starts[g + 1] - starts[g]);
-  if (widest <= kNarrowLanes)
-    sweep_packed<kNarrowLanes>(x, shift, centres, offsets, starts, groups, rel, cmax, omax, best, unsure,
-                               num_threads, precision == "bf16");
-  else
-    sweep_packed<kLanes>(x, shift, centres, offsets, starts, groups, rel, cmax, omax, best, unsure, num_threads,
-                         precision == "bf16");
-  return;
+  sweep_register_tiled(x, shift, centres, offsets, starts, groups, rel, cmax, omax, best, unsure, num_threads,
+                       precision == "bf16");
+#else
+  sweep_blocked(x, shift, centres, offsets, k, starts, groups, rel, cmax, omax, best, unsure, num_threads);
 #endif
-  // group_of[c]: which argmin problem class c belongs to
-  std::vector<int> group_of(k);
-  for (int g = 0; g < groups; ++g)
-    for (int64_t c = starts[g]; c < starts[g + 1]; ++c) group_of[c] = g;
-  const int64_t n = x.rows, d = x.cols;
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  const int threads = region_threads(num_threads, blocks);
-#ifdef NCFAST_WITH_OPENMP
-#pragma omp parallel num_threads(threads)
-#endif
-  {
-    std::vector<float> buf(kRowBlock * d);
-    std::vector<double> row64(d);
-    BlockBest<kRowBlock> st;
-    auto& b1 = st.b1;
-    auto& b2 = st.b2;
-    auto& i1 = st.i1;
-#ifdef NCFAST_WITH_OPENMP
-#pragma omp for schedule(dynamic, 4)
-#endif
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t r0 = blk * kRowBlock;
-      const int64_t rows = std::min(kRowBlock, n - r0);
-      for (int64_t t = 0; t < rows; ++t) {
-        st.norm[t] = shifted_row(x, r0 + t, shift, buf.data() + t * d, row64.data());
-        st.reset(t, groups);
-      }
-      int64_t t = 0;
-      for (; t + 2 <= rows; t += 2) {
-        const float* xa = buf.data() + t * d;
-        const float* xb = xa + d;
-        int64_t c = 0;
-        for (; c + 4 <= k; c += 4) {
-          const float *w0 = centres + c * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
-          float a0 = 0, a1 = 0, a2 = 0, a3 = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, e0, e1, e2, e3)
-          for (int64_t j = 0; j < d; ++j) {
-            const float va = xa[j], vb = xb[j];
-            a0 += va * w0[j];
-            a1 += va * w1[j];
-            a2 += va * w2[j];
-            a3 += va * w3[j];
-            e0 += vb * w0[j];
-            e1 += vb * w1[j];
-            e2 += vb * w2[j];
-            e3 += vb * w3[j];
-          }
-          const float as[4] = {a0, a1, a2, a3}, es[4] = {e0, e1, e2, e3};
-          for (int q = 0; q < 4; ++q) {
-            const int g = group_of[c + q];
-            consider(offsets[c + q] + as[q], c + q, b1[t][g], b2[t][g], i1[t][g]);
-            consider(offsets[c + q] + es[q], c + q, b1[t + 1][g], b2[t + 1][g], i1[t + 1][g]);
-          }
-        }
-        for (; c < k; ++c) {
-          const float* w = centres + c * d;
-          float a = 0, e = 0;
-#pragma omp simd reduction(+ : a, e)
-          for (int64_t j = 0; j < d; ++j) {
-            a += xa[j] * w[j];
-            e += xb[j] * w[j];
-          }
-          const int g = group_of[c];
-          consider(offsets[c] + a, c, b1[t][g], b2[t][g], i1[t][g]);
-          consider(offsets[c] + e, c, b1[t + 1][g], b2[t + 1][g], i1[t + 1][g]);
-        }
-      }
-      for (; t < rows; ++t) {
-        const float* xa = buf.data() + t * d;
-        for (int64_t c = 0; c < k; ++c) {
-          const float* w = centres + c * d;
-          float a = 0;
-#pragma omp simd reduction(+ : a)
-          for (int64_t j = 0; j < d; ++j) a += xa[j] * w[j];
-          const int g = group_of[c];
-          consider(offsets[c] + a, c, b1[t][g], b2[t][g], i1[t][g]);
-        }
-      }
-      st.write(r0, rows, groups, starts, rel, cmax, omax, best, unsure);
-    }
-  }
-  (void)threads;  // unused without OpenMP
 }
 
 }  // namespace ncfast

@@ -7,6 +7,7 @@
 #include "pairwise.h"
 
 #include "common.h"
+#include "numerics.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,12 +32,162 @@ extern "C" double pow(double, double) noexcept __attribute__((__simd__("notinbra
 #endif
 #endif
 
-
 namespace ncfast {
 
-#if defined(__AVX512F__)
 namespace {
 
+// What a row sweep reads of row i besides the tile: its row of G, ||Mt_i||^2, 1 / ||Mt_i||, v_i, its
+// global class, its first paired column (global column above the row's class) and the distance
+// of its nearest class so far.
+struct PairRow {
+  const double* g;
+  double sq, inv_norm, var;
+  int64_t index, begin;
+  double best;
+};
+
+// What every row of a tile shares: 1 / ||Mt_j|| per column (divisions by the norms become products
+// with their inverses: one division per column, not per pair), 1 / ||G||_F and the CDNV exponent.
+struct TileScale {
+  const double* inv_nc;
+  double inv_g, p;
+  bool unit_p;  // p == 1
+};
+
+// Where a row sweep writes (one set per thread): the row's CDNV ratios and uniformity terms in
+// [begin, t2), for their deviation pass, and the thread's column sums of the ratios and column
+// minima (with their rows' global indices).
+struct RowOut {
+  double *ratio, *lg, *csum, *cbest;
+  int64_t* cidx;
+};
+
+// One row's sums over its pairs; low is its smallest squared distance and low_j that column
+// (kNoColumn where no distance was a candidate).
+struct RowSums {
+  double resid, cos_dev, coh, dist, rsum, usum, low;
+  int64_t low_j;
+};
+
+constexpr int64_t kNoColumn = std::numeric_limits<int64_t>::max();
+
+// The CDNV ratios of row i for p != 1, from the squared distances in rr[j0, n): rr[j] becomes
+// (vi + var_c[j]) / (2 rr[j]^p), added to csum[j]; returns their sum. p = 2 and p = 1/2 take a
+// product and a square root (faster than pow, and exactly rounded); other p pow.
+template <typename Power>
+inline double ratios_with(double* rr, const double* var_c, double vi, int64_t j0, int64_t n, double* csum,
+                          Power power) {
+  double rsum = 0;
+#pragma omp simd simdlen(8) reduction(+ : rsum)
+  for (int64_t j = j0; j < n; ++j) {
+    const double r = (vi + var_c[j]) / (2.0 * power(rr[j]));
+    rr[j] = r;
+    csum[j] += r;
+    rsum += r;
+  }
+  return rsum;
+}
+
+inline double ratios_pow(double* rr, const double* var_c, double vi, double p, int64_t j0, int64_t n, double* csum) {
+  if (p == 2.0) return ratios_with(rr, var_c, vi, j0, n, csum, [](double d) { return d * d; });
+  if (p == 0.5) return ratios_with(rr, var_c, vi, j0, n, csum, [](double d) { return std::sqrt(d); });
+  return ratios_with(rr, var_c, vi, j0, n, csum, [p](double d) { return std::pow(d, p); });
+}
+
+// lg[j] = log(1 / sqrt(lg[j])) = -log(lg[j]) / 2 over [j0, n) (+inf where lg[j] = 0); returns their sum.
+inline double log_terms(double* lg, int64_t j0, int64_t n) {
+  double sum = 0;
+#pragma omp simd simdlen(8) reduction(+ : sum)
+  for (int64_t j = j0; j < n; ++j) {
+    const double l = -0.5 * std::log(lg[j]);
+    lg[j] = l;
+    sum += l;
+  }
+  return sum;
+}
+
+// The generic row sweep: a loop per statistic, each one the compiler vectorises. The squared
+// distances are formed once into out.ratio and read by the later loops; the last turns them into
+// the CDNV ratios in place.
+inline RowSums sweep_row_generic(const PairTile& t, const TileScale& k, const PairRow& row, const RowOut& out) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const int64_t j0 = row.begin, n = t.t2;
+  const double sqi = row.sq, inv_ni = row.inv_norm, vi = row.var;
+  const double* grow = row.g;
+  const double* inv_nc = k.inv_nc;
+  double* dd = out.ratio;
+  double* lg = out.lg;
+  RowSums s;
+#pragma omp simd
+  for (int64_t j = j0; j < n; ++j) dd[j] = std::max(sqi + t.sq_c[j] - 2.0 * grow[j], 0.0);
+  double resid = 0, cos_dev = 0, coh = 0, dist = 0;
+#pragma omp simd reduction(+ : resid, cos_dev, coh, dist)
+  for (int64_t j = j0; j < n; ++j) {
+    const double gij = grow[j];
+    const double r = gij * k.inv_g - t.etf_offdiag;
+    resid += r * r;
+    const double cs = gij * inv_ni * inv_nc[j];
+    const double u2 = 2.0 - 2.0 * cs;
+    lg[j] = u2 <= t.unif_floor ? 0.0 : u2;
+    cos_dev += (cs - t.mean_cos) * (cs - t.mean_cos);
+    coh += std::fabs(cs + t.etf_cos);
+    dist += dd[j] + vi + t.var_c[j];
+  }
+  s.resid = resid;
+  s.cos_dev = cos_dev;
+  s.coh = coh;
+  s.dist = dist;
+  s.usum = log_terms(lg, j0, n);
+#pragma omp simd
+  for (int64_t j = j0; j < n; ++j) {
+    const bool better = dd[j] < out.cbest[j];
+    out.cbest[j] = better ? dd[j] : out.cbest[j];
+    out.cidx[j] = better ? row.index : out.cidx[j];
+  }
+  // Eight running minima, folded at the end: GCC keeps `low = std::min(low, dd[j])` a scalar
+  // chain (one compare latency per pair), even under omp simd.
+  double lows[8] = {inf, inf, inf, inf, inf, inf, inf, inf};
+  int64_t j8 = j0;
+  for (; j8 + 8 <= n; j8 += 8)
+#pragma omp simd
+    for (int l = 0; l < 8; ++l) lows[l] = dd[j8 + l] < lows[l] ? dd[j8 + l] : lows[l];
+  for (; j8 < n; ++j8) lows[0] = dd[j8] < lows[0] ? dd[j8] : lows[0];
+  s.low = lows[0];
+  for (int l = 1; l < 8; ++l) s.low = lows[l] < s.low ? lows[l] : s.low;
+  s.low_j = kNoColumn;  // as in the AVX-512 sweep, only finite distances are candidates; the scan
+  if (s.low < inf && s.low <= row.best)  // for its column only where it can win
+    for (s.low_j = j0; dd[s.low_j] != s.low;) ++s.low_j;
+  // the squared distances become the CDNV ratios (the last loop to read them)
+  if (k.unit_p) {
+    double rsum = 0;
+#pragma omp simd reduction(+ : rsum)
+    for (int64_t j = j0; j < n; ++j) {
+      const double r = (vi + t.var_c[j]) / (2.0 * dd[j]);
+      dd[j] = r;
+      out.csum[j] += r;
+      rsum += r;
+    }
+    s.rsum = rsum;
+  } else {
+    s.rsum = ratios_pow(dd, t.var_c, vi, k.p, j0, n, out.csum);
+  }
+  return s;
+}
+
+// sum_j (x_j - m)^2 in eight independent partial sums: `omp simd reduction` leaves this a scalar
+// chain of dependent FMAs (one FMA latency per element).
+inline double sum_sq_dev_generic(const double* x, int64_t n, double m) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += (x[j + l] - m) * (x[j + l] - m);
+  for (; j < n; ++j) acc[0] += (x[j] - m) * (x[j] - m);
+  double total = 0;
+  for (int l = 0; l < 8; ++l) total += acc[l];
+  return total;
+}
+
+#if defined(__AVX512F__)
 // -log(x) / 2 for x in [0, 4] (+inf at 0, NaN for NaN), eight lanes, without a division or a call:
 // x = m 2^e with m in [0.75, 1.5) (getmant / getexp), m in one of 16 bins of width 3/64 with a
 // point c_k (c_k = 1 for the bin holding 1), log m = log c_k + log1p(r), r = m / c_k - 1 formed by
@@ -105,15 +256,14 @@ struct RowAcc {
 // register and feeds the row minimum, the column minima and the pair sums; with kRatio (p = 1) the
 // CDNV ratios are written to rr and added to the row's sum and to the column sums csum, without it
 // the squared distances are written to rr for ratios_pow. The uniformity terms -log(2 - 2 cos_ij) / 2
-// (+inf where 2 - 2 cos_ij <= t.unif_floor) go to lg and their sum to usum. The generic path's
-// separate loops read and wrote an 8 KiB row buffer five times, and GCC turned some of them into
-// emulated gathers (1.16 against 0.53 ms per 1008 x 1008 tile, two Xeon threads). A Markstein
-// reciprocal in place of the division measured slower (0.60 ms): the sweep
-// is bound by its issue ports, not by the divider.
+// (+inf where 2 - 2 cos_ij <= t.unif_floor) go to lg and their sum to usum. One pass, where the
+// generic sweep's separate loops read and write a row buffer several times (and GCC turns some of
+// them into emulated gathers). The ratio keeps its division: the sweep is bound by its issue
+// ports, not by the divider, so a Markstein reciprocal would not pay.
 template <bool kRatio>
-inline void sweep_row(const PairTile& t, const double* grow, const double* inv_nc, double inv_g, double sqi,
-                      double inv_ni, double vi, int64_t gi, int64_t jb, int64_t je, double* rr, double* lg,
-                      double* csum, double* cbest, int64_t* cidx, RowAcc& a) {
+inline void sweep_columns(const PairTile& t, const double* grow, const double* inv_nc, double inv_g, double sqi,
+                          double inv_ni, double vi, int64_t gi, int64_t jb, int64_t je, double* rr, double* lg,
+                          double* csum, double* cbest, int64_t* cidx, RowAcc& a) {
   const __m512d vsqi = _mm512_set1_pd(sqi), vinv_ni = _mm512_set1_pd(inv_ni), vvi = _mm512_set1_pd(vi);
   const __m512d vinv_g = _mm512_set1_pd(inv_g), voff = _mm512_set1_pd(t.etf_offdiag);
   const __m512d vmean = _mm512_set1_pd(t.mean_cos), vetf = _mm512_set1_pd(t.etf_cos);
@@ -157,50 +307,33 @@ inline void sweep_row(const PairTile& t, const double* grow, const double* inv_n
   }
 }
 
-}  // namespace
-#endif
-
-namespace {
-
-// The CDNV ratios of row i for p != 1, from the squared distances in rr[j0, n): rr[j] becomes
-// (vi + var_c[j]) / (2 rr[j]^p), added to csum[j]; returns their sum. p = 2 and p = 1/2 take a
-// product and a square root (faster than pow, and exactly rounded); other p pow.
-template <typename Power>
-inline double ratios_with(double* rr, const double* var_c, double vi, int64_t j0, int64_t n, double* csum,
-                          Power power) {
-  double rsum = 0;
-#pragma omp simd simdlen(8) reduction(+ : rsum)
-  for (int64_t j = j0; j < n; ++j) {
-    const double r = (vi + var_c[j]) / (2.0 * power(rr[j]));
-    rr[j] = r;
-    csum[j] += r;
-    rsum += r;
-  }
-  return rsum;
+// The AVX-512 row sweep: one pass over the columns (sweep_columns), then, for p != 1, the ratios
+// from the squared distances it left in out.ratio.
+inline RowSums sweep_row_avx512(const PairTile& t, const TileScale& k, const PairRow& row, const RowOut& out) {
+  const double inf = std::numeric_limits<double>::infinity();
+  RowAcc a{_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(),
+           _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_set1_pd(inf), _mm512_set1_epi64(kNoColumn)};
+  if (k.unit_p)
+    sweep_columns<true>(t, row.g, k.inv_nc, k.inv_g, row.sq, row.inv_norm, row.var, row.index, row.begin, t.t2,
+                        out.ratio, out.lg, out.csum, out.cbest, out.cidx, a);
+  else
+    sweep_columns<false>(t, row.g, k.inv_nc, k.inv_g, row.sq, row.inv_norm, row.var, row.index, row.begin, t.t2,
+                         out.ratio, out.lg, out.csum, out.cbest, out.cidx, a);
+  RowSums s;
+  s.resid = _mm512_reduce_add_pd(a.resid);
+  s.cos_dev = _mm512_reduce_add_pd(a.cos_dev);
+  s.coh = _mm512_reduce_add_pd(a.coh);
+  s.dist = _mm512_reduce_add_pd(a.dist);
+  s.rsum = k.unit_p ? _mm512_reduce_add_pd(a.rsum) : ratios_pow(out.ratio, t.var_c, row.var, k.p, row.begin, t.t2, out.csum);
+  s.usum = _mm512_reduce_add_pd(a.usum);
+  s.low = _mm512_reduce_min_pd(a.low);
+  // the first column among the lanes that hold the minimum (each lane keeps its own first)
+  s.low_j = _mm512_mask_reduce_min_epi64(_mm512_cmp_pd_mask(a.low, _mm512_set1_pd(s.low), _CMP_EQ_OQ), a.low_j);
+  return s;
 }
 
-inline double ratios_pow(double* rr, const double* var_c, double vi, double p, int64_t j0, int64_t n, double* csum) {
-  if (p == 2.0) return ratios_with(rr, var_c, vi, j0, n, csum, [](double d) { return d * d; });
-  if (p == 0.5) return ratios_with(rr, var_c, vi, j0, n, csum, [](double d) { return std::sqrt(d); });
-  return ratios_with(rr, var_c, vi, j0, n, csum, [p](double d) { return std::pow(d, p); });
-}
-
-// lg[j] = log(1 / sqrt(lg[j])) = -log(lg[j]) / 2 over [j0, n) (+inf where lg[j] = 0); returns their sum.
-inline double log_terms(double* lg, int64_t j0, int64_t n) {
-  double sum = 0;
-#pragma omp simd simdlen(8) reduction(+ : sum)
-  for (int64_t j = j0; j < n; ++j) {
-    const double l = -0.5 * std::log(lg[j]);
-    lg[j] = l;
-    sum += l;
-  }
-  return sum;
-}
-
-// sum_j (x_j - m)^2 in eight independent partial sums: `omp simd reduction` left this a scalar
-// chain of dependent FMAs (4 cycles per element, two thirds of the whole tile's time).
-inline double sum_sq_dev(const double* x, int64_t n, double m) {
-#if defined(__AVX512F__)
+// sum_j (x_j - m)^2 in two vectors of eight partial sums.
+inline double sum_sq_dev_avx512(const double* x, int64_t n, double m) {
   const __m512d vm = _mm512_set1_pd(m);
   __m512d acc = _mm512_setzero_pd(), acc2 = _mm512_setzero_pd();
   int64_t j = 0;
@@ -216,17 +349,21 @@ inline double sum_sq_dev(const double* x, int64_t n, double m) {
     acc = _mm512_fmadd_pd(a, a, acc);
   }
   return _mm512_reduce_add_pd(_mm512_add_pd(acc, acc2));
-#else
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += (x[j + l] - m) * (x[j + l] - m);
-  for (; j < n; ++j) acc[0] += (x[j] - m) * (x[j] - m);
-  double total = 0;
-  for (int l = 0; l < 8; ++l) total += acc[l];
-  return total;
-#endif
 }
+#endif
+
+// The row sweep and the deviation sums of this build: AVX-512 or generic.
+#if defined(__AVX512F__)
+inline RowSums sweep_row(const PairTile& t, const TileScale& k, const PairRow& row, const RowOut& out) {
+  return sweep_row_avx512(t, k, row, out);
+}
+inline double sum_sq_dev(const double* x, int64_t n, double m) { return sum_sq_dev_avx512(x, n, m); }
+#else
+inline RowSums sweep_row(const PairTile& t, const TileScale& k, const PairRow& row, const RowOut& out) {
+  return sweep_row_generic(t, k, row, out);
+}
+inline double sum_sq_dev(const double* x, int64_t n, double m) { return sum_sq_dev_generic(x, n, m); }
+#endif
 
 // Chan's combination for the CDNV ratios and the uniformity terms, which are +inf where two classes
 // share a mean (a direction): the mean of a set holding inf is inf (its delta, inf - inf, would
@@ -251,11 +388,9 @@ inline bool lex_less(double v, int64_t idx, double best, int64_t best_idx) {
 
 }  // namespace
 
-
 PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double* best_r, int64_t* idx_r,
                           double* best_c, int64_t* idx_c, double* ratio_r, double* ratio_c, int num_threads) {
   const double inf = std::numeric_limits<double>::infinity();
-  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
   const int threads = region_threads(num_threads, t.t1);
   std::vector<PairSums> part(threads);
   // Column minima per thread, merged afterwards.
@@ -263,13 +398,9 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
   std::vector<int64_t> cidx(static_cast<size_t>(threads) * t.t2, -1);
   // Column sums of the CDNV ratios per thread, likewise.
   std::vector<double> csums(static_cast<size_t>(threads) * t.t2, 0.0);
-  const double p = t.cdnv_exponent;
-  const bool unit_p = p == 1.0;
-  // Divisions by the norms become products with their inverses (one division per column, not per
-  // pair); the CDNV ratio keeps its division.
   std::vector<double> inv_nc(t.t2);
   for (int64_t j = 0; j < t.t2; ++j) inv_nc[j] = 1.0 / t.norm_c[j];
-  const double inv_g = 1.0 / t.g;
+  const TileScale scale{inv_nc.data(), 1.0 / t.g, t.cdnv_exponent, t.cdnv_exponent == 1.0};
 
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
@@ -277,18 +408,10 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
   {
     const int tid = thread_id();
     PairSums& s = part[tid];
-    double* my_cbest = cbest.data() + static_cast<size_t>(tid) * t.t2;
-    int64_t* my_cidx = cidx.data() + static_cast<size_t>(tid) * t.t2;
-    double* my_csum = csums.data() + static_cast<size_t>(tid) * t.t2;
-    // Row i's uniformity terms, for the log loop and their deviation pass.
-    std::vector<double> lgs(t.t2);
-    // Row i's CDNV ratios, for their second (deviation) pass. The generic path also keeps the row's
-    // squared distances, computed once and read by its later sweeps (each a loop the compiler
-    // vectorises: 4.3 -> 1.2 ms per 1008 x 1008 tile on two Xeon threads).
-    std::vector<double> ratio(t.t2);
-#if !defined(__AVX512F__)
-    std::vector<double> d2(t.t2);
-#endif
+    // Row i's CDNV ratios and uniformity terms, for their deviation pass.
+    std::vector<double> ratio(t.t2), lgs(t.t2);
+    const RowOut out{ratio.data(), lgs.data(), csums.data() + static_cast<size_t>(tid) * t.t2,
+                     cbest.data() + static_cast<size_t>(tid) * t.t2, cidx.data() + static_cast<size_t>(tid) * t.t2};
     // Rows in interleaved blocks of 8: a tile that crosses the diagonal has rows of unequal length.
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp for schedule(static, 8)
@@ -296,82 +419,10 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
     for (int64_t i = 0; i < t.t1; ++i) {
       const int64_t gi = row0 + i;
       const double* grow = t.gram + i * t.t2;
-      const double sqi = t.sq_r[i], inv_ni = 1.0 / t.norm_r[i], vi = t.var_r[i];
+      const double sqi = t.sq_r[i], vi = t.var_r[i];
       // the pairs of row i: global column above gi
       const int64_t j0 = std::min(t.t2, std::max<int64_t>(0, gi + 1 - col0));
-      double* rr = ratio.data();
-      double* lg = lgs.data();
-      double resid, cos_dev, coh, dist, rsum, usum, low;
-      int64_t low_j;
-#if defined(__AVX512F__)
-      RowAcc a{_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(),
-               _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_set1_pd(inf), _mm512_set1_epi64(kNone)};
-      if (unit_p)
-        sweep_row<true>(t, grow, inv_nc.data(), inv_g, sqi, inv_ni, vi, gi, j0, t.t2, rr, lg, my_csum, my_cbest,
-                        my_cidx, a);
-      else
-        sweep_row<false>(t, grow, inv_nc.data(), inv_g, sqi, inv_ni, vi, gi, j0, t.t2, rr, lg, my_csum, my_cbest,
-                         my_cidx, a);
-      resid = _mm512_reduce_add_pd(a.resid);
-      cos_dev = _mm512_reduce_add_pd(a.cos_dev);
-      coh = _mm512_reduce_add_pd(a.coh);
-      dist = _mm512_reduce_add_pd(a.dist);
-      rsum = unit_p ? _mm512_reduce_add_pd(a.rsum) : ratios_pow(rr, t.var_c, vi, p, j0, t.t2, my_csum);
-      usum = _mm512_reduce_add_pd(a.usum);
-      low = _mm512_reduce_min_pd(a.low);
-      // the first column among the lanes that hold the minimum (each lane keeps its own first)
-      low_j = _mm512_mask_reduce_min_epi64(_mm512_cmp_pd_mask(a.low, _mm512_set1_pd(low), _CMP_EQ_OQ), a.low_j);
-#else
-      double* dd = d2.data();
-#pragma omp simd
-      for (int64_t j = j0; j < t.t2; ++j) dd[j] = std::max(sqi + t.sq_c[j] - 2.0 * grow[j], 0.0);
-      resid = cos_dev = coh = dist = 0;
-#pragma omp simd reduction(+ : resid, cos_dev, coh, dist)
-      for (int64_t j = j0; j < t.t2; ++j) {
-        const double gij = grow[j];
-        const double r = gij * inv_g - t.etf_offdiag;
-        resid += r * r;
-        const double cs = gij * inv_ni * inv_nc[j];
-        const double u2 = 2.0 - 2.0 * cs;
-        lg[j] = u2 <= t.unif_floor ? 0.0 : u2;
-        cos_dev += (cs - t.mean_cos) * (cs - t.mean_cos);
-        coh += std::fabs(cs + t.etf_cos);
-        dist += dd[j] + vi + t.var_c[j];
-      }
-      if (unit_p) {
-        rsum = 0;
-#pragma omp simd reduction(+ : rsum)
-        for (int64_t j = j0; j < t.t2; ++j) {
-          const double r = (vi + t.var_c[j]) / (2.0 * dd[j]);
-          rr[j] = r;
-          my_csum[j] += r;
-          rsum += r;
-        }
-      } else {
-        std::copy(dd + j0, dd + t.t2, rr + j0);
-        rsum = ratios_pow(rr, t.var_c, vi, p, j0, t.t2, my_csum);
-      }
-      usum = log_terms(lg, j0, t.t2);
-#pragma omp simd
-      for (int64_t j = j0; j < t.t2; ++j) {
-        const bool better = dd[j] < my_cbest[j];
-        my_cbest[j] = better ? dd[j] : my_cbest[j];
-        my_cidx[j] = better ? gi : my_cidx[j];
-      }
-      // Eight running minima, folded at the end: GCC keeps `low = std::min(low, dd[j])` a scalar
-      // chain (4 cycles per pair), even under omp simd.
-      double lows[8] = {inf, inf, inf, inf, inf, inf, inf, inf};
-      int64_t j8 = j0;
-      for (; j8 + 8 <= t.t2; j8 += 8)
-#pragma omp simd
-        for (int l = 0; l < 8; ++l) lows[l] = dd[j8 + l] < lows[l] ? dd[j8 + l] : lows[l];
-      for (; j8 < t.t2; ++j8) lows[0] = dd[j8] < lows[0] ? dd[j8] : lows[0];
-      low = lows[0];
-      for (int l = 1; l < 8; ++l) low = lows[l] < low ? lows[l] : low;
-      low_j = kNone;  // as in the AVX-512 sweep, only finite distances are candidates; the scan
-      if (low < inf && low <= best_r[i])  // for its column only where it can win
-        for (low_j = j0; dd[low_j] != low;) ++low_j;
-#endif
+      const RowSums r = sweep_row(t, scale, PairRow{grow, sqi, 1.0 / t.norm_r[i], vi, gi, j0, best_r[i]}, out);
       if (t.sup_r) {
         double msdr = 0;
         int64_t msdr_n = 0;
@@ -385,27 +436,27 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
       }
       const int64_t cnt = t.t2 - j0;
       if (cnt > 0) {
-        const double rmean = rsum / static_cast<double>(cnt);
-        const double rm2 = sum_sq_dev(rr + j0, cnt, rmean);
+        const double rmean = r.rsum / static_cast<double>(cnt);
+        const double rm2 = sum_sq_dev(out.ratio + j0, cnt, rmean);
         chan_merge_ratio(s.cdnv_n, s.cdnv_mean, s.cdnv_m2, cnt, rmean, rm2);
-        ratio_r[i] += rsum;
-        const double umean = usum / static_cast<double>(cnt);
-        const double um2 = sum_sq_dev(lg + j0, cnt, umean);
+        ratio_r[i] += r.rsum;
+        const double umean = r.usum / static_cast<double>(cnt);
+        const double um2 = sum_sq_dev(out.lg + j0, cnt, umean);
         chan_merge_ratio(s.unif_n, s.unif_mean, s.unif_m2, cnt, umean, um2);
       }
       if (gi >= col0 && gi < col0 + t.t2) {  // G_ii, the diagonal of G, enters nc2 once
-        const double r = grow[gi - col0] * inv_g - t.etf_diag;
-        s.resid += r * r;
+        const double d = grow[gi - col0] * scale.inv_g - t.etf_diag;
+        s.resid += d * d;
       }
-      s.resid += 2.0 * resid;
-      s.cos_dev += 2.0 * cos_dev;
-      s.coh += 2.0 * coh;
-      s.dist += dist;
+      s.resid += 2.0 * r.resid;
+      s.cos_dev += 2.0 * r.cos_dev;
+      s.coh += 2.0 * r.coh;
+      s.dist += r.dist;
       // Nearest other class of row i among the columns above it; those below reach it as column
       // minima of this or earlier tiles.
-      if (low_j != kNone && lex_less(low, col0 + low_j, best_r[i], idx_r[i])) {
-        best_r[i] = low;
-        idx_r[i] = col0 + low_j;
+      if (r.low_j != kNoColumn && lex_less(r.low, col0 + r.low_j, best_r[i], idx_r[i])) {
+        best_r[i] = r.low;
+        idx_r[i] = col0 + r.low_j;
       }
     }
   }

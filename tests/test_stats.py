@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ncfast
+from ncfast import _C
 from ncfast import reference as ref
 from conftest import assert_close, make_data
 
@@ -179,7 +180,12 @@ def test_thread_count_changes_result_only_by_rounding():
 
 def test_compile_options_reports_build():
     opts = ncfast.compile_options()
-    assert "OpenMP=" in opts and "SIMD=" in opts and "CUDA=OFF" in opts
+    simd, threads = _C.simd(), _C.openmp_threads()
+    assert simd in ("AVX512", "AVX2", "SSE4.2", "NEON", "generic")
+    assert isinstance(threads, int) and threads >= 0
+    openmp = f"OpenMP=ON(max_threads={threads})" if threads else "OpenMP=OFF"
+    bf16 = "BF16=ON" if _C.ncc_has_precision("bf16") else "BF16=OFF"
+    assert opts == f"{openmp} SIMD={simd} {bf16}"
 
 
 def _distributed_worker(rank, world, init_file, x, y, c, out_file):

@@ -1,10 +1,12 @@
-// The machine's arithmetic floor, measured: fused multiply-adds on independent register
-// accumulators, every thread busy, no memory traffic. bench/run.py divides an op's FLOP count by
-// this rate to get its compute floor (BLAS throughput is not the floor: a kernel can beat it).
-#include "peak.h"
+// ncfast._peak: the machine's arithmetic floor, measured, for bench/run.py (a benchmark tool, built
+// as its own module beside ncfast._C). Fused multiply-adds on independent register accumulators,
+// every thread busy, no memory traffic; bench/run.py divides an op's FLOP count by this rate to get
+// its compute floor (BLAS throughput is not the floor: a kernel can beat it).
+#include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <chrono>
-#include <vector>
+#include <cstdint>
 
 #include "common.h"
 
@@ -39,6 +41,8 @@ double fma_loop(int64_t iterations) {
 
 }  // namespace
 
+// Best FLOP/s (a fused multiply-add counts 2) of float32 or float64 vector FMAs on num_threads
+// threads over repeated runs for about `seconds`: the compute floor's denominator.
 double fma_peak(bool float64, double seconds, int num_threads) {
   const int threads = region_threads(num_threads, num_threads);
   const int lanes = float64 ? 8 : 16;
@@ -67,3 +71,11 @@ double fma_peak(bool float64, double seconds, int num_threads) {
 }
 
 }  // namespace ncfast
+
+PYBIND11_MODULE(_peak, m) {
+  namespace py = pybind11;
+  m.doc() = "ncfast benchmark tool: the measured peak FMA rate (bench/run.py's compute floor)";
+  m.def("fma_peak", &ncfast::fma_peak, py::arg("float64"), py::arg("seconds"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Measured peak FLOP/s of vector fused multiply-adds on num_threads threads (see bench/peak.cpp).");
+}
