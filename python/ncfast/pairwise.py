@@ -144,7 +144,7 @@ def _class_pair_stats(moments: ClassMoments, backend: backends.Backend, *, weigh
         cdnv_exponent=exponent, unif_floor=coincidence_floor(mt.shape[1]),
     )
     reduce = backend.pair_reducer(mt, tile, ctx)
-    sums = PairSums.total(reduce(rows, cols) for rows, cols in _tiles(c, tile))
+    sums = PairSums.total(part for rows, cols in _tiles(c, tile) for part in reduce(rows, cols))
     v, best, best_idx, sup = ctx.var, ctx.best, ctx.best_idx, ctx.sup
 
     pairs = c * (c - 1)

@@ -133,6 +133,8 @@ class Backend(Protocol):
     def synchronize(self, x: torch.Tensor) -> None:
         """Wait for the device's queued work (for timing)."""
 
-    def pair_reducer(self, mt: torch.Tensor, tile: int, ctx: PairContext) -> Callable[[slice, slice], PairSums]:
+    def pair_reducer(self, mt: torch.Tensor, tile: int,
+                     ctx: PairContext) -> Callable[[slice, slice], list[PairSums]]:
         """(rows, cols) -> the PairSums of the tile of pairs (rows x cols of the centred means mt,
-        cols.start >= rows.start), updating ctx.best / best_idx / ratio_sum in place."""
+        cols.start >= rows.start), one per piece the backend reduced it in (``PairSums.total``
+        combines them), updating ctx.best / best_idx / ratio_sum in place."""

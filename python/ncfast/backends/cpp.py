@@ -191,10 +191,10 @@ class CppBackend:
 
         def reduce(rows, cols):
             if rows.start != cols.start:
-                return sweep(rows, cols)
+                return [sweep(rows, cols)]
             step = -(-(rows.stop - rows.start) // DIAGONAL_STRIPS)
             step = -(-step // STRIP_ALIGN) * STRIP_ALIGN
-            return PairSums.total(sweep(slice(r0, min(rows.stop, r0 + step)), slice(r0, cols.stop))
-                                  for r0 in range(rows.start, rows.stop, step))
+            return [sweep(slice(r0, min(rows.stop, r0 + step)), slice(r0, cols.stop))
+                    for r0 in range(rows.start, rows.stop, step)]
 
         return reduce

@@ -260,4 +260,4 @@ class TorchBackend:
             torch.cuda.synchronize(x.device)
 
     def pair_reducer(self, mt, tile, ctx):
-        return lambda rows, cols: reduce_tile(mt[rows] @ mt[cols].T, rows, cols, ctx)
+        return lambda rows, cols: [reduce_tile(mt[rows] @ mt[cols].T, rows, cols, ctx)]

@@ -92,7 +92,7 @@ class TritonBackend:
                 ctx.mean_cos, ctx.etf_cos, rows.start, cols.start, ctx.best[rows], ctx.best_idx[rows],
                 ctx.best[cols], ctx.best_idx[cols], cdnv_exponent=ctx.cdnv_exponent, unif_floor=ctx.unif_floor,
                 ratio_r=ctx.ratio_sum[rows], ratio_c=ctx.ratio_sum[cols])
-            return tile_sums(sums, counts)
+            return [tile_sums(sums, counts)]
 
         return reduce
 
