@@ -227,6 +227,7 @@ def test_fast_mode_probe_then_rest(separation, low_pays, monkeypatch):
     import ncfast.ncc as ncc_mod
     from ncfast import backends
 
+    monkeypatch.setenv("NCFAST_BACKEND", "cpp")  # the C++ backend's probe (its bf16 where the build has it)
     monkeypatch.setattr(backends.get("cpp"), "probe_rows", lambda: 64)
     decided = []
     monkeypatch.setattr(ncc_mod, "_low_cost", lambda *a: decided.append(a) or (0.0 if low_pays else math.inf))
