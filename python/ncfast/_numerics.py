@@ -15,7 +15,6 @@ import math
 
 import torch
 
-EPS64 = 2.0 ** -52  # machine epsilon of float64
 U64 = 2.0 ** -53  # unit roundoff of float64
 U32 = 2.0 ** -24  # unit roundoff of float32
 UTF32 = 2.0 ** -11  # unit roundoff of TF32 (11 significant bits)

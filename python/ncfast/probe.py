@@ -33,7 +33,7 @@ training labels, as with fine labels).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -105,8 +105,8 @@ class _LayerState:
     pooled: ClassMoments | None  # channel-pooled features when D > max_dim
     orig: ClassMoments | None  # the flattened features, original labels
     superclass: torch.Tensor | None  # training label of each original class (-1: not seen)
+    hits: torch.Tensor  # (2, C) int64: samples whose nearest centre is their label / differs from the decision
     split: bool = False  # an original class seen under two training labels (no super-class)
-    hits: torch.Tensor = field(default=None)  # (2, C): nearest centre == label, != decision
 
 
 def flatten(out) -> torch.Tensor:

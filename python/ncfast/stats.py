@@ -231,14 +231,6 @@ class ClassMoments:
         acc.scatter = out[0] if pooled else None
         acc.wscatter = out[-1] if self._keeps_wscatter else None
 
-    def _empty_part(self) -> _Part:
-        """No samples yet, and no scatter (it is added after the per-block pass)."""
-        z = _zeros_on(self.device)
-        c, d = self.num_classes, self.dim
-        units = self._keeps_units
-        return _Part(torch.zeros(c, dtype=torch.int64, device=self.device), z(c, d), z(c), z(c, d) if units else None,
-                     z(c) if units else None, None, None)
-
     def _combine(self, a: _Part, b: _Part) -> _Part:
         """Chan's combination of two parts (a new _Part, or one of the inputs if the other is
         empty); the scatters merge as S_a + S_b + sum_c w_c delta_c delta_c^T."""
