@@ -240,6 +240,34 @@ def test_paper_knobs_run_and_change_training(tmp_path):
     assert summary["config"]["logit_scale"] == 2.0 and summary["config"]["svsl_from"] == "layer2"
 
 
+def test_no_augment_and_the_per_epoch_history(tmp_path, monkeypatch):
+    """--no-augment trains on the images as they are (augment_batch is never called; it is without
+    the flag), and history.jsonl holds every epoch, measured or not, with metrics.jsonl's accuracies
+    at the measured ones."""
+    from ncfast.train import trainer as trainer_mod
+
+    assert parse_args(["--no-augment"]).augment is False and parse_args([]).augment is True
+    calls = []
+    real = trainer_mod.augment_batch
+    monkeypatch.setattr(trainer_mod, "augment_batch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    base = dict(dataset="digits", arch="mlp", epochs=3, batch_size=512, metrics_every=2, clp_embed="none",
+                progress=False)
+    Trainer(Config(out=str(tmp_path / "plain"), augment=False, **base)).run()
+    assert calls == []
+    augmented = Trainer(Config(out=str(tmp_path / "augmented"), **base))
+    augmented.run()
+    assert len(calls) == 3 * math.ceil(augmented.x["train"].shape[0] / 512)  # every batch of 3 epochs
+    rows = [json.loads(line) for line in (tmp_path / "plain" / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["seconds"] is None and all(r["seconds"] > 0 for r in rows[1:])
+    measured = {r["epoch"]: r for r in map(json.loads, (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(measured) == [0, 2, 3]
+    for r in rows:
+        assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
+        if r["epoch"] in measured:
+            assert (r["train_acc"], r["test_acc"]) == (measured[r["epoch"]]["train_acc"], measured[r["epoch"]]["test_acc"])
+
+
 def test_svsl_layers_follow_the_model_from_svsl_from(tmp_path):
     """SVSL covers the probed layers from --svsl-from on in model order (not --layers order), the first
     probed layer by default; the head is the output layer, which train_epoch always adds."""

@@ -42,6 +42,7 @@ class Config:
     random_coarse: int | None = None
     epochs: int = 60
     batch_size: int = 128
+    augment: bool = True  # random crops (and flips where the data set has them) on image data
     lr: float = 0.01  # paper 000 config #1
     momentum: float = 0.9
     weight_decay: float = 5e-4  # paper 000 config #1
@@ -256,7 +257,7 @@ class Trainer:
         try:
             for idx in batches(n, cfg.batch_size, self.gen, shuffle=True):
                 xb, yb = x[idx], y[idx]
-                if self.ds.augment:
+                if cfg.augment and self.ds.augment:
                     xb = augment_batch(xb, self.gen, pad=self.pad, flip=self.ds.flip)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     logits = model(xb)
@@ -384,8 +385,15 @@ class Trainer:
         print(line, flush=True)
 
     def _write_metrics(self) -> None:
+        """metrics.jsonl (the measured epochs, every metric) and history.jsonl (every epoch: loss,
+        learning rate, train and test accuracy, and the epoch's seconds)."""
         lines = [json.dumps(_finite(r)) for r in self.history if "layers" in r]
         _atomic_text("\n".join(lines) + ("\n" if lines else ""), self.out / "metrics.jsonl")
+        keys = ("epoch", "train_loss", "lr", "train_acc", "test_acc")
+        seconds = self.epoch_seconds
+        rows = [{**{k: r[k] for k in keys}, "seconds": seconds[r["epoch"] - 1] if 0 < r["epoch"] <= len(seconds) else None}
+                for r in self.history]
+        _atomic_text("".join(json.dumps(_finite(row)) + "\n" for row in rows), self.out / "history.jsonl")
 
     @torch.no_grad()
     def _features(self, split: str, name: str) -> np.ndarray:
