@@ -268,6 +268,30 @@ def test_no_augment_and_the_per_epoch_history(tmp_path, monkeypatch):
             assert (r["train_acc"], r["test_acc"]) == (measured[r["epoch"]]["train_acc"], measured[r["epoch"]]["test_acc"])
 
 
+def test_train_subset_draws_rows_with_the_seed(tmp_path):
+    """--train-subset N keeps N training rows drawn with the seed (features, training and original
+    labels together); the test split stays whole; N outside [1, n] is an error naming the flag."""
+    from ncfast.train.data import load_dataset
+
+    assert parse_args(["--train-subset", "200"]).train_subset == 200 and parse_args([]).train_subset is None
+    ds = load_dataset("digits", None, seed=3)
+    base = dict(dataset="digits", arch="mlp", coarse=5, epochs=1, progress=False, seed=3)
+    a = Trainer(Config(out=str(tmp_path / "a"), train_subset=200, **base))
+    b = Trainer(Config(out=str(tmp_path / "b"), train_subset=200, **base))
+    assert a.x["train"].shape[0] == 200 and a.x["test"].shape[0] == ds.test_x.shape[0]
+    assert torch.equal(a.x["train"], b.x["train"]) and torch.equal(a.y_orig["train"], b.y_orig["train"])
+    flat = ds.train_x.flatten(1)
+    for row, label in zip(a.x["train"].flatten(1), a.y_orig["train"]):  # a training row, with its own label
+        match = (flat == row).all(dim=1)
+        assert bool(match.any()) and int(label) in ds.train_y[match].tolist()
+    assert torch.equal(a.y["train"], a.y_orig["train"] % 5)
+    other = Trainer(Config(out=str(tmp_path / "c"), train_subset=200, **{**base, "seed": 4}))
+    assert not torch.equal(other.x["train"], a.x["train"])
+    for bad in (0, ds.train_x.shape[0] + 1):
+        with pytest.raises(ValueError, match="--train-subset"):
+            Trainer(Config(out=str(tmp_path / "d"), train_subset=bad, **base))
+
+
 def test_svsl_layers_follow_the_model_from_svsl_from(tmp_path):
     """SVSL covers the probed layers from --svsl-from on in model order (not --layers order), the first
     probed layer by default; the head is the output layer, which train_epoch always adds."""

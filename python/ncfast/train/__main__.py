@@ -39,6 +39,8 @@ def parse_args(argv=None) -> Config:
     labels.add_argument("--random-coarse", type=int, metavar="K", help="coarse labels after a seeded class shuffle")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on N training samples drawn with --seed (paper 002's 2,000-sample CIFAR-100)")
     p.add_argument("--no-augment", action="store_true",
                    help="train on the images as they are: no random crops or flips (Papyan et al.'s protocol)")
     p.add_argument("--lr", type=float, default=0.01,
@@ -95,7 +97,7 @@ def parse_args(argv=None) -> Config:
         p.error("--max-dim must be >= 1")
     return Config(arch=a.arch, dataset=a.dataset, data=a.data, download=a.download, coarse=a.coarse, fine=a.fine,
                   random_coarse=a.random_coarse, epochs=a.epochs, batch_size=a.batch_size, augment=not a.no_augment,
-                  lr=a.lr,
+                  train_subset=a.train_subset, lr=a.lr,
                   momentum=a.momentum, weight_decay=a.weight_decay, schedule=a.schedule,
                   metrics_every=a.metrics_every, layers=None if a.layers is None else
                   [s.strip() for s in a.layers.split(",") if s.strip()], logit_scale=a.logit_scale,

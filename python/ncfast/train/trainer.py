@@ -43,6 +43,7 @@ class Config:
     epochs: int = 60
     batch_size: int = 128
     augment: bool = True  # random crops (and flips where the data set has them) on image data
+    train_subset: int | None = None  # train on this many training samples, drawn with the seed
     lr: float = 0.01  # paper 000 config #1
     momentum: float = 0.9
     weight_decay: float = 5e-4  # paper 000 config #1
@@ -140,6 +141,17 @@ def transform_labels(cfg: Config, y_train: torch.Tensor, y_test: torch.Tensor, n
     return y_train.clone(), y_test.clone(), num_classes
 
 
+def _subset(n: int, size: int | None, seed: int) -> torch.Tensor | slice:
+    """The training rows to keep: all (size None), or ``size`` of the n drawn without replacement with
+    the run's seed, in their original order (paper 002 trains on a 2,000-sample subset). The data
+    keep the normalisation of the whole training split."""
+    if size is None:
+        return slice(None)
+    if not 1 <= size <= n:
+        raise ValueError(f"--train-subset: must be between 1 and the {n} training samples, got {size}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
 # -------------------------------------------------------------------------------------------- run
 class Trainer:
     def __init__(self, cfg: Config):
@@ -151,11 +163,12 @@ class Trainer:
         self.ds = ds
         self.num_original = ds.num_classes
         y_tr, y_te, self.num_train_classes = transform_labels(cfg, ds.train_y, ds.test_y, ds.num_classes)
+        keep = _subset(ds.train_y.shape[0], cfg.train_subset, cfg.seed)
         dev = self.device
         # the whole data set lives on the device: batches are index gathers, augmentation runs there too
-        self.x = {"train": ds.train_x.to(dev), "test": ds.test_x.to(dev)}
-        self.y = {"train": y_tr.to(dev), "test": y_te.to(dev)}
-        self.y_orig = {"train": ds.train_y.to(dev), "test": ds.test_y.to(dev)}
+        self.x = {"train": ds.train_x[keep].to(dev), "test": ds.test_x.to(dev)}
+        self.y = {"train": y_tr[keep].to(dev), "test": y_te.to(dev)}
+        self.y_orig = {"train": ds.train_y[keep].to(dev), "test": ds.test_y.to(dev)}
         image = ds.train_x.dim() == 4
         if cfg.arch != "mlp" and not image:
             raise ValueError(f"--arch {cfg.arch}: needs image data; {cfg.dataset} is flat (use --arch mlp)")
