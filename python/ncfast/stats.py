@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _numerics, backends
+from . import backends
 from ._validation import (
     NAN_POLICIES,
     WEIGHTINGS,
@@ -238,7 +238,8 @@ class ClassMoments:
             return a
         if not bool(a.count.any()) and (a.scatter is None) == (b.scatter is None):
             return b
-        n, mean, m2, delta, weight = _numerics.chan_merge(a.count, a.mean, a.m2, b.count, b.mean, b.m2)
+        moments, delta, weight = backends.BlockMoments(a.count, a.mean, a.m2, a.unit_sum, a.norm_sum).combine(
+            backends.BlockMoments(b.count, b.mean, b.m2, b.unit_sum, b.norm_sum))
         scatter = wscatter = None
         if a.scatter is not None and b.scatter is not None:
             idx = weight.nonzero().squeeze(1)
@@ -247,9 +248,7 @@ class ClassMoments:
             if a.wscatter is not None:
                 w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
                 wscatter = a.wscatter + b.wscatter + dsel.T @ (dsel * (weight * w)[idx].unsqueeze(1))
-        units = a.unit_sum is not None and b.unit_sum is not None
-        return _Part(n, mean, m2, a.unit_sum + b.unit_sum if units else None, a.norm_sum + b.norm_sum if units else None,
-                     scatter, wscatter)
+        return _Part(moments.counts, moments.means, moments.m2, moments.unit_sums, moments.norm_sums, scatter, wscatter)
 
     def _as_part(self) -> _Part:
         return _Part(*(getattr(self, k) for k in _STATE_KEYS))

@@ -26,11 +26,17 @@ class BlockMoments:
 
     def merge(self, other: "BlockMoments") -> "BlockMoments":
         """The statistics of both blocks' rows (Chan's merge per class)."""
-        n, mean, m2, _, _ = _numerics.chan_merge(self.counts, self.means, self.m2, other.counts, other.means,
-                                                 other.m2)
-        units = self.unit_sums is not None
-        return BlockMoments(n, mean, m2, self.unit_sums + other.unit_sums if units else None,
-                            self.norm_sums + other.norm_sums if units else None)
+        return self.combine(other)[0]
+
+    def combine(self, other: "BlockMoments"):
+        """(merge(other), delta, weight): with ``_numerics.chan_merge``'s per-class delta and weight,
+        from which a D x D scatter merges (``ClassMoments``)."""
+        n, mean, m2, delta, weight = _numerics.chan_merge(self.counts, self.means, self.m2, other.counts,
+                                                          other.means, other.m2)
+        units = self.unit_sums is not None and other.unit_sums is not None
+        merged = BlockMoments(n, mean, m2, self.unit_sums + other.unit_sums if units else None,
+                              self.norm_sums + other.norm_sums if units else None)
+        return merged, delta, weight
 
 
 @dataclass
