@@ -196,31 +196,6 @@ def test_command_line_paper_knobs(tmp_path, capsys):
     assert "--svsl-from" in err and "layer7" in err and "layer1" in err
 
 
-def test_gmm_study_msdr_rises_with_sigma2():
-    """Paper 000 appendix B: well separated clusters (large sigma^2) keep their sub-classes apart
-    inside a super-class (MSDR well above 1); overlapping ones do not."""
-    from ncfast.experiments import gmm
-
-    cfg = dict(gmm.DEFAULTS, steps=300, n_per_cluster=200)
-    low = [gmm.run_one(0.25, seed, **cfg)["msdr"] for seed in range(2)]
-    high = [gmm.run_one(16.0, seed, **cfg)["msdr"] for seed in range(2)]
-    assert min(high) > max(low)
-    assert np.mean(high) > 1.5 * np.mean(low)
-    similar = gmm.run_one(4.0, 0, tau2=0.01, **cfg)
-    assert similar["msdr_similar"] < similar["msdr_dissimilar"]  # B.1: similar sub-classes merge
-
-
-def test_gmm_study_quick_writes_table_and_plot(tmp_path, capsys):
-    from ncfast.experiments import gmm
-
-    assert gmm.main(["--quick", "--out", str(tmp_path)]) == 0
-    table = (tmp_path / "table.md").read_text()
-    assert "MSDR vs sigma^2" in table and "| τ² | similar | dissimilar |" in table
-    assert (tmp_path / "msdr.png").stat().st_size > 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results["sweeps"]["dim"]) == 4 and len(results["tau2"]) == 2
-
-
 def test_paper_knobs_run_and_change_training(tmp_path):
     """--svsl-alpha / --svsl-from, --logit-scale, --init-scale and --output-norm reach the run: the
     LayerNorm becomes the penultimate layer, and SVSL changes the first epoch's loss."""
