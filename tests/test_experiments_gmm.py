@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from ncfast.experiments import gmm
 
@@ -90,3 +91,43 @@ def test_bad_arguments_exit_with_the_flag_named(capsys):
         with pytest.raises(SystemExit):
             gmm.main(argv)
         assert flag in capsys.readouterr().err
+
+
+def _lone_network(sigma2, seed, *, dim, hidden, weight_decay, lr, steps, n_per_cluster, momentum):
+    """The appendix's 2-layer MLP as plain nn.Linear modules and one optimizer: the reference."""
+    from torch import nn
+
+    from ncfast.train.data import gaussian_mixture
+
+    x, y = gaussian_mixture(n_per_cluster, 8, dim, sigma2, seed=seed)
+    torch.manual_seed(seed)
+    body, head = nn.Linear(dim, hidden), nn.Linear(hidden, 4)
+    opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=lr, momentum=momentum,
+                          weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(head(torch.relu(body(x))), y % 4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        h = torch.relu(body(x)).double()
+    means = torch.stack([h[y == c].mean(0) for c in range(8)])
+    var = torch.stack([((h[y == c] - means[c]) ** 2).sum(1).mean() for c in range(8)])
+    d = ((means[:, None] - means[None]) ** 2).sum(-1) + var[:, None] + var[None]  # paper 000 eq. 6
+    same = [(i, j) for i in range(8) for j in range(8) if i != j and i % 4 == j % 4]
+    return float(np.mean([d[i, j] for i, j in same]) / d.diagonal().mean())
+
+
+def test_seeds_trained_side_by_side_equal_lone_runs():
+    """run_seeds stacks the seeds' networks; each seed's MSDR is the lone nn.Linear network's (same
+    data, same initial weights, its own gradient, momentum and weight decay), up to float32
+    summation order, and MSDR is eq. 6's ratio computed here in float64."""
+    cfg = dict(gmm.DEFAULTS, steps=60, n_per_cluster=60, momentum=0.5)
+    together = gmm.run_seeds(3.0, [4, 7], **cfg)
+    for seed, got in zip((4, 7), together):
+        assert got["msdr"] == pytest.approx(_lone_network(3.0, seed, **cfg), rel=1e-4)
+    similar = gmm.run_seeds(3.0, [4, 7], tau2=0.5, **cfg)
+    assert set(similar[0]) == {"msdr", "train_acc", "msdr_similar", "msdr_dissimilar"}
+    alone = gmm.run_one(3.0, 7, tau2=0.5, **cfg)
+    for key in alone:
+        assert similar[1][key] == pytest.approx(alone[key], rel=1e-5)
