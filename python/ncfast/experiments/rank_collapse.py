@@ -34,8 +34,13 @@ The sweep (``build_settings``), for every model of the preset:
 
 - ``init``: PyTorch's default initialisation, and ``--init`` (kaiming: He normal, zero biases) with
   its weights times each of ``--init-scales`` (the paper's "init sigma"), T = 1;
-- ``temperature``: default initialisation with each T of ``--temperatures`` (T = 1 is the init
-  group's default run, trained once);
+- ``temperature``: each T of ``--temperatures`` on the init of ``--temperature-init`` at scale 1
+  (T = 1 is also a run of the init group, trained once). The paper's Fig. 1 (middle) uses PyTorch's
+  default init; so do the cifar presets. The digits and Fashion-MNIST presets use kaiming: PyTorch's
+  default init of an MLP-4 on 64 inputs starts at a logits norm of 0.08, so T up to 30 stays far
+  below the norms where the paper sees collapse (there, on digits, the rank rises with T), and
+  T = 100 on it kills every ReLU under SGD (train accuracy 10%); with kaiming (norm 4.3 at T = 1)
+  T = 30 already diverges, hence T = 1, 2, 5, 10.
 - ``layernorm``: every ``init`` setting again with an affine-free LayerNorm on the penultimate
   features (the trainer's ``output_norm="layernorm"``; the paper does not say more than "a
   normalization layer applied at the output").
@@ -62,7 +67,7 @@ Presets (the paper gives no learning rate, batch size or epoch count; it trains 
 
 - ``digits`` (default): MLP-4 x 512 on the 8 x 8 digits (1,437 training images), 30 epochs, SGD lr
   0.01, momentum 0.9, weight decay 5e-4, batch 128, cosine schedule, no augmentation; init scales
-  0.5, 1, 1.5, 2 (kaiming); T = 1, 10, 100, 1000; OOD Fashion-MNIST at 8 x 8.
+  0.5, 1, 1.5, 2 (kaiming); T = 1, 2, 5, 10 (kaiming); OOD Fashion-MNIST at 8 x 8.
 - ``fashion-mnist``: MLP-4 x 1024 on a 10,000-image training subset, 30 epochs; OOD digits at 28 x 28.
 - ``cifar10``: the paper's MLP-4, -6 and -8 x 2048 on CIFAR-10 (Figs. 1-4, 17), 100 epochs, init
   scales 0.5, 1, 1.5, 2, T = 1, 10, 100, 1000; OOD SVHN with --ood-data.
@@ -116,23 +121,25 @@ PRESET_CONFIG = {
     # model list, sweep values and trainer settings per preset; --quick replaces some (QUICK)
     "digits": dict(dataset="digits", models=[Model("mlp", 4, 512)], epochs=30, batch_size=128, lr=0.01,
                    weight_decay=5e-4, metrics_every=5, init_scales=(0.5, 1.0, 1.5, 2.0),
-                   temperatures=(1.0, 3.0, 10.0, 30.0), groups=("init", "temperature", "layernorm"),
-                   train_subset=None, ood="fashion-mnist"),
+                   temperatures=(1.0, 2.0, 5.0, 10.0), temperature_init="kaiming",
+                   groups=("init", "temperature", "layernorm"), train_subset=None, ood="fashion-mnist"),
     "fashion-mnist": dict(dataset="fashion-mnist", models=[Model("mlp", 4, 1024)], epochs=30, batch_size=128,
                           lr=0.01, weight_decay=5e-4, metrics_every=5, init_scales=(0.5, 1.0, 1.5, 2.0),
-                          temperatures=(1.0, 3.0, 10.0, 30.0), groups=("init", "temperature", "layernorm"),
+                          temperatures=(1.0, 2.0, 5.0, 10.0), temperature_init="kaiming", groups=("init", "temperature", "layernorm"),
                           train_subset=10000, ood="digits"),
     "cifar10": dict(dataset="cifar10", models=[Model("mlp", d, 2048) for d in (4, 6, 8)], epochs=100,
                     batch_size=128, lr=0.01, weight_decay=5e-4, metrics_every=10, init_scales=(0.5, 1.0, 1.5, 2.0),
-                    temperatures=(1.0, 10.0, 100.0, 1000.0), groups=("init", "temperature", "layernorm"),
+                    temperatures=(1.0, 10.0, 100.0, 1000.0), temperature_init="default",
+                    groups=("init", "temperature", "layernorm"),
                     train_subset=None, ood="svhn"),
     "cifar100": dict(dataset="cifar100", models=[Model("vgg19", 19, None), Model("resnet18", 18, None)], epochs=200,
                      batch_size=128, lr=0.01, weight_decay=5e-4, metrics_every=10, init_scales=(),
-                     temperatures=(1.0, 10.0, 100.0, 1000.0), groups=("temperature",), train_subset=2000,
+                     temperatures=(1.0, 10.0, 100.0, 1000.0), temperature_init="default", groups=("temperature",),
+                     train_subset=2000,
                      ood="svhn"),
 }
 QUICK = dict(models=[Model("mlp", 2, 64)], epochs=3, metrics_every=1, batch_size=256, init_scales=(2.0,),
-             temperatures=(1.0, 10.0), ood="rotated")
+             temperatures=(1.0, 10.0), temperature_init="default", ood="rotated")
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -166,9 +173,11 @@ class Setting:
         return keep.replace("__", "_")
 
 
-def build_settings(models, init: str, init_scales, temperatures, groups) -> list[Setting]:
-    """The runs of the sweep, each trained once even when it belongs to several groups (the
-    default-init T = 1 run is the init group's reference and the temperature group's T = 1)."""
+def build_settings(models, init: str, init_scales, temperatures, groups,
+                   temperature_init: str = "default") -> list[Setting]:
+    """The runs of the sweep, each trained once even when it belongs to several groups (the T = 1
+    run of the temperature group, initialised by ``temperature_init`` at scale 1, is also a run of
+    the init group)."""
     runs: dict[tuple, Setting] = {}
 
     def add(s: Setting, group: str):
@@ -185,7 +194,7 @@ def build_settings(models, init: str, init_scales, temperatures, groups) -> list
                 add(replace(s, groups=[]), "init")
         if "temperature" in groups:
             for t in temperatures:
-                add(Setting(m, temperature=float(t)), "temperature")
+                add(Setting(m, init=temperature_init, temperature=float(t)), "temperature")
         if "layernorm" in groups:
             for s in init_group:
                 add(replace(s, layernorm=True, groups=[]), "layernorm")
@@ -649,7 +658,7 @@ def _plt():
     return plt
 
 
-GROUP_TITLES = {"init": "init scale (T = 1)", "temperature": "temperature T (default init)",
+GROUP_TITLES = {"init": "init scale (T = 1)", "temperature": "temperature T",
                 "layernorm": "layernorm at the output (grey: the same without)"}
 MARKERS = "osD^v<>p"
 
@@ -802,7 +811,10 @@ def make_parser():
     p.add_argument("--init", choices=("kaiming", "default"), default="kaiming",
                    help="scheme of the init-scale sweep (default kaiming)")
     p.add_argument("--init-scales", default=None, metavar="S1,S2", help="init scales swept (digits 0.5,1,1.5,2)")
-    p.add_argument("--temperatures", default=None, metavar="T1,T2", help="temperatures T swept (1,10,100,1000)")
+    p.add_argument("--temperatures", default=None, metavar="T1,T2",
+                   help="temperatures T swept (digits 1,2,5,10; cifar 1,10,100,1000)")
+    p.add_argument("--temperature-init", choices=("kaiming", "default"), default=None,
+                   help="init of the temperature runs (digits kaiming, cifar default as the paper)")
     p.add_argument("--no-layernorm", action="store_true", help="leave out the layernorm group")
     p.add_argument("--loss", choices=("ce", "mse"), default="ce",
                    help="ce, or mse: paper 002's softmax + MSE (mean ||softmax(T z) - onehot||^2)")
@@ -847,6 +859,8 @@ def plan(a) -> dict:
             raise ValueError(f"--train-subset: must be >= 1, got {a.train_subset}")
         cfg["train_subset"] = a.train_subset
     cfg["ood"] = resolve_ood(a.ood, a.preset, a.ood_data, a.quick)
+    if a.temperature_init is not None:
+        cfg["temperature_init"] = a.temperature_init
     cfg["loss"] = a.loss
     cfg["init"] = a.init
     return cfg
@@ -854,7 +868,8 @@ def plan(a) -> dict:
 
 def sweep(cfg: dict, out: Path, *, data, seed: int, device: str, progress: bool, ood_data=None) -> list[dict]:
     """Train every setting and return the run records (the trainer's run folders go to out/runs/)."""
-    settings = build_settings(cfg["models"], cfg["init"], cfg["init_scales"], cfg["temperatures"], cfg["groups"])
+    settings = build_settings(cfg["models"], cfg["init"], cfg["init_scales"], cfg["temperatures"], cfg["groups"],
+                              cfg["temperature_init"])
     records, ood = [], None
     t0 = time.perf_counter()
     for i, s in enumerate(settings, start=1):
@@ -940,7 +955,8 @@ def body(argv=None) -> dict:
         + f", {cfg['epochs']} epochs, SGD lr {cfg['lr']:g}, momentum 0.9, weight decay {cfg['weight_decay']:g}, "
         f"batch {cfg['batch_size']}, cosine schedule, no augmentation, loss {cfg['loss']}. Sweep groups "
         f"{', '.join(cfg['groups'])}: init scales {', '.join(f'{v:g}' for v in cfg['init_scales']) or '-'} "
-        f"({cfg['init']}), temperatures {', '.join(f'{v:g}' for v in cfg['temperatures'])}. The rank is "
+        f"({cfg['init']}), temperatures {', '.join(f'{v:g}' for v in cfg['temperatures'])} "
+        f"({cfg['temperature_init']} init). The rank is "
         f"ncfast's `effective_rank` (exp of the entropy of the normalised singular values of Sigma_T) of the last "
         f"hidden layer on the train split; correlations are Spearman's (two-sided p < {P_VALUE} counts as shown). "
         f"OOD probes: {cfg['ood']}."))
