@@ -673,6 +673,8 @@ def plot_scatter(records, path: Path) -> None:
     and final logits norm (bottom row), one column per sweep group; colour = setting (legend),
     marker = model; hollow = effective rank listed as degenerate (forced by the sample size)."""
     plt = _plt()
+    from matplotlib.ticker import NullFormatter
+
     groups = [g for g in ("init", "temperature", "layernorm") if any(g in r["groups"] for r in records)]
     models = sorted({r["model"] for r in records})
     fig, axes = plt.subplots(2, len(groups), figsize=(4.3 * len(groups), 6.6), squeeze=False)
@@ -699,8 +701,11 @@ def plot_scatter(records, path: Path) -> None:
                             (r["initial_logits_norm"], r[key]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
             ax.set_xscale("log")
-            if row == 1:
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ys = [r[key] for r in members if r[key] is not None and r[key] > 0]
+            if row == 1 and ys and max(ys) > 20 * min(ys):
                 ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("initial logits norm (epoch 0)")
             ax.set_ylabel(ylabel)
             if row == 0:
