@@ -84,6 +84,7 @@ norm over the epochs, one curve per T) and the trainer's run folders under ``run
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import sys
 import time
@@ -890,7 +891,7 @@ def sweep(cfg: dict, out: Path, *, data, seed: int, device: str, progress: bool,
         t1 = time.perf_counter()
         # the trainer's per-epoch lines are progress: stderr, so stdout keeps the driver's summary
         try:
-            with contextlib.redirect_stdout(sys.stderr if progress else open_null()):
+            with contextlib.redirect_stdout(sys.stderr if progress else io.StringIO()):
                 run = _common.train_run(out / "runs" / s.folder, **config)
         except ValueError as e:
             if "NaN or Inf" not in str(e):
@@ -912,19 +913,6 @@ def sweep(cfg: dict, out: Path, *, data, seed: int, device: str, progress: bool,
               f"({r['seconds']:.0f} s, {time.perf_counter() - t0:.0f} s in all)", file=sys.stderr, flush=True)
         del run
     return records
-
-
-_NULL = []
-
-
-def open_null():
-    import io
-
-    if not _NULL:
-        _NULL.append(io.StringIO())
-    _NULL[0].seek(0)
-    _NULL[0].truncate()
-    return _NULL[0]
 
 
 def body(argv=None) -> dict:
