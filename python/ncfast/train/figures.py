@@ -18,22 +18,44 @@ def _plt():
     return plt
 
 
-def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path, title: str = "") -> None:
-    """Heatmaps of D on the original labels at up to six epochs (paper 000 fig. 5)."""
+def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path | None, title: str = "", names=None,
+                            axes=None) -> None:
+    """Heatmaps of D on the original labels at up to six epochs (paper 000 fig. 5), each with its own
+    colour bar (dark = small distance, as the paper draws them).
+
+    names: the class names for both axes (index order of D); shown as tick labels up to 20 classes,
+    every tenth index beyond. axes: draw into these matplotlib axes (one per epoch drawn) instead of
+    a new figure, and save nothing (``path`` is then ignored)."""
     plt = _plt()
     epochs = sorted(distances)
     if len(epochs) > 6:
         epochs = [epochs[round(i * (len(epochs) - 1) / 5)] for i in range(6)]
-    fig, axes = plt.subplots(1, len(epochs), figsize=(3 * len(epochs), 3), squeeze=False)
-    for ax, e in zip(axes[0], epochs):
-        ax.imshow(distances[e], cmap="viridis")
-        ax.set_title(f"epoch {e}")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title or "class distance D (original labels, penultimate layer, train)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    own = axes is None
+    if own:
+        fig, grid = plt.subplots(1, len(epochs), figsize=(3.4 * len(epochs), 3.2), squeeze=False)
+        axes = grid[0]
+    for ax, e in zip(axes, epochs):
+        d = np.asarray(distances[e])
+        image = ax.imshow(d, cmap="viridis")
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_title(f"epoch {e}", fontsize=9)
+        c = d.shape[0]
+        if c <= 20:
+            ticks = np.arange(c)
+            labels = [str(n) for n in (names if names is not None else ticks)]
+        else:
+            ticks = np.arange(0, c, 10)
+            labels = [str(t) for t in ticks]
+        small = 7 if c <= 10 else 5
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, rotation=90, fontsize=small)
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(labels, fontsize=small)
+    if own:
+        fig.suptitle(title or "class distance D (original labels, penultimate layer, train)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
 
 
 def nc_curves(records: list[dict], layer: str, path: Path) -> None:
