@@ -44,7 +44,8 @@ appendix (VGG shows no fine-grained structure: "the three dark lines appears alm
 time"). Presets: ``cifar10`` / ``cifar100`` use those sizes (batch 128, cosine schedule, standard
 crops and flips: the paper does not state its batch size, schedule or augmentation) and need a GPU
 (about a day of CPU time each); ``fashion-mnist`` is ResNet-18, 60 epochs (a GPU preset too);
-``digits`` (default) is ResNet-18 on scikit-learn's 8x8 digits for 40 epochs, minutes on 2 CPU
+``digits`` (default) is ResNet-18 at half width (32 base channels) on scikit-learn's 8x8 digits for 40
+epochs, minutes on 2 CPU
 cores. ``--quick`` is a two-layer MLP on digits for a few epochs, CLP on PCA instead of t-SNE
 (tests only). Verdicts are computed from the data with the thresholds in LINE, FINE_STRUCTURE,
 CLOSE and NC1_FALL.
@@ -83,13 +84,13 @@ CIFAR100 = (
     "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
     "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
     "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
-    "tractor train tulip turtle wardrobe whale willow_tree wolf woman worm").split()
+    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm").split()
 CLASS_NAMES = {"digits": DIGITS, "fashion-mnist": FASHION, "cifar10": CIFAR10, "cifar100": CIFAR100}
 
 # Config fields of the coarse-label run per preset (the original-label run is the same net on the
 # original labels); "coarse": the default K, "distance_epochs": the heatmaps, "grid_epochs": --grid's.
 PRESETS = {
-    "digits": dict(dataset="digits", arch="resnet18", width=None, epochs=40, batch_size=128, lr=0.01,
+    "digits": dict(dataset="digits", arch="resnet18", width=32, epochs=40, batch_size=128, lr=0.01,
                    weight_decay=5e-4, metrics_every=2, clp_embed="tsne", coarse=5, distance_epochs=(1, 3, 10, 40),
                    grid_epochs=20),
     "fashion-mnist": dict(dataset="fashion-mnist", arch="resnet18", width=None, epochs=60, batch_size=128, lr=0.01,
@@ -610,6 +611,7 @@ def body(argv=None) -> dict:
         s, a, coarse=s["coarse"], random_coarse=s["random_coarse"], distance_epochs=_measured_epochs(s, s["epochs"]),
         layers=None))
     coarse = _coarse_results(coarse_run, s)
+    coarse["features"] = _save_features(coarse_run, coarse, out)
     stage(f"the same net on the original labels (OT), {s['epochs']} epochs")
     # OT needs the test accuracy of every epoch (history has it) and no CLP: measure only the ends
     ot_run = _common.train_run(out / "original", **_config(s, a, metrics_every=s["epochs"], clp_embed="pca"))
