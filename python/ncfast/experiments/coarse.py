@@ -373,12 +373,12 @@ def main_figure(distances: dict, names, rows, records, layer, bars: dict, interp
     plt = _plt()
     n = max(3, len(distances))
     fig = plt.figure(figsize=(3.3 * n, 6.6))
-    grid = fig.add_gridspec(2, n)
+    grid = fig.add_gridspec(2, 3 * n)  # n heatmaps on top, three panels below, each row evenly spaced
     from ..train import figures
 
-    figures.class_distance_heatmaps(distances, None, names=names, axes=[fig.add_subplot(grid[0, i])
+    figures.class_distance_heatmaps(distances, None, names=names, axes=[fig.add_subplot(grid[0, 3 * i:3 * i + 3])
                                                                          for i in range(len(distances))])
-    bottom = [fig.add_subplot(grid[1, i]) for i in range(3)]
+    bottom = [fig.add_subplot(grid[1, n * i:n * i + n]) for i in range(3)]
     draw_bars(bottom[0], **bars)
     draw_lines(bottom[1], rows, interpolation)
     draw_nc1(bottom[2], records, layer)
