@@ -332,3 +332,17 @@ def test_class_names():
     assert len(coarse.CIFAR100) == 100 and coarse.CIFAR100 == sorted(set(coarse.CIFAR100))  # the meta file: alphabetical
     assert coarse.CIFAR100[:3] == ["apple", "aquarium_fish", "baby"] and coarse.CIFAR100[-1] == "worm"
     assert all(len(v) == 10 for k, v in coarse.CLASS_NAMES.items() if k != "cifar100")
+
+
+def test_paper_presets_settings():
+    """The GPU presets cannot run here: their settings are the paper's (ResNet-18, 350 epochs, config #1,
+    heatmaps at epochs 20 / 120 / 240 / 350; CIFAR-100 coarse 20, or its official super-classes)."""
+    parse = coarse._arg_parser().parse_args
+    s = coarse.settings(parse(["--preset", "cifar10"]))
+    assert (s["arch"], s["epochs"], s["lr"], s["weight_decay"], s["coarse"]) == ("resnet18", 350, 0.01, 5e-4, 5)
+    assert s["distance_epochs"] == [20, 120, 240, 350] and s["num_classes"] == 10
+    s = coarse.settings(parse(["--preset", "cifar100", "--coarse", "official", "--arch", "vgg19",
+                               "--weight-decay", "5e-5"]))
+    assert (s["coarse"], s["num_classes"], s["arch"], s["weight_decay"]) == ("official", 100, "vgg19", 5e-5)
+    s = coarse.settings(parse(["--preset", "cifar100", "--random-coarse", "20", "--epochs", "30"]))
+    assert (s["coarse"], s["random_coarse"], s["distance_epochs"]) == (None, 20, [20, 30])
