@@ -426,12 +426,12 @@ def _arg_parser():
     p.add_argument("--fine", action="store_true", help="also train on fine labels (eq. 5): the 2C x 2C matrix (fig. 15)")
     p.add_argument("--grid", action="store_true",
                    help="also train the lr x wd grid (lr 0.1/0.01/0.001 x wd 5e-3/5e-4/5e-5) on the coarse labels; "
-                        "9 more runs of --grid-epochs (digits: about 10-15 minutes on 2 cores)")
+                        "9 more runs of --grid-epochs (digits: estimated 10-15 more minutes on 2 cores)")
     p.add_argument("--grid-epochs", type=int, default=None, help="epochs of each grid run (default: the preset's)")
     p.add_argument("--arch", default=None, choices=ARCH_NAMES, help="network (default resnet18; the paper's "
                    "appendix also has densenet121 and VGG: vgg11/vgg13/vgg16/vgg19)")
     p.add_argument("--depth", type=int, default=None, help="depth override (resnet 18/34, vgg 11-19, densenet, mlp)")
-    p.add_argument("--width", type=int, default=None, help="base channels / hidden units (default: the arch's)")
+    p.add_argument("--width", type=int, default=None, help="base channels / hidden units (default: the preset's; digits 32, the others the arch's own)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of the coarse and original runs")
     p.add_argument("--lr", type=float, default=None, help="learning rate (paper config #1: 0.01)")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (#1: 5e-4, #2: 5e-5)")
