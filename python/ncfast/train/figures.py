@@ -18,22 +18,49 @@ def _plt():
     return plt
 
 
-def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path, title: str = "") -> None:
-    """Heatmaps of D on the original labels at up to six epochs (paper 000 fig. 5)."""
+def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path | None, title: str = "", names=None,
+                            axes=None) -> None:
+    """Heatmaps of D on the original labels at up to six epochs (paper 000 fig. 5), each with its own
+    colour bar (dark = small distance, as the paper draws them).
+
+    names: the class names for both axes (index order of D); shown as tick labels up to 20 classes,
+    every tenth index beyond. axes: draw into these matplotlib axes (one per epoch drawn) instead of
+    a new figure, and save nothing (``path`` is then ignored)."""
     plt = _plt()
     epochs = sorted(distances)
     if len(epochs) > 6:
         epochs = [epochs[round(i * (len(epochs) - 1) / 5)] for i in range(6)]
-    fig, axes = plt.subplots(1, len(epochs), figsize=(3 * len(epochs), 3), squeeze=False)
-    for ax, e in zip(axes[0], epochs):
-        ax.imshow(distances[e], cmap="viridis")
-        ax.set_title(f"epoch {e}")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title or "class distance D (original labels, penultimate layer, train)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    c = np.asarray(distances[epochs[0]]).shape[0] if epochs else 0
+    if c <= 20:
+        ticks = np.arange(c)
+        labels = [str(n) for n in (names if names is not None else ticks)]
+    else:
+        ticks = np.arange(0, c, 10)
+        labels = [str(t) for t in ticks]
+    small = 7 if c <= 10 else 5
+    own = axes is None
+    if own:
+        # fixed margins sized to the longest tick label: tight_layout over many tick labels and
+        # colour bars costs about a second a figure, and the trainer draws several per run
+        margin = 0.3 + 0.075 * small / 7 * max([len(t) for t in labels] or [1])
+        width, height = 3.6 * len(epochs) + margin, 2.9 + margin
+        fig, grid = plt.subplots(1, len(epochs), figsize=(width, height), squeeze=False)
+        fig.subplots_adjust(left=margin / width, right=1 - 0.55 / width, bottom=margin / height,
+                            top=1 - 0.55 / height, wspace=0.45)
+        axes = grid[0]
+    for ax, e in zip(axes, epochs):
+        image = ax.imshow(np.asarray(distances[e]), cmap="viridis")
+        bar = ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        bar.ax.tick_params(labelsize=7)
+        ax.set_title(f"epoch {e}", fontsize=9)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, rotation=90, fontsize=small)
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(labels, fontsize=small)
+    if own:
+        fig.suptitle(title or "class distance D (original labels, penultimate layer, train)", fontsize=10)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
 
 
 def nc_curves(records: list[dict], layer: str, path: Path) -> None:
