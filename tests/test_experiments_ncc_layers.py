@@ -361,3 +361,10 @@ def test_report_layer_table_marks_missing_it():
     row = text.splitlines()[2]
     assert row == "| a | 25.00 → 25.00 | 25.00 → 25.00 | – → 25.00 | – → 25.00 |"
     assert re.match(r"\| layer \| vanilla train IT → EOT", text)
+
+
+@pytest.mark.parametrize("its", [{"vanilla": 2, "svsl": 1}, {"vanilla": None, "svsl": None}])
+def test_plot_accuracy(tmp_path, its):
+    h = [{"epoch": e, "train_acc": a, "test_acc": a - 0.05} for e, a in enumerate([0.1, 0.9, 1.0, 1.0])]
+    path = nl.plot_accuracy({"vanilla": h, "svsl": h}, its, tmp_path / "a.png", "t")
+    assert path.read_bytes()[:8] == PNG

@@ -381,6 +381,7 @@ def plot_mismatch(curves: dict, marks: dict, layers: list[str], its: dict, path:
     mismatch) are drawn as hollow markers."""
     plt = _plt()
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 1, figsize=(6.4, 6.6), sharex=True)
     colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(layers)))
@@ -403,6 +404,7 @@ def plot_mismatch(curves: dict, marks: dict, layers: list[str], its: dict, path:
         ax.set_ylabel(f"{split} NCC mismatch")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     layer_handles = [Line2D([], [], color=c, lw=2, label=n) for c, n in zip(colours, layers)]
     style_handles = [Line2D([], [], color="k", ls="-", label="vanilla"),
                      Line2D([], [], color="k", ls="--", label="SVSL")]
@@ -417,21 +419,28 @@ def plot_mismatch(curves: dict, marks: dict, layers: list[str], its: dict, path:
 
 def plot_accuracy(histories: dict, its: dict, path: Path, title: str) -> Path:
     """The paper's Fig. 1: train and test accuracy of both runs over epochs, the TPT shaded
-    (vanilla pink, SVSL blue, as the paper)."""
+    (vanilla pink, SVSL blue, as the paper), and the test accuracy again from the first IT on, zoomed."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharex=True)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
     last = max(r["epoch"] for h in histories.values() for r in h)
     spans = tpt_spans(its["vanilla"], its["svsl"], last)
     colour = {"vanilla": "#d6337f", "svsl": "#1f5fbf"}
-    for ax, split in zip(axes, SPLITS):
-        _shade(ax, spans)
+    first_it = min((it for it in its.values() if it is not None), default=None)
+    panels = [("train", None), ("test", None)] + ([("test", first_it)] if first_it is not None else [])
+    for ax, (split, start) in zip(axes, panels):
+        _shade(ax, [(max(lo, start or 0), hi, who) for lo, hi, who in spans])
         for run in RUNS:
-            rows = [r for r in histories[run] if r.get(f"{split}_acc") is not None]
+            rows = [r for r in histories[run] if r.get(f"{split}_acc") is not None and r["epoch"] >= (start or 0)]
             ax.plot([r["epoch"] for r in rows], [r[f"{split}_acc"] for r in rows], color=colour[run],
-                    label="vanilla" if run == "vanilla" else "SVSL")
-        ax.set_title(f"{split} accuracy", fontsize=9)
+                    marker="." if start is not None else None, label="vanilla" if run == "vanilla" else "SVSL")
+        ax.set_title(f"{split} accuracy" + ("" if start is None else f" from epoch {start} (first IT)"), fontsize=9)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    if first_it is None:
+        axes[2].axis("off")
     axes[0].legend(handles=axes[0].get_legend_handles_labels()[0] + _tpt_handles(spans), fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -574,11 +583,12 @@ def body(argv=None) -> dict:
     results.update(svsl_alpha=alpha, svsl_from=gamma, config=cfg, seed=a.seed,
                    paper=PAPER["digits" if a.quick else preset],
                    seconds={run: runs[run].seconds for run in RUNS})
-    title = (f"{'quick ' if a.quick else ''}{cfg['dataset']}, {cfg['arch']} (width {cfg['width']}): "
-             f"vanilla (solid) vs SVSL (dashed, alpha {alpha:g} from {gamma})")
+    what = f"{'quick ' if a.quick else ''}{cfg['dataset']}, {cfg['arch']} (width {cfg['width']})"
     plot_mismatch(results["curves"], results["degenerate"], results["layers"], results["interpolation_epoch"],
-                  out / "ncc_mismatch.png", title)
-    plot_accuracy(results["history"], results["interpolation_epoch"], out / "accuracy.png", title)
+                  out / "ncc_mismatch.png",
+                  f"{what}: vanilla (solid) vs SVSL (dashed, alpha {alpha:g} from {gamma})")
+    plot_accuracy(results["history"], results["interpolation_epoch"], out / "accuracy.png",
+                  f"{what}: vanilla vs SVSL (alpha {alpha:g} from {gamma})")
     rep = build_report(results, preset, a.quick, command(NAME, argv))
     rep.seconds = time.perf_counter() - t0
     results["report"] = rep.as_dict()
