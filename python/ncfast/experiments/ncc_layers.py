@@ -471,6 +471,15 @@ def analyse(folders: dict, layers: list[str], threshold: float = IT_THRESHOLD) -
     }
 
 
+def sample_note(samples: dict | None) -> str:
+    """How much one sample moves the mismatch (and the accuracy) on each split: a failed inequality
+    of one sample's size is within the resolution of the split."""
+    if not samples:
+        return ""
+    parts = [f"{100 / n:.2f} pp on {split} ({n} samples)" for split, n in samples.items() if n]
+    return " One sample is " + ", ".join(parts) + " of NCC mismatch or accuracy."
+
+
 def build_report(results: dict, preset: str, quick: bool, cmd: str) -> Report:
     """report.md: the claims with computed verdicts, Table 1, the per-layer table and the figures."""
     paper = PAPER[preset if not quick else "digits"]
@@ -537,7 +546,8 @@ def build_report(results: dict, preset: str, quick: bool, cmd: str) -> Report:
                 f"Conjectures 7 and 11 (\"in the TPT\") hold when their inequalities hold at ≥ {MOST:.0%} of "
                 f"those epochs (conj. 11: epoch-layer pairs, in the TPT of both runs), on train and on test; "
                 f"conjecture 8 when it holds at every layer on both splits; conjecture 12 when SVSL's EOT test "
-                f"accuracy is strictly higher. Both runs share the seed: same initial weights, same batches.")
+                f"accuracy is strictly higher. Both runs share the seed: same initial weights, same batches."
+                + sample_note(results.get("samples")))
     return rep
 
 
@@ -580,7 +590,8 @@ def body(argv=None) -> dict:
         runs[run] = train_run(out / run, **shared, **extra)
         print(f"[{NAME}] {run} done in {runs[run].seconds:.0f} s", file=sys.stderr, flush=True)
     results = analyse({run: out / run for run in RUNS}, list(LAYERS), cfg["it_threshold"])
-    results.update(svsl_alpha=alpha, svsl_from=gamma, config=cfg, seed=a.seed,
+    sizes = {split: int(runs["vanilla"].trainer.x[split].shape[0]) for split in SPLITS}
+    results.update(svsl_alpha=alpha, svsl_from=gamma, config=cfg, seed=a.seed, samples=sizes,
                    paper=PAPER["digits" if a.quick else preset],
                    seconds={run: runs[run].seconds for run in RUNS})
     what = f"{'quick ' if a.quick else ''}{cfg['dataset']}, {cfg['arch']} (width {cfg['width']})"
