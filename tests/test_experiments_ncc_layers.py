@@ -377,3 +377,17 @@ def test_sample_note():
     assert nl.sample_note({"train": 1437, "test": 360}) == \
         " One sample is 0.07 pp on train (1437 samples), 0.28 pp on test (360 samples) of NCC mismatch or accuracy."
     assert nl.sample_note(None) == "" and nl.sample_note({}) == ""
+
+
+@pytest.mark.parametrize("preset", ["digits", "fashion-mnist", "cifar10", "cifar100"])
+def test_preset_configs_are_valid_trainer_configs(tmp_path, preset):
+    """Every preset is a Config the trainer accepts, on a model that has every probed layer (the
+    GPU presets cannot be trained here)."""
+    from ncfast.train.models import build_model
+
+    cfg = Config(**nl.preset_config(preset), out=str(tmp_path), svsl_alpha=nl.PAPER[preset]["alpha"],
+                 svsl_from=nl.PAPER[preset]["gamma"])
+    model = build_model(cfg.arch, 100 if preset == "cifar100" else 10, 1 if preset != "cifar10" else 3, 8,
+                        width=8)
+    names = dict(model.named_modules())
+    assert all(name in names for name in cfg.layers) and names["head"] is model.head
