@@ -312,7 +312,7 @@ def plot(results: dict, path: Path) -> None:
     if short:
         fig.suptitle("red rings: training accuracy below 100% in some seed", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
