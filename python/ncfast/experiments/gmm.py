@@ -53,62 +53,36 @@ TAU2 = (0.01, 0.1, 0.5, 1.0, 2.0, 4.0)
 def run_one(sigma2: float, seed: int, *, dim: int, hidden: int, weight_decay: float, lr: float, steps: int,
             n_per_cluster: int, momentum: float = 0.0, tau2: float | None = None) -> dict:
     """Train one MLP; MSDR of its hidden features (all super-classes, and similar / dissimilar ones)."""
-    return run_seeds(sigma2, [seed], dim=dim, hidden=hidden, weight_decay=weight_decay, lr=lr, steps=steps,
-                     n_per_cluster=n_per_cluster, momentum=momentum, tau2=tau2)[0]
-
-
-def run_seeds(sigma2: float, seeds, *, dim: int, hidden: int, weight_decay: float, lr: float, steps: int,
-              n_per_cluster: int, momentum: float = 0.0, tau2: float | None = None) -> list[dict]:
-    """``run_one`` for every seed, trained side by side: the seeds' weights are stacked and every
-    step is one batched matrix product per layer. The loss is the sum over seeds of each seed's mean
-    cross-entropy, so each seed's gradient, weight decay and momentum are its own: the same
-    gradient descent as one network at a time (seed s draws its data and its PyTorch-default initial
-    weights exactly as a lone ``nn.Linear`` pair under ``torch.manual_seed(s)`` would)."""
-    seeds = [int(s) for s in seeds]
+    x, y = gaussian_mixture(n_per_cluster, CLUSTERS, dim, sigma2, tau2=tau2, seed=seed)
     k = CLUSTERS // 2
-    data = [gaussian_mixture(n_per_cluster, CLUSTERS, dim, sigma2, tau2=tau2, seed=s) for s in seeds]
-    x = torch.stack([d[0] for d in data])  # (S, N, dim)
-    y = torch.stack([d[1] for d in data])  # (S, N) original clusters
-    yc = coarse_labels(y.flatten(), k).view_as(y)
-    init = []
-    for s in seeds:
-        torch.manual_seed(s)
-        body, head = nn.Linear(dim, hidden), nn.Linear(hidden, k)
-        init.append((body.weight.detach().T, body.bias.detach(), head.weight.detach().T, head.bias.detach()))
-    w1, b1, w2, b2 = (torch.stack(t).requires_grad_() for t in zip(*init))  # (S, dim, hidden), (S, hidden), ...
-    opt = torch.optim.SGD([w1, b1, w2, b2], lr=lr, momentum=momentum, weight_decay=weight_decay)
-    n = x.shape[1]
-
-    def forward():
-        h = torch.relu(torch.baddbmm(b1[:, None], x, w1))
-        return h, torch.baddbmm(b2[:, None], h, w2)
-
+    yc = coarse_labels(y, k)
+    torch.manual_seed(seed)
+    body = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
+    head = nn.Linear(hidden, k)
+    opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=lr, momentum=momentum,
+                          weight_decay=weight_decay)
     for _ in range(steps):
-        _, z = forward()
-        loss = F.cross_entropy(z.reshape(-1, k), yc.reshape(-1), reduction="sum") / n
+        loss = F.cross_entropy(head(body(x)), yc)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        h, z = forward()
+        h = body(x)
+        acc = float((head(h).argmax(1) == yc).double().mean())
     superclass = torch.arange(CLUSTERS) % k
-    results = []
-    for i in range(len(seeds)):
 
-        def msdr(keep: torch.Tensor) -> float:  # over the clusters under `keep` alone
-            rows = keep[y[i]]
-            moments = ClassMoments(CLUSTERS, hidden, scatter=False, unit_sums=False).update(h[i][rows], y[i][rows])
-            return msdr_from_moments(moments, superclass)
+    def msdr(keep: torch.Tensor) -> float:  # over the clusters under `keep` alone
+        rows = keep[y]
+        return msdr_from_moments(ClassMoments(CLUSTERS, hidden, scatter=False, unit_sums=False).update(h[rows], y[rows]),
+                                 superclass)
 
-        out = {"msdr": msdr(torch.ones(CLUSTERS, dtype=torch.bool)),
-               "train_acc": float((z[i].argmax(1) == yc[i]).double().mean())}
-        if tau2 is not None:
-            # the first k // 2 super-classes hold the similar pairs (gaussian_mixture's B.1 layout)
-            similar = superclass < k // 2
-            for name, sel in (("msdr_similar", similar), ("msdr_dissimilar", ~similar)):
-                out[name] = msdr(sel)
-        results.append(out)
-    return results
+    out = {"msdr": msdr(torch.ones(CLUSTERS, dtype=torch.bool)), "train_acc": acc}
+    if tau2 is not None:
+        # the first k // 2 super-classes hold the similar pairs (gaussian_mixture's B.1 layout)
+        similar = superclass < k // 2
+        for name, sel in (("msdr_similar", similar), ("msdr_dissimilar", ~similar)):
+            out[name] = msdr(sel)
+    return out
 
 
 def _mean(rows, key):
@@ -131,7 +105,7 @@ def study(seeds: int = 3, sigma2=SIGMA2, sweeps=SWEEPS, tau2=TAU2, defaults=None
                 cfg = dict(defaults, **{param: value})
                 key = (s2, tuple(sorted(cfg.items())))
                 if key not in cache:
-                    runs = run_seeds(s2, range(seeds), **cfg)
+                    runs = [run_one(s2, seed, **cfg) for seed in range(seeds)]
                     cache[key] = {"msdr": _mean(runs, "msdr"), "train_acc": min(r["train_acc"] for r in runs)}
                 rows.append({param: value, "sigma2": s2, **cache[key]})
                 done += 1
@@ -140,7 +114,7 @@ def study(seeds: int = 3, sigma2=SIGMA2, sweeps=SWEEPS, tau2=TAU2, defaults=None
                           end="", file=sys.stderr, flush=True)
         results["sweeps"][param] = rows
     for t2 in tau2:
-        runs = run_seeds(4.0, range(seeds), tau2=t2, **defaults)
+        runs = [run_one(4.0, seed, tau2=t2, **defaults) for seed in range(seeds)]
         results["tau2"].append({"tau2": t2, "msdr_similar": _mean(runs, "msdr_similar"),
                                 "msdr_dissimilar": _mean(runs, "msdr_dissimilar"),
                                 "train_acc": min(r["train_acc"] for r in runs)})
