@@ -196,31 +196,6 @@ def test_command_line_paper_knobs(tmp_path, capsys):
     assert "--svsl-from" in err and "layer7" in err and "layer1" in err
 
 
-def test_gmm_study_msdr_rises_with_sigma2():
-    """Paper 000 appendix B: well separated clusters (large sigma^2) keep their sub-classes apart
-    inside a super-class (MSDR well above 1); overlapping ones do not."""
-    from ncfast.experiments import gmm
-
-    cfg = dict(gmm.DEFAULTS, steps=300, n_per_cluster=200)
-    low = [gmm.run_one(0.25, seed, **cfg)["msdr"] for seed in range(2)]
-    high = [gmm.run_one(16.0, seed, **cfg)["msdr"] for seed in range(2)]
-    assert min(high) > max(low)
-    assert np.mean(high) > 1.5 * np.mean(low)
-    similar = gmm.run_one(4.0, 0, tau2=0.01, **cfg)
-    assert similar["msdr_similar"] < similar["msdr_dissimilar"]  # B.1: similar sub-classes merge
-
-
-def test_gmm_study_quick_writes_table_and_plot(tmp_path, capsys):
-    from ncfast.experiments import gmm
-
-    assert gmm.main(["--quick", "--out", str(tmp_path)]) == 0
-    table = (tmp_path / "table.md").read_text()
-    assert "MSDR vs sigma^2" in table and "| τ² | similar | dissimilar |" in table
-    assert (tmp_path / "msdr.png").stat().st_size > 0
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results["sweeps"]["dim"]) == 4 and len(results["tau2"]) == 2
-
-
 def test_paper_knobs_run_and_change_training(tmp_path):
     """--svsl-alpha / --svsl-from, --logit-scale, --init-scale and --output-norm reach the run: the
     LayerNorm becomes the penultimate layer, and SVSL changes the first epoch's loss."""
@@ -371,3 +346,67 @@ def test_clp_on_features_without_spread(embedding):
     assert (embed(x, embedding) == 0).all() and embed(x, embedding).shape == (120, 2)
     acc, pictures = clp(x, y_sup, y_orig, x[:40], y_sup[:40], y_orig[:40], embedding=embedding)
     assert acc == 0.25 and set(pictures) == {0, 1}
+
+
+def test_mse_loss_is_squared_distance_of_softmax_to_one_hot():
+    """--loss mse: mean_i ||softmax(T z_i) - e_{y_i}||^2 (paper 002's softmax + MSE), by hand."""
+    from ncfast.train.trainer import task_loss
+
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], dtype=torch.float64)
+    y = torch.tensor([0, 1])
+    p = np.exp(z.numpy()) / np.exp(z.numpy()).sum(1, keepdims=True)
+    want = ((p[0] - [1, 0, 0]) ** 2).sum() / 2 + ((p[1] - [0, 1, 0]) ** 2).sum() / 2
+    assert float(task_loss(z, y, "mse")) == pytest.approx(want, rel=1e-12)
+    assert float(task_loss(z, y, "ce")) == pytest.approx(float(torch.nn.functional.cross_entropy(z, y)), rel=1e-12)
+    with pytest.raises(ValueError, match="loss"):
+        task_loss(z, y, "hinge")
+
+
+def test_depth_width_init_loss_flags_reach_the_run(tmp_path):
+    cfg = parse_args(["--arch", "mlp", "--depth", "3", "--width", "32", "--init", "kaiming", "--loss", "mse",
+                      "--distance-epochs", "0,2", "--coarse", "official", "--dataset", "cifar100"])
+    assert (cfg.depth, cfg.width, cfg.init, cfg.loss, cfg.distance_epochs, cfg.coarse) == \
+        (3, 32, "kaiming", "mse", [0, 2], "official")
+    assert parse_args([]).width is None and parse_args(["--coarse", "5"]).coarse == 5
+    for argv in (["--coarse", "five"], ["--distance-epochs", "a,b"], ["--width", "0"], ["--loss", "l1"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+    base = dict(dataset="digits", arch="mlp", depth=3, width=16, epochs=1, batch_size=512, clp_embed="none",
+                progress=False)
+    t = Trainer(Config(out=str(tmp_path / "run"), loss="mse", init="kaiming", **base))
+    assert t.layers == ["layer1", "layer2", "layer3"] and t.model.head.in_features == 16
+    summary = t.run()
+    assert summary["config"]["loss"] == "mse" and 0 <= summary["train_accuracy"] <= 1
+    # the MSE of a 10-way softmax is below 2 (its maximum), the CE of the same net is not bounded so
+    assert 0 < t.history[1]["train_loss"] < 2
+    for bad, match in (({"loss": "l1"}, "--loss"), ({"depth": 0}, "depth"), ({"distance_epochs": [5]}, "--distance-epochs")):
+        with pytest.raises(ValueError, match=match):
+            Trainer(Config(out=str(tmp_path / "bad"), **{**base, **bad}))
+
+
+def test_distance_epochs_and_the_interpolation_epoch_are_measured(tmp_path):
+    """--distance-epochs are measured whatever --metrics-every says and are exactly the class-distance
+    files; the interpolation epoch (first train accuracy >= it_threshold) is measured too."""
+    t = Trainer(Config(dataset="digits", arch="mlp", width=64, epochs=6, batch_size=64, lr=0.1, augment=False,
+                       metrics_every=100, distance_epochs=[2], it_threshold=0.9, clp_embed="none",
+                       progress=False, out=str(tmp_path / "run")))
+    t.run()
+    it = next(r["epoch"] for r in t.history if r["epoch"] > 0 and r["train_acc"] >= 0.9)
+    measured = [r["epoch"] for r in t.history if "layers" in r]
+    assert it not in (0, 2, 6)  # the run is set up so that only the rule measures it
+    assert measured == sorted({0, 2, it, 6})
+    files = sorted(p.name for p in (tmp_path / "run" / "class_distance").glob("epoch_[0-9][0-9][0-9].npy"))
+    assert files == [f"epoch_{e:03d}.npy" for e in measured]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["interpolation_epoch"] == it
+
+
+def test_official_coarse_labels_use_the_data_sets_superclasses():
+    """--coarse official maps each class to the data set's coarse_of (CIFAR-100's 20 super-classes);
+    a data set without them is an error naming the flag."""
+    coarse_of = torch.tensor([2, 0, 1, 2, 0, -1])
+    y_tr, y_te = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([4, 3, 0])
+    a, b, k = transform_labels(Config(coarse="official", dataset="cifar100"), y_tr, y_te, 6, coarse_of=coarse_of)
+    assert a.tolist() == [2, 0, 1, 2, 0] and b.tolist() == [0, 2, 2] and k == 3
+    with pytest.raises(ValueError, match="--coarse official"):
+        transform_labels(Config(coarse="official", dataset="digits"), y_tr, y_te, 6)

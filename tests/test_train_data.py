@@ -457,3 +457,50 @@ def test_logits_for_loss_multiplies_by_the_logit_scale():
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="scale"):
             logits_for_loss(z, bad)
+
+
+@pytest.mark.parametrize("arch, depth, convs", [
+    ("resnet18", None, 2 * 8 + 1 + 3), ("resnet34", None, 2 * 16 + 1 + 3), ("resnet18", 34, 2 * 16 + 1 + 3),
+    ("vgg11", None, 8), ("vgg13", None, 10), ("vgg16", None, 13), ("vgg19", None, 16), ("vgg11", 19, 16),
+    ("densenet121", None, 2 * 58 + 1 + 3), ("densenet169", None, 2 * 82 + 1 + 3)])
+def test_depth_counts_the_conv_layers(arch, depth, convs):
+    """--depth / the deeper names build the published configurations: ResNet-18 has 8 BasicBlocks of
+    2 convs, a stem and 3 projection shortcuts (34: 16 blocks); VGG-11/13/16/19 have 8/10/13/16 convs;
+    DenseNet-121/169 have 58/82 dense layers of 2 convs, a stem and 3 transitions."""
+    model = build_model(arch, 10, 1, 8, depth=depth, width=4)
+    assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == convs
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_width_sets_base_channels_and_mlp_depth_width():
+    assert build_model("resnet18", 3, 1, 8, width=8).head.in_features == 64  # 8 x 8 in layer4
+    assert build_model("vgg16", 3, 1, 8, width=4).head.in_features == 32  # 4 x 8 in block5
+    dense = build_model("densenet121", 3, 1, 8, width=4)
+    assert dense.dense1[0].conv2.out_channels == 4  # the growth rate
+    mlp = build_model("mlp", 3, 1, 8, depth=4, width=32)
+    hidden = [m for m in mlp.modules() if isinstance(m, nn.Linear)][:-1]
+    assert [(m.in_features, m.out_features) for m in hidden] == [(64, 32), (32, 32), (32, 32), (32, 32)]
+    assert mlp.default_probe_layers == ["layer1", "layer2", "layer3", "layer4"] and mlp.penultimate_name == "layer4"
+    default = build_model("mlp", 3, 1, 8)
+    assert [m.out_features for m in default.modules() if isinstance(m, nn.Linear)] == [512, 512, 3]
+    for kwargs, match in (({"depth": 50}, "depth"), ({"depth": 0}, "depth"), ({"width": 0}, "width")):
+        with pytest.raises(ValueError, match=match):
+            build_model("resnet18" if kwargs.get("depth") == 50 else "mlp", 3, 1, 8, **kwargs)
+
+
+def test_kaiming_init_draws_he_normal_weights_and_zero_biases():
+    """init="kaiming": N(0, 2 / fan_in) weights (checked on the wide layers' sample variance) and zero
+    biases; init_scale multiplies after it; the default keeps PyTorch's (variance 1 / (3 fan_in))."""
+    torch.manual_seed(0)
+    he = build_model("mlp", 10, 1, 32, depth=3, width=1024, init="kaiming")
+    torch.manual_seed(0)
+    scaled = build_model("mlp", 10, 1, 32, depth=3, width=1024, init="kaiming", init_scale=0.5)
+    default = build_model("mlp", 10, 1, 32, depth=3, width=1024)
+    for name in ("layer2", "layer3"):
+        w = getattr(he, name)[0].weight.detach()
+        assert float(w.var()) == pytest.approx(2 / 1024, rel=0.02)
+        assert float(getattr(default, name)[0].weight.detach().var()) == pytest.approx(1 / (3 * 1024), rel=0.02)
+        assert torch.count_nonzero(getattr(he, name)[0].bias) == 0
+        torch.testing.assert_close(getattr(scaled, name)[0].weight, 0.5 * w, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="init"):
+        build_model("mlp", 10, 1, 8, init="xavier")

@@ -19,22 +19,47 @@ import math
 import sys
 
 from .data import DATASETS
-from .models import ARCHS
+from .models import ARCH_NAMES, INITS
 from .probes import EMBEDDINGS
-from .trainer import LEARNING_RATES, WEIGHT_DECAYS, Config, train
+from .trainer import LEARNING_RATES, LOSSES, WEIGHT_DECAYS, Config, train
+
+
+def _coarse(text: str):
+    """--coarse K (an integer) or --coarse official."""
+    if text == "official":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of super-classes K or 'official', got {text!r}") from None
+
+
+def _epochs(text: str) -> list[int]:
+    """--distance-epochs 0,10,60."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 0,10,60, got {text!r}") from None
 
 
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(prog="python -m ncfast.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=ARCHS, default="resnet18")
+    p.add_argument("--arch", choices=ARCH_NAMES, default="resnet18")
+    p.add_argument("--depth", type=int, default=None,
+                   help="ResNet 18 / 34, VGG 11 / 13 / 16 / 19, DenseNet 121 / 169 / 201 (overrides the --arch "
+                        "name's); the MLP's number of hidden layers (default 2)")
+    p.add_argument("--width", type=int, default=None,
+                   help="base channels of ResNet / VGG (default 64), DenseNet's growth rate (32), the MLP's "
+                        "hidden units (512)")
     p.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits ships with scikit-learn (default); fashion-mnist reads the IDX files from --data "
                         "(default /usr/share/datasets/fashion-mnist, Debian package dataset-fashion-mnist)")
     p.add_argument("--data", default=None, help="directory of the data files")
     p.add_argument("--download", action="store_true", help="CIFAR: download into --data (MD5 checked) if missing")
     labels = p.add_mutually_exclusive_group()
-    labels.add_argument("--coarse", type=int, metavar="K", help="train on y mod K (paper 000 eq. 4)")
+    labels.add_argument("--coarse", type=_coarse, metavar="K",
+                        help="train on y mod K (paper 000 eq. 4); 'official': CIFAR-100's 20 super-classes")
     labels.add_argument("--fine", action="store_true", help="train on every class split in two (eq. 5)")
     labels.add_argument("--random-coarse", type=int, metavar="K", help="coarse labels after a seeded class shuffle")
     p.add_argument("--epochs", type=int, default=60)
@@ -49,14 +74,22 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--weight-decay", type=float, default=5e-4,
                    help=f"(the papers sweep {WEIGHT_DECAYS}; default paper 000 config #1)")
     p.add_argument("--schedule", choices=("cosine", "step"), default="cosine")
-    p.add_argument("--metrics-every", type=int, default=5, help="measure every N epochs (and epochs 0 and last)")
+    p.add_argument("--metrics-every", type=int, default=5,
+                   help="measure every N epochs (and epochs 0, last, the interpolation epoch and --distance-epochs)")
+    p.add_argument("--distance-epochs", type=_epochs, default=None, metavar="E1,E2,...",
+                   help="epochs measured whatever --metrics-every says; the class-distance figure shows them")
     p.add_argument("--layers", default=None,
                    help="comma-separated module names to probe (default: the model's stages and pooled features)")
     p.add_argument("--logit-scale", type=float, default=1.0, metavar="T",
                    help="paper 002's temperature T: the loss sees T * logits (T = 100 means logits x 100); a "
                         "greater T gives a greater initial logits norm and more rank collapse. The network's "
                         "output itself is not scaled")
-    p.add_argument("--init-scale", type=float, default=1.0, help="factor on the initial conv / linear weights")
+    p.add_argument("--loss", choices=LOSSES, default="ce",
+                   help="ce: cross-entropy; mse: paper 002's MSE between softmax(T z) and the one-hot label")
+    p.add_argument("--init", choices=INITS, default="default",
+                   help="initial conv / linear weights: PyTorch's default, or kaiming (He normal, zero biases)")
+    p.add_argument("--init-scale", type=float, default=1.0,
+                   help="factor on the initial conv / linear weights (after --init)")
     p.add_argument("--output-norm", choices=("layernorm",), default=None,
                    help="affine-free LayerNorm on the penultimate features (paper 002)")
     p.add_argument("--svsl-alpha", type=float, default=0.0,
@@ -74,7 +107,6 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--max-dim", type=int, default=1024,
                    help="layers with more flattened features get their D x D metrics (nc1, vci, rank, ...) "
                         "from channel-pooled features")
-    p.add_argument("--width", type=int, default=64, help="ResNet-18 base width")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default="runs/latest")
@@ -93,6 +125,8 @@ def parse_args(argv=None) -> Config:
         p.error("--init-scale must be > 0")
     if not (math.isfinite(a.svsl_alpha) and a.svsl_alpha >= 0):
         p.error("--svsl-alpha must be a finite number >= 0")
+    if a.width is not None and a.width < 1:
+        p.error("--width must be >= 1")
     if a.max_dim < 1:
         p.error("--max-dim must be >= 1")
     return Config(arch=a.arch, dataset=a.dataset, data=a.data, download=a.download, coarse=a.coarse, fine=a.fine,
@@ -103,6 +137,7 @@ def parse_args(argv=None) -> Config:
                   [s.strip() for s in a.layers.split(",") if s.strip()], logit_scale=a.logit_scale,
                   init_scale=a.init_scale, output_norm=a.output_norm, svsl_alpha=a.svsl_alpha,
                   svsl_from=a.svsl_from, clp_embed=a.clp_embed, it_threshold=a.it_threshold, width=a.width,
+                  depth=a.depth, init=a.init, loss=a.loss, distance_epochs=a.distance_epochs,
                   max_dim=a.max_dim,
                   seed=a.seed, device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress)
 

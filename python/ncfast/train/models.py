@@ -1,4 +1,5 @@
-"""Networks of the reference trainer: CIFAR-style ResNet-18, DenseNet-121, VGG-11 (BN) and an MLP.
+"""Networks of the reference trainer: CIFAR-style ResNet-18/34, DenseNet-121/169/201, VGG-11/13/16/19
+(BN) and an MLP of any depth and width.
 
 Every model maps x to logits with ``forward(x)`` and exposes
 
@@ -38,8 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCHS = ("resnet18", "densenet121", "vgg11", "mlp")
+ARCHS = ("resnet18", "densenet121", "vgg11", "mlp")  # the four families
 OUTPUT_NORMS = (None, "layernorm")
+INITS = ("default", "kaiming")
+# every architecture name build_model takes: a family at its default depth, or a deeper sibling
+ARCH_NAMES = ARCHS + ("resnet34", "densenet169", "densenet201", "vgg13", "vgg16", "vgg19")
+MLP_DEPTH, MLP_WIDTH = 2, 512  # the MLP's default hidden layers and units
 
 
 def _attach_head(model: nn.Module, features_name: str, dim: int, num_classes: int, output_norm,
@@ -87,21 +92,26 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+RESNET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
 class ResNet18(nn.Module):
-    """CIFAR-style ResNet-18: 3x3 stride-1 stem, no max-pool, BasicBlocks [2, 2, 2, 2] of widths
-    width * (1, 2, 4, 8) at strides (1, 2, 2, 2), global average pool, linear head.
+    """CIFAR-style ResNet-18 (or -34): 3x3 stride-1 stem, no max-pool, BasicBlocks [2, 2, 2, 2]
+    ([3, 4, 6, 3] at depth 34) of widths width * (1, 2, 4, 8) at strides (1, 2, 2, 2), global average
+    pool, linear head.
 
     Probe layers: layer1 .. layer4 (stage outputs), then the penultimate features.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, output_norm=None):
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64, output_norm=None, depth: int = 18):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         channels = width
-        for i, (mult, stride) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2)), start=1):
-            self.add_module(f"layer{i}", nn.Sequential(BasicBlock(channels, width * mult, stride),
-                                                       BasicBlock(width * mult, width * mult, 1)))
+        for i, (mult, stride, n) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2), RESNET_BLOCKS[depth]), start=1):
+            blocks = [BasicBlock(channels, width * mult, stride)]
+            blocks += [BasicBlock(width * mult, width * mult, 1) for _ in range(n - 1)]
+            self.add_module(f"layer{i}", nn.Sequential(*blocks))
             channels = width * mult
         self.pool = _global_pool()
         _attach_head(self, "pool", channels, num_classes, output_norm,
@@ -113,8 +123,8 @@ class ResNet18(nn.Module):
         return self.head(self.norm(self.pool(out)))
 
 
-def resnet18(num_classes: int, in_channels: int = 3, width: int = 64, output_norm=None) -> ResNet18:
-    return ResNet18(num_classes, in_channels, width, output_norm)
+def resnet18(num_classes: int, in_channels: int = 3, width: int = 64, output_norm=None, depth: int = 18) -> ResNet18:
+    return ResNet18(num_classes, in_channels, width, output_norm, depth)
 
 
 # ----------------------------------------------------------------------------------------- DenseNet-121
@@ -148,8 +158,12 @@ class Transition(nn.Module):
         return F.avg_pool2d(out, 2) if min(out.shape[-2:]) >= 2 else out
 
 
+DENSENET_BLOCKS = {121: (6, 12, 24, 16), 169: (6, 12, 32, 32), 201: (6, 12, 48, 32)}
+
+
 class DenseNet121(nn.Module):
-    """CIFAR-style DenseNet-121 (BC): growth 32, dense blocks (6, 12, 24, 16), bottleneck layers,
+    """CIFAR-style DenseNet-121 (BC): growth 32, dense blocks (6, 12, 24, 16) (DENSENET_BLOCKS for
+    169 and 201), bottleneck layers,
     compression 0.5, a 3x3 stem with 2 * growth channels and no initial pool, final BN-ReLU, global
     average pool, linear head (1024 features).
 
@@ -187,8 +201,10 @@ class DenseNet121(nn.Module):
         return self.head(self.norm(self.pool(self.final(out))))
 
 
-def densenet121(num_classes: int, in_channels: int = 3, output_norm=None) -> DenseNet121:
-    return DenseNet121(num_classes, in_channels, output_norm=output_norm)
+def densenet121(num_classes: int, in_channels: int = 3, output_norm=None, depth: int = 121,
+                width: int = 32) -> DenseNet121:
+    """DenseNet-``depth`` (121, 169, 201) with growth rate ``width``."""
+    return DenseNet121(num_classes, in_channels, growth=width, blocks=DENSENET_BLOCKS[depth], output_norm=output_norm)
 
 
 # ----------------------------------------------------------------------------------------------- VGG-11
@@ -200,17 +216,23 @@ class MaxPoolIfLarger(nn.Module):
         return F.max_pool2d(x, 2) if min(x.shape[-2:]) >= 2 else x
 
 
+VGG_CONVS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
+
+
 class VGG11(nn.Module):
-    """VGG-11 with batch norm: conv3x3-BN-ReLU blocks of widths 64 | 128 | 256, 256 | 512, 512 |
-    512, 512, each block ending in a 2x2 max-pool, then a global average pool and one linear head.
+    """VGG with batch norm (Simonyan & Zisserman's configurations A, B, D, E: depth 11, 13, 16, 19):
+    five blocks of conv3x3-BN-ReLU layers of widths width * (1, 2, 4, 8, 8), VGG_CONVS[depth] layers
+    per block (VGG-11: 64 | 128 | 256, 256 | 512, 512 | 512, 512), each block ending in a 2x2
+    max-pool, then a global average pool and one linear head.
 
     Probe layers: block1 .. block5, then the penultimate features.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, output_norm=None):
+    def __init__(self, num_classes: int, in_channels: int = 3, output_norm=None, depth: int = 11, width: int = 64):
         super().__init__()
         channels = in_channels
-        for i, widths in enumerate(((64,), (128,), (256, 256), (512, 512), (512, 512)), start=1):
+        blocks = [(width * mult,) * n for mult, n in zip((1, 2, 4, 8, 8), VGG_CONVS[depth])]
+        for i, widths in enumerate(blocks, start=1):
             layers = []
             for w in widths:
                 layers += [nn.Conv2d(channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
@@ -227,8 +249,9 @@ class VGG11(nn.Module):
         return self.head(self.norm(self.pool(out)))
 
 
-def vgg11(num_classes: int, in_channels: int = 3, output_norm=None) -> VGG11:
-    return VGG11(num_classes, in_channels, output_norm)
+def vgg11(num_classes: int, in_channels: int = 3, output_norm=None, depth: int = 11, width: int = 64) -> VGG11:
+    """VGG-``depth`` (11, 13, 16, 19) with batch norm and base width ``width``."""
+    return VGG11(num_classes, in_channels, output_norm, depth, width)
 
 
 # ------------------------------------------------------------------------------------------------- MLP
@@ -284,37 +307,91 @@ def logits_for_loss(logits: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return logits if scale == 1 else logits * scale
 
 
+def init_weights_(model: nn.Module, scheme: str = "default") -> nn.Module:
+    """Re-initialise every conv and linear layer in place; returns model.
+
+    "default" keeps PyTorch's initialisation (Kaiming-uniform with a = sqrt(5): weights of variance
+    1 / (3 fan_in), which shrinks the signal layer after layer in a ReLU network); "kaiming" draws the
+    weights from He et al.'s variance-preserving N(0, 2 / fan_in) (``kaiming_normal_``, fan_in, ReLU
+    gain) and zeroes the biases (paper 002 fig. 6 compares the two)."""
+    if scheme not in INITS:
+        raise ValueError(f"init: must be one of {INITS}, got {scheme!r}")
+    if scheme == "kaiming":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                    if m.bias is not None:
+                        m.bias.zero_()
+    return model
+
+
+_FAMILY_DEPTHS = {"resnet": tuple(RESNET_BLOCKS), "densenet": tuple(DENSENET_BLOCKS), "vgg": tuple(VGG_CONVS)}
+
+
+def resolve_arch(arch: str, depth: int | None = None) -> tuple[str, int]:
+    """(family, depth) of an architecture name and an optional depth that overrides the name's:
+    ("vgg11", 16) and ("vgg16", None) are both ("vgg", 16); ("mlp", None) is ("mlp", MLP_DEPTH)."""
+    if arch not in ARCH_NAMES:
+        raise ValueError(f"arch: unknown architecture {arch!r}; choose one of {', '.join(ARCH_NAMES)}")
+    if arch == "mlp":
+        d = MLP_DEPTH if depth is None else int(depth)
+        if d < 1:
+            raise ValueError(f"depth: the MLP needs at least 1 hidden layer, got {depth}")
+        return "mlp", d
+    family = arch.rstrip("0123456789")
+    d = int(arch[len(family):]) if depth is None else int(depth)
+    if d not in _FAMILY_DEPTHS[family]:
+        raise ValueError(f"depth: {family} comes in depths {_FAMILY_DEPTHS[family]}, got {depth}")
+    return family, d
+
+
 def build_model(arch: str, num_classes: int, in_channels: int, input_size=None,
-                init_scale: float = 1.0, output_norm=None, **arch_options) -> nn.Module:
-    """One of ``ARCHS`` for inputs (N, in_channels, H, W), or (N, in_channels) when input_size is None.
+                init_scale: float = 1.0, output_norm=None, depth: int | None = None, width: int | None = None,
+                init: str = "default", hidden=None) -> nn.Module:
+    """One of ``ARCH_NAMES`` for inputs (N, in_channels, H, W), or (N, in_channels) when input_size is None.
 
     Args:
-        arch: "resnet18", "densenet121", "vgg11" or "mlp".
+        arch: "resnet18", "densenet121", "vgg11", "mlp", or a deeper sibling ("resnet34",
+            "densenet169", "densenet201", "vgg13", "vgg16", "vgg19").
         num_classes: outputs of the head (the number of training labels: coarse, fine or original).
         in_channels: image channels, or the feature dimension D of flat input (input_size None).
         input_size: H (square) or (H, W) of image input; None for flat input (mlp only). The
             convolutional models accept any size from 8 x 8 up; the MLP needs it for in_features.
-        init_scale: factor on the default initial weights of every conv / linear layer (paper 002).
+        init_scale: factor on the initial weights of every conv / linear layer (paper 002), applied
+            after ``init``.
         output_norm: None or "layernorm" (affine-free LayerNorm on the penultimate features).
-        **arch_options: passed on: ``width`` (resnet18), ``hidden`` (mlp).
+        depth: overrides the name's depth: ResNet 18 / 34, DenseNet 121 / 169 / 201, VGG 11 / 13 / 16
+            / 19; the MLP's number of hidden layers (default 2).
+        width: base channels of ResNet / VGG (64), DenseNet's growth rate (32), the MLP's hidden
+            units (512); None: those defaults.
+        init: "default" (PyTorch's) or "kaiming" (``init_weights_``).
+        hidden: the MLP's hidden widths as a tuple, instead of depth x width.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    family, d = resolve_arch(arch, depth)
+    if width is not None and int(width) < 1:
+        raise ValueError(f"width: must be >= 1, got {width}")
+    if hidden is not None and family != "mlp":
+        raise ValueError(f"hidden: applies to the mlp only, not {arch!r}")
     if input_size is None:
         size = None
     else:
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"input_size: must be H or (H, W) with positive sizes, got {input_size}")
-    if arch == "mlp":
+    if family == "mlp":
         in_features = in_channels if size is None else in_channels * size[0] * size[1]
-        model = mlp(num_classes, in_features, output_norm=output_norm, **arch_options)
+        if hidden is None:
+            hidden = (MLP_WIDTH if width is None else int(width),) * d
+        model = mlp(num_classes, in_features, hidden=tuple(hidden), output_norm=output_norm)
     else:
         if size is None:
             raise ValueError(f"input_size: {arch} needs image input (N, C, H, W); "
                              f"use arch='mlp' for flat features")
-        builder = {"resnet18": resnet18, "densenet121": densenet121, "vgg11": vgg11}[arch]
-        model = builder(num_classes, in_channels, output_norm=output_norm, **arch_options)
+        options = {} if width is None else {"width": int(width)}
+        builder = {"resnet": resnet18, "densenet": densenet121, "vgg": vgg11}[family]
+        model = builder(num_classes, in_channels, output_norm=output_norm, depth=d, **options)
+    init_weights_(model, init)
     if init_scale != 1.0:
         scale_init_(model, init_scale)
     return model

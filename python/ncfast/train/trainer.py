@@ -24,10 +24,11 @@ from ..losses import svsl_loss
 from ..probe import LayerProbe, channel_pool, flatten
 from . import figures
 from .data import augment_batch, batches, load_dataset
-from .models import build_model, logits_for_loss
+from .models import build_model, logits_for_loss, resolve_arch
 from .probes import clp, linear_probe
 
 LEARNING_RATES = (0.1, 0.01, 0.001)
+LOSSES = ("ce", "mse")
 WEIGHT_DECAYS = (5e-3, 5e-4, 5e-5)
 
 
@@ -37,7 +38,7 @@ class Config:
     dataset: str = "digits"
     data: str | None = None
     download: bool = False
-    coarse: int | None = None
+    coarse: int | str | None = None  # K, or "official": the data set's own super-classes (CIFAR-100's 20)
     fine: bool = False
     random_coarse: int | None = None
     epochs: int = 60
@@ -57,7 +58,11 @@ class Config:
     svsl_from: str | None = None  # paper 003's gamma, a probed layer; None: the first probed layer
     clp_embed: str = "tsne"
     it_threshold: float = 0.995
-    width: int = 64
+    width: int | None = None  # base channels (ResNet / VGG 64), growth rate (DenseNet 32), MLP hidden units (512)
+    depth: int | None = None  # ResNet 18 / 34, VGG 11 / 13 / 16 / 19, DenseNet 121 / 169 / 201, MLP hidden layers (2)
+    init: str = "default"  # "default" (PyTorch's) or "kaiming" (He normal, zero biases)
+    loss: str = "ce"  # "ce" or "mse" (paper 002: MSE between softmax(T z) and the one-hot label)
+    distance_epochs: list[int] | None = None  # epochs measured whatever metrics_every says, drawn as heatmaps
     seed: int = 0
     device: str = "auto"
     out: str = "runs/latest"
@@ -120,11 +125,23 @@ class _Progress:
             self.bar.close()
 
 
-def transform_labels(cfg: Config, y_train: torch.Tensor, y_test: torch.Tensor, num_classes: int):
-    """(train labels, test labels, number of training classes) under --coarse / --fine / --random-coarse."""
+def transform_labels(cfg: Config, y_train: torch.Tensor, y_test: torch.Tensor, num_classes: int,
+                     coarse_of: torch.Tensor | None = None):
+    """(train labels, test labels, number of training classes) under --coarse / --fine / --random-coarse.
+
+    ``--coarse official`` maps every class to the data set's own super-class ``coarse_of`` (CIFAR-100's
+    20 super-classes of 5 classes each, paper 000 sec. 5)."""
     chosen = [cfg.coarse is not None, cfg.fine, cfg.random_coarse is not None]
     if sum(chosen) > 1:
         raise ValueError("--coarse, --fine and --random-coarse: choose at most one")
+    if cfg.coarse == "official":
+        if coarse_of is None:
+            raise ValueError(f"--coarse official: the data set {cfg.dataset!r} has no official super-classes "
+                             f"(cifar100 has 20)")
+        present = coarse_of[coarse_of >= 0]
+        return coarse_of[y_train], coarse_of[y_test], int(present.max()) + 1
+    if isinstance(cfg.coarse, str):
+        raise ValueError(f"--coarse: a number of super-classes K or 'official', got {cfg.coarse!r}")
     if cfg.coarse is not None:
         if not 1 <= cfg.coarse <= num_classes:
             raise ValueError(f"--coarse: must be in [1, {num_classes}], got {cfg.coarse}")
@@ -152,6 +169,20 @@ def _subset(n: int, size: int | None, seed: int) -> torch.Tensor | slice:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
 
 
+def task_loss(scaled: torch.Tensor, labels: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """The training loss on the scaled logits T z, averaged over the batch.
+
+    "ce": softmax cross-entropy. "mse": paper 002's "softmax and MSE loss" (its figs. 28-33), the
+    squared distance between the softmax probabilities and the one-hot label,
+    mean_i ||softmax(T z_i) - e_{y_i}||^2."""
+    if loss == "ce":
+        return F.cross_entropy(scaled, labels)
+    if loss == "mse":
+        target = F.one_hot(labels, scaled.shape[1]).to(scaled.dtype)
+        return (scaled.softmax(1) - target).pow(2).sum(1).mean()
+    raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+
+
 # -------------------------------------------------------------------------------------------- run
 class Trainer:
     def __init__(self, cfg: Config):
@@ -162,7 +193,8 @@ class Trainer:
         ds = load_dataset(cfg.dataset, cfg.data, download=cfg.download, seed=cfg.seed)
         self.ds = ds
         self.num_original = ds.num_classes
-        y_tr, y_te, self.num_train_classes = transform_labels(cfg, ds.train_y, ds.test_y, ds.num_classes)
+        y_tr, y_te, self.num_train_classes = transform_labels(cfg, ds.train_y, ds.test_y, ds.num_classes,
+                                                              coarse_of=ds.coarse_of)
         keep = _subset(ds.train_y.shape[0], cfg.train_subset, cfg.seed)
         dev = self.device
         # the whole data set lives on the device: batches are index gathers, augmentation runs there too
@@ -172,10 +204,16 @@ class Trainer:
         image = ds.train_x.dim() == 4
         if cfg.arch != "mlp" and not image:
             raise ValueError(f"--arch {cfg.arch}: needs image data; {cfg.dataset} is flat (use --arch mlp)")
-        options = {"width": cfg.width} if cfg.arch == "resnet18" else {}
+        resolve_arch(cfg.arch, cfg.depth)
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"--loss: expected one of {LOSSES}, got {cfg.loss!r}")
+        self.distance_epochs = sorted(set(cfg.distance_epochs or ()))
+        if any(not 0 <= e <= cfg.epochs for e in self.distance_epochs):
+            raise ValueError(f"--distance-epochs: must lie in [0, --epochs = {cfg.epochs}], got {cfg.distance_epochs}")
         self.model = build_model(cfg.arch, self.num_train_classes, ds.train_x.shape[1],
                                  tuple(ds.train_x.shape[2:]) if image else None,
-                                 init_scale=cfg.init_scale, output_norm=cfg.output_norm, **options).to(dev)
+                                 init_scale=cfg.init_scale, output_norm=cfg.output_norm, depth=cfg.depth,
+                                 width=cfg.width, init=cfg.init).to(dev)
         self.layers = list(cfg.layers) if cfg.layers else list(self.model.default_probe_layers)
         modules = dict(self.model.named_modules())
         unknown = [name for name in self.layers if name not in modules]
@@ -275,7 +313,7 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     logits = model(xb)
                     scaled = logits_for_loss(logits.float(), self.logit_scale)
-                    loss = F.cross_entropy(scaled, yb)
+                    loss = task_loss(scaled, yb, cfg.loss)
                     if svsl:
                         # layers gamma..k of paper 003: the probed ones, then the output layer
                         layers = [captured[name] for name in self.svsl_layers] + [scaled]
@@ -373,7 +411,13 @@ class Trainer:
     def _evaluate(self, epoch: int, loss: float) -> None:
         cfg = self.cfg
         record = {"epoch": epoch, "train_loss": loss, "lr": self.opt.param_groups[0]["lr"]}
-        if epoch % cfg.metrics_every == 0 or epoch == cfg.epochs:
+        scheduled = epoch % cfg.metrics_every == 0 or epoch == cfg.epochs or epoch in self.distance_epochs
+        if not scheduled:
+            record["train_acc"], record["test_acc"] = self.accuracy("train"), self.accuracy("test")
+            # the interpolation epoch is measured whatever metrics_every says (paper 003's IT)
+            scheduled = epoch > 0 and record["train_acc"] >= cfg.it_threshold and not any(
+                r["epoch"] > 0 and r["train_acc"] >= cfg.it_threshold for r in self.history)
+        if scheduled:
             record["layers"], distances, train_label_distance, accuracy = self.measure()
             record["train_acc"], record["test_acc"] = accuracy["train"], accuracy["test"]
             pen = self.model.penultimate_name
@@ -386,8 +430,6 @@ class Trainer:
             # every probed layer and split, original labels: arrays named "<layer>/<split>"
             np.savez(folder / f"epoch_{epoch:03d}_layers.npz",
                      **{f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None})
-        else:
-            record["train_acc"], record["test_acc"] = self.accuracy("train"), self.accuracy("test")
         self.history.append(record)
         line = f"epoch {epoch:3d}  loss {loss:.4f}  train acc {record['train_acc']:.4f}  test acc {record['test_acc']:.4f}"
         if "layers" in record:
@@ -482,10 +524,14 @@ class Trainer:
         pen = self.model.penultimate_name
         distances = {int(p.stem.split("_")[1]): np.load(p)
                      for p in sorted((self.out / "class_distance").glob("epoch_[0-9][0-9][0-9].npy"))}
+        if self.distance_epochs:
+            distances = {e: d for e, d in distances.items() if e in self.distance_epochs}
         if distances:
             figures.class_distance_heatmaps(distances, fig_dir / "class_distance.png")
         relabelled = {int(p.stem.split("_")[1]): np.load(p)
                       for p in sorted((self.out / "class_distance").glob("epoch_[0-9][0-9][0-9]_train_labels.npy"))}
+        if self.distance_epochs:
+            relabelled = {e: d for e, d in relabelled.items() if e in self.distance_epochs}
         if relabelled:
             figures.class_distance_heatmaps(
                 relabelled, fig_dir / "class_distance_train_labels.png",

@@ -1,0 +1,92 @@
+"""python -m ncfast.experiments.gmm (paper 000 appendix B): MSDR of the Gaussian-mixture study, the
+verdicts computed from its data, and the files it writes."""
+import json
+
+import numpy as np
+import pytest
+
+from ncfast.experiments import gmm
+
+
+def test_msdr_rises_with_sigma2_and_similar_subclasses_merge():
+    """Well separated clusters (large sigma^2) keep their sub-classes apart inside a super-class (MSDR
+    well above 1); overlapping ones do not; similar sub-classes (small tau^2) merge (B.1)."""
+    cfg = dict(gmm.DEFAULTS, steps=200, n_per_cluster=100)
+    low = [gmm.run_one(0.25, seed, **cfg)["msdr"] for seed in range(2)]
+    high = [gmm.run_one(16.0, seed, **cfg)["msdr"] for seed in range(2)]
+    assert min(high) > max(low)
+    assert np.mean(high) > 1.5 * np.mean(low)
+    similar = gmm.run_one(4.0, 0, tau2=0.01, **cfg)
+    assert similar["msdr_similar"] < similar["msdr_dissimilar"]
+
+
+def test_run_one_is_plain_gradient_descent_by_default():
+    """DEFAULTS train by plain gradient descent (momentum 0) as the appendix says; the momentum flag
+    changes the trained network."""
+    assert gmm.DEFAULTS["momentum"] == 0.0
+    cfg = dict(gmm.DEFAULTS, steps=50, n_per_cluster=50)
+    plain = gmm.run_one(2.0, 0, **cfg)
+    again = gmm.run_one(2.0, 0, **cfg)
+    heavy = gmm.run_one(2.0, 0, **dict(cfg, momentum=0.9))
+    assert plain == again and plain["msdr"] != heavy["msdr"]
+
+
+def _results(dim_rows, hidden_rows, wd_rows, tau2_rows):
+    rows = lambda param, table: [{param: v, "sigma2": s2, "msdr": (m, 0.0), "train_acc": 1.0}
+                                 for v, curve in table.items() for s2, m in curve.items()]
+    return {"sweeps": {"dim": rows("dim", dim_rows), "hidden": rows("hidden", hidden_rows),
+                       "weight_decay": rows("weight_decay", wd_rows)},
+            "tau2": [{"tau2": t, "msdr_similar": (s, 0.0), "msdr_dissimilar": (d, 0.0), "train_acc": 1.0}
+                     for t, (s, d) in tau2_rows.items()]}
+
+
+def test_claims_on_hand_made_results():
+    """Every verdict follows its rule: rising curves hold, a dimension ordering broken at 2 of 3
+    sigma^2 does not, a weight decay that doubles MSDR does not, similar pairs above dissimilar do not."""
+    rising = {0.5: 1.5, 2.0: 3.0, 8.0: 9.0}
+    res = _results({8: {0.5: 1.2, 2.0: 2.0, 8.0: 5.0}, 32: rising},
+                   {32: {0.5: 1.6, 2.0: 2.5, 8.0: 10.0}, 128: rising},  # hidden: larger is smaller at 2 of 3
+                   {0.0: rising, 5e-3: {0.5: 3.0, 2.0: 6.0, 8.0: 18.0}},
+                   {0.01: (1.0, 6.0), 1.0: (2.0, 6.0), 4.0: (5.0, 6.0)})
+    got = {c["claim"]: c for c in gmm.claims(res)}
+    by = lambda word: next(c for k, c in got.items() if word in k)
+    assert by("rises with sigma^2")["holds"] is True
+    assert by("input dimension")["holds"] is True and "rho > 0 at 3 of 3" in by("input dimension")["ours"]
+    assert by("hidden dimension")["holds"] is False and "rho > 0 at 1 of 3" in by("hidden dimension")["ours"]
+    assert by("weight decay")["holds"] is False and "largest 0.67" in by("weight decay")["ours"]
+    assert by("similar")["holds"] is True
+    flipped = _results({8: rising}, {32: rising}, {0.0: rising, 5e-4: {0.5: 1.55, 2.0: 3.1, 8.0: 9.2}},
+                       {0.01: (6.5, 6.0), 1.0: (7.0, 6.0)})
+    got = {c["claim"]: c for c in gmm.claims(flipped)}
+    assert next(c for k, c in got.items() if "weight decay" in k)["holds"] is True  # spread 0.03 <= 0.2
+    assert next(c for k, c in got.items() if "similar" in k)["holds"] is False
+    falling = _results({8: {0.5: 3.0, 2.0: 2.0, 8.0: 1.0}}, {}, {}, {})
+    assert next(c for c in gmm.claims(falling) if "sigma^2 (" in c["claim"])["holds"] is False
+
+
+def test_quick_writes_report_whose_verdicts_match_the_json(tmp_path):
+    assert gmm.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "MSDR vs sigma^2" in table and "| τ² | similar | dissimilar |" in table
+    assert (tmp_path / "msdr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["sweeps"]["dim"]) == 4 and len(results["tau2"]) == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "python -m ncfast.experiments.gmm --quick" in report
+    assert results["claims"] == gmm.claims({k: results[k] for k in ("sweeps", "tau2")})
+    for c in results["claims"]:
+        word = "holds" if c["holds"] else "does not hold"
+        assert f"| {c['claim']} | {c['paper']} | {c['ours']} | {word} |" in report
+    # the table's MSDR is the mean over seeds of what run_one measures (1 seed here)
+    row = next(r for r in results["sweeps"]["dim"] if r["dim"] == 8 and r["sigma2"] == 8.0)
+    again = gmm.run_one(8.0, 0, **dict(results["defaults"], dim=8))
+    assert row["msdr"][0] == pytest.approx(again["msdr"], rel=1e-9)
+    assert (row["train_acc"] == 1.0) == (again["train_acc"] == 1.0)
+
+
+def test_bad_arguments_exit_with_the_flag_named(capsys):
+    for argv, flag in ((["--seeds", "0"], "--seeds"), (["--momentum", "1.5"], "--momentum"),
+                       (["--lr", "0"], "--lr")):
+        with pytest.raises(SystemExit):
+            gmm.main(argv)
+        assert flag in capsys.readouterr().err
