@@ -225,7 +225,8 @@ def _claims_for(corr):
     flat = {"rho": 0.2, "first": 1.0, "last": 1.1, "epochs": [1, 4], "collapses": False, "consistent": False}
     trends = {s: {"vci": trend, "fuzziness": trend, "squared_distance": flat, "cosine_separation": flat}
               for s in ("train", "test")}
-    span = {s: {"inside": dict(trend), "outside": {**flat, "first": 0.1, "last": 0.3}} for s in ("train", "test")}
+    span = {s: {"inside": dict(trend), "outside": {**flat, "first": 0.1, "last": 0.3}, "share_inside": dict(trend)}
+            for s in ("train", "test")}
     change = {t: {k: (1e-15 if vci.EXPECTED[k][t] else 0.5) for k in vci.METRICS} for t in vci.TRANSFORMS}
     inv = {"change": change, "original": {**{k: 1.0 for k in vci.METRICS}, "degenerate": []}}
     report = Report("t", "cmd", "digits")
@@ -235,7 +236,7 @@ def _claims_for(corr):
 
 def test_claim_verdicts_follow_the_numbers():
     claims = _claims_for({"fuzziness": 0.5, "squared_distance": 0.6, "cosine_separation": 0.7, "vci": 0.9})
-    assert len(claims) == 12
+    assert len(claims) == 13
     assert all(claims.values()), claims
     claims = _claims_for({"fuzziness": 0.95, "squared_distance": -0.6, "cosine_separation": 0.7, "vci": 0.9})
     assert claims["VCI correlates with transfer more than the other metrics"] is False
@@ -278,9 +279,15 @@ def quick(tmp_path_factory):
 
 
 def _report_rows(text):
-    rows = [line for line in text.splitlines() if line.startswith("| ") and line.count(" | ") == 3]
-    header = rows.index("| claim | paper | ours | verdict |")
-    return [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows[header + 1:]]
+    """The cells of report.md's claim table (the rows under its header and separator)."""
+    lines = text.splitlines()
+    start = lines.index("| claim | paper | ours | verdict |") + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return rows
 
 
 def test_quick_writes_everything(quick):
@@ -306,7 +313,7 @@ def test_quick_report_agrees_with_results(quick):
     out, res = quick
     rows = _report_rows((out / "report.md").read_text())
     claims = res["report"]["claims"]
-    assert len(rows) == len(claims) == 12
+    assert len(rows) == len(claims) == 13
     for row, c in zip(rows, claims):
         assert row[0].replace("\\|", "|") == c["claim"] and row[3] == c["verdict"]
     by = {c["claim"]: c["verdict"] for c in claims}
@@ -330,6 +337,13 @@ def test_quick_report_agrees_with_results(quick):
     assert by[key] == word(all(v > 0 for v in corr.values()))
     t = res["training"]["trends"]["train"]["vci"]
     assert by["VCI decreases over training (train)"] == word(t["collapses"])
+    span, st = res["training"]["span"]["train"], res["training"]["span_trends"]["train"]
+    key = next(k for k in by if k.startswith("Tr(P_B Σ_W) shrinks"))
+    assert by[key] == word(st["inside"]["rho"] < 0 and st["outside"]["rho"] > 0)
+    share = [v for e, v in zip(span["epoch"], span["share_inside"]) if e >= 1]
+    assert st["share_inside"]["rho"] == pytest.approx(vci.spearman(range(len(share)), share))
+    key = next(k for k in by if k.startswith("the share"))
+    assert by[key] == word(st["share_inside"]["rho"] < 0)
     # the trend itself from the curve (no degenerate values at these sizes)
     curve = res["training"]["curves"]["train"]
     assert not any(curve["degenerate"]["vci"])
