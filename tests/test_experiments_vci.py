@@ -186,6 +186,10 @@ def test_transfer_correlations_are_oriented():
     assert c["fuzziness"] == pytest.approx(np.corrcoef([1, 2, 3], [0.1, 0.2, 0.35])[0, 1])
     assert c["squared_distance"] == pytest.approx(-c["fuzziness"])
     assert c["cosine_separation"] == pytest.approx(c["fuzziness"])  # larger cosine = more collapse: flipped
+    # a run that did not fit its pretraining task is left out
+    outlier = {"mlog": 5.0, "fitted": False, "metrics": {k: 100.0 for k in vci.METRICS}}
+    assert vci.transfer_correlations(rows + [outlier]) == pytest.approx(c)
+    assert all(math.isnan(v) for v in vci.transfer_correlations(rows[:2] + [outlier]).values())
     assert vci.most_correlated({"a": 0.1, "b": 0.9}) == "b"
     assert vci.most_correlated({"a": 0.1, "b": float("nan")}) is None
 
@@ -262,6 +266,7 @@ def test_table_and_fmt():
     (["--logit-scales", "1,x,3"], "--logit-scales"),
     (["--logit-scales", "1,-2,3"], "--logit-scales"),
     (["--transfer-epochs", "-1"], "--transfer-epochs"),
+    (["--transfer-seeds", "0"], "--transfer-seeds"),
     (["--preset", "cifar10"], "--data"),
 ])
 def test_bad_arguments_are_named(tmp_path, capsys, args, name):
@@ -303,7 +308,7 @@ def test_quick_writes_everything(quick):
     assert (out / "train" / "metrics.jsonl").exists() and (out / "train" / "history.jsonl").exists()
     assert len(res["transfer"]["rows"]) == len(vci.QUICK["logit_scales"])
     for scale in vci.QUICK["logit_scales"]:
-        assert (out / "transfer" / f"T{scale:g}" / "summary.json").exists()
+        assert (out / "transfer" / f"T{scale:g}_s0" / "summary.json").exists()
     curve = res["training"]["curves"]["train"]
     assert curve["epoch"] == list(range(vci.QUICK["epochs"] + 1))
     assert all(0 <= v <= 1 for v in curve["vci"])
@@ -363,6 +368,7 @@ def test_quick_transfer_numbers_recomputed(quick):
               for a in r["task_accuracy"].values()]
         p = r["pretrain_accuracy"]
         assert r["mlog"] == pytest.approx(np.mean(lg) - math.log(p / (1 - p)), rel=1e-12)
+    assert all(r["fitted"] for r in rows)  # --quick counts every run (fitted threshold 0)
     target = [r["mlog"] for r in rows]
     for k in vci.METRICS:
         r = np.corrcoef([row["metrics"][k] for row in rows], target)[0, 1] * vci.COLLAPSE_SIGN[k]

@@ -54,6 +54,9 @@ trainer's run folders train/ and transfer/T*/):
    "less collapse goes with better transfer" (the sign flipped for cosine_separation). The paper's
    numbers are recomputed from its Table 2 (rows 1-6 the temperature group, rows 7-11 the
    cosine-regulariser group: our reading of the table, whose parameter column the text copy lost).
+   Only runs that fit their pretraining task (train accuracy >= 99%) count in r: the paper's
+   networks are all trained to convergence, and one that is not mixes under-training into both
+   its collapse and its MLOG (its P is low).
 
 What differs from the paper: digits / Fashion-MNIST are not CIFAR-10 or ImageNet, and a coarse-label
 task of the same images is not ten natural-image data sets; the linear probe is ncfast's L-BFGS
@@ -65,12 +68,17 @@ Presets (ResNet-18, the trainer's SGD with momentum 0.9 and a cosine schedule):
 
 - digits (default): width 16 (512 -> 128 features: at width 64 the 360 test samples would be
   affinely independent in 512 dimensions and the test VCI forced, see "degenerate"), 24 epochs
-  measured every 2; transfer sweep T in {0.1, 0.3, 1, 3}, 15 epochs each (T = 10 does not fit its
-  task in 15 epochs at this learning rate; pretraining runs below 99% train accuracy are marked).
-- fashion-mnist: width 32, 30 epochs (every 2), sweep of 15 epochs; hours on a CPU, minutes on a GPU.
+  measured every 2 (about 0.3 s an epoch on an idle 2-core CPU); transfer sweep T in {0.1, 0.3, 1,
+  3} x 2 seeds, 25 epochs each (8 points; T = 10 stayed at 63-75% train accuracy after 15-25 epochs).
+  Pretraining runs below 99% train accuracy are marked "not fitted" and left out of the correlation.
+  The MLOG of one run rests on 360 test samples at ~97% accuracy, so one point carries a noise of a
+  few tenths in MLOG.
+- fashion-mnist: width 32, 30 epochs (every 2), sweep T in {0.1, 0.3, 1, 3} of 15 epochs; hours on a
+  CPU, minutes on a GPU.
 - cifar10 / cifar100: the paper's ResNet-18 on CIFAR-10 setting as far as the text gives it: width
   64, 300 epochs, batch 256, metrics every 20 epochs, weight decay 5e-4, learning rate 0.1 (its
-  value is lost in our copy of the paper), random crops; transfer sweep of 100 epochs per scale.
+  value is lost in our copy of the paper), random crops; transfer sweep T in {0.1, 0.3, 1, 3} of 100
+  epochs per scale.
   Run them with --device cuda.
 """
 from __future__ import annotations
@@ -133,25 +141,26 @@ PAPER_TABLE2 = (
 )
 PAPER_GROUPS = {"temperature": range(0, 6), "regularizer": range(6, 11), "all": range(0, 11)}
 
-# T = 10 at the digits preset's learning rate starts at a loss of ~5 and is still at 75% train accuracy
-# after 15 epochs: an under-trained network, not a less collapsed one
+# T = 10 at the digits preset's learning rate starts at a loss of ~5 and is still at 63-75% train
+# accuracy after 15-25 epochs: an under-trained network, not a less collapsed one
 SCALES = (0.1, 0.3, 1.0, 3.0)
 FITTED = 0.99  # train accuracy at which a pretraining run counts as having fit its task
 COMMON = dict(arch="resnet18", layers=["pool"], clp_embed="none", momentum=0.9, schedule="cosine")
 PRESETS = {
-    "digits": dict(dataset="digits", width=16, epochs=24, metrics_every=2, lr=0.01, weight_decay=5e-4,
-                   batch_size=128, transfer_epochs=15, logit_scales=SCALES, coarse=5),
+    "digits": dict(dataset="digits", width=16, epochs=30, metrics_every=2, lr=0.01, weight_decay=5e-4,
+                   batch_size=128, transfer_epochs=25, logit_scales=SCALES, transfer_seeds=2, coarse=5),
     "fashion-mnist": dict(dataset="fashion-mnist", width=32, epochs=30, metrics_every=2, lr=0.01,
                           weight_decay=5e-4, batch_size=128, transfer_epochs=15,
-                          logit_scales=SCALES, coarse=5),
+                          logit_scales=SCALES, transfer_seeds=1, coarse=5),
     "cifar10": dict(dataset="cifar10", width=64, epochs=300, metrics_every=20, lr=0.1, weight_decay=5e-4,
-                    batch_size=256, transfer_epochs=100, logit_scales=SCALES, coarse=5),
+                    batch_size=256, transfer_epochs=100, logit_scales=SCALES, transfer_seeds=1, coarse=5),
     "cifar100": dict(dataset="cifar100", width=64, epochs=300, metrics_every=20, lr=0.1, weight_decay=5e-4,
-                     batch_size=256, transfer_epochs=100, logit_scales=SCALES,
+                     batch_size=256, transfer_epochs=100, logit_scales=SCALES, transfer_seeds=1,
                      coarse="official"),
 }
+# --quick's 2-epoch pretraining fits nothing: there every run counts in the correlation (fitted=0)
 QUICK = dict(width=4, epochs=4, metrics_every=1, train_subset=400, batch_size=64, transfer_epochs=2,
-             logit_scales=(0.3, 1.0, 3.0))
+             logit_scales=(0.3, 1.0, 3.0), transfer_seeds=1, fitted=0.0)
 
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -380,8 +389,11 @@ def superclass_map(y_train: np.ndarray, y_orig: np.ndarray, num_original: int) -
 
 
 def transfer_correlations(rows: list[dict]) -> dict[str, float]:
-    """Oriented Pearson r of each metric with MLOG across the sweep: r > 0 means less collapse goes
-    with better transfer (the sign of cosine_separation's r flipped, as larger means more collapse)."""
+    """Oriented Pearson r of each metric with MLOG across the runs of the sweep that fit their
+    pretraining task (``fitted``, default True): r > 0 means less collapse goes with better transfer
+    (the sign of cosine_separation's r flipped, as larger means more collapse). NaN with fewer than
+    3 such runs."""
+    rows = [r for r in rows if r.get("fitted", True)]
     target = [r["mlog"] for r in rows]
     return {k: COLLAPSE_SIGN[k] * pearson([r["metrics"][k] for r in rows], target) for k in METRICS}
 
@@ -461,7 +473,7 @@ def _say(text: str) -> None:
     print(f"[vci] {text}", file=sys.stderr, flush=True)
 
 
-def transfer_run(out: Path, scale: float, config: dict, coarse, seed: int) -> dict:
+def transfer_run(out: Path, scale: float, config: dict, coarse, seed: int, fitted: float = 0.99) -> dict:
     """Pretrain on the coarse labels at logit scale ``scale``; probe the frozen features on the
     downstream tasks; the row of the sweep (metrics, accuracies, MLOG)."""
     run = _train(out, logit_scale=scale, coarse=coarse, **config)
@@ -476,11 +488,11 @@ def transfer_run(out: Path, scale: float, config: dict, coarse, seed: int) -> di
                            device=tr.device) for t in tasks["train"]}
     n_test = int(feats["test"].shape[0])
     m = last["layers"][pen]["train"]
-    return {"logit_scale": scale, "epochs": tr.epoch, "pretrain_train_accuracy": last["train_acc"],
+    return {"logit_scale": scale, "seed": seed, "epochs": tr.epoch, "pretrain_train_accuracy": last["train_acc"],
             "pretrain_accuracy": last["test_acc"], "task_accuracy": acc,
             "mlog": mlog(acc, last["test_acc"], {t: n_test for t in acc}, n_test),
             "metrics": {k: m[k] for k in METRICS}, "degenerate": list(m.get("degenerate", [])),
-            "fitted": last["train_acc"] >= FITTED, "num_pretrain_classes": tr.num_train_classes,
+            "fitted": last["train_acc"] >= fitted, "num_pretrain_classes": tr.num_train_classes,
             "seconds": run.seconds}
 
 
@@ -575,16 +587,22 @@ def plot_transfer(rows: list[dict], corr: dict, path: Path, dpi: int = 80) -> No
     """Paper Fig. 7 (top row): each metric against MLOG across the logit-scale sweep."""
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.1))
+    scales = sorted({r["logit_scale"] for r in rows})
     for ax, k in zip(axes, METRICS):
-        for i, r in enumerate(rows):
+        seen = set()
+        for r in rows:
+            i = scales.index(r["logit_scale"])
             hollow = k in r.get("degenerate", ())
-            ax.plot(r["metrics"][k], r["mlog"], "o" if r.get("fitted", True) else "x", color=f"C{i}",
-                    markerfacecolor="none" if hollow else None,
-                    label=f"T = {r['logit_scale']:g}" + ("" if r.get("fitted", True) else " (not fitted)"))
+            fitted = r.get("fitted", True)
+            label = f"T = {r['logit_scale']:g}" if i not in seen else None
+            seen.add(i)
+            ax.plot(r["metrics"][k], r["mlog"], "o" if fitted else "x", color=f"C{i}",
+                    markerfacecolor="none" if hollow else None, label=label)
         ax.set_xlabel(LABELS[k])
         ax.set_title(f"oriented r = {fmt_r(corr[k])}", fontsize=9)
     axes[0].set_ylabel("MLOG (transfer)")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, title="x: not fitted" if not all(r.get("fitted", True) for r in rows) else None,
+                   title_fontsize=7)
     fig.suptitle("transfer vs collapse across the logit-scale sweep (r > 0: less collapse, better transfer)",
                  fontsize=10)
     fig.tight_layout()
@@ -599,7 +617,7 @@ def settings(preset: str, quick: bool, overrides: dict) -> dict:
     if quick:
         s.update(QUICK)
     s.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("epochs", "transfer_epochs", "metrics_every", "width"):
+    for key in ("epochs", "transfer_epochs", "transfer_seeds", "metrics_every", "width"):
         if not (isinstance(s[key], int) and s[key] >= 1):
             raise ValueError(f"--{key.replace('_', '-')}: must be an integer >= 1, got {s[key]}")
     scales = tuple(s["logit_scales"])
@@ -624,11 +642,14 @@ def body(argv=None) -> dict:
     p.add_argument("--transfer-epochs", type=int, default=None, help="epochs of each pretraining run of the sweep")
     p.add_argument("--logit-scales", type=str, default=None,
                    help="comma-separated logit scales T of the transfer sweep (the loss sees T z), e.g. 0.1,1,10")
+    p.add_argument("--transfer-seeds", type=int, default=None,
+                   help="pretraining runs per logit scale (seeds seed, seed+1, ...; each run is one point)")
     p.add_argument("--width", type=int, default=None, help="ResNet-18 base width (preset's default)")
     a = p.parse_args(argv)
     check_preset(a.preset, a.data)
     s = settings(a.preset, a.quick, {"epochs": a.epochs, "metrics_every": a.metrics_every,
                                      "transfer_epochs": a.transfer_epochs, "width": a.width,
+                                     "transfer_seeds": a.transfer_seeds,
                                      "logit_scales": _scales(a.logit_scales) if a.logit_scales else None})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -669,11 +690,13 @@ def body(argv=None) -> dict:
 
     # 4: transfer sweep ----------------------------------------------------------------------------
     rows = []
-    for i, scale in enumerate(s["logit_scales"], start=1):
-        _say(f"transfer sweep {i}/{len(s['logit_scales'])}: pretraining on coarse labels at logit scale "
-             f"T = {scale:g}, {s['transfer_epochs']} epochs")
-        cfg = dict(base, epochs=s["transfer_epochs"], metrics_every=s["transfer_epochs"])
-        rows.append(transfer_run(out / "transfer" / f"T{scale:g}", scale, cfg, s["coarse"], a.seed))
+    points = [(scale, a.seed + j) for j in range(s["transfer_seeds"]) for scale in s["logit_scales"]]
+    for i, (scale, seed) in enumerate(points, start=1):
+        _say(f"transfer sweep {i}/{len(points)}: pretraining on coarse labels at logit scale "
+             f"T = {scale:g} (seed {seed}), {s['transfer_epochs']} epochs")
+        cfg = dict(base, seed=seed, epochs=s["transfer_epochs"], metrics_every=s["transfer_epochs"])
+        rows.append(transfer_run(out / "transfer" / f"T{scale:g}_s{seed}", scale, cfg, s["coarse"], seed,
+                                 s.get("fitted", FITTED)))
     corr = transfer_correlations(rows)
     paper_corr = paper_correlations()
 
@@ -823,8 +846,8 @@ def invariance_table(inv: dict) -> str:
 
 def transfer_table(rows: list[dict], corr: dict, paper_corr: dict, s: dict) -> str:
     tasks = list(rows[0]["task_accuracy"]) if rows else []
-    head = ["T"] + [LABELS[k] for k in METRICS] + ["pretrain acc"] + [f"{t} acc" for t in tasks] + ["MLOG"]
-    body_rows = [[f"{r['logit_scale']:g}" + ("" if r.get("fitted", True) else "*")] + [fmt(r["metrics"][k], 4) for k in METRICS]
+    head = ["T", "seed"] + [LABELS[k] for k in METRICS] + ["pretrain acc"] + [f"{t} acc" for t in tasks] + ["MLOG"]
+    body_rows = [[f"{r['logit_scale']:g}" + ("" if r.get("fitted", True) else "*"), str(r.get("seed", ""))] + [fmt(r["metrics"][k], 4) for k in METRICS]
                  + [fmt(r["pretrain_accuracy"], 4)] + [fmt(r["task_accuracy"][t], 4) for t in tasks]
                  + [fmt(r["mlog"], 3)] for r in rows]
     corr_rows = [["ours (logit-scale sweep)"] + [fmt_r(corr[k]) for k in METRICS]]
@@ -832,16 +855,18 @@ def transfer_table(rows: list[dict], corr: dict, paper_corr: dict, s: dict) -> s
                      ("regularizer", "paper, regularizer (rows 7-11)"), ("all", "paper, both groups")):
         corr_rows.append([label] + [fmt_r(paper_corr[g][k]) for k in METRICS])
     return (f"Pretraining on the coarse labels ({s['coarse']} {'super-classes' if s['coarse'] != 'official' else ''}), "
-            f"{s['transfer_epochs']} epochs per logit scale T; downstream linear probes on fine / within / blocks "
+            f"{s['transfer_epochs']} epochs per run, {s['transfer_seeds']} run(s) per logit scale T (each run one "
+            "point of the correlation); downstream linear probes on fine / within / blocks "
             "(see the module docstring); metrics of the pretraining task's train features.\n\n"
-            + table(head, body_rows) + f"\n\n* pretraining stopped below {FITTED:.0%} train accuracy (not fitted: "
-            "its collapse and transfer mix in under-training; the row still counts in r).\n\nOriented Pearson r of each metric with MLOG (r > 0: less collapse, better "
+            + table(head, body_rows) + f"\n\n* pretraining stopped below {s.get('fitted', FITTED):.0%} train accuracy "
+            "(not fitted: its collapse and transfer mix in under-training); left out of r "
+            f"({sum(r.get('fitted', True) for r in rows)} of {len(rows)} runs count).\n\nOriented Pearson r of each metric with MLOG (r > 0: less collapse, better "
             "transfer):\n\n" + table(["", *[LABELS[k] for k in METRICS]], corr_rows))
 
 
 def settings_text(s: dict, run: Run, a) -> str:
     keys = ("dataset", "width", "epochs", "metrics_every", "lr", "weight_decay", "batch_size", "transfer_epochs",
-            "logit_scales", "coarse", "train_subset")
+            "logit_scales", "transfer_seeds", "coarse", "train_subset")
     parts = [f"{k} = {s[k]}" for k in keys if k in s]
     return ("ResNet-18 (" + ", ".join(parts) + f"), seed {a.seed}, device {run.summary.get('device')}. "
             f"Training run: train accuracy {fmt(run.summary['train_accuracy'], 4)}, test accuracy "
