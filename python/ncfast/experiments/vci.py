@@ -858,9 +858,12 @@ def transfer_table(rows: list[dict], corr: dict, paper_corr: dict, s: dict) -> s
             f"{s['transfer_epochs']} epochs per run, {s['transfer_seeds']} run(s) per logit scale T (each run one "
             "point of the correlation); downstream linear probes on fine / within / blocks "
             "(see the module docstring); metrics of the pretraining task's train features.\n\n"
-            + table(head, body_rows) + f"\n\n* pretraining stopped below {s.get('fitted', FITTED):.0%} train accuracy "
-            "(not fitted: its collapse and transfer mix in under-training); left out of r "
-            f"({sum(r.get('fitted', True) for r in rows)} of {len(rows)} runs count).\n\nOriented Pearson r of each metric with MLOG (r > 0: less collapse, better "
+            + table(head, body_rows)
+            + (f"\n\n* pretraining stopped below {s.get('fitted', FITTED):.0%} train accuracy (not fitted: its "
+               "collapse and transfer mix in under-training); left out of r "
+               f"({sum(r.get('fitted', True) for r in rows)} of {len(rows)} runs count)."
+               if not all(r.get("fitted", True) for r in rows) else "")
+            + "\n\nOriented Pearson r of each metric with MLOG (r > 0: less collapse, better "
             "transfer):\n\n" + table(["", *[LABELS[k] for k in METRICS]], corr_rows))
 
 
