@@ -24,7 +24,7 @@ from ..losses import svsl_loss
 from ..probe import LayerProbe, channel_pool, flatten
 from . import figures
 from .data import augment_batch, batches, load_dataset
-from .models import build_model, logits_for_loss, resolve_arch
+from .models import build_model, logits_for_loss
 from .probes import clp, linear_probe
 
 LEARNING_RATES = (0.1, 0.01, 0.001)
@@ -204,7 +204,6 @@ class Trainer:
         image = ds.train_x.dim() == 4
         if cfg.arch != "mlp" and not image:
             raise ValueError(f"--arch {cfg.arch}: needs image data; {cfg.dataset} is flat (use --arch mlp)")
-        resolve_arch(cfg.arch, cfg.depth)
         if cfg.loss not in LOSSES:
             raise ValueError(f"--loss: expected one of {LOSSES}, got {cfg.loss!r}")
         self.distance_epochs = sorted(set(cfg.distance_epochs or ()))
