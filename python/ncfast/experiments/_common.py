@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..train.data import FASHION_MNIST_DIR, IDX_FILES
 from ..train.trainer import Config, Trainer
 
@@ -94,6 +96,21 @@ def train_run(out: Path, **config) -> Run:
     trainer = Trainer(Config(out=str(out), **config))
     summary = trainer.run()
     return Run(trainer=trainer, summary=summary, seconds=time.perf_counter() - t0)
+
+
+def spearman(x, y, min_points: int = 3) -> tuple[float, float]:
+    """Spearman's rank correlation (average ranks for ties) and its two-sided p-value (scipy) over the
+    pairs where both values are finite (None counts as missing); (nan, nan) with fewer than
+    ``min_points`` pairs or a constant side, where it is undefined."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < max(2, min_points) or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan")
+    from scipy.stats import spearmanr
+
+    res = spearmanr(x, y)
+    return float(res.statistic), float(res.pvalue)
 
 
 def finite(obj):

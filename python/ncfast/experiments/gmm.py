@@ -41,6 +41,7 @@ from ..metrics import msdr_from_moments
 from ..stats import ClassMoments
 from ..train.data import gaussian_mixture
 from . import _common
+from ._common import spearman
 
 CLUSTERS = 8
 DEFAULTS = {"dim": 32, "hidden": 128, "weight_decay": 5e-4, "lr": 0.5, "momentum": 0.0, "steps": 1000,
@@ -159,15 +160,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _spearman(x, y) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
-    from scipy.stats import spearmanr
-
-    if len(set(x)) < 2 or len(set(y)) < 2:
-        return float("nan")
-    return float(spearmanr(x, y).statistic)
-
-
 def _curve(rows, param, value):
     pts = sorted((r["sigma2"], r["msdr"][0]) for r in rows if r[param] == value)
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -191,7 +183,7 @@ def claims(results: dict) -> list[dict]:
     sweeps = results["sweeps"]
     curves = [(param, v, *_curve(rows, param, v)) for param, rows in sweeps.items() for v in sorted({r[param] for r in rows})]
     if curves:
-        rhos = [_spearman(x, y) for _, _, x, y in curves]
+        rhos = [spearman(x, y, min_points=2)[0] for _, _, x, y in curves]
         worst = min(rhos)
         out.append({"claim": "MSDR rises with sigma^2 (more separated clusters keep their sub-classes apart)",
                     "paper": "rises on every curve (figs. 18-20)",
@@ -205,7 +197,7 @@ def claims(results: dict) -> list[dict]:
         rhos = []
         for s2 in s2s:
             pts = sorted((r[param], r["msdr"][0]) for r in rows if r["sigma2"] == s2)
-            rhos.append(_spearman([p[0] for p in pts], [p[1] for p in pts]))
+            rhos.append(spearman([p[0] for p in pts], [p[1] for p in pts], min_points=2)[0])
         positive = sum(r > 0 for r in rhos)
         out.append({"claim": f"MSDR grows with the {what}",
                     "paper": "clear positive correlation (fig. 18)" if param == "dim" else
@@ -230,7 +222,7 @@ def claims(results: dict) -> list[dict]:
         t = results["tau2"]
         below = [r for r in t if r["tau2"] < 4.0]
         apart = sum(r["msdr_similar"][0] < r["msdr_dissimilar"][0] for r in below)
-        rho = _spearman([r["tau2"] for r in t], [r["msdr_similar"][0] for r in t])
+        rho = spearman([r["tau2"] for r in t], [r["msdr_similar"][0] for r in t], min_points=2)[0]
         smallest = min(t, key=lambda r: r["tau2"])
         out.append({"claim": "similar sub-classes (small tau^2) merge; MSDR of similar pairs rises with tau^2",
                     "paper": "similar pairs near 1, below dissimilar ones (fig. 21)",

@@ -98,6 +98,7 @@ import torch.nn.functional as F
 from ..train.data import FASHION_MNIST_DIR, IDX_FILES, load_dataset
 from ..train.probes import linear_probe
 from . import _common
+from ._common import spearman
 
 NAME = "rank_collapse"
 OOD_KINDS = ("auto", "rotated", "fashion-mnist", "digits", "svhn")
@@ -400,21 +401,6 @@ def diverged_record(setting: Setting, folder: Path, seconds: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ claims
-def spearman(x, y) -> tuple[float, float]:
-    """Spearman's rank correlation and its two-sided p-value (scipy); (nan, nan) with fewer than 3
-    points or a constant side, where it is undefined."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), float("nan")
-    from scipy.stats import spearmanr
-
-    res = spearmanr(x, y)
-    return float(res.statistic if hasattr(res, "statistic") else res[0]), float(res.pvalue if hasattr(res, "pvalue")
-                                                                                else res[1])
-
-
 def _fmt(v, digits=3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
 

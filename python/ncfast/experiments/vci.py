@@ -96,7 +96,7 @@ from ..metrics import DEFAULT_RTOL
 from ..train.probes import linear_probe
 from ..train.trainer import Config, Trainer
 from . import _common
-from ._common import Report, Run, check_preset, write_json
+from ._common import Report, Run, check_preset, spearman, write_json
 
 NAME = "vci"
 METRICS = ("fuzziness", "squared_distance", "cosine_separation", "vci")
@@ -305,18 +305,6 @@ def invariance_verdicts(change: dict, expected: dict = EXPECTED, same_tol: float
     return out
 
 
-def spearman(x, y) -> float:
-    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 points or a constant."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if x.size < 3:
-        return float("nan")
-    from scipy.stats import rankdata
-
-    return pearson(rankdata(x), rankdata(y))
-
-
 def pearson(x, y) -> float:
     """Pearson's r over the finite pairs; NaN for fewer than 3 pairs or a constant side."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -339,7 +327,7 @@ def collapse_trend(epochs, values, sign: int = 1) -> dict:
         return {"rho": float("nan"), "first": None, "last": None, "epochs": [p[0] for p in pts],
                 "collapses": None, "consistent": None}
     e, v = zip(*pts)
-    rho = spearman(e, [sign * x for x in v])
+    rho = spearman(e, [sign * x for x in v])[0]
     return {"rho": rho, "first": v[0], "last": v[-1], "epochs": [e[0], e[-1]],
             "collapses": bool(rho < 0 and sign * v[-1] < sign * v[0]), "consistent": bool(rho <= -CONSISTENT_RHO)}
 
