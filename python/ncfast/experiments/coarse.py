@@ -59,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..train.figures import pyplot
 from ..train.models import ARCH_NAMES, resolve_arch
 from ..train.probes import EMBEDDINGS, embed
 from ..train.trainer import LEARNING_RATES, WEIGHT_DECAYS
@@ -301,15 +302,6 @@ def grid_table(grid: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def draw_bars(ax, clp, lpo, ot, chance=None, title="") -> None:
     """CLP / LPO / OT bars with their values (paper 000 fig. 9); a dashed line at the CLP chance."""
     values = [clp, lpo, ot]
@@ -362,7 +354,7 @@ def draw_nc1(ax, records: list[dict], layer: str) -> None:
 def _save(fig, path: Path, dpi: int = 100) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -370,7 +362,7 @@ def main_figure(distances: dict, names, rows, records, layer, bars: dict, interp
                 dpi: int = 80) -> Path:
     """The summary figure: the class-distance heatmaps (top), the CLP / LPO / OT bars, the line
     ratios and NC1 over training (bottom)."""
-    plt = _plt()
+    plt = pyplot()
     n = max(3, len(distances))
     fig = plt.figure(figsize=(3.3 * n, 6.6))
     grid = fig.add_gridspec(2, 3 * n)  # n heatmaps on top, three panels below, each row evenly spaced
@@ -388,7 +380,7 @@ def main_figure(distances: dict, names, rows, records, layer, bars: dict, interp
 
 def grid_figure(grid: list[dict], path: Path, dpi: int = 100) -> Path:
     """3 x 3 heatmaps (rows lr, columns wd) of CLP, LPO and train accuracy, annotated."""
-    plt = _plt()
+    plt = pyplot()
     lrs = sorted({g["lr"] for g in grid}, reverse=True)
     wds = sorted({g["weight_decay"] for g in grid}, reverse=True)
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))

@@ -40,6 +40,7 @@ from ..labels import coarse_labels
 from ..metrics import msdr_from_moments
 from ..stats import ClassMoments
 from ..train.data import gaussian_mixture
+from ..train.figures import pyplot
 from . import _common
 from ._common import spearman
 
@@ -236,11 +237,7 @@ def claims(results: dict) -> list[dict]:
 def plot(results: dict, path: Path) -> None:
     """MSDR against sigma^2 for every sweep and against tau^2, mean +- std over the seeds; points
     below 100% training accuracy in some seed drawn red and hollow (the paper draws them red)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sweeps = results["sweeps"]
     fig, axes = plt.subplots(1, len(sweeps) + 1, figsize=(4 * (len(sweeps) + 1), 3.4), squeeze=False)
     short = False

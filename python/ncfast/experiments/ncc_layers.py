@@ -72,6 +72,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..train.figures import pyplot
 from ._common import Report, check_preset, command, parser, run_main, train_run, verdict, write_json
 
 NAME = "ncc_layers"
@@ -333,15 +334,6 @@ def layer_table_markdown(curves: dict, layers: list[str], its: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 TPT_COLOURS = {"vanilla": "#f4a6c8", "svsl": "#9ec5f0", "both": "#c8a2e8"}
 
 
@@ -381,7 +373,7 @@ def plot_mismatch(curves: dict, marks: dict, layers: list[str], its: dict, path:
     (bottom); solid vanilla, dashed SVSL; the TPT shaded; the y axis linear below 1%, logarithmic
     above (the paper's is linear: its 350 epochs leave room to see the TPT). Degenerate values (none expected for NCC
     mismatch) are drawn as hollow markers."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
@@ -422,7 +414,7 @@ def plot_mismatch(curves: dict, marks: dict, layers: list[str], its: dict, path:
 def plot_accuracy(histories: dict, its: dict, path: Path, title: str) -> Path:
     """The paper's Fig. 1: train and test accuracy of both runs over epochs, the TPT shaded
     (vanilla pink, SVSL blue, as the paper), and the test accuracy again from the first IT on, zoomed."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))

@@ -96,6 +96,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.data import FASHION_MNIST_DIR, IDX_FILES, load_dataset
+from ..train.figures import pyplot
 from ..train.probes import linear_probe
 from . import _common
 from ._common import spearman
@@ -636,15 +637,6 @@ def layers_table(records) -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 GROUP_TITLES = {"init": "init scale (T = 1)", "temperature": "temperature T",
                 "layernorm": "layernorm at the output (grey: the same without)"}
 MARKERS = "osD^v<>p"
@@ -659,7 +651,7 @@ def plot_scatter(records, path: Path) -> None:
     """Figs. 1-4 / 7-8 / 10-11: initial logits norm (x, log) against final effective rank (top row)
     and final logits norm (bottom row), one column per sweep group; colour = setting (legend),
     marker = model; hollow = effective rank listed as degenerate (forced by the sample size)."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     groups = [g for g in ("init", "temperature", "layernorm") if any(g in r["groups"] for r in records)]
@@ -713,7 +705,7 @@ def plot_scatter(records, path: Path) -> None:
 def plot_layers(records, path: Path) -> None:
     """Figs. 17/22/27: per layer, one curve per temperature: ID probe, OOD probe, effective rank,
     feature norm (a row per model)."""
-    plt = _plt()
+    plt = pyplot()
     groups = _temperature_runs(records)
     if not groups:
         return
@@ -745,7 +737,7 @@ def plot_layers(records, path: Path) -> None:
 def plot_evolution(records, path: Path) -> None:
     """Figs. 9/12: effective rank and logits norm of the rank layer over the epochs, one curve per T;
     a dotted line at each run's interpolation epoch."""
-    plt = _plt()
+    plt = pyplot()
     groups = _temperature_runs(records)
     if not groups:
         return

@@ -93,6 +93,7 @@ import torch
 
 from ..functional import nc_metrics
 from ..metrics import DEFAULT_RTOL
+from ..train.figures import pyplot
 from ..train.probes import linear_probe
 from ..train.trainer import Config, Trainer
 from . import _common
@@ -485,19 +486,10 @@ def transfer_run(out: Path, scale: float, config: dict, coarse, seed: int, fitte
 
 
 # ------------------------------------------------------------------------------------------ figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(data: dict, path: Path, title: str, interpolation_epoch=None, dpi: int = 80) -> None:
     """Paper Fig. 3 (and 6): the four metrics over epochs, train (solid) and test (dashed); degenerate
     values hollow."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.1))
     any_forced = False
     for ax, k in zip(axes, METRICS):
@@ -527,7 +519,7 @@ def plot_curves(data: dict, path: Path, title: str, interpolation_epoch=None, dp
 
 def plot_span(span: dict, path: Path, dpi: int = 80) -> None:
     """Paper Fig. 1: Tr(P_B Sigma_W) and Tr((I - P_B) Sigma_W) over epochs, and the share inside."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.1))
     for split, style in (("train", "-"), ("test", "--")):
         d = span[split]
@@ -551,7 +543,7 @@ def plot_span(span: dict, path: Path, dpi: int = 80) -> None:
 
 def plot_invariance(change: dict, path: Path, dpi: int = 80) -> None:
     """Heatmap of log10 relative change, transforms x metrics, with the paper's expectation marked."""
-    plt = _plt()
+    plt = pyplot()
     grid = np.array([[change[t][k] for k in METRICS] for t in TRANSFORMS], dtype=np.float64)
     shown = np.log10(np.clip(grid, 1e-17, None))
     fig, ax = plt.subplots(figsize=(7.2, 3.6))
@@ -573,7 +565,7 @@ def plot_invariance(change: dict, path: Path, dpi: int = 80) -> None:
 
 def plot_transfer(rows: list[dict], corr: dict, path: Path, dpi: int = 80) -> None:
     """Paper Fig. 7 (top row): each metric against MLOG across the logit-scale sweep."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.1))
     scales = sorted({r["logit_scale"] for r in rows})
     for ax, k in zip(axes, METRICS):

@@ -9,7 +9,8 @@ import numpy as np
 CURVES = ("nc1", "nc2_etf", "cdnv", "vci", "rank", "ncc_mismatch", "ncc_accuracy", "msdr")
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (figures are only written to files)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +27,7 @@ def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path | None,
     names: the class names for both axes (index order of D); shown as tick labels up to 20 classes,
     every tenth index beyond. axes: draw into these matplotlib axes (one per epoch drawn) instead of
     a new figure, and save nothing (``path`` is then ignored)."""
-    plt = _plt()
+    plt = pyplot()
     epochs = sorted(distances)
     if len(epochs) > 6:
         epochs = [epochs[round(i * (len(epochs) - 1) / 5)] for i in range(6)]
@@ -69,7 +70,7 @@ def nc_curves(records: list[dict], layer: str, path: Path) -> None:
     A value the sample size forced (listed in the record's ``degenerate``: rank(Sigma_T) = N - 1,
     where VCI and rank say nothing about the geometry) is left off its curve and drawn as a hollow
     marker, so that it does not read as collapse."""
-    plt = _plt()
+    plt = pyplot()
     names = [k for k in CURVES if any(k in r["layers"][layer].get("train", {}) for r in records)]
     cols = 4
     rows = max(1, math.ceil(len(names) / cols))
@@ -102,7 +103,7 @@ def nc_curves(records: list[dict], layer: str, path: Path) -> None:
 
 def mismatch_per_layer(records: list[dict], layers: list[str], path: Path, split: str = "train") -> None:
     """NCC mismatch of every probed layer over epochs (paper 003 fig. 2)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     epochs = [r["epoch"] for r in records]
     for layer in layers:
@@ -117,7 +118,7 @@ def mismatch_per_layer(records: list[dict], layers: list[str], path: Path, split
 
 def superclass_embeddings(pictures: dict, path: Path, original_names=None) -> None:
     """The 2-D embedding of each super-class's train features, coloured by original class (paper 000 fig. 6)."""
-    plt = _plt()
+    plt = pyplot()
     supers = sorted(pictures)
     cols = min(5, len(supers))
     rows = math.ceil(len(supers) / cols)
