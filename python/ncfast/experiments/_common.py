@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..train.data import FASHION_MNIST_DIR, IDX_FILES
-from ..train.trainer import Config, Trainer
+from ..train.trainer import Config, Trainer, finite
 
 PRESETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
 
@@ -111,19 +110,6 @@ def spearman(x, y, min_points: int = 3) -> tuple[float, float]:
 
     res = spearmanr(x, y)
     return float(res.statistic), float(res.pvalue)
-
-
-def finite(obj):
-    """JSON-safe copy: NaN / Inf become null, tuples lists, numpy scalars Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def write_json(obj, path: Path) -> Path:

@@ -553,7 +553,7 @@ def _tsne_figure(run, results: dict, names, path: Path, seed: int) -> Path:
 
     tr = run.trainer
     pen = results["penultimate"]
-    x = tr._features("train", pen)
+    x = tr.features("train", pen)
     y_orig, y_train = tr.y_orig["train"].cpu().numpy(), tr.y["train"].cpu().numpy()
     rng = np.random.default_rng(seed)
     pictures = {}
@@ -572,7 +572,7 @@ def _tsne_figure(run, results: dict, names, path: Path, seed: int) -> Path:
 def _save_features(run, results: dict, out: Path) -> str | None:
     """features.npz: the final penultimate train features with their labels, when small enough."""
     tr = run.trainer
-    x = tr._features("train", results["penultimate"])
+    x = tr.features("train", results["penultimate"])
     if x.size > FEATURES_LIMIT:
         return None
     np.savez_compressed(out / "features.npz", features=x, y_orig=tr.y_orig["train"].cpu().numpy(),

@@ -98,6 +98,7 @@ import torch.nn.functional as F
 from ..train.data import FASHION_MNIST_DIR, IDX_FILES, load_dataset
 from ..train.figures import pyplot
 from ..train.probes import linear_probe
+from ..train.trainer import layer_features
 from . import _common
 from ._common import spearman
 
@@ -302,32 +303,6 @@ def _svhn(folder: str | None):
         xs.append(torch.from_numpy(np.ascontiguousarray(m["X"].transpose(3, 2, 0, 1))).float() / 255.0)
         ys.append(torch.from_numpy(m["y"].reshape(-1).astype(np.int64) % 10))
     return xs, ys
-
-
-@torch.no_grad()
-def layer_features(model, x: torch.Tensor, layers, max_dim: int, device, batch: int = 512) -> dict[str, np.ndarray]:
-    """Flattened features (channel-pooled when wider than max_dim, as the trainer's probes) of every
-    layer in ``layers`` for the inputs x, in one pass."""
-    from ..probe import channel_pool, flatten
-
-    modules = dict(model.named_modules())
-    store = {name: [] for name in layers}
-
-    def hook(name):
-        def fn(m, i, o):
-            flat = flatten(o)
-            store[name].append((channel_pool(o) if flat.shape[1] > max_dim else flat).float().cpu())
-        return fn
-
-    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
-    model.eval()
-    try:
-        for lo in range(0, x.shape[0], batch):
-            model(x[lo:lo + batch].to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: torch.cat(v).numpy() for name, v in store.items()}
 
 
 def ood_probes(trainer, ood: OOD, seed: int) -> dict[str, float]:

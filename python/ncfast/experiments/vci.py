@@ -447,7 +447,7 @@ class SpanTrainer(Trainer):
         record = self.history[-1]
         if "layers" in record:
             pen = self.model.penultimate_name
-            record["span"] = {split: span_split(self._features(split, pen), self.y[split].cpu().numpy(),
+            record["span"] = {split: span_split(self.features(split, pen), self.y[split].cpu().numpy(),
                                                 self.num_train_classes) for split in ("train", "test")}
 
 
@@ -469,7 +469,7 @@ def transfer_run(out: Path, scale: float, config: dict, coarse, seed: int, fitte
     tr = run.trainer
     pen = tr.model.penultimate_name
     last = run.measured[-1]
-    feats = {s: tr._features(s, pen) for s in ("train", "test")}
+    feats = {s: tr.features(s, pen) for s in ("train", "test")}
     y_orig = {s: tr.y_orig[s].cpu().numpy() for s in ("train", "test")}
     sup = superclass_map(tr.y["train"].cpu().numpy(), y_orig["train"], tr.num_original)
     tasks = {s: downstream_tasks(y_orig[s], sup) for s in ("train", "test")}
@@ -661,7 +661,7 @@ def body(argv=None) -> dict:
     span_trend = {split: {part: collapse_trend([e for e in span[split]["epoch"] if e >= 1],
                                                [v for e, v in zip(span[split]["epoch"], span[split][part]) if e >= 1])
                           for part in ("inside", "outside", "share_inside")} for split in ("train", "test")}
-    feats = tr._features("train", pen)
+    feats = tr.features("train", pen)
     labels = tr.y["train"].cpu().numpy()
     np.savez(out / "features.npz", train=feats, labels=labels, num_classes=tr.num_train_classes)
     _say("invariance check on the final train features")

@@ -79,15 +79,42 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _finite(obj):
-    """JSON-safe copy: NaN / Inf become null."""
+def finite(obj):
+    """JSON-safe copy: NaN / Inf become null, tuples lists, numpy scalars Python numbers, keys strings."""
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {str(k): finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+@torch.no_grad()
+def layer_features(model, x: torch.Tensor, layers, max_dim: int, device, batch: int = 512) -> dict[str, np.ndarray]:
+    """Flattened features of every module named in ``layers`` for the inputs x, in one eval-mode pass
+    of ``batch`` rows at a time: float32 numpy, channel-pooled where wider than max_dim (as the
+    probes' D x D metrics)."""
+    modules = dict(model.named_modules())
+    store = {name: [] for name in layers}
+
+    def hook(name):
+        def fn(m, i, o):
+            flat = flatten(o)
+            store[name].append((channel_pool(o) if flat.shape[1] > max_dim else flat).float().cpu())
+        return fn
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+    model.eval()
+    try:
+        for lo in range(0, x.shape[0], batch):
+            model(x[lo:lo + batch].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.cat(v).numpy() for name, v in store.items()}
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -441,41 +468,24 @@ class Trainer:
     def _write_metrics(self) -> None:
         """metrics.jsonl (the measured epochs, every metric) and history.jsonl (every epoch: loss,
         learning rate, train and test accuracy, and the epoch's seconds)."""
-        lines = [json.dumps(_finite(r)) for r in self.history if "layers" in r]
+        lines = [json.dumps(finite(r)) for r in self.history if "layers" in r]
         _atomic_text("\n".join(lines) + ("\n" if lines else ""), self.out / "metrics.jsonl")
         keys = ("epoch", "train_loss", "lr", "train_acc", "test_acc")
         seconds = self.epoch_seconds
         rows = [{**{k: r[k] for k in keys}, "seconds": seconds[r["epoch"] - 1] if 0 < r["epoch"] <= len(seconds) else None}
                 for r in self.history]
-        _atomic_text("".join(json.dumps(_finite(row)) + "\n" for row in rows), self.out / "history.jsonl")
+        _atomic_text("".join(json.dumps(finite(row)) + "\n" for row in rows), self.out / "history.jsonl")
 
-    @torch.no_grad()
-    def _features(self, split: str, name: str) -> np.ndarray:
-        """Flattened (channel-pooled when wider than max_dim) features of one layer, float32 numpy."""
-        store = []
-        module = dict(self.model.named_modules())[name]
-        self.model.eval()
-
-        def hook(m, i, o):
-            flat = flatten(o)
-            if flat.shape[1] > self.cfg.max_dim:
-                flat = channel_pool(o)
-            store.append(flat.float().cpu())
-
-        h = module.register_forward_hook(hook)
-        try:
-            for xb, _, _ in self._loader(split):
-                self.model(xb)
-        finally:
-            h.remove()
-        return torch.cat(store).numpy()
+    def features(self, split: str, name: str) -> np.ndarray:
+        """Flattened (channel-pooled when wider than max_dim) features of one layer on a split, float32 numpy."""
+        return layer_features(self.model, self.x[split], [name], self.cfg.max_dim, self.device)[name]
 
     def finish(self) -> dict:
         cfg = self.cfg
         pen = self.model.penultimate_name
         y_sup = {s: self.y[s].cpu().numpy() for s in self.y}
         y_orig = {s: self.y_orig[s].cpu().numpy() for s in self.y}
-        feats = {s: self._features(s, pen) for s in ("train", "test")}
+        feats = {s: self.features(s, pen) for s in ("train", "test")}
         t0 = time.perf_counter()
         clp_acc, pictures = clp(feats["train"], y_sup["train"], y_orig["train"], feats["test"], y_sup["test"],
                                 y_orig["test"], embedding=cfg.clp_embed, seed=cfg.seed, device=self.device)
@@ -483,7 +493,7 @@ class Trainer:
                                device=self.device)
         per_layer = {}
         for name in self.layers:
-            f = feats if name == pen else {s: self._features(s, name) for s in ("train", "test")}
+            f = feats if name == pen else {s: self.features(s, name) for s in ("train", "test")}
             per_layer[name] = linear_probe(f["train"], y_orig["train"], f["test"], y_orig["test"], seed=cfg.seed,
                                            device=self.device)
         probe_seconds = time.perf_counter() - t0
@@ -509,7 +519,7 @@ class Trainer:
             "probe_seconds": probe_seconds,
             "device": str(self.device),
         }
-        _atomic_text(json.dumps(_finite(summary), indent=1), self.out / "summary.json")
+        _atomic_text(json.dumps(finite(summary), indent=1), self.out / "summary.json")
         self._figures(evaluated, pictures)
         clp_text = "n/a (no training class holds two original classes)" if clp_acc is None else f"{clp_acc:.4f}"
         print(f"CLP accuracy on the {self.num_original} original classes: {clp_text}   "
