@@ -410,3 +410,23 @@ def test_official_coarse_labels_use_the_data_sets_superclasses():
     assert a.tolist() == [2, 0, 1, 2, 0] and b.tolist() == [0, 2, 2] and k == 3
     with pytest.raises(ValueError, match="--coarse official"):
         transform_labels(Config(coarse="official", dataset="digits"), y_tr, y_te, 6)
+
+
+def test_on_measured_hook_adds_to_the_measured_records(tmp_path):
+    """A subclass's on_measured sees every measured epoch (and only those) with the model in that
+    epoch's state; what it adds to the record lands in metrics.jsonl."""
+
+    class Norms(Trainer):
+        def on_measured(self, record):
+            w = self.model.head.weight.detach().double()
+            record["head_norm"] = float(w.norm())
+
+    t = Norms(Config(dataset="digits", arch="mlp", width=32, epochs=4, batch_size=128, lr=0.05, augment=False,
+                     metrics_every=2, clp_embed="none", progress=False, out=str(tmp_path / "run")))
+    t.run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 2, 4]
+    assert all("head_norm" not in r for r in t.history if "layers" not in r)
+    # the last record's norm is the final model's
+    assert rows[-1]["head_norm"] == pytest.approx(float(t.model.head.weight.detach().double().norm()), rel=1e-12)
+    assert rows[0]["head_norm"] != rows[-1]["head_norm"]

@@ -442,13 +442,10 @@ class SpanTrainer(Trainer):
     """The reference trainer; every measured epoch also records ``span``: span_split of the
     penultimate features, {split: ...}, from a float64 pass over the features of that epoch's model."""
 
-    def _evaluate(self, epoch: int, loss: float) -> None:
-        super()._evaluate(epoch, loss)
-        record = self.history[-1]
-        if "layers" in record:
-            pen = self.model.penultimate_name
-            record["span"] = {split: span_split(self.features(split, pen), self.y[split].cpu().numpy(),
-                                                self.num_train_classes) for split in ("train", "test")}
+    def on_measured(self, record: dict) -> None:
+        pen = self.model.penultimate_name
+        record["span"] = {split: span_split(self.features(split, pen), self.y[split].cpu().numpy(),
+                                            self.num_train_classes) for split in ("train", "test")}
 
 
 def _train(out: Path, trainer_cls=Trainer, **config) -> Run:

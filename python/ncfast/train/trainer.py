@@ -456,6 +456,7 @@ class Trainer:
             # every probed layer and split, original labels: arrays named "<layer>/<split>"
             np.savez(folder / f"epoch_{epoch:03d}_layers.npz",
                      **{f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None})
+            self.on_measured(record)
         self.history.append(record)
         line = f"epoch {epoch:3d}  loss {loss:.4f}  train acc {record['train_acc']:.4f}  test acc {record['test_acc']:.4f}"
         if "layers" in record:
@@ -464,6 +465,11 @@ class Trainer:
         if self.epoch_seconds and epoch > 0:
             line += f"  ({self.epoch_seconds[-1]:.1f} s)"
         print(line, flush=True)
+
+    def on_measured(self, record: dict) -> None:
+        """Called after every measured epoch with that epoch's record (``epoch``, ``layers``, accuracies),
+        the model in its state of that epoch. A subclass adds its own measurements as new keys of
+        ``record``; they are written to metrics.jsonl with the rest (JSON-safe values). Does nothing here."""
 
     def _write_metrics(self) -> None:
         """metrics.jsonl (the measured epochs, every metric) and history.jsonl (every epoch: loss,
