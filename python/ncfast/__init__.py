@@ -33,7 +33,7 @@ from .metrics import (
 )
 from .ncc import classifier_decisions, ncc_and_decisions, ncc_assign, ncc_mismatch
 from .pairwise import PairStats, class_pair_stats
-from .probe import LayerProbe, LayerResult, ProbeResult
+from .probe import LayerProbe, LayerResult, ProbeResult, shard_indices
 from .stats import ClassMoments
 
 __version__ = "0.1.0"
@@ -64,6 +64,7 @@ __all__ = [
     "random_coarse_labels",
     "reference",
     "svsl_loss",
+    "shard_indices",
 ]
 
 compile_options = _C.compile_options

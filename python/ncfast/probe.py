@@ -29,6 +29,14 @@ layer also keeps the moments of the original classes: ``LayerResult.class_distan
 class-distance matrix and the metric ``msdr`` their mean super-class distance ratio, the super-class
 of an original class being its training label (left out when an original class appears under two
 training labels, as with fine labels).
+
+Under torch.distributed (``torchrun``), each process measures its own shard of the data and
+``LayerProbe`` combines them: the label counts and the NCC counts are summed, every layer's
+``ClassMoments`` is merged exactly (``ClassMoments.all_reduce``, Chan's formula in rank order), so
+every process gets the metrics of one process over all the shards, to float64 rounding. The shards
+must be disjoint and cover the data once: shard a measurement loader with ``shard_indices`` (or any
+split without padding), not with ``DistributedSampler``, whose padding repeats samples to even out
+the shards.
 """
 from __future__ import annotations
 
@@ -53,6 +61,48 @@ from .stats import ClassMoments
 
 DEFAULT_MAX_DIM = 4096
 """Largest flattened layer size whose D x D metrics are computed on the full features."""
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> range:
+    """The indices of ``n`` samples that process ``rank`` of ``world_size`` measures: rank, rank +
+    world_size, ... Every sample lands in exactly one shard (no padding, unlike
+    ``DistributedSampler``); a shard may be one sample shorter than another, or empty when n <
+    world_size."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank: must be in [0, {world_size}) (world_size {world_size}), got {rank}")
+    return range(rank, int(n), world_size)
+
+
+class _Collective:
+    """Sums and merges across the processes of a torch.distributed group; on one process (or with
+    ``process_group=False``) every operation is the identity."""
+
+    def __init__(self, process_group):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.active = process_group is not False and dist.is_available() and dist.is_initialized()
+        self.group = None if process_group in (None, False) else process_group
+        self.device = None
+        if self.active and dist.get_backend(self.group) == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    @property
+    def rank(self) -> int:
+        return self.dist.get_rank(self.group) if self.active else 0
+
+    def reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """The elementwise sum (or max) of ``t`` over the processes, on ``t``'s device and dtype."""
+        if not self.active:
+            return t
+        work = t.to(self.device or t.device).clone()
+        ops = {"sum": self.dist.ReduceOp.SUM, "max": self.dist.ReduceOp.MAX}
+        self.dist.all_reduce(work, op=ops[op], group=self.group)
+        return work.to(t.device)
+
+    def scalars(self, *values: float) -> list[float]:
+        """The sums over the processes of a few float64 numbers."""
+        return self.reduce(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 @dataclass
@@ -140,15 +190,20 @@ class LayerProbe:
             sees, and ``logits_norm_raw`` mean_i ||z_i|| of the network's output.
         max_dim: layers with more flattened features get their D x D metrics from channel-pooled
             features (see the module docstring).
-        class_counts: training-label counts of the data the loader yields; needed for the exact
-            balanced Sigma_W on imbalanced classes. When None, ``measure`` counts the labels first
-            (one pass over the loader without the model).
+        class_counts: training-label counts of the data the loader yields (under torch.distributed:
+            of all processes' shards together); needed for the exact balanced Sigma_W on imbalanced
+            classes. When None, ``measure`` counts the labels first (one pass over the loader
+            without the model).
+        process_group: under torch.distributed, the group whose processes' shards make up the
+            data (None: the default group when torch.distributed is initialised); every process of
+            the group must call ``measure`` with the same arguments, and gets the same result.
+            ``False``: measure this process's loader alone.
     """
 
     def __init__(self, model: nn.Module, layers, num_classes: int, *, head: nn.Linear | None = None,
                  penultimate: str | None = None, num_original_classes: int | None = None,
                  weighting: str = "balanced", rtol: float | None = None, max_dim: int = DEFAULT_MAX_DIM,
-                 class_counts=None, logit_scale: float = 1.0):
+                 class_counts=None, logit_scale: float = 1.0, process_group=None):
         check_choice(weighting, WEIGHTINGS, "weighting")
         modules = dict(model.named_modules())
         layers = list(layers)
@@ -179,6 +234,7 @@ class LayerProbe:
         self.max_dim = int(max_dim)
         self.class_counts = None if class_counts is None else torch.as_tensor(class_counts, dtype=torch.int64)
         self.logit_scale = float(logit_scale)
+        self.process_group = process_group
 
     # ------------------------------------------------------------------ passes
     def _forward_all(self, loader, on_batch):
@@ -217,24 +273,26 @@ class LayerProbe:
             missing = [name for name in self.layers if name not in class_means]
             if missing:
                 raise ValueError(f"class_means: no means for layers {missing}")
-        counts = self._label_counts(loader)
-        states, logits_norm_raw = self._moments_pass(loader, counts, class_means)
+        comm = _Collective(self.process_group)
+        counts = self._label_counts(loader, comm)
+        states, logits_norm_raw = self._moments_pass(loader, counts, class_means, comm)
         means = {name: states[name].full.means for name in self.layers}
         centres = means if class_means is None else {
             name: class_means[name].to(device=means[name].device, dtype=torch.float64) for name in self.layers}
-        accuracy = self._ncc_pass(loader, states, centres)
+        accuracy = self._ncc_pass(loader, states, centres, comm)
         layers = {name: self._layer_result(states[name], means[name], logits_norm_raw, name)
                   for name in self.layers}
         return ProbeResult(layers=layers, accuracy=accuracy)
 
-    def _label_counts(self, loader) -> torch.Tensor:
-        """Training-label counts: the given ``class_counts``, else one pass over the loader's labels."""
+    def _label_counts(self, loader, comm: _Collective) -> torch.Tensor:
+        """Training-label counts: the given ``class_counts``, else one pass over the loader's labels
+        (summed over the processes)."""
         if self.class_counts is not None:
             return self.class_counts
         counts = torch.zeros(self.num_classes, dtype=torch.int64)
         for batch in loader:
             counts += torch.bincount(batch[1].reshape(-1).cpu(), minlength=self.num_classes)[: self.num_classes]
-        return counts
+        return comm.reduce(counts)
 
     def _new_state(self, out, flat: torch.Tensor, counts: torch.Tensor, has_orig: bool) -> _LayerState:
         dev, d = flat.device, flat.shape[1]
@@ -253,9 +311,10 @@ class LayerProbe:
             hits=torch.zeros(2, self.num_classes, dtype=torch.int64),
         )
 
-    def _moments_pass(self, loader, counts: torch.Tensor, class_means) -> tuple[dict[str, _LayerState], float]:
+    def _moments_pass(self, loader, counts: torch.Tensor, class_means,
+                      comm: _Collective) -> tuple[dict[str, _LayerState], float]:
         """The first pass: every layer's ClassMoments (and the original labels' and super-classes),
-        and mean_i ||z_i|| of the network's logits."""
+        and mean_i ||z_i|| of the network's logits; merged over the processes."""
         states: dict[str, _LayerState] = {}
         norm = [0.0, 0]
 
@@ -282,19 +341,41 @@ class LayerProbe:
             norm[1] += logits.shape[0]
 
         self._forward_all(loader, on_batch)
-        if not states:
-            raise ValueError("loader: yielded no batch")
+        empty = comm.scalars(float(not states))[0] if comm.active else float(not states)
+        if empty:
+            raise ValueError("loader: yielded no batch" + (f" on {int(empty)} process(es)" if comm.active else ""))
+        if comm.active:
+            self._merge_states(states, comm)
+            norm = comm.scalars(*norm)
         return states, norm[0] / max(1, norm[1])
+
+    def _merge_states(self, states: dict[str, _LayerState], comm: _Collective) -> None:
+        """Every process's layer statistics merged (exact), in the order of ``self.layers`` on each."""
+        for name in self.layers:
+            s = states[name]
+            for m in (s.full, s.pooled, s.orig):
+                if m is not None:
+                    m.all_reduce(comm.group)
+            if s.superclass is not None:
+                # a class seen under two training labels on any process, or under different ones on
+                # two processes, has no super-class
+                seen = s.superclass >= 0
+                high = comm.reduce(s.superclass, "max")
+                low = -comm.reduce(torch.where(seen, -s.superclass, torch.full_like(s.superclass, -(1 << 40))), "max")
+                clash = bool(((high >= 0) & (low != high) & (low < (1 << 40))).any())
+                s.split = bool(comm.reduce(torch.tensor([int(s.split or clash)]), "max").item())
+                s.superclass = high
 
     def _check_means(self, name: str, mu, dim: int) -> None:
         if not isinstance(mu, torch.Tensor) or mu.shape != (self.num_classes, dim):
             raise ValueError(f"class_means[{name!r}]: expected a tensor of shape ({self.num_classes}, {dim}), got "
                              f"{tuple(getattr(mu, 'shape', ()))}")
 
-    def _ncc_pass(self, loader, states: dict[str, _LayerState], centres: dict[str, torch.Tensor]) -> float:
+    def _ncc_pass(self, loader, states: dict[str, _LayerState], centres: dict[str, torch.Tensor],
+                  comm: _Collective) -> float:
         """The second pass, now that the class means are final: per layer and class, the samples whose
-        nearest centre is their label and those where it differs from the network's decision.
-        Returns the network's accuracy."""
+        nearest centre is their label and those where it differs from the network's decision
+        (summed over the processes). Returns the network's accuracy."""
         correct = [0, 0]
 
         def on_batch(captured, logits, y, y_orig):
@@ -309,6 +390,10 @@ class LayerProbe:
                 hits[1] += torch.bincount(y[nearest != decisions], minlength=self.num_classes).cpu()
 
         self._forward_all(loader, on_batch)
+        if comm.active:
+            for name in self.layers:
+                states[name].hits = comm.reduce(states[name].hits)
+            correct = comm.scalars(*correct)
         return correct[0] / max(1, correct[1])
 
     def _layer_result(self, s: _LayerState, means: torch.Tensor, logits_norm_raw: float, name: str) -> LayerResult:
