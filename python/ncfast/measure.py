@@ -1,0 +1,447 @@
+"""Neural-Collapse metrics of features saved on disk, streamed in blocks.
+
+    python -m ncfast.measure FEATURES LABELS [--weight W.npy --bias b.npy] [--json out.json]
+    torchrun --nproc_per_node 4 -m ncfast.measure FEATURES LABELS          # shards split across ranks
+
+FEATURES and LABELS are each one file or a directory of shards (the files with a known suffix,
+sorted by name; the k-th feature shard pairs with the k-th label shard and must have as many rows).
+Formats: ``.npy`` and ``.safetensors`` (one tensor per file) are read one block of rows at a time,
+each block memory-mapped, copied and unmapped, so the peak memory does not grow with N; ``.pt`` (one tensor per file, ``torch.save``) is memory-mapped by
+``torch.load(mmap=True)``. Features may be float16, bfloat16 (safetensors), float32 or float64;
+each block is measured in float64 statistics (``ClassMoments``).
+
+Two passes over the features, as ``nc_metrics``: the first streams every block into one
+``ClassMoments`` (exact, mergeable: Chan's formula), the second scores every row's nearest class
+centre (the first pass's class means, or ``--train-means`` for a held-out split) against its label
+and, with ``--weight``, against the classifier's decision argmax W h + b. Then
+``metrics_from_moments`` gives every metric of docs/metrics.md; no N x C or C x C matrix is held
+(pairwise metrics stream over class tiles), except for ``--class-distance``, which writes the
+C x C matrix and so needs C^2 x 8 bytes.
+
+Under torchrun (torch.distributed initialised by the launcher's environment) the blocks are dealt
+to the ranks in turn, each rank's statistics are merged exactly (``ClassMoments.all_reduce``) and
+the counts summed: the result equals one process's (to float64 rounding). Rank 0 prints and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import mmap
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import backends
+from ._validation import WEIGHTINGS
+from .metrics import DEFAULT_RTOL, class_distance_from_moments, class_fractions, metrics_from_moments
+from .ncc import _ncc_and_decisions, _ncc_assign
+from .stats import ClassMoments
+
+SUFFIXES = (".npy", ".safetensors", ".pt")
+DEFAULT_BLOCK_BYTES = 64 << 20
+"""Feature bytes per block (--block-rows overrides): 64 MiB, e.g. 16,384 rows of 2,048 float16."""
+CLASS_DISTANCE_LIMIT = 8 << 30
+"""--class-distance refuses a C x C float64 matrix larger than this (C = 32,768)."""
+
+_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": "bf16", "I8": np.int8,
+                       "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "U16": np.uint16,
+                       "U32": np.uint32, "U64": np.uint64}
+
+
+# ------------------------------------------------------------------------------------- reading
+@dataclass
+class Shard:
+    """One 1-D or 2-D array in a file, read by rows."""
+    path: Path
+    shape: tuple
+    dtype: object  # a numpy dtype, or "bf16" (bfloat16 stored as 2-byte words)
+    offset: int = 0  # byte offset of the C-ordered data (.npy / .safetensors)
+    tensor: torch.Tensor | None = None  # .pt: the memory-mapped tensor
+
+    @property
+    def rows(self) -> int:
+        return int(self.shape[0]) if self.shape else 0
+
+    @property
+    def row_items(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+
+    @property
+    def itemsize(self) -> int:
+        return 2 if self.dtype == "bf16" else np.dtype(self.dtype).itemsize
+
+    def read(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) as a torch tensor of their own (the file's pages are released after)."""
+        if self.tensor is not None:
+            return self.tensor[lo:hi].clone()
+        row_bytes = self.row_items * self.itemsize
+        start, length = self.offset + lo * row_bytes, (hi - lo) * row_bytes
+        with open(self.path, "rb") as f:
+            if length == 0:
+                raw = np.empty(0, dtype=np.uint8)
+            else:
+                page = mmap.PAGESIZE
+                base = (start // page) * page
+                # the block alone is mapped, copied and unmapped: its pages leave this process's RSS
+                with mmap.mmap(f.fileno(), start + length - base, access=mmap.ACCESS_READ, offset=base) as mm:
+                    raw = np.frombuffer(mm, dtype=np.uint8, count=length, offset=start - base).copy()
+        shape = (hi - lo, *self.shape[1:])
+        if self.dtype == "bf16":
+            words = torch.from_numpy(raw.view(np.int16).reshape(shape))
+            return words.view(torch.bfloat16)
+        return torch.from_numpy(raw.view(self.dtype).reshape(shape))
+
+
+def _npy(path: Path) -> Shard:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        offset = f.tell()
+    if fortran and len(shape) > 1:
+        raise ValueError(f"{path}: a Fortran-ordered array; save it C-ordered (np.ascontiguousarray)")
+    if dtype.hasobject:
+        raise ValueError(f"{path}: an object array")
+    return Shard(path, tuple(shape), dtype, offset)
+
+
+def _safetensors(path: Path) -> Shard:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if len(tensors) != 1:
+        raise ValueError(f"{path}: expected one tensor, found {sorted(tensors)}")
+    (name, meta), = tensors.items()
+    if meta["dtype"] not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']}, not one of {sorted(_SAFETENSORS_DTYPES)}")
+    return Shard(path, tuple(meta["shape"]), _SAFETENSORS_DTYPES[meta["dtype"]], 8 + n + meta["data_offsets"][0])
+
+
+def _pt(path: Path) -> Shard:
+    obj = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    if isinstance(obj, dict):
+        tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) != 1:
+            raise ValueError(f"{path}: expected one tensor, found a dict with keys {sorted(obj)}")
+        obj = tensors[0]
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: expected a tensor, got {type(obj).__name__}")
+    return Shard(path, tuple(obj.shape), None, tensor=obj)
+
+
+def open_shards(source, what: str) -> list[Shard]:
+    """The shards of a file or a directory (files with a known suffix, sorted by name)."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise FileNotFoundError(f"{what}: no {'/'.join(SUFFIXES)} file in the directory {path}")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    readers = {".npy": _npy, ".safetensors": _safetensors, ".pt": _pt}
+    shards = []
+    for p in files:
+        if p.suffix not in readers:
+            raise ValueError(f"{what}: {p} is not {', '.join(SUFFIXES)}")
+        shards.append(readers[p.suffix](p))
+    return shards
+
+
+def pair_shards(features: list[Shard], labels: list[Shard]) -> list[tuple[Shard, Shard]]:
+    """Feature and label shards paired in order; ValueError naming the mismatch."""
+    if len(features) != len(labels):
+        raise ValueError(f"LABELS: {len(labels)} shard(s) for {len(features)} feature shard(s)")
+    d = None
+    for f, y in zip(features, labels):
+        if len(f.shape) != 2:
+            raise ValueError(f"FEATURES: {f.path} has shape {f.shape}, expected (N, D)")
+        if len(y.shape) != 1:
+            raise ValueError(f"LABELS: {y.path} has shape {y.shape}, expected (N,)")
+        if f.rows != y.rows:
+            raise ValueError(f"LABELS: {y.path} has {y.rows} rows, {f.path} {f.rows}")
+        if d is not None and f.shape[1] != d:
+            raise ValueError(f"FEATURES: {f.path} has D = {f.shape[1]}, the first shard {d}")
+        d = f.shape[1]
+    return list(zip(features, labels))
+
+
+def blocks(pairs, block_rows: int | None) -> list[tuple[int, int, int]]:
+    """(pair index, lo, hi) of every block, in file order."""
+    out = []
+    for k, (f, _) in enumerate(pairs):
+        rows = block_rows or max(1, DEFAULT_BLOCK_BYTES // max(1, f.row_items * f.itemsize))
+        out += [(k, lo, min(lo + rows, f.rows)) for lo in range(0, f.rows, rows)]
+    return out
+
+
+# ------------------------------------------------------------------------------------ measuring
+class _Ranks:
+    """This process's share of the blocks and the sums across processes (torch.distributed)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+        self.device = None
+        if self.active and dist.get_backend() == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def mine(self, items: list) -> list:
+        return items[self.rank::self.world]
+
+    def reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if not self.active:
+            return t
+        work = t.to(self.device or t.device).clone()
+        self.dist.all_reduce(work, op={"sum": self.dist.ReduceOp.SUM, "max": self.dist.ReduceOp.MAX}[op])
+        return work.to(t.device)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="row", unit_scale=True, file=sys.stderr, leave=False)
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision blocks are measured in float32 (the statistics are float64 either way)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _load_matrix(path, what: str, shape=None) -> torch.Tensor:
+    shard = open_shards(path, what)
+    if len(shard) != 1:
+        raise ValueError(f"{what}: give one file, not a directory")
+    t = shard[0].read(0, shard[0].rows)
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{what}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    return t
+
+
+def measure(features, labels, *, num_classes: int | None = None, weight=None, bias=None, superclass=None,
+            ood=None, train_means=None, weighting: str = "balanced", rtol: float = DEFAULT_RTOL,
+            block_rows: int | None = None, device="cpu", progress: bool = False):
+    """Metrics of saved features (paths, see the module docstring). Returns (NCMetrics, ClassMoments).
+
+    ``weight``/``bias``/``superclass``/``train_means``: paths of .npy/.pt/.safetensors files or
+    tensors; ``ood``: a path (file or directory) of out-of-distribution features of the same layer.
+    Under torch.distributed every rank gets the same result."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"--weighting: one of {WEIGHTINGS}, got {weighting!r}")
+    if block_rows is not None and block_rows < 1:
+        raise ValueError(f"--block-rows: must be >= 1, got {block_rows}")
+    device = torch.device(device)
+    ranks = _Ranks()
+    pairs = pair_shards(open_shards(features, "FEATURES"), open_shards(labels, "LABELS"))
+    d = pairs[0][0].shape[1]
+    todo = ranks.mine(blocks(pairs, block_rows))
+    n_total = sum(f.rows for f, _ in pairs)
+
+    # pass 0: the labels (counts, and num_classes from the largest label)
+    low_high = torch.tensor([0, -1], dtype=torch.int64)
+    for k, lo, hi in todo:
+        y = pairs[k][1].read(lo, hi)
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"LABELS: {pairs[k][1].path} holds {y.dtype}, expected integers")
+        if y.numel():
+            low_high = torch.maximum(low_high, torch.stack([-y.min().long(), y.max().long()]))
+    low_high = ranks.reduce(low_high, "max")
+    if int(low_high[0]) > 0:
+        raise ValueError(f"LABELS: a label is negative ({-int(low_high[0])}); labels must be in [0, C)")
+    c = int(low_high[1]) + 1 if num_classes is None else int(num_classes)
+    if int(low_high[1]) >= c:
+        raise ValueError(f"--num-classes: {c}, but a label is {int(low_high[1])}")
+    counts = torch.zeros(c, dtype=torch.int64)
+    for k, lo, hi in todo:
+        counts += torch.bincount(pairs[k][1].read(lo, hi).long(), minlength=c)
+    counts = ranks.reduce(counts)
+    present = counts[counts > 0]
+    if present.numel() < 2:
+        raise ValueError(f"LABELS: at least 2 classes must have samples, got {present.numel()}")
+    exact = weighting == "balanced" and bool((present != present[0]).any())
+
+    w = b = sup = means_given = None
+    if weight is not None:
+        w = weight if isinstance(weight, torch.Tensor) else _load_matrix(weight, "--weight", (c, d))
+        w = _float(w).to(device)
+    if bias is not None:
+        if w is None:
+            raise ValueError("--bias: given without --weight")
+        b = bias if isinstance(bias, torch.Tensor) else _load_matrix(bias, "--bias", (c,))
+        b = _float(b).to(device)
+    if superclass is not None:
+        sup = superclass if isinstance(superclass, torch.Tensor) else _load_matrix(superclass, "--superclass", (c,))
+        sup = sup.long().to(device)
+    if train_means is not None:
+        means_given = (train_means if isinstance(train_means, torch.Tensor)
+                       else _load_matrix(train_means, "--train-means", (c, d))).to(device)
+
+    # pass 1: the moments (and the OOD features' mean)
+    m = ClassMoments(c, d, scatter=True, device=device, class_counts=counts.to(device) if exact else None)
+    bar = _progress(n_total, "moments", progress and ranks.rank == 0)
+    for k, lo, hi in todo:
+        f, yl = pairs[k]
+        m.update(_float(f.read(lo, hi)).to(device), yl.read(lo, hi).long().to(device))
+        if bar is not None:
+            bar.update((hi - lo) * ranks.world)
+    if bar is not None:
+        bar.close()
+    if ranks.active:
+        m.all_reduce()
+    ood_mean = None
+    if ood is not None:
+        shards = open_shards(ood, "--ood")
+        total = torch.zeros(d + 1, dtype=torch.float64, device=device)
+        for s in shards:
+            if len(s.shape) != 2 or s.shape[1] != d:
+                raise ValueError(f"--ood: {s.path} has shape {s.shape}, expected (N, {d})")
+        for k, lo, hi in ranks.mine([(i, lo, hi) for i, s in enumerate(shards)
+                                     for lo in range(0, s.rows, block_rows or 65536)
+                                     for hi in [min(lo + (block_rows or 65536), s.rows)]]):
+            x = shards[k].read(lo, hi).to(device=device, dtype=torch.float64)
+            total[:d] += x.sum(dim=0)
+            total[d] += x.shape[0]
+        total = ranks.reduce(total)
+        if total[d] == 0:
+            raise ValueError("--ood: no rows")
+        ood_mean = total[:d] / total[d]
+
+    # pass 2: nearest class centre against the label and the classifier's decision
+    centres = m.means if means_given is None else means_given
+    hits = torch.zeros(2, c, dtype=torch.int64)
+    bar = _progress(n_total, "nearest class centre", progress and ranks.rank == 0)
+    for k, lo, hi in todo:
+        f, yl = pairs[k]
+        x = _float(f.read(lo, hi)).to(device)
+        y = yl.read(lo, hi).long().to(device)
+        backend = backends.for_tensor(x)
+        if w is not None:
+            nearest, decisions = _ncc_and_decisions(x, centres, w, b, "exact", backend)
+            hits[1] += torch.bincount(y[nearest != decisions], minlength=c).cpu()
+        else:
+            nearest = _ncc_assign(x, centres, "exact", backend)
+        hits[0] += torch.bincount(y[nearest == y], minlength=c).cpu()
+        if bar is not None:
+            bar.update((hi - lo) * ranks.world)
+    if bar is not None:
+        bar.close()
+    hits = ranks.reduce(hits)
+
+    out = metrics_from_moments(m, weight=w, superclass=sup, ood=ood_mean, weighting=weighting, rtol=rtol)
+    n = int(counts.sum())
+    out["ncc_accuracy"] = int(hits[0].sum()) / n
+    out.per_class["ncc_accuracy"] = class_fractions(hits[0], counts)
+    if w is not None:
+        out["ncc_mismatch"] = int(hits[1].sum()) / n
+        out.per_class["ncc_mismatch"] = class_fractions(hits[1], counts)
+    return out, m
+
+
+# ------------------------------------------------------------------------------------- the CLI
+def _arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ncfast.measure", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("features", metavar="FEATURES", help="(N, D) features: a .npy/.pt/.safetensors file or a "
+                                                       "directory of shards")
+    p.add_argument("labels", metavar="LABELS", help="(N,) integer labels: a file or a directory of shards")
+    p.add_argument("--num-classes", type=int, default=None, help="C (default: the largest label + 1)")
+    p.add_argument("--weight", help="(C, D) classifier weight: adds nc3, nc3_etf, duality and ncc_mismatch")
+    p.add_argument("--bias", help="(C,) classifier bias (with --weight)")
+    p.add_argument("--superclass", help="(C,) super-class of every class: adds msdr")
+    p.add_argument("--ood", help="out-of-distribution features of the same layer (file or directory): adds nc5_ood")
+    p.add_argument("--train-means", help="(C, D) class means of the TRAIN split: the nearest class centres of a "
+                                         "held-out split (paper 003 def. 6)")
+    p.add_argument("--save-means", help="write the (C, D) float64 class means to this .npy (for --train-means)")
+    p.add_argument("--class-distance", help="write the C x C class-distance matrix to this .npy (C^2 x 8 bytes)")
+    p.add_argument("--per-class", help="write the per-class vectors (count, variance, cdnv, ncc_accuracy, ...) "
+                                       "to this .npz")
+    p.add_argument("--json", help="write {metric: value} to this file (NaN as null)")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="balanced")
+    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
+    p.add_argument("--block-rows", type=int, default=None,
+                   help=f"rows per block (default: {DEFAULT_BLOCK_BYTES >> 20} MiB of features)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _finite(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _table(metrics) -> str:
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                     for k, v in metrics.items())
+
+
+def main(argv=None) -> int:
+    a = _arg_parser().parse_args(argv)
+    import torch.distributed as dist
+
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized()
+    if launched:  # torchrun
+        dist.init_process_group("nccl" if str(a.device).startswith("cuda") else "gloo")
+        if str(a.device) == "cuda":
+            a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(a.device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        t0 = time.perf_counter()
+        try:
+            out, m = measure(a.features, a.labels, num_classes=a.num_classes, weight=a.weight, bias=a.bias,
+                             superclass=a.superclass, ood=a.ood, train_means=a.train_means, weighting=a.weighting,
+                             rtol=a.rtol, block_rows=a.block_rows, device=a.device, progress=not a.no_progress)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        seconds = time.perf_counter() - t0
+        if rank == 0:
+            distance = None
+            if a.class_distance:
+                c = m.num_classes
+                if c * c * 8 > CLASS_DISTANCE_LIMIT:
+                    print(f"error: --class-distance: a {c} x {c} float64 matrix is {c * c * 8 / 2**30:.0f} GiB "
+                          f"(limit {CLASS_DISTANCE_LIMIT >> 30} GiB)", file=sys.stderr)
+                    return 2
+                distance = class_distance_from_moments(m).cpu().numpy()
+            values = {k: float(v) for k, v in out.items()}
+            print(_table(values))
+            n = int(m.counts.sum())
+            print(f"\n{n} rows, D = {m.dim}, C = {m.num_classes} ({int((m.counts > 0).sum())} present), "
+                  f"{seconds:.1f} s" + (f"; degenerate: {', '.join(sorted(out.degenerate))}" if out.degenerate else ""),
+                  file=sys.stderr)
+            if a.json:
+                Path(a.json).write_text(json.dumps({k: _finite(v) for k, v in values.items()}, indent=1) + "\n")
+            if a.save_means:
+                np.save(a.save_means, m.means.cpu().numpy())
+            if a.per_class:
+                np.savez(a.per_class, **{k: v.cpu().numpy() for k, v in out.per_class.items()})
+            if distance is not None:
+                np.save(a.class_distance, distance)
+        return 0
+    finally:
+        if launched:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""python -m ncfast.measure: metrics of saved features, streamed in blocks, equal nc_metrics on the
+same arrays (rel 1e-9; NCC counts exactly), from one file or a directory of shards in any of the
+three formats, in one process or two (torchrun), with a peak memory that does not grow with N."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ncfast
+from ncfast import measure as ms
+from conftest import assert_close
+
+
+def _data(n=600, d=12, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[:c] = torch.arange(c)
+    x = (torch.randn(c, d, generator=g) * 3)[y] + torch.randn(n, d, generator=g)
+    w = torch.randn(c, d, generator=g)
+    b = torch.randn(c, generator=g)
+    return x.float(), y, w, b
+
+
+def _save_safetensors(path, array: np.ndarray):
+    """A one-tensor .safetensors file (the format's header: 8-byte length, JSON, raw data)."""
+    code = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
+            np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}[array.dtype]
+    data = np.ascontiguousarray(array).tobytes()
+    header = json.dumps({"x": {"dtype": code, "shape": list(array.shape), "data_offsets": [0, len(data)]},
+                         "__metadata__": {"by": "test"}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + data)
+
+
+def _save(path, array):
+    if path.suffix == ".npy":
+        np.save(path, array)
+    elif path.suffix == ".pt":
+        torch.save(torch.from_numpy(np.ascontiguousarray(array)), path)
+    else:
+        _save_safetensors(path, array)
+
+
+def _compare(got, want, keys=None):
+    keys = keys or want.keys()
+    assert set(keys) <= set(got)
+    for k in keys:
+        if k in ("ncc_accuracy", "ncc_mismatch", "rank"):
+            assert got[k] == want[k], k  # counts: exact
+        else:
+            assert_close(got[k], want[k], rtol=1e-9, atol=1e-12, what=k)
+
+
+def test_one_file_equals_nc_metrics(tmp_path):
+    x, y, w, b = _data()
+    sup = torch.tensor([0, 0, 1, 1, 1])
+    ood = torch.randn(50, 12, generator=torch.Generator().manual_seed(9)).float() + 1
+    for name, arr in (("x.npy", x.numpy()), ("y.npy", y.numpy()), ("w.npy", w.numpy()), ("b.npy", b.numpy()),
+                      ("s.npy", sup.numpy()), ("ood.npy", ood.numpy())):
+        np.save(tmp_path / name, arr)
+    got, m = ms.measure(tmp_path / "x.npy", tmp_path / "y.npy", weight=tmp_path / "w.npy", bias=tmp_path / "b.npy",
+                        superclass=tmp_path / "s.npy", ood=tmp_path / "ood.npy", block_rows=64)
+    want = ncfast.nc_metrics(x, y, weight=w, bias=b, superclass=sup, ood_features=ood)
+    _compare(got, want)
+    for k, v in want.per_class.items():
+        assert_close(got.per_class[k].numpy(), v.numpy(), rtol=1e-9, atol=1e-12, what=f"per_class {k}")
+    assert sorted(got.degenerate) == sorted(want.degenerate)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_directory_of_mixed_shards_equals_one_array(tmp_path, dtype):
+    """Shards of every format, sorted by name and paired in order, uneven sizes, blocks that cross
+    nothing (each block lies in one shard): the same metrics as the concatenated array."""
+    x, y, w, b = _data(n=700)
+    xs = x.numpy().astype(dtype)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "l").mkdir()
+    cuts = [0, 100, 333, 334, 700]
+    suffixes = [".npy", ".pt", ".safetensors", ".npy"]
+    for i, (lo, hi, suffix) in enumerate(zip(cuts, cuts[1:], suffixes)):
+        _save(tmp_path / "f" / f"part{i:02d}{suffix}", xs[lo:hi])
+        _save(tmp_path / "l" / f"part{i:02d}{suffixes[-1 - i]}", y.numpy()[lo:hi])
+    (tmp_path / "f" / "README.txt").write_text("not a shard")  # other files are ignored
+    got, _ = ms.measure(tmp_path / "f", tmp_path / "l", weight=w, bias=b, block_rows=50)
+    # float16 features are measured as float32 (exactly their values)
+    ref_x = torch.from_numpy(xs).float() if dtype == np.float16 else torch.from_numpy(xs)
+    want = ncfast.nc_metrics(ref_x, y, weight=w if dtype == np.float16 else w.double(),
+                             bias=b if dtype == np.float16 else b.double())
+    _compare(got, want)
+
+
+def test_held_out_split_against_saved_train_means(tmp_path):
+    x, y, w, b = _data(n=400, seed=1)
+    xt, yt, _, _ = _data(n=300, seed=2)
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", y.numpy())
+    np.save(tmp_path / "xt.npy", xt.numpy())
+    np.save(tmp_path / "yt.npy", yt.numpy())
+    assert ms.main([str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), "--save-means", str(tmp_path / "m.npy"),
+                    "--no-progress"]) == 0
+    means = np.load(tmp_path / "m.npy")
+    assert_close(means, ncfast.class_moments(x, y).means.numpy(), rtol=1e-12, what="saved means")
+    got, _ = ms.measure(tmp_path / "xt.npy", tmp_path / "yt.npy", train_means=tmp_path / "m.npy")
+    want = ncfast.nc_metrics(xt, yt, class_means=torch.from_numpy(means))
+    _compare(got, want)
+    assert got["ncc_accuracy"] != ncfast.nc_metrics(xt, yt)["ncc_accuracy"]  # not the split's own means
+
+
+def test_cli_writes_json_per_class_and_class_distance(tmp_path, capsys):
+    x, y, w, b = _data(n=300, c=4)
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", y.numpy().astype(np.int32))
+    w6 = torch.cat([w, torch.randn(2, 12, generator=torch.Generator().manual_seed(4))])  # classes 4, 5: absent
+    np.save(tmp_path / "w.npy", w6.numpy())
+    args = [str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), "--weight", str(tmp_path / "w.npy"),
+            "--num-classes", "6", "--json", str(tmp_path / "m.json"), "--per-class", str(tmp_path / "pc.npz"),
+            "--class-distance", str(tmp_path / "d.npy"), "--no-progress"]
+    assert ms.main(args) == 0
+    table = capsys.readouterr().out
+    values = json.loads((tmp_path / "m.json").read_text())
+    want = ncfast.nc_metrics(x, y, num_classes=6, weight=w6)
+    _compare(values, {k: v for k, v in want.items() if not (isinstance(v, float) and np.isnan(v))})
+    assert "nc1" in table and f"{want['nc1']:.6g}" in table
+    pc = np.load(tmp_path / "pc.npz")
+    assert pc["count"][:4].sum() == 300 and np.isnan(pc["count"][4:]).all()  # classes 4, 5: absent
+    assert_close(pc["ncc_mismatch"], want.per_class["ncc_mismatch"].numpy(), rtol=0, what="per-class mismatch")
+    d = np.load(tmp_path / "d.npy")
+    assert d.shape == (6, 6)
+    assert_close(d, ncfast.class_distance(x, y, num_classes=6).numpy(), rtol=1e-9, what="class distance")
+
+
+@pytest.mark.parametrize("make, args, needle", [
+    (lambda p: None, ["missing.npy", "y.npy"], "FEATURES"),
+    (lambda p: np.save(p / "y2.npy", np.zeros(7, dtype=np.int64)), ["x.npy", "y2.npy"], "LABELS"),
+    (lambda p: np.save(p / "yn.npy", np.r_[-1, np.zeros(299, dtype=np.int64)]), ["x.npy", "yn.npy"], "negative"),
+    (lambda p: None, ["x.npy", "y.npy", "--num-classes", "3"], "--num-classes"),
+    (lambda p: None, ["x.npy", "y.npy", "--bias", "b.npy"], "--bias"),
+    (lambda p: np.save(p / "w3.npy", np.zeros((3, 12))), ["x.npy", "y.npy", "--weight", "w3.npy"], "--weight"),
+    (lambda p: np.save(p / "yf.npy", np.zeros(300)), ["x.npy", "yf.npy"], "integers"),
+    (lambda p: None, ["x.npy", "y.npy", "--block-rows", "0"], "--block-rows"),
+])
+def test_bad_inputs_are_named(tmp_path, capsys, make, args, needle):
+    x, y, _, b = _data(n=300, c=4)
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", y.numpy())
+    np.save(tmp_path / "b.npy", b.numpy()[:4])
+    make(tmp_path)
+    argv = [str(tmp_path / a) if a.endswith(".npy") else a for a in args]
+    assert ms.main([*argv, "--no-progress"]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def _peak_rss_kib(path_x, path_y, block_rows):
+    code = ("import resource, sys; from ncfast import measure as ms; "
+            f"ms.measure({str(path_x)!r}, {str(path_y)!r}, block_rows={block_rows}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_does_not_grow_with_the_file(tmp_path):
+    """A file 4x larger (51 MB -> 205 MB of float32, blocks of 4 MB) raises the peak RSS by far less
+    than the 154 MB it adds: the blocks' pages are released as they are measured."""
+    d, rows = 256, 50_000
+    g = np.random.default_rng(0)
+    for scale in (1, 4):
+        n = rows * scale
+        x = np.lib.format.open_memmap(tmp_path / f"x{scale}.npy", mode="w+", dtype=np.float32, shape=(n, d))
+        for lo in range(0, n, rows):
+            x[lo:lo + rows] = g.standard_normal((rows, d), dtype=np.float32)
+        x.flush()
+        del x
+        np.save(tmp_path / f"y{scale}.npy", np.arange(n) % 10)
+    small = _peak_rss_kib(tmp_path / "x1.npy", tmp_path / "y1.npy", 4096)
+    large = _peak_rss_kib(tmp_path / "x4.npy", tmp_path / "y4.npy", 4096)
+    added_file = 3 * rows * d * 4 / 1024
+    print(f"peak RSS {small} KiB -> {large} KiB for {added_file:.0f} KiB more file")
+    assert large - small < 0.15 * added_file, (small, large, added_file)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    x, y, w, b = _data(n=900, c=6, seed=3)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "l").mkdir()
+    for i, (lo, hi) in enumerate([(0, 250), (250, 600), (600, 900)]):
+        np.save(tmp_path / "f" / f"{i}.npy", x.numpy()[lo:hi])
+        np.save(tmp_path / "l" / f"{i}.npy", y.numpy()[lo:hi])
+    np.save(tmp_path / "w.npy", w.numpy())
+    common = [str(tmp_path / "f"), str(tmp_path / "l"), "--weight", str(tmp_path / "w.npy"), "--block-rows", "100",
+              "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", str(_free_port()), "-m", "ncfast.measure", *common, "--json",
+                    str(tmp_path / "two.json")], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "ncfast.measure", *common, "--json", str(tmp_path / "one.json")],
+                   check=True, env=env, capture_output=True)
+    two = json.loads((tmp_path / "two.json").read_text())
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert set(two) == set(one)
+    for k, v in one.items():
+        if v is None:
+            assert two[k] is None, k
+        else:
+            assert two[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    _compare(one, {k: v for k, v in ncfast.nc_metrics(x, y, weight=w).items() if not np.isnan(v)})
