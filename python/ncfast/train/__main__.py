@@ -11,6 +11,16 @@ Examples::
 
 Writes to --out: metrics.jsonl (one line per evaluated epoch), class_distance/epoch_NNN.npy,
 summary.json, figures/ and checkpoint.pt (atomic, each epoch; --resume continues from it).
+
+Under torchrun the same command trains with DistributedDataParallel (gloo on CPU, nccl on CUDA):
+
+    torchrun --nproc_per_node 2 -m ncfast.train --arch mlp --epochs 10 --resume
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400 \
+        -m ncfast.train --dataset cifar10 --data ~/data --resume      # each node, its own --node_rank
+
+Every rank measures its shard of each split and the statistics are merged exactly; rank 0 writes the
+outputs and checkpoints. With --resume (and torchrun --max-restarts N) a run whose rank dies restarts
+from the last checkpoint.
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import sys
 from .data import DATASETS
 from .models import ARCH_NAMES, INITS
 from .probes import EMBEDDINGS
-from .trainer import LEARNING_RATES, LOSSES, WEIGHT_DECAYS, Config, train
+from .trainer import LEARNING_RATES, LOSSES, WEIGHT_DECAYS, Config, init_distributed, launched_by_torchrun, train
 
 
 def _coarse(text: str):
@@ -144,11 +154,20 @@ def parse_args(argv=None) -> Config:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    launched = launched_by_torchrun()
+    if launched:  # torchrun --nproc_per_node N -m ncfast.train ...: DistributedDataParallel
+        cfg.device = init_distributed(cfg.device)
     try:
         train(cfg)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if launched:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return 0
 
 

@@ -4,12 +4,23 @@ measure its representations with ncfast every few epochs (see ``__main__.py`` fo
 Every metric comes from ncfast's streaming statistics through ``ncfast.LayerProbe``: no layer's
 features are stored whole while training. Only the end-of-run probes (CLP, linear probes) hold the
 penultimate (and, channel-pooled where wide, each probed layer's) features of the train and test sets.
+
+Under torch.distributed (``torchrun --nproc_per_node N -m ncfast.train ...``; ``init_distributed``)
+the network trains with DistributedDataParallel: every rank draws the same global batch order and
+augmentation from the shared seed and trains on its share of each global batch (the role
+DistributedSampler plays for a DataLoader), the loss scaled so that DDP's average of the gradients
+is the gradient of the global batch's mean loss; BatchNorm statistics stay per rank. Measurement
+shards each split without padding (``shard_indices``) and merges the ranks' statistics exactly
+(``LayerProbe``), so the metrics equal one process's over all the data. Rank 0 alone writes the
+outputs and the (atomic) checkpoints and runs the end-of-run probes; ``--resume`` restarts every
+rank from the last checkpoint, which is what a torchrun restart (``--max-restarts``) needs.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,7 +32,7 @@ import torch.nn.functional as F
 
 from ..labels import coarse_labels, fine_labels, random_coarse_labels
 from ..losses import svsl_loss
-from ..probe import LayerProbe, channel_pool, flatten
+from ..probe import LayerProbe, channel_pool, flatten, shard_indices
 from . import figures
 from .data import augment_batch, batches, load_dataset
 from .models import build_model, logits_for_loss
@@ -77,6 +88,70 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of torchrun's workers (its environment names a rank and a world)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def init_distributed(device: str = "auto") -> str:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) unless already joined; returns the
+    device this rank trains on (cuda:LOCAL_RANK on a GPU machine)."""
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        device = device if ":" in device else f"cuda:{local}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=not agent and rank == 0)
+        # a restarted attempt (torchrun --max-restarts) finds the previous attempt's keys in the same
+        # store; its own prefix keeps the ranks from connecting to the dead processes' addresses
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"ncfast/attempt{attempt}", store),
+                                rank=rank, world_size=world)
+    return device
+
+
+class _Ranks:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            self.dist.barrier()
+
+    def sum(self, *values: float) -> list[float]:
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        self.dist.all_reduce(t)
+        return t.tolist()
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous share of n rows (sizes differ by at most one)."""
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+
+FAULT_ENV = "NCFAST_FAULT"
+"""Fault injection for the restart tests: "rank:epoch:step" makes that rank SIGKILL itself before that
+optimizer step (1-based) of that epoch (1-based), on torchrun's first attempt only."""
 
 
 def finite(obj):
@@ -214,7 +289,10 @@ def task_loss(scaled: torch.Tensor, labels: torch.Tensor, loss: str = "ce") -> t
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.ranks = _Ranks()
         self.device = _device(cfg.device)
+        if self.ranks.active and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
         ds = load_dataset(cfg.dataset, cfg.data, download=cfg.download, seed=cfg.seed)
@@ -271,6 +349,20 @@ class Trainer:
         self.epoch = 0
         self.epoch_seconds: list[float] = []
         self.counts = {s: torch.bincount(self.y[s].cpu(), minlength=self.num_train_classes) for s in self.y}
+        self.train_model = self.model
+        if self.ranks.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self._fault = self._parse_fault()
+
+    def _parse_fault(self):
+        spec = os.environ.get(FAULT_ENV)
+        if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            return None
+        rank, epoch, step = (int(v) for v in spec.split(":"))
+        return (epoch, step) if rank == self.ranks.rank else None
 
     def _svsl_layers(self, modules: dict) -> list[str]:
         """The probed modules whose outputs SVSL covers, shallowest first: from --svsl-from (paper
@@ -297,12 +389,17 @@ class Trainer:
         return self.out / "checkpoint.pt"
 
     def save(self) -> None:
+        """The checkpoint (rank 0 writes it atomically; every rank waits until it is on disk)."""
+        if not self.ranks.main:
+            self.ranks.barrier()
+            return
         state = {
             "config": asdict(self.cfg), "epoch": self.epoch, "model": self.model.state_dict(),
             "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
             "history": self.history, "epoch_seconds": self.epoch_seconds,
         }
         _atomic_save(state, self._checkpoint_path())
+        self.ranks.barrier()
 
     def load(self) -> bool:
         path = self._checkpoint_path()
@@ -329,15 +426,23 @@ class Trainer:
         x, y = self.x["train"], self.y["train"]
         n = x.shape[0]
         steps = math.ceil(n / cfg.batch_size)
-        bar = _Progress(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.progress)
+        ranks = self.ranks
+        bar = _Progress(steps, f"epoch {self.epoch + 1}/{cfg.epochs}", cfg.progress and ranks.main)
         total, count = 0.0, 0
         try:
-            for idx in batches(n, cfg.batch_size, self.gen, shuffle=True):
+            for step, idx in enumerate(batches(n, cfg.batch_size, self.gen, shuffle=True), start=1):
+                if self._fault == (self.epoch + 1, step):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if idx.shape[0] < ranks.world:  # a global batch too small to give every rank a row
+                    continue
                 xb, yb = x[idx], y[idx]
                 if cfg.augment and self.ds.augment:
+                    # every rank draws the global batch's augmentation, so that the generator stays shared
                     xb = augment_batch(xb, self.gen, pad=self.pad, flip=self.ds.flip)
+                part = ranks.part(idx.shape[0])
+                xb, yb = xb[part], yb[part]
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    logits = model(xb)
+                    logits = self.train_model(xb)
                     scaled = logits_for_loss(logits.float(), self.logit_scale)
                     loss = task_loss(scaled, yb, cfg.loss)
                     if svsl:
@@ -346,7 +451,8 @@ class Trainer:
                         loss = loss + svsl_loss(layers, yb, alpha=cfg.svsl_alpha,
                                                 num_classes=self.num_train_classes)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # DDP averages the ranks' gradients: weight each rank's mean by its share of the batch
+                (loss * (yb.shape[0] * ranks.world / idx.shape[0]) if ranks.active else loss).backward()
                 self.opt.step()
                 value = float(loss.detach())
                 total += value * yb.shape[0]
@@ -357,10 +463,15 @@ class Trainer:
             for h in handles:
                 h.remove()
         self.sched.step()
+        total, count = ranks.sum(total, count)
         return total / max(1, count)
 
     def _loader(self, split: str, batch: int = 512):
+        """Batches of a split, in order; under DDP this rank's shard (rank, rank + world, ...)."""
         x, y, yo = self.x[split], self.y[split], self.y_orig[split]
+        if self.ranks.active:
+            keep = torch.as_tensor(shard_indices(x.shape[0], self.ranks.rank, self.ranks.world), device=x.device)
+            x, y, yo = x[keep], y[keep], yo[keep]
         return [(x[lo:lo + batch], y[lo:lo + batch], yo[lo:lo + batch]) for lo in range(0, x.shape[0], batch)]
 
     @torch.no_grad()
@@ -370,7 +481,7 @@ class Trainer:
         hits = 0
         for xb, yb, _ in self._loader(split):
             hits += int((self.model(xb).argmax(1) == yb).sum())
-        return hits / self.x[split].shape[0]
+        return self.ranks.sum(hits)[0] / self.x[split].shape[0]
 
     def measure(self) -> tuple[dict, dict, torch.Tensor | None, dict]:
         """{layer: {split: metrics}}, {(layer, split): class-distance matrix on the original labels},
@@ -419,7 +530,8 @@ class Trainer:
         (self.out / "figures").mkdir(exist_ok=True)
         resumed = cfg.resume and self.load()
         if resumed:
-            print(f"resumed from {self._checkpoint_path()} at epoch {self.epoch}", file=sys.stderr)
+            if self.ranks.main:
+                print(f"resumed from {self._checkpoint_path()} at epoch {self.epoch}", file=sys.stderr)
         else:
             self._evaluate(0, float("nan"))  # epoch 0: the untrained network
             self.save()
@@ -436,6 +548,8 @@ class Trainer:
 
     def _evaluate(self, epoch: int, loss: float) -> None:
         cfg = self.cfg
+        self._sync_buffers()
+        main = self.ranks.main
         record = {"epoch": epoch, "train_loss": loss, "lr": self.opt.param_groups[0]["lr"]}
         scheduled = epoch % cfg.metrics_every == 0 or epoch == cfg.epochs or epoch in self.distance_epochs
         if not scheduled:
@@ -448,14 +562,15 @@ class Trainer:
             record["train_acc"], record["test_acc"] = accuracy["train"], accuracy["test"]
             pen = self.model.penultimate_name
             folder = self.out / "class_distance"
-            if distances.get((pen, "train")) is not None:
+            if main and distances.get((pen, "train")) is not None:
                 np.save(folder / f"epoch_{epoch:03d}.npy", distances[(pen, "train")].cpu().numpy())
-            if train_label_distance is not None:
+            if main and train_label_distance is not None:
                 # over the training labels: with --fine the 2C x 2C matrix of paper 000 fig. 15
                 np.save(folder / f"epoch_{epoch:03d}_train_labels.npy", train_label_distance.cpu().numpy())
             # every probed layer and split, original labels: arrays named "<layer>/<split>"
-            np.savez(folder / f"epoch_{epoch:03d}_layers.npz",
-                     **{f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None})
+            if main:
+                np.savez(folder / f"epoch_{epoch:03d}_layers.npz", **{
+                    f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None})
             self.on_measured(record)
         self.history.append(record)
         line = f"epoch {epoch:3d}  loss {loss:.4f}  train acc {record['train_acc']:.4f}  test acc {record['test_acc']:.4f}"
@@ -464,7 +579,15 @@ class Trainer:
             line += "  " + "  ".join(f"{k} {m[k]:.4g}" for k in ("nc1", "nc2_etf", "ncc_mismatch", "msdr") if k in m)
         if self.epoch_seconds and epoch > 0:
             line += f"  ({self.epoch_seconds[-1]:.1f} s)"
-        print(line, flush=True)
+        if main:
+            print(line, flush=True)
+
+    def _sync_buffers(self) -> None:
+        """Under DDP, every rank measures with rank 0's buffers (BatchNorm running statistics, which
+        each rank updates from its own share of the batches)."""
+        if self.ranks.active:
+            for b in self.model.buffers():
+                self.ranks.dist.broadcast(b, 0)
 
     def on_measured(self, record: dict) -> None:
         """Called after every measured epoch with that epoch's record (``epoch``, ``layers``, accuracies),
@@ -473,7 +596,9 @@ class Trainer:
 
     def _write_metrics(self) -> None:
         """metrics.jsonl (the measured epochs, every metric) and history.jsonl (every epoch: loss,
-        learning rate, train and test accuracy, and the epoch's seconds)."""
+        learning rate, train and test accuracy, and the epoch's seconds). Rank 0 writes them."""
+        if not self.ranks.main:
+            return
         lines = [json.dumps(finite(r)) for r in self.history if "layers" in r]
         _atomic_text("\n".join(lines) + ("\n" if lines else ""), self.out / "metrics.jsonl")
         keys = ("epoch", "train_loss", "lr", "train_acc", "test_acc")
@@ -487,6 +612,16 @@ class Trainer:
         return layer_features(self.model, self.x[split], [name], self.cfg.max_dim, self.device)[name]
 
     def finish(self) -> dict:
+        """The end-of-run probes (CLP, linear probes), summary.json and the figures; under DDP rank 0
+        does them on all the data while the others wait, then every rank returns the summary."""
+        if self.ranks.active and not self.ranks.main:
+            self.ranks.barrier()
+            return json.loads((self.out / "summary.json").read_text())
+        summary = self._finish()
+        self.ranks.barrier()
+        return summary
+
+    def _finish(self) -> dict:
         cfg = self.cfg
         pen = self.model.penultimate_name
         y_sup = {s: self.y[s].cpu().numpy() for s in self.y}
@@ -524,6 +659,7 @@ class Trainer:
             "mean_epoch_seconds": float(np.mean(self.epoch_seconds)) if self.epoch_seconds else None,
             "probe_seconds": probe_seconds,
             "device": str(self.device),
+            "world_size": self.ranks.world,
         }
         _atomic_text(json.dumps(finite(summary), indent=1), self.out / "summary.json")
         self._figures(evaluated, pictures)
