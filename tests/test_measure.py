@@ -64,8 +64,10 @@ def test_one_file_equals_nc_metrics(tmp_path):
     for name, arr in (("x.npy", x.numpy()), ("y.npy", y.numpy()), ("w.npy", w.numpy()), ("b.npy", b.numpy()),
                       ("s.npy", sup.numpy()), ("ood.npy", ood.numpy())):
         np.save(tmp_path / name, arr)
+    timings = {}
     got, m = ms.measure(tmp_path / "x.npy", tmp_path / "y.npy", weight=tmp_path / "w.npy", bias=tmp_path / "b.npy",
-                        superclass=tmp_path / "s.npy", ood=tmp_path / "ood.npy", block_rows=64)
+                        superclass=tmp_path / "s.npy", ood=tmp_path / "ood.npy", block_rows=64, timings=timings)
+    assert list(timings) == ["labels", "moments", "ood", "ncc", "metrics"] and all(t >= 0 for t in timings.values())
     want = ncfast.nc_metrics(x, y, weight=w, bias=b, superclass=sup, ood_features=ood)
     _compare(got, want)
     for k, v in want.per_class.items():

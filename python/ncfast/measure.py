@@ -238,8 +238,9 @@ def _load_matrix(path, what: str, shape=None) -> torch.Tensor:
 
 def measure(features, labels, *, num_classes: int | None = None, weight=None, bias=None, superclass=None,
             ood=None, train_means=None, weighting: str = "balanced", rtol: float = DEFAULT_RTOL,
-            block_rows: int | None = None, device="cpu", progress: bool = False):
+            block_rows: int | None = None, device="cpu", progress: bool = False, timings: dict | None = None):
     """Metrics of saved features (paths, see the module docstring). Returns (NCMetrics, ClassMoments).
+    ``timings``, when given, receives the seconds of each pass: labels, moments, ood, ncc, metrics.
 
     ``weight``/``bias``/``superclass``/``train_means``: paths of .npy/.pt/.safetensors files or
     tensors; ``ood``: a path (file or directory) of out-of-distribution features of the same layer.
@@ -250,6 +251,14 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         raise ValueError(f"--block-rows: must be >= 1, got {block_rows}")
     device = torch.device(device)
     ranks = _Ranks()
+    timings = {} if timings is None else timings
+    clock = [time.perf_counter()]
+
+    def lap(name):
+        now = time.perf_counter()
+        timings[name] = now - clock[0]
+        clock[0] = now
+
     pairs = pair_shards(open_shards(features, "FEATURES"), open_shards(labels, "LABELS"))
     d = pairs[0][0].shape[1]
     todo = ranks.mine(blocks(pairs, block_rows))
@@ -277,6 +286,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     if present.numel() < 2:
         raise ValueError(f"LABELS: at least 2 classes must have samples, got {present.numel()}")
     exact = weighting == "balanced" and bool((present != present[0]).any())
+    lap("labels")
 
     w = b = sup = means_given = None
     if weight is not None:
@@ -306,6 +316,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         bar.close()
     if ranks.active:
         m.all_reduce()
+    lap("moments")
     ood_mean = None
     if ood is not None:
         shards = open_shards(ood, "--ood")
@@ -323,6 +334,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         if total[d] == 0:
             raise ValueError("--ood: no rows")
         ood_mean = total[:d] / total[d]
+        lap("ood")
 
     # pass 2: nearest class centre against the label and the classifier's decision
     centres = m.means if means_given is None else means_given
@@ -344,6 +356,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     if bar is not None:
         bar.close()
     hits = ranks.reduce(hits)
+    lap("ncc")
 
     out = metrics_from_moments(m, weight=w, superclass=sup, ood=ood_mean, weighting=weighting, rtol=rtol)
     n = int(counts.sum())
@@ -352,6 +365,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     if w is not None:
         out["ncc_mismatch"] = int(hits[1].sum()) / n
         out.per_class["ncc_mismatch"] = class_fractions(hits[1], counts)
+    lap("metrics")
     return out, m
 
 
@@ -406,10 +420,12 @@ def main(argv=None) -> int:
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         t0 = time.perf_counter()
+        timings = {}
         try:
             out, m = measure(a.features, a.labels, num_classes=a.num_classes, weight=a.weight, bias=a.bias,
                              superclass=a.superclass, ood=a.ood, train_means=a.train_means, weighting=a.weighting,
-                             rtol=a.rtol, block_rows=a.block_rows, device=a.device, progress=not a.no_progress)
+                             rtol=a.rtol, block_rows=a.block_rows, device=a.device, progress=not a.no_progress,
+                             timings=timings)
         except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -429,6 +445,7 @@ def main(argv=None) -> int:
             print(f"\n{n} rows, D = {m.dim}, C = {m.num_classes} ({int((m.counts > 0).sum())} present), "
                   f"{seconds:.1f} s" + (f"; degenerate: {', '.join(sorted(out.degenerate))}" if out.degenerate else ""),
                   file=sys.stderr)
+            print("passes: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), file=sys.stderr)
             if a.json:
                 Path(a.json).write_text(json.dumps({k: _finite(v) for k, v in values.items()}, indent=1) + "\n")
             if a.save_means:
