@@ -346,3 +346,18 @@ def test_paper_presets_settings():
     assert (s["coarse"], s["num_classes"], s["arch"], s["weight_decay"]) == ("official", 100, "vgg19", 5e-5)
     s = coarse.settings(parse(["--preset", "cifar100", "--random-coarse", "20", "--epochs", "30"]))
     assert (s["coarse"], s["random_coarse"], s["distance_epochs"]) == (None, 20, [20, 30])
+
+
+def test_fashion_preset_is_cpu_sized_and_reaches_the_trainer(tmp_path):
+    """The offline fashion-mnist preset trains a width-8 ResNet-18 on a 5,000-image subset without
+    augmentation: both fields reach the trainer's Config of every run."""
+    from ncfast.train.trainer import Config
+
+    a = coarse._arg_parser().parse_args(["--preset", "fashion-mnist", "--out", str(tmp_path)])
+    s = coarse.settings(a)
+    assert (s["arch"], s["width"], s["epochs"], s["distance_epochs"]) == ("resnet18", 8, 20, [1, 5, 10, 20])
+    cfg = coarse._config(s, a, coarse=s["coarse"])
+    assert cfg["train_subset"] == 5000 and cfg["augment"] is False
+    Config(out=str(tmp_path), **{k: v for k, v in cfg.items() if k != "out"})
+    digits = coarse._config(coarse.settings(coarse._arg_parser().parse_args([])), a)
+    assert "train_subset" not in digits and "augment" not in digits  # the trainer's defaults

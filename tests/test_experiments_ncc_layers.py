@@ -327,10 +327,13 @@ def test_presets():
     digits = nl.preset_config("digits")
     assert digits["layers"] == ["layer1", "layer2", "layer3", "layer4", "pool", "head"]
     assert digits["metrics_every"] == 1 and digits["augment"] is False and digits["it_threshold"] == 0.995
-    for name in ("fashion-mnist", "cifar10", "cifar100"):
+    for name in ("cifar10", "cifar100"):
         cfg = nl.preset_config(name)
         assert cfg["dataset"] == name and cfg["epochs"] == 350 and cfg["batch_size"] == 128
         assert cfg["arch"] == ("resnet34" if name == "cifar100" else "resnet18")
+    fashion = nl.preset_config("fashion-mnist")  # CPU-sized: under 15 minutes on 2 cores
+    assert fashion["dataset"] == "fashion-mnist" and fashion["train_subset"] == 5000 and fashion["width"] == 8
+    assert nl.SEEDS["digits"] == 3 and nl.SEEDS["fashion-mnist"] == 1
     assert nl.preset_config("cifar10", quick=True)["dataset"] == "digits"
     assert (nl.PAPER["cifar10"]["alpha"], nl.PAPER["cifar10"]["gamma"]) == (4e-6, "pool")
     with pytest.raises(ValueError, match="--preset"):
@@ -391,3 +394,85 @@ def test_preset_configs_are_valid_trainer_configs(tmp_path, preset):
                         width=8)
     names = dict(model.named_modules())
     assert all(name in names for name in cfg.layers) and names["head"] is model.head
+
+
+# ------------------------------------------------------------------------------------ several seeds
+def _analysed(train_by_layer, it, eot_v=0.95, eot_s=0.96):
+    """One seed's analyse()-shaped result on layers a, b over epochs 0..3: both runs share the curves."""
+    layers = ["a", "b"]
+    curves = {run: _curves([0, 1, 2, 3], train_by_layer) for run in nl.RUNS}
+    its = {run: it for run in nl.RUNS}
+    return {"layers": layers, "interpolation_epoch": its, "curves": curves,
+            "table1": _table(0.9, eot_v, 0.9, eot_s),
+            "conjecture7": {run: nl.ordering(curves[run], layers, it) for run in nl.RUNS},
+            "conjecture8": {run: nl.it_vs_eot(curves[run], layers, it) for run in nl.RUNS},
+            "conjecture11": nl.svsl_vs_vanilla(curves["vanilla"], curves["svsl"], layers, it, it)}
+
+
+ORDERED = {"a": [0.9, 0.5, 0.4, 0.3], "b": [0.9, 0.4, 0.2, 0.1]}
+UNORDERED = {"a": [0.9, 0.5, 0.1, 0.1], "b": [0.9, 0.4, 0.2, 0.2]}  # b > a at epochs 2, 3
+
+
+def test_majority_rule():
+    assert nl.majority([True, True, False]) == (True, 2, 3)
+    assert nl.majority([True, False]) == (False, 1, 2)  # a tie does not hold
+    assert nl.majority([None, True]) == (True, 1, 1)  # unmeasured seeds do not vote
+    assert nl.majority([None, None]) == (None, 0, 0)
+
+
+def test_pooled_claims_take_the_majority_and_pool_the_counts():
+    per_seed = {0: _analysed(ORDERED, 1), 1: _analysed(UNORDERED, 1, eot_s=0.94), 2: _analysed(ORDERED, 1)}
+    claims = nl.pooled_claims(per_seed)
+    assert list(claims) == list(nl.CLAIM_KEYS)
+    ours, holds = claims["c7_vanilla"]
+    assert holds is True  # ordered in seeds 0 and 2 (2 TPT epochs each), not in seed 1
+    assert ours == "holds in 2 of 3 seeds; ordered TPT epochs, pooled: 4 of 6, train; 4 of 6, test"
+    # conjecture 8 (IT epoch 1 against the EOT): every layer falls in every seed, the unordered one too
+    assert claims["c8_svsl"] == ("holds in 3 of 3 seeds", True)
+    ours, holds = claims["c12"]
+    assert holds is True and ours == "holds in 2 of 3 seeds; mean EOT test acc. 95.00% vanilla, 95.33% SVSL"
+    # one seed: exactly that seed's verdicts
+    assert nl.pooled_claims({5: per_seed[1]}) == nl.seed_claims(per_seed[1])
+    assert nl.seed_claims(per_seed[1])["c7_vanilla"] == nl.verdict_ordering(per_seed[1]["conjecture7"]["vanilla"])
+
+
+def test_pooled_claims_count_seeds_without_a_tpt():
+    per_seed = {0: _analysed(ORDERED, None), 1: _analysed(UNORDERED, 1)}
+    ours, holds = nl.pooled_claims(per_seed)["c7_svsl"]
+    assert holds is False and ours.startswith("holds in 0 of 1 seeds (1 without a TPT)")
+    assert nl.pooled_claims({0: _analysed(ORDERED, None), 1: _analysed(ORDERED, None)})["c11"][1] is None
+
+
+def test_table1_markdown_one_row_per_seed():
+    text = nl.table1_markdown([("ours, seed 0", _table(0.9, 0.95, 0.91, 0.96)),
+                               ("ours, seed 1", _table(0.8, 0.85, 0.81, 0.86))], nl.PAPER["digits"])
+    lines = text.splitlines()
+    assert lines[3].startswith("| ours, seed 0 | 90.00 | 91.00 |") and lines[4].startswith("| ours, seed 1 | 80.00 |")
+
+
+def test_seeds_run_pairs_per_seed_and_report_the_majority(tmp_path):
+    out = tmp_path / "s"
+    assert nl.main(["--quick", "--seeds", "2", "--epochs", "3", "--seed", "4", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [4, 5] and set(res["per_seed"]) == {"4", "5"}
+    for seed in (4, 5):
+        for run in nl.RUNS:
+            summary = json.loads((out / f"seed_{seed}" / run / "summary.json").read_text())
+            assert summary["config"]["seed"] == seed and summary["config"]["epochs"] == 3
+    assert not (out / "vanilla").exists()
+    # the report's claims are the majority over the per-seed results in the JSON
+    rows = _report_rows((out / "report.md").read_text())
+    want = nl.pooled_claims({int(k): v for k, v in res["per_seed"].items()})
+    assert [r[2:] for r in rows] == [(ours, verdict_word(h)) for ours, h in want.values()]
+    # the first seed's analysis is the top level (figures and per-layer tables)
+    assert res["interpolation_epoch"] == res["per_seed"]["4"]["interpolation_epoch"]
+
+
+def verdict_word(holds):
+    return "not measured" if holds is None else ("holds" if holds else "does not hold")
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0"]])
+def test_bad_seeds(tmp_path, capsys, argv):
+    assert nl.main([*argv, "--quick", "--out", str(tmp_path / "o")]) == 2
+    assert "--seeds" in capsys.readouterr().err

@@ -396,3 +396,12 @@ def test_quick_metrics_match_reference_on_saved_features(quick):
     span = res["training"]["span"]["train"]
     assert span["inside"][-1] == pytest.approx(inside, rel=1e-5)
     assert span["inside"][-1] + span["outside"][-1] == pytest.approx(np.trace(sw), rel=1e-5)
+
+
+def test_fashion_preset_is_cpu_sized():
+    """The offline fashion-mnist preset: width 8 on 5,000 training images, no augmentation, and a
+    temperature sweep inside the range that fits the task in its epochs."""
+    s = vci.settings("fashion-mnist", False, {})
+    assert (s["width"], s["train_subset"], s["augment"], s["epochs"]) == (8, 5000, False, 20)
+    assert s["logit_scales"] == vci.FASHION_SCALES and s["transfer_epochs"] == 16
+    assert vci.settings("fashion-mnist", False, {"width": 16})["width"] == 16

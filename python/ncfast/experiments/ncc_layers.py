@@ -2,8 +2,8 @@
 NCC mismatch at every layer over training, the interpolation threshold (IT) and the terminal phase of
 training (TPT), and the Stochastic Variability-Simplification Loss (SVSL).
 
-    python -m ncfast.experiments.ncc_layers                          # digits, ResNet-18, about 4 min on 2 cores
-    python -m ncfast.experiments.ncc_layers --preset fashion-mnist   # the paper's F-MNIST run (a GPU)
+    python -m ncfast.experiments.ncc_layers                          # digits, ResNet-18, 3 seeds, minutes on 2 cores
+    python -m ncfast.experiments.ncc_layers --preset fashion-mnist   # a CPU-sized F-MNIST run (5,000 images)
     python -m ncfast.experiments.ncc_layers --preset cifar10 --data ~/data
 
 Two runs of the reference trainer with the same seed (same initial weights, same batches): vanilla
@@ -38,9 +38,12 @@ functions): every inequality is the paper's ">=" with no tolerance, counted over
 of the TPT (epochs > IT; for conjecture 11 the epochs in the TPT of both runs). A conjecture stated
 "in the TPT" holds when its inequalities hold at no less than MOST = 90% of those epochs (or
 epoch-layer pairs), on train and on test; conjecture 8 (one comparison per layer) holds when it holds
-at every layer on both splits; conjecture 12 when SVSL's EOT test accuracy is strictly higher. One seed
-per run: on digits many comparisons differ by one or two test samples, and the same command run with
-one BLAS thread instead of two (other float rounding) turned the verdicts of conjectures 7, 8 and 12.
+at every layer on both splits; conjecture 12 when SVSL's EOT test accuracy is strictly higher. With
+``--seeds N`` the driver trains N vanilla / SVSL pairs (seeds --seed, --seed + 1, ...) and a claim
+holds when it holds in more than half of the seeds that measured it (``majority``; a tie does not
+hold). The digits preset takes three seeds: there many comparisons differ by one or two of the 360
+test images, and one seed's verdicts on conjectures 7, 8 and 12 turned when the same command ran with
+one BLAS thread instead of two (other float rounding).
 
 Presets (the paper: ResNet-18 on MNIST, F-MNIST and CIFAR-10, ResNet-50 on CIFAR-100 and STL-10; SGD,
 batch 128, 350 epochs, Papyan et al.'s protocol and logged hyper-parameters, which paper 003 does not
@@ -48,12 +51,16 @@ list; no augmentation is mentioned, Papyan et al. use none):
 
 - ``digits`` (default): scikit-learn's 8 x 8 digits (1,437 train / 360 test), ResNet-18 width 64, no
   augmentation, SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine schedule, 30 epochs, measured
-  every epoch; SVSL with MNIST's alpha = 1e-5 from layer1. Not MNIST: far fewer, smaller images.
-- ``fashion-mnist``: the full set (60,000 / 10,000), ResNet-18 width 64, 350 epochs, step schedule
-  (/10 at 1/2 and 3/4 of training; Papyan et al. divide at 1/3 and 2/3), lr 0.01, measured every 5
-  epochs and at the IT (the trainer always measures it); alpha = 1e-5 from layer1. Meant for a GPU;
-  ``--epochs`` and ``--metrics-every`` shorten it.
-- ``cifar10``: as fashion-mnist; alpha = 4e-6 from pool (the paper's AvgPool).
+  every epoch, three seeds; SVSL with MNIST's alpha = 1e-5 from layer1. Not MNIST: far fewer, smaller
+  images.
+- ``fashion-mnist``: sized for 2 CPU cores: a seeded 5,000-image subset of the training set (all
+  10,000 test images), ResNet-18 width 8, 30 epochs, cosine schedule, measured every 2 epochs and at
+  the IT (the trainer always measures it), one seed; F-MNIST's alpha = 1e-5 from layer1. The paper's
+  run (60,000 images, width 64, 350 epochs) takes a GPU and is not a preset.
+- ``cifar10``: the full set, ResNet-18 width 64, 350 epochs, step schedule (/10 at 1/2 and 3/4 of
+  training; Papyan et al. divide at 1/3 and 2/3), lr 0.01, measured every 5 epochs and at the IT;
+  alpha = 4e-6 from pool (the paper's AvgPool). Meant for a GPU; ``--epochs`` and
+  ``--metrics-every`` shorten it.
 - ``cifar100``: as cifar10 but ResNet-34 (the paper uses ResNet-50, whose bottleneck blocks the trainer
   does not have; ResNet-34 has the same four stages); alpha = 1e-5 from layer3.
 - ``--quick``: digits, ResNet-18 width 8, 12 epochs, lr 0.05: a smoke test (under a minute).
@@ -61,7 +68,9 @@ list; no augmentation is mentioned, Papyan et al. use none):
 Writes to --out: report.md, results.json, ncc_mismatch.png (the paper's Fig. 2: NCC mismatch per layer
 over epochs, train and test, solid vanilla and dashed SVSL, the TPT shaded pink for vanilla, blue for
 SVSL, purple for both), accuracy.png (Fig. 1: train and test accuracy of both runs, TPT shaded), and
-the trainer's run folders vanilla/ and svsl/ (metrics.jsonl, history.jsonl, summary.json, figures).
+the trainer's run folders vanilla/ and svsl/ (metrics.jsonl, history.jsonl, summary.json, figures);
+with several seeds seed_<S>/vanilla and seed_<S>/svsl, the figures and per-layer tables from the first
+seed and Table 1 with one row per seed.
 """
 from __future__ import annotations
 
@@ -99,6 +108,11 @@ PAPER = {
 """table1[run] = (test acc at IT, at EOT, at the best test epoch, whether that epoch is in the TPT)."""
 
 
+SEEDS = {"digits": 3, "fashion-mnist": 1, "cifar10": 1, "cifar100": 1}
+"""Run pairs per preset (--seeds): digits' verdicts rest on one or two test images of 360, so its
+preset takes the majority of three seeds."""
+
+
 def preset_config(preset: str, quick: bool = False) -> dict:
     """Config fields shared by both runs of a preset (everything but svsl_alpha / svsl_from)."""
     base = dict(arch="resnet18", width=64, batch_size=128, augment=False, lr=0.01, momentum=0.9,
@@ -107,7 +121,10 @@ def preset_config(preset: str, quick: bool = False) -> dict:
         return dict(base, dataset="digits", width=8, epochs=12, lr=0.05, schedule="cosine", metrics_every=1)
     if preset == "digits":
         return dict(base, dataset="digits", epochs=30, schedule="cosine", metrics_every=1)
-    if preset in ("fashion-mnist", "cifar10", "cifar100"):
+    if preset == "fashion-mnist":
+        return dict(base, dataset="fashion-mnist", width=8, train_subset=5000, epochs=30, schedule="cosine",
+                    metrics_every=2)
+    if preset in ("cifar10", "cifar100"):
         # CIFAR-100: the paper's ResNet-50 (bottleneck blocks) is not among the trainer's models; ResNet-34
         # has the same four stages (layer1 .. layer4, so Table 2's "Layer 3" means the same) and depth
         arch = "resnet34" if preset == "cifar100" else "resnet18"
@@ -302,19 +319,96 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
-def table1_markdown(table: dict, paper: dict) -> str:
-    """Table 1 of the paper with its row (for the data set the preset stands in for) beside ours."""
+def table1_markdown(table, paper: dict) -> str:
+    """Table 1 of the paper with its row (for the data set the preset stands in for) beside ours:
+    ``table`` is one run pair's table (row "ours") or a list of (label, table), one row each (seeds)."""
+    rows = [("ours", table)] if isinstance(table, dict) else list(table)
     lines = ["| | IT vanilla | IT SVSL | EOT vanilla | EOT SVSL | best vanilla | in TPT | best SVSL | in TPT |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     pv, ps = paper["table1"]["vanilla"], paper["table1"]["svsl"]
     yes = {True: "Yes", False: "No", None: "–"}
     lines.append(f"| paper, {paper['dataset']} | {pv[0]:.2f} | {ps[0]:.2f} | {pv[1]:.2f} | {ps[1]:.2f} | "
                  f"{pv[2]:.2f} | {yes[pv[3]]} | {ps[2]:.2f} | {yes[ps[3]]} |")
-    v, s = table["vanilla"], table["svsl"]
-    lines.append(f"| ours | {_pct(v['it'])} | {_pct(s['it'])} | {_pct(v['eot'])} | {_pct(s['eot'])} | "
-                 f"{_pct(v['best'])} (ep. {v['best_epoch']}) | {yes[v['best_in_tpt']]} | "
-                 f"{_pct(s['best'])} (ep. {s['best_epoch']}) | {yes[s['best_in_tpt']]} |")
+    for label, t in rows:
+        v, s = t["vanilla"], t["svsl"]
+        lines.append(f"| {label} | {_pct(v['it'])} | {_pct(s['it'])} | {_pct(v['eot'])} | {_pct(s['eot'])} | "
+                     f"{_pct(v['best'])} (ep. {v['best_epoch']}) | {yes[v['best_in_tpt']]} | "
+                     f"{_pct(s['best'])} (ep. {s['best_epoch']}) | {yes[s['best_in_tpt']]} |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ seeds
+CLAIM_KEYS = ("c7_vanilla", "c7_svsl", "c8_vanilla", "c8_svsl", "c11", "c12", "best_in_tpt", "tpt_gain")
+
+
+def seed_claims(results: dict) -> dict:
+    """{claim key: (our number, holds)} of one seed's run pair (``analyse``'s output), in report order."""
+    layers, table = results["layers"], results["table1"]
+    out = {f"c7_{run}": verdict_ordering(results["conjecture7"][run]) for run in RUNS}
+    out.update({f"c8_{run}": verdict_it_eot(results["conjecture8"][run], layers) for run in RUNS})
+    out.update(c11=verdict_svsl(results["conjecture11"]), c12=verdict_test_gain(table),
+               best_in_tpt=verdict_best_in_tpt(table), tpt_gain=verdict_tpt_gain(table))
+    return {k: out[k] for k in CLAIM_KEYS}
+
+
+def majority(flags) -> tuple[bool | None, int, int]:
+    """(verdict, k, m) over seeds: m seeds with a measured verdict, k of them holding; the claim holds
+    when k > m / 2 (a tie does not hold), None when no seed measured it."""
+    measured = [f for f in flags if f is not None]
+    k, m = sum(bool(f) for f in measured), len(measured)
+    return (None if m == 0 else k > m / 2), k, m
+
+
+def _mean_pct(values) -> str:
+    values = [v for v in values if v is not None]
+    return "–" if not values else f"{100 * float(np.mean(values)):.2f}%"
+
+
+def pooled_claims(per_seed: dict) -> dict:
+    """{claim key: (our number, holds)} over several seeds ({seed: analyse output}): each claim holds
+    when it holds in more than half of the seeds that measured it (``majority``); the text gives that
+    count and the counts pooled over the seeds (conjectures 7 and 11), the failing layers
+    (conjecture 8) or the mean accuracies (conjecture 12, Table 1). One seed: that seed's claims."""
+    seeds = list(per_seed)
+    each = {s: seed_claims(r) for s, r in per_seed.items()}
+    if len(seeds) == 1:
+        return each[seeds[0]]
+    out = {}
+    for key in CLAIM_KEYS:
+        holds, k, m = majority(each[s][key][1] for s in seeds)
+        tally = f"holds in {k} of {m} seeds" + (f" ({len(seeds) - m} without a TPT)" if m < len(seeds) else "")
+        if key.startswith("c7_"):
+            run = key[3:]
+            c = [per_seed[s]["conjecture7"][run] for s in seeds]
+            text = "; ".join(f"{sum(x[sp]['holds'] for x in c)} of {sum(x[sp]['epochs'] for x in c)}, {sp}"
+                             for sp in SPLITS)
+            ours = f"{tally}; ordered TPT epochs, pooled: {text}"
+        elif key.startswith("c8_"):
+            run = key[3:]
+            fails = []
+            for s in seeds:
+                r = per_seed[s]["conjecture8"][run]
+                if r is not None:
+                    fails += [f"seed {s} {sp}: not {', '.join(r[sp]['fails'])}" for sp in SPLITS if r[sp]["fails"]]
+            ours = tally + ("; " + "; ".join(fails) if fails else "")
+        elif key == "c11":
+            c = [per_seed[s]["conjecture11"] for s in seeds]
+            text = "; ".join(f"{sum(x[sp]['holds'] for x in c)} of {sum(x[sp]['pairs'] for x in c)}, {sp}"
+                             for sp in SPLITS)
+            ours = f"{tally}; vanilla >= SVSL (epoch, layer) pairs, pooled: {text}"
+        else:
+            t = [per_seed[s]["table1"] for s in seeds]
+            if key == "c12":
+                ours = (f"{tally}; mean EOT test acc. {_mean_pct(x['vanilla']['eot'] for x in t)} vanilla, "
+                        f"{_mean_pct(x['svsl']['eot'] for x in t)} SVSL")
+            elif key == "best_in_tpt":
+                ours = tally
+            else:
+                ours = (f"{tally}; mean IT -> EOT: vanilla {_mean_pct(x['vanilla']['it'] for x in t)} -> "
+                        f"{_mean_pct(x['vanilla']['eot'] for x in t)}, SVSL {_mean_pct(x['svsl']['it'] for x in t)}"
+                        f" -> {_mean_pct(x['svsl']['eot'] for x in t)}")
+        out[key] = (ours, holds)
+    return out
 
 
 def layer_table_markdown(curves: dict, layers: list[str], its: dict) -> str:
@@ -474,48 +568,53 @@ def sample_note(samples: dict | None) -> str:
     return " One sample is " + ", ".join(parts) + " of NCC mismatch or accuracy."
 
 
-def build_report(results: dict, preset: str, quick: bool, cmd: str) -> Report:
-    """report.md: the claims with computed verdicts, Table 1, the per-layer table and the figures."""
+def build_report(results: dict, preset: str, quick: bool, cmd: str, per_seed: dict | None = None) -> Report:
+    """report.md: the claims with computed verdicts, Table 1, the per-layer table and the figures.
+    ``results``: the first seed's ``analyse`` output (figures and per-layer tables); ``per_seed``
+    ({seed: analyse output}, several seeds): the claims are then their majority (``pooled_claims``)."""
     paper = PAPER[preset if not quick else "digits"]
     layers = results["layers"]
+    per_seed = per_seed or {results.get("seed", 0): results}
+    many = len(per_seed) > 1
+    claims = pooled_claims(per_seed)
     rep = Report(title="Paper 003: NCC mismatch through intermediate layers, TPT and SVSL", command=cmd,
                  preset=preset, quick=quick)
     fig2 = f"Fig. 2 ({paper['dataset']}): monotone in depth in the TPT"
     for run in RUNS:
-        ours, holds = verdict_ordering(results["conjecture7"][run])
         rep.claim(f"Conj. 7, {run}: NCC mismatch falls with depth in the TPT, train and test "
-                  f"({' ≥ '.join(layers)})", fig2, ours, holds)
+                  f"({' ≥ '.join(layers)})", fig2, *claims[f"c7_{run}"])
     for run in RUNS:
-        ours, holds = verdict_it_eot(results["conjecture8"][run], layers)
         rep.claim(f"Conj. 8, {run}: at every layer, NCC mismatch at the IT ≥ at the EOT, train and test",
-                  f"Fig. 2 ({paper['dataset']}): decreases in the TPT", ours, holds)
-    ours, holds = verdict_svsl(results["conjecture11"])
+                  f"Fig. 2 ({paper['dataset']}): decreases in the TPT", *claims[f"c8_{run}"])
     rep.claim(f"Conj. 11: SVSL (alpha {results['svsl_alpha']:g} from {results['svsl_from']}) lowers NCC mismatch "
               "at every layer in the TPT, train and test",
-              f"Fig. 2 ({paper['dataset']}): lower for almost all layers", ours, holds)
+              f"Fig. 2 ({paper['dataset']}): lower for almost all layers", *claims["c11"])
     pv, ps = paper["table1"]["vanilla"], paper["table1"]["svsl"]
     table = results["table1"]
-    ours, holds = verdict_test_gain(table)
     rep.claim("Conj. 12: SVSL improves the EOT test accuracy",
-              f"{paper['dataset']}: {pv[1]:.2f}% vanilla, {ps[1]:.2f}% SVSL", ours, holds)
-    ours, holds = verdict_best_in_tpt(table)
+              f"{paper['dataset']}: {pv[1]:.2f}% vanilla, {ps[1]:.2f}% SVSL", *claims["c12"])
     rep.claim("Table 1: the best test epoch lies in the TPT (both runs)",
-              f"{paper['dataset']}: Yes, Yes", ours, holds)
-    ours, holds = verdict_tpt_gain(table)
+              f"{paper['dataset']}: Yes, Yes", *claims["best_in_tpt"])
     rep.claim("Fig. 1 / Table 1: test accuracy improves from the IT to the EOT (both runs)",
               f"{paper['dataset']}: vanilla {pv[0]:.2f}% -> {pv[1]:.2f}%, SVSL {ps[0]:.2f}% -> {ps[1]:.2f}%",
-              ours, holds)
+              *claims["tpt_gain"])
+    first = f" (seed {next(iter(per_seed))} of the {len(per_seed)})" if many else ""
     its = results["interpolation_epoch"]
-    rep.figure("ncc_mismatch.png", f"NCC mismatch per layer (top train, bottom test against the train class "
-               f"means), solid vanilla, dashed SVSL; TPT shaded (pink vanilla from epoch {its['vanilla']}, "
+    rep.figure("ncc_mismatch.png", f"NCC mismatch per layer{first} (top train, bottom test against the train "
+               f"class means), solid vanilla, dashed SVSL; TPT shaded (pink vanilla from epoch {its['vanilla']}, "
                f"blue SVSL from epoch {its['svsl']}, purple both). The paper's Fig. 2.")
-    rep.figure("accuracy.png", "Train and test accuracy of both runs, TPT shaded (the paper's Fig. 1).")
+    rep.figure("accuracy.png", f"Train and test accuracy of both runs{first}, TPT shaded (the paper's Fig. 1).")
+    if many:
+        rows = [(f"ours, seed {sd}", r["table1"]) for sd, r in per_seed.items()]
+        it_text = "; ".join(f"seed {sd}: vanilla {r['interpolation_epoch']['vanilla']}, SVSL "
+                            f"{r['interpolation_epoch']['svsl']}" for sd, r in per_seed.items())
+    else:
+        rows, it_text = table, f"vanilla: {its['vanilla']}, SVSL: {its['svsl']}"
     rep.section("Table 1: test accuracy (%) at the IT, the EOT and the best test epoch",
-                table1_markdown(table, paper)
+                table1_markdown(rows, paper)
                 + f"\n\nThe IT is the first epoch with train accuracy ≥ {results['it_threshold']} "
-                  f"(vanilla: {its['vanilla']}, SVSL: {its['svsl']}); the TPT is the epochs after it. "
-                  "Read from each run's history.jsonl.")
-    rep.section("NCC mismatch (%) per layer at the IT and at the EOT",
+                  f"({it_text}); the TPT is the epochs after it. Read from each run's history.jsonl.")
+    rep.section(f"NCC mismatch (%) per layer at the IT and at the EOT{first}",
                 layer_table_markdown(results["curves"], layers, its)
                 + "\n\nThe paper's discussion: the first layer's train mismatch in the TPT hints at the data set's "
                   "difficulty (~16% on MNIST, ~60% on CIFAR-10); where the mismatch reaches ~0 several layers "
@@ -533,16 +632,20 @@ def build_report(results: dict, preset: str, quick: bool, cmd: str) -> Report:
             h, n, gap = c11[split]["by_layer"][name]
             cells += [f"{h} of {n}", "–" if gap is None else f"{100 * gap:+.2f}"]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    rep.section("Conjecture 11 per layer (common TPT epochs; gap = mean vanilla − mean SVSL mismatch)",
+    rep.section(f"Conjecture 11 per layer{first} (common TPT epochs; gap = mean vanilla − mean SVSL mismatch)",
                 "\n".join(rows))
     rep.section("How the verdicts are computed",
                 f"Every inequality is the paper's ≥ with no tolerance, over the measured epochs after the IT. "
                 f"Conjectures 7 and 11 (\"in the TPT\") hold when their inequalities hold at ≥ {MOST:.0%} of "
                 f"those epochs (conj. 11: epoch-layer pairs, in the TPT of both runs), on train and on test; "
                 f"conjecture 8 when it holds at every layer on both splits; conjecture 12 when SVSL's EOT test "
-                f"accuracy is strictly higher. Both runs share the seed: same initial weights, same batches; one "
-                f"seed is one draw, and verdicts near the thresholds can turn with another seed or other float "
-                f"rounding."
+                f"accuracy is strictly higher. Both runs of a pair share the seed: same initial weights, same "
+                f"batches. "
+                + (f"With {len(per_seed)} seeds ({', '.join(map(str, per_seed))}) a claim holds when it holds in "
+                   f"more than half of the seeds that measured it; the counts after the tally are pooled over the "
+                   f"seeds." if many else
+                   "One seed is one draw: verdicts near the thresholds can turn with another seed or other float "
+                   "rounding (--seeds N runs N pairs and takes the majority).")
                 + sample_note(results.get("samples")))
     return rep
 
@@ -555,7 +658,12 @@ def body(argv=None) -> dict:
     p.add_argument("--svsl-from", default=None, choices=LAYERS[:-1],
                    help="SVSL's first layer gamma (default: the paper's Table 2 layer)")
     p.add_argument("--metrics-every", type=int, default=None, help="measure every N epochs (default: the preset's)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="run pairs with seeds --seed, --seed + 1, ...; each claim holds when it holds in more "
+                        "than half of them (default: 3 on digits, 1 otherwise)")
     a = p.parse_args(argv)
+    if a.seeds is not None and a.seeds < 1:
+        raise ValueError(f"--seeds: must be >= 1, got {a.seeds}")
     if a.epochs is not None and a.epochs < 1:
         raise ValueError(f"--epochs: must be >= 1, got {a.epochs}")
     if a.metrics_every is not None and a.metrics_every < 1:
@@ -575,28 +683,40 @@ def body(argv=None) -> dict:
     gamma = paper["gamma"] if a.svsl_from is None else a.svsl_from
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    shared = dict(cfg, data=None if a.quick else a.data, seed=a.seed, device=a.device, progress=not a.no_progress)
+    n_seeds = a.seeds if a.seeds is not None else (1 if a.quick else SEEDS[preset])
+    seeds = [a.seed + i for i in range(n_seeds)]
+    shared = dict(cfg, data=None if a.quick else a.data, device=a.device, progress=not a.no_progress)
     t0 = time.perf_counter()
-    runs = {}
-    for i, run in enumerate(RUNS, start=1):
-        extra = dict(svsl_alpha=alpha, svsl_from=gamma) if run == "svsl" else {}
-        print(f"[{NAME}] run {i}/{len(RUNS)}: {run} ({cfg['arch']} width {cfg['width']} on {cfg['dataset']}, "
-              f"{cfg['epochs']} epochs{', SVSL alpha %g from %s' % (alpha, gamma) if extra else ''})",
-              file=sys.stderr, flush=True)
-        runs[run] = train_run(out / run, **shared, **extra)
-        print(f"[{NAME}] {run} done in {runs[run].seconds:.0f} s", file=sys.stderr, flush=True)
-    results = analyse({run: out / run for run in RUNS}, list(LAYERS), cfg["it_threshold"])
-    sizes = {split: int(runs["vanilla"].trainer.x[split].shape[0]) for split in SPLITS}
-    results.update(svsl_alpha=alpha, svsl_from=gamma, config=cfg, seed=a.seed, samples=sizes,
+    per_seed, seconds, sizes = {}, {}, None
+    for seed in seeds:
+        folder = out if n_seeds == 1 else out / f"seed_{seed}"
+        runs = {}
+        for i, run in enumerate(RUNS, start=1):
+            extra = dict(svsl_alpha=alpha, svsl_from=gamma) if run == "svsl" else {}
+            print(f"[{NAME}] seed {seed}, run {i}/{len(RUNS)}: {run} ({cfg['arch']} width {cfg['width']} on "
+                  f"{cfg['dataset']}, {cfg['epochs']} epochs{', SVSL alpha %g from %s' % (alpha, gamma) if extra else ''})",
+                  file=sys.stderr, flush=True)
+            runs[run] = train_run(folder / run, **shared, seed=seed, **extra)
+            print(f"[{NAME}] {run} done in {runs[run].seconds:.0f} s", file=sys.stderr, flush=True)
+        per_seed[seed] = analyse({run: folder / run for run in RUNS}, list(LAYERS), cfg["it_threshold"])
+        per_seed[seed]["seed"] = seed
+        seconds[seed] = {run: runs[run].seconds for run in RUNS}
+        sizes = {split: int(runs["vanilla"].trainer.x[split].shape[0]) for split in SPLITS}
+    results = dict(per_seed[seeds[0]])
+    results.update(svsl_alpha=alpha, svsl_from=gamma, config=cfg, seed=a.seed, seeds=seeds, samples=sizes,
                    paper=PAPER["digits" if a.quick else preset],
-                   seconds={run: runs[run].seconds for run in RUNS})
+                   seconds=dict(seconds[seeds[0]]) if n_seeds == 1 else {"per_seed": seconds})
+    if n_seeds > 1:
+        results["per_seed"] = {str(sd): {k: v for k, v in r.items() if k != "history"} for sd, r in per_seed.items()}
+        for r in per_seed.values():
+            r.update(svsl_alpha=alpha, svsl_from=gamma)
     what = f"{'quick ' if a.quick else ''}{cfg['dataset']}, {cfg['arch']} (width {cfg['width']})"
     plot_mismatch(results["curves"], results["degenerate"], results["layers"], results["interpolation_epoch"],
                   out / "ncc_mismatch.png",
                   f"{what}: vanilla (solid) vs SVSL (dashed, alpha {alpha:g} from {gamma})")
     plot_accuracy(results["history"], results["interpolation_epoch"], out / "accuracy.png",
                   f"{what}: vanilla vs SVSL (alpha {alpha:g} from {gamma})")
-    rep = build_report(results, preset, a.quick, command(NAME, argv))
+    rep = build_report(results, preset, a.quick, command(NAME, argv), per_seed=per_seed)
     rep.seconds = time.perf_counter() - t0
     results["report"] = rep.as_dict()
     results["seconds"]["total"] = rep.seconds
