@@ -4,7 +4,8 @@ file, peak RSS, and the seconds of each pass.
     python bench/measure_files.py --case imagenet   # 1,280,000 x 2,048 float16 (5.2 GB), C = 1,000
     python bench/measure_files.py --case vocab      # 1,000,000 x 768 float16 (1.5 GB), C = 50,000
 
-The features are synthetic (class means plus noise), written once to --dir as .npy and reused. The
+The features are synthetic (class means plus noise), written once to --dir as .npy and reused, with
+a classifier (W, b) so that every metric of nc_metrics is computed (nc3, duality, ncc_mismatch). The
 read floor is the bandwidth of reading the same file in 64 MiB chunks with os.readv into one buffer,
 measured in the same run right before (the file is then in the page cache, as it is for measure);
 measure's throughput is the file's bytes over its wall time. Peak RSS is the child process's
@@ -28,12 +29,16 @@ CASES = {"imagenet": dict(n=1_280_000, d=2048, c=1000), "vocab": dict(n=1_000_00
 
 
 def make(folder: Path, n: int, d: int, c: int, seed: int = 0) -> tuple[Path, Path]:
+    """Features (n, d) float16 around c random class means, labels, and a classifier W (c, d), b (c,)
+    (the means plus noise: it decides mostly like the nearest class centre, as a trained one does)."""
     x_path, y_path = folder / f"x_{n}x{d}_c{c}.npy", folder / f"y_{n}_c{c}.npy"
     if x_path.exists() and y_path.exists():
         return x_path, y_path
     folder.mkdir(parents=True, exist_ok=True)
     g = np.random.default_rng(seed)
     means = g.standard_normal((c, d), dtype=np.float32)
+    np.save(folder / f"w_{d}_c{c}.npy", means + 0.1 * g.standard_normal((c, d), dtype=np.float32))
+    np.save(folder / f"b_c{c}.npy", -0.5 * (means.astype(np.float64) ** 2).sum(1).astype(np.float32))
     y = np.concatenate([np.arange(c), g.integers(0, c, n - c)]).astype(np.int64)
     x = np.lib.format.open_memmap(x_path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(n, d))
     step = 65536
@@ -88,8 +93,11 @@ def main(argv=None) -> int:
         size = x.stat().st_size
         read_floor(x)  # warm the page cache the way measure will find it
         floor = read_floor(x)
-        wall, peak, err = run_measure(x, y, ["--json", str(Path(a.dir) / f"{case}.json"),
-                                             "--per-class", str(Path(a.dir) / f"{case}_per_class.npz")])
+        folder = Path(a.dir)
+        wall, peak, err = run_measure(x, y, ["--weight", str(folder / f"w_{spec['d']}_c{spec['c']}.npy"),
+                                             "--bias", str(folder / f"b_c{spec['c']}.npy"),
+                                             "--json", str(folder / f"{case}.json"),
+                                             "--per-class", str(folder / f"{case}_per_class.npz")])
         passes = re.search(r"passes: (.*)", err)
         rows.append(f"| {case} | {spec['n']:,} x {spec['d']:,} float16, C = {spec['c']:,} | {size / 1e9:.2f} GB | "
                     f"{floor / 1e9:.2f} GB/s | {wall:.1f} s | {size / wall / 1e9:.3f} GB/s | "
