@@ -158,7 +158,7 @@ def test_bad_inputs_are_named(tmp_path, capsys, make, args, needle):
     assert needle in capsys.readouterr().err
 
 
-def _peak_rss_kib(path_x, path_y, block_rows):
+def _peak_rss_kib(path_x, path_y, block_rows=None):
     code = ("import resource, sys; from ncfast import measure as ms; "
             f"ms.measure({str(path_x)!r}, {str(path_y)!r}, block_rows={block_rows}); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
@@ -167,22 +167,31 @@ def _peak_rss_kib(path_x, path_y, block_rows):
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def test_peak_memory_does_not_grow_with_the_file(tmp_path):
-    """A file 4x larger (51 MB -> 205 MB of float32, blocks of 4 MB) raises the peak RSS by far less
-    than the 154 MB it adds: the blocks' pages are released as they are measured."""
-    d, rows = 256, 50_000
-    g = np.random.default_rng(0)
+def _write_features(path, n, d, c, dtype, rng):
+    x = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, d))
+    means = rng.standard_normal((c, d), dtype=np.float32)
+    y = np.r_[np.arange(c), rng.integers(0, c, n - c)]  # imbalanced: the exact balanced Sigma_W
+    for lo in range(0, n, 20_000):
+        hi = min(lo + 20_000, n)
+        x[lo:hi] = means[y[lo:hi]] + rng.standard_normal((hi - lo, d), dtype=np.float32)
+    x.flush()
+    return y
+
+
+@pytest.mark.parametrize("d, c, dtype, rows, block_rows", [
+    (256, 10, np.float32, 50_000, 4096),  # 51 MB -> 205 MB, blocks of 4 MB
+    (1024, 1000, np.float16, 12_000, 4096),  # 25 MB -> 98 MB; C x D float64 temporaries of 8 MB
+])
+def test_peak_memory_does_not_grow_with_the_file(tmp_path, d, c, dtype, rows, block_rows):
+    """A file 4x larger raises the peak RSS by far less than the bytes it adds: each block's pages
+    leave the process once it is measured (file pages and the heap's freed chunks alike)."""
+    rng = np.random.default_rng(0)
     for scale in (1, 4):
-        n = rows * scale
-        x = np.lib.format.open_memmap(tmp_path / f"x{scale}.npy", mode="w+", dtype=np.float32, shape=(n, d))
-        for lo in range(0, n, rows):
-            x[lo:lo + rows] = g.standard_normal((rows, d), dtype=np.float32)
-        x.flush()
-        del x
-        np.save(tmp_path / f"y{scale}.npy", np.arange(n) % 10)
-    small = _peak_rss_kib(tmp_path / "x1.npy", tmp_path / "y1.npy", 4096)
-    large = _peak_rss_kib(tmp_path / "x4.npy", tmp_path / "y4.npy", 4096)
-    added_file = 3 * rows * d * 4 / 1024
+        y = _write_features(tmp_path / f"x{scale}.npy", rows * scale, d, c, dtype, rng)
+        np.save(tmp_path / f"y{scale}.npy", y)
+    small = _peak_rss_kib(tmp_path / "x1.npy", tmp_path / "y1.npy", block_rows)
+    large = _peak_rss_kib(tmp_path / "x4.npy", tmp_path / "y4.npy", block_rows)
+    added_file = 3 * rows * d * np.dtype(dtype).itemsize / 1024
     print(f"peak RSS {small} KiB -> {large} KiB for {added_file:.0f} KiB more file")
     assert large - small < 0.15 * added_file, (small, large, added_file)
 

@@ -49,6 +49,23 @@ DEFAULT_BLOCK_BYTES = 64 << 20
 CLASS_DISTANCE_LIMIT = 8 << 30
 """--class-distance refuses a C x C float64 matrix larger than this (C = 32,768)."""
 
+def _heap_trimmer():
+    """glibc's malloc_trim, or a no-op elsewhere. Blocks allocate and free chunks of a few MB to tens
+    of MB (a block's float32 copy, C x D float64 temporaries); glibc serves the smaller ones from its
+    heap, whose freed pages it keeps, and the peak RSS then grew with the number of blocks (1.6 GB
+    for 80,000 rows of 2,048 features against 0.8 GB for 20,000). Trimming before each block hands
+    the freed pages back."""
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+_trim_heap = _heap_trimmer()
+
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": "bf16", "I8": np.int8,
                        "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "U16": np.uint16,
                        "U32": np.uint32, "U64": np.uint64}
@@ -77,7 +94,9 @@ class Shard:
         return 2 if self.dtype == "bf16" else np.dtype(self.dtype).itemsize
 
     def read(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows [lo, hi) as a torch tensor of their own (the file's pages are released after)."""
+        """Rows [lo, hi) as a torch tensor of their own (the file's pages are released after, and the
+        heap pages the previous block freed)."""
+        _trim_heap()
         if self.tensor is not None:
             return self.tensor[lo:hi].clone()
         row_bytes = self.row_items * self.itemsize
