@@ -5,7 +5,8 @@ file, peak RSS, and the seconds of each pass.
     python bench/measure_files.py --case vocab      # 1,000,000 x 768 float16 (1.5 GB), C = 50,000
 
 The features are synthetic (class means plus noise), written once to --dir as .npy and reused, with
-a classifier (W, b) so that every metric of nc_metrics is computed (nc3, duality, ncc_mismatch). The
+a classifier (W, b), super-classes of 10 classes and 10,000 OOD rows, so that every metric of
+nc_metrics is computed (nc3, duality, ncc_mismatch, msdr, nc5_ood). The
 read floor is the bandwidth of reading the same file in 64 MiB chunks with os.readv into one buffer,
 measured in the same run right before (the file is then in the page cache, as it is for measure);
 measure's throughput is the file's bytes over its wall time. Peak RSS is the child process's
@@ -39,6 +40,8 @@ def make(folder: Path, n: int, d: int, c: int, seed: int = 0) -> tuple[Path, Pat
     means = g.standard_normal((c, d), dtype=np.float32)
     np.save(folder / f"w_{d}_c{c}.npy", means + 0.1 * g.standard_normal((c, d), dtype=np.float32))
     np.save(folder / f"b_c{c}.npy", -0.5 * (means.astype(np.float64) ** 2).sum(1).astype(np.float32))
+    np.save(folder / f"s_c{c}.npy", np.arange(c) // 10)  # super-classes of 10 classes each (msdr)
+    np.save(folder / f"ood_{d}.npy", (g.standard_normal((10_000, d), dtype=np.float32) + 1).astype(np.float16))
     y = np.concatenate([np.arange(c), g.integers(0, c, n - c)]).astype(np.int64)
     x = np.lib.format.open_memmap(x_path.with_suffix(".tmp.npy"), mode="w+", dtype=np.float16, shape=(n, d))
     step = 65536
@@ -96,6 +99,8 @@ def main(argv=None) -> int:
         folder = Path(a.dir)
         wall, peak, err = run_measure(x, y, ["--weight", str(folder / f"w_{spec['d']}_c{spec['c']}.npy"),
                                              "--bias", str(folder / f"b_c{spec['c']}.npy"),
+                                             "--superclass", str(folder / f"s_c{spec['c']}.npy"),
+                                             "--ood", str(folder / f"ood_{spec['d']}.npy"),
                                              "--json", str(folder / f"{case}.json"),
                                              "--per-class", str(folder / f"{case}_per_class.npz")])
         passes = re.search(r"passes: (.*)", err)
