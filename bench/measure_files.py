@@ -18,7 +18,6 @@ import argparse
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -66,19 +65,31 @@ def read_floor(path: Path, chunk: int = 64 << 20) -> float:
     return size / (time.perf_counter() - t0)
 
 
-def run_measure(x: Path, y: Path, extra: list[str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in bytes, stderr) of python -m ncfast.measure in a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def run_measure(x: Path, y: Path, extra: list[str]) -> tuple[float, int, str, list]:
+    """(wall seconds, peak RSS in bytes, stderr, RSS timeline) of python -m ncfast.measure in a child
+    process. The peak is the child's own (os.wait4's rusage of that pid, not RUSAGE_CHILDREN, which
+    keeps the largest of every earlier child); the timeline samples its VmRSS every half second."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "ncfast.measure", str(x), str(y), "--no-progress", *extra],
-                         capture_output=True, text=True)
+    err_file = open(Path(x).parent / "measure_stderr.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "ncfast.measure", str(x), str(y), "--no-progress", *extra],
+                            stdout=subprocess.DEVNULL, stderr=err_file)
+    timeline = []
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            text = Path(f"/proc/{proc.pid}/status").read_text()
+            timeline.append((time.perf_counter() - t0, int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) * 1024))
+        except (OSError, AttributeError):
+            pass
+        time.sleep(0.5)
     wall = time.perf_counter() - t0
-    if out.returncode:
-        raise SystemExit(out.stderr)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak < before:
-        peak = before
-    return wall, peak * 1024, out.stderr
+    err_file.seek(0)
+    err = err_file.read()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(err)
+    return wall, usage.ru_maxrss * 1024, err, timeline
 
 
 def main(argv=None) -> int:
@@ -97,13 +108,16 @@ def main(argv=None) -> int:
         read_floor(x)  # warm the page cache the way measure will find it
         floor = read_floor(x)
         folder = Path(a.dir)
-        wall, peak, err = run_measure(x, y, ["--weight", str(folder / f"w_{spec['d']}_c{spec['c']}.npy"),
+        wall, peak, err, timeline = run_measure(x, y, ["--weight", str(folder / f"w_{spec['d']}_c{spec['c']}.npy"),
                                              "--bias", str(folder / f"b_c{spec['c']}.npy"),
                                              "--superclass", str(folder / f"s_c{spec['c']}.npy"),
                                              "--ood", str(folder / f"ood_{spec['d']}.npy"),
                                              "--json", str(folder / f"{case}.json"),
                                              "--per-class", str(folder / f"{case}_per_class.npz")])
         passes = re.search(r"passes: (.*)", err)
+        top = max(timeline, key=lambda t: t[1], default=(0.0, 0))
+        print(f"{case}: RSS peaked at {top[1] / 2**30:.2f} GiB {top[0]:.0f} s into the run "
+              f"(sampled every 0.5 s)", flush=True)
         rows.append(f"| {case} | {spec['n']:,} x {spec['d']:,} float16, C = {spec['c']:,} | {size / 1e9:.2f} GB | "
                     f"{floor / 1e9:.2f} GB/s | {wall:.1f} s | {size / wall / 1e9:.3f} GB/s | "
                     f"{size / wall / floor:.1%} | {peak / 2**30:.2f} GiB | {passes.group(1) if passes else '?'} |")
