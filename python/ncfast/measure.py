@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import backends
+from ._distributed import Ranks
 from ._validation import WEIGHTINGS
 from .metrics import DEFAULT_RTOL, class_distance_from_moments, class_fractions, metrics_from_moments
 from .ncc import _ncc_and_decisions, _ncc_assign
@@ -205,31 +206,6 @@ def blocks(pairs, block_rows: int | None) -> list[tuple[int, int, int]]:
 
 
 # ------------------------------------------------------------------------------------ measuring
-class _Ranks:
-    """This process's share of the blocks and the sums across processes (torch.distributed)."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.active = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.active else 0
-        self.world = dist.get_world_size() if self.active else 1
-        self.device = None
-        if self.active and dist.get_backend() == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-
-    def mine(self, items: list) -> list:
-        return items[self.rank::self.world]
-
-    def reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if not self.active:
-            return t
-        work = t.to(self.device or t.device).clone()
-        self.dist.all_reduce(work, op={"sum": self.dist.ReduceOp.SUM, "max": self.dist.ReduceOp.MAX}[op])
-        return work.to(t.device)
-
-
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
@@ -269,7 +245,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     if block_rows is not None and block_rows < 1:
         raise ValueError(f"--block-rows: must be >= 1, got {block_rows}")
     device = torch.device(device)
-    ranks = _Ranks()
+    ranks = Ranks()
     timings = {} if timings is None else timings
     clock = [time.perf_counter()]
 

@@ -57,6 +57,7 @@ from .metrics import (
     msdr_from_moments,
 )
 from .ncc import _ncc_assign
+from ._distributed import Ranks
 from .stats import ClassMoments
 
 DEFAULT_MAX_DIM = 4096
@@ -71,38 +72,6 @@ def shard_indices(n: int, rank: int, world_size: int) -> range:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank: must be in [0, {world_size}) (world_size {world_size}), got {rank}")
     return range(rank, int(n), world_size)
-
-
-class _Collective:
-    """Sums and merges across the processes of a torch.distributed group; on one process (or with
-    ``process_group=False``) every operation is the identity."""
-
-    def __init__(self, process_group):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.active = process_group is not False and dist.is_available() and dist.is_initialized()
-        self.group = None if process_group in (None, False) else process_group
-        self.device = None
-        if self.active and dist.get_backend(self.group) == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-
-    @property
-    def rank(self) -> int:
-        return self.dist.get_rank(self.group) if self.active else 0
-
-    def reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """The elementwise sum (or max) of ``t`` over the processes, on ``t``'s device and dtype."""
-        if not self.active:
-            return t
-        work = t.to(self.device or t.device).clone()
-        ops = {"sum": self.dist.ReduceOp.SUM, "max": self.dist.ReduceOp.MAX}
-        self.dist.all_reduce(work, op=ops[op], group=self.group)
-        return work.to(t.device)
-
-    def scalars(self, *values: float) -> list[float]:
-        """The sums over the processes of a few float64 numbers."""
-        return self.reduce(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 @dataclass
@@ -273,7 +242,7 @@ class LayerProbe:
             missing = [name for name in self.layers if name not in class_means]
             if missing:
                 raise ValueError(f"class_means: no means for layers {missing}")
-        comm = _Collective(self.process_group)
+        comm = Ranks(self.process_group)
         counts = self._label_counts(loader, comm)
         states, logits_norm_raw = self._moments_pass(loader, counts, class_means, comm)
         means = {name: states[name].full.means for name in self.layers}
@@ -284,7 +253,7 @@ class LayerProbe:
                   for name in self.layers}
         return ProbeResult(layers=layers, accuracy=accuracy)
 
-    def _label_counts(self, loader, comm: _Collective) -> torch.Tensor:
+    def _label_counts(self, loader, comm: Ranks) -> torch.Tensor:
         """Training-label counts: the given ``class_counts``, else one pass over the loader's labels
         (summed over the processes)."""
         if self.class_counts is not None:
@@ -312,7 +281,7 @@ class LayerProbe:
         )
 
     def _moments_pass(self, loader, counts: torch.Tensor, class_means,
-                      comm: _Collective) -> tuple[dict[str, _LayerState], float]:
+                      comm: Ranks) -> tuple[dict[str, _LayerState], float]:
         """The first pass: every layer's ClassMoments (and the original labels' and super-classes),
         and mean_i ||z_i|| of the network's logits; merged over the processes."""
         states: dict[str, _LayerState] = {}
@@ -349,7 +318,7 @@ class LayerProbe:
             norm = comm.scalars(*norm)
         return states, norm[0] / max(1, norm[1])
 
-    def _merge_states(self, states: dict[str, _LayerState], comm: _Collective) -> None:
+    def _merge_states(self, states: dict[str, _LayerState], comm: Ranks) -> None:
         """Every process's layer statistics merged (exact), in the order of ``self.layers`` on each."""
         for name in self.layers:
             s = states[name]
@@ -372,7 +341,7 @@ class LayerProbe:
                              f"{tuple(getattr(mu, 'shape', ()))}")
 
     def _ncc_pass(self, loader, states: dict[str, _LayerState], centres: dict[str, torch.Tensor],
-                  comm: _Collective) -> float:
+                  comm: Ranks) -> float:
         """The second pass, now that the class means are final: per layer and class, the samples whose
         nearest centre is their label and those where it differs from the network's decision
         (summed over the processes). Returns the network's accuracy."""

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..labels import coarse_labels, fine_labels, random_coarse_labels
+from .._distributed import Ranks
 from ..losses import svsl_loss
 from ..probe import LayerProbe, channel_pool, flatten, shard_indices
 from . import figures
@@ -116,37 +117,6 @@ def init_distributed(device: str = "auto") -> str:
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"ncfast/attempt{attempt}", store),
                                 rank=rank, world_size=world)
     return device
-
-
-class _Ranks:
-    """This process's place among the training processes (one process: rank 0 of 1)."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.active else 0
-        self.world = dist.get_world_size() if self.active else 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.active:
-            self.dist.barrier()
-
-    def sum(self, *values: float) -> list[float]:
-        if not self.active:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
-        self.dist.all_reduce(t)
-        return t.tolist()
-
-    def part(self, n: int) -> slice:
-        """This rank's contiguous share of n rows (sizes differ by at most one)."""
-        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
 
 
 FAULT_ENV = "NCFAST_FAULT"
@@ -289,7 +259,7 @@ def task_loss(scaled: torch.Tensor, labels: torch.Tensor, loss: str = "ce") -> t
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.ranks = _Ranks()
+        self.ranks = Ranks()
         self.device = _device(cfg.device)
         if self.ranks.active and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -463,7 +433,7 @@ class Trainer:
             for h in handles:
                 h.remove()
         self.sched.step()
-        total, count = ranks.sum(total, count)
+        total, count = ranks.scalars(total, count)
         return total / max(1, count)
 
     def _loader(self, split: str, batch: int = 512):
@@ -481,7 +451,7 @@ class Trainer:
         hits = 0
         for xb, yb, _ in self._loader(split):
             hits += int((self.model(xb).argmax(1) == yb).sum())
-        return self.ranks.sum(hits)[0] / self.x[split].shape[0]
+        return self.ranks.scalars(hits)[0] / self.x[split].shape[0]
 
     def measure(self) -> tuple[dict, dict, torch.Tensor | None, dict]:
         """{layer: {split: metrics}}, {(layer, split): class-distance matrix on the original labels},
