@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import mmap
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from . import backends
-from ._distributed import Ranks
+from ._distributed import Ranks, init_distributed, launched_by_torchrun
 from ._validation import WEIGHTINGS
 from .metrics import DEFAULT_RTOL, class_distance_from_moments, class_fractions, metrics_from_moments
 from .ncc import _ncc_and_decisions, _ncc_assign
@@ -406,12 +405,9 @@ def main(argv=None) -> int:
     a = _arg_parser().parse_args(argv)
     import torch.distributed as dist
 
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized()
-    if launched:  # torchrun
-        dist.init_process_group("nccl" if str(a.device).startswith("cuda") else "gloo")
-        if str(a.device) == "cuda":
-            a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(a.device)
+    launched = launched_by_torchrun() and not dist.is_initialized()
+    if launched:  # torchrun: gloo on CPU, nccl with --device cuda (one GPU per rank)
+        a.device = init_distributed(a.device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         t0 = time.perf_counter()

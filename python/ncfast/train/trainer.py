@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..labels import coarse_labels, fine_labels, random_coarse_labels
-from .._distributed import Ranks
+from .._distributed import Ranks, init_distributed, launched_by_torchrun  # noqa: F401 (re-exported)
 from ..losses import svsl_loss
 from ..probe import LayerProbe, channel_pool, flatten, shard_indices
 from . import figures
@@ -89,34 +89,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def launched_by_torchrun() -> bool:
-    """Whether this process is one of torchrun's workers (its environment names a rank and a world)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
-
-
-def init_distributed(device: str = "auto") -> str:
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU) unless already joined; returns the
-    device this rank trains on (cuda:LOCAL_RANK on a GPU machine)."""
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if cuda:
-        device = device if ":" in device else f"cuda:{local}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=not agent and rank == 0)
-        # a restarted attempt (torchrun --max-restarts) finds the previous attempt's keys in the same
-        # store; its own prefix keeps the ranks from connecting to the dead processes' addresses
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"ncfast/attempt{attempt}", store),
-                                rank=rank, world_size=world)
-    return device
 
 
 FAULT_ENV = "NCFAST_FAULT"
