@@ -19,7 +19,7 @@ LAYERS = {  # module -> the ncfast modules it may import (leaf helpers are alway
     "torchmetrics": {"metrics", "stats"},
     "losses": set(),
 }
-LEAVES = {"_numerics", "_validation", "_linalg"}
+LEAVES = {"_numerics", "_validation", "_linalg", "_distributed"}
 
 
 def _ncfast_imports(path: Path) -> set[str]:
