@@ -195,10 +195,10 @@ def pair_shards(features: list[Shard], labels: list[Shard]) -> list[tuple[Shard,
     return list(zip(features, labels))
 
 
-def blocks(pairs, block_rows: int | None) -> list[tuple[int, int, int]]:
-    """(pair index, lo, hi) of every block, in file order."""
+def blocks(shards: list[Shard], block_rows: int | None) -> list[tuple[int, int, int]]:
+    """(shard index, lo, hi) of every block of rows, in file order."""
     out = []
-    for k, (f, _) in enumerate(pairs):
+    for k, f in enumerate(shards):
         rows = block_rows or max(1, DEFAULT_BLOCK_BYTES // max(1, f.row_items * f.itemsize))
         out += [(k, lo, min(lo + rows, f.rows)) for lo in range(0, f.rows, rows)]
     return out
@@ -255,27 +255,29 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
 
     pairs = pair_shards(open_shards(features, "FEATURES"), open_shards(labels, "LABELS"))
     d = pairs[0][0].shape[1]
-    todo = ranks.mine(blocks(pairs, block_rows))
+    todo = ranks.mine(blocks([f for f, _ in pairs], block_rows))
     n_total = sum(f.rows for f, _ in pairs)
 
-    # pass 0: the labels (counts, and num_classes from the largest label)
+    # pass 0: the labels (counts, and num_classes from the largest label), read once
     low_high = torch.tensor([0, -1], dtype=torch.int64)
+    counts = torch.zeros(0, dtype=torch.int64)
     for k, lo, hi in todo:
         y = pairs[k][1].read(lo, hi)
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"LABELS: {pairs[k][1].path} holds {y.dtype}, expected integers")
         if y.numel():
-            low_high = torch.maximum(low_high, torch.stack([-y.min().long(), y.max().long()]))
+            y = y.long()
+            low_high = torch.maximum(low_high, torch.stack([-y.min(), y.max()]))
+            block = torch.bincount(y.clamp_min(0))  # a negative label is refused below, on every rank
+            counts = torch.nn.functional.pad(counts, (0, max(0, block.numel() - counts.numel())))
+            counts[: block.numel()] += block
     low_high = ranks.reduce(low_high, "max")
     if int(low_high[0]) > 0:
         raise ValueError(f"LABELS: a label is negative ({-int(low_high[0])}); labels must be in [0, C)")
     c = int(low_high[1]) + 1 if num_classes is None else int(num_classes)
     if int(low_high[1]) >= c:
         raise ValueError(f"--num-classes: {c}, but a label is {int(low_high[1])}")
-    counts = torch.zeros(c, dtype=torch.int64)
-    for k, lo, hi in todo:
-        counts += torch.bincount(pairs[k][1].read(lo, hi).long(), minlength=c)
-    counts = ranks.reduce(counts)
+    counts = ranks.reduce(torch.nn.functional.pad(counts, (0, c - counts.numel())))
     present = counts[counts > 0]
     if present.numel() < 2:
         raise ValueError(f"LABELS: at least 2 classes must have samples, got {present.numel()}")
@@ -318,9 +320,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         for s in shards:
             if len(s.shape) != 2 or s.shape[1] != d:
                 raise ValueError(f"--ood: {s.path} has shape {s.shape}, expected (N, {d})")
-        for k, lo, hi in ranks.mine([(i, lo, hi) for i, s in enumerate(shards)
-                                     for lo in range(0, s.rows, block_rows or 65536)
-                                     for hi in [min(lo + (block_rows or 65536), s.rows)]]):
+        for k, lo, hi in ranks.mine(blocks(shards, block_rows)):
             x = shards[k].read(lo, hi).to(device=device, dtype=torch.float64)
             total[:d] += x.sum(dim=0)
             total[d] += x.shape[0]

@@ -328,10 +328,11 @@ class LayerProbe:
             if s.superclass is not None:
                 # a class seen under two training labels on any process, or under different ones on
                 # two processes, has no super-class
-                seen = s.superclass >= 0
+                # high / low: the largest / smallest training label any process saw (-1 / C: none)
                 high = comm.reduce(s.superclass, "max")
-                low = -comm.reduce(torch.where(seen, -s.superclass, torch.full_like(s.superclass, -(1 << 40))), "max")
-                clash = bool(((high >= 0) & (low != high) & (low < (1 << 40))).any())
+                unseen = torch.full_like(s.superclass, -self.num_classes)
+                low = -comm.reduce(torch.where(s.superclass >= 0, -s.superclass, unseen), "max")
+                clash = bool(((high >= 0) & (low != high)).any())
                 s.split = bool(comm.reduce(torch.tensor([int(s.split or clash)]), "max").item())
                 s.superclass = high
 

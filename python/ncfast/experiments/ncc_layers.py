@@ -364,6 +364,12 @@ def _mean_pct(values) -> str:
     return "–" if not values else f"{100 * float(np.mean(values)):.2f}%"
 
 
+def _pooled(results: list[dict], total: str) -> str:
+    """'held of total, train; held of total, test' summed over several seeds' counts."""
+    return "; ".join(f"{sum(r[sp]['holds'] for r in results)} of {sum(r[sp][total] for r in results)}, {sp}"
+                     for sp in SPLITS)
+
+
 def pooled_claims(per_seed: dict) -> dict:
     """{claim key: (our number, holds)} over several seeds ({seed: analyse output}): each claim holds
     when it holds in more than half of the seeds that measured it (``majority``); the text gives that
@@ -379,10 +385,8 @@ def pooled_claims(per_seed: dict) -> dict:
         tally = f"holds in {k} of {m} seeds" + (f" ({len(seeds) - m} without a TPT)" if m < len(seeds) else "")
         if key.startswith("c7_"):
             run = key[3:]
-            c = [per_seed[s]["conjecture7"][run] for s in seeds]
-            text = "; ".join(f"{sum(x[sp]['holds'] for x in c)} of {sum(x[sp]['epochs'] for x in c)}, {sp}"
-                             for sp in SPLITS)
-            ours = f"{tally}; ordered TPT epochs, pooled: {text}"
+            ours = f"{tally}; ordered TPT epochs, pooled: " + _pooled(
+                [per_seed[s]["conjecture7"][run] for s in seeds], "epochs")
         elif key.startswith("c8_"):
             run = key[3:]
             fails = []
@@ -392,10 +396,8 @@ def pooled_claims(per_seed: dict) -> dict:
                     fails += [f"seed {s} {sp}: not {', '.join(r[sp]['fails'])}" for sp in SPLITS if r[sp]["fails"]]
             ours = tally + ("; " + "; ".join(fails) if fails else "")
         elif key == "c11":
-            c = [per_seed[s]["conjecture11"] for s in seeds]
-            text = "; ".join(f"{sum(x[sp]['holds'] for x in c)} of {sum(x[sp]['pairs'] for x in c)}, {sp}"
-                             for sp in SPLITS)
-            ours = f"{tally}; vanilla >= SVSL (epoch, layer) pairs, pooled: {text}"
+            ours = f"{tally}; vanilla >= SVSL (epoch, layer) pairs, pooled: " + _pooled(
+                [per_seed[s]["conjecture11"] for s in seeds], "pairs")
         else:
             t = [per_seed[s]["table1"] for s in seeds]
             if key == "c12":
