@@ -355,3 +355,81 @@ def test_digits_mlp_with_dead_units_trains_through(tmp_path, monkeypatch):
     assert main(["--dataset", "digits", "--arch", "mlp", "--logit-scale", "100", "--epochs", "5",
                  "--out", str(tmp_path / "dead"), "--no-progress", "--metrics-every", "5", "--clp-embed", "none"]) == 0
     assert checked, "no measured layer had 400 dead units: the reproducer no longer reproduces"
+
+
+def _low_rank_psd(n, k, seed, scale_tail=0.0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, k, generator=g, dtype=torch.float64) * torch.logspace(0, -3, k, dtype=torch.float64)
+    return f @ f.T
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 40])
+def test_pivoted_cholesky_finds_the_rank_and_reproduces_the_matrix(k):
+    """LAPACK's dpstrf (the CPU route) and the left-looking loop (other devices) both stop at the
+    rank, reproduce the matrix to rounding, and bound what they leave out."""
+    a = _low_rank_psd(60, k, seed=k) if k else torch.zeros(60, 60, dtype=torch.float64)
+    m, rest = _linalg.pivoted_cholesky(a)
+    top = float(a.diagonal().max()) if k else 1.0
+    tol = 60 * np.finfo(np.float64).eps * top
+    loop = _linalg._pivoted_cholesky_loop(a, tol, 60)
+    assert m.shape == (60, k) and loop.shape == (60, k)
+    for f in (m, loop):
+        assert_close((f @ f.T).numpy(), a.numpy(), rtol=0, atol=1e-13 * top, what="M M^T")
+    assert 0 <= rest <= 1e-12 * top
+    if k:  # the same pivots: equal factors up to rounding
+        assert_close(loop.numpy(), m.numpy(), rtol=0, atol=1e-10 * math.sqrt(top), what="loop vs dpstrf")
+    capped = _linalg._pivoted_cholesky_loop(a, tol, 3)
+    assert capped.shape[1] == min(3, k)
+    short, short_rest = _linalg.pivoted_cholesky(a, max_rank=3)  # the columns past 3 are left out
+    assert short.shape[1] == min(3, k) and (short_rest > 1e-6 * top if k > 3 else short_rest <= 1e-12 * top)
+    nan = a.clone()
+    nan[3, 3] = math.nan
+    assert math.isnan(_linalg.pivoted_cholesky(nan)[1])
+
+
+def _eigen_sizes(monkeypatch):
+    """The sizes of every symmetric eigenproblem metrics solves: [(n, with vectors)]."""
+    from ncfast import metrics as metrics_mod
+
+    seen = []
+    for name, vectors in (("sym_eigh", True), ("sym_eigvalsh", False)):
+        inner = getattr(_linalg, name)
+        monkeypatch.setattr(metrics_mod._linalg, name,
+                            lambda a, inner=inner, vectors=vectors: seen.append((a.shape[0], vectors)) or inner(a))
+    return seen
+
+
+@pytest.mark.parametrize("n", [40, 100])
+@pytest.mark.parametrize("weighting", ["balanced", "sample"])
+def test_fewer_samples_than_dimensions_take_no_problem_of_size_d(n, weighting, monkeypatch):
+    """N - C < D: Sigma_W has rank <= N - C, so every D x D metric comes from its pivoted Cholesky
+    factor and problems of size <= N (no eigenproblem of size D). Equal to the reference, and to the
+    eigendecomposition route."""
+    from ncfast import metrics as metrics_mod
+
+    x, y, cols = _relu_layer(n, 200, live=120, c=5, seed=n, dtype=torch.float64)
+    if weighting == "sample":
+        y = torch.where(torch.arange(n) < n // 3, torch.zeros_like(y), y)
+    seen = _eigen_sizes(monkeypatch)
+    got = ncfast.nc_metrics(x, y, weighting=weighting)
+    assert seen and max(size for size, _ in seen) <= n
+    live = x[:, cols]
+    for k, f in (("rank", ref.rank), ("effective_rank", ref.effective_rank), ("nc1", ref.nc1)):
+        assert_close(got[k], f(live, y, weighting=weighting), rtol=1e-9, what=k)
+    monkeypatch.setattr(metrics_mod, "_low_rank", lambda *a, **k: None)
+    by_eigh = ncfast.nc_metrics(x, y, weighting=weighting)
+    assert any(size == 120 and vectors for size, vectors in seen)  # the eigh route took Sigma_W whole
+    for k in ("vci", "rank", "effective_rank", "nc1"):
+        assert_close(got[k], by_eigh[k], rtol=1e-9, atol=1e-15, what=k)
+    assert got.ranks == by_eigh.ranks
+    assert got.degenerate == by_eigh.degenerate
+
+
+def test_full_rank_scatter_takes_one_eigenvalue_problem_of_size_d(monkeypatch):
+    """N >= D with Sigma_W certified full rank: one eigvalsh of size D (Sigma_T) and none with
+    vectors."""
+    x, y, c = _relu_layer(600, 30, live=30, c=6, seed=3, dtype=torch.float64)
+    seen = _eigen_sizes(monkeypatch)
+    got = ncfast.nc_metrics(x, y)
+    assert [s for s in seen if s[0] == 30] == [(30, False)]
+    _assert_matches(got, {"vci": ref.vci(x, y), "rank": ref.rank(x, y), "effective_rank": ref.effective_rank(x, y)})

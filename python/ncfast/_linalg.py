@@ -29,11 +29,13 @@ matrix with zero (O(n^2)) and one finiteness check over the result beyond the to
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.linalg
 import torch
 
-__all__ = ["live_coordinates", "sym_eigh", "sym_eigvalsh", "svd_left", "svdvals"]
+__all__ = ["live_coordinates", "pivoted_cholesky", "triangular_inverse", "sym_eigh", "sym_eigvalsh", "svd_left", "svdvals"]
 
 _EIG_DRIVERS = ("evr", "ev")  # MRRR, then the QR iteration: neither is divide and conquer
 _SVD_DRIVERS = ("gesdd", "gesvd")
@@ -199,3 +201,85 @@ def svdvals(a: torch.Tensor) -> torch.Tensor:
         return out
     m, n = a.shape
     return sym_eigvalsh(a @ a.T if m <= n else a.T @ a).flip(0).clamp_min(0.0).sqrt()
+
+
+def pivoted_cholesky(a: torch.Tensor, max_rank: int | None = None):
+    """(M, rest): a = M M^T + S with M n x k from the Cholesky factorisation of the symmetric
+    positive semi-definite ``a`` with complete (diagonal) pivoting, rows in ``a``'s own order.
+
+    The factorisation stops once no remaining diagonal entry of the Schur complement S exceeds
+    n * eps * max_i a_ii (LAPACK's default for ``?pstrf``); at most ``max_rank`` columns are kept.
+    ``rest`` = sum_i |a_ii - ||M_i||^2|, the trace of S up to rounding, bounds every eigenvalue of
+    the part S left out (S is positive semi-definite). A matrix of rank k costs O(n^2 k) on the CPU
+    (LAPACK's blocked ``dpstrf`` through scipy) and O(n k^2) elsewhere (a left-looking loop that
+    reads one row of ``a`` per column), against O(n^3) for an eigendecomposition. ``rest`` is NaN
+    when ``a`` holds a non-finite value.
+    """
+    n = a.shape[0]
+    diag = a.diagonal()
+    top = float(diag.max()) if n else 0.0
+    if not top > 0 or not math.isfinite(top):
+        m = a.new_zeros(n, 0)
+        return m, (0.0 if top == 0 and _finite(a) else math.nan)
+    tol = n * float(np.finfo(np.float64).eps) * top
+    k_max = n if max_rank is None else max(0, min(n, int(max_rank)))
+    if a.device.type == "cpu":
+        m = _pstrf_host(_to_host(a), tol)[:, :k_max]
+        m = torch.from_numpy(np.ascontiguousarray(m)).to(dtype=a.dtype)
+    else:
+        m = _pivoted_cholesky_loop(a, tol, k_max)
+    rest = float((diag - m.square().sum(1)).abs().sum())
+    return m, rest
+
+
+def _pstrf_host(host: np.ndarray, tol: float) -> np.ndarray:
+    """LAPACK dpstrf on a float64 symmetric matrix: M with rows in the input's order."""
+    n = host.shape[0]
+    # a symmetric C-ordered array is its own Fortran-ordered transpose: the copy is the workspace
+    c, piv, rank, info = scipy.linalg.lapack.dpstrf(np.array(host, order="F"), tol=tol, lower=1, overwrite_a=1)
+    if info < 0:
+        raise ValueError(f"dpstrf: argument {-info} is invalid")
+    lower = np.tril(c[:, :rank])
+    m = np.empty((n, rank), dtype=np.float64)
+    m[piv - 1] = lower
+    return m
+
+
+def _pivoted_cholesky_loop(a: torch.Tensor, tol: float, k_max: int) -> torch.Tensor:
+    """Left-looking pivoted Cholesky: column j of M is row p_j of a minus its projection on the
+    columns already taken, over the square root of the largest remaining diagonal entry p_j."""
+    n = a.shape[0]
+    d = a.diagonal().clone()
+    rows = a.new_zeros(k_max, n)  # rows[j] = column j of M
+    taken = torch.zeros(n, dtype=torch.bool, device=a.device)
+    k = 0
+    while k < k_max:
+        rem = d.masked_fill(taken, -math.inf)
+        p = int(rem.argmax())
+        pivot = float(rem[p])
+        if not pivot > tol:
+            break
+        col = a[p] - rows[:k].T @ rows[:k, p] if k else a[p].clone()
+        col = col / math.sqrt(pivot)
+        col[taken] = 0.0  # exactly zero in exact arithmetic: the rows already pivoted are factored
+        rows[k] = col
+        d -= col.square()
+        taken[p] = True
+        k += 1
+    return rows[:k].T.contiguous()
+
+
+def triangular_inverse(t: torch.Tensor, upper: bool) -> torch.Tensor:
+    """The inverse of the non-singular triangular ``t`` (``upper`` or lower): LAPACK's ``dtrtri``
+    through scipy on the CPU (n^3 / 3 flops; a triangular solve against the identity, as on other
+    devices, does n^3)."""
+    n = t.shape[0]
+    if t.device.type != "cpu" or t.dtype != torch.float64:
+        eye = torch.eye(n, dtype=t.dtype, device=t.device)
+        return torch.linalg.solve_triangular(t, eye, upper=upper)
+    host = t.detach().numpy()
+    # a C-ordered triangle is the Fortran-ordered transpose, the opposite triangle: invert that
+    inv, info = scipy.linalg.lapack.dtrtri(host.T, lower=int(upper))
+    if info != 0:
+        raise ValueError(f"dtrtri: info {info} (a zero on the diagonal)" if info > 0 else f"dtrtri: argument {-info}")
+    return torch.from_numpy(np.ascontiguousarray(inv.T))

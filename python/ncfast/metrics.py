@@ -99,55 +99,22 @@ def _whitened_between(sigma_w: torch.Tensor, a: torch.Tensor, rtol: float):
     the rank rule keeps whole. A Cholesky factor and one triangular inverse cost a fraction of
     the symmetric eigendecomposition it replaces.
     """
-    d = sigma_w.shape[0]
     l, info = torch.linalg.cholesky_ex(sigma_w)
     if int(info) != 0:
         return None
-    eye = torch.eye(d, dtype=l.dtype, device=l.device)
-    l_inv = torch.linalg.solve_triangular(l, eye, upper=False)
+    l_inv = _linalg.triangular_inverse(l, upper=False)
     bound = torch.linalg.matrix_norm(sigma_w) * l_inv.square().sum()
     if not float(bound) * rtol < 0.5:  # also rejects NaN and Inf
         return None
     return a @ l_inv.T
 
 
-def _vci(sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float, rtol: float):
-    """VCI = ((r - rB) + sum_{k<=rB} mu_k) / r without cancellation (paper 004, docs/metrics.md).
-
-    mu_k = 1 / (1 + kappa_k) are the generalized eigenvalues of (Sigma_W, Sigma_T), with
-    kappa_k those of (Sigma_B, Sigma_W). In the eigenbasis P of Sigma_W (eigenvalues
-    omega, split into kept P1 and zero P0 by the rtol rule), the directions of range(A P0)
-    have Sigma_W = 0 and so mu = 0; the rest are kappa = sigma^2 of
-    F = (I - Pi_{A P0}) A P1 diag(omega1)^{-1/2} (the Schur complement of the pencil), a C x d1
-    matrix. Sigma_T = Sigma_W + Sigma_B is never formed, so Sigma_B's rounding noise is never
-    divided by a tiny Sigma_W. When a Cholesky factor certifies Sigma_W full rank by the rtol
-    rule (the usual case), F = A L^{-T} with Sigma_W = L L^T gives the same kappa without the
-    eigendecomposition (_whitened_between). Returns (vci, rank of Sigma_W).
-
-    Coordinates j where Sigma_W's row and A's column are exactly zero (dead units: a feature
-    that is constant) are first taken out: e_j is in the null space of Sigma_W and of Sigma_B,
-    so it adds nothing to either range and an exact zero to Sigma_W's spectrum, which the rtol
-    rule never keeps. r keeps the full D.
-    """
-    c, d = a.shape
-    r = min(d, c - 1)
-    live = _linalg.live_coordinates(sigma_w, a)
-    if live is not None:
-        if live.numel() == 0:  # Sigma_T = 0: A = 0 too, so rB = 0 and nothing is explained
-            return (r - r_b) / r, 0
-        sigma_w, a = sigma_w[live][:, live], a[:, live]
-    f = _whitened_between(sigma_w, a, rtol)
-    if f is not None:  # Sigma_W certified full rank: P0 is empty and F = A L^{-T}
-        kappa = _linalg.svdvals(f).square()
-        mu = 1.0 / (1.0 + kappa)
-        return ((r - r_b) + float(mu[:r_b].sum())) / r, sigma_w.shape[0]
-    omega, p = _linalg.sym_eigh(sigma_w)
-    wmax = float(omega.max())
-    keep = omega > rtol * wmax if wmax > 0 else torch.zeros_like(omega, dtype=torch.bool)
-    f = (a @ p[:, keep]) / omega[keep].sqrt()
-    a0 = a @ p[:, ~keep]
+def _kappa_to_vci(f: torch.Tensor, a0: torch.Tensor, r: int, r_b: int, lam_b_max: float, rtol: float) -> float:
+    """VCI from the whitened class means F (C x d1) and the part A0 of A outside the kept range of
+    Sigma_W: directions of range(A0) (by the rank rule against Sigma_B's largest eigenvalue) have
+    mu = 0; the rest kappa = sigma^2 of (I - Pi_{A0}) F, mu = 1 / (1 + kappa)."""
     r0 = 0
-    if a0.shape[1]:
+    if a0.numel() and bool(a0.ne(0).any()):
         u0, s0 = _linalg.svd_left(a0)
         k0 = s0.square() > rtol * lam_b_max
         r0 = int(k0.sum())
@@ -155,7 +122,122 @@ def _vci(sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float, rto
         f = f - u0 @ (u0.T @ f)
     kappa = _linalg.svdvals(f).square() if f.numel() else f.new_zeros(0)
     mu = torch.cat([f.new_zeros(r0), 1.0 / (1.0 + kappa)])  # ascending: kappa is descending
-    return ((r - r_b) + float(mu[:r_b].sum())) / r, int(keep.sum())
+    return ((r - r_b) + float(mu[:r_b].sum())) / r
+
+
+def _kept_eigenvalues(lam: torch.Tensor, rtol: float) -> torch.Tensor:
+    """The eigenvalues the rank rule keeps: above rtol * lambda_max (none when lambda_max <= 0)."""
+    top = float(lam.max()) if lam.numel() else 0.0
+    return lam[lam > rtol * top] if top > 0 else lam[:0]
+
+
+def _spectra(sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float, rtol: float,
+             rank_bound: int) -> tuple[float, int, torch.Tensor]:
+    """(vci, rank of Sigma_W, the eigenvalues of Sigma_T = Sigma_W + A^T A that the rank rule keeps):
+    every D x D quantity of a layer, from at most one symmetric eigenproblem of size D.
+
+    VCI = ((r - rB) + sum_{k<=rB} mu_k) / r without cancellation (paper 004, docs/metrics.md):
+    mu_k = 1 / (1 + kappa_k) are the generalized eigenvalues of (Sigma_W, Sigma_T), with kappa_k
+    those of (Sigma_B, Sigma_W). On the kept range P1 of Sigma_W (eigenvalues omega by the rank
+    rule against Sigma_W's largest), the directions of range(A P0) have Sigma_W = 0 and so mu = 0;
+    the rest are kappa = sigma^2 of F = (I - Pi_{A P0}) A P1 diag(omega1)^{-1/2} (the Schur
+    complement of the pencil), a C x d1 matrix. Sigma_T is never formed for VCI, so Sigma_B's
+    rounding noise is never divided by a tiny Sigma_W.
+
+    Three routes, by what Sigma_W allows (``rank_bound`` = N - C bounds its rank):
+
+    - low rank (rank_bound < D, as whenever N <= D): Sigma_W = M M^T + S by a pivoted Cholesky
+      factorisation (M is D x k, k = rank(Sigma_W) <= N - C, S rounding noise whose trace is
+      checked against the rank rule's cut), then M = Q R. Every quantity lives in the span of
+      [M, A^T], of dimension at most k + C: omega and P1 from the k x k factor R (no
+      decomposition at all when a bound certifies that the rule keeps every omega), and the
+      spectrum of Sigma_T = [M, A^T] [M, A^T]^T from its (k + C) x (k + C) Gram matrix. No
+      problem of size D.
+    - full rank (a Cholesky factor L of Sigma_W certifies that the rule keeps every omega,
+      _whitened_between): F = A L^{-T}, and one eigvalsh of the D x D Sigma_T for rank and
+      effective rank.
+    - otherwise (Sigma_W ill-conditioned or singular at N > D): P1 from one eigendecomposition of
+      Sigma_W, unless a pivoted Cholesky factor shows it of rank below D - C (then the low-rank
+      route), and one eigvalsh of Sigma_T.
+
+    Coordinates j where Sigma_W's row and A's column are exactly zero (dead units: a feature
+    that is constant) are first taken out: e_j is in the null space of Sigma_W and of Sigma_B,
+    so it adds nothing to either range and an exact zero to both spectra, which the rtol rule
+    never keeps. r keeps the full D.
+    """
+    c, d = a.shape
+    r = min(d, c - 1)
+    live = _linalg.live_coordinates(sigma_w, a)
+    if live is not None:
+        if live.numel() == 0:  # Sigma_T = 0: A = 0 too, so rB = 0 and nothing is explained
+            return (r - r_b) / r, 0, a.new_zeros(0)
+        sigma_w, a = sigma_w[live][:, live], a[:, live]
+    d = sigma_w.shape[0]
+    tried_low_rank = False
+    if rank_bound < d:
+        tried_low_rank = True
+        low = _low_rank(sigma_w, a, r, r_b, lam_b_max, rtol, max_size=rank_bound)
+        if low is not None:
+            return low
+    f = _whitened_between(sigma_w, a, rtol)
+    if f is not None:  # Sigma_W certified full rank: P0 is empty and F = A L^{-T}
+        vci = _kappa_to_vci(f, a[:, :0], r, r_b, lam_b_max, rtol)
+        return vci, d, _kept_eigenvalues(_linalg.sym_eigvalsh(sigma_w + a.T @ a), rtol)
+    if not tried_low_rank:
+        low = _low_rank(sigma_w, a, r, r_b, lam_b_max, rtol, max_size=d - c)
+        if low is not None:
+            return low
+    omega, p = _linalg.sym_eigh(sigma_w)
+    wmax = float(omega.max())
+    keep = omega > rtol * wmax if wmax > 0 else torch.zeros_like(omega, dtype=torch.bool)
+    f = (a @ p[:, keep]) / omega[keep].sqrt()
+    vci = _kappa_to_vci(f, a @ p[:, ~keep], r, r_b, lam_b_max, rtol)
+    return vci, int(keep.sum()), _kept_eigenvalues(_linalg.sym_eigvalsh(sigma_w + a.T @ a), rtol)
+
+
+def _low_rank(sigma_w: torch.Tensor, a: torch.Tensor, r: int, r_b: int, lam_b_max: float, rtol: float,
+              max_size: int | None = None):
+    """_spectra's low-rank route, or None when Sigma_W is not of low rank: the pivoted Cholesky
+    factor, of at most ``max_size`` columns, leaves out more than the rank rule would cut (a
+    remainder whose trace exceeds rtol / 2 of Sigma_W's largest diagonal entry).
+
+    With Sigma_W = M M^T (the remainder's eigenvalues are all below the rule's cut, which drops
+    them from the range too) and M = Q R: omega = sigma^2(R) and P1 = Q U1 from R = U S V^T;
+    A's part outside P1 is A0 = A - (A P1) P1^T, and F = A P1 diag(omega1)^{-1/2}. When
+    ||R||_F^2 ||R^{-1}||_F^2 < 1 / (2 rtol) (the bound of _whitened_between) every omega is kept
+    and F = (A Q) R^{-T}, with no SVD of R.
+    """
+    m, rest = _linalg.pivoted_cholesky(sigma_w, max_rank=max_size)
+    top = float(sigma_w.diagonal().max())
+    k = m.shape[1]
+    if not rest <= 0.5 * rtol * top:  # also NaN: a non-finite Sigma_W
+        return None
+    if k == 0:  # Sigma_W = 0 (to the rule): every direction of A has mu = 0
+        f = a[:, :0]
+        vci = _kappa_to_vci(f, a, r, r_b, lam_b_max, rtol)
+        lam_t = _linalg.sym_eigvalsh(a @ a.T)
+        return vci, 0, _kept_eigenvalues(lam_t, rtol)
+    q, rr = torch.linalg.qr(m)
+    aq = a @ q
+    try:
+        r_inv = _linalg.triangular_inverse(rr, upper=True)
+        bound = float(rr.square().sum() * r_inv.square().sum())
+    except ValueError:  # an exact zero on R's diagonal: decided by the SVD below
+        bound = math.inf
+    if bound * rtol < 0.5:  # every omega kept: P1 = Q
+        f = aq @ r_inv.T
+        p1, k1 = q, k
+    else:
+        u, s, _ = torch.linalg.svd(rr)
+        omega = s.square()
+        keep = omega > rtol * float(omega.max())
+        u1 = u[:, keep]
+        f = (aq @ u1) / s[keep]
+        p1, k1 = q @ u1, int(keep.sum())
+    a0 = a - (a @ p1) @ p1.T
+    vci = _kappa_to_vci(f, a0, r, r_b, lam_b_max, rtol)
+    b = torch.cat([m, a.T], dim=1)  # Sigma_T = B B^T: its non-zero eigenvalues are those of B^T B
+    return vci, k1, _kept_eigenvalues(_linalg.sym_eigvalsh(b.T @ b), rtol)
 
 
 def _pair_sq_dist(mt: torch.Tensor) -> torch.Tensor:
@@ -321,7 +403,7 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
         nc3_etf = || W Mt^T / ||W Mt^T||_F - (I - 11^T/C) / sqrt(C-1) ||_F
         duality_mean / _std = mean / std_c cos(w_c, Mt_c)
         nc5_ood = mean_c |cos(mu_c, mu_G^ood)|   (uncentred class means)
-        vci = 1 - Tr(Sigma_T^+ Sigma_B) / min(D, C-1)   (stable form, see _vci)
+        vci = 1 - Tr(Sigma_T^+ Sigma_B) / min(D, C-1)   (stable form, see _spectra)
         cosine_separation = 1 - dbar_within / dbar_total   (Kornblith et al. 2021)
             = (1/C) sum_c ||m_c - mean m||^2 / (1 - ||mean m||^2), m_c = S_c / n_c
         rank, effective_rank: numerical rank and exp(entropy) of sqrt-eigenvalues of Sigma_T
@@ -388,10 +470,8 @@ def _within_between(moments: ClassMoments, weighting: str, rtol: float) -> tuple
     out["nc1"] = fuzz / c
     out["fuzziness"] = fuzz
     lam_b_max = float(s_b.max()) if s_b.numel() else 0.0  # Sigma_B = 0: equal class means
-    out["vci"], ranks["sigma_w"] = _vci(sigma_w, a, ranks["sigma_b"], lam_b_max, rtol)
-    lam_t = _linalg.sym_eigvalsh(sigma_w + a.T @ a)
-    top_t = float(lam_t.max())
-    kept_t = lam_t[lam_t > rtol * top_t] if top_t > 0 else lam_t[:0]
+    out["vci"], ranks["sigma_w"], kept_t = _spectra(sigma_w, a, ranks["sigma_b"], lam_b_max, rtol,
+                                                    rank_bound=moments.num_samples - c)
     ranks["sigma_t"] = int(kept_t.numel())
     out["rank"] = float(ranks["sigma_t"])
     # over the kept eigenvalues only: the rank rule's zeros are exact zeros, not the rounding
