@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "python" / "ncfast"
-FORMULAS = ("stats", "metrics", "pairwise", "ncc", "probe", "functional", "torchmetrics", "losses")
+FORMULAS = ("stats", "metrics", "pairwise", "ncc", "passes", "probe", "functional", "torchmetrics", "losses")
 LAYERS = {  # module -> the ncfast modules it may import (leaf helpers are always allowed)
     "backends": {"_C", "backends", "triton"},
     "triton": {"triton"},
@@ -14,8 +14,9 @@ LAYERS = {  # module -> the ncfast modules it may import (leaf helpers are alway
     "pairwise": {"backends", "stats"},
     "ncc": {"backends"},
     "metrics": {"backends", "pairwise", "stats"},
-    "functional": {"backends", "metrics", "ncc", "stats"},
-    "probe": {"backends", "metrics", "ncc", "stats"},
+    "passes": {"backends", "metrics", "ncc", "stats"},
+    "functional": {"backends", "metrics", "passes", "stats"},
+    "probe": {"backends", "metrics", "passes", "stats"},
     "torchmetrics": {"metrics", "stats"},
     "losses": set(),
 }

@@ -325,19 +325,19 @@ def test_digits_mlp_with_dead_units_trains_through(tmp_path, monkeypatch):
     """The issue's run: `python -m ncfast.train --dataset digits --arch mlp --logit-scale 100
     --epochs 5` raised LinAlgError on the 360-sample test split (453 of 512 units dead). It now
     finishes, and the layer with the most dead units gets the reference's metrics."""
-    from ncfast import probe
+    from ncfast import passes
     from ncfast.stats import ClassMoments
     from ncfast.train.__main__ import main
 
     feats, checked = weakref.WeakKeyDictionary(), []  # each ClassMoments -> the rows it was fed
-    real_update, real_metrics = ClassMoments.update, probe.metrics_from_moments
+    real_update, real_metrics = ClassMoments.update, passes._metrics_from_moments
 
     def update(self, features, labels, **k):
         feats.setdefault(self, []).append((features.detach().clone(), labels.detach().clone()))
         return real_update(self, features, labels, **k)
 
-    def metrics(moments, **k):
-        out = real_metrics(moments, **k)
+    def metrics(moments, backend, **k):
+        out = real_metrics(moments, backend, **k)
         parts = feats.get(moments)
         if parts is not None and moments.has_scatter and moments.num_samples == 360:
             x = torch.cat([p[0] for p in parts])
@@ -351,7 +351,7 @@ def test_digits_mlp_with_dead_units_trains_through(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(ClassMoments, "update", update)
-    monkeypatch.setattr(probe, "metrics_from_moments", metrics)
+    monkeypatch.setattr(passes, "_metrics_from_moments", metrics)
     assert main(["--dataset", "digits", "--arch", "mlp", "--logit-scale", "100", "--epochs", "5",
                  "--out", str(tmp_path / "dead"), "--no-progress", "--metrics-every", "5", "--clp-embed", "none"]) == 0
     assert checked, "no measured layer had 400 dead units: the reproducer no longer reproduces"

@@ -25,8 +25,8 @@ from ._validation import (
     check_superclass,
     omit_non_finite,
 )
-from .metrics import DEFAULT_RTOL, NCMetrics, _metrics_from_moments, class_distance_from_moments, class_fractions
-from .ncc import _ncc_and_decisions, _ncc_assign
+from .metrics import DEFAULT_RTOL, NCMetrics, class_distance_from_moments
+from .passes import Block, Plan, Stream
 from .stats import ClassMoments
 
 
@@ -153,30 +153,22 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     if present < 2:
         raise ValueError(f"labels: nc_metrics needs at least 2 present classes, got {present}")
 
+    # The features are in memory: both passes read them (the plan's cache only references them).
     # Only `weighting`'s Sigma_W is read here, so imbalanced labels under "balanced" cost one scatter.
-    m = _moments(x, y, num_classes, backend, weighting, scatter=True, pooled=False)
-    m.omitted_rows = omitted
+    stream = Stream(num_classes, d, device=x.device, weighting=weighting, centres=class_means,
+                    classifier=None if w is None else (w, b), decisions=z is not None, pooled=False)
+    decisions = z.argmax(dim=1) if (z is not None and w is None) else None
+    plan = Plan({"features": stream}, cache_bytes=None)
+    plan.first(Block({"features": x}, y, decisions))
+    plan.end_first()
+    plan.second_from_cache()
+    plan.end()
+    stream.moments.omitted_rows = omitted
     ood = None
     if xo is not None:  # only its mean is read: one class, no scatter, no unit sums
         ood = _moments(xo, torch.zeros(xo.shape[0], dtype=torch.int64, device=xo.device), 1, backend, "sample",
                        scatter=False, unit_sums=False)
-    out = _metrics_from_moments(m, backend, weight=w, superclass=superclass, ood=ood, weighting=weighting, rtol=rtol,
-                                cdnv_exponent=cdnv_exponent, tile=None)
-    means = m.means if class_means is None else class_means
-    decisions = None
-    if w is not None:
-        nearest, decisions = _ncc_and_decisions(x, means, w, b, "exact", backend)
-    else:
-        nearest = _ncc_assign(x, means, "exact", backend)
-    hits = nearest == y
-    out["ncc_accuracy"] = float(hits.to(torch.float64).mean())
-    out.per_class["ncc_accuracy"] = class_fractions(torch.bincount(y[hits], minlength=num_classes), counts)
+    out = stream.metrics(backend, weight=w, superclass=superclass, ood=ood, rtol=rtol, cdnv_exponent=cdnv_exponent)
     if z is not None:
         out["logits_norm"] = float(z.to(torch.float64).norm(dim=1).mean())
-        if decisions is None:
-            decisions = z.argmax(dim=1)
-    if decisions is not None:
-        mismatch = decisions != nearest
-        out["ncc_mismatch"] = float(mismatch.to(torch.float64).mean())
-        out.per_class["ncc_mismatch"] = class_fractions(torch.bincount(y[mismatch], minlength=num_classes), counts)
     return out

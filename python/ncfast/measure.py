@@ -10,10 +10,12 @@ each block memory-mapped, copied and unmapped, so the peak memory does not grow 
 ``torch.load(mmap=True)``. Features may be float16, bfloat16 (safetensors), float32 or float64;
 each block is measured in float64 statistics (``ClassMoments``).
 
-Two passes over the features, as ``nc_metrics``: the first streams every block into one
-``ClassMoments`` (exact, mergeable: Chan's formula), the second scores every row's nearest class
-centre (the first pass's class means, or ``--train-means`` for a held-out split) against its label
-and, with ``--weight``, against the classifier's decision argmax W h + b. Then
+Two passes over the features, as ``nc_metrics`` (``ncfast.passes``): the first streams every block
+into one ``ClassMoments`` (exact, mergeable: Chan's formula); the second, now that the class means
+are final, adds the D x D scatter about them and scores every row's nearest class centre against
+its label and, with ``--weight``, against the classifier's decision argmax W h + b. With
+``--train-means`` (a held-out split scored against the train split's class means) the centres are
+known up front and everything is taken in the first pass: one read of the features. Then
 ``metrics_from_moments`` gives every metric of docs/metrics.md; no N x C or C x C matrix is held
 (pairwise metrics stream over class tiles), except for ``--class-distance``, which writes the
 C x C matrix and so needs C^2 x 8 bytes.
@@ -39,9 +41,8 @@ import torch
 from . import backends
 from ._distributed import Ranks, init_distributed, launched_by_torchrun
 from ._validation import WEIGHTINGS
-from .metrics import DEFAULT_RTOL, class_distance_from_moments, class_fractions, metrics_from_moments
-from .ncc import _ncc_and_decisions, _ncc_assign
-from .stats import ClassMoments
+from .metrics import DEFAULT_RTOL, class_distance_from_moments
+from .passes import Block, Plan, Stream
 
 SUFFIXES = (".npy", ".safetensors", ".pt")
 DEFAULT_BLOCK_BYTES = 64 << 20
@@ -281,7 +282,6 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     present = counts[counts > 0]
     if present.numel() < 2:
         raise ValueError(f"LABELS: at least 2 classes must have samples, got {present.numel()}")
-    exact = weighting == "balanced" and bool((present != present[0]).any())
     lap("labels")
 
     w = b = sup = means_given = None
@@ -300,18 +300,25 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         means_given = (train_means if isinstance(train_means, torch.Tensor)
                        else _load_matrix(train_means, "--train-means", (c, d))).to(device)
 
-    # pass 1: the moments (and the OOD features' mean)
-    m = ClassMoments(c, d, scatter=True, device=device, class_counts=counts.to(device) if exact else None)
-    bar = _progress(n_total, "moments", progress and ranks.rank == 0)
-    for k, lo, hi in todo:
-        f, yl = pairs[k]
-        m.update(_float(f.read(lo, hi)).to(device), yl.read(lo, hi).long().to(device))
+    # pass 1: the moments; with --train-means (the centres known) also the scatter and the nearest
+    # class centre, and then it is the only pass over the features (passes.Stream)
+    stream = Stream(c, d, device=device, weighting=weighting, centres=means_given, one_pass=means_given is not None,
+                    class_counts=counts.to(device), classifier=None if w is None else (w, b))
+    plan = Plan({"features": stream}, comm=ranks, cache_bytes=0)
+
+    def feed(step, desc):
+        bar = _progress(n_total, desc, progress and ranks.rank == 0)
+        for k, lo, hi in todo:
+            f, yl = pairs[k]
+            step(Block({"features": _float(f.read(lo, hi)).to(device)}, yl.read(lo, hi).long().to(device)))
+            if bar is not None:
+                bar.update((hi - lo) * ranks.world)
         if bar is not None:
-            bar.update((hi - lo) * ranks.world)
-    if bar is not None:
-        bar.close()
-    if ranks.active:
-        m.all_reduce()
+            bar.close()
+
+    feed(plan.first, "moments" if plan.pending else "moments and nearest class centre")
+    plan.end_first()
+    m = stream.moments
     lap("moments")
     ood_mean = None
     if ood is not None:
@@ -330,35 +337,14 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         ood_mean = total[:d] / total[d]
         lap("ood")
 
-    # pass 2: nearest class centre against the label and the classifier's decision
-    centres = m.means if means_given is None else means_given
-    hits = torch.zeros(2, c, dtype=torch.int64)
-    bar = _progress(n_total, "nearest class centre", progress and ranks.rank == 0)
-    for k, lo, hi in todo:
-        f, yl = pairs[k]
-        x = _float(f.read(lo, hi)).to(device)
-        y = yl.read(lo, hi).long().to(device)
-        backend = backends.for_tensor(x)
-        if w is not None:
-            nearest, decisions = _ncc_and_decisions(x, centres, w, b, "exact", backend)
-            hits[1] += torch.bincount(y[nearest != decisions], minlength=c).cpu()
-        else:
-            nearest = _ncc_assign(x, centres, "exact", backend)
-        hits[0] += torch.bincount(y[nearest == y], minlength=c).cpu()
-        if bar is not None:
-            bar.update((hi - lo) * ranks.world)
-    if bar is not None:
-        bar.close()
-    hits = ranks.reduce(hits)
+    # pass 2: the scatter about the final class means, and the nearest class centre against the label
+    # and the classifier's decision argmax W h + b
+    if plan.pending:
+        feed(plan.second, "scatter and nearest class centre")
+    plan.end()
     lap("ncc")
 
-    out = metrics_from_moments(m, weight=w, superclass=sup, ood=ood_mean, weighting=weighting, rtol=rtol)
-    n = int(counts.sum())
-    out["ncc_accuracy"] = int(hits[0].sum()) / n
-    out.per_class["ncc_accuracy"] = class_fractions(hits[0], counts)
-    if w is not None:
-        out["ncc_mismatch"] = int(hits[1].sum()) / n
-        out.per_class["ncc_mismatch"] = class_fractions(hits[1], counts)
+    out = stream.metrics(backends.for_tensor(m.mean), weight=w, superclass=sup, ood=ood_mean, rtol=rtol)
     lap("metrics")
     return out, m
 

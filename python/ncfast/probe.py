@@ -1,10 +1,14 @@
 """Per-layer Neural-Collapse metrics of a network, collected with forward hooks.
 
-``LayerProbe`` watches some of a model's modules. One pass over a data loader feeds one streaming
-``ClassMoments`` per watched layer (features are never stored); a second pass, now that the class
-means are final, scores every sample's nearest class centre at every layer against its label and
-against the network's own decision (NCC accuracy and NCC mismatch, paper 003 def. 5). Then
-``metrics_from_moments`` gives the rest of the metrics of docs/metrics.md for each layer::
+``LayerProbe`` watches some of a model's modules. A forward pass over a data loader feeds the
+streaming class moments of every watched layer (``ncfast.passes``); a second pass over the same
+features, now that the class means are final, adds the D x D scatter about them and scores every
+sample's nearest class centre against its label and against the network's own decision (NCC
+accuracy and NCC mismatch, paper 003 def. 5). The second pass reads the layer outputs the first
+one kept (up to ``cache_bytes``, 1 GiB per process by default) and runs the model again only for
+the layers that did not fit; a held-out split scored against the train split's class means needs
+no second pass at all. Then ``metrics_from_moments`` gives the rest of the metrics of
+docs/metrics.md for each layer, so measuring costs about one forward pass::
 
     probe = ncfast.LayerProbe(model, ["layer3", "layer4", "pool"], num_classes=10)
     train = probe.measure(train_loader)      # ProbeResult: a LayerResult per layer
@@ -32,7 +36,8 @@ training labels, as with fine labels).
 
 Under torch.distributed (``torchrun``), each process measures its own shard of the data and
 ``LayerProbe`` combines them: the label counts and the NCC counts are summed, every layer's
-``ClassMoments`` is merged exactly (``ClassMoments.all_reduce``, Chan's formula in rank order), so
+``ClassMoments`` is merged exactly (``ClassMoments.all_reduce``, Chan's formula in rank order) and
+the scatters about the merged means are summed, so
 every process gets the metrics of one process over all the shards, to float64 rounding. The shards
 must be disjoint and cover the data once: shard a measurement loader with ``shard_indices`` (or any
 split without padding), not with ``DistributedSampler``, whose padding repeats samples to even out
@@ -41,27 +46,22 @@ the shards.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import backends
-from ._validation import WEIGHTINGS, check_choice
-from .metrics import (
-    SCATTER_METRICS,
-    NCMetrics,
-    class_distance_from_moments,
-    class_fractions,
-    metrics_from_moments,
-    msdr_from_moments,
-)
-from .ncc import _ncc_assign
 from ._distributed import Ranks
+from ._validation import WEIGHTINGS, check_choice
+from .metrics import DEFAULT_RTOL, SCATTER_METRICS, NCMetrics, class_distance_from_moments, msdr_from_moments
+from .passes import Block, Plan, Stream
 from .stats import ClassMoments
 
 DEFAULT_MAX_DIM = 4096
 """Largest flattened layer size whose D x D metrics are computed on the full features."""
+DEFAULT_CACHE_BYTES = 1 << 30
+"""Bytes of features a LayerProbe keeps per process between its two passes (1 GiB)."""
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> range:
@@ -100,6 +100,7 @@ class ProbeResult:
 
     layers: dict[str, LayerResult]
     accuracy: float  # fraction of samples whose decision (logits argmax) is their label
+    cached_layers: list[str] = field(default_factory=list)  # layers whose second pass read kept features
 
     def __getitem__(self, name: str) -> LayerResult:
         return self.layers[name]
@@ -114,18 +115,6 @@ class ProbeResult:
     def class_means(self) -> dict[str, torch.Tensor]:
         """{layer: (C, D) class means}: the ``class_means`` to score a held-out split against."""
         return {name: r.class_means for name, r in self.layers.items()}
-
-
-@dataclass
-class _LayerState:
-    """The running statistics of one layer during the first pass."""
-
-    full: ClassMoments  # the flattened features, training labels
-    pooled: ClassMoments | None  # channel-pooled features when D > max_dim
-    orig: ClassMoments | None  # the flattened features, original labels
-    superclass: torch.Tensor | None  # training label of each original class (-1: not seen)
-    hits: torch.Tensor  # (2, C) int64: samples whose nearest centre is their label / differs from the decision
-    split: bool = False  # an original class seen under two training labels (no super-class)
 
 
 def flatten(out) -> torch.Tensor:
@@ -160,19 +149,30 @@ class LayerProbe:
         max_dim: layers with more flattened features get their D x D metrics from channel-pooled
             features (see the module docstring).
         class_counts: training-label counts of the data the loader yields (under torch.distributed:
-            of all processes' shards together); needed for the exact balanced Sigma_W on imbalanced
-            classes. When None, ``measure`` counts the labels first (one pass over the loader
-            without the model).
+            of all processes' shards together). Read only by a measure with ``class_means`` (one
+            forward pass, the scatter streamed) under balanced weighting, for the exact balanced
+            Sigma_W on imbalanced classes; when None there, ``measure`` counts the labels first (a
+            pass over the loader without the model). A measure without ``class_means`` takes its
+            scatter in its second pass, when the counts are known.
         process_group: under torch.distributed, the group whose processes' shards make up the
             data (None: the default group when torch.distributed is initialised); every process of
             the group must call ``measure`` with the same arguments, and gets the same result.
             ``False``: measure this process's loader alone.
+        cache_bytes: how many bytes of layer outputs ``measure`` may keep (per process) between its
+            two passes over a split measured without ``class_means``, in the outputs' own dtype on
+            their device. The budget is filled over ``layers`` in the order given: a layer's
+            features are kept while, with those of the layers kept before it, they fit; a layer
+            that no longer fits is dropped from the cache (its kept batches freed) and the forward
+            pass is run again for it. Where the loader has a length, the layers that fit are chosen
+            at its first batch from the expected total (length x the first batch's rows), so a layer
+            that cannot fit takes no room meanwhile. 0: every split takes two forward passes.
     """
 
     def __init__(self, model: nn.Module, layers, num_classes: int, *, head: nn.Linear | None = None,
                  penultimate: str | None = None, num_original_classes: int | None = None,
                  weighting: str = "balanced", rtol: float | None = None, max_dim: int = DEFAULT_MAX_DIM,
-                 class_counts=None, logit_scale: float = 1.0, process_group=None):
+                 class_counts=None, logit_scale: float = 1.0, process_group=None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES):
         check_choice(weighting, WEIGHTINGS, "weighting")
         modules = dict(model.named_modules())
         layers = list(layers)
@@ -204,13 +204,18 @@ class LayerProbe:
         self.class_counts = None if class_counts is None else torch.as_tensor(class_counts, dtype=torch.int64)
         self.logit_scale = float(logit_scale)
         self.process_group = process_group
+        if not (isinstance(cache_bytes, int) and cache_bytes >= 0):
+            raise ValueError(f"cache_bytes: must be an integer >= 0, got {cache_bytes!r}")
+        self.cache_bytes = cache_bytes
 
     # ------------------------------------------------------------------ passes
-    def _forward_all(self, loader, on_batch):
-        """Run the model on every batch with hooks that hand each layer's output to on_batch."""
+    def _forward_all(self, loader, on_batch, names=None):
+        """Run the model on every batch with hooks that hand the outputs of the layers ``names``
+        (default: every probed layer) to on_batch."""
         captured: dict[str, torch.Tensor] = {}
-        handles = [module.register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
-                   for name, module in self.modules.items()]
+        names = self.layers if names is None else names
+        handles = [self.modules[name].register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
+                   for name in names]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -237,21 +242,36 @@ class LayerProbe:
         the ``class_means`` of a measure of the train loader (paper 003 def. 6). Rows holding
         NaN (classes absent from the train data) are no candidates. Default: this loader's own
         means.
+
+        Forward passes: one with ``class_means`` (the centres are known, so every statistic is
+        taken in the same pass; under balanced weighting without ``class_counts`` the labels are
+        counted first, a pass over the loader without the model). Without, one for the layers whose
+        features fit ``cache_bytes`` (their second pass, the D x D scatter about the final class
+        means and the nearest class centre, reads the kept features) and a second forward pass for
+        the others. ``ProbeResult.cached_layers`` names the layers that were kept.
         """
         if class_means is not None:
             missing = [name for name in self.layers if name not in class_means]
             if missing:
                 raise ValueError(f"class_means: no means for layers {missing}")
         comm = Ranks(self.process_group)
-        counts = self._label_counts(loader, comm)
-        states, logits_norm_raw = self._moments_pass(loader, counts, class_means, comm)
-        means = {name: states[name].full.means for name in self.layers}
-        centres = means if class_means is None else {
-            name: class_means[name].to(device=means[name].device, dtype=torch.float64) for name in self.layers}
-        accuracy = self._ncc_pass(loader, states, centres, comm)
-        layers = {name: self._layer_result(states[name], means[name], logits_norm_raw, name)
-                  for name in self.layers}
-        return ProbeResult(layers=layers, accuracy=accuracy)
+        one_pass = class_means is not None
+        counts = self._label_counts(loader, comm) if one_pass and self.weighting == "balanced" else None
+        try:
+            batches = len(loader)
+        except TypeError:  # an iterable without a length
+            batches = None
+        run = _Run(self, comm, class_means, counts, batches)
+        self._forward_all(loader, run.first)
+        run.end_first()
+        run.plan.second_from_cache()
+        pending = run.plan.pending
+        if pending:
+            self._forward_all(loader, run.second, names=pending)
+        run.plan.end()
+        layers = {name: self._layer_result(run, name) for name in self.layers}
+        return ProbeResult(layers=layers, accuracy=run.correct[0] / max(1, run.correct[1]),
+                           cached_layers=run.plan.cached)
 
     def _label_counts(self, loader, comm: Ranks) -> torch.Tensor:
         """Training-label counts: the given ``class_counts``, else one pass over the loader's labels
@@ -263,136 +283,151 @@ class LayerProbe:
             counts += torch.bincount(batch[1].reshape(-1).cpu(), minlength=self.num_classes)[: self.num_classes]
         return comm.reduce(counts)
 
-    def _new_state(self, out, flat: torch.Tensor, counts: torch.Tensor, has_orig: bool) -> _LayerState:
-        dev, d = flat.device, flat.shape[1]
-        present = counts[counts > 0]
-        balanced_exact = self.weighting == "balanced" and bool((present != present[0]).any())
-        cc = counts.to(dev) if balanced_exact else None
-        big = d > self.max_dim
-        orig = has_orig and self.num_original_classes is not None
-        return _LayerState(
-            full=ClassMoments(self.num_classes, d, scatter=not big, device=dev, class_counts=None if big else cc),
-            pooled=ClassMoments(self.num_classes, channel_pool(out).shape[1], scatter=True, device=dev, class_counts=cc)
-            if big else None,
-            orig=ClassMoments(self.num_original_classes, d, scatter=False, unit_sums=False, device=dev)
-            if orig else None,
-            superclass=torch.full((self.num_original_classes,), -1, dtype=torch.int64, device=dev) if orig else None,
-            hits=torch.zeros(2, self.num_classes, dtype=torch.int64),
-        )
-
-    def _moments_pass(self, loader, counts: torch.Tensor, class_means,
-                      comm: Ranks) -> tuple[dict[str, _LayerState], float]:
-        """The first pass: every layer's ClassMoments (and the original labels' and super-classes),
-        and mean_i ||z_i|| of the network's logits; merged over the processes."""
-        states: dict[str, _LayerState] = {}
-        norm = [0.0, 0]
-
-        def on_batch(captured, logits, y, y_orig):
-            for name in self.layers:
-                out = captured[name]
-                flat = flatten(out)
-                s = states.get(name)
-                if s is None:
-                    if class_means is not None:
-                        self._check_means(name, class_means[name], flat.shape[1])
-                    s = states[name] = self._new_state(out, flat, counts, y_orig is not None)
-                s.full.update(flat, y)
-                if s.pooled is not None:
-                    s.pooled.update(channel_pool(out), y)
-                if s.orig is not None:
-                    s.orig.update(flat, y_orig)
-                    # an original class seen under two training labels (fine labels) has no super-class
-                    seen = s.superclass[y_orig]
-                    s.superclass[y_orig] = y
-                    if bool((((seen >= 0) & (seen != y)) | (s.superclass[y_orig] != y)).any()):
-                        s.split = True
-            norm[0] += float(logits.detach().to(torch.float64).norm(dim=1).sum())
-            norm[1] += logits.shape[0]
-
-        self._forward_all(loader, on_batch)
-        empty = comm.scalars(float(not states))[0] if comm.active else float(not states)
-        if empty:
-            raise ValueError("loader: yielded no batch" + (f" on {int(empty)} process(es)" if comm.active else ""))
-        if comm.active:
-            self._merge_states(states, comm)
-            norm = comm.scalars(*norm)
-        return states, norm[0] / max(1, norm[1])
-
-    def _merge_states(self, states: dict[str, _LayerState], comm: Ranks) -> None:
-        """Every process's layer statistics merged (exact), in the order of ``self.layers`` on each."""
-        for name in self.layers:
-            s = states[name]
-            for m in (s.full, s.pooled, s.orig):
-                if m is not None:
-                    m.all_reduce(comm.group)
-            if s.superclass is not None:
-                # a class seen under two training labels on any process, or under different ones on
-                # two processes, has no super-class
-                # high / low: the largest / smallest training label any process saw (-1 / C: none)
-                high = comm.reduce(s.superclass, "max")
-                unseen = torch.full_like(s.superclass, -self.num_classes)
-                low = -comm.reduce(torch.where(s.superclass >= 0, -s.superclass, unseen), "max")
-                clash = bool(((high >= 0) & (low != high)).any())
-                s.split = bool(comm.reduce(torch.tensor([int(s.split or clash)]), "max").item())
-                s.superclass = high
-
     def _check_means(self, name: str, mu, dim: int) -> None:
         if not isinstance(mu, torch.Tensor) or mu.shape != (self.num_classes, dim):
             raise ValueError(f"class_means[{name!r}]: expected a tensor of shape ({self.num_classes}, {dim}), got "
                              f"{tuple(getattr(mu, 'shape', ()))}")
 
-    def _ncc_pass(self, loader, states: dict[str, _LayerState], centres: dict[str, torch.Tensor],
-                  comm: Ranks) -> float:
-        """The second pass, now that the class means are final: per layer and class, the samples whose
-        nearest centre is their label and those where it differs from the network's decision
-        (summed over the processes). Returns the network's accuracy."""
-        correct = [0, 0]
-
-        def on_batch(captured, logits, y, y_orig):
-            decisions = logits.argmax(dim=1)
-            correct[0] += int((decisions == y).sum())
-            correct[1] += y.shape[0]
-            for name in self.layers:
-                flat = flatten(captured[name])
-                nearest = _ncc_assign(flat, centres[name], "exact", backends.for_tensor(flat))
-                hits = states[name].hits
-                hits[0] += torch.bincount(y[nearest == y], minlength=self.num_classes).cpu()
-                hits[1] += torch.bincount(y[nearest != decisions], minlength=self.num_classes).cpu()
-
-        self._forward_all(loader, on_batch)
-        if comm.active:
-            for name in self.layers:
-                states[name].hits = comm.reduce(states[name].hits)
-            correct = comm.scalars(*correct)
-        return correct[0] / max(1, correct[1])
-
-    def _layer_result(self, s: _LayerState, means: torch.Tensor, logits_norm_raw: float, name: str) -> LayerResult:
-        """The metrics of one layer from its statistics (D x D ones from the pooled features when kept)."""
-        kw = dict(weighting=self.weighting)
-        if self.rtol is not None:
-            kw["rtol"] = self.rtol
+    def _layer_result(self, run: "_Run", name: str) -> LayerResult:
+        """The metrics of one layer from its streams (D x D ones from the pooled features when kept)."""
+        rtol = DEFAULT_RTOL if self.rtol is None else self.rtol
+        full = run.plan.streams[(name, "full")]
+        pooled = run.plan.streams.get((name, "pooled"))
         weight = self.head.weight.detach() if (self.head is not None and name == self.penultimate) else None
-        out = metrics_from_moments(s.full, weight=weight, **kw)
-        dxd = s.full.dim
-        if s.pooled is not None:
-            pooled = metrics_from_moments(s.pooled, **kw)
+        backend = backends.for_tensor(full.moments.mean)
+        out = full.metrics(backend, weight=weight, rtol=rtol)
+        dxd = full.moments.dim
+        if pooled is not None:
+            pooled_out = pooled.metrics(backend, rtol=rtol)
             for k in SCATTER_METRICS:
-                out[k] = pooled[k]
-            out.ranks.update(pooled.ranks)
-            out.degenerate = pooled.degenerate
-            dxd = s.pooled.dim
-        counts = s.full.counts.cpu()
-        n_rows = int(counts.sum())
-        for i, key in enumerate(("ncc_accuracy", "ncc_mismatch")):
-            out[key] = int(s.hits[i].sum()) / n_rows
-            out.per_class[key] = class_fractions(s.hits[i], counts)
-        out["logits_norm"] = self.logit_scale * logits_norm_raw
-        out["logits_norm_raw"] = logits_norm_raw
+                out[k] = pooled_out[k]
+            out.ranks.update(pooled_out.ranks)
+            out.degenerate = pooled_out.degenerate
+            dxd = pooled.moments.dim
+        norm = run.norm[0] / max(1, run.norm[1])
+        out["logits_norm"] = self.logit_scale * norm
+        out["logits_norm_raw"] = norm
         distance = None
-        if s.orig is not None:
-            distance = class_distance_from_moments(s.orig)
-            if not s.split:  # with fine labels the original classes have no super-class
-                out["msdr"] = msdr_from_moments(s.orig, s.superclass)
-        return LayerResult(metrics=out, class_means=means, dim=s.full.dim, dxd_dim=dxd,
-                           dxd_features="channel_pooled" if s.pooled is not None else "full", moments=s.full,
+        orig = run.orig.get(name)
+        if orig is not None:
+            distance = class_distance_from_moments(orig)
+            if not run.split[name]:  # with fine labels the original classes have no super-class
+                out["msdr"] = msdr_from_moments(orig, run.superclass[name])
+        return LayerResult(metrics=out, class_means=full.moments.means, dim=full.moments.dim, dxd_dim=dxd,
+                           dxd_features="channel_pooled" if pooled is not None else "full", moments=full.moments,
                            class_distance=distance)
+
+
+class _Run:
+    """One LayerProbe.measure: the passes.Plan of every layer's streams (created from the first
+    batch's shapes), the original labels' moments and super-classes, the logits norm and the
+    network's accuracy."""
+
+    def __init__(self, probe: LayerProbe, comm: Ranks, class_means, counts, batches: int | None):
+        self.probe = probe
+        self.batches = batches  # the loader's length, when it has one
+        self.comm = comm
+        self.class_means = class_means
+        self.counts = counts
+        self.plan: Plan | None = None
+        self.orig: dict[str, ClassMoments] = {}
+        self.superclass: dict[str, torch.Tensor] = {}  # training label of each original class (-1: not seen)
+        self.split: dict[str, bool] = {}  # an original class seen under two training labels (no super-class)
+        self.norm = [0.0, 0]
+        self.correct = [0, 0]
+
+    def _feeds(self, captured, names) -> dict:
+        feats = {}
+        for name in names:
+            out = captured[name]
+            feats[(name, "full")] = flatten(out)
+            if (name, "pooled") in self.plan.streams:
+                feats[(name, "pooled")] = channel_pool(out)
+        return feats
+
+    def _start(self, captured, has_orig: bool) -> None:
+        p = self.probe
+        streams, groups = {}, {}
+        one_pass = self.class_means is not None
+        for name in p.layers:
+            out = captured[name]
+            flat = flatten(out)
+            dev, d = flat.device, flat.shape[1]
+            centres = None
+            if one_pass:
+                p._check_means(name, self.class_means[name], d)
+                centres = self.class_means[name].to(device=dev, dtype=torch.float64)
+            big = d > p.max_dim
+            counts = None if self.counts is None else self.counts.to(dev)
+            streams[(name, "full")] = Stream(p.num_classes, d, device=dev, weighting=p.weighting, scatter=not big,
+                                             centres=centres, one_pass=one_pass, class_counts=counts, decisions=True)
+            groups[name] = [(name, "full")]
+            if big:
+                streams[(name, "pooled")] = Stream(p.num_classes, channel_pool(out).shape[1], device=dev,
+                                                   weighting=p.weighting, unit_sums=False, ncc=False,
+                                                   one_pass=one_pass, class_counts=counts)
+                groups[name].append((name, "pooled"))
+            if has_orig and p.num_original_classes is not None:
+                self.orig[name] = ClassMoments(p.num_original_classes, d, scatter=False, unit_sums=False, device=dev)
+                self.superclass[name] = torch.full((p.num_original_classes,), -1, dtype=torch.int64, device=dev)
+                self.split[name] = False
+        self.plan = Plan(streams, groups=groups, comm=self.comm, cache_bytes=p.cache_bytes,
+                         expected_rows=self.expected_rows)
+
+    def first(self, captured, logits, y, y_orig) -> None:
+        """The first forward pass's batch: every stream's first pass (kept for the second while the
+        cache allows), the original labels' moments, the logits norm and the accuracy."""
+        if self.plan is None:
+            self.expected_rows = None if self.batches is None else self.batches * y.shape[0]
+            self._start(captured, y_orig is not None)
+        decisions = logits.argmax(dim=1)
+        self.plan.first(Block(self._feeds(captured, self.probe.layers), y, decisions))
+        for name, orig in self.orig.items():
+            flat = flatten(captured[name])
+            orig.update(flat, y_orig)
+            # an original class seen under two training labels (fine labels) has no super-class
+            sup = self.superclass[name]
+            seen = sup[y_orig]
+            sup[y_orig] = y
+            if bool((((seen >= 0) & (seen != y)) | (sup[y_orig] != y)).any()):
+                self.split[name] = True
+        self.norm[0] += float(logits.detach().to(torch.float64).norm(dim=1).sum())
+        self.norm[1] += logits.shape[0]
+        self.correct[0] += int((decisions == y).sum())
+        self.correct[1] += y.shape[0]
+
+    def end_first(self) -> None:
+        """After the first pass: an empty loader refused, every process's statistics merged."""
+        comm = self.comm
+        empty = comm.scalars(float(self.plan is None))[0] if comm.active else float(self.plan is None)
+        if empty:
+            raise ValueError("loader: yielded no batch" + (f" on {int(empty)} process(es)" if comm.active else ""))
+        self.plan.end_first()
+        if comm.active:
+            for name in self.probe.layers:
+                self._merge_orig(name)
+            self.norm = comm.scalars(*self.norm)
+            self.correct = comm.scalars(*self.correct)
+
+    def _merge_orig(self, name: str) -> None:
+        """The original labels' moments merged (exact) and the super-classes checked across processes."""
+        orig = self.orig.get(name)
+        if orig is None:
+            return
+        comm, nc = self.comm, self.probe.num_classes
+        orig.all_reduce(comm.group)
+        sup = self.superclass[name]
+        # a class seen under two training labels on any process, or under different ones on two
+        # processes, has no super-class. high / low: the largest / smallest training label any
+        # process saw (-1 / C: none)
+        high = comm.reduce(sup, "max")
+        unseen = torch.full_like(sup, -nc)
+        low = -comm.reduce(torch.where(sup >= 0, -sup, unseen), "max")
+        clash = bool(((high >= 0) & (low != high)).any())
+        self.split[name] = bool(comm.reduce(torch.tensor([int(self.split[name] or clash)]), "max").item())
+        self.superclass[name] = high
+
+    def second(self, captured, logits, y, y_orig) -> None:
+        """A batch of the second forward pass, for the layers the cache did not keep."""
+        names = [n for n in self.probe.layers if n in self.plan.pending]
+        self.plan.second(Block(self._feeds(captured, names), y, logits.argmax(dim=1)))

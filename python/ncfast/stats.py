@@ -258,6 +258,12 @@ class ClassMoments:
         for k in _STATE_KEYS:
             setattr(self, k, getattr(merged, k))
 
+    def _scatter_pass(self, weighting: str, pooled: bool = True) -> "_ScatterPass":
+        """The second pass of the exact two-pass form for a state built without the scatter: a
+        ``_ScatterPass`` that sums, over blocks of the same rows again, the D x D scatter about
+        this state's (final) class means, and attaches it (``_ScatterPass.attach``)."""
+        return _ScatterPass(self, weighting, pooled)
+
     # ------------------------------------------------------------- merge / sync
     def _check_compatible(self, other: "ClassMoments") -> None:
         if not isinstance(other, ClassMoments):
@@ -473,3 +479,52 @@ class ClassMoments:
     def __repr__(self) -> str:
         return (f"ClassMoments(num_classes={self.num_classes}, dim={self.dim}, samples={self.num_samples}, "
                 f"scatter={self.scatter is not None}, unit_sums={self.unit_sum is not None}, device={self.device})")
+
+
+class _ScatterPass:
+    """sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T over a second pass of the rows a ClassMoments has
+    seen, about its final means mu_c: the exact two-pass form, with no merge correction between
+    blocks (every block is centred on the same means), so that under torch.distributed the
+    processes' sums simply add.
+
+    Kept as ``ClassMoments.scatter`` (pooled) and, under balanced weighting on imbalanced counts,
+    ``wscatter`` (rows scaled by 1/sqrt(n_c): the exact balanced Sigma_W, the final counts
+    becoming ``class_counts``). ``pooled=False`` keeps only the balanced one where it is kept (as
+    nc_metrics, which reads only ``weighting``'s Sigma_W).
+    """
+
+    def __init__(self, moments: ClassMoments, weighting: str, pooled: bool):
+        check_choice(weighting, WEIGHTINGS, "weighting")
+        self.moments = moments
+        counts = moments.count
+        present = counts[counts > 0]
+        self.balanced = weighting == "balanced" and present.numel() > 0 and bool((present != present[0]).any())
+        self.pooled = pooled or not self.balanced
+        self.scales = [None] if self.pooled else []
+        if self.balanced:
+            self.scales.append((1.0 / counts.clamp_min(1).to(torch.float64)).sqrt())
+        self.means = moments.mean
+        self.sums: list[torch.Tensor | None] = [None] * len(self.scales)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend) -> None:
+        """Add the scatter of a block (x, y) of checked rows (on the moments' device)."""
+        if x.shape[0] == 0:
+            return
+        parts = backend.centred_scatters(x, y, self.means, self.scales)
+        self.sums = [p if acc is None else acc.add_(p) for acc, p in zip(self.sums, parts)]
+
+    def attach(self, reduce=None) -> ClassMoments:
+        """Set the sums as the moments' scatter (after ``reduce``, e.g. a sum over processes)."""
+        m = self.moments
+        d = m.dim
+        sums = [torch.zeros(d, d, dtype=torch.float64, device=m.device) if t is None else t for t in self.sums]
+        if reduce is not None:
+            sums = [reduce(t) for t in sums]
+        m._keeps_scatter = True
+        m.scatter = sums[0] if self.pooled else None
+        if self.balanced:
+            m.class_counts = m.count.clone()
+            m.wscatter = sums[-1]
+        else:
+            m.wscatter = None
+        return m
