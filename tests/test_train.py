@@ -237,6 +237,9 @@ def test_no_augment_and_the_per_epoch_history(tmp_path, monkeypatch):
     assert rows[0]["seconds"] is None and all(r["seconds"] > 0 for r in rows[1:])
     measured = {r["epoch"]: r for r in map(json.loads, (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())}
     assert sorted(measured) == [0, 2, 3]
+    # what measuring cost: the seconds of both splits' measure on a measured epoch, null otherwise
+    assert [r["epoch"] for r in rows if r["measure_seconds"] is not None] == [0, 2, 3]
+    assert all(r["measure_seconds"] > 0 for r in rows if r["epoch"] in measured)
     for r in rows:
         assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
         if r["epoch"] in measured:

@@ -290,6 +290,7 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch = 0
         self.epoch_seconds: list[float] = []
+        self.measure_seconds: dict[int, float] = {}  # measured epoch -> seconds of its measure()
         self.counts = {s: torch.bincount(self.y[s].cpu(), minlength=self.num_train_classes) for s in self.y}
         self.train_model = self.model
         if self.ranks.active:
@@ -338,7 +339,7 @@ class Trainer:
         state = {
             "config": asdict(self.cfg), "epoch": self.epoch, "model": self.model.state_dict(),
             "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
-            "history": self.history, "epoch_seconds": self.epoch_seconds,
+            "history": self.history, "epoch_seconds": self.epoch_seconds, "measure_seconds": self.measure_seconds,
         }
         _atomic_save(state, self._checkpoint_path())
         self.ranks.barrier()
@@ -355,6 +356,7 @@ class Trainer:
         self.history = state["history"]
         self.epoch = state["epoch"]
         self.epoch_seconds = state.get("epoch_seconds", [])
+        self.measure_seconds = state.get("measure_seconds", {})
         return True
 
     # ---------------------------------------------------------------- one epoch
@@ -500,7 +502,10 @@ class Trainer:
             scheduled = epoch > 0 and record["train_acc"] >= cfg.it_threshold and not any(
                 r["epoch"] > 0 and r["train_acc"] >= cfg.it_threshold for r in self.history)
         if scheduled:
+            t0 = time.perf_counter()
             record["layers"], distances, train_label_distance, accuracy = self.measure()
+            # beside the record, not in it: metrics.jsonl holds the numbers a rerun reproduces
+            self.measure_seconds[epoch] = time.perf_counter() - t0
             record["train_acc"], record["test_acc"] = accuracy["train"], accuracy["test"]
             pen = self.model.penultimate_name
             folder = self.out / "class_distance"
@@ -519,8 +524,11 @@ class Trainer:
         if "layers" in record:
             m = record["layers"].get(self.model.penultimate_name, {}).get("train", {})
             line += "  " + "  ".join(f"{k} {m[k]:.4g}" for k in ("nc1", "nc2_etf", "ncc_mismatch", "msdr") if k in m)
-        if self.epoch_seconds and epoch > 0:
-            line += f"  ({self.epoch_seconds[-1]:.1f} s)"
+        timing = [f"{self.epoch_seconds[-1]:.1f} s"] if self.epoch_seconds and epoch > 0 else []
+        if epoch in self.measure_seconds and scheduled:
+            timing.append(f"measured in {self.measure_seconds[epoch]:.1f} s")
+        if timing:
+            line += f"  ({', '.join(timing)})"
         if main:
             print(line, flush=True)
 
@@ -538,14 +546,17 @@ class Trainer:
 
     def _write_metrics(self) -> None:
         """metrics.jsonl (the measured epochs, every metric) and history.jsonl (every epoch: loss,
-        learning rate, train and test accuracy, and the epoch's seconds). Rank 0 writes them."""
+        learning rate, train and test accuracy, the epoch's training seconds and, on a measured
+        epoch, ``measure_seconds``: the seconds of both splits' measure, null otherwise). Rank 0
+        writes them."""
         if not self.ranks.main:
             return
         lines = [json.dumps(finite(r)) for r in self.history if "layers" in r]
         _atomic_text("\n".join(lines) + ("\n" if lines else ""), self.out / "metrics.jsonl")
         keys = ("epoch", "train_loss", "lr", "train_acc", "test_acc")
         seconds = self.epoch_seconds
-        rows = [{**{k: r[k] for k in keys}, "seconds": seconds[r["epoch"] - 1] if 0 < r["epoch"] <= len(seconds) else None}
+        rows = [{**{k: r[k] for k in keys}, "seconds": seconds[r["epoch"] - 1] if 0 < r["epoch"] <= len(seconds) else None,
+                 "measure_seconds": self.measure_seconds.get(r["epoch"])}
                 for r in self.history]
         _atomic_text("".join(json.dumps(finite(row)) + "\n" for row in rows), self.out / "history.jsonl")
 
