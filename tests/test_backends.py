@@ -108,6 +108,22 @@ def test_centred_scatters_match_float64(impl):
     assert_close(scaled.cpu().numpy(), zs.T @ zs, rtol=1e-12, atol=1e-12, what="scaled")
 
 
+@pytest.mark.parametrize("syrk_min", [0, 1 << 62])
+def test_centred_scatters_through_dsyrk_and_torch_mm(syrk_min, monkeypatch):
+    """The CPU Gram's two routes (scipy's dsyrk into one triangle for large blocks, torch.mm for
+    small ones): both the float64 scatter, symmetric."""
+    monkeypatch.setattr(torch_backend, "SYRK_MIN_FLOPS", syrk_min)
+    x, y, c = make_data(n=300, d=9, c=3, seed=12)
+    means = torch.from_numpy(_moments64(x, y, c)[1])
+    scale = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    pooled, scaled = torch_backend.TorchBackend().centred_scatters(x, y, means, [None, scale])
+    z = x.double().numpy() - means.numpy()[y.numpy()]
+    zs = z * scale.numpy()[y.numpy()][:, None]
+    for got, want, what in ((pooled, z.T @ z, "pooled"), (scaled, zs.T @ zs, "scaled")):
+        assert_close(got.numpy(), want, rtol=1e-12, atol=1e-12, what=what)
+        assert torch.equal(got, got.T)
+
+
 def test_sym_gram(impl):
     a = torch.randn(30, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     got = impl.sym_gram(_on(impl, a)).cpu().numpy()

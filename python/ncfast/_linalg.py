@@ -34,8 +34,22 @@ import math
 import numpy as np
 import scipy.linalg
 import torch
+from threadpoolctl import ThreadpoolController
 
-__all__ = ["live_coordinates", "pivoted_cholesky", "triangular_inverse", "sym_eigh", "sym_eigvalsh", "svd_left", "svdvals"]
+__all__ = ["blas_threads", "live_coordinates", "pivoted_cholesky", "triangular_inverse", "sym_eigh", "sym_eigvalsh", "svd_left", "svdvals"]
+
+_BLAS_CONTROLLER = None
+
+
+def blas_threads(limit: int):
+    """A context holding scipy's BLAS and LAPACK to ``limit`` threads (torch's count, so that
+    ``torch.set_num_threads`` governs them too), from one threadpoolctl controller: a
+    ``threadpool_limits`` per call rescans the process's libraries, 2.5 ms each."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=limit, user_api="blas")
+
 
 _EIG_DRIVERS = ("evr", "ev")  # MRRR, then the QR iteration: neither is divide and conquer
 _SVD_DRIVERS = ("gesdd", "gesvd")
@@ -236,7 +250,9 @@ def _pstrf_host(host: np.ndarray, tol: float) -> np.ndarray:
     """LAPACK dpstrf on a float64 symmetric matrix: M with rows in the input's order."""
     n = host.shape[0]
     # a symmetric C-ordered array is its own Fortran-ordered transpose: the copy is the workspace
-    c, piv, rank, info = scipy.linalg.lapack.dpstrf(np.array(host, order="F"), tol=tol, lower=1, overwrite_a=1)
+    with blas_threads(torch.get_num_threads()):
+        c, piv, rank, info = scipy.linalg.lapack.dpstrf(np.array(host, order="F"), tol=tol, lower=1,
+                                                        overwrite_a=1)
     if info < 0:
         raise ValueError(f"dpstrf: argument {-info} is invalid")
     lower = np.tril(c[:, :rank])
@@ -279,7 +295,8 @@ def triangular_inverse(t: torch.Tensor, upper: bool) -> torch.Tensor:
         return torch.linalg.solve_triangular(t, eye, upper=upper)
     host = t.detach().numpy()
     # a C-ordered triangle is the Fortran-ordered transpose, the opposite triangle: invert that
-    inv, info = scipy.linalg.lapack.dtrtri(host.T, lower=int(upper))
+    with blas_threads(torch.get_num_threads()):
+        inv, info = scipy.linalg.lapack.dtrtri(host.T, lower=int(upper))
     if info != 0:
         raise ValueError(f"dtrtri: info {info} (a zero on the diagonal)" if info > 0 else f"dtrtri: argument {-info}")
     return torch.from_numpy(np.ascontiguousarray(inv.T))

@@ -11,9 +11,9 @@ import contextlib
 import numpy as np
 import torch
 from scipy.linalg import blas as scipy_blas
-from threadpoolctl import threadpool_limits
 
 from .. import _numerics
+from .._linalg import blas_threads
 from .._validation import NON_FINITE
 from .base import BlockMoments, PairContext, PairSums, Sweep
 
@@ -46,11 +46,18 @@ def ncc_block_rows(x: torch.Tensor, classes: int) -> int:
     return max(1, min(16384, elems // max(classes, x.shape[1])))
 
 
+SYRK_MIN_FLOPS = 1 << 27
+"""Smallest block product (rows x D^2) that the CPU Gram sends to scipy's dsyrk; smaller ones go
+through torch.mm. dsyrk does half a GEMM's flops, but scipy's OpenBLAS keeps its threads spinning
+for milliseconds after a call, and on 2 cores the torch operations that follow (in a LayerProbe,
+the next batch's small ones) ran 10-50x slower meanwhile (a 128 x 128 triu took 3-8 ms, not 0.01)."""
+
 class Gram:
     """Accumulates sum of a^T a (D x D) over float64 blocks a.
 
-    On CPU through BLAS dsyrk into one triangle of a Fortran-ordered accumulator (half the flops
-    of a GEMM), mirrored once at the end.
+    On CPU the larger blocks go through BLAS dsyrk into one triangle of a Fortran-ordered
+    accumulator (half the flops of a GEMM), mirrored once at the end; the small ones through
+    torch.mm (``SYRK_MIN_FLOPS``).
     """
 
     def __init__(self, d: int, device: torch.device):
@@ -58,10 +65,14 @@ class Gram:
         self.acc = np.zeros((d, d), order="F") if self.cpu else torch.zeros(d, d, dtype=torch.float64, device=device)
 
     def add(self, a: torch.Tensor) -> None:
-        if self.cpu:
-            self.acc = scipy_blas.dsyrk(1.0, a.numpy().T, beta=1.0, c=self.acc, trans=0, lower=0, overwrite_c=1)
-        else:
+        if not self.cpu:
             self.acc += a.T @ a
+        elif a.shape[0] * a.shape[1] ** 2 >= SYRK_MIN_FLOPS:
+            with blas_threads(torch.get_num_threads()):
+                self.acc = scipy_blas.dsyrk(1.0, a.numpy().T, beta=1.0, c=self.acc, trans=0, lower=0,
+                                            overwrite_c=1)
+        else:
+            self.acc += (a.T @ a).numpy()  # the full product: total() reads its upper triangle
 
     def total(self) -> torch.Tensor:
         if not self.cpu:
@@ -78,20 +89,18 @@ def blockwise_scatters(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, sc
     rows = rows_per_block(d)
     grams = [Gram(d, means.device) for _ in scales]
     buf = torch.empty(min(rows, x.shape[0]), d, dtype=torch.float64, device=means.device)
-    # scipy's BLAS keeps its own thread pool: hold it to torch's thread count.
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-        for xb, yb in row_blocks(x, y, rows):
-            centred = centre(xb, yb, buf[: xb.shape[0]])
-            # the unscaled scatters first, so that the last scaled one may scale the rows in place
-            order = sorted(range(len(scales)), key=lambda i: scales[i] is not None)
-            for pos, i in enumerate(order):
-                s = scales[i]
-                if s is None:
-                    grams[i].add(centred)
-                elif pos == len(order) - 1:
-                    grams[i].add(centred.mul_(s[yb].unsqueeze(1)))
-                else:
-                    grams[i].add(centred * s[yb].unsqueeze(1))
+    for xb, yb in row_blocks(x, y, rows):
+        centred = centre(xb, yb, buf[: xb.shape[0]])
+        # the unscaled scatters first, so that the last scaled one may scale the rows in place
+        order = sorted(range(len(scales)), key=lambda i: scales[i] is not None)
+        for pos, i in enumerate(order):
+            s = scales[i]
+            if s is None:
+                grams[i].add(centred)
+            elif pos == len(order) - 1:
+                grams[i].add(centred.mul_(s[yb].unsqueeze(1)))
+            else:
+                grams[i].add(centred * s[yb].unsqueeze(1))
     return [g.total() for g in grams]
 
 
