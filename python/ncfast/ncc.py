@@ -302,10 +302,26 @@ def ncc_assign(features, means, *, mode: str = "exact") -> torch.Tensor:
 
 def _ncc_assign(x: torch.Tensor, means, mode: str, backend: backends.Backend) -> torch.Tensor:
     """ncc_assign of checked features with the caller's backend."""
-    problem, shift, index = _ncc_problem(x, means)
+    return _solve(x, _problems(x, means), mode, backend)[0]
+
+
+def _problems(x: torch.Tensor, means, weight=None, bias=None):
+    """The nearest-centre problem (and with ``weight`` the decision problem), the shift and the
+    index of the finite centres: prepared once for every block of rows scored against the same
+    centres (``_solve``); ``x`` gives the width and device."""
+    ncc, shift, index = _ncc_problem(x, means)
+    problems = [ncc] if weight is None else [ncc, _decision_problem(x, weight, bias, shift)]
+    return problems, shift, index
+
+
+def _solve(x: torch.Tensor, prepared, mode: str, backend: backends.Backend):
+    """(nearest centre, decision or None) of the rows x for problems from ``_problems``."""
+    problems, shift, index = prepared
     if x.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=x.device)
-    return index[_certified_argmins(x, shift, [problem], mode, backend)[0]]
+        empty = torch.empty(0, dtype=torch.int64, device=x.device)
+        return empty, (empty.clone() if len(problems) > 1 else None)
+    out = _certified_argmins(x, shift, problems, mode, backend)
+    return index[out[0]], (out[1] if len(problems) > 1 else None)
 
 
 def classifier_decisions(features, weight, bias=None, *, mode: str = "exact") -> torch.Tensor:
@@ -335,13 +351,7 @@ def ncc_and_decisions(features, means, weight, bias=None, *,
 
 def _ncc_and_decisions(x: torch.Tensor, means, weight, bias, mode: str, backend: backends.Backend):
     """ncc_and_decisions of checked features with the caller's backend."""
-    ncc, shift, index = _ncc_problem(x, means)
-    decision = _decision_problem(x, weight, bias, shift)
-    if x.shape[0] == 0:
-        empty = torch.empty(0, dtype=torch.int64, device=x.device)
-        return empty, empty.clone()
-    nearest, decisions = _certified_argmins(x, shift, [ncc, decision], mode, backend)
-    return index[nearest], decisions
+    return _solve(x, _problems(x, means, weight, bias), mode, backend)
 
 
 def ncc_mismatch(features, means, decisions) -> float:

@@ -35,7 +35,7 @@ import torch
 from . import backends
 from ._distributed import Ranks
 from .metrics import NCMetrics, _metrics_from_moments, class_fractions
-from .ncc import _ncc_and_decisions, _ncc_assign
+from .ncc import _problems, _solve
 from .stats import ClassMoments
 
 
@@ -58,15 +58,19 @@ class NCCTally:
         self.num_classes = num_classes
         self.decisions = decisions
         self.hits = torch.zeros(2, num_classes, dtype=torch.int64)
+        self._prepared = None  # (centres, classifier, problems): the last blocks' centres, prepared once
 
     def add(self, x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, backend: backends.Backend, *,
             classifier=None, decisions: torch.Tensor | None = None) -> None:
         """Score a block: the exact nearest centre of every row (rows of ``centres`` holding NaN are
         no candidates); the decision is argmax W h + b with ``classifier`` = (W, b), else ``decisions``."""
-        if classifier is not None:
-            nearest, decisions = _ncc_and_decisions(x, centres, classifier[0], classifier[1], "exact", backend)
-        else:
-            nearest = _ncc_assign(x, centres, "exact", backend)
+        p = self._prepared
+        if p is None or p[0] is not centres or p[1] is not classifier:
+            w, b = classifier if classifier is not None else (None, None)
+            p = self._prepared = (centres, classifier, _problems(x, centres, w, b))
+        nearest, decided = _solve(x, p[2], "exact", backend)
+        if decided is not None:
+            decisions = decided
         c = self.num_classes
         self.hits[0] += torch.bincount(y[nearest == y], minlength=c)[:c].cpu()
         if decisions is not None:
@@ -223,7 +227,7 @@ class Plan:
                 kept.dropped = True
         self._shared: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # labels, decisions per block
         self._shared_bytes = 0
-        self._pending: list[str] | None = None
+        self._first = True  # no block seen yet
 
     @staticmethod
     def backend(x: torch.Tensor) -> backends.Backend:
@@ -242,7 +246,8 @@ class Plan:
             return
         shared = _nbytes(block.labels) + _nbytes(block.decisions)
         rows = block.labels.shape[0]
-        if self.expected_rows and self.cache_bytes is not None and not self._shared and rows:
+        first, self._first = self._first, False
+        if first and self.expected_rows and self.cache_bytes is not None and rows:
             # the first block: first fit of the groups' expected totals
             scale = self.expected_rows / rows
             used = shared * scale
