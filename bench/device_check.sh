@@ -2,7 +2,7 @@
 # Issue 4's checks on a lent GPU, as one call of the device tool (at most 590 s, inside the tool's
 # 600 s per command; a session has 15 minutes of device time in all, the machine's start included):
 #
-#   bash bench/device_check.sh [build] [tests] [bench] [tune]     # default: all four, in this order
+#   bash bench/device_check.sh [build] [tests] [bench] [costs] [tune]   # default: all five, in this order
 #
 # build (90 s):  the package (C++ core too) into the machine's python3, no network
 #                (--no-build-isolation, --no-deps: scikit-build-core, pybind11, cmake and ninja are
@@ -11,6 +11,9 @@
 #                workers (kernel compiles dominate).
 # bench (230 s): bench/run.py --device cuda --sizes h100 (issue 4's targets), 2 timed runs each:
 #                the float32 baselines at N = 4M, C = 50,000 take about 8 s a call.
+# costs (120 s):  bench/run.py --device cuda --ops probe,dxd --sizes h100 (bench/costs.py): what
+#                measuring costs on the GPU, LayerProbe.measure against one forward pass and
+#                nc_metrics against float64 X^T X + eigvalsh(D); no target yet.
 # tune (the rest, at least 120 s): bench/gpu_tune.py, each kernel alone over its tile shapes, with
 #                the GPU's ceilings (NCC first; its JSON is rewritten after each part).
 #
@@ -23,7 +26,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16
 PY=${PYTHON:-python3}
 stages=("$@")
-((${#stages[@]})) || stages=(build tests bench tune)
+((${#stages[@]})) || stages=(build tests bench costs tune)
 say() { printf '\n== %s %s\n' "$(date -u +%T)" "$*"; }
 # One deadline for the whole call: a stage gets its own cap or what is left of 590 s, whichever is
 # less, so the time a quick stage leaves goes to the later ones.
@@ -59,7 +62,11 @@ for stage in "${stages[@]}"; do
       say "bench (bench/run.py --device cuda --sizes h100)"
       timeout "$(cap 230)" $PY bench/run.py --device cuda --sizes h100 --repeat 2 --json "$OUT/h100.json" >"$OUT/bench.log" 2>&1
       echo "bench rc $?"; tail -40 "$OUT/bench.log" ;;
-    *) echo "unknown stage $stage (build, tests, bench, tune)"; exit 2 ;;
+    costs)
+      say "costs (bench/run.py --device cuda --ops probe,dxd --sizes h100)"
+      timeout "$(cap 120)" $PY bench/run.py --device cuda --ops probe,dxd --sizes h100 --repeat 2 --json "$OUT/costs.json" >"$OUT/costs.log" 2>&1
+      echo "costs rc $?"; tail -25 "$OUT/costs.log" ;;
+    *) echo "unknown stage $stage (build, tests, bench, costs, tune)"; exit 2 ;;
   esac
 done
 say "done"

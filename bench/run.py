@@ -21,6 +21,8 @@ Run from the repository root::
     python bench/run.py                      # default sizes, < 3 minutes on 2 CPU cores
     python bench/run.py --sizes quick        # smoke run, ~10 s
     python bench/run.py --full --ops ncc_assign --threads 16
+    python bench/run.py --ops probe,dxd      # what measuring costs against a forward pass and
+                                             # X^T X + eigvalsh(D) (bench/costs.py), ~8 minutes
 
 Each provider runs ``--warmup`` times, then ``--repeat`` timed runs (providers take turns, so
 a burst of background load hits all of them alike); the median and min are reported.
@@ -54,8 +56,13 @@ import torch
 import ncfast
 from ncfast import _peak
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import costs as bench_costs  # noqa: E402
+
 OPS = ("class_moments", "class_moments:no_units", "class_moments+scatter", "class_distance", "ncc_assign", "ncc_assign:fast", "class_pair_stats",
        "nc_metrics")
+# Ratios to the work a user cannot avoid (bench/costs.py), not against a baseline: run when asked for.
+COST_OPS = ("probe", "dxd")
 
 # (N, D, C) per op. N is a multiple of C so the classes are balanced and every one is present.
 # The default set runs in about a minute on 2 idle cores, leaving room for a loaded machine.
@@ -505,7 +512,8 @@ def print_floors(records, peaks):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {', '.join(OPS)}")
+    p.add_argument("--ops", default=",".join(OPS),
+                   help=f"comma-separated subset of {', '.join(OPS + COST_OPS)} (default: all but {', '.join(COST_OPS)})")
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--sizes", choices=tuple(PRESETS), default="default", help="size preset (default: default)")
     sizes.add_argument("--full", action="store_const", const="full", dest="sizes", help="same as --sizes full")
@@ -518,9 +526,9 @@ def parse_args(argv=None):
                    help="where the inputs live (default cpu); issue 4's GPU sizes: --device cuda --sizes h100")
     args = p.parse_args(argv)
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
-    unknown = [op for op in args.ops if op not in OPS]
+    unknown = [op for op in args.ops if op not in OPS + COST_OPS]
     if unknown:
-        p.error(f"--ops: unknown {', '.join(unknown)}; choose from {', '.join(OPS)}")
+        p.error(f"--ops: unknown {', '.join(unknown)}; choose from {', '.join(OPS + COST_OPS)}")
     if args.repeat < 1 or args.warmup < 0:
         p.error("--repeat must be >= 1 and --warmup >= 0")
     if args.threads is not None and args.threads < 1:
@@ -542,7 +550,7 @@ def main(argv=None):
 
     # Cheapest first (a run cut short by a timeout keeps the most results), grouped by size so
     # each data set is generated once; the table is sorted back by op.
-    jobs = sorted(((op, size) for op in args.ops for size in PRESETS[args.sizes][op]),
+    jobs = sorted(((op, size) for op in args.ops if op in OPS for size in PRESETS[args.sizes][op]),
                   key=lambda j: (_job_cost(j[0], *j[1]), j[1]))
     records = []
     data_size = None
@@ -591,10 +599,16 @@ def main(argv=None):
         print(f"    {summary}", file=sys.stderr)
         _write_json(args.json, header, records, partial=i < len(jobs))  # kept if the run is cut short
     records.sort(key=lambda r: (OPS.index(r["op"]), r["size"]["N"], r["size"]["D"], r["size"]["C"]))
+    costs = []
+    if any(op in COST_OPS for op in args.ops):
+        costs = bench_costs.run(args.ops, args.sizes, device, args.warmup, args.repeat, sync)
+        header["costs"] = costs
     print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
-    print_table(records)
-    print_floors(records, peaks)
+    if records:
+        print_table(records)
+        print_floors(records, peaks)
+    bench_costs.print_rows(costs)
     _write_json(args.json, header, records, partial=False)
     print(f"\nwrote {args.json}")
 

@@ -31,6 +31,26 @@ def test_harness_runs_every_op_and_writes_floors(tmp_path, monkeypatch, capsys):
     assert "ncfast against the floors" in text
 
 
+def test_cost_rows_run_and_report_ratios(tmp_path, monkeypatch, capsys):
+    """--ops probe,dxd at tiny sizes: every case's ratio to its floor is written and printed; the
+    train split's features were cached."""
+    import costs
+
+    monkeypatch.setitem(costs.PRESETS, "quick", {"probe": [40], "dxd": [(30, 24)]})
+    monkeypatch.setattr(costs, "BATCH", 16)
+    out = tmp_path / "c.json"
+    bench.main(["--ops", "probe,dxd", "--sizes", "quick", "--repeat", "1", "--warmup", "0", "--json", str(out)])
+    rows = json.loads(out.read_text())["header"]["costs"]
+    assert [(r["op"], r["case"]) for r in rows] == [("probe", "train"), ("probe", "train, uncached"),
+                                                    ("probe", "held-out"), ("dxd", "nc_metrics")]
+    for r in rows:
+        assert r["ncfast_s"] > 0 and r["floor_s"] > 0 and r["ratio"] == r["ncfast_s"] / r["floor_s"]
+        assert r["ratio_of_min"] == r["ncfast_min_s"] / r["floor_min_s"]
+    assert rows[0]["cached_layers"] == costs.PROBE_LAYERS
+    assert rows[3]["floor_s"] == rows[3]["xtx_s"] + rows[3]["eigvalsh_s"]
+    assert "What measuring costs" in capsys.readouterr().out
+
+
 def test_moments_bandwidth_script_runs(capsys):
     """bench/moments_bandwidth.py at a tiny size: one line per C, both timings and ratios printed."""
     import moments_bandwidth
