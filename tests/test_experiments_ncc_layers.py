@@ -147,7 +147,7 @@ def test_quick_mismatch_agrees_with_numpy(quick):
     """The last epoch's NCC mismatch of layer2 and of the output layer, train and test (test against
     the TRAIN class means, def. 6), recomputed with numpy from the saved model."""
     out, res = quick
-    state = torch.load(out / "vanilla" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "vanilla" / "checkpoint.pt", map_location="cpu", weights_only=True)
     cfg = dict(state["config"], device="cpu")
     trainer = Trainer(Config(**cfg))
     trainer.model.load_state_dict(state["model"])

@@ -304,7 +304,7 @@ def test_quick_rank_and_logits_norm_match_numpy_on_the_saved_network(quick):
     cfg = json.loads((folder / "summary.json").read_text())["config"]
     ds = load_dataset("digits", seed=cfg["seed"])
     model = build_model("mlp", 10, 1, (8, 8), depth=cfg["depth"], width=cfg["width"], output_norm=cfg["output_norm"])
-    model.load_state_dict(torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+    model.load_state_dict(torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)["model"])
     model.eval()
     seen = {}
     model.get_submodule(r["rank_layer"]).register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))

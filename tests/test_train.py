@@ -2,6 +2,7 @@
 the metrics.jsonl schema. Data files are written by the tests (nothing is downloaded)."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,8 +103,8 @@ def test_idx_data_end_to_end(tmp_path, name):
 
 
 @pytest.mark.parametrize("name, layout", [("cifar10", "folder"), ("cifar100", "tar")])
-def test_cifar_end_to_end(tmp_path, name, layout):
-    write_cifar(tmp_path / "data", name, layout, n_train=60, n_test=20)
+def test_cifar_end_to_end(tmp_path, name, layout, monkeypatch):
+    write_cifar(tmp_path / "data", name, layout, monkeypatch, n_train=60, n_test=20)
     cfg = _tiny(tmp_path, dataset=name, data=str(tmp_path / "data"), arch="vgg11", random_coarse=3)
     Trainer(cfg).run()
     lines, _ = _check_outputs(tmp_path / "run", 1, ["block1", "block2", "block3", "block4", "block5", "pool"])
@@ -147,6 +148,32 @@ def test_resume_reaches_the_same_result(tmp_path, monkeypatch):
     a = (tmp_path / "a" / "run" / "metrics.jsonl").read_text()
     b = (tmp_path / "b" / "run" / "metrics.jsonl").read_text()
     assert a == b
+
+
+class _Payload:
+    """An object whose unpickling creates a file: what a crafted checkpoint can carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_refuses_a_checkpoint_with_a_pickle_payload(tmp_path):
+    """--resume loads checkpoint.pt with weights_only=True: one that carries a payload (here in its
+    history) is refused with a ValueError that names the file, and the payload never runs."""
+    cfg = _tiny(tmp_path, dataset="digits", epochs=1)
+    Trainer(cfg).run()
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)  # what save() writes loads without a pickle global
+    marker = tmp_path / "ran"
+    state["history"].append(_Payload(marker))
+    torch.save(state, path)
+    cfg.resume = True
+    with pytest.raises(ValueError, match="--resume: .*checkpoint.pt"):
+        Trainer(cfg).run()
+    assert not marker.exists()
 
 
 def test_label_transforms():

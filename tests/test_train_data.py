@@ -9,6 +9,7 @@ import io
 import pickle
 import struct
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,9 +70,18 @@ def cifar_batches(name, n_train=30, n_test=10, seed=0):
     return out, raw
 
 
-def write_cifar(root, name, layout, **kw):
-    """layout: "tar" (the .tar.gz in root), "folder" (root/<folder>/...), "direct" (root is the folder)."""
+def trust_cifar(monkeypatch, name, members):
+    """Take the MD5s of these made-up batches as the published ones (the loader refuses to unpickle
+    any other file)."""
+    md5 = {m: hashlib.md5(blob).hexdigest() for m, blob in members.items()}
+    monkeypatch.setitem(data.CIFAR, name, dataclasses.replace(data.CIFAR[name], members_md5=md5))
+
+
+def write_cifar(root, name, layout, monkeypatch, **kw):
+    """layout: "tar" (the .tar.gz in root), "folder" (root/<folder>/...), "direct" (root is the folder).
+    The batches' MD5s become the published ones for the test (``trust_cifar``)."""
     members, raw = cifar_batches(name, **kw)
+    trust_cifar(monkeypatch, name, members)
     src = data.CIFAR[name]
     root.mkdir(parents=True, exist_ok=True)
     if layout == "tar":
@@ -185,8 +195,8 @@ def test_idx_image_and_label_counts_must_agree(tmp_path):
 
 @pytest.mark.parametrize("layout", ["tar", "folder", "direct"])
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_loads_from_archive_or_folder(tmp_path, layout, name):
-    raw = write_cifar(tmp_path, name, layout)
+def test_cifar_loads_from_archive_or_folder(tmp_path, layout, name, monkeypatch):
+    raw = write_cifar(tmp_path, name, layout, monkeypatch)
     src = data.CIFAR[name]
     ds = load_dataset(name, data_dir=tmp_path)
     assert ds.num_classes == src.num_classes and ds.augment and ds.flip
@@ -209,7 +219,7 @@ def test_cifar_loads_from_archive_or_folder(tmp_path, layout, name):
         assert ds.coarse_of is None
 
 
-def test_cifar_missing_data_says_what_to_do(tmp_path):
+def test_cifar_missing_data_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--data DIR"):
         load_dataset("cifar10")
     with pytest.raises(FileNotFoundError) as e:
@@ -217,7 +227,7 @@ def test_cifar_missing_data_says_what_to_do(tmp_path):
     msg = str(e.value)
     assert "cifar-100-python.tar.gz" in msg and "cifar-100-python/" in msg and "--download" in msg
     # an incomplete folder is not taken for the data
-    write_cifar(tmp_path, "cifar10", "folder")
+    write_cifar(tmp_path, "cifar10", "folder", monkeypatch)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(FileNotFoundError, match="lacks data_batch_3"):
         load_dataset("cifar10", data_dir=tmp_path)
@@ -246,7 +256,7 @@ def test_cifar_download_is_md5_checked(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the archive nor the .part stays
 
     src_dir = tmp_path / "src"
-    write_cifar(src_dir, "cifar10", "tar")
+    write_cifar(src_dir, "cifar10", "tar", monkeypatch)
     blob = (src_dir / "cifar-10-python.tar.gz").read_bytes()
     monkeypatch.setitem(data.CIFAR, "cifar10",
                         dataclasses.replace(data.CIFAR["cifar10"], md5=hashlib.md5(blob).hexdigest()))
@@ -257,11 +267,56 @@ def test_cifar_download_is_md5_checked(tmp_path, monkeypatch):
     assert (dest / "cifar-10-python.tar.gz").read_bytes() == blob
 
 
-def test_cifar_bad_pickle_is_a_value_error(tmp_path):
-    write_cifar(tmp_path, "cifar10", "folder")
-    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": 1}))
+def test_cifar_bad_pickle_is_a_value_error(tmp_path, monkeypatch):
+    members, _ = cifar_batches("cifar10")
+    members["test_batch"] = pickle.dumps({b"data": 1})
+    trust_cifar(monkeypatch, "cifar10", members)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for m, blob in members.items():
+        (folder / m).write_bytes(blob)
     with pytest.raises(ValueError, match="test_batch"):
         load_dataset("cifar10", data_dir=tmp_path)
+
+
+class _Payload:
+    """A pickle that creates a file when it is loaded: what a crafted batch or checkpoint can do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("layout", ["folder", "tar"])
+@pytest.mark.parametrize("trusted", [False, True])
+def test_cifar_batch_with_a_payload_runs_no_code(tmp_path, monkeypatch, layout, trusted):
+    """A batch file carrying a pickle payload: refused by its MD5 before it is unpickled, and, were its
+    MD5 the published one, by the unpickler, which admits only the types a batch holds. Either way
+    a ValueError names the file and the payload's marker file never appears."""
+    marker = tmp_path / "ran"
+    members, _ = cifar_batches("cifar10")
+    members["data_batch_1"] = pickle.dumps({b"data": _Payload(marker), b"labels": [0]})  # the first read
+    if trusted:
+        trust_cifar(monkeypatch, "cifar10", members)
+    src = data.CIFAR["cifar10"]
+    root = tmp_path / "data"
+    root.mkdir()
+    if layout == "tar":
+        with tarfile.open(root / src.archive, "w:gz") as tar:
+            for m, blob in members.items():
+                info = tarfile.TarInfo(f"{src.folder}/{m}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    else:
+        (root / src.folder).mkdir()
+        for m, blob in members.items():
+            (root / src.folder / m).write_bytes(blob)
+    with pytest.raises(ValueError, match="data_batch_1") as e:
+        load_dataset("cifar10", data_dir=root)
+    assert ("not part of a CIFAR batch" if trusted else "differs from the published") in str(e.value)
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------ digits

@@ -73,7 +73,7 @@ def test_ddp_metrics_equal_one_process_on_the_same_checkpoint(runs, tmp_path):
     measuring the checkpoint's model on all the data."""
     root, _, _ = runs
     out = root / "clean"
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     cfg = Config(**{**state["config"], "out": str(tmp_path / "one"), "resume": False, "progress": False})
     trainer = Trainer(cfg)
     assert not trainer.ranks.active

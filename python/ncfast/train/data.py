@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import math
 import os
 import pickle
@@ -41,6 +42,7 @@ class _CifarSource:
     folder: str
     url: str
     md5: str
+    members_md5: dict[str, str]  # the published MD5 of every batch file: checked before it is unpickled
     train: tuple[str, ...]
     test: tuple[str, ...]
     label_key: bytes
@@ -52,12 +54,19 @@ CIFAR = {
         archive="cifar-10-python.tar.gz", folder="cifar-10-batches-py",
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         md5="c58f30108f718f92721af3b95e74349a",
+        members_md5={"data_batch_1": "c99cafc152244af753f735de768cd75f",
+                     "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+                     "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+                     "data_batch_4": "634d18415352ddfa80567beed471001a",
+                     "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+                     "test_batch": "40351d587109b95175f43aff81a1287e"},
         train=tuple(f"data_batch_{i}" for i in range(1, 6)), test=("test_batch",),
         label_key=b"labels", num_classes=10),
     "cifar100": _CifarSource(
         archive="cifar-100-python.tar.gz", folder="cifar-100-python",
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         md5="eb9058c3a382ffc7106e4002c42a8d85",
+        members_md5={"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
         train=("train",), test=("test",), label_key=b"fine_labels", num_classes=100),
 }
 
@@ -251,8 +260,9 @@ def _cifar(name, data_dir, download) -> Dataset:
     if folder is not None:
         parts = {}
         for m in files:
-            with open(folder / m, "rb") as f:
-                parts[m] = _cifar_batch(f, f"{folder / m}", src)
+            path = folder / m
+            _check_member_size(path.stat().st_size, f"{path}")
+            parts[m] = _cifar_batch(path.read_bytes(), f"{path}", src, m)
     else:
         archive = root / src.archive
         if not archive.is_file():
@@ -271,7 +281,9 @@ def _cifar(name, data_dir, download) -> Dataset:
             for member in tar:  # one pass: the gzip stream cannot seek back cheaply
                 m = wanted.get(member.name)
                 if m is not None and member.isfile():
-                    parts[m] = _cifar_batch(tar.extractfile(member), f"{archive}:{member.name}", src)
+                    where = f"{archive}:{member.name}"
+                    _check_member_size(member.size, where)
+                    parts[m] = _cifar_batch(tar.extractfile(member).read(), where, src, m)
         lacking = [f"{src.folder}/{m}" for m in files if m not in parts]
         if lacking:
             raise ValueError(f"{archive}: no member {', '.join(lacking)}")
@@ -291,16 +303,48 @@ def _cifar(name, data_dir, download) -> Dataset:
                        scale=255.0, augment=True, flip=True, coarse_of=coarse_of)
 
 
-def _cifar_batch(f, where, src):
+CIFAR_MEMBER_BYTES = 256 << 20
+"""The largest batch file read (CIFAR-100's train batch is 155 MB): a larger one is refused before
+it is read."""
+
+
+def _check_member_size(size: int, where: str) -> None:
+    if size > CIFAR_MEMBER_BYTES:
+        raise ValueError(f"{where}: {size:,} bytes, more than any CIFAR batch ({CIFAR_MEMBER_BYTES >> 20} MiB)")
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR batch holds and nothing else: dicts, lists, bytes, strings and numbers
+    (built in by the pickle opcodes themselves) and numpy arrays. Any other global a pickle names,
+    the way a payload calls code, raises UnpicklingError before it is looked up."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how a protocol-2 pickle written by Python 3 spells bytes
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch")
+        return super().find_class(module, name)
+
+
+def _cifar_batch(blob: bytes, where, src, member):
     """(x uint8 (N, 3, 32, 32), y int64 (N,), coarse int64 (N,) or None) from one pickled batch.
 
-    Only unpickle files you trust: this is the format CIFAR is published in, and downloads are
-    MD5-checked before they are opened.
+    No code from the file runs: its MD5 must be the published one of that batch
+    (``_CifarSource.members_md5``) before it is unpickled, and the unpickler admits only the types a
+    batch holds (``_BatchUnpickler``).
     """
+    digest = hashlib.md5(blob, usedforsecurity=False).hexdigest()
+    if digest != src.members_md5[member]:
+        raise ValueError(f"{where}: MD5 {digest} differs from the published {src.members_md5[member]} of "
+                         f"{member}; not the CIFAR file, so it is not unpickled (pickles can run code). "
+                         f"Delete it and pass --download to fetch the archive")
     try:
-        d = pickle.load(f, encoding="bytes")
+        d = _BatchUnpickler(io.BytesIO(blob), encoding="bytes").load()
         data, labels = d[b"data"], d[src.label_key]
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as e:
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, ValueError) as e:
         raise ValueError(f"{where}: not a CIFAR batch (a pickled dict with b'data' and "
                          f"{src.label_key!r}): {e!r}") from None
     x = np.asarray(data)

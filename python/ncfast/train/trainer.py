@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -348,7 +349,13 @@ class Trainer:
         path = self._checkpoint_path()
         if not path.exists():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # weights_only: tensors and plain values only (what save() writes); a pickle that names any
+        # other global, as a code-running payload must, is refused before anything of it runs
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"--resume: {path} holds more than a checkpoint's tensors and plain values, so it "
+                             f"is not loaded (a pickle can run code): {str(e).splitlines()[0]}") from None
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
