@@ -204,8 +204,8 @@ def _low_rank(sigma_w: torch.Tensor, a: torch.Tensor, r: int, r_b: int, lam_b_ma
     With Sigma_W = M M^T (the remainder's eigenvalues are all below the rule's cut, which drops
     them from the range too) and M = Q R: omega = sigma^2(R) and P1 = Q U1 from R = U S V^T;
     A's part outside P1 is A0 = A - (A P1) P1^T, and F = A P1 diag(omega1)^{-1/2}. When
-    ||R||_F^2 ||R^{-1}||_F^2 < 1 / (2 rtol) (the bound of _whitened_between) every omega is kept
-    and F = (A Q) R^{-T}, with no SVD of R.
+    _whitened_between certifies R R^T (Sigma_W in the basis Q) every omega is kept and F is
+    (A Q) L^{-T} with L L^T = R R^T, with no SVD of R.
     """
     m, rest = _linalg.pivoted_cholesky(sigma_w, max_rank=max_size)
     top = float(sigma_w.diagonal().max())
@@ -219,13 +219,8 @@ def _low_rank(sigma_w: torch.Tensor, a: torch.Tensor, r: int, r_b: int, lam_b_ma
         return vci, 0, _kept_eigenvalues(lam_t, rtol)
     q, rr = torch.linalg.qr(m)
     aq = a @ q
-    try:
-        r_inv = _linalg.triangular_inverse(rr, upper=True)
-        bound = float(rr.square().sum() * r_inv.square().sum())
-    except ValueError:  # an exact zero on R's diagonal: decided by the SVD below
-        bound = math.inf
-    if bound * rtol < 0.5:  # every omega kept: P1 = Q
-        f = aq @ r_inv.T
+    f = _whitened_between(rr @ rr.T, aq, rtol)  # Sigma_W in the basis Q: R R^T (k x k)
+    if f is not None:  # every omega kept: P1 = Q
         p1, k1 = q, k
     else:
         u, s, _ = torch.linalg.svd(rr)

@@ -36,17 +36,14 @@ from . import backends
 from ._distributed import Ranks
 from .metrics import NCMetrics, _metrics_from_moments, class_fractions
 from .ncc import _problems, _solve
-from .stats import ClassMoments
+from .stats import ClassMoments, imbalanced
 
 
 def announced_counts(counts: torch.Tensor | None, weighting: str) -> torch.Tensor | None:
     """The class counts that a streamed (one-pass) balanced Sigma_W must be given up front: ``counts``
     under balanced weighting when the present classes' counts differ, else None (on balanced data,
     or under sample weighting, the pooled scatter gives Sigma_W exactly)."""
-    if counts is None or weighting != "balanced":
-        return None
-    present = counts[counts > 0]
-    return counts if present.numel() and bool((present != present[0]).any()) else None
+    return counts if counts is not None and weighting == "balanced" and imbalanced(counts) else None
 
 
 class NCCTally:
@@ -189,6 +186,10 @@ class _Kept:
     bytes: int = 0
     dropped: bool = False
 
+    def block_bytes(self, block: "Block") -> int:
+        """What keeping one more block of this group costs."""
+        return sum(_nbytes(block.features[n]) for n in self.streams)
+
 
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
@@ -229,14 +230,10 @@ class Plan:
         self._shared_bytes = 0
         self._first = True  # no block seen yet
 
-    @staticmethod
-    def backend(x: torch.Tensor) -> backends.Backend:
-        return backends.for_tensor(x)
-
     def first(self, block: Block) -> None:
         for name, s in self.streams.items():
             x = block.features[name]
-            s.first(x, block.labels, self.backend(x), block.decisions)
+            s.first(x, block.labels, backends.for_tensor(x), block.decisions)
         self._keep(block)
 
     def _keep(self, block: Block) -> None:
@@ -252,7 +249,7 @@ class Plan:
             scale = self.expected_rows / rows
             used = shared * scale
             for kept in live:
-                size = sum(_nbytes(block.features[n]) for n in kept.streams) * scale
+                size = kept.block_bytes(block) * scale
                 if used + size <= self.cache_bytes:
                     used += size
                 else:
@@ -263,7 +260,7 @@ class Plan:
         used = self._shared_bytes + shared
         kept_any = False
         for kept in live:
-            size = kept.bytes + sum(_nbytes(block.features[n]) for n in kept.streams)
+            size = kept.bytes + kept.block_bytes(block)
             if self.cache_bytes is None or used + size <= self.cache_bytes:
                 kept.blocks.append({n: block.features[n] for n in kept.streams})
                 kept.bytes = size
@@ -301,7 +298,7 @@ class Plan:
             for feats, (y, decisions) in zip(kept.blocks, self._shared):
                 for n in kept.streams:
                     x = feats[n]
-                    self.streams[n].second(x, y, self.backend(x), decisions)
+                    self.streams[n].second(x, y, backends.for_tensor(x), decisions)
             kept.blocks = []
         self._shared = []
 
@@ -309,7 +306,7 @@ class Plan:
         """The second pass over a block read again, for the streams of the pending groups."""
         for n in self.pending_streams():
             x = block.features[n]
-            self.streams[n].second(x, block.labels, self.backend(x), block.decisions)
+            self.streams[n].second(x, block.labels, backends.for_tensor(x), block.decisions)
 
     def end(self) -> None:
         for s in self.streams.values():

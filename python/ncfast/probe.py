@@ -345,7 +345,7 @@ class _Run:
                 feats[(name, "pooled")] = channel_pool(out)
         return feats
 
-    def _start(self, captured, has_orig: bool) -> None:
+    def _start(self, captured, has_orig: bool, first_rows: int) -> None:
         p = self.probe
         streams, groups = {}, {}
         one_pass = self.class_means is not None
@@ -371,20 +371,19 @@ class _Run:
                 self.orig[name] = ClassMoments(p.num_original_classes, d, scatter=False, unit_sums=False, device=dev)
                 self.superclass[name] = torch.full((p.num_original_classes,), -1, dtype=torch.int64, device=dev)
                 self.split[name] = False
-        self.plan = Plan(streams, groups=groups, comm=self.comm, cache_bytes=p.cache_bytes,
-                         expected_rows=self.expected_rows)
+        expected = None if self.batches is None else self.batches * first_rows  # the loader's length x rows
+        self.plan = Plan(streams, groups=groups, comm=self.comm, cache_bytes=p.cache_bytes, expected_rows=expected)
 
     def first(self, captured, logits, y, y_orig) -> None:
         """The first forward pass's batch: every stream's first pass (kept for the second while the
         cache allows), the original labels' moments, the logits norm and the accuracy."""
         if self.plan is None:
-            self.expected_rows = None if self.batches is None else self.batches * y.shape[0]
-            self._start(captured, y_orig is not None)
+            self._start(captured, y_orig is not None, first_rows=y.shape[0])
         decisions = logits.argmax(dim=1)
-        self.plan.first(Block(self._feeds(captured, self.probe.layers), y, decisions))
+        feats = self._feeds(captured, self.probe.layers)
+        self.plan.first(Block(feats, y, decisions))
         for name, orig in self.orig.items():
-            flat = flatten(captured[name])
-            orig.update(flat, y_orig)
+            orig.update(feats[(name, "full")], y_orig)
             # an original class seen under two training labels (fine labels) has no super-class
             sup = self.superclass[name]
             seen = sup[y_orig]

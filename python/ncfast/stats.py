@@ -75,6 +75,13 @@ def _cpu_zeros(*shape: int) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(mmap.mmap(-1, count * 8), dtype=np.float64).reshape(shape))
 
 
+def imbalanced(counts: torch.Tensor) -> bool:
+    """Whether the present classes (count > 0) have different counts: then the balanced Sigma_W is
+    not the pooled scatter over N, and an exact one needs every class's count (``class_counts``)."""
+    present = counts[counts > 0]
+    return present.numel() > 0 and bool((present != present[0]).any())
+
+
 def _zeros_on(device: torch.device):
     """A float64 zeros factory for the state (on CPU: _cpu_zeros)."""
     if device.type == "cpu":
@@ -166,10 +173,8 @@ class ClassMoments:
         m = cls.__new__(cls)
         m._configure(num_classes, x.shape[1], scatter, unit_sums, None, x.device)
         part = m._block_part(x, y, backend, check_finite=True)
-        if scatter and balanced:
-            present = part.count[part.count > 0]
-            if bool((present != present[0]).any()):
-                m.class_counts = part.count.clone()
+        if scatter and balanced and imbalanced(part.count):
+            m.class_counts = part.count.clone()
         m._add_scatter(part, x, y, backend, pooled=pooled)
         for k in _STATE_KEYS:
             setattr(m, k, getattr(part, k))
@@ -462,7 +467,7 @@ class ClassMoments:
                 raise ValueError("class_counts: the counts seen differ from the class_counts announced, so the "
                                  "balanced Sigma_W cannot be exact; pass the true counts or weighting='sample'")
             return self.wscatter / present_counts.numel()
-        if bool((present_counts != present_counts[0]).any()):
+        if imbalanced(present_counts):
             raise ValueError("weighting: 'balanced' Sigma_W on imbalanced classes needs class_counts at "
                              "construction (one-shot functions pass it); or use weighting='sample'")
         return self.scatter / self.num_samples
@@ -497,8 +502,7 @@ class _ScatterPass:
         check_choice(weighting, WEIGHTINGS, "weighting")
         self.moments = moments
         counts = moments.count
-        present = counts[counts > 0]
-        self.balanced = weighting == "balanced" and present.numel() > 0 and bool((present != present[0]).any())
+        self.balanced = weighting == "balanced" and imbalanced(counts)
         self.pooled = pooled or not self.balanced
         self.scales = [None] if self.pooled else []
         if self.balanced:
