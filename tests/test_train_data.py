@@ -77,11 +77,9 @@ def trust_cifar(monkeypatch, name, members):
     monkeypatch.setitem(data.CIFAR, name, dataclasses.replace(data.CIFAR[name], members_md5=md5))
 
 
-def write_cifar(root, name, layout, monkeypatch, **kw):
-    """layout: "tar" (the .tar.gz in root), "folder" (root/<folder>/...), "direct" (root is the folder).
-    The batches' MD5s become the published ones for the test (``trust_cifar``)."""
-    members, raw = cifar_batches(name, **kw)
-    trust_cifar(monkeypatch, name, members)
+def write_members(root, name, layout, members):
+    """CIFAR batch files {member: bytes} written in a layout: "tar" (the .tar.gz in root), "folder"
+    (root/<folder>/...), "direct" (root is the folder)."""
     src = data.CIFAR[name]
     root.mkdir(parents=True, exist_ok=True)
     if layout == "tar":
@@ -95,6 +93,14 @@ def write_cifar(root, name, layout, monkeypatch, **kw):
         folder.mkdir(parents=True, exist_ok=True)
         for m, blob in members.items():
             (folder / m).write_bytes(blob)
+
+
+def write_cifar(root, name, layout, monkeypatch, **kw):
+    """Made-up batches written by ``write_members``; their MD5s become the published ones for the
+    test (``trust_cifar``)."""
+    members, raw = cifar_batches(name, **kw)
+    trust_cifar(monkeypatch, name, members)
+    write_members(root, name, layout, members)
     return raw
 
 
@@ -271,10 +277,7 @@ def test_cifar_bad_pickle_is_a_value_error(tmp_path, monkeypatch):
     members, _ = cifar_batches("cifar10")
     members["test_batch"] = pickle.dumps({b"data": 1})
     trust_cifar(monkeypatch, "cifar10", members)
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    for m, blob in members.items():
-        (folder / m).write_bytes(blob)
+    write_members(tmp_path, "cifar10", "folder", members)
     with pytest.raises(ValueError, match="test_batch"):
         load_dataset("cifar10", data_dir=tmp_path)
 
@@ -300,19 +303,8 @@ def test_cifar_batch_with_a_payload_runs_no_code(tmp_path, monkeypatch, layout, 
     members["data_batch_1"] = pickle.dumps({b"data": _Payload(marker), b"labels": [0]})  # the first read
     if trusted:
         trust_cifar(monkeypatch, "cifar10", members)
-    src = data.CIFAR["cifar10"]
     root = tmp_path / "data"
-    root.mkdir()
-    if layout == "tar":
-        with tarfile.open(root / src.archive, "w:gz") as tar:
-            for m, blob in members.items():
-                info = tarfile.TarInfo(f"{src.folder}/{m}")
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
-    else:
-        (root / src.folder).mkdir()
-        for m, blob in members.items():
-            (root / src.folder / m).write_bytes(blob)
+    write_members(root, "cifar10", layout, members)
     with pytest.raises(ValueError, match="data_batch_1") as e:
         load_dataset("cifar10", data_dir=root)
     assert ("not part of a CIFAR batch" if trusted else "differs from the published") in str(e.value)
