@@ -679,6 +679,108 @@ void count_labels(const int64_t* labels, int64_t n, int64_t c, int64_t* counts) 
 
 }  // namespace
 
+namespace {
+
+// Few classes and few, wide rows (a batch of a convolutional layer's flattened output): the rows are
+// taken kColumnChunk features at a time, each chunk by every row in memory order (stream_thread on
+// the chunk, no unit sums), so the chunk's class states stay in L2 and the chunks are shared out
+// among the threads (a split by rows would give each thread C x D states for few rows). Every
+// chunk's M2 is its columns' share of each class's sum of squared deviations; they are added in
+// chunk order, so the result does not depend on the number of threads. With unit sums, the row
+// norms come first (threads over rows), then each chunk adds its columns of h_i / ||h_i||.
+constexpr int64_t kColumnChunk = 2048;
+constexpr int64_t kColumnRowsMax = 2048;  // from here on, blocks of rows are split among threads
+
+void column_moments(const Matrix& x, const int64_t* labels, int64_t c, int num_threads, const MomentsOut& out) {
+  const int64_t n = x.rows, d = x.cols;
+  const int64_t chunks = (d + kColumnChunk - 1) / kColumnChunk;
+  const bool units = out.unit_sums != nullptr, wide = x.dtype == DType::F64;
+  std::vector<double> inv(units ? n : 0), norms(units ? n : 0), m2(chunks * c, 0.0);
+  if (units) {
+    const int threads = region_threads(num_threads, (n * d + (1 << 18) - 1) >> 18);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+      aligned_vector<double> row(d);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t i = 0; i < n; ++i) {
+        double q = 0.0;
+        if (x.dtype == DType::F32 && x.col_stride == 1) {
+          const float* p = static_cast<const float*>(x.data) + i * x.row_stride;
+#pragma omp simd reduction(+ : q)
+          for (int64_t j = 0; j < d; ++j) q += static_cast<double>(p[j]) * p[j];
+        } else {
+          x.load_row(i, row.data());
+#pragma omp simd reduction(+ : q)
+          for (int64_t j = 0; j < d; ++j) q += row[j] * row[j];
+        }
+        norms[i] = std::sqrt(q);
+        inv[i] = inverse_norm(norms[i]);
+      }
+    }
+    (void)threads;
+  }
+  const int threads = region_threads(num_threads, chunks);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    aligned_vector<double> row(kColumnChunk);
+#ifdef NCFAST_WITH_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t q = 0; q < chunks; ++q) {
+      const int64_t j0 = q * kColumnChunk, dj = std::min(kColumnChunk, d - j0);
+      Matrix part = x;
+      part.data = static_cast<const char*>(x.data) + j0 * x.col_stride * dtype_bytes(x.dtype);
+      part.cols = dj;
+      std::vector<ClassAccumulator> acc(c, ClassAccumulator(dj, false));
+      const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (256 << 10) / (4 * dj)));
+      if (wide)
+        stream_thread<double>(part, labels, c, 0, n, rows_per_chunk, acc);
+      else
+        stream_thread<float>(part, labels, c, 0, n, rows_per_chunk, acc);
+      for (int64_t k = 0; k < c; ++k) {
+        if (out.counts[k] == 0) continue;
+        std::copy(acc[k].run.mean.begin(), acc[k].run.mean.end(), out.means + k * d + j0);
+        m2[q * c + k] = acc[k].run.m2;
+        if (units) std::fill(out.unit_sums + k * d + j0, out.unit_sums + k * d + j0 + dj, 0.0);
+      }
+      if (units) {
+        const bool direct = x.dtype == DType::F32 && x.col_stride == 1;
+        for (int64_t i = 0; i < n; ++i) {
+          double* u = out.unit_sums + labels[i] * d + j0;
+          const double w = inv[i];
+          if (direct) {
+            const float* p = static_cast<const float*>(part.data) + i * x.row_stride;
+#pragma omp simd
+            for (int64_t j = 0; j < dj; ++j) u[j] += static_cast<double>(p[j]) * w;
+          } else {
+            part.load_row(i, row.data());
+#pragma omp simd
+            for (int64_t j = 0; j < dj; ++j) u[j] += row[j] * w;
+          }
+        }
+      }
+    }
+  }
+  (void)threads;
+  for (int64_t k = 0; k < c; ++k) {
+    if (out.counts[k] == 0) continue;
+    double total = 0.0;
+    for (int64_t q = 0; q < chunks; ++q) total += m2[q * c + k];
+    out.m2[k] = total;
+    if (units) out.norm_sums[k] = 0.0;
+  }
+  if (units)
+    for (int64_t i = 0; i < n; ++i) out.norm_sums[labels[i]] += norms[i];
+}
+
+}  // namespace
+
 void block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, int num_threads,
                    const MomentsOut& out) {
   const int64_t n = x.rows, d = x.cols, c = num_classes;
@@ -696,6 +798,10 @@ void block_moments(const Matrix& x, const int64_t* labels, int64_t num_classes, 
   const bool wide = x.dtype == DType::F64;  // float64 input keeps its precision
   const int threads = region_threads(num_threads, (n + 1023) / 1024);
 
+  if (c <= kStreamClasses && n < kColumnRowsMax && d >= 2 * kColumnChunk) {
+    column_moments(x, labels, c, num_threads, out);
+    return;
+  }
   if (c <= kStreamClasses) {
     const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (256 << 10) / (4 * d)));
     std::vector<std::vector<ClassAccumulator>> acc(threads);

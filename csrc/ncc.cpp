@@ -41,6 +41,17 @@ inline void consider(float s, int64_t c, float& b1, float& b2, int64_t& i1) {
 // float64 input (row64: scratch of d doubles). Returns ||dst|| in float64.
 inline double shifted_row(const Matrix& x, int64_t r, const float* shift, float* dst, double* row64) {
   const int64_t d = x.cols;
+  if (x.dtype == DType::F32 && x.col_stride == 1) {  // one pass: difference, store, square
+    const float* p = static_cast<const float*>(x.data) + r * x.row_stride;
+    double sq = 0.0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t j = 0; j < d; ++j) {
+      const float v = p[j] - shift[j];
+      dst[j] = v;
+      sq += static_cast<double>(v) * v;
+    }
+    return std::sqrt(sq);
+  }
   if (x.dtype == DType::F64) {
     x.load_row(r, row64);
     for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(row64[j] - static_cast<double>(shift[j]));
@@ -91,10 +102,26 @@ struct BlockBest {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Generic sweep: blocks of kRowBlock rows; the class centres are swept in tiles of four against
-// pairs of rows, so every loaded vector of a row or a centre feeds several fused multiply-adds
-// (8 accumulators: FMA-bound on AVX2). Compiled in every build, run in those without AVX-512.
+// Generic sweep: blocks of kRowBlock rows, taken kChunk features at a time: the chunk of the block's
+// rows (converted minus the shift) and of every centre stay in L2 while the centres are swept in
+// tiles of four against pairs of rows, so every loaded vector of a row or a centre feeds several
+// fused multiply-adds (8 accumulators: FMA-bound on AVX2); each chunk's dot products are added to
+// the rows' running float32 scores. Compiled in every build, run in those without AVX-512.
 constexpr int64_t kRowBlock = 32;
+constexpr int64_t kChunk = 1024;
+
+// The chunk [j0, j0 + dj) of rows r0 .. r0 + rows into buf (row t at t * dj), minus the shift, as
+// shifted_row does for whole rows; each row's sum of squares is added to sq[t].
+inline void shifted_chunk(const Matrix& x, int64_t r0, int64_t rows, int64_t j0, int64_t dj, const float* shift,
+                          float* buf, double* row64, double* sq) {
+  Matrix part = x;
+  part.data = static_cast<const char*>(x.data) + j0 * x.col_stride * dtype_bytes(x.dtype);
+  part.cols = dj;
+  for (int64_t t = 0; t < rows; ++t) {
+    const double norm = shifted_row(part, r0 + t, shift + j0, buf + t * dj, row64);
+    sq[t] += norm * norm;
+  }
+}
 
 [[maybe_unused]] void sweep_blocked(const Matrix& x, const float* shift, const float* centres, const float* offsets, int64_t k,
                    const int64_t* starts, int groups, double rel, const double* cmax, const double* omax,
@@ -104,74 +131,92 @@ constexpr int64_t kRowBlock = 32;
   for (int g = 0; g < groups; ++g)
     for (int64_t c = starts[g]; c < starts[g + 1]; ++c) group_of[c] = g;
   const int64_t n = x.rows, d = x.cols;
+  const int64_t chunk = std::min(kChunk, d);
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   const int threads = region_threads(num_threads, blocks);
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    std::vector<float> buf(kRowBlock * d);
-    std::vector<double> row64(d);
+    std::vector<float> buf(kRowBlock * chunk), score(kRowBlock * k);
+    std::vector<double> row64(chunk), sq(kRowBlock);
     BlockBest<kRowBlock> st;
     auto& b1 = st.b1;
     auto& b2 = st.b2;
     auto& i1 = st.i1;
 #ifdef NCFAST_WITH_OPENMP
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r0 = blk * kRowBlock;
       const int64_t rows = std::min(kRowBlock, n - r0);
-      for (int64_t t = 0; t < rows; ++t) st.start_row(t, x, r0 + t, shift, buf.data() + t * d, row64.data(), groups);
-      int64_t t = 0;
-      for (; t + 2 <= rows; t += 2) {
-        const float* xa = buf.data() + t * d;
-        const float* xb = xa + d;
-        int64_t c = 0;
-        for (; c + 4 <= k; c += 4) {
-          const float *w0 = centres + c * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
-          float a0 = 0, a1 = 0, a2 = 0, a3 = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0;
+      std::fill(score.begin(), score.end(), 0.0f);
+      std::fill(sq.begin(), sq.end(), 0.0);
+      for (int64_t j0 = 0; j0 < d; j0 += chunk) {
+        const int64_t dj = std::min(chunk, d - j0);
+        shifted_chunk(x, r0, rows, j0, dj, shift, buf.data(), row64.data(), sq.data());
+        int64_t t = 0;
+        for (; t + 2 <= rows; t += 2) {
+          const float* xa = buf.data() + t * dj;
+          const float* xb = xa + dj;
+          float* sa = score.data() + t * k;
+          float* sb = sa + k;
+          int64_t c = 0;
+          for (; c + 4 <= k; c += 4) {
+            const float *w0 = centres + c * d + j0, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
+            float a0 = 0, a1 = 0, a2 = 0, a3 = 0, e0 = 0, e1 = 0, e2 = 0, e3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3, e0, e1, e2, e3)
-          for (int64_t j = 0; j < d; ++j) {
-            const float va = xa[j], vb = xb[j];
-            a0 += va * w0[j];
-            a1 += va * w1[j];
-            a2 += va * w2[j];
-            a3 += va * w3[j];
-            e0 += vb * w0[j];
-            e1 += vb * w1[j];
-            e2 += vb * w2[j];
-            e3 += vb * w3[j];
+            for (int64_t j = 0; j < dj; ++j) {
+              const float va = xa[j], vb = xb[j];
+              a0 += va * w0[j];
+              a1 += va * w1[j];
+              a2 += va * w2[j];
+              a3 += va * w3[j];
+              e0 += vb * w0[j];
+              e1 += vb * w1[j];
+              e2 += vb * w2[j];
+              e3 += vb * w3[j];
+            }
+            sa[c] += a0;
+            sa[c + 1] += a1;
+            sa[c + 2] += a2;
+            sa[c + 3] += a3;
+            sb[c] += e0;
+            sb[c + 1] += e1;
+            sb[c + 2] += e2;
+            sb[c + 3] += e3;
           }
-          const float as[4] = {a0, a1, a2, a3}, es[4] = {e0, e1, e2, e3};
-          for (int q = 0; q < 4; ++q) {
-            const int g = group_of[c + q];
-            consider(offsets[c + q] + as[q], c + q, b1[t][g], b2[t][g], i1[t][g]);
-            consider(offsets[c + q] + es[q], c + q, b1[t + 1][g], b2[t + 1][g], i1[t + 1][g]);
+          for (; c < k; ++c) {
+            const float* w = centres + c * d + j0;
+            float a = 0, e = 0;
+#pragma omp simd reduction(+ : a, e)
+            for (int64_t j = 0; j < dj; ++j) {
+              a += xa[j] * w[j];
+              e += xb[j] * w[j];
+            }
+            sa[c] += a;
+            sb[c] += e;
           }
         }
-        for (; c < k; ++c) {
-          const float* w = centres + c * d;
-          float a = 0, e = 0;
-#pragma omp simd reduction(+ : a, e)
-          for (int64_t j = 0; j < d; ++j) {
-            a += xa[j] * w[j];
-            e += xb[j] * w[j];
+        for (; t < rows; ++t) {
+          const float* xa = buf.data() + t * dj;
+          float* sa = score.data() + t * k;
+          for (int64_t c = 0; c < k; ++c) {
+            const float* w = centres + c * d + j0;
+            float a = 0;
+#pragma omp simd reduction(+ : a)
+            for (int64_t j = 0; j < dj; ++j) a += xa[j] * w[j];
+            sa[c] += a;
           }
-          const int g = group_of[c];
-          consider(offsets[c] + a, c, b1[t][g], b2[t][g], i1[t][g]);
-          consider(offsets[c] + e, c, b1[t + 1][g], b2[t + 1][g], i1[t + 1][g]);
         }
       }
-      for (; t < rows; ++t) {
-        const float* xa = buf.data() + t * d;
+      for (int64_t t = 0; t < rows; ++t) {
+        st.norm[t] = std::sqrt(sq[t]);
+        st.reset(t, groups);
+        const float* sa = score.data() + t * k;
         for (int64_t c = 0; c < k; ++c) {
-          const float* w = centres + c * d;
-          float a = 0;
-#pragma omp simd reduction(+ : a)
-          for (int64_t j = 0; j < d; ++j) a += xa[j] * w[j];
           const int g = group_of[c];
-          consider(offsets[c] + a, c, b1[t][g], b2[t][g], i1[t][g]);
+          consider(offsets[c] + sa[c], c, b1[t][g], b2[t][g], i1[t][g]);
         }
       }
       st.write(r0, rows, groups, starts, rel, cmax, omax, best, unsure);

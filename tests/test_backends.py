@@ -97,6 +97,43 @@ def test_block_moments_merge_is_the_whole_batch():
         assert_close(getattr(halves, name).numpy(), getattr(whole, name).numpy(), rtol=1e-12, atol=1e-14, what=name)
 
 
+def _blocks_with_absent_classes():
+    """Two CPU BlockMoments of 6 classes: class 1 only in the state, 3 only in the part, 5 in neither."""
+    x, y, c = make_data(n=400, d=9, c=6, absent=(5,), imbalanced=True, seed=16, dtype=torch.float64)
+    first, second = (y != 3), (y != 1)
+    a = torch_backend.block_moments_of(x[first][:150], y[first][:150], c, True)
+    b = torch_backend.block_moments_of(x[second][150:], y[second][150:], c, True)
+    return a, b
+
+
+def test_merge_into_is_chans_merge():
+    """The C++ backend's in-place merge equals the out-of-place one (BlockMoments.combine) to float64
+    rounding (the same operations; the C++ may fuse a multiply-add and sums ||delta||^2 in another
+    order), delta and weights included; the backends without one write nothing and say so."""
+    a, b = _blocks_with_absent_classes()
+    want, want_delta, want_weight = a.combine(b)
+    state = backends.BlockMoments(*(t.clone() for t in (a.counts, a.means, a.m2, a.unit_sums, a.norm_sums)))
+    delta = torch.full_like(a.means, 7.0)
+    weight = backends.get("cpp").merge_into(state, b, delta)
+    assert torch.equal(state.counts, want.counts)
+    for name in ("means", "m2", "unit_sums", "norm_sums"):
+        assert_close(getattr(state, name).numpy(), getattr(want, name).numpy(), rtol=1e-15, atol=1e-15, what=name)
+    assert torch.equal(weight, want_weight) and torch.equal(delta, want_delta)
+    for name in ("torch",) + (("triton",) if "triton" in NAMES else ()):
+        kept = a.means.clone()
+        assert backends.get(name).merge_into(a, b, None) is None
+        assert torch.equal(a.means, kept)
+
+
+def test_merge_into_leaves_infinite_means_to_the_caller():
+    a, b = _blocks_with_absent_classes()
+    b.means[0, 2] = float("inf")
+    state = backends.BlockMoments(*(t.clone() for t in (a.counts, a.means, a.m2, a.unit_sums, a.norm_sums)))
+    assert backends.get("cpp").merge_into(state, b, None) is None
+    for name in ("counts", "means", "m2", "unit_sums", "norm_sums"):
+        assert torch.equal(getattr(state, name), getattr(a, name)), name
+
+
 def test_centred_scatters_match_float64(impl):
     x, y, c = make_data(n=260, d=7, c=4, imbalanced=True, seed=7)
     means = torch.from_numpy(_moments64(x, y, c)[1])
@@ -132,11 +169,15 @@ def test_sym_gram(impl):
 
 
 # ------------------------------------------------------------------------------------ NCC sweep
-def test_ncc_sweep_certain_rows_are_the_float64_argmin(impl):
-    """Two groups of classes over the same rows: every row not flagged unsure holds the float64
-    argmin of its group, and rows at a midpoint between two centres are flagged."""
+@pytest.mark.parametrize("d", [13, 2500])  # 2500: the C++ sweep's feature chunks, the last one short
+def test_ncc_sweep_certain_rows_are_the_float64_argmin(impl, d):
+    """Two groups of classes over the same rows (float32, float64 and column-strided): every row not
+    flagged unsure holds the float64 argmin of its group, and rows at a midpoint between two
+    centres are flagged."""
+    if impl.name == "triton" and d > 13:
+        d = 130  # the interpreter's cost grows with the loop steps
     g = torch.Generator().manual_seed(9)
-    n, d, k = 300, 13, 9
+    n, k = 301, 9
     centres = torch.randn(k, d, generator=g, dtype=torch.float64)
     offsets = torch.randn(k, generator=g, dtype=torch.float64)
     x = torch.randn(n, d, generator=g)
@@ -147,16 +188,19 @@ def test_ncc_sweep_certain_rows_are_the_float64_argmin(impl):
     c32, o32 = centres.float(), offsets.float()
     cmax = [float(c32[a:b].double().norm(dim=1).max()) for a, b in zip(starts, starts[1:])]
     omax = [float(o32[a:b].double().abs().max()) for a, b in zip(starts, starts[1:])]
-    sweep = impl.ncc_sweep(_on(impl, x), _on(impl, torch.zeros(d)), _on(impl, c32), _on(impl, o32), starts, cmax,
-                           omax, "fp32")
-    best, unsure = sweep.best.cpu(), sweep.unsure.cpu()
-    assert best.shape == unsure.shape == (n, 2)
     scores = o32.double() + x.double() @ c32.double().T
-    for gi, (a, b) in enumerate(zip(starts, starts[1:])):
-        want = scores[:, a:b].argmin(1)
-        certain = ~unsure[:, gi]
-        assert torch.equal(best[certain, gi], want[certain])
-    assert unsure[:5, 0].all()
+    strided = torch.zeros(n, 2 * d).index_copy_(1, torch.arange(0, 2 * d, 2), x)[:, ::2]
+    for rows in (x, x.double(), strided):
+        sweep = impl.ncc_sweep(_on(impl, rows), _on(impl, torch.zeros(d)), _on(impl, c32), _on(impl, o32), starts,
+                               cmax, omax, "fp32")
+        best, unsure = sweep.best.cpu(), sweep.unsure.cpu()
+        assert best.shape == unsure.shape == (n, 2)
+        for gi, (a, b) in enumerate(zip(starts, starts[1:])):
+            want = scores[:, a:b].argmin(1)
+            certain = ~unsure[:, gi]
+            assert certain.sum() > n // 2
+            assert torch.equal(best[certain, gi], want[certain])
+        assert unsure[:5, 0].all()
 
 
 def test_fast_precisions_name_what_the_sweep_accepts(impl):

@@ -73,7 +73,8 @@ def _numpy_moments(x64, y, c):
     return counts, means, m2, units, np.bincount(y, weights=norms, minlength=c)
 
 
-@pytest.mark.parametrize("n, d, c", [(1, 1, 1), (5, 1, 3), (7, 3, 1), (1000, 37, 200), (4099, 9, 2), (3001, 300, 5)])
+@pytest.mark.parametrize("n, d, c", [(1, 1, 1), (5, 1, 3), (7, 3, 1), (1000, 37, 200), (4099, 9, 2), (3001, 300, 5),
+                                     (130, 4500, 6)])  # the last: few wide rows, column chunk by chunk
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("unit_sums", [True, False])
@@ -92,6 +93,19 @@ def test_block_moments_awkward_sizes(n, d, c, dtype, threads, unit_sums):
         assert r["counts"].tolist() == want[0].tolist()
         for got, exp, what in zip((r[k] for k in names), want[1:], names):
             assert_close(got, exp, rtol=1e-11, atol=1e-11 * max(1.0, float(np.abs(exp).max())), what=what)
+
+
+def test_block_moments_of_few_wide_rows_do_not_depend_on_threads():
+    """Few wide rows go column chunk by column chunk (the chunks shared among threads, their M2
+    added in chunk order): the same bits on 1 and 2 threads; a NaN in any chunk is reported."""
+    g = np.random.default_rng(3)
+    x = (g.standard_normal((96, 6000)) + 2.0).astype(np.float32)
+    y = g.integers(0, 7, 96)
+    one, two = (_C.block_moments(x, "float32", y, 8, t, unit_sums=True) for t in (1, 2))
+    for k in ("counts", "means", "m2", "unit_sums", "norm_sums"):
+        assert np.array_equal(one[k], two[k]), k
+    x[50, 5999] = np.nan
+    assert _C.block_moments(x, "float32", y, 8, 2, unit_sums=False)["finite"] is False
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -75,11 +75,19 @@ class _Problem:
             0, inverse, idx, reduce="amin")
         return lowest[inverse]
 
-    @property
+    @functools.cached_property
+    def centres32(self) -> torch.Tensor:
+        return self.centres.to(torch.float32)
+
+    @functools.cached_property
+    def offsets32(self) -> torch.Tensor:
+        return self.offsets.to(torch.float32)
+
+    @functools.cached_property
     def cmax(self) -> float:
         return float(self.centres.norm(dim=1).max())
 
-    @property
+    @functools.cached_property
     def omax(self) -> float:
         return float(self.offsets.abs().max())
 
@@ -135,8 +143,11 @@ def _sweep(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], preci
     starts = [0]
     for p in problems:
         starts.append(starts[-1] + p.centres.shape[0])
-    centres = torch.cat([p.centres for p in problems]).to(torch.float32)
-    offsets = torch.cat([p.offsets for p in problems]).to(torch.float32)
+    if len(problems) == 1:  # prepared once per set of centres (_problems)
+        centres, offsets = problems[0].centres32, problems[0].offsets32
+    else:
+        centres = torch.cat([p.centres for p in problems]).to(torch.float32)
+        offsets = torch.cat([p.offsets for p in problems]).to(torch.float32)
     return backend.ncc_sweep(x, shift, centres, offsets, starts, [p.cmax for p in problems],
                              [p.omax for p in problems], precision)
 

@@ -211,7 +211,8 @@ class ClassMoments:
         batch's own final class means (the exact two-pass form), merged into the state by Chan."""
         part = self._block_part(x, y, backend, check_finite=finite_required)
         self._add_scatter(part, x, y, backend)
-        self._merge_part(part)
+        if not self._merge_in_place(part, backend):
+            self._merge_part(part)
 
     def _block_part(self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend,
                     check_finite: bool = False) -> _Part:
@@ -254,6 +255,31 @@ class ClassMoments:
                 w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
                 wscatter = a.wscatter + b.wscatter + dsel.T @ (dsel * (weight * w)[idx].unsqueeze(1))
         return _Part(moments.counts, moments.means, moments.m2, moments.unit_sums, moments.norm_sums, scatter, wscatter)
+
+    def _merge_in_place(self, part: _Part, backend: backends.Backend) -> bool:
+        """``_merge_part`` written into this state's own tensors by the backend (no C x D temporaries
+        per block); False, with nothing changed, where it cannot (then ``_merge_part``). An empty
+        part changes nothing; an empty state adopts the part's tensors (``_combine``)."""
+        if not bool(part.count.any()):
+            return True
+        if (not bool(self.count.any()) or (self.scatter is None) != (part.scatter is None)
+                or (self.wscatter is None) != (part.wscatter is None)):
+            return False
+        delta = torch.empty_like(self.mean) if self.scatter is not None else None
+        weight = backend.merge_into(backends.BlockMoments(self.count, self.mean, self.m2, self.unit_sum, self.norm_sum),
+                                    backends.BlockMoments(part.count, part.mean, part.m2, part.unit_sum,
+                                                          part.norm_sum), delta)
+        if weight is None:
+            return False
+        if delta is not None:
+            idx = weight.nonzero().squeeze(1)
+            dsel = delta[idx]
+            # (S_a + S_b) + correction, as _combine adds them
+            self.scatter.add_(part.scatter).add_(dsel.T @ (dsel * weight[idx].unsqueeze(1)))
+            if self.wscatter is not None:
+                w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
+                self.wscatter.add_(part.wscatter).add_(dsel.T @ (dsel * (weight * w)[idx].unsqueeze(1)))
+        return True
 
     def _as_part(self) -> _Part:
         return _Part(*(getattr(self, k) for k in _STATE_KEYS))

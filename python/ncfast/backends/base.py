@@ -111,6 +111,14 @@ class Backend(Protocol):
         """Per-class moments of all rows (any N; memory O(C D)). ``check_finite``: NaN or Inf in
         x raises ValueError (``_validation.NON_FINITE``)."""
 
+    def merge_into(self, state: BlockMoments, part: BlockMoments, delta: torch.Tensor | None) -> torch.Tensor | None:
+        """Chan's merge of ``part`` into ``state`` in place (the operations of
+        ``_numerics.chan_merge``), returning the per-class weights n_a n_b / n and writing the
+        per-class delta = mean_b - mean_a into ``delta`` (zero where a part is empty) when given.
+        None, with nothing written, where this backend has no in-place merge or a class present in
+        both has a mean that is not finite: the caller then merges out of place
+        (``BlockMoments.combine``)."""
+
     def centred_scatters(self, x: torch.Tensor, y: torch.Tensor, means: torch.Tensor,
                          scales: list) -> list[torch.Tensor]:
         """For each entry s of ``scales`` (None, or a (C,) float64 per-class factor) the D x D

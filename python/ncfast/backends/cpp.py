@@ -94,6 +94,18 @@ class CppBackend:
         return BlockMoments(*(torch.from_numpy(r[k]) if k in r else None
                               for k in ("counts", "means", "m2", "unit_sums", "norm_sums")))
 
+    def merge_into(self, state, part, delta):
+        # the state's own arrays, written through numpy views (CPU float64, contiguous)
+        tensors = (state.counts, state.means, state.m2, state.unit_sums, state.norm_sums)
+        if not all(t is None or t.is_contiguous() for t in tensors) or (delta is not None and not delta.is_contiguous()):
+            return None
+        view = (lambda t: None if t is None else t.numpy())
+        weight = _C.merge_moments(*(view(t) for t in tensors),
+                                  *(view(t.contiguous()) if t is not None else None
+                                    for t in (part.counts, part.means, part.m2, part.unit_sums, part.norm_sums)),
+                                  delta=view(delta))
+        return None if weight is None else torch.from_numpy(weight)
+
     def centred_scatters(self, x, y, means, scales):
         buf, dtype_name = buffer(x)
         labels = y.contiguous().numpy()

@@ -87,6 +87,16 @@ def blockwise_scatters(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, sc
     their scaled Gram matrix."""
     d = x.shape[1]
     rows = rows_per_block(d)
+    if means.device.type == "cpu" and x.shape[0] <= rows and x.shape[0] * d * d < SYRK_MIN_FLOPS:
+        # one small block (a LayerProbe batch of a narrow layer): what Gram forms from it, the
+        # product's upper triangle mirrored, without its accumulators
+        centred = centre(x, y, torch.empty(x.shape[0], d, dtype=torch.float64, device=means.device))
+        out = []
+        for s in scales:
+            a = centred if s is None else centred * s[y].unsqueeze(1)
+            g = a.T @ a
+            out.append(g.triu() + g.triu(1).T)
+        return out
     grams = [Gram(d, means.device) for _ in scales]
     buf = torch.empty(min(rows, x.shape[0]), d, dtype=torch.float64, device=means.device)
     for xb, yb in row_blocks(x, y, rows):
@@ -242,6 +252,9 @@ class TorchBackend:
         if check_finite and not bool(torch.isfinite(part.m2).all()):
             raise ValueError(NON_FINITE)
         return part
+
+    def merge_into(self, state, part, delta):
+        return None  # the caller merges out of place
 
     def centred_scatters(self, x, y, means, scales):
         return blockwise_scatters(x, y, means, scales,
