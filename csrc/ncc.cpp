@@ -553,6 +553,17 @@ bool ncc_register_tiled() {
 #endif
 }
 
+int64_t ncc_sum_terms(int64_t d) {
+#if defined(__AVX512F__)
+  return d;  // every register tile sums its products over the whole feature dimension
+#else
+  // each chunk's dot product, in whatever order the compiler vectorised it, is a tree of at most
+  // kChunk - 1 additions; the chunks' partial scores are then added one after another
+  const int64_t chunks = (d + kChunk - 1) / kChunk;
+  return std::min(d, kChunk + chunks);
+#endif
+}
+
 bool ncc_has_precision(const std::string& precision) {
   if (precision == "fp32") return true;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)

@@ -19,6 +19,12 @@ void ncc_sweep(const Matrix& x, const float* shift, const float* centres, const 
                const int64_t* starts, int groups, double rel, const double* cmax, const double* omax,
                int64_t* best, uint8_t* unsure, int num_threads, const std::string& precision = "fp32");
 
+// A bound on the number of roundings on any path of the summation tree of one float32 score of
+// this build's ncc_sweep (at most d): the n of the gamma_n = n u / (1 - n u) that bounds its error
+// relative to sum_j |x_j c_j|. The generic sweep adds chunks of features, so for wide rows this is
+// about the chunk size, not d.
+int64_t ncc_sum_terms(int64_t d);
+
 // Whether ncc_sweep offers a precision here: "fp32" always; "bf16" (VDPBF16PS products of the
 // row and centre rounded to bfloat16, accumulated in float32; the caller's rel must cover the two
 // extra roundings) only in an AVX512-BF16 build.

@@ -46,6 +46,9 @@ void bind_ncc(py::module_& m) {
       py::arg("precision") = "fp32");
   m.def("ncc_has_precision", &ncc_has_precision,
         "Whether ncc_sweep offers this precision ('fp32' always, 'bf16' with AVX512-BF16).");
+  m.def("ncc_sum_terms", &ncc_sum_terms, py::arg("d"),
+        "At most how many roundings lie on any path of the summation tree of one float32 score of "
+        "ncc_sweep over d features (the n of its gamma_n error bound; at most d).");
   m.def("ncc_register_tiled", &ncc_register_tiled,
         "Whether ncc_sweep is register-tiled (AVX-512): faster than GEMM blocks at any number of classes.");
 }

@@ -247,3 +247,31 @@ def test_centred_scatter_rejects_bad_labels():
     with pytest.raises(ValueError, match="labels"):
         _C.centred_scatter(np.zeros((3, 2), np.float32), "float32", np.array([0, 2, 0]), np.zeros((2, 2)), None,
                            np.zeros((2, 2)), 1)
+
+
+def test_ncc_sweep_bound_of_its_summation_depth_still_certifies():
+    """Without AVX-512 the sweep adds chunks of features, so its bound counts the roundings of that
+    tree (_C.ncc_sum_terms), far fewer than D for wide rows. Rows near the midpoint of two centres,
+    at gaps from 1e-9 to 1e-2 of the scores' scale: every row the sweep calls certain holds the
+    argmin of its float32 inputs (float64 products of them, exact to far below the gaps that are
+    certified), and the near ties are flagged."""
+    d, n = 9000, 400
+    terms = _C.ncc_sum_terms(d)
+    assert 1 <= terms <= d and [_C.ncc_sum_terms(k) for k in (1, 7, 512)] == [1, 7, 512]
+    g = np.random.default_rng(11)
+    centres = g.standard_normal((3, d)).astype(np.float32)
+    mid = (centres[0].astype(np.float64) + centres[1]) / 2
+    step = (centres[1].astype(np.float64) - centres[0]) / np.linalg.norm(centres[1].astype(np.float64) - centres[0])
+    gaps = np.logspace(-9, -2, n) * np.sqrt(d) * np.where(np.arange(n) % 2, 1.0, -1.0)
+    x = (mid + gaps[:, None] * step + 1e-3 * g.standard_normal((n, d))).astype(np.float32)
+    offsets = (0.5 * (centres.astype(np.float64) ** 2).sum(1)).astype(np.float32)
+    c = -centres  # argmin of ||c||^2 / 2 - x . c: the nearest centre
+    shift = np.zeros(d, dtype=np.float32)
+    cmax = [float(np.linalg.norm(c.astype(np.float64), axis=1).max())]
+    omax = [float(np.abs(offsets.astype(np.float64)).max())]
+    rel = 1.1 * (1.01 * terms + 4) * 2.0 ** -24
+    best, unsure = _C.ncc_sweep(x, "float32", shift, c, offsets, [0, 3], rel, cmax, omax, 2)
+    scores = offsets.astype(np.float64) + x.astype(np.float64) @ c.astype(np.float64).T
+    certain = unsure[:, 0] == 0
+    assert certain.sum() > n // 4 and (~certain).sum() > n // 4
+    assert np.array_equal(best[certain, 0], scores[certain].argmin(1))

@@ -163,6 +163,26 @@ def test_cpp_and_torch_backends_agree(monkeypatch):
         _state_close(a, b, rtol=1e-12)
 
 
+def test_streamed_updates_merge_alike_on_cpp_and_torch(monkeypatch):
+    """Batches fed to ClassMoments merge in place on the C++ backend (its scatters corrected by the
+    same per-class delta and weight) and out of place on the torch one: the same state, the
+    balanced scatter of announced counts included, with classes that appear only in later batches."""
+    x, y, c = make_data(n=500, d=6, c=5, imbalanced=True, seed=21, shift=50.0, dtype=torch.float64)
+    order = torch.argsort(y, stable=True)  # sorted by class: the first batches hold only the first classes
+    x, y = x[order], y[order]
+    counts = torch.bincount(y, minlength=c)
+    states = {}
+    for name in ("cpp", "torch"):
+        monkeypatch.setenv("NCFAST_BACKEND", name)
+        m = ncfast.ClassMoments(c, 6, class_counts=counts)
+        for lo in range(0, 500, 70):
+            m.update(x[lo : lo + 70], y[lo : lo + 70])
+        states[name] = m
+    _state_close(states["cpp"], states["torch"], rtol=1e-12)
+    one_shot = ncfast.ClassMoments(c, 6, class_counts=counts).update(x, y)
+    _state_close(states["cpp"], one_shot, rtol=1e-10)
+
+
 def test_thread_count_changes_result_only_by_rounding():
     """Classes cut by thread boundaries are merged with Chan's formula: equal to float64 rounding."""
     x, y, c = make_data(n=5000, d=16, c=3, seed=9, shift=100.0)

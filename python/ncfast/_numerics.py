@@ -116,9 +116,10 @@ def coincidence_floor(d: int) -> float:
 # -------------------------------------------------------------------- certified score bounds
 def rel_float(u: float, d: int) -> float:
     """Relative bound of a score at unit roundoff u: x - shift and the centres rounded to the
-    working precision (u each), a length-d dot product in any summation order
-    (gamma_d <= 1.01 d u), the offset added once, and 10% headroom for the row norm itself being
-    computed in that precision."""
+    working precision (u each), a dot product whose summation tree has at most d roundings on any
+    path (gamma_d <= 1.01 d u; d = the length for a sum in any order, less for a kernel that adds
+    chunks of known size, ``_C.ncc_sum_terms``), the offset added once, and 10% headroom for the
+    row norm itself being computed in that precision."""
     return 1.1 * (1.01 * d + 4) * u
 
 
