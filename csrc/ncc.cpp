@@ -186,6 +186,22 @@ inline void shifted_chunk(const Matrix& x, int64_t r0, int64_t rows, int64_t j0,
             sb[c + 2] += e2;
             sb[c + 3] += e3;
           }
+          for (; c + 2 <= k; c += 2) {  // two centres left (C = 10 = 4 + 4 + 2)
+            const float *w0 = centres + c * d + j0, *w1 = w0 + d;
+            float a0 = 0, a1 = 0, e0 = 0, e1 = 0;
+#pragma omp simd reduction(+ : a0, a1, e0, e1)
+            for (int64_t j = 0; j < dj; ++j) {
+              const float va = xa[j], vb = xb[j];
+              a0 += va * w0[j];
+              a1 += va * w1[j];
+              e0 += vb * w0[j];
+              e1 += vb * w1[j];
+            }
+            sa[c] += a0;
+            sa[c + 1] += a1;
+            sb[c] += e0;
+            sb[c + 1] += e1;
+          }
           for (; c < k; ++c) {
             const float* w = centres + c * d + j0;
             float a = 0, e = 0;

@@ -442,9 +442,22 @@ def _metrics_from_moments(moments: ClassMoments, backend: backends.Backend, *, w
         out["nc5_ood"] = _nc5_ood(moments, ood)
     if moments.unit_sum is not None:  # kept unless the ClassMoments was built with unit_sums=False
         out.update(_directions(moments))
-    degenerate = DEGENERATE_METRICS if ranks.get("sigma_t") == moments.num_samples - 1 else ()
     return NCMetrics(out, ranks=ranks, absent_classes=moments.absent_classes, omitted_rows=moments.omitted_rows,
-                     weighting=weighting, rtol=rtol, degenerate=degenerate, per_class=per_class)
+                     weighting=weighting, rtol=rtol, degenerate=_degenerate(moments, ranks), per_class=per_class)
+
+
+def _degenerate(moments: ClassMoments, ranks: dict) -> tuple:
+    """The metrics that lose their meaning when Sigma_T has full rank N - 1 (no within-class
+    direction outside the span of the data)."""
+    return DEGENERATE_METRICS if ranks.get("sigma_t") == moments.num_samples - 1 else ()
+
+
+def _scatter_metrics(moments: ClassMoments, weighting: str, rtol: float) -> tuple[dict, dict, tuple]:
+    """(values, ranks, degenerate) of the D x D metrics alone (``SCATTER_METRICS`` and
+    squared_distance), as metrics_from_moments computes them: for a LayerProbe's channel-pooled
+    features, whose other metrics are not reported."""
+    values, ranks = _within_between(moments, weighting, rtol)
+    return values, ranks, _degenerate(moments, ranks)
 
 
 def _within_between(moments: ClassMoments, weighting: str, rtol: float) -> tuple[dict, dict]:

@@ -34,7 +34,7 @@ import torch
 
 from . import backends
 from ._distributed import Ranks
-from .metrics import NCMetrics, _metrics_from_moments, class_fractions
+from .metrics import NCMetrics, _metrics_from_moments, _scatter_metrics, class_fractions
 from .ncc import _problems, _solve
 from .stats import ClassMoments, imbalanced
 
@@ -165,6 +165,10 @@ class Stream:
         if self.tally is not None:
             self.tally.write(out, self.moments.count)
         return out
+
+    def scatter_metrics(self, rtol: float) -> tuple[dict, dict, tuple]:
+        """(values, ranks, degenerate) of the stream's D x D metrics alone (metrics._scatter_metrics)."""
+        return _scatter_metrics(self.moments, self.weighting, rtol)
 
 
 @dataclass

@@ -298,11 +298,11 @@ class LayerProbe:
         out = full.metrics(backend, weight=weight, rtol=rtol)
         dxd = full.moments.dim
         if pooled is not None:
-            pooled_out = pooled.metrics(backend, rtol=rtol)
+            values, ranks, degenerate = pooled.scatter_metrics(rtol)
             for k in SCATTER_METRICS:
-                out[k] = pooled_out[k]
-            out.ranks.update(pooled_out.ranks)
-            out.degenerate = pooled_out.degenerate
+                out[k] = values[k]
+            out.ranks.update(ranks)
+            out.degenerate = degenerate
             dxd = pooled.moments.dim
         norm = run.norm[0] / max(1, run.norm[1])
         out["logits_norm"] = self.logit_scale * norm
