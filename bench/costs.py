@@ -19,7 +19,9 @@ dxd    ``nc_metrics`` (C = 10) against float64 X^T X (``torch.mm`` of the float6
 
 Every row times ncfast and its floor in turns (``repeat`` times, after ``warmup`` runs of each; the
 probe's three cases and both forward passes in one series), so a burst of background load hits
-them alike; ratio = ncfast median / floor median, and ``ratio_of_min`` the same of the fastest runs.
+them alike; ratio = ncfast median / floor median, ``ratio_of_min`` the same of the fastest runs, and
+``ratio_paired`` the median over the turns of each turn's ncfast time over the floor timed in the
+same turn (paired, so a slow spell of the machine that spans a turn moves both).
 """
 from __future__ import annotations
 
@@ -43,8 +45,8 @@ BATCH = 128
 
 
 def _turns(fns: dict, warmup: int, repeat: int, sync) -> dict:
-    """{name: (median seconds, min seconds)}: every function runs ``warmup`` times, then they take
-    turns."""
+    """{name: (median seconds, min seconds, seconds of each turn)}: every function runs ``warmup``
+    times, then they take turns."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         for _ in range(warmup):
@@ -57,13 +59,14 @@ def _turns(fns: dict, warmup: int, repeat: int, sync) -> dict:
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+    return {name: (statistics.median(t), min(t), t) for name, t in times.items()}
 
 
 def _row(op: str, case: str, ours: tuple, floor: tuple, floor_name: str, **extra) -> dict:
+    paired = statistics.median(a / b for a, b in zip(ours[2], floor[2]))
     return dict(op=op, case=case, ncfast_s=ours[0], floor_s=floor[0], ratio=ours[0] / floor[0],
-                ncfast_min_s=ours[1], floor_min_s=floor[1], ratio_of_min=ours[1] / floor[1], floor=floor_name,
-                **extra)
+                ncfast_min_s=ours[1], floor_min_s=floor[1], ratio_of_min=ours[1] / floor[1], ratio_paired=paired,
+                floor=floor_name, **extra)
 
 
 def probe_rows(n: int, device: torch.device, warmup: int, repeat: int, sync) -> list[dict]:
@@ -118,7 +121,8 @@ def dxd_row(n: int, d: int, device: torch.device, warmup: int, repeat: int, sync
     print(f"    dxd N={n} D={d}", file=sys.stderr)
     t = _turns({"ncfast": lambda: ncfast.nc_metrics(x, y), "xtx": lambda: x64.T @ x64,
                 "eigvalsh": lambda: torch.linalg.eigvalsh(gram)}, warmup, repeat, sync)
-    floor = (t["xtx"][0] + t["eigvalsh"][0], t["xtx"][1] + t["eigvalsh"][1])
+    floor = (t["xtx"][0] + t["eigvalsh"][0], t["xtx"][1] + t["eigvalsh"][1],
+             [a + b for a, b in zip(t["xtx"][2], t["eigvalsh"][2])])
     return _row("dxd", "nc_metrics", t["ncfast"], floor, "float64 X^T X + eigvalsh(D)", N=n, D=d, C=CLASSES,
                 xtx_s=t["xtx"][0], eigvalsh_s=t["eigvalsh"][0])
 
@@ -141,12 +145,13 @@ def print_rows(rows: list[dict]) -> None:
     print()
     print("What measuring costs: ncfast's time as a ratio to the work the user cannot avoid")
     line = (f"{'op':<6}  {'case':<16}  {'N':>7}  {'D':>5}  {'ncfast s':>9}  {'floor s':>8}  {'ratio':>6}  "
-            f"{'of min':>6}  floor")
+            f"{'of min':>6}  {'paired':>6}  floor")
     print(line)
     print("-" * (len(line) + 26))
     for r in rows:
         d = r.get("D", "")
         print(f"{r['op']:<6}  {r['case']:<16}  {r['N']:>7}  {d:>5}  {r['ncfast_s']:>9.3f}  {r['floor_s']:>8.3f}  "
-              f"{r['ratio']:>6.2f}  {r['ratio_of_min']:>6.2f}  {r['floor']}"
+              f"{r['ratio']:>6.2f}  {r['ratio_of_min']:>6.2f}  {r['ratio_paired']:>6.2f}  {r['floor']}"
               + (f" (X^T X {r['xtx_s']:.3f} s, eigvalsh {r['eigvalsh_s']:.3f} s)" if r["op"] == "dxd" else ""))
-    print("seconds and ratio: medians; of min: the ratio of the fastest runs of each (less moved by background load)")
+    print("seconds and ratio: medians; of min: the ratio of the fastest runs of each (less moved by background "
+          "load); paired: the median of each turn's ratio")

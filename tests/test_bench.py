@@ -46,6 +46,7 @@ def test_cost_rows_run_and_report_ratios(tmp_path, monkeypatch, capsys):
     for r in rows:
         assert r["ncfast_s"] > 0 and r["floor_s"] > 0 and r["ratio"] == r["ncfast_s"] / r["floor_s"]
         assert r["ratio_of_min"] == r["ncfast_min_s"] / r["floor_min_s"]
+        assert r["ratio_paired"] == r["ratio"]  # one turn: its own ratio
     assert rows[0]["cached_layers"] == costs.PROBE_LAYERS
     assert rows[3]["floor_s"] == rows[3]["xtx_s"] + rows[3]["eigvalsh_s"]
     assert "What measuring costs" in capsys.readouterr().out
