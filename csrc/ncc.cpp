@@ -25,6 +25,7 @@ namespace ncfast {
 namespace {
 
 constexpr int kMaxGroups = 4;
+constexpr double kScoreRange = 0x1p126;  // half of float32's range: no score or partial sum overflows below
 
 inline void consider(float s, int64_t c, float& b1, float& b2, int64_t& i1) {
   if (s < b1) {  // strict: among equal scores the lower class index (seen first) stays
@@ -53,6 +54,8 @@ inline double shifted_row(const Matrix& x, int64_t r, const float* shift, float*
     return std::sqrt(sq);
   }
   if (x.dtype == DType::F64) {
+    // a difference beyond float32's range becomes inf (so does the norm: the row is unsure); one
+    // below its normal range is off by at most 2^-150, which the bound's underflow floor covers
     x.load_row(r, row64);
     for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(row64[j] - static_cast<double>(shift[j]));
   } else {
@@ -87,15 +90,22 @@ struct BlockBest {
   }
 
   // best / unsure of rows r0 .. r0 + rows (see ncc.h), the bound rel * (||x - t|| cmax + omax).
+  // Every partial sum of a score is at most ||x - t|| cmax + omax in magnitude (Cauchy-Schwarz), so
+  // below kScoreRange no float32 operation of the row overflows; a row above it, or with a NaN
+  // norm (shifted_row), is unsure whatever its scores say, as is any gap that is not a finite
+  // number above twice the bound.
   void write(int64_t r0, int64_t rows, int groups, const int64_t* starts, double rel, const double* cmax,
              const double* omax, int64_t* best, uint8_t* unsure) const {
     for (int64_t t = 0; t < rows; ++t) {
       for (int g = 0; g < groups; ++g) {
-        const double bound = rel * (norm[t] * cmax[g] + omax[g]);
+        const double magnitude = norm[t] * cmax[g] + omax[g];
+        const double bound = rel * magnitude;
+        const double gap = static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]);
         const int64_t o = (r0 + t) * groups + g;
         best[o] = i1[t][g] - starts[g];
-        unsure[o] = (starts[g + 1] - starts[g] > 1 &&
-                     static_cast<double>(b2[t][g]) - static_cast<double>(b1[t][g]) <= 2.0 * bound) ? 1 : 0;
+        const bool certain = magnitude < kScoreRange && std::isfinite(b1[t][g]) && std::isfinite(b2[t][g]) &&
+                             gap > 2.0 * bound;
+        unsure[o] = (starts[g + 1] - starts[g] > 1 && !certain) ? 1 : 0;
       }
     }
   }

@@ -8,7 +8,7 @@ import torch
 
 import ncfast
 from ncfast import reference as ref
-from conftest import make_data
+from conftest import DEVICE, make_data
 
 
 def _exact_argmin(rows, approx, score):
@@ -247,3 +247,66 @@ def test_fast_mode_low_precision_pays_only_when_faster():
     assert _low_cost(1.0, 3.0, 0.5) == 2.5 < 3.0  # 1 + 1.5
     assert _low_cost(1.0, 3.0, 0.7) > 3.0  # 1 + 2.1
     assert _low_cost(3.0, 2.9, 0.0) > 2.9  # bf16 no faster than float32
+
+
+def _scaled_problem(seed=31):
+    """Features (float32-exact values, so any float32 copy at a power-of-two scale is exact), their
+    float64 class means, labels, a classifier, and rows exactly at or next to the midpoint of the
+    first two means."""
+    x, y, c = make_data(n=300, d=24, c=5, seed=seed, spread=0.8, dtype=torch.float32)
+    x = x.double()
+    means = torch.stack([x[y == k].mean(0) for k in range(c)]).float().double()
+    mid = ((means[0] + means[1]) / 2).float().double()
+    x[:3] = mid
+    x[3:6] = (mid + 1e-3 * (means[1] - means[0])).float().double()
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c, 24, generator=g, dtype=torch.float64).float().double()
+    b = torch.randn(c, generator=g, dtype=torch.float64).float().double()
+    return x, y, means, w, b
+
+
+_TRITON = ["triton"] if ncfast.backends.triton_runs_on(torch.zeros(1, device=DEVICE)) else []
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"] + _TRITON)
+@pytest.mark.parametrize("dtype, exponents", [(torch.float32, (-100, -60, 63, 70, 100, 120)),
+                                              (torch.float64, (-1000, -300, 63, 100, 300, 1000))])
+def test_nearest_centre_and_decision_at_any_magnitude(backend, dtype, exponents, monkeypatch):
+    """Scaling features and means by s = 2^e is exact and changes no nearest centre; the decision
+    argmax (W h + b) does not change either with h -> s h and (W, b) -> (W / s, b) or (W, s b). At
+    e = 63 (features near 1e19) the float32 scores of the unscaled problem overflowed and every row
+    went to class 0; at 2^-1000 float64 rows vanish in float32. Every finite magnitude gives the
+    exact argmin (ties to the lowest index: the midpoint rows go to class 0)."""
+    monkeypatch.setenv("NCFAST_BACKEND", backend)
+    x, y, means, w, b = _scaled_problem()
+    if backend == "triton":  # the tensors on the device of the Triton kernels
+        x, y, means, w, b = (t.to(DEVICE) for t in (x, y, means, w, b))
+    want = ncfast.ncc_assign(x, means)
+    want_dec = ncfast.classifier_decisions(x, w, b)
+    assert torch.equal(want, torch.from_numpy(ref.ncc_assign(x, means)))
+    assert (want[:3] == 0).all() and (want != 0).any()
+    for e in exponents:
+        s = 2.0 ** e
+        xs = (x * s).to(dtype)
+        assert torch.equal(xs.double(), x * s), e  # the scaled problem is the same problem
+        for mode in ("exact", "fast"):
+            assert torch.equal(ncfast.ncc_assign(xs, means * s, mode=mode), want), (e, mode)
+            for ws, bs in ((w / s, b), (w, b * s)):
+                assert torch.equal(ncfast.classifier_decisions(xs, ws, bs, mode=mode), want_dec), (e, mode)
+        nearest, dec = ncfast.ncc_and_decisions(xs, means * s, w / s, b)
+        assert torch.equal(nearest, want) and torch.equal(dec, want_dec), e
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nc_metrics_ncc_accuracy_does_not_move_with_magnitude(dtype):
+    """The issue's case: features around 1e19 reported ncc_accuracy 0.20 for 0.925. Scaled by
+    2^63 or 2^-100 (class means, moments and sweep all scale exactly), ncc_accuracy and the NCC
+    mismatch are the same numbers."""
+    x, y, means, w, b = _scaled_problem(seed=32)
+    base = ncfast.nc_metrics(x.to(dtype), y, weight=w, bias=b)
+    assert 0.3 < base["ncc_accuracy"] < 1.0
+    for e in (63, -100):
+        s = 2.0 ** e
+        m = ncfast.nc_metrics((x * s).to(dtype), y, weight=w / s, bias=b)
+        assert m["ncc_accuracy"] == base["ncc_accuracy"], e
+        assert m["ncc_mismatch"] == base["ncc_mismatch"], e

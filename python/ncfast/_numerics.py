@@ -87,9 +87,37 @@ def scalar_moments(parts) -> tuple[int, float, float]:
 
 
 def top2(scores: torch.Tensor):
-    """(argmin, gap between the two smallest) of each row of a (rows, K >= 2) score block."""
+    """(argmin, smallest, second smallest) of each row of a (rows, K >= 2) score block."""
     top = torch.topk(scores, 2, dim=1, largest=False)
-    return top.indices[:, 0], top.values[:, 1] - top.values[:, 0]
+    return top.indices[:, 0], top.values[:, 0], top.values[:, 1]
+
+
+SCORE_RANGE32 = 2.0 ** 126
+"""Half of float32's range: a row whose scores' magnitude bound (||x - t|| cmax + omax, which also
+bounds every partial sum, by Cauchy-Schwarz) is below it overflows nowhere in a float32 sweep."""
+SCORE_RANGE64 = 2.0 ** 1022
+"""The same for float64 products."""
+TINY32 = 2.0 ** -149
+"""Spacing of float32's subnormals: the absolute error of a product or sum that falls below the
+normal range, where the relative bound does not hold."""
+TINY64 = 2.0 ** -1074
+"""The same for float64."""
+
+
+def certain(best: torch.Tensor, second: torch.Tensor, magnitude: torch.Tensor, rel: float,
+            score_range: float) -> torch.Tensor:
+    """Whether a row's argmin is certified: its magnitude bound is inside the precision's range (so
+    nothing overflowed), its two best scores are finite and their gap exceeds twice the bound rel x
+    magnitude. NaN anywhere (a norm, a score) leaves the row uncertified."""
+    return (magnitude < score_range) & torch.isfinite(best) & torch.isfinite(second) & (
+        second - best > 2.0 * rel * magnitude)
+
+
+def underflow_floor(tiny: float, d: int, cmax: float) -> float:
+    """Absolute error of the products and partial sums of one score that fall below the normal range
+    (each at most ``tiny``, the subnormal spacing): added to omax as this over rel, so the bound
+    stays rel (||x|| cmax + omax)."""
+    return tiny * d * (1.0 + cmax) * 2.0
 
 
 # ------------------------------------------------------------------------------- IEEE division

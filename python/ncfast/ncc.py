@@ -50,6 +50,21 @@ def _exact_ints(values: list[float]) -> tuple[list[int], int]:
     return [int(m * 9007199254740992.0) << (e - low) if m != 0.0 else 0 for m, e in parts], low - 53
 
 
+def _exponent(t: torch.Tensor) -> int:
+    """k with max |t| in [2^(k-1), 2^k) (0 for an all-zero t). A problem's scores scaled by 2^-k have
+    the same argmin and stay inside float32's and float64's range for any finite features and
+    centres up to 2^126 (a float32 score of unscaled means of 1e19 overflowed: every row went to
+    class 0); scaling by a power of two is exact but for elements pushed below the normal range,
+    whose part of a score is under 2^-1000 of its magnitude."""
+    a = float(t.abs().max()) if t.numel() else 0.0
+    return math.frexp(a)[1] if a > 0.0 and math.isfinite(a) else 0
+
+
+def _times_power_of_two(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t * 2^k, exactly (two normal factors, so 2^k itself need not be representable)."""
+    return t * 2.0 ** (k // 2) * 2.0 ** (k - k // 2)
+
+
 @dataclass
 class _Problem:
     """argmin_c offsets_c + (x - shift) . centres_c (scales folded into the centres, exactly).
@@ -99,13 +114,18 @@ def _recheck(rows: torch.Tensor, p: _Problem, shift64: torch.Tensor) -> torch.Te
     rows64 = rows.to(torch.float64)
     x64 = rows64 - shift64
     scores = torch.addmm(p.offsets, x64, p.centres.T)
-    best, gap = _numerics.top2(scores)
-    rel = _numerics.rel_float(_numerics.U64, rows.shape[1])
-    bound = _numerics.score_bound(rel, x64.norm(dim=1), p.cmax, p.omax)
-    still = (gap <= 2.0 * bound).nonzero().squeeze(1)
+    best, b1, b2 = _numerics.top2(scores)
+    d = rows.shape[1]
+    rel = _numerics.rel_float(_numerics.U64, d)
+    magnitude = x64.norm(dim=1) * p.cmax + p.omax + _numerics.underflow_floor(_numerics.TINY64, d, p.cmax) / rel
+    still = (~_numerics.certain(b1, b2, magnitude, rel, _numerics.SCORE_RANGE64)).nonzero().squeeze(1)
     if still.numel():
         tied = scores[still]
-        near = tied <= tied.min(dim=1, keepdim=True).values + 2.0 * bound[still].unsqueeze(1)
+        bound = rel * magnitude[still].unsqueeze(1)
+        near = tied <= tied.min(dim=1, keepdim=True).values + 2.0 * bound
+        # rows whose float64 scores overflowed (or are NaN) keep every class as a candidate
+        lost = ~(torch.isfinite(tied).all(dim=1) & (magnitude[still] < _numerics.SCORE_RANGE64))
+        near[lost] = True
         best[still] = _exact_rows(rows64[still], near, p).to(best.device)
     return best
 
@@ -250,8 +270,13 @@ def _ncc_problem(x: torch.Tensor, means):
         raise ValueError("means: no row is finite")
     index = valid.nonzero().squeeze(1)
     m64 = mu[index].to(torch.float64)
-    shift = m64.mean(dim=0).to(torch.float32)
+    # the mean of the means, without overflow; where it leaves float32's range, no shift
+    k = _exponent(m64)
+    shift = _times_power_of_two(_times_power_of_two(m64, -k).mean(dim=0), k).to(torch.float32)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     mc = m64 - shift.to(torch.float64)
+    k = _exponent(mc)
+    mcs = _times_power_of_two(mc, -k)
 
     means_cpu = m64.cpu()
 
@@ -263,7 +288,9 @@ def _ncc_problem(x: torch.Tensor, means):
                 for j in range(len(classes))]
         return min(zip(dist, classes))[1]
 
-    return _Problem(-2.0 * mc, mc.square().sum(1), m64, exact), shift, index
+    # the scores times 2^-k: ||mu_c - t||^2 2^-k - 2 (h - t) . (mu_c - t) 2^-k, the centres of
+    # magnitude below 2 whatever the means' (the argmin is the same; see _exponent)
+    return _Problem(-2.0 * mcs, _times_power_of_two(mcs.square().sum(1), k), m64, exact), shift, index
 
 
 def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Problem:
@@ -292,8 +319,10 @@ def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Pr
             scores.append(-(dot * scale + Fraction(float(b_cpu[c]))))
         return min(zip(scores, classes))[1]
 
-    return _Problem(-w64, -(b64 + w64 @ shift.to(torch.float64)), torch.cat([w64, b64.unsqueeze(1)], dim=1),
-                    exact)
+    # the scores times 2^-k, k from the largest weight or bias (see _exponent)
+    k = _exponent(torch.cat([w64.reshape(-1), b64]))
+    ws, bs = _times_power_of_two(w64, -k), _times_power_of_two(b64, -k)
+    return _Problem(-ws, -(bs + ws @ shift.to(torch.float64)), torch.cat([w64, b64.unsqueeze(1)], dim=1), exact)
 
 
 def ncc_assign(features, means, *, mode: str = "exact") -> torch.Tensor:

@@ -154,6 +154,7 @@ class CppBackend:
             omax = [o + _numerics.flush_floor(d, c) / rel for o, c in zip(omax, cmax)]
         else:  # the sweep's own summation depth (chunks of features without AVX-512), not d
             rel = _numerics.rel_float(_numerics.U32, _C.ncc_sum_terms(d))
+            omax = [o + _numerics.underflow_floor(_numerics.TINY32, d, c) / rel for o, c in zip(omax, cmax)]
         buf, dtype_name = buffer(x)
         best, unsure = _C.ncc_sweep(buf, dtype_name, shift.contiguous().numpy(), centres.contiguous().numpy(),
                                     offsets.contiguous().numpy(), starts, rel, cmax, omax, torch.get_num_threads(),

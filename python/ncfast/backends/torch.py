@@ -150,10 +150,14 @@ def gemm_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offs
             xb = (block - shift64).to(torch.float32) if x.dtype == torch.float64 else block.to(torch.float32) - shift
             with full_fp32():
                 scores = torch.addmm(o32, xb, c32.T)
-            top, gap = _numerics.top2(scores)
+            top, b1, b2 = _numerics.top2(scores)
             best[lo : lo + rows, g] = top
-            bound = _numerics.score_bound(rel, xb.norm(dim=1), cmax[g], omax[g])
-            unsure[lo : lo + rows, g] = gap <= 2.0 * bound
+            # a float64 row beyond float32's range has an inf norm (unsure); the underflow floor
+            # covers its elements below the normal range
+            omax_g = omax[g] + _numerics.underflow_floor(_numerics.TINY32, d, cmax[g]) / rel
+            magnitude = torch.linalg.vector_norm(xb, dim=1, dtype=torch.float64) * cmax[g] + omax_g
+            unsure[lo : lo + rows, g] = ~_numerics.certain(b1.double(), b2.double(), magnitude, rel,
+                                                           _numerics.SCORE_RANGE32)
     return Sweep(best, unsure)
 
 

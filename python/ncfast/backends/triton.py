@@ -64,6 +64,8 @@ class TritonBackend:
         rel, flushes = _sweep_bound(precision, d)
         if flushes:
             omax = [o + _numerics.flush_floor(d, c) / rel for o, c in zip(omax, cmax)]
+        else:  # float32 products that fall below the normal range
+            omax = [o + _numerics.underflow_floor(_numerics.TINY32, d, c) / rel for o, c in zip(omax, cmax)]
         return Sweep(*ncc.ncc_sweep(x, shift, centres, offsets, starts, rel, cmax, omax, precision))
 
     def fast_precisions(self, classes):

@@ -171,9 +171,14 @@ def _ncc_sweep_kernel(
             b2 = tl.where(better, tl.minimum(b1, t2), tl.minimum(b2, t1))
             b1 = tl.where(better, t1, b1)
             i1 = tl.where(better, a1, i1)
-        bound = rel * (norm * tl.load(cmax_ptr + g) + tl.load(omax_ptr + g))
-        # a group of one class keeps b2 = +inf: never unsure
-        unsure = b2.to(tl.float64) - b1.to(tl.float64) <= 2.0 * bound
+        magnitude = norm * tl.load(cmax_ptr + g) + tl.load(omax_ptr + g)
+        bound = rel * magnitude
+        # certified: no partial sum can have overflowed (magnitude under 2^126 bounds them all), the
+        # two best scores are finite and apart by more than twice the bound (NaN: not certified);
+        # a group of one class is never unsure
+        ok = ((magnitude < 8.507059173023462e37) & (b1 > float("-inf")) & (b2 < float("inf"))
+              & (b2.to(tl.float64) - b1.to(tl.float64) > 2.0 * bound))
+        unsure = (hi - lo > 1) & (ok == 0)
         tl.store(best_ptr + rows * stride_bm + g * stride_bg, i1 - lo, mask=rmask)
         tl.store(unsure_ptr + rows * stride_um + g * stride_ug, unsure, mask=rmask)
 
