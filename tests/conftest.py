@@ -1,4 +1,4 @@
-"""Shared test data: small, seeded, with every awkward case the SPEC names."""
+"""Shared test data: small, seeded, with every awkward case docs/metrics.md names."""
 import math
 import os
 

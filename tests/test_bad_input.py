@@ -1,4 +1,4 @@
-"""SPEC.md's bad-input contract: a clear error naming the argument, and no partial state change."""
+"""The bad-input contract of docs/metrics.md §14.4: a clear error naming the argument, and no partial state change."""
 import pytest
 import torch
 
@@ -188,3 +188,59 @@ def test_class_distance_takes_the_nan_policy_its_error_names(data):
     keep = torch.arange(len(y)) != 3
     got = ncfast.class_distance(bad, y, num_classes=c, nan_policy="omit")
     assert torch.equal(got, ncfast.class_distance(x[keep], y[keep], num_classes=c))
+
+
+def _classifier(c, d, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(c, d, generator=g), torch.randn(c, generator=g)
+
+
+@pytest.mark.parametrize("where, value", [("weight", float("nan")), ("weight", float("inf")),
+                                          ("bias", float("nan")), ("bias", float("-inf"))])
+def test_non_finite_classifier_is_named(data, where, value):
+    """A NaN or Inf in the classifier would decide an argmax (a finite ncc_mismatch, or an internal
+    error for an infinite bias): every entry point that takes one names it."""
+    x, y, c = data
+    w, b = _classifier(c, x.shape[1])
+    (w if where == "weight" else b).view(-1)[1] = value
+    calls = [lambda: ncfast.nc_metrics(x, y, num_classes=c, weight=w, bias=b),
+             lambda: ncfast.classifier_decisions(x, w, b),
+             lambda: ncfast.ncc_and_decisions(x, ncfast.class_moments(x, y).means, w, b)]
+    if where == "weight":
+        calls.append(lambda: ncfast.metrics_from_moments(ncfast.class_moments(x, y), weight=w))
+    for call in calls:
+        with pytest.raises(ValueError, match=f"^{where}: contains NaN or Inf"):
+            call()
+
+
+def test_logits_must_be_finite_and_one_column_per_class(data):
+    x, y, c = data
+    z = torch.randn(x.shape[0], c)
+    z[5, 2] = float("nan")
+    with pytest.raises(ValueError, match="^logits: contains NaN or Inf"):
+        ncfast.nc_metrics(x, y, num_classes=c, logits=z)
+    with pytest.raises(ValueError, match=r"^logits: expected shape \(200, 4\)"):
+        ncfast.nc_metrics(x, y, num_classes=c, logits=torch.randn(x.shape[0], c + 3))
+    with pytest.raises(TypeError, match="^bias: expected a floating dtype"):
+        ncfast.nc_metrics(x, y, num_classes=c, weight=torch.randn(c, x.shape[1]), bias=torch.arange(c))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_rows_get_no_nearest_centre(data, value, dtype):
+    """ncc_assign, classifier_decisions, ncc_and_decisions and ncc_mismatch put a NaN or Inf row in
+    class 0; now no precision certifies such a row and its exact tier refuses it, at no cost to
+    finite input (one mean left: the argmin needs no scores, so the rows are checked)."""
+    x, y, c = data
+    x = x.to(dtype)
+    means = ncfast.class_moments(x, y).means
+    w, b = _classifier(c, x.shape[1])
+    x[7, 3] = value
+    calls = [lambda: ncfast.ncc_assign(x, means), lambda: ncfast.ncc_assign(x, means, mode="fast"),
+             lambda: ncfast.classifier_decisions(x, w, b), lambda: ncfast.ncc_and_decisions(x, means, w, b),
+             lambda: ncfast.ncc_mismatch(x, means, torch.zeros(x.shape[0], dtype=torch.int64)),
+             lambda: ncfast.ncc_assign(x, torch.full_like(means, float("nan")).index_copy_(0, torch.tensor([1]),
+                                                                                        means[1:2]))]
+    for call in calls:
+        with pytest.raises(ValueError, match="^features: contains NaN or Inf"):
+            call()

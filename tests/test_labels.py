@@ -1,4 +1,4 @@
-"""Label transforms of paper 000 (SPEC.md: coarse y mod K, fine y + beta*C, random coarse)."""
+"""Label transforms of paper 000 (docs/metrics.md: coarse y mod K, fine y + beta*C, random coarse)."""
 import pytest
 import torch
 

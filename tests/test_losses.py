@@ -1,4 +1,4 @@
-"""svsl_loss (paper 003 definition 10, SPEC "Losses") against a literal per-sample loop of the paper's
+"""svsl_loss (paper 003 definition 10, docs/metrics.md §13) against a literal per-sample loop of the paper's
 formula, hand-computed cases, the float64 reference, gradcheck and the bad-input contract."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Valid input never raises from inside a solver (SPEC.md "Bad input"): dead ReLU units (many
+"""Valid input never raises from inside a solver (docs/metrics.md §14.4): dead ReLU units (many
 all-zero columns), duplicated columns, rank 1 and rank far below D, clustered eigenvalues, and the
 fallbacks of ncfast._linalg when torch's solvers fail. Every metric is held to the float64
 reference (ncfast.reference) at relative 1e-6 or tighter."""
@@ -15,7 +15,7 @@ from ncfast import _linalg
 from ncfast import reference as ref
 from conftest import assert_close
 
-RTOL = 1e-8  # tighter than SPEC's 1e-6: nothing here is in the collapse regime
+RTOL = 1e-8  # tighter than the documented 1e-6: nothing here is in the collapse regime
 ATOL = 1e-12
 
 

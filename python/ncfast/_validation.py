@@ -91,13 +91,23 @@ def check_same_device(ref: torch.Tensor, other: torch.Tensor, name: str) -> None
         raise ValueError(f"{name}: on device {other.device}, but features are on {ref.device}")
 
 
+def check_finite(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t, or a ValueError naming it when it holds NaN or Inf (a classifier's weight and bias, logits:
+    one non-finite entry would decide an argmax)."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return t
+
+
 def check_bias(bias, num_classes: int, ref: torch.Tensor) -> torch.Tensor:
-    """A classifier bias of shape (num_classes,) on the features' device."""
+    """A finite floating classifier bias of shape (num_classes,) on the features' device."""
     b = as_tensor(bias, "bias")
+    if not b.dtype.is_floating_point:
+        raise TypeError(f"bias: expected a floating dtype, got {b.dtype}")
     if b.shape != (num_classes,):
         raise ValueError(f"bias: expected shape ({num_classes},), got {tuple(b.shape)}")
     check_same_device(ref, b, "bias")
-    return b
+    return check_finite(b, "bias")
 
 
 def omit_non_finite(x: torch.Tensor, y: torch.Tensor):
@@ -128,9 +138,10 @@ def check_superclass(superclass, num_classes: int, device) -> torch.Tensor:
     return s.to(device=device, dtype=torch.int64)
 
 
-def check_per_class(value, name: str, num_classes: int, dim: int, device) -> torch.Tensor:
+def check_per_class(value, name: str, num_classes: int, dim: int, device, *, finite: bool = False) -> torch.Tensor:
     """A floating (num_classes, dim) matrix on ``device``, one row per class (a classifier's
-    weight, class means); errors name the argument."""
+    weight, class means); errors name the argument. ``finite``: NaN or Inf is an error (a weight;
+    class means may hold NaN rows for absent classes)."""
     m = as_tensor(value, name)
     if not m.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating dtype, got {m.dtype}")
@@ -138,4 +149,4 @@ def check_per_class(value, name: str, num_classes: int, dim: int, device) -> tor
         raise ValueError(f"{name}: expected shape ({num_classes}, {dim}) (classes x features), got {tuple(m.shape)}")
     if m.device != device:
         raise ValueError(f"{name}: on device {m.device}, but the features are on {device}")
-    return m
+    return check_finite(m, name) if finite else m

@@ -19,6 +19,7 @@ from ._validation import (
     check_bias,
     check_choice,
     check_features,
+    check_finite,
     check_labels,
     check_per_class,
     check_same_device,
@@ -120,7 +121,7 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     check_choice(weighting, WEIGHTINGS, "weighting")
     x, y, num_classes, omitted, keep, backend = _prepare(features, labels, num_classes, nan_policy)
     d = x.shape[1]
-    w = check_per_class(weight, "weight", num_classes, d, x.device) if weight is not None else None
+    w = check_per_class(weight, "weight", num_classes, d, x.device, finite=True) if weight is not None else None
     b = None
     if bias is not None:
         if w is None:
@@ -132,10 +133,11 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
         if not z.dtype.is_floating_point:
             raise TypeError(f"logits: expected a floating dtype, got {z.dtype}")
         n_in = x.shape[0] + omitted
-        if z.dim() != 2 or z.shape[0] != n_in:
-            raise ValueError(f"logits: expected shape ({n_in}, C), got {tuple(z.shape)}")
+        if z.dim() != 2 or z.shape != (n_in, num_classes):
+            raise ValueError(f"logits: expected shape ({n_in}, {num_classes}) (rows x classes), got {tuple(z.shape)}")
         check_same_device(x, z, "logits")
         z = z[keep] if omitted else z
+        check_finite(z, "logits")
     if superclass is not None:
         check_superclass(superclass, num_classes, x.device)
     if class_means is not None:

@@ -424,7 +424,8 @@ def _metrics_from_moments(moments: ClassMoments, backend: backends.Backend, *, w
     sup = None if superclass is None else check_superclass(superclass, moments.num_classes, moments.device)
     w = None
     if weight is not None:
-        w = check_per_class(weight, "weight", moments.num_classes, moments.dim, moments.device)[p].to(torch.float64)
+        w = check_per_class(weight, "weight", moments.num_classes, moments.dim, moments.device,
+                            finite=True)[p].to(torch.float64)
     mt = moments.centred_means(weighting)
     out, ranks = _within_between(moments, weighting, rtol)
     pairs = _class_pair_stats(moments, backend, weighting=weighting, superclass=sup, tile=tile,

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from . import _numerics, backends
-from ._validation import as_tensor, check_bias, check_features, check_same_device
+from ._validation import as_tensor, check_bias, check_features, check_finite, check_same_device
 from .backends.torch import ncc_block_rows
 
 MODES = ("exact", "fast")
@@ -137,6 +137,8 @@ def _exact_rows(rows64: torch.Tensor, near: torch.Tensor, p: _Problem) -> torch.
     whose exact gap was 2e-22 (midpoints between class means). Classes with equal keys tie
     exactly and keep their lowest index (every class, when all the means are equal), so the
     integer arithmetic runs only over distinct candidates; these rows are rare by construction."""
+    if not bool(torch.isfinite(rows64).all()):  # they reach here: no precision certifies them
+        raise ValueError("features: contains NaN or Inf")
     first = p.first_equal.unsqueeze(0)
     k = near.shape[1]
     low = torch.where(near, first, k).min(dim=1).values
@@ -236,6 +238,10 @@ def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Pro
     float32 sweep -> float64 product -> exact integers.
     """
     shift64 = shift.to(torch.float64)
+    if any(p.centres.shape[0] == 1 for p in problems):
+        # a problem of one class certifies every row without scoring it: the sweep's NaN check
+        # (no precision certifies a non-finite row, so such rows end in _exact_rows) is bypassed
+        check_finite(x, "features")
     total = sum(p.centres.shape[0] for p in problems)
     rows = ncc_block_rows(x, total)
     lows = backend.fast_precisions(total)
@@ -299,7 +305,9 @@ def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Pr
     if w.dim() != 2 or w.shape[1] != x.shape[1]:
         raise ValueError(f"weight: expected shape (C, {x.shape[1]}), got {tuple(w.shape)}")
     check_same_device(x, w, "weight")
-    w64 = w.to(torch.float64)
+    if not w.dtype.is_floating_point:
+        raise TypeError(f"weight: expected a floating dtype, got {w.dtype}")
+    w64 = check_finite(w.to(torch.float64), "weight")
     if bias is None:
         b64 = torch.zeros(w.shape[0], dtype=torch.float64, device=x.device)
     else:

@@ -22,7 +22,7 @@ The paper's definitions, followed exactly:
   the layers run from gamma to the output layer k). Table 2: alpha = 1e-5 from Layer 1 on MNIST and
   F-MNIST, 4e-6 from AvgPool on CIFAR-10, 1e-5 from Layer 3 on CIFAR-100.
 - IT: "We use a threshold of 0.995 for determining the Interpolation Threshold" (sec. 5.3; another
-  sentence says 0.985, we use 0.995, SPEC's default): the IT is the first epoch whose train accuracy
+  sentence says 0.985, we use 0.995, docs/metrics.md's default): the IT is the first epoch whose train accuracy
   reaches it, and the TPT the epochs after it.
 - Conjecture 7 (ordering): "In the TPT, for 1 <= j <= k, Lambda_Train^(j) >= Lambda_Train^(j+1) and
   Lambda_Test^(j) >= Lambda_Test^(j+1)".

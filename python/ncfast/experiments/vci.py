@@ -180,8 +180,8 @@ def _class_stats(h: np.ndarray, y: np.ndarray, num_classes: int):
 def span_split(features, labels, num_classes: int, rtol: float = DEFAULT_RTOL) -> dict:
     """Sigma_W's trace inside and outside span(Sigma_B) (paper 004 Fig. 1), float64, balanced weighting.
 
-    Sigma_W = (1/C) sum_c Cov_c and Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T (docs'
-    SPEC); P_B projects on the eigenvectors of Sigma_B with eigenvalue > rtol * lambda_max (taken
+    Sigma_W = (1/C) sum_c Cov_c and Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T (docs/metrics.md);
+    P_B projects on the eigenvectors of Sigma_B with eigenvalue > rtol * lambda_max (taken
     from the SVD of the C x D matrix of centred class means, whose squared singular values are C
     times those eigenvalues). Returns inside = Tr(P_B Sigma_W), outside = Tr(Sigma_W) - inside
     (computed as Tr((I - P_B) Sigma_W) when P_B is small, never negative), share = inside / Tr(Sigma_W)
