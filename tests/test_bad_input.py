@@ -244,3 +244,21 @@ def test_non_finite_rows_get_no_nearest_centre(data, value, dtype):
     for call in calls:
         with pytest.raises(ValueError, match="^features: contains NaN or Inf"):
             call()
+
+
+@pytest.mark.parametrize("call", ["nc_metrics", "class_distance", "class_moments", "ClassMoments", "LayerProbe"])
+def test_one_stray_label_allocates_nothing_by_it(data, call):
+    """A single label of 2^40 (or num_classes of that size) asked for 2^40 x D float64 statistics: an
+    allocator's traceback, or the machine's memory first. The classes' statistics are sized against
+    the free memory before anything is allocated, and the error names num_classes."""
+    x, y, _ = data
+    y = y.clone()
+    y[3] = 2 ** 40
+    with pytest.raises(ValueError, match=r"^num_classes: 1099511627777 classes .* GiB"):
+        if call == "ClassMoments":
+            ncfast.ClassMoments(2 ** 40 + 1, x.shape[1])
+        elif call == "LayerProbe":
+            model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 5), torch.nn.Linear(5, 3))
+            ncfast.LayerProbe(model, ["0"], 2 ** 40 + 1).measure([(x, y % 3)])
+        else:
+            getattr(ncfast, call)(x, y)

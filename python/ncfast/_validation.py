@@ -80,6 +80,41 @@ def check_labels(labels, n: int, device: torch.device, num_classes: int | None, 
     return y, num_classes
 
 
+def available_bytes(device) -> int | None:
+    """Memory free for new allocations on ``device``: MemAvailable of /proc/meminfo for the host,
+    the free memory of a CUDA device; None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - no verdict rather than a failure
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_state_fits(num_classes: int, dim: int, device, vectors: int = 2) -> None:
+    """Refuse, before anything is allocated by it, a number of classes (given, or the largest label
+    + 1) whose per-class statistics (``vectors`` float64 vectors of ``dim`` per class: the means and
+    the unit-vector sums) alone exceed the memory free on ``device``: a single stray label of 2^40
+    would otherwise end in an allocator's traceback, or take the machine's memory first."""
+    need = int(num_classes) * int(dim) * 8 * vectors
+    free = available_bytes(device)
+    if free is not None and need > free:
+        raise ValueError(f"num_classes: {num_classes} classes (the given num_classes, or the largest label + 1) "
+                         f"x {dim} features need {need / 2**30:.1f} GiB for their statistics, more than the "
+                         f"{free / 2**30:.1f} GiB free on {torch.device(device)}; pass the true num_classes, or "
+                         f"relabel the classes 0..C-1")
+
+
 def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")

@@ -23,6 +23,7 @@ from ._validation import (
     check_labels,
     check_per_class,
     check_same_device,
+    check_state_fits,
     check_superclass,
     omit_non_finite,
 )
@@ -44,6 +45,7 @@ def _prepare(features, labels, num_classes, nan_policy, *, kernel_checks_labels:
     backend = backends.for_tensor(x)
     defer = kernel_checks_labels and num_classes is not None and nan_policy == "raise" and backend.checks_labels
     y, num_classes = check_labels(labels, x.shape[0], x.device, num_classes, values=not defer)
+    check_state_fits(num_classes, x.shape[1], x.device)
     # Under "raise", ClassMoments rejects NaN/Inf from its own statistics: no extra pass.
     keep = None
     omitted = 0

@@ -40,6 +40,7 @@ from ._validation import (
     check_choice,
     check_features,
     check_labels,
+    check_state_fits,
     omit_non_finite,
 )
 
@@ -137,6 +138,7 @@ class ClassMoments:
         self.num_classes = int(num_classes)
         self.dim = int(dim)
         self.device = torch.device(device)
+        check_state_fits(self.num_classes, self.dim, self.device, 2 if unit_sums else 1)
         self.omitted_rows = 0
         self._keeps_scatter = bool(scatter)
         self._keeps_units = bool(unit_sums)
