@@ -262,3 +262,53 @@ def test_one_stray_label_allocates_nothing_by_it(data, call):
             ncfast.LayerProbe(model, ["0"], 2 ** 40 + 1).measure([(x, y % 3)])
         else:
             getattr(ncfast, call)(x, y)
+
+
+@pytest.mark.parametrize("key, bad, exc", [
+    ("count", lambda t: -t, ValueError),                          # negative counts
+    ("count", lambda t: t.double(), TypeError),                   # float counts
+    ("mean", lambda t: t[:, :-1], ValueError),                    # wrong shape
+    ("m2", lambda t: t - 1e6, ValueError),                        # negative sum of squares
+    ("scatter", lambda t: t[:3], ValueError),
+    ("unit_sum", lambda t: t.tolist(), TypeError),                # not a tensor
+    ("omitted_rows", lambda t: -1, ValueError),
+    ("mean", None, ValueError),                                   # missing key
+])
+def test_load_state_dict_checks_every_entry_and_changes_nothing_on_error(data, key, bad, exc):
+    x, y, c = data
+    m = ncfast.ClassMoments(c, x.shape[1]).update(x[:100], y[:100])
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in m.state_dict().items()}
+    state = ncfast.ClassMoments(c, x.shape[1]).update(x, y).state_dict()
+    if bad is None:
+        del state[key]
+    else:
+        state[key] = bad(state[key])
+    with pytest.raises(exc, match="state"):
+        m.load_state_dict(state)
+    for k, v in m.state_dict().items():  # atomic: as it was
+        assert torch.equal(v, before[k]) if isinstance(v, torch.Tensor) else v == before[k], k
+
+
+@pytest.mark.parametrize("labels, exc", [(lambda y: y.float(), TypeError), (lambda y: y - 2, ValueError),
+                                         (lambda y: y + 10, ValueError), (lambda y: y.reshape(-1, 1), ValueError)])
+@pytest.mark.parametrize("held_out", [False, True])
+def test_layer_probe_checks_labels_at_its_door(data, labels, exc, held_out):
+    """LayerProbe.measure met float or negative labels with errors from inside torch (bincount's
+    RuntimeError, NotImplementedError); now each batch's labels are checked as the one-shot API's
+    are, on both kinds of split."""
+    x, y, c = data
+    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 8), torch.nn.ReLU(), torch.nn.Linear(8, c))
+    probe = ncfast.LayerProbe(model, ["1"], c)
+    means = probe.measure([(x, y)]).class_means if held_out else None
+    with pytest.raises(exc, match="labels"):
+        probe.measure([(x, labels(y))], class_means=means)
+
+
+def test_layer_probe_refuses_an_empty_loader(data):
+    x, y, c = data
+    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], c))
+    probe = ncfast.LayerProbe(model, ["0"], c)
+    means = probe.measure([(x, y)]).class_means
+    for kwargs in ({}, {"class_means": means}):
+        with pytest.raises(ValueError, match="^loader: yielded no batch"):
+            probe.measure([], **kwargs)

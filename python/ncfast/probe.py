@@ -53,7 +53,7 @@ from torch import nn
 
 from . import backends
 from ._distributed import Ranks
-from ._validation import WEIGHTINGS, check_choice
+from ._validation import WEIGHTINGS, check_choice, check_labels
 from .metrics import DEFAULT_RTOL, SCATTER_METRICS, NCMetrics, class_distance_from_moments, msdr_from_moments
 from .passes import Block, Plan, Stream
 from .stats import ClassMoments
@@ -130,6 +130,14 @@ def channel_pool(out) -> torch.Tensor:
         out = out[0]
     out = out.detach()
     return out.reshape(out.shape[0], out.shape[1], -1).mean(dim=2) if out.dim() > 2 else out
+
+
+def _batch_labels(labels, num_classes: int) -> torch.Tensor:
+    """A batch's labels checked at the probe's door (an integer vector in [0, num_classes)), so a
+    float or negative label is a ValueError / TypeError naming ``labels``, not an error from inside
+    a torch operation."""
+    y = torch.as_tensor(labels)
+    return check_labels(y, y.shape[0] if y.dim() == 1 else -1, y.device, num_classes)[0]
 
 
 class LayerProbe:
@@ -221,7 +229,7 @@ class LayerProbe:
         try:
             with torch.no_grad():
                 for batch in loader:
-                    x, y = batch[0], batch[1]
+                    x, y = batch[0], _batch_labels(batch[1], self.num_classes)
                     y_orig = batch[2] if len(batch) > 2 else None
                     captured.clear()
                     logits = self.model(x)
@@ -280,7 +288,8 @@ class LayerProbe:
             return self.class_counts
         counts = torch.zeros(self.num_classes, dtype=torch.int64)
         for batch in loader:
-            counts += torch.bincount(batch[1].reshape(-1).cpu(), minlength=self.num_classes)[: self.num_classes]
+            y = _batch_labels(batch[1], self.num_classes).cpu()
+            counts += torch.bincount(y, minlength=self.num_classes)[: self.num_classes]
         return comm.reduce(counts)
 
     def _check_means(self, name: str, mu, dim: int) -> None:

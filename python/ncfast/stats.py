@@ -376,17 +376,50 @@ class ClassMoments:
         return sd
 
     def load_state_dict(self, state: dict) -> "ClassMoments":
+        """Restore a ``state_dict``. Every entry is checked (keys, types, shapes, counts >= 0, sums of
+        squares and norms not negative) before anything changes: a state that fails leaves this
+        ClassMoments as it was."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected a dict (ClassMoments.state_dict()), got {type(state).__name__}")
+        missing = [k for k in ("num_classes", "dim", "omitted_rows", "count", "mean", "m2") if k not in state]
+        if missing:
+            raise ValueError(f"state: missing {missing}")
         if (state["num_classes"], state["dim"]) != (self.num_classes, self.dim):
             raise ValueError("state: num_classes / dim differ from this ClassMoments")
         if (("scatter" in state) != (self.scatter is not None) or ("wscatter" in state) != (self.wscatter is not None)
                 or ("unit_sum" in state) != (self.unit_sum is not None)):
             raise ValueError("state: holds a different set of statistics (scatter / unit_sums / class_counts)")
+        c, d = self.num_classes, self.dim
+        shapes = {"count": (c,), "mean": (c, d), "m2": (c,), "unit_sum": (c, d), "norm_sum": (c,), "scatter": (d, d),
+                  "wscatter": (d, d), "class_counts": (c,)}
+        loaded = {}
+        for k, shape in shapes.items():
+            t = state.get(k)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"state[{k!r}]: expected a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state[{k!r}]: expected shape {shape}, got {tuple(t.shape)}")
+            integer = k in ("count", "class_counts")
+            if integer == t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise TypeError(f"state[{k!r}]: expected {'an integer' if integer else 'a floating'} dtype, got {t.dtype}")
+            t = t.to(device=self.device, dtype=torch.int64 if integer else torch.float64).clone()
+            if k in ("count", "class_counts", "m2", "norm_sum") and bool((t < 0).any()):
+                raise ValueError(f"state[{k!r}]: negative entries")
+            loaded[k] = t
+        omitted = state["omitted_rows"]
+        try:
+            whole = not isinstance(omitted, bool) and int(omitted) == omitted and int(omitted) >= 0
+        except (TypeError, ValueError, RuntimeError):
+            whole = False
+        if not whole:
+            raise ValueError(f"state['omitted_rows']: expected an integer >= 0, got {omitted!r}")
         for k in _STATE_KEYS:
-            if k in state:
-                setattr(self, k, state[k].to(device=self.device).clone())
-        self.omitted_rows = int(state["omitted_rows"])
-        cc = state.get("class_counts")
-        self.class_counts = None if cc is None else cc.to(self.device).clone()
+            if k in loaded:
+                setattr(self, k, loaded[k])
+        self.omitted_rows = int(omitted)
+        self.class_counts = loaded.get("class_counts")
         return self
 
     @classmethod
