@@ -227,3 +227,79 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         else:
             assert two[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
     _compare(one, {k: v for k, v in ncfast.nc_metrics(x, y, weight=w).items() if not np.isnan(v)})
+
+
+def _safetensors_bytes(header, data: bytes) -> bytes:
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+_I64 = np.arange(40, dtype=np.int64).tobytes()  # 320 bytes
+
+
+@pytest.mark.parametrize("blob, needle", [
+    # a dtype x shape that does not match data_offsets (I32 declared over I64 bytes)
+    (_safetensors_bytes({"y": {"dtype": "I32", "shape": [40], "data_offsets": [0, 320]}}, _I64), "data_offsets span"),
+    # offsets past the end of the file
+    (_safetensors_bytes({"y": {"dtype": "I64", "shape": [80], "data_offsets": [0, 640]}}, _I64), "truncated"),
+    # a hole before the tensor
+    (_safetensors_bytes({"y": {"dtype": "I64", "shape": [39], "data_offsets": [8, 320]}}, _I64), "hole"),
+    # bytes left after the tensor
+    (_safetensors_bytes({"y": {"dtype": "I64", "shape": [39], "data_offsets": [0, 312]}}, _I64), "left over"),
+    # malformed headers
+    ((2 ** 63).to_bytes(8, "little") + b"{}", "not a safetensors file"),
+    (_safetensors_bytes(b"[1, 2]", _I64), "not an object"),
+    (_safetensors_bytes(b"\xff\xfe{", _I64), "not JSON"),
+    (_safetensors_bytes({"y": {"shape": [40], "data_offsets": [0, 320]}}, _I64), "needs dtype"),
+    (_safetensors_bytes({"y": {"dtype": "I64", "shape": ["40"], "data_offsets": [0, 320]}}, _I64), "shape"),
+    (_safetensors_bytes({"y": {"dtype": "I64", "shape": [40], "data_offsets": [-8, 320]}}, _I64), "data_offsets"),
+])
+def test_safetensors_that_disagree_with_themselves_are_refused(tmp_path, blob, needle):
+    """Every header is checked against itself and the file's size before anything is read or
+    allocated by it (an I32 tensor declared over I64 bytes was read: nc1 1.88 for 0.44)."""
+    (tmp_path / "y.safetensors").write_bytes(blob)
+    with pytest.raises(ValueError, match=needle) as err:
+        ms.open_shards(tmp_path / "y.safetensors", "LABELS")
+    assert "y.safetensors" in str(err.value)
+
+
+def test_npy_header_larger_than_its_file_is_refused_before_allocating(tmp_path):
+    """A 200-byte .npy claiming 2^55 rows reached 5 GB before failing; a stray AppleDouble '._x.npy'
+    gave numpy's bare 'magic string is not correct'. Under a 6 GiB address-space cap (importing
+    torch takes most of it), both are ValueErrors naming the file."""
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 4), dtype=np.float32))
+    header["shape"] = (2 ** 55, 4)
+    with open(tmp_path / "x.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+    (tmp_path / "._y.npy").write_bytes(b"\x00\x05\x16\x07" + b"\0" * 60)
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+            "from ncfast import measure as ms\n"
+            "for name in ('x.npy', '._y.npy'):\n"
+            "    try:\n"
+            f"        ms.open_shards({str(tmp_path)!r} + '/' + name, 'FEATURES')\n"
+            "    except ValueError as e:\n"
+            "        print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2, out
+    assert "x.npy" in lines[0] and "truncated" in lines[0]
+    assert "._y.npy" in lines[1] and "not a readable .npy file" in lines[1]
+
+
+def test_shards_pair_by_their_numbers_not_their_sorted_names(tmp_path):
+    """x_1, x_2, x_10 against y_01, y_02, y_10: sorted by name, x_10 met y_02 (nc1 15.6 for 0.42).
+    Natural order pairs them right; shards whose names share neither stem nor numbers are refused."""
+    x, y, w, b = _data(n=600)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "l").mkdir()
+    cuts = {1: (0, 150), 2: (150, 400), 10: (400, 600)}
+    for k, (lo, hi) in cuts.items():
+        np.save(tmp_path / "f" / f"x_{k}.npy", x.numpy()[lo:hi])
+        np.save(tmp_path / "l" / f"y_{k:02d}.npy", y.numpy()[lo:hi])
+    got, _ = ms.measure(tmp_path / "f", tmp_path / "l")
+    _compare(got, ncfast.nc_metrics(x, y))
+    (tmp_path / "l" / "y_10.npy").rename(tmp_path / "l" / "y_11.npy")
+    with pytest.raises(ValueError, match="y_11.npy is paired with .*x_10.npy"):
+        ms.measure(tmp_path / "f", tmp_path / "l")

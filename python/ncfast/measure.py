@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import mmap
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -118,32 +119,83 @@ class Shard:
         return torch.from_numpy(raw.view(self.dtype).reshape(shape))
 
 
+MAX_HEADER_BYTES = 100 << 20
+"""The largest safetensors header read (the format's own reader refuses larger ones)."""
+
+
+def _check_shape(path: Path, shape) -> tuple:
+    """A header's shape as a tuple of ints >= 0, or ValueError naming the file."""
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                       for s in shape):
+        raise ValueError(f"{path}: the header's shape {shape!r} is not a list of integers >= 0")
+    return tuple(shape)
+
+
+def _check_extent(path: Path, shape: tuple, itemsize: int, offset: int, end: int | None = None) -> None:
+    """The data the header describes (shape x itemsize bytes from ``offset``) must be exactly what the
+    file holds from there (``end``: where the header says it ends): checked before anything is
+    allocated or read by the shape."""
+    size = path.stat().st_size
+    nbytes = math.prod(shape) * itemsize
+    if end is not None and end - offset != nbytes:
+        raise ValueError(f"{path}: the header's shape {shape} x {itemsize} bytes is {nbytes} bytes, but its "
+                         f"data_offsets span {end - offset}")
+    if offset + nbytes != size:
+        raise ValueError(f"{path}: the header describes {nbytes} bytes of data from byte {offset}, but the file has "
+                         f"{size - offset} there ({'truncated' if offset + nbytes > size else 'bytes left over'})")
+
+
 def _npy(path: Path) -> Shard:
     with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a readable .npy file ({exc})") from None
         offset = f.tell()
     if fortran and len(shape) > 1:
         raise ValueError(f"{path}: a Fortran-ordered array; save it C-ordered (np.ascontiguousarray)")
     if dtype.hasobject:
         raise ValueError(f"{path}: an object array")
-    return Shard(path, tuple(shape), dtype, offset)
+    shape = _check_shape(path, shape)
+    _check_extent(path, shape, dtype.itemsize, offset)
+    return Shard(path, shape, dtype, offset)
 
 
 def _safetensors(path: Path) -> Shard:
+    size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        if size < 8 or n > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{path}: not a safetensors file (a header of {n} bytes in a file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: the safetensors header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is a {type(header).__name__}, not an object")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     if len(tensors) != 1:
         raise ValueError(f"{path}: expected one tensor, found {sorted(tensors)}")
     (name, meta), = tensors.items()
-    if meta["dtype"] not in _SAFETENSORS_DTYPES:
+    if not isinstance(meta, dict) or not all(k in meta for k in ("dtype", "shape", "data_offsets")):
+        raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets in the header")
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in _SAFETENSORS_DTYPES:
         raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']}, not one of {sorted(_SAFETENSORS_DTYPES)}")
-    return Shard(path, tuple(meta["shape"]), _SAFETENSORS_DTYPES[meta["dtype"]], 8 + n + meta["data_offsets"][0])
+    shape = _check_shape(path, meta["shape"])
+    offsets = meta["data_offsets"]
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+    if offsets[0] != 0:
+        raise ValueError(f"{path}: tensor {name!r} starts {offsets[0]} bytes into the data (a hole before it)")
+    dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
+    itemsize = 2 if dtype == "bf16" else np.dtype(dtype).itemsize
+    _check_extent(path, shape, itemsize, 8 + n, 8 + n + offsets[1])
+    return Shard(path, shape, dtype, 8 + n)
 
 
 def _pt(path: Path) -> Shard:
@@ -162,7 +214,7 @@ def open_shards(source, what: str) -> list[Shard]:
     """The shards of a file or a directory (files with a known suffix, sorted by name)."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+        files = sorted((p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file()), key=_natural_key)
         if not files:
             raise FileNotFoundError(f"{what}: no {'/'.join(SUFFIXES)} file in the directory {path}")
     elif path.is_file():
@@ -178,10 +230,26 @@ def open_shards(source, what: str) -> list[Shard]:
     return shards
 
 
+def _natural_key(path: Path) -> tuple:
+    """Sort key of a shard's file name: its numbers compared as numbers (x_2 before x_10)."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.stem) if t)
+
+
+def _stem_numbers(path: Path) -> tuple[int, ...]:
+    return tuple(int(t) for t in re.findall(r"\d+", path.stem))
+
+
 def pair_shards(features: list[Shard], labels: list[Shard]) -> list[tuple[Shard, Shard]]:
-    """Feature and label shards paired in order; ValueError naming the mismatch."""
+    """Feature and label shards paired in natural order (x_2 before x_10); with several shards,
+    each pair must have the same stem or the same numbers in its stem (x_07 with y_7), else
+    ValueError naming both files: a sorted-name pairing of x_10 with y_02 gave a wrong nc1 silently."""
     if len(features) != len(labels):
         raise ValueError(f"LABELS: {len(labels)} shard(s) for {len(features)} feature shard(s)")
+    if len(features) > 1:
+        for f, y in zip(features, labels):
+            if f.path.stem != y.path.stem and _stem_numbers(f.path) != _stem_numbers(y.path):
+                raise ValueError(f"LABELS: {y.path} is paired with {f.path}, but their names share neither stem nor "
+                                 f"numbers; name the shards alike (x_1.npy with y_1.npy)")
     d = None
     for f, y in zip(features, labels):
         if len(f.shape) != 2:
