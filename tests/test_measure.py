@@ -146,6 +146,21 @@ def test_cli_writes_json_per_class_and_class_distance(tmp_path, capsys):
     (lambda p: np.save(p / "w3.npy", np.zeros((3, 12))), ["x.npy", "y.npy", "--weight", "w3.npy"], "--weight"),
     (lambda p: np.save(p / "yf.npy", np.zeros(300)), ["x.npy", "yf.npy"], "integers"),
     (lambda p: None, ["x.npy", "y.npy", "--block-rows", "0"], "--block-rows"),
+    # features that are not floating point, named with their file
+    (lambda p: np.save(p / "xi.npy", np.zeros((300, 12), dtype=np.int32)), ["xi.npy", "y.npy"], "xi.npy holds int32"),
+    (lambda p: np.save(p / "xc.npy", np.zeros((300, 12), dtype=np.complex64)), ["xc.npy", "y.npy"], "floating-point"),
+    (lambda p: np.save(p / "xb.npy", np.zeros((300, 12), dtype=bool)), ["xb.npy", "y.npy"], "floating-point"),
+    # .pt files that are empty, truncated or not torch files
+    (lambda p: (p / "xe.pt").write_bytes(b""), ["xe.pt", "y.npy"], "xe.pt: not a readable .pt file"),
+    (lambda p: (torch.save(torch.zeros(300, 12), p / "xt.pt"), (p / "xt.pt").write_bytes((p / "xt.pt").read_bytes()[:200])),
+     ["xt.pt", "y.npy"], "xt.pt: not a readable .pt file"),
+    # an output path in a missing directory: refused before the passes
+    (lambda p: None, ["x.npy", "y.npy", "--json", "no/such/dir/out.json"], "--json: cannot write"),
+    (lambda p: None, ["x.npy", "y.npy", "--per-class", "no/such/dir/pc.npz"], "--per-class: cannot write"),
+    # one stray label of 2^40: refused before anything is allocated by it
+    (lambda p: np.save(p / "yh.npy", np.r_[2 ** 40, np.zeros(299, dtype=np.int64)]), ["x.npy", "yh.npy"], "num_classes"),
+    (lambda p: np.save(p / "yh.npy", np.r_[2 ** 40, np.zeros(299, dtype=np.int64)]),
+     ["x.npy", "yh.npy", "--num-classes", "4"], "--num-classes: 4, but a label is 1099511627776"),
 ])
 def test_bad_inputs_are_named(tmp_path, capsys, make, args, needle):
     x, y, _, b = _data(n=300, c=4)
@@ -153,7 +168,7 @@ def test_bad_inputs_are_named(tmp_path, capsys, make, args, needle):
     np.save(tmp_path / "y.npy", y.numpy())
     np.save(tmp_path / "b.npy", b.numpy()[:4])
     make(tmp_path)
-    argv = [str(tmp_path / a) if a.endswith(".npy") else a for a in args]
+    argv = [str(tmp_path / a) if a.endswith((".npy", ".pt")) else a for a in args]
     assert ms.main([*argv, "--no-progress"]) == 2
     assert needle in capsys.readouterr().err
 

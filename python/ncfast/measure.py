@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import mmap
+import os
 import re
 import sys
 import time
@@ -41,7 +42,7 @@ import torch
 
 from . import backends
 from ._distributed import Ranks, init_distributed, launched_by_torchrun
-from ._validation import WEIGHTINGS
+from ._validation import WEIGHTINGS, check_state_fits
 from .metrics import DEFAULT_RTOL, class_distance_from_moments
 from .passes import Block, Plan, Stream
 
@@ -199,7 +200,11 @@ def _safetensors(path: Path) -> Shard:
 
 
 def _pt(path: Path) -> Shard:
-    obj = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    try:
+        obj = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - empty, truncated, legacy-format or not a torch file at all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable .pt file of one tensor ({first})") from None
     if isinstance(obj, dict):
         tensors = [v for v in obj.values() if isinstance(v, torch.Tensor)]
         if len(tensors) != 1:
@@ -284,6 +289,12 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="row", unit_scale=True, file=sys.stderr, leave=False)
 
 
+def _floating(shard: Shard) -> bool:
+    if shard.tensor is not None:
+        return shard.tensor.dtype.is_floating_point
+    return shard.dtype == "bf16" or np.dtype(shard.dtype).kind == "f"
+
+
 def _float(x: torch.Tensor) -> torch.Tensor:
     """Half-precision blocks are measured in float32 (the statistics are float64 either way)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -323,6 +334,10 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         clock[0] = now
 
     pairs = pair_shards(open_shards(features, "FEATURES"), open_shards(labels, "LABELS"))
+    for f, _ in pairs:
+        if not _floating(f):
+            raise ValueError(f"FEATURES: {f.path} holds {f.tensor.dtype if f.tensor is not None else f.dtype}, "
+                             f"expected floating-point features (float16, bfloat16, float32, float64)")
     d = pairs[0][0].shape[1]
     todo = ranks.mine(blocks([f for f, _ in pairs], block_rows))
     n_total = sum(f.rows for f, _ in pairs)
@@ -336,6 +351,11 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
             raise ValueError(f"LABELS: {pairs[k][1].path} holds {y.dtype}, expected integers")
         if y.numel():
             y = y.long()
+            high = int(y.max())
+            # before bincount allocates by it: one stray label of 2^40 would ask for 8 TiB
+            if num_classes is not None and high >= num_classes:
+                raise ValueError(f"--num-classes: {num_classes}, but a label is {high}")
+            check_state_fits(high + 1, d, device)
             low_high = torch.maximum(low_high, torch.stack([-y.min(), y.max()]))
             block = torch.bincount(y.clamp_min(0))  # a negative label is refused below, on every rank
             counts = torch.nn.functional.pad(counts, (0, max(0, block.numel() - counts.numel())))
@@ -463,6 +483,16 @@ def main(argv=None) -> int:
     if launched:  # torchrun: gloo on CPU, nccl with --device cuda (one GPU per rank)
         a.device = init_distributed(a.device)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    # the output paths, before the passes: a missing directory found after an hour of reading is lost work
+    for flag in ("json", "save_means", "per_class", "class_distance"):
+        target = getattr(a, flag)
+        if target is None:
+            continue
+        parent = Path(target).resolve().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            print(f"error: --{flag.replace('_', '-')}: cannot write {target} (the directory {parent} "
+                  f"{'is not writable' if parent.is_dir() else 'does not exist'})", file=sys.stderr)
+            return 2
     try:
         t0 = time.perf_counter()
         timings = {}
@@ -471,7 +501,7 @@ def main(argv=None) -> int:
                              superclass=a.superclass, ood=a.ood, train_means=a.train_means, weighting=a.weighting,
                              rtol=a.rtol, block_rows=a.block_rows, device=a.device, progress=not a.no_progress,
                              timings=timings)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, TypeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         seconds = time.perf_counter() - t0
@@ -491,14 +521,21 @@ def main(argv=None) -> int:
                   f"{seconds:.1f} s" + (f"; degenerate: {', '.join(sorted(out.degenerate))}" if out.degenerate else ""),
                   file=sys.stderr)
             print("passes: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), file=sys.stderr)
-            if a.json:
-                Path(a.json).write_text(json.dumps({k: _finite(v) for k, v in values.items()}, indent=1) + "\n")
-            if a.save_means:
-                np.save(a.save_means, m.means.cpu().numpy())
-            if a.per_class:
-                np.savez(a.per_class, **{k: v.cpu().numpy() for k, v in out.per_class.items()})
-            if distance is not None:
-                np.save(a.class_distance, distance)
+            writes = [("--json", a.json, lambda p: Path(p).write_text(
+                          json.dumps({k: _finite(v) for k, v in values.items()}, indent=1) + "\n")),
+                      ("--save-means", a.save_means, lambda p: np.save(p, m.means.cpu().numpy())),
+                      ("--per-class", a.per_class, lambda p: np.savez(p, **{k: v.cpu().numpy()
+                                                                            for k, v in out.per_class.items()})),
+                      ("--class-distance", a.class_distance if distance is not None else None,
+                       lambda p: np.save(p, distance))]
+            for flag, target, write in writes:
+                if target is None:
+                    continue
+                try:
+                    write(target)
+                except OSError as e:  # a full disk, a path that went away meanwhile
+                    print(f"error: {flag}: could not write {target}: {e.strerror or e}", file=sys.stderr)
+                    return 2
         return 0
     finally:
         if launched:
