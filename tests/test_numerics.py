@@ -85,6 +85,17 @@ def test_float32_score_bound_covers_worst_rounding():
 
 
 def test_top2_and_coincidence_floor():
-    best, gap = _numerics.top2(torch.tensor([[3.0, 1.0, 2.0], [5.0, 5.0, 6.0]]))
-    assert best.tolist() == [1, 0] and gap.tolist() == [1.0, 0.0]
+    best, first, second = _numerics.top2(torch.tensor([[3.0, 1.0, 2.0], [5.0, 5.0, 6.0]]))
+    assert best.tolist() == [1, 0] and first.tolist() == [1.0, 5.0] and second.tolist() == [2.0, 5.0]
     assert _numerics.coincidence_floor(12) == 4.0 * 16 * 2.0 ** -53
+
+
+def test_certain_needs_finite_scores_in_range_and_a_gap_over_twice_the_bound():
+    """The certificate of every sweep: (best, second, magnitude) rows, rel = 0.1, range 100."""
+    inf, nan = float("inf"), float("nan")
+    best = torch.tensor([1.0, 1.0, 1.0, -inf, 1.0, nan, 1.0, 1.0], dtype=torch.float64)
+    second = torch.tensor([3.0, 2.9, inf, 1.0, nan, 3.0, 3.0, 3.0], dtype=torch.float64)
+    magnitude = torch.tensor([9.0, 10.0, 9.0, 9.0, 9.0, 9.0, 100.0, nan], dtype=torch.float64)
+    # gap 2 > 2 * 0.9; gap 1.9 not > 2 * 1.0; inf or NaN scores; magnitude at the range; NaN magnitude
+    want = [True, False, False, False, False, False, False, False]
+    assert _numerics.certain(best, second, magnitude, 0.1, 100.0).tolist() == want

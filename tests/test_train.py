@@ -2,6 +2,7 @@
 the metrics.jsonl schema. Data files are written by the tests (nothing is downloaded)."""
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,50 @@ def test_resume_refuses_a_checkpoint_with_a_pickle_payload(tmp_path):
     with pytest.raises(ValueError, match="--resume: .*checkpoint.pt"):
         Trainer(cfg).run()
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("bit", "fails its integrity check"),          # one flipped bit in a weight
+    ("empty", "is not a readable checkpoint"),
+    ("truncated", "is not a readable checkpoint"),
+    ("garbage", "is not a readable checkpoint"),
+    ("missing", r"lacks \['opt'\]"),
+    ("list", "holds a list, not a checkpoint"),
+    ("wrong type", "does not fit this run's model and optimiser"),
+])
+def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path, damage, needle):
+    """A checkpoint carries the SHA-256 of its contents: a flipped bit is refused, not resumed; an
+    empty, truncated or garbage file, a missing key or a wrong type is a ValueError naming the file
+    (the CLI prints it on one line and exits 2), never a traceback from inside torch."""
+    cfg = _tiny(tmp_path, dataset="digits", epochs=1)
+    Trainer(cfg).run()
+    path = tmp_path / "run" / "checkpoint.pt"
+    raw = path.read_bytes()
+    state = torch.load(path, weights_only=True)
+    if damage == "bit":
+        first = next(iter(state["model"]))
+        state["model"][first].view(-1)[0] = torch.nextafter(state["model"][first].view(-1)[0], torch.tensor(1e9))
+        torch.save(state, path)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif damage == "missing":
+        del state["opt"]
+        torch.save(state, path)
+    elif damage == "list":
+        torch.save([1, 2, 3], path)
+    else:  # a wrong type under a valid digest: refused when it is loaded
+        from ncfast.train.trainer import _digest
+
+        state["sched"] = [1, 2]
+        state["sha256"] = _digest({k: v for k, v in state.items() if k != "sha256"})
+        torch.save(state, path)
+    cfg.resume = True
+    with pytest.raises(ValueError, match=f"^--resume: {re.escape(str(path))} .*({needle})"):
+        Trainer(cfg).run()
 
 
 def test_label_transforms():

@@ -17,6 +17,7 @@ rank from the last checkpoint, which is what a torchrun restart (``--max-restart
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -133,6 +134,35 @@ def layer_features(model, x: torch.Tensor, layers, max_dim: int, device, batch: 
         for h in handles:
             h.remove()
     return {name: torch.cat(v).numpy() for name, v in store.items()}
+
+
+def _digest(obj) -> str:
+    """SHA-256 of a checkpoint's contents in a fixed order: every tensor's dtype, shape and bytes, every
+    plain value's repr, dict keys sorted. Stored in the checkpoint and checked on --resume, so a
+    flipped bit is not resumed silently."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k in sorted(o, key=repr):
+                h.update(repr(k).encode())
+                walk(o[k])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[" if isinstance(o, list) else b"(")
+            for v in o:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(o).encode())
+
+    walk(obj)
+    return h.hexdigest()
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -342,6 +372,7 @@ class Trainer:
             "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
             "history": self.history, "epoch_seconds": self.epoch_seconds, "measure_seconds": self.measure_seconds,
         }
+        state["sha256"] = _digest(state)
         _atomic_save(state, self._checkpoint_path())
         self.ranks.barrier()
 
@@ -354,14 +385,36 @@ class Trainer:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except pickle.UnpicklingError as e:
+            # torch's restricted unpickler names the global it refused ("Unsupported global: ...");
+            # other complaints ("Unsupported operand") are bytes that are not a pickle at all
+            detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")),
+                          str(e).strip().splitlines()[0] if str(e).strip() else "")
+            if "global" not in detail.lower():
+                raise ValueError(f"--resume: {path} is not a readable checkpoint ({detail}); delete it to start "
+                                 f"over") from None
             raise ValueError(f"--resume: {path} holds more than a checkpoint's tensors and plain values, so it "
-                             f"is not loaded (a pickle can run code): {str(e).splitlines()[0]}") from None
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        self.gen.set_state(state["gen"].cpu())
+                             f"is not loaded (a pickle can run code): {detail}") from None
+        except Exception as e:  # noqa: BLE001 - empty, truncated, garbage: one line, not a traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"--resume: {path} is not a readable checkpoint ({first}); delete it to start over") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"--resume: {path} holds a {type(state).__name__}, not a checkpoint")
+        missing = [k for k in ("epoch", "model", "opt", "sched", "gen", "history", "sha256") if k not in state]
+        if missing:
+            raise ValueError(f"--resume: {path} lacks {missing}; delete it to start over")
+        if state["sha256"] != _digest({k: v for k, v in state.items() if k != "sha256"}):
+            raise ValueError(f"--resume: {path} fails its integrity check (its contents no longer match the "
+                             f"SHA-256 saved with them: a damaged file); delete it to start over")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            self.gen.set_state(state["gen"].cpu())
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"--resume: {path} does not fit this run's model and optimiser ({first})") from None
         self.history = state["history"]
-        self.epoch = state["epoch"]
+        self.epoch = int(state["epoch"])
         self.epoch_seconds = state.get("epoch_seconds", [])
         self.measure_seconds = state.get("measure_seconds", {})
         return True
