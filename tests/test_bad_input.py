@@ -312,3 +312,15 @@ def test_layer_probe_refuses_an_empty_loader(data):
     for kwargs in ({}, {"class_means": means}):
         with pytest.raises(ValueError, match="^loader: yielded no batch"):
             probe.measure([], **kwargs)
+
+
+def test_layer_probe_names_the_layer_whose_output_is_not_finite(data):
+    """A diverged network's NaN output: the error names the layer and no option LayerProbe lacks."""
+    x, y, c = data
+    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 8), torch.nn.ReLU(), torch.nn.Linear(8, c))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    probe = ncfast.LayerProbe(model, ["1", "2"], c)
+    with pytest.raises(ValueError, match="^layer '2': its output holds NaN or Inf") as err:
+        probe.measure([(x, y)])
+    assert "nan_policy" not in str(err.value)

@@ -157,6 +157,11 @@ def test_cli_writes_json_per_class_and_class_distance(tmp_path, capsys):
     # an output path in a missing directory: refused before the passes
     (lambda p: None, ["x.npy", "y.npy", "--json", "no/such/dir/out.json"], "--json: cannot write"),
     (lambda p: None, ["x.npy", "y.npy", "--per-class", "no/such/dir/pc.npz"], "--per-class: cannot write"),
+    # NaN in the features: the file and rows named, no option the command lacks suggested
+    (lambda p: np.save(p / "xn.npy", np.r_[np.zeros((5, 12)), np.full((1, 12), np.nan), np.zeros((294, 12))]),
+     ["xn.npy", "y.npy"], "xn.npy: rows 0 to 299 hold NaN or Inf; remove those rows"),
+    # not a regular file
+    (lambda p: os.mkfifo(p / "fifo.npy"), ["fifo.npy", "y.npy"], "is not a regular file"),
     # one stray label of 2^40: refused before anything is allocated by it
     (lambda p: np.save(p / "yh.npy", np.r_[2 ** 40, np.zeros(299, dtype=np.int64)]), ["x.npy", "yh.npy"], "num_classes"),
     (lambda p: np.save(p / "yh.npy", np.r_[2 ** 40, np.zeros(299, dtype=np.int64)]),

@@ -42,7 +42,7 @@ import torch
 
 from . import backends
 from ._distributed import Ranks, init_distributed, launched_by_torchrun
-from ._validation import WEIGHTINGS, check_state_fits
+from ._validation import NON_FINITE, WEIGHTINGS, check_state_fits
 from .metrics import DEFAULT_RTOL, class_distance_from_moments
 from .passes import Block, Plan, Stream
 
@@ -224,6 +224,8 @@ def open_shards(source, what: str) -> list[Shard]:
             raise FileNotFoundError(f"{what}: no {'/'.join(SUFFIXES)} file in the directory {path}")
     elif path.is_file():
         files = [path]
+    elif path.exists():
+        raise ValueError(f"{what}: {path} is not a regular file or a directory")
     else:
         raise FileNotFoundError(f"{what}: {path} does not exist")
     readers = {".npy": _npy, ".safetensors": _safetensors, ".pt": _pt}
@@ -398,7 +400,14 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         bar = _progress(n_total, desc, progress and ranks.rank == 0)
         for k, lo, hi in todo:
             f, yl = pairs[k]
-            step(Block({"features": _float(f.read(lo, hi)).to(device)}, yl.read(lo, hi).long().to(device)))
+            try:
+                step(Block({"features": _float(f.read(lo, hi)).to(device)}, yl.read(lo, hi).long().to(device)))
+            except ValueError as e:
+                if str(e) != NON_FINITE:
+                    raise
+                # the API's message names an option (nan_policy) this command does not have
+                raise ValueError(f"FEATURES: {f.path}: rows {lo} to {hi - 1} hold NaN or Inf; remove those rows "
+                                 f"(and their labels) before measuring") from None
             if bar is not None:
                 bar.update((hi - lo) * ranks.world)
         if bar is not None:

@@ -53,7 +53,7 @@ from torch import nn
 
 from . import backends
 from ._distributed import Ranks
-from ._validation import WEIGHTINGS, check_choice, check_labels
+from ._validation import NON_FINITE, WEIGHTINGS, check_choice, check_labels
 from .metrics import DEFAULT_RTOL, SCATTER_METRICS, NCMetrics, class_distance_from_moments, msdr_from_moments
 from .passes import Block, Plan, Stream
 from .stats import ClassMoments
@@ -130,6 +130,17 @@ def channel_pool(out) -> torch.Tensor:
         out = out[0]
     out = out.detach()
     return out.reshape(out.shape[0], out.shape[1], -1).mean(dim=2) if out.dim() > 2 else out
+
+
+def _named_non_finite(error: ValueError, feats: dict) -> ValueError:
+    """The features' NaN / Inf error of a batch, naming the layer whose output holds them (the
+    one-shot API's message suggests nan_policy, which LayerProbe does not have); other errors as
+    they are."""
+    if str(error) != NON_FINITE:
+        return error
+    bad = next((name for (name, _), t in feats.items() if not bool(torch.isfinite(t).all())), "?")
+    return ValueError(f"layer {bad!r}: its output holds NaN or Inf in this batch (the network diverged, or its "
+                      f"input holds them); LayerProbe measures finite features only")
 
 
 def _batch_labels(labels, num_classes: int) -> torch.Tensor:
@@ -390,7 +401,10 @@ class _Run:
             self._start(captured, y_orig is not None, first_rows=y.shape[0])
         decisions = logits.argmax(dim=1)
         feats = self._feeds(captured, self.probe.layers)
-        self.plan.first(Block(feats, y, decisions))
+        try:
+            self.plan.first(Block(feats, y, decisions))
+        except ValueError as e:
+            raise _named_non_finite(e, feats) from None
         for name, orig in self.orig.items():
             orig.update(feats[(name, "full")], y_orig)
             # an original class seen under two training labels (fine labels) has no super-class

@@ -506,7 +506,10 @@ class Trainer:
                                head=self.model.head if pen else None, penultimate=pen,
                                num_original_classes=self.num_original, class_counts=self.counts[split],
                                max_dim=self.cfg.max_dim, logit_scale=self.logit_scale)
-            result = probe.measure(self._loader(split), class_means=train_means)
+            try:
+                result = probe.measure(self._loader(split), class_means=train_means)
+            except ValueError as e:  # a diverged network: say where and when, and stop
+                raise ValueError(f"measuring the {split} split after epoch {self.epoch}: {e}") from None
             if split == "train":
                 train_means = result.class_means
                 if self.relabelled and pen is not None:
