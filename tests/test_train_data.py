@@ -8,7 +8,10 @@ import hashlib
 import io
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +191,36 @@ def test_corrupted_idx_raises_value_error(tmp_path, damage, match, gz):
     path.write_bytes(raw)
     with pytest.raises(ValueError, match=match):
         load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_idx_gzip_bomb_costs_only_what_its_header_announces(tmp_path):
+    """A 256 KiB .gz whose header announces 10 labels but inflates to 256 MiB: the header is checked
+    first and only the announced bytes (and one more) are inflated, so the process grows by far less
+    than the stream (it grew by the whole stream, 2.4 GB for a 1 GiB one, before the header was
+    checked). A file that is not gzip past its magic is a ValueError naming it."""
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip stream
+    with open(path, "wb") as f:
+        f.write(comp.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 10)))
+        zeros = bytes(1 << 24)
+        for _ in range(16):
+            f.write(comp.compress(zeros))
+        f.write(comp.flush())
+    code = ("import resource; from ncfast.train.data import read_idx\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n"
+            f"    read_idx({str(path)!r}, 1)\n"
+            "except ValueError as e:\n"
+            "    print(e)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    message, grown_kib = out.stdout.strip().splitlines()
+    assert "more data bytes, but the header's sizes (10,) need 10" in message and str(path) in message
+    assert int(grown_kib) < 32 * 1024
+    bad = tmp_path / "t10k-labels-idx1-ubyte"
+    bad.write_bytes(b"\x1f\x8b" + b"not a gzip stream at all")
+    with pytest.raises(ValueError, match="not a readable gzip file"):
+        data.read_idx(bad, 1)
 
 
 def test_idx_image_and_label_counts_must_agree(tmp_path):

@@ -16,6 +16,7 @@ import pickle
 import sys
 import tarfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from .._validation import available_bytes
 from ..labels import coarse_labels
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "gmm")
@@ -187,29 +189,43 @@ def read_idx(path, ndim: int) -> np.ndarray:
     """Read an IDX file of unsigned bytes with ``ndim`` dimensions (plain or gzipped).
 
     The header is the magic number 0x00 0x00 <type> <ndim> followed by ndim big-endian uint32 sizes;
-    the type must be 0x08 (unsigned byte), the only one (Fashion-)MNIST uses.
+    the type must be 0x08 (unsigned byte), the only one (Fashion-)MNIST uses. The header is read and
+    checked first; then exactly the bytes it announces are read (a gzipped file is inflated only that
+    far, so a small file that inflates to gigabytes costs no more than its header says), after the
+    announced size is checked against the file's size (plain) or the free memory (gzipped).
     """
     path = Path(path)
     with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the file is called
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (magic number 0x{raw[:4].hex()}: "
-                         f"its first two bytes must be zero)")
-    if raw[2] != 0x08:
-        raise ValueError(f"{path}: IDX element type 0x{raw[2]:02x} is not unsigned byte (0x08)")
-    if raw[3] != ndim:
-        raise ValueError(f"{path}: IDX file has {raw[3]} dimensions, expected {ndim}")
+        gz = f.read(2) == b"\x1f\x8b"  # gzip magic, whatever the file is called
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header")
-    dims = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    count = math.prod(dims)
-    if len(raw) - header != count:
-        raise ValueError(f"{path}: {len(raw) - header} data bytes, but the header's sizes {dims} "
-                         f"need {count}")
-    return np.frombuffer(raw, dtype=np.uint8, count=count, offset=header).reshape(dims)
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(header)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0:
+                raise ValueError(f"{path}: not an IDX file (magic number 0x{head[:4].hex()}: "
+                                 f"its first two bytes must be zero)")
+            if head[2] != 0x08:
+                raise ValueError(f"{path}: IDX element type 0x{head[2]:02x} is not unsigned byte (0x08)")
+            if head[3] != ndim:
+                raise ValueError(f"{path}: IDX file has {head[3]} dimensions, expected {ndim}")
+            if len(head) < header:
+                raise ValueError(f"{path}: truncated IDX header")
+            dims = tuple(int(v) for v in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
+            count = math.prod(dims)
+            if not gz and path.stat().st_size - header != count:
+                raise ValueError(f"{path}: {path.stat().st_size - header} data bytes, but the header's sizes "
+                                 f"{dims} need {count}")
+            free = available_bytes("cpu")
+            if gz and free is not None and count > free:
+                raise ValueError(f"{path}: the header's sizes {dims} need {count} bytes, more than the "
+                                 f"{free} free")
+            data = f.read(count + 1)  # one byte more: a stream longer than announced is refused too
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable {'gzip' if gz else 'IDX'} file ({e})") from None
+    if len(data) != count:
+        raise ValueError(f"{path}: {'more' if len(data) > count else len(data)} data bytes, but the header's "
+                         f"sizes {dims} need {count}")
+    return np.frombuffer(data, dtype=np.uint8, count=count).reshape(dims)
 
 
 def _mnist(name, data_dir) -> Dataset:
