@@ -166,6 +166,7 @@ def test_cli_writes_json_per_class_and_class_distance(tmp_path, capsys):
     (lambda p: np.save(p / "yh.npy", np.r_[2 ** 40, np.zeros(299, dtype=np.int64)]), ["x.npy", "yh.npy"], "num_classes"),
     (lambda p: np.save(p / "yh.npy", np.r_[2 ** 40, np.zeros(299, dtype=np.int64)]),
      ["x.npy", "yh.npy", "--num-classes", "4"], "--num-classes: 4, but a label is 1099511627776"),
+    (lambda p: None, ["x.npy", "y.npy", "--num-classes", "1000000000000"], "num_classes: 1000000000000 classes"),
 ])
 def test_bad_inputs_are_named(tmp_path, capsys, make, args, needle):
     x, y, _, b = _data(n=300, c=4)

@@ -368,6 +368,9 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     c = int(low_high[1]) + 1 if num_classes is None else int(num_classes)
     if int(low_high[1]) >= c:
         raise ValueError(f"--num-classes: {c}, but a label is {int(low_high[1])}")
+    if c < 1:
+        raise ValueError(f"--num-classes: must be >= 1, got {c}")
+    check_state_fits(c, d, device)  # before the counts and the statistics are allocated by it
     counts = ranks.reduce(torch.nn.functional.pad(counts, (0, c - counts.numel())))
     present = counts[counts > 0]
     if present.numel() < 2:
