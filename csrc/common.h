@@ -146,6 +146,14 @@ struct Matrix {
     return 0.0;
   }
 
+  // Columns [j0, j0 + n) of every row, as a Matrix of their own (no copy).
+  inline Matrix columns(int64_t j0, int64_t n) const {
+    Matrix m = *this;
+    m.data = static_cast<const char*>(data) + j0 * col_stride * dtype_bytes(dtype);
+    m.cols = n;
+    return m;
+  }
+
   // Row i converted to double into out[0..cols).
   void load_row(int64_t i, double* out) const;
   // Row i as float32 into out[0..cols): exact for float32, float16 and bfloat16 (not for float64).

@@ -734,9 +734,7 @@ void column_moments(const Matrix& x, const int64_t* labels, int64_t c, int num_t
 #endif
     for (int64_t q = 0; q < chunks; ++q) {
       const int64_t j0 = q * kColumnChunk, dj = std::min(kColumnChunk, d - j0);
-      Matrix part = x;
-      part.data = static_cast<const char*>(x.data) + j0 * x.col_stride * dtype_bytes(x.dtype);
-      part.cols = dj;
+      const Matrix part = x.columns(j0, dj);
       std::vector<ClassAccumulator> acc(c, ClassAccumulator(dj, false));
       const int64_t rows_per_chunk = std::max<int64_t>(4, std::min<int64_t>(256, (256 << 10) / (4 * dj)));
       if (wide)

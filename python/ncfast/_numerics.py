@@ -195,7 +195,7 @@ def flush_floor(d: int, cmax: float) -> float:
     """Absolute error of flushed subnormal inputs, products and partial sums in a sweep whose
     products flush them (bfloat16 FMAs, tensor cores); added to omax as this over rel, so the
     bound stays rel (||x|| cmax + omax)."""
-    return 2.0 ** -120 * d * (1.0 + cmax)
+    return underflow_floor(2.0 ** -121, d, cmax)
 
 
 def score_bound(rel: float, row_norms, cmax: float, omax: float):

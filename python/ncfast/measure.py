@@ -344,7 +344,12 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     todo = ranks.mine(blocks([f for f, _ in pairs], block_rows))
     n_total = sum(f.rows for f, _ in pairs)
 
-    # pass 0: the labels (counts, and num_classes from the largest label), read once
+    # pass 0: the labels (counts, and num_classes from the largest label), read once; a class count,
+    # given or met, is sized against the free memory before anything is allocated by it
+    if num_classes is not None:
+        if num_classes < 1:
+            raise ValueError(f"--num-classes: must be >= 1, got {num_classes}")
+        check_state_fits(num_classes, d, device)
     low_high = torch.tensor([0, -1], dtype=torch.int64)
     counts = torch.zeros(0, dtype=torch.int64)
     for k, lo, hi in todo:
@@ -357,7 +362,8 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
             # before bincount allocates by it: one stray label of 2^40 would ask for 8 TiB
             if num_classes is not None and high >= num_classes:
                 raise ValueError(f"--num-classes: {num_classes}, but a label is {high}")
-            check_state_fits(high + 1, d, device)
+            if num_classes is None:
+                check_state_fits(high + 1, d, device)
             low_high = torch.maximum(low_high, torch.stack([-y.min(), y.max()]))
             block = torch.bincount(y.clamp_min(0))  # a negative label is refused below, on every rank
             counts = torch.nn.functional.pad(counts, (0, max(0, block.numel() - counts.numel())))
@@ -368,9 +374,6 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     c = int(low_high[1]) + 1 if num_classes is None else int(num_classes)
     if int(low_high[1]) >= c:
         raise ValueError(f"--num-classes: {c}, but a label is {int(low_high[1])}")
-    if c < 1:
-        raise ValueError(f"--num-classes: must be >= 1, got {c}")
-    check_state_fits(c, d, device)  # before the counts and the statistics are allocated by it
     counts = ranks.reduce(torch.nn.functional.pad(counts, (0, c - counts.numel())))
     present = counts[counts > 0]
     if present.numel() < 2:

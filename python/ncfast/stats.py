@@ -250,12 +250,10 @@ class ClassMoments:
             backends.BlockMoments(b.count, b.mean, b.m2, b.unit_sum, b.norm_sum))
         scatter = wscatter = None
         if a.scatter is not None and b.scatter is not None:
-            idx = weight.nonzero().squeeze(1)
-            dsel = delta[idx]
-            scatter = a.scatter + b.scatter + dsel.T @ (dsel * weight[idx].unsqueeze(1))
+            corr, wcorr = self._scatter_corrections(delta, weight, a.wscatter is not None)
+            scatter = a.scatter + b.scatter + corr
             if a.wscatter is not None:
-                w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
-                wscatter = a.wscatter + b.wscatter + dsel.T @ (dsel * (weight * w)[idx].unsqueeze(1))
+                wscatter = a.wscatter + b.wscatter + wcorr
         return _Part(moments.counts, moments.means, moments.m2, moments.unit_sums, moments.norm_sums, scatter, wscatter)
 
     def _merge_in_place(self, part: _Part, backend: backends.Backend) -> bool:
@@ -274,14 +272,22 @@ class ClassMoments:
         if weight is None:
             return False
         if delta is not None:
-            idx = weight.nonzero().squeeze(1)
-            dsel = delta[idx]
-            # (S_a + S_b) + correction, as _combine adds them
-            self.scatter.add_(part.scatter).add_(dsel.T @ (dsel * weight[idx].unsqueeze(1)))
+            corr, wcorr = self._scatter_corrections(delta, weight, self.wscatter is not None)
+            self.scatter.add_(part.scatter).add_(corr)  # (S_a + S_b) + correction, as _combine adds them
             if self.wscatter is not None:
-                w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
-                self.wscatter.add_(part.wscatter).add_(dsel.T @ (dsel * (weight * w)[idx].unsqueeze(1)))
+                self.wscatter.add_(part.wscatter).add_(wcorr)
         return True
+
+    def _scatter_corrections(self, delta: torch.Tensor, weight: torch.Tensor, balanced: bool):
+        """Chan's D x D term of a merge, sum_c w_c delta_c delta_c^T, and with ``balanced`` its
+        balanced twin with w_c / N_c (None without)."""
+        idx = weight.nonzero().squeeze(1)
+        dsel = delta[idx]
+        corr = dsel.T @ (dsel * weight[idx].unsqueeze(1))
+        if not balanced:
+            return corr, None
+        w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
+        return corr, dsel.T @ (dsel * (weight * w)[idx].unsqueeze(1))
 
     def _as_part(self) -> _Part:
         return _Part(*(getattr(self, k) for k in _STATE_KEYS))

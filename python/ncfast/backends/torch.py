@@ -52,6 +52,11 @@ through torch.mm. dsyrk does half a GEMM's flops, but scipy's OpenBLAS keeps its
 for milliseconds after a call, and on 2 cores the torch operations that follow (in a LayerProbe,
 the next batch's small ones) ran 10-50x slower meanwhile (a 128 x 128 triu took 3-8 ms, not 0.01)."""
 
+def _mirror_upper(g: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix of g's upper triangle (what a Gram accumulator keeps exact)."""
+    return g.triu() + g.triu(1).T
+
+
 class Gram:
     """Accumulates sum of a^T a (D x D) over float64 blocks a.
 
@@ -77,8 +82,7 @@ class Gram:
     def total(self) -> torch.Tensor:
         if not self.cpu:
             return self.acc
-        upper = torch.from_numpy(np.ascontiguousarray(self.acc))
-        return upper.triu() + upper.triu(1).T
+        return _mirror_upper(torch.from_numpy(np.ascontiguousarray(self.acc)))
 
 
 def blockwise_scatters(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, scales: list, centre) -> list:
@@ -94,8 +98,7 @@ def blockwise_scatters(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, sc
         out = []
         for s in scales:
             a = centred if s is None else centred * s[y].unsqueeze(1)
-            g = a.T @ a
-            out.append(g.triu() + g.triu(1).T)
+            out.append(_mirror_upper(a.T @ a))
         return out
     grams = [Gram(d, means.device) for _ in scales]
     buf = torch.empty(min(rows, x.shape[0]), d, dtype=torch.float64, device=means.device)
