@@ -310,3 +310,70 @@ def test_nc_metrics_ncc_accuracy_does_not_move_with_magnitude(dtype):
         m = ncfast.nc_metrics((x * s).to(dtype), y, weight=w / s, bias=b)
         assert m["ncc_accuracy"] == base["ncc_accuracy"], e
         assert m["ncc_mismatch"] == base["ncc_mismatch"], e
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("e", [-470, -300, -260, 260, 300, 500])
+def test_every_metric_is_scale_free_across_float64s_range(backend, e, monkeypatch):
+    """float64 features scaled by 2^e (exact): every metric but feature_norm (times 2^e) is the
+    unscaled one, streamed or one-shot. ||G||_F of nc2_etf sums fourth powers of the class means:
+    unscaled they left float64's range near 2^±256 (nc2_etf came out 1.0 or inf)."""
+    monkeypatch.setenv("NCFAST_BACKEND", backend)
+    x, y, means, w, b = _scaled_problem(seed=33)
+    sup = torch.arange(5) % 2
+    base = ncfast.nc_metrics(x, y, weight=w, bias=b, superclass=sup)
+    s = 2.0 ** e
+    got = ncfast.nc_metrics(x * s, y, weight=w / s, bias=b, superclass=sup)
+    m = ncfast.ClassMoments(5, x.shape[1], class_counts=torch.bincount(y, minlength=5))
+    for i in range(0, len(y), 64):
+        m.update(x[i:i + 64] * s, y[i:i + 64])
+    streamed = ncfast.metrics_from_moments(m, weight=w, superclass=sup)
+    assert set(got) == set(base)
+    for key in base:
+        want = base[key] * (s if key == "feature_norm" else 1.0)
+        assert got[key] == pytest.approx(want, rel=1e-12, abs=1e-15), key
+        if key in streamed:
+            assert streamed[key] == pytest.approx(want, rel=1e-9, abs=1e-12), key
+    # the distances carry the scale twice, a CDNV of exponent p the factor 2^(2e (1 - p))
+    d0 = ncfast.class_distance(x, y)
+    assert torch.allclose(ncfast.class_distance(x * s, y) / (s * s), d0, rtol=1e-12)
+    p = 1.5
+    want = ncfast.nc_metrics(x, y, cdnv_exponent=p)["cdnv"] * 2.0 ** (2 * e * (1 - p))
+    assert ncfast.nc_metrics(x * s, y, cdnv_exponent=p)["cdnv"] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("e, side", [(520, "large"), (1000, "large"), (-500, "small"), (-1060, "small")])
+@pytest.mark.parametrize("nan_policy", ["raise", "omit"])
+def test_float64_outside_the_statistics_range_is_refused_by_name(backend, e, side, nan_policy, monkeypatch):
+    """Finite float64 features whose class statistics leave float64's range are a ValueError that
+    says so (before: "contains NaN or Inf" for finite input at 2^520, and silently wrong metrics
+    at 2^-500, whose squared deviations are subnormal). float32 input at its own limits fits."""
+    monkeypatch.setenv("NCFAST_BACKEND", backend)
+    x, y, means, w, b = _scaled_problem(seed=34)
+    xs = x * 2.0 ** e
+    assert bool(torch.isfinite(xs).all())
+    with pytest.raises(ValueError, match=f"features: finite, but too {side} in magnitude"):
+        ncfast.nc_metrics(xs, y, nan_policy=nan_policy)
+    m = ncfast.ClassMoments(5, x.shape[1])
+    with pytest.raises(ValueError, match=f"too {side} in magnitude"):
+        m.update(xs, y, nan_policy=nan_policy)
+    assert int(m.counts.sum()) == 0
+    for e32 in (120, -100):  # float32 near its limits (-100: no element subnormal): float64 statistics hold their squares
+        base = ncfast.nc_metrics(x.float(), y)
+        got = ncfast.nc_metrics((x * 2.0 ** e32).float(), y)
+        assert got["nc1"] == pytest.approx(base["nc1"], rel=1e-12) and got["nc2_etf"] == pytest.approx(base["nc2_etf"], rel=1e-12)
+
+
+def test_batches_in_range_whose_sum_overflows_are_refused_at_the_metrics():
+    """Each batch of features near 2^506 fits float64's sums of squares, the merged state does not:
+    metrics_from_moments says so (before: eigh's "failed to converge" traceback on the inf scatter)."""
+    g = torch.Generator().manual_seed(35)
+    y = torch.arange(4000) % 4
+    x = 8.0 * torch.randn(4, 8, dtype=torch.float64, generator=g)[y] + torch.randn(4000, 8, dtype=torch.float64, generator=g)
+    s = 2.0 ** 506
+    m = ncfast.ClassMoments(4, 8)
+    for i in range(0, len(y), 500):
+        m.update(x[i:i + 500] * s, y[i:i + 500])  # every batch is accepted
+    with pytest.raises(ValueError, match="too large in magnitude for the float64 class statistics"):
+        ncfast.metrics_from_moments(m)

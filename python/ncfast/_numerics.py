@@ -6,6 +6,8 @@ Each rule lives here once; the backends and the formula modules import it.
   of two (or many) parts, elementwise over classes or over the sums of tiles.
 - ``ieee_ratio``: a division with IEEE semantics where Python raises.
 - ``coincidence_floor``: below it, 1 - cos between two unit vectors is rounding, not geometry.
+- ``exponent_of`` / ``times_power_of_two``: exact rescaling by powers of two, which moves a problem
+  into float64's (or float32's) range without changing any scale-free result.
 - ``score_bound`` and the ``rel_*`` functions: the worst-case error of one score of the certified
   NCC / decision sweep at the precision of its products, for every backend (``ncfast.ncc``).
 """
@@ -21,6 +23,21 @@ UTF32 = 2.0 ** -11  # unit roundoff of TF32 (11 significant bits)
 UBF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
 TENSOR_CORE_FLOOR = 2.0 ** -100
 """Relative floor for centres' elements that tensor cores or VDPBF16PS flush to zero (subnormals)."""
+
+
+# ------------------------------------------------------------------------------- powers of two
+def exponent_of(t: torch.Tensor) -> int:
+    """k with max |t| in [2^(k-1), 2^k) (0 for an empty, all-zero or non-finite t). t * 2^-k has its
+    largest element in [1/2, 1): a product or a sum of squares of such elements cannot overflow,
+    and cannot underflow but for elements far below the largest."""
+    a = float(t.abs().max()) if t.numel() else 0.0
+    return math.frexp(a)[1] if a > 0.0 and math.isfinite(a) else 0
+
+
+def times_power_of_two(t, k: int):
+    """t * 2^k, exactly where the result is a normal number (two normal factors, so 2^k itself
+    need not be representable); t a tensor or a float."""
+    return t * 2.0 ** (k // 2) * 2.0 ** (k - k // 2)
 
 
 # ----------------------------------------------------------------------------------- Chan merge

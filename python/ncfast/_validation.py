@@ -145,6 +145,34 @@ def check_bias(bias, num_classes: int, ref: torch.Tensor) -> torch.Tensor:
     return check_finite(b, "bias")
 
 
+MAGNITUDE_FLOOR = 2.0 ** -480
+"""float64 features whose largest |x| is below this are refused: the class statistics' squared
+deviations would fall below float64's normal range (2^-1022) and lose their digits."""
+
+
+def magnitude_error(x: torch.Tensor) -> str:
+    top = float(x.abs().max())
+    side = "large" if top >= 1.0 else "small"
+    return (f"features: finite, but too {side} in magnitude for the float64 class statistics (largest |x| = "
+            f"{top:.3g}): their sums of squares need |x| below about 2^500 (3e150), and the largest |x| above "
+            f"2^-480 (3e-145). Scale the features by a power of two: the metrics are scale-free but "
+            f"feature_norm and the per-class variances and distances")
+
+
+def check_magnitude(x: torch.Tensor, means: torch.Tensor, m2: torch.Tensor) -> None:
+    """A float64 block whose class statistics left float64's range raises ValueError
+    (``magnitude_error``): sums of squares that overflowed (``m2`` not finite though ``x`` is), or
+    every |x| below MAGNITUDE_FLOOR. Lower precisions always fit: their squares are far inside
+    float64's range. Costs a pass over the C x D statistics, and over ``x`` only when every class mean
+    is below the floor."""
+    if x.dtype != torch.float64 or x.numel() == 0:
+        return
+    if not bool(torch.isfinite(m2).all()):
+        raise ValueError(magnitude_error(x))
+    if float(means.abs().max()) < MAGNITUDE_FLOOR and 0.0 < float(x.abs().max()) < MAGNITUDE_FLOOR:
+        raise ValueError(magnitude_error(x))
+
+
 def omit_non_finite(x: torch.Tensor, y: torch.Tensor):
     """nan_policy="omit": (x, y without the rows holding NaN or Inf, mask of the rows kept, number
     omitted)."""

@@ -421,6 +421,7 @@ def _metrics_from_moments(moments: ClassMoments, backend: backends.Backend, *, w
         raise ValueError(f"labels: these metrics need at least 2 present classes, got {c}")
     if not rtol >= 0:
         raise ValueError(f"rtol: must be >= 0, got {rtol}")
+    moments._require_in_range()
     sup = None if superclass is None else check_superclass(superclass, moments.num_classes, moments.device)
     w = None
     if weight is not None:
@@ -457,6 +458,7 @@ def _scatter_metrics(moments: ClassMoments, weighting: str, rtol: float) -> tupl
     """(values, ranks, degenerate) of the D x D metrics alone (``SCATTER_METRICS`` and
     squared_distance), as metrics_from_moments computes them: for a LayerProbe's channel-pooled
     features, whose other metrics are not reported."""
+    moments._require_in_range()
     values, ranks = _within_between(moments, weighting, rtol)
     return values, ranks, _degenerate(moments, ranks)
 

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from . import _numerics, backends
+from ._numerics import exponent_of, times_power_of_two
 from ._validation import as_tensor, check_bias, check_features, check_finite, check_same_device
 from .backends.torch import ncc_block_rows
 
@@ -48,21 +49,6 @@ def _exact_ints(values: list[float]) -> tuple[list[int], int]:
     exps = [e for m, e in parts if m != 0.0]
     low = min(exps) if exps else 0
     return [int(m * 9007199254740992.0) << (e - low) if m != 0.0 else 0 for m, e in parts], low - 53
-
-
-def _exponent(t: torch.Tensor) -> int:
-    """k with max |t| in [2^(k-1), 2^k) (0 for an all-zero t). A problem's scores scaled by 2^-k have
-    the same argmin and stay inside float32's and float64's range for any finite features and
-    centres up to 2^126 (a float32 score of unscaled means of 1e19 overflowed: every row went to
-    class 0); scaling by a power of two is exact but for elements pushed below the normal range,
-    whose part of a score is under 2^-1000 of its magnitude."""
-    a = float(t.abs().max()) if t.numel() else 0.0
-    return math.frexp(a)[1] if a > 0.0 and math.isfinite(a) else 0
-
-
-def _times_power_of_two(t: torch.Tensor, k: int) -> torch.Tensor:
-    """t * 2^k, exactly (two normal factors, so 2^k itself need not be representable)."""
-    return t * 2.0 ** (k // 2) * 2.0 ** (k - k // 2)
 
 
 @dataclass
@@ -277,12 +263,12 @@ def _ncc_problem(x: torch.Tensor, means):
     index = valid.nonzero().squeeze(1)
     m64 = mu[index].to(torch.float64)
     # the mean of the means, without overflow; where it leaves float32's range, no shift
-    k = _exponent(m64)
-    shift = _times_power_of_two(_times_power_of_two(m64, -k).mean(dim=0), k).to(torch.float32)
+    k = exponent_of(m64)
+    shift = times_power_of_two(times_power_of_two(m64, -k).mean(dim=0), k).to(torch.float32)
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     mc = m64 - shift.to(torch.float64)
-    k = _exponent(mc)
-    mcs = _times_power_of_two(mc, -k)
+    k = exponent_of(mc)
+    mcs = times_power_of_two(mc, -k)
 
     means_cpu = m64.cpu()
 
@@ -295,8 +281,9 @@ def _ncc_problem(x: torch.Tensor, means):
         return min(zip(dist, classes))[1]
 
     # the scores times 2^-k: ||mu_c - t||^2 2^-k - 2 (h - t) . (mu_c - t) 2^-k, the centres of
-    # magnitude below 2 whatever the means' (the argmin is the same; see _exponent)
-    return _Problem(-2.0 * mcs, _times_power_of_two(mcs.square().sum(1), k), m64, exact), shift, index
+    # magnitude below 2 whatever the means' (the argmin is the same; see _numerics.exponent_of;
+    # unscaled, the float32 scores of means near 1e19 overflowed)
+    return _Problem(-2.0 * mcs, times_power_of_two(mcs.square().sum(1), k), m64, exact), shift, index
 
 
 def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Problem:
@@ -327,9 +314,9 @@ def _decision_problem(x: torch.Tensor, weight, bias, shift: torch.Tensor) -> _Pr
             scores.append(-(dot * scale + Fraction(float(b_cpu[c]))))
         return min(zip(scores, classes))[1]
 
-    # the scores times 2^-k, k from the largest weight or bias (see _exponent)
-    k = _exponent(torch.cat([w64.reshape(-1), b64]))
-    ws, bs = _times_power_of_two(w64, -k), _times_power_of_two(b64, -k)
+    # the scores times 2^-k, k from the largest weight or bias (see _numerics.exponent_of)
+    k = exponent_of(torch.cat([w64.reshape(-1), b64]))
+    ws, bs = times_power_of_two(w64, -k), times_power_of_two(b64, -k)
     return _Problem(-ws, -(bs + ws @ shift.to(torch.float64)), torch.cat([w64, b64.unsqueeze(1)], dim=1), exact)
 
 

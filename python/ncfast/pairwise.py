@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from . import backends
-from ._numerics import coincidence_floor, ieee_ratio
+from ._numerics import coincidence_floor, exponent_of, ieee_ratio, times_power_of_two
 from .backends import PairContext, PairSums
 from .stats import ClassMoments
 
@@ -83,6 +83,13 @@ def _gram_norm(mt: torch.Tensor, backend: backends.Backend) -> float:
     """||Mt Mt^T||_F = ||Mt^T Mt||_F from whichever Gram is smaller."""
     c, d = mt.shape
     return float(torch.linalg.norm(mt @ mt.T if c <= d else backend.sym_gram(mt)))
+
+
+def _power_of_two(e: float) -> float:
+    """2^e in float64: inf above its range, 0 below (math.pow raises there)."""
+    if e == 0.0:
+        return 1.0
+    return float(torch.exp2(torch.tensor(e, dtype=torch.float64)))
 
 
 def _check_exponent(p) -> float:
@@ -126,7 +133,13 @@ def _class_pair_stats(moments: ClassMoments, backend: backends.Backend, *, weigh
     exponent = _check_exponent(cdnv_exponent)
     p = moments.present
     c = int(p.sum())
-    mt = moments.centred_means(weighting)
+    mt, var = moments.centred_means(weighting), moments.variances[p]
+    # Mt and the variances times 2^-k and 2^-2k (exact): ||G||_F sums fourth powers of the means, which
+    # left float64's range from |Mt| near 2^256 (nc2_etf came out 1.0) or 2^-256 (inf). Every
+    # result is scale-free but the distances (times 2^2k after) and a CDNV with p != 1.
+    k = exponent_of(mt)
+    if k:
+        mt, var = times_power_of_two(mt, -k), times_power_of_two(var, -2 * k)
     tile = backend.pair_tile if tile is None else tile
     device = mt.device
     # ||G||_F first, from the smaller Gram, so the exact nc2 residual is summed in the same pass.
@@ -136,7 +149,7 @@ def _class_pair_stats(moments: ClassMoments, backend: backends.Backend, *, weigh
     unit_sum = mt.T @ (1.0 / norms)  # sum_i u_i without a C x D temporary
     inv_sqrt = 1.0 / math.sqrt(c - 1)
     ctx = PairContext(
-        sq=sq, norms=norms, var=moments.variances[p], sup=None if superclass is None else superclass[p],
+        sq=sq, norms=norms, var=var, sup=None if superclass is None else superclass[p],
         g=g, etf_diag=(1.0 - 1.0 / c) * inv_sqrt, etf_offdiag=-inv_sqrt / c,
         mean_cos=(float(unit_sum.square().sum()) - c) / (c * (c - 1)), etf_cos=1.0 / (c - 1),
         best=torch.full((c,), float("inf"), dtype=torch.float64, device=device),
@@ -160,17 +173,19 @@ def _class_pair_stats(moments: ClassMoments, backend: backends.Backend, *, weigh
     per_class = torch.full((moments.num_classes,), float("nan"), dtype=torch.float64, device=device)
     per_class[present_idx] = ctx.ratio_sum / (c - 1)
     n_unif, unif_mean, unif_m2 = sums.unif
+    # back to the moments' scale: distances 2^2k, a CDNV ratio 2^(2k (1 - p)) (v / d^2p scaled by 2^-2k / 2^-2kp)
+    cdnv_scale = _power_of_two(2.0 * k * (1.0 - exponent))
     return PairStats(
-        cdnv=cdnv_mean,
-        cdnv_std=math.sqrt(cdnv_m2 / n_pairs),
+        cdnv=cdnv_mean * cdnv_scale,
+        cdnv_std=math.sqrt(cdnv_m2 / n_pairs) * cdnv_scale,
         nc2_etf=math.sqrt(sums.resid),
         equiangularity=math.sqrt(sums.cos_dev / pairs),
         coherence=sums.coh / pairs,
-        class_distance_mean=sums.dist / (pairs / 2),
+        class_distance_mean=times_power_of_two(sums.dist / (pairs / 2), 2 * k),
         msdr=msdr,
         nearest_class=full_idx,
-        nearest_sq_distance=full_d2,
+        nearest_sq_distance=times_power_of_two(full_d2, 2 * k),
         uniformity_mean=unif_mean,
         uniformity_var=unif_m2 / n_unif,
-        cdnv_per_class=per_class,
+        cdnv_per_class=per_class * cdnv_scale,
     )

@@ -35,12 +35,15 @@ import torch
 from . import backends
 from ._validation import (
     NAN_POLICIES,
+    NON_FINITE,
     WEIGHTINGS,
     as_tensor,
     check_choice,
     check_features,
     check_labels,
+    check_magnitude,
     check_state_fits,
+    magnitude_error,
     omit_non_finite,
 )
 
@@ -220,7 +223,13 @@ class ClassMoments:
                     check_finite: bool = False) -> _Part:
         """Counts, means, M2 (and unit sums) of (x, y); no scatter yet. With ``check_finite`` NaN
         or Inf in x raises ValueError."""
-        b = backend.block_moments(x, y, self.num_classes, unit_sums=self._keeps_units, check_finite=check_finite)
+        try:
+            b = backend.block_moments(x, y, self.num_classes, unit_sums=self._keeps_units, check_finite=check_finite)
+        except ValueError as e:
+            if str(e) == NON_FINITE and bool(torch.isfinite(x).all()):
+                raise ValueError(magnitude_error(x)) from None  # finite rows whose squares overflowed
+            raise
+        check_magnitude(x, b.means, b.m2)
         on = (lambda t: t if t is None or t.device == self.device else t.to(self.device))
         return _Part(on(b.counts), on(b.means), on(b.m2), on(b.unit_sums), on(b.norm_sums), None, None)
 
@@ -484,6 +493,16 @@ class ClassMoments:
     def _require_samples(self) -> None:
         if self.num_samples == 0:
             raise ValueError("ClassMoments: no samples have been added")
+
+    def _require_in_range(self) -> None:
+        """ValueError where merging in-range batches overflowed float64 (features near 2^500: each
+        batch fits, their sum of squares does not); update() refuses single batches out of range."""
+        kept = [t for t in (self.mean, self.m2, self.scatter, self.wscatter) if t is not None]
+        if not all(bool(torch.isfinite(t).all()) for t in kept):
+            raise ValueError("features: too large in magnitude for the float64 class statistics: their sums of "
+                             "squares overflowed (every |x| must stay below about 2^500, 3e150). Scale the features "
+                             "down by a power of two: the metrics are scale-free but feature_norm and the "
+                             "per-class variances and distances")
 
     def global_mean(self, weighting: str = "balanced") -> torch.Tensor:
         """mu_G: mean of class means (balanced) or of all samples (sample)."""
