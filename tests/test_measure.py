@@ -157,9 +157,9 @@ def test_cli_writes_json_per_class_and_class_distance(tmp_path, capsys):
     # an output path in a missing directory: refused before the passes
     (lambda p: None, ["x.npy", "y.npy", "--json", "no/such/dir/out.json"], "--json: cannot write"),
     (lambda p: None, ["x.npy", "y.npy", "--per-class", "no/such/dir/pc.npz"], "--per-class: cannot write"),
-    # NaN in the features: the file and rows named, no option the command lacks suggested
+    # NaN in the features: the file and rows named, and the flag that drops them
     (lambda p: np.save(p / "xn.npy", np.r_[np.zeros((5, 12)), np.full((1, 12), np.nan), np.zeros((294, 12))]),
-     ["xn.npy", "y.npy"], "xn.npy: rows 0 to 299 hold NaN or Inf; remove those rows"),
+     ["xn.npy", "y.npy"], "xn.npy: rows 0 to 299 hold NaN or Inf; pass --nan-policy omit"),
     # not a regular file
     (lambda p: os.mkfifo(p / "fifo.npy"), ["fifo.npy", "y.npy"], "is not a regular file"),
     # one stray label of 2^40: refused before anything is allocated by it
@@ -324,3 +324,65 @@ def test_shards_pair_by_their_numbers_not_their_sorted_names(tmp_path):
     (tmp_path / "l" / "y_10.npy").rename(tmp_path / "l" / "y_11.npy")
     with pytest.raises(ValueError, match="y_11.npy is paired with .*x_10.npy"):
         ms.measure(tmp_path / "f", tmp_path / "l")
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+def test_nan_policy_omit_measures_the_rows_kept(tmp_path, capsys, held_out):
+    """--nan-policy omit drops rows holding NaN or +-Inf (with their labels) in every pass, over
+    several shards and blocks, and reports how many: the metrics are those of the rows kept. With
+    --train-means (one pass) the announced class counts are the kept rows' counts, so the balanced
+    Sigma_W stays exact although the dropped rows make the classes imbalanced."""
+    x, y, w, b = _data(n=500, c=4, seed=5)
+    bad = torch.tensor([3, 77, 78, 260, 499])
+    for i, v in zip(bad, (float("nan"), float("inf"), -float("inf"), float("nan"), float("nan"))):
+        x[i, int(i) % 12] = v
+    keep = torch.ones(500, dtype=torch.bool)
+    keep[bad] = False
+    (tmp_path / "f").mkdir()
+    (tmp_path / "l").mkdir()
+    for i, (lo, hi) in enumerate([(0, 200), (200, 500)]):
+        np.save(tmp_path / "f" / f"x_{i}.npy", x.numpy()[lo:hi])
+        np.save(tmp_path / "l" / f"y_{i}.npy", y.numpy()[lo:hi])
+    args = [str(tmp_path / "f"), str(tmp_path / "l"), "--block-rows", "64", "--no-progress", "--weight",
+            str(tmp_path / "w.npy"), "--json", str(tmp_path / "out.json")]
+    np.save(tmp_path / "w.npy", w.numpy())
+    kw = {}
+    if held_out:
+        xt, yt, _, _ = _data(n=300, c=4, seed=6)
+        means = torch.stack([xt[yt == k].double().mean(0) for k in range(4)])
+        np.save(tmp_path / "m.npy", means.numpy())
+        args += ["--train-means", str(tmp_path / "m.npy")]
+        kw = {"class_means": means}
+    assert ms.main(args) == 2  # raise, the default
+    assert "pass --nan-policy omit" in capsys.readouterr().err
+    assert ms.main([*args, "--nan-policy", "omit"]) == 0
+    assert "5 rows holding NaN or Inf omitted" in capsys.readouterr().err
+    got = json.loads((tmp_path / "out.json").read_text())
+    want = ncfast.nc_metrics(x[keep], y[keep], weight=w, **kw)
+    _compare(got, {k: v for k, v in want.items() if not np.isnan(v)})
+    out, _ = ms.measure(tmp_path / "f", tmp_path / "l", nan_policy="omit", block_rows=64,
+                        train_means=tmp_path / "m.npy" if held_out else None)
+    assert out.omitted_rows == 5
+
+
+def test_torchrun_bad_shard_is_reported_by_its_rank(tmp_path):
+    """A NaN in a block dealt to rank 1: rank 1 names the file and rows, rank 0 says which rank
+    stopped (no gloo traceback from a rank left waiting in a collective), and torchrun's root cause is
+    rank 1."""
+    x, y, _, _ = _data(n=900, c=6, seed=7)
+    x[605, 2] = float("nan")  # shard 2 (rows 600-899), its first block of 100: block 7 of 10, rank 1's
+    (tmp_path / "f").mkdir()
+    (tmp_path / "l").mkdir()
+    for i, (lo, hi) in enumerate([(0, 250), (250, 600), (600, 900)]):
+        np.save(tmp_path / "f" / f"{i}.npy", x.numpy()[lo:hi])
+        np.save(tmp_path / "l" / f"{i}.npy", y.numpy()[lo:hi])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(_free_port()), "-m", "ncfast.measure", str(tmp_path / "f"),
+                        str(tmp_path / "l"), "--block-rows", "100", "--no-progress"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert f"error: rank 1: FEATURES: {tmp_path / 'f' / '2.npy'}: rows 0 to 99 hold NaN or Inf" in r.stderr
+    assert "error: rank 1 stopped" in r.stderr  # rank 0's line
+    assert "gloo" not in r.stderr.lower() and "Connection closed" not in r.stderr
+    cause = r.stderr.split("Root Cause")[1]
+    assert "rank      : 1" in cause and "exitcode  : 2" in cause

@@ -23,6 +23,11 @@ C x C matrix and so needs C^2 x 8 bytes.
 Under torchrun (torch.distributed initialised by the launcher's environment) the blocks are dealt
 to the ranks in turn, each rank's statistics are merged exactly (``ClassMoments.all_reduce``) and
 the counts summed: the result equals one process's (to float64 rounding). Rank 0 prints and writes.
+A block that fails on one rank (NaN, an unreadable file) is reported by that rank, with its file,
+and every rank stops with exit status 2.
+
+Rows holding NaN or Inf stop the command, naming the file and the rows; ``--nan-policy omit``
+drops them with their labels instead and reports how many were dropped.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ import torch
 
 from . import backends
 from ._distributed import Ranks, init_distributed, launched_by_torchrun
-from ._validation import NON_FINITE, WEIGHTINGS, check_state_fits
+from ._validation import NAN_POLICIES, NON_FINITE, WEIGHTINGS, check_choice, check_state_fits, finite_rows
 from .metrics import DEFAULT_RTOL, class_distance_from_moments
 from .passes import Block, Plan, Stream
 
@@ -314,9 +319,15 @@ def _load_matrix(path, what: str, shape=None) -> torch.Tensor:
 
 def measure(features, labels, *, num_classes: int | None = None, weight=None, bias=None, superclass=None,
             ood=None, train_means=None, weighting: str = "balanced", rtol: float = DEFAULT_RTOL,
-            block_rows: int | None = None, device="cpu", progress: bool = False, timings: dict | None = None):
+            block_rows: int | None = None, device="cpu", progress: bool = False, timings: dict | None = None,
+            nan_policy: str = "raise"):
     """Metrics of saved features (paths, see the module docstring). Returns (NCMetrics, ClassMoments).
     ``timings``, when given, receives the seconds of each pass: labels, moments, ood, ncc, metrics.
+
+    ``nan_policy``: "raise" (default) stops at the first block holding NaN or Inf, naming its file
+    and rows; "omit" drops those rows with their labels in every pass and counts them in
+    ``NCMetrics.omitted_rows``. With ``train_means`` and "omit" the label pass reads the features
+    too, since the class counts announced to the one pass are those of the rows kept.
 
     ``weight``/``bias``/``superclass``/``train_means``: paths of .npy/.pt/.safetensors files or
     tensors; ``ood``: a path (file or directory) of out-of-distribution features of the same layer.
@@ -325,6 +336,8 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         raise ValueError(f"--weighting: one of {WEIGHTINGS}, got {weighting!r}")
     if block_rows is not None and block_rows < 1:
         raise ValueError(f"--block-rows: must be >= 1, got {block_rows}")
+    check_choice(nan_policy, NAN_POLICIES, "--nan-policy")
+    omit = nan_policy == "omit"
     device = torch.device(device)
     ranks = Ranks()
     timings = {} if timings is None else timings
@@ -350,24 +363,32 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         if num_classes < 1:
             raise ValueError(f"--num-classes: must be >= 1, got {num_classes}")
         check_state_fits(num_classes, d, device)
-    low_high = torch.tensor([0, -1], dtype=torch.int64)
-    counts = torch.zeros(0, dtype=torch.int64)
-    for k, lo, hi in todo:
-        y = pairs[k][1].read(lo, hi)
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"LABELS: {pairs[k][1].path} holds {y.dtype}, expected integers")
-        if y.numel():
-            y = y.long()
-            high = int(y.max())
-            # before bincount allocates by it: one stray label of 2^40 would ask for 8 TiB
-            if num_classes is not None and high >= num_classes:
-                raise ValueError(f"--num-classes: {num_classes}, but a label is {high}")
-            if num_classes is None:
-                check_state_fits(high + 1, d, device)
-            low_high = torch.maximum(low_high, torch.stack([-y.min(), y.max()]))
-            block = torch.bincount(y.clamp_min(0))  # a negative label is refused below, on every rank
-            counts = torch.nn.functional.pad(counts, (0, max(0, block.numel() - counts.numel())))
-            counts[: block.numel()] += block
+    count_kept = omit and train_means is not None  # the one pass needs the counts of the rows it keeps
+
+    def label_pass():
+        low_high = torch.tensor([0, -1], dtype=torch.int64)
+        counts = torch.zeros(0, dtype=torch.int64)
+        for k, lo, hi in todo:
+            y = pairs[k][1].read(lo, hi)
+            if y.dtype.is_floating_point or y.dtype == torch.bool:
+                raise ValueError(f"LABELS: {pairs[k][1].path} holds {y.dtype}, expected integers")
+            if y.numel():
+                y = y.long()
+                high = int(y.max())
+                # before bincount allocates by it: one stray label of 2^40 would ask for 8 TiB
+                if num_classes is not None and high >= num_classes:
+                    raise ValueError(f"--num-classes: {num_classes}, but a label is {high}")
+                if num_classes is None:
+                    check_state_fits(high + 1, d, device)
+                low_high = torch.maximum(low_high, torch.stack([-y.min(), y.max()]))
+                if count_kept:
+                    y = y[finite_rows(pairs[k][0].read(lo, hi))]
+                block = torch.bincount(y.clamp_min(0))  # a negative label is refused below, on every rank
+                counts = torch.nn.functional.pad(counts, (0, max(0, block.numel() - counts.numel())))
+                counts[: block.numel()] += block
+        return low_high, counts
+
+    low_high, counts = _together(ranks, label_pass)
     low_high = ranks.reduce(low_high, "max")
     if int(low_high[0]) > 0:
         raise ValueError(f"LABELS: a label is negative ({-int(low_high[0])}); labels must be in [0, C)")
@@ -402,24 +423,31 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
                     class_counts=counts.to(device), classifier=None if w is None else (w, b))
     plan = Plan({"features": stream}, comm=ranks, cache_bytes=0)
 
-    def feed(step, desc):
+    def feed(step, desc, first: bool):
         bar = _progress(n_total, desc, progress and ranks.rank == 0)
         for k, lo, hi in todo:
             f, yl = pairs[k]
+            x, y = _float(f.read(lo, hi)), yl.read(lo, hi).long()
+            if omit:
+                keep = finite_rows(x)
+                if not bool(keep.all()):
+                    x, y = x[keep], y[keep]
+                    if first:
+                        stream.moments.omitted_rows += int((~keep).sum())  # summed over the ranks by end_first
             try:
-                step(Block({"features": _float(f.read(lo, hi)).to(device)}, yl.read(lo, hi).long().to(device)))
+                step(Block({"features": x.to(device)}, y.to(device)))
             except ValueError as e:
                 if str(e) != NON_FINITE:
                     raise
-                # the API's message names an option (nan_policy) this command does not have
-                raise ValueError(f"FEATURES: {f.path}: rows {lo} to {hi - 1} hold NaN or Inf; remove those rows "
-                                 f"(and their labels) before measuring") from None
+                # the API's message names its own nan_policy argument; this names the command's flag
+                raise ValueError(f"FEATURES: {f.path}: rows {lo} to {hi - 1} hold NaN or Inf; pass --nan-policy "
+                                 f"omit to drop such rows (and their labels), or remove them") from None
             if bar is not None:
                 bar.update((hi - lo) * ranks.world)
         if bar is not None:
             bar.close()
 
-    feed(plan.first, "moments" if plan.pending else "moments and nearest class centre")
+    _together(ranks, lambda: feed(plan.first, "moments" if plan.pending else "moments and nearest class centre", True))
     plan.end_first()
     m = stream.moments
     lap("moments")
@@ -430,10 +458,14 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         for s in shards:
             if len(s.shape) != 2 or s.shape[1] != d:
                 raise ValueError(f"--ood: {s.path} has shape {s.shape}, expected (N, {d})")
-        for k, lo, hi in ranks.mine(blocks(shards, block_rows)):
-            x = shards[k].read(lo, hi).to(device=device, dtype=torch.float64)
-            total[:d] += x.sum(dim=0)
-            total[d] += x.shape[0]
+
+        def ood_pass():
+            for k, lo, hi in ranks.mine(blocks(shards, block_rows)):
+                x = shards[k].read(lo, hi).to(device=device, dtype=torch.float64)
+                total[:d] += x.sum(dim=0)
+                total[d] += x.shape[0]
+
+        _together(ranks, ood_pass)
         total = ranks.reduce(total)
         if total[d] == 0:
             raise ValueError("--ood: no rows")
@@ -443,13 +475,41 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     # pass 2: the scatter about the final class means, and the nearest class centre against the label
     # and the classifier's decision argmax W h + b
     if plan.pending:
-        feed(plan.second, "scatter and nearest class centre")
+        _together(ranks, lambda: feed(plan.second, "scatter and nearest class centre", False))
     plan.end()
     lap("ncc")
 
     out = stream.metrics(backends.for_tensor(m.mean), weight=w, superclass=sup, ood=ood_mean, rtol=rtol)
     lap("metrics")
     return out, m
+
+
+class OtherRankFailed(Exception):
+    """Raised on the ranks whose own blocks were fine when another rank's were not."""
+
+    def __init__(self, rank: int):
+        super().__init__(f"rank {rank} stopped (its message names the file)")
+        self.rank = rank
+
+
+def _together(ranks: Ranks, work):
+    """``work()``: this rank's share of a pass. Before the collective that follows it, every rank
+    learns whether any rank's share failed (one rank that raised alone left the others waiting in
+    that collective: rank 0 then died with a gloo traceback and was blamed). The failing rank
+    re-raises its error prefixed with its rank; the others raise ``OtherRankFailed``."""
+    if not ranks.active:
+        return work()
+    error = result = None
+    try:
+        result = work()
+    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
+        error = e
+    first = int(ranks.reduce(torch.tensor([ranks.world - ranks.rank if error is not None else 0]), "max"))
+    if error is not None:
+        raise ValueError(f"rank {ranks.rank}: {error}") from None
+    if first:
+        raise OtherRankFailed(ranks.world - first)
+    return result
 
 
 # ------------------------------------------------------------------------------------- the CLI
@@ -472,6 +532,9 @@ def _arg_parser() -> argparse.ArgumentParser:
                                        "to this .npz")
     p.add_argument("--json", help="write {metric: value} to this file (NaN as null)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default="balanced")
+    p.add_argument("--nan-policy", choices=NAN_POLICIES, default="raise",
+                   help="raise (default): stop at a row holding NaN or Inf, naming its file; omit: drop such rows "
+                        "and their labels (counted in the summary)")
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
     p.add_argument("--block-rows", type=int, default=None,
                    help=f"rows per block (default: {DEFAULT_BLOCK_BYTES >> 20} MiB of features)")
@@ -515,8 +578,14 @@ def main(argv=None) -> int:
             out, m = measure(a.features, a.labels, num_classes=a.num_classes, weight=a.weight, bias=a.bias,
                              superclass=a.superclass, ood=a.ood, train_means=a.train_means, weighting=a.weighting,
                              rtol=a.rtol, block_rows=a.block_rows, device=a.device, progress=not a.no_progress,
-                             timings=timings)
-        except (FileNotFoundError, ValueError, TypeError) as e:
+                             timings=timings, nan_policy=a.nan_policy)
+        except OtherRankFailed as e:
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr)
+            # the failing rank exits first, so torchrun reports it (not this one) as the root cause
+            time.sleep(2.0)
+            return 2
+        except (OSError, ValueError, TypeError) as e:  # OSError: a file unreadable or gone meanwhile
             print(f"error: {e}", file=sys.stderr)
             return 2
         seconds = time.perf_counter() - t0
@@ -533,7 +602,8 @@ def main(argv=None) -> int:
             print(_table(values))
             n = int(m.counts.sum())
             print(f"\n{n} rows, D = {m.dim}, C = {m.num_classes} ({int((m.counts > 0).sum())} present), "
-                  f"{seconds:.1f} s" + (f"; degenerate: {', '.join(sorted(out.degenerate))}" if out.degenerate else ""),
+                  f"{seconds:.1f} s" + (f"; {m.omitted_rows} rows holding NaN or Inf omitted" if m.omitted_rows else "")
+                  + (f"; degenerate: {', '.join(sorted(out.degenerate))}" if out.degenerate else ""),
                   file=sys.stderr)
             print("passes: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), file=sys.stderr)
             writes = [("--json", a.json, lambda p: Path(p).write_text(
