@@ -137,6 +137,12 @@ def test_cli_writes_json_per_class_and_class_distance(tmp_path, capsys):
     assert_close(d, ncfast.class_distance(x, y, num_classes=6).numpy(), rtol=1e-9, what="class distance")
 
 
+def _npy_with_header(header: str) -> bytes:
+    raw = header.encode("latin-1")
+    raw += b" " * (-(len(raw) + 11) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(raw).to_bytes(2, "little") + raw
+
+
 @pytest.mark.parametrize("make, args, needle", [
     (lambda p: None, ["missing.npy", "y.npy"], "FEATURES"),
     (lambda p: np.save(p / "y2.npy", np.zeros(7, dtype=np.int64)), ["x.npy", "y2.npy"], "LABELS"),
@@ -163,10 +169,16 @@ def test_cli_writes_json_per_class_and_class_distance(tmp_path, capsys):
     # not a regular file
     (lambda p: os.mkfifo(p / "fifo.npy"), ["fifo.npy", "y.npy"], "is not a regular file"),
     # one stray label of 2^40: refused before anything is allocated by it
-    (lambda p: np.save(p / "yh.npy", np.r_[2 ** 40, np.zeros(299, dtype=np.int64)]), ["x.npy", "yh.npy"], "num_classes"),
+    (lambda p: np.save(p / "yh.npy", np.r_[2 ** 40, np.zeros(299, dtype=np.int64)]), ["x.npy", "yh.npy"],
+     "yh.npy: a label is 1099511627776, so: 1099511627777 classes x 12 features need"),
     (lambda p: np.save(p / "yh.npy", np.r_[2 ** 40, np.zeros(299, dtype=np.int64)]),
      ["x.npy", "yh.npy", "--num-classes", "4"], "--num-classes: 4, but a label is 1099511627776"),
-    (lambda p: None, ["x.npy", "y.npy", "--num-classes", "1000000000000"], "num_classes: 1000000000000 classes"),
+    (lambda p: None, ["x.npy", "y.npy", "--num-classes", "1000000000000"], "--num-classes: 1000000000000 classes x 12"),
+    # labels of no number type, a header numpy's parser chokes on
+    (lambda p: np.save(p / "ys.npy", np.array(["a"] * 300)), ["x.npy", "ys.npy"], "ys.npy: holds <U1, not numbers"),
+    (lambda p: (p / "yt.npy").write_bytes(_npy_with_header("{'descr': '<i8', 'fortran_order': False, 'shape': (20, 3\xd1, }")),
+     ["x.npy", "yt.npy"], "yt.npy: not a readable .npy file"),
+    (lambda p: np.save(p / "yc.npy", np.zeros(300, dtype=np.complex64)), ["x.npy", "yc.npy"], "yc.npy holds torch.complex64"),
 ])
 def test_bad_inputs_are_named(tmp_path, capsys, make, args, needle):
     x, y, _, b = _data(n=300, c=4)
@@ -324,6 +336,25 @@ def test_shards_pair_by_their_numbers_not_their_sorted_names(tmp_path):
     (tmp_path / "l" / "y_10.npy").rename(tmp_path / "l" / "y_11.npy")
     with pytest.raises(ValueError, match="y_11.npy is paired with .*x_10.npy"):
         ms.measure(tmp_path / "f", tmp_path / "l")
+    # names without numbers pair by stem only: x_a with y_b was taken (both have no numbers)
+    for d in ("f", "l"):
+        for p in (tmp_path / d).iterdir():
+            p.unlink()
+    for stem_x, stem_y, (lo, hi) in (("x_a", "y_b", (0, 300)), ("x_c", "y_d", (300, 600))):
+        np.save(tmp_path / "f" / f"{stem_x}.npy", x.numpy()[lo:hi])
+        np.save(tmp_path / "l" / f"{stem_y}.npy", y.numpy()[lo:hi])
+    with pytest.raises(ValueError, match="y_b.npy is paired with .*x_a.npy"):
+        ms.measure(tmp_path / "f", tmp_path / "l")
+
+
+def test_big_endian_npy_is_read_in_native_order(tmp_path):
+    """A big-endian .npy (valid, written by np.save of a '>f4' array) is measured as its values; it
+    stopped with torch's 'byte order different from the native byte order', naming no file."""
+    x, y, w, b = _data(n=300, c=4)
+    np.save(tmp_path / "x.npy", x.numpy().astype(">f4"))
+    np.save(tmp_path / "y.npy", y.numpy().astype(">i8"))
+    got, _ = ms.measure(tmp_path / "x.npy", tmp_path / "y.npy")
+    _compare(got, ncfast.nc_metrics(x, y))
 
 
 @pytest.mark.parametrize("held_out", [False, True])

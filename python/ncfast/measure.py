@@ -122,7 +122,10 @@ class Shard:
         if self.dtype == "bf16":
             words = torch.from_numpy(raw.view(np.int16).reshape(shape))
             return words.view(torch.bfloat16)
-        return torch.from_numpy(raw.view(self.dtype).reshape(shape))
+        values = raw.view(self.dtype).reshape(shape)
+        if not values.dtype.isnative:  # a big-endian .npy: torch takes native byte order only
+            values = values.astype(values.dtype.newbyteorder("="))
+        return torch.from_numpy(values)
 
 
 MAX_HEADER_BYTES = 100 << 20
@@ -159,13 +162,15 @@ def _npy(path: Path) -> Shard:
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             else:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not a readable .npy file ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - numpy's header parser raises ValueError, SyntaxError, TokenError...
+            raise ValueError(f"{path}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
         offset = f.tell()
     if fortran and len(shape) > 1:
         raise ValueError(f"{path}: a Fortran-ordered array; save it C-ordered (np.ascontiguousarray)")
     if dtype.hasobject:
         raise ValueError(f"{path}: an object array")
+    if dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"{path}: holds {dtype.str}, not numbers (features are floating point, labels integers)")
     shape = _check_shape(path, shape)
     _check_extent(path, shape, dtype.itemsize, offset)
     return Shard(path, shape, dtype, offset)
@@ -253,13 +258,14 @@ def _stem_numbers(path: Path) -> tuple[int, ...]:
 
 def pair_shards(features: list[Shard], labels: list[Shard]) -> list[tuple[Shard, Shard]]:
     """Feature and label shards paired in natural order (x_2 before x_10); with several shards,
-    each pair must have the same stem or the same numbers in its stem (x_07 with y_7), else
+    each pair must have the same stem or the same (non-empty) numbers in its stem (x_07 with y_7), else
     ValueError naming both files: a sorted-name pairing of x_10 with y_02 gave a wrong nc1 silently."""
     if len(features) != len(labels):
         raise ValueError(f"LABELS: {len(labels)} shard(s) for {len(features)} feature shard(s)")
     if len(features) > 1:
         for f, y in zip(features, labels):
-            if f.path.stem != y.path.stem and _stem_numbers(f.path) != _stem_numbers(y.path):
+            numbers = _stem_numbers(f.path)
+            if f.path.stem != y.path.stem and (not numbers or numbers != _stem_numbers(y.path)):
                 raise ValueError(f"LABELS: {y.path} is paired with {f.path}, but their names share neither stem nor "
                                  f"numbers; name the shards alike (x_1.npy with y_1.npy)")
     d = None
@@ -362,7 +368,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     if num_classes is not None:
         if num_classes < 1:
             raise ValueError(f"--num-classes: must be >= 1, got {num_classes}")
-        check_state_fits(num_classes, d, device)
+        _fits(num_classes, d, device, "--num-classes")
     count_kept = omit and train_means is not None  # the one pass needs the counts of the rows it keeps
 
     def label_pass():
@@ -370,7 +376,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         counts = torch.zeros(0, dtype=torch.int64)
         for k, lo, hi in todo:
             y = pairs[k][1].read(lo, hi)
-            if y.dtype.is_floating_point or y.dtype == torch.bool:
+            if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
                 raise ValueError(f"LABELS: {pairs[k][1].path} holds {y.dtype}, expected integers")
             if y.numel():
                 y = y.long()
@@ -379,7 +385,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
                 if num_classes is not None and high >= num_classes:
                     raise ValueError(f"--num-classes: {num_classes}, but a label is {high}")
                 if num_classes is None:
-                    check_state_fits(high + 1, d, device)
+                    _fits(high + 1, d, device, f"LABELS: {pairs[k][1].path}: a label is {high}, so")
                 low_high = torch.maximum(low_high, torch.stack([-y.min(), y.max()]))
                 if count_kept:
                     y = y[finite_rows(pairs[k][0].read(lo, hi))]
@@ -482,6 +488,16 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     out = stream.metrics(backends.for_tensor(m.mean), weight=w, superclass=sup, ood=ood_mean, rtol=rtol)
     lap("metrics")
     return out, m
+
+
+def _fits(num_classes: int, d: int, device, what: str) -> None:
+    """check_state_fits, its message led by the flag or the file that set the class count."""
+    try:
+        check_state_fits(num_classes, d, device)
+    except ValueError as e:
+        need = str(e).split(" need ", 1)[1].split(";")[0]
+        raise ValueError(f"{what}: {num_classes} classes x {d} features need {need}; pass --num-classes with the "
+                         f"true C, or relabel the classes 0..C-1") from None
 
 
 class OtherRankFailed(Exception):
