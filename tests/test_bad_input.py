@@ -324,3 +324,18 @@ def test_layer_probe_names_the_layer_whose_output_is_not_finite(data):
     with pytest.raises(ValueError, match="^layer '2': its output holds NaN or Inf") as err:
         probe.measure([(x, y)])
     assert "nan_policy" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_ood_features_and_ood_mean_are_named(data, value):
+    """NaN in ood_features was reported as 'features: ... pass nan_policy=omit', an argument the
+    OOD rows do not take; a non-finite ood mean given to metrics_from_moments was used as it is."""
+    x, y, c = data
+    xo = x[:20].clone()
+    xo[3, 1] = value
+    with pytest.raises(ValueError, match=r"^ood_features: contains NaN or Inf$"):
+        ncfast.nc_metrics(x, y, ood_features=xo)
+    mean = x.double().mean(0)
+    mean[0] = value
+    with pytest.raises(ValueError, match=r"^ood: contains NaN or Inf$"):
+        ncfast.metrics_from_moments(ncfast.class_moments(x, y), ood=mean)

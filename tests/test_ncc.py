@@ -377,3 +377,35 @@ def test_batches_in_range_whose_sum_overflows_are_refused_at_the_metrics():
         m.update(x[i:i + 500] * s, y[i:i + 500])  # every batch is accepted
     with pytest.raises(ValueError, match="too large in magnitude for the float64 class statistics"):
         ncfast.metrics_from_moments(m)
+
+
+@pytest.mark.parametrize("e", [-600, -300, 300, 600])
+def test_classifier_and_logits_metrics_are_scale_free(e):
+    """nc3, nc3_etf and duality are scale-free in W (||W||_F, ||W Mt^T||_F: squares of its
+    entries, which left float64's range from |W| near 2^±500: nc3_etf came out 1.0 or inf), and
+    logits_norm carries the logits' scale once (torch's norm squared 2^600 into inf and 2^-600 into 0)."""
+    x, y, means, w, b = _scaled_problem(seed=36)
+    g = torch.Generator().manual_seed(36)
+    z = torch.randn(len(y), 5, generator=g, dtype=torch.float64)
+    base = ncfast.nc_metrics(x, y, weight=w, bias=b, logits=z)
+    s = 2.0 ** e
+    got = ncfast.nc_metrics(x, y, weight=w * s, bias=b * s, logits=z * s)
+    for key in ("nc3", "nc3_etf", "duality_mean", "duality_std", "ncc_mismatch"):
+        assert got[key] == pytest.approx(base[key], rel=1e-12, abs=1e-15), key
+    assert got["logits_norm"] == pytest.approx(base["logits_norm"] * s, rel=1e-12)
+
+
+def test_inf_in_the_means_is_refused_nan_marks_an_absent_class():
+    """A NaN row of means is an absent class (never wins); an Inf is no class mean: it was taken as
+    a row that never wins too, silently."""
+    x, y, means, w, b = _scaled_problem(seed=37)
+    for bad in (float("inf"), -float("inf")):
+        m = means.clone()
+        m[2, 3] = bad
+        with pytest.raises(ValueError, match="means: contains Inf"):
+            ncfast.ncc_assign(x, m)
+        with pytest.raises(ValueError, match="class_means: contains Inf"):
+            ncfast.nc_metrics(x, y, class_means=m)
+    m = means.clone()
+    m[2] = float("nan")
+    assert not bool((ncfast.ncc_assign(x, m) == 2).any())

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from ._numerics import mean_row_norm
 from ._validation import (
     NAN_POLICIES,
+    NON_FINITE,
     WEIGHTINGS,
     as_tensor,
     check_bias,
@@ -144,8 +146,10 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
         check_superclass(superclass, num_classes, x.device)
     if class_means is not None:
         class_means = check_per_class(class_means, "class_means", num_classes, d, x.device)
+        if bool(torch.isinf(class_means).any()):
+            raise ValueError("class_means: contains Inf (a row of NaN marks an absent class, which never wins)")
         if not bool(torch.isfinite(class_means).all(dim=1).any()):
-            raise ValueError("class_means: every row is NaN or Inf (no class to be nearest to)")
+            raise ValueError("class_means: every row is NaN (no class to be nearest to)")
     xo = None
     if ood_features is not None:
         xo = check_features(ood_features, "ood_features")
@@ -170,9 +174,15 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     stream.moments.omitted_rows = omitted
     ood = None
     if xo is not None:  # only its mean is read: one class, no scatter, no unit sums
-        ood = _moments(xo, torch.zeros(xo.shape[0], dtype=torch.int64, device=xo.device), 1, backend, "sample",
-                       scatter=False, unit_sums=False)
+        try:
+            ood = _moments(xo, torch.zeros(xo.shape[0], dtype=torch.int64, device=xo.device), 1, backend, "sample",
+                           scatter=False, unit_sums=False)
+        except ValueError as e:  # the checks name "features"; nan_policy does not apply to these rows
+            if not str(e).startswith("features:"):
+                raise
+            raise ValueError("ood_features: contains NaN or Inf" if str(e) == NON_FINITE
+                             else "ood_" + str(e)) from None
     out = stream.metrics(backend, weight=w, superclass=superclass, ood=ood, rtol=rtol, cdnv_exponent=cdnv_exponent)
     if z is not None:
-        out["logits_norm"] = float(z.to(torch.float64).norm(dim=1).mean())
+        out["logits_norm"] = mean_row_norm(z)
     return out

@@ -12,8 +12,8 @@ import math
 import torch
 
 from . import _linalg, backends
-from ._numerics import coincidence_floor, ieee_ratio
-from ._validation import WEIGHTINGS, as_tensor, check_choice, check_per_class, check_superclass
+from ._numerics import coincidence_floor, exponent_of, ieee_ratio, times_power_of_two
+from ._validation import WEIGHTINGS, as_tensor, check_choice, check_finite, check_per_class, check_superclass
 from .pairwise import PairStats, _class_pair_stats, class_pair_stats
 from .stats import ClassMoments
 
@@ -353,7 +353,7 @@ def _ood_mean(ood, dim: int, device) -> torch.Tensor:
         raise ValueError(f"ood: expected a ClassMoments or a mean of shape ({dim},), got {tuple(m.shape)}")
     if m.device != device:
         raise ValueError(f"ood: on device {m.device}, but the moments are on {device}")
-    return m.to(torch.float64)
+    return check_finite(m, "ood").to(torch.float64)
 
 
 def _on_classes(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -512,7 +512,11 @@ def _geometry(mt: torch.Tensor, pairs: PairStats) -> dict:
 
 def _classifier(w: torch.Tensor, mt: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """nc3, nc3_etf and duality_mean / _std of the classifier rows w (present classes, float64),
-    and the per-class duality cos(w_c, Mt_c)."""
+    and the per-class duality cos(w_c, Mt_c). All are scale-free: w and Mt are first scaled by powers
+    of two (exact), so ||W||_F and ||W Mt^T||_F stay inside float64 at any magnitude of either (a
+    weight near 2^500 gave nc3_etf 1.0, one near 2^-500 inf)."""
+    w = times_power_of_two(w, -exponent_of(w))
+    mt = times_power_of_two(mt, -exponent_of(mt))
     duality = _cosines(w, mt)
     return {
         "nc3": float(torch.linalg.norm(w / torch.linalg.norm(w) - mt / torch.linalg.norm(mt))),
@@ -526,7 +530,9 @@ def _nc5_ood(moments: ClassMoments, ood) -> float:
     """mean_c |cos(mu_c, mu_G^ood)| over the present classes' uncentred means."""
     p = moments.present
     mu_ood = _ood_mean(ood, moments.dim, moments.device)
-    return float(_cosines(moments.mean[p], mu_ood.expand(int(p.sum()), moments.dim)).abs().mean())
+    mu = moments.mean[p]
+    mu, mu_ood = times_power_of_two(mu, -exponent_of(mu)), times_power_of_two(mu_ood, -exponent_of(mu_ood))
+    return float(_cosines(mu, mu_ood.expand(int(p.sum()), moments.dim)).abs().mean())
 
 
 def _directions(moments: ClassMoments) -> dict:

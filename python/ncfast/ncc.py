@@ -257,6 +257,8 @@ def _ncc_problem(x: torch.Tensor, means):
     check_same_device(x, mu, "means")
     if not mu.dtype.is_floating_point:
         raise TypeError(f"means: expected a floating dtype, got {mu.dtype}")
+    if bool(torch.isinf(mu).any()):  # NaN marks an absent class; Inf is no class mean
+        raise ValueError("means: contains Inf (a row of NaN marks an absent class, which never wins)")
     valid = torch.isfinite(mu).all(dim=1)
     if not bool(valid.any()):
         raise ValueError("means: no row is finite")
@@ -328,7 +330,7 @@ def ncc_assign(features, means, *, mode: str = "exact") -> torch.Tensor:
     has AVX512-BF16 (elsewhere it is the same as "exact"; on CUDA TF32 or bfloat16 tensor cores);
     the certified recheck makes their answers identical. Rows of
     ``means`` that hold NaN (absent classes, as ``ClassMoments.means`` reports them) never win;
-    the returned indices refer to the rows of ``means``.
+    an Inf in ``means`` is a ValueError. The returned indices refer to the rows of ``means``.
     """
     _check_mode(mode)
     x = check_features(features, allow_empty=True)

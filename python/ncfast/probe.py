@@ -53,6 +53,7 @@ from torch import nn
 
 from . import backends
 from ._distributed import Ranks
+from ._numerics import row_norms
 from ._validation import NON_FINITE, WEIGHTINGS, check_choice, check_labels
 from .metrics import DEFAULT_RTOL, SCATTER_METRICS, NCMetrics, class_distance_from_moments, msdr_from_moments
 from .passes import Block, Plan, Stream
@@ -413,7 +414,7 @@ class _Run:
             sup[y_orig] = y
             if bool((((seen >= 0) & (seen != y)) | (sup[y_orig] != y)).any()):
                 self.split[name] = True
-        self.norm[0] += float(logits.detach().to(torch.float64).norm(dim=1).sum())
+        self.norm[0] += float(row_norms(logits.detach()).sum())
         self.norm[1] += logits.shape[0]
         self.correct[0] += int((decisions == y).sum())
         self.correct[1] += y.shape[0]
