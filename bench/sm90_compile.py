@@ -118,7 +118,6 @@ PARTS = ("moments", "ncc", "pairwise")
 
 def _cases(recorder: _Recorder, parts=PARTS):
     """Call every launcher at shapes like issue 4's (D = 1024; the row count only sets alignment)."""
-    from ncfast._numerics import rel_tensor_core
     from ncfast.triton import moments, ncc, pairwise
 
     g = torch.Generator().manual_seed(0)
@@ -138,6 +137,8 @@ def _cases(recorder: _Recorder, parts=PARTS):
 
 
 def _ncc_cases(recorder: _Recorder, ncc, x, g):
+    from ncfast._numerics import rel_tensor_core
+
     d = x.shape[1]
     k = 1000
     centres = torch.randn(k, d, generator=g)
@@ -145,6 +146,9 @@ def _ncc_cases(recorder: _Recorder, ncc, x, g):
         recorder.label = f"precision={prec}"
         ncc.ncc_sweep(x, torch.zeros(d), centres, torch.zeros(k), [0, k], rel_tensor_core(ncc.canonical(prec), d),
                       [1.0], [1.0], prec)
+    recorder.label = "x=bfloat16"  # read as int16 bits and widened in the kernel (moments.load_wide)
+    ncc.ncc_sweep(x.to(torch.bfloat16), torch.zeros(d), centres, torch.zeros(k), [0, k],
+                  rel_tensor_core("ieee", d), [1.0], [1.0], "ieee")
     recorder.label = "D=32"  # one feature block: the rows stay in registers through the sweep
     ncc.ncc_sweep(x[:, :32].contiguous(), torch.zeros(32), centres[:, :32].contiguous(), torch.zeros(k), [0, k],
                   rel_tensor_core("tf32", 32), [1.0], [1.0], "tf32", block_d=32)

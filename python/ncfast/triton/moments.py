@@ -34,6 +34,24 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
+def load_wide(ptrs, mask, BF16_BITS: tl.constexpr):
+    """A masked load, bfloat16 given as its int16 bits (BF16_BITS) widened to float32 by moving them
+    to the top half of a float32 word: exact for every value, subnormals included. The interpreter's
+    own bfloat16 -> float32 conversion rounds subnormals wrongly (1.5 x 2^-128 became 2^-127);
+    on hardware both are one instruction. Other dtypes load as they are (0 where masked)."""
+    if BF16_BITS:
+        bits = tl.load(ptrs, mask=mask, other=0)
+        return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+def as_loadable(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(x or its int16 view, BF16_BITS) for kernels that read x through ``load_wide``."""
+    return (x.view(torch.int16), True) if x.dtype == torch.bfloat16 else (x, False)
+
+
+@triton.jit
 def _chunk_moments_kernel(
     mean_ptr, stride_mean_k, stride_mean_d,  # (chunks, D) float64 out: the chunk's column means
     unit_ptr, stride_unit_k, stride_unit_d,  # (chunks, D) float64 out: sum of h_i / ||h_i|| (UNITS)
@@ -46,6 +64,7 @@ def _chunk_moments_kernel(
     d,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     UNITS: tl.constexpr,  # also the unit sums and norm sums
+    BF16_BITS: tl.constexpr,  # x holds bfloat16 as int16 bits (load_wide)
 ):
     chunk = tl.program_id(0).to(tl.int64)
     start = tl.load(start_ptr + chunk)
@@ -60,7 +79,7 @@ def _chunk_moments_kernel(
             cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
             mask = rmask[:, None] & (cols < d)[None, :]
             # widen on load: half and bfloat16 arithmetic would round (and is wrong in the interpreter)
-            h = tl.load(base + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float64)
+            h = load_wide(base + cols[None, :] * stride_xd, mask, BF16_BITS).to(tl.float64)
             sq += tl.sum(h * h, axis=1)
         # tl.sqrt is approximate only for float32; on float64 it is the correctly rounded sqrt.rn.f64
         norms = tl.sqrt(sq)
@@ -70,7 +89,7 @@ def _chunk_moments_kernel(
         cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         cmask = cols < d
         mask = rmask[:, None] & cmask[None, :]
-        h = tl.load(base + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float64)
+        h = load_wide(base + cols[None, :] * stride_xd, mask, BF16_BITS).to(tl.float64)
         mean = tl.sum(h, axis=0) / count.to(tl.float64)
         # second pass over the tile in registers: squares about the chunk's own mean, no cancellation
         dev = tl.where(mask, h - mean[None, :], 0.0)
@@ -138,13 +157,14 @@ def _centre_rows_kernel(
     means_ptr, stride_mc, stride_md,  # (C, D) float64
     n, d,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BF16_BITS: tl.constexpr,  # x holds bfloat16 as int16 bits (load_wide)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     rmask = rows < n
     mask = rmask[:, None] & (cols < d)[None, :]
     labels = tl.load(y_ptr + rows, mask=rmask, other=0)
-    h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float64)
+    h = load_wide(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask, BF16_BITS).to(tl.float64)
     mu = tl.load(means_ptr + labels[:, None] * stride_mc + cols[None, :] * stride_md, mask=mask, other=0.0)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_od, h - mu, mask=mask)
 
@@ -217,14 +237,15 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_su
     # without unit sums the kernel writes neither: a (1, 1) stand-in keeps the arguments
     cunit = torch.empty(chunks, d, **f64) if unit_sums else cm2[:1, :1]
     cnorm = torch.empty(chunks, **f64) if unit_sums else cm2[:1, 0]
+    xk, bits = as_loadable(x)
     _chunk_moments_kernel[(chunks,)](
         cmean, cmean.stride(0), cmean.stride(1),
         cunit, cunit.stride(0), cunit.stride(1),
         cm2, cm2.stride(0), cm2.stride(1),
         cnorm,
-        x, x.stride(0), x.stride(1),
+        xk, xk.stride(0), xk.stride(1),
         order, chunk_start, chunk_count, d,
-        BLOCK_R=block_rows, BLOCK_D=block_d, UNITS=unit_sums,
+        BLOCK_R=block_rows, BLOCK_D=block_d, UNITS=unit_sums, BF16_BITS=bits,
         num_warps=num_warps,
     )
     # A tree of merges: while some class has more than `fanin` partials, runs of `fanin`
@@ -293,10 +314,11 @@ def centre_rows(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, out: torc
         return out
     block_d = _block_d(d, block_d)
     grid = (triton.cdiv(n, block_rows), triton.cdiv(d, block_d))
+    xk, bits = as_loadable(x)
     _centre_rows_kernel[grid](
         out, out.stride(0), out.stride(1),
-        x, x.stride(0), x.stride(1),
+        xk, xk.stride(0), xk.stride(1),
         y, means, means.stride(0), means.stride(1), n, d,
-        BLOCK_M=block_rows, BLOCK_D=block_d,
+        BLOCK_M=block_rows, BLOCK_D=block_d, BF16_BITS=bits,
     )
     return out

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .moments import as_loadable, load_wide
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 _ALIASES = {"fp32": "ieee"}  # the C++ sweep's name for the exact float32 products
@@ -65,14 +66,15 @@ def canonical(precision: str) -> str:
 
 @triton.jit
 def _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d,
-                  BLOCK_D: tl.constexpr, X_F64: tl.constexpr, ROUNDED: tl.constexpr):
+                  BLOCK_D: tl.constexpr, X_F64: tl.constexpr, ROUNDED: tl.constexpr, BF16_BITS: tl.constexpr):
     """(BLOCK_M, BLOCK_D) float32 tile of x - shift, zero outside the matrix: one rounding of the
     exact difference (float64 input is shifted in float64 first; other dtypes widen exactly).
-    ROUNDED: x already holds bfloat16(x - shift) (see ncc_sweep); the tile is returned as loaded."""
+    ROUNDED: x already holds bfloat16(x - shift) (see ncc_sweep); the tile is returned as loaded.
+    BF16_BITS: x holds bfloat16 input as int16 bits (moments.load_wide)."""
     cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
     cmask = cols < d
     mask = rmask[:, None] & cmask[None, :]
-    h = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=mask, other=0.0)
+    h = load_wide(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask, BF16_BITS)
     if ROUNDED:
         xs = h
     else:
@@ -126,6 +128,7 @@ def _ncc_sweep_kernel(
     INTERPRETED: tl.constexpr,  # TRITON_INTERPRET=1 (see _dot)
     RESIDENT: tl.constexpr,  # D <= BLOCK_D: the rows' one feature block stays in registers
     ROUNDED: tl.constexpr,  # "bf16": x holds bfloat16(x - shift) and the centres bfloat16 (see ncc_sweep)
+    BF16_BITS: tl.constexpr,  # x holds bfloat16 input as int16 bits (moments.load_wide)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
@@ -133,12 +136,13 @@ def _ncc_sweep_kernel(
     # headroom). With one feature block that tile stays in registers for the whole sweep; with
     # more, keeping the first one there cost registers (the ieee sweep spilled 3 KB a thread at
     # 128 x 128 x 32) for a few per cent of the loads, so every block is loaded where it is used.
-    x0 = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, 0, d, BLOCK_D, X_F64, ROUNDED)
+    x0 = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, 0, d, BLOCK_D, X_F64, ROUNDED,
+                       BF16_BITS)
     x0f = x0.to(tl.float32)
     sq = tl.sum(x0f * x0f, axis=1)
     for d0 in range(BLOCK_D, d, BLOCK_D):
         xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64,
-                           ROUNDED).to(tl.float32)
+                           ROUNDED, BF16_BITS).to(tl.float32)
         sq += tl.sum(xs * xs, axis=1)
     norm = tl.sqrt(sq.to(tl.float64))
     rel = tl.load(rel_ptr)
@@ -157,7 +161,8 @@ def _ncc_sweep_kernel(
                 acc = _dot(x0, ct, acc, PRECISION, INTERPRETED)
             else:
                 for d0 in range(0, d, BLOCK_D):
-                    xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64, ROUNDED)
+                    xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64,
+                                       ROUNDED, BF16_BITS)
                     ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D)
                     acc = _dot(xs, ct, acc, PRECISION, INTERPRETED)
             # columns past the group (the next group's classes, or past K) score +inf: never best
@@ -244,11 +249,12 @@ def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offse
             xb = ((xb.to(torch.float64) - shift.to(torch.float64)).to(torch.float32) if x.dtype == torch.float64
                   else xb.to(torch.float32) - shift).to(torch.bfloat16)
         bb, ub = best[lo:hi], unsure[lo:hi]
+        xk, bits = (xb, False) if rounded else as_loadable(xb)
         _ncc_sweep_kernel[(triton.cdiv(hi - lo, block_m),)](
             bb, bb.stride(0), bb.stride(1),
             ub, ub.stride(0), ub.stride(1),
-            xb, xb.stride(0), xb.stride(1),
+            xk, xk.stride(0), xk.stride(1),
             *common, hi - lo, d, groups,
-            X_F64=xb.dtype == torch.float64, ROUNDED=rounded, **consts,
+            X_F64=xb.dtype == torch.float64, ROUNDED=rounded, BF16_BITS=bits, **consts,
         )
     return best, unsure
