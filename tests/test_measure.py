@@ -179,6 +179,13 @@ def _npy_with_header(header: str) -> bytes:
     (lambda p: (p / "yt.npy").write_bytes(_npy_with_header("{'descr': '<i8', 'fortran_order': False, 'shape': (20, 3\xd1, }")),
      ["x.npy", "yt.npy"], "yt.npy: not a readable .npy file"),
     (lambda p: np.save(p / "yc.npy", np.zeros(300, dtype=np.complex64)), ["x.npy", "yc.npy"], "yc.npy holds torch.complex64"),
+    # a classifier of integers, a superclass map of floats: the flag and the file named
+    (lambda p: np.save(p / "wi.npy", np.zeros((4, 12), dtype=np.int32)), ["x.npy", "y.npy", "--weight", "wi.npy"],
+     "--weight: " + "{tmp}/wi.npy holds torch.int32, expected floating-point values"),
+    (lambda p: np.save(p / "sf.npy", np.zeros(4)), ["x.npy", "y.npy", "--superclass", "sf.npy"],
+     "--superclass: " + "{tmp}/sf.npy holds torch.float64, expected integer values"),
+    (lambda p: np.save(p / "ws.npy", np.zeros((3, 12), dtype=np.float32)), ["x.npy", "y.npy", "--weight", "ws.npy"],
+     "--weight: " + "{tmp}/ws.npy: expected shape (4, 12), got (3, 12)"),
 ])
 def test_bad_inputs_are_named(tmp_path, capsys, make, args, needle):
     x, y, _, b = _data(n=300, c=4)
@@ -188,7 +195,7 @@ def test_bad_inputs_are_named(tmp_path, capsys, make, args, needle):
     make(tmp_path)
     argv = [str(tmp_path / a) if a.endswith((".npy", ".pt")) else a for a in args]
     assert ms.main([*argv, "--no-progress"]) == 2
-    assert needle in capsys.readouterr().err
+    assert needle.format(tmp=tmp_path) in capsys.readouterr().err
 
 
 def _peak_rss_kib(path_x, path_y, block_rows=None):

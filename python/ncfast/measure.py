@@ -313,13 +313,19 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _load_matrix(path, what: str, shape=None) -> torch.Tensor:
+def _load_matrix(path, what: str, shape=None, *, floating: bool = True) -> torch.Tensor:
+    """The one array of a file given by a flag: floating point (or integer with ``floating=False``)
+    and of ``shape``, else ValueError naming the flag and the file."""
     shard = open_shards(path, what)
     if len(shard) != 1:
         raise ValueError(f"{what}: give one file, not a directory")
     t = shard[0].read(0, shard[0].rows)
     if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{what}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+        raise ValueError(f"{what}: {shard[0].path}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    integer = not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+    if (floating and not t.dtype.is_floating_point) or (not floating and not integer):
+        raise ValueError(f"{what}: {shard[0].path} holds {t.dtype}, expected "
+                         f"{'floating-point' if floating else 'integer'} values")
     return t
 
 
@@ -417,7 +423,8 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         b = bias if isinstance(bias, torch.Tensor) else _load_matrix(bias, "--bias", (c,))
         b = _float(b).to(device)
     if superclass is not None:
-        sup = superclass if isinstance(superclass, torch.Tensor) else _load_matrix(superclass, "--superclass", (c,))
+        sup = (superclass if isinstance(superclass, torch.Tensor)
+               else _load_matrix(superclass, "--superclass", (c,), floating=False))
         sup = sup.long().to(device)
     if train_means is not None:
         means_given = (train_means if isinstance(train_means, torch.Tensor)
