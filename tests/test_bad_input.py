@@ -339,3 +339,20 @@ def test_ood_features_and_ood_mean_are_named(data, value):
     mean[0] = value
     with pytest.raises(ValueError, match=r"^ood: contains NaN or Inf$"):
         ncfast.metrics_from_moments(ncfast.class_moments(x, y), ood=mean)
+
+
+def test_layer_probe_sizes_max_dim_against_free_memory(data, monkeypatch):
+    """max_dim decides which layers keep D x D float64 statistics: a layer of D = 8,192 measured in
+    full needs 4 x 512 MiB. With 1 GiB free that is a ValueError naming max_dim and the layer,
+    before any D x D matrix is allocated; under the default max_dim (4,096) the layer is measured
+    from channel-pooled features and fits."""
+    from ncfast import probe as probe_module
+
+    x, y, c = data
+    monkeypatch.setattr(probe_module, "available_bytes", lambda device: 1 << 30)
+    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 8192), torch.nn.Unflatten(1, (8, 32, 32)),
+                                torch.nn.Flatten(), torch.nn.Linear(8192, c))
+    with pytest.raises(ValueError, match=r"^max_dim: 10,000 keeps .* 2\.0 GiB on cpu \(the largest, '1', has D = 8,192\)"):
+        ncfast.LayerProbe(model, ["1", "3"], c, max_dim=10_000).measure([(x, y)])
+    out = ncfast.LayerProbe(model, ["1", "3"], c).measure([(x, y)])  # (N, 8, 32, 32): 8 pooled channels
+    assert out["1"].dxd_features == "channel_pooled" and out["3"].dxd_features == "full"

@@ -54,7 +54,7 @@ from torch import nn
 from . import backends
 from ._distributed import Ranks
 from ._numerics import row_norms
-from ._validation import NON_FINITE, WEIGHTINGS, check_choice, check_labels
+from ._validation import NON_FINITE, WEIGHTINGS, available_bytes, check_choice, check_labels
 from .metrics import DEFAULT_RTOL, SCATTER_METRICS, NCMetrics, class_distance_from_moments, msdr_from_moments
 from .passes import Block, Plan, Stream
 from .stats import ClassMoments
@@ -339,6 +339,28 @@ class LayerProbe:
                            class_distance=distance)
 
 
+DXD_MATRICES = 4
+"""D x D float64 matrices a layer measured in full holds at once: its pooled and balanced scatters,
+and the solver's copy and workspace."""
+
+
+def _check_dxd_fits(full: dict, max_dim: int) -> None:
+    """ValueError naming max_dim when the D x D statistics of the layers measured in full (D <=
+    max_dim) need more memory than their device has free: max_dim decides that allocation, and a
+    layer of D = 65,536 (a ResNet's first stage on CIFAR) would ask for 128 GiB."""
+    need: dict = {}
+    for d, dev in full.values():
+        need[dev] = need.get(dev, 0) + DXD_MATRICES * 8 * d * d
+    for dev, total in need.items():
+        free = available_bytes(dev)
+        if free is not None and total > free:
+            name, (d, _) = max(((n, v) for n, v in full.items() if v[1] == dev), key=lambda item: item[1][0])
+            raise ValueError(f"max_dim: {max_dim:,} keeps the D x D statistics of layers up to that size, "
+                             f"{total / 2**30:.1f} GiB on {dev} (the largest, {name!r}, has D = {d:,}), more than "
+                             f"the {free / 2**30:.1f} GiB free; lower max_dim so that the wider layers are measured "
+                             f"from channel-pooled features")
+
+
 class _Run:
     """One LayerProbe.measure: the passes.Plan of every layer's streams (created from the first
     batch's shapes), the original labels' moments and super-classes, the logits norm and the
@@ -370,6 +392,7 @@ class _Run:
         p = self.probe
         streams, groups = {}, {}
         one_pass = self.class_means is not None
+        full = {}  # layers whose D x D statistics are kept in full: name -> (D, device)
         for name in p.layers:
             out = captured[name]
             flat = flatten(out)
@@ -379,6 +402,8 @@ class _Run:
                 p._check_means(name, self.class_means[name], d)
                 centres = self.class_means[name].to(device=dev, dtype=torch.float64)
             big = d > p.max_dim
+            if not big:
+                full[name] = (d, dev)
             counts = None if self.counts is None else self.counts.to(dev)
             streams[(name, "full")] = Stream(p.num_classes, d, device=dev, weighting=p.weighting, scatter=not big,
                                              centres=centres, one_pass=one_pass, class_counts=counts, decisions=True)
@@ -392,6 +417,7 @@ class _Run:
                 self.orig[name] = ClassMoments(p.num_original_classes, d, scatter=False, unit_sums=False, device=dev)
                 self.superclass[name] = torch.full((p.num_original_classes,), -1, dtype=torch.int64, device=dev)
                 self.split[name] = False
+        _check_dxd_fits(full, p.max_dim)
         expected = None if self.batches is None else self.batches * first_rows  # the loader's length x rows
         self.plan = Plan(streams, groups=groups, comm=self.comm, cache_bytes=p.cache_bytes, expected_rows=expected)
 
