@@ -425,7 +425,18 @@ def case_magnitude(it: int, rng: random.Random):
     # the reference's vci carries about 1e-9 absolute where Sigma_W is singular (N - C < D): seed
     # 20261208, case 37 (C = 12, D = 24, N = 24) gave 9.2e-10 where 80-digit mpmath gives 1.3e-73 and
     # ncfast 0.0; vci is in [0, 1], so it is compared to 1e-8 absolute here
-    lines = _diffs(truth, want, [k for k in want if k != "vci"], x_u, y, c, "balanced", d)
+    # Two more places where the reference and ncfast may part by rounding alone, both tested exactly
+    # elsewhere: at a midpoint row the tie is decided by the last bit of the class means, which the
+    # reference sums differently (seed 20261211, case 145: ncfast's mean is the correctly rounded
+    # one, the reference's 1 ulp off, ncc_mismatch 0.0 against 0.25); and a centred class mean of
+    # length ~0 has no direction (exactly 0 in ncfast: NaN cosines; 1e-17 in the reference: finite).
+    skip = {"vci"}
+    if mids:
+        skip |= {"ncc_accuracy", "ncc_mismatch"}
+    norms = ncfast.class_moments(x_u, y, scatter=False, unit_sums=False).centred_means().norm(dim=1)
+    if float(norms.min()) <= 1e-12 * float(norms.max()):
+        skip |= {"equiangularity", "coherence", "uniformity_mean", "uniformity_var"}
+    lines = _diffs(truth, want, [k for k in want if k not in skip], x_u, y, c, "balanced", d)
     if "vci" in want and not _close(truth["vci"], want["vci"], atol=1e-8):
         lines.append(f"vci: ncfast {truth['vci']} reference {want['vci']}")
     diffs += [f"unscaled float64 vs reference: {line}" for line in lines]
@@ -518,7 +529,7 @@ def _read_back(path: Path) -> torch.Tensor:
         a = np.load(path, allow_pickle=False)
         return torch.from_numpy(a.astype(a.dtype.newbyteorder("="), copy=True))  # torch takes native order only
     if path.suffix == ".pt":
-        obj = torch.load(path, weights_only=True)
+        obj = torch.load(path, weights_only=True, map_location="cpu")  # as ncfast.measure: the location tag is not data
         if isinstance(obj, dict):
             (obj,) = [v for v in obj.values() if isinstance(v, torch.Tensor)]
         assert isinstance(obj, torch.Tensor), type(obj)
