@@ -1,8 +1,11 @@
 """The reference trainer end to end on tiny runs of every data kind, resume, label transforms and
 the metrics.jsonl schema. Data files are written by the tests (nothing is downloaded)."""
+import errno
 import json
 import math
+import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -505,3 +508,237 @@ def test_on_measured_hook_adds_to_the_measured_records(tmp_path):
     # the last record's norm is the final model's
     assert rows[-1]["head_norm"] == pytest.approx(float(t.model.head.weight.detach().double().norm()), rel=1e-12)
     assert rows[0]["head_norm"] != rows[-1]["head_norm"]
+
+
+# ------------------------------------------------------------------------------- bad input, one line
+
+def _cli(argv, capsys):
+    """(exit status, stderr) of ``main(argv)`` in this process: a parse error is argparse's SystemExit;
+    any other exception escapes and fails the test, as a traceback would."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _assert_one_line(code, err, *needles):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    last = lines[-1]
+    # argparse: usage, then "prog: error: ..."; a run: one line "error: ..." (after progress lines, if any)
+    assert last.startswith(("python -m ncfast.train: error: ", "error: ")), err
+    assert sum("error" in line for line in lines) == 1, err
+    for needle in needles:
+        assert needle in last, (needle, err)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    # checked by parse_args: argparse's one line, exit 2
+    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "0"], "--lr"),
+    (["--momentum", "5"], "--momentum"), (["--momentum", "-0.1"], "--momentum"), (["--momentum", "nan"], "--momentum"),
+    (["--momentum", "1"], "--momentum"),
+    (["--weight-decay", "nan"], "--weight-decay"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--init-scale", "nan"], "--init-scale"), (["--init-scale", "0"], "--init-scale"),
+    (["--it-threshold", "7"], "--it-threshold"), (["--it-threshold", "0"], "--it-threshold"),
+    (["--it-threshold", "nan"], "--it-threshold"),
+    (["--seed", "-5"], "--seed"), (["--seed", str(10**23)], "--seed"), (["--seed", str(2**32)], "--seed"),
+    (["--depth", "10001"], "--depth 10001: the MLP takes at most 10,000 hidden layers"),
+    (["--depth", str(10**8)], "--depth"), (["--depth", "0"], "--depth"),
+    (["--arch", "resnet18", "--depth", "7"], "--depth 7: resnet comes in depths (18, 34)"),
+    (["--width", str(10**23)], "--width"), (["--width", "0"], "--width"),
+    (["--layers", ""], "--layers"), (["--layers", " , "], "--layers"),
+    (["--distance-epochs", "a,b"], "--distance-epochs"), (["--distance-epochs", ""], "--distance-epochs"),
+    (["--coarse", "0"], "--coarse"), (["--coarse", "-3"], "--coarse"), (["--coarse", "1"], "--coarse"),
+    (["--random-coarse", "0"], "--random-coarse"), (["--random-coarse", "1"], "--random-coarse"),
+    (["--train-subset", "-1"], "--train-subset"), (["--train-subset", "0"], "--train-subset"),
+    # checked when the run starts: "error: ..." on one line, exit 2
+    (["--train-subset", "1"], "--train-subset 1: the samples drawn hold one training class"),
+    (["--svsl-from", "nosuch"], "--svsl-from"),
+    (["--coarse", "11"], "--coarse"), (["--random-coarse", "11"], "--random-coarse"),
+    (["--coarse", "official"], "--coarse official"),
+    (["--distance-epochs", "5"], "--distance-epochs"),
+    (["--device", "nosuch"], "--device nosuch: not a device"),
+    (["--device", "meta"], "--device meta"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+    (["--dataset", "gmm", "--arch", "resnet18"], "--arch resnet18"),
+    (["--out", "{file}/run"], "--out {file}/run: could not create the output folder"),
+    (["--dataset", "fashion-mnist", "--data", "{tmp}/nonexistent"], "{tmp}/nonexistent"),
+    (["--dataset", "mnist", "--data", "{file}"], "{file}"),
+    (["--dataset", "cifar10", "--data", "{file}"], "{file}"),
+])
+def test_bad_flags_are_one_line_errors_naming_the_flag(tmp_path, capsys, extra, needle):
+    """Every bad value is refused before training, on one line that names the flag (or the file),
+    with exit status 2 and no traceback. Before these checks --lr nan / --weight-decay nan trained
+    to a NaN network, --momentum 5, --it-threshold 7, --layers '' and --distance-epochs '' were
+    accepted, --seed -5 / 10^23 failed with scikit-learn's / torch's words ('random_state',
+    "Overflow when unpacking long long"), --depth 10^8 built layers until memory ran out (10^23: an
+    OverflowError traceback), --width 10^23 a traceback, --coarse 1 said "num_classes: must be >= 2",
+    --train-subset 1 failed in the measurement, --device cuda:99 (no CUDA) and --out inside a file
+    were tracebacks, --device nosuch / meta named no flag."""
+    (tmp_path / "file").write_text("not a folder")
+    fill = lambda s: s.replace("{file}", str(tmp_path / "file")).replace("{tmp}", str(tmp_path))
+    argv = ["--arch", "mlp", "--epochs", "1", "--clp-embed", "none", "--no-progress", "--out", str(tmp_path / "run")]
+    code, err = _cli(argv + [fill(a) for a in extra], capsys)
+    _assert_one_line(code, err, fill(needle))
+
+
+def test_config_values_are_checked_by_the_trainer_too(tmp_path):
+    """train(Config) is an API of its own: the values the command line refuses are refused by
+    Trainer as well, naming the flag (before: lr nan and momentum 5 trained, seed -5 failed in
+    scikit-learn), before any data is loaded."""
+    base = {"dataset": "digits", "arch": "mlp", "epochs": 1, "progress": False, "out": str(tmp_path / "run")}
+    for bad, match in (({"lr": float("nan")}, "--lr"), ({"lr": 0.0}, "--lr"), ({"momentum": 5.0}, "--momentum"),
+                       ({"weight_decay": float("nan")}, "--weight-decay"), ({"it_threshold": 7.0}, "--it-threshold"),
+                       ({"init_scale": float("nan")}, "--init-scale"), ({"seed": -5}, "--seed"),
+                       ({"seed": 10**23}, "--seed"), ({"depth": 10**8}, "depth"), ({"device": "nosuch"}, "--device"),
+                       ({"coarse": 1}, "--coarse")):
+        with pytest.raises(ValueError, match=f"^{match}"):
+            Trainer(Config(**{**base, **bad}))
+
+
+def test_layers_without_the_penultimate_layer_run_to_the_end(tmp_path, capsys):
+    """--layers that leave out the penultimate features: the run finishes (it ended in a KeyError
+    traceback in summary.json's initial logits norm) and nc_curves.png shows the deepest probed
+    layer."""
+    out = tmp_path / "run"
+    code, err = _cli(["--arch", "mlp", "--width", "32", "--epochs", "1", "--batch-size", "512", "--layers", "layer1",
+                      "--clp-embed", "none", "--no-progress", "--out", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["final_metrics"]) == {"layer1"} and summary["initial_logits_norm"] is None
+    assert (out / "figures" / "nc_curves.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------- memory, beforehand
+
+def test_a_model_too_large_for_memory_is_refused_before_it_is_built(tmp_path, monkeypatch, capsys):
+    """--width 3000000 (and an MLP 10,000 layers deep) are refused before the model is built, naming
+    the flag, its parameter count and the memory free: the model is sized on the meta device. Before,
+    the allocator failed ("DefaultCPUAllocator: can't allocate memory: you tried to allocate
+    36000000000000 bytes", naming no flag), and --depth 100000000 built layers until memory ran out.
+    build_model is replaced by a trap: the refusal must come before it."""
+    from ncfast.train import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "available_bytes", lambda device: 1 << 30)
+
+    def trap(*args, **kwargs):
+        raise AssertionError("build_model called before the memory check")
+
+    monkeypatch.setattr(trainer_mod, "build_model", trap)
+    base = ["--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    for extra, flag in ((["--arch", "mlp", "--width", "3000000"], "--width 3000000: mlp has 9e+12 parameters"),
+                        (["--arch", "resnet18", "--width", "3000000"], "--width 3000000: resnet18 has"),
+                        (["--arch", "mlp", "--depth", "10000"], "--depth 10000: mlp has 2.6e+09 parameters")):
+        t0 = time.perf_counter()
+        code, err = _cli(base + extra, capsys)
+        assert time.perf_counter() - t0 < 10
+        _assert_one_line(code, err, flag, "GiB with gradients, momentum and a checkpoint copy",
+                         "more than the 1.0 GiB free on cpu", "lower --width (or --depth)")
+
+
+def test_a_batch_too_large_for_memory_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """A CIFAR-shaped problem whose model fits but whose batch does not: --batch-size is named, with
+    the batch (at most the training samples) and the activation floats of a sample; a smaller batch
+    on the same memory is taken. Before, nothing checked the batch."""
+    from ncfast.train import trainer as trainer_mod
+    from ncfast.train.models import footprint
+
+    write_cifar(tmp_path / "data", "cifar10", "folder", monkeypatch, n_train=60, n_test=20)
+    params, floats = footprint("resnet18", 10, 3, 32, width=8)
+    free = params * 16 + 16 * floats * 4  # the model and 16 samples' activations
+    monkeypatch.setattr(trainer_mod, "available_bytes", lambda device: free)
+    base = {"dataset": "cifar10", "data": str(tmp_path / "data"), "arch": "resnet18", "width": 8, "epochs": 1,
+            "progress": False, "out": str(tmp_path / "run")}
+    Trainer(Config(batch_size=16, **base))  # fits
+    with pytest.raises(ValueError, match=r"^--batch-size 17: a batch of 17 samples"):
+        Trainer(Config(batch_size=17, **base))
+    code, err = _cli(["--dataset", "cifar10", "--data", str(tmp_path / "data"), "--arch", "resnet18", "--width", "8",
+                      "--batch-size", str(10**9), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")], capsys)
+    _assert_one_line(code, err, f"--batch-size {10**9}: a batch of 60 samples x {floats:,} activation floats",
+                     "lower --batch-size")
+
+
+def test_the_memory_check_admits_the_readme_runs(monkeypatch):
+    """The estimate is honest: the README's runs (digits ResNet-18 batch 128; CIFAR ResNet-18 width
+    64 batch 128, the other families too) pass on a machine with 24 GB free, with room to spare."""
+    from ncfast.train import trainer as trainer_mod
+    from ncfast.train.models import footprint
+
+    params, floats = footprint("resnet18", 10, 3, 32)
+    assert params * 16 + 128 * floats * 4 < 2 * 2**30  # about 0.8 GiB of 24 GB
+    monkeypatch.setattr(trainer_mod, "available_bytes", lambda device: 24 * 10**9)
+    for arch, channels, size, n in (("resnet18", 1, (8, 8), 1437), ("resnet18", 3, (32, 32), 50000),
+                                    ("vgg11", 3, (32, 32), 50000), ("densenet121", 3, (32, 32), 50000),
+                                    ("mlp", 1, (28, 28), 60000)):
+        trainer_mod.check_fits(Config(arch=arch, batch_size=128), 10, channels, size, n, "cpu")
+
+
+# -------------------------------------------------------------------------------------- a full disk
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_names_it(tmp_path, monkeypatch, capsys):
+    """A checkpoint write that fails (ENOSPC, after part of it reached the disk) is one line naming
+    checkpoint.pt and the cause, exit 2; the temp file is removed and the previous checkpoint is kept
+    and still resumes. Before, the OSError escaped main as a traceback."""
+    out = tmp_path / "run"
+    argv = ["--arch", "mlp", "--width", "32", "--batch-size", "512", "--clp-embed", "none", "--no-progress",
+            "--out", str(out)]
+    assert _cli(argv + ["--epochs", "1"], capsys)[0] == 0
+    path = out / "checkpoint.pt"
+    before = path.read_bytes()
+
+    def partial_then_full(obj, f, *args, **kwargs):
+        if hasattr(f, "write"):
+            f.write(b"part of a checkpoint")
+        _no_space()
+
+    monkeypatch.setattr(torch, "save", partial_then_full)
+    code, err = _cli(argv + ["--epochs", "2", "--resume"], capsys)
+    _assert_one_line(code, err, f"{path}: could not write the checkpoint: No space left on device")
+    monkeypatch.undo()
+    assert path.read_bytes() == before and not (out / "checkpoint.pt.tmp").exists()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def test_a_full_disk_names_the_figure(tmp_path, monkeypatch, capsys):
+    """A figure that cannot be written (ENOSPC, after part of it reached the disk) is one line naming
+    the figure and the cause, exit 2; the figure already there is kept, no temp file is left. Before,
+    the OSError escaped main as a traceback and left the partial file in place of the figure."""
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "run"
+    (out / "figures").mkdir(parents=True)
+    old = out / "figures" / "class_distance.png"
+    old.write_bytes(b"the previous run's figure")
+
+    def partial_then_full(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"part of a png")
+        _no_space()
+
+    monkeypatch.setattr(Figure, "savefig", partial_then_full)
+    code, err = _cli(["--arch", "mlp", "--width", "32", "--batch-size", "512", "--epochs", "1", "--clp-embed", "none",
+                      "--no-progress", "--out", str(out)], capsys)
+    _assert_one_line(code, err, f"{old}: could not write the figure: No space left on device")
+    assert old.read_bytes() == b"the previous run's figure"
+    assert not list((out / "figures").glob("*.tmp"))
+
+
+def test_a_diverging_run_stops_naming_the_split_and_the_epoch(tmp_path, capsys):
+    """--lr 1e30 (finite, so accepted) blows the weights up in the first epoch: the run stops with one
+    line naming the split, the epoch and the layer, exit 2, and writes no row for that epoch (it does
+    not go on with NaN rows, nor drop them quietly)."""
+    out = tmp_path / "run"
+    code, err = _cli(["--arch", "mlp", "--width", "32", "--batch-size", "512", "--dataset", "digits", "--epochs", "2",
+                      "--lr", "1e30", "--metrics-every", "1", "--clp-embed", "none", "--no-progress", "--out", str(out)],
+                     capsys)
+    _assert_one_line(code, err, "measuring the train split after epoch 1: layer 'layer1'", "NaN or Inf")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [0]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -584,3 +585,110 @@ def test_kaiming_init_draws_he_normal_weights_and_zero_biases():
         torch.testing.assert_close(getattr(scaled, name)[0].weight, 0.5 * w, rtol=0, atol=0)
     with pytest.raises(ValueError, match="init"):
         build_model("mlp", 10, 1, 8, init="xavier")
+
+
+# ------------------------------------------------------------------- CIFAR archives that cannot be read
+
+@pytest.mark.parametrize("damage, cause", [
+    ("text", "not a gzip-compressed tar archive"),
+    ("empty", "not a gzip-compressed tar archive"),
+    ("gzip of garbage", "gzip-compressed, but no tar archive inside"),
+    ("truncated", "truncated"),
+])
+def test_cifar_archive_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, capsys, damage, cause):
+    """An archive that is plain text, empty, a gzip of garbage, or a real archive cut short is a
+    ValueError naming the archive and the cause, and exit 2 on the command line. Before, tarfile's
+    ReadError ("not a gzip file", "invalid header") and the truncated stream's EOFError escaped main
+    as tracebacks."""
+    from ncfast.train.__main__ import main
+
+    src = data.CIFAR["cifar10"]
+    archive = tmp_path / src.archive
+    if damage == "text":
+        archive.write_text("this is not an archive\n" * 50)
+    elif damage == "empty":
+        archive.write_bytes(b"")
+    elif damage == "gzip of garbage":
+        archive.write_bytes(gzip.compress(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes()))
+    else:  # the right members, trusted, in a real tar.gz, cut in the middle
+        members, _ = cifar_batches("cifar10", n_train=30, n_test=10)
+        trust_cifar(monkeypatch, "cifar10", members)
+        write_members(tmp_path, "cifar10", "tar", members)
+        raw = archive.read_bytes()
+        archive.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=f"^{re.escape(str(archive))}: {cause}"):
+        load_dataset("cifar10", tmp_path)
+    assert main(["--dataset", "cifar10", "--data", str(tmp_path), "--arch", "mlp", "--epochs", "1", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {archive}: {cause}") and "Traceback" not in err
+
+
+def test_cifar_download_that_fails_is_one_line(tmp_path, monkeypatch):
+    """No network (urlopen raising URLError, an OSError) is a RuntimeError naming --download and the
+    URL, which main prints on one line; no .part file is left. Before, the URLError escaped main."""
+    import urllib.error
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match=r"^--download: could not fetch https://.*cifar-10-python.tar.gz .*name "
+                                           r"resolution"):
+        load_dataset("cifar10", tmp_path, download=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------- model footprint
+
+@pytest.mark.parametrize("arch, kw, shape", [
+    ("resnet18", {}, (3, 32)), ("resnet18", {"width": 4, "output_norm": "layernorm"}, (1, 8)),
+    ("resnet34", {"width": 4}, (3, 16)), ("densenet121", {"width": 4}, (3, 16)), ("vgg11", {"width": 4}, (1, 8)),
+    ("vgg16", {"width": 4}, (3, 32)), ("mlp", {}, (1, 8)), ("mlp", {"depth": 5, "width": 7, "output_norm": "layernorm"}, (3, 4)),
+])
+def test_footprint_counts_the_parameters_and_activations_of_the_real_model(arch, kw, shape):
+    """models.footprint, sized without allocating (meta device; the MLP by formula): its parameter
+    count is the built model's, and its activation floats per sample are those a real forward of
+    one sample produces at the leaf modules, excluding views (Flatten, Identity) and in-place
+    outputs; at least every conv / linear output."""
+    from ncfast.train.models import _meta_footprint, footprint
+
+    channels, size = shape
+    params, floats = footprint(arch, 10, channels, size, **kw)
+    model = build_model(arch, 10, channels, size, **kw).eval()
+    assert params == sum(p.numel() for p in model.parameters())
+    counted, layers = [0], [0]
+
+    def hook(m, i, o):
+        if not isinstance(m, (nn.Identity, nn.Flatten)) and not any(o is t for t in i):
+            counted[0] += o.numel()
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            layers[0] += o.numel()
+
+    for m in model.modules():
+        if next(m.children(), None) is None:
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.randn(1, channels, size, size))
+    assert floats == counted[0] >= layers[0] > 0
+    if arch == "mlp":
+        assert (params, floats) == _meta_footprint(arch, 10, channels, size, **kw)
+
+
+def test_footprint_sizes_models_that_could_never_be_built():
+    """A ResNet-18 3,000,000 channels wide and an MLP 10,000 layers deep are sized in well under a
+    second and allocate nothing; the MLP's depth and everyone's width are bounded."""
+    import time
+
+    from ncfast.train.models import MLP_MAX_DEPTH, footprint
+
+    t0 = time.perf_counter()
+    params, floats = footprint("resnet18", 10, 3, 32, width=3_000_000)
+    assert params > 2e16 and floats > 5e10
+    params, _ = footprint("mlp", 10, 64, None, depth=MLP_MAX_DEPTH)
+    assert params == 64 * 512 + 512 + (MLP_MAX_DEPTH - 1) * (512 * 512 + 512) + 512 * 10 + 10
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(ValueError, match="at most 10,000 hidden layers"):
+        footprint("mlp", 10, 64, None, depth=10**8)
+    with pytest.raises(ValueError, match="width: must be between 1 and"):
+        build_model("resnet18", 10, 3, 32, width=10**23)

@@ -29,9 +29,10 @@ import math
 import sys
 
 from .data import DATASETS
-from .models import ARCH_NAMES, INITS
+from .models import ARCH_NAMES, INITS, MAX_WIDTH, resolve_arch
 from .probes import EMBEDDINGS
-from .trainer import LEARNING_RATES, LOSSES, WEIGHT_DECAYS, Config, init_distributed, launched_by_torchrun, train
+from .trainer import (LEARNING_RATES, LOSSES, SEED_MAX, WEIGHT_DECAYS, Config, init_distributed, launched_by_torchrun,
+                      train)
 
 
 def _coarse(text: str):
@@ -47,9 +48,12 @@ def _coarse(text: str):
 def _epochs(text: str) -> list[int]:
     """--distance-epochs 0,10,60."""
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        epochs = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 0,10,60, got {text!r}") from None
+        epochs = []
+    if not epochs:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 0,10,60, got {text!r}")
+    return epochs
 
 
 def parse_args(argv=None) -> Config:
@@ -131,12 +135,35 @@ def parse_args(argv=None) -> Config:
         p.error("--metrics-every must be >= 1")
     if not (math.isfinite(a.logit_scale) and a.logit_scale > 0):
         p.error("--logit-scale must be a finite number > 0")
-    if a.init_scale <= 0:
-        p.error("--init-scale must be > 0")
+    if not (math.isfinite(a.init_scale) and a.init_scale > 0):
+        p.error("--init-scale must be a finite number > 0")
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        p.error("--lr must be a finite number > 0")
+    if not (math.isfinite(a.momentum) and 0 <= a.momentum < 1):
+        p.error("--momentum must be a finite number in [0, 1)")
+    if not (math.isfinite(a.weight_decay) and a.weight_decay >= 0):
+        p.error("--weight-decay must be a finite number >= 0")
+    if not 0 < a.it_threshold <= 1:
+        p.error("--it-threshold must be a train accuracy in (0, 1]")
+    if not 0 <= a.seed <= SEED_MAX:
+        p.error(f"--seed must be in [0, {SEED_MAX}] (2^32 - 1)")
     if not (math.isfinite(a.svsl_alpha) and a.svsl_alpha >= 0):
         p.error("--svsl-alpha must be a finite number >= 0")
-    if a.width is not None and a.width < 1:
-        p.error("--width must be >= 1")
+    if a.width is not None and not 1 <= a.width <= MAX_WIDTH:
+        p.error(f"--width must be between 1 and {MAX_WIDTH:,}")
+    if a.depth is not None:
+        try:  # the MLP takes 1 to 10,000 hidden layers, the other families their listed depths
+            resolve_arch(a.arch, a.depth)
+        except ValueError as e:
+            p.error(f"--depth {a.depth}: {str(e).removeprefix('depth: ')}")
+    if a.layers is not None and not any(s.strip() for s in a.layers.split(",")):
+        p.error(f"--layers: expected comma-separated module names, got {a.layers!r}")
+    if isinstance(a.coarse, int) and a.coarse < 2:
+        p.error("--coarse must be a number of super-classes >= 2, or 'official'")
+    if a.random_coarse is not None and a.random_coarse < 2:
+        p.error("--random-coarse must be a number of super-classes >= 2")
+    if a.train_subset is not None and a.train_subset < 1:
+        p.error("--train-subset must be >= 1")
     if a.max_dim < 1:
         p.error("--max-dim must be >= 1")
     return Config(arch=a.arch, dataset=a.dataset, data=a.data, download=a.download, coarse=a.coarse, fine=a.fine,
@@ -155,11 +182,11 @@ def parse_args(argv=None) -> Config:
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     launched = launched_by_torchrun()
-    if launched:  # torchrun --nproc_per_node N -m ncfast.train ...: DistributedDataParallel
-        cfg.device = init_distributed(cfg.device)
     try:
+        if launched:  # torchrun --nproc_per_node N -m ncfast.train ...: DistributedDataParallel
+            cfg.device = init_distributed(cfg.device)
         train(cfg)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # OSError: FileNotFoundError, and any file the run cannot use
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -293,13 +293,16 @@ def _cifar(name, data_dir, download) -> Dataset:
             _download(src.url, archive, src.md5)
         parts = {}
         wanted = {f"{src.folder}/{m}": m for m in files}
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar:  # one pass: the gzip stream cannot seek back cheaply
-                m = wanted.get(member.name)
-                if m is not None and member.isfile():
-                    where = f"{archive}:{member.name}"
-                    _check_member_size(member.size, where)
-                    parts[m] = _cifar_batch(tar.extractfile(member).read(), where, src, m)
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for member in tar:  # one pass: the gzip stream cannot seek back cheaply
+                    m = wanted.get(member.name)
+                    if m is not None and member.isfile():
+                        where = f"{archive}:{member.name}"
+                        _check_member_size(member.size, where)
+                        parts[m] = _cifar_batch(tar.extractfile(member).read(), where, src, m)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # BadGzipFile is an OSError
+            raise ValueError(_archive_problem(archive, e, src)) from None
         lacking = [f"{src.folder}/{m}" for m in files if m not in parts]
         if lacking:
             raise ValueError(f"{archive}: no member {', '.join(lacking)}")
@@ -317,6 +320,26 @@ def _cifar(name, data_dir, download) -> Dataset:
                                src.num_classes, name)
     return _from_uint8(name, train_x, train_y, test_x, test_y, src.num_classes,
                        scale=255.0, augment=True, flip=True, coarse_of=coarse_of)
+
+
+def _archive_problem(archive: Path, error: Exception, src) -> str:
+    """One line on a CIFAR archive that could not be read: what is wrong with it, and what to do."""
+    detail = (getattr(error, "strerror", None) or str(error)).strip() or type(error).__name__
+    remedy = f"delete it and pass --download to fetch {src.url}, or pass --data DIR for a directory with the right one"
+    try:
+        with open(archive, "rb") as f:
+            magic = f.read(2)
+    except OSError as e:
+        return f"{archive}: could not be read ({e.strerror or e})"
+    if magic != b"\x1f\x8b":
+        return f"{archive}: not a gzip-compressed tar archive (it does not begin with gzip's bytes 1f 8b); {remedy}"
+    if isinstance(error, EOFError) or "unexpected end" in detail:
+        return f"{archive}: truncated (the archive ends before its data does: {detail}); {remedy}"
+    if isinstance(error, (zlib.error, gzip.BadGzipFile)):
+        return f"{archive}: a damaged gzip stream ({detail}); {remedy}"
+    if isinstance(error, tarfile.TarError):
+        return f"{archive}: gzip-compressed, but no tar archive inside ({detail}); {remedy}"
+    return f"{archive}: could not be read ({detail})"
 
 
 CIFAR_MEMBER_BYTES = 256 << 20
@@ -390,10 +413,14 @@ def _download(url, dest: Path, md5: str):
     digest = hashlib.md5(usedforsecurity=False)
     print(f"downloading {url} -> {dest}", file=sys.stderr)
     try:
-        with urllib.request.urlopen(url) as r, open(part, "wb") as f:
-            while chunk := r.read(1 << 20):
-                digest.update(chunk)
-                f.write(chunk)
+        try:
+            with urllib.request.urlopen(url) as r, open(part, "wb") as f:
+                while chunk := r.read(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+        except OSError as e:  # no network (URLError), a refused request (HTTPError), a full disk (ENOSPC)
+            reason = getattr(e, "reason", None) or e.strerror or e
+            raise RuntimeError(f"--download: could not fetch {url} into {part}: {reason}") from None
         if digest.hexdigest() != md5:
             raise RuntimeError(f"{url}: MD5 {digest.hexdigest()} differs from the published {md5}; "
                                f"the download is corrupt and was deleted")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,27 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(fig, path) -> None:
+    """Write a figure to path (its format from the suffix, png without one) and close it. The figure
+    goes to path + ".tmp" first and is renamed over path, so a failed write leaves the old file; the
+    failure (a full disk, ENOSPC; no permission; any OSError) is a ValueError naming the path and the
+    cause: "<path>: could not write the figure: No space left on device"."""
+    plt = pyplot()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png")
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise ValueError(f"{path}: could not write the figure: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
 def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path | None, title: str = "", names=None,
@@ -60,8 +82,7 @@ def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path | None,
         ax.set_yticklabels(labels, fontsize=small)
     if own:
         fig.suptitle(title or "class distance D (original labels, penultimate layer, train)", fontsize=10)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save(fig, path)
 
 
 def nc_curves(records: list[dict], layer: str, path: Path) -> None:
@@ -97,8 +118,7 @@ def nc_curves(records: list[dict], layer: str, path: Path) -> None:
     note = "   (hollow: degenerate, forced by the sample size: rank(Sigma_T) = N - 1)" if any_degenerate else ""
     fig.suptitle(f"{layer}{note}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def mismatch_per_layer(records: list[dict], layers: list[str], path: Path, split: str = "train") -> None:
@@ -112,8 +132,7 @@ def mismatch_per_layer(records: list[dict], layers: list[str], path: Path, split
     ax.set_ylabel(f"NCC mismatch ({split})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def superclass_embeddings(pictures: dict, path: Path, original_names=None) -> None:
@@ -135,5 +154,4 @@ def superclass_embeddings(pictures: dict, path: Path, original_names=None) -> No
     for ax in list(axes.flat)[len(supers):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)

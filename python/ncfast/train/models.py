@@ -45,6 +45,8 @@ INITS = ("default", "kaiming")
 # every architecture name build_model takes: a family at its default depth, or a deeper sibling
 ARCH_NAMES = ARCHS + ("resnet34", "densenet169", "densenet201", "vgg13", "vgg16", "vgg19")
 MLP_DEPTH, MLP_WIDTH = 2, 512  # the MLP's default hidden layers and units
+MLP_MAX_DEPTH = 10_000  # the most hidden layers the MLP takes (bounds what footprint() builds on the meta device)
+MAX_WIDTH = 1 << 24  # the widest model taken: far beyond any machine's memory, and inside int64's element counts
 
 
 def _attach_head(model: nn.Module, features_name: str, dim: int, num_classes: int, output_norm,
@@ -338,6 +340,8 @@ def resolve_arch(arch: str, depth: int | None = None) -> tuple[str, int]:
         d = MLP_DEPTH if depth is None else int(depth)
         if d < 1:
             raise ValueError(f"depth: the MLP needs at least 1 hidden layer, got {depth}")
+        if d > MLP_MAX_DEPTH:
+            raise ValueError(f"depth: the MLP takes at most {MLP_MAX_DEPTH:,} hidden layers, got {depth}")
         return "mlp", d
     family = arch.rstrip("0123456789")
     d = int(arch[len(family):]) if depth is None else int(depth)
@@ -369,8 +373,8 @@ def build_model(arch: str, num_classes: int, in_channels: int, input_size=None,
         hidden: the MLP's hidden widths as a tuple, instead of depth x width.
     """
     family, d = resolve_arch(arch, depth)
-    if width is not None and int(width) < 1:
-        raise ValueError(f"width: must be >= 1, got {width}")
+    if width is not None and not 1 <= int(width) <= MAX_WIDTH:
+        raise ValueError(f"width: must be between 1 and {MAX_WIDTH:,}, got {width}")
     if hidden is not None and family != "mlp":
         raise ValueError(f"hidden: applies to the mlp only, not {arch!r}")
     if input_size is None:
@@ -395,3 +399,66 @@ def build_model(arch: str, num_classes: int, in_channels: int, input_size=None,
     if init_scale != 1.0:
         scale_init_(model, init_scale)
     return model
+
+
+def footprint(arch: str, num_classes: int, in_channels: int, input_size=None, output_norm=None,
+              depth: int | None = None, width: int | None = None, hidden=None) -> tuple[int, int]:
+    """(parameters, activation floats per sample) of the model ``build_model`` builds with these
+    arguments, told without allocating it.
+
+    The convolutional models are built on the meta device (tensors with shapes and no storage):
+    their parameters are counted, and one sample is sent through them in eval mode with a forward
+    hook on every leaf module that adds up the sizes of their outputs (``_meta_footprint``). The
+    MLP, whose meta forward would cost a millisecond a layer at its 10,000 layers, is counted by
+    formula instead, to the same numbers.
+
+    The activation count is what autograd keeps of one sample's forward pass at the least: the
+    outputs of the convolutions, norms, linear layers, ReLU modules and pools (an output that is its
+    input, as an in-place ReLU's, and the views of Identity and Flatten are not counted; the
+    functional ReLUs and sums between modules are not counted at all). The arguments are checked as
+    ``build_model`` checks them (ValueError)."""
+    family, d = resolve_arch(arch, depth)
+    if family != "mlp":
+        return _meta_footprint(arch, num_classes, in_channels, input_size, output_norm, depth, width, hidden)
+    if width is not None and not 1 <= int(width) <= MAX_WIDTH:
+        raise ValueError(f"width: must be between 1 and {MAX_WIDTH:,}, got {width}")
+    if output_norm not in OUTPUT_NORMS:
+        raise ValueError(f"output_norm: must be one of {OUTPUT_NORMS}, got {output_norm!r}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
+    size = (1, 1) if input_size is None else (
+        (input_size, input_size) if isinstance(input_size, int) else tuple(input_size))
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"input_size: must be H or (H, W) with positive sizes, got {input_size}")
+    widths = [int(in_channels) * size[0] * size[1]]
+    widths += [int(h) for h in hidden] if hidden is not None else [MLP_WIDTH if width is None else int(width)] * d
+    c = int(num_classes)
+    params = sum(a * b + b for a, b in zip(widths, widths[1:])) + widths[-1] * c + c
+    # every hidden layer: the Linear's and the ReLU's outputs; then the LayerNorm's (if any) and the head's
+    floats = 2 * sum(widths[1:]) + (widths[-1] if output_norm == "layernorm" else 0) + c
+    return params, floats
+
+
+def _meta_footprint(arch, num_classes, in_channels, input_size=None, output_norm=None, depth=None, width=None,
+                    hidden=None) -> tuple[int, int]:
+    """``footprint`` from the model built on the meta device and one meta forward of a sample."""
+    total = [0]
+
+    def count(module, inputs, output):
+        if isinstance(module, (nn.Identity, nn.Flatten)) or any(output is t for t in inputs):
+            return
+        total[0] += output.numel()
+
+    with torch.device("meta"):
+        model = build_model(arch, num_classes, in_channels, input_size, output_norm=output_norm, depth=depth,
+                            width=width, hidden=hidden)
+    params = sum(p.numel() for p in model.parameters())
+    size = () if input_size is None else (
+        (input_size, input_size) if isinstance(input_size, int) else tuple(input_size))
+    for m in model.modules():
+        if next(m.children(), None) is None:
+            m.register_forward_hook(count)
+    model.eval()  # batch norm on one sample: the running statistics, as measure() does
+    with torch.no_grad():
+        model(torch.empty((1, int(in_channels), *size), device="meta"))
+    return int(params), int(total[0])

@@ -34,11 +34,12 @@ import torch.nn.functional as F
 
 from ..labels import coarse_labels, fine_labels, random_coarse_labels
 from .._distributed import Ranks, init_distributed, launched_by_torchrun  # noqa: F401 (re-exported)
+from .._validation import available_bytes
 from ..losses import svsl_loss
 from ..probe import LayerProbe, channel_pool, flatten, shard_indices
 from . import figures
 from .data import augment_batch, batches, load_dataset
-from .models import build_model, logits_for_loss
+from .models import build_model, footprint, logits_for_loss
 from .probes import clp, linear_probe
 
 LEARNING_RATES = (0.1, 0.01, 0.001)
@@ -88,9 +89,88 @@ class Config:
 
 # ----------------------------------------------------------------------------------------- helpers
 def _device(name: str) -> torch.device:
+    """--device: "auto" (cuda if available, else cpu) or a device torch can hold tensors on; anything
+    else is a ValueError naming the flag."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--device {name}: not a device ({first}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "meta":
+        raise ValueError(f"--device {name}: the meta device holds no data to train on; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (no CUDA build of torch, or no GPU "
+                             f"visible); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+        return dev
+    if dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # noqa: BLE001 - any backend's refusal, in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"--device {name}: not usable here ({first}); use auto, cpu, cuda or cuda:N") from None
+    return dev
+
+
+SEED_MAX = 2**32 - 1  # the largest seed every generator of a run takes (scikit-learn's random_state's)
+
+
+def check_config(cfg: Config) -> None:
+    """The numbers of a Config the command line checks too (``train(Config)`` is an API of its own):
+    a ValueError naming the flag, before any data is loaded or any model built."""
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
+        raise ValueError(f"--momentum must be a finite number in [0, 1), got {cfg.momentum}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if not 0 < cfg.it_threshold <= 1:
+        raise ValueError(f"--it-threshold must be a train accuracy in (0, 1], got {cfg.it_threshold}")
+    if not (math.isfinite(cfg.init_scale) and cfg.init_scale > 0):
+        raise ValueError(f"--init-scale must be a finite number > 0, got {cfg.init_scale}")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ValueError(f"--seed must be in [0, {SEED_MAX}] (2^32 - 1), got {cfg.seed}")
+
+
+def _gib(n: float) -> str:
+    v = n / 2**30
+    return f"{v:,.1f}" if v < 1000 else f"{v:,.0f}"
+
+
+def check_fits(cfg: Config, num_classes: int, in_channels: int, input_size, n_train: int, device,
+               world: int = 1) -> None:
+    """Refuse a model, or a batch, that cannot fit the memory free on ``device``, before any of it is
+    allocated: a ValueError naming --width / --depth or --batch-size.
+
+    The model is sized by ``models.footprint`` (built on the meta device: nothing allocated). Its
+    parameters take 4 bytes four times over (the weights, their gradients, SGD's momentum and the
+    checkpoint's copy); a training batch of min(--batch-size, training samples) samples (this rank's
+    share of it under DDP) adds 4 bytes per activation float of each sample, counted at the least
+    (``footprint``), so a run refused here cannot have fitted. Nothing is checked where the free
+    memory cannot be told (``available_bytes`` None)."""
+    free = available_bytes(device)
+    if free is None:
+        return
+    params, floats = footprint(cfg.arch, num_classes, in_channels, input_size, output_norm=cfg.output_norm,
+                               depth=cfg.depth, width=cfg.width)
+    model_bytes = params * 4 * 4
+    if model_bytes > free:
+        flags = " ".join(f"--{k} {v}" for k, v in (("width", cfg.width), ("depth", cfg.depth)) if v is not None)
+        raise ValueError(f"{flags or '--arch ' + cfg.arch}: {cfg.arch} has {params:.2g} parameters, "
+                         f"{_gib(model_bytes)} GiB with gradients, momentum and a checkpoint copy, more than the "
+                         f"{_gib(free)} GiB free on {torch.device(device)}; lower --width (or --depth)")
+    batch = -(-min(cfg.batch_size, n_train) // max(1, world))
+    batch_bytes = batch * floats * 4
+    if model_bytes + batch_bytes > free:
+        raise ValueError(f"--batch-size {cfg.batch_size}: a batch of {batch:,} samples x {floats:,} activation floats "
+                         f"per sample of {cfg.arch} needs {_gib(batch_bytes)} GiB besides the model's "
+                         f"{_gib(model_bytes)} GiB, more than the {_gib(free)} GiB free on {torch.device(device)}; "
+                         f"lower --batch-size (or --width)")
 
 
 FAULT_ENV = "NCFAST_FAULT"
@@ -165,16 +245,44 @@ def _digest(obj) -> str:
     return h.hexdigest()
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _atomic_write(path: Path, what: str, write) -> None:
+    """``write(f)`` into path + ".tmp" (a binary file), then renamed over path: a reader sees the old
+    file or the new one, never part of one. A failed write (a full disk, ENOSPC; no permission; any
+    OSError) removes the temp file, leaves the old file as it was and raises a ValueError naming the
+    path, what it holds and the cause: "<path>: could not write the checkpoint: No space left on
+    device"."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise ValueError(f"{path}: could not write the {what}: {e.strerror or e}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
-def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _atomic_save(obj, path: Path, what: str = "checkpoint") -> None:
+    # through a Python file: torch's own file writer reports a full disk as "unexpected pos", naming no cause
+    _atomic_write(path, what, lambda f: torch.save(obj, f))
+
+
+def _atomic_text(text: str, path: Path, what: str) -> None:
+    _atomic_write(path, what, lambda f: f.write(text.encode()))
+
+
+def _atomic_npy(path: Path, what: str, array=None, **arrays) -> None:
+    """np.save (array) or np.savez (arrays) to path, atomically (``_atomic_write``)."""
+    _atomic_write(path, what, lambda f: np.save(f, array) if array is not None else np.savez(f, **arrays))
 
 
 class _Progress:
@@ -218,12 +326,14 @@ def transform_labels(cfg: Config, y_train: torch.Tensor, y_test: torch.Tensor, n
     if isinstance(cfg.coarse, str):
         raise ValueError(f"--coarse: a number of super-classes K or 'official', got {cfg.coarse!r}")
     if cfg.coarse is not None:
-        if not 1 <= cfg.coarse <= num_classes:
-            raise ValueError(f"--coarse: must be in [1, {num_classes}], got {cfg.coarse}")
+        if not 2 <= cfg.coarse <= num_classes:
+            raise ValueError(f"--coarse: must be in [2, {num_classes}] (the metrics need 2 training classes), "
+                             f"got {cfg.coarse}")
         return coarse_labels(y_train, cfg.coarse), coarse_labels(y_test, cfg.coarse), cfg.coarse
     if cfg.random_coarse is not None:
-        if not 1 <= cfg.random_coarse <= num_classes:
-            raise ValueError(f"--random-coarse: must be in [1, {num_classes}], got {cfg.random_coarse}")
+        if not 2 <= cfg.random_coarse <= num_classes:
+            raise ValueError(f"--random-coarse: must be in [2, {num_classes}] (the metrics need 2 training "
+                             f"classes), got {cfg.random_coarse}")
         k = cfg.random_coarse
         return (random_coarse_labels(y_train, k, num_classes, seed=cfg.seed),
                 random_coarse_labels(y_test, k, num_classes, seed=cfg.seed), k)
@@ -262,6 +372,7 @@ def task_loss(scaled: torch.Tensor, labels: torch.Tensor, loss: str = "ce") -> t
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        check_config(cfg)
         self.ranks = Ranks()
         self.device = _device(cfg.device)
         if self.ranks.active and self.device.type == "cuda" and self.device.index is None:
@@ -274,6 +385,9 @@ class Trainer:
         y_tr, y_te, self.num_train_classes = transform_labels(cfg, ds.train_y, ds.test_y, ds.num_classes,
                                                               coarse_of=ds.coarse_of)
         keep = _subset(ds.train_y.shape[0], cfg.train_subset, cfg.seed)
+        if cfg.train_subset is not None and int(torch.unique(y_tr[keep]).numel()) < 2:
+            raise ValueError(f"--train-subset {cfg.train_subset}: the samples drawn hold one training class; the "
+                             f"metrics need at least 2 (draw more samples, or another --seed)")
         dev = self.device
         # the whole data set lives on the device: batches are index gathers, augmentation runs there too
         self.x = {"train": ds.train_x[keep].to(dev), "test": ds.test_x.to(dev)}
@@ -287,6 +401,9 @@ class Trainer:
         self.distance_epochs = sorted(set(cfg.distance_epochs or ()))
         if any(not 0 <= e <= cfg.epochs for e in self.distance_epochs):
             raise ValueError(f"--distance-epochs: must lie in [0, --epochs = {cfg.epochs}], got {cfg.distance_epochs}")
+        # sized on the meta device first: a model or batch that cannot fit is refused before it is allocated
+        check_fits(cfg, self.num_train_classes, ds.train_x.shape[1], tuple(ds.train_x.shape[2:]) if image else None,
+                   self.x["train"].shape[0], dev, self.ranks.world)
         self.model = build_model(cfg.arch, self.num_train_classes, ds.train_x.shape[1],
                                  tuple(ds.train_x.shape[2:]) if image else None,
                                  init_scale=cfg.init_scale, output_norm=cfg.output_norm, depth=cfg.depth,
@@ -297,8 +414,6 @@ class Trainer:
         if unknown:
             raise ValueError(f"--layers: {unknown} are not modules of {cfg.arch}; it has "
                              f"{[n for n in modules if n][:40]}")
-        if cfg.lr <= 0 or cfg.weight_decay < 0:
-            raise ValueError("--lr must be > 0 and --weight-decay >= 0")
         self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         if cfg.schedule == "cosine":
@@ -373,7 +488,7 @@ class Trainer:
             "history": self.history, "epoch_seconds": self.epoch_seconds, "measure_seconds": self.measure_seconds,
         }
         state["sha256"] = _digest(state)
-        _atomic_save(state, self._checkpoint_path())
+        _atomic_save(state, self._checkpoint_path(), "checkpoint")
         self.ranks.barrier()
 
     def load(self) -> bool:
@@ -532,9 +647,12 @@ class Trainer:
     # ---------------------------------------------------------------- the run
     def run(self) -> dict:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "class_distance").mkdir(exist_ok=True)
-        (self.out / "figures").mkdir(exist_ok=True)
+        try:
+            for folder in (self.out, self.out / "class_distance", self.out / "figures"):
+                folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {self.out}: could not create the output folder {e.filename or folder}: "
+                             f"{e.strerror or e}") from None
         resumed = cfg.resume and self.load()
         if resumed:
             if self.ranks.main:
@@ -573,13 +691,15 @@ class Trainer:
             pen = self.model.penultimate_name
             folder = self.out / "class_distance"
             if main and distances.get((pen, "train")) is not None:
-                np.save(folder / f"epoch_{epoch:03d}.npy", distances[(pen, "train")].cpu().numpy())
+                _atomic_npy(folder / f"epoch_{epoch:03d}.npy", "class-distance matrix",
+                            distances[(pen, "train")].cpu().numpy())
             if main and train_label_distance is not None:
                 # over the training labels: with --fine the 2C x 2C matrix of paper 000 fig. 15
-                np.save(folder / f"epoch_{epoch:03d}_train_labels.npy", train_label_distance.cpu().numpy())
+                _atomic_npy(folder / f"epoch_{epoch:03d}_train_labels.npy", "class-distance matrix",
+                            train_label_distance.cpu().numpy())
             # every probed layer and split, original labels: arrays named "<layer>/<split>"
             if main:
-                np.savez(folder / f"epoch_{epoch:03d}_layers.npz", **{
+                _atomic_npy(folder / f"epoch_{epoch:03d}_layers.npz", "class-distance matrices", **{
                     f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None})
             self.on_measured(record)
         self.history.append(record)
@@ -615,13 +735,13 @@ class Trainer:
         if not self.ranks.main:
             return
         lines = [json.dumps(finite(r)) for r in self.history if "layers" in r]
-        _atomic_text("\n".join(lines) + ("\n" if lines else ""), self.out / "metrics.jsonl")
+        _atomic_text("\n".join(lines) + ("\n" if lines else ""), self.out / "metrics.jsonl", "metrics")
         keys = ("epoch", "train_loss", "lr", "train_acc", "test_acc")
         seconds = self.epoch_seconds
         rows = [{**{k: r[k] for k in keys}, "seconds": seconds[r["epoch"] - 1] if 0 < r["epoch"] <= len(seconds) else None,
                  "measure_seconds": self.measure_seconds.get(r["epoch"])}
                 for r in self.history]
-        _atomic_text("".join(json.dumps(finite(row)) + "\n" for row in rows), self.out / "history.jsonl")
+        _atomic_text("".join(json.dumps(finite(row)) + "\n" for row in rows), self.out / "history.jsonl", "history")
 
     def features(self, split: str, name: str) -> np.ndarray:
         """Flattened (channel-pooled when wider than max_dim) features of one layer on a split, float32 numpy."""
@@ -671,13 +791,14 @@ class Trainer:
             "num_train_classes": self.num_train_classes,
             "num_original_classes": self.num_original,
             "final_metrics": evaluated[-1]["layers"] if evaluated else {},
-            "initial_logits_norm": evaluated[0]["layers"][pen]["train"].get("logits_norm") if evaluated else None,
+            "initial_logits_norm": (evaluated[0]["layers"].get(pen, {}).get("train", {}).get("logits_norm")
+                                    if evaluated else None),
             "mean_epoch_seconds": float(np.mean(self.epoch_seconds)) if self.epoch_seconds else None,
             "probe_seconds": probe_seconds,
             "device": str(self.device),
             "world_size": self.ranks.world,
         }
-        _atomic_text(json.dumps(finite(summary), indent=1), self.out / "summary.json")
+        _atomic_text(json.dumps(finite(summary), indent=1), self.out / "summary.json", "summary")
         self._figures(evaluated, pictures)
         clp_text = "n/a (no training class holds two original classes)" if clp_acc is None else f"{clp_acc:.4f}"
         print(f"CLP accuracy on the {self.num_original} original classes: {clp_text}   "
@@ -704,7 +825,10 @@ class Trainer:
                 relabelled, fig_dir / "class_distance_train_labels.png",
                 title=f"class distance D ({self.num_train_classes} training labels, penultimate layer, train)")
         if evaluated:
-            figures.nc_curves(evaluated, pen, fig_dir / "nc_curves.png")
+            # the penultimate features, or the deepest probed layer where --layers leaves them out
+            order = list(dict(self.model.named_modules()))
+            shown = pen if pen in self.layers else max(self.layers, key=order.index)
+            figures.nc_curves(evaluated, shown, fig_dir / "nc_curves.png")
             figures.mismatch_per_layer(evaluated, self.layers, fig_dir / "ncc_mismatch_per_layer.png")
         figures.superclass_embeddings(pictures, fig_dir / f"{self.cfg.clp_embed}_superclasses.png")
 
