@@ -37,7 +37,7 @@ import torch
 from . import _numerics, backends
 from ._numerics import exponent_of, times_power_of_two
 from ._validation import as_tensor, check_bias, check_features, check_finite, check_same_device
-from .backends.torch import ncc_block_rows
+from .backends import ncc_block_rows
 
 MODES = ("exact", "fast")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 
-from .base import Backend, BlockMoments, PairContext, PairSums, Sweep
+from .base import Backend, BlockMoments, PairContext, PairSums, Sweep, ncc_block_rows
 
 NAMES = ("cpp", "torch", "triton")
 
@@ -73,5 +73,5 @@ def for_tensor(x) -> Backend:
     return get("triton" if x.device.type == "cuda" and triton_runs_on(x) else "torch")
 
 
-__all__ = ["NAMES", "Backend", "BlockMoments", "PairContext", "PairSums", "Sweep", "for_tensor", "get",
+__all__ = ["NAMES", "Backend", "BlockMoments", "PairContext", "PairSums", "Sweep", "for_tensor", "get", "ncc_block_rows",
            "triton_runs_on"]

@@ -8,6 +8,18 @@ import torch
 
 from .. import _numerics
 
+NCC_BLOCK_ELEMS = 1 << 22
+"""Floats in one (rows x classes) score block of the GEMM sweep and of the recheck."""
+NCC_BLOCK_ELEMS_GPU = 1 << 26
+"""The same on a GPU, where the rechecks' float64 GEMMs want many rows."""
+
+
+def ncc_block_rows(x: torch.Tensor, classes: int) -> int:
+    """Rows per score block for ``classes`` centres of x's width: the GEMM sweep's and the formula
+    layer's recheck of uncertain rows (ncfast.ncc) share it."""
+    elems = NCC_BLOCK_ELEMS_GPU if x.is_cuda else NCC_BLOCK_ELEMS
+    return max(1, min(16384, elems // max(classes, x.shape[1])))
+
 
 # ------------------------------------------------------------------------------------ results
 @dataclass

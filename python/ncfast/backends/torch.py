@@ -15,15 +15,11 @@ from scipy.linalg import blas as scipy_blas
 from .. import _numerics
 from .._linalg import blas_threads
 from .._validation import NON_FINITE
-from .base import BlockMoments, PairContext, PairSums, Sweep
+from .base import BlockMoments, PairContext, PairSums, Sweep, ncc_block_rows
 
 BLOCK_BYTES = 64 << 20
 """Bytes of one float64 block of centred rows (the D x D scatter and the torch moments go block
 by block)."""
-NCC_BLOCK_ELEMS = 1 << 22
-"""Floats in one (rows x classes) score block of the GEMM sweep and of the recheck."""
-NCC_BLOCK_ELEMS_GPU = 1 << 26
-"""The same on a GPU, where the rechecks' float64 GEMMs want many rows."""
 DEFAULT_TILE = 1008
 """Classes per tile side of the pairwise pass: an 8 MB float64 tile of G (the torch reducer adds
 a few temporaries); a multiple of the C++ Gram engine's 12 x 16 register tile, so it writes the
@@ -38,12 +34,6 @@ def rows_per_block(d: int) -> int:
 def row_blocks(x: torch.Tensor, y: torch.Tensor, rows: int):
     """(x, y) in consecutive blocks of ``rows`` rows."""
     return ((x[lo : lo + rows], y[lo : lo + rows]) for lo in range(0, x.shape[0], rows))
-
-
-def ncc_block_rows(x: torch.Tensor, classes: int) -> int:
-    """Rows per score block for ``classes`` centres of x's width."""
-    elems = NCC_BLOCK_ELEMS_GPU if x.is_cuda else NCC_BLOCK_ELEMS
-    return max(1, min(16384, elems // max(classes, x.shape[1])))
 
 
 SYRK_MIN_FLOPS = 1 << 27
