@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4's checks on a lent GPU, as one call of the device tool (at most 590 s, inside the tool's
-# 600 s per command; a session has 15 minutes of device time in all, the machine's start included):
+# The GPU checks, as one command of at most 590 s (the stages below, each with its own timeout):
 #
 #   bash bench/device_check.sh [build] [tests] [bench] [costs] [tune]   # default: all five, in this order
 #
@@ -9,7 +8,7 @@
 #                on the image); 18 s on 2 cores here.
 # tests (150 s): tests/test_triton_*.py on the GPU (the same tests CI runs in the interpreter), 8
 #                workers (kernel compiles dominate).
-# bench (230 s): bench/run.py --device cuda --sizes h100 (issue 4's targets), 2 timed runs each:
+# bench (230 s): bench/run.py --device cuda --sizes h100 (the GPU sizes' targets), 2 timed runs each:
 #                the float32 baselines at N = 4M, C = 50,000 take about 8 s a call.
 # costs (120 s):  bench/run.py --device cuda --ops probe,dxd --sizes h100 (bench/costs.py): what
 #                measuring costs on the GPU, LayerProbe.measure against one forward pass and

@@ -17,7 +17,7 @@ flushed by do_bench itself between runs).
   the features read.
 - pairwise: ``reduce_pair_tile`` on a 4,096 x 4,096 tile of float64 centred means, D = 1,024,
   against torch.mm of the same shapes in float64.
-- metrics: ``nc_metrics`` on 50,000 x 512 features, C = 10 (issue 4's 20 ms target), its parts
+- metrics: ``nc_metrics`` on 50,000 x 512 features, C = 10 (the 20 ms target), its parts
   (moments with the scatter, metrics_from_moments, ncc_assign) and the D x D eigendecompositions
   it makes, on the GPU and on the host.
 

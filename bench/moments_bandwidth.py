@@ -11,7 +11,7 @@ dirty lines, the way a training step leaves them) or runs the torch baseline
 - ``ncfast.class_moments``          the public one-shot call (validation, state, merge),
 - the same two with ``unit_sums=False`` (counts, means, M2 only: the row norms are not taken),
 
-and prints medians and the ratio floor / time (issue 3 asks >= 70% for class_moments).
+and prints medians and the ratio floor / time (the target is >= 70% for class_moments).
 
     python bench/moments_bandwidth.py                      # N = 50,000, D = 512, C = 10, 64, 100, 1000
     python bench/moments_bandwidth.py --before baseline --classes 10,1000

@@ -1,5 +1,5 @@
 """CDNV and NC2 statistics over C classes without a C x C matrix: time, FLOP rate beside torch.mm on
-the same tiles, and peak memory growth (issue 3: C = 20,000, D = 512 under 200 MB extra).
+the same tiles, and peak memory growth (the target: C = 20,000, D = 512 under 200 MB extra).
 
     python bench/pairwise_memory.py --classes 20000 --dim 512
 

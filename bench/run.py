@@ -97,7 +97,7 @@ PRESETS = {
         "class_pair_stats": [(40_000, 512, 20_000)],
         "nc_metrics": [(100_000, 512, 100), (100_000, 512, 1000)],
     },
-    # issue 4's targets on one H100 (run with --device cuda): 16-41 GB of features
+    # the GPU targets on one H100 (run with --device cuda): 16-41 GB of features
     "h100": {
         "class_moments": [(10_000_000, 1024, 10)],
         "class_moments:no_units": [(10_000_000, 1024, 10)],  # the target's counts, means and variances
@@ -270,7 +270,7 @@ def check_exact(x, means, mode="exact"):
 
     Each row's answer depends on that row and the means alone, so a sample of rows suffices.
     """
-    # the numpy brute force costs rows x C x D; at issue 4's C = 50,000 x D = 1,024 fewer rows
+    # the numpy brute force costs rows x C x D; at the GPU sizes' C = 50,000 x D = 1,024 fewer rows
     sample = x[:REFERENCE_ROWS if means.shape[0] * means.shape[1] <= 1 << 24 else REFERENCE_ROWS // 4]
     xs, ms = sample.cpu().numpy(), means.cpu().numpy()
     step = max(1, (1 << 24) // (ms.shape[0] * ms.shape[1]))  # the reference holds rows x C x D doubles
@@ -523,7 +523,7 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "latest.json",
                    help="where to write the results (default bench/results/latest.json)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="where the inputs live (default cpu); issue 4's GPU sizes: --device cuda --sizes h100")
+                   help="where the inputs live (default cpu); the GPU sizes: --device cuda --sizes h100")
     args = p.parse_args(argv)
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in args.ops if op not in OPS + COST_OPS]

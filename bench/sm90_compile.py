@@ -117,7 +117,7 @@ PARTS = ("moments", "ncc", "pairwise")
 
 
 def _cases(recorder: _Recorder, parts=PARTS):
-    """Call every launcher at shapes like issue 4's (D = 1024; the row count only sets alignment)."""
+    """Call every launcher at the GPU sizes' shapes (D = 1024; the row count only sets alignment)."""
     from ncfast.triton import moments, ncc, pairwise
 
     g = torch.Generator().manual_seed(0)

@@ -196,7 +196,7 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_su
                   num_warps: int = 8):
     """(counts int64 (C,), means (C, D), m2 (C,), unit_sums (C, D), norm_sums (C,)), float64, of
     the rows x (N, D; float16, bfloat16, float32 or float64, any strides) with labels y (N,) in
-    [0, num_classes). The same values as ``ncfast._dispatch._torch_block_moments``, deterministic.
+    [0, num_classes). The same values as ``ncfast.backends.torch.block_moments_of``, deterministic.
     With ``unit_sums=False`` the last two are None and no row norm is taken.
 
     block_rows / block_d (powers of two) set the chunk tile; the defaults suit a GPU
