@@ -202,6 +202,8 @@ double fold_group(const T* const* rows, int64_t r, int64_t d, const double* mu, 
   return q;
 }
 
+// NCFAST_GENERIC_MOMENTS: the CMake option of that name (-DNCFAST_GENERIC_MOMENTS=ON) builds the
+// portable kernel below on AVX-512 machines too, so that the two can be timed against each other.
 #if defined(__AVX512F__) && !defined(NCFAST_GENERIC_MOMENTS)
 // float32 rows with explicit AVX-512. Each element is widened to float64 once: pass A widens K
 // (1, 2 or 4) rows into the L1-resident stage while it sums their squares (the norms the unit
