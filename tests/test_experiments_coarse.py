@@ -13,6 +13,8 @@ from ncfast.experiments.coarse import (central_first, claims, clp_chance, grid_t
                                        main, shows_up, superclass_map, twin_ratios)
 from ncfast.train.trainer import LEARNING_RATES, WEIGHT_DECAYS
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -8,6 +8,8 @@ import torch
 
 from ncfast.experiments import gmm
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 
 def test_msdr_rises_with_sigma2_and_similar_subclasses_merge():
     """Well separated clusters (large sigma^2) keep their sub-classes apart inside a super-class (MSDR

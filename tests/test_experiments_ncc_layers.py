@@ -11,6 +11,8 @@ import torch
 from ncfast.experiments import ncc_layers as nl
 from ncfast.train.trainer import Config, Trainer
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,6 +12,8 @@ import torch
 from ncfast.experiments import rank_collapse as rc
 from ncfast.experiments._common import verdict
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

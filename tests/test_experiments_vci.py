@@ -12,6 +12,8 @@ from ncfast import reference
 from ncfast.experiments import vci
 from ncfast.experiments._common import Report
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 
 def _blobs(n_per=40, d=6, c=4, spread=0.3, seed=0):
     rng = np.random.default_rng(seed)

@@ -222,6 +222,7 @@ def _write_features(path, n, d, c, dtype, rng):
     (256, 10, np.float32, 50_000, 4096),  # 51 MB -> 205 MB, blocks of 4 MB
     (1024, 1000, np.float16, 12_000, 4096),  # 25 MB -> 98 MB; C x D float64 temporaries of 8 MB
 ])
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_file(tmp_path, d, c, dtype, rows, block_rows):
     """A file 4x larger raises the peak RSS by far less than the bytes it adds: each block's pages
     leave the process once it is measured (file pages and the heap's freed chunks alike)."""
@@ -242,6 +243,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tmp_path):
     x, y, w, b = _data(n=900, c=6, seed=3)
     (tmp_path / "f").mkdir()
@@ -403,6 +405,7 @@ def test_nan_policy_omit_measures_the_rows_kept(tmp_path, capsys, held_out):
     assert out.omitted_rows == 5
 
 
+@pytest.mark.slow
 def test_torchrun_bad_shard_is_reported_by_its_rank(tmp_path):
     """A NaN in a block dealt to rank 1: rank 1 names the file and rows, rank 0 says which rank
     stopped (no gloo traceback from a rank left waiting in a collective), and torchrun's root cause is

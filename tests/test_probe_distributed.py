@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 import ncfast
 from test_probe import Net, _batches, _data
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 LAYERS = ["conv", "hidden"]
 BATCH = 45
 """No shard ends in a one-row batch: the forward pass of a single row takes another BLAS path (gemv)

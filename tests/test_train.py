@@ -67,6 +67,7 @@ def _check_outputs(out, epochs, layers, msdr=True):
     return lines, summary
 
 
+@pytest.mark.slow
 def test_digits_coarse_end_to_end(tmp_path):
     cfg = _tiny(tmp_path, dataset="digits", coarse=5, epochs=2, batch_size=128)
     trainer = Trainer(cfg)
@@ -99,6 +100,7 @@ def test_digits_coarse_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+@pytest.mark.slow
 def test_idx_data_end_to_end(tmp_path, name):
     make_idx_dir(tmp_path / "data", gz=True, n_train=40, n_test=20)
     cfg = _tiny(tmp_path, dataset=name, data=str(tmp_path / "data"), arch="mlp", coarse=2)
@@ -107,6 +109,7 @@ def test_idx_data_end_to_end(tmp_path, name):
 
 
 @pytest.mark.parametrize("name, layout", [("cifar10", "folder"), ("cifar100", "tar")])
+@pytest.mark.slow
 def test_cifar_end_to_end(tmp_path, name, layout, monkeypatch):
     write_cifar(tmp_path / "data", name, layout, monkeypatch, n_train=60, n_test=20)
     cfg = _tiny(tmp_path, dataset=name, data=str(tmp_path / "data"), arch="vgg11", random_coarse=3)
@@ -114,6 +117,7 @@ def test_cifar_end_to_end(tmp_path, name, layout, monkeypatch):
     lines, _ = _check_outputs(tmp_path / "run", 1, ["block1", "block2", "block3", "block4", "block5", "pool"])
 
 
+@pytest.mark.slow
 def test_gmm_fine_labels_end_to_end(tmp_path):
     cfg = _tiny(tmp_path, dataset="gmm", arch="mlp", fine=True, batch_size=256)
     summary = Trainer(cfg).run()
@@ -123,6 +127,7 @@ def test_gmm_fine_labels_end_to_end(tmp_path):
     assert np.load(tmp_path / "run" / "class_distance" / "epoch_001_train_labels.npy").shape == (16, 16)
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_result(tmp_path, monkeypatch):
     straight = _tiny(tmp_path / "a", dataset="digits", coarse=5, epochs=3, metrics_every=2)
     t = Trainer(straight)
@@ -164,6 +169,7 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_with_a_pickle_payload(tmp_path):
     """--resume loads checkpoint.pt with weights_only=True: one that carries a payload (here in its
     history) is refused with a ValueError that names the file, and the payload never runs."""
@@ -189,6 +195,7 @@ def test_resume_refuses_a_checkpoint_with_a_pickle_payload(tmp_path):
     ("list", "holds a list, not a checkpoint"),
     ("wrong type", "does not fit this run's model and optimiser"),
 ])
+@pytest.mark.slow
 def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path, damage, needle):
     """A checkpoint carries the SHA-256 of its contents: a flipped bit is refused, not resumed; an
     empty, truncated or garbage file, a missing key or a wrong type is a ValueError naming the file
@@ -271,6 +278,7 @@ def test_command_line_paper_knobs(tmp_path, capsys):
     assert "--svsl-from" in err and "layer7" in err and "layer1" in err
 
 
+@pytest.mark.slow
 def test_paper_knobs_run_and_change_training(tmp_path):
     """--svsl-alpha / --svsl-from, --logit-scale, --init-scale and --output-norm reach the run: the
     LayerNorm becomes the penultimate layer, and SVSL changes the first epoch's loss."""
@@ -290,6 +298,7 @@ def test_paper_knobs_run_and_change_training(tmp_path):
     assert summary["config"]["logit_scale"] == 2.0 and summary["config"]["svsl_from"] == "layer2"
 
 
+@pytest.mark.slow
 def test_no_augment_and_the_per_epoch_history(tmp_path, monkeypatch):
     """--no-augment trains on the images as they are (augment_batch is never called; it is without
     the flag), and history.jsonl holds every epoch, measured or not, with metrics.jsonl's accuracies
@@ -440,6 +449,7 @@ def test_mse_loss_is_squared_distance_of_softmax_to_one_hot():
         task_loss(z, y, "hinge")
 
 
+@pytest.mark.slow
 def test_depth_width_init_loss_flags_reach_the_run(tmp_path):
     cfg = parse_args(["--arch", "mlp", "--depth", "3", "--width", "32", "--init", "kaiming", "--loss", "mse",
                       "--distance-epochs", "0,2", "--coarse", "official", "--dataset", "cifar100"])
@@ -462,6 +472,7 @@ def test_depth_width_init_loss_flags_reach_the_run(tmp_path):
             Trainer(Config(out=str(tmp_path / "bad"), **{**base, **bad}))
 
 
+@pytest.mark.slow
 def test_distance_epochs_and_the_interpolation_epoch_are_measured(tmp_path):
     """--distance-epochs are measured whatever --metrics-every says and are exactly the class-distance
     files; the interpolation epoch (first train accuracy >= it_threshold) is measured too."""
@@ -490,6 +501,7 @@ def test_official_coarse_labels_use_the_data_sets_superclasses():
         transform_labels(Config(coarse="official", dataset="digits"), y_tr, y_te, 6)
 
 
+@pytest.mark.slow
 def test_on_measured_hook_adds_to_the_measured_records(tmp_path):
     """A subclass's on_measured sees every measured epoch (and only those) with the model in that
     epoch's state; what it adds to the record lands in metrics.jsonl."""
@@ -598,6 +610,7 @@ def test_config_values_are_checked_by_the_trainer_too(tmp_path):
             Trainer(Config(**{**base, **bad}))
 
 
+@pytest.mark.slow
 def test_layers_without_the_penultimate_layer_run_to_the_end(tmp_path, capsys):
     """--layers that leave out the penultimate features: the run finishes (it ended in a KeyError
     traceback in summary.json's initial logits norm) and nc_curves.png shows the deepest probed
@@ -681,6 +694,7 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_last_checkpoint_and_names_it(tmp_path, monkeypatch, capsys):
     """A checkpoint write that fails (ENOSPC, after part of it reached the disk) is one line naming
     checkpoint.pt and the cause, exit 2; the temp file is removed and the previous checkpoint is kept

@@ -11,6 +11,8 @@ import torch
 
 from ncfast.train.trainer import FAULT_ENV, Config, Trainer, finite
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
+
 ARGS = ["--dataset", "digits", "--arch", "mlp", "--width", "32", "--epochs", "3", "--metrics-every", "1",
         "--batch-size", "64", "--lr", "0.05", "--clp-embed", "none", "--no-progress", "--resume"]
 
