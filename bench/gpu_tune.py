@@ -147,6 +147,7 @@ def tune_moments(device, rows_out: list):
 
 
 def tune_pairwise(device, rows_out: list):
+    from ncfast.backends import triton as triton_backend
     from ncfast.triton import pairwise
 
     t, d = _size(4096, 40), _size(1024, 24)
@@ -160,16 +161,16 @@ def tune_pairwise(device, rows_out: list):
     mm = _bench(lambda: mt @ mt.T)
     flops = 2.0 * t * t * d
     for bi, bj, bd in PAIR_TRIALS:
-        def run():
-            return pairwise.reduce_pair_tile(mt, mt, False, sq, sq, norms, norms, var, var, None, None, 1.0, 0.1,
-                                             -0.1, 0.0, 0.1, 0, t, best, idx, best.clone(), idx.clone(), block_i=bi,
-                                             block_j=bj, block_d=bd)
+        def run():  # the float64 dot where this Triton compiles it, as the backend launches it
+            return triton_backend.with_f64_dot(lambda f64_dot: pairwise.reduce_pair_tile(
+                mt, mt, False, sq, sq, norms, norms, var, var, None, None, 1.0, 0.1, -0.1, 0.0, 0.1, 0, t, best,
+                idx, best.clone(), idx.clone(), block_i=bi, block_j=bj, block_d=bd, f64_dot=f64_dot), device)
 
         run()
         ms = _bench(run)
         rows_out.append(dict(part="pairwise", tile=t, D=d, config=[bi, bj, bd], ms=ms, GFLOPs=flops / (ms * 1e-3) / 1e9,
                              mm_GFLOPs=flops / (mm * 1e-3) / 1e9,
-                             f64_dot=pairwise._F64_DOT.get((device.type, device.index))))
+                             f64_dot=triton_backend.F64_DOT.get((device.type, device.index))))
         print(f"pairwise tile {t}x{t} D={d} blocks {bi}x{bj}x{bd}: {ms:.2f} ms, {rows_out[-1]['GFLOPs']:.0f} GFLOP/s "
               f"(torch.mm float64 {rows_out[-1]['mm_GFLOPs']:.0f})", flush=True)
 

@@ -159,17 +159,14 @@ def _pair_cases(recorder: _Recorder, pairwise, g):
     mt = torch.randn(t, d, dtype=torch.float64, generator=g)
     vec = torch.ones(t, dtype=torch.float64)
     best, idx = torch.full((t,), float("inf"), dtype=torch.float64), torch.zeros(t, dtype=torch.int64)
-    key = ("cpu", None)
     for f64_dot in (True, False):
-        pairwise._F64_DOT[key] = f64_dot
         recorder.label = f"F64_DOT={f64_dot}"
         for diagonal in (False, True):
             for exponent in (1.0, 0.5):  # UNIT_P: the CDNV division alone, or d2^p = exp(p log d2) before it
                 pairwise.reduce_pair_tile(mt, mt, diagonal, vec, vec, vec, vec, vec, vec, None, None, 1.0, 0.1,
                                           -0.1, 0.0, 0.1, 0, 0 if diagonal else t, best, idx, best.clone(),
                                           idx.clone(), cdnv_exponent=exponent, ratio_r=vec.clone(),
-                                          ratio_c=vec.clone())
-    pairwise._F64_DOT.pop(key, None)
+                                          ratio_c=vec.clone(), f64_dot=f64_dot)
 
 
 def _compile_tests(recorder: _Recorder) -> int:

@@ -55,9 +55,7 @@ def _pair_context(c, d, seed):
     (slice(0, 25), slice(25, 40), 64),
     (slice(0, 25), slice(25, 40), 16),
 ])
-def test_reduce_pair_tile_matches_torch(with_sup, rows, cols, block, f64_dot, monkeypatch):
-    where = torch.zeros(1, device=DEVICE).device  # cuda:0, not cuda
-    monkeypatch.setitem(tpairwise._F64_DOT, (where.type, where.index), f64_dot)
+def test_reduce_pair_tile_matches_torch(with_sup, rows, cols, block, f64_dot):
     mt, make_ctx = _pair_context(40, 23, seed=1)
     want_ctx, got_ctx = make_ctx(with_sup), make_ctx(with_sup)
     # a previous tile's running minima, so the in-place merge keeps or replaces them
@@ -75,7 +73,7 @@ def test_reduce_pair_tile_matches_torch(with_sup, rows, cols, block, f64_dot, mo
         dev(mt[rows]), dev(mt[cols]), rows.start == cols.start, dev(k.sq[rows]), dev(k.sq[cols]),
         dev(k.norms[rows]), dev(k.norms[cols]), dev(k.var[rows]), dev(k.var[cols]), sup_r, sup_c, k.g,
         k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, rows.start, cols.start, best[rows], best_idx[rows],
-        best[cols], best_idx[cols], block_i=block, block_j=block, block_d=16)
+        best[cols], best_idx[cols], block_i=block, block_j=block, block_d=16, f64_dot=f64_dot)
     for key in ("resid", "cos_dev", "coh", "dist", "msdr_sum"):
         assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-9, abs=1e-300), key
     assert got.msdr_n == want.msdr_n
@@ -93,27 +91,37 @@ def test_pair_tile_falls_back_when_float64_dot_does_not_compile(monkeypatch):
     the CPU interpreter, is not swallowed."""
     calls = []
 
+    def launch(f64_dot):
+        calls.append(f64_dot)
+        if f64_dot:
+            raise RuntimeError("float64 dot not supported")
+        return "fma"
+
+    monkeypatch.setattr(triton_backend, "F64_DOT", {})
+    gpu = torch.device("cuda", 3)
+    with pytest.warns(RuntimeWarning, match="float64 tl.dot"):
+        assert triton_backend.with_f64_dot(launch, gpu) == "fma"
+    assert calls == [True, False] and triton_backend.F64_DOT == {("cuda", 3): False}
+    assert triton_backend.with_f64_dot(launch, gpu) == "fma"
+    assert calls[-1] is False and len(calls) == 3
+    with pytest.raises(RuntimeError):  # the interpreter: no fallback
+        triton_backend.with_f64_dot(launch, torch.device("cpu"))
+    triton_backend.F64_DOT[("cuda", 4)] = True  # compiled before on that GPU: a later failure is real
+    with pytest.raises(RuntimeError):
+        triton_backend.with_f64_dot(launch, torch.device("cuda", 4))
+    # the kernel module holds no cache: the mode is the argument
+    kernel_calls = []
+
     class Kernel:
         def __getitem__(self, grid):
             def run(*args, F64_DOT, BLOCK_D, **kwargs):
-                calls.append((F64_DOT, BLOCK_D))
-                if F64_DOT:
-                    raise RuntimeError("float64 dot not supported")
+                kernel_calls.append((F64_DOT, BLOCK_D))
             return run
 
     monkeypatch.setattr(tpairwise, "_pair_tile_kernel", Kernel())
-    monkeypatch.setattr(tpairwise, "_F64_DOT", {})
-    gpu = torch.device("cuda", 3)
-    with pytest.warns(RuntimeWarning, match="float64 tl.dot"):
-        tpairwise._launch((1, 1), (), {}, gpu, 32)
-    assert calls == [(True, 32), (False, 8)] and tpairwise._F64_DOT == {("cuda", 3): False}
-    tpairwise._launch((1, 1), (), {}, gpu, 32)
-    assert calls[-1] == (False, 8) and len(calls) == 3
-    with pytest.raises(RuntimeError):  # the interpreter: no fallback
-        tpairwise._launch((1, 1), (), {}, torch.device("cpu"), 32)
-    tpairwise._F64_DOT[("cuda", 4)] = True  # compiled before on that GPU: a later failure is real
-    with pytest.raises(RuntimeError):
-        tpairwise._launch((1, 1), (), {}, torch.device("cuda", 4), 32)
+    tpairwise._launch((1, 1), (), {}, 32, True)
+    tpairwise._launch((1, 1), (), {}, 32, False)
+    assert kernel_calls == [(True, 32), (False, 8)] and not hasattr(tpairwise, "_F64_DOT")
 
 
 @pytest.mark.parametrize("block", [64, 16])

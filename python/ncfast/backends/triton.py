@@ -90,16 +90,48 @@ class TritonBackend:
             sup_r = sup_c = None
             if ctx.sup is not None:
                 sup_r, sup_c = ctx.sup[rows], ctx.sup[cols]
-            # slices of a 1-D tensor are views: the kernel's in-place updates reach ctx.best
-            sums, counts = pairwise.reduce_pair_tile(
-                mt[rows], mt[cols], rows.start == cols.start, ctx.sq[rows], ctx.sq[cols], ctx.norms[rows],
-                ctx.norms[cols], ctx.var[rows], ctx.var[cols], sup_r, sup_c, ctx.g, ctx.etf_diag, ctx.etf_offdiag,
-                ctx.mean_cos, ctx.etf_cos, rows.start, cols.start, ctx.best[rows], ctx.best_idx[rows],
-                ctx.best[cols], ctx.best_idx[cols], cdnv_exponent=ctx.cdnv_exponent, unif_floor=ctx.unif_floor,
-                ratio_r=ctx.ratio_sum[rows], ratio_c=ctx.ratio_sum[cols])
-            return [tile_sums(sums, counts)]
+
+            def launch(f64_dot: bool):
+                # slices of a 1-D tensor are views: the kernel's in-place updates reach ctx.best
+                return pairwise.reduce_pair_tile(
+                    mt[rows], mt[cols], rows.start == cols.start, ctx.sq[rows], ctx.sq[cols], ctx.norms[rows],
+                    ctx.norms[cols], ctx.var[rows], ctx.var[cols], sup_r, sup_c, ctx.g, ctx.etf_diag,
+                    ctx.etf_offdiag, ctx.mean_cos, ctx.etf_cos, rows.start, cols.start, ctx.best[rows],
+                    ctx.best_idx[rows], ctx.best[cols], ctx.best_idx[cols], cdnv_exponent=ctx.cdnv_exponent,
+                    unif_floor=ctx.unif_floor, ratio_r=ctx.ratio_sum[rows], ratio_c=ctx.ratio_sum[cols],
+                    f64_dot=f64_dot)
+
+            return [tile_sums(*with_f64_dot(launch, mt.device))]
 
         return reduce
+
+
+F64_DOT: dict = {}
+"""Per device (type, index), whether the pair tile's float64 tl.dot compiled there (absent: not
+tried yet). Float64 dots arrived in Triton only in 2025-26 (MMA on SM80 / SM90, FMAs elsewhere);
+where the compiler refuses one, the first launch on that GPU falls back for good to the Gram block
+from broadcast products (``triton.pairwise._launch``). The interpreter runs both."""
+
+
+def with_f64_dot(launch, device: torch.device):
+    """``launch(f64_dot)`` with the float64 dot where it compiles: the first launch on a GPU whose
+    Triton refuses it warns once and takes the fallback, as every later launch there does. A failure
+    after a successful compile, or in the interpreter, is raised."""
+    key = (device.type, device.index)
+    if F64_DOT.get(key, True):
+        try:
+            out = launch(True)
+            F64_DOT.setdefault(key, True)
+            return out
+        except Exception as exc:  # noqa: BLE001 - a compiler without float64 dots; anything else re-raises below
+            if device.type != "cuda" or key in F64_DOT:  # only a first, never-compiled launch on a GPU
+                raise
+            import warnings
+
+            warnings.warn(f"ncfast: this Triton does not compile a float64 tl.dot on {device} ({type(exc).__name__}); "
+                          "class_pair_stats tiles use float64 FMAs instead", RuntimeWarning, stacklevel=3)
+            F64_DOT[key] = False
+    return launch(False)
 
 
 def tile_sums(sums: torch.Tensor, counts: torch.Tensor) -> PairSums:

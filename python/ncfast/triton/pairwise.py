@@ -190,31 +190,15 @@ def _fold_minima(vals: torch.Tensor, idx: torch.Tensor, offset: int, best: torch
     best_idx.copy_(torch.where(better, arg, best_idx))
 
 
-# Per device, whether the float64 tl.dot compiled there (absent: not tried yet). Float64 dots
-# arrived in Triton only in 2025-26 (MMA on SM80 / SM90, FMAs elsewhere); where the compiler
-# refuses one, the first launch on that GPU falls back for good to building the tile's Gram block
-# from broadcast products (the same float64 sums in another order). The interpreter runs both;
-# the tests set an entry to False to take the fallback.
-_F64_DOT: dict = {}
-
-
-def _launch(grid, args, kwargs, device: torch.device, block_d: int):
-    key = (device.type, device.index)
-    if _F64_DOT.get(key, True):
-        try:
-            _pair_tile_kernel[grid](*args, **kwargs, F64_DOT=True, BLOCK_D=block_d)
-            _F64_DOT.setdefault(key, True)
-            return
-        except Exception as exc:  # noqa: BLE001 - a compiler without float64 dots; anything else re-raises below
-            if device.type != "cuda" or key in _F64_DOT:  # only a first, never-compiled launch on a GPU
-                raise
-            import warnings
-
-            warnings.warn(f"ncfast: this Triton does not compile a float64 tl.dot on {device} ({type(exc).__name__}); "
-                          "class_pair_stats tiles use float64 FMAs instead", RuntimeWarning, stacklevel=3)
-            _F64_DOT[key] = False
-    # broadcast products: a (BLOCK_I, BLOCK_D, BLOCK_J) temporary, so a short BLOCK_D
-    _pair_tile_kernel[grid](*args, **kwargs, F64_DOT=False, BLOCK_D=min(block_d, 8))
+def _launch(grid, args, kwargs, block_d: int, f64_dot: bool):
+    """The tile kernel with the Gram block from a float64 tl.dot, or (``f64_dot=False``, for a
+    Triton that does not compile one) from broadcast products: the same float64 sums in another
+    order, through a (BLOCK_I, BLOCK_D, BLOCK_J) temporary, so a short BLOCK_D. Which one a device
+    takes is the backend's choice (``backends.triton``)."""
+    if f64_dot:
+        _pair_tile_kernel[grid](*args, **kwargs, F64_DOT=True, BLOCK_D=block_d)
+    else:
+        _pair_tile_kernel[grid](*args, **kwargs, F64_DOT=False, BLOCK_D=min(block_d, 8))
 
 
 def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: bool, sq_r, sq_c, norm_r, norm_c,
@@ -222,7 +206,7 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
                      etf_cos: float, row0: int, col0: int, best_r: torch.Tensor, idx_r: torch.Tensor,
                      best_c: torch.Tensor, idx_c: torch.Tensor, *, cdnv_exponent: float = 1.0,
                      unif_floor: float = 0.0, ratio_r: torch.Tensor | None = None, ratio_c: torch.Tensor | None = None,
-                     block_i: int = 64, block_j: int = 64, block_d: int = 32):
+                     block_i: int = 64, block_j: int = 64, block_d: int = 32, f64_dot: bool = True):
     """Reduce the tile of pairs (rows of mt_rows) x (rows of mt_cols), both (t, D) float64.
 
     Returns the per-program partials (sums (P, 9) float64, in the columns ``COLUMNS`` names: the
@@ -233,7 +217,8 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
     best_c / idx_c for the columns (row0 + i). sup_r / sup_c: super-classes (int64) or None.
     ratio_r / ratio_c (float64, or None to skip): the running per-class sums of the CDNV ratios of
     the rows and of the columns, to which each pair's ratio is added in place (on a diagonal tile
-    the same tensor may be given twice).
+    the same tensor may be given twice). ``f64_dot``: the Gram block from a float64 tl.dot (True) or
+    from broadcast products (``_launch``).
     """
     t1, d = mt_rows.shape
     t2 = mt_cols.shape[0]
@@ -279,7 +264,7 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
         kwargs = dict(DIAGONAL=bool(diagonal), HAS_SUP=has_sup, UNIT_P=float(cdnv_exponent) == 1.0,
                       BLOCK_I=block_i, BLOCK_J=block_j,
                       num_warps=8)  # a 64 x 64 float64 tile and its temporaries: spread over 256 threads
-        _launch(grid, args, kwargs, dev, block_d)
+        _launch(grid, args, kwargs, block_d, f64_dot)
     if t1 and t2:
         if diagonal:
             # Column minima first: their candidates include every lower index of the tile, so an
