@@ -1,6 +1,7 @@
 """Label transforms of paper 000: coarse (merged) and fine (split) classes."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._validation import as_tensor, check_labels
@@ -43,3 +44,21 @@ def random_coarse_labels(labels, num_coarse: int, num_classes=None, *, seed: int
     g = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(c, generator=g).to(y.device)
     return perm[y] % int(num_coarse)
+
+
+def superclass_map(original, training, num_classes: int) -> np.ndarray:
+    """The super-class (training label) of every original class, read off the data: s[c] is the
+    one training label of the samples of original class c, -1 for a class with no sample.
+    ``original`` and ``training`` are the two labels of the same samples; ``num_classes`` the
+    number of original classes. ValueError when a class carries two training labels (fine
+    labels are no coarsening)."""
+    original, training = np.asarray(original), np.asarray(training)
+    s = np.full(num_classes, -1, dtype=np.int64)
+    for c in range(num_classes):
+        labels = np.unique(training[original == c])
+        if labels.size > 1:
+            raise ValueError(f"labels: original class {c} carries {labels.size} training labels "
+                             f"{labels.tolist()}: not a coarse labelling")
+        if labels.size:
+            s[c] = labels[0]
+    return s

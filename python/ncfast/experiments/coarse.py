@@ -59,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..labels import superclass_map
 from ..train.figures import pyplot
 from ..train.models import ARCH_NAMES, resolve_arch
 from ..train.probes import EMBEDDINGS, embed
@@ -109,21 +110,6 @@ QUICK = dict(dataset="digits", arch="mlp", width=64, epochs=8, batch_size=64, lr
 
 
 # ------------------------------------------------------------------------------------ pure functions
-def superclass_map(y_orig, y_train, num_classes: int) -> np.ndarray:
-    """The super-class (training label) of every original class, read off the data: s[c] = the one
-    training label of the samples of class c (-1 for a class with no sample). ValueError when a class
-    carries two training labels (fine labels are no coarsening)."""
-    y_orig, y_train = np.asarray(y_orig), np.asarray(y_train)
-    s = np.full(num_classes, -1, dtype=np.int64)
-    for c in range(num_classes):
-        labels = np.unique(y_train[y_orig == c])
-        if labels.size > 1:
-            raise ValueError(f"class {c} carries {labels.size} training labels: not a coarse labelling")
-        if labels.size:
-            s[c] = labels[0]
-    return s
-
-
 def _ratio(a: float, b: float) -> float:
     return float(a / b) if b > 0 and math.isfinite(a) and math.isfinite(b) else float("nan")
 

@@ -93,6 +93,7 @@ import numpy as np
 import torch
 
 from ..functional import nc_metrics
+from ..labels import superclass_map
 from ..metrics import DEFAULT_RTOL
 from ..train.figures import pyplot
 from ..train.probes import linear_probe
@@ -368,19 +369,6 @@ def downstream_tasks(y_orig: np.ndarray, superclass_of: np.ndarray) -> dict[str,
     return {"fine": y, "within": position[y], "blocks": y // size}
 
 
-def superclass_map(y_train: np.ndarray, y_orig: np.ndarray, num_original: int) -> np.ndarray:
-    """Each original class's training label (-1 for a class with no sample); an error if a class
-    is split over several training labels."""
-    out = np.full(num_original, -1, dtype=np.int64)
-    for c in range(num_original):
-        labels = np.unique(np.asarray(y_train)[np.asarray(y_orig) == c])
-        if labels.size > 1:
-            raise ValueError(f"labels: original class {c} has several training labels {labels.tolist()}")
-        if labels.size:
-            out[c] = labels[0]
-    return out
-
-
 def transfer_correlations(rows: list[dict]) -> dict[str, float]:
     """Oriented Pearson r of each metric with MLOG across the runs of the sweep that fit their
     pretraining task (``fitted``, default True): r > 0 means less collapse goes with better transfer
@@ -472,7 +460,7 @@ def transfer_run(out: Path, scale: float, config: dict, coarse, seed: int, fitte
     last = run.measured[-1]
     feats = {s: tr.features(s, pen) for s in ("train", "test")}
     y_orig = {s: tr.y_orig[s].cpu().numpy() for s in ("train", "test")}
-    sup = superclass_map(tr.y["train"].cpu().numpy(), y_orig["train"], tr.num_original)
+    sup = superclass_map(y_orig["train"], tr.y["train"].cpu().numpy(), tr.num_original)
     tasks = {s: downstream_tasks(y_orig[s], sup) for s in ("train", "test")}
     acc = {t: linear_probe(feats["train"], tasks["train"][t], feats["test"], tasks["test"][t], seed=seed,
                            device=tr.device) for t in tasks["train"]}
