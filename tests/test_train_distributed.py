@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from ncfast.train.trainer import FAULT_ENV, Config, Trainer, finite
+from ncfast.train._faults import FAULT_ENV
+from ncfast.train.trainer import Config, Trainer, finite
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 

@@ -22,10 +22,9 @@ import json
 import math
 import os
 import pickle
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,7 @@ from .._distributed import Ranks, init_distributed, launched_by_torchrun  # noqa
 from .._validation import available_bytes
 from ..losses import svsl_loss
 from ..probe import LayerProbe, channel_pool, flatten, shard_indices
-from . import figures
+from . import _faults, figures
 from .data import augment_batch, batches, load_dataset
 from .models import build_model, footprint, logits_for_loss
 from .probes import clp, linear_probe
@@ -84,7 +83,6 @@ class Config:
     resume: bool = False
     progress: bool = True
     max_dim: int = 1024  # wider layers: D x D metrics on channel-pooled features (eigh of 4096^2 x 3 per split is minutes)
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -171,11 +169,6 @@ def check_fits(cfg: Config, num_classes: int, in_channels: int, input_size, n_tr
                          f"per sample of {cfg.arch} needs {_gib(batch_bytes)} GiB besides the model's "
                          f"{_gib(model_bytes)} GiB, more than the {_gib(free)} GiB free on {torch.device(device)}; "
                          f"lower --batch-size (or --width)")
-
-
-FAULT_ENV = "NCFAST_FAULT"
-"""Fault injection for the restart tests: "rank:epoch:step" makes that rank SIGKILL itself before that
-optimizer step (1-based) of that epoch (1-based), on torchrun's first attempt only."""
 
 
 def finite(obj):
@@ -444,14 +437,7 @@ class Trainer:
 
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self._fault = self._parse_fault()
-
-    def _parse_fault(self):
-        spec = os.environ.get(FAULT_ENV)
-        if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-            return None
-        rank, epoch, step = (int(v) for v in spec.split(":"))
-        return (epoch, step) if rank == self.ranks.rank else None
+        self._fault = _faults.planned(self.ranks.rank)  # None unless a restart test asks (train/_faults.py)
 
     def _svsl_layers(self, modules: dict) -> list[str]:
         """The probed modules whose outputs SVSL covers, shallowest first: from --svsl-from (paper
@@ -550,8 +536,7 @@ class Trainer:
         total, count = 0.0, 0
         try:
             for step, idx in enumerate(batches(n, cfg.batch_size, self.gen, shuffle=True), start=1):
-                if self._fault == (self.epoch + 1, step):
-                    os.kill(os.getpid(), signal.SIGKILL)
+                _faults.before_step(self._fault, self.epoch + 1, step)
                 if idx.shape[0] < ranks.world:  # a global batch too small to give every rank a row
                     continue
                 xb, yb = x[idx], y[idx]
