@@ -31,8 +31,8 @@ import sys
 from .data import DATASETS
 from .models import ARCH_NAMES, INITS, MAX_WIDTH, resolve_arch
 from .probes import EMBEDDINGS
-from .trainer import (LEARNING_RATES, LOSSES, SEED_MAX, WEIGHT_DECAYS, Config, init_distributed, launched_by_torchrun,
-                      train)
+from .trainer import (LEARNING_RATES, LOSSES, WEIGHT_DECAYS, Config, check_config, init_distributed,
+                      launched_by_torchrun, train)
 
 
 def _coarse(text: str):
@@ -135,18 +135,6 @@ def parse_args(argv=None) -> Config:
         p.error("--metrics-every must be >= 1")
     if not (math.isfinite(a.logit_scale) and a.logit_scale > 0):
         p.error("--logit-scale must be a finite number > 0")
-    if not (math.isfinite(a.init_scale) and a.init_scale > 0):
-        p.error("--init-scale must be a finite number > 0")
-    if not (math.isfinite(a.lr) and a.lr > 0):
-        p.error("--lr must be a finite number > 0")
-    if not (math.isfinite(a.momentum) and 0 <= a.momentum < 1):
-        p.error("--momentum must be a finite number in [0, 1)")
-    if not (math.isfinite(a.weight_decay) and a.weight_decay >= 0):
-        p.error("--weight-decay must be a finite number >= 0")
-    if not 0 < a.it_threshold <= 1:
-        p.error("--it-threshold must be a train accuracy in (0, 1]")
-    if not 0 <= a.seed <= SEED_MAX:
-        p.error(f"--seed must be in [0, {SEED_MAX}] (2^32 - 1)")
     if not (math.isfinite(a.svsl_alpha) and a.svsl_alpha >= 0):
         p.error("--svsl-alpha must be a finite number >= 0")
     if a.width is not None and not 1 <= a.width <= MAX_WIDTH:
@@ -166,7 +154,7 @@ def parse_args(argv=None) -> Config:
         p.error("--train-subset must be >= 1")
     if a.max_dim < 1:
         p.error("--max-dim must be >= 1")
-    return Config(arch=a.arch, dataset=a.dataset, data=a.data, download=a.download, coarse=a.coarse, fine=a.fine,
+    cfg = Config(arch=a.arch, dataset=a.dataset, data=a.data, download=a.download, coarse=a.coarse, fine=a.fine,
                   random_coarse=a.random_coarse, epochs=a.epochs, batch_size=a.batch_size, augment=not a.no_augment,
                   train_subset=a.train_subset, lr=a.lr,
                   momentum=a.momentum, weight_decay=a.weight_decay, schedule=a.schedule,
@@ -177,6 +165,11 @@ def parse_args(argv=None) -> Config:
                   depth=a.depth, init=a.init, loss=a.loss, distance_epochs=a.distance_epochs,
                   max_dim=a.max_dim,
                   seed=a.seed, device=a.device, out=a.out, resume=a.resume, progress=not a.no_progress)
+    try:  # --lr, --momentum, --weight-decay, --it-threshold, --init-scale, --seed: the trainer's own checks
+        check_config(cfg)
+    except ValueError as e:
+        p.error(str(e))
+    return cfg
 
 
 def main(argv=None) -> int:
