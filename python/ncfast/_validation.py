@@ -101,18 +101,21 @@ def available_bytes(device) -> int | None:
     return None
 
 
-def check_state_fits(num_classes: int, dim: int, device, vectors: int = 2) -> None:
+def check_state_fits(num_classes: int, dim: int, device, vectors: int = 2, *, what: str = "num_classes",
+                     source: str = " (the given num_classes, or the largest label + 1)",
+                     remedy: str = "pass the true num_classes") -> None:
     """Refuse, before anything is allocated by it, a number of classes (given, or the largest label
     + 1) whose per-class statistics (``vectors`` float64 vectors of ``dim`` per class: the means and
     the unit-vector sums) alone exceed the memory free on ``device``: a single stray label of 2^40
-    would otherwise end in an allocator's traceback, or take the machine's memory first."""
+    would otherwise end in an allocator's traceback, or take the machine's memory first. ``what``
+    leads the message (the argument, flag or file that set the count), ``source`` says where the
+    count came from and ``remedy`` what to pass instead."""
     need = int(num_classes) * int(dim) * 8 * vectors
     free = available_bytes(device)
     if free is not None and need > free:
-        raise ValueError(f"num_classes: {num_classes} classes (the given num_classes, or the largest label + 1) "
-                         f"x {dim} features need {need / 2**30:.1f} GiB for their statistics, more than the "
-                         f"{free / 2**30:.1f} GiB free on {torch.device(device)}; pass the true num_classes, or "
-                         f"relabel the classes 0..C-1")
+        raise ValueError(f"{what}: {num_classes} classes{source} x {dim} features need {need / 2**30:.1f} GiB for "
+                         f"their statistics, more than the {free / 2**30:.1f} GiB free on {torch.device(device)}; "
+                         f"{remedy}, or relabel the classes 0..C-1")
 
 
 def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:

@@ -499,12 +499,7 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
 
 def _fits(num_classes: int, d: int, device, what: str) -> None:
     """check_state_fits, its message led by the flag or the file that set the class count."""
-    try:
-        check_state_fits(num_classes, d, device)
-    except ValueError as e:
-        need = str(e).split(" need ", 1)[1].split(";")[0]
-        raise ValueError(f"{what}: {num_classes} classes x {d} features need {need}; pass --num-classes with the "
-                         f"true C, or relabel the classes 0..C-1") from None
+    check_state_fits(num_classes, d, device, what=what, source="", remedy="pass --num-classes with the true C")
 
 
 class OtherRankFailed(Exception):
