@@ -40,20 +40,25 @@ def times_power_of_two(t, k: int):
     return t * 2.0 ** (k // 2) * 2.0 ** (k - k // 2)
 
 
-def row_norms(t: torch.Tensor) -> torch.Tensor:
-    """The float64 Euclidean norm of every row of ``t``, at any finite magnitude: the rows are
-    scaled by 2^-k before their squares are summed (torch's norm squares as they are: logits
-    near 2^600 gave inf, near 2^-1022 gave 0) and the norms by 2^k after."""
+def _scaled_row_norms(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(||t_i|| 2^-k for every row, k): the rows scaled by 2^-k (k of the largest element) before
+    their squares are summed. torch's norm squares as they are: logits near 2^600 gave inf, near
+    2^-1022 gave 0."""
     t = t.to(torch.float64)
     k = exponent_of(t)
-    return times_power_of_two(torch.linalg.vector_norm(times_power_of_two(t, -k), dim=1), k)
+    return torch.linalg.vector_norm(times_power_of_two(t, -k), dim=1), k
+
+
+def row_norms(t: torch.Tensor) -> torch.Tensor:
+    """The float64 Euclidean norm of every row of ``t``, at any finite magnitude."""
+    norms, k = _scaled_row_norms(t)
+    return times_power_of_two(norms, k)
 
 
 def mean_row_norm(t: torch.Tensor) -> float:
-    """mean_i ||t_i||, as ``row_norms``."""
-    t = t.to(torch.float64)
-    k = exponent_of(t)
-    return times_power_of_two(float(torch.linalg.vector_norm(times_power_of_two(t, -k), dim=1).mean()), k)
+    """mean_i ||t_i||, at any finite magnitude (the mean taken before the scale goes back)."""
+    norms, k = _scaled_row_norms(t)
+    return times_power_of_two(float(norms.mean()), k)
 
 
 # ----------------------------------------------------------------------------------- Chan merge
