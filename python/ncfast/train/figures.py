@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from ._files import atomic_write
 
 CURVES = ("nc1", "nc2_etf", "cdnv", "vci", "rank", "ncc_mismatch", "ncc_accuracy", "msdr")
 
@@ -21,22 +22,13 @@ def pyplot():
 
 
 def save(fig, path) -> None:
-    """Write a figure to path (its format from the suffix, png without one) and close it. The figure
-    goes to path + ".tmp" first and is renamed over path, so a failed write leaves the old file; the
-    failure (a full disk, ENOSPC; no permission; any OSError) is a ValueError naming the path and the
-    cause: "<path>: could not write the figure: No space left on device"."""
+    """Write a figure to path (its format from the suffix, png without one) and close it, whole or not
+    at all (``_files.atomic_write``): a failed write leaves the old file and is a ValueError naming the
+    path and the cause: "<path>: could not write the figure: No space left on device"."""
     plt = pyplot()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png")
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise ValueError(f"{path}: could not write the figure: {e.strerror or e}") from None
+        atomic_write(path, "figure", lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png"))
     finally:
         plt.close(fig)
 

@@ -37,6 +37,7 @@ from .._validation import available_bytes
 from ..losses import svsl_loss
 from ..probe import LayerProbe, channel_pool, flatten, shard_indices
 from . import _faults, figures
+from ._files import atomic_write
 from .data import augment_batch, batches, load_dataset
 from .models import build_model, footprint, logits_for_loss
 from .probes import clp, linear_probe
@@ -239,29 +240,13 @@ def _digest(obj) -> str:
 
 
 def _atomic_write(path: Path, what: str, write) -> None:
-    """``write(f)`` into path + ".tmp" (a binary file), then renamed over path: a reader sees the old
-    file or the new one, never part of one. A failed write (a full disk, ENOSPC; no permission; any
-    OSError) removes the temp file, leaves the old file as it was and raises a ValueError naming the
-    path, what it holds and the cause: "<path>: could not write the checkpoint: No space left on
-    device"."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    """``write(f)`` into a binary file that replaces path whole or not at all (``_files.atomic_write``)."""
+
+    def to_file(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove(tmp)
-        raise ValueError(f"{path}: could not write the {what}: {e.strerror or e}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
 
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
+    atomic_write(path, what, to_file)
 
 
 def _atomic_save(obj, path: Path, what: str = "checkpoint") -> None:
