@@ -49,7 +49,7 @@ LAYERS = {  # module -> the ncfast modules it may import, besides the leaves
                       "train.models", "train.probes"},
     "train.__main__": {"train.data", "train.models", "train.probes", "train.trainer"},
     "experiments": set(),
-    "experiments._common": {"train.data", "train.trainer"},
+    "experiments._common": {"train.data", "train.trainer", "train.figures", "train._files"},
     **{f"experiments.{name}": _DRIVER for name in ("coarse", "gmm", "ncc_layers", "rank_collapse", "vci")},
 }
 

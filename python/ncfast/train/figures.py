@@ -21,14 +21,14 @@ def pyplot():
     return plt
 
 
-def save(fig, path) -> None:
-    """Write a figure to path (its format from the suffix, png without one) and close it, whole or not
+def save(fig, path, dpi: int = 120) -> None:
+    """Write a figure to path (its format from the suffix, png without one, at ``dpi``) and close it, whole or not
     at all (``_files.atomic_write``): a failed write leaves the old file and is a ValueError naming the
     path and the cause: "<path>: could not write the figure: No space left on device"."""
     plt = pyplot()
     path = Path(path)
     try:
-        atomic_write(path, "figure", lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png"))
+        atomic_write(path, "figure", lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix[1:] or "png"))
     finally:
         plt.close(fig)
 
