@@ -72,7 +72,9 @@ def test_quick_writes_every_file_and_valid_pngs(quick):
 def test_report_verdicts_follow_from_the_json(quick):
     out, res = quick
     rows = _report_rows((out / "report.md").read_text())
-    assert [(r[0], r[2], r[3]) for r in rows] == [(c["claim"], c["ours"], c["verdict"]) for c in res["claims"]]
+    listed = res["report"]["claims"]
+    assert [(r[0], r[2], r[3]) for r in rows] == [(c["claim"], c["ours"], c["verdict"]) for c in listed]
+    assert not any(k.startswith("_") for k in res)  # the trained run the figures drew on stays out
     t, c, o = res["thresholds"], res["coarse"], res["original"]
     last = c["lines"][-1]
     clp, lpo, ot, chance = c["clp_accuracy"], c["linear_probe_accuracy"], o["best_test_accuracy"], c["clp_chance"]
@@ -180,17 +182,12 @@ def test_fine_ratios_from_the_saved_matrices(quick):
 @pytest.mark.parametrize("argv, flag", [
     (["--quick", "--coarse", "1"], "--coarse"),
     (["--quick", "--coarse", "10"], "--coarse"),
-    (["--quick", "--coarse", "two"], "--coarse"),
     (["--quick", "--coarse", "official"], "--coarse official"),
     (["--quick", "--coarse", "5", "--random-coarse", "5"], "--random-coarse"),
     (["--quick", "--random-coarse", "1"], "--random-coarse"),
+    (["--quick", "--random-coarse", "10"], "--random-coarse"),
     (["--quick", "--distance-epochs", "1,99"], "--distance-epochs"),
-    (["--quick", "--distance-epochs", "a"], "--distance-epochs"),
-    (["--quick", "--epochs", "0"], "--epochs"),
-    (["--quick", "--grid-epochs", "0"], "--grid-epochs"),
-    (["--quick", "--lr", "0"], "--lr"),
-    (["--quick", "--weight-decay", "-1"], "--weight-decay"),
-    (["--quick", "--width", "0"], "--width"),
+    (["--quick", "--distance-epochs=-1,3"], "--distance-epochs"),
     (["--quick", "--preset", "cifar10"], "--quick"),
     (["--preset", "cifar10"], "--data"),
     (["--quick", "--arch", "vgg11", "--depth", "12"], "depth"),
@@ -200,12 +197,24 @@ def test_bad_arguments_name_the_flag(argv, flag, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and flag in err
     assert not (tmp_path / "x" / "results.json").exists()
+    assert not (tmp_path / "x" / "coarse").exists()  # refused before any training started
 
 
-def test_unknown_arch_is_an_argparse_error(capsys):
+@pytest.mark.parametrize("argv, flag", [
+    (["--arch", "vgg12"], "--arch"),
+    (["--coarse", "two"], "--coarse"),
+    (["--distance-epochs", "a"], "--distance-epochs"),
+    (["--epochs", "0"], "--epochs"),
+    (["--grid-epochs", "0"], "--grid-epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--width", "0"], "--width"),
+    (["--random-coarse", "x"], "--random-coarse"),
+])
+def test_malformed_flags_are_argparse_errors(argv, flag, capsys):
     with pytest.raises(SystemExit):
-        main(["--quick", "--arch", "vgg12"])
-    assert "--arch" in capsys.readouterr().err
+        main(["--quick", *argv])
+    assert flag in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ pure functions
@@ -289,19 +298,27 @@ def _results(**over):
     return {"config": {"arch": "resnet18"}, "coarse": c, "original": {"best_test_accuracy": 0.96}, "grid_epochs": 3}
 
 
+def _holds(results):
+    return [c.holds for c in claims(results)]
+
+
 def test_claims_verdicts_on_hand_made_results():
-    got = [h for *_, h in claims(_results())]
-    assert got == [True, True, True, True, True, True, False]  # OT 96% vs CLP 90%: 6 points apart
-    got = [h for *_, h in claims(_results(clp_accuracy=0.74, nc1_last=0.21, shows_up={"central": 2, "same": 2}))]
+    assert _holds(_results()) == [True, True, True, True, True, True, False]  # OT 96% vs CLP 90%: 6 points apart
+    got = _holds(_results(clp_accuracy=0.74, nc1_last=0.21, shows_up={"central": 2, "same": 2}))
     assert got == [False, True, False, True, False, False, False]
-    # missing numbers are "not measured", never a verdict
-    got = [h for *_, h in claims(_results(clp_accuracy=None, nc1_first=None))]
-    assert got[0] is None and got[4] is None and got[5] is None and got[6] is None
+    # missing numbers are "not measured", never a verdict, and print as n/a
+    got = claims(_results(clp_accuracy=None, nc1_first=None))
+    assert [c.holds for c in got][:7] == [None, True, True, True, None, None, None]
+    assert got[0].ours == "train acc 100.0%; NC1 n/a -> 0.1" and got[4].verdict == "not measured"
+    assert got[4].ours == "CLP n/a (chance 50.0%, bar 75.0%)"
+    # a line that never shows up
+    never = claims(_results(shows_up={"central": 1, "same": None}))[2]
+    assert never.ours == "central from epoch 1, same-super from epoch n/a" and never.holds is True
     # exactly at a threshold: holds
     got = claims(_results(clp_accuracy=0.75, linear_probe_accuracy=0.75))
-    assert got[4][3] is True and got[5][3] is True
+    assert got[4].holds is True and got[5].holds is True
     # VGG: the paper column says the paper did not see it there
-    assert "VGG" in claims({**_results(), "config": {"arch": "vgg16"}})[2][1]
+    assert "VGG" in claims({**_results(), "config": {"arch": "vgg16"}})[2].paper
 
 
 def test_claims_fine_and_grid():
@@ -312,11 +329,11 @@ def test_claims_fine_and_grid():
                     "train_accuracy": 0.5 if (lr, wd) == (0.1, 5e-3) else 1.0}
                    for lr in LEARNING_RATES for wd in WEIGHT_DECAYS]
     rows = claims(res)
-    assert [h for *_, h in rows[7:]] == [True, True, True, True, True]
-    assert "6 of 9" in rows[10][2] and "8 of 8" in rows[11][2]
+    assert [c.holds for c in rows[7:]] == [True, True, True, True, True]
+    assert "6 of 9" in rows[10].ours and "8 of 8" in rows[11].ours
     res["grid"][4]["train_accuracy"] = 0.9  # (0.01, 5e-4) short of interpolation
     res["fine"]["twins"][-1]["twin"] = 0.6
-    assert [h for *_, h in claims(res)[7:]] == [True, False, True, True, False]
+    assert _holds(res)[7:] == [True, False, True, True, False]
 
 
 def test_tables():
@@ -327,12 +344,13 @@ def test_tables():
              "train_accuracy": 1.0}]
     lines = grid_table(grid).splitlines()
     assert lines[0] == "| lr \\ wd | 0.005 | 0.0005 |"
-    assert lines[2] == "| 0.1 | 50.0% / 60.0% / 70.0% | - |"
-    assert lines[3] == "| 0.01 | - | n/a / 60.0% / 100.0% |"
+    assert lines[2] == "| 0.1 | 50.0% / 60.0% / 70.0% | n/a |"  # a cell not trained
+    assert lines[3] == "| 0.01 | n/a | n/a / 60.0% / 100.0% |"
 
 
 def test_class_names():
-    assert len(coarse.CIFAR100) == 100 and coarse.CIFAR100 == sorted(set(coarse.CIFAR100))  # the meta file: alphabetical
+    # the meta file's order: alphabetical
+    assert len(coarse.CIFAR100) == 100 and coarse.CIFAR100 == sorted(set(coarse.CIFAR100))
     assert coarse.CIFAR100[:3] == ["apple", "aquarium_fish", "baby"] and coarse.CIFAR100[-1] == "worm"
     assert all(len(v) == 10 for k, v in coarse.CLASS_NAMES.items() if k != "cifar100")
 
@@ -340,15 +358,29 @@ def test_class_names():
 def test_paper_presets_settings():
     """The GPU presets cannot run here: their settings are the paper's (ResNet-18, 350 epochs, config #1,
     heatmaps at epochs 20 / 120 / 240 / 350; CIFAR-100 coarse 20, or its official super-classes)."""
-    parse = coarse._arg_parser().parse_args
-    s = coarse.settings(parse(["--preset", "cifar10"]))
+    s = _settings("--preset", "cifar10")
     assert (s["arch"], s["epochs"], s["lr"], s["weight_decay"], s["coarse"]) == ("resnet18", 350, 0.01, 5e-4, 5)
-    assert s["distance_epochs"] == [20, 120, 240, 350] and s["num_classes"] == 10
-    s = coarse.settings(parse(["--preset", "cifar100", "--coarse", "official", "--arch", "vgg19",
-                               "--weight-decay", "5e-5"]))
-    assert (s["coarse"], s["num_classes"], s["arch"], s["weight_decay"]) == ("official", 100, "vgg19", 5e-5)
-    s = coarse.settings(parse(["--preset", "cifar100", "--random-coarse", "20", "--epochs", "30"]))
+    assert s["distance_epochs"] == [20, 120, 240, 350] and s["random_coarse"] is None
+    s = _settings("--preset", "cifar100", "--coarse", "official", "--arch", "vgg19", "--weight-decay", "5e-5")
+    assert (s["coarse"], s["arch"], s["weight_decay"]) == ("official", "vgg19", 5e-5)
+    s = _settings("--preset", "cifar100", "--random-coarse", "20", "--epochs", "30")
     assert (s["coarse"], s["random_coarse"], s["distance_epochs"]) == (None, 20, [20, 30])
+    s = _settings("--preset", "cifar100", "--coarse", "50", "--distance-epochs", "0,5,350")
+    assert (s["coarse"], s["distance_epochs"]) == (50, [0, 5, 350])
+
+
+def _settings(*argv):
+    """The settings a run starts from: the preset, --quick, the flags, then what hangs on which were given."""
+    args = coarse.DRIVER.parser().parse_args(list(argv))
+    return coarse.resolve(coarse.DRIVER.settings(args), args)
+
+
+def test_quick_settings_and_flags():
+    s = _settings("--quick")
+    assert {k: s[k] for k in coarse.QUICK} == {**coarse.QUICK, "distance_epochs": [1, 3, 8]}
+    assert (s["depth"], s["random_coarse"]) == (None, None)
+    s = _settings("--quick", "--epochs", "3", "--lr", "0.1", "--grid-epochs", "1")
+    assert (s["epochs"], s["lr"], s["grid_epochs"], s["distance_epochs"]) == (3, 0.1, 1, [1, 3])
 
 
 def test_fashion_preset_is_cpu_sized_and_reaches_the_trainer(tmp_path):
@@ -356,11 +388,10 @@ def test_fashion_preset_is_cpu_sized_and_reaches_the_trainer(tmp_path):
     augmentation: both fields reach the trainer's Config of every run."""
     from ncfast.train.trainer import Config
 
-    a = coarse._arg_parser().parse_args(["--preset", "fashion-mnist", "--out", str(tmp_path)])
-    s = coarse.settings(a)
+    s = _settings("--preset", "fashion-mnist")
     assert (s["arch"], s["width"], s["epochs"], s["distance_epochs"]) == ("resnet18", 8, 20, [1, 5, 10, 20])
-    cfg = coarse._config(s, a, coarse=s["coarse"])
+    cfg = coarse._fields(s, coarse=s["coarse"])
     assert cfg["train_subset"] == 5000 and cfg["augment"] is False
-    Config(out=str(tmp_path), **{k: v for k, v in cfg.items() if k != "out"})
-    digits = coarse._config(coarse.settings(coarse._arg_parser().parse_args([])), a)
+    Config(out=str(tmp_path), **cfg)
+    digits = coarse._fields(_settings())
     assert "train_subset" not in digits and "augment" not in digits  # the trainer's defaults

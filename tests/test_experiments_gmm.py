@@ -51,20 +51,20 @@ def test_claims_on_hand_made_results():
                    {32: {0.5: 1.6, 2.0: 2.5, 8.0: 10.0}, 128: rising},  # hidden: larger is smaller at 2 of 3
                    {0.0: rising, 5e-3: {0.5: 3.0, 2.0: 6.0, 8.0: 18.0}},
                    {0.01: (1.0, 6.0), 1.0: (2.0, 6.0), 4.0: (5.0, 6.0)})
-    got = {c["claim"]: c for c in gmm.claims(res)}
+    got = {c.claim: c for c in gmm.claims(res)}
     by = lambda word: next(c for k, c in got.items() if word in k)
-    assert by("rises with sigma^2")["holds"] is True
-    assert by("input dimension")["holds"] is True and "rho > 0 at 3 of 3" in by("input dimension")["ours"]
-    assert by("hidden dimension")["holds"] is False and "rho > 0 at 1 of 3" in by("hidden dimension")["ours"]
-    assert by("weight decay")["holds"] is False and "largest 0.67" in by("weight decay")["ours"]
-    assert by("similar")["holds"] is True
+    assert by("rises with sigma^2").holds is True
+    assert by("input dimension").holds is True and "rho > 0 at 3 of 3" in by("input dimension").ours
+    assert by("hidden dimension").holds is False and "rho > 0 at 1 of 3" in by("hidden dimension").ours
+    assert by("weight decay").holds is False and "largest 0.67" in by("weight decay").ours
+    assert by("similar").holds is True and by("similar").verdict == "holds"
     flipped = _results({8: rising}, {32: rising}, {0.0: rising, 5e-4: {0.5: 1.55, 2.0: 3.1, 8.0: 9.2}},
                        {0.01: (6.5, 6.0), 1.0: (7.0, 6.0)})
-    got = {c["claim"]: c for c in gmm.claims(flipped)}
-    assert next(c for k, c in got.items() if "weight decay" in k)["holds"] is True  # spread 0.03 <= 0.2
-    assert next(c for k, c in got.items() if "similar" in k)["holds"] is False
+    got = {c.claim: c for c in gmm.claims(flipped)}
+    assert next(c for k, c in got.items() if "weight decay" in k).holds is True  # spread 0.03 <= 0.2
+    assert next(c for k, c in got.items() if "similar" in k).holds is False
     falling = _results({8: {0.5: 3.0, 2.0: 2.0, 8.0: 1.0}}, {}, {}, {})
-    assert next(c for c in gmm.claims(falling) if "sigma^2 (" in c["claim"])["holds"] is False
+    assert next(c for c in gmm.claims(falling) if "sigma^2 (" in c.claim).holds is False
 
 
 def test_quick_writes_report_whose_verdicts_match_the_json(tmp_path):
@@ -74,12 +74,16 @@ def test_quick_writes_report_whose_verdicts_match_the_json(tmp_path):
     assert (tmp_path / "msdr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["sweeps"]["dim"]) == 4 and len(results["tau2"]) == 2
+    assert results["seeds"] == 1 and results["defaults"] == dict(gmm.DEFAULTS, steps=100, n_per_cluster=200)
     report = (tmp_path / "report.md").read_text()
     assert "python -m ncfast.experiments.gmm --quick" in report
-    assert results["claims"] == gmm.claims({k: results[k] for k in ("sweeps", "tau2")})
-    for c in results["claims"]:
-        word = "holds" if c["holds"] else "does not hold"
-        assert f"| {c['claim']} | {c['paper']} | {c['ours']} | {word} |" in report
+    claims = results["report"]["claims"]
+    assert claims == [c.as_dict() for c in gmm.claims({k: results[k] for k in ("sweeps", "tau2")})]
+    assert len(claims) == 3 and all(c["verdict"] in ("holds", "does not hold") for c in claims)
+    for c in claims:
+        assert f"| {c['claim']} | {c['paper']} | {c['ours']} | {c['verdict']} |" in report
+    assert f"## Tables\n\n{table}" in report  # table.md is the report's tables
+    assert "holds when the smallest rho is >= 0.8." in report  # the verdict rules, each bullet whole
     # the table's MSDR is the mean over seeds of what run_one measures (1 seed here)
     row = next(r for r in results["sweeps"]["dim"] if r["dim"] == 8 and r["sigma2"] == 8.0)
     again = gmm.run_one(8.0, 0, **dict(results["defaults"], dim=8))
@@ -87,12 +91,27 @@ def test_quick_writes_report_whose_verdicts_match_the_json(tmp_path):
     assert (row["train_acc"] == 1.0) == (again["train_acc"] == 1.0)
 
 
-def test_bad_arguments_exit_with_the_flag_named(capsys):
-    for argv, flag in ((["--seeds", "0"], "--seeds"), (["--momentum", "1.5"], "--momentum"),
-                       (["--lr", "0"], "--lr")):
+def test_bad_arguments_exit_with_the_flag_named(tmp_path, capsys):
+    for argv, flag in ((["--seeds", "0"], "--seeds"), (["--lr", "0"], "--lr"), (["--dim", "-1"], "--dim"),
+                       (["--weight-decay", "-1"], "--weight-decay")):
         with pytest.raises(SystemExit):
             gmm.main(argv)
         assert flag in capsys.readouterr().err
+    assert gmm.main(["--momentum", "1.5", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: --momentum")
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_flags_override_the_preset_and_quick():
+    """The study's knobs are the gmm preset's settings: the defaults, 3 seeds and the paper's sweeps;
+    --quick shrinks the study, and every flag given overrides both."""
+    settings = lambda *argv: gmm.DRIVER.settings(gmm.DRIVER.parser().parse_args(list(argv)))
+    s = settings()
+    assert {k: s[k] for k in gmm.DEFAULTS} == gmm.DEFAULTS and s["seeds"] == 3
+    assert (s["sigma2"], s["sweeps"], s["tau2"]) == (gmm.SIGMA2, gmm.SWEEPS, gmm.TAU2)
+    s = settings("--quick", "--hidden", "64", "--steps", "7")
+    assert (s["hidden"], s["steps"], s["n_per_cluster"], s["seeds"], s["sweeps"]) == (64, 7, 200, 1, {"dim": (8, 32)})
+    assert settings("--seeds", "10", "--momentum", "0.5")["seeds"] == 10
 
 
 def _lone_network(sigma2, seed, *, dim, hidden, weight_decay, lr, steps, n_per_cluster, momentum):
