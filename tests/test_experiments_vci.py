@@ -1,6 +1,7 @@
 """The paper-004 driver (python -m ncfast.experiments.vci): its pure functions on hand-made inputs,
 and one --quick run end to end whose numbers are checked against ncfast.reference and against
 what report.md says."""
+import argparse
 import json
 import math
 import re
@@ -9,9 +10,8 @@ import numpy as np
 import pytest
 
 from ncfast import reference
-from ncfast.experiments import vci
+from ncfast.experiments import _common, vci
 from ncfast.labels import superclass_map
-from ncfast.experiments._common import Report
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
@@ -165,7 +165,7 @@ def test_pearson_and_spearman():
     from scipy.stats import spearmanr
 
     y[3] = y[5]  # a tie
-    assert vci.spearman(x, y)[0] == pytest.approx(spearmanr(x, y)[0], rel=1e-12)
+    assert _common.spearman(x, y)[0] == pytest.approx(spearmanr(x, y)[0], rel=1e-12)
     assert math.isnan(vci.pearson([1, 2, 3], [4, 4, 4]))
     assert math.isnan(vci.pearson([1, 2], [3, 4]))
     assert vci.pearson([1, 2, 3, float("nan")], [1, 2, 3, 7]) == pytest.approx(1.0)
@@ -235,10 +235,11 @@ def _claims_for(corr):
     span = {s: {"inside": dict(trend), "outside": {**flat, "first": 0.1, "last": 0.3}, "share_inside": dict(trend)}
             for s in ("train", "test")}
     change = {t: {k: (1e-15 if vci.EXPECTED[k][t] else 0.5) for k in vci.METRICS} for t in vci.TRANSFORMS}
-    inv = {"change": change, "original": {**{k: 1.0 for k in vci.METRICS}, "degenerate": []}}
-    report = Report("t", "cmd", "digits")
-    vci.add_claims(report, trends, span, inv, vci.invariance_verdicts(change), corr, vci.paper_correlations())
-    return {c.claim: c.holds for c in report.claims}
+    inv = {"change": change, "original": {**{k: 1.0 for k in vci.METRICS}, "degenerate": []},
+           "verdicts": vci.invariance_verdicts(change)}
+    results = {"training": {"trends": trends, "span_trends": span}, "invariance": inv,
+               "transfer": {"correlations": corr, "paper_correlations": vci.paper_correlations()}}
+    return {c.claim: c.holds for c in vci.claims(results)}
 
 
 def test_claim_verdicts_follow_the_numbers():
@@ -255,25 +256,40 @@ def test_claim_verdicts_follow_the_numbers():
     assert claims["VCI correlates with transfer more than the other metrics"] is None
 
 
-def test_table_and_fmt():
-    assert vci.table(["a", "b"], [[1, "x"]]) == "| a | b |\n| --- | --- |\n| 1 | x |"
-    assert vci.fmt(float("nan")) == "n/a" and vci.fmt(None) == "n/a"
-    assert vci.fmt(3e-15) == "3.0e-15" and vci.fmt(0.12345) == "0.123"
-    assert vci.fmt_r(0.99956) == "1.000" and vci.fmt_r(float("nan")) == "n/a"
+def test_number_format():
+    """_num: .3g (or the digits given), .1e for values >= 1e4 or below 1e-3 in size, n/a when missing."""
+    assert vci._num(float("nan")) == _common.MISSING == "n/a" and vci._num(None) == "n/a"
+    assert vci._num(3e-15) == "3.0e-15" and vci._num(0.12345) == "0.123" and vci._num(0.12345, 2) == "0.12"
+    assert vci._num(12345.0) == "1.2e+04" and vci._num(0.0) == "0" and vci._num(7) == "7"
+    assert _common.number(0.99956, ".3f") == "1.000" and _common.number(float("nan"), ".3f") == "n/a"
+
+
+def test_logit_scales_flag():
+    assert vci._scales("3,1,0.3") == (3.0, 1.0, 0.3)  # kept in the order given
+    for bad in ("1,2", "1,x,3", "1,-2,3", "1,1,3", "1,inf,3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            vci._scales(bad)
 
 
 # ------------------------------------------------------------------------------ command line
 @pytest.mark.parametrize("args, name", [
-    (["--epochs", "0"], "--epochs"),
-    (["--logit-scales", "1,2"], "--logit-scales"),
-    (["--logit-scales", "1,x,3"], "--logit-scales"),
-    (["--logit-scales", "1,-2,3"], "--logit-scales"),
-    (["--transfer-epochs", "-1"], "--transfer-epochs"),
-    (["--transfer-seeds", "0"], "--transfer-seeds"),
+    (["--quick", "--epochs", "0"], "--epochs"),
+    (["--quick", "--metrics-every", "0"], "--metrics-every"),
+    (["--quick", "--width", "0"], "--width"),
+    (["--quick", "--logit-scales", "1,2"], "--logit-scales"),
+    (["--quick", "--logit-scales", "1,x,3"], "--logit-scales"),
+    (["--quick", "--logit-scales", "1,-2,3"], "--logit-scales"),
+    (["--quick", "--transfer-epochs", "-1"], "--transfer-epochs"),
+    (["--quick", "--transfer-seeds", "0"], "--transfer-seeds"),
     (["--preset", "cifar10"], "--data"),
+    (["--quick", "--preset", "cifar10"], "--quick"),
 ])
 def test_bad_arguments_are_named(tmp_path, capsys, args, name):
-    assert vci.main(["--quick", "--out", str(tmp_path / "o"), *args]) == 2
+    try:  # argparse refuses a bad flag value with SystemExit(2), the driver a bad setting with status 2
+        status = vci.main(["--out", str(tmp_path / "o"), *args])
+    except SystemExit as e:
+        status = e.code
+    assert status == 2
     assert name in capsys.readouterr().err
     assert not (tmp_path / "o" / "train").exists()  # nothing trained
 
@@ -349,7 +365,7 @@ def test_quick_report_agrees_with_results(quick):
     key = next(k for k in by if k.startswith("Tr(P_B Σ_W) shrinks"))
     assert by[key] == word(st["inside"]["rho"] < 0 and st["outside"]["rho"] > 0)
     share = [v for e, v in zip(span["epoch"], span["share_inside"]) if e >= 1]
-    assert st["share_inside"]["rho"] == pytest.approx(vci.spearman(range(len(share)), share)[0])
+    assert st["share_inside"]["rho"] == pytest.approx(_common.spearman(range(len(share)), share)[0])
     key = next(k for k in by if k.startswith("the share"))
     assert by[key] == word(st["share_inside"]["rho"] < 0)
     # the trend itself from the curve (no degenerate values at these sizes)
@@ -357,7 +373,7 @@ def test_quick_report_agrees_with_results(quick):
     assert not any(curve["degenerate"]["vci"])
     vals = curve["vci"][1:]
     assert t["first"] == vals[0] and t["last"] == vals[-1]
-    assert t["collapses"] == (vci.spearman(range(len(vals)), vals)[0] < 0 and vals[-1] < vals[0])
+    assert t["collapses"] == (_common.spearman(range(len(vals)), vals)[0] < 0 and vals[-1] < vals[0])
 
 
 def test_quick_transfer_numbers_recomputed(quick):
@@ -404,7 +420,11 @@ def test_quick_metrics_match_reference_on_saved_features(quick):
 def test_fashion_preset_is_cpu_sized():
     """The offline fashion-mnist preset: width 8 on 5,000 training images, no augmentation, and a
     temperature sweep inside the range that fits the task in its epochs."""
-    s = vci.settings("fashion-mnist", False, {})
+    def settings(*argv):
+        return vci.DRIVER.settings(vci.DRIVER.parser().parse_args(["--preset", "fashion-mnist", *argv]))
+
+    s = settings()
     assert (s["width"], s["train_subset"], s["augment"], s["epochs"]) == (8, 5000, False, 20)
     assert s["logit_scales"] == vci.FASHION_SCALES and s["transfer_epochs"] == 16
-    assert vci.settings("fashion-mnist", False, {"width": 16})["width"] == 16
+    assert settings("--width", "16")["width"] == 16
+    assert settings("--logit-scales", "4,2,1")["logit_scales"] == (4.0, 2.0, 1.0)

@@ -1,92 +1,17 @@
-"""Paper 004, "Quantifying the Variability Collapse of Neural Networks": the Variability Collapse Index
-(VCI) beside fuzziness, squared distance and cosine similarity, over training, under linear maps of
-the features, and as a predictor of transfer.
+"""Paper 004, "Quantifying the Variability Collapse of Neural Networks": the Variability Collapse Index (VCI)
+beside fuzziness, squared distance and cosine separation, over training, under linear maps of the features and
+as a predictor of transfer.
 
-    python -m ncfast.experiments.vci                       # digits, ResNet-18 (width 16); ~5-8 min on 2 cores
-    python -m ncfast.experiments.vci --quick               # a smoke run (well under a minute)
+    python -m ncfast.experiments.vci                 # digits, ResNet-18 (width 16)
+    python -m ncfast.experiments.vci --quick         # a smoke run
     python -m ncfast.experiments.vci --preset cifar10 --data ~/data --device cuda
-
-The four metrics (ncfast's keys; the paper's definitions, Sec. 3.2 and Def. 5.3):
-
-- fuzziness = Tr(Sigma_W Sigma_B^+) ("Separation Fuzziness", Papyan et al.);
-- squared_distance = Tr(Sigma_W) / Tr(Sigma_B) (Hui et al., eq. 4);
-- cosine_separation = 1 - dbar_within / dbar_total with cosine distances (Kornblith et al.'s class
-  separation R^2, the paper's "Cosine Similarity"); here LARGER means more collapse;
-- vci = 1 - Tr(Sigma_T^+ Sigma_B) / min(d, C - 1) (Definition 5.3), 0 = full collapse.
-
-What the driver runs (``--out``, default runs/vci/: report.md, results.json, the figures, and the
-trainer's run folders train/ and transfer/T*/):
-
-1. Training curves (paper Fig. 3, and Fig. 6 for the test split): ResNet-18 trained on the preset's
-   original labels; the four metrics of the penultimate features, train and test, at every measured
-   epoch. Fig. 3's claim: "Squared Distance and Cosine Similarity fail to exhibit a consistent trend
-   of collapse [...]. On the other hand, Fuzziness and VCI show a decreasing trend". A trend is the
-   Spearman correlation rho of the metric with the epoch over the measured epochs >= 1 (the untrained
-   network left out), oriented so that negative means collapse; "consistent" means rho <= -0.8.
-2. Sigma_W inside and outside span(Sigma_B) (Fig. 1, Sec. 4.1): "we [...] decompose Sigma_W into
-   the span(Sigma_B) part and the span(Sigma_B)^perp part [...]. We observe that although the
-   span(Sigma_B) part steadily decreases, the span(Sigma_B)^perp part keeps increasing in the
-   training process." At every measured epoch of run 1, from the penultimate features in float64:
-   Tr(P_B Sigma_W) and Tr((I - P_B) Sigma_W), P_B the orthogonal projector on span(Sigma_B) (its
-   rank by ncfast's rank rule), and the share Tr(P_B Sigma_W) / Tr(Sigma_W) (scale-free, where the
-   two traces also follow the overall scale of the features). "Decreases" / "increases" is the sign
-   of the Spearman correlation with the epoch over the measured epochs >= 1.
-3. Invariance (Obs. 4.2-4.4, Corollary 5.4), on run 1's final train features in float64, every value
-   from ncfast.nc_metrics on the transformed features: a random invertible map A = U diag(s) V^T
-   (condition number 10), a block map acting separately on span(Sigma_B) and its complement
-   (Obs. 4.2: "The Fuzziness metric is invariant to invertible linear transformation that can be
-   decomposed into two separate transformations in span(Sigma_B) and span(Sigma_B)^perp"), a random
-   orthogonal map, isotropic scaling, and an independent scaling of each h_i (Obs. 4.4). "Invariant"
-   means a relative change <= 1e-8 (rounding); "changes" means >= 1e-3.
-4. Transfer (Sec. 6.3, Fig. 7 top row, Table 2): the paper pretrains ResNet-50 on ImageNet with
-   softmax temperatures, linear-probes 10 downstream data sets and scores transfer by the mean log
-   odds gain "MLOG = (1/|T|) sum_t logit(a_t) - logit(P)" (eq. 6), "where P is the final test
-   accuracy in pretraining [...] to isolate the impact of variability collapse on transfer
-   performance". Here (offline) pretraining uses the preset's coarse labels y mod C/2 (CIFAR-100:
-   its 20 official super-classes) under a sweep of the trainer's logit scale T (the loss sees T z:
-   T = 1/temperature); the frozen penultimate features are linear-probed on three held-out tasks of
-   the same images: the C original classes ("fine"), the position of a class inside its super-class
-   ("within": 0-4 vs 5-9 on digits, a task the pretraining labels say nothing about) and consecutive
-   blocks of C/K classes ("blocks": {0,1}, {2,3}, ... on digits, which cut across the super-classes).
-   Accuracies are clipped to [1/(2n), 1 - 1/(2n)] (n test samples) before the logit. The metrics are
-   measured on the pretraining task's train features (training labels), as the paper's Table 2.
-   Correlation: Pearson r across the sweep of each metric with MLOG, oriented so that r > 0 means
-   "less collapse goes with better transfer" (the sign flipped for cosine_separation). The paper's
-   numbers are recomputed from its Table 2 (rows 1-6 the temperature group, rows 7-11 the
-   cosine-regulariser group: our reading of the table, whose parameter column the text copy lost).
-   Only runs that fit their pretraining task (train accuracy >= 99%) count in r: the paper's
-   networks are all trained to convergence, and one that is not mixes under-training into both
-   its collapse and its MLOG (its P is low).
-
-What differs from the paper: digits / Fashion-MNIST are not CIFAR-10 or ImageNet, and a coarse-label
-task of the same images is not ten natural-image data sets; the linear probe is ncfast's L-BFGS
-logistic regression with a fixed L2 penalty (the paper searches 97 penalties on a validation set);
-SGD without Nesterov momentum or warm-up; only the temperature group of Fig. 7 is run (the
-cosine-similarity regulariser of the second group is not a trainer loss).
-
-Presets (ResNet-18, the trainer's SGD with momentum 0.9 and a cosine schedule):
-
-- digits (default): width 16 (512 -> 128 features: at width 64 the 360 test samples would be
-  affinely independent in 512 dimensions and the test VCI forced, see "degenerate"), 24 epochs
-  measured every 2 (about 0.3 s an epoch on an idle 2-core CPU); transfer sweep T in {0.1, 0.3, 1,
-  3} x 2 seeds, 25 epochs each (8 points; T = 10 stayed at 63-75% train accuracy after 15-25 epochs).
-  Pretraining runs below 99% train accuracy are marked "not fitted" and left out of the correlation.
-  The MLOG of one run rests on 360 test samples at ~97% accuracy, so one point carries a noise of a
-  few tenths in MLOG.
-- fashion-mnist: sized for 2 CPU cores: width 8 on a seeded 5,000-image subset of the training set
-  (all 10,000 test images), no augmentation, 20 epochs (every 2), sweep T in {0.5, 1, 2, 4} of 16
-  epochs, one seed per scale (in 15 epochs T = 0.1 and 0.3 stayed below 99% train accuracy).
-- cifar10 / cifar100: the paper's ResNet-18 on CIFAR-10 setting as far as the text gives it: width
-  64, 300 epochs, batch 256, metrics every 20 epochs, weight decay 5e-4, learning rate 0.1 (its
-  value is lost in our copy of the paper), random crops; transfer sweep T in {0.1, 0.3, 1, 3} of 100
-  epochs per scale.
-  Run them with --device cuda.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import sys
-import time
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +20,9 @@ import torch
 from ..functional import nc_metrics
 from ..labels import superclass_map
 from ..metrics import DEFAULT_RTOL
-from ..train.figures import pyplot
 from ..train.probes import linear_probe
-from ..train.trainer import Config, Trainer
+from ..train.trainer import Trainer
 from . import _common
-from ._common import Report, Run, check_preset, spearman, write_json
 
 NAME = "vci"
 METRICS = ("fuzziness", "squared_distance", "cosine_separation", "vci")
@@ -113,22 +36,16 @@ CONSISTENT_RHO = 0.8  # |Spearman rho| of a "consistent" trend
 
 TRANSFORMS = ("invertible", "block", "orthogonal", "isotropic", "per-sample")
 TRANSFORM_LABELS = {"invertible": "invertible A (cond 10)", "block": "block on span(Σ_B) ⊕ ⊥",
-                    "orthogonal": "orthogonal Q", "isotropic": "isotropic scaling",
-                    "per-sample": "per-sample scaling"}
-# What the paper says (Obs. 4.2-4.4, Cor. 5.4; orthogonal maps and isotropic scaling leave fuzziness
-# unchanged by its definition): True = invariant, False = not invariant, None = no claim.
-EXPECTED = {
-    "fuzziness": {"invertible": False, "block": True, "orthogonal": True, "isotropic": True, "per-sample": None},
-    "squared_distance": {"invertible": False, "block": None, "orthogonal": True, "isotropic": True,
-                         "per-sample": None},
-    "cosine_separation": {"invertible": False, "block": None, "orthogonal": True, "isotropic": True,
-                          "per-sample": True},
-    "vci": {"invertible": True, "block": True, "orthogonal": True, "isotropic": True, "per-sample": None},
-}
+                    "orthogonal": "orthogonal Q", "isotropic": "isotropic scaling", "per-sample": "per-sample scaling"}
+# What the paper says (Obs. 4.2-4.4, Cor. 5.4; orthogonal maps and isotropic scaling leave fuzziness unchanged by
+# its definition): True = invariant, False = not invariant, None = no claim.
+EXPECTED = {k: dict(zip(TRANSFORMS, wants)) for k, wants in (
+    ("fuzziness", (False, True, True, True, None)), ("squared_distance", (False, None, True, True, None)),
+    ("cosine_separation", (False, None, True, True, True)), ("vci", (True, True, True, True, None)))}
 
-# Paper 004, Appendix C, Table 2 (ResNet-50 pretrained on ImageNet): fuzziness, squared distance,
-# cosine similarity, VCI, pretraining accuracy, MLOG. Rows 1-6: softmax temperature; rows 7-11:
-# the within-class cosine regulariser (Fig. 7 top / bottom row).
+# Paper 004, Appendix C, Table 2 (ResNet-50 pretrained on ImageNet): fuzziness, squared distance, cosine similarity,
+# VCI, pretraining accuracy, MLOG. Rows 1-6: softmax temperature; rows 7-11: the within-class cosine regulariser
+# (Fig. 7 top / bottom row).
 PAPER_TABLE2 = (
     (15.93, 2.829, 0.4634, 0.796, 75.4, 0.3250),
     (15.64, 2.534, 0.4856, 0.7849, 76.64, 0.2704),
@@ -144,12 +61,8 @@ PAPER_TABLE2 = (
 )
 PAPER_GROUPS = {"temperature": range(0, 6), "regularizer": range(6, 11), "all": range(0, 11)}
 
-# T = 10 at the digits preset's learning rate starts at a loss of ~5 and is still at 63-75% train
-# accuracy after 15-25 epochs: an under-trained network, not a less collapsed one
-SCALES = (0.1, 0.3, 1.0, 3.0)
-# Fashion-MNIST (5,000 images, width 8): in 15 epochs T = 0.1 reached 88% train accuracy and T = 0.3 98.3%,
-# T >= 1 99.8%; the sweep stays where 16 epochs fit the task
-FASHION_SCALES = (0.5, 1.0, 2.0, 4.0)
+SCALES = (0.1, 0.3, 1.0, 3.0)  # the logit scales T of the transfer sweep
+FASHION_SCALES = (0.5, 1.0, 2.0, 4.0)  # the range where 16 epochs on 5,000 Fashion-MNIST images fit the task
 FITTED = 0.99  # train accuracy at which a pretraining run counts as having fit its task
 COMMON = dict(arch="resnet18", layers=["pool"], clp_embed="none", momentum=0.9, schedule="cosine")
 PRESETS = {
@@ -181,12 +94,11 @@ def _class_stats(h: np.ndarray, y: np.ndarray, num_classes: int):
 def span_split(features, labels, num_classes: int, rtol: float = DEFAULT_RTOL) -> dict:
     """Sigma_W's trace inside and outside span(Sigma_B) (paper 004 Fig. 1), float64, balanced weighting.
 
-    Sigma_W = (1/C) sum_c Cov_c and Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T (docs/metrics.md);
-    P_B projects on the eigenvectors of Sigma_B with eigenvalue > rtol * lambda_max (taken
-    from the SVD of the C x D matrix of centred class means, whose squared singular values are C
-    times those eigenvalues). Returns inside = Tr(P_B Sigma_W), outside = Tr(Sigma_W) - inside
-    (computed as Tr((I - P_B) Sigma_W) when P_B is small, never negative), share = inside / Tr(Sigma_W)
-    and rank_b."""
+    Sigma_W = (1/C) sum_c Cov_c and Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T (docs/metrics.md); P_B
+    projects on the eigenvectors of Sigma_B with eigenvalue > rtol * lambda_max (taken from the SVD of the C x D
+    matrix of centred class means, whose squared singular values are C times those eigenvalues). Returns inside =
+    Tr(P_B Sigma_W), outside = Tr(Sigma_W) - inside (computed as Tr((I - P_B) Sigma_W) when P_B is small, never
+    negative), share = inside / Tr(Sigma_W) and rank_b."""
     h = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
     present, means, centred = _class_stats(h, y, num_classes)
@@ -224,10 +136,10 @@ def transforms(features, labels, num_classes: int, seed: int = 0, cond: float = 
                rtol: float = DEFAULT_RTOL) -> dict[str, np.ndarray]:
     """The transformed features (float64) of every TRANSFORMS entry, seeded.
 
-    invertible: H A^T with A = U diag(s) V^T, condition number ``cond``; block: A = B1 P + B2 (I - P)
-    with P the projector on span(Sigma_B) and B1, B2 well-conditioned maps of that span and of its
-    complement (Obs. 4.2); orthogonal: H Q^T, Q Haar; isotropic: 3.7 H; per-sample: h_i s_i with s_i
-    log-uniform in [1/2, 2] (Obs. 4.4; not a linear map)."""
+    invertible: H A^T with A = U diag(s) V^T, condition number ``cond``; block: A = B1 P + B2 (I - P) with P the
+    projector on span(Sigma_B) and B1, B2 well-conditioned maps of that span and of its complement (Obs. 4.2);
+    orthogonal: H Q^T, Q Haar; isotropic: 3.7 H; per-sample: h_i s_i with s_i log-uniform in [1/2, 2] (Obs. 4.4;
+    not a linear map)."""
     h = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
     d = h.shape[1]
@@ -242,23 +154,16 @@ def transforms(features, labels, num_classes: int, seed: int = 0, cond: float = 
         block += inside @ _conditioned(r_b, rng, cond) @ inside.T
     if d > r_b:
         block += outside @ _conditioned(d - r_b, rng, cond) @ outside.T
-    out = {
-        "invertible": h @ _conditioned(d, rng, cond).T,
-        "block": h @ block.T,
-        "orthogonal": h @ _haar(d, rng).T,
-        "isotropic": 3.7 * h,
-        "per-sample": h * np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=(h.shape[0], 1))),
-    }
-    return out
+    return {"invertible": h @ _conditioned(d, rng, cond).T, "block": h @ block.T, "orthogonal": h @ _haar(d, rng).T,
+            "isotropic": 3.7 * h,
+            "per-sample": h * np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=(h.shape[0], 1)))}
 
 
 def four_metrics(features, labels, num_classes: int) -> dict[str, float]:
     """fuzziness, squared_distance, cosine_separation and vci from ncfast.nc_metrics (float64)."""
     m = nc_metrics(torch.as_tensor(np.asarray(features, dtype=np.float64)),
                    torch.as_tensor(np.asarray(labels).astype(np.int64)), num_classes=num_classes)
-    out = {k: float(m[k]) for k in METRICS}
-    out["degenerate"] = list(m.degenerate)
-    return out
+    return {**{k: float(m[k]) for k in METRICS}, "degenerate": list(m.degenerate)}
 
 
 def relative_change(new: float, old: float) -> float:
@@ -282,32 +187,19 @@ def invariance(features, labels, num_classes: int, seed: int = 0) -> dict:
 
 def invariance_verdicts(change: dict, expected: dict = EXPECTED, same_tol: float = SAME_TOL,
                         change_tol: float = CHANGE_TOL) -> dict:
-    """Per metric: whether every expected invariance holds (relative change <= same_tol) and every
-    expected non-invariance shows (change >= change_tol); None where a needed value is missing/NaN.
+    """Per metric: whether every expected invariance holds (relative change <= same_tol) and every expected
+    non-invariance shows (change >= change_tol); None where a needed value is missing/NaN.
 
     Returns {metric: {"holds": bool | None, "max_same": worst change where invariance is expected,
     "min_changed": smallest change where a change is expected, "failed": [transforms]}}."""
     out = {}
     for metric, wants in expected.items():
-        same, changed, failed, missing = [], [], [], False
-        for t, want in wants.items():
-            if want is None:
-                continue
-            v = change.get(t, {}).get(metric)
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                missing = True
-                continue
-            if want:
-                same.append(v)
-                if not v <= same_tol:
-                    failed.append(t)
-            else:
-                changed.append(v)
-                if not v >= change_tol:
-                    failed.append(t)
-        holds = None if missing else not failed
-        out[metric] = {"holds": holds, "max_same": max(same) if same else None,
-                       "min_changed": min(changed) if changed else None, "failed": failed}
+        got = {t: change.get(t, {}).get(metric) for t, want in wants.items() if want is not None}
+        ok = {t: v for t, v in got.items() if not (v is None or (isinstance(v, float) and math.isnan(v)))}
+        failed = [t for t, v in ok.items() if not (v <= same_tol if wants[t] else v >= change_tol)]
+        out[metric] = {"holds": None if len(ok) < len(got) else not failed,
+                       "max_same": max((v for t, v in ok.items() if wants[t]), default=None),
+                       "min_changed": min((v for t, v in ok.items() if not wants[t]), default=None), "failed": failed}
     return out
 
 
@@ -324,16 +216,15 @@ def pearson(x, y) -> float:
 
 
 def collapse_trend(epochs, values, sign: int = 1) -> dict:
-    """How a metric moves over training: rho = Spearman(epoch, sign * value) (negative: towards
-    collapse), first and last value, ``collapses`` (rho < 0 and the last value nearer collapse than
-    the first) and ``consistent`` (rho <= -CONSISTENT_RHO). NaN values are left out; with fewer than
-    3 points both verdicts are None."""
+    """How a metric moves over training: rho = Spearman(epoch, sign * value) (negative: towards collapse), first
+    and last value, ``collapses`` (rho < 0 and the last value nearer collapse than the first) and ``consistent``
+    (rho <= -CONSISTENT_RHO). NaN values are left out; with fewer than 3 points both verdicts are None."""
     pts = [(e, v) for e, v in zip(epochs, values) if v is not None and math.isfinite(v)]
     if len(pts) < 3:
         return {"rho": float("nan"), "first": None, "last": None, "epochs": [p[0] for p in pts],
                 "collapses": None, "consistent": None}
     e, v = zip(*pts)
-    rho = spearman(e, [sign * x for x in v])[0]
+    rho = _common.spearman(e, [sign * x for x in v])[0]
     return {"rho": rho, "first": v[0], "last": v[-1], "epochs": [e[0], e[-1]],
             "collapses": bool(rho < 0 and sign * v[-1] < sign * v[0]), "consistent": bool(rho <= -CONSISTENT_RHO)}
 
@@ -354,9 +245,9 @@ def mlog(task_accuracies: dict, pretrain_accuracy: float, n_task: dict, n_pretra
 
 
 def downstream_tasks(y_orig: np.ndarray, superclass_of: np.ndarray) -> dict[str, np.ndarray]:
-    """The held-out tasks' labels from the original labels: fine (the classes themselves), within
-    (a class's position inside its super-class, ordered by class index) and blocks (consecutive
-    runs of C / K classes, K super-classes)."""
+    """The held-out tasks' labels from the original labels: fine (the classes themselves), within (a class's
+    position inside its super-class, ordered by class index) and blocks (consecutive runs of C / K classes, K
+    super-classes)."""
     y = np.asarray(y_orig).astype(np.int64)
     sup = np.asarray(superclass_of).astype(np.int64)
     c = sup.shape[0]
@@ -370,10 +261,9 @@ def downstream_tasks(y_orig: np.ndarray, superclass_of: np.ndarray) -> dict[str,
 
 
 def transfer_correlations(rows: list[dict]) -> dict[str, float]:
-    """Oriented Pearson r of each metric with MLOG across the runs of the sweep that fit their
-    pretraining task (``fitted``, default True): r > 0 means less collapse goes with better transfer
-    (the sign of cosine_separation's r flipped, as larger means more collapse). NaN with fewer than
-    3 such runs."""
+    """Oriented Pearson r of each metric with MLOG across the runs of the sweep that fit their pretraining task
+    (``fitted``, default True): r > 0 means less collapse goes with better transfer (the sign of
+    cosine_separation's r flipped, as larger means more collapse). NaN with fewer than 3 such runs."""
     rows = [r for r in rows if r.get("fitted", True)]
     target = [r["mlog"] for r in rows]
     return {k: COLLAPSE_SIGN[k] * pearson([r["metrics"][k] for r in rows], target) for k in METRICS}
@@ -382,51 +272,42 @@ def transfer_correlations(rows: list[dict]) -> dict[str, float]:
 def paper_correlations() -> dict[str, dict[str, float]]:
     """The oriented correlations of paper 004's Table 2, per group of rows."""
     t = np.array(PAPER_TABLE2)
-    out = {}
-    for group, rows in PAPER_GROUPS.items():
-        sub = t[list(rows)]
-        out[group] = {k: COLLAPSE_SIGN[k] * pearson(sub[:, i], sub[:, 5]) for i, k in enumerate(METRICS)}
-    return out
+    return {group: {k: COLLAPSE_SIGN[k] * pearson(t[list(rows), i], t[list(rows), 5]) for i, k in enumerate(METRICS)}
+            for group, rows in PAPER_GROUPS.items()}
 
 
 def most_correlated(corr: dict[str, float]) -> str | None:
     """The metric with the largest oriented r (None if any is NaN)."""
-    if any(not math.isfinite(v) for v in corr.values()):
-        return None
-    return max(corr, key=corr.__getitem__)
+    return None if any(not math.isfinite(v) for v in corr.values()) else max(corr, key=corr.__getitem__)
 
 
 def curves(measured: list[dict], layer: str) -> dict:
-    """{split: {"epoch": [...], metric: [...], "degenerate": {metric: [bool, ...]}}} from the trainer's
-    measured records."""
+    """{split: {"epoch": [...], metric: [...], "degenerate": {metric: [bool, ...]}}} from the trainer's measured
+    records."""
     out = {}
     for split in ("train", "test"):
         entries = [r["layers"][layer][split] for r in measured]
-        out[split] = {"epoch": [r["epoch"] for r in measured]}
-        for k in METRICS:
-            out[split][k] = [float("nan") if e.get(k) is None else float(e[k]) for e in entries]
-        out[split]["degenerate"] = {k: [k in e.get("degenerate", ()) for e in entries] for k in METRICS}
+        out[split] = {"epoch": [r["epoch"] for r in measured],
+                      **{k: [float("nan") if e.get(k) is None else float(e[k]) for e in entries] for k in METRICS},
+                      "degenerate": {k: [k in e.get("degenerate", ()) for e in entries] for k in METRICS}}
     return out
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
-def fmt_r(v) -> str:
-    """A correlation with three decimals (n/a for NaN)."""
-    return "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
+def _num(v: float | int | None, digits: int = 3) -> str:
+    """``_common.number`` of a float with ``digits`` significant digits, or ".1e" at >= 1e4 or below 1e-3
+    in size; other values (int, None) as they are."""
+    tiny_or_huge = isinstance(v, float) and (abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3))
+    return _common.number(v, "" if not isinstance(v, float) else ".1e" if tiny_or_huge else f".{digits}g")
 
 
-def fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, float) and (abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3)):
-        return f"{v:.1e}"
-    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+def _scales(text: str) -> tuple[float, ...]:
+    """An argparse type: at least 3 distinct logit scales > 0, comma-separated, kept in their order."""
+    scales = tuple(_common.positive_float(v) for v in text.split(",") if v.strip())
+    if len(scales) < 3 or len(set(scales)) != len(scales):
+        raise argparse.ArgumentTypeError(f"need at least 3 distinct values (a correlation), got {list(scales)}")
+    return scales
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -440,21 +321,11 @@ class SpanTrainer(Trainer):
                                             self.num_train_classes) for split in ("train", "test")}
 
 
-def _train(out: Path, trainer_cls=Trainer, **config) -> Run:
-    t0 = time.perf_counter()
-    trainer = trainer_cls(Config(out=str(out), **config))
-    summary = trainer.run()
-    return Run(trainer=trainer, summary=summary, seconds=time.perf_counter() - t0)
-
-
-def _say(text: str) -> None:
-    print(f"[vci] {text}", file=sys.stderr, flush=True)
-
-
-def transfer_run(out: Path, scale: float, config: dict, coarse, seed: int, fitted: float = 0.99) -> dict:
+def transfer_run(ctx: _common.Context, folder: Path, scale: float, seed: int, config: dict,
+                 fitted: float = FITTED) -> dict:
     """Pretrain on the coarse labels at logit scale ``scale``; probe the frozen features on the
     downstream tasks; the row of the sweep (metrics, accuracies, MLOG)."""
-    run = _train(out, logit_scale=scale, coarse=coarse, **config)
+    run = ctx.train(folder, logit_scale=scale, seed=seed, **config)
     tr = run.trainer
     pen = tr.model.penultimate_name
     last = run.measured[-1]
@@ -474,24 +345,206 @@ def transfer_run(out: Path, scale: float, config: dict, coarse, seed: int, fitte
             "seconds": run.seconds}
 
 
+def run(ctx: _common.Context) -> dict:
+    """1-3: training curves, Sigma_W's split and invariance on one run; 4: the transfer sweep."""
+    s, out = ctx.settings, ctx.out
+    base = dict(COMMON, dataset=s["dataset"], width=s["width"], lr=s["lr"], weight_decay=s["weight_decay"],
+                batch_size=s["batch_size"], **{k: s[k] for k in ("train_subset", "augment") if k in s})
+    ctx.log(f"training run: {s['epochs']} epochs, metrics every {s['metrics_every']} -> {out / 'train'}")
+    run = ctx.train(out / "train", trainer=SpanTrainer, epochs=s["epochs"], metrics_every=s["metrics_every"], **base)
+    tr, measured = run.trainer, run.measured
+    pen = tr.model.penultimate_name
+    data = curves(measured, pen)
+    span = {split: {"epoch": [r["epoch"] for r in measured],
+                    **{key: [r["span"][split][key] for r in measured]
+                       for key in ("inside", "outside", "total", "share_inside", "rank_b")}}
+            for split in ("train", "test")}
+    trends = {split: {} for split in ("train", "test")}
+    for split, d in data.items():
+        for k in METRICS:  # the untrained network and the degenerate (forced) values left out
+            keep = [i for i, (e, f) in enumerate(zip(d["epoch"], d["degenerate"][k])) if e >= 1 and not f]
+            trends[split][k] = collapse_trend([d["epoch"][i] for i in keep], [d[k][i] for i in keep],
+                                              COLLAPSE_SIGN[k])
+    span_trend = {split: {part: collapse_trend([e for e in sp["epoch"] if e >= 1],
+                                               [v for e, v in zip(sp["epoch"], sp[part]) if e >= 1])
+                          for part in ("inside", "outside", "share_inside")} for split, sp in span.items()}
+    feats, labels = tr.features("train", pen), tr.y["train"].cpu().numpy()
+    np.savez(out / "features.npz", train=feats, labels=labels, num_classes=tr.num_train_classes)
+    ctx.log("invariance check on the final train features")
+    inv = invariance(feats, labels, tr.num_train_classes, seed=ctx.seed)
+
+    rows = []
+    points = [(scale, ctx.seed + j) for j in range(s["transfer_seeds"]) for scale in s["logit_scales"]]
+    for i, (scale, seed) in enumerate(points, start=1):
+        ctx.log(f"transfer sweep {i}/{len(points)}: pretraining on coarse labels at logit scale "
+                f"T = {scale:g} (seed {seed}), {s['transfer_epochs']} epochs")
+        config = dict(base, epochs=s["transfer_epochs"], metrics_every=s["transfer_epochs"], coarse=s["coarse"])
+        rows.append(transfer_run(ctx, out / "transfer" / f"T{scale:g}_s{seed}", scale, seed, config,
+                                 s.get("fitted", FITTED)))
+    corr = transfer_correlations(rows)
+    return {"preset": ctx.preset, "quick": ctx.quick, "settings": dict(s),
+            "training": {"layer": pen, "curves": data, "span": span, "trends": trends, "span_trends": span_trend,
+                         "interpolation_epoch": run.summary.get("interpolation_epoch"),
+                         "train_accuracy": run.summary["train_accuracy"],
+                         "test_accuracy": run.summary["test_accuracy"], "seconds": run.seconds},
+            "invariance": {**inv, "verdicts": invariance_verdicts(inv["change"]), "same_tol": SAME_TOL,
+                           "change_tol": CHANGE_TOL},
+            "transfer": {"rows": rows, "correlations": corr, "paper_correlations": paper_correlations(),
+                         "most_correlated": most_correlated(corr)},
+            "_run": run}
+
+
+# ------------------------------------------------------------------------------------------- report
+def claims(results: dict) -> list[_common.Claim]:
+    """The claim rows, every verdict computed from the numbers of ``results``."""
+    trends, span_trend = results["training"]["trends"], results["training"]["span_trends"]
+    inv = results["invariance"]
+    corr, paper_corr = results["transfer"]["correlations"], results["transfer"]["paper_correlations"]
+    out = []
+
+    def claim(text: str, paper: str, ours: str, holds: bool | None) -> None:
+        out.append(_common.Claim(text, paper, ours, holds))
+
+    def rho(t: dict) -> str:
+        return f"ρ = {_num(t['rho'], 2)}; {_num(t['first'])} → {_num(t['last'])} (epochs {t['epochs'][0]}-" \
+               f"{t['epochs'][-1]})" if t["first"] is not None else "too few epochs"
+
+    def r(v: float) -> str:
+        return _common.number(v, ".3f")
+
+    for k in ("vci", "fuzziness"):
+        t = trends["train"][k]
+        claim(f"{LABELS[k]} decreases over training (train)", "decreasing (Fig. 3, ResNet-18 / CIFAR-10)", rho(t),
+              t["collapses"])
+    sq, cs = trends["train"]["squared_distance"], trends["train"]["cosine_separation"]
+    cons = [sq["consistent"], cs["consistent"]]
+    claim(f"squared distance and cosine separation show no consistent collapse trend (|ρ| < {CONSISTENT_RHO})",
+          "no consistent trend (Fig. 3, CIFAR-10; consistent on ImageNet, Fig. 4)",
+          f"squared distance {rho(sq)}; cosine separation {rho(cs)}", None if None in cons else not any(cons))
+    t = trends["test"]["vci"]
+    claim("VCI decreases on the test features too", "decreasing (Fig. 6)", rho(t), t["collapses"])
+    ins, outs, share = (span_trend["train"][k] for k in ("inside", "outside", "share_inside"))
+    rhos = (ins["rho"], outs["rho"])
+    claim("Tr(P_B Σ_W) shrinks while Tr(P_B⊥ Σ_W) grows over training (train; Spearman ρ with the epoch)",
+          "inside decreases, outside increases (Fig. 1, ResNet-50 / ImageNet)",
+          f"inside ρ = {_num(ins['rho'], 2)}, {_num(ins['first'])} → {_num(ins['last'])}; outside ρ = "
+          f"{_num(outs['rho'], 2)}, {_num(outs['first'])} → {_num(outs['last'])}",
+          None if any(math.isnan(v) for v in rhos) else rhos[0] < 0 and rhos[1] > 0)
+    claim("the share Tr(P_B Σ_W) / Tr(Σ_W) falls over training (train; scale-free)", "falls (follows from Fig. 1)",
+          f"ρ = {_num(share['rho'], 2)}, {_num(share['first'])} → {_num(share['last'])}",
+          None if math.isnan(share["rho"]) else share["rho"] < 0)
+    v = inv["verdicts"]["vci"]
+    claim("VCI is invariant to invertible linear maps", "exactly invariant (Cor. 5.4)",
+          f"max relative change {_num(v['max_same'])} over invertible, block, orthogonal and scaling maps",
+          v["holds"])
+    texts = {"fuzziness": ("invariant to block maps on span(Σ_B) ⊕ ⊥ (and orthogonal, isotropic), not to a general "
+                           "invertible map", "Obs. 4.2"),
+             "squared_distance": ("invariant to orthogonal maps and isotropic scaling, not to a general invertible "
+                                  "map", "Obs. 4.3"),
+             "cosine_separation": ("invariant to orthogonal maps and per-sample scaling, not to a general invertible "
+                                   "map", "Obs. 4.4")}
+    for k, (text, where) in texts.items():
+        v = inv["verdicts"][k]
+        failed = f" (failed: {', '.join(v['failed'])})" if v["failed"] else ""
+        claim(f"{LABELS[k]}: {text}", where, f"invariant cases ≤ {_num(v['max_same'])}; general invertible map: "
+              f"{_num(inv['change']['invertible'][k])}{failed}", v["holds"])
+    pt, pr, pa = (paper_corr[g] for g in ("temperature", "regularizer", "all"))
+    finite = all(math.isfinite(corr[k]) for k in METRICS)
+    claim("temperature sweep: less collapse goes with better transfer, for all four metrics (oriented r > 0)",
+          "r = " + ", ".join(r(pt[k]) for k in METRICS) + " (Table 2 rows 1-6, in the order fuzziness, sq. distance, "
+          "cosine, VCI)", ", ".join(f"{LABELS[k]} {r(corr[k])}" for k in METRICS),
+          all(corr[k] > 0 for k in METRICS) if finite else None)
+    claim("VCI correlates positively with transfer (MLOG)", f"r = {r(pt['vci'])} (temperature), {r(pr['vci'])} "
+          "(regularizer)", f"r = {r(corr['vci'])}", corr["vci"] > 0 if math.isfinite(corr["vci"]) else None)
+    best = most_correlated(corr)
+    claim("VCI correlates with transfer more than the other metrics",
+          f"VCI {r(pa['vci'])}, others ≤ {r(max(pa[k] for k in METRICS if k != 'vci'))} (both groups pooled; "
+          f"temperature group alone: VCI {r(pt['vci'])}, sq. distance {r(pt['squared_distance'])})",
+          f"most correlated: {LABELS[best] if best else _common.MISSING} (VCI {r(corr['vci'])}, best other "
+          f"{r(max(corr[k] for k in METRICS if k != 'vci'))})", None if best is None else best == "vci")
+    return out
+
+
+def sections(results: dict) -> list[tuple[str, str]]:
+    """The training-curve trends, the invariance table, the transfer sweep and the settings."""
+    tr, inv, tf, s, run = (results[k] for k in ("training", "invariance", "transfer", "settings", "_run"))
+    yes_no = {True: "yes", False: "no", None: _common.MISSING}
+    rows = []
+    for split in ("train", "test"):
+        for k in METRICS:
+            t = tr["trends"][split][k]
+            rows.append([split, LABELS[k], _num(t["first"]), _num(t["last"]), _num(t["rho"], 2),
+                         yes_no[t["collapses"]], yes_no[t["consistent"]]])
+        for part, label in (("inside", "Tr(P_B Σ_W)"), ("outside", "Tr(P_B⊥ Σ_W)"),
+                            ("share_inside", "Tr(P_B Σ_W) / Tr(Σ_W)")):
+            t = tr["span_trends"][split][part]
+            rows.append([split, label, _num(t["first"]), _num(t["last"]), _num(t["rho"], 2), "", ""])
+    trend = (_common.table(["split", "metric", "first (epoch ≥ 1)", "last", "Spearman ρ (collapse < 0)", "collapses",
+                            f"consistent (ρ ≤ -{CONSISTENT_RHO})"], rows)
+             + "\n\nρ is Spearman's rank correlation of the epoch with the metric, oriented so that negative means "
+               "towards collapse (cosine separation's sign flipped; for the two traces it is not flipped: negative = "
+               "shrinking; nor for the share). Degenerate values (forced by the sample size) are left out.")
+
+    mark = {True: " (=)", False: " (≠)", None: ""}
+    rows = [["(original value)"] + [_num(inv["original"][k], 4) for k in METRICS]]
+    rows += [[TRANSFORM_LABELS[t]] + [_num(inv["change"][t][k]) + mark[EXPECTED[k][t]] for k in METRICS]
+             for t in TRANSFORMS]
+    invariant = (_common.table(["map"] + [LABELS[k] for k in METRICS], rows)
+                 + "\n\nRelative change of each metric under each map of the final train features (float64, "
+                   "ncfast.nc_metrics); (=) the paper says invariant, (≠) not invariant; blank: no claim. "
+                   f"Invariant: ≤ {SAME_TOL:g}; changed: ≥ {CHANGE_TOL:g}.")
+    if inv["original"]["degenerate"]:
+        invariant += f" Degenerate on these features: {inv['original']['degenerate']} (forced by the sample size)."
+
+    sweep, fitted = tf["rows"], s.get("fitted", FITTED)
+    tasks = list(sweep[0]["task_accuracy"]) if sweep else []
+    rows = [[f"{x['logit_scale']:g}" + ("" if x.get("fitted", True) else "*"), str(x.get("seed", ""))]
+            + [_num(x["metrics"][k], 4) for k in METRICS] + [_num(x["pretrain_accuracy"], 4)]
+            + [_num(x["task_accuracy"][t], 4) for t in tasks] + [_num(x["mlog"], 3)] for x in sweep]
+    corr_rows = [["ours (logit-scale sweep)"] + [_common.number(tf["correlations"][k], ".3f") for k in METRICS]]
+    for g, label in (("temperature", "paper, temperature (Table 2 rows 1-6)"),
+                     ("regularizer", "paper, regularizer (rows 7-11)"), ("all", "paper, both groups")):
+        corr_rows.append([label] + [_common.number(tf["paper_correlations"][g][k], ".3f") for k in METRICS])
+    transfer = (f"Pretraining on the coarse labels ({s['coarse']} "
+                f"{'super-classes' if s['coarse'] != 'official' else ''}), {s['transfer_epochs']} epochs per run, "
+                f"{s['transfer_seeds']} run(s) per logit scale T (each run one point of the correlation); downstream "
+                f"linear probes on fine / within / blocks (see {_common.DOCS}); metrics of the pretraining task's "
+                "train features.\n\n"
+                + _common.table(["T", "seed"] + [LABELS[k] for k in METRICS] + ["pretrain acc"]
+                                + [f"{t} acc" for t in tasks] + ["MLOG"], rows)
+                + (f"\n\n* pretraining stopped below {fitted:.0%} train accuracy (not fitted: its collapse and "
+                   f"transfer mix in under-training); left out of r ({sum(x.get('fitted', True) for x in sweep)} of "
+                   f"{len(sweep)} runs count)." if not all(x.get("fitted", True) for x in sweep) else "")
+                + "\n\nOriented Pearson r of each metric with MLOG (r > 0: less collapse, better transfer):\n\n"
+                + _common.table(["", *[LABELS[k] for k in METRICS]], corr_rows))
+
+    keys = ("dataset", "width", "epochs", "metrics_every", "lr", "weight_decay", "batch_size", "transfer_epochs",
+            "logit_scales", "transfer_seeds", "coarse", "train_subset", "augment")
+    parts = [f"{k} = {s[k]}" for k in keys if k in s]
+    summary = run.summary
+    setting = (f"ResNet-18 ({', '.join(parts)}), seed {run.trainer.cfg.seed}, device {summary.get('device')}. "
+               f"Training run: train accuracy {_num(summary['train_accuracy'], 4)}, test accuracy "
+               f"{_num(summary['test_accuracy'], 4)}, interpolation epoch {summary.get('interpolation_epoch')}, "
+               f"{run.seconds:.0f} s.")
+    return [("Training curves (penultimate features)", trend), ("Invariance", invariant),
+            ("Transfer sweep", transfer), ("Settings", setting)]
+
+
 # ------------------------------------------------------------------------------------------ figures
-def plot_curves(data: dict, path: Path, title: str, interpolation_epoch=None, dpi: int = 80) -> None:
+def plot_curves(data: dict, path: Path, title: str, interpolation_epoch: int | None = None, dpi: int = 80) -> None:
     """Paper Fig. 3 (and 6): the four metrics over epochs, train (solid) and test (dashed); degenerate
     values hollow."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.1))
+    fig, axes = _common.pyplot().subplots(1, 4, figsize=(13, 3.1))
     any_forced = False
     for ax, k in zip(axes, METRICS):
         for split, style in (("train", "-"), ("test", "--")):
-            d = data[split]
-            ep, ys, forced = d["epoch"], d[k], d["degenerate"][k]
+            ep, ys, forced = data[split]["epoch"], data[split][k], data[split]["degenerate"][k]
             kept = [float("nan") if f else v for v, f in zip(ys, forced)]
             line = ax.plot(ep, kept, style, marker="o", markersize=3, label=split)[0]
             if any(forced):
                 any_forced = True
-                ax.plot([e for e, f in zip(ep, forced) if f], [v for v, f in zip(ys, forced) if f],
-                        linestyle="none", marker="o", markerfacecolor="none", color=line.get_color(),
-                        label=f"{split} (degenerate)")
+                ax.plot([e for e, f in zip(ep, forced) if f], [v for v, f in zip(ys, forced) if f], linestyle="none",
+                        marker="o", markerfacecolor="none", color=line.get_color(), label=f"{split} (degenerate)")
         if interpolation_epoch is not None:
             ax.axvline(interpolation_epoch, color="grey", lw=0.8, ls=":", label="train acc ≥ 99.5%")
         positive = [v for s in ("train", "test") for v in data[s][k] if v == v]
@@ -502,14 +555,12 @@ def plot_curves(data: dict, path: Path, title: str, interpolation_epoch=None, dp
     axes[0].legend(fontsize=7)
     fig.suptitle(title + ("   hollow: forced by the sample size" if any_forced else ""), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=dpi)
 
 
 def plot_span(span: dict, path: Path, dpi: int = 80) -> None:
     """Paper Fig. 1: Tr(P_B Sigma_W) and Tr((I - P_B) Sigma_W) over epochs, and the share inside."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.1))
+    fig, axes = _common.pyplot().subplots(1, 2, figsize=(9, 3.1))
     for split, style in (("train", "-"), ("test", "--")):
         d = span[split]
         axes[0].plot(d["epoch"], d["inside"], style, marker="o", markersize=3, color="C0",
@@ -518,29 +569,24 @@ def plot_span(span: dict, path: Path, dpi: int = 80) -> None:
                      label=f"Tr(P_B⊥ Σ_W), {split}")
         axes[1].plot(d["epoch"], d["share_inside"], style, marker="o", markersize=3, color="C2", label=split)
     axes[0].set_yscale("log")
-    axes[0].set_xlabel("epoch")
-    axes[0].set_title("Σ_W inside / outside span(Σ_B)", fontsize=9)
-    axes[0].legend(fontsize=7)
-    axes[1].set_xlabel("epoch")
     axes[1].set_ylim(0, 1)
-    axes[1].set_title("share inside: Tr(P_B Σ_W) / Tr(Σ_W)", fontsize=9)
-    axes[1].legend(fontsize=7)
+    for ax, title in zip(axes, ("Σ_W inside / outside span(Σ_B)", "share inside: Tr(P_B Σ_W) / Tr(Σ_W)")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=dpi)
 
 
 def plot_invariance(change: dict, path: Path, dpi: int = 80) -> None:
     """Heatmap of log10 relative change, transforms x metrics, with the paper's expectation marked."""
-    plt = pyplot()
     grid = np.array([[change[t][k] for k in METRICS] for t in TRANSFORMS], dtype=np.float64)
     shown = np.log10(np.clip(grid, 1e-17, None))
-    fig, ax = plt.subplots(figsize=(7.2, 3.6))
+    fig, ax = _common.pyplot().subplots(figsize=(7.2, 3.6))
     im = ax.imshow(shown, cmap="magma", vmin=-17, vmax=1, aspect="auto")
     for i, t in enumerate(TRANSFORMS):
         for j, k in enumerate(METRICS):
-            want = EXPECTED[k][t]
-            mark = {True: " (=)", False: " (≠)", None: ""}[want]
+            mark = {True: " (=)", False: " (≠)", None: ""}[EXPECTED[k][t]]
             ax.text(j, i, f"{grid[i, j]:.0e}{mark}", ha="center", va="center", fontsize=7,
                     color="white" if shown[i, j] < -6 else "black")
     ax.set_xticks(range(len(METRICS)), [LABELS[k].replace(" ", "\n", 1) for k in METRICS], fontsize=8)
@@ -548,307 +594,65 @@ def plot_invariance(change: dict, path: Path, dpi: int = 80) -> None:
     fig.colorbar(im, ax=ax, label="log10 relative change")
     ax.set_title("metric change under maps of the features; paper: (=) invariant, (≠) not", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=dpi)
 
 
 def plot_transfer(rows: list[dict], corr: dict, path: Path, dpi: int = 80) -> None:
     """Paper Fig. 7 (top row): each metric against MLOG across the logit-scale sweep."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.1))
+    fig, axes = _common.pyplot().subplots(1, 4, figsize=(13, 3.1))
     scales = sorted({r["logit_scale"] for r in rows})
     for ax, k in zip(axes, METRICS):
         seen = set()
         for r in rows:
             i = scales.index(r["logit_scale"])
-            hollow = k in r.get("degenerate", ())
-            fitted = r.get("fitted", True)
-            label = f"T = {r['logit_scale']:g}" if i not in seen else None
+            ax.plot(r["metrics"][k], r["mlog"], "o" if r.get("fitted", True) else "x", color=f"C{i}",
+                    markerfacecolor="none" if k in r.get("degenerate", ()) else None,
+                    label=f"T = {r['logit_scale']:g}" if i not in seen else None)
             seen.add(i)
-            ax.plot(r["metrics"][k], r["mlog"], "o" if fitted else "x", color=f"C{i}",
-                    markerfacecolor="none" if hollow else None, label=label)
         ax.set_xlabel(LABELS[k])
-        ax.set_title(f"oriented r = {fmt_r(corr[k])}", fontsize=9)
+        ax.set_title(f"oriented r = {_common.number(corr[k], '.3f')}", fontsize=9)
     axes[0].set_ylabel("MLOG (transfer)")
     axes[0].legend(fontsize=7, title="x: not fitted" if not all(r.get("fitted", True) for r in rows) else None,
                    title_fontsize=7)
     fig.suptitle("transfer vs collapse across the logit-scale sweep (r > 0: less collapse, better transfer)",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=dpi)
 
 
-# --------------------------------------------------------------------------------------------- run
-def settings(preset: str, quick: bool, overrides: dict) -> dict:
-    """The run's settings: the preset's, then --quick's, then the command-line overrides."""
-    s = dict(PRESETS[preset])
-    if quick:
-        s.update(QUICK)
-    s.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("epochs", "transfer_epochs", "transfer_seeds", "metrics_every", "width"):
-        if not (isinstance(s[key], int) and s[key] >= 1):
-            raise ValueError(f"--{key.replace('_', '-')}: must be an integer >= 1, got {s[key]}")
-    scales = tuple(s["logit_scales"])
-    if len(scales) < 3 or any(not (math.isfinite(t) and t > 0) for t in scales) or len(set(scales)) != len(scales):
-        raise ValueError(f"--logit-scales: need at least 3 distinct finite values > 0 (a correlation), got "
-                         f"{list(scales)}")
-    s["logit_scales"] = scales
-    return s
+def figures(results: dict, out: Path) -> list[tuple[str, str]]:
+    """The training curves, Sigma_W's split, the invariance heatmap and the transfer sweep."""
+    tr, tf, s = results["training"], results["transfer"], results["settings"]
+    plot_curves(tr["curves"], out / "vci_metrics.png", f"ResNet-18 (width {s['width']}) on {s['dataset']}: "
+                "penultimate features", tr["interpolation_epoch"])
+    plot_span(tr["span"], out / "vci_span.png")
+    plot_invariance(results["invariance"]["change"], out / "vci_invariance.png")
+    plot_transfer(tf["rows"], tf["correlations"], out / "vci_transfer.png")
+    return [("vci_metrics.png", "The four variability-collapse metrics over training, train (solid) and test (dashed) "
+             "(paper Fig. 3 and 6)."),
+            ("vci_span.png", "Σ_W inside and outside span(Σ_B) over training (paper Fig. 1)."),
+            ("vci_invariance.png", "Relative change of each metric under maps of the final train features (paper "
+             "Obs. 4.2-4.4, Cor. 5.4)."),
+            ("vci_transfer.png", "Each metric against transfer (MLOG) across the logit-scale sweep (paper Fig. 7, "
+             "top row).")]
 
 
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--logit-scales: expected comma-separated numbers, got {text!r}") from None
+DRIVER = _common.Driver(
+    name=NAME, title="Paper 004: the Variability Collapse Index", usage=textwrap.dedent(__doc__.partition("\n\n")[2]),
+    presets=PRESETS, quick=QUICK, run=run, claims=claims, figures=figures, sections=sections,
+    flags=[_common.flag("--epochs", type=_common.positive_int, help="epochs of the training-curve run"),
+           _common.flag("--metrics-every", type=_common.positive_int, help="measure every N epochs"),
+           _common.flag("--transfer-epochs", type=_common.positive_int,
+                        help="epochs of each pretraining run of the sweep"),
+           _common.flag("--logit-scales", type=_scales,
+                        help="comma-separated logit scales T of the transfer sweep (the loss sees T z), e.g. 0.1,1,10"),
+           _common.flag("--transfer-seeds", type=_common.positive_int,
+                        help="pretraining runs per logit scale (seeds seed, seed+1, ...; each run is one point)"),
+           _common.flag("--width", type=_common.positive_int, help="ResNet-18 base width")])
 
 
-def body(argv=None) -> dict:
-    p = _common.parser(NAME, __doc__)
-    p.add_argument("--epochs", type=int, default=None, help="epochs of the training-curve run (preset's default)")
-    p.add_argument("--metrics-every", type=int, default=None, help="measure every N epochs (preset's default)")
-    p.add_argument("--transfer-epochs", type=int, default=None, help="epochs of each pretraining run of the sweep")
-    p.add_argument("--logit-scales", type=str, default=None,
-                   help="comma-separated logit scales T of the transfer sweep (the loss sees T z), e.g. 0.1,1,10")
-    p.add_argument("--transfer-seeds", type=int, default=None,
-                   help="pretraining runs per logit scale (seeds seed, seed+1, ...; each run is one point)")
-    p.add_argument("--width", type=int, default=None, help="ResNet-18 base width (preset's default)")
-    a = p.parse_args(argv)
-    check_preset(a.preset, a.data)
-    s = settings(a.preset, a.quick, {"epochs": a.epochs, "metrics_every": a.metrics_every,
-                                     "transfer_epochs": a.transfer_epochs, "width": a.width,
-                                     "transfer_seeds": a.transfer_seeds,
-                                     "logit_scales": _scales(a.logit_scales) if a.logit_scales else None})
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    base = dict(COMMON, dataset=s["dataset"], data=a.data, width=s["width"], lr=s["lr"],
-                weight_decay=s["weight_decay"], batch_size=s["batch_size"], seed=a.seed, device=a.device,
-                progress=not a.no_progress)
-    for key in ("train_subset", "augment"):
-        if key in s:
-            base[key] = s[key]
-
-    # 1-3: training curves, Sigma_W's split, invariance --------------------------------------------
-    _say(f"training run: {s['epochs']} epochs, metrics every {s['metrics_every']} -> {out / 'train'}")
-    run = _train(out / "train", SpanTrainer, epochs=s["epochs"], metrics_every=s["metrics_every"], **base)
-    tr = run.trainer
-    pen = tr.model.penultimate_name
-    measured = run.measured
-    data = curves(measured, pen)
-    span = {split: {"epoch": [r["epoch"] for r in measured],
-                    **{key: [r["span"][split][key] for r in measured]
-                       for key in ("inside", "outside", "total", "share_inside", "rank_b")}}
-            for split in ("train", "test")}
-    trends = {split: {} for split in ("train", "test")}
-    for split in ("train", "test"):
-        d = data[split]
-        for k in METRICS:  # the untrained network and the degenerate (forced) values left out
-            keep = [i for i, (e, f) in enumerate(zip(d["epoch"], d["degenerate"][k])) if e >= 1 and not f]
-            trends[split][k] = collapse_trend([d["epoch"][i] for i in keep], [d[k][i] for i in keep],
-                                              COLLAPSE_SIGN[k])
-    span_trend = {split: {part: collapse_trend([e for e in span[split]["epoch"] if e >= 1],
-                                               [v for e, v in zip(span[split]["epoch"], span[split][part]) if e >= 1])
-                          for part in ("inside", "outside", "share_inside")} for split in ("train", "test")}
-    feats = tr.features("train", pen)
-    labels = tr.y["train"].cpu().numpy()
-    np.savez(out / "features.npz", train=feats, labels=labels, num_classes=tr.num_train_classes)
-    _say("invariance check on the final train features")
-    inv = invariance(feats, labels, tr.num_train_classes, seed=a.seed)
-    inv_verdicts = invariance_verdicts(inv["change"])
-
-    # 4: transfer sweep ----------------------------------------------------------------------------
-    rows = []
-    points = [(scale, a.seed + j) for j in range(s["transfer_seeds"]) for scale in s["logit_scales"]]
-    for i, (scale, seed) in enumerate(points, start=1):
-        _say(f"transfer sweep {i}/{len(points)}: pretraining on coarse labels at logit scale "
-             f"T = {scale:g} (seed {seed}), {s['transfer_epochs']} epochs")
-        cfg = dict(base, seed=seed, epochs=s["transfer_epochs"], metrics_every=s["transfer_epochs"])
-        rows.append(transfer_run(out / "transfer" / f"T{scale:g}_s{seed}", scale, cfg, s["coarse"], seed,
-                                 s.get("fitted", FITTED)))
-    corr = transfer_correlations(rows)
-    paper_corr = paper_correlations()
-
-    # figures --------------------------------------------------------------------------------------
-    it = run.summary.get("interpolation_epoch")
-    plot_curves(data, out / "vci_metrics.png",
-                f"ResNet-18 (width {s['width']}) on {s['dataset']}: penultimate features", it)
-    plot_span(span, out / "vci_span.png")
-    plot_invariance(inv["change"], out / "vci_invariance.png")
-    plot_transfer(rows, corr, out / "vci_transfer.png")
-
-    # report ---------------------------------------------------------------------------------------
-    report = Report(title="Paper 004: the Variability Collapse Index", command=_common.command(NAME, argv),
-                    preset=a.preset, quick=a.quick)
-    add_claims(report, trends, span_trend, inv, inv_verdicts, corr, paper_corr)
-    report.figure("vci_metrics.png", "The four variability-collapse metrics over training, train (solid) and test "
-                  "(dashed) (paper Fig. 3 and 6).")
-    report.figure("vci_span.png", "Σ_W inside and outside span(Σ_B) over training (paper Fig. 1).")
-    report.figure("vci_invariance.png", "Relative change of each metric under maps of the final train features "
-                  "(paper Obs. 4.2-4.4, Cor. 5.4).")
-    report.figure("vci_transfer.png", "Each metric against transfer (MLOG) across the logit-scale sweep "
-                  "(paper Fig. 7, top row).")
-    report.section("Training curves (penultimate features)", trend_table(trends, span_trend))
-    report.section("Invariance", invariance_table(inv))
-    report.section("Transfer sweep", transfer_table(rows, corr, paper_corr, s))
-    report.section("Settings", settings_text(s, run, a))
-    report.seconds = time.perf_counter() - t0
-    report.write(out)
-    results = {"preset": a.preset, "quick": a.quick, "settings": {k: list(v) if isinstance(v, tuple) else v
-                                                                  for k, v in s.items()},
-               "training": {"layer": pen, "curves": data, "span": span, "trends": trends, "span_trends": span_trend,
-                            "interpolation_epoch": it, "train_accuracy": run.summary["train_accuracy"],
-                            "test_accuracy": run.summary["test_accuracy"], "seconds": run.seconds},
-               "invariance": {**inv, "verdicts": inv_verdicts, "same_tol": SAME_TOL, "change_tol": CHANGE_TOL},
-               "transfer": {"rows": rows, "correlations": corr, "paper_correlations": paper_corr,
-                            "most_correlated": most_correlated(corr)},
-               "report": report.as_dict(), "seconds": report.seconds}
-    write_json(results, out / "results.json")
-    _say(f"wrote {out / 'report.md'}, {out / 'results.json'} and the figures ({report.seconds:.0f} s)")
-    return results
-
-
-def add_claims(report: Report, trends: dict, span_trend: dict, inv: dict, inv_verdicts: dict, corr: dict,
-               paper_corr: dict) -> None:
-    """The claim rows, every verdict computed from the numbers given."""
-    def rho(t):
-        return f"ρ = {fmt(t['rho'], 2)}; {fmt(t['first'])} → {fmt(t['last'])} (epochs {t['epochs'][0]}-{t['epochs'][-1]})" \
-            if t["first"] is not None else "too few epochs"
-
-    for k in ("vci", "fuzziness"):
-        t = trends["train"][k]
-        report.claim(f"{LABELS[k]} decreases over training (train)", "decreasing (Fig. 3, ResNet-18 / CIFAR-10)",
-                     rho(t), t["collapses"])
-    sq, cs = trends["train"]["squared_distance"], trends["train"]["cosine_separation"]
-    cons = [sq["consistent"], cs["consistent"]]
-    report.claim(f"squared distance and cosine separation show no consistent collapse trend (|ρ| < {CONSISTENT_RHO})",
-                 "no consistent trend (Fig. 3, CIFAR-10; consistent on ImageNet, Fig. 4)",
-                 f"squared distance {rho(sq)}; cosine separation {rho(cs)}",
-                 None if None in cons else not any(cons))
-    t = trends["test"]["vci"]
-    report.claim("VCI decreases on the test features too", "decreasing (Fig. 6)", rho(t), t["collapses"])
-    ins, outs, share = (span_trend["train"][k] for k in ("inside", "outside", "share_inside"))
-    rhos = (ins["rho"], outs["rho"])
-    report.claim("Tr(P_B Σ_W) shrinks while Tr(P_B⊥ Σ_W) grows over training (train; Spearman ρ with the epoch)",
-                 "inside decreases, outside increases (Fig. 1, ResNet-50 / ImageNet)",
-                 f"inside ρ = {fmt(ins['rho'], 2)}, {fmt(ins['first'])} → {fmt(ins['last'])}; outside ρ = "
-                 f"{fmt(outs['rho'], 2)}, {fmt(outs['first'])} → {fmt(outs['last'])}",
-                 None if any(math.isnan(r) for r in rhos) else rhos[0] < 0 and rhos[1] > 0)
-    report.claim("the share Tr(P_B Σ_W) / Tr(Σ_W) falls over training (train; scale-free)",
-                 "falls (follows from Fig. 1)",
-                 f"ρ = {fmt(share['rho'], 2)}, {fmt(share['first'])} → {fmt(share['last'])}",
-                 None if math.isnan(share["rho"]) else share["rho"] < 0)
-    v = inv_verdicts["vci"]
-    report.claim("VCI is invariant to invertible linear maps", "exactly invariant (Cor. 5.4)",
-                 f"max relative change {fmt(v['max_same'])} over invertible, block, orthogonal and scaling maps",
-                 v["holds"])
-    texts = {"fuzziness": ("invariant to block maps on span(Σ_B) ⊕ ⊥ (and orthogonal, isotropic), not to a general "
-                           "invertible map", "Obs. 4.2"),
-             "squared_distance": ("invariant to orthogonal maps and isotropic scaling, not to a general invertible "
-                                  "map", "Obs. 4.3"),
-             "cosine_separation": ("invariant to orthogonal maps and per-sample scaling, not to a general invertible "
-                                   "map", "Obs. 4.4")}
-    for k, (text, where) in texts.items():
-        v = inv_verdicts[k]
-        report.claim(f"{LABELS[k]}: {text}", where,
-                     f"invariant cases ≤ {fmt(v['max_same'])}; general invertible map: "
-                     f"{fmt(inv['change']['invertible'][k])}" + (f" (failed: {', '.join(v['failed'])})"
-                                                                  if v["failed"] else ""),
-                     v["holds"])
-    pt = paper_corr["temperature"]
-    ours = ", ".join(f"{LABELS[k]} {fmt_r(corr[k])}" for k in METRICS)
-    finite = all(math.isfinite(corr[k]) for k in METRICS)
-    report.claim("temperature sweep: less collapse goes with better transfer, for all four metrics (oriented r > 0)",
-                 "r = " + ", ".join(fmt_r(pt[k]) for k in METRICS) + " (Table 2 rows 1-6, in the order "
-                 "fuzziness, sq. distance, cosine, VCI)", ours,
-                 all(corr[k] > 0 for k in METRICS) if finite else None)
-    pr = paper_corr["regularizer"]
-    report.claim("VCI correlates positively with transfer (MLOG)",
-                 f"r = {fmt_r(pt['vci'])} (temperature), {fmt_r(pr['vci'])} (regularizer)",
-                 f"r = {fmt_r(corr['vci'])}", corr["vci"] > 0 if math.isfinite(corr["vci"]) else None)
-    pa = paper_corr["all"]
-    best = most_correlated(corr)
-    report.claim("VCI correlates with transfer more than the other metrics",
-                 "VCI " + fmt_r(pa["vci"]) + ", others ≤ " + fmt_r(max(pa[k] for k in METRICS if k != "vci"))
-                 + " (both groups pooled; temperature group alone: VCI " + fmt_r(pt["vci"]) + ", sq. distance "
-                 + fmt_r(pt["squared_distance"]) + ")",
-                 f"most correlated: {LABELS[best] if best else 'n/a'} (VCI {fmt_r(corr['vci'])}, best other "
-                 f"{fmt_r(max(corr[k] for k in METRICS if k != 'vci'))})",
-                 None if best is None else best == "vci")
-
-
-def trend_table(trends: dict, span_trend: dict) -> str:
-    rows = []
-    for split in ("train", "test"):
-        for k in METRICS:
-            t = trends[split][k]
-            rows.append([split, LABELS[k], fmt(t["first"]), fmt(t["last"]), fmt(t["rho"], 2),
-                         {True: "yes", False: "no", None: "n/a"}[t["collapses"]],
-                         {True: "yes", False: "no", None: "n/a"}[t["consistent"]]])
-        for part, label in (("inside", "Tr(P_B Σ_W)"), ("outside", "Tr(P_B⊥ Σ_W)"),
-                            ("share_inside", "Tr(P_B Σ_W) / Tr(Σ_W)")):
-            t = span_trend[split][part]
-            rows.append([split, label, fmt(t["first"]), fmt(t["last"]), fmt(t["rho"], 2), "", ""])
-    return (table(["split", "metric", "first (epoch ≥ 1)", "last", "Spearman ρ (collapse < 0)", "collapses",
-                   f"consistent (ρ ≤ -{CONSISTENT_RHO})"], rows)
-            + "\n\nρ is Spearman's rank correlation of the epoch with the metric, oriented so that negative "
-              "means towards collapse (cosine separation's sign flipped; for the two traces it is not flipped: "
-              "negative = shrinking; nor for the share). Degenerate values (forced by the sample size) are left out.")
-
-
-def invariance_table(inv: dict) -> str:
-    head = ["map"] + [LABELS[k] for k in METRICS]
-    rows = [["(original value)"] + [fmt(inv["original"][k], 4) for k in METRICS]]
-    for t in TRANSFORMS:
-        cells = []
-        for k in METRICS:
-            want = EXPECTED[k][t]
-            cells.append(fmt(inv["change"][t][k]) + {True: " (=)", False: " (≠)", None: ""}[want])
-        rows.append([TRANSFORM_LABELS[t]] + cells)
-    note = ("Relative change of each metric under each map of the final train features (float64, "
-            "ncfast.nc_metrics); (=) the paper says invariant, (≠) not invariant; blank: no claim. "
-            f"Invariant: ≤ {SAME_TOL:g}; changed: ≥ {CHANGE_TOL:g}.")
-    if inv["original"]["degenerate"]:
-        note += f" Degenerate on these features: {inv['original']['degenerate']} (forced by the sample size)."
-    return table(head, rows) + "\n\n" + note
-
-
-def transfer_table(rows: list[dict], corr: dict, paper_corr: dict, s: dict) -> str:
-    tasks = list(rows[0]["task_accuracy"]) if rows else []
-    head = ["T", "seed"] + [LABELS[k] for k in METRICS] + ["pretrain acc"] + [f"{t} acc" for t in tasks] + ["MLOG"]
-    body_rows = [[f"{r['logit_scale']:g}" + ("" if r.get("fitted", True) else "*"), str(r.get("seed", ""))] + [fmt(r["metrics"][k], 4) for k in METRICS]
-                 + [fmt(r["pretrain_accuracy"], 4)] + [fmt(r["task_accuracy"][t], 4) for t in tasks]
-                 + [fmt(r["mlog"], 3)] for r in rows]
-    corr_rows = [["ours (logit-scale sweep)"] + [fmt_r(corr[k]) for k in METRICS]]
-    for g, label in (("temperature", "paper, temperature (Table 2 rows 1-6)"),
-                     ("regularizer", "paper, regularizer (rows 7-11)"), ("all", "paper, both groups")):
-        corr_rows.append([label] + [fmt_r(paper_corr[g][k]) for k in METRICS])
-    return (f"Pretraining on the coarse labels ({s['coarse']} {'super-classes' if s['coarse'] != 'official' else ''}), "
-            f"{s['transfer_epochs']} epochs per run, {s['transfer_seeds']} run(s) per logit scale T (each run one "
-            "point of the correlation); downstream linear probes on fine / within / blocks "
-            "(see the module docstring); metrics of the pretraining task's train features.\n\n"
-            + table(head, body_rows)
-            + (f"\n\n* pretraining stopped below {s.get('fitted', FITTED):.0%} train accuracy (not fitted: its "
-               "collapse and transfer mix in under-training); left out of r "
-               f"({sum(r.get('fitted', True) for r in rows)} of {len(rows)} runs count)."
-               if not all(r.get("fitted", True) for r in rows) else "")
-            + "\n\nOriented Pearson r of each metric with MLOG (r > 0: less collapse, better "
-            "transfer):\n\n" + table(["", *[LABELS[k] for k in METRICS]], corr_rows))
-
-
-def settings_text(s: dict, run: Run, a) -> str:
-    keys = ("dataset", "width", "epochs", "metrics_every", "lr", "weight_decay", "batch_size", "transfer_epochs",
-            "logit_scales", "transfer_seeds", "coarse", "train_subset", "augment")
-    parts = [f"{k} = {s[k]}" for k in keys if k in s]
-    return ("ResNet-18 (" + ", ".join(parts) + f"), seed {a.seed}, device {run.summary.get('device')}. "
-            f"Training run: train accuracy {fmt(run.summary['train_accuracy'], 4)}, test accuracy "
-            f"{fmt(run.summary['test_accuracy'], 4)}, interpolation epoch {run.summary.get('interpolation_epoch')}, "
-            f"{run.seconds:.0f} s.")
-
-
-def main(argv=None) -> int:
-    return _common.run_main(body, argv)
+def main(argv: list[str] | None = None) -> int:
+    return DRIVER.main(argv)
 
 
 if __name__ == "__main__":
