@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ncfast.experiments import rank_collapse as rc
-from ncfast.experiments._common import verdict
+from ncfast.experiments import _common
+from ncfast.experiments._common import spearman, verdict
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
@@ -49,15 +50,15 @@ def test_spearman_matches_a_hand_written_rank_correlation_and_is_undefined_on_ed
     x = rng.normal(size=12)
     y = np.round(x + rng.normal(size=12), 1)
     y[3] = y[5]  # a tie
-    rho, p = rc.spearman(x, y)
+    rho, p = spearman(x, y)
     assert rho == pytest.approx(ranks_pearson(x, y), abs=1e-12)
     assert 0 <= p <= 1
-    assert rc.spearman([1, 2, 3, 4], [8, 6, 4, 1])[0] == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [8, 6, 4, 1])[0] == pytest.approx(-1.0)
     for x, y in (([1, 2], [2, 1]), ([1, 1, 1], [1, 2, 3]), ([1, 2, 3], [5, 5, 5])):
-        assert all(math.isnan(v) for v in rc.spearman(x, y))
+        assert all(math.isnan(v) for v in spearman(x, y))
     # non-finite points are dropped, not propagated
-    assert rc.spearman([1, 2, 3, float("nan"), 4], [4, 3, 2, 0, 1])[0] == pytest.approx(-1.0)
-    assert rc.spearman([1, 2, 3, None, 4], [4, 3, 2, 0, 1])[0] == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, float("nan"), 4], [4, 3, 2, 0, 1])[0] == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, None, 4], [4, 3, 2, 0, 1])[0] == pytest.approx(-1.0)
 
 
 def test_build_settings_trains_the_shared_default_run_once_and_twins_every_init_setting():
@@ -222,19 +223,60 @@ def test_svhn_mat_files(tmp_path):
 @pytest.mark.parametrize("args, flag", [
     (["--width", "0"], "--width"), (["--temperatures", "1,x"], "--temperatures"),
     (["--init-scales", "1,-2"], "--init-scales"), (["--epochs", "0"], "--epochs"), (["--depths", "4,0"], "--depths"),
+    (["--lr", "0"], "--lr"), (["--ood", "mnist"], "--ood"),
     (["--preset", "cifar100", "--data", "/nowhere", "--depths", "4"], "--depths"),
     (["--preset", "fashion-mnist", "--quick", "--data", "/usr/share/datasets/fashion-mnist"], "--quick"),
     (["--preset", "cifar10"], "--data"), (["--train-subset", "0"], "--train-subset")])
 def test_bad_arguments_name_the_flag(tmp_path, capsys, args, flag):
-    if "fashion-mnist" in args:  # the flag check comes after the data check: needs the files
-        import os
-
-        if not os.path.exists("/usr/share/datasets/fashion-mnist"):
-            pytest.skip("Fashion-MNIST files not installed")
-    assert rc.main([*args, "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    # a bad value of one flag: argparse's usage error; flags that do not fit the preset: one line; both exit 2
+    try:
+        code = rc.main([*args, "--out", str(tmp_path / "o"), "--no-progress"])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and flag in err
-    assert not (tmp_path / "o" / "results.json").exists()
+    assert "error: " in err and flag in err
+    assert not (tmp_path / "o" / "results.json").exists() and not (tmp_path / "o" / "runs").exists()
+
+
+def _plan(tmp_path, *argv):
+    args = rc.DRIVER.parser().parse_args(list(argv))
+    settings = rc.DRIVER.settings(args)
+    return settings, rc.plan(_common.Context("rank_collapse", settings, args, tmp_path, _common.Log("t", True)))
+
+
+def test_flags_replace_the_presets_settings(tmp_path):
+    s, cfg = _plan(tmp_path)
+    assert s == rc.PRESETS["digits"] and cfg["groups"] == ("init", "temperature", "layernorm")
+    assert cfg["ood"] in ("fashion-mnist", "rotated")  # auto: Fashion-MNIST where its files are installed
+    s, cfg = _plan(tmp_path, "--epochs", "7", "--lr", "0.5", "--temperatures", "10,1,10", "--init-scales", "3",
+                   "--init", "default", "--temperature-init", "default", "--loss", "mse", "--train-subset", "99",
+                   "--depths", "6,2", "--width", "32", "--no-layernorm", "--ood", "rotated")
+    assert (s["epochs"], s["lr"], s["temperatures"], s["init_scales"]) == (7, 0.5, (1.0, 10.0), (3.0,))
+    assert (s["init"], s["temperature_init"], s["loss"], s["train_subset"]) == ("default", "default", "mse", 99)
+    assert [m.label for m in cfg["models"]] == ["MLP-2x32", "MLP-6x32"]
+    assert cfg["groups"] == ("init", "temperature") and cfg["ood"] == "rotated"
+    assert s["models"] == rc.PRESETS["digits"]["models"]  # plan leaves the merged settings alone
+    # --quick: QUICK over the digits preset; its OOD set is the rotated images unless --ood says otherwise
+    s, cfg = _plan(tmp_path, "--quick")
+    assert s == {**rc.PRESETS["digits"], **rc.QUICK} and cfg["ood"] == "rotated"
+    assert _plan(tmp_path, "--quick", "--ood", "auto")[1]["ood"] == "rotated"
+    # the cifar100 preset trains CNNs: --width sets their base channels
+    _, cfg = _plan(tmp_path, "--preset", "cifar100", "--data", "/x", "--width", "16")
+    assert [m.label for m in cfg["models"]] == ["vgg19-w16", "resnet18-w16"] and cfg["ood"] == "rotated"
+    assert cfg["groups"] == ("temperature",)
+
+
+def test_run_config_is_the_trainers_config_of_a_setting():
+    setting = rc.Setting(rc.Model("mlp", 4, 2048), init="kaiming", init_scale=2.0, temperature=10.0, layernorm=True)
+    c = rc.run_config(setting, rc.PRESETS["digits"])
+    assert (c["arch"], c["depth"], c["width"], c["logit_scale"]) == ("mlp", 4, 2048, 10.0)
+    assert (c["init"], c["init_scale"], c["output_norm"]) == ("kaiming", 2.0, "layernorm")
+    assert c["max_dim"] == 2048 and c["augment"] is False and c["clp_embed"] == "none"
+    assert (c["epochs"], c["lr"], c["metrics_every"], c["loss"]) == (30, 0.01, 5, "ce")
+    from ncfast.train.trainer import Config
+
+    Config(**c)  # every key is a Config field
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -255,6 +297,12 @@ def test_quick_writes_report_json_and_figures(quick):
         assert matplotlib.image.imread(out / f).ndim == 3
     report = (out / "report.md").read_text()
     assert "python -m ncfast.experiments.rank_collapse --quick" in report
+    assert report.startswith("# Paper 002: rank collapse driven by the initial logits norm\n")
+    for heading in ("## Setup", "## Runs", "## Per layer (temperature runs)"):
+        assert heading in report
+    assert res["report"]["quick"] is True and res["report"]["preset"] == "digits" and res["seconds"] > 0
+    assert (res["preset"], res["quick"], res["seed"], res["config"]["ood"]) == ("digits", True, 0, "rotated")
+    assert res["config"]["models"] == [{"arch": "mlp", "depth": 2, "width": 64}]
     runs = res["runs"]
     # default T=1 (init + temperature), kaiming x2, T=10, and the layernorm twins of the first two
     assert len(runs) == 5 and sum(r["layernorm"] for r in runs) == 2
@@ -287,7 +335,8 @@ def test_quick_verdicts_follow_from_the_json_numbers(quick):
         # ... and the report's verdict is the word for the JSON's holds, beside the JSON's numbers
         assert cells[-1] == verdict(stored["holds"]), key
         assert cells[2] == stored["ours"].replace("|", "\\|") and cells[1] == paper.replace("|", "\\|")
-    assert [c["verdict"] for c in res["report"]["claims"]] == [verdict(res["claims"][k]["holds"]) for k, *_ in rc.CLAIMS]
+    words = [verdict(res["claims"][k]["holds"]) for k, *_ in rc.CLAIMS]
+    assert [c["verdict"] for c in res["report"]["claims"]] == words
     # a check of one number by hand: the layernorm claim's maxima are the runs' initial norms
     pairs = [r for r in res["runs"] if r["layernorm"]]
     assert res["claims"]["layernorm_norm"]["max_ln"] == pytest.approx(max(r["initial_logits_norm"] for r in pairs))

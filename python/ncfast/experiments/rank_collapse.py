@@ -1,93 +1,18 @@
 """Paper 002: the initial logits norm decides how far the rank of the representations collapses.
 
-    python -m ncfast.experiments.rank_collapse                    # digits, MLP-4 x 512, 13 runs (~6 min, 2 cores)
-    python -m ncfast.experiments.rank_collapse --quick            # a smoke run (~1 min)
-    python -m ncfast.experiments.rank_collapse --preset cifar10 --data DIR --ood-data SVHN_DIR   # the paper's MLPs
-
-What the paper does (it survives as the captions of its figures; they are its only text here):
-
-- Figs. 1-4: "Each point on the plot represents a single MLP network with eight layers (2048 neurons
-  in each hidden layer) trained to 100% on CIFAR-10 with different hyperparameters" (four and six
-  hidden layers in Figs. 2-3), plotted as the "logits norm of randomly initialized model (x-axis)
-  and rank of representation after training (y-axis)". "Top plot presents almost a linear
-  relationship between the scale of initialization of the model's weights and logits norm and
-  between logits norm and final rank of representations. Middle plot presents the effect of
-  applying softmax temperature [...] (init sigma = default, representing a default PyTorch
-  initialization scheme). [...] Bottom plot presents the effect of the normalization layer applied
-  at the output of all the networks. In line with our predictions, layer norm prevents increasing
-  the logits norm and therefore prevents the collapse of the model."
-- Figs. 7-12: VGG19 and ResNet18 "trained on a subset (2000 examples) of CIFAR-100 dataset [...]
-  with different temperatures (x-axis), which changed their initial logit norm (second x-axis) and
-  resulted in a solution of lower rank (y-axis). Current theory predicts that the network will find a
-  solution of rank 100 (equal to the number of classes in the training dataset)." "The greater the
-  final norm (y-axis), the lower the final rank of the solution." Figs. 9/12: "the rank collapses at
-  the beginning of the training and we do not need to enter TPT phase to observe the collapse".
-- Figs. 17/22/27: "accuracy of linear probes attached to different layers for in-distribution
-  generalization (top plot), out-of-distribution generalization (second top plot, evaluated at
-  SVHN), rank of the representations at each layer (third top plot) and norm of the representations
-  at each layer (bottom plot). The greater temperature leads to more severe rank collapse, greater
-  compression, higher representations norm, and worse OOD performance."
-- The temperature T multiplies the logits (the captions: the figure titles show 1/T); ncfast's
-  ``logit_scale`` is that T, and ``logits_norm`` is the norm of the logits the loss sees, T z.
-
-The sweep (``build_settings``), for every model of the preset:
-
-- ``init``: PyTorch's default initialisation, and ``--init`` (kaiming: He normal, zero biases) with
-  its weights times each of ``--init-scales`` (the paper's "init sigma"), T = 1;
-- ``temperature``: each T of ``--temperatures`` on the init of ``--temperature-init`` at scale 1
-  (T = 1 is also a run of the init group, trained once). The paper's Fig. 1 (middle) uses PyTorch's
-  default init; so do the cifar presets. The digits and Fashion-MNIST presets use kaiming: PyTorch's
-  default init of an MLP-4 on 64 inputs starts at a logits norm of 0.08, so T up to 30 stays far
-  below the norms where the paper sees collapse (there, on digits, the rank rises with T), and
-  T = 100 on it kills every ReLU under SGD (train accuracy 10%); with kaiming (norm 4.3 at T = 1)
-  T = 30 already diverges, hence T = 1, 2, 5, 10.
-- ``layernorm``: every ``init`` setting again with an affine-free LayerNorm on the penultimate
-  features (the trainer's ``output_norm="layernorm"``; the paper does not say more than "a
-  normalization layer applied at the output").
-
-Measured per run (reference trainer, ncfast's ``LayerProbe``): ``initial_logits_norm`` (epoch 0,
-train split), and at the end of training the ``effective_rank`` and numerical ``rank`` of Sigma_T
-(docs/metrics.md; the rank rule's rtol is ncfast's default) of the last hidden layer's features on the
-train split (for layernorm runs the LayerNorm's input, so that both kinds of network are measured at
-the same place; the LayerNorm output's rank is in results.json too), the final ``logits_norm`` and,
-per layer, ``feature_norm``, ``effective_rank`` and the linear probe accuracy (trainer summary
-``linear_probe_per_layer``). For the temperature runs the out-of-distribution probe: every probed
-layer's features of an OOD data set through the trained network, a linear probe (the trainer's
-``linear_probe``) fitted on the OOD set's own train split and scored on its test split. OOD sets
-(``--ood``): ``svhn`` (``--ood-data``: the folder of train_32x32.mat / test_32x32.mat; cifar presets,
-as the paper), ``fashion-mnist`` (area-downsampled to 8 x 8 for digits; 2,000 train / 1,000 test
-images), ``digits`` (8 x 8 digits bilinearly upsampled to 28 x 28, for Fashion-MNIST), ``rotated``
-(the in-distribution images rotated by 90 degrees and negated; the only one that works on any data
-and the one ``--quick`` uses). ``auto``: svhn with --ood-data on cifar (else rotated), fashion-mnist
-for digits when its files are present (else rotated), digits for Fashion-MNIST. OOD images are
-normalised with the in-distribution channel statistics, as the network's own inputs are.
-
-Presets (the paper gives no learning rate, batch size or epoch count; it trains every network to
-100% training accuracy with "the recommended hyperparameters"):
-
-- ``digits`` (default): MLP-4 x 512 on the 8 x 8 digits (1,437 training images), 30 epochs, SGD lr
-  0.01, momentum 0.9, weight decay 5e-4, batch 128, cosine schedule, no augmentation; init scales
-  0.5, 1, 1.5, 2 (kaiming); T = 1, 2, 5, 10 (kaiming); OOD Fashion-MNIST at 8 x 8.
-- ``fashion-mnist``: MLP-4 x 512 on a seeded 5,000-image training subset (all 10,000 test images), 30
-  epochs measured every 10, otherwise as digits; OOD digits at 28 x 28. Sized for 2 CPU cores.
-- ``cifar10``: the paper's MLP-4, -6 and -8 x 2048 on CIFAR-10 (Figs. 1-4, 17), 100 epochs, init
-  scales 0.5, 1, 1.5, 2, T = 1, 10, 100, 1000; OOD SVHN with --ood-data.
-- ``cifar100``: VGG-19 and ResNet-18 on the paper's 2,000-image CIFAR-100 subset, temperature sweep
-  only (Figs. 7-12), 200 epochs; OOD SVHN with --ood-data.
-
-Outputs in --out: ``report.md`` (claims, the paper's words, ours, verdicts computed by the functions
-``claim_*`` below), ``results.json`` (every run's numbers and the statistics of every claim),
-``rank_collapse.png`` (Figs. 1-4 / 7-8 / 10-11: initial logits norm against final effective rank and
-against final logits norm, one panel per sweep group), ``rank_collapse_layers.png`` (Figs. 17/22/27:
-per layer, one curve per T), ``rank_collapse_evolution.png`` (Figs. 9/12: effective rank and logits
-norm over the epochs, one curve per T) and the trainer's run folders under ``runs/``.
+    python -m ncfast.experiments.rank_collapse                    # digits, MLP-4 x 512
+    python -m ncfast.experiments.rank_collapse --quick            # a smoke run
+    python -m ncfast.experiments.rank_collapse --preset cifar10 --data DIR --ood-data SVHN_DIR
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
+import json
 import math
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -97,13 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..train.data import FASHION_MNIST_DIR, IDX_FILES, load_dataset
-from ..train.figures import pyplot
 from ..train.probes import linear_probe
 from ..train.trainer import layer_features
 from . import _common
-from ._common import spearman
+from ._common import number
 
-NAME = "rank_collapse"
 OOD_KINDS = ("auto", "rotated", "fashion-mnist", "digits", "svhn")
 P_VALUE = 0.05  # a Spearman correlation counts as shown when its two-sided p-value is below this
 EARLY_FRACTION = 0.9  # "collapsed": this fraction of the drop from the initial to the final rank is done
@@ -119,29 +42,24 @@ class Model:
     def label(self) -> str:
         if self.arch == "mlp":
             return f"MLP-{self.depth}x{self.width}"
-        return f"{self.arch}{self.depth}" + ("" if self.width is None else f"-w{self.width}")
+        base = self.arch if self.arch.endswith(str(self.depth)) else f"{self.arch}{self.depth}"  # vgg19, not vgg1919
+        return base + ("" if self.width is None else f"-w{self.width}")
 
 
-PRESET_CONFIG = {
-    # model list, sweep values and trainer settings per preset; --quick replaces some (QUICK)
-    "digits": dict(dataset="digits", models=[Model("mlp", 4, 512)], epochs=30, batch_size=128, lr=0.01,
-                   weight_decay=5e-4, metrics_every=5, init_scales=(0.5, 1.0, 1.5, 2.0),
-                   temperatures=(1.0, 2.0, 5.0, 10.0), temperature_init="kaiming",
-                   groups=("init", "temperature", "layernorm"), train_subset=None, ood="fashion-mnist"),
-    "fashion-mnist": dict(dataset="fashion-mnist", models=[Model("mlp", 4, 512)], epochs=30, batch_size=128,
-                          lr=0.01, weight_decay=5e-4, metrics_every=10, init_scales=(0.5, 1.0, 1.5, 2.0),
-                          temperatures=(1.0, 2.0, 5.0, 10.0), temperature_init="kaiming", groups=("init", "temperature", "layernorm"),
-                          train_subset=5000, ood="digits"),
-    "cifar10": dict(dataset="cifar10", models=[Model("mlp", d, 2048) for d in (4, 6, 8)], epochs=100,
-                    batch_size=128, lr=0.01, weight_decay=5e-4, metrics_every=10, init_scales=(0.5, 1.0, 1.5, 2.0),
-                    temperatures=(1.0, 10.0, 100.0, 1000.0), temperature_init="default",
-                    groups=("init", "temperature", "layernorm"),
-                    train_subset=None, ood="svhn"),
-    "cifar100": dict(dataset="cifar100", models=[Model("vgg19", 19, None), Model("resnet18", 18, None)], epochs=200,
-                     batch_size=128, lr=0.01, weight_decay=5e-4, metrics_every=10, init_scales=(),
-                     temperatures=(1.0, 10.0, 100.0, 1000.0), temperature_init="default", groups=("temperature",),
-                     train_subset=2000,
-                     ood="svhn"),
+# every setting of a preset; the flags of the same name replace them (--quick: QUICK)
+_SHARED = dict(batch_size=128, lr=0.01, weight_decay=5e-4, init="kaiming", loss="ce", train_subset=None,
+               groups=("init", "temperature", "layernorm"), init_scales=(0.5, 1.0, 1.5, 2.0), ood="auto")
+PRESETS = {
+    "digits": dict(_SHARED, dataset="digits", models=[Model("mlp", 4, 512)], epochs=30, metrics_every=5,
+                   temperatures=(1.0, 2.0, 5.0, 10.0), temperature_init="kaiming"),
+    "fashion-mnist": dict(_SHARED, dataset="fashion-mnist", models=[Model("mlp", 4, 512)], epochs=30,
+                          metrics_every=10, temperatures=(1.0, 2.0, 5.0, 10.0), temperature_init="kaiming",
+                          train_subset=5000),
+    "cifar10": dict(_SHARED, dataset="cifar10", models=[Model("mlp", d, 2048) for d in (4, 6, 8)], epochs=100,
+                    metrics_every=10, temperatures=(1.0, 10.0, 100.0, 1000.0), temperature_init="default"),
+    "cifar100": dict(_SHARED, dataset="cifar100", models=[Model("vgg19", 19, None), Model("resnet18", 18, None)],
+                     epochs=200, metrics_every=10, init_scales=(), temperatures=(1.0, 10.0, 100.0, 1000.0),
+                     temperature_init="default", groups=("temperature",), train_subset=2000),
 }
 QUICK = dict(models=[Model("mlp", 2, 64)], epochs=3, metrics_every=1, batch_size=256, init_scales=(2.0,),
              temperatures=(1.0, 10.0), temperature_init="default", ood="rotated")
@@ -164,13 +82,10 @@ class Setting:
 
     @property
     def name(self) -> str:
-        parts = [self.model.label, "default init" if self.init == "default" else f"{self.init} x{self.init_scale:g}"]
+        init = "default init" if self.init == "default" else f"{self.init} x{self.init_scale:g}"
         if self.init == "default" and self.init_scale != 1:
-            parts[-1] += f" x{self.init_scale:g}"
-        parts.append(f"T={self.temperature:g}")
-        if self.layernorm:
-            parts.append("LN")
-        return " ".join(parts)
+            init += f" x{self.init_scale:g}"
+        return " ".join([self.model.label, init, f"T={self.temperature:g}"] + (["LN"] if self.layernorm else []))
 
     @property
     def folder(self) -> str:
@@ -185,7 +100,7 @@ def build_settings(models, init: str, init_scales, temperatures, groups,
     the init group)."""
     runs: dict[tuple, Setting] = {}
 
-    def add(s: Setting, group: str):
+    def add(s: Setting, group: str) -> None:
         s = runs.setdefault(s.key, s)
         if group not in s.groups:
             s.groups.append(group)
@@ -235,7 +150,9 @@ def _seeded_rows(n: int, k: int, seed: int) -> torch.Tensor:
 
 
 def resolve_ood(kind: str, preset: str, ood_data: str | None, quick: bool) -> str:
-    """The OOD data set ``auto`` stands for on a preset (see the module docstring)."""
+    """The OOD data set ``auto`` stands for on a preset: rotated under --quick; svhn on the cifar
+    presets given --ood-data (else rotated); fashion-mnist for digits when its files are there (else
+    rotated); digits for fashion-mnist."""
     if kind not in OOD_KINDS:
         raise ValueError(f"--ood: expected one of {OOD_KINDS}, got {kind!r}")
     if kind != "auto":
@@ -262,16 +179,10 @@ def load_ood(kind: str, ds, id_train_x: torch.Tensor, id_test_x: torch.Tensor, o
                    -torch.rot90(id_test_x.cpu(), 1, (-2, -1)), ytr)
     if len(shape) != 3:
         raise ValueError(f"--ood {kind}: needs image data, the in-distribution data are {shape}")
-    if kind == "fashion-mnist":
-        src = load_dataset("fashion-mnist", ood_data)
-        to01 = [(x * src.std.float().view(1, -1, 1, 1) + src.mean.float().view(1, -1, 1, 1)) for x in
-                (src.train_x, src.test_x)]
-        ys = (src.train_y, src.test_y)
-    elif kind == "digits":
-        src = load_dataset("digits", seed=seed)
-        to01 = [(x * src.std.float().view(1, -1, 1, 1) + src.mean.float().view(1, -1, 1, 1)) for x in
-                (src.train_x, src.test_x)]
-        ys = (src.train_y, src.test_y)
+    if kind in ("fashion-mnist", "digits"):
+        src = load_dataset("fashion-mnist", ood_data) if kind == "fashion-mnist" else load_dataset("digits", seed=seed)
+        mean, std = src.mean.float().view(1, -1, 1, 1), src.std.float().view(1, -1, 1, 1)
+        to01, ys = [x * std + mean for x in (src.train_x, src.test_x)], (src.train_y, src.test_y)
     elif kind == "svhn":
         to01, ys = _svhn(ood_data)
     else:
@@ -289,7 +200,7 @@ def load_ood(kind: str, ds, id_train_x: torch.Tensor, id_test_x: torch.Tensor, o
     return OOD(kind, *out)
 
 
-def _svhn(folder: str | None):
+def _svhn(folder: str | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """SVHN's cropped digits (train_32x32.mat, test_32x32.mat) on the [0, 1] scale; label 10 is 0."""
     if folder is None:
         raise FileNotFoundError("--ood svhn: give --ood-data, the folder holding train_32x32.mat and test_32x32.mat")
@@ -319,13 +230,19 @@ def ood_probes(trainer, ood: OOD, seed: int) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ records
-def run_record(setting: Setting, run, ood_acc: dict | None, seconds: float) -> dict:
+def _record(s: Setting, seconds: float, **numbers) -> dict:
+    return {"name": s.name, "folder": s.folder, "groups": list(s.groups), "model": s.model.label,
+            "arch": s.model.arch, "depth": s.model.depth, "width": s.model.width, "init": s.init,
+            "init_scale": s.init_scale, "temperature": s.temperature, "layernorm": s.layernorm, **numbers,
+            "seconds": seconds}
+
+
+def run_record(setting: Setting, run: _common.Run, ood_acc: dict | None, seconds: float) -> dict:
     """The numbers of one finished run that the claims and figures use (plain data)."""
     trainer, summary = run.trainer, run.summary
     pen = trainer.model.penultimate_name
     where = rank_layer(setting, pen)
-    measured = run.measured
-    last = measured[-1]["layers"]
+    last = run.measured[-1]["layers"]
     final = last[where]["train"]
     layers = {}
     for name in trainer.layers:
@@ -337,85 +254,66 @@ def run_record(setting: Setting, run, ood_acc: dict | None, seconds: float) -> d
     evolution = [{"epoch": r["epoch"], "effective_rank": r["layers"][where]["train"].get("effective_rank"),
                   "rank": r["layers"][where]["train"].get("rank"),
                   "logits_norm": r["layers"][where]["train"].get("logits_norm"), "train_acc": r["train_acc"]}
-                 for r in measured]
-    return {
-        "name": setting.name, "folder": setting.folder, "groups": list(setting.groups), "model": setting.model.label,
-        "arch": setting.model.arch, "depth": setting.model.depth, "width": setting.model.width,
-        "init": setting.init, "init_scale": setting.init_scale, "temperature": setting.temperature,
-        "layernorm": setting.layernorm, "rank_layer": where, "penultimate": pen,
-        "num_classes": summary["num_train_classes"],
-        "initial_logits_norm": summary["initial_logits_norm"],
-        "final_logits_norm": final.get("logits_norm"),
-        "final_effective_rank": final.get("effective_rank"), "final_rank": final.get("rank"),
-        "degenerate": list(final.get("degenerate", [])),
-        "final_effective_rank_penultimate": last[pen]["train"].get("effective_rank"),
-        "train_accuracy": summary["train_accuracy"], "test_accuracy": summary["test_accuracy"],
-        "interpolation_epoch": summary["interpolation_epoch"], "layers": layers, "evolution": evolution,
-        "seconds": seconds, "diverged": False,
-    }
+                 for r in run.measured]
+    return _record(
+        setting, seconds, rank_layer=where, penultimate=pen, num_classes=summary["num_train_classes"],
+        initial_logits_norm=summary["initial_logits_norm"], final_logits_norm=final.get("logits_norm"),
+        final_effective_rank=final.get("effective_rank"), final_rank=final.get("rank"),
+        degenerate=list(final.get("degenerate", [])),
+        final_effective_rank_penultimate=last[pen]["train"].get("effective_rank"),
+        train_accuracy=summary["train_accuracy"], test_accuracy=summary["test_accuracy"],
+        interpolation_epoch=summary["interpolation_epoch"], layers=layers, evolution=evolution, diverged=False)
 
 
 def diverged_record(setting: Setting, folder: Path, seconds: float) -> dict:
     """A run whose training blew up (NaN / Inf features: SGD with a large T): what its measured epochs
     before that say (the initial logits norm), no final numbers; the claims leave it out."""
-    import json
-
     lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
     measured = [json.loads(line) for line in lines if line.strip()]
     initial = None
     if measured and measured[0]["epoch"] == 0:
         initial = next(iter(measured[0]["layers"].values()))["train"].get("logits_norm")
-    return {
-        "name": setting.name, "folder": setting.folder, "groups": list(setting.groups), "model": setting.model.label,
-        "arch": setting.model.arch, "depth": setting.model.depth, "width": setting.model.width,
-        "init": setting.init, "init_scale": setting.init_scale, "temperature": setting.temperature,
-        "layernorm": setting.layernorm, "rank_layer": None, "penultimate": None, "num_classes": None,
-        "initial_logits_norm": initial, "final_logits_norm": None, "final_effective_rank": None, "final_rank": None,
-        "degenerate": [], "final_effective_rank_penultimate": None, "train_accuracy": None, "test_accuracy": None,
-        "interpolation_epoch": None, "layers": {}, "evolution": [], "seconds": seconds, "diverged": True,
-        "diverged_after_epoch": measured[-1]["epoch"] if measured else None,
-    }
+    none = ("rank_layer", "penultimate", "num_classes", "final_logits_norm", "final_effective_rank", "final_rank",
+            "final_effective_rank_penultimate", "train_accuracy", "test_accuracy", "interpolation_epoch")
+    return _record(setting, seconds, initial_logits_norm=initial, **dict.fromkeys(none), degenerate=[], layers={},
+                   evolution=[], diverged=True, diverged_after_epoch=measured[-1]["epoch"] if measured else None)
 
 
 # ------------------------------------------------------------------------------------------ claims
-def _fmt(v, digits=3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
-
-
 def _corr_claim(xs, ys, sign: int) -> dict:
     """rho, p, n and holds = (sign * rho > 0 and p < P_VALUE); holds None where rho is undefined."""
-    rho, p = spearman(xs, ys)
+    rho, p = _common.spearman(xs, ys)
     n = int(np.sum(np.isfinite(np.asarray(xs, float)) & np.isfinite(np.asarray(ys, float))))
     holds = None if not math.isfinite(rho) else bool(sign * rho > 0 and p < P_VALUE)
     return {"rho": rho, "p": p, "n": n, "holds": holds,
-            "ours": f"Spearman rho = {_fmt(rho, 2)} (p = {_fmt(p, 2)}, n = {n})"}
+            "ours": f"Spearman rho = {number(rho, '.2g')} (p = {number(p, '.2g')}, n = {n})"}
 
 
-def _finished(records):
+def _finished(records: list[dict]) -> list[dict]:
     return [r for r in records if not r.get("diverged")]
 
 
-def _plain(records):
+def _plain(records: list[dict]) -> list[dict]:
     return [r for r in _finished(records) if not r["layernorm"]]
 
 
-def claim_rank_vs_initial_norm(records) -> dict:
+def claim_rank_vs_initial_norm(records: list[dict]) -> dict:
     """Final effective rank against initial logits norm over the runs without layernorm: holds when
     the rank falls as the norm grows (Spearman rho < 0, p < P_VALUE)."""
     rs = _plain(records)
     return _corr_claim([r["initial_logits_norm"] for r in rs], [r["final_effective_rank"] for r in rs], -1)
 
 
-def claim_rank_vs_final_norm(records) -> dict:
+def claim_rank_vs_final_norm(records: list[dict]) -> dict:
     """Final effective rank against final logits norm (Figs. 8/11), runs without layernorm."""
     rs = _plain(records)
     return _corr_claim([r["final_logits_norm"] for r in rs], [r["final_effective_rank"] for r in rs], -1)
 
 
-def claim_init_scale_norm(records) -> dict:
+def claim_init_scale_norm(records: list[dict]) -> dict:
     """Initial logits norm against the init scale, over the init group's runs of one scheme other
-    than PyTorch's default (Fig. 1 top) and without layernorm, per model then pooled by ranks:
-    holds when every model's rho > 0 with p < P_VALUE."""
+    than PyTorch's default (Fig. 1 top) and without layernorm, per model: holds when every model's
+    rho > 0 with p < P_VALUE."""
     per_model = {}
     for r in records:
         if "init" in r["groups"] and not r["layernorm"] and r["init"] != "default":
@@ -431,15 +329,14 @@ def claim_init_scale_norm(records) -> dict:
             "per_model": parts, "ours": ours}
 
 
-def _ln_pairs(records):
+def _ln_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
     """(layernorm run, its twin without layernorm) for every layernorm run that has one."""
-    records = _finished(records)
-    plain = {(r["model"], r["init"], r["init_scale"], r["temperature"]): r for r in records if not r["layernorm"]}
-    return [(r, plain[(r["model"], r["init"], r["init_scale"], r["temperature"])]) for r in records
-            if r["layernorm"] and (r["model"], r["init"], r["init_scale"], r["temperature"]) in plain]
+    records, key = _finished(records), lambda r: (r["model"], r["init"], r["init_scale"], r["temperature"])
+    plain = {key(r): r for r in records if not r["layernorm"]}
+    return [(r, plain[key(r)]) for r in records if r["layernorm"] and key(r) in plain]
 
 
-def claim_layernorm_norm(records) -> dict:
+def claim_layernorm_norm(records: list[dict]) -> dict:
     """Layernorm keeps the initial logits norm low: over the paired settings, the largest initial
     logits norm with layernorm is below the largest without."""
     pairs = _ln_pairs(records)
@@ -448,11 +345,11 @@ def claim_layernorm_norm(records) -> dict:
     ln = max(a["initial_logits_norm"] for a, _ in pairs)
     plain = max(b["initial_logits_norm"] for _, b in pairs)
     return {"n": len(pairs), "max_ln": ln, "max_plain": plain, "holds": bool(ln < plain),
-            "ours": f"largest initial logits norm {_fmt(ln)} with layernorm vs {_fmt(plain)} without "
+            "ours": f"largest initial logits norm {number(ln)} with layernorm vs {number(plain)} without "
                     f"({len(pairs)} paired settings)"}
 
 
-def claim_layernorm_rank(records) -> dict:
+def claim_layernorm_rank(records: list[dict]) -> dict:
     """Layernorm prevents the collapse: its run ends with a higher effective rank than its twin
     without layernorm in more than half of the paired settings."""
     pairs = _ln_pairs(records)
@@ -463,10 +360,10 @@ def claim_layernorm_rank(records) -> dict:
     return {"n": len(pairs), "higher": higher, "mean_difference": float(np.mean(diffs)),
             "holds": bool(2 * higher > len(pairs)),
             "ours": f"higher effective rank with layernorm in {higher} of {len(pairs)} paired settings "
-                    f"(mean difference {float(np.mean(diffs)):+.3g})"}
+                    f"(mean difference {number(float(np.mean(diffs)), '+.3g')})"}
 
 
-def _temperature_runs(records) -> dict[str, list[dict]]:
+def _temperature_runs(records: list[dict]) -> dict[str, list[dict]]:
     out = {}
     for r in _finished(records):
         if "temperature" in r["groups"]:
@@ -474,7 +371,7 @@ def _temperature_runs(records) -> dict[str, list[dict]]:
     return {m: sorted(rs, key=lambda r: r["temperature"]) for m, rs in out.items()}
 
 
-def _mean_layers(r, key):
+def _mean_layers(r: dict, key: str) -> float:
     vals = [v[key] for v in r["layers"].values() if v.get(key) is not None]
     return float(np.mean(vals)) if vals else float("nan")
 
@@ -488,13 +385,11 @@ TEMPERATURE_CLAIMS = {
 }
 
 
-def claim_temperature(records, what: str) -> dict:
+def claim_temperature(records: list[dict], what: str) -> dict:
     """How ``what`` (a key of TEMPERATURE_CLAIMS) moves with T over each model's temperature runs:
     holds when, for every model, Spearman's rho with T has the expected sign and the value at the
-    largest T is beyond the value at the smallest T in that direction (with 3-4 temperatures no
-    p-value can be small, so the monotone direction and the end points are the test; with two
-    temperatures, the end points alone). Not measured with fewer than two finished temperature runs
-    or an undefined rho (a constant value)."""
+    largest T is beyond the value at the smallest T in that direction (two temperatures: the end
+    points alone). Not measured with fewer than two finished temperature runs or an undefined rho."""
     value, sign, label = TEMPERATURE_CLAIMS[what]
     groups = _temperature_runs(records)
     if not groups:
@@ -503,7 +398,7 @@ def claim_temperature(records, what: str) -> dict:
     for m, rs in groups.items():
         ts = [r["temperature"] for r in rs]
         vs = [value(r) for r in rs]
-        rho, p = spearman(ts, vs)
+        rho, p = _common.spearman(ts, vs)
         ends = bool(sign * (vs[-1] - vs[0]) > 0) if len(vs) >= 2 and all(map(math.isfinite, (vs[0], vs[-1]))) else None
         if ends is None or (len(vs) >= 3 and not math.isfinite(rho)):
             holds = None
@@ -511,12 +406,13 @@ def claim_temperature(records, what: str) -> dict:
             holds = ends if len(vs) == 2 else bool(sign * rho > 0 and ends)
         parts[m] = {"temperatures": ts, "values": vs, "rho": rho, "p": p, "holds": holds}
         verdicts.append(holds)
-        texts.append(f"{m}: " + ", ".join(f"T={t:g}: {_fmt(v)}" for t, v in zip(ts, vs)) + f" (rho = {_fmt(rho, 2)})")
+        texts.append(f"{m}: " + ", ".join(f"T={t:g}: {number(v)}" for t, v in zip(ts, vs))
+                     + f" (rho = {number(rho, '.2g')})")
     holds = None if any(v is None for v in verdicts) else all(verdicts)
     return {"holds": holds, "per_model": parts, "ours": f"{label}: " + "; ".join(texts), "n": len(records)}
 
 
-def collapse_epoch(evolution, fraction: float = EARLY_FRACTION):
+def collapse_epoch(evolution: list[dict], fraction: float = EARLY_FRACTION) -> int | None:
     """First measured epoch at which ``fraction`` of the drop of the effective rank from epoch 0 to
     the end is done; None when the rank did not drop."""
     pts = [(e["epoch"], e["effective_rank"]) for e in evolution if e.get("effective_rank") is not None]
@@ -529,12 +425,10 @@ def collapse_epoch(evolution, fraction: float = EARLY_FRACTION):
     return next(ep for ep, v in pts if v <= target)
 
 
-def claim_early_collapse(records) -> dict:
+def claim_early_collapse(records: list[dict]) -> dict:
     """The rank collapses early (Figs. 9/12): for the largest-T run of every model, the collapse
-    epoch (``collapse_epoch``) is at or before the interpolation epoch (the first with train
-    accuracy >= the threshold; the trainer always measures it). Does not hold where the rank did
-    not fall or fell only after the interpolation epoch; a run that never interpolates but
-    collapsed counts as early."""
+    epoch (``collapse_epoch``) is at or before the interpolation epoch; a run that never
+    interpolates but collapsed counts as early."""
     groups = _temperature_runs(records)
     if not groups:
         return {"holds": None, "ours": "no temperature sweep", "n": 0}
@@ -575,41 +469,35 @@ CLAIMS = [
 ]
 
 
-def evaluate_claims(records) -> dict[str, dict]:
+def evaluate_claims(records: list[dict]) -> dict[str, dict]:
     """Every claim's statistics and verdict from the run records (pure)."""
-    out = {}
-    for key, claim, paper, fn in CLAIMS:
-        res = fn(records)
-        out[key] = {"claim": claim, "paper": paper, **res}
-    return out
+    return {key: {"claim": claim, "paper": paper, **fn(records)} for key, claim, paper, fn in CLAIMS}
 
 
 # ------------------------------------------------------------------------------------------ tables
-def settings_table(records) -> str:
+def settings_table(records: list[dict]) -> str:
     """Markdown: one row per run."""
-    lines = ["| run | groups | initial logits norm | final logits norm | final eff. rank | final rank | "
-             "train acc | interpolation epoch |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
     for r in records:
+        head = [r["name"], ", ".join(r["groups"]), number(r["initial_logits_norm"])]
         if r.get("diverged"):
-            lines.append(f"| {r['name']} | {', '.join(r['groups'])} | {_fmt(r['initial_logits_norm'])} | diverged "
-                         f"(NaN / Inf) after epoch {r['diverged_after_epoch']} | - | - | - | - |")
+            rows.append(head + [f"diverged (NaN / Inf) after epoch {r['diverged_after_epoch']}"] + ["-"] * 4)
             continue
-        erank = _fmt(r["final_effective_rank"], 4) + (" (degenerate)" if "effective_rank" in r["degenerate"] else "")
-        lines.append(f"| {r['name']} | {', '.join(r['groups'])} | {_fmt(r['initial_logits_norm'])} | "
-                     f"{_fmt(r['final_logits_norm'])} | {erank} | {r['final_rank']} | {_fmt(r['train_accuracy'], 4)} | "
-                     f"{'never' if r['interpolation_epoch'] is None else r['interpolation_epoch']} |")
-    return "\n".join(lines)
+        erank = number(r["final_effective_rank"], ".4g") + (" (degenerate)" if "effective_rank" in r["degenerate"]
+                                                             else "")
+        it = "never" if r["interpolation_epoch"] is None else r["interpolation_epoch"]
+        rows.append(head + [number(r["final_logits_norm"]), erank, r["final_rank"],
+                            number(r["train_accuracy"], ".4g"), it])
+    return _common.table(["run", "groups", "initial logits norm", "final logits norm", "final eff. rank",
+                          "final rank", "train acc", "interpolation epoch"], rows)
 
 
-def layers_table(records) -> str:
+def layers_table(records: list[dict]) -> str:
     """Markdown: per layer of every temperature run, ID / OOD probe accuracy, effective rank, norm."""
-    lines = ["| run | layer | ID probe | OOD probe | eff. rank | feature norm |", "| --- | --- | --- | --- | --- | --- |"]
-    for rs in _temperature_runs(records).values():
-        for r in rs:
-            for name, v in r["layers"].items():
-                lines.append(f"| {r['name']} | {name} | {_fmt(v['linear_probe'], 3)} | {_fmt(v['ood_probe'], 3)} | "
-                             f"{_fmt(v['effective_rank'], 4)} | {_fmt(v['feature_norm'], 4)} |")
-    return "\n".join(lines)
+    rows = [[r["name"], name, number(v["linear_probe"]), number(v["ood_probe"]), number(v["effective_rank"], ".4g"),
+             number(v["feature_norm"], ".4g")]
+            for rs in _temperature_runs(records).values() for r in rs for name, v in r["layers"].items()]
+    return _common.table(["run", "layer", "ID probe", "OOD probe", "eff. rank", "feature norm"], rows)
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -618,16 +506,16 @@ GROUP_TITLES = {"init": "init scale (T = 1)", "temperature": "temperature T",
 MARKERS = "osD^v<>p"
 
 
-def _short(r) -> str:
+def _short(r: dict) -> str:
     init = "default" if r["init"] == "default" else f"{r['init']} x{r['init_scale']:g}"
     return f"{init}, T={r['temperature']:g}" + (", LN" if r["layernorm"] else "")
 
 
-def plot_scatter(records, path: Path) -> None:
+def plot_scatter(records: list[dict], path: Path) -> bool:
     """Figs. 1-4 / 7-8 / 10-11: initial logits norm (x, log) against final effective rank (top row)
     and final logits norm (bottom row), one column per sweep group; colour = setting (legend),
     marker = model; hollow = effective rank listed as degenerate (forced by the sample size)."""
-    plt = pyplot()
+    plt = _common.pyplot()
     from matplotlib.ticker import NullFormatter
 
     groups = [g for g in ("init", "temperature", "layernorm") if any(g in r["groups"] for r in records)]
@@ -646,15 +534,12 @@ def plot_scatter(records, path: Path) -> None:
                 ax.scatter([t["initial_logits_norm"] for t in twins], [t[key] for t in twins], s=30, c="lightgrey",
                            edgecolors="grey", zorder=1, label="without LN")
             for r in members:
-                lab = _short(r)
+                lab, c = _short(r), colours[_short(r)]
                 hollow = key == "final_effective_rank" and "effective_rank" in r["degenerate"]
-                c = colours[lab]
                 ax.scatter([r["initial_logits_norm"]], [r[key]], s=46, marker=MARKERS[models.index(r["model"]) % 8],
-                           facecolors="none" if hollow else [c], edgecolors=[c], linewidths=1.5, zorder=2,
-                           label=lab)
+                           facecolors="none" if hollow else [c], edgecolors=[c], linewidths=1.5, zorder=2, label=lab)
                 ax.annotate(lab.replace(", T=1", "") if g != "temperature" else f"T={r['temperature']:g}",
-                            (r["initial_logits_norm"], r[key]), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
+                            (r["initial_logits_norm"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
             ys = [r[key] for r in members if r[key] is not None and r[key] > 0]
@@ -665,26 +550,25 @@ def plot_scatter(records, path: Path) -> None:
             ax.set_ylabel(ylabel)
             if row == 0:
                 ax.set_title(GROUP_TITLES[g], fontsize=9)
-            handles, texts = ax.get_legend_handles_labels()
             seen = {}
-            for h, t in zip(handles, texts):
+            for h, t in zip(*ax.get_legend_handles_labels()):
                 seen.setdefault(t, h)
             ax.legend(seen.values(), seen.keys(), fontsize=6, loc="best")
     note = ", ".join(f"{MARKERS[i % 8]}: {m}" for i, m in enumerate(models))
     fig.suptitle(f"rank collapse and the initial logits norm ({note}; rank of the last hidden layer, train; "
                  f"hollow = degenerate)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=80)
+    return True
 
 
-def plot_layers(records, path: Path) -> None:
+def plot_layers(records: list[dict], path: Path) -> bool:
     """Figs. 17/22/27: per layer, one curve per temperature: ID probe, OOD probe, effective rank,
-    feature norm (a row per model)."""
-    plt = pyplot()
+    feature norm (a row per model). False (nothing drawn) without temperature runs."""
+    plt = _common.pyplot()
     groups = _temperature_runs(records)
     if not groups:
-        return
+        return False
     panels = (("linear_probe", "ID linear probe acc."), ("ood_probe", "OOD linear probe acc."),
               ("effective_rank", "effective rank (train)"), ("feature_norm", "feature norm (train)"))
     fig, axes = plt.subplots(len(groups), 4, figsize=(14, 3.0 * len(groups)), squeeze=False)
@@ -706,17 +590,17 @@ def plot_layers(records, path: Path) -> None:
             ax.set_title(f"{m}: {title}", fontsize=9)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=80)
+    return True
 
 
-def plot_evolution(records, path: Path) -> None:
+def plot_evolution(records: list[dict], path: Path) -> bool:
     """Figs. 9/12: effective rank and logits norm of the rank layer over the epochs, one curve per T;
-    a dotted line at each run's interpolation epoch."""
-    plt = pyplot()
+    a dotted line at each run's interpolation epoch. False (nothing drawn) without temperature runs."""
+    plt = _common.pyplot()
     groups = _temperature_runs(records)
     if not groups:
-        return
+        return False
     fig, axes = plt.subplots(2, len(groups), figsize=(5 * len(groups), 5.5), squeeze=False)
     for col, (m, rs) in enumerate(groups.items()):
         for i, r in enumerate(rs):
@@ -735,194 +619,146 @@ def plot_evolution(records, path: Path) -> None:
             axes[row][col].set_xlabel("epoch (dotted: interpolation epoch)")
             axes[row][col].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=80)
+    return True
 
 
 # ------------------------------------------------------------------------------------------ driver
-def _floats(flag: str):
-    def parse(text: str):
-        try:
-            vals = tuple(float(v) for v in text.split(",") if v.strip())
-        except ValueError:
-            raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
-        if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
-            raise ValueError(f"{flag}: expected comma-separated numbers > 0, got {text!r}")
-        return vals
-    return parse
-
-
-def _ints(text: str):
+def positive_floats(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated finite numbers > 0 ("0.5,1,2"), sorted, without repeats."""
     try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
     except ValueError:
-        raise ValueError(f"--depths: expected comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise ValueError(f"--depths: expected comma-separated integers >= 1, got {text!r}")
-    return vals
+        values = ()
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0 such as 1,2.5, got {text!r}")
+    return values
 
 
-def make_parser():
-    p = _common.parser(NAME, __doc__)
-    p.add_argument("--depths", default=None, metavar="D1,D2", help="MLP hidden layers (digits 4; cifar10 4,6,8)")
-    p.add_argument("--width", type=int, default=None, help="MLP hidden units / CNN base channels (digits 512)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (digits 30)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (0.01)")
-    p.add_argument("--init", choices=("kaiming", "default"), default="kaiming",
-                   help="scheme of the init-scale sweep (default kaiming)")
-    p.add_argument("--init-scales", default=None, metavar="S1,S2", help="init scales swept (digits 0.5,1,1.5,2)")
-    p.add_argument("--temperatures", default=None, metavar="T1,T2",
-                   help="temperatures T swept (digits 1,2,5,10; cifar 1,10,100,1000)")
-    p.add_argument("--temperature-init", choices=("kaiming", "default"), default=None,
-                   help="init of the temperature runs (digits kaiming, cifar default as the paper)")
-    p.add_argument("--no-layernorm", action="store_true", help="leave out the layernorm group")
-    p.add_argument("--loss", choices=("ce", "mse"), default="ce",
-                   help="ce, or mse: paper 002's softmax + MSE (mean ||softmax(T z) - onehot||^2)")
-    p.add_argument("--train-subset", type=int, default=None, metavar="N",
-                   help="train on N training images (cifar100: the paper's 2000)")
-    p.add_argument("--ood", choices=OOD_KINDS, default="auto", help="out-of-distribution set of the OOD probes")
-    p.add_argument("--ood-data", default=None, help="folder of the OOD files (svhn: train_32x32.mat, test_32x32.mat)")
-    return p
-
-
-def plan(a) -> dict:
-    """The preset's configuration with --quick and the flags applied; errors name the bad flag."""
-    cfg = dict(PRESET_CONFIG[a.preset])
-    if a.quick:
-        if a.preset != "digits":
-            raise ValueError(f"--quick: runs on the bundled digits only, not --preset {a.preset}")
-        cfg.update(QUICK)
+def plan(ctx: _common.Context) -> dict:
+    """The settings with the flags that are not settings applied (--depths, --width, --no-layernorm)
+    and ``ood`` resolved; a ValueError naming the flag where they do not fit the preset."""
+    cfg, a = dict(ctx.settings), ctx.args
     if a.depths is not None:
         if not all(m.arch == "mlp" for m in cfg["models"]):
             raise ValueError(f"--depths: the {a.preset} preset trains {[m.label for m in cfg['models']]}, not MLPs")
-        cfg["models"] = [Model("mlp", d, cfg["models"][0].width) for d in _ints(a.depths)]
+        if a.depths[0] < 1:
+            raise ValueError(f"--depths: expected hidden layer counts >= 1, got {a.depths}")
+        cfg["models"] = [Model("mlp", d, cfg["models"][0].width) for d in a.depths]
     if a.width is not None:
-        if a.width < 1:
-            raise ValueError(f"--width: must be >= 1, got {a.width}")
         cfg["models"] = [replace(m, width=a.width) for m in cfg["models"]]
-    if a.epochs is not None:
-        if a.epochs < 1:
-            raise ValueError(f"--epochs: must be >= 1, got {a.epochs}")
-        cfg["epochs"] = a.epochs
-    if a.lr is not None:
-        if not (math.isfinite(a.lr) and a.lr > 0):
-            raise ValueError(f"--lr: must be a number > 0, got {a.lr}")
-        cfg["lr"] = a.lr
-    if a.init_scales is not None:
-        cfg["init_scales"] = _floats("--init-scales")(a.init_scales)
-    if a.temperatures is not None:
-        cfg["temperatures"] = _floats("--temperatures")(a.temperatures)
     if a.no_layernorm:
         cfg["groups"] = tuple(g for g in cfg["groups"] if g != "layernorm")
-    if a.train_subset is not None:
-        if a.train_subset < 1:
-            raise ValueError(f"--train-subset: must be >= 1, got {a.train_subset}")
-        cfg["train_subset"] = a.train_subset
-    cfg["ood"] = resolve_ood(a.ood, a.preset, a.ood_data, a.quick)
-    if a.temperature_init is not None:
-        cfg["temperature_init"] = a.temperature_init
-    cfg["loss"] = a.loss
-    cfg["init"] = a.init
+    cfg["ood"] = resolve_ood(cfg["ood"], a.preset, a.ood_data, a.quick)
     return cfg
 
 
-def sweep(cfg: dict, out: Path, *, data, seed: int, device: str, progress: bool, ood_data=None) -> list[dict]:
-    """Train every setting and return the run records (the trainer's run folders go to out/runs/)."""
+def run_config(s: Setting, cfg: dict) -> dict:
+    """The trainer's Config fields of one run (data, device, seed and progress come from ``ctx.train``)."""
+    return dict(arch=s.model.arch, depth=s.model.depth, width=s.model.width, dataset=cfg["dataset"],
+                epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                metrics_every=cfg["metrics_every"], augment=False, train_subset=cfg["train_subset"],
+                logit_scale=s.temperature, init=s.init, init_scale=s.init_scale,
+                output_norm="layernorm" if s.layernorm else None, loss=cfg["loss"], clp_embed="none",
+                max_dim=max(1024, s.model.width or 0) if s.model.arch == "mlp" else 1024)
+
+
+def run(ctx: _common.Context) -> dict:
+    """Train every setting of the sweep (the trainer's run folders go to out/runs/) and evaluate the claims."""
+    cfg = plan(ctx)
     settings = build_settings(cfg["models"], cfg["init"], cfg["init_scales"], cfg["temperatures"], cfg["groups"],
                               cfg["temperature_init"])
     records, ood = [], None
     t0 = time.perf_counter()
     for i, s in enumerate(settings, start=1):
-        print(f"[{i}/{len(settings)}] {s.name} ({', '.join(s.groups)}) ...", file=sys.stderr, flush=True)
-        width = s.model.width
-        config = dict(arch=s.model.arch, depth=s.model.depth, width=width, dataset=cfg["dataset"], data=data,
-                      epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                      weight_decay=cfg["weight_decay"], metrics_every=cfg["metrics_every"], augment=False,
-                      train_subset=cfg["train_subset"], logit_scale=s.temperature, init=s.init,
-                      init_scale=s.init_scale, output_norm="layernorm" if s.layernorm else None, loss=cfg["loss"],
-                      clp_embed="none", seed=seed, device=device, progress=progress,
-                      max_dim=max(1024, width or 0) if s.model.arch == "mlp" else 1024)
+        tag = f"[{i}/{len(settings)}] {s.name}"
+        ctx.log(f"{tag} ({', '.join(s.groups)}) ...")
         t1 = time.perf_counter()
         # the trainer's per-epoch lines are progress: stderr, so stdout keeps the driver's summary
         try:
-            with contextlib.redirect_stdout(sys.stderr if progress else io.StringIO()):
-                run = _common.train_run(out / "runs" / s.folder, **config)
+            with contextlib.redirect_stdout(sys.stderr if ctx.progress else io.StringIO()):
+                trained = ctx.train(ctx.out / "runs" / s.folder, **run_config(s, cfg))
         except ValueError as e:
             if "NaN or Inf" not in str(e):
                 raise
-            records.append(diverged_record(s, out / "runs" / s.folder, time.perf_counter() - t1))
-            print(f"[{i}/{len(settings)}] {s.name}: diverged (NaN / Inf features); left out of the claims",
-                  file=sys.stderr, flush=True)
+            records.append(diverged_record(s, ctx.out / "runs" / s.folder, time.perf_counter() - t1))
+            ctx.log(f"{tag}: diverged (NaN / Inf features); left out of the claims")
             continue
         ood_acc = None
         if "temperature" in s.groups:
             if ood is None:
-                ood = load_ood(cfg["ood"], run.trainer.ds, run.trainer.x["train"], run.trainer.x["test"], ood_data,
-                               seed=seed)
-            ood_acc = ood_probes(run.trainer, ood, seed)
-        records.append(run_record(s, run, ood_acc, time.perf_counter() - t1))
-        r = records[-1]
-        print(f"[{i}/{len(settings)}] {s.name}: initial logits norm {_fmt(r['initial_logits_norm'])}, final effective "
-              f"rank {_fmt(r['final_effective_rank'], 4)}, train acc {_fmt(r['train_accuracy'], 4)} "
-              f"({r['seconds']:.0f} s, {time.perf_counter() - t0:.0f} s in all)", file=sys.stderr, flush=True)
-        del run
-    return records
+                tr = trained.trainer
+                ood = load_ood(cfg["ood"], tr.ds, tr.x["train"], tr.x["test"], ctx.args.ood_data, seed=ctx.seed)
+            ood_acc = ood_probes(trained.trainer, ood, ctx.seed)
+        r = run_record(s, trained, ood_acc, time.perf_counter() - t1)
+        records.append(r)
+        ctx.log(f"{tag}: initial logits norm {number(r['initial_logits_norm'])}, final effective rank "
+                f"{number(r['final_effective_rank'], '.4g')}, train acc {number(r['train_accuracy'], '.4g')} "
+                f"({r['seconds']:.0f} s, {time.perf_counter() - t0:.0f} s in all)")
+        del trained
+    config = {**{k: v for k, v in cfg.items() if k != "models"}, "models": [asdict(m) for m in cfg["models"]]}
+    return {"preset": ctx.preset, "quick": ctx.quick, "seed": ctx.seed, "config": config, "runs": records,
+            "claims": evaluate_claims(records)}
 
 
-def body(argv=None) -> dict:
-    a = make_parser().parse_args(argv)
-    _common.check_preset(a.preset, a.data)
-    cfg = plan(a)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    records = sweep(cfg, out, data=a.data, seed=a.seed, device=a.device, progress=not a.no_progress,
-                    ood_data=a.ood_data)
-    claims = evaluate_claims(records)
-    report = _common.Report(title="Paper 002: rank collapse driven by the initial logits norm",
-                            command=_common.command(NAME, argv), preset=a.preset, quick=a.quick)
-    for key, claim, paper, _ in CLAIMS:
-        c = claims[key]
-        report.claim(claim, paper, c["ours"], c["holds"])
-    figures = [("rank_collapse.png", plot_scatter,
-                "Initial logits norm (epoch 0) against the final effective rank (top) and final logits norm (bottom) "
-                "of the last hidden layer, per sweep group (paper Figs. 1-4, 7-8, 10-11)"),
-               ("rank_collapse_layers.png", plot_layers,
-                f"Per layer at the end of training, one curve per T: ID linear probe, OOD linear probe "
-                f"({cfg['ood']}), effective rank, feature norm (paper Figs. 17, 22, 27)"),
-               ("rank_collapse_evolution.png", plot_evolution,
-                "Effective rank and logits norm over the epochs, one curve per T (paper Figs. 9, 12)")]
-    for file, fn, caption in figures:
-        fn(records, out / file)
-        if (out / file).exists():
-            report.figure(file, caption)
-    models = ", ".join(m.label for m in cfg["models"])
-    report.section("Setup", (
+def claims(results: dict) -> list[_common.Claim]:
+    return [_common.Claim(c["claim"], c["paper"], c["ours"], c["holds"]) for c in results["claims"].values()]
+
+
+def figures(results: dict, out: Path) -> list[tuple[str, str]]:
+    records, ood = results["runs"], results["config"]["ood"]
+    drawn = [("rank_collapse.png", plot_scatter,
+              ("Initial logits norm (epoch 0) against the final effective rank (top) and final logits norm (bottom) "
+               "of the last hidden layer, per sweep group (paper Figs. 1-4, 7-8, 10-11)")),
+             ("rank_collapse_layers.png", plot_layers,
+              (f"Per layer at the end of training, one curve per T: ID linear probe, OOD linear probe "
+               f"({ood}), effective rank, feature norm (paper Figs. 17, 22, 27)")),
+             ("rank_collapse_evolution.png", plot_evolution,
+              "Effective rank and logits norm over the epochs, one curve per T (paper Figs. 9, 12)")]
+    return [(file, caption) for file, draw, caption in drawn if draw(records, out / file)]
+
+
+def sections(results: dict) -> list[tuple[str, str]]:
+    cfg, records = results["config"], results["runs"]
+    models = ", ".join(Model(**m).label for m in cfg["models"])
+    scales = ", ".join(number(v, "g") for v in cfg["init_scales"]) or "-"
+    temperatures = ", ".join(number(v, "g") for v in cfg["temperatures"])
+    setup = (
         f"{models} on {cfg['dataset']}" + (f" ({cfg['train_subset']} training images)" if cfg["train_subset"] else "")
-        + f", {cfg['epochs']} epochs, SGD lr {cfg['lr']:g}, momentum 0.9, weight decay {cfg['weight_decay']:g}, "
+        + f", {cfg['epochs']} epochs, SGD lr {number(cfg['lr'], 'g')}, momentum 0.9, "
+        f"weight decay {number(cfg['weight_decay'], 'g')}, "
         f"batch {cfg['batch_size']}, cosine schedule, no augmentation, loss {cfg['loss']}. Sweep groups "
-        f"{', '.join(cfg['groups'])}: init scales {', '.join(f'{v:g}' for v in cfg['init_scales']) or '-'} "
-        f"({cfg['init']}), temperatures {', '.join(f'{v:g}' for v in cfg['temperatures'])} "
-        f"({cfg['temperature_init']} init). The rank is "
-        f"ncfast's `effective_rank` (exp of the entropy of the normalised singular values of Sigma_T) of the last "
-        f"hidden layer on the train split; correlations are Spearman's (two-sided p < {P_VALUE} counts as shown). "
-        f"OOD probes: {cfg['ood']}."))
-    report.section("Runs", settings_table(records))
-    report.section("Per layer (temperature runs)", layers_table(records))
-    report.seconds = time.perf_counter() - t0
-    report.write(out)
-    results = {"report": report.as_dict(), "preset": a.preset, "quick": a.quick, "seed": a.seed,
-               "config": {**{k: v for k, v in cfg.items() if k != "models"},
-                          "models": [asdict(m) for m in cfg["models"]]},
-               "runs": records, "claims": claims}
-    _common.write_json(results, out / "results.json")
-    print(report.markdown().split("\n## ")[0])
-    print(f"wrote {out / 'report.md'}, {out / 'results.json'} and the figures ({report.seconds:.0f} s)")
-    return results
+        f"{', '.join(cfg['groups'])}: init scales {scales} "
+        f"({cfg['init']}), temperatures {temperatures} ({cfg['temperature_init']} init). "
+        f"The rank is ncfast's `effective_rank` (exp of the entropy of the normalised singular values of Sigma_T) "
+        f"of the last hidden layer on the train split; correlations are Spearman's (two-sided p < {P_VALUE} counts "
+        f"as shown). OOD probes: {cfg['ood']}.")
+    return [("Setup", setup), ("Runs", settings_table(records)),
+            ("Per layer (temperature runs)", layers_table(records))]
+
+
+DRIVER = _common.Driver(
+    name="rank_collapse", title="Paper 002: rank collapse driven by the initial logits norm",
+    usage=textwrap.dedent((__doc__ or "").partition("\n\n")[2]), presets=PRESETS, quick=QUICK, run=run,
+    claims=claims, figures=figures, sections=sections, flags=[
+        _common.flag("--depths", type=_common.int_list, metavar="D1,D2", help="MLP hidden layers (digits 4)"),
+        _common.flag("--width", type=_common.positive_int, help="MLP hidden units / CNN base channels (digits 512)"),
+        _common.flag("--epochs", type=_common.positive_int, help="epochs per run (digits 30)"),
+        _common.flag("--lr", type=_common.positive_float, help="SGD learning rate (0.01)"),
+        _common.flag("--init", choices=("kaiming", "default"), help="scheme of the init-scale sweep (kaiming)"),
+        _common.flag("--init-scales", type=positive_floats, metavar="S1,S2", help="init scales (digits 0.5,1,1.5,2)"),
+        _common.flag("--temperatures", type=positive_floats, metavar="T1,T2", help="temperatures T (digits 1,2,5,10)"),
+        _common.flag("--temperature-init", choices=("kaiming", "default"),
+                     help="init of the temperature runs (digits kaiming, cifar default)"),
+        _common.flag("--no-layernorm", action="store_true", help="leave out the layernorm group"),
+        _common.flag("--loss", choices=("ce", "mse"), help="ce, or mse: softmax + MSE (default ce)"),
+        _common.flag("--train-subset", type=_common.positive_int, metavar="N", help="train on N training images"),
+        _common.flag("--ood", choices=OOD_KINDS, help="out-of-distribution set of the OOD probes (default auto)"),
+        _common.flag("--ood-data", help="folder of the OOD files (svhn: train_32x32.mat, test_32x32.mat)")])
 
 
 def main(argv=None) -> int:
-    return _common.run_main(body, argv)
+    return DRIVER.main(argv)
 
 
 if __name__ == "__main__":
