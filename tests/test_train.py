@@ -1,5 +1,6 @@
 """The reference trainer end to end on tiny runs of every data kind, resume, label transforms and
 the metrics.jsonl schema. Data files are written by the tests (nothing is downloaded)."""
+import dataclasses
 import errno
 import json
 import math
@@ -14,7 +15,7 @@ import torch
 
 import ncfast
 from ncfast.train.__main__ import main, parse_args
-from ncfast.train.trainer import Config, Trainer, transform_labels
+from ncfast.train.trainer import Config, Trainer, flag_of, transform_labels
 from test_train_data import make_idx_dir, write_cifar
 
 METRICS = {"nc1", "nc2_etf", "cdnv", "vci", "rank", "effective_rank", "ncc_mismatch", "ncc_accuracy",
@@ -244,8 +245,8 @@ def test_label_transforms():
     assert all(len(set(tr[y == c].tolist())) == 1 for c in range(10))
     with pytest.raises(ValueError, match="--coarse"):
         transform_labels(Config(coarse=11), y, y, 10)
-    with pytest.raises(ValueError, match="at most one"):
-        transform_labels(Config(coarse=2, fine=True), y, y, 10)
+    with pytest.raises(ValueError, match="^--coarse, --fine and --random-coarse: choose at most one$"):
+        Config(coarse=2, fine=True)
 
 
 def test_command_line(tmp_path, capsys):
@@ -259,6 +260,186 @@ def test_command_line(tmp_path, capsys):
     assert main(["--dataset", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
     assert "cifar-10" in err and "--download" in err
+
+
+# ------------------------------------------------------------------------ the Config and its flags
+
+# every flag of python -m ncfast.train, in --help's order
+FLAGS = ["--arch", "--depth", "--width", "--dataset", "--data", "--download", "--coarse", "--fine", "--random-coarse",
+         "--epochs", "--batch-size", "--train-subset", "--no-augment", "--lr", "--momentum", "--weight-decay",
+         "--schedule", "--metrics-every", "--distance-epochs", "--layers", "--logit-scale", "--loss", "--init",
+         "--init-scale", "--output-norm", "--svsl-alpha", "--svsl-from", "--clp-embed", "--it-threshold", "--max-dim",
+         "--seed", "--device", "--out", "--resume", "--no-progress"]
+
+
+def _help_entries(capsys, monkeypatch) -> dict[str, str]:
+    """--help as {flag: its entry with the whitespace collapsed}, in order; exit status 0."""
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    options = text[text.index("\noptions:\n") + len("\noptions:\n"):]
+    entries = {}
+    for block in re.split(r"\n(?=  -)", options):
+        words = " ".join(block.split())
+        entries[words.split()[0].rstrip(",")] = words
+    return entries
+
+
+def test_every_config_field_is_a_flag_listed_in_help_with_its_default(capsys, monkeypatch):
+    """Every Config field is a flag (its name with - for _, --no-augment / --no-progress for the two
+    fields True by default) in --help, whose entry ends with the dataclass default where that is a
+    value; a field None or False by default is a flag given or not."""
+    entries = _help_entries(capsys, monkeypatch)
+    assert list(entries) == ["-h"] + FLAGS
+    fields = {flag_of(f): f for f in dataclasses.fields(Config)}
+    assert list(fields) == FLAGS
+    assert fields["--no-augment"].name == "augment" and fields["--no-progress"].name == "progress"
+    shown = {flag: f.default for flag, f in fields.items() if f.default is not None and not isinstance(f.default, bool)}
+    assert shown == {"--arch": "resnet18", "--dataset": "digits", "--epochs": 60, "--batch-size": 128, "--lr": 0.01,
+                     "--momentum": 0.9, "--weight-decay": 5e-4, "--schedule": "cosine", "--metrics-every": 5,
+                     "--logit-scale": 1.0, "--loss": "ce", "--init": "default", "--init-scale": 1.0,
+                     "--svsl-alpha": 0.0, "--clp-embed": "tsne", "--it-threshold": 0.995, "--max-dim": 1024,
+                     "--seed": 0, "--device": "auto", "--out": "runs/latest"}
+    for flag, default in shown.items():
+        assert entries[flag].endswith(f"(default: {default})"), entries[flag]
+    assert entries["--weight-decay"].endswith("(default: 0.0005)") and entries["--lr"].endswith("(default: 0.01)")
+    for flag in set(FLAGS) - set(shown):
+        assert "(default: " not in entries[flag].replace("(default: the model's", ""), entries[flag]
+    # choices, and the values' names
+    assert entries["--arch"].startswith("--arch {resnet18,densenet121,vgg11,mlp,resnet34,densenet169,densenet201,"
+                                        "vgg13,vgg16,vgg19} ")
+    assert entries["--dataset"].startswith("--dataset {digits,mnist,fashion-mnist,cifar10,cifar100,gmm} ")
+    assert entries["--loss"].startswith("--loss {ce,mse} ")
+    assert entries["--schedule"].startswith("--schedule {cosine,step} ")
+    assert entries["--init"].startswith("--init {default,kaiming} ")
+    assert entries["--output-norm"].startswith("--output-norm {layernorm} ")
+    assert entries["--clp-embed"].startswith("--clp-embed {tsne,pca,none} ")
+    for flag, value in (("--coarse", "K"), ("--random-coarse", "K"), ("--train-subset", "N"), ("--logit-scale", "T"),
+                        ("--distance-epochs", "E1,E2,..."), ("--svsl-from", "LAYER"), ("--batch-size", "BATCH_SIZE")):
+        assert entries[flag].startswith(f"{flag} {value} "), entries[flag]
+    for flag in ("--download", "--fine", "--no-augment", "--resume", "--no-progress"):  # no value to give
+        assert entries[flag] == f"{flag} {fields[flag].metadata['help']}"
+    assert entries["--no-augment"] == ("--no-augment train on the images as they are: no random crops or flips "
+                                       "(Papyan et al.'s protocol)")
+    assert parse_args([]) == Config()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"lr": 0}, "--lr must be a finite number > 0, got 0"),
+    ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+    ({"epochs": 0}, "--epochs must be >= 1, got 0"),
+    ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+    ({"metrics_every": -2}, "--metrics-every must be >= 1, got -2"),
+    ({"max_dim": 0}, "--max-dim must be >= 1, got 0"),
+    ({"train_subset": 0}, "--train-subset must be >= 1, got 0"),
+    ({"coarse": 5, "fine": True}, "--coarse, --fine and --random-coarse: choose at most one"),
+    ({"coarse": "official", "random_coarse": 3}, "--coarse, --fine and --random-coarse: choose at most one"),
+    ({"fine": True, "random_coarse": 3}, "--coarse, --fine and --random-coarse: choose at most one"),
+    ({"coarse": 1}, "--coarse must be a number of super-classes >= 2, or 'official', got 1"),
+    ({"coarse": "five"}, "--coarse: a number of super-classes K or 'official', got 'five'"),
+    ({"random_coarse": 0}, "--random-coarse must be a number of super-classes >= 2, got 0"),
+    ({"momentum": 1.0}, "--momentum must be a finite number in [0, 1), got 1.0"),
+    ({"weight_decay": -1e-4}, "--weight-decay must be a finite number >= 0, got -0.0001"),
+    ({"it_threshold": 0.0}, "--it-threshold must be a train accuracy in (0, 1], got 0.0"),
+    ({"init_scale": 0.0}, "--init-scale must be a finite number > 0, got 0.0"),
+    ({"logit_scale": float("inf")}, "--logit-scale must be a finite number > 0, got inf"),
+    ({"svsl_alpha": -1.0}, "--svsl-alpha must be a finite number >= 0, got -1.0"),
+    ({"svsl_from": " "}, "--svsl-from: expected a probed layer's name, got ' '"),
+    ({"seed": -1}, "--seed must be in [0, 4294967295] (2^32 - 1), got -1"),
+    ({"seed": 2**32}, "--seed must be in [0, 4294967295] (2^32 - 1), got 4294967296"),
+    ({"width": 0}, "--width must be between 1 and 16,777,216, got 0"),
+    ({"arch": "mlp", "depth": 0}, "--depth 0: the MLP needs at least 1 hidden layer, got 0"),
+    ({"arch": "vgg11", "depth": 12}, "--depth 12: vgg comes in depths (11, 13, 16, 19), got 12"),
+    ({"layers": []}, "--layers: expected comma-separated module names, got []"),
+    ({"layers": ["layer1", ""]}, "--layers: expected comma-separated module names, got ['layer1', '']"),
+    ({"distance_epochs": [0, 61]}, "--distance-epochs: must lie in [0, --epochs = 60], got [0, 61]"),
+    ({"epochs": 3, "distance_epochs": (-1, 2)}, "--distance-epochs: must lie in [0, --epochs = 3], got (-1, 2)"),
+    # the choices --help lists, and the fields' types
+    ({"arch": "resnet50"}, ("--arch: expected one of resnet18, densenet121, vgg11, mlp, resnet34, densenet169, "
+                            "densenet201, vgg13, vgg16, vgg19, got 'resnet50'")),
+    ({"dataset": "imagenet"}, ("--dataset: expected one of digits, mnist, fashion-mnist, cifar10, cifar100, gmm, "
+                               "got 'imagenet'")),
+    ({"loss": "l1"}, "--loss: expected one of ce, mse, got 'l1'"),
+    ({"schedule": "linear"}, "--schedule: expected one of cosine, step, got 'linear'"),
+    ({"init": "xavier"}, "--init: expected one of default, kaiming, got 'xavier'"),
+    ({"output_norm": "batchnorm"}, "--output-norm: expected one of layernorm, got 'batchnorm'"),
+    ({"clp_embed": "umap"}, "--clp-embed: expected one of tsne, pca, none, got 'umap'"),
+    ({"epochs": "3"}, "--epochs: expected an integer, got '3'"),
+    ({"epochs": 3.0}, "--epochs: expected an integer, got 3.0"),
+    ({"lr": "0.1"}, "--lr: expected a number, got '0.1'"),
+    ({"width": True}, "--width: expected an integer or None, got True"),
+    ({"fine": 1}, "--fine: expected True or False, got 1"),
+    ({"augment": "no"}, "--no-augment: expected True or False, got 'no'"),
+    ({"progress": None}, "--no-progress: expected True or False, got None"),
+    ({"coarse": 2.5}, "--coarse: expected an integer, a string or None, got 2.5"),
+    ({"layers": "layer1"}, "--layers: expected a list of strings or None, got 'layer1'"),
+    ({"distance_epochs": [1.5]}, "--distance-epochs: expected a list of integers or None, got [1.5]"),
+    ({"out": None}, "--out: expected a string, got None"),
+])
+def test_config_refuses_a_bad_value_naming_the_flag(fields, message):
+    with pytest.raises(ValueError) as e:
+        Config(**fields)
+    assert str(e.value) == message
+
+
+def test_config_is_checked_on_replace_and_takes_what_drivers_and_checkpoints_pass(tmp_path):
+    """dataclasses.replace checks the new Config; Configs of the shapes the drivers and a checkpoint's
+    saved config (asdict) pass are taken as they are: an int for a float, a tuple for a list, numpy
+    integers."""
+    cfg = Config(arch="mlp", epochs=3, distance_epochs=[0, 3])
+    with pytest.raises(ValueError, match=r"^--distance-epochs: must lie in \[0, --epochs = 2\], got \[0, 3\]$"):
+        dataclasses.replace(cfg, epochs=2)
+    assert dataclasses.replace(cfg, lr=0.1) == Config(arch="mlp", epochs=3, distance_epochs=[0, 3], lr=0.1)
+    valid = [
+        Config(out=str(tmp_path), dataset="cifar100", coarse="official", width=None, epochs=350, metrics_every=10,
+               distance_epochs=(20, 120, 240, 350)),
+        Config(dataset="fashion-mnist", arch="resnet18", width=8, train_subset=5000, augment=False, coarse=5,
+               clp_embed="pca", layers=None, distance_epochs=[1, 5, 10, 20], epochs=20),
+        Config(arch="vgg19", depth=19, logit_scale=1000, init="kaiming", init_scale=0.5, output_norm="layernorm",
+               loss="mse", max_dim=2048, clp_embed="none", svsl_alpha=0, seed=np.int64(3)),
+        Config(arch="resnet34", layers=["layer1", "layer3", "pool"], svsl_alpha=4e-6, svsl_from="pool", fine=True,
+               schedule="step", it_threshold=1),
+        Config(arch="mlp", depth=10_000, width=1 << 24, random_coarse=3, seed=2**32 - 1, lr=1, momentum=0,
+               weight_decay=0),
+    ]
+    for cfg in valid:
+        assert Config(**dataclasses.asdict(cfg)) == cfg
+    assert valid[2].logit_scale == 1000 and valid[2].seed == 3 and valid[0].distance_epochs == (20, 120, 240, 350)
+
+
+COMMAND_LINES = [
+    ([], Config()),
+    (["--arch", "mlp", "--coarse", "5", "--layers", "layer1, layer2", "--epochs", "3"],
+     Config(arch="mlp", coarse=5, layers=["layer1", "layer2"], epochs=3)),
+    (["--arch", "resnet18", "--depth", "34", "--width", "16", "--dataset", "cifar100", "--data", "/data/cifar",
+      "--download", "--coarse", "official", "--epochs", "60", "--batch-size", "256", "--train-subset", "2000",
+      "--no-augment", "--lr", "0.1", "--momentum", "0", "--weight-decay", "5e-3", "--schedule", "step",
+      "--metrics-every", "10", "--distance-epochs", "0,10,60", "--seed", "7", "--device", "cpu", "--out", "runs/x",
+      "--resume", "--no-progress"],
+     Config(arch="resnet18", depth=34, width=16, dataset="cifar100", data="/data/cifar", download=True,
+            coarse="official", epochs=60, batch_size=256, train_subset=2000, augment=False, lr=0.1, momentum=0.0,
+            weight_decay=0.005, schedule="step", metrics_every=10, distance_epochs=[0, 10, 60], seed=7, device="cpu",
+            out="runs/x", resume=True, progress=False)),
+    (["--dataset", "gmm", "--arch", "mlp", "--fine", "--logit-scale", "100", "--loss", "mse", "--init", "kaiming",
+      "--init-scale", "0.5", "--output-norm", "layernorm", "--svsl-alpha", "1e-5", "--svsl-from", "layer2",
+      "--clp-embed", "pca", "--it-threshold", "0.9", "--max-dim", "64"],
+     Config(dataset="gmm", arch="mlp", fine=True, logit_scale=100.0, loss="mse", init="kaiming", init_scale=0.5,
+            output_norm="layernorm", svsl_alpha=1e-5, svsl_from="layer2", clp_embed="pca", it_threshold=0.9,
+            max_dim=64)),
+    (["--random-coarse", "3", "--seed", "4294967295"], Config(random_coarse=3, seed=2**32 - 1)),
+]
+
+
+@pytest.mark.parametrize("argv, want", COMMAND_LINES)
+def test_command_lines_give_the_configs_built_by_hand(argv, want):
+    got = parse_args(argv)
+    assert got == want and type(got.lr) is float and type(got.epochs) is int
+
+
+def test_the_command_lines_cover_every_flag():
+    assert {a for argv, _ in COMMAND_LINES for a in argv if a.startswith("--")} == set(FLAGS)
 
 
 def test_command_line_paper_knobs(tmp_path, capsys):
@@ -547,7 +728,7 @@ def _assert_one_line(code, err, *needles):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    # checked by parse_args: argparse's one line, exit 2
+    # checked by Config, which parse_args builds: argparse's one line, exit 2
     (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "0"], "--lr"),
     (["--momentum", "5"], "--momentum"), (["--momentum", "-0.1"], "--momentum"), (["--momentum", "nan"], "--momentum"),
     (["--momentum", "1"], "--momentum"),
@@ -565,12 +746,14 @@ def _assert_one_line(code, err, *needles):
     (["--coarse", "0"], "--coarse"), (["--coarse", "-3"], "--coarse"), (["--coarse", "1"], "--coarse"),
     (["--random-coarse", "0"], "--random-coarse"), (["--random-coarse", "1"], "--random-coarse"),
     (["--train-subset", "-1"], "--train-subset"), (["--train-subset", "0"], "--train-subset"),
+    (["--distance-epochs", "5"], "--distance-epochs: must lie in [0, --epochs = 1], got [5]"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"), (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--metrics-every", "0"], "--metrics-every"), (["--max-dim", "0"], "--max-dim must be >= 1, got 0"),
     # checked when the run starts: "error: ..." on one line, exit 2
     (["--train-subset", "1"], "--train-subset 1: the samples drawn hold one training class"),
     (["--svsl-from", "nosuch"], "--svsl-from"),
     (["--coarse", "11"], "--coarse"), (["--random-coarse", "11"], "--random-coarse"),
     (["--coarse", "official"], "--coarse official"),
-    (["--distance-epochs", "5"], "--distance-epochs"),
     (["--device", "nosuch"], "--device nosuch: not a device"),
     (["--device", "meta"], "--device meta"),
     (["--device", "cuda:99"], "--device cuda:99"),
@@ -596,18 +779,30 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(tmp_path, capsys, extra, 
     _assert_one_line(code, err, fill(needle))
 
 
-def test_config_values_are_checked_by_the_trainer_too(tmp_path):
-    """train(Config) is an API of its own: the values the command line refuses are refused by
-    Trainer as well, naming the flag (before: lr nan and momentum 5 trained, seed -5 failed in
-    scikit-learn), before any data is loaded."""
+def test_config_values_are_checked_by_the_trainer_too(tmp_path, monkeypatch):
+    """train(Config) is an API of its own: the values the command line refuses are refused by Config,
+    and by Trainer where a field was assigned after the Config was made (--device, which needs the
+    machine, by Trainer only), naming the flag, before any data is loaded."""
+    from ncfast.train import trainer as trainer_mod
+
+    def trap(*args, **kwargs):
+        raise AssertionError("load_dataset called before the checks")
+
+    monkeypatch.setattr(trainer_mod, "load_dataset", trap)
     base = {"dataset": "digits", "arch": "mlp", "epochs": 1, "progress": False, "out": str(tmp_path / "run")}
     for bad, match in (({"lr": float("nan")}, "--lr"), ({"lr": 0.0}, "--lr"), ({"momentum": 5.0}, "--momentum"),
                        ({"weight_decay": float("nan")}, "--weight-decay"), ({"it_threshold": 7.0}, "--it-threshold"),
                        ({"init_scale": float("nan")}, "--init-scale"), ({"seed": -5}, "--seed"),
-                       ({"seed": 10**23}, "--seed"), ({"depth": 10**8}, "depth"), ({"device": "nosuch"}, "--device"),
-                       ({"coarse": 1}, "--coarse")):
+                       ({"seed": 10**23}, "--seed"), ({"depth": 10**8}, "--depth"), ({"device": "nosuch"}, "--device"),
+                       ({"coarse": 1}, "--coarse"), ({"fine": True, "random_coarse": 3}, "--coarse, --fine"),
+                       ({"distance_epochs": [2]}, "--distance-epochs"), ({"loss": "l1"}, "--loss")):
         with pytest.raises(ValueError, match=f"^{match}"):
             Trainer(Config(**{**base, **bad}))
+        cfg = Config(**base)
+        for name, value in bad.items():
+            setattr(cfg, name, value)
+        with pytest.raises(ValueError, match=f"^{match}"):
+            Trainer(cfg)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """The reference trainer behind ``python -m ncfast.train``: train a network on (transformed) labels and
-measure its representations with ncfast every few epochs (see ``__main__.py`` for the options).
+measure its representations with ncfast every few epochs (``Config`` holds the options).
 
 Every metric comes from ncfast's streaming statistics through ``ncfast.LayerProbe``: no layer's
 features are stored whole while training. Only the end-of-run probes (CLP, linear probes) hold the
@@ -17,14 +17,19 @@ rank from the last checkpoint, which is what a torchrun restart (``--max-restart
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import pickle
 import sys
 import time
-from dataclasses import asdict, dataclass
+import types
+import typing
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,52 +43,280 @@ from ..losses import svsl_loss
 from ..probe import LayerProbe, channel_pool, flatten, shard_indices
 from . import _faults, figures
 from ._files import atomic_write
-from .data import augment_batch, batches, load_dataset
-from .models import build_model, footprint, logits_for_loss
-from .probes import clp, linear_probe
+from .data import DATASETS, augment_batch, batches, load_dataset
+from .models import ARCH_NAMES, INITS, MAX_WIDTH, build_model, footprint, logits_for_loss, resolve_arch
+from .probes import EMBEDDINGS, clp, linear_probe
 
 LEARNING_RATES = (0.1, 0.01, 0.001)
 LOSSES = ("ce", "mse")
+SCHEDULES = ("cosine", "step")
 WEIGHT_DECAYS = (5e-3, 5e-4, 5e-5)
+SEED_MAX = 2**32 - 1  # the largest seed every generator of a run takes (scikit-learn's random_state's)
+
+
+# ----------------------------------------------------------------------------- fields that are flags
+# ``option`` declares a dataclass field with its default and the metadata ``python -m ncfast.train`` builds
+# the field's flag from; ``check_fields`` checks every field's value against its type and choices; the
+# ``*_arg`` functions read the flags whose text is not a single int, float or string.
+def option(default, help: str = "", *, choices=None, metavar: str | None = None, parse=None, flag: str | None = None,
+           group: str | None = None, cli: bool = True):
+    """A dataclass field with ``default`` and, in its metadata, what its command-line flag needs.
+
+    Args:
+        help: the flag's help text; ``--help`` adds the default where it is a value.
+        choices: the values the field takes (on the command line and in the dataclass).
+        metavar: the value's name in ``--help`` (argparse's default: the name in capitals).
+        parse: a function from the flag's text to the value, raising ``argparse.ArgumentTypeError``; an int,
+            float or str field (or one of these or None) reads its text with its type.
+        flag: the spelling where it is not ``--`` and the name with ``-`` for ``_``. A bool field's flag sets
+            the value that is not its default: a field True by default is turned off (``--no-augment``).
+        group: fields of one group are mutually exclusive on the command line.
+        cli: False for a field that is no flag.
+    """
+    metadata = {"help": help, "choices": choices, "metavar": metavar, "parse": parse, "flag": flag, "group": group,
+                "cli": cli}
+    return field(default=default, metadata=metadata)
+
+
+def flag_of(f: Field) -> str:
+    """The command line's spelling of a field."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def is_flag(f: Field) -> bool:
+    """Whether a field is a command-line flag (``option(..., cli=False)``: not)."""
+    return f.metadata.get("cli", True)
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def field_type(cls, f: Field):
+    """The field's annotation as a type (``int | None``, ``list[str] | None``, ...)."""
+    return _hints(cls)[f.name]
+
+
+def value_type(tp):
+    """The function that reads a flag's text for a field of type ``tp`` (int, float or str, alone or with
+    None), or None for any other type (whose field names its own ``parse``)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+    return args[0] if len(args) == 1 and args[0] in (int, float, str) else None
+
+
+def shown(value) -> str:
+    """A default as it is written on the command line."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _matches(value, tp) -> bool:
+    if _is_union(tp):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    return isinstance(value, tp)
+
+
+_NAMES = {bool: ("True or False", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), type(None): ("None", "None")}
+
+
+def _describe(tp, plural: bool = False) -> str:
+    if _is_union(tp):
+        parts = [_describe(a, plural) for a in typing.get_args(tp)]
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
+    if typing.get_origin(tp) is list:
+        return "a list of " + _describe(typing.get_args(tp)[0], plural=True)
+    return _NAMES[tp][plural] if tp in _NAMES else getattr(tp, "__name__", str(tp))
+
+
+def check_fields(obj) -> None:
+    """Every field of the dataclass instance ``obj`` holds a value of its type (an int passes for a float, a
+    tuple for a list) and, where the field lists choices, one of them (or its default None): else a
+    ValueError naming the flag."""
+    cls = type(obj)
+    for f in fields(obj):
+        value, tp = getattr(obj, f.name), field_type(cls, f)
+        if not _matches(value, tp):
+            raise ValueError(f"{flag_of(f)}: expected {_describe(tp)}, got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices is not None and value is not None and value not in choices:
+            raise ValueError(f"{flag_of(f)}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+# ------------------------------------------------------------------- flags of their own syntax
+def coarse_arg(text: str) -> int | str:
+    """--coarse K (an integer) or --coarse official."""
+    if text == "official":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of super-classes K or 'official', got {text!r}") from None
+
+
+def epochs_arg(text: str) -> list[int]:
+    """--distance-epochs 0,10,60."""
+    try:
+        epochs = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        epochs = []
+    if not epochs:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 0,10,60, got {text!r}")
+    return epochs
+
+
+def names_arg(text: str) -> list[str]:
+    """--layers layer1,layer2: names stripped of surrounding spaces."""
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names, got {text!r}")
+    return names
 
 
 @dataclass
 class Config:
-    arch: str = "resnet18"
-    dataset: str = "digits"
-    data: str | None = None
-    download: bool = False
-    coarse: int | str | None = None  # K, or "official": the data set's own super-classes (CIFAR-100's 20)
-    fine: bool = False
-    random_coarse: int | None = None
-    epochs: int = 60
-    batch_size: int = 128
-    augment: bool = True  # random crops (and flips where the data set has them) on image data
-    train_subset: int | None = None  # train on this many training samples, drawn with the seed
-    lr: float = 0.01  # paper 000 config #1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # paper 000 config #1
-    schedule: str = "cosine"
-    metrics_every: int = 5
-    layers: list[str] | None = None
-    logit_scale: float = 1.0  # paper 002's T: the loss sees T * logits
-    init_scale: float = 1.0
-    output_norm: str | None = None
-    svsl_alpha: float = 0.0
-    svsl_from: str | None = None  # paper 003's gamma, a probed layer; None: the first probed layer
-    clp_embed: str = "tsne"
-    it_threshold: float = 0.995
-    width: int | None = None  # base channels (ResNet / VGG 64), growth rate (DenseNet 32), MLP hidden units (512)
-    depth: int | None = None  # ResNet 18 / 34, VGG 11 / 13 / 16 / 19, DenseNet 121 / 169 / 201, MLP hidden layers (2)
-    init: str = "default"  # "default" (PyTorch's) or "kaiming" (He normal, zero biases)
-    loss: str = "ce"  # "ce" or "mse" (paper 002: MSE between softmax(T z) and the one-hot label)
-    distance_epochs: list[int] | None = None  # epochs measured whatever metrics_every says, drawn as heatmaps
-    seed: int = 0
-    device: str = "auto"
-    out: str = "runs/latest"
-    resume: bool = False
-    progress: bool = True
-    max_dim: int = 1024  # wider layers: D x D metrics on channel-pooled features (eigh of 4096^2 x 3 per split is minutes)
+    """One training run. Every field is a flag of ``python -m ncfast.train``: ``--`` and the name with ``-`` for
+    ``_`` unless its metadata names another spelling (``option``); its help, choices and parsing are in that
+    metadata, its default here only.
+
+    A Config is validated when it is made (``Config(...)``, ``dataclasses.replace``; ``validate``): a bad
+    value is a ValueError that names the flag. What needs the data, the model or the device (--coarse K
+    beyond the classes, --layers / --svsl-from names, --device, memory) ``Trainer`` checks."""
+    arch: str = option("resnet18", "network architecture (a family's name, or a deeper sibling's)",
+                       choices=ARCH_NAMES)
+    depth: int | None = option(None, "ResNet 18 / 34, VGG 11 / 13 / 16 / 19, DenseNet 121 / 169 / 201 (overrides "
+                                     "the --arch name's); the MLP's number of hidden layers (default 2)")
+    width: int | None = option(None, "base channels of ResNet / VGG (default 64), DenseNet's growth rate (32), the "
+                                     "MLP's hidden units (512)")
+    dataset: str = option("digits", "digits ships with scikit-learn; fashion-mnist reads the IDX files "
+                                    "from --data (default /usr/share/datasets/fashion-mnist, Debian package "
+                                    "dataset-fashion-mnist)", choices=DATASETS)
+    data: str | None = option(None, "directory of the data files")
+    download: bool = option(False, "CIFAR: download into --data (MD5 checked) if missing")
+    # K, or "official": the data set's own super-classes (CIFAR-100's 20)
+    coarse: int | str | None = option(None, "train on y mod K (paper 000 eq. 4); 'official': CIFAR-100's 20 "
+                                            "super-classes", metavar="K", parse=coarse_arg, group="labels")
+    fine: bool = option(False, "train on every class split in two (eq. 5)", group="labels")
+    random_coarse: int | None = option(None, "coarse labels after a seeded class shuffle", metavar="K",
+                                       group="labels")
+    epochs: int = option(60, "training epochs")
+    batch_size: int = option(128, "samples per SGD step (all ranks' together under torchrun)")
+    train_subset: int | None = option(None, "train on N training samples drawn with --seed (paper 002's "
+                                            "2,000-sample CIFAR-100)", metavar="N")
+    augment: bool = option(True, "train on the images as they are: no random crops or flips (Papyan et al.'s "
+                                 "protocol)", flag="--no-augment")
+    lr: float = option(0.01, f"SGD learning rate (the papers sweep {LEARNING_RATES}; the default is paper 000's "
+                             f"config #1)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, f"SGD weight decay (the papers sweep {WEIGHT_DECAYS}; the default is paper "
+                                       f"000's config #1)")
+    schedule: str = option("cosine", "learning rate over the epochs: cosine annealing to 0, or step (/ 10 at 1/2 "
+                                     "and 3/4 of --epochs)", choices=SCHEDULES)
+    metrics_every: int = option(5, "measure every N epochs (and epochs 0, last, the interpolation epoch and "
+                                   "--distance-epochs)")
+    # option() returns a dataclasses.field: no default list is shared between Configs
+    distance_epochs: list[int] | None = option(  # noqa: RUF009
+        None, "epochs measured whatever --metrics-every says; the class-distance figure shows them",
+        metavar="E1,E2,...", parse=epochs_arg)
+    layers: list[str] | None = option(  # noqa: RUF009
+        None, "comma-separated module names to probe (default: the model's stages and pooled features)",
+        parse=names_arg)
+    logit_scale: float = option(1.0, "paper 002's temperature T: the loss sees T * logits (T = 100 means logits x "
+                                     "100); a greater T gives a greater initial logits norm and more rank "
+                                     "collapse. The network's output itself is not scaled", metavar="T")
+    loss: str = option("ce", "ce: cross-entropy; mse: paper 002's MSE between softmax(T z) and the one-hot label",
+                       choices=LOSSES)
+    init: str = option("default", "initial conv / linear weights: PyTorch's default, or kaiming (He normal, zero "
+                                  "biases)", choices=INITS)
+    init_scale: float = option(1.0, "factor on the initial conv / linear weights (after --init)")
+    output_norm: str | None = option(None, "affine-free LayerNorm on the penultimate features (paper 002)",
+                                     choices=("layernorm",))
+    svsl_alpha: float = option(0.0, "alpha of paper 003's SVSL (def. 10: eta = alpha / (C (k+1-gamma) n_c), C the "
+                                    "number of training classes); 0: off. Its Table 2 values mean the same here: "
+                                    "1e-5 from Layer 1 on MNIST / Fashion-MNIST (--arch resnet18 --svsl-from "
+                                    "layer1), 4e-6 from AvgPool on CIFAR-10 (--arch resnet18 --svsl-from pool)")
+    svsl_from: str | None = option(None, "paper 003's gamma: the probed layer (a --layers name) SVSL starts at. "
+                                         "SVSL covers the probed layers from it on, in model order, and the output "
+                                         "layer: the logits the loss sees (after --logit-scale). Default: the first "
+                                         "probed layer", metavar="LAYER")
+    clp_embed: str = option("tsne", "reduction before CLP's k-means", choices=EMBEDDINGS)
+    it_threshold: float = option(0.995, "train accuracy that marks the interpolation threshold")
+    # wider layers: D x D metrics on channel-pooled features (eigh of 4096^2 x 3 per split is minutes)
+    max_dim: int = option(1024, "layers with more flattened features get their D x D metrics (nc1, vci, rank, ...) "
+                                "from channel-pooled features")
+    seed: int = option(0, f"seed of every random draw of the run, in [0, {SEED_MAX}]")
+    device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    out: str = option("runs/latest", "output folder")
+    resume: bool = option(False, "continue from --out/checkpoint.pt")
+    progress: bool = option(True, "no per-epoch progress bar", flag="--no-progress")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (``Trainer`` calls it again for fields assigned after the Config was made): a
+        ValueError naming the flag as the command line spells it."""
+        check_fields(self)  # each field's type, and its choices
+        if self.depth is not None:
+            try:  # the MLP takes 1 to 10,000 hidden layers, the other families their listed depths
+                resolve_arch(self.arch, self.depth)
+            except ValueError as e:
+                raise ValueError(f"--depth {self.depth}: {str(e).removeprefix('depth: ')}") from None
+        if self.width is not None and not 1 <= self.width <= MAX_WIDTH:
+            raise ValueError(f"--width must be between 1 and {MAX_WIDTH:,}, got {self.width}")
+        if isinstance(self.coarse, str):
+            if self.coarse != "official":
+                raise ValueError(f"--coarse: a number of super-classes K or 'official', got {self.coarse!r}")
+        elif self.coarse is not None and self.coarse < 2:
+            raise ValueError(f"--coarse must be a number of super-classes >= 2, or 'official', got {self.coarse}")
+        if self.random_coarse is not None and self.random_coarse < 2:
+            raise ValueError(f"--random-coarse must be a number of super-classes >= 2, got {self.random_coarse}")
+        if (self.coarse is not None) + self.fine + (self.random_coarse is not None) > 1:
+            raise ValueError("--coarse, --fine and --random-coarse: choose at most one")
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
+                            ("--metrics-every", self.metrics_every), ("--max-dim", self.max_dim)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ValueError(f"--train-subset must be >= 1, got {self.train_subset}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"--momentum must be a finite number in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.distance_epochs is not None and any(not 0 <= e <= self.epochs for e in self.distance_epochs):
+            raise ValueError(f"--distance-epochs: must lie in [0, --epochs = {self.epochs}], got "
+                             f"{self.distance_epochs}")
+        if self.layers is not None and not (self.layers and all(name.strip() for name in self.layers)):
+            raise ValueError(f"--layers: expected comma-separated module names, got {self.layers!r}")
+        if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise ValueError(f"--logit-scale must be a finite number > 0, got {self.logit_scale}")
+        if not (math.isfinite(self.init_scale) and self.init_scale > 0):
+            raise ValueError(f"--init-scale must be a finite number > 0, got {self.init_scale}")
+        if not (math.isfinite(self.svsl_alpha) and self.svsl_alpha >= 0):
+            raise ValueError(f"--svsl-alpha must be a finite number >= 0, got {self.svsl_alpha}")
+        if self.svsl_from is not None and not self.svsl_from.strip():
+            raise ValueError(f"--svsl-from: expected a probed layer's name, got {self.svsl_from!r}")
+        if not 0 < self.it_threshold <= 1:
+            raise ValueError(f"--it-threshold must be a train accuracy in (0, 1], got {self.it_threshold}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"--seed must be in [0, {SEED_MAX}] (2^32 - 1), got {self.seed}")
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -114,26 +347,6 @@ def _device(name: str) -> torch.device:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"--device {name}: not usable here ({first}); use auto, cpu, cuda or cuda:N") from None
     return dev
-
-
-SEED_MAX = 2**32 - 1  # the largest seed every generator of a run takes (scikit-learn's random_state's)
-
-
-def check_config(cfg: Config) -> None:
-    """The numbers of a Config the command line checks too (``train(Config)`` is an API of its own):
-    a ValueError naming the flag, before any data is loaded or any model built."""
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ValueError(f"--lr must be a finite number > 0, got {cfg.lr}")
-    if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
-        raise ValueError(f"--momentum must be a finite number in [0, 1), got {cfg.momentum}")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise ValueError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
-    if not 0 < cfg.it_threshold <= 1:
-        raise ValueError(f"--it-threshold must be a train accuracy in (0, 1], got {cfg.it_threshold}")
-    if not (math.isfinite(cfg.init_scale) and cfg.init_scale > 0):
-        raise ValueError(f"--init-scale must be a finite number > 0, got {cfg.init_scale}")
-    if not 0 <= cfg.seed <= SEED_MAX:
-        raise ValueError(f"--seed must be in [0, {SEED_MAX}] (2^32 - 1), got {cfg.seed}")
 
 
 def _gib(n: float) -> str:
@@ -291,18 +504,14 @@ def transform_labels(cfg: Config, y_train: torch.Tensor, y_test: torch.Tensor, n
     """(train labels, test labels, number of training classes) under --coarse / --fine / --random-coarse.
 
     ``--coarse official`` maps every class to the data set's own super-class ``coarse_of`` (CIFAR-100's
-    20 super-classes of 5 classes each, paper 000 sec. 5)."""
-    chosen = [cfg.coarse is not None, cfg.fine, cfg.random_coarse is not None]
-    if sum(chosen) > 1:
-        raise ValueError("--coarse, --fine and --random-coarse: choose at most one")
+    20 super-classes of 5 classes each, paper 000 sec. 5). ``cfg`` is valid (``Config.validate``: at most one
+    transform, K >= 2); what is checked here is what depends on the data."""
     if cfg.coarse == "official":
         if coarse_of is None:
             raise ValueError(f"--coarse official: the data set {cfg.dataset!r} has no official super-classes "
                              f"(cifar100 has 20)")
         present = coarse_of[coarse_of >= 0]
         return coarse_of[y_train], coarse_of[y_test], int(present.max()) + 1
-    if isinstance(cfg.coarse, str):
-        raise ValueError(f"--coarse: a number of super-classes K or 'official', got {cfg.coarse!r}")
     if cfg.coarse is not None:
         if not 2 <= cfg.coarse <= num_classes:
             raise ValueError(f"--coarse: must be in [2, {num_classes}] (the metrics need 2 training classes), "
@@ -350,7 +559,7 @@ def task_loss(scaled: torch.Tensor, labels: torch.Tensor, loss: str = "ce") -> t
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        check_config(cfg)
+        cfg.validate()  # again: fields may have been assigned since the Config was made
         self.ranks = Ranks()
         self.device = _device(cfg.device)
         if self.ranks.active and self.device.type == "cuda" and self.device.index is None:
@@ -374,11 +583,7 @@ class Trainer:
         image = ds.train_x.dim() == 4
         if cfg.arch != "mlp" and not image:
             raise ValueError(f"--arch {cfg.arch}: needs image data; {cfg.dataset} is flat (use --arch mlp)")
-        if cfg.loss not in LOSSES:
-            raise ValueError(f"--loss: expected one of {LOSSES}, got {cfg.loss!r}")
         self.distance_epochs = sorted(set(cfg.distance_epochs or ()))
-        if any(not 0 <= e <= cfg.epochs for e in self.distance_epochs):
-            raise ValueError(f"--distance-epochs: must lie in [0, --epochs = {cfg.epochs}], got {cfg.distance_epochs}")
         # sized on the meta device first: a model or batch that cannot fit is refused before it is allocated
         check_fits(cfg, self.num_train_classes, ds.train_x.shape[1], tuple(ds.train_x.shape[2:]) if image else None,
                    self.x["train"].shape[0], dev, self.ranks.world)
@@ -396,17 +601,12 @@ class Trainer:
                                    weight_decay=cfg.weight_decay)
         if cfg.schedule == "cosine":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, cfg.epochs))
-        elif cfg.schedule == "step":
-            # the usual step schedule: / 10 at 1/2 and 3/4 of training
+        else:  # "step", the usual step schedule: / 10 at 1/2 and 3/4 of training
             self.sched = torch.optim.lr_scheduler.MultiStepLR(
                 self.opt, milestones=[max(1, cfg.epochs // 2), max(1, 3 * cfg.epochs // 4)], gamma=0.1)
-        else:
-            raise ValueError(f"--schedule: expected cosine or step, got {cfg.schedule!r}")
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         height = ds.train_x.shape[2] if image else 0
         self.pad = 4 if height >= 28 else max(1, height // 8)  # 4 on 28 / 32 px, 1 on the 8 x 8 digits
-        if not (math.isfinite(cfg.logit_scale) and cfg.logit_scale > 0):
-            raise ValueError(f"--logit-scale: must be a finite number > 0, got {cfg.logit_scale}")
         # the loss's logits are the network's output times this (paper 002's T)
         self.logit_scale = float(cfg.logit_scale)
         self.svsl_layers = self._svsl_layers(modules)
@@ -431,8 +631,6 @@ class Trainer:
         to them in ``train_epoch``; the head module itself is therefore left out. Empty when
         --svsl-alpha is 0."""
         cfg = self.cfg
-        if not (math.isfinite(cfg.svsl_alpha) and cfg.svsl_alpha >= 0):
-            raise ValueError(f"--svsl-alpha: must be a finite number >= 0, got {cfg.svsl_alpha}")
         order = {name: i for i, name in enumerate(modules)}
         probed = sorted(self.layers, key=order.__getitem__)
         first = probed[0] if cfg.svsl_from is None else cfg.svsl_from
