@@ -34,7 +34,9 @@ float32 baseline picks the same class as ncfast. Results also go to JSON (``--js
 
 The floors are measured in the same run: the read bandwidth of each input array (``x.sum()``,
 timed in turn with the providers, median) and the peak vector-FMA rate of every thread
-(``ncfast._peak.fma_peak``, float32 and float64). An op's floor is max(bytes / bandwidth,
+(``ncfast._peak.fma_peak``, float32 and float64, in a build with ``NCFAST_BENCH=ON``, as the README's
+test install makes; without it, the best rate of large ``torch.mm`` products, BLAS's rate, which is
+at most the FMA peak, so the floors come out lower and ``of floor`` higher). An op's floor is max(bytes / bandwidth,
 flops / peak); ``of floor`` = floor / ncfast time. Where the work is a matrix product, the same
 product through ``torch.mm`` on the same shapes is timed too, so ncfast's FLOP rate can be set
 beside BLAS's.
@@ -54,7 +56,11 @@ from pathlib import Path
 import torch
 
 import ncfast
-from ncfast import _peak
+
+try:
+    from ncfast import _peak
+except ImportError:  # a build without NCFAST_BENCH: the peaks come from torch.mm (machine_peaks)
+    _peak = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import costs as bench_costs  # noqa: E402
@@ -219,14 +225,29 @@ def torch_pair_stats(means, var):
 
 
 def faiss_provider(device: torch.device):
-    """faiss.knn as an ncc_assign baseline, or None (with the reason printed) when unavailable."""
-    if device.type != "cpu":
-        print(f"faiss: skipped on {device.type}")
-        return None
+    """faiss's exact 1-nearest-neighbour search as an ncc_assign baseline, or None (with the reason
+    printed) when unavailable. The same faiss API on both: ``faiss.get_num_gpus()`` decides, so on
+    CUDA with faiss-gpu installed it is ``knn_gpu`` on the tensors where they are, and on CPU
+    ``knn``."""
     try:
         import faiss
     except ImportError:
         print("faiss: not installed")
+        return None
+    if device.type == "cuda":
+        if faiss.get_num_gpus() == 0:
+            print("faiss: skipped on cuda (this faiss has no GPU support: install faiss-gpu)")
+            return None
+        import faiss.contrib.torch_utils  # noqa: F401  (faiss functions take torch tensors)
+
+        resources = faiss.StandardGpuResources()
+
+        def knn_gpu(x, means):
+            return faiss.knn_gpu(resources, x, means, 1, device=device.index or 0)[1][:, 0]
+
+        return knn_gpu
+    if device.type != "cpu":
+        print(f"faiss: skipped on {device.type}")
         return None
     faiss.omp_set_num_threads(torch.get_num_threads())
 
@@ -344,19 +365,23 @@ def best_ms(fn, repeat=5, sync=lambda: None):
 
 
 def machine_peaks(threads: int, device) -> dict:
-    """Peak FLOP/s of the machine, float32 and float64: on CPU vector FMAs on every thread; on a
-    GPU the best of large torch.mm products (float32 at 'highest' precision, i.e. no TF32; tf32
-    separately, the fast mode's floor)."""
-    if device.type == "cpu":
-        return {"fp32": _peak.fma_peak(False, 0.5, threads), "fp64": _peak.fma_peak(True, 0.5, threads)}
-    peaks = {}
-    n = 8192
-    for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("fp64", torch.float64, False)):
+    """Peak FLOP/s of the machine, float32 and float64: on CPU vector FMAs on every thread
+    (``ncfast._peak``); on a GPU, or on a CPU build without ``_peak``, the best of large torch.mm
+    products (float32 at 'highest' precision, i.e. no TF32; on a GPU tf32 separately, the fast
+    mode's floor). ``source`` says which."""
+    if device.type == "cpu" and _peak is not None:
+        return {"fp32": _peak.fma_peak(False, 0.5, threads), "fp64": _peak.fma_peak(True, 0.5, threads),
+                "source": "fma_peak"}
+    peaks = {"source": "torch.mm"}
+    n = 8192 if device.type == "cuda" else 2048
+    kinds = (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("fp64", torch.float64, False))
+    for name, dtype, tf32 in kinds if device.type == "cuda" else (kinds[0], kinds[2]):
         a = torch.randn(n, n, device=device, dtype=dtype)
         old = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         try:
-            peaks[name] = 2.0 * n ** 3 / (best_ms(lambda: a @ a, sync=torch.cuda.synchronize) * 1e-3)
+            peaks[name] = 2.0 * n ** 3 / (best_ms(lambda: a @ a, sync=sync) * 1e-3)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
         del a
@@ -487,7 +512,7 @@ def print_floors(records, peaks):
     if not peaks:
         return
     print()
-    print(f"ncfast against the floors (peak FMA rate measured now: {peaks['fp32'] / 1e9:.0f} GFLOP/s float32, "
+    print(f"ncfast against the floors (peak rate measured now: {peaks['fp32'] / 1e9:.0f} GFLOP/s float32, "
           f"{peaks['fp64'] / 1e9:.0f} float64; read bandwidth: x.sum() on each input)")
     cols = [("op", 22, "<"), ("N", 8, ">"), ("D", 5, ">"), ("C", 6, ">"), ("ncfast ms", 10, ">"), ("floor ms", 9, ">"),
             ("of floor", 9, ">"), ("GB/s", 7, ">"), ("GFLOP/s", 8, ">"), ("torch.mm", 9, ">"), ("vs mm", 6, ">")]
@@ -556,6 +581,7 @@ def main(argv=None):
     data_size = None
     peaks = machine_peaks(torch.get_num_threads(), device)
     header = machine_header(device, torch.get_num_threads())
+    header["peak_source"] = peaks.pop("source")
     header["peak_GFLOPs"] = {k: v / 1e9 for k, v in peaks.items()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

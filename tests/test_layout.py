@@ -14,10 +14,11 @@ LEAVES = {"_numerics", "_validation", "_linalg", "_distributed"}
 _DRIVER = {"experiments._common", "train.data", "train.figures", "train.models", "train.probes", "train.trainer",
            "labels", "metrics", "stats", "functional"}
 LAYERS = {  # module -> the ncfast modules it may import, besides the leaves
-    "ncfast": {"_C", "functional", "labels", "losses", "metrics", "ncc", "pairwise", "probe", "reference", "stats",
+    "ncfast": {"_extension", "functional", "labels", "losses", "metrics", "ncc", "pairwise", "probe", "reference", "stats",
                "torchmetrics"},
     **{leaf: set() for leaf in LEAVES},
     "reference": set(),
+    "_extension": set(),  # finds and imports the compiled core (importlib), no ncfast module
     "backends": {"backends.base", "backends.cpp", "backends.torch", "backends.triton", "triton"},
     "backends.base": set(),
     "backends.cpp": {"_C", "backends.base", "backends.torch"},

@@ -205,7 +205,8 @@ def test_compile_options_reports_build():
     assert isinstance(threads, int) and threads >= 0
     openmp = f"OpenMP=ON(max_threads={threads})" if threads else "OpenMP=OFF"
     bf16 = "BF16=ON" if _C.ncc_has_precision("bf16") else "BF16=OFF"
-    assert opts == f"{openmp} SIMD={simd} {bf16}"
+    isa = "" if ncfast._C_LEVEL == "native" else f" ISA={ncfast._C_LEVEL}"
+    assert opts == f"{openmp} SIMD={simd} {bf16}{isa}"
 
 
 def _distributed_worker(rank, world, init_file, x, y, c, out_file):

@@ -19,7 +19,15 @@ Every probed layer of a network, from forward hooks::
     probe = ncfast.LayerProbe(model, ["layer3", "layer4", "pool"], num_classes=10)
     result = probe.measure(loader)          # result["layer4"].metrics: NCMetrics, NCC mismatch included
 """
-from . import _C, reference
+import sys as _sys
+
+from ._extension import load as _load_extension
+
+# The compiled core: a source install's _C, or the best x86-64 level of a portable wheel (_extension).
+_C, _C_LEVEL = _load_extension(__name__)
+_sys.modules.setdefault(f"{__name__}._C", _C)
+
+from . import reference  # noqa: E402
 from .functional import class_distance, class_moments, nc_metrics
 from .labels import coarse_labels, fine_labels, random_coarse_labels
 from .losses import svsl_loss
@@ -67,7 +75,12 @@ __all__ = [
     "shard_indices",
 ]
 
-compile_options = _C.compile_options
+
+
+def compile_options() -> str:
+    """What the compiled core was built with: OpenMP (and its threads), SIMD level, AVX512-BF16, and,
+    in a portable wheel, the x86-64 level chosen at import ("ISA=x86_64_v3")."""
+    return _C.compile_options() + ("" if _C_LEVEL == "native" else f" ISA={_C_LEVEL}")
 
 try:
     from .torchmetrics import NeuralCollapse  # noqa: F401  (needs the optional torchmetrics package)
