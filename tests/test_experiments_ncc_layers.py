@@ -55,10 +55,17 @@ def test_quick_report_matches_json(quick):
     assert len(rows) == len(claims) == 8
     for row, c in zip(rows, claims):
         assert row == (c["claim"], c["paper"], c["ours"], c["verdict"])
+    assert [c.as_dict() for c in nl.claims(res)] == claims  # the claims follow from results.json alone
     text = (out / "report.md").read_text()
     assert "python -m ncfast.experiments.ncc_layers --quick" in text
     assert res["samples"] == {"train": 1437, "test": 360}  # digits' 80 / 20 split
     assert nl.sample_note(res["samples"]) in text
+    assert "## How the verdicts are computed" in text and "One seed is one draw" in text
+    # the runner's total time; each run's training time per seed under run_seconds
+    assert res["seconds"] == res["report"]["seconds"] > sum(res["run_seconds"]["0"].values()) > 0
+    assert set(res["run_seconds"]) == {"0"} and set(res["run_seconds"]["0"]) == set(nl.RUNS)
+    assert res["config"] == nl.run_config({**nl.PRESETS["digits"], **nl.QUICK})
+    assert res["report"]["preset"] == "digits" and res["report"]["quick"] is True
 
 
 def _ordered_epochs(curves, split, it):
@@ -326,48 +333,52 @@ def test_degenerate_marks_and_curves_from_records():
 
 
 def test_presets():
-    digits = nl.preset_config("digits")
+    assert list(nl.PRESETS) == list(nl.DRIVER.presets) == ["digits", "fashion-mnist", "cifar10", "cifar100"]
+    digits = nl.run_config(nl.PRESETS["digits"])
     assert digits["layers"] == ["layer1", "layer2", "layer3", "layer4", "pool", "head"]
     assert digits["metrics_every"] == 1 and digits["augment"] is False and digits["it_threshold"] == 0.995
+    assert not set(nl.DRIVER_KEYS) & set(digits)  # SVSL's settings and the seed count are not shared Config fields
     for name in ("cifar10", "cifar100"):
-        cfg = nl.preset_config(name)
+        cfg = nl.run_config(nl.PRESETS[name])
         assert cfg["dataset"] == name and cfg["epochs"] == 350 and cfg["batch_size"] == 128
         assert cfg["arch"] == ("resnet34" if name == "cifar100" else "resnet18")
-    fashion = nl.preset_config("fashion-mnist")  # CPU-sized: under 15 minutes on 2 cores
+    fashion = nl.run_config(nl.PRESETS["fashion-mnist"])  # CPU-sized: under 15 minutes on 2 cores
     assert fashion["dataset"] == "fashion-mnist" and fashion["train_subset"] == 5000 and fashion["width"] == 8
-    assert nl.SEEDS["digits"] == 3 and nl.SEEDS["fashion-mnist"] == 1
-    assert nl.preset_config("cifar10", quick=True)["dataset"] == "digits"
+    assert nl.PRESETS["digits"]["seeds"] == 3 and nl.PRESETS["fashion-mnist"]["seeds"] == 1
+    assert nl.QUICK == {"width": 8, "epochs": 12, "lr": 0.05, "seeds": 1}
     assert (nl.PAPER["cifar10"]["alpha"], nl.PAPER["cifar10"]["gamma"]) == (4e-6, "pool")
-    with pytest.raises(ValueError, match="--preset"):
-        nl.preset_config("mnist")
+    for name, preset in nl.PRESETS.items():  # SVSL's alpha and gamma: the paper's Table 2
+        assert (preset["svsl_alpha"], preset["svsl_from"]) == (nl.PAPER[name]["alpha"], nl.PAPER[name]["gamma"])
     # every SVSL gamma of the paper is one of the probed layers below the output
     assert all(p["gamma"] in nl.LAYERS[:-1] for p in nl.PAPER.values())
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--epochs", "0"], "--epochs"),
-    (["--metrics-every", "0"], "--metrics-every"),
-    (["--svsl-alpha", "-1"], "--svsl-alpha"),
-    (["--svsl-alpha", "nan"], "--svsl-alpha"),
     (["--preset", "cifar10"], "--data"),
+    (["--quick", "--preset", "cifar10"], "--quick"),
 ])
 def test_bad_arguments_are_named(tmp_path, capsys, argv, needle):
     assert nl.main([*argv, "--out", str(tmp_path / "o")]) == 2
     assert needle in capsys.readouterr().err
-    assert not (tmp_path / "o" / "vanilla").exists()  # nothing trained
+    assert not (tmp_path / "o").exists()  # nothing trained
 
 
-def test_bad_choice_is_an_argparse_error(tmp_path, capsys):
+@pytest.mark.parametrize("argv", [
+    ["--epochs", "0"], ["--metrics-every", "0"], ["--svsl-alpha", "-1"], ["--svsl-alpha", "nan"],
+    ["--svsl-from", "head"], ["--seeds", "0"],
+])
+def test_bad_flag_values_are_argparse_errors(tmp_path, capsys, argv):
     with pytest.raises(SystemExit) as e:
-        nl.main(["--svsl-from", "head", "--out", str(tmp_path)])
-    assert e.value.code == 2 and "--svsl-from" in capsys.readouterr().err
+        nl.main([*argv, "--quick", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing trained
 
 
 def test_report_layer_table_marks_missing_it():
     curves = {run: _curves([0, 1], {n: [0.5, 0.25] for n in ["a"]}) for run in nl.RUNS}
     text = nl.layer_table_markdown(curves, ["a"], {"vanilla": 1, "svsl": None})
     row = text.splitlines()[2]
-    assert row == "| a | 25.00 → 25.00 | 25.00 → 25.00 | – → 25.00 | – → 25.00 |"
+    assert row == "| a | 25.00 → 25.00 | 25.00 → 25.00 | n/a → 25.00 | n/a → 25.00 |"
     assert re.match(r"\| layer \| vanilla train IT → EOT", text)
 
 
@@ -390,8 +401,10 @@ def test_preset_configs_are_valid_trainer_configs(tmp_path, preset):
     GPU presets cannot be trained here)."""
     from ncfast.train.models import build_model
 
-    cfg = Config(**nl.preset_config(preset), out=str(tmp_path), svsl_alpha=nl.PAPER[preset]["alpha"],
-                 svsl_from=nl.PAPER[preset]["gamma"])
+    settings = nl.PRESETS[preset]
+    nl.check(settings)
+    cfg = Config(**nl.run_config(settings), out=str(tmp_path), svsl_alpha=settings["svsl_alpha"],
+                 svsl_from=settings["svsl_from"])
     model = build_model(cfg.arch, 100 if preset == "cifar100" else 10, 1 if preset != "cifar10" else 3, 8,
                         width=8)
     names = dict(model.named_modules())
@@ -468,13 +481,13 @@ def test_seeds_run_pairs_per_seed_and_report_the_majority(tmp_path):
     assert [r[2:] for r in rows] == [(ours, verdict_word(h)) for ours, h in want.values()]
     # the first seed's analysis is the top level (figures and per-layer tables)
     assert res["interpolation_epoch"] == res["per_seed"]["4"]["interpolation_epoch"]
+    assert set(res["run_seconds"]) == {"4", "5"}
+    # Table 1 has one row per seed; the verdict rules name the seeds
+    text = (out / "report.md").read_text()
+    assert "| ours, seed 4 |" in text and "| ours, seed 5 |" in text
+    assert "With 2 seeds (4, 5) a claim holds when it holds in more than half" in text
+    assert [c.as_dict() for c in nl.claims(res)] == res["report"]["claims"]  # they follow from results.json
 
 
 def verdict_word(holds):
     return "not measured" if holds is None else ("holds" if holds else "does not hold")
-
-
-@pytest.mark.parametrize("argv", [["--seeds", "0"]])
-def test_bad_seeds(tmp_path, capsys, argv):
-    assert nl.main([*argv, "--quick", "--out", str(tmp_path / "o")]) == 2
-    assert "--seeds" in capsys.readouterr().err
