@@ -38,7 +38,6 @@ from ..train._files import atomic_write
 from ..train.data import FASHION_MNIST_DIR, IDX_FILES
 from ..train.trainer import Config, Trainer, finite
 
-PRESETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
 MISSING = "n/a"  # what number / percent write for a value that was not measured (None or NaN)
 DOCS = "docs/experiments.md"  # where each driver's protocol, presets and claims are written out
 
@@ -435,30 +434,3 @@ class Driver:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
-
-
-def parser(name: str, doc: str, presets=PRESETS) -> argparse.ArgumentParser:
-    """The common flags of a driver not yet on ``Driver`` (removed once every driver is)."""
-    p = argparse.ArgumentParser(prog=f"python -m ncfast.experiments.{name}", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=f"runs/{name}", help=f"output folder (default runs/{name})")
-    p.add_argument("--preset", choices=presets, default=presets[0],
-                   help=f"data set and sizes (default {presets[0]})")
-    p.add_argument("--data", default=None, help="folder of the data files (fashion-mnist, cifar10, cifar100)")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny version for tests: under 2 minutes on 2 CPU cores, bundled data only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def run_main(body, argv=None) -> int:
-    """Run ``body(argv)``; a missing data file or a bad argument is one line on stderr and exit status
-    2, not a traceback."""
-    try:
-        body(argv)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
