@@ -384,7 +384,7 @@ def machine_peaks(threads: int, device) -> dict:
             peaks[name] = 2.0 * n ** 3 / (best_ms(lambda: a @ a, sync=sync) * 1e-3)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
-        del a
+        a = None  # free it before the next dtype's
     return peaks
 
 

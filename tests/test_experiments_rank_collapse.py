@@ -328,7 +328,7 @@ def test_quick_verdicts_follow_from_the_json_numbers(quick):
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")][2:]
     rows = rows[:len(rc.CLAIMS)]
     assert len(rows) == len(rc.CLAIMS)
-    for (key, claim, paper, _), row in zip(rc.CLAIMS, rows):
+    for (key, _claim, paper, _), row in zip(rc.CLAIMS, rows):
         stored = res["claims"][key]
         assert stored["holds"] == again[key]["holds"], key
         cells = [c.strip() for c in row.strip("|").split(" | ")]

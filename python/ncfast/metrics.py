@@ -99,10 +99,10 @@ def _whitened_between(sigma_w: torch.Tensor, a: torch.Tensor, rtol: float):
     the rank rule keeps whole. A Cholesky factor and one triangular inverse cost a fraction of
     the symmetric eigendecomposition it replaces.
     """
-    l, info = torch.linalg.cholesky_ex(sigma_w)
+    chol, info = torch.linalg.cholesky_ex(sigma_w)
     if int(info) != 0:
         return None
-    l_inv = _linalg.triangular_inverse(l, upper=False)
+    l_inv = _linalg.triangular_inverse(chol, upper=False)
     bound = torch.linalg.matrix_norm(sigma_w) * l_inv.square().sum()
     if not float(bound) * rtol < 0.5:  # also rejects NaN and Inf
         return None
