@@ -61,7 +61,8 @@ class Sweep:
 
 PAIR_PARAMS = ("g", "etf_diag", "etf_offdiag", "mean_cos", "etf_cos", "cdnv_exponent", "unif_floor")
 """The scalars of ``PairContext`` every tile reducer reads, in the order of the packed float64 params
-buffer of the C++ core (``_C.PAIR_PARAMS`` names the same) and of the Triton kernel."""
+buffer of the C++ core and of the Triton kernel (``_C.PAIR_PARAMS`` and ``triton.pairwise.PARAMS``
+name the same)."""
 
 
 class PairVectors(NamedTuple):
