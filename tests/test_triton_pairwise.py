@@ -257,3 +257,27 @@ def test_class_pair_stats_new_stats_on_triton(monkeypatch, p):
     assert stats.uniformity_mean == np.inf and np.isnan(stats.uniformity_var)
     got = stats.cdnv_per_class.cpu().numpy()
     assert got[0] == got[1] == np.inf and np.isnan(got[6]) and np.isfinite(got[2:6]).all()
+
+
+def test_reduce_pair_tile_checks_its_arguments():
+    """The launcher refuses, naming it, a side vector of the wrong length, a super-class map on one
+    side only, a params tensor that is not the (7,) float64 host buffer, and a diagonal tile (sides
+    with the same start) of unequal sides; nothing is updated."""
+    assert tpairwise.PARAMS == backends.PAIR_PARAMS  # the kernel's loads in PairContext.params order
+    mt, make_ctx = _pair_context(40, 23, seed=6)
+    k = _on_device(make_ctx(True))
+    tile = backends.tile_vectors(k, slice(0, 10), slice(10, 20))
+    params = torch.tensor(k.params(), dtype=torch.float64)
+    rows, cols = mt[:10].to(DEVICE), mt[10:20].to(DEVICE)
+    bad = tile._replace(cols=tile.cols._replace(norms=tile.cols.norms[:9]))
+    with pytest.raises(ValueError, match=r"vectors\.cols\.norms: expected shape \(10,\)"):
+        tpairwise.reduce_pair_tile(rows, cols, bad, params)
+    with pytest.raises(ValueError, match="sup given for one side"):
+        tpairwise.reduce_pair_tile(rows, cols, tile._replace(rows=tile.rows._replace(sup=None)), params)
+    for wrong in (params[:6], params.float(), params.to("meta")):
+        with pytest.raises(ValueError, match=r"^params: expected a \(7,\) float64 CPU tensor"):
+            tpairwise.reduce_pair_tile(rows, cols, tile, wrong)
+    diagonal = backends.tile_vectors(k, slice(0, 10), slice(0, 12))
+    with pytest.raises(ValueError, match="diagonal tile: expected t1 == t2"):
+        tpairwise.reduce_pair_tile(rows, mt[:12].to(DEVICE), diagonal, params)
+    assert (k.best_idx == -1).all() and (k.ratio_sum == 0).all()
