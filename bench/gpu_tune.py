@@ -147,6 +147,7 @@ def tune_moments(device, rows_out: list):
 
 
 def tune_pairwise(device, rows_out: list):
+    from ncfast import backends
     from ncfast.backends import triton as triton_backend
     from ncfast.triton import pairwise
 
@@ -155,16 +156,20 @@ def tune_pairwise(device, rows_out: list):
     mt = torch.randn(t, d, device=device, dtype=torch.float64, generator=g)
     sq = mt.square().sum(1)
     norms, var = sq.sqrt(), torch.rand(t, device=device, dtype=torch.float64, generator=g)
-    best = torch.full((t,), float("inf"), device=device, dtype=torch.float64)
-    idx = torch.zeros(t, device=device, dtype=torch.int64)
+    # an off-diagonal tile, classes 0..t x t..2t of 2t classes whose centred means are mt twice
+    ctx = backends.PairContext(
+        sq=sq.repeat(2), norms=norms.repeat(2), var=var.repeat(2), sup=None, g=1.0, etf_diag=0.1, etf_offdiag=-0.1,
+        mean_cos=0.0, etf_cos=0.1, best=torch.full((2 * t,), float("inf"), device=device, dtype=torch.float64),
+        best_idx=torch.zeros(2 * t, device=device, dtype=torch.int64))
+    vectors = backends.tile_vectors(ctx, slice(0, t), slice(t, 2 * t))
+    params = torch.tensor(ctx.params(), dtype=torch.float64)
 
     mm = _bench(lambda: mt @ mt.T)
     flops = 2.0 * t * t * d
     for bi, bj, bd in PAIR_TRIALS:
         def run():  # the float64 dot where this Triton compiles it, as the backend launches it
             return triton_backend.with_f64_dot(lambda f64_dot: pairwise.reduce_pair_tile(
-                mt, mt, False, sq, sq, norms, norms, var, var, None, None, 1.0, 0.1, -0.1, 0.0, 0.1, 0, t, best,
-                idx, best.clone(), idx.clone(), block_i=bi, block_j=bj, block_d=bd, f64_dot=f64_dot), device)
+                mt, mt, vectors, params, block_i=bi, block_j=bj, block_d=bd, f64_dot=f64_dot), device)
 
         run()
         ms = _bench(run)

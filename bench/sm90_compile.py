@@ -155,18 +155,24 @@ def _ncc_cases(recorder: _Recorder, ncc, x, g):
 
 
 def _pair_cases(recorder: _Recorder, pairwise, g):
+    from ncfast import backends
+
     t, d = 512, 1024
     mt = torch.randn(t, d, dtype=torch.float64, generator=g)
-    vec = torch.ones(t, dtype=torch.float64)
-    best, idx = torch.full((t,), float("inf"), dtype=torch.float64), torch.zeros(t, dtype=torch.int64)
     for f64_dot in (True, False):
         recorder.label = f"F64_DOT={f64_dot}"
         for diagonal in (False, True):
             for exponent in (1.0, 0.5):  # UNIT_P: the CDNV division alone, or d2^p = exp(p log d2) before it
-                pairwise.reduce_pair_tile(mt, mt, diagonal, vec, vec, vec, vec, vec, vec, None, None, 1.0, 0.1,
-                                          -0.1, 0.0, 0.1, 0, 0 if diagonal else t, best, idx, best.clone(),
-                                          idx.clone(), cdnv_exponent=exponent, ratio_r=vec.clone(),
-                                          ratio_c=vec.clone(), f64_dot=f64_dot)
+                # the diagonal tile of t classes, or the tile 0..t x t..2t of 2t classes
+                n = t if diagonal else 2 * t
+                ones = torch.ones(n, dtype=torch.float64)
+                ctx = backends.PairContext(
+                    sq=ones, norms=ones, var=ones, sup=None, g=1.0, etf_diag=0.1, etf_offdiag=-0.1, mean_cos=0.0,
+                    etf_cos=0.1, best=torch.full((n,), float("inf"), dtype=torch.float64),
+                    best_idx=torch.zeros(n, dtype=torch.int64), cdnv_exponent=exponent, ratio_sum=ones.clone())
+                vectors = backends.tile_vectors(ctx, slice(0, t), slice(0, t) if diagonal else slice(t, 2 * t))
+                pairwise.reduce_pair_tile(mt, mt, vectors, torch.tensor(ctx.params(), dtype=torch.float64),
+                                          f64_dot=f64_dot)
 
 
 def _compile_tests(recorder: _Recorder) -> int:

@@ -119,19 +119,19 @@ inline RowSums sweep_row_generic(const PairTile& t, const TileScale& k, const Pa
   double* lg = out.lg;
   RowSums s;
 #pragma omp simd
-  for (int64_t j = j0; j < n; ++j) dd[j] = std::max(sqi + t.sq_c[j] - 2.0 * grow[j], 0.0);
+  for (int64_t j = j0; j < n; ++j) dd[j] = std::max(sqi + t.c.sq[j] - 2.0 * grow[j], 0.0);
   double resid = 0, cos_dev = 0, coh = 0, dist = 0;
 #pragma omp simd reduction(+ : resid, cos_dev, coh, dist)
   for (int64_t j = j0; j < n; ++j) {
     const double gij = grow[j];
-    const double r = gij * k.inv_g - t.etf_offdiag;
+    const double r = gij * k.inv_g - t.p.etf_offdiag;
     resid += r * r;
     const double cs = gij * inv_ni * inv_nc[j];
     const double u2 = 2.0 - 2.0 * cs;
-    lg[j] = u2 <= t.unif_floor ? 0.0 : u2;
-    cos_dev += (cs - t.mean_cos) * (cs - t.mean_cos);
-    coh += std::fabs(cs + t.etf_cos);
-    dist += dd[j] + vi + t.var_c[j];
+    lg[j] = u2 <= t.p.unif_floor ? 0.0 : u2;
+    cos_dev += (cs - t.p.mean_cos) * (cs - t.p.mean_cos);
+    coh += std::fabs(cs + t.p.etf_cos);
+    dist += dd[j] + vi + t.c.var[j];
   }
   s.resid = resid;
   s.cos_dev = cos_dev;
@@ -162,14 +162,14 @@ inline RowSums sweep_row_generic(const PairTile& t, const TileScale& k, const Pa
     double rsum = 0;
 #pragma omp simd reduction(+ : rsum)
     for (int64_t j = j0; j < n; ++j) {
-      const double r = (vi + t.var_c[j]) / (2.0 * dd[j]);
+      const double r = (vi + t.c.var[j]) / (2.0 * dd[j]);
       dd[j] = r;
       out.csum[j] += r;
       rsum += r;
     }
     s.rsum = rsum;
   } else {
-    s.rsum = ratios_pow(dd, t.var_c, vi, k.p, j0, n, out.csum);
+    s.rsum = ratios_pow(dd, t.c.var, vi, k.p, j0, n, out.csum);
   }
   return s;
 }
@@ -256,7 +256,7 @@ struct RowAcc {
 // register and feeds the row minimum, the column minima and the pair sums; with kRatio (p = 1) the
 // CDNV ratios are written to rr and added to the row's sum and to the column sums csum, without it
 // the squared distances are written to rr for ratios_pow. The uniformity terms -log(2 - 2 cos_ij) / 2
-// (+inf where 2 - 2 cos_ij <= t.unif_floor) go to lg and their sum to usum. One pass, where the
+// (+inf where 2 - 2 cos_ij <= t.p.unif_floor) go to lg and their sum to usum. One pass, where the
 // generic sweep's separate loops read and write a row buffer several times (and GCC turns some of
 // them into emulated gathers). The ratio keeps its division: the sweep is bound by its issue
 // ports, not by the divider, so a Markstein reciprocal would not pay.
@@ -265,9 +265,9 @@ inline void sweep_columns(const PairTile& t, const double* grow, const double* i
                           double inv_ni, double vi, int64_t gi, int64_t jb, int64_t je, double* rr, double* lg,
                           double* csum, double* cbest, int64_t* cidx, RowAcc& a) {
   const __m512d vsqi = _mm512_set1_pd(sqi), vinv_ni = _mm512_set1_pd(inv_ni), vvi = _mm512_set1_pd(vi);
-  const __m512d vinv_g = _mm512_set1_pd(inv_g), voff = _mm512_set1_pd(t.etf_offdiag);
-  const __m512d vmean = _mm512_set1_pd(t.mean_cos), vetf = _mm512_set1_pd(t.etf_cos);
-  const __m512d vfloor = _mm512_set1_pd(t.unif_floor);
+  const __m512d vinv_g = _mm512_set1_pd(inv_g), voff = _mm512_set1_pd(t.p.etf_offdiag);
+  const __m512d vmean = _mm512_set1_pd(t.p.mean_cos), vetf = _mm512_set1_pd(t.p.etf_cos);
+  const __m512d vfloor = _mm512_set1_pd(t.p.unif_floor);
   const __m512d zero = _mm512_setzero_pd(), two = _mm512_set1_pd(2.0);
   const __m512i vgi = _mm512_set1_epi64(gi), eight = _mm512_set1_epi64(8);
   __m512i jv = _mm512_add_epi64(_mm512_set1_epi64(jb), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
@@ -276,7 +276,7 @@ inline void sweep_columns(const PairTile& t, const double* grow, const double* i
     const __m512d g = _mm512_maskz_loadu_pd(m, grow + j);
     // max(0, x) keeps a NaN x, as std::max(x, 0.0) does
     const __m512d dd =
-        _mm512_max_pd(zero, _mm512_fnmadd_pd(two, g, _mm512_add_pd(vsqi, _mm512_maskz_loadu_pd(m, t.sq_c + j))));
+        _mm512_max_pd(zero, _mm512_fnmadd_pd(two, g, _mm512_add_pd(vsqi, _mm512_maskz_loadu_pd(m, t.c.sq + j))));
     const __mmask8 lt = _mm512_mask_cmp_pd_mask(m, dd, a.low, _CMP_LT_OQ);
     a.low = _mm512_mask_mov_pd(a.low, lt, dd);
     a.low_j = _mm512_mask_mov_epi64(a.low_j, lt, jv);
@@ -294,7 +294,7 @@ inline void sweep_columns(const PairTile& t, const double* grow, const double* i
     const __m512d cd = _mm512_sub_pd(cs, vmean);
     a.cos_dev = _mm512_mask3_fmadd_pd(cd, cd, a.cos_dev, m);
     a.coh = _mm512_mask_add_pd(a.coh, m, a.coh, _mm512_abs_pd(_mm512_add_pd(cs, vetf)));
-    const __m512d vs = _mm512_add_pd(vvi, _mm512_maskz_loadu_pd(m, t.var_c + j));
+    const __m512d vs = _mm512_add_pd(vvi, _mm512_maskz_loadu_pd(m, t.c.var + j));
     a.dist = _mm512_mask_add_pd(a.dist, m, a.dist, _mm512_add_pd(dd, vs));
     if constexpr (kRatio) {
       const __m512d ratio = _mm512_div_pd(vs, _mm512_add_pd(dd, dd));
@@ -324,7 +324,7 @@ inline RowSums sweep_row_avx512(const PairTile& t, const TileScale& k, const Pai
   s.cos_dev = _mm512_reduce_add_pd(a.cos_dev);
   s.coh = _mm512_reduce_add_pd(a.coh);
   s.dist = _mm512_reduce_add_pd(a.dist);
-  s.rsum = k.unit_p ? _mm512_reduce_add_pd(a.rsum) : ratios_pow(out.ratio, t.var_c, row.var, k.p, row.begin, t.t2, out.csum);
+  s.rsum = k.unit_p ? _mm512_reduce_add_pd(a.rsum) : ratios_pow(out.ratio, t.c.var, row.var, k.p, row.begin, t.t2, out.csum);
   s.usum = _mm512_reduce_add_pd(a.usum);
   s.low = _mm512_reduce_min_pd(a.low);
   // the first column among the lanes that hold the minimum (each lane keeps its own first)
@@ -388,8 +388,14 @@ inline bool lex_less(double v, int64_t idx, double best, int64_t best_idx) {
 
 }  // namespace
 
-PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double* best_r, int64_t* idx_r,
-                          double* best_c, int64_t* idx_c, double* ratio_r, double* ratio_c, int num_threads) {
+PairSums reduce_pair_tile(const PairTile& t, int num_threads) {
+  const int64_t row0 = t.r.start, col0 = t.c.start;
+  double* const best_r = t.r.best;
+  int64_t* const idx_r = t.r.best_idx;
+  double* const ratio_r = t.r.ratio_sum;
+  double* const best_c = t.c.best;
+  int64_t* const idx_c = t.c.best_idx;
+  double* const ratio_c = t.c.ratio_sum;
   const double inf = std::numeric_limits<double>::infinity();
   const int threads = region_threads(num_threads, t.t1);
   std::vector<PairSums> part(threads);
@@ -399,8 +405,8 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
   // Column sums of the CDNV ratios per thread, likewise.
   std::vector<double> csums(static_cast<size_t>(threads) * t.t2, 0.0);
   std::vector<double> inv_nc(t.t2);
-  for (int64_t j = 0; j < t.t2; ++j) inv_nc[j] = 1.0 / t.norm_c[j];
-  const TileScale scale{inv_nc.data(), 1.0 / t.g, t.cdnv_exponent, t.cdnv_exponent == 1.0};
+  for (int64_t j = 0; j < t.t2; ++j) inv_nc[j] = 1.0 / t.c.norms[j];
+  const TileScale scale{inv_nc.data(), 1.0 / t.p.g, t.p.cdnv_exponent, t.p.cdnv_exponent == 1.0};
 
 #ifdef NCFAST_WITH_OPENMP
 #pragma omp parallel num_threads(threads)
@@ -419,16 +425,16 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
     for (int64_t i = 0; i < t.t1; ++i) {
       const int64_t gi = row0 + i;
       const double* grow = t.gram + i * t.t2;
-      const double sqi = t.sq_r[i], vi = t.var_r[i];
+      const double sqi = t.r.sq[i], vi = t.r.var[i];
       // the pairs of row i: global column above gi
       const int64_t j0 = std::min(t.t2, std::max<int64_t>(0, gi + 1 - col0));
-      const RowSums r = sweep_row(t, scale, PairRow{grow, sqi, 1.0 / t.norm_r[i], vi, gi, j0, best_r[i]}, out);
-      if (t.sup_r) {
+      const RowSums r = sweep_row(t, scale, PairRow{grow, sqi, 1.0 / t.r.norms[i], vi, gi, j0, best_r[i]}, out);
+      if (t.r.sup) {
         double msdr = 0;
         int64_t msdr_n = 0;
         for (int64_t j = j0; j < t.t2; ++j)
-          if (t.sup_r[i] == t.sup_c[j]) {
-            msdr += std::max(sqi + t.sq_c[j] - 2.0 * grow[j], 0.0) + vi + t.var_c[j];
+          if (t.r.sup[i] == t.c.sup[j]) {
+            msdr += std::max(sqi + t.c.sq[j] - 2.0 * grow[j], 0.0) + vi + t.c.var[j];
             ++msdr_n;
           }
         s.msdr_sum += 2.0 * msdr;
@@ -438,14 +444,14 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
       if (cnt > 0) {
         const double rmean = r.rsum / static_cast<double>(cnt);
         const double rm2 = sum_sq_dev(out.ratio + j0, cnt, rmean);
-        chan_merge_ratio(s.cdnv_n, s.cdnv_mean, s.cdnv_m2, cnt, rmean, rm2);
+        chan_merge_ratio(s.cdnv.n, s.cdnv.mean, s.cdnv.m2, cnt, rmean, rm2);
         ratio_r[i] += r.rsum;
         const double umean = r.usum / static_cast<double>(cnt);
         const double um2 = sum_sq_dev(out.lg + j0, cnt, umean);
-        chan_merge_ratio(s.unif_n, s.unif_mean, s.unif_m2, cnt, umean, um2);
+        chan_merge_ratio(s.unif.n, s.unif.mean, s.unif.m2, cnt, umean, um2);
       }
       if (gi >= col0 && gi < col0 + t.t2) {  // G_ii, the diagonal of G, enters nc2 once
-        const double d = grow[gi - col0] * scale.inv_g - t.etf_diag;
+        const double d = grow[gi - col0] * scale.inv_g - t.p.etf_diag;
         s.resid += d * d;
       }
       s.resid += 2.0 * r.resid;
@@ -469,8 +475,8 @@ PairSums reduce_pair_tile(const PairTile& t, int64_t row0, int64_t col0, double*
     out.dist += s.dist;
     out.msdr_sum += s.msdr_sum;
     out.msdr_n += s.msdr_n;
-    chan_merge_ratio(out.cdnv_n, out.cdnv_mean, out.cdnv_m2, s.cdnv_n, s.cdnv_mean, s.cdnv_m2);
-    chan_merge_ratio(out.unif_n, out.unif_mean, out.unif_m2, s.unif_n, s.unif_mean, s.unif_m2);
+    chan_merge_ratio(out.cdnv.n, out.cdnv.mean, out.cdnv.m2, s.cdnv.n, s.cdnv.mean, s.cdnv.m2);
+    chan_merge_ratio(out.unif.n, out.unif.mean, out.unif.m2, s.unif.n, s.unif.mean, s.unif.m2);
   }
   // Column sums of the ratios, after the rows' own: ratio_c may be ratio_r (a tile on the diagonal).
   for (int tid = 0; tid < threads; ++tid) {

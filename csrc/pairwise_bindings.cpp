@@ -1,70 +1,140 @@
 // _C functions of the fused class-pair tile reduction (pairwise.h).
 #include <cmath>
+#include <utility>
 
 #include "bindings.h"
 #include "pairwise.h"
 
 namespace ncfast {
 
+namespace {
+
+// The scalars of the packed params buffer, in its order (ncfast.backends.base.PAIR_PARAMS).
+constexpr std::pair<const char*, double PairParams::*> kPairParams[] = {
+    {"g", &PairParams::g},
+    {"etf_diag", &PairParams::etf_diag},
+    {"etf_offdiag", &PairParams::etf_offdiag},
+    {"mean_cos", &PairParams::mean_cos},
+    {"etf_cos", &PairParams::etf_cos},
+    {"cdnv_exponent", &PairParams::cdnv_exponent},
+    {"unif_floor", &PairParams::unif_floor},
+};
+constexpr size_t kNumPairParams = sizeof(kPairParams) / sizeof(kPairParams[0]);
+
+using F64In = py::array_t<double, py::array::c_style | py::array::forcecast>;
+using I64In = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using F64Out = py::array_t<double, py::array::c_style>;
+using I64Out = py::array_t<int64_t, py::array::c_style>;
+
+// One side of a tile read off a ncfast.backends.base.PairVectors (attributes by name), with the
+// arrays it holds for the call (inputs converted to float64 / int64 if need be; the updated
+// arrays must already be C-contiguous float64 / int64, as a copy would lose the updates).
+struct SideArrays {
+  F64In sq, norms, var;
+  I64In sup;
+  F64Out best, ratio_sum;
+  I64Out best_idx;
+  PairSide side{};
+};
+
+void need_length(const py::array& a, int64_t n, const std::string& name) {
+  if (a.ndim() != 1 || a.shape(0) != n)
+    throw std::invalid_argument(name + ": expected a vector of length " + std::to_string(n));
+}
+
+template <typename Out>
+Out output(const py::object& v, int64_t n, const std::string& name, const char* dtype) {
+  if (!py::isinstance<Out>(v))
+    throw std::invalid_argument(name + ": expected a C-contiguous " + dtype + " array (updated in place)");
+  Out a = py::reinterpret_borrow<Out>(v);
+  need_length(a, n, name);
+  return a;
+}
+
+template <typename In>
+In input(const py::object& v, int64_t n, const std::string& name) {
+  if (v.is_none()) throw std::invalid_argument(name + ": expected a vector, got None");
+  In a = In::ensure(v);
+  if (!a) {
+    PyErr_Clear();
+    throw std::invalid_argument(name + ": expected a numeric vector");
+  }
+  need_length(a, n, name);
+  return a;
+}
+
+SideArrays side_of(const py::object& v, int64_t n, const std::string& which) {
+  SideArrays s;
+  s.side.start = v.attr("start").cast<int64_t>();
+  s.sq = input<F64In>(v.attr("sq"), n, which + ".sq");
+  s.norms = input<F64In>(v.attr("norms"), n, which + ".norms");
+  s.var = input<F64In>(v.attr("var"), n, which + ".var");
+  const py::object sup = v.attr("sup");
+  if (!sup.is_none()) {
+    s.sup = input<I64In>(sup, n, which + ".sup");
+    s.side.sup = s.sup.data();
+  }
+  s.best = output<F64Out>(v.attr("best"), n, which + ".best", "float64");
+  s.best_idx = output<I64Out>(v.attr("best_idx"), n, which + ".best_idx", "int64");
+  s.ratio_sum = output<F64Out>(v.attr("ratio_sum"), n, which + ".ratio_sum", "float64");
+  s.side.sq = s.sq.data();
+  s.side.norms = s.norms.data();
+  s.side.var = s.var.data();
+  s.side.best = s.best.mutable_data();
+  s.side.best_idx = s.best_idx.mutable_data();
+  s.side.ratio_sum = s.ratio_sum.mutable_data();
+  return s;
+}
+
+PairParams params_of(const F64In& params) {
+  if (params.ndim() != 1 || static_cast<size_t>(params.shape(0)) != kNumPairParams)
+    throw std::invalid_argument("params: expected " + std::to_string(kNumPairParams) +
+                                " float64 values in the order of _C.PAIR_PARAMS");
+  PairParams p{};
+  for (size_t k = 0; k < kNumPairParams; ++k) p.*(kPairParams[k].second) = params.data()[k];
+  if (!(std::isfinite(p.cdnv_exponent) && p.cdnv_exponent > 0))
+    throw std::invalid_argument("params: cdnv_exponent must be a finite number > 0");
+  return p;
+}
+
+py::tuple moments_tuple(const ScalarMoments& m) { return py::make_tuple(m.n, m.mean, m.m2); }
+
+}  // namespace
+
 void bind_pairwise(py::module_& m) {
+  py::tuple names(kNumPairParams);
+  for (size_t k = 0; k < kNumPairParams; ++k) names[k] = py::str(kPairParams[k].first);
+  m.attr("PAIR_PARAMS") = names;
+
+  // The attributes are the fields of ncfast.backends.base.PairSums, which reads them by name.
+  py::class_<PairSums>(m, "PairSums",
+                       "One tile's sums over its pairs (csrc/pairwise.h); cdnv and unif as (n, mean, M2).")
+      .def_readonly("resid", &PairSums::resid)
+      .def_readonly("cos_dev", &PairSums::cos_dev)
+      .def_readonly("coh", &PairSums::coh)
+      .def_readonly("dist", &PairSums::dist)
+      .def_readonly("msdr_sum", &PairSums::msdr_sum)
+      .def_readonly("msdr_n", &PairSums::msdr_n)
+      .def_property_readonly("cdnv", [](const PairSums& s) { return moments_tuple(s.cdnv); })
+      .def_property_readonly("unif", [](const PairSums& s) { return moments_tuple(s.unif); });
+
   m.def(
       "reduce_pair_tile",
-      [](py::array_t<double, py::array::c_style> gram, py::array_t<double, py::array::c_style> sq_r,
-         py::array_t<double, py::array::c_style> sq_c, py::array_t<double, py::array::c_style> norm_r,
-         py::array_t<double, py::array::c_style> norm_c, py::array_t<double, py::array::c_style> var_r,
-         py::array_t<double, py::array::c_style> var_c, py::object sup_r, py::object sup_c, double g,
-         double etf_diag, double etf_offdiag, double mean_cos, double etf_cos, double cdnv_exponent, double unif_floor, int64_t row0,
-         int64_t col0, py::array_t<double, py::array::c_style> best_r, py::array_t<int64_t, py::array::c_style> idx_r,
-         py::array_t<double, py::array::c_style> best_c, py::array_t<int64_t, py::array::c_style> idx_c,
-         py::array_t<double, py::array::c_style> ratio_r, py::array_t<double, py::array::c_style> ratio_c,
-         int num_threads) {
+      [](const F64In& gram, const py::object& rows, const py::object& cols, const F64In& params, int num_threads) {
         if (gram.ndim() != 2) throw std::invalid_argument("gram: expected a 2-D tile");
         const int64_t t1 = gram.shape(0), t2 = gram.shape(1);
-        auto need = [](const py::array& a, int64_t n, const char* name) {
-          if (a.ndim() != 1 || a.shape(0) != n) throw std::invalid_argument(std::string(name) + ": wrong length");
-        };
-        need(sq_r, t1, "sq_r"); need(norm_r, t1, "norm_r"); need(var_r, t1, "var_r");
-        need(best_r, t1, "best_r"); need(idx_r, t1, "idx_r");
-        need(sq_c, t2, "sq_c"); need(norm_c, t2, "norm_c"); need(var_c, t2, "var_c");
-        need(best_c, t2, "best_c"); need(idx_c, t2, "idx_c");
-        need(ratio_r, t1, "ratio_r"); need(ratio_c, t2, "ratio_c");
-        if (!(std::isfinite(cdnv_exponent) && cdnv_exponent > 0))
-          throw std::invalid_argument("cdnv_exponent: expected a finite number > 0");
-        py::array_t<int64_t, py::array::c_style | py::array::forcecast> sr, sc;
-        PairTile t{gram.data(), t1, t2, sq_r.data(), sq_c.data(), norm_r.data(), norm_c.data(),
-                   var_r.data(), var_c.data(), nullptr, nullptr, g, etf_diag, etf_offdiag, mean_cos, etf_cos,
-                   cdnv_exponent, unif_floor};
-        if (!sup_r.is_none()) {
-          sr = sup_r.cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
-          sc = sup_c.cast<py::array_t<int64_t, py::array::c_style | py::array::forcecast>>();
-          need(sr, t1, "sup_r"); need(sc, t2, "sup_c");
-          t.sup_r = sr.data();
-          t.sup_c = sc.data();
-        }
-        double* br = best_r.mutable_data();
-        int64_t* ir = idx_r.mutable_data();
-        double* bc = best_c.mutable_data();
-        int64_t* ic = idx_c.mutable_data();
-        double* rsr = ratio_r.mutable_data();
-        double* rsc = ratio_c.mutable_data();
-        PairSums s;
-        {
-          py::gil_scoped_release release;
-          s = reduce_pair_tile(t, row0, col0, br, ir, bc, ic, rsr, rsc, num_threads);
-        }
-        py::dict out;
-        out["resid"] = s.resid;
-        out["cos_dev"] = s.cos_dev;
-        out["coh"] = s.coh;
-        out["dist"] = s.dist;
-        out["msdr_sum"] = s.msdr_sum;
-        out["msdr_n"] = s.msdr_n;
-        out["cdnv"] = py::make_tuple(s.cdnv_n, s.cdnv_mean, s.cdnv_m2);
-        out["unif"] = py::make_tuple(s.unif_n, s.unif_mean, s.unif_m2);
-        return out;
+        const SideArrays r = side_of(rows, t1, "rows"), c = side_of(cols, t2, "cols");
+        if ((r.side.sup == nullptr) != (c.side.sup == nullptr))
+          throw std::invalid_argument("sup: given for one side of the tile only");
+        const PairTile t{gram.data(), t1, t2, r.side, c.side, params_of(params)};
+        py::gil_scoped_release release;
+        return reduce_pair_tile(t, num_threads);
       },
-      "One tile of class pairs reduced in one sweep (see csrc/pairwise.h); updates the nearest-class "
-      "arrays and the per-class CDNV ratio sums in place and returns the tile's sums.");
+      py::arg("gram"), py::arg("rows"), py::arg("cols"), py::arg("params"), py::arg("num_threads"),
+      "One tile of class pairs reduced in one sweep (see csrc/pairwise.h): gram the (t1, t2) float64 block "
+      "G[rows, cols]; rows and cols their classes' vectors (ncfast.backends.base.PairVectors: start, sq, norms, "
+      "var, sup, best, best_idx, ratio_sum), best, best_idx and ratio_sum updated in place; params the float64 "
+      "scalars in the order of PAIR_PARAMS. Returns the tile's PairSums.");
 }
 
 }  // namespace ncfast

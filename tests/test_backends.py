@@ -248,3 +248,46 @@ def test_pair_reducer_equals_the_torch_reducer(impl):
     assert torch.equal(ctx.best_idx.cpu(), want_ctx.best_idx)
     assert_close(ctx.best.cpu().numpy(), want_ctx.best.numpy(), rtol=1e-10, what="nearest distance")
     assert_close(ctx.ratio_sum.cpu().numpy(), want_ctx.ratio_sum.numpy(), rtol=1e-10, what="ratio sums")
+
+
+def test_pair_context_splits_into_vectors_and_params():
+    """Every PairContext field is a per-class vector (PairVectors) or a scalar of the packed params
+    (PAIR_PARAMS, in the C++ core's order too); tile_vectors gives views of ctx's vectors with
+    the tile's global starts, whose in-place updates reach ctx, also through numpy views."""
+    from dataclasses import fields
+
+    from ncfast import _C
+
+    vector_names = backends.PairVectors._fields[1:]
+    assert set(vector_names).isdisjoint(backends.PAIR_PARAMS)
+    assert {f.name for f in fields(backends.PairContext)} == set(vector_names) | set(backends.PAIR_PARAMS)
+    assert _C.PAIR_PARAMS == backends.PAIR_PARAMS
+    _, ctx = _pair_context(10, 4, seed=3)
+    assert ctx.params() == (ctx.g, 0.2, -0.03, -0.01, 1.0 / 9, 0.75, 1e-13)
+    tile = backends.tile_vectors(ctx, slice(2, 5), slice(6, 10))
+    assert (tile.rows.start, tile.cols.start) == (2, 6)
+    assert torch.equal(tile.cols.var, ctx.var[6:10]) and tile.rows.sup.tolist() == [2, 0, 1]
+    tile.cols.best[1] = 4.5
+    tile.rows.ratio_sum.add_(1.0)
+    assert ctx.best[7] == 4.5 and ctx.ratio_sum.tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    host = backends.tile_vectors(ctx.vectors().map(torch.Tensor.numpy), slice(0, 3), slice(7, 10))
+    host.cols.best_idx[:] = 5
+    assert host.cols.start == 7 and ctx.best_idx.tolist() == [-1] * 7 + [5] * 3
+    no_sup = backends.PairContext(**{**vars(ctx), "sup": None})
+    assert backends.tile_vectors(no_sup, slice(0, 3), slice(0, 3)).rows.sup is None
+
+
+def test_pair_sums_total_and_of():
+    """PairSums.total adds the additive fields and merges the (n, mean, M2) fields by Chan's formula;
+    PairSums.of reads the fields off any object by name."""
+    from types import SimpleNamespace
+
+    a = backends.PairSums(resid=1.0, cos_dev=2.0, coh=3.0, dist=4.0, msdr_sum=5.0, msdr_n=2, cdnv=(2, 1.0, 2.0),
+                          unif=(1, -1.0, 0.0))
+    b = backends.PairSums(resid=0.5, dist=1.0, msdr_n=4, cdnv=(2, 3.0, 2.0))
+    assert backends.PairSums.triples() == ("cdnv", "unif")
+    total = backends.PairSums.total([a, b])
+    # values {0, 2} and {2, 4}: mean 2, M2 = 4 + 0 + 0 + 4 = 8
+    assert total == backends.PairSums(resid=1.5, cos_dev=2.0, coh=3.0, dist=5.0, msdr_sum=5.0, msdr_n=6,
+                                      cdnv=(4, 2.0, 8.0), unif=(1, -1.0, 0.0))
+    assert backends.PairSums.of(SimpleNamespace(**vars(a))) == a

@@ -275,3 +275,56 @@ def test_ncc_sweep_bound_of_its_summation_depth_still_certifies():
     certain = unsure[:, 0] == 0
     assert certain.sum() > n // 4 and (~certain).sum() > n // 4
     assert np.array_equal(best[certain, 0], scores[certain].argmin(1))
+
+
+def test_reduce_pair_tile_takes_sides_and_params():
+    """_C.reduce_pair_tile on an off-diagonal tile: its bound PairSums and in-place updates equal the
+    torch reducer's; a bad side, vector or params buffer is refused naming it."""
+    from ncfast import backends
+    from ncfast.backends import torch as torch_backend
+
+    g = torch.Generator().manual_seed(5)
+    c = 12
+    mt = torch.randn(c, 4, generator=g, dtype=torch.float64)
+    norms = mt.norm(dim=1)
+
+    def context():
+        return backends.PairContext(
+            sq=norms.square(), norms=norms, var=torch.linspace(0.5, 1.5, c, dtype=torch.float64),
+            sup=torch.arange(c) % 2, g=float(torch.linalg.norm(mt @ mt.T)), etf_diag=0.3, etf_offdiag=-0.02,
+            mean_cos=0.01, etf_cos=1.0 / (c - 1), best=torch.full((c,), float("inf"), dtype=torch.float64),
+            best_idx=torch.full((c,), -1, dtype=torch.int64), cdnv_exponent=1.5)
+
+    rows, cols = slice(0, 5), slice(5, 12)
+    want_ctx, ctx = context(), context()
+    want = torch_backend.reduce_tile(mt[rows] @ mt[cols].T, rows, cols, want_ctx)
+    tile = backends.tile_vectors(ctx.vectors().map(torch.Tensor.numpy), rows, cols)
+    gram = (mt[rows] @ mt[cols].T).numpy()
+    params = np.array(ctx.params())
+    got = _C.reduce_pair_tile(gram, tile.rows, tile.cols, params, 2)
+    assert isinstance(got, _C.PairSums)
+    assert got.msdr_n == want.msdr_n == 2 * 17  # same parity: 3 x 3 + 2 x 4 pairs, ordered
+    for key in ("resid", "cos_dev", "coh", "dist", "msdr_sum"):
+        assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-12), key
+    for key in ("cdnv", "unif"):
+        assert getattr(got, key)[0] == getattr(want, key)[0] == 35
+        assert getattr(got, key)[1:] == pytest.approx(getattr(want, key)[1:], rel=1e-12), key
+    assert backends.PairSums.of(got).cdnv == got.cdnv
+    assert torch.equal(ctx.best_idx, want_ctx.best_idx) and (ctx.best_idx >= 0).all()
+    torch.testing.assert_close(ctx.ratio_sum, want_ctx.ratio_sum, rtol=1e-12, atol=0)
+
+    short = tile.rows._replace(var=tile.rows.var[:4])
+    with pytest.raises(ValueError, match=r"rows\.var: expected a vector of length 5"):
+        _C.reduce_pair_tile(gram, short, tile.cols, params, 1)
+    with pytest.raises(ValueError, match=r"cols\.best: expected a C-contiguous float64"):
+        _C.reduce_pair_tile(gram, tile.rows, tile.cols._replace(best=tile.cols.best.astype(np.float32)), params, 1)
+    with pytest.raises(ValueError, match=r"cols\.best_idx: expected a C-contiguous int64"):
+        _C.reduce_pair_tile(gram, tile.rows, tile.cols._replace(best_idx=tile.cols.best_idx[::-1]), params, 1)
+    with pytest.raises(ValueError, match=r"^sup: given for one side"):
+        _C.reduce_pair_tile(gram, tile.rows._replace(sup=None), tile.cols, params, 1)
+    with pytest.raises(ValueError, match=r"^params: expected 7 float64 values"):
+        _C.reduce_pair_tile(gram, tile.rows, tile.cols, params[:6], 1)
+    with pytest.raises(ValueError, match=r"^params: cdnv_exponent"):
+        _C.reduce_pair_tile(gram, tile.rows, tile.cols, np.where(np.arange(7) == 5, 0.0, params), 1)
+    with pytest.raises(ValueError, match=r"^gram: expected a 2-D tile"):
+        _C.reduce_pair_tile(gram.ravel(), tile.rows, tile.cols, params, 1)

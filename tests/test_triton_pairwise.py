@@ -21,9 +21,17 @@ from conftest import DEVICE, assert_close, make_data  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------- pair tiles
-def _triton_tile(*args, **kwargs) -> backends.PairSums:
-    """tpairwise.reduce_pair_tile, its per-program partials combined as the Triton backend does."""
-    sums, counts = tpairwise.reduce_pair_tile(*args, **kwargs)
+def _on_device(k: backends.PairContext) -> backends.PairContext:
+    """k with its tensors on DEVICE (on the CPU, k's own tensors)."""
+    return backends.PairContext(**{n: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for n, v in vars(k).items()})
+
+
+def _triton_tile(mt, k: backends.PairContext, rows: slice, cols: slice, **kwargs) -> backends.PairSums:
+    """tpairwise.reduce_pair_tile on the tile (rows, cols) of mt with k's vectors (on DEVICE, updated
+    in place) and scalars, its per-program partials combined as the Triton backend does."""
+    params = torch.tensor(k.params(), dtype=torch.float64)
+    sums, counts = tpairwise.reduce_pair_tile(mt[rows].to(DEVICE), mt[cols].to(DEVICE),
+                                              backends.tile_vectors(k, rows, cols), params, **kwargs)
     return triton_backend.tile_sums(sums, counts)
 
 
@@ -63,17 +71,9 @@ def test_reduce_pair_tile_matches_torch(with_sup, rows, cols, block, f64_dot):
         k.best[rows] = torch.linspace(20.0, 60.0, rows.stop - rows.start, dtype=torch.float64)
         k.best_idx[rows] = 99
     want = torch_backend.reduce_tile(mt[rows] @ mt[cols].T, rows, cols, want_ctx)
-    k = got_ctx
-    sup_r = sup_c = None
-    if with_sup:
-        sup_r, sup_c = k.sup[rows].to(DEVICE), k.sup[cols].to(DEVICE)
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    best, best_idx = dev(k.best), dev(k.best_idx)
-    got = _triton_tile(
-        dev(mt[rows]), dev(mt[cols]), rows.start == cols.start, dev(k.sq[rows]), dev(k.sq[cols]),
-        dev(k.norms[rows]), dev(k.norms[cols]), dev(k.var[rows]), dev(k.var[cols]), sup_r, sup_c, k.g,
-        k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, rows.start, cols.start, best[rows], best_idx[rows],
-        best[cols], best_idx[cols], block_i=block, block_j=block, block_d=16, f64_dot=f64_dot)
+    k = _on_device(got_ctx)
+    got = _triton_tile(mt, k, rows, cols, block_i=block, block_j=block, block_d=16, f64_dot=f64_dot)
+    best, best_idx = k.best, k.best_idx
     for key in ("resid", "cos_dev", "coh", "dist", "msdr_sum"):
         assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-9, abs=1e-300), key
     assert got.msdr_n == want.msdr_n
@@ -83,6 +83,8 @@ def test_reduce_pair_tile_matches_torch(with_sup, rows, cols, block, f64_dot):
     assert torch.equal(best_idx.cpu(), want_ctx.best_idx)
     np.testing.assert_allclose(best.cpu().numpy(), want_ctx.best.numpy(), rtol=1e-12)  # inf where untouched
     assert (want_ctx.best_idx[rows] != 99).any() and (want_ctx.best_idx[rows] == 99).any()
+    np.testing.assert_allclose(k.ratio_sum.cpu().numpy(), want_ctx.ratio_sum.numpy(), rtol=1e-9)
+    assert (want_ctx.ratio_sum[cols] > 0).all()
 
 
 def test_pair_tile_falls_back_when_float64_dot_does_not_compile(monkeypatch):
@@ -134,17 +136,14 @@ def test_reduce_pair_tile_ties(block):
     mt[3] = mt[20] = 0.9 * mt[27]
     k = make_ctx(False)
     k.sq, k.norms = mt.square().sum(1), mt.norm(dim=1)
-    want_ctx = backends.PairContext(**{**k.__dict__, "best": k.best.clone(), "best_idx": k.best_idx.clone()})
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    best, best_idx = dev(k.best), dev(k.best_idx)
+    want_ctx = backends.PairContext(**{**k.__dict__, "best": k.best.clone(), "best_idx": k.best_idx.clone(),
+                                       "ratio_sum": k.ratio_sum.clone()})
+    k = _on_device(k)
+    best_idx = k.best_idx
     rows = slice(0, 25)
     for cols in (slice(25, 33), slice(33, 40)):
         want = torch_backend.reduce_tile(mt[rows] @ mt[cols].T, rows, cols, want_ctx)
-        got = _triton_tile(
-            dev(mt[rows]), dev(mt[cols]), False, dev(k.sq[rows]), dev(k.sq[cols]), dev(k.norms[rows]),
-            dev(k.norms[cols]), dev(k.var[rows]), dev(k.var[cols]), None, None, k.g, k.etf_diag, k.etf_offdiag,
-            k.mean_cos, k.etf_cos, rows.start, cols.start, best[rows], best_idx[rows], best[cols], best_idx[cols],
-            block_i=block, block_j=block, block_d=16)
+        got = _triton_tile(mt, k, rows, cols, block_i=block, block_j=block, block_d=16)
         assert got.dist == pytest.approx(want.dist, rel=1e-9)
     assert torch.equal(best_idx.cpu(), want_ctx.best_idx)
     assert best_idx[3] == best_idx[20] == 27
@@ -161,17 +160,15 @@ def test_reduce_pair_tile_diagonal_ties(block):
     mt[21] = mt[37] = mt[5]
     k = make_ctx(False)
     k.sq, k.norms = mt.square().sum(1), mt.norm(dim=1)
-    want_ctx = backends.PairContext(**{**k.__dict__, "best": k.best.clone(), "best_idx": k.best_idx.clone()})
+    want_ctx = backends.PairContext(**{**k.__dict__, "best": k.best.clone(), "best_idx": k.best_idx.clone(),
+                                       "ratio_sum": k.ratio_sum.clone()})
     rows = slice(0, 40)
     # the Gram matrix entry by entry: BLAS's GEMM (MKL on an AMD EPYC) rounded the three equal rows'
     # products differently by position, which broke the ties the test is about
     want = torch_backend.reduce_tile((mt[:, None, :] * mt[None, :, :]).sum(-1), rows, rows, want_ctx)
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    best, best_idx = dev(k.best), dev(k.best_idx)
-    got = _triton_tile(
-        dev(mt), dev(mt), True, dev(k.sq), dev(k.sq), dev(k.norms), dev(k.norms), dev(k.var), dev(k.var), None,
-        None, k.g, k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, 0, 0, best, best_idx, best, best_idx,
-        block_i=block, block_j=block, block_d=16)
+    k = _on_device(k)
+    got = _triton_tile(mt, k, rows, rows, block_i=block, block_j=block, block_d=16)
+    best, best_idx = k.best, k.best_idx
     for key in ("resid", "cos_dev", "coh", "dist"):
         assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-9), key
     assert got.cdnv[0] == want.cdnv[0] == 40 * 39 // 2
@@ -222,16 +219,11 @@ def test_reduce_pair_tile_uniformity_and_ratio_sums(rows, cols, p):
     p and the per-class ratio sums of rows and columns equal the torch reducer's."""
     mt, make_ctx = _pair_context(40, 23, seed=5)
     want_ctx, k = make_ctx(False), make_ctx(False)
-    want_ctx.cdnv_exponent = p
+    want_ctx.cdnv_exponent = k.cdnv_exponent = p
     want = torch_backend.reduce_tile(mt[rows] @ mt[cols].T, rows, cols, want_ctx)
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    best, best_idx, ratio = dev(k.best), dev(k.best_idx), dev(k.ratio_sum)
-    got = _triton_tile(
-        dev(mt[rows]), dev(mt[cols]), rows.start == cols.start, dev(k.sq[rows]), dev(k.sq[cols]),
-        dev(k.norms[rows]), dev(k.norms[cols]), dev(k.var[rows]), dev(k.var[cols]), None, None, k.g,
-        k.etf_diag, k.etf_offdiag, k.mean_cos, k.etf_cos, rows.start, cols.start, best[rows], best_idx[rows],
-        best[cols], best_idx[cols], cdnv_exponent=p, ratio_r=ratio[rows], ratio_c=ratio[cols],
-        block_i=16, block_j=16, block_d=16)
+    k = _on_device(k)
+    got = _triton_tile(mt, k, rows, cols, block_i=16, block_j=16, block_d=16)
+    ratio = k.ratio_sum
     for key in ("cdnv", "unif"):
         assert getattr(got, key)[0] == getattr(want, key)[0] > 0, key
         assert getattr(got, key)[1:] == pytest.approx(getattr(want, key)[1:], rel=1e-9), key
@@ -265,3 +257,27 @@ def test_class_pair_stats_new_stats_on_triton(monkeypatch, p):
     assert stats.uniformity_mean == np.inf and np.isnan(stats.uniformity_var)
     got = stats.cdnv_per_class.cpu().numpy()
     assert got[0] == got[1] == np.inf and np.isnan(got[6]) and np.isfinite(got[2:6]).all()
+
+
+def test_reduce_pair_tile_checks_its_arguments():
+    """The launcher refuses, naming it, a side vector of the wrong length, a super-class map on one
+    side only, a params tensor that is not the (7,) float64 host buffer, and a diagonal tile (sides
+    with the same start) of unequal sides; nothing is updated."""
+    assert tpairwise.PARAMS == backends.PAIR_PARAMS  # the kernel's loads in PairContext.params order
+    mt, make_ctx = _pair_context(40, 23, seed=6)
+    k = _on_device(make_ctx(True))
+    tile = backends.tile_vectors(k, slice(0, 10), slice(10, 20))
+    params = torch.tensor(k.params(), dtype=torch.float64)
+    rows, cols = mt[:10].to(DEVICE), mt[10:20].to(DEVICE)
+    bad = tile._replace(cols=tile.cols._replace(norms=tile.cols.norms[:9]))
+    with pytest.raises(ValueError, match=r"vectors\.cols\.norms: expected shape \(10,\)"):
+        tpairwise.reduce_pair_tile(rows, cols, bad, params)
+    with pytest.raises(ValueError, match="sup given for one side"):
+        tpairwise.reduce_pair_tile(rows, cols, tile._replace(rows=tile.rows._replace(sup=None)), params)
+    for wrong in (params[:6], params.float(), params.to("meta")):
+        with pytest.raises(ValueError, match=r"^params: expected a \(7,\) float64 CPU tensor"):
+            tpairwise.reduce_pair_tile(rows, cols, tile, wrong)
+    diagonal = backends.tile_vectors(k, slice(0, 10), slice(0, 12))
+    with pytest.raises(ValueError, match="diagonal tile: expected t1 == t2"):
+        tpairwise.reduce_pair_tile(rows, mt[:12].to(DEVICE), diagonal, params)
+    assert (k.best_idx == -1).all() and (k.ratio_sum == 0).all()

@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import os
 
-from .base import Backend, BlockMoments, PairContext, PairSums, Sweep, ncc_block_rows
+from .base import (PAIR_PARAMS, Backend, BlockMoments, PairContext, PairSums, PairTileVectors, PairVectors, Sweep,
+                   ncc_block_rows, tile_vectors)
 
 NAMES = ("cpp", "torch", "triton")
 
@@ -73,5 +74,5 @@ def for_tensor(x) -> Backend:
     return get("triton" if x.device.type == "cuda" and triton_runs_on(x) else "torch")
 
 
-__all__ = ["NAMES", "Backend", "BlockMoments", "PairContext", "PairSums", "Sweep", "for_tensor", "get", "ncc_block_rows",
-           "triton_runs_on"]
+__all__ = ["NAMES", "PAIR_PARAMS", "Backend", "BlockMoments", "PairContext", "PairSums", "PairTileVectors",
+           "PairVectors", "Sweep", "for_tensor", "get", "ncc_block_rows", "tile_vectors", "triton_runs_on"]

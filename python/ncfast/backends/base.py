@@ -1,8 +1,8 @@
 """What every backend implements (``Backend``) and the dataclasses its kernels return."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from dataclasses import dataclass, fields
+from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
 
@@ -59,10 +59,50 @@ class Sweep:
     unsure: torch.Tensor  # (N, G) bool: the two best scores within twice the error bound
 
 
+PAIR_PARAMS = ("g", "etf_diag", "etf_offdiag", "mean_cos", "etf_cos", "cdnv_exponent", "unif_floor")
+"""The scalars of ``PairContext`` every tile reducer reads, in the order of the packed float64 params
+buffer of the C++ core and of the Triton kernel (``_C.PAIR_PARAMS`` and ``triton.pairwise.PARAMS``
+name the same)."""
+
+
+class PairVectors(NamedTuple):
+    """The per-class vectors of the pairwise pass for the classes start, start + 1, ...: of all
+    classes (``PairContext.vectors``), or of one side of a tile (``tile_vectors``). The reducers read
+    sq, norms, var and sup and update best, best_idx and ratio_sum in place. Torch tensors, or numpy
+    views of them (``map``); the field names are those of ``PairContext``."""
+
+    start: int  # the global index of the first class
+    sq: Any  # ||Mt_c||^2
+    norms: Any  # ||Mt_c||
+    var: Any  # v_c
+    sup: Any  # super-class of each class (int64), or None
+    best: Any  # running min_{j != c} ||mu_c - mu_j||^2
+    best_idx: Any  # its argmin (global index, int64)
+    ratio_sum: Any  # sum of the CDNV ratios of the pairs of c
+
+    def take(self, part: slice) -> "PairVectors":
+        """The classes ``part`` of these (positions from start): views, so in-place updates reach these."""
+        return self._make((self.start + part.start, *(None if v is None else v[part] for v in self[1:])))
+
+    def map(self, fn: Callable) -> "PairVectors":
+        """fn applied to every vector (None stays None)."""
+        return self._make((self.start, *(None if v is None else fn(v) for v in self[1:])))
+
+
+class PairTileVectors(NamedTuple):
+    """The per-class vectors of a tile's rows and of its columns (``tile_vectors``); on a diagonal
+    tile (the same start) the two sides view the same classes."""
+
+    rows: PairVectors
+    cols: PairVectors
+
+
 @dataclass
 class PairContext:
     """Per-class vectors and constants every tile of the pairwise pass needs (``ncfast.pairwise``);
-    best, best_idx and ratio_sum are updated in place by the tile reducers."""
+    best, best_idx and ratio_sum are updated in place by the tile reducers. A tile reducer sees
+    the vectors as ``PairVectors`` (``tile_vectors``) and the scalars as ``params()``: every field
+    is one or the other."""
 
     sq: torch.Tensor  # ||Mt_c||^2
     norms: torch.Tensor  # ||Mt_c||
@@ -83,11 +123,29 @@ class PairContext:
         if self.ratio_sum is None:
             self.ratio_sum = torch.zeros_like(self.best)
 
+    def vectors(self) -> PairVectors:
+        """The per-class vectors of all classes (the tensors themselves, not copies)."""
+        return PairVectors(0, *(getattr(self, name) for name in PairVectors._fields[1:]))
+
+    def params(self) -> tuple[float, ...]:
+        """The scalars in ``PAIR_PARAMS`` order, as floats: the reducers' packed params buffer."""
+        return tuple(float(getattr(self, name)) for name in PAIR_PARAMS)
+
+
+def tile_vectors(ctx: PairContext | PairVectors, rows: slice, cols: slice) -> PairTileVectors:
+    """The per-class vectors of the tile of pairs (rows x cols) as views of ctx's: its tensors, or
+    the vectors of all classes made from them (as the C++ backend keeps numpy views), so that the
+    reducers' in-place updates of best, best_idx and ratio_sum reach ctx."""
+    whole = ctx.vectors() if isinstance(ctx, PairContext) else ctx
+    return PairTileVectors(whole.take(rows), whole.take(cols))
+
 
 @dataclass
 class PairSums:
     """One tile's sums over its unordered pairs i < j (see ``ncfast.pairwise``): additive sums, and
-    (n, mean, M2) triples for the CDNV ratios and the uniformity terms."""
+    (n, mean, M2) triples for the CDNV ratios and the uniformity terms. The fields name what every
+    reducer returns: ``of`` reads them off the C++ core's PairSums, ``total`` sums the additive ones
+    and merges the triples (the fields whose default is a tuple)."""
 
     resid: float = 0.0  # sum of (G_ij / ||G||_F - E_ij)^2, both triangles
     cos_dev: float = 0.0  # sum over ordered pairs of (cos_ij - mean cos)^2
@@ -99,13 +157,23 @@ class PairSums:
     unif: tuple = (0, 0.0, 0.0)
 
     @classmethod
+    def of(cls, sums) -> "PairSums":
+        """The PairSums of any object with these fields as attributes (the C++ core's ``_C.PairSums``)."""
+        return cls(**{f.name: getattr(sums, f.name) for f in fields(cls)})
+
+    @classmethod
+    def triples(cls) -> tuple[str, ...]:
+        """The (n, mean, M2) fields, merged by Chan's formula."""
+        return tuple(f.name for f in fields(cls) if isinstance(f.default, tuple))
+
+    @classmethod
     def total(cls, tiles) -> "PairSums":
-        """The sums of many tiles (CDNV and uniformity merged by Chan's formula)."""
+        """The sums of many tiles (the triples merged by Chan's formula)."""
         tiles = list(tiles)
-        out = cls(**{k: sum(getattr(t, k) for t in tiles) for k in ("resid", "cos_dev", "coh", "dist", "msdr_sum",
-                                                                     "msdr_n")})
-        out.cdnv = _numerics.scalar_moments(t.cdnv for t in tiles)
-        out.unif = _numerics.scalar_moments(t.unif for t in tiles)
+        triples = cls.triples()
+        out = cls(**{f.name: sum(getattr(t, f.name) for t in tiles) for f in fields(cls) if f.name not in triples})
+        for name in triples:
+            setattr(out, name, _numerics.scalar_moments(getattr(t, name) for t in tiles))
         return out
 
 

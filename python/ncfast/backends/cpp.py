@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from .. import _C, _numerics
 from .._validation import NON_FINITE
-from .base import BlockMoments, PairSums, Sweep
+from .base import BlockMoments, PairSums, Sweep, tile_vectors
 from .torch import DEFAULT_TILE, blockwise_scatters, gemm_sweep
 
 FUSED_MAX_CLASSES = 256
@@ -186,21 +187,15 @@ class CppBackend:
         products = _TileProducts(mt, side, blocks * (blocks + 1) // 2)
         buf = torch.empty(side * side, dtype=torch.float64)  # one tile's Gram block, reused
         # numpy views of the per-class vectors, sliced per tile without a torch view each time
-        a = {n: None if getattr(ctx, n) is None else getattr(ctx, n).numpy()
-             for n in ("sq", "norms", "var", "sup", "best", "best_idx", "ratio_sum")}
+        host = ctx.vectors().map(torch.Tensor.numpy)
+        params = np.array(ctx.params(), dtype=np.float64)
         threads = torch.get_num_threads()
 
         def sweep(rows, cols):
             gram = buf[: (rows.stop - rows.start) * (cols.stop - cols.start)].view(rows.stop - rows.start, -1)
             products(rows, cols, gram)
-            sup_r = sup_c = None
-            if a["sup"] is not None:
-                sup_r, sup_c = a["sup"][rows], a["sup"][cols]
-            return PairSums(**_C.reduce_pair_tile(
-                gram.numpy(), a["sq"][rows], a["sq"][cols], a["norms"][rows], a["norms"][cols], a["var"][rows],
-                a["var"][cols], sup_r, sup_c, ctx.g, ctx.etf_diag, ctx.etf_offdiag, ctx.mean_cos, ctx.etf_cos,
-                ctx.cdnv_exponent, ctx.unif_floor, rows.start, cols.start, a["best"][rows], a["best_idx"][rows],
-                a["best"][cols], a["best_idx"][cols], a["ratio_sum"][rows], a["ratio_sum"][cols], threads))
+            vec = tile_vectors(host, rows, cols)
+            return PairSums.of(_C.reduce_pair_tile(gram.numpy(), vec.rows, vec.cols, params, threads))
 
         def reduce(rows, cols):
             if rows.start != cols.start:

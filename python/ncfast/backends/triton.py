@@ -7,11 +7,13 @@ accuracy); the fast mode's low precisions are TF32 and bfloat16 tensor cores.
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 
 from .. import _numerics
 from .._validation import NON_FINITE
-from .base import BlockMoments, PairContext, PairSums, Sweep
+from .base import BlockMoments, PairContext, PairSums, Sweep, tile_vectors
 from .torch import blockwise_scatters
 
 TRITON_TILE = 16384
@@ -86,20 +88,14 @@ class TritonBackend:
     def pair_reducer(self, mt, tile, ctx: PairContext):
         from ..triton import pairwise
 
+        params = torch.tensor(ctx.params(), dtype=torch.float64)  # host scalars, copied per launch
+
         def reduce(rows, cols):
-            sup_r = sup_c = None
-            if ctx.sup is not None:
-                sup_r, sup_c = ctx.sup[rows], ctx.sup[cols]
+            # views of ctx's vectors: the kernel's in-place updates reach ctx.best, best_idx and ratio_sum
+            vectors = tile_vectors(ctx, rows, cols)
 
             def launch(f64_dot: bool):
-                # slices of a 1-D tensor are views: the kernel's in-place updates reach ctx.best
-                return pairwise.reduce_pair_tile(
-                    mt[rows], mt[cols], rows.start == cols.start, ctx.sq[rows], ctx.sq[cols], ctx.norms[rows],
-                    ctx.norms[cols], ctx.var[rows], ctx.var[cols], sup_r, sup_c, ctx.g, ctx.etf_diag,
-                    ctx.etf_offdiag, ctx.mean_cos, ctx.etf_cos, rows.start, cols.start, ctx.best[rows],
-                    ctx.best_idx[rows], ctx.best[cols], ctx.best_idx[cols], cdnv_exponent=ctx.cdnv_exponent,
-                    unif_floor=ctx.unif_floor, ratio_r=ctx.ratio_sum[rows], ratio_c=ctx.ratio_sum[cols],
-                    f64_dot=f64_dot)
+                return pairwise.reduce_pair_tile(mt[rows], mt[cols], vectors, params, f64_dot=f64_dot)
 
             return [tile_sums(*with_f64_dot(launch, mt.device))]
 
@@ -136,21 +132,30 @@ def with_f64_dot(launch, device: torch.device):
 
 def tile_sums(sums: torch.Tensor, counts: torch.Tensor) -> PairSums:
     """A tile's PairSums from the per-program partials of ``ncfast.triton.pairwise.reduce_pair_tile``,
-    combined on the device in a fixed order."""
+    combined on the device in a fixed order: each field from the partials' column of its name
+    (``pairwise.COLUMNS``, ``pairwise.COUNTS``), an (n, mean, M2) field from its programs' means and
+    M2 (columns name_mean, name_m2) over their numbers of pairs."""
     from ..triton import pairwise
 
     columns = {name: i for i, name in enumerate(pairwise.COLUMNS)}
-    total = sums.sum(0)
-    n = counts[:, 1]
-    triples = []
-    for key in ("cdnv", "unif"):
+    count_columns = {name: i for i, name in enumerate(pairwise.COUNTS)}
+    n = counts[:, count_columns["pairs"]]
+    triples = PairSums.triples()
+    merged = {}
+    for key in triples:
         mean = sums[:, columns[f"{key}_mean"]].unsqueeze(1)
-        triples.append(_numerics.chan_reduce(n, mean, sums[:, columns[f"{key}_m2"]]) if n.numel() else None)
-    host = total.tolist()
-    msdr_n = int(counts[:, 0].sum()) if counts.numel() else 0
-    out = PairSums(resid=host[columns["resid"]], cos_dev=host[columns["cos_dev"]], coh=host[columns["coh"]],
-                   dist=host[columns["dist"]], msdr_sum=host[columns["msdr_sum"]], msdr_n=msdr_n)
-    for key, triple in zip(("cdnv", "unif"), triples):
-        if triple is not None and int(triple[0]):
-            setattr(out, key, (int(triple[0]), float(triple[1][0]), float(triple[2])))
-    return out
+        merged[key] = _numerics.chan_reduce(n, mean, sums[:, columns[f"{key}_m2"]]) if n.numel() else None
+    host = sums.sum(0).tolist()
+    values = {}
+    for f in fields(PairSums):
+        if f.name in columns:
+            values[f.name] = host[columns[f.name]]
+        elif f.name in count_columns:
+            values[f.name] = int(counts[:, count_columns[f.name]].sum()) if counts.numel() else 0
+        elif f.name in triples:
+            triple = merged[f.name]
+            if triple is not None and int(triple[0]):
+                values[f.name] = (int(triple[0]), float(triple[1][0]), float(triple[2]))
+        else:
+            raise AssertionError(f"PairSums.{f.name}: no column of the Triton partials")
+    return PairSums(**values)

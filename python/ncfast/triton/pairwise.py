@@ -31,8 +31,18 @@ import torch
 import triton
 import triton.language as tl
 
+PARAMS = ("g", "etf_diag", "etf_offdiag", "mean_cos", "etf_cos", "cdnv_exponent", "unif_floor")
+"""The float64 scalars of the params tensor, in the order the kernel loads them: the order of
+``ncfast.backends.base.PAIR_PARAMS`` (``PairContext.params``)."""
 COLUMNS = ("resid", "cos_dev", "coh", "dist", "msdr_sum", "cdnv_mean", "cdnv_m2", "unif_mean", "unif_m2")
-"""Columns of the per-program float64 partials."""
+"""Columns of the per-program float64 partials: PairSums fields, and (name_mean, name_m2) of its
+(n, mean, M2) fields (``backends.triton.tile_sums``)."""
+COUNTS = ("msdr_n", "pairs")
+"""Columns of the per-program int64 partials: PairSums fields, and the program's number of pairs
+(the n of every (n, mean, M2) field)."""
+INPUTS = ("sq", "norms", "var")
+"""The float64 per-class vectors (``PairVectors`` fields) the kernel reads, in its argument order,
+each for the rows then the columns; the int64 super-classes follow."""
 _SUMS = len(COLUMNS)
 
 
@@ -40,7 +50,7 @@ _SUMS = len(COLUMNS)
 def _pair_tile_kernel(
     sums_ptr, stride_sp, stride_sq,  # (P, 9) float64 out: resid, cos_dev, coh, dist, msdr_sum, cdnv mean, cdnv M2,
                                      # uniformity mean, uniformity M2
-    counts_ptr, stride_cp, stride_cq,  # (P, 2) int64 out: msdr_n, cdnv n
+    counts_ptr, stride_cp, stride_cq,  # (P, 2) int64 out: msdr_n, pairs (the n of the CDNV and uniformity moments)
     rbest_ptr, stride_rb_b, stride_rb_i,  # (J blocks, t1) float64 out: row minima of d2 over the program's columns
     ridx_ptr, stride_ri_b, stride_ri_i,  # (J blocks, t1) int64 out: their column (within the tile)
     cbest_ptr, stride_cb_b, stride_cb_j,  # (I blocks, t2) float64 out: column minima (off-diagonal tiles)
@@ -53,8 +63,8 @@ def _pair_tile_kernel(
     norm_r_ptr, norm_c_ptr,  # ||Mt_i||
     var_r_ptr, var_c_ptr,  # v_i
     sup_r_ptr, sup_c_ptr,  # (t1,), (t2,) int64 super-classes, read only when HAS_SUP
-    params_ptr,  # (7,) float64: g, etf_diag, etf_offdiag, mean_cos, etf_cos, p, unif_floor (float64: a Python
-                 # float would arrive as float32)
+    params_ptr,  # (7,) float64 in PARAMS order: g, etf_diag, etf_offdiag, mean_cos, etf_cos, p, unif_floor
+                 # (float64: a Python float would arrive as float32)
     t1, t2, d,
     DIAGONAL: tl.constexpr,  # I = J: pairs j > i only, G_ii enters resid once
     HAS_SUP: tl.constexpr,
@@ -201,46 +211,60 @@ def _launch(grid, args, kwargs, block_d: int, f64_dot: bool):
         _pair_tile_kernel[grid](*args, **kwargs, F64_DOT=False, BLOCK_D=min(block_d, 8))
 
 
-def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: bool, sq_r, sq_c, norm_r, norm_c,
-                     var_r, var_c, sup_r, sup_c, g: float, etf_diag: float, etf_offdiag: float, mean_cos: float,
-                     etf_cos: float, row0: int, col0: int, best_r: torch.Tensor, idx_r: torch.Tensor,
-                     best_c: torch.Tensor, idx_c: torch.Tensor, *, cdnv_exponent: float = 1.0,
-                     unif_floor: float = 0.0, ratio_r: torch.Tensor | None = None, ratio_c: torch.Tensor | None = None,
-                     block_i: int = 64, block_j: int = 64, block_d: int = 32, f64_dot: bool = True):
+def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, vectors: tuple, params: torch.Tensor, *,
+                     block_i: int = 64, block_j: int = 64, block_d: int = 32,
+                     f64_dot: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduce the tile of pairs (rows of mt_rows) x (rows of mt_cols), both (t, D) float64.
 
+    ``vectors``: the per-class vectors of the tile's rows and columns, a
+    ``backends.base.PairTileVectors`` (``tile_vectors``) on the tiles' device; the same start on
+    both sides is a diagonal tile (the same classes, t1 = t2). ``params``: the float64 scalars in
+    ``PARAMS`` order (``PairContext.params``) as a (7,) host tensor, copied to the device per launch.
+
     Returns the per-program partials (sums (P, 9) float64, in the columns ``COLUMNS`` names: the
-    additive sums, and the program's (mean, M2) of the CDNV ratios with exponent ``cdnv_exponent``
-    and of the uniformity terms; counts (P, 2) int64: msdr_n and the program's number of pairs),
-    for the caller to combine in program order, and updates the running nearest class in place:
-    best_r / idx_r for the rows (global column index col0 + j) and, off the diagonal,
-    best_c / idx_c for the columns (row0 + i). sup_r / sup_c: super-classes (int64) or None.
-    ratio_r / ratio_c (float64, or None to skip): the running per-class sums of the CDNV ratios of
-    the rows and of the columns, to which each pair's ratio is added in place (on a diagonal tile
-    the same tensor may be given twice). ``f64_dot``: the Gram block from a float64 tl.dot (True) or
-    from broadcast products (``_launch``).
+    additive sums, and the program's (mean, M2) of the CDNV ratios and of the uniformity terms;
+    counts (P, 2) int64 in the columns ``COUNTS`` names: msdr_n and the program's number of pairs),
+    for the caller to combine in program order, and updates in place the running nearest class of
+    the rows (best / best_idx of ``vectors.rows``, global column index) and, off the diagonal, of
+    the columns (global row index), and adds each pair's CDNV ratio to the ratio_sum of its row's
+    and of its column's class. ``f64_dot``: the Gram block from a float64 tl.dot (True) or from
+    broadcast products (``_launch``).
     """
+    rows, cols = vectors
     t1, d = mt_rows.shape
     t2 = mt_cols.shape[0]
     if mt_cols.shape[1] != d:
         raise ValueError(f"mt_cols: expected {d} columns, got {mt_cols.shape[1]}")
+    diagonal = rows.start == cols.start
     if diagonal and t1 != t2:
         raise ValueError(f"diagonal tile: expected t1 == t2, got {t1} and {t2}")
+    for side, t in ((rows, t1), (cols, t2)):
+        for name, v in zip(side._fields[1:], side[1:]):
+            if v is not None and tuple(v.shape) != (t,):
+                raise ValueError(f"vectors.{'rows' if side is rows else 'cols'}.{name}: expected shape ({t},), "
+                                 f"got {tuple(v.shape)}")
+    if (rows.sup is None) != (cols.sup is None):
+        raise ValueError("vectors: sup given for one side of the tile only")
+    if params.dtype != torch.float64 or tuple(params.shape) != (len(PARAMS),) or params.device.type != "cpu":
+        raise ValueError(f"params: expected a ({len(PARAMS)},) float64 CPU tensor in the order {PARAMS}, got "
+                         f"{tuple(params.shape)} {params.dtype} on {params.device}")
     dev = mt_rows.device
     f64 = dict(dtype=torch.float64, device=dev)
     a = mt_rows.to(**f64)
     b = mt_cols.to(**f64)
-    vec = [v.to(**f64).contiguous() for v in (sq_r, sq_c, norm_r, norm_c, var_r, var_c)]
-    has_sup = sup_r is not None
-    sups = [s.to(device=dev, dtype=torch.int64).contiguous() for s in (sup_r, sup_c)] if has_sup else [vec[0], vec[0]]
-    params = torch.tensor([g, etf_diag, etf_offdiag, mean_cos, etf_cos, cdnv_exponent, unif_floor], **f64)
+    # the kernel's per-class inputs, rows' then columns' of each (sq_r, sq_c, norm_r, ...)
+    vec = [getattr(side, name).to(**f64).contiguous() for name in INPUTS for side in (rows, cols)]
+    has_sup = rows.sup is not None
+    sups = [s.sup.to(device=dev, dtype=torch.int64).contiguous() for s in (rows, cols)] if has_sup else [vec[0], vec[0]]
+    unit_p = float(params[PARAMS.index("cdnv_exponent")]) == 1.0
+    params = params.to(dev)
     block_i = max(16, min(block_i, triton.next_power_of_2(max(t1, 1))))
     block_j = max(16, min(block_j, triton.next_power_of_2(max(t2, 1))))
     block_d = max(16, min(block_d, triton.next_power_of_2(max(d, 1))))
     grid = (triton.cdiv(t1, block_i), triton.cdiv(t2, block_j))
     progs = grid[0] * grid[1]
     sums = torch.empty(progs, _SUMS, **f64)
-    counts = torch.empty(progs, 2, dtype=torch.int64, device=dev)
+    counts = torch.empty(progs, len(COUNTS), dtype=torch.int64, device=dev)
     rbest = torch.empty(grid[1], t1, **f64)
     ridx = torch.empty(grid[1], t1, dtype=torch.int64, device=dev)
     cbest = torch.empty(grid[0], t2, **f64)
@@ -261,7 +285,7 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
             b, b.stride(0), b.stride(1),
             *vec, *sups, params, t1, t2, d,
         )
-        kwargs = dict(DIAGONAL=bool(diagonal), HAS_SUP=has_sup, UNIT_P=float(cdnv_exponent) == 1.0,
+        kwargs = dict(DIAGONAL=diagonal, HAS_SUP=has_sup, UNIT_P=unit_p,
                       BLOCK_I=block_i, BLOCK_J=block_j,
                       num_warps=8)  # a 64 x 64 float64 tile and its temporaries: spread over 256 threads
         _launch(grid, args, kwargs, block_d, f64_dot)
@@ -269,15 +293,13 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, diagonal: boo
         if diagonal:
             # Column minima first: their candidates include every lower index of the tile, so an
             # equal value among the row minima (candidates from the same block on) keeps the lower.
-            _fold_minima(cbest, cidx, row0, best_r, idx_r)
-            _fold_minima(rbest, ridx, col0, best_r, idx_r)
+            _fold_minima(cbest, cidx, rows.start, rows.best, rows.best_idx)
+            _fold_minima(rbest, ridx, cols.start, rows.best, rows.best_idx)
         else:
-            _fold_minima(rbest, ridx, col0, best_r, idx_r)
-            _fold_minima(cbest, cidx, row0, best_c, idx_c)
-        # rows, then columns: on a diagonal tile ratio_c may be ratio_r
-        if ratio_r is not None:
-            ratio_r += rsum.sum(0)
-        if ratio_c is not None:
-            ratio_c += csum.sum(0)
+            _fold_minima(rbest, ridx, cols.start, rows.best, rows.best_idx)
+            _fold_minima(cbest, cidx, rows.start, cols.best, cols.best_idx)
+        # rows, then columns: on a diagonal tile the two views are one tensor's
+        rows.ratio_sum.add_(rsum.sum(0))
+        cols.ratio_sum.add_(csum.sum(0))
 
     return sums, counts
