@@ -23,6 +23,7 @@ them alike; ratio = ncfast median / floor median, ``ratio_of_min`` the same of t
 ``ratio_paired`` the median over the turns of each turn's ncfast time over the floor timed in the
 same turn (paired, so a slow spell of the machine that spans a turn moves both).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -64,9 +65,19 @@ def _turns(fns: dict, warmup: int, repeat: int, sync) -> dict:
 
 def _row(op: str, case: str, ours: tuple, floor: tuple, floor_name: str, **extra) -> dict:
     paired = statistics.median(a / b for a, b in zip(ours[2], floor[2]))
-    return dict(op=op, case=case, ncfast_s=ours[0], floor_s=floor[0], ratio=ours[0] / floor[0],
-                ncfast_min_s=ours[1], floor_min_s=floor[1], ratio_of_min=ours[1] / floor[1], ratio_paired=paired,
-                floor=floor_name, **extra)
+    return dict(
+        op=op,
+        case=case,
+        ncfast_s=ours[0],
+        floor_s=floor[0],
+        ratio=ours[0] / floor[0],
+        ncfast_min_s=ours[1],
+        floor_min_s=floor[1],
+        ratio_of_min=ours[1] / floor[1],
+        ratio_paired=paired,
+        floor=floor_name,
+        **extra,
+    )
 
 
 def probe_rows(n: int, device: torch.device, warmup: int, repeat: int, sync) -> list[dict]:
@@ -89,6 +100,7 @@ def probe_rows(n: int, device: torch.device, warmup: int, repeat: int, sync) -> 
             with torch.no_grad():
                 for xb, _ in loader:
                     model(xb)
+
         return run
 
     train_means = ncfast.LayerProbe(model, PROBE_LAYERS, CLASSES).measure(loaders["train"]).class_means
@@ -103,11 +115,24 @@ def probe_rows(n: int, device: torch.device, warmup: int, repeat: int, sync) -> 
     print(f"    probe N={n}", file=sys.stderr)
     # every case and both splits' forward passes take turns in one series, so that every ratio
     # divides by the same forward times
-    t = _turns({**cases, "forward train": forward(loaders["train"]), "forward test": forward(loaders["test"])},
-               warmup, repeat, sync)
-    return [_row("probe", name, t[name], t["forward test" if name == "held-out" else "forward train"],
-                 "one forward pass", N=n, cached_layers=kept if name == "train" else [])
-            for name in cases]
+    t = _turns(
+        {**cases, "forward train": forward(loaders["train"]), "forward test": forward(loaders["test"])},
+        warmup,
+        repeat,
+        sync,
+    )
+    return [
+        _row(
+            "probe",
+            name,
+            t[name],
+            t["forward test" if name == "held-out" else "forward train"],
+            "one forward pass",
+            N=n,
+            cached_layers=kept if name == "train" else [],
+        )
+        for name in cases
+    ]
 
 
 def dxd_row(n: int, d: int, device: torch.device, warmup: int, repeat: int, sync) -> dict:
@@ -119,12 +144,33 @@ def dxd_row(n: int, d: int, device: torch.device, warmup: int, repeat: int, sync
     x64 = x.to(torch.float64)
     gram = x64.T @ x64 + torch.eye(d, dtype=torch.float64, device=device)
     print(f"    dxd N={n} D={d}", file=sys.stderr)
-    t = _turns({"ncfast": lambda: ncfast.nc_metrics(x, y), "xtx": lambda: x64.T @ x64,
-                "eigvalsh": lambda: torch.linalg.eigvalsh(gram)}, warmup, repeat, sync)
-    floor = (t["xtx"][0] + t["eigvalsh"][0], t["xtx"][1] + t["eigvalsh"][1],
-             [a + b for a, b in zip(t["xtx"][2], t["eigvalsh"][2])])
-    return _row("dxd", "nc_metrics", t["ncfast"], floor, "float64 X^T X + eigvalsh(D)", N=n, D=d, C=CLASSES,
-                xtx_s=t["xtx"][0], eigvalsh_s=t["eigvalsh"][0])
+    t = _turns(
+        {
+            "ncfast": lambda: ncfast.nc_metrics(x, y),
+            "xtx": lambda: x64.T @ x64,
+            "eigvalsh": lambda: torch.linalg.eigvalsh(gram),
+        },
+        warmup,
+        repeat,
+        sync,
+    )
+    floor = (
+        t["xtx"][0] + t["eigvalsh"][0],
+        t["xtx"][1] + t["eigvalsh"][1],
+        [a + b for a, b in zip(t["xtx"][2], t["eigvalsh"][2])],
+    )
+    return _row(
+        "dxd",
+        "nc_metrics",
+        t["ncfast"],
+        floor,
+        "float64 X^T X + eigvalsh(D)",
+        N=n,
+        D=d,
+        C=CLASSES,
+        xtx_s=t["xtx"][0],
+        eigvalsh_s=t["eigvalsh"][0],
+    )
 
 
 def run(ops, preset: str, device: torch.device, warmup: int, repeat: int, sync) -> list[dict]:
@@ -144,14 +190,20 @@ def print_rows(rows: list[dict]) -> None:
         return
     print()
     print("What measuring costs: ncfast's time as a ratio to the work the user cannot avoid")
-    line = (f"{'op':<6}  {'case':<16}  {'N':>7}  {'D':>5}  {'ncfast s':>9}  {'floor s':>8}  {'ratio':>6}  "
-            f"{'of min':>6}  {'paired':>6}  floor")
+    line = (
+        f"{'op':<6}  {'case':<16}  {'N':>7}  {'D':>5}  {'ncfast s':>9}  {'floor s':>8}  {'ratio':>6}  "
+        f"{'of min':>6}  {'paired':>6}  floor"
+    )
     print(line)
     print("-" * (len(line) + 26))
     for r in rows:
         d = r.get("D", "")
-        print(f"{r['op']:<6}  {r['case']:<16}  {r['N']:>7}  {d:>5}  {r['ncfast_s']:>9.3f}  {r['floor_s']:>8.3f}  "
-              f"{r['ratio']:>6.2f}  {r['ratio_of_min']:>6.2f}  {r['ratio_paired']:>6.2f}  {r['floor']}"
-              + (f" (X^T X {r['xtx_s']:.3f} s, eigvalsh {r['eigvalsh_s']:.3f} s)" if r["op"] == "dxd" else ""))
-    print("seconds and ratio: medians; of min: the ratio of the fastest runs of each (less moved by background "
-          "load); paired: the median of each turn's ratio")
+        print(
+            f"{r['op']:<6}  {r['case']:<16}  {r['N']:>7}  {d:>5}  {r['ncfast_s']:>9.3f}  {r['floor_s']:>8.3f}  "
+            f"{r['ratio']:>6.2f}  {r['ratio_of_min']:>6.2f}  {r['ratio_paired']:>6.2f}  {r['floor']}"
+            + (f" (X^T X {r['xtx_s']:.3f} s, eigvalsh {r['eigvalsh_s']:.3f} s)" if r["op"] == "dxd" else "")
+        )
+    print(
+        "seconds and ratio: medians; of min: the ratio of the fastest runs of each (less moved by background "
+        "load); paired: the median of each turn's ratio"
+    )

@@ -57,6 +57,7 @@ them. A case that finds something belongs in tests/ as a fixed case. Exit status
                 documented ("rows that hold NaN never win"): there the answer must equal the
                 reference's with that row no candidate; Inf in the means is refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,9 +77,15 @@ from pathlib import Path
 
 def _parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--what", choices=("metrics", "stream", "ncc", "solver", "magnitude", "headers", "nonfinite"), default="metrics")
-    ap.add_argument("--backend", choices=("cpp", "torch", "triton"), default="cpp",
-                    help="NCFAST_BACKEND; triton runs in Triton's CPU interpreter")
+    ap.add_argument(
+        "--what", choices=("metrics", "stream", "ncc", "solver", "magnitude", "headers", "nonfinite"), default="metrics"
+    )
+    ap.add_argument(
+        "--backend",
+        choices=("cpp", "torch", "triton"),
+        default="cpp",
+        help="NCFAST_BACKEND; triton runs in Triton's CPU interpreter",
+    )
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-dim", type=int, default=4096, help="--what solver: largest D drawn")
@@ -113,8 +120,8 @@ def _uniformity_atol(x, y, num_classes, weighting, d: int) -> float:
     mt, _ = ref._mt(h, yy, k, weighting)
     u = mt / np.linalg.norm(mt, axis=1, keepdims=True)
     sq = ((u[:, None, :] - u[None, :, :]) ** 2).sum(-1)[np.triu_indices(len(u), 1)]
-    sq = sq[sq > 4.0 * (d + 4) * 2.0 ** -53]
-    return 4.0 * d * 2.0 ** -53 / sq.min() if sq.size else 0.0
+    sq = sq[sq > 4.0 * (d + 4) * 2.0**-53]
+    return 4.0 * d * 2.0**-53 / sq.min() if sq.size else 0.0
 
 
 def _diffs(got, want, keys, x, y, num_classes, weighting, d: int) -> list[str]:
@@ -264,8 +271,9 @@ def case_solver(it: int, rng: random.Random):
         k = min(d, rng.choice([2, 8, 24, 40]))
         q = rng.randint(1, k)
     spread = rng.choice([1.0, 0.1])
-    z = torch.randn(c, q, generator=g, dtype=torch.float64)[y] + spread * torch.randn(n, q, generator=g,
-                                                                                  dtype=torch.float64)
+    z = torch.randn(c, q, generator=g, dtype=torch.float64)[y] + spread * torch.randn(
+        n, q, generator=g, dtype=torch.float64
+    )
     if mode == "dead":
         live = torch.relu(z - rng.choice([0.0, 0.5, 1.5]))
     elif mode == "dup" or mode == "rank1":  # exact copies of the latent columns, times 1, 2 or -0.5
@@ -302,8 +310,19 @@ def case_solver(it: int, rng: random.Random):
     if stream:
         want.pop("ncc_accuracy")
     diffs = _diffs(got, want, want, xr, y, c, weighting, d)
-    desc = dict(it=it, mode=mode, c=c, d=d, live=k, latent=q, n=n, dtype=str(dtype), weighting=weighting,
-                stream=stream, ranks=got.ranks)
+    desc = dict(
+        it=it,
+        mode=mode,
+        c=c,
+        d=d,
+        live=k,
+        latent=q,
+        n=n,
+        dtype=str(dtype),
+        weighting=weighting,
+        stream=stream,
+        ranks=got.ranks,
+    )
     return diffs, desc
 
 
@@ -314,8 +333,38 @@ EXPONENTS = {  # data normalised to max |x| in [1, 2), then scaled by 2^e: near 
     torch.float16: [-20, -14, -10, -1, 0, 1, 8, 14, 15],
     torch.bfloat16: [-130, -126, -100, -64, -1, 0, 1, 64, 100, 126, 127],
     torch.float32: [-140, -133, -126, -125, -100, -64, -20, 0, 20, 64, 100, 120, 126, 127],
-    torch.float64: [-1070, -1060, -1022, -1000, -900, -600, -520, -500, -481, -480, -470, -400, -300, -100,
-                    -30, 0, 30, 100, 300, 400, 470, 480, 499, 500, 501, 520, 600, 900, 1000, 1023],
+    torch.float64: [
+        -1070,
+        -1060,
+        -1022,
+        -1000,
+        -900,
+        -600,
+        -520,
+        -500,
+        -481,
+        -480,
+        -470,
+        -400,
+        -300,
+        -100,
+        -30,
+        0,
+        30,
+        100,
+        300,
+        400,
+        470,
+        480,
+        499,
+        500,
+        501,
+        520,
+        600,
+        900,
+        1000,
+        1023,
+    ],
 }
 F64_SURE = 400
 """float64 features with max |x| in [2^-400, 2^401) must not be refused: their sums of squares are far
@@ -361,8 +410,9 @@ def case_magnitude(it: int, rng: random.Random):
     y = torch.arange(n) % c
     y = y[torch.randperm(n, generator=g)]
     spread = rng.choice([1.0, 0.3])
-    x0 = 3.0 * torch.randn(c, d, generator=g, dtype=torch.float64)[y] + spread * torch.randn(n, d, generator=g,
-                                                                                            dtype=torch.float64)
+    x0 = 3.0 * torch.randn(c, d, generator=g, dtype=torch.float64)[y] + spread * torch.randn(
+        n, d, generator=g, dtype=torch.float64
+    )
     x0 = _normalised(x0)
     cm0 = torch.zeros(c, d, dtype=torch.float64).index_add_(0, y, x0) / torch.bincount(y, minlength=c)[:, None]
     mids = rng.random() < 0.5
@@ -382,8 +432,11 @@ def case_magnitude(it: int, rng: random.Random):
     # a classifier at 2^bw, its bias at 2^(a + bw): the decisions of the unscaled problem, with
     # |a + bw| <= 1000 so that the logits of the scaled problem are finite in float64
     wdt = rng.choice([torch.float32, torch.float64])
-    bws = [b for b in ([0, 0, 0] + EXPONENTS[wdt]) if abs(a + b) <= 1000 and abs(b) <= (120 if wdt == torch.float32
-                                                                                       else 1000)]
+    bws = [
+        b
+        for b in ([0, 0, 0] + EXPONENTS[wdt])
+        if abs(a + b) <= 1000 and abs(b) <= (120 if wdt == torch.float32 else 1000)
+    ]
     bw = rng.choice(bws or [0])
     if rng.random() < 0.3:  # the NCC classifier: W = means, b = -||mu||^2 / 2 (ties where NCC ties)
         w0 = cm0.clone()
@@ -398,9 +451,10 @@ def case_magnitude(it: int, rng: random.Random):
     want_ncc = ref.ncc_assign(x_u, m_u)
     want_dec = ref.decisions(x_u, w_u, b_u)
     for mode in ("exact", "fast"):
-        for name, call, want in (("ncc_assign", lambda m=mode: ncfast.ncc_assign(x_s, m_s, mode=m), want_ncc),
-                                 ("classifier_decisions",
-                                  lambda m=mode: ncfast.classifier_decisions(x_s, w_s, b_s, mode=m), want_dec)):
+        for name, call, want in (
+            ("ncc_assign", lambda m=mode: ncfast.ncc_assign(x_s, m_s, mode=m), want_ncc),
+            ("classifier_decisions", lambda m=mode: ncfast.classifier_decisions(x_s, w_s, b_s, mode=m), want_dec),
+        ):
             try:
                 diffs += _indices_differ(f"{name} {mode}", call(), want)
             except Exception as e:  # noqa: BLE001 - a hard contract: any finite scale
@@ -462,39 +516,78 @@ def case_magnitude(it: int, rng: random.Random):
         g_, w_ = float(got[key]), float(truth[key])
         if key in ("feature_norm", "logits_norm"):  # scales by 2^e (a subnormal result carries less)
             e = a if key == "feature_norm" else lx
-            ok = _same_or_close(math.ldexp(g_, -e), w_, atol=max(1e-12, math.ldexp(2.0 ** -1074, 2 - e)))
+            ok = _same_or_close(math.ldexp(g_, -e), w_, atol=max(1e-12, math.ldexp(2.0**-1074, 2 - e)))
         elif key in ("ncc_accuracy", "ncc_mismatch"):
             ok = g_ == w_
         else:
             ok = _same_or_close(g_, w_)
         if not ok:
-            diffs.append(f"nc_metrics {key}: scaled {g_} unscaled {w_}" + (f" (x 2^{a})" if key == "feature_norm" else ""))
+            diffs.append(
+                f"nc_metrics {key}: scaled {g_} unscaled {w_}" + (f" (x 2^{a})" if key == "feature_norm" else "")
+            )
     return diffs, desc
 
 
 # ------------------------------------------------------------------------------------- headers
-ST_CODES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+ST_CODES = {
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 MUTATIONS = [  # (name, the file it hits); the values are drawn in _mutate
-    ("none", None), ("truncate", "any"), ("empty", "any"), ("append", "any"), ("flip", "any"),
-    ("shape", "npy/st"), ("dtype", "npy/st"), ("offsets", "st"), ("header_len", "st"), ("header_json", "st"),
-    ("npy_v2", "npy"), ("npy_big_endian", "npy"), ("st_metadata", "st"), ("st_padding", "st"),
-    ("pt_dict2", "pt"), ("pt_list", "pt"), ("int_features", "features"), ("bool_features", "features"),
-    ("float_labels", "labels"), ("label_value", "labels"), ("int32_labels", "labels"),
-    ("num_classes", None), ("stray_appledouble", None), ("pair_numbers", None), ("pair_names", None),
+    ("none", None),
+    ("truncate", "any"),
+    ("empty", "any"),
+    ("append", "any"),
+    ("flip", "any"),
+    ("shape", "npy/st"),
+    ("dtype", "npy/st"),
+    ("offsets", "st"),
+    ("header_len", "st"),
+    ("header_json", "st"),
+    ("npy_v2", "npy"),
+    ("npy_big_endian", "npy"),
+    ("st_metadata", "st"),
+    ("st_padding", "st"),
+    ("pt_dict2", "pt"),
+    ("pt_list", "pt"),
+    ("int_features", "features"),
+    ("bool_features", "features"),
+    ("float_labels", "labels"),
+    ("label_value", "labels"),
+    ("int32_labels", "labels"),
+    ("num_classes", None),
+    ("stray_appledouble", None),
+    ("pair_numbers", None),
+    ("pair_names", None),
     ("shard_count", None),
 ]
 MUST_ACCEPT = {"none", "npy_v2", "st_metadata", "st_padding", "int32_labels", "pair_numbers"}
 # bytes appended to a .pt may still load (a zip is read from its end): there, exit 0 is fine too
-MUST_REFUSE = {"truncate", "empty", "append", "pair_names", "shard_count", "int_features", "bool_features",
-               "float_labels"}
+MUST_REFUSE = {
+    "truncate",
+    "empty",
+    "append",
+    "pair_names",
+    "shard_count",
+    "int_features",
+    "bool_features",
+    "float_labels",
+}
 
 
 def _npy_bytes(arr: np.ndarray, header: str | None = None, version: int = 1) -> bytes:
     """A .npy file, written by hand so that its header can be anything."""
     if header is None:
-        header = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (np.lib.format.dtype_to_descr(arr.dtype),
-                                                                          tuple(arr.shape))
+        header = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
+            np.lib.format.dtype_to_descr(arr.dtype),
+            tuple(arr.shape),
+        )
     hb = header.encode("latin1")
     pre = 10 if version == 1 else 12
     hb += b" " * ((-(pre + len(hb) + 1)) % 64) + b"\n"
@@ -502,8 +595,14 @@ def _npy_bytes(arr: np.ndarray, header: str | None = None, version: int = 1) -> 
     return b"\x93NUMPY" + bytes([version, 0]) + size + hb + np.ascontiguousarray(arr).tobytes()
 
 
-def _st_bytes(t: torch.Tensor, meta: dict | None = None, *, header: bytes | None = None, length: int | None = None,
-              data: bytes | None = None) -> bytes:
+def _st_bytes(
+    t: torch.Tensor,
+    meta: dict | None = None,
+    *,
+    header: bytes | None = None,
+    length: int | None = None,
+    data: bytes | None = None,
+) -> bytes:
     """A .safetensors file of one tensor "t" (8-byte little-endian header length, JSON header, data)."""
     raw = t.contiguous().view(torch.uint8).numpy().tobytes() if data is None else data
     if header is None:
@@ -537,11 +636,11 @@ def _read_back(path: Path) -> torch.Tensor:
         return obj
     blob = path.read_bytes()
     n = int.from_bytes(blob[:8], "little")
-    meta = {k: v for k, v in json.loads(blob[8: 8 + n]).items() if k != "__metadata__"}
+    meta = {k: v for k, v in json.loads(blob[8 : 8 + n]).items() if k != "__metadata__"}
     ((_, entry),) = meta.items()
     dtype = {v: k for k, v in ST_CODES.items()}[entry["dtype"]]
     lo, hi = entry["data_offsets"]
-    raw = blob[8 + n + lo: 8 + n + hi]
+    raw = blob[8 + n + lo : 8 + n + hi]
     assert lo == 0 and 8 + n + hi == len(blob), "data_offsets disagree with the file"
     t = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
     return t.view(dtype).reshape(entry["shape"])
@@ -578,8 +677,10 @@ def _mutate(kind: str, path: Path, t: torch.Tensor, rng: random.Random) -> str:
         path.write_bytes(blob + extra)
         return f"{len(extra)} bytes appended"
     if kind == "flip":
-        end = {".npy": 10 + int.from_bytes(blob[8:10], "little"),
-               ".safetensors": 8 + int.from_bytes(blob[:8], "little")}.get(fmt, len(blob))
+        end = {
+            ".npy": 10 + int.from_bytes(blob[8:10], "little"),
+            ".safetensors": 8 + int.from_bytes(blob[:8], "little"),
+        }.get(fmt, len(blob))
         b = bytearray(blob)
         where = sorted(rng.randrange(min(end, len(b))) for _ in range(rng.choice([1, 2, 3])))
         for i in where:
@@ -598,8 +699,10 @@ def _mutate(kind: str, path: Path, t: torch.Tensor, rng: random.Random) -> str:
             new[i] = v
         if fmt == ".npy":
             body = "(" + ", ".join(repr(s) for s in new) + ("," if len(new) == 1 else "") + ")"
-            hdr = "{'descr': %r, 'fortran_order': False, 'shape': %s, }" % (np.lib.format.dtype_to_descr(
-                t.numpy().dtype), body)
+            hdr = "{'descr': %r, 'fortran_order': False, 'shape': %s, }" % (
+                np.lib.format.dtype_to_descr(t.numpy().dtype),
+                body,
+            )
             path.write_bytes(_npy_bytes(t.numpy(), hdr))
         else:
             path.write_bytes(_st_bytes(t, {"shape": new}))
@@ -623,8 +726,19 @@ def _mutate(kind: str, path: Path, t: torch.Tensor, rng: random.Random) -> str:
     nbytes = t.numel() * t.element_size()
     raw = t.contiguous().view(torch.uint8).numpy().tobytes()
     if kind == "offsets":
-        v = rng.choice([[0, nbytes + 16], [nbytes, 0], [-8, nbytes - 8], [8, nbytes + 8], [0], [0.0, float(nbytes)],
-                        ["0", str(nbytes)], [0, 2**63], None])
+        v = rng.choice(
+            [
+                [0, nbytes + 16],
+                [nbytes, 0],
+                [-8, nbytes - 8],
+                [8, nbytes + 8],
+                [0],
+                [0.0, float(nbytes)],
+                ["0", str(nbytes)],
+                [0, 2**63],
+                None,
+            ]
+        )
         data = b"\0" * 8 + raw if v == [8, nbytes + 8] else raw  # the hole: the bytes are there, 8 late
         path.write_bytes(_st_bytes(t, {"data_offsets": v}, data=data))
         return f"data_offsets {v}"
@@ -634,8 +748,20 @@ def _mutate(kind: str, path: Path, t: torch.Tensor, rng: random.Random) -> str:
         path.write_bytes(v.to_bytes(8, "little") + blob[8:])
         return f"header length field {v} (true {n})"
     if kind == "header_json":
-        v = rng.choice([b"[1, 2]", b"42", b"null", b'"t"', b"\xff\xfe\x00{", b"{", b"{}", b'{"t": 1}',
-                        b'{"t": {"dtype": "F32"}, "u": {}}', json.dumps({"t": {}}).encode()])
+        v = rng.choice(
+            [
+                b"[1, 2]",
+                b"42",
+                b"null",
+                b'"t"',
+                b"\xff\xfe\x00{",
+                b"{",
+                b"{}",
+                b'{"t": 1}',
+                b'{"t": {"dtype": "F32"}, "u": {}}',
+                json.dumps({"t": {}}).encode(),
+            ]
+        )
         path.write_bytes(_st_bytes(t, header=v))
         return f"header {v!r}"
     if kind == "npy_v2":
@@ -646,12 +772,12 @@ def _mutate(kind: str, path: Path, t: torch.Tensor, rng: random.Random) -> str:
         path.write_bytes(_npy_bytes(arr))
         return f"descr {np.lib.format.dtype_to_descr(arr.dtype)}"
     if kind == "st_metadata":
-        hdr = json.loads(blob[8: len(blob) - nbytes])
+        hdr = json.loads(blob[8 : len(blob) - nbytes])
         hdr["__metadata__"] = {"format": "pt", "note": "x"}
         path.write_bytes(_st_bytes(t, header=json.dumps(hdr).encode()))
         return "__metadata__ added"
     if kind == "st_padding":
-        path.write_bytes(_st_bytes(t, header=blob[8: len(blob) - nbytes] + b" " * rng.choice([1, 5, 8])))
+        path.write_bytes(_st_bytes(t, header=blob[8 : len(blob) - nbytes] + b" " * rng.choice([1, 5, 8])))
         return "header padded with spaces"
     if kind == "pt_dict2":
         torch.save({"a": t, "b": t[:1].clone()}, path)
@@ -695,9 +821,12 @@ def _case_headers(it: int, rng: random.Random, tmp: Path, kind: str | None):
     tokens: set[str] = set()
     detail = ""
     if kind in ("stray_appledouble", "pair_numbers", "pair_names", "shard_count"):
-        names = {"pair_names": (["x_a", "x_c"], ["y_b", "y_d"]), "shard_count": (["x_1", "x_2"], ["y_1", "y_2", "y_3"]),
-                 "pair_numbers": (["x_1", "x_2", "x_10"], ["y_01", "y_02", "y_10"]),
-                 "stray_appledouble": (["x_1", "x_2"], ["y_1", "y_2"])}[kind]
+        names = {
+            "pair_names": (["x_a", "x_c"], ["y_b", "y_d"]),
+            "shard_count": (["x_1", "x_2"], ["y_1", "y_2", "y_3"]),
+            "pair_numbers": (["x_1", "x_2", "x_10"], ["y_01", "y_02", "y_10"]),
+            "stray_appledouble": (["x_1", "x_2"], ["y_1", "y_2"]),
+        }[kind]
         k = len(names[0])
         xs = [(3.0 * torch.randn(c, d, generator=g)[y] + torch.randn(n, d, generator=g)).to(xdt) for _ in range(k)]
         ys = [y[torch.randperm(n, generator=g)] for _ in range(len(names[1]))]
@@ -707,12 +836,13 @@ def _case_headers(it: int, rng: random.Random, tmp: Path, kind: str | None):
             _write(ydir / f"{name}{fy}", t)
         if kind == "stray_appledouble":  # macOS's AppleDouble companion of x_1: not an array at all
             stray = fdir / "._x_1.npy"
-            stray.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(rng.randrange(256)
-                                                                                     for _ in range(4000)))
+            stray.write_bytes(
+                b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(rng.randrange(256) for _ in range(4000))
+            )
             tokens |= {str(stray)}
         tokens |= {str(fdir), str(ydir), "LABELS", "FEATURES"}
         feats, labels = fdir, ydir
-        truth_x, truth_y = torch.cat(xs[:len(ys)]), torch.cat(ys[:len(xs)])  # natural order: 1, 2, 10
+        truth_x, truth_y = torch.cat(xs[: len(ys)]), torch.cat(ys[: len(xs)])  # natural order: 1, 2, 10
     else:
         files["FEATURES"] = _write(tmp / f"x{fx}", x)
         files["LABELS"] = _write(tmp / f"y{fy}", y)
@@ -725,7 +855,7 @@ def _case_headers(it: int, rng: random.Random, tmp: Path, kind: str | None):
             numc = rng.choice([c - 1, 0, -1, 2**40, 2**62, c + 2, c])
             argv_extra += ["--num-classes", str(numc)]
             if w is not None and numc != c:
-                argv_extra = argv_extra[: argv_extra.index("--weight")] + argv_extra[argv_extra.index("--weight") + 2:]
+                argv_extra = argv_extra[: argv_extra.index("--weight")] + argv_extra[argv_extra.index("--weight") + 2 :]
                 desc["weight"] = False
             tokens |= {"--num-classes"}
             detail = f"--num-classes {numc}"
@@ -740,14 +870,18 @@ def _case_headers(it: int, rng: random.Random, tmp: Path, kind: str | None):
             _write(labels, y.to(torch.int32))
         elif kind == "label_value":
             yy = y.clone()
-            yy[rng.randrange(n)] = rng.choice([2**40, 2**62, -1, -2**40])
+            yy[rng.randrange(n)] = rng.choice([2**40, 2**62, -1, -(2**40)])
             _write(labels, yy)
             detail = f"a label {int(yy.max()) if int(yy.max()) >= c else int(yy.min())}"
             tokens |= {str(labels), "LABELS", "--num-classes"}
         elif kind != "none":
-            roles = [r for r, p in files.items()
-                     if target in ("any", None) or p.suffix in {"npy": [".npy"], "st": [".safetensors"], "pt": [".pt"],
-                                                                "npy/st": [".npy", ".safetensors"]}[target]]
+            roles = [
+                r
+                for r, p in files.items()
+                if target in ("any", None)
+                or p.suffix
+                in {"npy": [".npy"], "st": [".safetensors"], "pt": [".pt"], "npy/st": [".npy", ".safetensors"]}[target]
+            ]
             role = rng.choice(roles)
             t = {"FEATURES": x, "LABELS": y, "--weight": w}[role]
             detail = f"{role}: " + _mutate(kind, files[role], t, rng)
@@ -772,8 +906,11 @@ def _case_headers(it: int, rng: random.Random, tmp: Path, kind: str | None):
         diffs = [f"keys in one only: {sorted(set(got) ^ set(want))}"] if set(got) != set(want) else []
         for key in sorted(set(got) & set(want)):
             wv = float(want[key])
-            if not (got[key] == wv or (math.isnan(got[key]) and not math.isfinite(wv))
-                    or abs(got[key] - wv) <= 1e-9 * abs(wv) + 1e-12):
+            if not (
+                got[key] == wv
+                or (math.isnan(got[key]) and not math.isfinite(wv))
+                or abs(got[key] - wv) <= 1e-9 * abs(wv) + 1e-12
+            ):
                 diffs.append(f"{key}: measure {got[key]} nc_metrics {wv}")
         return diffs, desc
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
@@ -798,15 +935,34 @@ def _headers_memory_cap() -> None:
 
 # ----------------------------------------------------------------------------------- nonfinite
 NONFINITE_TARGETS = [  # (API, argument); "features+omit" is nan_policy="omit"
-    ("nc_metrics", "features"), ("nc_metrics", "features+omit"), ("nc_metrics", "weight"), ("nc_metrics", "bias"),
-    ("nc_metrics", "logits"), ("nc_metrics", "superclass"), ("nc_metrics", "labels"), ("nc_metrics", "ood_features"),
-    ("nc_metrics", "class_means"), ("class_distance", "features"), ("class_distance", "features+omit"),
-    ("class_distance", "labels"), ("ncc_assign", "features"), ("ncc_assign", "means"),
-    ("classifier_decisions", "features"), ("classifier_decisions", "weight"), ("classifier_decisions", "bias"),
-    ("ncc_and_decisions", "features"), ("ncc_and_decisions", "means"), ("ncc_and_decisions", "weight"),
-    ("ncc_and_decisions", "bias"), ("ClassMoments.update", "features"), ("ClassMoments.update", "features+omit"),
-    ("ClassMoments.update", "labels"), ("metrics_from_moments", "weight"),
-    ("ncc_mismatch", "features"), ("ncc_mismatch", "means"), ("ncc_mismatch", "decisions"),
+    ("nc_metrics", "features"),
+    ("nc_metrics", "features+omit"),
+    ("nc_metrics", "weight"),
+    ("nc_metrics", "bias"),
+    ("nc_metrics", "logits"),
+    ("nc_metrics", "superclass"),
+    ("nc_metrics", "labels"),
+    ("nc_metrics", "ood_features"),
+    ("nc_metrics", "class_means"),
+    ("class_distance", "features"),
+    ("class_distance", "features+omit"),
+    ("class_distance", "labels"),
+    ("ncc_assign", "features"),
+    ("ncc_assign", "means"),
+    ("classifier_decisions", "features"),
+    ("classifier_decisions", "weight"),
+    ("classifier_decisions", "bias"),
+    ("ncc_and_decisions", "features"),
+    ("ncc_and_decisions", "means"),
+    ("ncc_and_decisions", "weight"),
+    ("ncc_and_decisions", "bias"),
+    ("ClassMoments.update", "features"),
+    ("ClassMoments.update", "features+omit"),
+    ("ClassMoments.update", "labels"),
+    ("metrics_from_moments", "weight"),
+    ("ncc_mismatch", "features"),
+    ("ncc_mismatch", "means"),
+    ("ncc_mismatch", "decisions"),
 ]
 NONFINITE_TARGETS = [t for t in NONFINITE_TARGETS if hasattr(ncfast, t[0].split(".")[0])]
 
@@ -838,8 +994,11 @@ def _refused(call, name: str, types=(ValueError,), agree=None) -> list[str]:
 
 
 def _as_no_candidate(same: bool) -> str:
-    return ("equal to the reference's answer with that row no candidate" if same
-            else "DIFFERENT from the reference's answer with that row no candidate")
+    return (
+        "equal to the reference's answer with that row no candidate"
+        if same
+        else "DIFFERENT from the reference's answer with that row no candidate"
+    )
 
 
 def _brief(out) -> str:
@@ -857,8 +1016,10 @@ def _matrix_diffs(got: torch.Tensor, want: np.ndarray, name: str) -> list[str]:
     same = (g == want) | (np.isnan(g) & np.isnan(want)) | (np.abs(g - want) <= 1e-6 * np.abs(want) + 1e-10)
     if same.all():
         return []
-    return [f"{name}: {int((~same).sum())} entries differ from the reference on the kept rows, "
-            f"e.g. {g[~same][0]} vs {want[~same][0]}"]
+    return [
+        f"{name}: {int((~same).sum())} entries differ from the reference on the kept rows, "
+        f"e.g. {g[~same][0]} vs {want[~same][0]}"
+    ]
 
 
 def case_nonfinite(it: int, rng: random.Random):
@@ -882,8 +1043,15 @@ def case_nonfinite(it: int, rng: random.Random):
     arg = "features" if omit else arg
     desc = dict(it=it, api=api, arg=arg, value=value, omit=omit, c=c, d=d, n=n, dtype=str(dtype), wdt=str(wdt))
     STATS[f"nonfinite {api}({arg}{', omit' if omit else ''})"] += 1
-    bad = dict(features=x, weight=w, bias=b, logits=logits, means=means, class_means=means.clone(),
-               ood_features=x[: max(2, n // 2)].clone())
+    bad = dict(
+        features=x,
+        weight=w,
+        bias=b,
+        logits=logits,
+        means=means,
+        class_means=means.clone(),
+        ood_features=x[: max(2, n // 2)].clone(),
+    )
     row = None
     if arg in bad:
         bad[arg], row = _poison(bad[arg], value, rng)
@@ -931,7 +1099,9 @@ def case_nonfinite(it: int, rng: random.Random):
 
     if api == "class_distance":
         if arg == "labels":
-            return _refused(lambda: ncfast.class_distance(x, ybad, num_classes=c), "labels", (ValueError, TypeError)), desc
+            return _refused(
+                lambda: ncfast.class_distance(x, ybad, num_classes=c), "labels", (ValueError, TypeError)
+            ), desc
         if not omit:
             return _refused(lambda: ncfast.class_distance(xf, y, num_classes=c), "features"), desc
         got = ncfast.class_distance(xf, y, num_classes=c, nan_policy="omit")
@@ -943,7 +1113,9 @@ def case_nonfinite(it: int, rng: random.Random):
             nearest = ref.ncc_assign(x, mb)
             try:
                 if api == "ncc_assign":
-                    return _indices_differ("ncc_assign (NaN in a row of means)", ncfast.ncc_assign(x, mb), nearest), desc
+                    return _indices_differ(
+                        "ncc_assign (NaN in a row of means)", ncfast.ncc_assign(x, mb), nearest
+                    ), desc
                 if api == "ncc_and_decisions":
                     got = ncfast.ncc_and_decisions(x, mb, w, b)[0]
                     return _indices_differ("ncc_and_decisions (NaN in a row of means)", got, nearest), desc
@@ -951,23 +1123,31 @@ def case_nonfinite(it: int, rng: random.Random):
                 got, want = ncfast.ncc_mismatch(x, mb, dec), float(np.mean(nearest != dec.numpy()))
                 return ([] if got == want else [f"ncc_mismatch (NaN in a row of means): {got} vs {want}"]), desc
             except Exception as e:  # noqa: BLE001
-                return [f"{api}: NaN in a row of means (documented for ncc_assign: never wins): "
-                        + f"{type(e).__name__}: {str(e)[:160]}"], desc
+                return [
+                    f"{api}: NaN in a row of means (documented for ncc_assign: never wins): "
+                    + f"{type(e).__name__}: {str(e)[:160]}"
+                ], desc
         dec = torch.from_numpy(ref.decisions(x, w, b))
         agree = None
         if arg == "means":  # +-Inf: undocumented; the reference puts such a row infinitely far
             nearest = ref.ncc_assign(x, mb)
-            agree = {"ncc_assign": lambda out: _as_no_candidate(bool((out.cpu().numpy() == nearest).all())),
-                     "ncc_and_decisions": lambda out: _as_no_candidate(bool((out[0].cpu().numpy() == nearest).all())),
-                     "ncc_mismatch": lambda out: _as_no_candidate(out == float(np.mean(nearest != dec.numpy())))}[api]
+            agree = {
+                "ncc_assign": lambda out: _as_no_candidate(bool((out.cpu().numpy() == nearest).all())),
+                "ncc_and_decisions": lambda out: _as_no_candidate(bool((out[0].cpu().numpy() == nearest).all())),
+                "ncc_mismatch": lambda out: _as_no_candidate(out == float(np.mean(nearest != dec.numpy()))),
+            }[api]
         if api == "ncc_assign":
             return _refused(lambda: ncfast.ncc_assign(xf, mb), arg, agree=agree), desc
         if api == "ncc_and_decisions":
-            return _refused(lambda: ncfast.ncc_and_decisions(xf, mb, bad["weight"], bad["bias"]), arg,
-                            agree=agree), desc
+            return _refused(
+                lambda: ncfast.ncc_and_decisions(xf, mb, bad["weight"], bad["bias"]), arg, agree=agree
+            ), desc
         if arg == "decisions":
-            return _refused(lambda: ncfast.ncc_mismatch(x, means, _poison(dec.to(torch.float64), value, rng)[0]),
-                            "decisions", (ValueError, TypeError)), desc
+            return _refused(
+                lambda: ncfast.ncc_mismatch(x, means, _poison(dec.to(torch.float64), value, rng)[0]),
+                "decisions",
+                (ValueError, TypeError),
+            ), desc
         return _refused(lambda: ncfast.ncc_mismatch(xf, mb, dec), arg, agree=agree), desc
 
     if api == "classifier_decisions":
@@ -981,7 +1161,9 @@ def case_nonfinite(it: int, rng: random.Random):
     diffs = []
     if api == "metrics_from_moments":
         m.update(x, y)
-        return _refused(lambda: ncfast.metrics_from_moments(m, weight=bad["weight"], weighting="sample"), "weight"), desc
+        return _refused(
+            lambda: ncfast.metrics_from_moments(m, weight=bad["weight"], weighting="sample"), "weight"
+        ), desc
     if arg == "features":  # the poisoned row in the second batch
         xf, row = _poison(x, value, rng, row=rng.randrange(half, n))
         keep = torch.arange(n) != row
@@ -1012,8 +1194,15 @@ def case_nonfinite(it: int, rng: random.Random):
 def main() -> int:
     warnings.simplefilter("ignore")  # the reference's 0 / 0 warns; the values are compared
     rng = random.Random(ARGS.seed)
-    case = {"metrics": case_metrics, "stream": case_stream, "ncc": case_ncc, "solver": case_solver,
-            "magnitude": case_magnitude, "headers": case_headers, "nonfinite": case_nonfinite}[ARGS.what]
+    case = {
+        "metrics": case_metrics,
+        "stream": case_stream,
+        "ncc": case_ncc,
+        "solver": case_solver,
+        "magnitude": case_magnitude,
+        "headers": case_headers,
+        "nonfinite": case_nonfinite,
+    }[ARGS.what]
     if ARGS.what == "headers":
         _headers_memory_cap()
     found = 0

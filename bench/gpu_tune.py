@@ -24,6 +24,7 @@ flushed by do_bench itself between runs).
 Writes the table and a JSON (``--json``). Nothing here is a test: the answers are checked by
 tests/test_triton_*.py, which the device run executes first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-
 
 # Tile shapes tried per precision (block_m, block_n, block_d, num_warps, num_stages), CONFIGS first.
 NCC_TRIALS = {
@@ -78,18 +78,22 @@ def ceilings(device) -> dict:
     b = torch.empty_like(a)
     out["copy_GBps"] = 2 * a.numel() * 4 / (_bench(lambda: b.copy_(a)) * 1e-3) / 1e9
     out["sum_GBps"] = a.numel() * 4 / (_bench(lambda: a.sum()) * 1e-3) / 1e9
-    del a, b
+    a = b = None  # free them before the products
     n = _size(8192, 64)
-    for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
-                              ("bf16", torch.bfloat16, False), ("fp64", torch.float64, False)):
+    for name, dtype, tf32 in (
+        ("fp32", torch.float32, False),
+        ("tf32", torch.float32, True),
+        ("bf16", torch.bfloat16, False),
+        ("fp64", torch.float64, False),
+    ):
         m = torch.randn(n, n, device=device, dtype=dtype)
         old = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            out[f"mm_{name}_TFLOPs"] = 2.0 * n ** 3 / (_bench(lambda: m @ m) * 1e-3) / 1e12
+            out[f"mm_{name}_TFLOPs"] = 2.0 * n**3 / (_bench(lambda: m @ m) * 1e-3) / 1e12
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
-        del m
+        m = None
     return out
 
 
@@ -101,8 +105,10 @@ def tune_ncc(device, rows_out: list):
     d = _size(1024, 32)
     for k, n in ((_size(1000, 40), _size(1 << 18, 64)), (_size(50_000, 70), _size(1 << 16, 32))):
         centres = torch.randn(k, d, device=device, generator=g) * 0.1
-        x = torch.relu(centres[torch.randint(0, k, (n,), device=device, generator=g)]
-                       + torch.randn(n, d, device=device, generator=g))
+        x = torch.relu(
+            centres[torch.randint(0, k, (n,), device=device, generator=g)]
+            + torch.randn(n, d, device=device, generator=g)
+        )
         shift = centres.mean(0)
         w = -2.0 * (centres - shift)
         o = (centres - shift).square().sum(1)
@@ -110,22 +116,61 @@ def tune_ncc(device, rows_out: list):
         for precision, trials in NCC_TRIALS.items():
             rel = rel_tensor_core(ncc.canonical(precision), d)
             for bm, bn, bd, warps, stages in trials:
+
                 def run():
-                    return ncc.ncc_sweep(x, shift, w, o, [0, k], rel, cmax, omax, precision, block_m=bm,
-                                         block_n=bn, block_d=bd, num_warps=warps, num_stages=stages)
+                    return ncc.ncc_sweep(
+                        x,
+                        shift,
+                        w,
+                        o,
+                        [0, k],
+                        rel,
+                        cmax,
+                        omax,
+                        precision,
+                        block_m=bm,
+                        block_n=bn,
+                        block_d=bd,
+                        num_warps=warps,
+                        num_stages=stages,
+                    )
+
                 try:
                     unsure = float(run()[1].float().mean())
                     ms = _bench(run)
                 except Exception as exc:  # noqa: BLE001 - a tile shape the GPU refuses is reported, not fatal
-                    rows_out.append(dict(part="ncc", C=k, N=n, precision=precision, config=[bm, bn, bd, warps, stages],
-                                         error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"))
-                    print(f"ncc C={k} {precision} {bm}x{bn}x{bd} w{warps} s{stages}: {rows_out[-1]['error']}", flush=True)
+                    rows_out.append(
+                        dict(
+                            part="ncc",
+                            C=k,
+                            N=n,
+                            precision=precision,
+                            config=[bm, bn, bd, warps, stages],
+                            error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}",
+                        )
+                    )
+                    print(
+                        f"ncc C={k} {precision} {bm}x{bn}x{bd} w{warps} s{stages}: {rows_out[-1]['error']}", flush=True
+                    )
                     continue
-                rows_out.append(dict(part="ncc", C=k, N=n, precision=precision, config=[bm, bn, bd, warps, stages],
-                                     ms=ms, TFLOPs=2.0 * n * k * d / (ms * 1e-3) / 1e12, unsure=unsure))
-                print(f"ncc C={k:<6} {precision:<7} {bm}x{bn}x{bd} w{warps} s{stages}: {ms:8.2f} ms "
-                      f"{rows_out[-1]['TFLOPs']:7.1f} TFLOP/s, unsure {unsure:.4f}", flush=True)
-        del x, centres
+                rows_out.append(
+                    dict(
+                        part="ncc",
+                        C=k,
+                        N=n,
+                        precision=precision,
+                        config=[bm, bn, bd, warps, stages],
+                        ms=ms,
+                        TFLOPs=2.0 * n * k * d / (ms * 1e-3) / 1e12,
+                        unsure=unsure,
+                    )
+                )
+                print(
+                    f"ncc C={k:<6} {precision:<7} {bm}x{bn}x{bd} w{warps} s{stages}: {ms:8.2f} ms "
+                    f"{rows_out[-1]['TFLOPs']:7.1f} TFLOP/s, unsure {unsure:.4f}",
+                    flush=True,
+                )
+        x = centres = None
 
 
 def tune_moments(device, rows_out: list):
@@ -138,12 +183,26 @@ def tune_moments(device, rows_out: list):
     nbytes = n * d * 4
     for units in (False, True):
         for rows, bd, warps in MOMENT_TRIALS:
-            ms = _bench(lambda: moments.block_moments(x, y, c, unit_sums=units, block_rows=rows, block_d=bd,
-                                                      num_warps=warps))
-            rows_out.append(dict(part="moments", N=n, D=d, C=c, unit_sums=units, config=[rows, bd, warps], ms=ms,
-                                 GBps=nbytes / (ms * 1e-3) / 1e9))
-            print(f"moments units={units!s:<5} rows={rows or 'def':<3} block_d={bd or 'def':<3} w{warps}: {ms:7.2f} ms "
-                  f"{rows_out[-1]['GBps']:7.0f} GB/s", flush=True)
+            ms = _bench(
+                lambda: moments.block_moments(x, y, c, unit_sums=units, block_rows=rows, block_d=bd, num_warps=warps)
+            )
+            rows_out.append(
+                dict(
+                    part="moments",
+                    N=n,
+                    D=d,
+                    C=c,
+                    unit_sums=units,
+                    config=[rows, bd, warps],
+                    ms=ms,
+                    GBps=nbytes / (ms * 1e-3) / 1e9,
+                )
+            )
+            print(
+                f"moments units={units!s:<5} rows={rows or 'def':<3} block_d={bd or 'def':<3} w{warps}: {ms:7.2f} ms "
+                f"{rows_out[-1]['GBps']:7.0f} GB/s",
+                flush=True,
+            )
 
 
 def tune_pairwise(device, rows_out: list):
@@ -158,26 +217,52 @@ def tune_pairwise(device, rows_out: list):
     norms, var = sq.sqrt(), torch.rand(t, device=device, dtype=torch.float64, generator=g)
     # an off-diagonal tile, classes 0..t x t..2t of 2t classes whose centred means are mt twice
     ctx = backends.PairContext(
-        sq=sq.repeat(2), norms=norms.repeat(2), var=var.repeat(2), sup=None, g=1.0, etf_diag=0.1, etf_offdiag=-0.1,
-        mean_cos=0.0, etf_cos=0.1, best=torch.full((2 * t,), float("inf"), device=device, dtype=torch.float64),
-        best_idx=torch.zeros(2 * t, device=device, dtype=torch.int64))
+        sq=sq.repeat(2),
+        norms=norms.repeat(2),
+        var=var.repeat(2),
+        sup=None,
+        g=1.0,
+        etf_diag=0.1,
+        etf_offdiag=-0.1,
+        mean_cos=0.0,
+        etf_cos=0.1,
+        best=torch.full((2 * t,), float("inf"), device=device, dtype=torch.float64),
+        best_idx=torch.zeros(2 * t, device=device, dtype=torch.int64),
+    )
     vectors = backends.tile_vectors(ctx, slice(0, t), slice(t, 2 * t))
     params = torch.tensor(ctx.params(), dtype=torch.float64)
 
     mm = _bench(lambda: mt @ mt.T)
     flops = 2.0 * t * t * d
     for bi, bj, bd in PAIR_TRIALS:
+
         def run():  # the float64 dot where this Triton compiles it, as the backend launches it
-            return triton_backend.with_f64_dot(lambda f64_dot: pairwise.reduce_pair_tile(
-                mt, mt, vectors, params, block_i=bi, block_j=bj, block_d=bd, f64_dot=f64_dot), device)
+            return triton_backend.with_f64_dot(
+                lambda f64_dot: pairwise.reduce_pair_tile(
+                    mt, mt, vectors, params, block_i=bi, block_j=bj, block_d=bd, f64_dot=f64_dot
+                ),
+                device,
+            )
 
         run()
         ms = _bench(run)
-        rows_out.append(dict(part="pairwise", tile=t, D=d, config=[bi, bj, bd], ms=ms, GFLOPs=flops / (ms * 1e-3) / 1e9,
-                             mm_GFLOPs=flops / (mm * 1e-3) / 1e9,
-                             f64_dot=triton_backend.F64_DOT.get((device.type, device.index))))
-        print(f"pairwise tile {t}x{t} D={d} blocks {bi}x{bj}x{bd}: {ms:.2f} ms, {rows_out[-1]['GFLOPs']:.0f} GFLOP/s "
-              f"(torch.mm float64 {rows_out[-1]['mm_GFLOPs']:.0f})", flush=True)
+        rows_out.append(
+            dict(
+                part="pairwise",
+                tile=t,
+                D=d,
+                config=[bi, bj, bd],
+                ms=ms,
+                GFLOPs=flops / (ms * 1e-3) / 1e9,
+                mm_GFLOPs=flops / (mm * 1e-3) / 1e9,
+                f64_dot=triton_backend.F64_DOT.get((device.type, device.index)),
+            )
+        )
+        print(
+            f"pairwise tile {t}x{t} D={d} blocks {bi}x{bj}x{bd}: {ms:.2f} ms, {rows_out[-1]['GFLOPs']:.0f} GFLOP/s "
+            f"(torch.mm float64 {rows_out[-1]['mm_GFLOPs']:.0f})",
+            flush=True,
+        )
 
 
 def tune_metrics(device, rows_out: list):
@@ -212,7 +297,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("ncc", "moments", "pairwise", "metrics"), default=None)
     p.add_argument("--json", type=Path, default=Path("bench/results/gpu_tune.json"))
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (checks the script)")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (checks the script)"
+    )
     args = p.parse_args(argv)
     global SMOKE
     SMOKE = args.smoke
@@ -233,8 +320,12 @@ def main(argv=None):
     rows: list = []
     args.json.parent.mkdir(parents=True, exist_ok=True)
     # The most telling part first, and the JSON rewritten after each, so a run cut short keeps it.
-    for name, fn in (("ncc", tune_ncc), ("moments", tune_moments), ("metrics", tune_metrics),
-                     ("pairwise", tune_pairwise)):
+    for name, fn in (
+        ("ncc", tune_ncc),
+        ("moments", tune_moments),
+        ("metrics", tune_metrics),
+        ("pairwise", tune_pairwise),
+    ):
         if args.only in (None, name):
             fn(device, rows)
             if device.type == "cuda":

@@ -12,6 +12,7 @@ measured in the same run right before (the file is then in the page cache, as it
 measure's throughput is the file's bytes over its wall time. Peak RSS is the child process's
 ru_maxrss. Prints one markdown row per case for bench/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,11 @@ def run_measure(x: Path, y: Path, extra: list[str]) -> tuple[float, int, str, li
     keeps the largest of every earlier child); the timeline samples its VmRSS every half second."""
     t0 = time.perf_counter()
     err_file = open(Path(x).parent / "measure_stderr.txt", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "ncfast.measure", str(x), str(y), "--no-progress", *extra],
-                            stdout=subprocess.DEVNULL, stderr=err_file)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ncfast.measure", str(x), str(y), "--no-progress", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=err_file,
+    )
     timeline = []
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -108,22 +112,40 @@ def main(argv=None) -> int:
         read_floor(x)  # warm the page cache the way measure will find it
         floor = read_floor(x)
         folder = Path(a.dir)
-        wall, peak, err, timeline = run_measure(x, y, ["--weight", str(folder / f"w_{spec['d']}_c{spec['c']}.npy"),
-                                             "--bias", str(folder / f"b_c{spec['c']}.npy"),
-                                             "--superclass", str(folder / f"s_c{spec['c']}.npy"),
-                                             "--ood", str(folder / f"ood_{spec['d']}.npy"),
-                                             "--json", str(folder / f"{case}.json"),
-                                             "--per-class", str(folder / f"{case}_per_class.npz")])
+        wall, peak, err, timeline = run_measure(
+            x,
+            y,
+            [
+                "--weight",
+                str(folder / f"w_{spec['d']}_c{spec['c']}.npy"),
+                "--bias",
+                str(folder / f"b_c{spec['c']}.npy"),
+                "--superclass",
+                str(folder / f"s_c{spec['c']}.npy"),
+                "--ood",
+                str(folder / f"ood_{spec['d']}.npy"),
+                "--json",
+                str(folder / f"{case}.json"),
+                "--per-class",
+                str(folder / f"{case}_per_class.npz"),
+            ],
+        )
         passes = re.search(r"passes: (.*)", err)
         top = max(timeline, key=lambda t: t[1], default=(0.0, 0))
-        print(f"{case}: RSS peaked at {top[1] / 2**30:.2f} GiB {top[0]:.0f} s into the run "
-              f"(sampled every 0.5 s)", flush=True)
-        rows.append(f"| {case} | {spec['n']:,} x {spec['d']:,} float16, C = {spec['c']:,} | {size / 1e9:.2f} GB | "
-                    f"{floor / 1e9:.2f} GB/s | {wall:.1f} s | {size / wall / 1e9:.3f} GB/s | "
-                    f"{size / wall / floor:.1%} | {peak / 2**30:.2f} GiB | {passes.group(1) if passes else '?'} |")
+        print(
+            f"{case}: RSS peaked at {top[1] / 2**30:.2f} GiB {top[0]:.0f} s into the run (sampled every 0.5 s)",
+            flush=True,
+        )
+        rows.append(
+            f"| {case} | {spec['n']:,} x {spec['d']:,} float16, C = {spec['c']:,} | {size / 1e9:.2f} GB | "
+            f"{floor / 1e9:.2f} GB/s | {wall:.1f} s | {size / wall / 1e9:.3f} GB/s | "
+            f"{size / wall / floor:.1%} | {peak / 2**30:.2f} GiB | {passes.group(1) if passes else '?'} |"
+        )
         print(rows[-1], flush=True)
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{time.strftime('%Y-%m-%d')}: python bench/measure_files.py " + " ".join(argv or sys.argv[1:]))
+    print(
+        f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}: python bench/measure_files.py " + " ".join(argv or sys.argv[1:])
+    )
     print("| case | features | file | read floor | measure wall | throughput | of floor | peak RSS | passes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))

@@ -16,6 +16,7 @@ and prints medians and the ratio floor / time (the target is >= 70% for class_mo
     python bench/moments_bandwidth.py                      # N = 50,000, D = 512, C = 10, 64, 100, 1000
     python bench/moments_bandwidth.py --before baseline --classes 10,1000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as harness  # noqa: E402  (make_data and torch_moments: the same data and baseline)
-
 import ncfast  # noqa: E402
+import run as harness  # noqa: E402  (make_data and torch_moments: the same data and baseline)
 from ncfast import _C  # noqa: E402
 from ncfast.backends.cpp import buffer  # noqa: E402
 
@@ -40,18 +40,26 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--classes", default="10,64,100,1000", help="comma-separated C values")
     p.add_argument("--repeat", type=int, default=15)
-    p.add_argument("--before", choices=("evict", "baseline"), default="evict",
-                   help="what runs before every timed call (see the module docstring)")
+    p.add_argument(
+        "--before",
+        choices=("evict", "baseline"),
+        default="evict",
+        help="what runs before every timed call (see the module docstring)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     scratch = torch.ones(64_000_000) if args.before == "evict" else None
-    print(f"N = {args.rows}, D = {args.dim}, float32, {threads} threads, before each call: {args.before}; "
-          f"{_C.compile_options()}")
-    print(f"{'C':>6} {'x.sum ms':>9} {'kernel ms':>10} {'of floor':>9} {'API ms':>8} {'of floor':>9} "
-          f"{'bare kernel':>12} {'of floor':>9} {'bare API':>9} {'of floor':>9}")
+    print(
+        f"N = {args.rows}, D = {args.dim}, float32, {threads} threads, before each call: {args.before}; "
+        f"{_C.compile_options()}"
+    )
+    print(
+        f"{'C':>6} {'x.sum ms':>9} {'kernel ms':>10} {'of floor':>9} {'API ms':>8} {'of floor':>9} "
+        f"{'bare kernel':>12} {'of floor':>9} {'bare API':>9} {'of floor':>9}"
+    )
     for c in (int(v) for v in args.classes.split(",")):
         x, y = harness.make_data(args.rows, args.dim, c, torch.device("cpu"))
         buf, dtype = buffer(x)
@@ -76,9 +84,13 @@ def main(argv=None) -> int:
                 fn()
                 times[k].append((time.perf_counter() - t0) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{c:>6} {med['sum']:>9.3f} " + " ".join(
-            f"{med[k]:>{w}.3f} {100 * med['sum'] / med[k]:>8.0f}%"
-            for k, w in (("kernel", 10), ("api", 8), ("bare_kernel", 12), ("bare_api", 9))))
+        print(
+            f"{c:>6} {med['sum']:>9.3f} "
+            + " ".join(
+                f"{med[k]:>{w}.3f} {100 * med['sum'] / med[k]:>8.0f}%"
+                for k, w in (("kernel", 10), ("api", 8), ("bare_kernel", 12), ("bare_api", 9))
+            )
+        )
     return 0
 
 

@@ -7,6 +7,7 @@ The class moments are built from two samples per class, 500 classes at a time, s
 dominates the memory measured; the peak resident set is reset (Linux /proc/self/clear_refs) just
 before class_pair_stats runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,10 +58,12 @@ def main(argv=None) -> None:
             mt[r] @ mt[q].T
         mm_seconds = min(mm_seconds, time.perf_counter() - t1)
     mm_rate = sum(2.0 * (r.stop - r.start) * (q.stop - q.start) * d for r, q in tiles) / mm_seconds
-    print(f"C={c} D={d}: class_pair_stats {seconds:.2f} s, {flops / seconds / 1e9:.1f} GFLOP/s "
-          f"(torch.mm on the same {DEFAULT_TILE}-tiles {mm_rate / 1e9:.1f} GFLOP/s: "
-          f"{100 * flops / seconds / mm_rate:.0f}%), peak RSS growth {growth_mb:.0f} MB, "
-          f"cdnv {stats.cdnv:.6g}, threads {torch.get_num_threads()}, {ncfast.compile_options()}")
+    print(
+        f"C={c} D={d}: class_pair_stats {seconds:.2f} s, {flops / seconds / 1e9:.1f} GFLOP/s "
+        f"(torch.mm on the same {DEFAULT_TILE}-tiles {mm_rate / 1e9:.1f} GFLOP/s: "
+        f"{100 * flops / seconds / mm_rate:.0f}%), peak RSS growth {growth_mb:.0f} MB, "
+        f"cdnv {stats.cdnv:.6g}, threads {torch.get_num_threads()}, {ncfast.compile_options()}"
+    )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ flops / peak); ``of floor`` = floor / ncfast time. Where the work is a matrix pr
 product through ``torch.mm`` on the same shapes is timed too, so ncfast's FLOP rate can be set
 beside BLAS's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,16 @@ except ImportError:  # a build without NCFAST_BENCH: the peaks come from torch.m
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import costs as bench_costs  # noqa: E402
 
-OPS = ("class_moments", "class_moments:no_units", "class_moments+scatter", "class_distance", "ncc_assign", "ncc_assign:fast", "class_pair_stats",
-       "nc_metrics")
+OPS = (
+    "class_moments",
+    "class_moments:no_units",
+    "class_moments+scatter",
+    "class_distance",
+    "ncc_assign",
+    "ncc_assign:fast",
+    "class_pair_stats",
+    "nc_metrics",
+)
 # Ratios to the work a user cannot avoid (bench/costs.py), not against a baseline: run when asked for.
 COST_OPS = ("probe", "dxd")
 
@@ -175,8 +184,9 @@ def _block_rows(c: int, device: torch.device) -> int:
 def torch_addmm_argmin(x, means):
     sq = means.square().sum(1)
     rows = _block_rows(means.shape[0], x.device)
-    return torch.cat([torch.addmm(sq, x[lo : lo + rows], means.T, alpha=-2.0).argmin(1)
-                      for lo in range(0, x.shape[0], rows)])
+    return torch.cat(
+        [torch.addmm(sq, x[lo : lo + rows], means.T, alpha=-2.0).argmin(1) for lo in range(0, x.shape[0], rows)]
+    )
 
 
 def torch_cdist_argmin(x, means):
@@ -219,9 +229,12 @@ def torch_pair_stats(means, var):
     cos = gram / (norms.unsqueeze(1) * norms.unsqueeze(0))
     off = cos[~torch.eye(c, dtype=torch.bool, device=means.device)]
     etf = (torch.eye(c, dtype=torch.float64, device=means.device) - 1.0 / c) / (c - 1) ** 0.5
-    return {"cdnv": float(cdnv.mean()), "equiangularity": float(off.std(correction=0)),
-            "coherence": float((off + 1.0 / (c - 1)).abs().mean()),
-            "nc2_etf": float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf))}
+    return {
+        "cdnv": float(cdnv.mean()),
+        "equiangularity": float(off.std(correction=0)),
+        "coherence": float((off + 1.0 / (c - 1)).abs().mean()),
+        "nc2_etf": float(torch.linalg.norm(gram / torch.linalg.norm(gram) - etf)),
+    }
 
 
 def faiss_provider(device: torch.device):
@@ -280,8 +293,12 @@ def check_distance(ours, theirs):
 
 def check_nc_metrics(ours, theirs):
     # The baseline's float32 cdist may flip a near-tie or two, hence the loose ncc_accuracy bound.
-    for k, tol in (("nc1", 1e-6 * abs(ours["nc1"])), ("equinorm", 1e-6 * abs(ours["equinorm"])),
-                   ("nc2_etf", 1e-6 * abs(ours["nc2_etf"])), ("ncc_accuracy", 1e-3)):
+    for k, tol in (
+        ("nc1", 1e-6 * abs(ours["nc1"])),
+        ("equinorm", 1e-6 * abs(ours["equinorm"])),
+        ("nc2_etf", 1e-6 * abs(ours["nc2_etf"])),
+        ("ncc_accuracy", 1e-3),
+    ):
         if abs(theirs[k] - ours[k]) > tol:
             raise AssertionError(f"nc_metrics[{k}]: baseline {theirs[k]!r} vs ncfast {ours[k]!r}")
 
@@ -292,11 +309,12 @@ def check_exact(x, means, mode="exact"):
     Each row's answer depends on that row and the means alone, so a sample of rows suffices.
     """
     # the numpy brute force costs rows x C x D; at the GPU sizes' C = 50,000 x D = 1,024 fewer rows
-    sample = x[:REFERENCE_ROWS if means.shape[0] * means.shape[1] <= 1 << 24 else REFERENCE_ROWS // 4]
+    sample = x[: REFERENCE_ROWS if means.shape[0] * means.shape[1] <= 1 << 24 else REFERENCE_ROWS // 4]
     xs, ms = sample.cpu().numpy(), means.cpu().numpy()
     step = max(1, (1 << 24) // (ms.shape[0] * ms.shape[1]))  # the reference holds rows x C x D doubles
-    ref = torch.cat([torch.from_numpy(ncfast.reference.ncc_assign(xs[lo : lo + step], ms))
-                     for lo in range(0, xs.shape[0], step)])
+    ref = torch.cat(
+        [torch.from_numpy(ncfast.reference.ncc_assign(xs[lo : lo + step], ms)) for lo in range(0, xs.shape[0], step)]
+    )
     if not torch.equal(ref, ncfast.ncc_assign(sample, means, mode=mode).cpu()):
         raise AssertionError("ncc_assign: ncfast differs from ncfast.reference on the sampled rows")
 
@@ -311,11 +329,17 @@ def build_case(op, x, y, c, faiss_knn):
     if op.startswith("class_moments"):
         scatter = op.endswith("+scatter")
         units = not op.endswith(":no_units")
-        return (lambda: ncfast.class_moments(x, y, num_classes=c, scatter=scatter, unit_sums=units),
-                {"torch": lambda: torch_moments(x, y, c, scatter)}, check_moments)
+        return (
+            lambda: ncfast.class_moments(x, y, num_classes=c, scatter=scatter, unit_sums=units),
+            {"torch": lambda: torch_moments(x, y, c, scatter)},
+            check_moments,
+        )
     if op == "class_distance":
-        return (lambda: ncfast.class_distance(x, y, num_classes=c),
-                {"torch": lambda: torch_class_distance(x, y, c)}, check_distance)
+        return (
+            lambda: ncfast.class_distance(x, y, num_classes=c),
+            {"torch": lambda: torch_class_distance(x, y, c)},
+            check_distance,
+        )
     if op.startswith("ncc_assign"):
         mode = "fast" if op.endswith(":fast") else "exact"
         # Every provider gets the same float32 means (ncfast widens them to float64 itself).
@@ -336,21 +360,30 @@ def build_case(op, x, y, c, faiss_knn):
         def check(ours, theirs):
             for k in theirs:
                 if abs(getattr(ours, k) - theirs[k]) > 1e-7 * abs(theirs[k]):
-                    raise AssertionError(f"class_pair_stats[{k}]: baseline {theirs[k]!r} vs ncfast {getattr(ours, k)!r}")
+                    raise AssertionError(
+                        f"class_pair_stats[{k}]: baseline {theirs[k]!r} vs ncfast {getattr(ours, k)!r}"
+                    )
 
         # The dense way holds four C x C float64 matrices (and a host index of C^2 / 2 pairs): at
         # C = 100,000 that is 320 GB, so where it cannot fit it is reported n/a without trying.
-        dense = None if x.is_cuda and 4 * 8 * c * c > torch.cuda.mem_get_info(x.device)[0] else \
-            (lambda: torch_pair_stats(means, var))
+        dense = (
+            None
+            if x.is_cuda and 4 * 8 * c * c > torch.cuda.mem_get_info(x.device)[0]
+            else (lambda: torch_pair_stats(means, var))
+        )
         return (lambda: class_pair_stats(moments), {"torch dense": dense}, check)
     if op == "nc_metrics":
-        return (lambda: ncfast.nc_metrics(x, y, num_classes=c),
-                {"torch script": lambda: torch_nc_metrics(x, y, c)}, check_nc_metrics)
+        return (
+            lambda: ncfast.nc_metrics(x, y, num_classes=c),
+            {"torch script": lambda: torch_nc_metrics(x, y, c)},
+            check_nc_metrics,
+        )
     raise ValueError(f"unknown op {op!r}")
 
 
 # --------------------------------------------------------------------------- floors
 READ = "x.sum (read floor)"
+
 
 def best_ms(fn, repeat=5, sync=lambda: None):
     fn()
@@ -370,8 +403,11 @@ def machine_peaks(threads: int, device) -> dict:
     products (float32 at 'highest' precision, i.e. no TF32; on a GPU tf32 separately, the fast
     mode's floor). ``source`` says which."""
     if device.type == "cpu" and _peak is not None:
-        return {"fp32": _peak.fma_peak(False, 0.5, threads), "fp64": _peak.fma_peak(True, 0.5, threads),
-                "source": "fma_peak"}
+        return {
+            "fp32": _peak.fma_peak(False, 0.5, threads),
+            "fp64": _peak.fma_peak(True, 0.5, threads),
+            "source": "fma_peak",
+        }
     peaks = {"source": "torch.mm"}
     n = 8192 if device.type == "cuda" else 2048
     kinds = (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("fp64", torch.float64, False))
@@ -381,7 +417,7 @@ def machine_peaks(threads: int, device) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         try:
-            peaks[name] = 2.0 * n ** 3 / (best_ms(lambda: a @ a, sync=sync) * 1e-3)
+            peaks[name] = 2.0 * n**3 / (best_ms(lambda: a @ a, sync=sync) * 1e-3)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
         a = None  # free it before the next dtype's
@@ -484,9 +520,19 @@ def _fmt_ms(v):
 
 
 def print_table(records):
-    cols = [("op", 22, "<"), ("N", 8, ">"), ("D", 5, ">"), ("C", 6, ">"), ("baseline", 13, "<"),
-            ("ncfast ms", 10, ">"), ("(min)", 9, ">"), ("base ms", 10, ">"), ("(min)", 9, ">"),
-            ("ratio", 7, ">"), ("agree", 9, ">")]
+    cols = [
+        ("op", 22, "<"),
+        ("N", 8, ">"),
+        ("D", 5, ">"),
+        ("C", 6, ">"),
+        ("baseline", 13, "<"),
+        ("ncfast ms", 10, ">"),
+        ("(min)", 9, ">"),
+        ("base ms", 10, ">"),
+        ("(min)", 9, ">"),
+        ("ratio", 7, ">"),
+        ("agree", 9, ">"),
+    ]
     line = "  ".join(f"{name:{align}{width}}" for name, width, align in cols)
     print(line)
     print("-" * len(line))
@@ -497,10 +543,19 @@ def print_table(records):
             ours[key] = r
             continue
         o = ours[key]
-        cells = [r["op"], r["size"]["N"], r["size"]["D"], r["size"]["C"], r["provider"],
-                 _fmt_ms(o["median_ms"]), _fmt_ms(o["min_ms"]), _fmt_ms(r["median_ms"]), _fmt_ms(r["min_ms"]),
-                 "n/a" if r["ratio_vs_ncfast"] is None else f"{r['ratio_vs_ncfast']:.2f}",
-                 "-" if r["agree"] is None else f"{r['agree']:.6f}"]
+        cells = [
+            r["op"],
+            r["size"]["N"],
+            r["size"]["D"],
+            r["size"]["C"],
+            r["provider"],
+            _fmt_ms(o["median_ms"]),
+            _fmt_ms(o["min_ms"]),
+            _fmt_ms(r["median_ms"]),
+            _fmt_ms(r["min_ms"]),
+            "n/a" if r["ratio_vs_ncfast"] is None else f"{r['ratio_vs_ncfast']:.2f}",
+            "-" if r["agree"] is None else f"{r['agree']:.6f}",
+        ]
         print("  ".join(f"{v:{align}{width}}" for v, (_, width, align) in zip(cells, cols)))
     print()
     print("ratio = baseline median / ncfast median (> 1: ncfast is faster). Times in ms: median (min).")
@@ -512,10 +567,23 @@ def print_floors(records, peaks):
     if not peaks:
         return
     print()
-    print(f"ncfast against the floors (peak rate measured now: {peaks['fp32'] / 1e9:.0f} GFLOP/s float32, "
-          f"{peaks['fp64'] / 1e9:.0f} float64; read bandwidth: x.sum() on each input)")
-    cols = [("op", 22, "<"), ("N", 8, ">"), ("D", 5, ">"), ("C", 6, ">"), ("ncfast ms", 10, ">"), ("floor ms", 9, ">"),
-            ("of floor", 9, ">"), ("GB/s", 7, ">"), ("GFLOP/s", 8, ">"), ("torch.mm", 9, ">"), ("vs mm", 6, ">")]
+    print(
+        f"ncfast against the floors (peak rate measured now: {peaks['fp32'] / 1e9:.0f} GFLOP/s float32, "
+        f"{peaks['fp64'] / 1e9:.0f} float64; read bandwidth: x.sum() on each input)"
+    )
+    cols = [
+        ("op", 22, "<"),
+        ("N", 8, ">"),
+        ("D", 5, ">"),
+        ("C", 6, ">"),
+        ("ncfast ms", 10, ">"),
+        ("floor ms", 9, ">"),
+        ("of floor", 9, ">"),
+        ("GB/s", 7, ">"),
+        ("GFLOP/s", 8, ">"),
+        ("torch.mm", 9, ">"),
+        ("vs mm", 6, ">"),
+    ]
     line = "  ".join(f"{name:{align}{width}}" for name, width, align in cols)
     print(line)
     print("-" * len(line))
@@ -523,32 +591,51 @@ def print_floors(records, peaks):
         if r["provider"] != "ncfast":
             continue
         mm = r["torch_mm_GFLOPs"]
-        cells = [r["op"], r["size"]["N"], r["size"]["D"], r["size"]["C"], _fmt_ms(r["median_ms"]),
-                 _fmt_ms(r["floor_ms"]), f"{100 * r['of_floor']:.0f}%",
-                 "-" if r["bandwidth_GBps"] is None else f"{r['bandwidth_GBps']:.1f}",
-                 "-" if r["useful_GFLOPs"] is None else f"{r['useful_GFLOPs']:.0f}",
-                 "-" if mm is None else f"{mm:.0f}",
-                 "-" if mm is None else f"{100 * r['useful_GFLOPs'] / mm:.0f}%"]
+        cells = [
+            r["op"],
+            r["size"]["N"],
+            r["size"]["D"],
+            r["size"]["C"],
+            _fmt_ms(r["median_ms"]),
+            _fmt_ms(r["floor_ms"]),
+            f"{100 * r['of_floor']:.0f}%",
+            "-" if r["bandwidth_GBps"] is None else f"{r['bandwidth_GBps']:.1f}",
+            "-" if r["useful_GFLOPs"] is None else f"{r['useful_GFLOPs']:.0f}",
+            "-" if mm is None else f"{mm:.0f}",
+            "-" if mm is None else f"{100 * r['useful_GFLOPs'] / mm:.0f}%",
+        ]
         print("  ".join(f"{v:{align}{width}}" for v, (_, width, align) in zip(cells, cols)))
     print("GB/s = input bytes / ncfast time; GFLOP/s = the op's useful flops (one triangle of a symmetric")
     print("product) / ncfast time; torch.mm = the same product's rate through torch.mm (a full GEMM); vs mm = ratio.")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", default=",".join(OPS),
-                   help=f"comma-separated subset of {', '.join(OPS + COST_OPS)} (default: all but {', '.join(COST_OPS)})")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--ops",
+        default=",".join(OPS),
+        help=f"comma-separated subset of {', '.join(OPS + COST_OPS)} (default: all but {', '.join(COST_OPS)})",
+    )
     sizes = p.add_mutually_exclusive_group()
     sizes.add_argument("--sizes", choices=tuple(PRESETS), default="default", help="size preset (default: default)")
     sizes.add_argument("--full", action="store_const", const="full", dest="sizes", help="same as --sizes full")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per provider (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per provider first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's current)")
-    p.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "latest.json",
-                   help="where to write the results (default bench/results/latest.json)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="where the inputs live (default cpu); the GPU sizes: --device cuda --sizes h100")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "latest.json",
+        help="where to write the results (default bench/results/latest.json)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the inputs live (default cpu); the GPU sizes: --device cuda --sizes h100",
+    )
     args = p.parse_args(argv)
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = [op for op in args.ops if op not in OPS + COST_OPS]
@@ -575,8 +662,10 @@ def main(argv=None):
 
     # Cheapest first (a run cut short by a timeout keeps the most results), grouped by size so
     # each data set is generated once; the table is sorted back by op.
-    jobs = sorted(((op, size) for op in args.ops if op in OPS for size in PRESETS[args.sizes][op]),
-                  key=lambda j: (_job_cost(j[0], *j[1]), j[1]))
+    jobs = sorted(
+        ((op, size) for op in args.ops if op in OPS for size in PRESETS[args.sizes][op]),
+        key=lambda j: (_job_cost(j[0], *j[1]), j[1]),
+    )
     records = []
     data_size = None
     peaks = machine_peaks(torch.get_num_threads(), device)
@@ -594,34 +683,57 @@ def main(argv=None):
         available = {name: fn for name, fn in baselines.items() if fn is not None}
         # The read floor takes its turn with the providers, so it meets the same cache state (a
         # baseline streaming 400 MB leaves nothing of x in L3; back-to-back x.sum() runs would).
-        timed = time_providers({"ncfast": run_ours, **available, READ: lambda: x.sum()}, args.warmup, args.repeat,
-                               sync)
+        timed = time_providers({"ncfast": run_ours, **available, READ: lambda: x.sum()}, args.warmup, args.repeat, sync)
         ours, our_median, our_min = timed["ncfast"]
         read_ms = timed.pop(READ)[1]
         size = {"N": n, "D": d, "C": c}
         nbytes, flops, precision = op_work(op, n, d, c)
-        floor = {"read_ms": read_ms * nbytes / (n * d * 4), "compute_ms": flops / peaks[precision] * 1e3} if peaks else {}
+        floor = (
+            {"read_ms": read_ms * nbytes / (n * d * 4), "compute_ms": flops / peaks[precision] * 1e3} if peaks else {}
+        )
         floor_ms = max(floor.values()) if floor else None
         mm = torch_mm_case(op, x, y, c)
         mm_rate = None
         if mm is not None:
             mm_rate = mm[1] / (best_ms(mm[0], repeat=3, sync=sync) * 1e-3)
-        records.append(dict(op=op, size=size, provider="ncfast", median_ms=our_median, min_ms=our_min,
-                            ratio_vs_ncfast=1.0, agree=None, floor_ms=floor_ms, floor=floor,
-                            of_floor=None if floor_ms is None else floor_ms / our_median,
-                            bandwidth_GBps=nbytes / (our_median * 1e-3) / 1e9 if nbytes else None,
-                            useful_GFLOPs=flops / (our_median * 1e-3) / 1e9 if flops else None,
-                            torch_mm_GFLOPs=None if mm_rate is None else mm_rate / 1e9))
+        records.append(
+            dict(
+                op=op,
+                size=size,
+                provider="ncfast",
+                median_ms=our_median,
+                min_ms=our_min,
+                ratio_vs_ncfast=1.0,
+                agree=None,
+                floor_ms=floor_ms,
+                floor=floor,
+                of_floor=None if floor_ms is None else floor_ms / our_median,
+                bandwidth_GBps=nbytes / (our_median * 1e-3) / 1e9 if nbytes else None,
+                useful_GFLOPs=flops / (our_median * 1e-3) / 1e9 if flops else None,
+                torch_mm_GFLOPs=None if mm_rate is None else mm_rate / 1e9,
+            )
+        )
         for name in baselines:
             if name not in timed:
-                records.append(dict(op=op, size=size, provider=name, median_ms=None, min_ms=None,
-                                    ratio_vs_ncfast=None, agree=None))
+                records.append(
+                    dict(op=op, size=size, provider=name, median_ms=None, min_ms=None, ratio_vs_ncfast=None, agree=None)
+                )
                 continue
             theirs, median, low = timed[name]
-            records.append(dict(op=op, size=size, provider=name, median_ms=median, min_ms=low,
-                                ratio_vs_ncfast=median / our_median, agree=check(ours, theirs)))
-        summary = ", ".join(f"{r['provider']} {_fmt_ms(r['median_ms'])} ms" for r in records if r["op"] == op
-                            and r["size"] == size)
+            records.append(
+                dict(
+                    op=op,
+                    size=size,
+                    provider=name,
+                    median_ms=median,
+                    min_ms=low,
+                    ratio_vs_ncfast=median / our_median,
+                    agree=check(ours, theirs),
+                )
+            )
+        summary = ", ".join(
+            f"{r['provider']} {_fmt_ms(r['median_ms'])} ms" for r in records if r["op"] == op and r["size"] == size
+        )
         print(f"    {summary}", file=sys.stderr)
         _write_json(args.json, header, records, partial=i < len(jobs))  # kept if the run is cut short
     records.sort(key=lambda r: (OPS.index(r["op"]), r["size"]["N"], r["size"]["D"], r["size"]["C"]))

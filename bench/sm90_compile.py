@@ -15,6 +15,7 @@ garbage and only the compile reports count. It needs a Triton with the NVIDIA ba
 PyPI wheel carries ptxas and cuobjdump); the GPU machine's Triton version is what matters, so
 run it under that version (for example a wheel unpacked on PYTHONPATH).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,24 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver as _driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-
 TARGET = GPUTarget("cuda", 90, 32)
 # SASS opcodes worth counting: which unit does the arithmetic, and how wide the global loads are.
 # LDG / LDGSTS are split by width: .128 (16-byte vectors), .64, and 4 bytes or less.
-OPCODES = ("HGMMA", "HMMA", "DMMA", "FFMA", "DFMA", "LDG.128", "LDG.64", "LDG", "LDGSTS.128", "LDGSTS",
-           "STG", "LDL", "STL")
+OPCODES = (
+    "HGMMA",
+    "HMMA",
+    "DMMA",
+    "FFMA",
+    "DFMA",
+    "LDG.128",
+    "LDG.64",
+    "LDG",
+    "LDGSTS.128",
+    "LDGSTS",
+    "STG",
+    "LDL",
+    "STL",
+)
 
 
 class _AheadOfTimeDriver:
@@ -63,10 +76,12 @@ def _report(kernel, label: str, sass_dir: Path | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True,
-                               text=True, check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "--dump-sass", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [_cuobjdump(), "--dump-sass", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     ops = collections.Counter()
     for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)([.\w]*)", sass):
@@ -78,9 +93,14 @@ def _report(kernel, label: str, sass_dir: Path | None) -> dict:
     if sass_dir is not None:
         sass_dir.mkdir(parents=True, exist_ok=True)
         (sass_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", label) + ".sass")).write_text(sass)
-    return {"label": label, "regs": int(fields.get("REG", 0)), "local": int(fields.get("LOCAL", 0)),
-            "stack": int(fields.get("STACK", 0)), "shared": int(kernel.metadata.shared),
-            "ops": {k: ops.get(k, 0) for k in OPCODES}}
+    return {
+        "label": label,
+        "regs": int(fields.get("REG", 0)),
+        "local": int(fields.get("LOCAL", 0)),
+        "stack": int(fields.get("STACK", 0)),
+        "shared": int(kernel.metadata.shared),
+        "ops": {k: ops.get(k, 0) for k in OPCODES},
+    }
 
 
 class _Recorder:
@@ -98,18 +118,22 @@ class _Recorder:
     def __call__(self, fn: JITFunction, grid):
         def launch(*args, **kwargs):
             consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
-            label = (f"{fn.__name__} {self.label} " + " ".join(f"{k}={v}" for k, v in consts.items())).replace("  ", " ")
+            label = (f"{fn.__name__} {self.label} " + " ".join(f"{k}={v}" for k, v in consts.items())).replace(
+                "  ", " "
+            )
             if self.dedupe and label in self._seen:
                 return None
             self._seen.add(label)
             try:
                 kernel = fn.run(*args, grid=grid, warmup=True, **kwargs)
             except Exception as exc:  # noqa: BLE001 - reported as a row of its own
-                self.rows.append({"label": f"{label}: does not compile "
-                                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"})
+                self.rows.append(
+                    {"label": f"{label}: does not compile ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"}
+                )
                 return None
             self.rows.append(_report(kernel, label, self.sass_dir))
             return kernel
+
         return launch
 
 
@@ -144,14 +168,42 @@ def _ncc_cases(recorder: _Recorder, ncc, x, g):
     centres = torch.randn(k, d, generator=g)
     for prec in ncc.PRECISIONS:
         recorder.label = f"precision={prec}"
-        ncc.ncc_sweep(x, torch.zeros(d), centres, torch.zeros(k), [0, k], rel_tensor_core(ncc.canonical(prec), d),
-                      [1.0], [1.0], prec)
+        ncc.ncc_sweep(
+            x,
+            torch.zeros(d),
+            centres,
+            torch.zeros(k),
+            [0, k],
+            rel_tensor_core(ncc.canonical(prec), d),
+            [1.0],
+            [1.0],
+            prec,
+        )
     recorder.label = "x=bfloat16"  # read as int16 bits and widened in the kernel (moments.load_wide)
-    ncc.ncc_sweep(x.to(torch.bfloat16), torch.zeros(d), centres, torch.zeros(k), [0, k],
-                  rel_tensor_core("ieee", d), [1.0], [1.0], "ieee")
+    ncc.ncc_sweep(
+        x.to(torch.bfloat16),
+        torch.zeros(d),
+        centres,
+        torch.zeros(k),
+        [0, k],
+        rel_tensor_core("ieee", d),
+        [1.0],
+        [1.0],
+        "ieee",
+    )
     recorder.label = "D=32"  # one feature block: the rows stay in registers through the sweep
-    ncc.ncc_sweep(x[:, :32].contiguous(), torch.zeros(32), centres[:, :32].contiguous(), torch.zeros(k), [0, k],
-                  rel_tensor_core("tf32", 32), [1.0], [1.0], "tf32", block_d=32)
+    ncc.ncc_sweep(
+        x[:, :32].contiguous(),
+        torch.zeros(32),
+        centres[:, :32].contiguous(),
+        torch.zeros(k),
+        [0, k],
+        rel_tensor_core("tf32", 32),
+        [1.0],
+        [1.0],
+        "tf32",
+        block_d=32,
+    )
 
 
 def _pair_cases(recorder: _Recorder, pairwise, g):
@@ -167,12 +219,24 @@ def _pair_cases(recorder: _Recorder, pairwise, g):
                 n = t if diagonal else 2 * t
                 ones = torch.ones(n, dtype=torch.float64)
                 ctx = backends.PairContext(
-                    sq=ones, norms=ones, var=ones, sup=None, g=1.0, etf_diag=0.1, etf_offdiag=-0.1, mean_cos=0.0,
-                    etf_cos=0.1, best=torch.full((n,), float("inf"), dtype=torch.float64),
-                    best_idx=torch.zeros(n, dtype=torch.int64), cdnv_exponent=exponent, ratio_sum=ones.clone())
+                    sq=ones,
+                    norms=ones,
+                    var=ones,
+                    sup=None,
+                    g=1.0,
+                    etf_diag=0.1,
+                    etf_offdiag=-0.1,
+                    mean_cos=0.0,
+                    etf_cos=0.1,
+                    best=torch.full((n,), float("inf"), dtype=torch.float64),
+                    best_idx=torch.zeros(n, dtype=torch.int64),
+                    cdnv_exponent=exponent,
+                    ratio_sum=ones.clone(),
+                )
                 vectors = backends.tile_vectors(ctx, slice(0, t), slice(0, t) if diagonal else slice(t, 2 * t))
-                pairwise.reduce_pair_tile(mt, mt, vectors, torch.tensor(ctx.params(), dtype=torch.float64),
-                                          f64_dot=f64_dot)
+                pairwise.reduce_pair_tile(
+                    mt, mt, vectors, torch.tensor(ctx.params(), dtype=torch.float64), f64_dot=f64_dot
+                )
 
 
 def _compile_tests(recorder: _Recorder) -> int:
@@ -187,8 +251,17 @@ def _compile_tests(recorder: _Recorder) -> int:
     ncc.interpreting = nt.interpreting = lambda: False  # the GPU variants (no bf16 emulation)
     JITFunction.__getitem__ = lambda fn, grid: recorder(fn, grid)
     tests = Path(__file__).resolve().parents[1] / "tests"
-    pytest.main(["-q", "-p", "no:cacheprovider", "--tb=no", "--no-header", "-rN",
-                 *map(str, sorted(tests.glob("test_triton_*.py")))])
+    pytest.main(
+        [
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--tb=no",
+            "--no-header",
+            "-rN",
+            *map(str, sorted(tests.glob("test_triton_*.py"))),
+        ]
+    )
     compiled = [row for row in recorder.rows if "regs" in row]
     failures = [row["label"] for row in recorder.rows if "regs" not in row]
     print(f"\nsm_90: {len(compiled)} distinct kernel launches of the tests compiled, {len(failures)} failed to compile")

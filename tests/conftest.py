@@ -1,4 +1,5 @@
 """Shared test data: small, seeded, with every awkward case docs/metrics.md names."""
+
 import math
 import os
 
@@ -12,8 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def make_data(n=600, d=12, c=5, *, seed=0, imbalanced=False, absent=(), spread=1.0, shift=0.0,
-              dtype=torch.float32):
+def make_data(n=600, d=12, c=5, *, seed=0, imbalanced=False, absent=(), spread=1.0, shift=0.0, dtype=torch.float32):
     """Gaussian classes around random means; returns (features, labels, num_classes).
 
     imbalanced: class c gets weight proportional to (c + 1); absent: classes with no sample;
@@ -51,4 +51,3 @@ def assert_close(a, b, rtol, atol=0.0, what=""):
     ok = np.abs(a - b) <= atol + rtol * np.abs(b)
     ok |= nan_a
     assert ok.all(), f"{what}: max rel err {rel_err(a, b):.3e} (got {a[~ok][:3]}, want {b[~ok][:3]})"
-

@@ -1,13 +1,14 @@
 """The backend protocol (ncfast.backends): how a backend is chosen, and every backend's kernels
 against float64 brute force, over the list of backends this machine runs (the CPU first; Triton in
 its interpreter where no GPU is present, as conftest.py arranges)."""
+
 import numpy as np
 import pytest
 import torch
 
+from conftest import DEVICE, assert_close, make_data
 from ncfast import backends
 from ncfast.backends import torch as torch_backend
-from conftest import DEVICE, assert_close, make_data
 
 NAMES = ["cpp", "torch"] + (["triton"] if backends.triton_runs_on(torch.zeros(1, device=DEVICE)) else [])
 
@@ -91,7 +92,8 @@ def test_block_moments_merge_is_the_whole_batch():
     x, y, c = make_data(n=400, d=9, c=5, seed=6, dtype=torch.float64)
     whole = torch_backend.block_moments_of(x, y, c, True)
     halves = torch_backend.block_moments_of(x[:170], y[:170], c, True).merge(
-        torch_backend.block_moments_of(x[170:], y[170:], c, True))
+        torch_backend.block_moments_of(x[170:], y[170:], c, True)
+    )
     assert torch.equal(halves.counts, whole.counts)
     for name in ("means", "m2", "unit_sums", "norm_sums"):
         assert_close(getattr(halves, name).numpy(), getattr(whole, name).numpy(), rtol=1e-12, atol=1e-14, what=name)
@@ -191,8 +193,9 @@ def test_ncc_sweep_certain_rows_are_the_float64_argmin(impl, d):
     scores = o32.double() + x.double() @ c32.double().T
     strided = torch.zeros(n, 2 * d).index_copy_(1, torch.arange(0, 2 * d, 2), x)[:, ::2]
     for rows in (x, x.double(), strided):
-        sweep = impl.ncc_sweep(_on(impl, rows), _on(impl, torch.zeros(d)), _on(impl, c32), _on(impl, o32), starts,
-                               cmax, omax, "fp32")
+        sweep = impl.ncc_sweep(
+            _on(impl, rows), _on(impl, torch.zeros(d)), _on(impl, c32), _on(impl, o32), starts, cmax, omax, "fp32"
+        )
         best, unsure = sweep.best.cpu(), sweep.unsure.cpu()
         assert best.shape == unsure.shape == (n, 2)
         for gi, (a, b) in enumerate(zip(starts, starts[1:])):
@@ -207,8 +210,16 @@ def test_fast_precisions_name_what_the_sweep_accepts(impl):
     x = torch.randn(40, 6, generator=torch.Generator().manual_seed(10))
     centres, offsets = torch.randn(5, 6), torch.randn(5)
     for precision in impl.fast_precisions(5):
-        sweep = impl.ncc_sweep(_on(impl, x), _on(impl, torch.zeros(6)), _on(impl, centres), _on(impl, offsets),
-                               [0, 5], [3.0], [3.0], precision)
+        sweep = impl.ncc_sweep(
+            _on(impl, x),
+            _on(impl, torch.zeros(6)),
+            _on(impl, centres),
+            _on(impl, offsets),
+            [0, 5],
+            [3.0],
+            [3.0],
+            precision,
+        )
         assert sweep.best.shape == (40, 1)
 
 
@@ -219,10 +230,20 @@ def _pair_context(c: int, d: int, seed: int, device="cpu"):
     mt -= mt.mean(0)
     norms = mt.norm(dim=1)
     ctx = backends.PairContext(
-        sq=norms.square(), norms=norms, var=torch.rand(c, generator=g, dtype=torch.float64),
-        sup=torch.arange(c) % 3, g=float(torch.linalg.norm(mt @ mt.T)), etf_diag=0.2, etf_offdiag=-0.03,
-        mean_cos=-0.01, etf_cos=1.0 / (c - 1), best=torch.full((c,), float("inf"), dtype=torch.float64),
-        best_idx=torch.full((c,), -1, dtype=torch.int64), cdnv_exponent=0.75, unif_floor=1e-13)
+        sq=norms.square(),
+        norms=norms,
+        var=torch.rand(c, generator=g, dtype=torch.float64),
+        sup=torch.arange(c) % 3,
+        g=float(torch.linalg.norm(mt @ mt.T)),
+        etf_diag=0.2,
+        etf_offdiag=-0.03,
+        mean_cos=-0.01,
+        etf_cos=1.0 / (c - 1),
+        best=torch.full((c,), float("inf"), dtype=torch.float64),
+        best_idx=torch.full((c,), -1, dtype=torch.int64),
+        cdnv_exponent=0.75,
+        unif_floor=1e-13,
+    )
     fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(ctx).items()}
     return mt.to(device), backends.PairContext(**fields)
 
@@ -282,12 +303,14 @@ def test_pair_sums_total_and_of():
     PairSums.of reads the fields off any object by name."""
     from types import SimpleNamespace
 
-    a = backends.PairSums(resid=1.0, cos_dev=2.0, coh=3.0, dist=4.0, msdr_sum=5.0, msdr_n=2, cdnv=(2, 1.0, 2.0),
-                          unif=(1, -1.0, 0.0))
+    a = backends.PairSums(
+        resid=1.0, cos_dev=2.0, coh=3.0, dist=4.0, msdr_sum=5.0, msdr_n=2, cdnv=(2, 1.0, 2.0), unif=(1, -1.0, 0.0)
+    )
     b = backends.PairSums(resid=0.5, dist=1.0, msdr_n=4, cdnv=(2, 3.0, 2.0))
     assert backends.PairSums.triples() == ("cdnv", "unif")
     total = backends.PairSums.total([a, b])
     # values {0, 2} and {2, 4}: mean 2, M2 = 4 + 0 + 0 + 4 = 8
-    assert total == backends.PairSums(resid=1.5, cos_dev=2.0, coh=3.0, dist=5.0, msdr_sum=5.0, msdr_n=6,
-                                      cdnv=(4, 2.0, 8.0), unif=(1, -1.0, 0.0))
+    assert total == backends.PairSums(
+        resid=1.5, cos_dev=2.0, coh=3.0, dist=5.0, msdr_sum=5.0, msdr_n=6, cdnv=(4, 2.0, 8.0), unif=(1, -1.0, 0.0)
+    )
     assert backends.PairSums.of(SimpleNamespace(**vars(a))) == a

@@ -1,4 +1,5 @@
 """The bad-input contract of docs/metrics.md §14.4: a clear error naming the argument, and no partial state change."""
+
 import pytest
 import torch
 
@@ -20,18 +21,21 @@ def _one_shot_calls(x, y, c):
     ]
 
 
-@pytest.mark.parametrize("mutate, exc, name", [
-    (lambda x, y: (x, y + 10), ValueError, "labels"),                      # out of range
-    (lambda x, y: (x, y - 5), ValueError, "labels"),                       # negative
-    (lambda x, y: (x, y.float()), TypeError, "labels"),                    # float labels
-    (lambda x, y: (x, y[:-1]), ValueError, "labels"),                      # shape mismatch
-    (lambda x, y: (x[:, :0], y), ValueError, "features"),                  # D = 0
-    (lambda x, y: (x[:0], y[:0]), ValueError, "features"),                 # N = 0 one-shot
-    (lambda x, y: (x.int(), y), TypeError, "features"),                    # integer features
-    (lambda x, y: (x[0], y), ValueError, "features"),                      # 1-D features
-    (lambda x, y: (x.index_put((torch.tensor([3]),), torch.tensor(float("nan"))), y), ValueError, "features"),
-    (lambda x, y: (x.index_put((torch.tensor([5]),), torch.tensor(float("inf"))), y), ValueError, "features"),
-])
+@pytest.mark.parametrize(
+    "mutate, exc, name",
+    [
+        (lambda x, y: (x, y + 10), ValueError, "labels"),  # out of range
+        (lambda x, y: (x, y - 5), ValueError, "labels"),  # negative
+        (lambda x, y: (x, y.float()), TypeError, "labels"),  # float labels
+        (lambda x, y: (x, y[:-1]), ValueError, "labels"),  # shape mismatch
+        (lambda x, y: (x[:, :0], y), ValueError, "features"),  # D = 0
+        (lambda x, y: (x[:0], y[:0]), ValueError, "features"),  # N = 0 one-shot
+        (lambda x, y: (x.int(), y), TypeError, "features"),  # integer features
+        (lambda x, y: (x[0], y), ValueError, "features"),  # 1-D features
+        (lambda x, y: (x.index_put((torch.tensor([3]),), torch.tensor(float("nan"))), y), ValueError, "features"),
+        (lambda x, y: (x.index_put((torch.tensor([5]),), torch.tensor(float("inf"))), y), ValueError, "features"),
+    ],
+)
 def test_one_shot_functions_reject(data, mutate, exc, name):
     x, y, c = data
     bx, by = mutate(x, y)
@@ -46,11 +50,15 @@ def test_bad_labels_are_named_with_their_value(data, backend, monkeypatch):
     the error names the argument and the offending value, and update changes nothing."""
     monkeypatch.setenv("NCFAST_BACKEND", backend)
     x, y, c = data
-    for bad, message in ((y.clone().index_fill_(0, torch.tensor([150]), c + 3), f"label {c + 3} out of range"),
-                         (y.clone().index_fill_(0, torch.tensor([7]), -2), "negative label -2")):
-        for call in (lambda: ncfast.class_moments(x, bad, num_classes=c),
-                     lambda: ncfast.class_moments(x, bad, num_classes=c, scatter=False, unit_sums=False),
-                     lambda: ncfast.class_distance(x, bad, num_classes=c)):
+    for bad, message in (
+        (y.clone().index_fill_(0, torch.tensor([150]), c + 3), f"label {c + 3} out of range"),
+        (y.clone().index_fill_(0, torch.tensor([7]), -2), "negative label -2"),
+    ):
+        for call in (
+            lambda: ncfast.class_moments(x, bad, num_classes=c),
+            lambda: ncfast.class_moments(x, bad, num_classes=c, scatter=False, unit_sums=False),
+            lambda: ncfast.class_distance(x, bad, num_classes=c),
+        ):
             with pytest.raises(ValueError, match=f"^labels: {message}"):
                 call()
         m = ncfast.ClassMoments(c, 6).update(x[:50], y[:50])
@@ -195,17 +203,21 @@ def _classifier(c, d, seed=3):
     return torch.randn(c, d, generator=g), torch.randn(c, generator=g)
 
 
-@pytest.mark.parametrize("where, value", [("weight", float("nan")), ("weight", float("inf")),
-                                          ("bias", float("nan")), ("bias", float("-inf"))])
+@pytest.mark.parametrize(
+    "where, value",
+    [("weight", float("nan")), ("weight", float("inf")), ("bias", float("nan")), ("bias", float("-inf"))],
+)
 def test_non_finite_classifier_is_named(data, where, value):
     """A NaN or Inf in the classifier would decide an argmax (a finite ncc_mismatch, or an internal
     error for an infinite bias): every entry point that takes one names it."""
     x, y, c = data
     w, b = _classifier(c, x.shape[1])
     (w if where == "weight" else b).view(-1)[1] = value
-    calls = [lambda: ncfast.nc_metrics(x, y, num_classes=c, weight=w, bias=b),
-             lambda: ncfast.classifier_decisions(x, w, b),
-             lambda: ncfast.ncc_and_decisions(x, ncfast.class_moments(x, y).means, w, b)]
+    calls = [
+        lambda: ncfast.nc_metrics(x, y, num_classes=c, weight=w, bias=b),
+        lambda: ncfast.classifier_decisions(x, w, b),
+        lambda: ncfast.ncc_and_decisions(x, ncfast.class_moments(x, y).means, w, b),
+    ]
     if where == "weight":
         calls.append(lambda: ncfast.metrics_from_moments(ncfast.class_moments(x, y), weight=w))
     for call in calls:
@@ -236,11 +248,16 @@ def test_non_finite_rows_get_no_nearest_centre(data, value, dtype):
     means = ncfast.class_moments(x, y).means
     w, b = _classifier(c, x.shape[1])
     x[7, 3] = value
-    calls = [lambda: ncfast.ncc_assign(x, means), lambda: ncfast.ncc_assign(x, means, mode="fast"),
-             lambda: ncfast.classifier_decisions(x, w, b), lambda: ncfast.ncc_and_decisions(x, means, w, b),
-             lambda: ncfast.ncc_mismatch(x, means, torch.zeros(x.shape[0], dtype=torch.int64)),
-             lambda: ncfast.ncc_assign(x, torch.full_like(means, float("nan")).index_copy_(0, torch.tensor([1]),
-                                                                                        means[1:2]))]
+    calls = [
+        lambda: ncfast.ncc_assign(x, means),
+        lambda: ncfast.ncc_assign(x, means, mode="fast"),
+        lambda: ncfast.classifier_decisions(x, w, b),
+        lambda: ncfast.ncc_and_decisions(x, means, w, b),
+        lambda: ncfast.ncc_mismatch(x, means, torch.zeros(x.shape[0], dtype=torch.int64)),
+        lambda: ncfast.ncc_assign(
+            x, torch.full_like(means, float("nan")).index_copy_(0, torch.tensor([1]), means[1:2])
+        ),
+    ]
     for call in calls:
         with pytest.raises(ValueError, match="^features: contains NaN or Inf"):
             call()
@@ -253,27 +270,30 @@ def test_one_stray_label_allocates_nothing_by_it(data, call):
     the free memory before anything is allocated, and the error names num_classes."""
     x, y, _ = data
     y = y.clone()
-    y[3] = 2 ** 40
+    y[3] = 2**40
     with pytest.raises(ValueError, match=r"^num_classes: 1099511627777 classes .* GiB"):
         if call == "ClassMoments":
-            ncfast.ClassMoments(2 ** 40 + 1, x.shape[1])
+            ncfast.ClassMoments(2**40 + 1, x.shape[1])
         elif call == "LayerProbe":
             model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 5), torch.nn.Linear(5, 3))
-            ncfast.LayerProbe(model, ["0"], 2 ** 40 + 1).measure([(x, y % 3)])
+            ncfast.LayerProbe(model, ["0"], 2**40 + 1).measure([(x, y % 3)])
         else:
             getattr(ncfast, call)(x, y)
 
 
-@pytest.mark.parametrize("key, bad, exc", [
-    ("count", lambda t: -t, ValueError),                          # negative counts
-    ("count", lambda t: t.double(), TypeError),                   # float counts
-    ("mean", lambda t: t[:, :-1], ValueError),                    # wrong shape
-    ("m2", lambda t: t - 1e6, ValueError),                        # negative sum of squares
-    ("scatter", lambda t: t[:3], ValueError),
-    ("unit_sum", lambda t: t.tolist(), TypeError),                # not a tensor
-    ("omitted_rows", lambda t: -1, ValueError),
-    ("mean", None, ValueError),                                   # missing key
-])
+@pytest.mark.parametrize(
+    "key, bad, exc",
+    [
+        ("count", lambda t: -t, ValueError),  # negative counts
+        ("count", lambda t: t.double(), TypeError),  # float counts
+        ("mean", lambda t: t[:, :-1], ValueError),  # wrong shape
+        ("m2", lambda t: t - 1e6, ValueError),  # negative sum of squares
+        ("scatter", lambda t: t[:3], ValueError),
+        ("unit_sum", lambda t: t.tolist(), TypeError),  # not a tensor
+        ("omitted_rows", lambda t: -1, ValueError),
+        ("mean", None, ValueError),  # missing key
+    ],
+)
 def test_load_state_dict_checks_every_entry_and_changes_nothing_on_error(data, key, bad, exc):
     x, y, c = data
     m = ncfast.ClassMoments(c, x.shape[1]).update(x[:100], y[:100])
@@ -289,8 +309,15 @@ def test_load_state_dict_checks_every_entry_and_changes_nothing_on_error(data, k
         assert torch.equal(v, before[k]) if isinstance(v, torch.Tensor) else v == before[k], k
 
 
-@pytest.mark.parametrize("labels, exc", [(lambda y: y.float(), TypeError), (lambda y: y - 2, ValueError),
-                                         (lambda y: y + 10, ValueError), (lambda y: y.reshape(-1, 1), ValueError)])
+@pytest.mark.parametrize(
+    "labels, exc",
+    [
+        (lambda y: y.float(), TypeError),
+        (lambda y: y - 2, ValueError),
+        (lambda y: y + 10, ValueError),
+        (lambda y: y.reshape(-1, 1), ValueError),
+    ],
+)
 @pytest.mark.parametrize("held_out", [False, True])
 def test_layer_probe_checks_labels_at_its_door(data, labels, exc, held_out):
     """LayerProbe.measure met float or negative labels with errors from inside torch (bincount's
@@ -350,9 +377,15 @@ def test_layer_probe_sizes_max_dim_against_free_memory(data, monkeypatch):
 
     x, y, c = data
     monkeypatch.setattr(probe_module, "available_bytes", lambda device: 1 << 30)
-    model = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 8192), torch.nn.Unflatten(1, (8, 32, 32)),
-                                torch.nn.Flatten(), torch.nn.Linear(8192, c))
-    with pytest.raises(ValueError, match=r"^max_dim: 10,000 keeps .* 2\.0 GiB on cpu \(the largest, '1', has D = 8,192\)"):
+    model = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], 8192),
+        torch.nn.Unflatten(1, (8, 32, 32)),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8192, c),
+    )
+    with pytest.raises(
+        ValueError, match=r"^max_dim: 10,000 keeps .* 2\.0 GiB on cpu \(the largest, '1', has D = 8,192\)"
+    ):
         ncfast.LayerProbe(model, ["1", "3"], c, max_dim=10_000).measure([(x, y)])
     out = ncfast.LayerProbe(model, ["1", "3"], c).measure([(x, y)])  # (N, 8, 32, 32): 8 pooled channels
     assert out["1"].dxd_features == "channel_pooled" and out["3"].dxd_features == "full"

@@ -1,12 +1,12 @@
 """The benchmark harness runs end to end (tiny sizes): every op, its checks against the baselines,
 the floors and the JSON. Nothing here is timed or asserted on speed."""
+
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import run as bench  # noqa: E402
@@ -41,8 +41,12 @@ def test_cost_rows_run_and_report_ratios(tmp_path, monkeypatch, capsys):
     out = tmp_path / "c.json"
     bench.main(["--ops", "probe,dxd", "--sizes", "quick", "--repeat", "1", "--warmup", "0", "--json", str(out)])
     rows = json.loads(out.read_text())["header"]["costs"]
-    assert [(r["op"], r["case"]) for r in rows] == [("probe", "train"), ("probe", "train, uncached"),
-                                                    ("probe", "held-out"), ("dxd", "nc_metrics")]
+    assert [(r["op"], r["case"]) for r in rows] == [
+        ("probe", "train"),
+        ("probe", "train, uncached"),
+        ("probe", "held-out"),
+        ("dxd", "nc_metrics"),
+    ]
     for r in rows:
         assert r["ncfast_s"] > 0 and r["floor_s"] > 0 and r["ratio"] == r["ncfast_s"] / r["floor_s"]
         assert r["ratio_of_min"] == r["ncfast_min_s"] / r["floor_min_s"]
@@ -56,8 +60,12 @@ def test_moments_bandwidth_script_runs(capsys):
     """bench/moments_bandwidth.py at a tiny size: one line per C, both timings and ratios printed."""
     import moments_bandwidth
 
-    assert moments_bandwidth.main(["--rows", "300", "--dim", "8", "--classes", "3,70", "--repeat", "1",
-                                   "--before", "baseline"]) == 0
+    assert (
+        moments_bandwidth.main(
+            ["--rows", "300", "--dim", "8", "--classes", "3,70", "--repeat", "1", "--before", "baseline"]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     rows = [ln.split() for ln in lines[2:]]
     assert [r[0] for r in rows] == ["3", "70"]
@@ -73,8 +81,13 @@ def test_sm90_compile_report_runs():
     (Triton's own ptxas and cuobjdump): a row per kernel with registers, float64 FMAs, 16-byte
     loads and no spills."""
     pytest.importorskip("triton")
-    r = subprocess.run([sys.executable, "bench/sm90_compile.py", "--only", "moments"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "bench/sm90_compile.py", "--only", "moments"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     lines = r.stdout.splitlines()
     head = next(ln for ln in lines if ln.startswith("kernel")).split()[1:]
@@ -82,7 +95,7 @@ def test_sm90_compile_report_runs():
     for ln in lines:
         if ln.startswith("_chunk_moments_kernel") or ln.startswith("_merge_chunks_kernel"):
             parts = ln.split()
-            rows.setdefault(parts[0], []).append(dict(zip(head, map(int, parts[-len(head):]))))
+            rows.setdefault(parts[0], []).append(dict(zip(head, map(int, parts[-len(head) :]))))
     assert len(rows["_chunk_moments_kernel"]) == 3 and len(rows["_merge_chunks_kernel"]) == 3
     for row in rows["_chunk_moments_kernel"]:
         assert 0 < row["regs"] <= 255 and row["DFMA"] > 0 and row["LDG.128"] > 0
@@ -94,8 +107,13 @@ def test_gpu_tune_smoke_runs(tmp_path):
     writes the ceilings and one timing per part of nc_metrics."""
     pytest.importorskip("triton")
     out = tmp_path / "tune.json"
-    r = subprocess.run([sys.executable, "bench/gpu_tune.py", "--smoke", "--only", "metrics", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "bench/gpu_tune.py", "--smoke", "--only", "metrics", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["header"]["copy_GBps"] > 0 and data["header"]["mm_fp64_TFLOPs"] > 0
@@ -110,7 +128,12 @@ def test_fuzz_reference_finds_nothing_on_its_first_cases(what):
     (each draws dtypes, absent classes, NaN rows, the collapse regime, ties, midpoints; solver: dead
     units, copied columns, low rank, clustered eigenvalues, here with D <= 512)."""
     small = ["--max-dim", "512"] if what == "solver" else []
-    r = subprocess.run([sys.executable, "bench/fuzz_reference.py", "--what", what, "--cases", "25", "--seed", "7",
-                        *small], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "bench/fuzz_reference.py", "--what", what, "--cases", "25", "--seed", "7", *small],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert r.stdout.strip().endswith("25 cases, 0 with a finding")

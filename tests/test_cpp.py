@@ -1,10 +1,11 @@
 """The compiled core directly: dtypes, strides and 64-bit offsets."""
+
 import numpy as np
 import pytest
 import torch
 
-from ncfast import _C
 from conftest import assert_close
+from ncfast import _C
 
 
 def test_block_moments_float16_bits_and_strides():
@@ -48,7 +49,7 @@ def test_offsets_beyond_2_pow_31_elements(tmp_path):
     x[-1] = last
     x.flush()
     view = x[:: 1 << 17]
-    assert view.shape[0] == 5 and (view.shape[0] - 1) * view.strides[0] // 2 == 2 ** 31
+    assert view.shape[0] == 5 and (view.shape[0] - 1) * view.strides[0] // 2 == 2**31
     y = np.array([0, 0, 0, 0, 1])
     r = _C.block_moments(view.view(np.uint16), "float16", y, 2, torch.get_num_threads())
     assert r["counts"].tolist() == [4, 1]
@@ -73,8 +74,9 @@ def _numpy_moments(x64, y, c):
     return counts, means, m2, units, np.bincount(y, weights=norms, minlength=c)
 
 
-@pytest.mark.parametrize("n, d, c", [(1, 1, 1), (5, 1, 3), (7, 3, 1), (1000, 37, 200), (4099, 9, 2), (3001, 300, 5),
-                                     (130, 4500, 6)])  # the last: few wide rows, column chunk by chunk
+@pytest.mark.parametrize(
+    "n, d, c", [(1, 1, 1), (5, 1, 3), (7, 3, 1), (1000, 37, 200), (4099, 9, 2), (3001, 300, 5), (130, 4500, 6)]
+)  # the last: few wide rows, column chunk by chunk
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("unit_sums", [True, False])
@@ -116,9 +118,11 @@ def test_block_moments_names_the_first_bad_label(threads, c):
     n, d = 5000, 4
     x = np.ones((n, d), dtype=np.float32)
     y = np.arange(n) % c
-    for bad, message in (({4000: -3, 4500: c + 2}, "negative label -3"),
-                         ({1000: c + 6, 3000: -1}, rf"label {c + 6} out of range \[0, {c}\)"),
-                         ({2600: c, 2700: -8}, rf"label {c} out of range")):
+    for bad, message in (
+        ({4000: -3, 4500: c + 2}, "negative label -3"),
+        ({1000: c + 6, 3000: -1}, rf"label {c + 6} out of range \[0, {c}\)"),
+        ({2600: c, 2700: -8}, rf"label {c} out of range"),
+    ):
         yb = y.copy()
         for i, v in bad.items():
             yb[i] = v
@@ -245,8 +249,9 @@ def test_gram_nt_awkward_sizes(m, n, k):
 def test_centred_scatter_rejects_bad_labels():
     """Checked in the binding, before any kernel: the same error with or without the Gram engine."""
     with pytest.raises(ValueError, match="labels"):
-        _C.centred_scatter(np.zeros((3, 2), np.float32), "float32", np.array([0, 2, 0]), np.zeros((2, 2)), None,
-                           np.zeros((2, 2)), 1)
+        _C.centred_scatter(
+            np.zeros((3, 2), np.float32), "float32", np.array([0, 2, 0]), np.zeros((2, 2)), None, np.zeros((2, 2)), 1
+        )
 
 
 def test_ncc_sweep_bound_of_its_summation_depth_still_certifies():
@@ -269,7 +274,7 @@ def test_ncc_sweep_bound_of_its_summation_depth_still_certifies():
     shift = np.zeros(d, dtype=np.float32)
     cmax = [float(np.linalg.norm(c.astype(np.float64), axis=1).max())]
     omax = [float(np.abs(offsets.astype(np.float64)).max())]
-    rel = 1.1 * (1.01 * terms + 4) * 2.0 ** -24
+    rel = 1.1 * (1.01 * terms + 4) * 2.0**-24
     best, unsure = _C.ncc_sweep(x, "float32", shift, c, offsets, [0, 3], rel, cmax, omax, 2)
     scores = offsets.astype(np.float64) + x.astype(np.float64) @ c.astype(np.float64).T
     certain = unsure[:, 0] == 0
@@ -290,10 +295,19 @@ def test_reduce_pair_tile_takes_sides_and_params():
 
     def context():
         return backends.PairContext(
-            sq=norms.square(), norms=norms, var=torch.linspace(0.5, 1.5, c, dtype=torch.float64),
-            sup=torch.arange(c) % 2, g=float(torch.linalg.norm(mt @ mt.T)), etf_diag=0.3, etf_offdiag=-0.02,
-            mean_cos=0.01, etf_cos=1.0 / (c - 1), best=torch.full((c,), float("inf"), dtype=torch.float64),
-            best_idx=torch.full((c,), -1, dtype=torch.int64), cdnv_exponent=1.5)
+            sq=norms.square(),
+            norms=norms,
+            var=torch.linspace(0.5, 1.5, c, dtype=torch.float64),
+            sup=torch.arange(c) % 2,
+            g=float(torch.linalg.norm(mt @ mt.T)),
+            etf_diag=0.3,
+            etf_offdiag=-0.02,
+            mean_cos=0.01,
+            etf_cos=1.0 / (c - 1),
+            best=torch.full((c,), float("inf"), dtype=torch.float64),
+            best_idx=torch.full((c,), -1, dtype=torch.int64),
+            cdnv_exponent=1.5,
+        )
 
     rows, cols = slice(0, 5), slice(5, 12)
     want_ctx, ctx = context(), context()

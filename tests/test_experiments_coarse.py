@@ -1,6 +1,7 @@
 """The coarse-label driver (paper 000): one --quick --fine --grid run end to end, its numbers checked
 against the files it writes and against independent recomputations, and the pure functions on
 hand-made inputs."""
+
 import json
 import math
 import re
@@ -9,8 +10,17 @@ import numpy as np
 import pytest
 
 from ncfast.experiments import coarse
-from ncfast.experiments.coarse import (central_first, claims, clp_chance, grid_table, line_ratios, lines_table,
-                                       main, shows_up, twin_ratios)
+from ncfast.experiments.coarse import (
+    central_first,
+    claims,
+    clp_chance,
+    grid_table,
+    line_ratios,
+    lines_table,
+    main,
+    shows_up,
+    twin_ratios,
+)
 from ncfast.labels import superclass_map
 from ncfast.train.trainer import LEARNING_RATES, WEIGHT_DECAYS
 
@@ -50,8 +60,16 @@ def _word(holds):
 # ------------------------------------------------------------------------------------ end to end
 def test_quick_writes_every_file_and_valid_pngs(quick):
     out, res = quick
-    for name in ("report.md", "results.json", "coarse.png", "class_distance.png", "tsne.png",
-                 "fine_class_distance.png", "grid.png", "features.npz"):
+    for name in (
+        "report.md",
+        "results.json",
+        "coarse.png",
+        "class_distance.png",
+        "tsne.png",
+        "fine_class_distance.png",
+        "grid.png",
+        "features.npz",
+    ):
         assert (out / name).is_file(), name
     import matplotlib.image as mpimg
 
@@ -179,19 +197,22 @@ def test_fine_ratios_from_the_saved_matrices(quick):
 
 
 # ---------------------------------------------------------------------------------------- arguments
-@pytest.mark.parametrize("argv, flag", [
-    (["--quick", "--coarse", "1"], "--coarse"),
-    (["--quick", "--coarse", "10"], "--coarse"),
-    (["--quick", "--coarse", "official"], "--coarse official"),
-    (["--quick", "--coarse", "5", "--random-coarse", "5"], "--random-coarse"),
-    (["--quick", "--random-coarse", "1"], "--random-coarse"),
-    (["--quick", "--random-coarse", "10"], "--random-coarse"),
-    (["--quick", "--distance-epochs", "1,99"], "--distance-epochs"),
-    (["--quick", "--distance-epochs=-1,3"], "--distance-epochs"),
-    (["--quick", "--preset", "cifar10"], "--quick"),
-    (["--preset", "cifar10"], "--data"),
-    (["--quick", "--arch", "vgg11", "--depth", "12"], "depth"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--quick", "--coarse", "1"], "--coarse"),
+        (["--quick", "--coarse", "10"], "--coarse"),
+        (["--quick", "--coarse", "official"], "--coarse official"),
+        (["--quick", "--coarse", "5", "--random-coarse", "5"], "--random-coarse"),
+        (["--quick", "--random-coarse", "1"], "--random-coarse"),
+        (["--quick", "--random-coarse", "10"], "--random-coarse"),
+        (["--quick", "--distance-epochs", "1,99"], "--distance-epochs"),
+        (["--quick", "--distance-epochs=-1,3"], "--distance-epochs"),
+        (["--quick", "--preset", "cifar10"], "--quick"),
+        (["--preset", "cifar10"], "--data"),
+        (["--quick", "--arch", "vgg11", "--depth", "12"], "depth"),
+    ],
+)
 def test_bad_arguments_name_the_flag(argv, flag, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
@@ -200,17 +221,20 @@ def test_bad_arguments_name_the_flag(argv, flag, tmp_path, capsys):
     assert not (tmp_path / "x" / "coarse").exists()  # refused before any training started
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--arch", "vgg12"], "--arch"),
-    (["--coarse", "two"], "--coarse"),
-    (["--distance-epochs", "a"], "--distance-epochs"),
-    (["--epochs", "0"], "--epochs"),
-    (["--grid-epochs", "0"], "--grid-epochs"),
-    (["--lr", "0"], "--lr"),
-    (["--weight-decay", "-1"], "--weight-decay"),
-    (["--width", "0"], "--width"),
-    (["--random-coarse", "x"], "--random-coarse"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--arch", "vgg12"], "--arch"),
+        (["--coarse", "two"], "--coarse"),
+        (["--distance-epochs", "a"], "--distance-epochs"),
+        (["--epochs", "0"], "--epochs"),
+        (["--grid-epochs", "0"], "--grid-epochs"),
+        (["--lr", "0"], "--lr"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--width", "0"], "--width"),
+        (["--random-coarse", "x"], "--random-coarse"),
+    ],
+)
 def test_malformed_flags_are_argparse_errors(argv, flag, capsys):
     with pytest.raises(SystemExit):
         main(["--quick", *argv])
@@ -261,18 +285,21 @@ def test_twin_ratios_hand_made():
     assert twin_ratios(d, c) == pytest.approx({"twin": 0.2, "diag": 0.1})
 
 
-@pytest.mark.parametrize("ratios, expected", [
-    ([0.9, 0.6, 0.4, 0.3], 10),
-    ([0.4, 0.6, 0.4, 0.3], 10),  # a dip that does not stay does not count
-    ([0.4, 0.3, 0.2, 0.1], 0),
-    ([0.9, 0.8, 0.7, 0.6], None),
-    ([0.9, 0.4, 0.3, 0.6], None),  # rises again at the end
-    ([0.9, 0.4, float("nan"), 0.3], 20),
-    ([0.9, 0.5, 0.4, None], None),
-    ([], None),
-])
+@pytest.mark.parametrize(
+    "ratios, expected",
+    [
+        ([0.9, 0.6, 0.4, 0.3], 10),
+        ([0.4, 0.6, 0.4, 0.3], 10),  # a dip that does not stay does not count
+        ([0.4, 0.3, 0.2, 0.1], 0),
+        ([0.9, 0.8, 0.7, 0.6], None),
+        ([0.9, 0.4, 0.3, 0.6], None),  # rises again at the end
+        ([0.9, 0.4, float("nan"), 0.3], 20),
+        ([0.9, 0.5, 0.4, None], None),
+        ([], None),
+    ],
+)
 def test_shows_up(ratios, expected):
-    assert shows_up([0, 5, 10, 20][:len(ratios)], ratios, 0.5) == expected
+    assert shows_up([0, 5, 10, 20][: len(ratios)], ratios, 0.5) == expected
 
 
 def test_central_first():
@@ -288,12 +315,23 @@ def test_clp_chance():
 
 
 def _results(**over):
-    lines = [{"epoch": 0, "train_acc": 0.1, "central": 0.7, "same": 1.0, "msdr": 1.4},
-             {"epoch": 1, "train_acc": 0.9, "central": 0.4, "same": 0.8, "msdr": 2.0},
-             {"epoch": 2, "train_acc": 1.0, "central": 0.2, "same": 0.4, "msdr": 2.0}]
-    c = {"num_super": 5, "lines": lines, "shows_up": {"central": 1, "same": 2}, "nc1_first": 2.0, "nc1_last": 0.1,
-         "train_accuracy": 1.0, "it_threshold": 0.995, "clp_accuracy": 0.9, "linear_probe_accuracy": 0.93,
-         "clp_chance": 0.5}
+    lines = [
+        {"epoch": 0, "train_acc": 0.1, "central": 0.7, "same": 1.0, "msdr": 1.4},
+        {"epoch": 1, "train_acc": 0.9, "central": 0.4, "same": 0.8, "msdr": 2.0},
+        {"epoch": 2, "train_acc": 1.0, "central": 0.2, "same": 0.4, "msdr": 2.0},
+    ]
+    c = {
+        "num_super": 5,
+        "lines": lines,
+        "shows_up": {"central": 1, "same": 2},
+        "nc1_first": 2.0,
+        "nc1_last": 0.1,
+        "train_accuracy": 1.0,
+        "it_threshold": 0.995,
+        "clp_accuracy": 0.9,
+        "linear_probe_accuracy": 0.93,
+        "clp_chance": 0.5,
+    }
     c.update(over)
     return {"config": {"arch": "resnet18"}, "coarse": c, "original": {"best_test_accuracy": 0.96}, "grid_epochs": 3}
 
@@ -323,11 +361,22 @@ def test_claims_verdicts_on_hand_made_results():
 
 def test_claims_fine_and_grid():
     res = _results()
-    res["fine"] = {"num_classes": 10, "early_epoch": 1,
-                   "twins": [{"epoch": 1, "twin": 0.3, "diag": 0.2}, {"epoch": 5, "twin": 0.45, "diag": 0.1}]}
-    res["grid"] = [{"lr": lr, "weight_decay": wd, "clp_accuracy": 0.9, "linear_probe_accuracy": 0.9 + 0.1 * (lr == 0.1),
-                    "train_accuracy": 0.5 if (lr, wd) == (0.1, 5e-3) else 1.0}
-                   for lr in LEARNING_RATES for wd in WEIGHT_DECAYS]
+    res["fine"] = {
+        "num_classes": 10,
+        "early_epoch": 1,
+        "twins": [{"epoch": 1, "twin": 0.3, "diag": 0.2}, {"epoch": 5, "twin": 0.45, "diag": 0.1}],
+    }
+    res["grid"] = [
+        {
+            "lr": lr,
+            "weight_decay": wd,
+            "clp_accuracy": 0.9,
+            "linear_probe_accuracy": 0.9 + 0.1 * (lr == 0.1),
+            "train_accuracy": 0.5 if (lr, wd) == (0.1, 5e-3) else 1.0,
+        }
+        for lr in LEARNING_RATES
+        for wd in WEIGHT_DECAYS
+    ]
     rows = claims(res)
     assert [c.holds for c in rows[7:]] == [True, True, True, True, True]
     assert "6 of 9" in rows[10].ours and "8 of 8" in rows[11].ours
@@ -339,9 +388,10 @@ def test_claims_fine_and_grid():
 def test_tables():
     text = lines_table(_results()["coarse"]["lines"])
     assert text.splitlines()[3] == "| 1 | 90.0% | 0.400 | 0.800 | 2.00 |"
-    grid = [{"lr": 0.1, "weight_decay": 5e-3, "clp_accuracy": 0.5, "linear_probe_accuracy": 0.6, "train_accuracy": 0.7},
-            {"lr": 0.01, "weight_decay": 5e-4, "clp_accuracy": None, "linear_probe_accuracy": 0.6,
-             "train_accuracy": 1.0}]
+    grid = [
+        {"lr": 0.1, "weight_decay": 5e-3, "clp_accuracy": 0.5, "linear_probe_accuracy": 0.6, "train_accuracy": 0.7},
+        {"lr": 0.01, "weight_decay": 5e-4, "clp_accuracy": None, "linear_probe_accuracy": 0.6, "train_accuracy": 1.0},
+    ]
     lines = grid_table(grid).splitlines()
     assert lines[0] == "| lr \\ wd | 0.005 | 0.0005 |"
     assert lines[2] == "| 0.1 | 50.0% / 60.0% / 70.0% | n/a |"  # a cell not trained

@@ -1,5 +1,6 @@
 """python -m ncfast.experiments.gmm (paper 000 appendix B): MSDR of the Gaussian-mixture study, the
 verdicts computed from its data, and the files it writes."""
+
 import json
 
 import numpy as np
@@ -35,22 +36,34 @@ def test_run_one_is_plain_gradient_descent_by_default():
 
 
 def _results(dim_rows, hidden_rows, wd_rows, tau2_rows):
-    rows = lambda param, table: [{param: v, "sigma2": s2, "msdr": (m, 0.0), "train_acc": 1.0}
-                                 for v, curve in table.items() for s2, m in curve.items()]
-    return {"sweeps": {"dim": rows("dim", dim_rows), "hidden": rows("hidden", hidden_rows),
-                       "weight_decay": rows("weight_decay", wd_rows)},
-            "tau2": [{"tau2": t, "msdr_similar": (s, 0.0), "msdr_dissimilar": (d, 0.0), "train_acc": 1.0}
-                     for t, (s, d) in tau2_rows.items()]}
+    rows = lambda param, table: [
+        {param: v, "sigma2": s2, "msdr": (m, 0.0), "train_acc": 1.0}
+        for v, curve in table.items()
+        for s2, m in curve.items()
+    ]
+    return {
+        "sweeps": {
+            "dim": rows("dim", dim_rows),
+            "hidden": rows("hidden", hidden_rows),
+            "weight_decay": rows("weight_decay", wd_rows),
+        },
+        "tau2": [
+            {"tau2": t, "msdr_similar": (s, 0.0), "msdr_dissimilar": (d, 0.0), "train_acc": 1.0}
+            for t, (s, d) in tau2_rows.items()
+        ],
+    }
 
 
 def test_claims_on_hand_made_results():
     """Every verdict follows its rule: rising curves hold, a dimension ordering broken at 2 of 3
     sigma^2 does not, a weight decay that doubles MSDR does not, similar pairs above dissimilar do not."""
     rising = {0.5: 1.5, 2.0: 3.0, 8.0: 9.0}
-    res = _results({8: {0.5: 1.2, 2.0: 2.0, 8.0: 5.0}, 32: rising},
-                   {32: {0.5: 1.6, 2.0: 2.5, 8.0: 10.0}, 128: rising},  # hidden: larger is smaller at 2 of 3
-                   {0.0: rising, 5e-3: {0.5: 3.0, 2.0: 6.0, 8.0: 18.0}},
-                   {0.01: (1.0, 6.0), 1.0: (2.0, 6.0), 4.0: (5.0, 6.0)})
+    res = _results(
+        {8: {0.5: 1.2, 2.0: 2.0, 8.0: 5.0}, 32: rising},
+        {32: {0.5: 1.6, 2.0: 2.5, 8.0: 10.0}, 128: rising},  # hidden: larger is smaller at 2 of 3
+        {0.0: rising, 5e-3: {0.5: 3.0, 2.0: 6.0, 8.0: 18.0}},
+        {0.01: (1.0, 6.0), 1.0: (2.0, 6.0), 4.0: (5.0, 6.0)},
+    )
     got = {c.claim: c for c in gmm.claims(res)}
     by = lambda word: next(c for k, c in got.items() if word in k)
     assert by("rises with sigma^2").holds is True
@@ -58,8 +71,12 @@ def test_claims_on_hand_made_results():
     assert by("hidden dimension").holds is False and "rho > 0 at 1 of 3" in by("hidden dimension").ours
     assert by("weight decay").holds is False and "largest 0.67" in by("weight decay").ours
     assert by("similar").holds is True and by("similar").verdict == "holds"
-    flipped = _results({8: rising}, {32: rising}, {0.0: rising, 5e-4: {0.5: 1.55, 2.0: 3.1, 8.0: 9.2}},
-                       {0.01: (6.5, 6.0), 1.0: (7.0, 6.0)})
+    flipped = _results(
+        {8: rising},
+        {32: rising},
+        {0.0: rising, 5e-4: {0.5: 1.55, 2.0: 3.1, 8.0: 9.2}},
+        {0.01: (6.5, 6.0), 1.0: (7.0, 6.0)},
+    )
     got = {c.claim: c for c in gmm.claims(flipped)}
     assert next(c for k, c in got.items() if "weight decay" in k).holds is True  # spread 0.03 <= 0.2
     assert next(c for k, c in got.items() if "similar" in k).holds is False
@@ -92,8 +109,12 @@ def test_quick_writes_report_whose_verdicts_match_the_json(tmp_path):
 
 
 def test_bad_arguments_exit_with_the_flag_named(tmp_path, capsys):
-    for argv, flag in ((["--seeds", "0"], "--seeds"), (["--lr", "0"], "--lr"), (["--dim", "-1"], "--dim"),
-                       (["--weight-decay", "-1"], "--weight-decay")):
+    for argv, flag in (
+        (["--seeds", "0"], "--seeds"),
+        (["--lr", "0"], "--lr"),
+        (["--dim", "-1"], "--dim"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+    ):
         with pytest.raises(SystemExit):
             gmm.main(argv)
         assert flag in capsys.readouterr().err
@@ -123,8 +144,7 @@ def _lone_network(sigma2, seed, *, dim, hidden, weight_decay, lr, steps, n_per_c
     x, y = gaussian_mixture(n_per_cluster, 8, dim, sigma2, seed=seed)
     torch.manual_seed(seed)
     body, head = nn.Linear(dim, hidden), nn.Linear(hidden, 4)
-    opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=lr, momentum=momentum,
-                          weight_decay=weight_decay)
+    opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=lr, momentum=momentum, weight_decay=weight_decay)
     for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(head(torch.relu(body(x))), y % 4)
         opt.zero_grad()

@@ -1,6 +1,7 @@
 """python -m ncfast.experiments.ncc_layers (paper 003): the --quick run end to end, its numbers held
 to the run folders and to an independent numpy computation, and the pure functions behind the
 verdicts, tables and figures on hand-made inputs."""
+
 import json
 import re
 
@@ -139,8 +140,9 @@ def test_quick_svsl_run_is_configured_as_the_paper(quick):
     assert vanilla["svsl_alpha"] == 0.0
     assert svsl["svsl_alpha"] == 1e-5 and svsl["svsl_from"] == "layer1"  # Table 2, MNIST
     assert vanilla["layers"] == svsl["layers"] == nl.LAYERS
-    assert {k: v for k, v in vanilla.items() if not k.startswith("svsl") and k != "out"} == \
-        {k: v for k, v in svsl.items() if not k.startswith("svsl") and k != "out"}
+    assert {k: v for k, v in vanilla.items() if not k.startswith("svsl") and k != "out"} == {
+        k: v for k, v in svsl.items() if not k.startswith("svsl") and k != "out"
+    }
 
 
 def _features(model, name, x):
@@ -181,8 +183,12 @@ def _curves(epochs, train, test=None):
 
 
 def test_interpolation_epoch():
-    h = [{"epoch": 0, "train_acc": 1.0}, {"epoch": 1, "train_acc": 0.9}, {"epoch": 2, "train_acc": 0.995},
-         {"epoch": 3, "train_acc": 0.99}]
+    h = [
+        {"epoch": 0, "train_acc": 1.0},
+        {"epoch": 1, "train_acc": 0.9},
+        {"epoch": 2, "train_acc": 0.995},
+        {"epoch": 3, "train_acc": 0.99},
+    ]
     assert nl.interpolation_epoch(h) == 2  # epoch 0 never counts; equality reaches the threshold
     assert nl.interpolation_epoch(h, threshold=0.999) is None
     assert nl.interpolation_epoch([{"epoch": 1, "train_acc": None}, {"epoch": 2, "train_acc": 1.0}]) == 2
@@ -244,8 +250,14 @@ def test_verdict_ordering_without_tpt():
 
 
 def test_accuracy_table():
-    h = [{"epoch": 0, "test_acc": 0.99}, {"epoch": 1, "test_acc": 0.5}, {"epoch": 2, "test_acc": 0.8},
-         {"epoch": 3, "test_acc": 0.9}, {"epoch": 4, "test_acc": 0.9}, {"epoch": 5, "test_acc": 0.85}]
+    h = [
+        {"epoch": 0, "test_acc": 0.99},
+        {"epoch": 1, "test_acc": 0.5},
+        {"epoch": 2, "test_acc": 0.8},
+        {"epoch": 3, "test_acc": 0.9},
+        {"epoch": 4, "test_acc": 0.9},
+        {"epoch": 5, "test_acc": 0.85},
+    ]
     t = nl.accuracy_table(h, it=3)
     # epoch 0 (untrained) is no candidate; the first of equal best values is the best epoch, the IT itself
     assert (t["it"], t["eot"], t["best"], t["best_epoch"], t["best_in_tpt"]) == (0.9, 0.85, 0.9, 3, False)
@@ -257,8 +269,10 @@ def test_accuracy_table():
 
 
 def _table(it_v, eot_v, it_s, eot_s, in_v=True, in_s=True):
-    return {"vanilla": {"it": it_v, "eot": eot_v, "best": eot_v, "best_epoch": 9, "best_in_tpt": in_v, "it_epoch": 3},
-            "svsl": {"it": it_s, "eot": eot_s, "best": eot_s, "best_epoch": 8, "best_in_tpt": in_s, "it_epoch": 2}}
+    return {
+        "vanilla": {"it": it_v, "eot": eot_v, "best": eot_v, "best_epoch": 9, "best_in_tpt": in_v, "it_epoch": 3},
+        "svsl": {"it": it_s, "eot": eot_s, "best": eot_s, "best_epoch": 8, "best_in_tpt": in_s, "it_epoch": 2},
+    }
 
 
 def test_accuracy_verdicts():
@@ -281,14 +295,17 @@ def test_table1_markdown():
     assert all(line.count("|") == 10 for line in lines)
 
 
-@pytest.mark.parametrize("it_v, it_s, want", [
-    (3, 5, [(3, 5, "vanilla"), (5, 10, "both")]),
-    (5, 3, [(3, 5, "svsl"), (5, 10, "both")]),
-    (4, 4, [(4, 10, "both")]),
-    (None, 4, [(4, 10, "svsl")]),
-    (None, None, []),
-    (10, 10, []),  # an IT at the last epoch leaves no TPT
-])
+@pytest.mark.parametrize(
+    "it_v, it_s, want",
+    [
+        (3, 5, [(3, 5, "vanilla"), (5, 10, "both")]),
+        (5, 3, [(3, 5, "svsl"), (5, 10, "both")]),
+        (4, 4, [(4, 10, "both")]),
+        (None, 4, [(4, 10, "svsl")]),
+        (None, None, []),
+        (10, 10, []),  # an IT at the last epoch leaves no TPT
+    ],
+)
 def test_tpt_spans(it_v, it_s, want):
     assert nl.tpt_spans(it_v, it_s, 10) == want
 
@@ -319,16 +336,31 @@ def test_plot_mismatch_draws_degenerate_points_hollow(tmp_path):
         nl.plot_mismatch(curves, marks, layers, {"vanilla": 1, "svsl": None}, tmp_path / "g.png", "t")
     finally:
         plt.subplots = orig
-    hollow = [ln for ax in created[0] for ln in ax.get_lines() if ln.get_marker() == "o" and ln.get_markerfacecolor() == "none"]
+    hollow = [
+        ln
+        for ax in created[0]
+        for ln in ax.get_lines()
+        if ln.get_marker() == "o" and ln.get_markerfacecolor() == "none"
+    ]
     assert len(hollow) == 2 * len(nl.SPLITS)  # one per run per split, at the flagged point
     assert all(list(ln.get_xdata()) == [2] for ln in hollow)
 
 
 def test_degenerate_marks_and_curves_from_records():
-    rec = {"epoch": 4, "layers": {"a": {"train": {"ncc_mismatch": 0.1, "degenerate": ["ncc_mismatch"]},
-                                        "test": {"ncc_mismatch": 0.2, "degenerate": []}}}}
-    assert nl.mismatch_curves([rec], ["a", "b"]) == {"epochs": [4], "train": {"a": [0.1], "b": [None]},
-                                                     "test": {"a": [0.2], "b": [None]}}
+    rec = {
+        "epoch": 4,
+        "layers": {
+            "a": {
+                "train": {"ncc_mismatch": 0.1, "degenerate": ["ncc_mismatch"]},
+                "test": {"ncc_mismatch": 0.2, "degenerate": []},
+            }
+        },
+    }
+    assert nl.mismatch_curves([rec], ["a", "b"]) == {
+        "epochs": [4],
+        "train": {"a": [0.1], "b": [None]},
+        "test": {"a": [0.2], "b": [None]},
+    }
     assert nl.degenerate_marks([rec], ["a"]) == {"train": {"a": [True]}, "test": {"a": [False]}}
 
 
@@ -353,20 +385,30 @@ def test_presets():
     assert all(p["gamma"] in nl.LAYERS[:-1] for p in nl.PAPER.values())
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--preset", "cifar10"], "--data"),
-    (["--quick", "--preset", "cifar10"], "--quick"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--preset", "cifar10"], "--data"),
+        (["--quick", "--preset", "cifar10"], "--quick"),
+    ],
+)
 def test_bad_arguments_are_named(tmp_path, capsys, argv, needle):
     assert nl.main([*argv, "--out", str(tmp_path / "o")]) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing trained
 
 
-@pytest.mark.parametrize("argv", [
-    ["--epochs", "0"], ["--metrics-every", "0"], ["--svsl-alpha", "-1"], ["--svsl-alpha", "nan"],
-    ["--svsl-from", "head"], ["--seeds", "0"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--epochs", "0"],
+        ["--metrics-every", "0"],
+        ["--svsl-alpha", "-1"],
+        ["--svsl-alpha", "nan"],
+        ["--svsl-from", "head"],
+        ["--seeds", "0"],
+    ],
+)
 def test_bad_flag_values_are_argparse_errors(tmp_path, capsys, argv):
     with pytest.raises(SystemExit) as e:
         nl.main([*argv, "--quick", "--out", str(tmp_path / "o")])
@@ -390,8 +432,10 @@ def test_plot_accuracy(tmp_path, its):
 
 
 def test_sample_note():
-    assert nl.sample_note({"train": 1437, "test": 360}) == \
-        " One sample is 0.07 pp on train (1437 samples), 0.28 pp on test (360 samples) of NCC mismatch or accuracy."
+    assert (
+        nl.sample_note({"train": 1437, "test": 360})
+        == " One sample is 0.07 pp on train (1437 samples), 0.28 pp on test (360 samples) of NCC mismatch or accuracy."
+    )
     assert nl.sample_note(None) == "" and nl.sample_note({}) == ""
 
 
@@ -403,10 +447,10 @@ def test_preset_configs_are_valid_trainer_configs(tmp_path, preset):
 
     settings = nl.PRESETS[preset]
     nl.check(settings)
-    cfg = Config(**nl.run_config(settings), out=str(tmp_path), svsl_alpha=settings["svsl_alpha"],
-                 svsl_from=settings["svsl_from"])
-    model = build_model(cfg.arch, 100 if preset == "cifar100" else 10, 1 if preset != "cifar10" else 3, 8,
-                        width=8)
+    cfg = Config(
+        **nl.run_config(settings), out=str(tmp_path), svsl_alpha=settings["svsl_alpha"], svsl_from=settings["svsl_from"]
+    )
+    model = build_model(cfg.arch, 100 if preset == "cifar100" else 10, 1 if preset != "cifar10" else 3, 8, width=8)
     names = dict(model.named_modules())
     assert all(name in names for name in cfg.layers) and names["head"] is model.head
 
@@ -417,11 +461,15 @@ def _analysed(train_by_layer, it, eot_v=0.95, eot_s=0.96):
     layers = ["a", "b"]
     curves = {run: _curves([0, 1, 2, 3], train_by_layer) for run in nl.RUNS}
     its = {run: it for run in nl.RUNS}
-    return {"layers": layers, "interpolation_epoch": its, "curves": curves,
-            "table1": _table(0.9, eot_v, 0.9, eot_s),
-            "conjecture7": {run: nl.ordering(curves[run], layers, it) for run in nl.RUNS},
-            "conjecture8": {run: nl.it_vs_eot(curves[run], layers, it) for run in nl.RUNS},
-            "conjecture11": nl.svsl_vs_vanilla(curves["vanilla"], curves["svsl"], layers, it, it)}
+    return {
+        "layers": layers,
+        "interpolation_epoch": its,
+        "curves": curves,
+        "table1": _table(0.9, eot_v, 0.9, eot_s),
+        "conjecture7": {run: nl.ordering(curves[run], layers, it) for run in nl.RUNS},
+        "conjecture8": {run: nl.it_vs_eot(curves[run], layers, it) for run in nl.RUNS},
+        "conjecture11": nl.svsl_vs_vanilla(curves["vanilla"], curves["svsl"], layers, it, it),
+    }
 
 
 ORDERED = {"a": [0.9, 0.5, 0.4, 0.3], "b": [0.9, 0.4, 0.2, 0.1]}
@@ -459,8 +507,10 @@ def test_pooled_claims_count_seeds_without_a_tpt():
 
 
 def test_table1_markdown_one_row_per_seed():
-    text = nl.table1_markdown([("ours, seed 0", _table(0.9, 0.95, 0.91, 0.96)),
-                               ("ours, seed 1", _table(0.8, 0.85, 0.81, 0.86))], nl.PAPER["digits"])
+    text = nl.table1_markdown(
+        [("ours, seed 0", _table(0.9, 0.95, 0.91, 0.96)), ("ours, seed 1", _table(0.8, 0.85, 0.81, 0.86))],
+        nl.PAPER["digits"],
+    )
     lines = text.splitlines()
     assert lines[3].startswith("| ours, seed 0 | 90.00 | 91.00 |") and lines[4].startswith("| ours, seed 1 | 80.00 |")
 

@@ -2,6 +2,7 @@
 Spearman, claims, tables, OOD sets) on hand-made inputs, and one --quick run end to end whose
 numbers are checked against report.md and against an independent numpy computation from the saved
 checkpoint. Nothing is downloaded."""
+
 import json
 import math
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ncfast.experiments import rank_collapse as rc
 from ncfast.experiments import _common
+from ncfast.experiments import rank_collapse as rc
 from ncfast.experiments._common import spearman, verdict
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
@@ -19,20 +20,59 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------ hand-made records
-def rec(name, *, groups, init_norm, erank, final_norm=10.0, T=1.0, init="kaiming", scale=1.0, ln=False,
-        model="MLP-4x512", feature_norm=1.0, ood=0.5, evolution=None, it=5, degenerate=(), diverged=False):
-    layer = {"effective_rank": erank, "rank": 100, "feature_norm": feature_norm, "degenerate": list(degenerate),
-             "linear_probe": 0.9, "ood_probe": ood}
-    return {"name": name, "groups": list(groups), "model": model, "init": init, "init_scale": scale,
-            "temperature": T, "layernorm": ln, "rank_layer": "layer4", "initial_logits_norm": init_norm,
-            "final_logits_norm": final_norm, "final_effective_rank": erank, "final_rank": 100,
-            "degenerate": list(degenerate), "train_accuracy": 1.0, "interpolation_epoch": it,
-            "layers": {"layer1": dict(layer), "layer4": dict(layer)}, "evolution": evolution or [],
-            "diverged": diverged, "diverged_after_epoch": 3 if diverged else None}
+def rec(
+    name,
+    *,
+    groups,
+    init_norm,
+    erank,
+    final_norm=10.0,
+    T=1.0,
+    init="kaiming",
+    scale=1.0,
+    ln=False,
+    model="MLP-4x512",
+    feature_norm=1.0,
+    ood=0.5,
+    evolution=None,
+    it=5,
+    degenerate=(),
+    diverged=False,
+):
+    layer = {
+        "effective_rank": erank,
+        "rank": 100,
+        "feature_norm": feature_norm,
+        "degenerate": list(degenerate),
+        "linear_probe": 0.9,
+        "ood_probe": ood,
+    }
+    return {
+        "name": name,
+        "groups": list(groups),
+        "model": model,
+        "init": init,
+        "init_scale": scale,
+        "temperature": T,
+        "layernorm": ln,
+        "rank_layer": "layer4",
+        "initial_logits_norm": init_norm,
+        "final_logits_norm": final_norm,
+        "final_effective_rank": erank,
+        "final_rank": 100,
+        "degenerate": list(degenerate),
+        "train_accuracy": 1.0,
+        "interpolation_epoch": it,
+        "layers": {"layer1": dict(layer), "layer4": dict(layer)},
+        "evolution": evolution or [],
+        "diverged": diverged,
+        "diverged_after_epoch": 3 if diverged else None,
+    }
 
 
 def ranks_pearson(x, y):
     """Spearman by hand: Pearson correlation of average ranks."""
+
     def ranks(v):
         v = np.asarray(v, float)
         order = np.argsort(v, kind="mergesort")
@@ -41,6 +81,7 @@ def ranks_pearson(x, y):
         for u in np.unique(v):  # ties share their mean rank
             r[v == u] = r[v == u].mean()
         return r
+
     a, b = ranks(x), ranks(y)
     return float(np.corrcoef(a, b)[0, 1])
 
@@ -80,19 +121,27 @@ def test_build_settings_trains_the_shared_default_run_once_and_twins_every_init_
 
 
 def test_rank_vs_initial_norm_claim():
-    runs = [rec(f"k{i}", groups=["init"], init_norm=n, erank=e) for i, (n, e) in
-            enumerate([(0.1, 200), (1.0, 150), (10, 90), (100, 40), (1000, 10)])]
+    runs = [
+        rec(f"k{i}", groups=["init"], init_norm=n, erank=e)
+        for i, (n, e) in enumerate([(0.1, 200), (1.0, 150), (10, 90), (100, 40), (1000, 10)])
+    ]
     c = rc.claim_rank_vs_initial_norm(runs)
     assert c["holds"] is True and c["rho"] == pytest.approx(-1.0) and c["n"] == 5 and c["p"] < rc.P_VALUE
     # layernorm and diverged runs are left out: adding contrary ones changes nothing
-    extra = [rec("ln", groups=["layernorm"], init_norm=1e4, erank=500, ln=True),
-             rec("nan", groups=["temperature"], init_norm=1e5, erank=None, diverged=True)]
+    extra = [
+        rec("ln", groups=["layernorm"], init_norm=1e4, erank=500, ln=True),
+        rec("nan", groups=["temperature"], init_norm=1e5, erank=None, diverged=True),
+    ]
     assert rc.claim_rank_vs_initial_norm(runs + extra)["rho"] == pytest.approx(-1.0)
     up = [dict(r, final_effective_rank=1000 - r["final_effective_rank"]) for r in runs]
     assert rc.claim_rank_vs_initial_norm(up)["holds"] is False
     # falling on the whole (rho = -0.8) but not significant with 4 points (p = 0.2): does not hold
-    weak = [rec("a", groups=["init"], init_norm=1, erank=5), rec("b", groups=["init"], init_norm=2, erank=3),
-            rec("c", groups=["init"], init_norm=3, erank=4), rec("d", groups=["init"], init_norm=4, erank=1)]
+    weak = [
+        rec("a", groups=["init"], init_norm=1, erank=5),
+        rec("b", groups=["init"], init_norm=2, erank=3),
+        rec("c", groups=["init"], init_norm=3, erank=4),
+        rec("d", groups=["init"], init_norm=4, erank=1),
+    ]
     w = rc.claim_rank_vs_initial_norm(weak)
     assert w["rho"] < 0 and w["p"] >= rc.P_VALUE and w["holds"] is False
     assert rc.claim_rank_vs_initial_norm(runs[:2])["holds"] is None  # too few points: not measured
@@ -100,7 +149,7 @@ def test_rank_vs_initial_norm_claim():
 
 def test_init_scale_claim_uses_the_non_default_scheme_per_model():
     runs = [rec("d", groups=["init"], init="default", init_norm=50, erank=1)]
-    runs += [rec(f"k{s}", groups=["init"], scale=s, init_norm=s ** 5, erank=1) for s in (0.5, 1, 1.5, 2)]
+    runs += [rec(f"k{s}", groups=["init"], scale=s, init_norm=s**5, erank=1) for s in (0.5, 1, 1.5, 2)]
     c = rc.claim_init_scale_norm(runs)
     assert c["holds"] is True and c["n"] == 4  # the default-init run is not on the scale axis
     runs.append(rec("k3", groups=["init"], scale=3, init_norm=0.01, erank=1, model="MLP-6x512"))
@@ -127,9 +176,20 @@ def test_layernorm_claims_pair_each_run_with_its_twin():
 
 
 def test_temperature_claims():
-    ts = [rec(f"T{t}", groups=["temperature"], init="default", T=t, init_norm=t, erank=e, final_norm=10 * t,
-              feature_norm=f, ood=o)
-          for t, e, f, o in ((1, 80, 1.0, 0.9), (10, 60, 2.0, 0.8), (100, 30, 3.0, 0.85), (1000, 20, 5.0, 0.7))]
+    ts = [
+        rec(
+            f"T{t}",
+            groups=["temperature"],
+            init="default",
+            T=t,
+            init_norm=t,
+            erank=e,
+            final_norm=10 * t,
+            feature_norm=f,
+            ood=o,
+        )
+        for t, e, f, o in ((1, 80, 1.0, 0.9), (10, 60, 2.0, 0.8), (100, 30, 3.0, 0.85), (1000, 20, 5.0, 0.7))
+    ]
     for what in ("rank", "logits_norm", "feature_norm", "ood"):
         assert rc.claim_temperature(ts, what)["holds"] is True, what
     # rank rising with T: does not hold; the order of the records does not matter
@@ -161,8 +221,10 @@ def test_collapse_epoch_and_the_early_collapse_claim():
     assert rc.collapse_epoch(ev, fraction=0.5) == 5
     assert rc.collapse_epoch([dict(e, effective_rank=5 + e["epoch"]) for e in ev]) is None  # rank rose
     assert rc.collapse_epoch(ev[:1]) is None
-    runs = [rec("T1", groups=["temperature"], T=1, init_norm=1, erank=30, evolution=ev, it=3),
-            rec("T10", groups=["temperature"], T=10, init_norm=10, erank=20, evolution=ev, it=15)]
+    runs = [
+        rec("T1", groups=["temperature"], T=1, init_norm=1, erank=30, evolution=ev, it=3),
+        rec("T10", groups=["temperature"], T=10, init_norm=10, erank=20, evolution=ev, it=15),
+    ]
     c = rc.claim_early_collapse(runs)
     assert c["holds"] is True and c["per_model"]["MLP-4x512"]["temperature"] == 10  # the largest T is judged
     assert rc.claim_early_collapse([runs[0], dict(runs[1], interpolation_epoch=5)])["holds"] is False
@@ -171,8 +233,10 @@ def test_collapse_epoch_and_the_early_collapse_claim():
 
 
 def test_tables_show_every_run_and_mark_degenerate_and_diverged_ones():
-    runs = [rec("a run", groups=["init"], init_norm=1.5, erank=12.25, degenerate=["effective_rank"]),
-            rec("b run", groups=["temperature"], init_norm=2.0, erank=None, diverged=True)]
+    runs = [
+        rec("a run", groups=["init"], init_norm=1.5, erank=12.25, degenerate=["effective_rank"]),
+        rec("b run", groups=["temperature"], init_norm=2.0, erank=None, diverged=True),
+    ]
     t = rc.settings_table(runs).splitlines()
     assert len(t) == 2 + 2
     assert "| a run | init | 1.5 |" in t[2] and "12.25 (degenerate)" in t[2]
@@ -196,8 +260,9 @@ def test_ood_sets():
     assert o.train_x.shape == (7, 1, 8, 8) and o.test_x.shape == (5, 1, 8, 8)
     assert torch.equal(o.train_x[2, 0], -ds.train_x[2, 0].rot90(1, (0, 1)))
     # digits for a 28 x 28 grey data set: upsampled, normalised with that set's statistics
-    grey28 = type("DS", (), {"mean": torch.tensor([0.3], dtype=torch.float64),
-                             "std": torch.tensor([0.2], dtype=torch.float64)})()
+    grey28 = type(
+        "DS", (), {"mean": torch.tensor([0.3], dtype=torch.float64), "std": torch.tensor([0.2], dtype=torch.float64)}
+    )()
     o = rc.load_ood("digits", grey28, torch.zeros(3, 1, 28, 28), torch.zeros(3, 1, 28, 28), None, n_train=50, n_test=20)
     assert o.train_x.shape == (50, 1, 28, 28) and o.test_x.shape == (20, 1, 28, 28) and o.train_y.shape == (50,)
     assert float(o.train_x.min()) == pytest.approx((0 - 0.3) / 0.2, abs=1e-5)  # a black pixel
@@ -210,23 +275,40 @@ def test_svhn_mat_files(tmp_path):
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 30), ("test", 12)):
-        savemat(tmp_path / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
-                                                 "y": np.arange(1, n + 1).reshape(-1, 1) % 10 + 1})
-    rgb = type("DS", (), {"mean": torch.full((3,), 0.5, dtype=torch.float64),
-                          "std": torch.full((3,), 0.25, dtype=torch.float64)})()
+        savemat(
+            tmp_path / f"{split}_32x32.mat",
+            {
+                "X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                "y": np.arange(1, n + 1).reshape(-1, 1) % 10 + 1,
+            },
+        )
+    rgb = type(
+        "DS",
+        (),
+        {"mean": torch.full((3,), 0.5, dtype=torch.float64), "std": torch.full((3,), 0.25, dtype=torch.float64)},
+    )()
     o = rc.load_ood("svhn", rgb, torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 32), str(tmp_path), n_train=20)
     assert o.train_x.shape == (20, 3, 32, 32) and o.test_x.shape == (12, 3, 32, 32)
     assert set(o.test_y.tolist()) <= set(range(10)) and 0 in o.test_y.tolist()  # SVHN's label 10 is digit 0
     assert float(o.train_x.max()) <= (1 - 0.5) / 0.25 + 1e-6
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--width", "0"], "--width"), (["--temperatures", "1,x"], "--temperatures"),
-    (["--init-scales", "1,-2"], "--init-scales"), (["--epochs", "0"], "--epochs"), (["--depths", "4,0"], "--depths"),
-    (["--lr", "0"], "--lr"), (["--ood", "mnist"], "--ood"),
-    (["--preset", "cifar100", "--data", "/nowhere", "--depths", "4"], "--depths"),
-    (["--preset", "fashion-mnist", "--quick", "--data", "/usr/share/datasets/fashion-mnist"], "--quick"),
-    (["--preset", "cifar10"], "--data"), (["--train-subset", "0"], "--train-subset")])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--width", "0"], "--width"),
+        (["--temperatures", "1,x"], "--temperatures"),
+        (["--init-scales", "1,-2"], "--init-scales"),
+        (["--epochs", "0"], "--epochs"),
+        (["--depths", "4,0"], "--depths"),
+        (["--lr", "0"], "--lr"),
+        (["--ood", "mnist"], "--ood"),
+        (["--preset", "cifar100", "--data", "/nowhere", "--depths", "4"], "--depths"),
+        (["--preset", "fashion-mnist", "--quick", "--data", "/usr/share/datasets/fashion-mnist"], "--quick"),
+        (["--preset", "cifar10"], "--data"),
+        (["--train-subset", "0"], "--train-subset"),
+    ],
+)
 def test_bad_arguments_name_the_flag(tmp_path, capsys, args, flag):
     # a bad value of one flag: argparse's usage error; flags that do not fit the preset: one line; both exit 2
     try:
@@ -249,9 +331,32 @@ def test_flags_replace_the_presets_settings(tmp_path):
     s, cfg = _plan(tmp_path)
     assert s == rc.PRESETS["digits"] and cfg["groups"] == ("init", "temperature", "layernorm")
     assert cfg["ood"] in ("fashion-mnist", "rotated")  # auto: Fashion-MNIST where its files are installed
-    s, cfg = _plan(tmp_path, "--epochs", "7", "--lr", "0.5", "--temperatures", "10,1,10", "--init-scales", "3",
-                   "--init", "default", "--temperature-init", "default", "--loss", "mse", "--train-subset", "99",
-                   "--depths", "6,2", "--width", "32", "--no-layernorm", "--ood", "rotated")
+    s, cfg = _plan(
+        tmp_path,
+        "--epochs",
+        "7",
+        "--lr",
+        "0.5",
+        "--temperatures",
+        "10,1,10",
+        "--init-scales",
+        "3",
+        "--init",
+        "default",
+        "--temperature-init",
+        "default",
+        "--loss",
+        "mse",
+        "--train-subset",
+        "99",
+        "--depths",
+        "6,2",
+        "--width",
+        "32",
+        "--no-layernorm",
+        "--ood",
+        "rotated",
+    )
     assert (s["epochs"], s["lr"], s["temperatures"], s["init_scales"]) == (7, 0.5, (1.0, 10.0), (3.0,))
     assert (s["init"], s["temperature_init"], s["loss"], s["train_subset"]) == ("default", "default", "mse", 99)
     assert [m.label for m in cfg["models"]] == ["MLP-2x32", "MLP-6x32"]
@@ -326,7 +431,7 @@ def test_quick_verdicts_follow_from_the_json_numbers(quick):
     # the claims recomputed from the JSON run records give the JSON's claims ...
     again = rc.evaluate_claims(res["runs"])
     rows = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| ")][2:]
-    rows = rows[:len(rc.CLAIMS)]
+    rows = rows[: len(rc.CLAIMS)]
     assert len(rows) == len(rc.CLAIMS)
     for (key, _claim, paper, _), row in zip(rc.CLAIMS, rows):
         stored = res["claims"][key]

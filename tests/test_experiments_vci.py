@@ -1,6 +1,7 @@
 """The paper-004 driver (python -m ncfast.experiments.vci): its pure functions on hand-made inputs,
 and one --quick run end to end whose numbers are checked against ncfast.reference and against
 what report.md says."""
+
 import argparse
 import json
 import math
@@ -104,7 +105,8 @@ def test_invariance_matches_reference_on_synthetic_features():
     for name, feats in t.items():
         assert inv["transformed"][name]["vci"] == pytest.approx(reference.vci(feats, y, c), rel=1e-9, abs=1e-12)
         assert inv["transformed"][name]["squared_distance"] == pytest.approx(
-            reference.squared_distance(feats, y, c), rel=1e-9)
+            reference.squared_distance(feats, y, c), rel=1e-9
+        )
     verdicts = vci.invariance_verdicts(inv["change"])
     assert all(v["holds"] for v in verdicts.values()), verdicts
 
@@ -183,8 +185,10 @@ def test_logit_and_mlog():
 
 
 def test_transfer_correlations_are_oriented():
-    rows = [{"mlog": m, "metrics": {"fuzziness": f, "squared_distance": -f, "cosine_separation": -f, "vci": f}}
-            for m, f in ((0.1, 1.0), (0.2, 2.0), (0.35, 3.0))]
+    rows = [
+        {"mlog": m, "metrics": {"fuzziness": f, "squared_distance": -f, "cosine_separation": -f, "vci": f}}
+        for m, f in ((0.1, 1.0), (0.2, 2.0), (0.35, 3.0))
+    ]
     c = vci.transfer_correlations(rows)
     assert c["fuzziness"] == pytest.approx(np.corrcoef([1, 2, 3], [0.1, 0.2, 0.35])[0, 1])
     assert c["squared_distance"] == pytest.approx(-c["fuzziness"])
@@ -230,15 +234,25 @@ def test_downstream_tasks_and_superclass_map():
 def _claims_for(corr):
     trend = {"rho": -1.0, "first": 1.0, "last": 0.5, "epochs": [1, 4], "collapses": True, "consistent": True}
     flat = {"rho": 0.2, "first": 1.0, "last": 1.1, "epochs": [1, 4], "collapses": False, "consistent": False}
-    trends = {s: {"vci": trend, "fuzziness": trend, "squared_distance": flat, "cosine_separation": flat}
-              for s in ("train", "test")}
-    span = {s: {"inside": dict(trend), "outside": {**flat, "first": 0.1, "last": 0.3}, "share_inside": dict(trend)}
-            for s in ("train", "test")}
+    trends = {
+        s: {"vci": trend, "fuzziness": trend, "squared_distance": flat, "cosine_separation": flat}
+        for s in ("train", "test")
+    }
+    span = {
+        s: {"inside": dict(trend), "outside": {**flat, "first": 0.1, "last": 0.3}, "share_inside": dict(trend)}
+        for s in ("train", "test")
+    }
     change = {t: {k: (1e-15 if vci.EXPECTED[k][t] else 0.5) for k in vci.METRICS} for t in vci.TRANSFORMS}
-    inv = {"change": change, "original": {**{k: 1.0 for k in vci.METRICS}, "degenerate": []},
-           "verdicts": vci.invariance_verdicts(change)}
-    results = {"training": {"trends": trends, "span_trends": span}, "invariance": inv,
-               "transfer": {"correlations": corr, "paper_correlations": vci.paper_correlations()}}
+    inv = {
+        "change": change,
+        "original": {**{k: 1.0 for k in vci.METRICS}, "degenerate": []},
+        "verdicts": vci.invariance_verdicts(change),
+    }
+    results = {
+        "training": {"trends": trends, "span_trends": span},
+        "invariance": inv,
+        "transfer": {"correlations": corr, "paper_correlations": vci.paper_correlations()},
+    }
     return {c.claim: c.holds for c in vci.claims(results)}
 
 
@@ -272,18 +286,21 @@ def test_logit_scales_flag():
 
 
 # ------------------------------------------------------------------------------ command line
-@pytest.mark.parametrize("args, name", [
-    (["--quick", "--epochs", "0"], "--epochs"),
-    (["--quick", "--metrics-every", "0"], "--metrics-every"),
-    (["--quick", "--width", "0"], "--width"),
-    (["--quick", "--logit-scales", "1,2"], "--logit-scales"),
-    (["--quick", "--logit-scales", "1,x,3"], "--logit-scales"),
-    (["--quick", "--logit-scales", "1,-2,3"], "--logit-scales"),
-    (["--quick", "--transfer-epochs", "-1"], "--transfer-epochs"),
-    (["--quick", "--transfer-seeds", "0"], "--transfer-seeds"),
-    (["--preset", "cifar10"], "--data"),
-    (["--quick", "--preset", "cifar10"], "--quick"),
-])
+@pytest.mark.parametrize(
+    "args, name",
+    [
+        (["--quick", "--epochs", "0"], "--epochs"),
+        (["--quick", "--metrics-every", "0"], "--metrics-every"),
+        (["--quick", "--width", "0"], "--width"),
+        (["--quick", "--logit-scales", "1,2"], "--logit-scales"),
+        (["--quick", "--logit-scales", "1,x,3"], "--logit-scales"),
+        (["--quick", "--logit-scales", "1,-2,3"], "--logit-scales"),
+        (["--quick", "--transfer-epochs", "-1"], "--transfer-epochs"),
+        (["--quick", "--transfer-seeds", "0"], "--transfer-seeds"),
+        (["--preset", "cifar10"], "--data"),
+        (["--quick", "--preset", "cifar10"], "--quick"),
+    ],
+)
 def test_bad_arguments_are_named(tmp_path, capsys, args, name):
     try:  # argparse refuses a bad flag value with SystemExit(2), the driver a bad setting with status 2
         status = vci.main(["--out", str(tmp_path / "o"), *args])
@@ -383,8 +400,10 @@ def test_quick_transfer_numbers_recomputed(quick):
         assert set(r["task_accuracy"]) == {"fine", "within", "blocks"}
         assert r["num_pretrain_classes"] == 5
         n = 360  # digits' test split
-        lg = [math.log(min(max(a, 0.5 / n), 1 - 0.5 / n) / (1 - min(max(a, 0.5 / n), 1 - 0.5 / n)))
-              for a in r["task_accuracy"].values()]
+        lg = [
+            math.log(min(max(a, 0.5 / n), 1 - 0.5 / n) / (1 - min(max(a, 0.5 / n), 1 - 0.5 / n)))
+            for a in r["task_accuracy"].values()
+        ]
         p = r["pretrain_accuracy"]
         assert r["mlog"] == pytest.approx(np.mean(lg) - math.log(p / (1 - p)), rel=1e-12)
     assert all(r["fitted"] for r in rows)  # --quick counts every run (fitted threshold 0)
@@ -408,7 +427,8 @@ def test_quick_metrics_match_reference_on_saved_features(quick):
     a = vci.transforms(h, y, c, seed=inv["seed"])["invertible"]
     assert inv["transformed"]["invertible"]["vci"] == pytest.approx(reference.vci(a, y, c), rel=1e-9)
     assert inv["transformed"]["invertible"]["squared_distance"] == pytest.approx(
-        reference.squared_distance(a, y, c), rel=1e-9)
+        reference.squared_distance(a, y, c), rel=1e-9
+    )
     # Sigma_W's split at the last epoch, by brute force
     sw = reference.within_class_covariance(h, y, c)
     inside = np.trace(_projector_on_span_b(h, y, c) @ sw)
@@ -420,6 +440,7 @@ def test_quick_metrics_match_reference_on_saved_features(quick):
 def test_fashion_preset_is_cpu_sized():
     """The offline fashion-mnist preset: width 8 on 5,000 training images, no augmentation, and a
     temperature sweep inside the range that fits the task in its epochs."""
+
     def settings(*argv):
         return vci.DRIVER.settings(vci.DRIVER.parser().parse_args(["--preset", "fashion-mnist", *argv]))
 

@@ -1,4 +1,5 @@
 """Label transforms of paper 000 (docs/metrics.md: coarse y mod K, fine y + beta*C, random coarse)."""
+
 import pytest
 import torch
 
@@ -32,12 +33,15 @@ def test_random_coarse_labels_group_whole_classes():
     assert torch.equal(r, ncfast.random_coarse_labels(y, 5, 10, seed=1))
 
 
-@pytest.mark.parametrize("call, exc", [
-    (lambda: ncfast.coarse_labels(torch.tensor([0.0, 1.0]), 2), TypeError),
-    (lambda: ncfast.coarse_labels(torch.tensor([-1, 1]), 2), ValueError),
-    (lambda: ncfast.coarse_labels(torch.tensor([0, 1]), 0), ValueError),
-    (lambda: ncfast.fine_labels(torch.tensor([0, 5]), 3), ValueError),
-])
+@pytest.mark.parametrize(
+    "call, exc",
+    [
+        (lambda: ncfast.coarse_labels(torch.tensor([0.0, 1.0]), 2), TypeError),
+        (lambda: ncfast.coarse_labels(torch.tensor([-1, 1]), 2), ValueError),
+        (lambda: ncfast.coarse_labels(torch.tensor([0, 1]), 0), ValueError),
+        (lambda: ncfast.fine_labels(torch.tensor([0, 5]), 3), ValueError),
+    ],
+)
 def test_bad_label_arguments(call, exc):
     with pytest.raises(exc):
         call()

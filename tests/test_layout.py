@@ -2,6 +2,7 @@
 the formula modules reach kernels only through the backend object they are given (never a backend
 module itself), the float64 reference imports no ncfast code, and nothing imports a layer above it.
 Imports are compared as full module paths: ``ncc -> backends.torch`` is not ``ncc -> backends``."""
+
 import ast
 from pathlib import Path
 
@@ -11,11 +12,32 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "ncfast"
 FORMULAS = ("stats", "metrics", "pairwise", "ncc", "passes", "probe", "functional", "torchmetrics", "losses")
 LEAVES = {"_numerics", "_validation", "_linalg", "_distributed"}
 """Helpers every module but the reference may import; they import no ncfast module themselves."""
-_DRIVER = {"experiments._common", "train.data", "train.figures", "train.models", "train.probes", "train.trainer",
-           "labels", "metrics", "stats", "functional"}
+_DRIVER = {
+    "experiments._common",
+    "train.data",
+    "train.figures",
+    "train.models",
+    "train.probes",
+    "train.trainer",
+    "labels",
+    "metrics",
+    "stats",
+    "functional",
+}
 LAYERS = {  # module -> the ncfast modules it may import, besides the leaves
-    "ncfast": {"_extension", "functional", "labels", "losses", "metrics", "ncc", "pairwise", "probe", "reference", "stats",
-               "torchmetrics"},
+    "ncfast": {
+        "_extension",
+        "functional",
+        "labels",
+        "losses",
+        "metrics",
+        "ncc",
+        "pairwise",
+        "probe",
+        "reference",
+        "stats",
+        "torchmetrics",
+    },
     **{leaf: set() for leaf in LEAVES},
     "reference": set(),
     "_extension": set(),  # finds and imports the compiled core (importlib), no ncfast module
@@ -46,8 +68,17 @@ LAYERS = {  # module -> the ncfast modules it may import, besides the leaves
     "train.models": set(),
     "train.probes": set(),
     "train._faults": set(),
-    "train.trainer": {"labels", "losses", "probe", "train._faults", "train._files", "train.data", "train.figures",
-                      "train.models", "train.probes"},
+    "train.trainer": {
+        "labels",
+        "losses",
+        "probe",
+        "train._faults",
+        "train._files",
+        "train.data",
+        "train.figures",
+        "train.models",
+        "train.probes",
+    },
     "train.__main__": {"train.data", "train.models", "train.probes", "train.trainer"},
     "experiments": set(),
     "experiments._common": {"train.data", "train.trainer", "train.figures", "train._files"},
@@ -122,8 +153,10 @@ def test_the_reference_imports_no_ncfast_code():
 def test_the_resolver_sees_submodules():
     """The check itself: ``from .backends.torch import f`` and ``from .backends import torch`` are
     imports of backends.torch, ``from .backends import Backend`` one of backends."""
-    text = ("from .backends.torch import f\nfrom .backends import cpp\nfrom .backends import Backend\n"
-            "from ncfast.triton import moments\nimport ncfast.stats\nfrom . import _C\n")
+    text = (
+        "from .backends.torch import f\nfrom .backends import cpp\nfrom .backends import Backend\n"
+        "from ncfast.triton import moments\nimport ncfast.stats\nfrom . import _C\n"
+    )
     got = _ncfast_imports(PACKAGE / "ncc.py", text)
     assert got == {"backends.torch", "backends.cpp", "backends", "triton.moments", "stats", "_C"}
 
@@ -135,8 +168,12 @@ def test_formula_modules_reach_no_kernel_directly(module):
     kernels = {m for m in imports if m == "_C" or m.split(".")[0] == "triton" or m.startswith("backends.")}
     assert not kernels, f"{module}.py imports {sorted(kernels)}"
     tree = ast.parse(path.read_text())
-    third_party = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                   for alias in node.names}
-    third_party |= {node.module.split(".")[0] for node in ast.walk(tree)
-                    if isinstance(node, ast.ImportFrom) and not node.level and node.module}
+    third_party = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    third_party |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module
+    }
     assert "triton" not in third_party, f"{module}.py imports triton"

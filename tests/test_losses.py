@@ -15,8 +15,7 @@ def _paper_loss(layers, labels, alpha, num_classes, logits=None, reduction="mean
     L_i = CE_i + eta sum_j ||g_j(x_i) - mu_{c,B}^(j)||^2, eta = alpha / (C (k+1-gamma) |{i in B: y_i = c}|),
     then summed over the batch, or averaged for reduction="mean". CE_i is 0 without logits."""
     y = [int(v) for v in labels]
-    rows = [[[float(v) for v in row] for row in g.detach().double().reshape(len(y), -1).tolist()]
-            for g in layers]
+    rows = [[[float(v) for v in row] for row in g.detach().double().reshape(len(y), -1).tolist()] for g in layers]
     losses = []
     for i, c in enumerate(y):
         members = [u for u in range(len(y)) if y[u] == c]
@@ -84,13 +83,13 @@ def test_matches_paper_loop_with_cross_entropy(reduction):
     logits = layers[2]
     alpha, num_classes = 0.3, 5
     ours = F.cross_entropy(logits, labels, reduction=reduction) + svsl_loss(
-        layers, labels, alpha=alpha, num_classes=num_classes, reduction=reduction)
+        layers, labels, alpha=alpha, num_classes=num_classes, reduction=reduction
+    )
     want = _paper_loss(layers, labels, alpha, num_classes, logits=logits, reduction=reduction)
     assert ours.item() == pytest.approx(want, rel=1e-13)
     term = svsl_loss(layers, labels, alpha=alpha, num_classes=num_classes, reduction=reduction)
     assert term.dim() == 0 and term.dtype == torch.float64
-    assert term.item() == pytest.approx(_paper_loss(layers, labels, alpha, num_classes, reduction=reduction),
-                                        rel=1e-13)
+    assert term.item() == pytest.approx(_paper_loss(layers, labels, alpha, num_classes, reduction=reduction), rel=1e-13)
     assert term.item() > 0.01  # the check above is not 0 == 0
 
 
@@ -102,7 +101,8 @@ def test_layer_subsets_match_paper_loop_and_reference(reduction, subset):
     value = svsl_loss(chosen, labels, alpha=0.7, num_classes=6, reduction=reduction).item()
     assert value == pytest.approx(_paper_loss(chosen, labels, 0.7, 6, reduction=reduction), rel=1e-13)
     assert ref.svsl_loss(chosen, labels, alpha=0.7, num_classes=6, reduction=reduction) == pytest.approx(
-        value, rel=1e-13)
+        value, rel=1e-13
+    )
 
 
 def test_mean_is_sum_over_batch_size():
@@ -187,10 +187,14 @@ def test_mixed_dtypes_promote():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_gradcheck(reduction):
     layers, labels = _batch()
-    small = [layers[0][:, :2, :2, :1].clone().requires_grad_(), layers[1][:, :3].clone().requires_grad_(),
-             layers[2].clone().requires_grad_()]
+    small = [
+        layers[0][:, :2, :2, :1].clone().requires_grad_(),
+        layers[1][:, :3].clone().requires_grad_(),
+        layers[2].clone().requires_grad_(),
+    ]
     assert torch.autograd.gradcheck(
-        lambda a, b, c: svsl_loss([a, b, c], labels, alpha=0.7, num_classes=7, reduction=reduction), small)
+        lambda a, b, c: svsl_loss([a, b, c], labels, alpha=0.7, num_classes=7, reduction=reduction), small
+    )
 
 
 def test_gradient_pulls_samples_to_their_class_mean():

@@ -1,4 +1,5 @@
 """The public metric functions against the float64 reference (ncfast.reference)."""
+
 import math
 
 import numpy as np
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 import ncfast
-from ncfast import reference as ref
 from conftest import assert_close, make_data
+from ncfast import reference as ref
 
 CASES = {
     "random": dict(),
@@ -49,8 +50,12 @@ def test_class_functions_match_reference(case):
     m = ncfast.class_moments(x, y, num_classes=c)
     assert_close(m.means.numpy(), ref.class_means(x, y, c), rtol=1e-12, atol=1e-14, what="means")
     assert_close(m.variances.numpy(), ref.class_variances(x, y, c), rtol=1e-10, what="variances")
-    assert_close(ncfast.class_distance(x, y, num_classes=c).numpy(), ref.class_distance(x, y, c), rtol=1e-9,
-                 what="class_distance")
+    assert_close(
+        ncfast.class_distance(x, y, num_classes=c).numpy(),
+        ref.class_distance(x, y, c),
+        rtol=1e-9,
+        what="class_distance",
+    )
     assert torch.equal(ncfast.ncc_assign(x, m.means), torch.from_numpy(ref.ncc_assign(x, ref.class_means(x, y, c))))
     assert torch.equal(ncfast.classifier_decisions(x, w, b), torch.from_numpy(ref.decisions(x, w, b)))
     cdnv = ncfast.cdnv_matrix(m)
@@ -97,8 +102,9 @@ def test_numpy_inputs_accepted():
 @pytest.mark.parametrize("weighting", ["balanced", "sample"])
 def test_collapse_regime_float32(weighting):
     """Within-class std 1e-4 of the spacing of the means, every feature shifted by 1e3."""
-    x, y, c = make_data(n=2000, d=16, c=8, spread=1e-4, shift=1e3, imbalanced=(weighting == "sample"),
-                        dtype=torch.float32, seed=3)
+    x, y, c = make_data(
+        n=2000, d=16, c=8, spread=1e-4, shift=1e3, imbalanced=(weighting == "sample"), dtype=torch.float32, seed=3
+    )
     superclass = torch.arange(c) % 2
     w = torch.randn(c, 16, generator=torch.Generator().manual_seed(1))
     got = ncfast.nc_metrics(x, y, weight=w, superclass=superclass, weighting=weighting)
@@ -125,7 +131,9 @@ def test_class_distance_collapse_regime():
 
 def test_etf_with_no_spread_is_fully_collapsed():
     c, d = 5, 8
-    etf = torch.eye(c, d, dtype=torch.float64) - torch.cat([torch.full((c, c), 1.0 / c, dtype=torch.float64), torch.zeros(c, d - c)], 1)
+    etf = torch.eye(c, d, dtype=torch.float64) - torch.cat(
+        [torch.full((c, c), 1.0 / c, dtype=torch.float64), torch.zeros(c, d - c)], 1
+    )
     y = torch.arange(c).repeat(4)
     x = etf[y] * 3.0
     m = ncfast.nc_metrics(x, y, weight=etf)
@@ -149,7 +157,7 @@ def test_vci_with_singular_within_class_scatter():
     x, y, c = make_data(n=400, d=6, c=4, dtype=torch.float64, seed=4)
     means = torch.from_numpy(ref.class_means(x, y))
     x = torch.cat([x, 5.0 * means[y, :2]], dim=1)  # two extra dims that only vary between classes
-    x[:, 6:] = (means[y, :2] * 5.0)
+    x[:, 6:] = means[y, :2] * 5.0
     got = ncfast.nc_metrics(x, y)
     assert got.ranks["sigma_w"] == 6
     assert got["vci"] == pytest.approx(ref.vci(x, y), rel=1e-9, abs=1e-15)
@@ -161,10 +169,15 @@ def test_vci_with_singular_within_class_scatter():
 def test_vci_fewer_samples_than_dimensions_in_the_collapse_regime(n, weighting):
     """N - C < D: Sigma_W is singular and tiny (spread 1e-4, shift 1e3). Where the class means
     differ along directions with no within-class spread, mu = 0 there: VCI = 0 at N = 9 (7 such
-    directions for rB = 3), 2.5e-11 and 4.6e-11 at N = 14 (2 of them). The float64 literal formula loses every digit here; the reference
+    directions for rB = 3), 2.5e-11 and 4.6e-11 at N = 14 (2 of them).
+    The float64 literal formula loses every digit here; the reference
     evaluates it at 50 digits on the ranges (reference._vci_on_ranges)."""
     c, g = 4, torch.Generator().manual_seed(n)
-    y = torch.arange(n) % c if weighting == "balanced" else torch.cat([torch.arange(c), torch.zeros(n - c, dtype=torch.int64)])
+    y = (
+        torch.arange(n) % c
+        if weighting == "balanced"
+        else torch.cat([torch.arange(c), torch.zeros(n - c, dtype=torch.int64)])
+    )
     means = 3.0 * torch.randn(c, 12, generator=g, dtype=torch.float64)
     x = means[y] + 1e-4 * torch.randn(n, 12, generator=g, dtype=torch.float64) + 1e3
     got = ncfast.nc_metrics(x, y, num_classes=c, weighting=weighting)
@@ -217,8 +230,9 @@ def test_effective_rank_unchanged_by_an_isometric_embedding():
     """As in test_reference: 294 exact zeros added to Sigma_T's spectrum leave the effective rank."""
     g = torch.Generator().manual_seed(12)
     y = torch.arange(95) % 3
-    h = torch.randn(95, 6, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.2, 0.1],
-                                                                           dtype=torch.float64)
+    h = torch.randn(95, 6, generator=g, dtype=torch.float64) * torch.tensor(
+        [3.0, 2.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64
+    )
     q, _ = torch.linalg.qr(torch.randn(300, 6, generator=g, dtype=torch.float64))
     small, big = ncfast.nc_metrics(h, y), ncfast.nc_metrics(h @ q.T, y)
     assert big["effective_rank"] == pytest.approx(small["effective_rank"], rel=1e-12)
@@ -233,13 +247,18 @@ def test_cosine_separation_when_every_feature_points_the_same_way():
 
     g = torch.Generator().manual_seed(116)
     y = torch.randint(0, 2, (50,), generator=g)
-    x = 3 * torch.randn(2, 2, generator=g, dtype=torch.float64)[y] + torch.randn(50, 2, generator=g,
-                                                                                 dtype=torch.float64) + 1e3
+    x = (
+        3 * torch.randn(2, 2, generator=g, dtype=torch.float64)[y]
+        + torch.randn(50, 2, generator=g, dtype=torch.float64)
+        + 1e3
+    )
     with mpmath.workdps(50):
         rows = [[mpmath.mpf(v) for v in r] for r in x.tolist()]
         units = [[v / mpmath.sqrt(mpmath.fsum(w * w for w in r)) for v in r] for r in rows]
-        m = [[mpmath.fsum(u[j] for u, c in zip(units, y.tolist()) if c == k) / int((y == k).sum()) for j in range(2)]
-             for k in range(2)]
+        m = [
+            [mpmath.fsum(u[j] for u, c in zip(units, y.tolist()) if c == k) / int((y == k).sum()) for j in range(2)]
+            for k in range(2)
+        ]
         within = mpmath.fsum(1 - mpmath.fsum(v * v for v in mc) for mc in m) / 2
         centre = [mpmath.fsum(mc[j] for mc in m) / 2 for j in range(2)]
         total = 1 - mpmath.fsum(v * v for v in centre)
@@ -255,8 +274,9 @@ def _whitening_calls(monkeypatch):
 
     seen = []
     inner = metrics_mod._whitened_between
-    monkeypatch.setattr(metrics_mod, "_whitened_between",
-                        lambda *a: (lambda f: seen.append(f is not None) or f)(inner(*a)))
+    monkeypatch.setattr(
+        metrics_mod, "_whitened_between", lambda *a: (lambda f: seen.append(f is not None) or f)(inner(*a))
+    )
     return seen
 
 
@@ -266,8 +286,15 @@ def test_vci_cholesky_certificate_and_eigh_fallback_agree(case, monkeypatch):
     and the reference; the certificate declines Sigma_W that the rtol rule cuts, or nearly cuts."""
     from ncfast import metrics as metrics_mod
 
-    x, y, c = make_data(n=1500, d=12, c=7, spread=1e-4 if case == "collapse" else 1.0,
-                        shift=1e3 if case == "collapse" else 0.0, dtype=torch.float64, seed=21)
+    x, y, c = make_data(
+        n=1500,
+        d=12,
+        c=7,
+        spread=1e-4 if case == "collapse" else 1.0,
+        shift=1e3 if case == "collapse" else 0.0,
+        dtype=torch.float64,
+        seed=21,
+    )
     if case != "collapse":
         # Sigma_W's spread along the first axis scaled by 2e-5 (eigenvalue ratio 3.2e-10: the rule
         # keeps it, but the certificate's bound, 8.9e9, exceeds 1 / (2 rtol)) or by 0
@@ -319,17 +346,22 @@ def test_torch_backend_end_to_end(case, monkeypatch):
     superclass = torch.arange(c) % 2
     ood = torch.randn(30, x.shape[1], generator=torch.Generator().manual_seed(4)) + 0.5
     train_means = torch.from_numpy(ref.class_means(*_inputs("random", seed=3)[:2], c))
-    got = ncfast.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass, ood_features=ood,
-                            class_means=train_means)
-    want = ref.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass, ood_features=ood,
-                          class_means=train_means)
+    got = ncfast.nc_metrics(
+        x, y, num_classes=c, weight=w, bias=b, superclass=superclass, ood_features=ood, class_means=train_means
+    )
+    want = ref.nc_metrics(
+        x, y, num_classes=c, weight=w, bias=b, superclass=superclass, ood_features=ood, class_means=train_means
+    )
     assert set(got) == set(want)
     for k in want:
         assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
     assert_close(got.per_class["cdnv"].numpy(), ref.cdnv_per_class(x, y, c), rtol=1e-6, what="per-class cdnv")
-    assert_close(got.per_class["ncc_mismatch"].numpy(),
-                 ref.ncc_mismatch_per_class(x, y, c, weight=w, bias=b, class_means=train_means), rtol=0,
-                 what="per-class ncc_mismatch")
+    assert_close(
+        got.per_class["ncc_mismatch"].numpy(),
+        ref.ncc_mismatch_per_class(x, y, c, weight=w, bias=b, class_means=train_means),
+        rtol=0,
+        what="per-class ncc_mismatch",
+    )
 
 
 # ------------------------------------------------------------------ the peer library's metrics
@@ -348,13 +380,18 @@ def test_duality_and_ood_metrics_match_reference(case, weighting):
     assert_close(got["nc5_ood"], ref.nc5_ood(x, y, ood, c), rtol=1e-6, what="nc5_ood")
     pc = got.per_class
     assert_close(pc["duality"].numpy(), ref.duality_per_class(x, y, w, c, weighting), rtol=1e-6, what="duality_c")
-    assert_close(pc["count"].numpy(), np.where(ref.class_counts(y, c) > 0, ref.class_counts(y, c), np.nan),
-                 rtol=0, what="count")
+    assert_close(
+        pc["count"].numpy(), np.where(ref.class_counts(y, c) > 0, ref.class_counts(y, c), np.nan), rtol=0, what="count"
+    )
     assert_close(pc["variance"].numpy(), ref.class_variances(x, y, c), rtol=1e-6, what="variance")
     assert_close(pc["cdnv"].numpy(), ref.cdnv_per_class(x, y, c), rtol=1e-6, what="cdnv_c")
     assert_close(pc["ncc_accuracy"].numpy(), ref.ncc_accuracy_per_class(x, y, c), rtol=1e-12, what="ncc_acc_c")
-    assert_close(pc["ncc_mismatch"].numpy(), ref.ncc_mismatch_per_class(x, y, c, weight=w, bias=b), rtol=1e-12,
-                 what="ncc_mismatch_c")
+    assert_close(
+        pc["ncc_mismatch"].numpy(),
+        ref.ncc_mismatch_per_class(x, y, c, weight=w, bias=b),
+        rtol=1e-12,
+        what="ncc_mismatch_c",
+    )
     for k in ("count", "variance", "cdnv", "ncc_accuracy", "ncc_mismatch", "duality"):
         assert pc[k].dtype == torch.float64 and pc[k].shape == (c,)
 
@@ -419,8 +456,12 @@ def test_held_out_ncc_uses_the_given_train_means():
     want_acc = ref.ncc_accuracy(x_te, y_te, c, class_means=train_means)
     want_mis = ref.ncc_mismatch(x_te, y_te, c, weight=w, class_means=train_means)
     assert got["ncc_accuracy"] == want_acc and got["ncc_mismatch"] == want_mis
-    assert_close(got.per_class["ncc_accuracy"].numpy(), ref.ncc_accuracy_per_class(x_te, y_te, c, train_means),
-                 rtol=0, what="per class")
+    assert_close(
+        got.per_class["ncc_accuracy"].numpy(),
+        ref.ncc_accuracy_per_class(x_te, y_te, c, train_means),
+        rtol=0,
+        what="per class",
+    )
     assert (got["ncc_accuracy"], got["ncc_mismatch"]) != (own["ncc_accuracy"], own["ncc_mismatch"])
     assert got["nc1"] == own["nc1"]  # the other metrics describe the test features themselves
     # class 1 absent from the train split: its NaN row is no candidate
@@ -462,8 +503,7 @@ def test_cdnv_exponent_reaches_nc_metrics(p):
     x, y, c, _, _ = _inputs("absent")
     got = ncfast.nc_metrics(x, y, num_classes=c, cdnv_exponent=p)
     assert_close(got["cdnv"], ref.cdnv(x, y, c, cdnv_exponent=p), rtol=1e-6, what="cdnv")
-    assert_close(got.per_class["cdnv"].numpy(), ref.cdnv_per_class(x, y, c, cdnv_exponent=p), rtol=1e-6,
-                 what="cdnv_c")
+    assert_close(got.per_class["cdnv"].numpy(), ref.cdnv_per_class(x, y, c, cdnv_exponent=p), rtol=1e-6, what="cdnv_c")
     want = ref.nc_metrics(x, y, num_classes=c, cdnv_exponent=p)
     assert_close(got["uniformity_mean"], want["uniformity_mean"], rtol=1e-6, what="uniformity_mean")
     with pytest.raises(ValueError, match="cdnv_exponent"):

@@ -1,5 +1,6 @@
 """Nearest class centre and classifier decisions (ncfast.ncc): the certified sweep of every backend
 against the float64 argmin, near-ties settled exactly, and the fast mode's choice of precision."""
+
 import math
 
 import numpy as np
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 import ncfast
-from ncfast import reference as ref
 from conftest import DEVICE, make_data
+from ncfast import reference as ref
 
 
 def _exact_argmin(rows, approx, score):
@@ -19,7 +20,6 @@ def _exact_argmin(rows, approx, score):
         cands = (approx[i] <= approx[i].min() + 1e-9).nonzero().squeeze(1).tolist()
         out.append(min(cands, key=lambda c: (score(r, c), c)))
     return torch.tensor(out)
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -120,9 +120,19 @@ def test_ncc_sweep_running_top_two_is_exact(k, groups, threads):
     x = np.concatenate([g.integers(-2, 3, (500, d)), means[:5]]).astype(np.float32)
     starts = np.linspace(0, k, groups + 1).round().astype(np.int64)
     scores = -2.0 * x.astype(np.float64) @ means.T + (means**2).sum(1)  # exact in float64 and float32
-    best, unsure = _C.ncc_sweep(x, "float32", np.zeros(d, np.float32), (-2.0 * means).astype(np.float32),
-                                (means**2).sum(1).astype(np.float32), starts, 0.0, [1.0] * groups, [1.0] * groups,
-                                threads, "fp32")
+    best, unsure = _C.ncc_sweep(
+        x,
+        "float32",
+        np.zeros(d, np.float32),
+        (-2.0 * means).astype(np.float32),
+        (means**2).sum(1).astype(np.float32),
+        starts,
+        0.0,
+        [1.0] * groups,
+        [1.0] * groups,
+        threads,
+        "fp32",
+    )
     for gi in range(groups):
         part = scores[:, starts[gi] : starts[gi + 1]]
         two = np.sort(part, axis=1)[:, :2]
@@ -162,9 +172,24 @@ def test_certified_sweep_exact_on_both_backends(backend, dtype, mode, monkeypatc
     assert torch.equal(decisions, torch.from_numpy(ref.decisions(x, w, b)))
 
 
-@pytest.mark.parametrize("n, d, k", [(1, 1, 2), (3, 1, 5), (33, 7, 1), (65, 3, 9), (100, 300, 13), (209, 5, 33),
-                                     (97, 16, 70), (801, 5, 33), (130, 3001, 40), (801, 5, 20), (1000, 64, 3),
-                                     (801, 64, 128), (500, 64, 129)])
+@pytest.mark.parametrize(
+    "n, d, k",
+    [
+        (1, 1, 2),
+        (3, 1, 5),
+        (33, 7, 1),
+        (65, 3, 9),
+        (100, 300, 13),
+        (209, 5, 33),
+        (97, 16, 70),
+        (801, 5, 33),
+        (130, 3001, 40),
+        (801, 5, 20),
+        (1000, 64, 3),
+        (801, 64, 128),
+        (500, 64, 129),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["exact", "fast"])
@@ -196,13 +221,20 @@ def test_bf16_sweep_is_certified_or_refused():
     g = torch.Generator().manual_seed(11)
     n, d, k = 400, 45, 70
     means = torch.randn(k, d, generator=g, dtype=torch.float64)
-    x = (means[torch.randint(0, k, (n,), generator=g)] + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64))
-    x[:40] = ((means[0] + means[1]) / 2 + 1e-4 * torch.randn(40, d, generator=g, dtype=torch.float64))
+    x = means[torch.randint(0, k, (n,), generator=g)] + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[:40] = (means[0] + means[1]) / 2 + 1e-4 * torch.randn(40, d, generator=g, dtype=torch.float64)
     x = x.to(torch.float32)
     centres = (-2.0 * means).to(torch.float32)
     offsets = means.square().sum(1).to(torch.float32)
-    args = (x, torch.zeros(d), centres, offsets, [0, k], [float(centres.double().norm(dim=1).max())],
-            [float(offsets.double().abs().max())])
+    args = (
+        x,
+        torch.zeros(d),
+        centres,
+        offsets,
+        [0, k],
+        [float(centres.double().norm(dim=1).max())],
+        [float(offsets.double().abs().max())],
+    )
     cpp = backends.get("cpp")
     if not _C.ncc_has_precision("bf16"):
         with pytest.raises(ValueError, match="precision"):
@@ -269,8 +301,10 @@ _TRITON = ["triton"] if ncfast.backends.triton_runs_on(torch.zeros(1, device=DEV
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"] + _TRITON)
-@pytest.mark.parametrize("dtype, exponents", [(torch.float32, (-100, -60, 63, 70, 100, 120)),
-                                              (torch.float64, (-1000, -300, 63, 100, 300, 1000))])
+@pytest.mark.parametrize(
+    "dtype, exponents",
+    [(torch.float32, (-100, -60, 63, 70, 100, 120)), (torch.float64, (-1000, -300, 63, 100, 300, 1000))],
+)
 def test_nearest_centre_and_decision_at_any_magnitude(backend, dtype, exponents, monkeypatch):
     """Scaling features and means by s = 2^e is exact and changes no nearest centre; the decision
     argmax (W h + b) does not change either with h -> s h and (W, b) -> (W / s, b) or (W, s b). At
@@ -286,7 +320,7 @@ def test_nearest_centre_and_decision_at_any_magnitude(backend, dtype, exponents,
     assert torch.equal(want, torch.from_numpy(ref.ncc_assign(x, means)))
     assert (want[:3] == 0).all() and (want != 0).any()
     for e in exponents:
-        s = 2.0 ** e
+        s = 2.0**e
         xs = (x * s).to(dtype)
         assert torch.equal(xs.double(), x * s), e  # the scaled problem is the same problem
         for mode in ("exact", "fast"):
@@ -306,7 +340,7 @@ def test_nc_metrics_ncc_accuracy_does_not_move_with_magnitude(dtype):
     base = ncfast.nc_metrics(x.to(dtype), y, weight=w, bias=b)
     assert 0.3 < base["ncc_accuracy"] < 1.0
     for e in (63, -100):
-        s = 2.0 ** e
+        s = 2.0**e
         m = ncfast.nc_metrics((x * s).to(dtype), y, weight=w / s, bias=b)
         assert m["ncc_accuracy"] == base["ncc_accuracy"], e
         assert m["ncc_mismatch"] == base["ncc_mismatch"], e
@@ -322,11 +356,11 @@ def test_every_metric_is_scale_free_across_float64s_range(backend, e, monkeypatc
     x, y, means, w, b = _scaled_problem(seed=33)
     sup = torch.arange(5) % 2
     base = ncfast.nc_metrics(x, y, weight=w, bias=b, superclass=sup)
-    s = 2.0 ** e
+    s = 2.0**e
     got = ncfast.nc_metrics(x * s, y, weight=w / s, bias=b, superclass=sup)
     m = ncfast.ClassMoments(5, x.shape[1], class_counts=torch.bincount(y, minlength=5))
     for i in range(0, len(y), 64):
-        m.update(x[i:i + 64] * s, y[i:i + 64])
+        m.update(x[i : i + 64] * s, y[i : i + 64])
     streamed = ncfast.metrics_from_moments(m, weight=w, superclass=sup)
     assert set(got) == set(base)
     for key in base:
@@ -351,7 +385,7 @@ def test_float64_outside_the_statistics_range_is_refused_by_name(backend, e, sid
     at 2^-500, whose squared deviations are subnormal). float32 input at its own limits fits."""
     monkeypatch.setenv("NCFAST_BACKEND", backend)
     x, y, means, w, b = _scaled_problem(seed=34)
-    xs = x * 2.0 ** e
+    xs = x * 2.0**e
     assert bool(torch.isfinite(xs).all())
     with pytest.raises(ValueError, match=f"features: finite, but too {side} in magnitude"):
         ncfast.nc_metrics(xs, y, nan_policy=nan_policy)
@@ -359,10 +393,15 @@ def test_float64_outside_the_statistics_range_is_refused_by_name(backend, e, sid
     with pytest.raises(ValueError, match=f"too {side} in magnitude"):
         m.update(xs, y, nan_policy=nan_policy)
     assert int(m.counts.sum()) == 0
-    for e32 in (120, -100):  # float32 near its limits (-100: no element subnormal): float64 statistics hold their squares
+    for e32 in (
+        120,
+        -100,
+    ):  # float32 near its limits (-100: no element subnormal): float64 statistics hold their squares
         base = ncfast.nc_metrics(x.float(), y)
-        got = ncfast.nc_metrics((x * 2.0 ** e32).float(), y)
-        assert got["nc1"] == pytest.approx(base["nc1"], rel=1e-12) and got["nc2_etf"] == pytest.approx(base["nc2_etf"], rel=1e-12)
+        got = ncfast.nc_metrics((x * 2.0**e32).float(), y)
+        assert got["nc1"] == pytest.approx(base["nc1"], rel=1e-12) and got["nc2_etf"] == pytest.approx(
+            base["nc2_etf"], rel=1e-12
+        )
 
 
 def test_batches_in_range_whose_sum_overflows_are_refused_at_the_metrics():
@@ -370,11 +409,13 @@ def test_batches_in_range_whose_sum_overflows_are_refused_at_the_metrics():
     metrics_from_moments says so (before: eigh's "failed to converge" traceback on the inf scatter)."""
     g = torch.Generator().manual_seed(35)
     y = torch.arange(4000) % 4
-    x = 8.0 * torch.randn(4, 8, dtype=torch.float64, generator=g)[y] + torch.randn(4000, 8, dtype=torch.float64, generator=g)
-    s = 2.0 ** 506
+    x = 8.0 * torch.randn(4, 8, dtype=torch.float64, generator=g)[y] + torch.randn(
+        4000, 8, dtype=torch.float64, generator=g
+    )
+    s = 2.0**506
     m = ncfast.ClassMoments(4, 8)
     for i in range(0, len(y), 500):
-        m.update(x[i:i + 500] * s, y[i:i + 500])  # every batch is accepted
+        m.update(x[i : i + 500] * s, y[i : i + 500])  # every batch is accepted
     with pytest.raises(ValueError, match="too large in magnitude for the float64 class statistics"):
         ncfast.metrics_from_moments(m)
 
@@ -388,7 +429,7 @@ def test_classifier_and_logits_metrics_are_scale_free(e):
     g = torch.Generator().manual_seed(36)
     z = torch.randn(len(y), 5, generator=g, dtype=torch.float64)
     base = ncfast.nc_metrics(x, y, weight=w, bias=b, logits=z)
-    s = 2.0 ** e
+    s = 2.0**e
     got = ncfast.nc_metrics(x, y, weight=w * s, bias=b * s, logits=z * s)
     for key in ("nc3", "nc3_etf", "duality_mean", "duality_std", "ncc_mismatch"):
         assert got[key] == pytest.approx(base[key], rel=1e-12, abs=1e-15), key

@@ -1,5 +1,6 @@
 """ncfast._numerics: Chan's merge (the one implementation every backend and ClassMoments use), IEEE
 ratios and the certified score bounds, against hand-computed and float64 brute-force values."""
+
 import math
 
 import numpy as np
@@ -49,8 +50,11 @@ def test_chan_merge_of_an_infinite_mean():
     """A part whose mean is +inf (an infinite CDNV ratio): the merged mean is inf and M2 NaN, never
     a NaN mean; an empty part beside it changes nothing."""
     inf = math.inf
-    parts = (torch.tensor([2, 3, 0]), torch.tensor([[1.0], [inf], [0.0]], dtype=torch.float64),
-             torch.tensor([0.5, math.nan, 0.0], dtype=torch.float64))
+    parts = (
+        torch.tensor([2, 3, 0]),
+        torch.tensor([[1.0], [inf], [0.0]], dtype=torch.float64),
+        torch.tensor([0.5, math.nan, 0.0], dtype=torch.float64),
+    )
     n, mean, m2 = _numerics.chan_reduce(*parts)
     assert int(n) == 5 and float(mean[0]) == inf and math.isnan(float(m2))
     assert _numerics.scalar_moments([(2, 1.0, 0.5), (0, 0.0, 0.0), (3, inf, math.nan)])[1] == inf
@@ -76,8 +80,12 @@ def test_float32_score_bound_covers_worst_rounding():
     exact = o.astype(np.float64) + x.astype(np.float64) @ c.astype(np.float64).T
     got = (o + x @ c.T).astype(np.float64)
     rel = _numerics.rel_float(_numerics.U32, d)
-    bound = _numerics.score_bound(rel, np.linalg.norm(x.astype(np.float64), axis=1)[:, None],
-                                  float(np.linalg.norm(c.astype(np.float64), axis=1).max()), float(np.abs(o).max()))
+    bound = _numerics.score_bound(
+        rel,
+        np.linalg.norm(x.astype(np.float64), axis=1)[:, None],
+        float(np.linalg.norm(c.astype(np.float64), axis=1).max()),
+        float(np.abs(o).max()),
+    )
     assert (np.abs(got - exact) <= bound).all()
     assert _numerics.rel_bf16_fma(d) > rel and _numerics.rel_tensor_core("ieee", d) == rel
     with pytest.raises(ValueError, match="precision"):
@@ -87,7 +95,7 @@ def test_float32_score_bound_covers_worst_rounding():
 def test_top2_and_coincidence_floor():
     best, first, second = _numerics.top2(torch.tensor([[3.0, 1.0, 2.0], [5.0, 5.0, 6.0]]))
     assert best.tolist() == [1, 0] and first.tolist() == [1.0, 5.0] and second.tolist() == [2.0, 5.0]
-    assert _numerics.coincidence_floor(12) == 4.0 * 16 * 2.0 ** -53
+    assert _numerics.coincidence_floor(12) == 4.0 * 16 * 2.0**-53
 
 
 def test_certain_needs_finite_scores_in_range_and_a_gap_over_twice_the_bound():

@@ -1,4 +1,5 @@
 """Tiled pairwise class reductions: any tile size gives the reference's numbers."""
+
 import math
 
 import numpy as np
@@ -6,9 +7,9 @@ import pytest
 import torch
 
 import ncfast
+from conftest import make_data
 from ncfast import reference as ref
 from ncfast.pairwise import class_pair_stats
-from conftest import make_data
 
 
 @pytest.fixture(params=["cpp", "torch"], autouse=True)
@@ -26,8 +27,11 @@ def test_tiles_match_reference(tile, weighting):
     m = ncfast.class_moments(x, y, weighting=weighting)
     got = ncfast.metrics_from_moments(m, superclass=superclass, weighting=weighting, tile=tile)
     for k in ("cdnv", "nc2_etf", "equiangularity", "coherence", "msdr"):
-        want = getattr(ref, k)(x, y, superclass) if k == "msdr" else (
-            ref.cdnv(x, y) if k == "cdnv" else getattr(ref, k)(x, y, weighting=weighting))
+        want = (
+            getattr(ref, k)(x, y, superclass)
+            if k == "msdr"
+            else (ref.cdnv(x, y) if k == "cdnv" else getattr(ref, k)(x, y, weighting=weighting))
+        )
         assert got[k] == pytest.approx(want, rel=1e-9), k
 
 
@@ -170,17 +174,29 @@ def test_tile_reducer_takes_any_row_strip():
 
     def context():
         return backends.PairContext(
-            sq=sq, norms=sq.sqrt(), var=m.variances.clone(), sup=torch.arange(c) % 3, g=float(torch.linalg.norm(mt @ mt.T)),
-            etf_diag=0.11, etf_offdiag=-0.02, mean_cos=0.01, etf_cos=1.0 / (c - 1),
-            best=torch.full((c,), float("inf"), dtype=torch.float64), best_idx=torch.full((c,), -1, dtype=torch.int64))
+            sq=sq,
+            norms=sq.sqrt(),
+            var=m.variances.clone(),
+            sup=torch.arange(c) % 3,
+            g=float(torch.linalg.norm(mt @ mt.T)),
+            etf_diag=0.11,
+            etf_offdiag=-0.02,
+            mean_cos=0.01,
+            etf_cos=1.0 / (c - 1),
+            best=torch.full((c,), float("inf"), dtype=torch.float64),
+            best_idx=torch.full((c,), -1, dtype=torch.int64),
+        )
 
     whole = slice(0, c)
     k_ref = context()
     want = backends.PairSums.total(backends.get("torch").pair_reducer(mt, c, k_ref)(whole, whole))
     k = context()
     reduce = backends.get("cpp").pair_reducer(mt, c, k)
-    got = backends.PairSums.total(part for lo, hi in [(0, 1), (1, 17), (17, 18), (18, 50), (50, 61)]
-                                  for part in reduce(slice(lo, hi), slice(lo, c)))
+    got = backends.PairSums.total(
+        part
+        for lo, hi in [(0, 1), (1, 17), (17, 18), (18, 50), (50, 61)]
+        for part in reduce(slice(lo, hi), slice(lo, c))
+    )
     for key in ("resid", "cos_dev", "coh", "dist", "msdr_sum"):
         assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-12), key
     assert got.msdr_n == want.msdr_n
@@ -361,8 +377,9 @@ def test_many_classes_need_no_c_by_c_matrix(monkeypatch, backend):
     c, d = 3000, 8
     g = torch.Generator().manual_seed(36)
     y = torch.arange(c).repeat(2)
-    x = torch.randn(c, d, generator=g, dtype=torch.float64)[y] + 0.1 * torch.randn(2 * c, d, generator=g,
-                                                                                     dtype=torch.float64)
+    x = torch.randn(c, d, generator=g, dtype=torch.float64)[y] + 0.1 * torch.randn(
+        2 * c, d, generator=g, dtype=torch.float64
+    )
     shapes = []
     impl = backends.get(backend)
     make = impl.pair_reducer
@@ -407,7 +424,9 @@ def test_uniformity_of_means_on_a_line_is_inf_like_the_reference(backend):
     mean is +inf and the variance NaN."""
     g = torch.Generator().manual_seed(8)
     y = torch.arange(120) % 3
-    t = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)[y] + 0.3 * torch.randn(120, generator=g, dtype=torch.float64)
+    t = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)[y] + 0.3 * torch.randn(
+        120, generator=g, dtype=torch.float64
+    )
     x = t.unsqueeze(1) * torch.randn(16, generator=g, dtype=torch.float64)
     stats = class_pair_stats(ncfast.class_moments(x, y))
     want = ref.uniformity(x, y)

@@ -3,16 +3,17 @@
 The three entry points measure the same features to the same numbers (rel 1e-9, NCC counts
 exactly), on a train split and on a held-out split scored against the train means, and each goes
 through passes.Plan; a stream's one-pass mode equals its two-pass mode."""
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import ncfast
+from conftest import assert_close
 from ncfast import measure as ms
 from ncfast import passes
 from ncfast import reference as ref
-from conftest import assert_close
 
 EXACT = ("ncc_accuracy", "ncc_mismatch", "rank")
 
@@ -21,8 +22,9 @@ def _data(n, d=9, c=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, c, (n,), generator=g)
     y[:c] = torch.arange(c)  # every class present, counts imbalanced
-    x = (torch.randn(c, d, generator=g, dtype=torch.float64) * 3)[y] + torch.randn(n, d, generator=g,
-                                                                                  dtype=torch.float64)
+    x = (torch.randn(c, d, generator=g, dtype=torch.float64) * 3)[y] + torch.randn(
+        n, d, generator=g, dtype=torch.float64
+    )
     return x, y
 
 
@@ -45,8 +47,9 @@ def _spy(monkeypatch):
     """Records every Plan.first call's stream names."""
     seen = []
     inner = passes.Plan.first
-    monkeypatch.setattr(passes.Plan, "first", lambda self, block: seen.append(sorted(map(str, self.streams)))
-                        or inner(self, block))
+    monkeypatch.setattr(
+        passes.Plan, "first", lambda self, block: seen.append(sorted(map(str, self.streams))) or inner(self, block)
+    )
     return seen
 
 
@@ -77,18 +80,25 @@ def test_three_entry_points_agree_and_share_the_plan(tmp_path, monkeypatch):
 
     model = _Head(w, b).eval()
     probe = ncfast.LayerProbe(model, ["feat"], num_classes=4, head=model.head, penultimate="feat")
-    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 301, 64)]
-    batches_te = [(x_te[i:i + 40], y_te[i:i + 40]) for i in range(0, 97, 40)]
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 301, 64)]
+    batches_te = [(x_te[i : i + 40], y_te[i : i + 40]) for i in range(0, 97, 40)]
     tr = probe.measure(batches)
     te = probe.measure(batches_te, class_means=tr.class_means)
     assert len(seen) == 2 + len(batches) + len(batches_te)
 
     for name, t in (("x", x), ("y", y), ("x_te", x_te), ("y_te", y_te), ("w", w), ("b", b), ("means", train_means)):
         np.save(tmp_path / f"{name}.npy", t.numpy())
-    on_disk, _ = ms.measure(tmp_path / "x.npy", tmp_path / "y.npy", weight=tmp_path / "w.npy", bias=tmp_path / "b.npy",
-                            block_rows=50)
-    on_disk_te, _ = ms.measure(tmp_path / "x_te.npy", tmp_path / "y_te.npy", weight=tmp_path / "w.npy",
-                               bias=tmp_path / "b.npy", train_means=tmp_path / "means.npy", block_rows=50)
+    on_disk, _ = ms.measure(
+        tmp_path / "x.npy", tmp_path / "y.npy", weight=tmp_path / "w.npy", bias=tmp_path / "b.npy", block_rows=50
+    )
+    on_disk_te, _ = ms.measure(
+        tmp_path / "x_te.npy",
+        tmp_path / "y_te.npy",
+        weight=tmp_path / "w.npy",
+        bias=tmp_path / "b.npy",
+        train_means=tmp_path / "means.npy",
+        block_rows=50,
+    )
     assert len(seen) == 2 + len(batches) + len(batches_te) + 7 + 2
 
     for got, what in ((tr["feat"].metrics, "probe"), (on_disk, "measure")):
@@ -112,11 +122,21 @@ def test_one_pass_equals_two_passes(weighting):
     backend = ncfast.backends.for_tensor(x)
     out = {}
     for one_pass in (True, False):
-        s = passes.Stream(4, 9, device="cpu", weighting=weighting, centres=centres, one_pass=one_pass,
-                          class_counts=counts, decisions=True)
+        s = passes.Stream(
+            4,
+            9,
+            device="cpu",
+            weighting=weighting,
+            centres=centres,
+            one_pass=one_pass,
+            class_counts=counts,
+            decisions=True,
+        )
         plan = passes.Plan({"f": s}, cache_bytes=0)
-        blocks = [passes.Block({"f": x[i:i + 60]}, y[i:i + 60], (x[i:i + 60] @ centres.T).argmax(1))
-                  for i in range(0, 250, 60)]
+        blocks = [
+            passes.Block({"f": x[i : i + 60]}, y[i : i + 60], (x[i : i + 60] @ centres.T).argmax(1))
+            for i in range(0, 250, 60)
+        ]
         for blk in blocks:
             plan.first(blk)
         plan.end_first()

@@ -1,11 +1,12 @@
 """LayerProbe: per-layer metrics from hooks equal nc_metrics on the same features."""
+
 import pytest
 import torch
 from torch import nn
 
 import ncfast
-from ncfast import reference as ref
 from conftest import assert_close
+from ncfast import reference as ref
 
 
 class Net(nn.Module):
@@ -30,8 +31,8 @@ def _data(n=240, d_in=12, c=4, seed=0):
 def _batches(x, y, y_orig=None, size=50):
     out = []
     for lo in range(0, x.shape[0], size):
-        b = (x[lo:lo + size], y[lo:lo + size])
-        out.append(b + ((y_orig[lo:lo + size],) if y_orig is not None else ()))
+        b = (x[lo : lo + size], y[lo : lo + size])
+        out.append(b + ((y_orig[lo : lo + size],) if y_orig is not None else ()))
     return out
 
 
@@ -49,8 +50,15 @@ def test_probe_equals_nc_metrics_per_layer(max_dim):
     torch.manual_seed(0)
     model = Net().eval()
     x, y, y_orig = _data()
-    probe = ncfast.LayerProbe(model, ["conv", "hidden"], num_classes=4, head=model.head, penultimate="hidden",
-                              num_original_classes=8, max_dim=max_dim)
+    probe = ncfast.LayerProbe(
+        model,
+        ["conv", "hidden"],
+        num_classes=4,
+        head=model.head,
+        penultimate="hidden",
+        num_original_classes=8,
+        max_dim=max_dim,
+    )
     got = probe.measure(_batches(x, y, y_orig))
     for name in ("conv", "hidden"):
         out, logits = _features(model, x, name)
@@ -71,8 +79,12 @@ def test_probe_equals_nc_metrics_per_layer(max_dim):
         nearest = ncfast.ncc_assign(flat, ncfast.class_moments(flat, y, scatter=False).means)
         assert got[name].metrics["ncc_mismatch"] == pytest.approx(float((nearest != decisions).double().mean()), abs=0)
         # original labels: class distance and MSDR inside the training labels
-        assert_close(got[name].class_distance.numpy(), ref.class_distance(flat.numpy(), y_orig.numpy()),
-                     rtol=1e-9, what="class_distance")
+        assert_close(
+            got[name].class_distance.numpy(),
+            ref.class_distance(flat.numpy(), y_orig.numpy()),
+            rtol=1e-9,
+            what="class_distance",
+        )
         superclass = (torch.arange(8) % 4).numpy()
         assert got[name].metrics["msdr"] == pytest.approx(ref.msdr(flat.numpy(), y_orig.numpy(), superclass), rel=1e-9)
 
@@ -112,8 +124,12 @@ def test_probe_leaves_out_msdr_when_original_classes_are_split():
     got = probe.measure(_batches(x, y, y_orig))
     assert "msdr" not in got["hidden"].metrics
     out, _ = _features(model, x, "hidden")
-    assert_close(got["hidden"].class_distance.numpy(), ref.class_distance(out.numpy(), y_orig.numpy()),
-                 rtol=1e-9, what="class_distance")
+    assert_close(
+        got["hidden"].class_distance.numpy(),
+        ref.class_distance(out.numpy(), y_orig.numpy()),
+        rtol=1e-9,
+        what="class_distance",
+    )
 
 
 def test_held_out_loader_scored_against_the_train_means():
@@ -125,8 +141,9 @@ def test_held_out_loader_scored_against_the_train_means():
     model = Net().eval()
     x_tr, y_tr, _ = _data(n=240, seed=0)
     x_te, y_te, _ = _data(n=120, seed=7)
-    probe = ncfast.LayerProbe(model, ["conv", "hidden"], num_classes=4, head=model.head, penultimate="hidden",
-                              logit_scale=10.0)
+    probe = ncfast.LayerProbe(
+        model, ["conv", "hidden"], num_classes=4, head=model.head, penultimate="hidden", logit_scale=10.0
+    )
     train_means = probe.measure(_batches(x_tr, y_tr)).class_means
     assert set(train_means) == {"conv", "hidden"}
     got = probe.measure(_batches(x_te, y_te), class_means=train_means)
@@ -137,19 +154,32 @@ def test_held_out_loader_scored_against_the_train_means():
         flat = out.reshape(x_te.shape[0], -1)
         want_means = ncfast.class_moments(out_tr.reshape(x_tr.shape[0], -1), y_tr).means
         assert_close(train_means[name].numpy(), want_means.numpy(), rtol=1e-12, what="train means")
-        assert_close(own_means[name].numpy(), ncfast.class_moments(flat, y_te).means.numpy(), rtol=1e-12,
-                     what="own means")
+        assert_close(
+            own_means[name].numpy(), ncfast.class_moments(flat, y_te).means.numpy(), rtol=1e-12, what="own means"
+        )
         want = ncfast.nc_metrics(flat, y_te, num_classes=4, logits=logits, class_means=want_means)
         assert got[name].metrics["ncc_accuracy"] == want["ncc_accuracy"]
         assert got[name].metrics["ncc_mismatch"] == want["ncc_mismatch"]
         assert got[name].metrics["ncc_accuracy"] == ref.ncc_accuracy(flat, y_te, 4, class_means=want_means)
-        assert_close(got[name].metrics.per_class["ncc_accuracy"].numpy(), want.per_class["ncc_accuracy"].numpy(), rtol=0,
-                     what="per class accuracy")
-        assert_close(got[name].metrics.per_class["ncc_mismatch"].numpy(), want.per_class["ncc_mismatch"].numpy(), rtol=0,
-                     what="per class mismatch")
+        assert_close(
+            got[name].metrics.per_class["ncc_accuracy"].numpy(),
+            want.per_class["ncc_accuracy"].numpy(),
+            rtol=0,
+            what="per class accuracy",
+        )
+        assert_close(
+            got[name].metrics.per_class["ncc_mismatch"].numpy(),
+            want.per_class["ncc_mismatch"].numpy(),
+            rtol=0,
+            what="per class mismatch",
+        )
         assert_close(got[name].metrics["nc1"], want["nc1"], rtol=1e-9, what="nc1 of the test features")
-        assert_close(got[name].train_class_distance.numpy(), ref.class_distance(flat, y_te, 4),
-                     rtol=1e-9, what="class distance over the training labels")
+        assert_close(
+            got[name].train_class_distance.numpy(),
+            ref.class_distance(flat, y_te, 4),
+            rtol=1e-9,
+            what="class distance over the training labels",
+        )
         # the logits of the probe's own batches: float32 BLAS rounds a batch of 50 rows differently
         # from one of 120 (2e-10 relative on an AMD EPYC)
         with torch.no_grad():
@@ -159,8 +189,9 @@ def test_held_out_loader_scored_against_the_train_means():
     with pytest.raises(ValueError, match="class_means"):
         probe.measure(_batches(x_te, y_te), class_means={"conv": train_means["conv"]})
     with pytest.raises(ValueError, match="class_means"):
-        probe.measure(_batches(x_te, y_te), class_means={"conv": train_means["conv"][:, :3],
-                                                         "hidden": train_means["hidden"]})
+        probe.measure(
+            _batches(x_te, y_te), class_means={"conv": train_means["conv"][:, :3], "hidden": train_means["hidden"]}
+        )
     with pytest.raises(ValueError, match="logit_scale"):
         ncfast.LayerProbe(model, ["hidden"], num_classes=4, logit_scale=0.0)
 
@@ -175,7 +206,9 @@ def test_degenerate_is_judged_on_the_features_the_dxd_metrics_used():
     full = ncfast.LayerProbe(model, ["conv"], num_classes=4).measure(_batches(x, y))
     pooled = ncfast.LayerProbe(model, ["conv"], num_classes=4, max_dim=10).measure(_batches(x, y))
     out, _ = _features(model, x, "conv")
-    assert full["conv"].metrics.degenerate == ref.degenerate(out.reshape(8, -1), y, 4) == ("vci", "rank", "effective_rank")
+    assert (
+        full["conv"].metrics.degenerate == ref.degenerate(out.reshape(8, -1), y, 4) == ("vci", "rank", "effective_rank")
+    )
     assert pooled["conv"].metrics.degenerate == ref.degenerate(out.mean(dim=2), y, 4) == ()
 
 
@@ -195,9 +228,15 @@ def _numbers(result):
     """Every number of a ProbeResult, as plain Python values and tensors."""
     out = {"accuracy": result.accuracy}
     for name, r in result.items():
-        out[name] = ({k: v for k, v in r.metrics.items()}, {k: v.clone() for k, v in r.metrics.per_class.items()},
-                     r.metrics.ranks, r.metrics.degenerate, r.class_means.clone(), r.moments.state_dict(),
-                     None if r.class_distance is None else r.class_distance.clone())
+        out[name] = (
+            {k: v for k, v in r.metrics.items()},
+            {k: v.clone() for k, v in r.metrics.per_class.items()},
+            r.metrics.ranks,
+            r.metrics.degenerate,
+            r.class_means.clone(),
+            r.moments.state_dict(),
+            None if r.class_distance is None else r.class_distance.clone(),
+        )
     return out
 
 
@@ -214,8 +253,9 @@ def _identical(a, b, what=""):
     elif isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape, what
         assert torch.equal(torch.isnan(a), torch.isnan(b)) if a.is_floating_point() else True, what
-        assert torch.equal(a.nan_to_num(0.0) if a.is_floating_point() else a,
-                           b.nan_to_num(0.0) if b.is_floating_point() else b), what
+        assert torch.equal(
+            a.nan_to_num(0.0) if a.is_floating_point() else a, b.nan_to_num(0.0) if b.is_floating_point() else b
+        ), what
     elif isinstance(a, float) and a != a:
         assert b != b, what
     else:
@@ -258,8 +298,9 @@ def test_held_out_split_with_train_means_takes_one_forward_pass():
     test = _batches(x_te, y_te)
     for counts in (None, torch.bincount(y_te, minlength=4)):
         model.calls = 0
-        got = ncfast.LayerProbe(model, ["conv", "hidden"], num_classes=4, max_dim=10,
-                                class_counts=counts).measure(test, class_means=means)
+        got = ncfast.LayerProbe(model, ["conv", "hidden"], num_classes=4, max_dim=10, class_counts=counts).measure(
+            test, class_means=means
+        )
         assert model.calls == len(test)
         assert got.cached_layers == []
         out, logits = _features(model, x_te, "hidden")

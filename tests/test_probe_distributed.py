@@ -1,5 +1,6 @@
 """LayerProbe under torch.distributed: two gloo processes, each measuring a disjoint shard, get the
 metrics of one process measuring all the data (to float64 rounding: rel 1e-9)."""
+
 import math
 import os
 import tempfile
@@ -23,8 +24,9 @@ the forward pass. The model runs in float64 for the same reason: in float32 a ro
 
 
 def _probe(model, **kw):
-    return ncfast.LayerProbe(model, LAYERS, num_classes=4, head=model.head, penultimate="hidden",
-                             num_original_classes=8, max_dim=10, **kw)
+    return ncfast.LayerProbe(
+        model, LAYERS, num_classes=4, head=model.head, penultimate="hidden", num_original_classes=8, max_dim=10, **kw
+    )
 
 
 def _snapshot(result):
@@ -32,9 +34,14 @@ def _snapshot(result):
     out = {"accuracy": result.accuracy}
     for name in LAYERS:
         r = result[name]
-        out[name] = {"metrics": dict(r.metrics), "per_class": dict(r.metrics.per_class),
-                     "degenerate": sorted(r.metrics.degenerate), "means": r.class_means,
-                     "class_distance": r.class_distance, "dxd": r.dxd_features}
+        out[name] = {
+            "metrics": dict(r.metrics),
+            "per_class": dict(r.metrics.per_class),
+            "degenerate": sorted(r.metrics.degenerate),
+            "means": r.class_means,
+            "class_distance": r.class_distance,
+            "dxd": r.dxd_features,
+        }
     return out
 
 

@@ -324,9 +324,22 @@ def test_nc_metrics_keys_and_values():
     w = rng.normal(size=(3, 4))
     logits = h @ w.T
     base = {
-        "nc1", "fuzziness", "squared_distance", "nc2_etf", "equinorm", "equiangularity", "coherence",
-        "cdnv", "vci", "cosine_separation", "rank", "effective_rank", "ncc_accuracy", "feature_norm",
-        "uniformity_mean", "uniformity_var",
+        "nc1",
+        "fuzziness",
+        "squared_distance",
+        "nc2_etf",
+        "equinorm",
+        "equiangularity",
+        "coherence",
+        "cdnv",
+        "vci",
+        "cosine_separation",
+        "rank",
+        "effective_rank",
+        "ncc_accuracy",
+        "feature_norm",
+        "uniformity_mean",
+        "uniformity_var",
     }
     dual = {"nc3", "nc3_etf", "duality_mean", "duality_std", "ncc_mismatch"}
     assert set(ref.nc_metrics(h, y)) == base

@@ -2,6 +2,7 @@
 all-zero columns), duplicated columns, rank 1 and rank far below D, clustered eigenvalues, and the
 fallbacks of ncfast._linalg when torch's solvers fail. Every metric is held to the float64
 reference (ncfast.reference) at relative 1e-6 or tighter."""
+
 import math
 import weakref
 
@@ -11,9 +12,9 @@ import scipy.linalg
 import torch
 
 import ncfast
+from conftest import assert_close
 from ncfast import _linalg
 from ncfast import reference as ref
-from conftest import assert_close
 
 RTOL = 1e-8  # tighter than the documented 1e-6: nothing here is in the collapse regime
 ATOL = 1e-12
@@ -96,7 +97,7 @@ def test_dead_units_streamed_moments_equal_reference():
     x, y, _ = _relu_layer(300, 256, 14, 6, seed=3, dup=8, dtype=torch.float64)
     m = ncfast.ClassMoments(6, 256)
     for lo in range(0, 300, 64):
-        m.update(x[lo: lo + 64], y[lo: lo + 64])
+        m.update(x[lo : lo + 64], y[lo : lo + 64])
     got = ncfast.metrics_from_moments(m)
     want = ref.nc_metrics(x, y)
     want.pop("ncc_accuracy")  # nc_metrics only (a second pass over the features)
@@ -109,8 +110,9 @@ def test_duplicated_columns():
     no zero row to deflate, so torch's solvers see the repeated zero eigenvalues themselves."""
     g = torch.Generator().manual_seed(5)
     y = torch.arange(200) % 4
-    z = torch.randn(4, 5, generator=g, dtype=torch.float64)[y] + 0.5 * torch.randn(200, 5, generator=g,
-                                                                                  dtype=torch.float64)
+    z = torch.randn(4, 5, generator=g, dtype=torch.float64)[y] + 0.5 * torch.randn(
+        200, 5, generator=g, dtype=torch.float64
+    )
     src = torch.cat([torch.arange(5), torch.randint(0, 5, (25,), generator=g)])
     scale = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)[torch.randint(0, 3, (30,), generator=g)]
     x = z[:, src] * scale
@@ -125,7 +127,9 @@ def test_rank_one_features():
     """Features on one line through a shifted origin: rank(Sigma_T) = rank(Sigma_W) = rank(Sigma_B) = 1."""
     g = torch.Generator().manual_seed(8)
     y = torch.arange(120) % 3
-    t = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)[y] + 0.3 * torch.randn(120, generator=g, dtype=torch.float64)
+    t = torch.tensor([-2.0, 0.5, 3.0], dtype=torch.float64)[y] + 0.3 * torch.randn(
+        120, generator=g, dtype=torch.float64
+    )
     v = torch.randn(16, generator=g, dtype=torch.float64)
     x = (t.unsqueeze(1) * v + 7.0).to(torch.float32)
     got = ncfast.nc_metrics(x, y)
@@ -152,8 +156,9 @@ def test_rank_far_below_d_dead_and_mixed_units(weighting):
     features (Sigma_W singular on the live block; no exact zero besides the dead rows)."""
     g = torch.Generator().manual_seed(11)
     y = torch.arange(150) % 5
-    z = torch.randn(5, 3, generator=g, dtype=torch.float64)[y] + 0.7 * torch.randn(150, 3, generator=g,
-                                                                                  dtype=torch.float64)
+    z = torch.randn(5, 3, generator=g, dtype=torch.float64)[y] + 0.7 * torch.randn(
+        150, 3, generator=g, dtype=torch.float64
+    )
     cols = torch.randperm(1024, generator=g)[:24]
     x = torch.zeros(150, 1024, dtype=torch.float64)
     x[:, cols] = z @ torch.randn(3, 24, generator=g, dtype=torch.float64)
@@ -174,8 +179,20 @@ def test_rank_far_below_d_dense_rotation():
     q, _ = torch.linalg.qr(torch.randn(256, 4, generator=g, dtype=torch.float64))
     x = z @ q.T
     got = ncfast.nc_metrics(x, y)
-    per_feature = (ref.nc1, ref.fuzziness, ref.squared_distance, ref.nc2_etf, ref.equinorm, ref.equiangularity,
-                   ref.coherence, ref.cdnv, ref.cosine_separation, ref.rank, ref.effective_rank, ref.ncc_accuracy)
+    per_feature = (
+        ref.nc1,
+        ref.fuzziness,
+        ref.squared_distance,
+        ref.nc2_etf,
+        ref.equinorm,
+        ref.equiangularity,
+        ref.coherence,
+        ref.cdnv,
+        ref.cosine_separation,
+        ref.rank,
+        ref.effective_rank,
+        ref.ncc_accuracy,
+    )
     want = {fn.__name__: float(fn(x, y)) for fn in per_feature}
     want["feature_norm"] = ref.feature_norm(x)
     want["vci"] = ref.vci(z, y)
@@ -192,8 +209,10 @@ def test_clustered_eigenvalues():
     y = torch.arange(400) % 5
     scales = torch.tensor([1.0, 1.0, 1.0, 1.0 + 1e-9, 1e-3, 1e-3, 1e-3], dtype=torch.float64)
     basis, _ = torch.linalg.qr(torch.randn(7, 7, generator=g, dtype=torch.float64))
-    z = (torch.randn(400, 7, generator=g, dtype=torch.float64) + 0.2 * torch.randn(5, 7, generator=g,
-                                                                               dtype=torch.float64)[y])
+    z = (
+        torch.randn(400, 7, generator=g, dtype=torch.float64)
+        + 0.2 * torch.randn(5, 7, generator=g, dtype=torch.float64)[y]
+    )
     z = (z @ basis) * scales
     q, _ = torch.linalg.qr(torch.randn(24, 7, generator=g, dtype=torch.float64))
     x = z @ q.T
@@ -254,16 +273,21 @@ def _count_scipy(monkeypatch, fail_drivers=()):
 
 
 FALLBACK_CASES = {
-    "full_rank": lambda: (torch.randn(500, 12, generator=torch.Generator().manual_seed(1)) +
-                          3 * torch.randn(7, 12, generator=torch.Generator().manual_seed(2))[torch.arange(500) % 7],
-                          torch.arange(500) % 7),
+    "full_rank": lambda: (
+        torch.randn(500, 12, generator=torch.Generator().manual_seed(1))
+        + 3 * torch.randn(7, 12, generator=torch.Generator().manual_seed(2))[torch.arange(500) % 7],
+        torch.arange(500) % 7,
+    ),
     "dead_units": lambda: _relu_layer(360, 512, 20, 10, seed=11)[:2],
     "singular_live": lambda: _relu_layer(200, 64, 10, 5, seed=4, dup=6, dtype=torch.float64)[:2],
 }
 
 
-@pytest.mark.parametrize("fail", [(), ("evr",), ("evr", "ev"), ("gesdd",), ("gesdd", "gesvd")],
-                         ids=["scipy_evr", "scipy_ev", "eig_by_svd", "svd_gesvd", "svd_by_gram"])
+@pytest.mark.parametrize(
+    "fail",
+    [(), ("evr",), ("evr", "ev"), ("gesdd",), ("gesdd", "gesvd")],
+    ids=["scipy_evr", "scipy_ev", "eig_by_svd", "svd_gesvd", "svd_by_gram"],
+)
 @pytest.mark.parametrize("case", sorted(FALLBACK_CASES))
 def test_fallbacks_equal_reference(case, fail, monkeypatch):
     """torch.linalg.eigh / eigvalsh / svd / svdvals raise LinAlgError; each rung of the fallback
@@ -344,16 +368,40 @@ def test_digits_mlp_with_dead_units_trains_through(tmp_path, monkeypatch):
             dead = int((x == 0).all(0).sum())
             if dead >= 400 and not checked:
                 checked.append(dead)
-                want = ref.nc_metrics(x, torch.cat([p[1] for p in parts]), num_classes=moments.num_classes,
-                                      weighting=k.get("weighting", "balanced"))
+                want = ref.nc_metrics(
+                    x,
+                    torch.cat([p[1] for p in parts]),
+                    num_classes=moments.num_classes,
+                    weighting=k.get("weighting", "balanced"),
+                )
                 want.pop("ncc_accuracy")
                 _assert_matches(out, want, rtol=1e-7, atol=1e-10)
         return out
 
     monkeypatch.setattr(ClassMoments, "update", update)
     monkeypatch.setattr(passes, "_metrics_from_moments", metrics)
-    assert main(["--dataset", "digits", "--arch", "mlp", "--logit-scale", "100", "--epochs", "5",
-                 "--out", str(tmp_path / "dead"), "--no-progress", "--metrics-every", "5", "--clp-embed", "none"]) == 0
+    assert (
+        main(
+            [
+                "--dataset",
+                "digits",
+                "--arch",
+                "mlp",
+                "--logit-scale",
+                "100",
+                "--epochs",
+                "5",
+                "--out",
+                str(tmp_path / "dead"),
+                "--no-progress",
+                "--metrics-every",
+                "5",
+                "--clp-embed",
+                "none",
+            ]
+        )
+        == 0
+    )
     assert checked, "no measured layer had 400 dead units: the reproducer no longer reproduces"
 
 
@@ -394,8 +442,11 @@ def _eigen_sizes(monkeypatch):
     seen = []
     for name, vectors in (("sym_eigh", True), ("sym_eigvalsh", False)):
         inner = getattr(_linalg, name)
-        monkeypatch.setattr(metrics_mod._linalg, name,
-                            lambda a, inner=inner, vectors=vectors: seen.append((a.shape[0], vectors)) or inner(a))
+        monkeypatch.setattr(
+            metrics_mod._linalg,
+            name,
+            lambda a, inner=inner, vectors=vectors: seen.append((a.shape[0], vectors)) or inner(a),
+        )
     return seen
 
 

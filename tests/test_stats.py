@@ -1,4 +1,5 @@
 """ClassMoments: read-outs against the reference, exact merging, sync across processes."""
+
 import os
 import tempfile
 
@@ -9,9 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ncfast
+from conftest import assert_close, make_data
 from ncfast import _C
 from ncfast import reference as ref
-from conftest import assert_close, make_data
 
 
 def _state_close(a: ncfast.ClassMoments, b: ncfast.ClassMoments, rtol=1e-10):
@@ -36,11 +37,18 @@ def test_readouts_match_reference(weighting, imbalanced):
     assert m.absent_classes == [1]
     assert_close(m.means.numpy(), ref.class_means(x, y), rtol=1e-12, what="means")
     assert_close(m.variances.numpy(), ref.class_variances(x, y), rtol=1e-10, what="variances")
-    assert_close(m.global_mean(weighting).numpy(), ref.global_mean(x, y, weighting=weighting), rtol=1e-12,
-                 atol=1e-14, what="mu_G")
-    for got, want in ((m.sigma_w(weighting), ref.within_class_covariance(x, y, weighting=weighting)),
-                      (m.sigma_b(weighting), ref.between_class_covariance(x, y, weighting=weighting)),
-                      (m.sigma_t(weighting), ref.total_covariance(x, y, weighting=weighting))):
+    assert_close(
+        m.global_mean(weighting).numpy(),
+        ref.global_mean(x, y, weighting=weighting),
+        rtol=1e-12,
+        atol=1e-14,
+        what="mu_G",
+    )
+    for got, want in (
+        (m.sigma_w(weighting), ref.within_class_covariance(x, y, weighting=weighting)),
+        (m.sigma_b(weighting), ref.between_class_covariance(x, y, weighting=weighting)),
+        (m.sigma_t(weighting), ref.total_covariance(x, y, weighting=weighting)),
+    ):
         assert_close(got.numpy(), want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
     units = x.double() / x.double().norm(dim=1, keepdim=True)
     want_units = torch.zeros(c, 7, dtype=torch.float64).index_add_(0, y, units)
@@ -142,8 +150,10 @@ def test_unit_sums_off_keeps_every_other_statistic(monkeypatch, backend):
         assert got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-15), k
     # shards merged, then a state_dict round trip and a clone, against the one-shot state
     counts = torch.bincount(y, minlength=c)
-    shards = [ncfast.ClassMoments(c, 9, unit_sums=False, class_counts=counts).update(x[a:b], y[a:b])
-              for a, b in ((0, 123), (123, 450), (450, 700))]
+    shards = [
+        ncfast.ClassMoments(c, 9, unit_sums=False, class_counts=counts).update(x[a:b], y[a:b])
+        for a, b in ((0, 123), (123, 450), (450, 700))
+    ]
     acc = shards[2].clone().merge(shards[0]).merge(shards[1])
     _state_close(acc, bare)
     _state_close(ncfast.ClassMoments.from_state_dict(acc.state_dict()), acc, rtol=0)
@@ -220,8 +230,9 @@ def _distributed_worker(rank, world, init_file, x, y, c, out_file):
         bare.all_reduce()
         metric = ncfast.NeuralCollapse(c, x.shape[1], class_counts=counts)
         metric.update(x[part], y[part])
-        torch.save({"state": m.state_dict(), "bare": bare.state_dict(), "metric": dict(metric.compute())},
-                   f"{out_file}.{rank}")
+        torch.save(
+            {"state": m.state_dict(), "bare": bare.state_dict(), "metric": dict(metric.compute())}, f"{out_file}.{rank}"
+        )
     finally:
         dist.destroy_process_group()
 

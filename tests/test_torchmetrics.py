@@ -1,6 +1,7 @@
 """NeuralCollapse (ncfast.torchmetrics): the torchmetrics Metric over ClassMoments equals the one-shot
 metrics, streamed and merged across (simulated) processes. The two-process gloo run is in
 test_stats.py, beside ClassMoments.all_reduce, whose fold the metric shares."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """The reference trainer end to end on tiny runs of every data kind, resume, label transforms and
 the metrics.jsonl schema. Data files are written by the tests (nothing is downloaded)."""
+
 import dataclasses
 import errno
 import json
@@ -18,13 +19,36 @@ from ncfast.train.__main__ import main, parse_args
 from ncfast.train.trainer import Config, Trainer, flag_of, transform_labels
 from test_train_data import make_idx_dir, write_cifar
 
-METRICS = {"nc1", "nc2_etf", "cdnv", "vci", "rank", "effective_rank", "ncc_mismatch", "ncc_accuracy",
-           "logits_norm", "feature_norm", "equinorm", "squared_distance", "cosine_separation", "msdr"}
+METRICS = {
+    "nc1",
+    "nc2_etf",
+    "cdnv",
+    "vci",
+    "rank",
+    "effective_rank",
+    "ncc_mismatch",
+    "ncc_accuracy",
+    "logits_norm",
+    "feature_norm",
+    "equinorm",
+    "squared_distance",
+    "cosine_separation",
+    "msdr",
+}
 
 
 def _tiny(tmp_path, **kw):
-    base = dict(arch="resnet18", width=4, epochs=1, batch_size=16, metrics_every=1, clp_embed="pca",
-                out=str(tmp_path / "run"), progress=False, max_dim=16)
+    base = dict(
+        arch="resnet18",
+        width=4,
+        epochs=1,
+        batch_size=16,
+        metrics_every=1,
+        clp_embed="pca",
+        out=str(tmp_path / "run"),
+        progress=False,
+        max_dim=16,
+    )
     base.update(kw)
     return Config(**base)
 
@@ -55,8 +79,15 @@ def _check_outputs(out, epochs, layers, msdr=True):
         # the class distance over the training labels (paper 000 fig. 15 under --fine)
         assert (out / "class_distance" / f"epoch_{e:03d}_train_labels.npy").exists()
     summary = json.loads((out / "summary.json").read_text())
-    for k in ("clp_accuracy", "linear_probe_accuracy", "train_accuracy", "test_accuracy", "interpolation_epoch",
-              "final_metrics", "linear_probe_per_layer"):
+    for k in (
+        "clp_accuracy",
+        "linear_probe_accuracy",
+        "train_accuracy",
+        "test_accuracy",
+        "interpolation_epoch",
+        "final_metrics",
+        "linear_probe_per_layer",
+    ):
         assert k in summary
     # CLP only where a training class holds several original classes: never under fine labels
     assert (summary["clp_accuracy"] is None) == (not msdr)
@@ -88,14 +119,16 @@ def test_digits_coarse_end_to_end(tmp_path):
         for split in ("train", "test"):
             store = []
             hook = dict(model.named_modules())[name].register_forward_hook(
-                lambda m, i, o: store.append(o.reshape(o.shape[0], -1)))
+                lambda m, i, o: store.append(o.reshape(o.shape[0], -1))
+            )
             with torch.no_grad():
                 logits[split] = model(trainer.x[split])
             hook.remove()
             feats[split] = store[0]
         train_means = ncfast.class_moments(feats["train"], trainer.y["train"], num_classes=5).means
-        want = ncfast.nc_metrics(feats["test"], trainer.y["test"], num_classes=5, logits=logits["test"],
-                                 class_means=train_means)
+        want = ncfast.nc_metrics(
+            feats["test"], trainer.y["test"], num_classes=5, logits=logits["test"], class_means=train_means
+        )
         got = lines[-1]["layers"][name]["test"]
         assert got["ncc_accuracy"] == want["ncc_accuracy"] and got["ncc_mismatch"] == want["ncc_mismatch"]
 
@@ -187,15 +220,18 @@ def test_resume_refuses_a_checkpoint_with_a_pickle_payload(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage, needle", [
-    ("bit", "fails its integrity check"),          # one flipped bit in a weight
-    ("empty", "is not a readable checkpoint"),
-    ("truncated", "is not a readable checkpoint"),
-    ("garbage", "is not a readable checkpoint"),
-    ("missing", r"lacks \['opt'\]"),
-    ("list", "holds a list, not a checkpoint"),
-    ("wrong type", "does not fit this run's model and optimiser"),
-])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ("bit", "fails its integrity check"),  # one flipped bit in a weight
+        ("empty", "is not a readable checkpoint"),
+        ("truncated", "is not a readable checkpoint"),
+        ("garbage", "is not a readable checkpoint"),
+        ("missing", r"lacks \['opt'\]"),
+        ("list", "holds a list, not a checkpoint"),
+        ("wrong type", "does not fit this run's model and optimiser"),
+    ],
+)
 @pytest.mark.slow
 def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path, damage, needle):
     """A checkpoint carries the SHA-256 of its contents: a flipped bit is refused, not resumed; an
@@ -265,11 +301,43 @@ def test_command_line(tmp_path, capsys):
 # ------------------------------------------------------------------------ the Config and its flags
 
 # every flag of python -m ncfast.train, in --help's order
-FLAGS = ["--arch", "--depth", "--width", "--dataset", "--data", "--download", "--coarse", "--fine", "--random-coarse",
-         "--epochs", "--batch-size", "--train-subset", "--no-augment", "--lr", "--momentum", "--weight-decay",
-         "--schedule", "--metrics-every", "--distance-epochs", "--layers", "--logit-scale", "--loss", "--init",
-         "--init-scale", "--output-norm", "--svsl-alpha", "--svsl-from", "--clp-embed", "--it-threshold", "--max-dim",
-         "--seed", "--device", "--out", "--resume", "--no-progress"]
+FLAGS = [
+    "--arch",
+    "--depth",
+    "--width",
+    "--dataset",
+    "--data",
+    "--download",
+    "--coarse",
+    "--fine",
+    "--random-coarse",
+    "--epochs",
+    "--batch-size",
+    "--train-subset",
+    "--no-augment",
+    "--lr",
+    "--momentum",
+    "--weight-decay",
+    "--schedule",
+    "--metrics-every",
+    "--distance-epochs",
+    "--layers",
+    "--logit-scale",
+    "--loss",
+    "--init",
+    "--init-scale",
+    "--output-norm",
+    "--svsl-alpha",
+    "--svsl-from",
+    "--clp-embed",
+    "--it-threshold",
+    "--max-dim",
+    "--seed",
+    "--device",
+    "--out",
+    "--resume",
+    "--no-progress",
+]
 
 
 def _help_entries(capsys, monkeypatch) -> dict[str, str]:
@@ -279,7 +347,7 @@ def _help_entries(capsys, monkeypatch) -> dict[str, str]:
         parse_args(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    options = text[text.index("\noptions:\n") + len("\noptions:\n"):]
+    options = text[text.index("\noptions:\n") + len("\noptions:\n") :]
     entries = {}
     for block in re.split(r"\n(?=  -)", options):
         words = " ".join(block.split())
@@ -297,87 +365,123 @@ def test_every_config_field_is_a_flag_listed_in_help_with_its_default(capsys, mo
     assert list(fields) == FLAGS
     assert fields["--no-augment"].name == "augment" and fields["--no-progress"].name == "progress"
     shown = {flag: f.default for flag, f in fields.items() if f.default is not None and not isinstance(f.default, bool)}
-    assert shown == {"--arch": "resnet18", "--dataset": "digits", "--epochs": 60, "--batch-size": 128, "--lr": 0.01,
-                     "--momentum": 0.9, "--weight-decay": 5e-4, "--schedule": "cosine", "--metrics-every": 5,
-                     "--logit-scale": 1.0, "--loss": "ce", "--init": "default", "--init-scale": 1.0,
-                     "--svsl-alpha": 0.0, "--clp-embed": "tsne", "--it-threshold": 0.995, "--max-dim": 1024,
-                     "--seed": 0, "--device": "auto", "--out": "runs/latest"}
+    assert shown == {
+        "--arch": "resnet18",
+        "--dataset": "digits",
+        "--epochs": 60,
+        "--batch-size": 128,
+        "--lr": 0.01,
+        "--momentum": 0.9,
+        "--weight-decay": 5e-4,
+        "--schedule": "cosine",
+        "--metrics-every": 5,
+        "--logit-scale": 1.0,
+        "--loss": "ce",
+        "--init": "default",
+        "--init-scale": 1.0,
+        "--svsl-alpha": 0.0,
+        "--clp-embed": "tsne",
+        "--it-threshold": 0.995,
+        "--max-dim": 1024,
+        "--seed": 0,
+        "--device": "auto",
+        "--out": "runs/latest",
+    }
     for flag, default in shown.items():
         assert entries[flag].endswith(f"(default: {default})"), entries[flag]
     assert entries["--weight-decay"].endswith("(default: 0.0005)") and entries["--lr"].endswith("(default: 0.01)")
     for flag in set(FLAGS) - set(shown):
         assert "(default: " not in entries[flag].replace("(default: the model's", ""), entries[flag]
     # choices, and the values' names
-    assert entries["--arch"].startswith("--arch {resnet18,densenet121,vgg11,mlp,resnet34,densenet169,densenet201,"
-                                        "vgg13,vgg16,vgg19} ")
+    assert entries["--arch"].startswith(
+        "--arch {resnet18,densenet121,vgg11,mlp,resnet34,densenet169,densenet201,vgg13,vgg16,vgg19} "
+    )
     assert entries["--dataset"].startswith("--dataset {digits,mnist,fashion-mnist,cifar10,cifar100,gmm} ")
     assert entries["--loss"].startswith("--loss {ce,mse} ")
     assert entries["--schedule"].startswith("--schedule {cosine,step} ")
     assert entries["--init"].startswith("--init {default,kaiming} ")
     assert entries["--output-norm"].startswith("--output-norm {layernorm} ")
     assert entries["--clp-embed"].startswith("--clp-embed {tsne,pca,none} ")
-    for flag, value in (("--coarse", "K"), ("--random-coarse", "K"), ("--train-subset", "N"), ("--logit-scale", "T"),
-                        ("--distance-epochs", "E1,E2,..."), ("--svsl-from", "LAYER"), ("--batch-size", "BATCH_SIZE")):
+    for flag, value in (
+        ("--coarse", "K"),
+        ("--random-coarse", "K"),
+        ("--train-subset", "N"),
+        ("--logit-scale", "T"),
+        ("--distance-epochs", "E1,E2,..."),
+        ("--svsl-from", "LAYER"),
+        ("--batch-size", "BATCH_SIZE"),
+    ):
         assert entries[flag].startswith(f"{flag} {value} "), entries[flag]
     for flag in ("--download", "--fine", "--no-augment", "--resume", "--no-progress"):  # no value to give
         assert entries[flag] == f"{flag} {fields[flag].metadata['help']}"
-    assert entries["--no-augment"] == ("--no-augment train on the images as they are: no random crops or flips "
-                                       "(Papyan et al.'s protocol)")
+    assert entries["--no-augment"] == (
+        "--no-augment train on the images as they are: no random crops or flips (Papyan et al.'s protocol)"
+    )
     assert parse_args([]) == Config()
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"lr": 0}, "--lr must be a finite number > 0, got 0"),
-    ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
-    ({"epochs": 0}, "--epochs must be >= 1, got 0"),
-    ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
-    ({"metrics_every": -2}, "--metrics-every must be >= 1, got -2"),
-    ({"max_dim": 0}, "--max-dim must be >= 1, got 0"),
-    ({"train_subset": 0}, "--train-subset must be >= 1, got 0"),
-    ({"coarse": 5, "fine": True}, "--coarse, --fine and --random-coarse: choose at most one"),
-    ({"coarse": "official", "random_coarse": 3}, "--coarse, --fine and --random-coarse: choose at most one"),
-    ({"fine": True, "random_coarse": 3}, "--coarse, --fine and --random-coarse: choose at most one"),
-    ({"coarse": 1}, "--coarse must be a number of super-classes >= 2, or 'official', got 1"),
-    ({"coarse": "five"}, "--coarse: a number of super-classes K or 'official', got 'five'"),
-    ({"random_coarse": 0}, "--random-coarse must be a number of super-classes >= 2, got 0"),
-    ({"momentum": 1.0}, "--momentum must be a finite number in [0, 1), got 1.0"),
-    ({"weight_decay": -1e-4}, "--weight-decay must be a finite number >= 0, got -0.0001"),
-    ({"it_threshold": 0.0}, "--it-threshold must be a train accuracy in (0, 1], got 0.0"),
-    ({"init_scale": 0.0}, "--init-scale must be a finite number > 0, got 0.0"),
-    ({"logit_scale": float("inf")}, "--logit-scale must be a finite number > 0, got inf"),
-    ({"svsl_alpha": -1.0}, "--svsl-alpha must be a finite number >= 0, got -1.0"),
-    ({"svsl_from": " "}, "--svsl-from: expected a probed layer's name, got ' '"),
-    ({"seed": -1}, "--seed must be in [0, 4294967295] (2^32 - 1), got -1"),
-    ({"seed": 2**32}, "--seed must be in [0, 4294967295] (2^32 - 1), got 4294967296"),
-    ({"width": 0}, "--width must be between 1 and 16,777,216, got 0"),
-    ({"arch": "mlp", "depth": 0}, "--depth 0: the MLP needs at least 1 hidden layer, got 0"),
-    ({"arch": "vgg11", "depth": 12}, "--depth 12: vgg comes in depths (11, 13, 16, 19), got 12"),
-    ({"layers": []}, "--layers: expected comma-separated module names, got []"),
-    ({"layers": ["layer1", ""]}, "--layers: expected comma-separated module names, got ['layer1', '']"),
-    ({"distance_epochs": [0, 61]}, "--distance-epochs: must lie in [0, --epochs = 60], got [0, 61]"),
-    ({"epochs": 3, "distance_epochs": (-1, 2)}, "--distance-epochs: must lie in [0, --epochs = 3], got (-1, 2)"),
-    # the choices --help lists, and the fields' types
-    ({"arch": "resnet50"}, ("--arch: expected one of resnet18, densenet121, vgg11, mlp, resnet34, densenet169, "
-                            "densenet201, vgg13, vgg16, vgg19, got 'resnet50'")),
-    ({"dataset": "imagenet"}, ("--dataset: expected one of digits, mnist, fashion-mnist, cifar10, cifar100, gmm, "
-                               "got 'imagenet'")),
-    ({"loss": "l1"}, "--loss: expected one of ce, mse, got 'l1'"),
-    ({"schedule": "linear"}, "--schedule: expected one of cosine, step, got 'linear'"),
-    ({"init": "xavier"}, "--init: expected one of default, kaiming, got 'xavier'"),
-    ({"output_norm": "batchnorm"}, "--output-norm: expected one of layernorm, got 'batchnorm'"),
-    ({"clp_embed": "umap"}, "--clp-embed: expected one of tsne, pca, none, got 'umap'"),
-    ({"epochs": "3"}, "--epochs: expected an integer, got '3'"),
-    ({"epochs": 3.0}, "--epochs: expected an integer, got 3.0"),
-    ({"lr": "0.1"}, "--lr: expected a number, got '0.1'"),
-    ({"width": True}, "--width: expected an integer or None, got True"),
-    ({"fine": 1}, "--fine: expected True or False, got 1"),
-    ({"augment": "no"}, "--no-augment: expected True or False, got 'no'"),
-    ({"progress": None}, "--no-progress: expected True or False, got None"),
-    ({"coarse": 2.5}, "--coarse: expected an integer, a string or None, got 2.5"),
-    ({"layers": "layer1"}, "--layers: expected a list of strings or None, got 'layer1'"),
-    ({"distance_epochs": [1.5]}, "--distance-epochs: expected a list of integers or None, got [1.5]"),
-    ({"out": None}, "--out: expected a string, got None"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"lr": 0}, "--lr must be a finite number > 0, got 0"),
+        ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+        ({"epochs": 0}, "--epochs must be >= 1, got 0"),
+        ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+        ({"metrics_every": -2}, "--metrics-every must be >= 1, got -2"),
+        ({"max_dim": 0}, "--max-dim must be >= 1, got 0"),
+        ({"train_subset": 0}, "--train-subset must be >= 1, got 0"),
+        ({"coarse": 5, "fine": True}, "--coarse, --fine and --random-coarse: choose at most one"),
+        ({"coarse": "official", "random_coarse": 3}, "--coarse, --fine and --random-coarse: choose at most one"),
+        ({"fine": True, "random_coarse": 3}, "--coarse, --fine and --random-coarse: choose at most one"),
+        ({"coarse": 1}, "--coarse must be a number of super-classes >= 2, or 'official', got 1"),
+        ({"coarse": "five"}, "--coarse: a number of super-classes K or 'official', got 'five'"),
+        ({"random_coarse": 0}, "--random-coarse must be a number of super-classes >= 2, got 0"),
+        ({"momentum": 1.0}, "--momentum must be a finite number in [0, 1), got 1.0"),
+        ({"weight_decay": -1e-4}, "--weight-decay must be a finite number >= 0, got -0.0001"),
+        ({"it_threshold": 0.0}, "--it-threshold must be a train accuracy in (0, 1], got 0.0"),
+        ({"init_scale": 0.0}, "--init-scale must be a finite number > 0, got 0.0"),
+        ({"logit_scale": float("inf")}, "--logit-scale must be a finite number > 0, got inf"),
+        ({"svsl_alpha": -1.0}, "--svsl-alpha must be a finite number >= 0, got -1.0"),
+        ({"svsl_from": " "}, "--svsl-from: expected a probed layer's name, got ' '"),
+        ({"seed": -1}, "--seed must be in [0, 4294967295] (2^32 - 1), got -1"),
+        ({"seed": 2**32}, "--seed must be in [0, 4294967295] (2^32 - 1), got 4294967296"),
+        ({"width": 0}, "--width must be between 1 and 16,777,216, got 0"),
+        ({"arch": "mlp", "depth": 0}, "--depth 0: the MLP needs at least 1 hidden layer, got 0"),
+        ({"arch": "vgg11", "depth": 12}, "--depth 12: vgg comes in depths (11, 13, 16, 19), got 12"),
+        ({"layers": []}, "--layers: expected comma-separated module names, got []"),
+        ({"layers": ["layer1", ""]}, "--layers: expected comma-separated module names, got ['layer1', '']"),
+        ({"distance_epochs": [0, 61]}, "--distance-epochs: must lie in [0, --epochs = 60], got [0, 61]"),
+        ({"epochs": 3, "distance_epochs": (-1, 2)}, "--distance-epochs: must lie in [0, --epochs = 3], got (-1, 2)"),
+        # the choices --help lists, and the fields' types
+        (
+            {"arch": "resnet50"},
+            (
+                "--arch: expected one of resnet18, densenet121, vgg11, mlp, resnet34, densenet169, "
+                "densenet201, vgg13, vgg16, vgg19, got 'resnet50'"
+            ),
+        ),
+        (
+            {"dataset": "imagenet"},
+            ("--dataset: expected one of digits, mnist, fashion-mnist, cifar10, cifar100, gmm, got 'imagenet'"),
+        ),
+        ({"loss": "l1"}, "--loss: expected one of ce, mse, got 'l1'"),
+        ({"schedule": "linear"}, "--schedule: expected one of cosine, step, got 'linear'"),
+        ({"init": "xavier"}, "--init: expected one of default, kaiming, got 'xavier'"),
+        ({"output_norm": "batchnorm"}, "--output-norm: expected one of layernorm, got 'batchnorm'"),
+        ({"clp_embed": "umap"}, "--clp-embed: expected one of tsne, pca, none, got 'umap'"),
+        ({"epochs": "3"}, "--epochs: expected an integer, got '3'"),
+        ({"epochs": 3.0}, "--epochs: expected an integer, got 3.0"),
+        ({"lr": "0.1"}, "--lr: expected a number, got '0.1'"),
+        ({"width": True}, "--width: expected an integer or None, got True"),
+        ({"fine": 1}, "--fine: expected True or False, got 1"),
+        ({"augment": "no"}, "--no-augment: expected True or False, got 'no'"),
+        ({"progress": None}, "--no-progress: expected True or False, got None"),
+        ({"coarse": 2.5}, "--coarse: expected an integer, a string or None, got 2.5"),
+        ({"layers": "layer1"}, "--layers: expected a list of strings or None, got 'layer1'"),
+        ({"distance_epochs": [1.5]}, "--distance-epochs: expected a list of integers or None, got [1.5]"),
+        ({"out": None}, "--out: expected a string, got None"),
+    ],
+)
 def test_config_refuses_a_bad_value_naming_the_flag(fields, message):
     with pytest.raises(ValueError) as e:
         Config(**fields)
@@ -393,16 +497,52 @@ def test_config_is_checked_on_replace_and_takes_what_drivers_and_checkpoints_pas
         dataclasses.replace(cfg, epochs=2)
     assert dataclasses.replace(cfg, lr=0.1) == Config(arch="mlp", epochs=3, distance_epochs=[0, 3], lr=0.1)
     valid = [
-        Config(out=str(tmp_path), dataset="cifar100", coarse="official", width=None, epochs=350, metrics_every=10,
-               distance_epochs=(20, 120, 240, 350)),
-        Config(dataset="fashion-mnist", arch="resnet18", width=8, train_subset=5000, augment=False, coarse=5,
-               clp_embed="pca", layers=None, distance_epochs=[1, 5, 10, 20], epochs=20),
-        Config(arch="vgg19", depth=19, logit_scale=1000, init="kaiming", init_scale=0.5, output_norm="layernorm",
-               loss="mse", max_dim=2048, clp_embed="none", svsl_alpha=0, seed=np.int64(3)),
-        Config(arch="resnet34", layers=["layer1", "layer3", "pool"], svsl_alpha=4e-6, svsl_from="pool", fine=True,
-               schedule="step", it_threshold=1),
-        Config(arch="mlp", depth=10_000, width=1 << 24, random_coarse=3, seed=2**32 - 1, lr=1, momentum=0,
-               weight_decay=0),
+        Config(
+            out=str(tmp_path),
+            dataset="cifar100",
+            coarse="official",
+            width=None,
+            epochs=350,
+            metrics_every=10,
+            distance_epochs=(20, 120, 240, 350),
+        ),
+        Config(
+            dataset="fashion-mnist",
+            arch="resnet18",
+            width=8,
+            train_subset=5000,
+            augment=False,
+            coarse=5,
+            clp_embed="pca",
+            layers=None,
+            distance_epochs=[1, 5, 10, 20],
+            epochs=20,
+        ),
+        Config(
+            arch="vgg19",
+            depth=19,
+            logit_scale=1000,
+            init="kaiming",
+            init_scale=0.5,
+            output_norm="layernorm",
+            loss="mse",
+            max_dim=2048,
+            clp_embed="none",
+            svsl_alpha=0,
+            seed=np.int64(3),
+        ),
+        Config(
+            arch="resnet34",
+            layers=["layer1", "layer3", "pool"],
+            svsl_alpha=4e-6,
+            svsl_from="pool",
+            fine=True,
+            schedule="step",
+            it_threshold=1,
+        ),
+        Config(
+            arch="mlp", depth=10_000, width=1 << 24, random_coarse=3, seed=2**32 - 1, lr=1, momentum=0, weight_decay=0
+        ),
     ]
     for cfg in valid:
         assert Config(**dataclasses.asdict(cfg)) == cfg
@@ -411,23 +551,122 @@ def test_config_is_checked_on_replace_and_takes_what_drivers_and_checkpoints_pas
 
 COMMAND_LINES = [
     ([], Config()),
-    (["--arch", "mlp", "--coarse", "5", "--layers", "layer1, layer2", "--epochs", "3"],
-     Config(arch="mlp", coarse=5, layers=["layer1", "layer2"], epochs=3)),
-    (["--arch", "resnet18", "--depth", "34", "--width", "16", "--dataset", "cifar100", "--data", "/data/cifar",
-      "--download", "--coarse", "official", "--epochs", "60", "--batch-size", "256", "--train-subset", "2000",
-      "--no-augment", "--lr", "0.1", "--momentum", "0", "--weight-decay", "5e-3", "--schedule", "step",
-      "--metrics-every", "10", "--distance-epochs", "0,10,60", "--seed", "7", "--device", "cpu", "--out", "runs/x",
-      "--resume", "--no-progress"],
-     Config(arch="resnet18", depth=34, width=16, dataset="cifar100", data="/data/cifar", download=True,
-            coarse="official", epochs=60, batch_size=256, train_subset=2000, augment=False, lr=0.1, momentum=0.0,
-            weight_decay=0.005, schedule="step", metrics_every=10, distance_epochs=[0, 10, 60], seed=7, device="cpu",
-            out="runs/x", resume=True, progress=False)),
-    (["--dataset", "gmm", "--arch", "mlp", "--fine", "--logit-scale", "100", "--loss", "mse", "--init", "kaiming",
-      "--init-scale", "0.5", "--output-norm", "layernorm", "--svsl-alpha", "1e-5", "--svsl-from", "layer2",
-      "--clp-embed", "pca", "--it-threshold", "0.9", "--max-dim", "64"],
-     Config(dataset="gmm", arch="mlp", fine=True, logit_scale=100.0, loss="mse", init="kaiming", init_scale=0.5,
-            output_norm="layernorm", svsl_alpha=1e-5, svsl_from="layer2", clp_embed="pca", it_threshold=0.9,
-            max_dim=64)),
+    (
+        ["--arch", "mlp", "--coarse", "5", "--layers", "layer1, layer2", "--epochs", "3"],
+        Config(arch="mlp", coarse=5, layers=["layer1", "layer2"], epochs=3),
+    ),
+    (
+        [
+            "--arch",
+            "resnet18",
+            "--depth",
+            "34",
+            "--width",
+            "16",
+            "--dataset",
+            "cifar100",
+            "--data",
+            "/data/cifar",
+            "--download",
+            "--coarse",
+            "official",
+            "--epochs",
+            "60",
+            "--batch-size",
+            "256",
+            "--train-subset",
+            "2000",
+            "--no-augment",
+            "--lr",
+            "0.1",
+            "--momentum",
+            "0",
+            "--weight-decay",
+            "5e-3",
+            "--schedule",
+            "step",
+            "--metrics-every",
+            "10",
+            "--distance-epochs",
+            "0,10,60",
+            "--seed",
+            "7",
+            "--device",
+            "cpu",
+            "--out",
+            "runs/x",
+            "--resume",
+            "--no-progress",
+        ],
+        Config(
+            arch="resnet18",
+            depth=34,
+            width=16,
+            dataset="cifar100",
+            data="/data/cifar",
+            download=True,
+            coarse="official",
+            epochs=60,
+            batch_size=256,
+            train_subset=2000,
+            augment=False,
+            lr=0.1,
+            momentum=0.0,
+            weight_decay=0.005,
+            schedule="step",
+            metrics_every=10,
+            distance_epochs=[0, 10, 60],
+            seed=7,
+            device="cpu",
+            out="runs/x",
+            resume=True,
+            progress=False,
+        ),
+    ),
+    (
+        [
+            "--dataset",
+            "gmm",
+            "--arch",
+            "mlp",
+            "--fine",
+            "--logit-scale",
+            "100",
+            "--loss",
+            "mse",
+            "--init",
+            "kaiming",
+            "--init-scale",
+            "0.5",
+            "--output-norm",
+            "layernorm",
+            "--svsl-alpha",
+            "1e-5",
+            "--svsl-from",
+            "layer2",
+            "--clp-embed",
+            "pca",
+            "--it-threshold",
+            "0.9",
+            "--max-dim",
+            "64",
+        ],
+        Config(
+            dataset="gmm",
+            arch="mlp",
+            fine=True,
+            logit_scale=100.0,
+            loss="mse",
+            init="kaiming",
+            init_scale=0.5,
+            output_norm="layernorm",
+            svsl_alpha=1e-5,
+            svsl_from="layer2",
+            clp_embed="pca",
+            it_threshold=0.9,
+            max_dim=64,
+        ),
+    ),
     (["--random-coarse", "3", "--seed", "4294967295"], Config(random_coarse=3, seed=2**32 - 1)),
 ]
 
@@ -447,14 +686,36 @@ def test_command_line_paper_knobs(tmp_path, capsys):
     assert cfg.logit_scale == 100.0 and cfg.svsl_alpha == 1e-5 and cfg.svsl_from == "layer2"
     cfg = parse_args([])
     assert cfg.logit_scale == 1.0 and cfg.svsl_alpha == 0.0 and cfg.svsl_from is None
-    for bad in (["--logit-scale", "0"], ["--logit-scale", "-1"], ["--logit-scale", "nan"],
-                ["--svsl-alpha", "-1e-5"], ["--temperature", "2"], ["--svsl-gamma", "1"]):
+    for bad in (
+        ["--logit-scale", "0"],
+        ["--logit-scale", "-1"],
+        ["--logit-scale", "nan"],
+        ["--svsl-alpha", "-1e-5"],
+        ["--temperature", "2"],
+        ["--svsl-gamma", "1"],
+    ):
         with pytest.raises(SystemExit):
             parse_args(bad)
         assert bad[0] in capsys.readouterr().err
     out = str(tmp_path / "x")
-    assert main(["--dataset", "gmm", "--arch", "mlp", "--svsl-alpha", "1e-5", "--svsl-from", "layer7",
-                 "--out", out, "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "--dataset",
+                "gmm",
+                "--arch",
+                "mlp",
+                "--svsl-alpha",
+                "1e-5",
+                "--svsl-from",
+                "layer7",
+                "--out",
+                out,
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "--svsl-from" in err and "layer7" in err and "layer1" in err
 
@@ -463,13 +724,30 @@ def test_command_line_paper_knobs(tmp_path, capsys):
 def test_paper_knobs_run_and_change_training(tmp_path):
     """--svsl-alpha / --svsl-from, --logit-scale, --init-scale and --output-norm reach the run: the
     LayerNorm becomes the penultimate layer, and SVSL changes the first epoch's loss."""
-    base = dict(dataset="digits", arch="mlp", coarse=5, epochs=1, batch_size=256, metrics_every=1,
-                clp_embed="none", progress=False)
+    base = dict(
+        dataset="digits",
+        arch="mlp",
+        coarse=5,
+        epochs=1,
+        batch_size=256,
+        metrics_every=1,
+        clp_embed="none",
+        progress=False,
+    )
     plain = Trainer(Config(out=str(tmp_path / "plain"), **base))
     assert plain.logit_scale == 1.0 and plain.svsl_layers == []
     plain.run()
-    knobs = Trainer(Config(out=str(tmp_path / "knobs"), svsl_alpha=0.5, svsl_from="layer2", logit_scale=2.0,
-                           init_scale=0.5, output_norm="layernorm", **base))
+    knobs = Trainer(
+        Config(
+            out=str(tmp_path / "knobs"),
+            svsl_alpha=0.5,
+            svsl_from="layer2",
+            logit_scale=2.0,
+            init_scale=0.5,
+            output_norm="layernorm",
+            **base,
+        )
+    )
     assert knobs.model.penultimate_name == "norm" and knobs.layers == ["layer1", "layer2", "norm"]
     assert knobs.svsl_layers == ["layer2", "norm"] and knobs.logit_scale == 2.0
     summary = knobs.run()
@@ -490,8 +768,9 @@ def test_no_augment_and_the_per_epoch_history(tmp_path, monkeypatch):
     calls = []
     real = trainer_mod.augment_batch
     monkeypatch.setattr(trainer_mod, "augment_batch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    base = dict(dataset="digits", arch="mlp", epochs=3, batch_size=512, metrics_every=2, clp_embed="none",
-                progress=False)
+    base = dict(
+        dataset="digits", arch="mlp", epochs=3, batch_size=512, metrics_every=2, clp_embed="none", progress=False
+    )
     Trainer(Config(out=str(tmp_path / "plain"), augment=False, **base)).run()
     assert calls == []
     augmented = Trainer(Config(out=str(tmp_path / "augmented"), **base))
@@ -508,7 +787,10 @@ def test_no_augment_and_the_per_epoch_history(tmp_path, monkeypatch):
     for r in rows:
         assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0
         if r["epoch"] in measured:
-            assert (r["train_acc"], r["test_acc"]) == (measured[r["epoch"]]["train_acc"], measured[r["epoch"]]["test_acc"])
+            assert (r["train_acc"], r["test_acc"]) == (
+                measured[r["epoch"]]["train_acc"],
+                measured[r["epoch"]]["test_acc"],
+            )
 
 
 def test_train_subset_draws_rows_with_the_seed(tmp_path):
@@ -560,8 +842,20 @@ def test_training_loss_is_ce_of_scaled_logits_plus_svsl(tmp_path):
     logits, with C = the number of training classes."""
     from ncfast.losses import svsl_loss
 
-    t = Trainer(Config(dataset="gmm", arch="mlp", coarse=4, epochs=1, batch_size=100_000, progress=False,
-                       out=str(tmp_path / "run"), svsl_alpha=20.0, svsl_from="layer2", logit_scale=3.0))
+    t = Trainer(
+        Config(
+            dataset="gmm",
+            arch="mlp",
+            coarse=4,
+            epochs=1,
+            batch_size=100_000,
+            progress=False,
+            out=str(tmp_path / "run"),
+            svsl_alpha=20.0,
+            svsl_from="layer2",
+            logit_scale=3.0,
+        )
+    )
     x, y = t.x["train"], t.y["train"]
     assert t.num_train_classes == 4 and not t.ds.augment
     with torch.no_grad():
@@ -632,23 +926,52 @@ def test_mse_loss_is_squared_distance_of_softmax_to_one_hot():
 
 @pytest.mark.slow
 def test_depth_width_init_loss_flags_reach_the_run(tmp_path):
-    cfg = parse_args(["--arch", "mlp", "--depth", "3", "--width", "32", "--init", "kaiming", "--loss", "mse",
-                      "--distance-epochs", "0,2", "--coarse", "official", "--dataset", "cifar100"])
-    assert (cfg.depth, cfg.width, cfg.init, cfg.loss, cfg.distance_epochs, cfg.coarse) == \
-        (3, 32, "kaiming", "mse", [0, 2], "official")
+    cfg = parse_args(
+        [
+            "--arch",
+            "mlp",
+            "--depth",
+            "3",
+            "--width",
+            "32",
+            "--init",
+            "kaiming",
+            "--loss",
+            "mse",
+            "--distance-epochs",
+            "0,2",
+            "--coarse",
+            "official",
+            "--dataset",
+            "cifar100",
+        ]
+    )
+    assert (cfg.depth, cfg.width, cfg.init, cfg.loss, cfg.distance_epochs, cfg.coarse) == (
+        3,
+        32,
+        "kaiming",
+        "mse",
+        [0, 2],
+        "official",
+    )
     assert parse_args([]).width is None and parse_args(["--coarse", "5"]).coarse == 5
     for argv in (["--coarse", "five"], ["--distance-epochs", "a,b"], ["--width", "0"], ["--loss", "l1"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
-    base = dict(dataset="digits", arch="mlp", depth=3, width=16, epochs=1, batch_size=512, clp_embed="none",
-                progress=False)
+    base = dict(
+        dataset="digits", arch="mlp", depth=3, width=16, epochs=1, batch_size=512, clp_embed="none", progress=False
+    )
     t = Trainer(Config(out=str(tmp_path / "run"), loss="mse", init="kaiming", **base))
     assert t.layers == ["layer1", "layer2", "layer3"] and t.model.head.in_features == 16
     summary = t.run()
     assert summary["config"]["loss"] == "mse" and 0 <= summary["train_accuracy"] <= 1
     # the MSE of a 10-way softmax is below 2 (its maximum), the CE of the same net is not bounded so
     assert 0 < t.history[1]["train_loss"] < 2
-    for bad, match in (({"loss": "l1"}, "--loss"), ({"depth": 0}, "depth"), ({"distance_epochs": [5]}, "--distance-epochs")):
+    for bad, match in (
+        ({"loss": "l1"}, "--loss"),
+        ({"depth": 0}, "depth"),
+        ({"distance_epochs": [5]}, "--distance-epochs"),
+    ):
         with pytest.raises(ValueError, match=match):
             Trainer(Config(out=str(tmp_path / "bad"), **{**base, **bad}))
 
@@ -657,9 +980,23 @@ def test_depth_width_init_loss_flags_reach_the_run(tmp_path):
 def test_distance_epochs_and_the_interpolation_epoch_are_measured(tmp_path):
     """--distance-epochs are measured whatever --metrics-every says and are exactly the class-distance
     files; the interpolation epoch (first train accuracy >= it_threshold) is measured too."""
-    t = Trainer(Config(dataset="digits", arch="mlp", width=64, epochs=6, batch_size=64, lr=0.1, augment=False,
-                       metrics_every=100, distance_epochs=[2], it_threshold=0.9, clp_embed="none",
-                       progress=False, out=str(tmp_path / "run")))
+    t = Trainer(
+        Config(
+            dataset="digits",
+            arch="mlp",
+            width=64,
+            epochs=6,
+            batch_size=64,
+            lr=0.1,
+            augment=False,
+            metrics_every=100,
+            distance_epochs=[2],
+            it_threshold=0.9,
+            clp_embed="none",
+            progress=False,
+            out=str(tmp_path / "run"),
+        )
+    )
     t.run()
     it = next(r["epoch"] for r in t.history if r["epoch"] > 0 and r["train_acc"] >= 0.9)
     measured = [r["epoch"] for r in t.history if "layers" in r]
@@ -692,8 +1029,21 @@ def test_on_measured_hook_adds_to_the_measured_records(tmp_path):
             w = self.model.head.weight.detach().double()
             record["head_norm"] = float(w.norm())
 
-    t = Norms(Config(dataset="digits", arch="mlp", width=32, epochs=4, batch_size=128, lr=0.05, augment=False,
-                     metrics_every=2, clp_embed="none", progress=False, out=str(tmp_path / "run")))
+    t = Norms(
+        Config(
+            dataset="digits",
+            arch="mlp",
+            width=32,
+            epochs=4,
+            batch_size=128,
+            lr=0.05,
+            augment=False,
+            metrics_every=2,
+            clp_embed="none",
+            progress=False,
+            out=str(tmp_path / "run"),
+        )
+    )
     t.run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 2, 4]
@@ -704,6 +1054,7 @@ def test_on_measured_hook_adds_to_the_measured_records(tmp_path):
 
 
 # ------------------------------------------------------------------------------- bad input, one line
+
 
 def _cli(argv, capsys):
     """(exit status, stderr) of ``main(argv)`` in this process: a parse error is argparse's SystemExit;
@@ -727,42 +1078,65 @@ def _assert_one_line(code, err, *needles):
         assert needle in last, (needle, err)
 
 
-@pytest.mark.parametrize("extra, needle", [
-    # checked by Config, which parse_args builds: argparse's one line, exit 2
-    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--lr", "0"], "--lr"),
-    (["--momentum", "5"], "--momentum"), (["--momentum", "-0.1"], "--momentum"), (["--momentum", "nan"], "--momentum"),
-    (["--momentum", "1"], "--momentum"),
-    (["--weight-decay", "nan"], "--weight-decay"), (["--weight-decay", "-1"], "--weight-decay"),
-    (["--init-scale", "nan"], "--init-scale"), (["--init-scale", "0"], "--init-scale"),
-    (["--it-threshold", "7"], "--it-threshold"), (["--it-threshold", "0"], "--it-threshold"),
-    (["--it-threshold", "nan"], "--it-threshold"),
-    (["--seed", "-5"], "--seed"), (["--seed", str(10**23)], "--seed"), (["--seed", str(2**32)], "--seed"),
-    (["--depth", "10001"], "--depth 10001: the MLP takes at most 10,000 hidden layers"),
-    (["--depth", str(10**8)], "--depth"), (["--depth", "0"], "--depth"),
-    (["--arch", "resnet18", "--depth", "7"], "--depth 7: resnet comes in depths (18, 34)"),
-    (["--width", str(10**23)], "--width"), (["--width", "0"], "--width"),
-    (["--layers", ""], "--layers"), (["--layers", " , "], "--layers"),
-    (["--distance-epochs", "a,b"], "--distance-epochs"), (["--distance-epochs", ""], "--distance-epochs"),
-    (["--coarse", "0"], "--coarse"), (["--coarse", "-3"], "--coarse"), (["--coarse", "1"], "--coarse"),
-    (["--random-coarse", "0"], "--random-coarse"), (["--random-coarse", "1"], "--random-coarse"),
-    (["--train-subset", "-1"], "--train-subset"), (["--train-subset", "0"], "--train-subset"),
-    (["--distance-epochs", "5"], "--distance-epochs: must lie in [0, --epochs = 1], got [5]"),
-    (["--epochs", "0"], "--epochs must be >= 1, got 0"), (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--metrics-every", "0"], "--metrics-every"), (["--max-dim", "0"], "--max-dim must be >= 1, got 0"),
-    # checked when the run starts: "error: ..." on one line, exit 2
-    (["--train-subset", "1"], "--train-subset 1: the samples drawn hold one training class"),
-    (["--svsl-from", "nosuch"], "--svsl-from"),
-    (["--coarse", "11"], "--coarse"), (["--random-coarse", "11"], "--random-coarse"),
-    (["--coarse", "official"], "--coarse official"),
-    (["--device", "nosuch"], "--device nosuch: not a device"),
-    (["--device", "meta"], "--device meta"),
-    (["--device", "cuda:99"], "--device cuda:99"),
-    (["--dataset", "gmm", "--arch", "resnet18"], "--arch resnet18"),
-    (["--out", "{file}/run"], "--out {file}/run: could not create the output folder"),
-    (["--dataset", "fashion-mnist", "--data", "{tmp}/nonexistent"], "{tmp}/nonexistent"),
-    (["--dataset", "mnist", "--data", "{file}"], "{file}"),
-    (["--dataset", "cifar10", "--data", "{file}"], "{file}"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        # checked by Config, which parse_args builds: argparse's one line, exit 2
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--lr", "0"], "--lr"),
+        (["--momentum", "5"], "--momentum"),
+        (["--momentum", "-0.1"], "--momentum"),
+        (["--momentum", "nan"], "--momentum"),
+        (["--momentum", "1"], "--momentum"),
+        (["--weight-decay", "nan"], "--weight-decay"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--init-scale", "nan"], "--init-scale"),
+        (["--init-scale", "0"], "--init-scale"),
+        (["--it-threshold", "7"], "--it-threshold"),
+        (["--it-threshold", "0"], "--it-threshold"),
+        (["--it-threshold", "nan"], "--it-threshold"),
+        (["--seed", "-5"], "--seed"),
+        (["--seed", str(10**23)], "--seed"),
+        (["--seed", str(2**32)], "--seed"),
+        (["--depth", "10001"], "--depth 10001: the MLP takes at most 10,000 hidden layers"),
+        (["--depth", str(10**8)], "--depth"),
+        (["--depth", "0"], "--depth"),
+        (["--arch", "resnet18", "--depth", "7"], "--depth 7: resnet comes in depths (18, 34)"),
+        (["--width", str(10**23)], "--width"),
+        (["--width", "0"], "--width"),
+        (["--layers", ""], "--layers"),
+        (["--layers", " , "], "--layers"),
+        (["--distance-epochs", "a,b"], "--distance-epochs"),
+        (["--distance-epochs", ""], "--distance-epochs"),
+        (["--coarse", "0"], "--coarse"),
+        (["--coarse", "-3"], "--coarse"),
+        (["--coarse", "1"], "--coarse"),
+        (["--random-coarse", "0"], "--random-coarse"),
+        (["--random-coarse", "1"], "--random-coarse"),
+        (["--train-subset", "-1"], "--train-subset"),
+        (["--train-subset", "0"], "--train-subset"),
+        (["--distance-epochs", "5"], "--distance-epochs: must lie in [0, --epochs = 1], got [5]"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--metrics-every", "0"], "--metrics-every"),
+        (["--max-dim", "0"], "--max-dim must be >= 1, got 0"),
+        # checked when the run starts: "error: ..." on one line, exit 2
+        (["--train-subset", "1"], "--train-subset 1: the samples drawn hold one training class"),
+        (["--svsl-from", "nosuch"], "--svsl-from"),
+        (["--coarse", "11"], "--coarse"),
+        (["--random-coarse", "11"], "--random-coarse"),
+        (["--coarse", "official"], "--coarse official"),
+        (["--device", "nosuch"], "--device nosuch: not a device"),
+        (["--device", "meta"], "--device meta"),
+        (["--device", "cuda:99"], "--device cuda:99"),
+        (["--dataset", "gmm", "--arch", "resnet18"], "--arch resnet18"),
+        (["--out", "{file}/run"], "--out {file}/run: could not create the output folder"),
+        (["--dataset", "fashion-mnist", "--data", "{tmp}/nonexistent"], "{tmp}/nonexistent"),
+        (["--dataset", "mnist", "--data", "{file}"], "{file}"),
+        (["--dataset", "cifar10", "--data", "{file}"], "{file}"),
+    ],
+)
 def test_bad_flags_are_one_line_errors_naming_the_flag(tmp_path, capsys, extra, needle):
     """Every bad value is refused before training, on one line that names the flag (or the file),
     with exit status 2 and no traceback. Before these checks --lr nan / --weight-decay nan trained
@@ -790,12 +1164,22 @@ def test_config_values_are_checked_by_the_trainer_too(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_mod, "load_dataset", trap)
     base = {"dataset": "digits", "arch": "mlp", "epochs": 1, "progress": False, "out": str(tmp_path / "run")}
-    for bad, match in (({"lr": float("nan")}, "--lr"), ({"lr": 0.0}, "--lr"), ({"momentum": 5.0}, "--momentum"),
-                       ({"weight_decay": float("nan")}, "--weight-decay"), ({"it_threshold": 7.0}, "--it-threshold"),
-                       ({"init_scale": float("nan")}, "--init-scale"), ({"seed": -5}, "--seed"),
-                       ({"seed": 10**23}, "--seed"), ({"depth": 10**8}, "--depth"), ({"device": "nosuch"}, "--device"),
-                       ({"coarse": 1}, "--coarse"), ({"fine": True, "random_coarse": 3}, "--coarse, --fine"),
-                       ({"distance_epochs": [2]}, "--distance-epochs"), ({"loss": "l1"}, "--loss")):
+    for bad, match in (
+        ({"lr": float("nan")}, "--lr"),
+        ({"lr": 0.0}, "--lr"),
+        ({"momentum": 5.0}, "--momentum"),
+        ({"weight_decay": float("nan")}, "--weight-decay"),
+        ({"it_threshold": 7.0}, "--it-threshold"),
+        ({"init_scale": float("nan")}, "--init-scale"),
+        ({"seed": -5}, "--seed"),
+        ({"seed": 10**23}, "--seed"),
+        ({"depth": 10**8}, "--depth"),
+        ({"device": "nosuch"}, "--device"),
+        ({"coarse": 1}, "--coarse"),
+        ({"fine": True, "random_coarse": 3}, "--coarse, --fine"),
+        ({"distance_epochs": [2]}, "--distance-epochs"),
+        ({"loss": "l1"}, "--loss"),
+    ):
         with pytest.raises(ValueError, match=f"^{match}"):
             Trainer(Config(**{**base, **bad}))
         cfg = Config(**base)
@@ -811,8 +1195,26 @@ def test_layers_without_the_penultimate_layer_run_to_the_end(tmp_path, capsys):
     traceback in summary.json's initial logits norm) and nc_curves.png shows the deepest probed
     layer."""
     out = tmp_path / "run"
-    code, err = _cli(["--arch", "mlp", "--width", "32", "--epochs", "1", "--batch-size", "512", "--layers", "layer1",
-                      "--clp-embed", "none", "--no-progress", "--out", str(out)], capsys)
+    code, err = _cli(
+        [
+            "--arch",
+            "mlp",
+            "--width",
+            "32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "512",
+            "--layers",
+            "layer1",
+            "--clp-embed",
+            "none",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["final_metrics"]) == {"layer1"} and summary["initial_logits_norm"] is None
@@ -820,6 +1222,7 @@ def test_layers_without_the_penultimate_layer_run_to_the_end(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------- memory, beforehand
+
 
 def test_a_model_too_large_for_memory_is_refused_before_it_is_built(tmp_path, monkeypatch, capsys):
     """--width 3000000 (and an MLP 10,000 layers deep) are refused before the model is built, naming
@@ -836,14 +1239,22 @@ def test_a_model_too_large_for_memory_is_refused_before_it_is_built(tmp_path, mo
 
     monkeypatch.setattr(trainer_mod, "build_model", trap)
     base = ["--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]
-    for extra, flag in ((["--arch", "mlp", "--width", "3000000"], "--width 3000000: mlp has 9e+12 parameters"),
-                        (["--arch", "resnet18", "--width", "3000000"], "--width 3000000: resnet18 has"),
-                        (["--arch", "mlp", "--depth", "10000"], "--depth 10000: mlp has 2.6e+09 parameters")):
+    for extra, flag in (
+        (["--arch", "mlp", "--width", "3000000"], "--width 3000000: mlp has 9e+12 parameters"),
+        (["--arch", "resnet18", "--width", "3000000"], "--width 3000000: resnet18 has"),
+        (["--arch", "mlp", "--depth", "10000"], "--depth 10000: mlp has 2.6e+09 parameters"),
+    ):
         t0 = time.perf_counter()
         code, err = _cli(base + extra, capsys)
         assert time.perf_counter() - t0 < 10
-        _assert_one_line(code, err, flag, "GiB with gradients, momentum and a checkpoint copy",
-                         "more than the 1.0 GiB free on cpu", "lower --width (or --depth)")
+        _assert_one_line(
+            code,
+            err,
+            flag,
+            "GiB with gradients, momentum and a checkpoint copy",
+            "more than the 1.0 GiB free on cpu",
+            "lower --width (or --depth)",
+        )
 
 
 def test_a_batch_too_large_for_memory_is_refused_before_training(tmp_path, monkeypatch, capsys):
@@ -857,15 +1268,41 @@ def test_a_batch_too_large_for_memory_is_refused_before_training(tmp_path, monke
     params, floats = footprint("resnet18", 10, 3, 32, width=8)
     free = params * 16 + 16 * floats * 4  # the model and 16 samples' activations
     monkeypatch.setattr(trainer_mod, "available_bytes", lambda device: free)
-    base = {"dataset": "cifar10", "data": str(tmp_path / "data"), "arch": "resnet18", "width": 8, "epochs": 1,
-            "progress": False, "out": str(tmp_path / "run")}
+    base = {
+        "dataset": "cifar10",
+        "data": str(tmp_path / "data"),
+        "arch": "resnet18",
+        "width": 8,
+        "epochs": 1,
+        "progress": False,
+        "out": str(tmp_path / "run"),
+    }
     Trainer(Config(batch_size=16, **base))  # fits
     with pytest.raises(ValueError, match=r"^--batch-size 17: a batch of 17 samples"):
         Trainer(Config(batch_size=17, **base))
-    code, err = _cli(["--dataset", "cifar10", "--data", str(tmp_path / "data"), "--arch", "resnet18", "--width", "8",
-                      "--batch-size", str(10**9), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")], capsys)
-    _assert_one_line(code, err, f"--batch-size {10**9}: a batch of 60 samples x {floats:,} activation floats",
-                     "lower --batch-size")
+    code, err = _cli(
+        [
+            "--dataset",
+            "cifar10",
+            "--data",
+            str(tmp_path / "data"),
+            "--arch",
+            "resnet18",
+            "--width",
+            "8",
+            "--batch-size",
+            str(10**9),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capsys,
+    )
+    _assert_one_line(
+        code, err, f"--batch-size {10**9}: a batch of 60 samples x {floats:,} activation floats", "lower --batch-size"
+    )
 
 
 def test_the_memory_check_admits_the_readme_runs(monkeypatch):
@@ -877,13 +1314,18 @@ def test_the_memory_check_admits_the_readme_runs(monkeypatch):
     params, floats = footprint("resnet18", 10, 3, 32)
     assert params * 16 + 128 * floats * 4 < 2 * 2**30  # about 0.8 GiB of 24 GB
     monkeypatch.setattr(trainer_mod, "available_bytes", lambda device: 24 * 10**9)
-    for arch, channels, size, n in (("resnet18", 1, (8, 8), 1437), ("resnet18", 3, (32, 32), 50000),
-                                    ("vgg11", 3, (32, 32), 50000), ("densenet121", 3, (32, 32), 50000),
-                                    ("mlp", 1, (28, 28), 60000)):
+    for arch, channels, size, n in (
+        ("resnet18", 1, (8, 8), 1437),
+        ("resnet18", 3, (32, 32), 50000),
+        ("vgg11", 3, (32, 32), 50000),
+        ("densenet121", 3, (32, 32), 50000),
+        ("mlp", 1, (28, 28), 60000),
+    ):
         trainer_mod.check_fits(Config(arch=arch, batch_size=128), 10, channels, size, n, "cpu")
 
 
 # -------------------------------------------------------------------------------------- a full disk
+
 
 def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -895,8 +1337,19 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_names_it(tmp_path, monkeypatc
     checkpoint.pt and the cause, exit 2; the temp file is removed and the previous checkpoint is kept
     and still resumes. Before, the OSError escaped main as a traceback."""
     out = tmp_path / "run"
-    argv = ["--arch", "mlp", "--width", "32", "--batch-size", "512", "--clp-embed", "none", "--no-progress",
-            "--out", str(out)]
+    argv = [
+        "--arch",
+        "mlp",
+        "--width",
+        "32",
+        "--batch-size",
+        "512",
+        "--clp-embed",
+        "none",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert _cli(argv + ["--epochs", "1"], capsys)[0] == 0
     path = out / "checkpoint.pt"
     before = path.read_bytes()
@@ -930,8 +1383,24 @@ def test_a_full_disk_names_the_figure(tmp_path, monkeypatch, capsys):
         _no_space()
 
     monkeypatch.setattr(Figure, "savefig", partial_then_full)
-    code, err = _cli(["--arch", "mlp", "--width", "32", "--batch-size", "512", "--epochs", "1", "--clp-embed", "none",
-                      "--no-progress", "--out", str(out)], capsys)
+    code, err = _cli(
+        [
+            "--arch",
+            "mlp",
+            "--width",
+            "32",
+            "--batch-size",
+            "512",
+            "--epochs",
+            "1",
+            "--clp-embed",
+            "none",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     _assert_one_line(code, err, f"{old}: could not write the figure: No space left on device")
     assert old.read_bytes() == b"the previous run's figure"
     assert not list((out / "figures").glob("*.tmp"))
@@ -942,9 +1411,30 @@ def test_a_diverging_run_stops_naming_the_split_and_the_epoch(tmp_path, capsys):
     line naming the split, the epoch and the layer, exit 2, and writes no row for that epoch (it does
     not go on with NaN rows, nor drop them quietly)."""
     out = tmp_path / "run"
-    code, err = _cli(["--arch", "mlp", "--width", "32", "--batch-size", "512", "--dataset", "digits", "--epochs", "2",
-                      "--lr", "1e30", "--metrics-every", "1", "--clp-embed", "none", "--no-progress", "--out", str(out)],
-                     capsys)
+    code, err = _cli(
+        [
+            "--arch",
+            "mlp",
+            "--width",
+            "32",
+            "--batch-size",
+            "512",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e30",
+            "--metrics-every",
+            "1",
+            "--clp-embed",
+            "none",
+            "--no-progress",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     _assert_one_line(code, err, "measuring the train split after epoch 1: layer 'layer1'", "NaN or Inf")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0]

@@ -2,6 +2,7 @@
 
 Every file is written here into tmp_path (tiny IDX files, tiny CIFAR pickles); nothing is downloaded.
 """
+
 import dataclasses
 import gzip
 import hashlib
@@ -25,8 +26,8 @@ from ncfast.train import data
 from ncfast.train.data import augment_batch, batches, gaussian_mixture, load_dataset
 from ncfast.train.models import ARCHS, build_model, logits_for_loss
 
-
 # ------------------------------------------------------------------------------------------ helpers
+
 
 def write_idx(path, array, gz):
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(">" + "I" * array.ndim, *array.shape)
@@ -120,8 +121,7 @@ def expected_normalised(train_u8, test_u8, scale):
 def features_at(model, name, x):
     """(logits, output of module `name`) for one forward pass."""
     seen = {}
-    hook = dict(model.named_modules())[name].register_forward_hook(
-        lambda m, i, o: seen.setdefault("h", o))
+    hook = dict(model.named_modules())[name].register_forward_hook(lambda m, i, o: seen.setdefault("h", o))
     try:
         logits = model(x)
     finally:
@@ -130,6 +130,7 @@ def features_at(model, name, x):
 
 
 # ---------------------------------------------------------------------------------- MNIST / IDX
+
 
 @pytest.mark.parametrize("gz", [True, False, "mixed"])
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
@@ -142,8 +143,9 @@ def test_idx_sets_load_with_shapes_labels_and_normalisation(tmp_path, gz, name):
     assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64
     assert ds.train_y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
     assert ds.test_y.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
-    tr, te, mean, std = expected_normalised(arrays["train-images-idx3-ubyte"][:, None],
-                                            arrays["t10k-images-idx3-ubyte"][:, None], 255.0)
+    tr, te, mean, std = expected_normalised(
+        arrays["train-images-idx3-ubyte"][:, None], arrays["t10k-images-idx3-ubyte"][:, None], 255.0
+    )
     np.testing.assert_allclose(ds.train_x.numpy(), tr, atol=1e-5)
     np.testing.assert_allclose(ds.test_x.numpy(), te, atol=1e-5)
     np.testing.assert_allclose(ds.mean.numpy(), mean, rtol=1e-12)
@@ -174,12 +176,15 @@ def test_idx_missing_files_say_which_and_where(tmp_path, monkeypatch):
         assert base in msg
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda raw: b"\x01" + raw[1:], "magic number"),
-    (lambda raw: raw[:2] + b"\x0d" + raw[3:], "element type"),  # 0x0D: float, not ubyte
-    (lambda raw: raw[:3] + b"\x02" + raw[4:], "dimensions"),
-    (lambda raw: raw[:-5], "data bytes"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda raw: b"\x01" + raw[1:], "magic number"),
+        (lambda raw: raw[:2] + b"\x0d" + raw[3:], "element type"),  # 0x0D: float, not ubyte
+        (lambda raw: raw[:3] + b"\x02" + raw[4:], "dimensions"),
+        (lambda raw: raw[:-5], "data bytes"),
+    ],
+)
 @pytest.mark.parametrize("gz", [True, False])
 def test_corrupted_idx_raises_value_error(tmp_path, damage, match, gz):
     make_idx_dir(tmp_path, gz=False)
@@ -207,13 +212,15 @@ def test_idx_gzip_bomb_costs_only_what_its_header_announces(tmp_path):
         for _ in range(16):
             f.write(comp.compress(zeros))
         f.write(comp.flush())
-    code = ("import resource; from ncfast.train.data import read_idx\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "try:\n"
-            f"    read_idx({str(path)!r}, 1)\n"
-            "except ValueError as e:\n"
-            "    print(e)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    code = (
+        "import resource; from ncfast.train.data import read_idx\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    read_idx({str(path)!r}, 1)\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     message, grown_kib = out.stdout.strip().splitlines()
     assert "more data bytes, but the header's sizes (10,) need 10" in message and str(path) in message
@@ -232,6 +239,7 @@ def test_idx_image_and_label_counts_must_agree(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CIFAR
+
 
 @pytest.mark.parametrize("layout", ["tar", "folder", "direct"])
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -288,6 +296,7 @@ def test_cifar_download_is_md5_checked(tmp_path, monkeypatch):
         def urlopen(url):
             assert url == data.CIFAR["cifar10"].url
             return io.BytesIO(payload)
+
         return urlopen
 
     monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen(b"not the archive"))
@@ -298,8 +307,9 @@ def test_cifar_download_is_md5_checked(tmp_path, monkeypatch):
     src_dir = tmp_path / "src"
     write_cifar(src_dir, "cifar10", "tar", monkeypatch)
     blob = (src_dir / "cifar-10-python.tar.gz").read_bytes()
-    monkeypatch.setitem(data.CIFAR, "cifar10",
-                        dataclasses.replace(data.CIFAR["cifar10"], md5=hashlib.md5(blob).hexdigest()))
+    monkeypatch.setitem(
+        data.CIFAR, "cifar10", dataclasses.replace(data.CIFAR["cifar10"], md5=hashlib.md5(blob).hexdigest())
+    )
     monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen(blob))
     dest = tmp_path / "dest"
     ds = load_dataset("cifar10", data_dir=dest, download=True)
@@ -347,6 +357,7 @@ def test_cifar_batch_with_a_payload_runs_no_code(tmp_path, monkeypatch, layout, 
 
 # ------------------------------------------------------------------------------------------ digits
 
+
 def test_digits_split_is_stratified_seeded_and_normalised():
     a = load_dataset("digits", seed=0)
     assert a.train_x.shape == (1437, 1, 8, 8) and a.test_x.shape == (360, 1, 8, 8)
@@ -365,6 +376,7 @@ def test_digits_split_is_stratified_seeded_and_normalised():
 
 
 # ---------------------------------------------------------------------------------------------- gmm
+
 
 def class_means(x, y, c):
     return torch.stack([x[y == k].double().mean(0) for k in range(c)])
@@ -420,6 +432,7 @@ def test_load_dataset_rejects_unknown_names_and_options():
 
 # ------------------------------------------------------------------------------------ augmentation
 
+
 def test_augment_batch_crops_and_flips_deterministically():
     x = torch.randn(6, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     out = augment_batch(x, torch.Generator().manual_seed(5), pad=4, flip=True)
@@ -431,7 +444,7 @@ def test_augment_batch_crops_and_flips_deterministically():
     # every image is one of the 9 x 9 zero-padded crops, mirrored or not
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(6):
-        crops = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
+        crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(9) for dx in range(9)]
         assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
 
 
@@ -460,6 +473,7 @@ def test_batches_cover_every_index_once():
 
 
 # ------------------------------------------------------------------------------------------- models
+
 
 @pytest.mark.parametrize("in_channels, size", [(1, 8), (3, 32)])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -540,10 +554,21 @@ def test_logits_for_loss_multiplies_by_the_logit_scale():
             logits_for_loss(z, bad)
 
 
-@pytest.mark.parametrize("arch, depth, convs", [
-    ("resnet18", None, 2 * 8 + 1 + 3), ("resnet34", None, 2 * 16 + 1 + 3), ("resnet18", 34, 2 * 16 + 1 + 3),
-    ("vgg11", None, 8), ("vgg13", None, 10), ("vgg16", None, 13), ("vgg19", None, 16), ("vgg11", 19, 16),
-    ("densenet121", None, 2 * 58 + 1 + 3), ("densenet169", None, 2 * 82 + 1 + 3)])
+@pytest.mark.parametrize(
+    "arch, depth, convs",
+    [
+        ("resnet18", None, 2 * 8 + 1 + 3),
+        ("resnet34", None, 2 * 16 + 1 + 3),
+        ("resnet18", 34, 2 * 16 + 1 + 3),
+        ("vgg11", None, 8),
+        ("vgg13", None, 10),
+        ("vgg16", None, 13),
+        ("vgg19", None, 16),
+        ("vgg11", 19, 16),
+        ("densenet121", None, 2 * 58 + 1 + 3),
+        ("densenet169", None, 2 * 82 + 1 + 3),
+    ],
+)
 def test_depth_counts_the_conv_layers(arch, depth, convs):
     """--depth / the deeper names build the published configurations: ResNet-18 has 8 BasicBlocks of
     2 convs, a stem and 3 projection shortcuts (34: 16 blocks); VGG-11/13/16/19 have 8/10/13/16 convs;
@@ -589,12 +614,16 @@ def test_kaiming_init_draws_he_normal_weights_and_zero_biases():
 
 # ------------------------------------------------------------------- CIFAR archives that cannot be read
 
-@pytest.mark.parametrize("damage, cause", [
-    ("text", "not a gzip-compressed tar archive"),
-    ("empty", "not a gzip-compressed tar archive"),
-    ("gzip of garbage", "gzip-compressed, but no tar archive inside"),
-    ("truncated", "truncated"),
-])
+
+@pytest.mark.parametrize(
+    "damage, cause",
+    [
+        ("text", "not a gzip-compressed tar archive"),
+        ("empty", "not a gzip-compressed tar archive"),
+        ("gzip of garbage", "gzip-compressed, but no tar archive inside"),
+        ("truncated", "truncated"),
+    ],
+)
 def test_cifar_archive_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, capsys, damage, cause):
     """An archive that is plain text, empty, a gzip of garbage, or a real archive cut short is a
     ValueError naming the archive and the cause, and exit 2 on the command line. Before, tarfile's
@@ -618,8 +647,24 @@ def test_cifar_archive_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, ca
         archive.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match=f"^{re.escape(str(archive))}: {cause}"):
         load_dataset("cifar10", tmp_path)
-    assert main(["--dataset", "cifar10", "--data", str(tmp_path), "--arch", "mlp", "--epochs", "1", "--no-progress",
-                 "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "--dataset",
+                "cifar10",
+                "--data",
+                str(tmp_path),
+                "--arch",
+                "mlp",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {archive}: {cause}") and "Traceback" not in err
 
@@ -633,19 +678,31 @@ def test_cifar_download_that_fails_is_one_line(tmp_path, monkeypatch):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match=r"^--download: could not fetch https://.*cifar-10-python.tar.gz .*name "
-                                           r"resolution"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^--download: could not fetch https://.*cifar-10-python.tar.gz .*name "
+        r"resolution",
+    ):
         load_dataset("cifar10", tmp_path, download=True)
     assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------- model footprint
 
-@pytest.mark.parametrize("arch, kw, shape", [
-    ("resnet18", {}, (3, 32)), ("resnet18", {"width": 4, "output_norm": "layernorm"}, (1, 8)),
-    ("resnet34", {"width": 4}, (3, 16)), ("densenet121", {"width": 4}, (3, 16)), ("vgg11", {"width": 4}, (1, 8)),
-    ("vgg16", {"width": 4}, (3, 32)), ("mlp", {}, (1, 8)), ("mlp", {"depth": 5, "width": 7, "output_norm": "layernorm"}, (3, 4)),
-])
+
+@pytest.mark.parametrize(
+    "arch, kw, shape",
+    [
+        ("resnet18", {}, (3, 32)),
+        ("resnet18", {"width": 4, "output_norm": "layernorm"}, (1, 8)),
+        ("resnet34", {"width": 4}, (3, 16)),
+        ("densenet121", {"width": 4}, (3, 16)),
+        ("vgg11", {"width": 4}, (1, 8)),
+        ("vgg16", {"width": 4}, (3, 32)),
+        ("mlp", {}, (1, 8)),
+        ("mlp", {"depth": 5, "width": 7, "output_norm": "layernorm"}, (3, 4)),
+    ],
+)
 def test_footprint_counts_the_parameters_and_activations_of_the_real_model(arch, kw, shape):
     """models.footprint, sized without allocating (meta device; the MLP by formula): its parameter
     count is the built model's, and its activation floats per sample are those a real forward of

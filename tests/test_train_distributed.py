@@ -1,6 +1,7 @@
 """The trainer under torchrun: two gloo ranks train with DDP on digits, write the outputs once, and
 measure what one process measures on the same checkpoint (rel 1e-9); a rank SIGKILLed mid-epoch
 under --max-restarts 1 restarts from the last checkpoint and ends where an uninterrupted run does."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,26 @@ from ncfast.train.trainer import Config, Trainer, finite
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` leaves it out
 
-ARGS = ["--dataset", "digits", "--arch", "mlp", "--width", "32", "--epochs", "3", "--metrics-every", "1",
-        "--batch-size", "64", "--lr", "0.05", "--clp-embed", "none", "--no-progress", "--resume"]
+ARGS = [
+    "--dataset",
+    "digits",
+    "--arch",
+    "mlp",
+    "--width",
+    "32",
+    "--epochs",
+    "3",
+    "--metrics-every",
+    "1",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.05",
+    "--clp-embed",
+    "none",
+    "--no-progress",
+    "--resume",
+]
 
 
 def _torchrun(out, *extra, env_extra=None, restarts=0):
@@ -23,8 +42,22 @@ def _torchrun(out, *extra, env_extra=None, restarts=0):
     env.pop(FAULT_ENV, None)
     env.update(env_extra or {})
     # --standalone: c10d rendezvous on a free local port, which a restart (--max-restarts) joins afresh
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", str(restarts), "-m", "ncfast.train", *ARGS, "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        str(restarts),
+        "-m",
+        "ncfast.train",
+        *ARGS,
+        "--out",
+        str(out),
+        *extra,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -95,9 +128,13 @@ def test_sigkilled_rank_restarts_from_the_checkpoint_and_ends_as_an_uninterrupte
     got, want = _records(root / "faulty"), _records(root / "clean")
     assert [r["epoch"] for r in got] == [0, 1, 2, 3]
     for a, b in zip(got, want):
-        _close({k: v for k, v in a.items() if k != "seconds"}, {k: v for k, v in b.items() if k != "seconds"},
-               f"epoch {a['epoch']}")
+        _close(
+            {k: v for k, v in a.items() if k != "seconds"},
+            {k: v for k, v in b.items() if k != "seconds"},
+            f"epoch {a['epoch']}",
+        )
     hist = [json.loads(line) for line in (root / "faulty" / "history.jsonl").read_text().splitlines()]
     ref = [json.loads(line) for line in (root / "clean" / "history.jsonl").read_text().splitlines()]
-    assert [(r["train_loss"], r["train_acc"], r["test_acc"]) for r in hist] == \
-        [(r["train_loss"], r["train_acc"], r["test_acc"]) for r in ref]
+    assert [(r["train_loss"], r["train_acc"], r["test_acc"]) for r in hist] == [
+        (r["train_loss"], r["train_acc"], r["test_acc"]) for r in ref
+    ]

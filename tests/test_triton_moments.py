@@ -14,10 +14,10 @@ import torch
 pytest.importorskip("triton")
 
 import ncfast  # noqa: E402
+from conftest import DEVICE, assert_close, make_data  # noqa: E402
 from ncfast import backends  # noqa: E402
 from ncfast.backends import torch as torch_backend  # noqa: E402
 from ncfast.triton import moments as tmoments  # noqa: E402
-from conftest import DEVICE, assert_close, make_data  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -38,7 +38,7 @@ def _moments64(x: torch.Tensor, y: torch.Tensor, c: int):
             continue
         means[k] = rows.mean(0)
         m2[k] = ((rows - means[k]) ** 2).sum()
-        norms = np.sqrt((rows ** 2).sum(1))
+        norms = np.sqrt((rows**2).sum(1))
         unit[k] = (rows / np.where(norms > 0, norms, 1.0)[:, None]).sum(0)
         norm_sums[k] = norms.sum()
     return counts, means, m2, unit, norm_sums
@@ -94,9 +94,10 @@ def test_block_moments_tree_of_merges(fanin, unit_sums):
     g = torch.Generator().manual_seed(17)
     y = torch.zeros(300, dtype=torch.int64)
     y[257:] = torch.randint(1, 4, (43,), generator=g)
-    x = (1e3 + 0.1 * torch.randn(300, 33, generator=g, dtype=torch.float64))
-    got = tmoments.block_moments(x.to(DEVICE), y.to(DEVICE), 4, block_rows=16, block_d=16, fanin=fanin,
-                                 unit_sums=unit_sums)
+    x = 1e3 + 0.1 * torch.randn(300, 33, generator=g, dtype=torch.float64)
+    got = tmoments.block_moments(
+        x.to(DEVICE), y.to(DEVICE), 4, block_rows=16, block_d=16, fanin=fanin, unit_sums=unit_sums
+    )
     _check_moments(got, _moments64(x, y, 4), rtol=1e-9)
 
 
@@ -170,10 +171,12 @@ def test_subnormal_bfloat16_is_widened_exactly(monkeypatch):
     class means were off by 15% at 2^-126); the kernels widen the int16 bits themselves."""
     g = torch.Generator().manual_seed(8)
     y = torch.arange(40) % 4
-    x = torch.randn(4, 8, generator=g, dtype=torch.float64)[y] + 0.3 * torch.randn(40, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 8, generator=g, dtype=torch.float64)[y] + 0.3 * torch.randn(
+        40, 8, generator=g, dtype=torch.float64
+    )
     for e in (-126, -130):
-        xb = (x * 2.0 ** e).to(torch.bfloat16).to(DEVICE)
-        assert bool((xb.double().abs() < 2.0 ** -126).any())  # some values are subnormal
+        xb = (x * 2.0**e).to(torch.bfloat16).to(DEVICE)
+        assert bool((xb.double().abs() < 2.0**-126).any())  # some values are subnormal
         got = tmoments.block_moments(xb, y.to(DEVICE), 4, unit_sums=True)
         _check_moments(got, _moments64(xb, y, 4), rtol=1e-12)
         centred = tmoments.centre_rows(xb, y.to(DEVICE), got[1])

@@ -3,6 +3,7 @@ roundings its bounds allow, and the NCC entry points on the Triton backend.
 
 In the interpreter without a GPU (see test_triton_moments.py).
 """
+
 import math
 
 import numpy as np
@@ -12,11 +13,10 @@ import torch
 pytest.importorskip("triton")
 
 import ncfast  # noqa: E402
+from conftest import DEVICE, make_data  # noqa: E402
 from ncfast import _C, _numerics, backends  # noqa: E402
 from ncfast.backends import cpp as cpp_backend  # noqa: E402
 from ncfast.triton import ncc as tncc  # noqa: E402
-from conftest import DEVICE, make_data  # noqa: E402
-
 
 
 # ---------------------------------------------------------------------------------- NCC sweep
@@ -65,24 +65,48 @@ def _sweep(x, shift, centres, offsets, precision, **blocks):
     omax = [float(o.float().double().abs().max()) for o in offsets]
     rel = _numerics.rel_tensor_core(tncc.canonical(precision), d)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    best, unsure = tncc.ncc_sweep(dev(x), dev(shift), dev(torch.cat(centres).float()),
-                                  dev(torch.cat(offsets).float()), starts, rel, cmax, omax, precision, **blocks)
+    best, unsure = tncc.ncc_sweep(
+        dev(x),
+        dev(shift),
+        dev(torch.cat(centres).float()),
+        dev(torch.cat(offsets).float()),
+        starts,
+        rel,
+        cmax,
+        omax,
+        precision,
+        **blocks,
+    )
     buf, dtype_name = cpp_backend.buffer(x)
-    cbest, cunsure = _C.ncc_sweep(buf, dtype_name, shift.numpy(), torch.cat(centres).float().numpy(),
-                                  torch.cat(offsets).float().numpy(), starts, rel, cmax, omax, 1, "fp32")
+    cbest, cunsure = _C.ncc_sweep(
+        buf,
+        dtype_name,
+        shift.numpy(),
+        torch.cat(centres).float().numpy(),
+        torch.cat(offsets).float().numpy(),
+        starts,
+        rel,
+        cmax,
+        omax,
+        1,
+        "fp32",
+    )
     xs = x.double() - shift.double()
     bound = rel * (xs.norm(dim=1, keepdim=True).numpy() * np.array(cmax) + np.array(omax))
     return best.cpu().numpy(), unsure.cpu().numpy(), cbest, cunsure.astype(bool), bound
 
 
 @pytest.mark.parametrize("precision", tncc.PRECISIONS)
-@pytest.mark.parametrize("n,d,sizes,dtype,blocks", [
-    (300, 70, [40, 13, 1], torch.float32, {}),
-    (300, 70, [40, 13], torch.float64, {}),
-    (97, 17, [35, 20], torch.bfloat16, dict(block_m=32, block_n=16, block_d=16)),
-    (61, 33, [23], torch.float16, dict(block_m=16, block_n=16, block_d=16)),
-    (1, 1, [3, 2], torch.float32, {}),
-])
+@pytest.mark.parametrize(
+    "n,d,sizes,dtype,blocks",
+    [
+        (300, 70, [40, 13, 1], torch.float32, {}),
+        (300, 70, [40, 13], torch.float64, {}),
+        (97, 17, [35, 20], torch.bfloat16, dict(block_m=32, block_n=16, block_d=16)),
+        (61, 33, [23], torch.float16, dict(block_m=16, block_n=16, block_d=16)),
+        (1, 1, [3, 2], torch.float32, {}),
+    ],
+)
 def test_ncc_sweep_certified(precision, n, d, sizes, dtype, blocks):
     x, shift, centres, offsets = _ncc_case(n, d, sizes, dtype, seed=n + d)
     best, unsure, cbest, cunsure, bound = _sweep(x, shift, centres, offsets, precision, **blocks)
@@ -139,7 +163,9 @@ def test_ncc_sweep_flags_at_the_threshold(precision):
     a = torch.randint(0, k - 1, (n,), generator=g)
     b = a + 1
     xs = 0.5 * (mc[a] + mc[b])  # the bisector of a and b, then moved along w_b - w_a to the target gap
-    bound = _numerics.rel_tensor_core(tncc.canonical(precision), d) * (xs.norm(dim=1) * w.norm(dim=1).max() + o.abs().max())
+    bound = _numerics.rel_tensor_core(tncc.canonical(precision), d) * (
+        xs.norm(dim=1) * w.norm(dim=1).max() + o.abs().max()
+    )
     target = 4.0 * torch.rand(n, generator=g, dtype=torch.float64) * bound
     dw = w[b] - w[a]
     xs += ((target - (o[b] - o[a]) - (xs * dw).sum(1)) / dw.square().sum(1)).unsqueeze(1) * dw
@@ -213,7 +239,7 @@ def _emulated_scores(xs: np.ndarray, w: np.ndarray, o: np.ndarray, precision: st
                 prod = np.outer(a[:, k0], b[:, k0]).astype(np.float32)
                 acc = _toward_zero(acc.astype(np.float64) + prod)
             else:
-                a64, b64 = a[:, k0:k0 + k].astype(np.float64), b[:, k0:k0 + k].astype(np.float64)
+                a64, b64 = a[:, k0 : k0 + k].astype(np.float64), b[:, k0 : k0 + k].astype(np.float64)
                 acc = _mma_step(acc, a64[:, None, :] * b64[None, :, :])
     return acc
 
@@ -231,12 +257,14 @@ def test_score_bound_covers_worst_roundings(precision):
     o = g.uniform(0.0, 10.0, k).astype(np.float32)
     exact = o.astype(np.float64) + xs.astype(np.float64) @ w.astype(np.float64).T
     err = np.abs(_emulated_scores(xs, w, o, precision).astype(np.float64) - exact)
-    bound = _numerics.rel_tensor_core(tncc.canonical(precision), d) * (np.linalg.norm(xs.astype(np.float64), axis=1)[:, None]
-                                                 * np.linalg.norm(w.astype(np.float64), axis=1).max()
-                                                 + np.abs(o).max())
+    bound = _numerics.rel_tensor_core(tncc.canonical(precision), d) * (
+        np.linalg.norm(xs.astype(np.float64), axis=1)[:, None] * np.linalg.norm(w.astype(np.float64), axis=1).max()
+        + np.abs(o).max()
+    )
     ratio = err / bound
     assert ratio.max() <= 1.0
     assert ratio.max() > 0.02
+
 
 # --------------------------------------------------------------------------- end to end, wired
 @pytest.mark.parametrize("mode", ["exact", "fast"])
@@ -284,7 +312,7 @@ def test_fast_mode_probe_picks_among_tensor_core_precisions(pick, monkeypatch):
     g = torch.Generator().manual_seed(8)
     k, d, n = 12, 20, 400
     means = torch.randn(k, d, generator=g, dtype=torch.float64)
-    x = (means[torch.randint(0, k, (n,), generator=g)] + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    x = means[torch.randint(0, k, (n,), generator=g)] + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64)
     x = x.float()
     got = ncfast.ncc_assign(x.to(DEVICE), means.to(DEVICE), mode="fast").cpu()
     assert torch.equal(got, torch.from_numpy(ref.ncc_assign(x, means)))

@@ -3,6 +3,7 @@ and class_pair_stats / nc_metrics on the Triton backend.
 
 In the interpreter without a GPU (see test_triton_moments.py).
 """
+
 import math
 
 import numpy as np
@@ -12,12 +13,11 @@ import torch
 pytest.importorskip("triton")
 
 import ncfast  # noqa: E402
+from conftest import DEVICE, assert_close, make_data  # noqa: E402
 from ncfast import backends  # noqa: E402
 from ncfast.backends import torch as torch_backend  # noqa: E402
 from ncfast.backends import triton as triton_backend  # noqa: E402
 from ncfast.triton import pairwise as tpairwise  # noqa: E402
-from conftest import DEVICE, assert_close, make_data  # noqa: E402
-
 
 
 # ---------------------------------------------------------------------------------- pair tiles
@@ -30,8 +30,9 @@ def _triton_tile(mt, k: backends.PairContext, rows: slice, cols: slice, **kwargs
     """tpairwise.reduce_pair_tile on the tile (rows, cols) of mt with k's vectors (on DEVICE, updated
     in place) and scalars, its per-program partials combined as the Triton backend does."""
     params = torch.tensor(k.params(), dtype=torch.float64)
-    sums, counts = tpairwise.reduce_pair_tile(mt[rows].to(DEVICE), mt[cols].to(DEVICE),
-                                              backends.tile_vectors(k, rows, cols), params, **kwargs)
+    sums, counts = tpairwise.reduce_pair_tile(
+        mt[rows].to(DEVICE), mt[cols].to(DEVICE), backends.tile_vectors(k, rows, cols), params, **kwargs
+    )
     return triton_backend.tile_sums(sums, counts)
 
 
@@ -47,22 +48,34 @@ def _pair_context(c, d, seed):
     var = torch.rand(c, generator=g, dtype=torch.float64)
 
     def ctx(with_sup):
-        return backends.PairContext(sq=sq, norms=norms, var=var, sup=sup if with_sup else None,
-                        g=float(torch.linalg.norm(mt @ mt.T)), etf_diag=(1.0 - 1.0 / c) * inv,
-                        etf_offdiag=-inv / c, mean_cos=(float(unit_sum.square().sum()) - c) / (c * (c - 1)),
-                        etf_cos=1.0 / (c - 1), best=torch.full((c,), float("inf"), dtype=torch.float64),
-                        best_idx=torch.full((c,), -1, dtype=torch.int64))
+        return backends.PairContext(
+            sq=sq,
+            norms=norms,
+            var=var,
+            sup=sup if with_sup else None,
+            g=float(torch.linalg.norm(mt @ mt.T)),
+            etf_diag=(1.0 - 1.0 / c) * inv,
+            etf_offdiag=-inv / c,
+            mean_cos=(float(unit_sum.square().sum()) - c) / (c * (c - 1)),
+            etf_cos=1.0 / (c - 1),
+            best=torch.full((c,), float("inf"), dtype=torch.float64),
+            best_idx=torch.full((c,), -1, dtype=torch.int64),
+        )
+
     return mt, ctx
 
 
 @pytest.mark.parametrize("f64_dot", [True, False])  # False: the FMA fallback for a Triton without float64 dots
 @pytest.mark.parametrize("with_sup", [False, True])
-@pytest.mark.parametrize("rows,cols,block", [
-    (slice(0, 25), slice(0, 25), 64),
-    (slice(0, 25), slice(0, 25), 16),
-    (slice(0, 25), slice(25, 40), 64),
-    (slice(0, 25), slice(25, 40), 16),
-])
+@pytest.mark.parametrize(
+    "rows,cols,block",
+    [
+        (slice(0, 25), slice(0, 25), 64),
+        (slice(0, 25), slice(0, 25), 16),
+        (slice(0, 25), slice(25, 40), 64),
+        (slice(0, 25), slice(25, 40), 16),
+    ],
+)
 def test_reduce_pair_tile_matches_torch(with_sup, rows, cols, block, f64_dot):
     mt, make_ctx = _pair_context(40, 23, seed=1)
     want_ctx, got_ctx = make_ctx(with_sup), make_ctx(with_sup)
@@ -118,6 +131,7 @@ def test_pair_tile_falls_back_when_float64_dot_does_not_compile(monkeypatch):
         def __getitem__(self, grid):
             def run(*args, F64_DOT, BLOCK_D, **kwargs):
                 kernel_calls.append((F64_DOT, BLOCK_D))
+
             return run
 
     monkeypatch.setattr(tpairwise, "_pair_tile_kernel", Kernel())
@@ -136,8 +150,9 @@ def test_reduce_pair_tile_ties(block):
     mt[3] = mt[20] = 0.9 * mt[27]
     k = make_ctx(False)
     k.sq, k.norms = mt.square().sum(1), mt.norm(dim=1)
-    want_ctx = backends.PairContext(**{**k.__dict__, "best": k.best.clone(), "best_idx": k.best_idx.clone(),
-                                       "ratio_sum": k.ratio_sum.clone()})
+    want_ctx = backends.PairContext(
+        **{**k.__dict__, "best": k.best.clone(), "best_idx": k.best_idx.clone(), "ratio_sum": k.ratio_sum.clone()}
+    )
     k = _on_device(k)
     best_idx = k.best_idx
     rows = slice(0, 25)
@@ -160,8 +175,9 @@ def test_reduce_pair_tile_diagonal_ties(block):
     mt[21] = mt[37] = mt[5]
     k = make_ctx(False)
     k.sq, k.norms = mt.square().sum(1), mt.norm(dim=1)
-    want_ctx = backends.PairContext(**{**k.__dict__, "best": k.best.clone(), "best_idx": k.best_idx.clone(),
-                                       "ratio_sum": k.ratio_sum.clone()})
+    want_ctx = backends.PairContext(
+        **{**k.__dict__, "best": k.best.clone(), "best_idx": k.best_idx.clone(), "ratio_sum": k.ratio_sum.clone()}
+    )
     rows = slice(0, 40)
     # the Gram matrix entry by entry: BLAS's GEMM (MKL on an AMD EPYC) rounded the three equal rows'
     # products differently by position, which broke the ties the test is about
@@ -176,6 +192,7 @@ def test_reduce_pair_tile_diagonal_ties(block):
     assert (best_idx[5], best_idx[21], best_idx[37]) == (21, 5, 5)
     np.testing.assert_allclose(best.cpu().numpy(), want_ctx.best.numpy(), rtol=1e-12, atol=1e-12)
 
+
 def test_nc_metrics_on_triton_backend(monkeypatch):
     """nc_metrics end to end with every kernel on the Triton path (moments, NCC, pairwise tiles)."""
     from ncfast import reference as ref
@@ -187,11 +204,19 @@ def test_nc_metrics_on_triton_backend(monkeypatch):
     superclass = torch.arange(c) % 2
     ood = torch.randn(30, 10, generator=g) + 0.5
     train_means = torch.from_numpy(ref.class_means(*make_data(n=120, d=10, c=6, seed=10)[:2]))
-    got = ncfast.nc_metrics(x.to(DEVICE), y.to(DEVICE), num_classes=c, weight=w.to(DEVICE), bias=b.to(DEVICE),
-                            superclass=superclass.to(DEVICE), ood_features=ood.to(DEVICE),
-                            class_means=train_means.to(DEVICE))
-    want = ref.nc_metrics(x, y, num_classes=c, weight=w, bias=b, superclass=superclass, ood_features=ood,
-                          class_means=train_means)
+    got = ncfast.nc_metrics(
+        x.to(DEVICE),
+        y.to(DEVICE),
+        num_classes=c,
+        weight=w.to(DEVICE),
+        bias=b.to(DEVICE),
+        superclass=superclass.to(DEVICE),
+        ood_features=ood.to(DEVICE),
+        class_means=train_means.to(DEVICE),
+    )
+    want = ref.nc_metrics(
+        x, y, num_classes=c, weight=w, bias=b, superclass=superclass, ood_features=ood, class_means=train_means
+    )
     for k in want:
         assert_close(got[k], want[k], rtol=1e-6, atol=1e-12, what=k)
     per_class = {
@@ -240,14 +265,19 @@ def test_class_pair_stats_new_stats_on_triton(monkeypatch, p):
 
     monkeypatch.setenv("NCFAST_BACKEND", "triton")
     x, y, c = make_data(n=200, d=5, c=8, absent=(6,), seed=14)
-    stats = class_pair_stats(ncfast.class_moments(x.to(DEVICE), y.to(DEVICE), num_classes=c, scatter=False),
-                             tile=4, cdnv_exponent=p)
+    stats = class_pair_stats(
+        ncfast.class_moments(x.to(DEVICE), y.to(DEVICE), num_classes=c, scatter=False), tile=4, cdnv_exponent=p
+    )
     mean, var = ref.uniformity(x, y, num_classes=c)
     assert stats.uniformity_mean == pytest.approx(mean, rel=1e-6)
     assert stats.uniformity_var == pytest.approx(var, rel=1e-6)
     assert stats.cdnv == pytest.approx(ref.cdnv(x, y, num_classes=c, cdnv_exponent=p), rel=1e-6)
-    assert_close(stats.cdnv_per_class.cpu().numpy(), ref.cdnv_per_class(x, y, num_classes=c, cdnv_exponent=p),
-                 rtol=1e-6, what="cdnv_per_class")
+    assert_close(
+        stats.cdnv_per_class.cpu().numpy(),
+        ref.cdnv_per_class(x, y, num_classes=c, cdnv_exponent=p),
+        rtol=1e-6,
+        what="cdnv_per_class",
+    )
     if p != 1.0:
         return
     means = torch.tensor([[3, 4, 0], [3, 4, 0], [-12, -16, 0], [0, 0, 5], [0, 0, -5], [6, 8, 0]], dtype=torch.float32)

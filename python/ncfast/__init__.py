@@ -19,6 +19,7 @@ Every probed layer of a network, from forward hooks::
     probe = ncfast.LayerProbe(model, ["layer3", "layer4", "pool"], num_classes=10)
     result = probe.measure(loader)          # result["layer4"].metrics: NCMetrics, NCC mismatch included
 """
+
 import sys as _sys
 
 from ._extension import load as _load_extension
@@ -76,11 +77,11 @@ __all__ = [
 ]
 
 
-
 def compile_options() -> str:
     """What the compiled core was built with: OpenMP (and its threads), SIMD level, AVX512-BF16, and,
     in a portable wheel, the x86-64 level chosen at import ("ISA=x86_64_v3")."""
     return _C.compile_options() + ("" if _C_LEVEL == "native" else f" ISA={_C_LEVEL}")
+
 
 try:
     from .torchmetrics import NeuralCollapse  # noqa: F401  (needs the optional torchmetrics package)

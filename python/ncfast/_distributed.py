@@ -4,6 +4,7 @@ One helper for LayerProbe, ``python -m ncfast.measure`` and the trainer: on one 
 torch.distributed is not initialised, or with ``process_group=False``) it is rank 0 of 1 and every
 operation is the identity. ``init_distributed`` joins torchrun's process group for the two commands.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,12 @@ class Ranks:
 
         self.dist = dist
         self.group = None if process_group in (None, False) else process_group
-        self.active = (process_group is not False and dist.is_available() and dist.is_initialized()
-                       and dist.get_world_size(self.group) > 1)
+        self.active = (
+            process_group is not False
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.group) > 1
+        )
         self.rank = dist.get_rank(self.group) if self.active else 0
         self.world = dist.get_world_size(self.group) if self.active else 1
         # nccl reduces CUDA tensors only: counts kept on the CPU travel through the rank's GPU
@@ -51,7 +56,7 @@ class Ranks:
 
     def mine(self, items: list) -> list:
         """This process's share of a list dealt in turn: items rank, rank + world, ..."""
-        return items[self.rank::self.world]
+        return items[self.rank :: self.world]
 
     def part(self, n: int) -> slice:
         """This process's contiguous share of n rows (sizes differ by at most one)."""
@@ -76,11 +81,16 @@ def init_distributed(device: str = "auto") -> str:
     if not dist.is_initialized():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=not agent and rank == 0)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=not agent and rank == 0
+        )
         # a restarted attempt (torchrun --max-restarts) finds the previous attempt's keys in the same
         # store; its own prefix keeps the ranks from connecting to the dead processes' addresses
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"ncfast/attempt{attempt}", store),
-                                rank=rank, world_size=world)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            store=dist.PrefixStore(f"ncfast/attempt{attempt}", store),
+            rank=rank,
+            world_size=world,
+        )
     return device

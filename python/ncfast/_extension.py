@@ -7,6 +7,7 @@ AVX512-BF16), and ``load`` imports the best one this CPU runs, so that a wheel n
 instruction its CPU lacks. ``NCFAST_ISA=<level>`` picks one by hand (to time one level against
 another); a level the CPU cannot run is refused.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,8 +17,10 @@ from types import ModuleType
 
 # Best first: (level, the cpu_features() flags it needs).
 LEVELS = (
-    ("x86_64_v4_bf16", ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512bf16", "avx2", "fma",
-                        "bmi2")),
+    (
+        "x86_64_v4_bf16",
+        ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512bf16", "avx2", "fma", "bmi2"),
+    ),
     ("x86_64_v4", ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx2", "fma", "bmi2")),
     ("x86_64_v3", ("avx2", "fma", "bmi2")),
     ("x86_64", ()),
@@ -32,8 +35,9 @@ def choose(available, features: dict, wanted: str | None = None) -> str:
         if wanted not in available:
             raise ValueError(f"NCFAST_ISA={wanted}: this install has {sorted(available)}")
         if wanted not in runs:
-            raise ValueError(f"NCFAST_ISA={wanted}: this CPU lacks "
-                             f"{[f for f in dict(LEVELS)[wanted] if not features.get(f, False)]}")
+            raise ValueError(
+                f"NCFAST_ISA={wanted}: this CPU lacks {[f for f in dict(LEVELS)[wanted] if not features.get(f, False)]}"
+            )
         return wanted
     for level, _ in LEVELS:
         if level in available and level in runs:

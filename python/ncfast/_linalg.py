@@ -27,6 +27,7 @@ indefinite matrix with eigenvalues +t and -t the pair can be mixed.
 The fast path, a matrix without zero rows on which torch succeeds, costs one comparison of the
 matrix with zero (O(n^2)) and one finiteness check over the result beyond the torch call.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,16 @@ import scipy.linalg
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["blas_threads", "live_coordinates", "pivoted_cholesky", "triangular_inverse", "sym_eigh", "sym_eigvalsh", "svd_left", "svdvals"]
+__all__ = [
+    "blas_threads",
+    "live_coordinates",
+    "pivoted_cholesky",
+    "triangular_inverse",
+    "sym_eigh",
+    "sym_eigvalsh",
+    "svd_left",
+    "svdvals",
+]
 
 _BLAS_CONTROLLER = None
 
@@ -88,8 +98,7 @@ def _host_eigh(host: np.ndarray, vectors: bool):
     failures = []
     for driver in _EIG_DRIVERS:
         try:
-            out = scipy.linalg.eigh(host, lower=True, eigvals_only=not vectors, driver=driver,
-                                    check_finite=False)
+            out = scipy.linalg.eigh(host, lower=True, eigvals_only=not vectors, driver=driver, check_finite=False)
         except (np.linalg.LinAlgError, ValueError) as e:
             failures.append(f"scipy {driver}: {e}")
             continue
@@ -181,8 +190,9 @@ def _svd(a: torch.Tensor, vectors: bool):
     host = _to_host(a)
     for driver in _SVD_DRIVERS:
         try:
-            out = scipy.linalg.svd(host, full_matrices=False, compute_uv=vectors, lapack_driver=driver,
-                                   check_finite=False)
+            out = scipy.linalg.svd(
+                host, full_matrices=False, compute_uv=vectors, lapack_driver=driver, check_finite=False
+            )
         except (np.linalg.LinAlgError, ValueError):
             continue
         out = out[:2] if vectors else (out,)
@@ -251,8 +261,7 @@ def _pstrf_host(host: np.ndarray, tol: float) -> np.ndarray:
     n = host.shape[0]
     # a symmetric C-ordered array is its own Fortran-ordered transpose: the copy is the workspace
     with blas_threads(torch.get_num_threads()):
-        c, piv, rank, info = scipy.linalg.lapack.dpstrf(np.array(host, order="F"), tol=tol, lower=1,
-                                                        overwrite_a=1)
+        c, piv, rank, info = scipy.linalg.lapack.dpstrf(np.array(host, order="F"), tol=tol, lower=1, overwrite_a=1)
     if info < 0:
         raise ValueError(f"dpstrf: argument {-info} is invalid")
     lower = np.tril(c[:, :rank])

@@ -11,17 +11,18 @@ Each rule lives here once; the backends and the formula modules import it.
 - ``score_bound`` and the ``rel_*`` functions: the worst-case error of one score of the certified
   NCC / decision sweep at the precision of its products, for every backend (``ncfast.ncc``).
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-U64 = 2.0 ** -53  # unit roundoff of float64
-U32 = 2.0 ** -24  # unit roundoff of float32
-UTF32 = 2.0 ** -11  # unit roundoff of TF32 (11 significant bits)
-UBF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
-TENSOR_CORE_FLOOR = 2.0 ** -100
+U64 = 2.0**-53  # unit roundoff of float64
+U32 = 2.0**-24  # unit roundoff of float32
+UTF32 = 2.0**-11  # unit roundoff of TF32 (11 significant bits)
+UBF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+TENSOR_CORE_FLOOR = 2.0**-100
 """Relative floor for centres' elements that tensor cores or VDPBF16PS flush to zero (subnormals)."""
 
 
@@ -62,8 +63,14 @@ def mean_row_norm(t: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------- Chan merge
-def chan_merge(n_a: torch.Tensor, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: torch.Tensor,
-               mean_b: torch.Tensor, m2_b: torch.Tensor):
+def chan_merge(
+    n_a: torch.Tensor,
+    mean_a: torch.Tensor,
+    m2_a: torch.Tensor,
+    n_b: torch.Tensor,
+    mean_b: torch.Tensor,
+    m2_b: torch.Tensor,
+):
     """Chan et al.'s combination of two parts, elementwise over the leading dimensions.
 
     For parts a, b with counts n_a, n_b (int64, shape S), means (float64, S + (D,)) and sums of
@@ -89,9 +96,10 @@ def chan_merge(n_a: torch.Tensor, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b:
     mean = torch.where((n_a == 0).unsqueeze(-1), mean_b, mean_a + delta * wb.unsqueeze(-1))
     m2 = m2_a + m2_b + weight * delta.square().sum(-1)
     if not bool(chan.eq(both).all()):  # a part with an infinite mean
-        inf = (both & ~finite)
+        inf = both & ~finite
         weighted = (mean_a * na.unsqueeze(-1) + mean_b * n_b.to(torch.float64).unsqueeze(-1)) / n.clamp_min(1).to(
-            torch.float64).unsqueeze(-1)
+            torch.float64
+        ).unsqueeze(-1)
         mean = torch.where(inf.unsqueeze(-1), weighted, mean)
         m2 = torch.where(inf, torch.full_like(m2, math.nan), m2)
     return n, mean, m2, delta, weight
@@ -130,25 +138,30 @@ def top2(scores: torch.Tensor):
     return top.indices[:, 0], top.values[:, 0], top.values[:, 1]
 
 
-SCORE_RANGE32 = 2.0 ** 126
+SCORE_RANGE32 = 2.0**126
 """Half of float32's range: a row whose scores' magnitude bound (||x - t|| cmax + omax, which also
 bounds every partial sum, by Cauchy-Schwarz) is below it overflows nowhere in a float32 sweep."""
-SCORE_RANGE64 = 2.0 ** 1022
+SCORE_RANGE64 = 2.0**1022
 """The same for float64 products."""
-TINY32 = 2.0 ** -149
+TINY32 = 2.0**-149
 """Spacing of float32's subnormals: the absolute error of a product or sum that falls below the
 normal range, where the relative bound does not hold."""
-TINY64 = 2.0 ** -1074
+TINY64 = 2.0**-1074
 """The same for float64."""
 
 
-def certain(best: torch.Tensor, second: torch.Tensor, magnitude: torch.Tensor, rel: float,
-            score_range: float) -> torch.Tensor:
+def certain(
+    best: torch.Tensor, second: torch.Tensor, magnitude: torch.Tensor, rel: float, score_range: float
+) -> torch.Tensor:
     """Whether a row's argmin is certified: its magnitude bound is inside the precision's range (so
     nothing overflowed), its two best scores are finite and their gap exceeds twice the bound rel x
     magnitude. NaN anywhere (a norm, a score) leaves the row uncertified."""
-    return (magnitude < score_range) & torch.isfinite(best) & torch.isfinite(second) & (
-        second - best > 2.0 * rel * magnitude)
+    return (
+        (magnitude < score_range)
+        & torch.isfinite(best)
+        & torch.isfinite(second)
+        & (second - best > 2.0 * rel * magnitude)
+    )
 
 
 def underflow_floor(tiny: float, d: int, cmax: float) -> float:
@@ -233,7 +246,7 @@ def flush_floor(d: int, cmax: float) -> float:
     """Absolute error of flushed subnormal inputs, products and partial sums in a sweep whose
     products flush them (bfloat16 FMAs, tensor cores); added to omax as this over rel, so the
     bound stays rel (||x|| cmax + omax)."""
-    return underflow_floor(2.0 ** -121, d, cmax)
+    return underflow_floor(2.0**-121, d, cmax)
 
 
 def score_bound(rel: float, row_norms, cmax: float, omax: float):

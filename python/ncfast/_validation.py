@@ -3,6 +3,7 @@
 Each check raises before any state is touched, and names the offending argument,
 as the bad-input contract of docs/metrics.md asks.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,8 +40,9 @@ def check_features(features, name: str = "features", *, allow_empty: bool = Fals
     return x
 
 
-def check_labels(labels, n: int, device: torch.device, num_classes: int | None, name: str = "labels", *,
-                 values: bool = True) -> tuple[torch.Tensor, int]:
+def check_labels(
+    labels, n: int, device: torch.device, num_classes: int | None, name: str = "labels", *, values: bool = True
+) -> tuple[torch.Tensor, int]:
     """Return (labels as int64, num_classes). num_classes=None means labels.max() + 1.
 
     ``values=False`` (with num_classes given) skips the pass that checks every label lies in
@@ -101,9 +103,16 @@ def available_bytes(device) -> int | None:
     return None
 
 
-def check_state_fits(num_classes: int, dim: int, device, vectors: int = 2, *, what: str = "num_classes",
-                     source: str = " (the given num_classes, or the largest label + 1)",
-                     remedy: str = "pass the true num_classes") -> None:
+def check_state_fits(
+    num_classes: int,
+    dim: int,
+    device,
+    vectors: int = 2,
+    *,
+    what: str = "num_classes",
+    source: str = " (the given num_classes, or the largest label + 1)",
+    remedy: str = "pass the true num_classes",
+) -> None:
     """Refuse, before anything is allocated by it, a number of classes (given, or the largest label
     + 1) whose per-class statistics (``vectors`` float64 vectors of ``dim`` per class: the means and
     the unit-vector sums) alone exceed the memory free on ``device``: a single stray label of 2^40
@@ -113,9 +122,11 @@ def check_state_fits(num_classes: int, dim: int, device, vectors: int = 2, *, wh
     need = int(num_classes) * int(dim) * 8 * vectors
     free = available_bytes(device)
     if free is not None and need > free:
-        raise ValueError(f"{what}: {num_classes} classes{source} x {dim} features need {need / 2**30:.1f} GiB for "
-                         f"their statistics, more than the {free / 2**30:.1f} GiB free on {torch.device(device)}; "
-                         f"{remedy}, or relabel the classes 0..C-1")
+        raise ValueError(
+            f"{what}: {num_classes} classes{source} x {dim} features need {need / 2**30:.1f} GiB for "
+            f"their statistics, more than the {free / 2**30:.1f} GiB free on {torch.device(device)}; "
+            f"{remedy}, or relabel the classes 0..C-1"
+        )
 
 
 def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
@@ -148,7 +159,7 @@ def check_bias(bias, num_classes: int, ref: torch.Tensor) -> torch.Tensor:
     return check_finite(b, "bias")
 
 
-MAGNITUDE_FLOOR = 2.0 ** -480
+MAGNITUDE_FLOOR = 2.0**-480
 """float64 features whose largest |x| is below this are refused: the class statistics' squared
 deviations would fall below float64's normal range (2^-1022) and lose their digits."""
 
@@ -156,10 +167,12 @@ deviations would fall below float64's normal range (2^-1022) and lose their digi
 def magnitude_error(x: torch.Tensor) -> str:
     top = float(x.abs().max())
     side = "large" if top >= 1.0 else "small"
-    return (f"features: finite, but too {side} in magnitude for the float64 class statistics (largest |x| = "
-            f"{top:.3g}): their sums of squares need |x| below about 2^500 (3e150), and the largest |x| above "
-            f"2^-480 (3e-145). Scale the features by a power of two: the metrics are scale-free but "
-            f"feature_norm and the per-class variances and distances")
+    return (
+        f"features: finite, but too {side} in magnitude for the float64 class statistics (largest |x| = "
+        f"{top:.3g}): their sums of squares need |x| below about 2^500 (3e150), and the largest |x| above "
+        f"2^-480 (3e-145). Scale the features by a power of two: the metrics are scale-free but "
+        f"feature_norm and the per-class variances and distances"
+    )
 
 
 def check_magnitude(x: torch.Tensor, means: torch.Tensor, m2: torch.Tensor) -> None:
@@ -200,7 +213,9 @@ def check_superclass(superclass, num_classes: int, device) -> torch.Tensor:
     if s.dtype.is_floating_point:
         raise TypeError(f"superclass: expected an integer dtype, got {s.dtype}")
     if s.shape != (num_classes,):
-        raise ValueError(f"superclass: expected shape ({num_classes},) mapping class -> super-class, got {tuple(s.shape)}")
+        raise ValueError(
+            f"superclass: expected shape ({num_classes},) mapping class -> super-class, got {tuple(s.shape)}"
+        )
     return s.to(device=device, dtype=torch.int64)
 
 

@@ -7,6 +7,7 @@ nearest class centre, to ``ncfast.ncc``)::
     m = ncfast.nc_metrics(features, labels, weight=W, bias=b)   # NCMetrics: m["nc1"], m["vci"], ...
     D = ncfast.class_distance(features, labels)                 # (C, C) float64
 """
+
 from __future__ import annotations
 
 import torch
@@ -61,12 +62,28 @@ def _prepare(features, labels, num_classes, nan_policy, *, kernel_checks_labels:
 def _moments(x, y, num_classes, backend, weighting, scatter, unit_sums=True, pooled=True) -> ClassMoments:
     """The one-shot ClassMoments of checked (x, y); under balanced weighting on imbalanced labels it
     keeps the exact balanced Sigma_W too (and, with ``pooled=False``, only that one)."""
-    return ClassMoments._of_batch(x, y, num_classes, backend, scatter=scatter, unit_sums=unit_sums,
-                                  balanced=weighting == "balanced", pooled=pooled)
+    return ClassMoments._of_batch(
+        x,
+        y,
+        num_classes,
+        backend,
+        scatter=scatter,
+        unit_sums=unit_sums,
+        balanced=weighting == "balanced",
+        pooled=pooled,
+    )
 
 
-def class_moments(features, labels, *, num_classes=None, weighting: str = "balanced", scatter: bool = True,
-                  unit_sums: bool = True, nan_policy: str = "raise") -> ClassMoments:
+def class_moments(
+    features,
+    labels,
+    *,
+    num_classes=None,
+    weighting: str = "balanced",
+    scatter: bool = True,
+    unit_sums: bool = True,
+    nan_policy: str = "raise",
+) -> ClassMoments:
     """One-shot ClassMoments of (features, labels).
 
     With ``weighting="balanced"`` on imbalanced labels the exact balanced Sigma_W is kept too
@@ -75,8 +92,9 @@ def class_moments(features, labels, *, num_classes=None, weighting: str = "balan
     variances are always kept.
     """
     check_choice(weighting, WEIGHTINGS, "weighting")
-    x, y, num_classes, omitted, _, backend = _prepare(features, labels, num_classes, nan_policy,
-                                                      kernel_checks_labels=True)
+    x, y, num_classes, omitted, _, backend = _prepare(
+        features, labels, num_classes, nan_policy, kernel_checks_labels=True
+    )
     m = _moments(x, y, num_classes, backend, weighting, scatter, unit_sums=unit_sums)
     m.omitted_rows = omitted
     return m
@@ -89,13 +107,27 @@ def class_distance(features, labels, *, num_classes=None, nan_policy: str = "rai
     computed from class means and variances (never from pairs). Absent classes: NaN rows/columns.
     nan_policy: "raise" or "omit" (drop rows with NaN/Inf), as in nc_metrics.
     """
-    return class_distance_from_moments(class_moments(features, labels, num_classes=num_classes, scatter=False,
-                                                     unit_sums=False, nan_policy=nan_policy))
+    return class_distance_from_moments(
+        class_moments(features, labels, num_classes=num_classes, scatter=False, unit_sums=False, nan_policy=nan_policy)
+    )
 
 
-def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, logits=None, superclass=None,
-               ood_features=None, class_means=None, weighting: str = "balanced", rtol: float = DEFAULT_RTOL,
-               cdnv_exponent: float = 1.0, nan_policy: str = "raise") -> NCMetrics:
+def nc_metrics(
+    features,
+    labels,
+    *,
+    num_classes=None,
+    weight=None,
+    bias=None,
+    logits=None,
+    superclass=None,
+    ood_features=None,
+    class_means=None,
+    weighting: str = "balanced",
+    rtol: float = DEFAULT_RTOL,
+    cdnv_exponent: float = 1.0,
+    nan_policy: str = "raise",
+) -> NCMetrics:
     """All Neural-Collapse metrics for one layer's features (docs/metrics.md), as an NCMetrics (a dict
     of floats with ``per_class`` vectors and the ``degenerate`` flags).
 
@@ -163,8 +195,16 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
 
     # The features are in memory: both passes read them (the plan's cache only references them).
     # Only `weighting`'s Sigma_W is read here, so imbalanced labels under "balanced" cost one scatter.
-    stream = Stream(num_classes, d, device=x.device, weighting=weighting, centres=class_means,
-                    classifier=None if w is None else (w, b), decisions=z is not None, pooled=False)
+    stream = Stream(
+        num_classes,
+        d,
+        device=x.device,
+        weighting=weighting,
+        centres=class_means,
+        classifier=None if w is None else (w, b),
+        decisions=z is not None,
+        pooled=False,
+    )
     decisions = z.argmax(dim=1) if (z is not None and w is None) else None
     plan = Plan({"features": stream}, cache_bytes=None)
     plan.first(Block({"features": x}, y, decisions))
@@ -175,13 +215,19 @@ def nc_metrics(features, labels, *, num_classes=None, weight=None, bias=None, lo
     ood = None
     if xo is not None:  # only its mean is read: one class, no scatter, no unit sums
         try:
-            ood = _moments(xo, torch.zeros(xo.shape[0], dtype=torch.int64, device=xo.device), 1, backend, "sample",
-                           scatter=False, unit_sums=False)
+            ood = _moments(
+                xo,
+                torch.zeros(xo.shape[0], dtype=torch.int64, device=xo.device),
+                1,
+                backend,
+                "sample",
+                scatter=False,
+                unit_sums=False,
+            )
         except ValueError as e:  # the checks name "features"; nan_policy does not apply to these rows
             if not str(e).startswith("features:"):
                 raise
-            raise ValueError("ood_features: contains NaN or Inf" if str(e) == NON_FINITE
-                             else "ood_" + str(e)) from None
+            raise ValueError("ood_features: contains NaN or Inf" if str(e) == NON_FINITE else "ood_" + str(e)) from None
     out = stream.metrics(backend, weight=w, superclass=superclass, ood=ood, rtol=rtol, cdnv_exponent=cdnv_exponent)
     if z is not None:
         out["logits_norm"] = mean_row_norm(z)

@@ -1,4 +1,5 @@
 """Label transforms of paper 000: coarse (merged) and fine (split) classes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,8 +58,10 @@ def superclass_map(original, training, num_classes: int) -> np.ndarray:
     for c in range(num_classes):
         labels = np.unique(training[original == c])
         if labels.size > 1:
-            raise ValueError(f"labels: original class {c} carries {labels.size} training labels "
-                             f"{labels.tolist()}: not a coarse labelling")
+            raise ValueError(
+                f"labels: original class {c} carries {labels.size} training labels "
+                f"{labels.tolist()}: not a coarse labelling"
+            )
         if labels.size:
             s[c] = labels[0]
     return s

@@ -87,8 +87,9 @@ def svsl_loss(layer_features, labels, *, alpha, num_classes, reduction="mean"):
         if not g.is_floating_point():
             raise TypeError(f"layer_features[{j}]: expected a floating dtype, got {g.dtype}")
         if g.dim() < 1 or g.shape[0] != n:
-            raise ValueError(f"layer_features[{j}]: shape {tuple(g.shape)} does not match "
-                             f"len(labels) = {n} in its first dimension")
+            raise ValueError(
+                f"layer_features[{j}]: shape {tuple(g.shape)} does not match len(labels) = {n} in its first dimension"
+            )
         if g[0].numel() == 0:
             raise ValueError(f"layer_features[{j}]: no features per sample (shape {tuple(g.shape)})")
         if g.device != labels.device:

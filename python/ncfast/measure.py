@@ -6,7 +6,8 @@
 FEATURES and LABELS are each one file or a directory of shards (the files with a known suffix,
 sorted by name; the k-th feature shard pairs with the k-th label shard and must have as many rows).
 Formats: ``.npy`` and ``.safetensors`` (one tensor per file) are read one block of rows at a time,
-each block memory-mapped, copied and unmapped, so the peak memory does not grow with N; ``.pt`` (one tensor per file, ``torch.save``) is memory-mapped by
+each block memory-mapped, copied and unmapped, so the peak memory does not grow with N;
+``.pt`` (one tensor per file, ``torch.save``) is memory-mapped by
 ``torch.load(mmap=True)``. Features may be float16, bfloat16 (safetensors), float32 or float64;
 each block is measured in float64 statistics (``ClassMoments``).
 
@@ -29,6 +30,7 @@ and every rank stops with exit status 2.
 Rows holding NaN or Inf stop the command, naming the file and the rows; ``--nan-policy omit``
 drops them with their labels instead and reports how many were dropped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +59,7 @@ DEFAULT_BLOCK_BYTES = 64 << 20
 CLASS_DISTANCE_LIMIT = 8 << 30
 """--class-distance refuses a C x C float64 matrix larger than this (C = 32,768)."""
 
+
 def _heap_trimmer():
     """glibc's malloc_trim, or a no-op elsewhere. Blocks allocate and free chunks of a few MB to tens
     of MB (a block's float32 copy, C x D float64 temporaries); glibc serves the smaller ones from its
@@ -74,15 +77,27 @@ def _heap_trimmer():
 
 _trim_heap = _heap_trimmer()
 
-_SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": "bf16", "I8": np.int8,
-                       "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "U16": np.uint16,
-                       "U32": np.uint32, "U64": np.uint64}
+_SAFETENSORS_DTYPES = {
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "BF16": "bf16",
+    "I8": np.int8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "U8": np.uint8,
+    "U16": np.uint16,
+    "U32": np.uint32,
+    "U64": np.uint64,
+}
 
 
 # ------------------------------------------------------------------------------------- reading
 @dataclass
 class Shard:
     """One 1-D or 2-D array in a file, read by rows."""
+
     path: Path
     shape: tuple
     dtype: object  # a numpy dtype, or "bf16" (bfloat16 stored as 2-byte words)
@@ -134,8 +149,9 @@ MAX_HEADER_BYTES = 100 << 20
 
 def _check_shape(path: Path, shape) -> tuple:
     """A header's shape as a tuple of ints >= 0, or ValueError naming the file."""
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                       for s in shape):
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
         raise ValueError(f"{path}: the header's shape {shape!r} is not a list of integers >= 0")
     return tuple(shape)
 
@@ -147,11 +163,15 @@ def _check_extent(path: Path, shape: tuple, itemsize: int, offset: int, end: int
     size = path.stat().st_size
     nbytes = math.prod(shape) * itemsize
     if end is not None and end - offset != nbytes:
-        raise ValueError(f"{path}: the header's shape {shape} x {itemsize} bytes is {nbytes} bytes, but its "
-                         f"data_offsets span {end - offset}")
+        raise ValueError(
+            f"{path}: the header's shape {shape} x {itemsize} bytes is {nbytes} bytes, but its "
+            f"data_offsets span {end - offset}"
+        )
     if offset + nbytes != size:
-        raise ValueError(f"{path}: the header describes {nbytes} bytes of data from byte {offset}, but the file has "
-                         f"{size - offset} there ({'truncated' if offset + nbytes > size else 'bytes left over'})")
+        raise ValueError(
+            f"{path}: the header describes {nbytes} bytes of data from byte {offset}, but the file has "
+            f"{size - offset} there ({'truncated' if offset + nbytes > size else 'bytes left over'})"
+        )
 
 
 def _npy(path: Path) -> Shard:
@@ -191,16 +211,22 @@ def _safetensors(path: Path) -> Shard:
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     if len(tensors) != 1:
         raise ValueError(f"{path}: expected one tensor, found {sorted(tensors)}")
-    (name, meta), = tensors.items()
+    ((name, meta),) = tensors.items()
     if not isinstance(meta, dict) or not all(k in meta for k in ("dtype", "shape", "data_offsets")):
         raise ValueError(f"{path}: tensor {name!r} needs dtype, shape and data_offsets in the header")
     if not isinstance(meta["dtype"], str) or meta["dtype"] not in _SAFETENSORS_DTYPES:
         raise ValueError(f"{path}: tensor {name!r} has dtype {meta['dtype']}, not one of {sorted(_SAFETENSORS_DTYPES)}")
     shape = _check_shape(path, meta["shape"])
     offsets = meta["data_offsets"]
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-        raise ValueError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise ValueError(
+            f"{path}: tensor {name!r} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end"
+        )
     if offsets[0] != 0:
         raise ValueError(f"{path}: tensor {name!r} starts {offsets[0]} bytes into the data (a hole before it)")
     dtype = _SAFETENSORS_DTYPES[meta["dtype"]]
@@ -266,8 +292,10 @@ def pair_shards(features: list[Shard], labels: list[Shard]) -> list[tuple[Shard,
         for f, y in zip(features, labels):
             numbers = _stem_numbers(f.path)
             if f.path.stem != y.path.stem and (not numbers or numbers != _stem_numbers(y.path)):
-                raise ValueError(f"LABELS: {y.path} is paired with {f.path}, but their names share neither stem nor "
-                                 f"numbers; name the shards alike (x_1.npy with y_1.npy)")
+                raise ValueError(
+                    f"LABELS: {y.path} is paired with {f.path}, but their names share neither stem nor "
+                    f"numbers; name the shards alike (x_1.npy with y_1.npy)"
+                )
     d = None
     for f, y in zip(features, labels):
         if len(f.shape) != 2:
@@ -324,15 +352,30 @@ def _load_matrix(path, what: str, shape=None, *, floating: bool = True) -> torch
         raise ValueError(f"{what}: {shard[0].path}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     integer = not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
     if (floating and not t.dtype.is_floating_point) or (not floating and not integer):
-        raise ValueError(f"{what}: {shard[0].path} holds {t.dtype}, expected "
-                         f"{'floating-point' if floating else 'integer'} values")
+        raise ValueError(
+            f"{what}: {shard[0].path} holds {t.dtype}, expected {'floating-point' if floating else 'integer'} values"
+        )
     return t
 
 
-def measure(features, labels, *, num_classes: int | None = None, weight=None, bias=None, superclass=None,
-            ood=None, train_means=None, weighting: str = "balanced", rtol: float = DEFAULT_RTOL,
-            block_rows: int | None = None, device="cpu", progress: bool = False, timings: dict | None = None,
-            nan_policy: str = "raise"):
+def measure(
+    features,
+    labels,
+    *,
+    num_classes: int | None = None,
+    weight=None,
+    bias=None,
+    superclass=None,
+    ood=None,
+    train_means=None,
+    weighting: str = "balanced",
+    rtol: float = DEFAULT_RTOL,
+    block_rows: int | None = None,
+    device="cpu",
+    progress: bool = False,
+    timings: dict | None = None,
+    nan_policy: str = "raise",
+):
     """Metrics of saved features (paths, see the module docstring). Returns (NCMetrics, ClassMoments).
     ``timings``, when given, receives the seconds of each pass: labels, moments, ood, ncc, metrics.
 
@@ -363,8 +406,10 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
     pairs = pair_shards(open_shards(features, "FEATURES"), open_shards(labels, "LABELS"))
     for f, _ in pairs:
         if not _floating(f):
-            raise ValueError(f"FEATURES: {f.path} holds {f.tensor.dtype if f.tensor is not None else f.dtype}, "
-                             f"expected floating-point features (float16, bfloat16, float32, float64)")
+            raise ValueError(
+                f"FEATURES: {f.path} holds {f.tensor.dtype if f.tensor is not None else f.dtype}, "
+                f"expected floating-point features (float16, bfloat16, float32, float64)"
+            )
     d = pairs[0][0].shape[1]
     todo = ranks.mine(blocks([f for f, _ in pairs], block_rows))
     n_total = sum(f.rows for f, _ in pairs)
@@ -423,17 +468,29 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
         b = bias if isinstance(bias, torch.Tensor) else _load_matrix(bias, "--bias", (c,))
         b = _float(b).to(device)
     if superclass is not None:
-        sup = (superclass if isinstance(superclass, torch.Tensor)
-               else _load_matrix(superclass, "--superclass", (c,), floating=False))
+        sup = (
+            superclass
+            if isinstance(superclass, torch.Tensor)
+            else _load_matrix(superclass, "--superclass", (c,), floating=False)
+        )
         sup = sup.long().to(device)
     if train_means is not None:
-        means_given = (train_means if isinstance(train_means, torch.Tensor)
-                       else _load_matrix(train_means, "--train-means", (c, d))).to(device)
+        means_given = (
+            train_means if isinstance(train_means, torch.Tensor) else _load_matrix(train_means, "--train-means", (c, d))
+        ).to(device)
 
     # pass 1: the moments; with --train-means (the centres known) also the scatter and the nearest
     # class centre, and then it is the only pass over the features (passes.Stream)
-    stream = Stream(c, d, device=device, weighting=weighting, centres=means_given, one_pass=means_given is not None,
-                    class_counts=counts.to(device), classifier=None if w is None else (w, b))
+    stream = Stream(
+        c,
+        d,
+        device=device,
+        weighting=weighting,
+        centres=means_given,
+        one_pass=means_given is not None,
+        class_counts=counts.to(device),
+        classifier=None if w is None else (w, b),
+    )
     plan = Plan({"features": stream}, comm=ranks, cache_bytes=0)
 
     def feed(step, desc, first: bool):
@@ -453,8 +510,10 @@ def measure(features, labels, *, num_classes: int | None = None, weight=None, bi
                 if str(e) != NON_FINITE:
                     raise
                 # the API's message names its own nan_policy argument; this names the command's flag
-                raise ValueError(f"FEATURES: {f.path}: rows {lo} to {hi - 1} hold NaN or Inf; pass --nan-policy "
-                                 f"omit to drop such rows (and their labels), or remove them") from None
+                raise ValueError(
+                    f"FEATURES: {f.path}: rows {lo} to {hi - 1} hold NaN or Inf; pass --nan-policy "
+                    f"omit to drop such rows (and their labels), or remove them"
+                ) from None
             if bar is not None:
                 bar.update((hi - lo) * ranks.world)
         if bar is not None:
@@ -532,30 +591,43 @@ def _together(ranks: Ranks, work):
 
 # ------------------------------------------------------------------------------------- the CLI
 def _arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ncfast.measure", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("features", metavar="FEATURES", help="(N, D) features: a .npy/.pt/.safetensors file or a "
-                                                       "directory of shards")
+    p = argparse.ArgumentParser(
+        prog="python -m ncfast.measure", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "features", metavar="FEATURES", help="(N, D) features: a .npy/.pt/.safetensors file or a directory of shards"
+    )
     p.add_argument("labels", metavar="LABELS", help="(N,) integer labels: a file or a directory of shards")
     p.add_argument("--num-classes", type=int, default=None, help="C (default: the largest label + 1)")
     p.add_argument("--weight", help="(C, D) classifier weight: adds nc3, nc3_etf, duality and ncc_mismatch")
     p.add_argument("--bias", help="(C,) classifier bias (with --weight)")
     p.add_argument("--superclass", help="(C,) super-class of every class: adds msdr")
     p.add_argument("--ood", help="out-of-distribution features of the same layer (file or directory): adds nc5_ood")
-    p.add_argument("--train-means", help="(C, D) class means of the TRAIN split: the nearest class centres of a "
-                                         "held-out split (paper 003 def. 6)")
+    p.add_argument(
+        "--train-means",
+        help="(C, D) class means of the TRAIN split: the nearest class centres of a held-out split (paper 003 def. 6)",
+    )
     p.add_argument("--save-means", help="write the (C, D) float64 class means to this .npy (for --train-means)")
     p.add_argument("--class-distance", help="write the C x C class-distance matrix to this .npy (C^2 x 8 bytes)")
-    p.add_argument("--per-class", help="write the per-class vectors (count, variance, cdnv, ncc_accuracy, ...) "
-                                       "to this .npz")
+    p.add_argument(
+        "--per-class", help="write the per-class vectors (count, variance, cdnv, ncc_accuracy, ...) to this .npz"
+    )
     p.add_argument("--json", help="write {metric: value} to this file (NaN as null)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default="balanced")
-    p.add_argument("--nan-policy", choices=NAN_POLICIES, default="raise",
-                   help="raise (default): stop at a row holding NaN or Inf, naming its file; omit: drop such rows "
-                        "and their labels (counted in the summary)")
+    p.add_argument(
+        "--nan-policy",
+        choices=NAN_POLICIES,
+        default="raise",
+        help="raise (default): stop at a row holding NaN or Inf, naming its file; omit: drop such rows "
+        "and their labels (counted in the summary)",
+    )
     p.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
-    p.add_argument("--block-rows", type=int, default=None,
-                   help=f"rows per block (default: {DEFAULT_BLOCK_BYTES >> 20} MiB of features)")
+    p.add_argument(
+        "--block-rows",
+        type=int,
+        default=None,
+        help=f"rows per block (default: {DEFAULT_BLOCK_BYTES >> 20} MiB of features)",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -567,8 +639,9 @@ def _finite(v):
 
 def _table(metrics) -> str:
     width = max(len(k) for k in metrics)
-    return "\n".join(f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-                     for k, v in metrics.items())
+    return "\n".join(
+        f"{k:<{width}}  {v:.6g}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in metrics.items()
+    )
 
 
 def main(argv=None) -> int:
@@ -586,17 +659,33 @@ def main(argv=None) -> int:
             continue
         parent = Path(target).resolve().parent
         if not parent.is_dir() or not os.access(parent, os.W_OK):
-            print(f"error: --{flag.replace('_', '-')}: cannot write {target} (the directory {parent} "
-                  f"{'is not writable' if parent.is_dir() else 'does not exist'})", file=sys.stderr)
+            print(
+                f"error: --{flag.replace('_', '-')}: cannot write {target} (the directory {parent} "
+                f"{'is not writable' if parent.is_dir() else 'does not exist'})",
+                file=sys.stderr,
+            )
             return 2
     try:
         t0 = time.perf_counter()
         timings = {}
         try:
-            out, m = measure(a.features, a.labels, num_classes=a.num_classes, weight=a.weight, bias=a.bias,
-                             superclass=a.superclass, ood=a.ood, train_means=a.train_means, weighting=a.weighting,
-                             rtol=a.rtol, block_rows=a.block_rows, device=a.device, progress=not a.no_progress,
-                             timings=timings, nan_policy=a.nan_policy)
+            out, m = measure(
+                a.features,
+                a.labels,
+                num_classes=a.num_classes,
+                weight=a.weight,
+                bias=a.bias,
+                superclass=a.superclass,
+                ood=a.ood,
+                train_means=a.train_means,
+                weighting=a.weighting,
+                rtol=a.rtol,
+                block_rows=a.block_rows,
+                device=a.device,
+                progress=not a.no_progress,
+                timings=timings,
+                nan_policy=a.nan_policy,
+            )
         except OtherRankFailed as e:
             if rank == 0:
                 print(f"error: {e}", file=sys.stderr)
@@ -612,25 +701,44 @@ def main(argv=None) -> int:
             if a.class_distance:
                 c = m.num_classes
                 if c * c * 8 > CLASS_DISTANCE_LIMIT:
-                    print(f"error: --class-distance: a {c} x {c} float64 matrix is {c * c * 8 / 2**30:.0f} GiB "
-                          f"(limit {CLASS_DISTANCE_LIMIT >> 30} GiB)", file=sys.stderr)
+                    print(
+                        f"error: --class-distance: a {c} x {c} float64 matrix is {c * c * 8 / 2**30:.0f} GiB "
+                        f"(limit {CLASS_DISTANCE_LIMIT >> 30} GiB)",
+                        file=sys.stderr,
+                    )
                     return 2
                 distance = class_distance_from_moments(m).cpu().numpy()
             values = {k: float(v) for k, v in out.items()}
             print(_table(values))
             n = int(m.counts.sum())
-            print(f"\n{n} rows, D = {m.dim}, C = {m.num_classes} ({int((m.counts > 0).sum())} present), "
-                  f"{seconds:.1f} s" + (f"; {m.omitted_rows} rows holding NaN or Inf omitted" if m.omitted_rows else "")
-                  + (f"; degenerate: {', '.join(sorted(out.degenerate))}" if out.degenerate else ""),
-                  file=sys.stderr)
+            print(
+                f"\n{n} rows, D = {m.dim}, C = {m.num_classes} ({int((m.counts > 0).sum())} present), "
+                f"{seconds:.1f} s"
+                + (f"; {m.omitted_rows} rows holding NaN or Inf omitted" if m.omitted_rows else "")
+                + (f"; degenerate: {', '.join(sorted(out.degenerate))}" if out.degenerate else ""),
+                file=sys.stderr,
+            )
             print("passes: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), file=sys.stderr)
-            writes = [("--json", a.json, lambda p: Path(p).write_text(
-                          json.dumps({k: _finite(v) for k, v in values.items()}, indent=1) + "\n")),
-                      ("--save-means", a.save_means, lambda p: np.save(p, m.means.cpu().numpy())),
-                      ("--per-class", a.per_class, lambda p: np.savez(p, **{k: v.cpu().numpy()
-                                                                            for k, v in out.per_class.items()})),
-                      ("--class-distance", a.class_distance if distance is not None else None,
-                       lambda p: np.save(p, distance))]
+            writes = [
+                (
+                    "--json",
+                    a.json,
+                    lambda p: Path(p).write_text(
+                        json.dumps({k: _finite(v) for k, v in values.items()}, indent=1) + "\n"
+                    ),
+                ),
+                ("--save-means", a.save_means, lambda p: np.save(p, m.means.cpu().numpy())),
+                (
+                    "--per-class",
+                    a.per_class,
+                    lambda p: np.savez(p, **{k: v.cpu().numpy() for k, v in out.per_class.items()}),
+                ),
+                (
+                    "--class-distance",
+                    a.class_distance if distance is not None else None,
+                    lambda p: np.save(p, distance),
+                ),
+            ]
             for flag, target, write in writes:
                 if target is None:
                     continue

@@ -5,6 +5,7 @@ per-class variances, the D x D within-class scatter and the unit-vector class su
 Pseudo-inverses and ranks use symmetric eigendecompositions on the smaller side, with
 eigenvalues at or below ``rtol * lambda_max`` counted as zero.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,18 @@ class NCMetrics(dict):
             ``ncc_mismatch`` and ``duality`` (cos(w_c, mu_c - mu_G)).
     """
 
-    def __init__(self, values=(), *, ranks=None, absent_classes=(), omitted_rows=0, weighting=None, rtol=None,
-                 degenerate=(), per_class=None):
+    def __init__(
+        self,
+        values=(),
+        *,
+        ranks=None,
+        absent_classes=(),
+        omitted_rows=0,
+        weighting=None,
+        rtol=None,
+        degenerate=(),
+        per_class=None,
+    ):
         # Constructible from a mapping alone: torchmetrics rebuilds compute() outputs that way.
         super().__init__(values)
         self.ranks = ranks or {}
@@ -131,8 +142,9 @@ def _kept_eigenvalues(lam: torch.Tensor, rtol: float) -> torch.Tensor:
     return lam[lam > rtol * top] if top > 0 else lam[:0]
 
 
-def _spectra(sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float, rtol: float,
-             rank_bound: int) -> tuple[float, int, torch.Tensor]:
+def _spectra(
+    sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float, rtol: float, rank_bound: int
+) -> tuple[float, int, torch.Tensor]:
     """(vci, rank of Sigma_W, the eigenvalues of Sigma_T = Sigma_W + A^T A that the rank rule keeps):
     every D x D quantity of a layer, from at most one symmetric eigenproblem of size D.
 
@@ -195,8 +207,9 @@ def _spectra(sigma_w: torch.Tensor, a: torch.Tensor, r_b: int, lam_b_max: float,
     return vci, int(keep.sum()), _kept_eigenvalues(_linalg.sym_eigvalsh(sigma_w + a.T @ a), rtol)
 
 
-def _low_rank(sigma_w: torch.Tensor, a: torch.Tensor, r: int, r_b: int, lam_b_max: float, rtol: float,
-              max_size: int | None = None):
+def _low_rank(
+    sigma_w: torch.Tensor, a: torch.Tensor, r: int, r_b: int, lam_b_max: float, rtol: float, max_size: int | None = None
+):
     """_spectra's low-rank route, or None when Sigma_W is not of low rank: the pivoted Cholesky
     factor, of at most ``max_size`` columns, leaves out more than the rank rule would cut (a
     remainder whose trace exceeds rtol / 2 of Sigma_W's largest diagonal entry).
@@ -370,9 +383,17 @@ def class_fractions(hits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch.where(counts > 0, hits.to(torch.float64) / counts.clamp_min(1), torch.full_like(counts, float("nan")))
 
 
-def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None, ood=None,
-                         weighting: str = "balanced", rtol: float = DEFAULT_RTOL, cdnv_exponent: float = 1.0,
-                         tile: int | None = None) -> NCMetrics:
+def metrics_from_moments(
+    moments: ClassMoments,
+    *,
+    weight=None,
+    superclass=None,
+    ood=None,
+    weighting: str = "balanced",
+    rtol: float = DEFAULT_RTOL,
+    cdnv_exponent: float = 1.0,
+    tile: int | None = None,
+) -> NCMetrics:
     """Every metric that the streamed statistics determine (docs/metrics.md), as an NCMetrics.
 
     Keys: nc1, fuzziness, squared_distance, nc2_etf, equinorm, equiangularity, coherence, cdnv,
@@ -405,12 +426,31 @@ def metrics_from_moments(moments: ClassMoments, *, weight=None, superclass=None,
             (over the eigenvalues above rtol * lambda_max; 0 when Sigma_T = 0)
         msdr = mean_{i!=j, s(i)=s(j)} D_ij / mean_i D_ii
     """
-    return _metrics_from_moments(moments, backends.for_tensor(moments.mean), weight=weight, superclass=superclass,
-                                 ood=ood, weighting=weighting, rtol=rtol, cdnv_exponent=cdnv_exponent, tile=tile)
+    return _metrics_from_moments(
+        moments,
+        backends.for_tensor(moments.mean),
+        weight=weight,
+        superclass=superclass,
+        ood=ood,
+        weighting=weighting,
+        rtol=rtol,
+        cdnv_exponent=cdnv_exponent,
+        tile=tile,
+    )
 
 
-def _metrics_from_moments(moments: ClassMoments, backend: backends.Backend, *, weight, superclass, ood, weighting: str,
-                          rtol: float, cdnv_exponent: float, tile) -> NCMetrics:
+def _metrics_from_moments(
+    moments: ClassMoments,
+    backend: backends.Backend,
+    *,
+    weight,
+    superclass,
+    ood,
+    weighting: str,
+    rtol: float,
+    cdnv_exponent: float,
+    tile,
+) -> NCMetrics:
     """metrics_from_moments with the caller's backend."""
     check_choice(weighting, WEIGHTINGS, "weighting")
     if not isinstance(moments, ClassMoments):
@@ -425,15 +465,16 @@ def _metrics_from_moments(moments: ClassMoments, backend: backends.Backend, *, w
     sup = None if superclass is None else check_superclass(superclass, moments.num_classes, moments.device)
     w = None
     if weight is not None:
-        w = check_per_class(weight, "weight", moments.num_classes, moments.dim, moments.device,
-                            finite=True)[p].to(torch.float64)
+        w = check_per_class(weight, "weight", moments.num_classes, moments.dim, moments.device, finite=True)[p].to(
+            torch.float64
+        )
     mt = moments.centred_means(weighting)
     out, ranks = _within_between(moments, weighting, rtol)
-    pairs = _class_pair_stats(moments, backend, weighting=weighting, superclass=sup, tile=tile,
-                              cdnv_exponent=cdnv_exponent)
+    pairs = _class_pair_stats(
+        moments, backend, weighting=weighting, superclass=sup, tile=tile, cdnv_exponent=cdnv_exponent
+    )
     out.update(_geometry(mt, pairs))
-    per_class = {"count": _on_classes(moments.count[p], p), "variance": moments.variances,
-                 "cdnv": pairs.cdnv_per_class}
+    per_class = {"count": _on_classes(moments.count[p], p), "variance": moments.variances, "cdnv": pairs.cdnv_per_class}
     if w is not None:
         values, duality = _classifier(w, mt)
         out.update(values)
@@ -444,8 +485,16 @@ def _metrics_from_moments(moments: ClassMoments, backend: backends.Backend, *, w
         out["nc5_ood"] = _nc5_ood(moments, ood)
     if moments.unit_sum is not None:  # kept unless the ClassMoments was built with unit_sums=False
         out.update(_directions(moments))
-    return NCMetrics(out, ranks=ranks, absent_classes=moments.absent_classes, omitted_rows=moments.omitted_rows,
-                     weighting=weighting, rtol=rtol, degenerate=_degenerate(moments, ranks), per_class=per_class)
+    return NCMetrics(
+        out,
+        ranks=ranks,
+        absent_classes=moments.absent_classes,
+        omitted_rows=moments.omitted_rows,
+        weighting=weighting,
+        rtol=rtol,
+        degenerate=_degenerate(moments, ranks),
+        per_class=per_class,
+    )
 
 
 def _degenerate(moments: ClassMoments, ranks: dict) -> tuple:
@@ -481,8 +530,9 @@ def _within_between(moments: ClassMoments, weighting: str, rtol: float) -> tuple
     out["nc1"] = fuzz / c
     out["fuzziness"] = fuzz
     lam_b_max = float(s_b.max()) if s_b.numel() else 0.0  # Sigma_B = 0: equal class means
-    out["vci"], ranks["sigma_w"], kept_t = _spectra(sigma_w, a, ranks["sigma_b"], lam_b_max, rtol,
-                                                    rank_bound=moments.num_samples - c)
+    out["vci"], ranks["sigma_w"], kept_t = _spectra(
+        sigma_w, a, ranks["sigma_b"], lam_b_max, rtol, rank_bound=moments.num_samples - c
+    )
     ranks["sigma_t"] = int(kept_t.numel())
     out["rank"] = float(ranks["sigma_t"])
     # over the kept eigenvalues only: the rank rule's zeros are exact zeros, not the rounding
@@ -552,5 +602,7 @@ def _directions(moments: ClassMoments) -> dict:
     total = 1.0 - float(centre.square().sum())
     between = float((unit - centre).square().sum(1).mean())
     indistinct = total <= coincidence_floor(moments.dim)
-    return {"cosine_separation": math.nan if indistinct else between / total,
-            "feature_norm": float(moments.norm_sum.sum()) / moments.num_samples}
+    return {
+        "cosine_separation": math.nan if indistinct else between / total,
+        "feature_norm": float(moments.norm_sum.sum()) / moments.num_samples,
+    }

@@ -23,6 +23,7 @@ Shifting by the mean of the class means (rounded to float32, so the shift is exa
 precisions) keeps the bound small when all features share a large offset. Ties go to the lowest
 index.
 """
+
 from __future__ import annotations
 
 import functools
@@ -73,7 +74,8 @@ class _Problem:
         k = self.keys.shape[0]
         idx = torch.arange(k, device=self.keys.device)
         lowest = torch.full((k,), k, dtype=torch.int64, device=self.keys.device).scatter_reduce_(
-            0, inverse, idx, reduce="amin")
+            0, inverse, idx, reduce="amin"
+        )
         return lowest[inverse]
 
     @functools.cached_property
@@ -144,8 +146,9 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def _sweep(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], precision: str,
-           backend: backends.Backend) -> backends.Sweep:
+def _sweep(
+    x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], precision: str, backend: backends.Backend
+) -> backends.Sweep:
     """One fused sweep over every problem at ``precision`` ("fp32", or one of the backend's
     ``fast_precisions``): Sweep(best (N, G), unsure (N, G))."""
     starts = [0]
@@ -156,8 +159,9 @@ def _sweep(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], preci
     else:
         centres = torch.cat([p.centres for p in problems]).to(torch.float32)
         offsets = torch.cat([p.offsets for p in problems]).to(torch.float32)
-    return backend.ncc_sweep(x, shift, centres, offsets, starts, [p.cmax for p in problems],
-                             [p.omax for p in problems], precision)
+    return backend.ncc_sweep(
+        x, shift, centres, offsets, starts, [p.cmax for p in problems], [p.omax for p in problems], precision
+    )
 
 
 def _timed_sweep(x, shift, problems, precision, backend):
@@ -174,8 +178,9 @@ def _low_cost(low_seconds: float, fp32_seconds: float, unsure_share: float) -> f
     return low_seconds + unsure_share * fp32_seconds
 
 
-def _sweep_fast(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], lows: tuple[str, ...],
-                backend: backends.Backend) -> backends.Sweep:
+def _sweep_fast(
+    x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], lows: tuple[str, ...], backend: backends.Backend
+) -> backends.Sweep:
     """The fast mode's first pass: a sweep at a low precision (bf16 on CPU; tf32 or bf16 on GPU)
     whose unsure rows are swept again in float32, or float32 alone, whichever the first rows time
     fastest.
@@ -212,8 +217,9 @@ def _sweep_fast(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], 
     return sweep
 
 
-def _certified_argmins(x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], mode: str,
-                       backend: backends.Backend) -> list[torch.Tensor]:
+def _certified_argmins(
+    x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], mode: str, backend: backends.Backend
+) -> list[torch.Tensor]:
     """For each problem, the argmin of its exact scores on every row of x (the float64 inputs'
     exact values: a float64 evaluation can only differ from it where two scores agree to its
     rounding).
@@ -278,8 +284,9 @@ def _ncc_problem(x: torch.Tensor, means):
         d = len(row)
         ints, _ = _exact_ints(row + means_cpu[classes].reshape(-1).tolist())
         h = ints[:d]
-        dist = [sum((a - b) * (a - b) for a, b in zip(h, ints[d + j * d : d + (j + 1) * d]))
-                for j in range(len(classes))]
+        dist = [
+            sum((a - b) * (a - b) for a, b in zip(h, ints[d + j * d : d + (j + 1) * d])) for j in range(len(classes))
+        ]
         return min(zip(dist, classes))[1]
 
     # the scores times 2^-k: ||mu_c - t||^2 2^-k - 2 (h - t) . (mu_c - t) 2^-k, the centres of
@@ -376,8 +383,7 @@ def classifier_decisions(features, weight, bias=None, *, mode: str = "exact") ->
     return _certified_argmins(x, shift, [problem], mode, backends.for_tensor(x))[0]
 
 
-def ncc_and_decisions(features, means, weight, bias=None, *,
-                      mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+def ncc_and_decisions(features, means, weight, bias=None, *, mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """(ncc_assign(features, means), classifier_decisions(features, weight, bias)) in one read of
     the features: both argmins share the sweep (and its certified recheck), so NCC mismatch needs
     neither the N x C distances nor the logits. ``mode`` as in ncc_assign."""

@@ -38,6 +38,7 @@ Triton backends from torch.log / tl.log.
 The tiles are reduced by the backend (``Backend.pair_reducer``): the C++ core, torch operations, or
 a Triton kernel that forms each Gram block in registers.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,8 +103,14 @@ def _check_exponent(p) -> float:
     return value
 
 
-def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", superclass=None,
-                     tile: int | None = None, cdnv_exponent: float = 1.0) -> PairStats:
+def class_pair_stats(
+    moments: ClassMoments,
+    *,
+    weighting: str = "balanced",
+    superclass=None,
+    tile: int | None = None,
+    cdnv_exponent: float = 1.0,
+) -> PairStats:
     """CDNV, NC2 cosine statistics, hyperspherical uniformity, nearest other class and MSDR
     without a C x C matrix.
 
@@ -123,12 +130,19 @@ def class_pair_stats(moments: ClassMoments, *, weighting: str = "balanced", supe
     classes per tile side, default the backend's (1,008 for the C++ and torch backends, 16,384 for
     Triton).
     """
-    return _class_pair_stats(moments, backends.for_tensor(moments.mean), weighting=weighting, superclass=superclass,
-                             tile=tile, cdnv_exponent=cdnv_exponent)
+    return _class_pair_stats(
+        moments,
+        backends.for_tensor(moments.mean),
+        weighting=weighting,
+        superclass=superclass,
+        tile=tile,
+        cdnv_exponent=cdnv_exponent,
+    )
 
 
-def _class_pair_stats(moments: ClassMoments, backend: backends.Backend, *, weighting: str, superclass, tile,
-                      cdnv_exponent) -> PairStats:
+def _class_pair_stats(
+    moments: ClassMoments, backend: backends.Backend, *, weighting: str, superclass, tile, cdnv_exponent
+) -> PairStats:
     """class_pair_stats with the caller's backend."""
     exponent = _check_exponent(cdnv_exponent)
     p = moments.present
@@ -149,12 +163,19 @@ def _class_pair_stats(moments: ClassMoments, backend: backends.Backend, *, weigh
     unit_sum = mt.T @ (1.0 / norms)  # sum_i u_i without a C x D temporary
     inv_sqrt = 1.0 / math.sqrt(c - 1)
     ctx = PairContext(
-        sq=sq, norms=norms, var=var, sup=None if superclass is None else superclass[p],
-        g=g, etf_diag=(1.0 - 1.0 / c) * inv_sqrt, etf_offdiag=-inv_sqrt / c,
-        mean_cos=(float(unit_sum.square().sum()) - c) / (c * (c - 1)), etf_cos=1.0 / (c - 1),
+        sq=sq,
+        norms=norms,
+        var=var,
+        sup=None if superclass is None else superclass[p],
+        g=g,
+        etf_diag=(1.0 - 1.0 / c) * inv_sqrt,
+        etf_offdiag=-inv_sqrt / c,
+        mean_cos=(float(unit_sum.square().sum()) - c) / (c * (c - 1)),
+        etf_cos=1.0 / (c - 1),
         best=torch.full((c,), float("inf"), dtype=torch.float64, device=device),
         best_idx=torch.full((c,), -1, dtype=torch.int64, device=device),
-        cdnv_exponent=exponent, unif_floor=coincidence_floor(mt.shape[1]),
+        cdnv_exponent=exponent,
+        unif_floor=coincidence_floor(mt.shape[1]),
     )
     reduce = backend.pair_reducer(mt, tile, ctx)
     sums = PairSums.total(part for rows, cols in _tiles(c, tile) for part in reduce(rows, cols))

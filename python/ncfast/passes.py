@@ -26,6 +26,7 @@ its second pass reads the source again. The kept blocks are the tensors the firs
 copy: their own dtype, on their own device), so a stream's results are the same bit for bit
 whichever way its second pass is fed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -57,8 +58,16 @@ class NCCTally:
         self.hits = torch.zeros(2, num_classes, dtype=torch.int64)
         self._prepared = None  # (centres, classifier, problems): the last blocks' centres, prepared once
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, backend: backends.Backend, *,
-            classifier=None, decisions: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        centres: torch.Tensor,
+        backend: backends.Backend,
+        *,
+        classifier=None,
+        decisions: torch.Tensor | None = None,
+    ) -> None:
         """Score a block: the exact nearest centre of every row (rows of ``centres`` holding NaN are
         no candidates); the decision is argmax W h + b with ``classifier`` = (W, b), else ``decisions``."""
         p = self._prepared
@@ -101,10 +110,23 @@ class Stream:
         pooled: keep the pooled scatter beside the balanced one (False: only ``weighting``'s).
     """
 
-    def __init__(self, num_classes: int, dim: int, *, device, weighting: str = "balanced", scatter: bool = True,
-                 unit_sums: bool = True, ncc: bool = True, centres: torch.Tensor | None = None,
-                 one_pass: bool = False, class_counts: torch.Tensor | None = None, classifier=None,
-                 decisions: bool = False, pooled: bool = True):
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        device,
+        weighting: str = "balanced",
+        scatter: bool = True,
+        unit_sums: bool = True,
+        ncc: bool = True,
+        centres: torch.Tensor | None = None,
+        one_pass: bool = False,
+        class_counts: torch.Tensor | None = None,
+        classifier=None,
+        decisions: bool = False,
+        pooled: bool = True,
+    ):
         if one_pass and ncc and centres is None:
             raise ValueError("one_pass: the nearest class centre needs the centres before the first pass")
         self.weighting = weighting
@@ -113,9 +135,14 @@ class Stream:
         self.classifier = classifier
         self.pooled = pooled
         self.scatter = scatter
-        self.moments = ClassMoments(num_classes, dim, scatter=scatter and one_pass, unit_sums=unit_sums,
-                                    class_counts=announced_counts(class_counts, weighting) if one_pass else None,
-                                    device=device)
+        self.moments = ClassMoments(
+            num_classes,
+            dim,
+            scatter=scatter and one_pass,
+            unit_sums=unit_sums,
+            class_counts=announced_counts(class_counts, weighting) if one_pass else None,
+            device=device,
+        )
         self.tally = NCCTally(num_classes, decisions or classifier is not None) if ncc else None
         self._scatter = None
 
@@ -123,8 +150,9 @@ class Stream:
     def needs_second_pass(self) -> bool:
         return not self.one_pass and (self.scatter or self.tally is not None)
 
-    def first(self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend,
-              decisions: torch.Tensor | None = None) -> None:
+    def first(
+        self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend, decisions: torch.Tensor | None = None
+    ) -> None:
         """The first pass over a block: moments (ClassMoments.update: checked, atomic), and in
         one-pass mode the scatter and the NCC tally."""
         self.moments.update(x, y)
@@ -141,8 +169,9 @@ class Stream:
             if self.scatter:
                 self._scatter = self.moments._scatter_pass(self.weighting, pooled=self.pooled)
 
-    def second(self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend,
-               decisions: torch.Tensor | None = None) -> None:
+    def second(
+        self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend, decisions: torch.Tensor | None = None
+    ) -> None:
         """The second pass over the same block again: scatter about the final means, NCC tally."""
         if self._scatter is not None:
             self._scatter.add(x, y, backend)
@@ -157,11 +186,29 @@ class Stream:
         if self.tally is not None and comm.active:
             self.tally.reduce(comm)
 
-    def metrics(self, backend: backends.Backend, *, weight=None, superclass=None, ood=None, rtol: float,
-                cdnv_exponent: float = 1.0, tile=None) -> NCMetrics:
+    def metrics(
+        self,
+        backend: backends.Backend,
+        *,
+        weight=None,
+        superclass=None,
+        ood=None,
+        rtol: float,
+        cdnv_exponent: float = 1.0,
+        tile=None,
+    ) -> NCMetrics:
         """metrics_from_moments of the stream, with its NCC tally written in."""
-        out = _metrics_from_moments(self.moments, backend, weight=weight, superclass=superclass, ood=ood,
-                                    weighting=self.weighting, rtol=rtol, cdnv_exponent=cdnv_exponent, tile=tile)
+        out = _metrics_from_moments(
+            self.moments,
+            backend,
+            weight=weight,
+            superclass=superclass,
+            ood=ood,
+            weighting=self.weighting,
+            rtol=rtol,
+            cdnv_exponent=cdnv_exponent,
+            tile=tile,
+        )
         if self.tally is not None:
             self.tally.write(out, self.moments.count)
         return out
@@ -190,7 +237,7 @@ class _Kept:
     bytes: int = 0
     dropped: bool = False
 
-    def block_bytes(self, block: "Block") -> int:
+    def block_bytes(self, block: Block) -> int:
         """What keeping one more block of this group costs."""
         return sum(_nbytes(block.features[n]) for n in self.streams)
 
@@ -217,8 +264,15 @@ class Plan:
             block, so that a group that cannot fit at the end takes no room meanwhile.
     """
 
-    def __init__(self, streams: dict[str, Stream], *, groups: dict[str, list[str]] | None = None,
-                 comm: Ranks | None = None, cache_bytes: int | None = 0, expected_rows: int | None = None):
+    def __init__(
+        self,
+        streams: dict[str, Stream],
+        *,
+        groups: dict[str, list[str]] | None = None,
+        comm: Ranks | None = None,
+        cache_bytes: int | None = 0,
+        expected_rows: int | None = None,
+    ):
         self.streams = streams
         self.comm = comm or Ranks(False)
         self.cache_bytes = cache_bytes

@@ -17,7 +17,8 @@ docs/metrics.md for each layer, so measuring costs about one forward pass::
 
 On a held-out split the nearest class centre must be taken among the TRAIN class means of the same
 layer (paper 003 def. 6; Papyan et al.'s NC4 on test data), never the held-out split's own: pass a
-train measure's ``class_means`` (``ProbeResult.class_means``) back, as above. Every other metric of the held-out split describes
+train measure's ``class_means`` (``ProbeResult.class_means``) back, as above.
+Every other metric of the held-out split describes
 its own features.
 
 A layer's output is flattened per sample. When its flattened size exceeds ``max_dim`` (a D x D
@@ -43,6 +44,7 @@ must be disjoint and cover the data once: shard a measurement loader with ``shar
 split without padding), not with ``DistributedSampler``, whose padding repeats samples to even out
 the shards.
 """
+
 from __future__ import annotations
 
 import math
@@ -140,8 +142,10 @@ def _named_non_finite(error: ValueError, feats: dict) -> ValueError:
     if str(error) != NON_FINITE:
         return error
     bad = next((name for (name, _), t in feats.items() if not bool(torch.isfinite(t).all())), "?")
-    return ValueError(f"layer {bad!r}: its output holds NaN or Inf in this batch (the network diverged, or its "
-                      f"input holds them); LayerProbe measures finite features only")
+    return ValueError(
+        f"layer {bad!r}: its output holds NaN or Inf in this batch (the network diverged, or its "
+        f"input holds them); LayerProbe measures finite features only"
+    )
 
 
 def _batch_labels(labels, num_classes: int) -> torch.Tensor:
@@ -188,11 +192,23 @@ class LayerProbe:
             that cannot fit takes no room meanwhile. 0: every split takes two forward passes.
     """
 
-    def __init__(self, model: nn.Module, layers, num_classes: int, *, head: nn.Linear | None = None,
-                 penultimate: str | None = None, num_original_classes: int | None = None,
-                 weighting: str = "balanced", rtol: float | None = None, max_dim: int = DEFAULT_MAX_DIM,
-                 class_counts=None, logit_scale: float = 1.0, process_group=None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers,
+        num_classes: int,
+        *,
+        head: nn.Linear | None = None,
+        penultimate: str | None = None,
+        num_original_classes: int | None = None,
+        weighting: str = "balanced",
+        rtol: float | None = None,
+        max_dim: int = DEFAULT_MAX_DIM,
+        class_counts=None,
+        logit_scale: float = 1.0,
+        process_group=None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
         check_choice(weighting, WEIGHTINGS, "weighting")
         modules = dict(model.named_modules())
         layers = list(layers)
@@ -234,8 +250,10 @@ class LayerProbe:
         (default: every probed layer) to on_batch."""
         captured: dict[str, torch.Tensor] = {}
         names = self.layers if names is None else names
-        handles = [self.modules[name].register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
-                   for name in names]
+        handles = [
+            self.modules[name].register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o))
+            for name in names
+        ]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -245,8 +263,9 @@ class LayerProbe:
                     y_orig = batch[2] if len(batch) > 2 else None
                     captured.clear()
                     logits = self.model(x)
-                    on_batch(captured, logits, y.to(logits.device),
-                             None if y_orig is None else y_orig.to(logits.device))
+                    on_batch(
+                        captured, logits, y.to(logits.device), None if y_orig is None else y_orig.to(logits.device)
+                    )
         finally:
             for h in handles:
                 h.remove()
@@ -290,8 +309,9 @@ class LayerProbe:
             self._forward_all(loader, run.second, names=pending)
         run.plan.end()
         layers = {name: self._layer_result(run, name) for name in self.layers}
-        return ProbeResult(layers=layers, accuracy=run.correct[0] / max(1, run.correct[1]),
-                           cached_layers=run.plan.cached)
+        return ProbeResult(
+            layers=layers, accuracy=run.correct[0] / max(1, run.correct[1]), cached_layers=run.plan.cached
+        )
 
     def _label_counts(self, loader, comm: Ranks) -> torch.Tensor:
         """Training-label counts: the given ``class_counts``, else one pass over the loader's labels
@@ -306,10 +326,12 @@ class LayerProbe:
 
     def _check_means(self, name: str, mu, dim: int) -> None:
         if not isinstance(mu, torch.Tensor) or mu.shape != (self.num_classes, dim):
-            raise ValueError(f"class_means[{name!r}]: expected a tensor of shape ({self.num_classes}, {dim}), got "
-                             f"{tuple(getattr(mu, 'shape', ()))}")
+            raise ValueError(
+                f"class_means[{name!r}]: expected a tensor of shape ({self.num_classes}, {dim}), got "
+                f"{tuple(getattr(mu, 'shape', ()))}"
+            )
 
-    def _layer_result(self, run: "_Run", name: str) -> LayerResult:
+    def _layer_result(self, run: _Run, name: str) -> LayerResult:
         """The metrics of one layer from its streams (D x D ones from the pooled features when kept)."""
         rtol = DEFAULT_RTOL if self.rtol is None else self.rtol
         full = run.plan.streams[(name, "full")]
@@ -334,9 +356,15 @@ class LayerProbe:
             distance = class_distance_from_moments(orig)
             if not run.split[name]:  # with fine labels the original classes have no super-class
                 out["msdr"] = msdr_from_moments(orig, run.superclass[name])
-        return LayerResult(metrics=out, class_means=full.moments.means, dim=full.moments.dim, dxd_dim=dxd,
-                           dxd_features="channel_pooled" if pooled is not None else "full", moments=full.moments,
-                           class_distance=distance)
+        return LayerResult(
+            metrics=out,
+            class_means=full.moments.means,
+            dim=full.moments.dim,
+            dxd_dim=dxd,
+            dxd_features="channel_pooled" if pooled is not None else "full",
+            moments=full.moments,
+            class_distance=distance,
+        )
 
 
 DXD_MATRICES = 4
@@ -355,10 +383,12 @@ def _check_dxd_fits(full: dict, max_dim: int) -> None:
         free = available_bytes(dev)
         if free is not None and total > free:
             name, (d, _) = max(((n, v) for n, v in full.items() if v[1] == dev), key=lambda item: item[1][0])
-            raise ValueError(f"max_dim: {max_dim:,} keeps the D x D statistics of layers up to that size, "
-                             f"{total / 2**30:.1f} GiB on {dev} (the largest, {name!r}, has D = {d:,}), more than "
-                             f"the {free / 2**30:.1f} GiB free; lower max_dim so that the wider layers are measured "
-                             f"from channel-pooled features")
+            raise ValueError(
+                f"max_dim: {max_dim:,} keeps the D x D statistics of layers up to that size, "
+                f"{total / 2**30:.1f} GiB on {dev} (the largest, {name!r}, has D = {d:,}), more than "
+                f"the {free / 2**30:.1f} GiB free; lower max_dim so that the wider layers are measured "
+                f"from channel-pooled features"
+            )
 
 
 class _Run:
@@ -405,13 +435,29 @@ class _Run:
             if not big:
                 full[name] = (d, dev)
             counts = None if self.counts is None else self.counts.to(dev)
-            streams[(name, "full")] = Stream(p.num_classes, d, device=dev, weighting=p.weighting, scatter=not big,
-                                             centres=centres, one_pass=one_pass, class_counts=counts, decisions=True)
+            streams[(name, "full")] = Stream(
+                p.num_classes,
+                d,
+                device=dev,
+                weighting=p.weighting,
+                scatter=not big,
+                centres=centres,
+                one_pass=one_pass,
+                class_counts=counts,
+                decisions=True,
+            )
             groups[name] = [(name, "full")]
             if big:
-                streams[(name, "pooled")] = Stream(p.num_classes, channel_pool(out).shape[1], device=dev,
-                                                   weighting=p.weighting, unit_sums=False, ncc=False,
-                                                   one_pass=one_pass, class_counts=counts)
+                streams[(name, "pooled")] = Stream(
+                    p.num_classes,
+                    channel_pool(out).shape[1],
+                    device=dev,
+                    weighting=p.weighting,
+                    unit_sums=False,
+                    ncc=False,
+                    one_pass=one_pass,
+                    class_counts=counts,
+                )
                 groups[name].append((name, "pooled"))
             if has_orig and p.num_original_classes is not None:
                 self.orig[name] = ClassMoments(p.num_original_classes, d, scatter=False, unit_sums=False, device=dev)

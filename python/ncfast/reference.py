@@ -372,11 +372,12 @@ def uniformity(features, labels, num_classes=None, weighting="balanced"):
     _check_weighting(weighting)
     mt, present = _mt(h, y, K, weighting)
     _require_two_classes(present)
-    floor = 4.0 * (h.shape[1] + 4) * 2.0 ** -53
+    floor = 4.0 * (h.shape[1] + 4) * 2.0**-53
     with np.errstate(invalid="ignore", divide="ignore"):
         unit = mt / np.linalg.norm(mt, axis=1, keepdims=True)
-        sq = np.array([np.sum((unit[a] - unit[b]) ** 2)
-                       for a in range(len(present)) for b in range(a + 1, len(present))])
+        sq = np.array(
+            [np.sum((unit[a] - unit[b]) ** 2) for a in range(len(present)) for b in range(a + 1, len(present))]
+        )
         values = -0.5 * np.log(np.where(sq <= floor, 0.0, sq))
         if np.isinf(values).any():
             return float(values.mean()), float("nan")
@@ -558,7 +559,7 @@ def _settle_near_ties(scores, bound, exact_score):
 
 def _gamma(d):
     """A relative bound on a float64 sum of d rounded terms (each from <= 3 roundings)."""
-    return 1.1 * (d + 3) * 2.0 ** -53
+    return 1.1 * (d + 3) * 2.0**-53
 
 
 def ncc_assign(features, means):
@@ -642,8 +643,7 @@ def _per_class(values, y, K):
     return out
 
 
-def ncc_mismatch_per_class(features, labels, num_classes=None, weight=None, bias=None, logits=None,
-                           class_means=None):
+def ncc_mismatch_per_class(features, labels, num_classes=None, weight=None, bias=None, logits=None, class_means=None):
     """For each class c, the NCC mismatch over the samples labelled c; NaN where none is."""
     h, y, K = _prepare(features, labels, num_classes)
     nearest = ncc_assign(h, _centres(h, y, K, class_means))
@@ -852,7 +852,7 @@ def cosine_separation(features, labels, num_classes=None):
     total = np.mean(dbar)
     # every unit vector the same (to rounding: the norms of the u_i are 1 only to about D eps, so
     # a dbar_total within 4 (D + 4) eps cannot be told from 0): 0 / 0
-    if total <= 4.0 * (h.shape[1] + 4) * 2.0 ** -53:
+    if total <= 4.0 * (h.shape[1] + 4) * 2.0**-53:
         return float("nan")
     return float(between / total)
 

@@ -23,6 +23,7 @@ the within-class spread is tiny next to the class means. Updates in any order, m
 of shards in any order and ``all_reduce`` across processes give the one-shot result to
 float64 rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -119,8 +120,16 @@ class ClassMoments:
         metrics = ncfast.metrics_from_moments(m)
     """
 
-    def __init__(self, num_classes: int, dim: int, *, scatter: bool = True, unit_sums: bool = True,
-                 class_counts=None, device="cpu"):
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        scatter: bool = True,
+        unit_sums: bool = True,
+        class_counts=None,
+        device="cpu",
+    ):
         self._configure(num_classes, dim, scatter, unit_sums, class_counts, device)
         z = _zeros_on(self.device)
         c, d = self.num_classes, self.dim
@@ -161,8 +170,18 @@ class ClassMoments:
         return self._keeps_scatter and self.class_counts is not None
 
     @classmethod
-    def _of_batch(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, backend: backends.Backend, *,
-                  scatter: bool, unit_sums: bool, balanced: bool, pooled: bool = True) -> "ClassMoments":
+    def _of_batch(
+        cls,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        num_classes: int,
+        backend: backends.Backend,
+        *,
+        scatter: bool,
+        unit_sums: bool,
+        balanced: bool,
+        pooled: bool = True,
+    ) -> ClassMoments:
         """The one-shot ClassMoments of checked (x, y) (labels may be left to the C++ kernel's check).
 
         The batch's statistics become the state itself: no empty state is made and merged into.
@@ -186,7 +205,7 @@ class ClassMoments:
         return m
 
     # ------------------------------------------------------------------ update
-    def update(self, features, labels, *, nan_policy: str = "raise") -> "ClassMoments":
+    def update(self, features, labels, *, nan_policy: str = "raise") -> ClassMoments:
         """Add a batch. Atomic: on any error the state is left exactly as it was.
 
         nan_policy: "raise" (default) rejects features holding NaN or Inf; "omit" drops those
@@ -209,8 +228,9 @@ class ClassMoments:
         self.omitted_rows += omitted
         return self
 
-    def _add(self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend, *,
-             finite_required: bool = True) -> None:
+    def _add(
+        self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend, *, finite_required: bool = True
+    ) -> None:
         """update() after its checks: x (N, D) float on this device, y int64 labels (in range, or
         left to a backend that checks them). The batch's moments, then its scatter centred on the
         batch's own final class means (the exact two-pass form), merged into the state by Chan."""
@@ -219,8 +239,9 @@ class ClassMoments:
         if not self._merge_in_place(part, backend):
             self._merge_part(part)
 
-    def _block_part(self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend,
-                    check_finite: bool = False) -> _Part:
+    def _block_part(
+        self, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend, check_finite: bool = False
+    ) -> _Part:
         """Counts, means, M2 (and unit sums) of (x, y); no scatter yet. With ``check_finite`` NaN
         or Inf in x raises ValueError."""
         try:
@@ -230,11 +251,12 @@ class ClassMoments:
                 raise ValueError(magnitude_error(x)) from None  # finite rows whose squares overflowed
             raise
         check_magnitude(x, b.means, b.m2)
-        on = (lambda t: t if t is None or t.device == self.device else t.to(self.device))
+        on = lambda t: t if t is None or t.device == self.device else t.to(self.device)
         return _Part(on(b.counts), on(b.means), on(b.m2), on(b.unit_sums), on(b.norm_sums), None, None)
 
-    def _add_scatter(self, acc: _Part, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend,
-                     pooled: bool = True) -> None:
+    def _add_scatter(
+        self, acc: _Part, x: torch.Tensor, y: torch.Tensor, backend: backends.Backend, pooled: bool = True
+    ) -> None:
         """acc.scatter (and acc.wscatter) of (x, y), if kept: a second pass centred on acc's final class
         means (the exact two-pass form), so blocks need no C x D x D merge correction among themselves.
         ``pooled=False`` skips acc.scatter when acc.wscatter is kept (see _of_batch)."""
@@ -256,7 +278,8 @@ class ClassMoments:
         if not bool(a.count.any()) and (a.scatter is None) == (b.scatter is None):
             return b
         moments, delta, weight = backends.BlockMoments(a.count, a.mean, a.m2, a.unit_sum, a.norm_sum).combine(
-            backends.BlockMoments(b.count, b.mean, b.m2, b.unit_sum, b.norm_sum))
+            backends.BlockMoments(b.count, b.mean, b.m2, b.unit_sum, b.norm_sum)
+        )
         scatter = wscatter = None
         if a.scatter is not None and b.scatter is not None:
             corr, wcorr = self._scatter_corrections(delta, weight, a.wscatter is not None)
@@ -271,13 +294,18 @@ class ClassMoments:
         part changes nothing; an empty state adopts the part's tensors (``_combine``)."""
         if not bool(part.count.any()):
             return True
-        if (not bool(self.count.any()) or (self.scatter is None) != (part.scatter is None)
-                or (self.wscatter is None) != (part.wscatter is None)):
+        if (
+            not bool(self.count.any())
+            or (self.scatter is None) != (part.scatter is None)
+            or (self.wscatter is None) != (part.wscatter is None)
+        ):
             return False
         delta = torch.empty_like(self.mean) if self.scatter is not None else None
-        weight = backend.merge_into(backends.BlockMoments(self.count, self.mean, self.m2, self.unit_sum, self.norm_sum),
-                                    backends.BlockMoments(part.count, part.mean, part.m2, part.unit_sum,
-                                                          part.norm_sum), delta)
+        weight = backend.merge_into(
+            backends.BlockMoments(self.count, self.mean, self.m2, self.unit_sum, self.norm_sum),
+            backends.BlockMoments(part.count, part.mean, part.m2, part.unit_sum, part.norm_sum),
+            delta,
+        )
         if weight is None:
             return False
         if delta is not None:
@@ -306,35 +334,40 @@ class ClassMoments:
         for k in _STATE_KEYS:
             setattr(self, k, getattr(merged, k))
 
-    def _scatter_pass(self, weighting: str, pooled: bool = True) -> "_ScatterPass":
+    def _scatter_pass(self, weighting: str, pooled: bool = True) -> _ScatterPass:
         """The second pass of the exact two-pass form for a state built without the scatter: a
         ``_ScatterPass`` that sums, over blocks of the same rows again, the D x D scatter about
         this state's (final) class means, and attaches it (``_ScatterPass.attach``)."""
         return _ScatterPass(self, weighting, pooled)
 
     # ------------------------------------------------------------- merge / sync
-    def _check_compatible(self, other: "ClassMoments") -> None:
+    def _check_compatible(self, other: ClassMoments) -> None:
         if not isinstance(other, ClassMoments):
             raise TypeError(f"other: expected a ClassMoments, got {type(other).__name__}")
         if (other.num_classes, other.dim) != (self.num_classes, self.dim):
-            raise ValueError(f"other: shape (num_classes={other.num_classes}, dim={other.dim}) differs from "
-                             f"(num_classes={self.num_classes}, dim={self.dim})")
-        if ((other.scatter is None) != (self.scatter is None) or (other.wscatter is None) != (self.wscatter is None)
-                or (other.unit_sum is None) != (self.unit_sum is None)):
+            raise ValueError(
+                f"other: shape (num_classes={other.num_classes}, dim={other.dim}) differs from "
+                f"(num_classes={self.num_classes}, dim={self.dim})"
+            )
+        if (
+            (other.scatter is None) != (self.scatter is None)
+            or (other.wscatter is None) != (self.wscatter is None)
+            or (other.unit_sum is None) != (self.unit_sum is None)
+        ):
             raise ValueError("other: keeps a different set of statistics (scatter / unit_sums / class_counts)")
         if self.class_counts is not None and not torch.equal(self.class_counts, other.class_counts.to(self.device)):
             raise ValueError("other: was built with different class_counts")
         if other.device != self.device:
             raise ValueError(f"other: on device {other.device}, but this ClassMoments lives on {self.device}")
 
-    def merge(self, other: "ClassMoments") -> "ClassMoments":
+    def merge(self, other: ClassMoments) -> ClassMoments:
         """Fold another ClassMoments (e.g. another shard) into this one, exactly."""
         self._check_compatible(other)
         self._merge_part(other.clone()._as_part())  # never share tensors with `other`
         self.omitted_rows += other.omitted_rows
         return self
 
-    def all_reduce(self, group=None) -> "ClassMoments":
+    def all_reduce(self, group=None) -> ClassMoments:
         """Combine the statistics of every process in ``group`` (torch.distributed); all end equal.
 
         Each process's state travels packed in one float64 vector (``all_gather``, so any backend
@@ -362,7 +395,7 @@ class ClassMoments:
         parts.append(torch.tensor([float(self.omitted_rows)], dtype=torch.float64, device=self.device))
         return torch.cat(parts)
 
-    def _unpack(self, flat: torch.Tensor) -> "ClassMoments":
+    def _unpack(self, flat: torch.Tensor) -> ClassMoments:
         """A ClassMoments with this one's settings and the state packed in ``flat`` (``_pack``)."""
         m = self.clone()
         off = 0
@@ -376,7 +409,7 @@ class ClassMoments:
         m.omitted_rows = int(flat[off].round())
         return m
 
-    def _fold_packed(self, stacked: torch.Tensor) -> "ClassMoments":
+    def _fold_packed(self, stacked: torch.Tensor) -> ClassMoments:
         """The merge of the packed states of ``stacked`` (one per row), in row order."""
         acc = self._unpack(stacked[0])
         for row in stacked[1:]:
@@ -386,11 +419,12 @@ class ClassMoments:
     def state_dict(self) -> dict:
         """Tensors and settings; ``ClassMoments.from_state_dict`` or ``load_state_dict`` restores them."""
         sd = {k: getattr(self, k) for k in _STATE_KEYS if getattr(self, k) is not None}
-        sd.update(num_classes=self.num_classes, dim=self.dim, omitted_rows=self.omitted_rows,
-                  class_counts=self.class_counts)
+        sd.update(
+            num_classes=self.num_classes, dim=self.dim, omitted_rows=self.omitted_rows, class_counts=self.class_counts
+        )
         return sd
 
-    def load_state_dict(self, state: dict) -> "ClassMoments":
+    def load_state_dict(self, state: dict) -> ClassMoments:
         """Restore a ``state_dict``. Every entry is checked (keys, types, shapes, counts >= 0, sums of
         squares and norms not negative) before anything changes: a state that fails leaves this
         ClassMoments as it was."""
@@ -401,12 +435,23 @@ class ClassMoments:
             raise ValueError(f"state: missing {missing}")
         if (state["num_classes"], state["dim"]) != (self.num_classes, self.dim):
             raise ValueError("state: num_classes / dim differ from this ClassMoments")
-        if (("scatter" in state) != (self.scatter is not None) or ("wscatter" in state) != (self.wscatter is not None)
-                or ("unit_sum" in state) != (self.unit_sum is not None)):
+        if (
+            ("scatter" in state) != (self.scatter is not None)
+            or ("wscatter" in state) != (self.wscatter is not None)
+            or ("unit_sum" in state) != (self.unit_sum is not None)
+        ):
             raise ValueError("state: holds a different set of statistics (scatter / unit_sums / class_counts)")
         c, d = self.num_classes, self.dim
-        shapes = {"count": (c,), "mean": (c, d), "m2": (c,), "unit_sum": (c, d), "norm_sum": (c,), "scatter": (d, d),
-                  "wscatter": (d, d), "class_counts": (c,)}
+        shapes = {
+            "count": (c,),
+            "mean": (c, d),
+            "m2": (c,),
+            "unit_sum": (c, d),
+            "norm_sum": (c,),
+            "scatter": (d, d),
+            "wscatter": (d, d),
+            "class_counts": (c,),
+        }
         loaded = {}
         for k, shape in shapes.items():
             t = state.get(k)
@@ -418,7 +463,9 @@ class ClassMoments:
                 raise ValueError(f"state[{k!r}]: expected shape {shape}, got {tuple(t.shape)}")
             integer = k in ("count", "class_counts")
             if integer == t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-                raise TypeError(f"state[{k!r}]: expected {'an integer' if integer else 'a floating'} dtype, got {t.dtype}")
+                raise TypeError(
+                    f"state[{k!r}]: expected {'an integer' if integer else 'a floating'} dtype, got {t.dtype}"
+                )
             t = t.to(device=self.device, dtype=torch.int64 if integer else torch.float64).clone()
             if k in ("count", "class_counts", "m2", "norm_sum") and bool((t < 0).any()):
                 raise ValueError(f"state[{k!r}]: negative entries")
@@ -438,12 +485,18 @@ class ClassMoments:
         return self
 
     @classmethod
-    def from_state_dict(cls, state: dict, device="cpu") -> "ClassMoments":
-        m = cls(state["num_classes"], state["dim"], scatter="scatter" in state, unit_sums="unit_sum" in state,
-                class_counts=state.get("class_counts"), device=device)
+    def from_state_dict(cls, state: dict, device="cpu") -> ClassMoments:
+        m = cls(
+            state["num_classes"],
+            state["dim"],
+            scatter="scatter" in state,
+            unit_sums="unit_sum" in state,
+            class_counts=state.get("class_counts"),
+            device=device,
+        )
         return m.load_state_dict(state)
 
-    def clone(self) -> "ClassMoments":
+    def clone(self) -> ClassMoments:
         return ClassMoments.from_state_dict(self.state_dict(), device=self.device)
 
     # ---------------------------------------------------------------- read-outs
@@ -499,10 +552,12 @@ class ClassMoments:
         batch fits, their sum of squares does not); update() refuses single batches out of range."""
         kept = [t for t in (self.mean, self.m2, self.scatter, self.wscatter) if t is not None]
         if not all(bool(torch.isfinite(t).all()) for t in kept):
-            raise ValueError("features: too large in magnitude for the float64 class statistics: their sums of "
-                             "squares overflowed (every |x| must stay below about 2^500, 3e150). Scale the features "
-                             "down by a power of two: the metrics are scale-free but feature_norm and the "
-                             "per-class variances and distances")
+            raise ValueError(
+                "features: too large in magnitude for the float64 class statistics: their sums of "
+                "squares overflowed (every |x| must stay below about 2^500, 3e150). Scale the features "
+                "down by a power of two: the metrics are scale-free but feature_norm and the "
+                "per-class variances and distances"
+            )
 
     def global_mean(self, weighting: str = "balanced") -> torch.Tensor:
         """mu_G: mean of class means (balanced) or of all samples (sample)."""
@@ -550,12 +605,16 @@ class ClassMoments:
         present_counts = self.count[self.present]
         if self.wscatter is not None:
             if not torch.equal(self.class_counts, self.count):
-                raise ValueError("class_counts: the counts seen differ from the class_counts announced, so the "
-                                 "balanced Sigma_W cannot be exact; pass the true counts or weighting='sample'")
+                raise ValueError(
+                    "class_counts: the counts seen differ from the class_counts announced, so the "
+                    "balanced Sigma_W cannot be exact; pass the true counts or weighting='sample'"
+                )
             return self.wscatter / present_counts.numel()
         if imbalanced(present_counts):
-            raise ValueError("weighting: 'balanced' Sigma_W on imbalanced classes needs class_counts at "
-                             "construction (one-shot functions pass it); or use weighting='sample'")
+            raise ValueError(
+                "weighting: 'balanced' Sigma_W on imbalanced classes needs class_counts at "
+                "construction (one-shot functions pass it); or use weighting='sample'"
+            )
         return self.scatter / self.num_samples
 
     def sigma_b(self, weighting: str = "balanced") -> torch.Tensor:
@@ -568,8 +627,10 @@ class ClassMoments:
         return self.sigma_w(weighting) + self.sigma_b(weighting)
 
     def __repr__(self) -> str:
-        return (f"ClassMoments(num_classes={self.num_classes}, dim={self.dim}, samples={self.num_samples}, "
-                f"scatter={self.scatter is not None}, unit_sums={self.unit_sum is not None}, device={self.device})")
+        return (
+            f"ClassMoments(num_classes={self.num_classes}, dim={self.dim}, samples={self.num_samples}, "
+            f"scatter={self.scatter is not None}, unit_sums={self.unit_sum is not None}, device={self.device})"
+        )
 
 
 class _ScatterPass:

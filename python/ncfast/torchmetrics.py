@@ -1,4 +1,5 @@
 """NeuralCollapse: a torchmetrics.Metric over ClassMoments (needs the torchmetrics package)."""
+
 from __future__ import annotations
 
 import functools
@@ -42,8 +43,19 @@ class NeuralCollapse(Metric):
     higher_is_better = False
     is_differentiable = False
 
-    def __init__(self, num_classes: int, dim: int, *, weighting: str = "balanced", rtol: float = DEFAULT_RTOL,
-                 class_counts=None, scatter: bool = True, weight=None, superclass=None, **kwargs):
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        weighting: str = "balanced",
+        rtol: float = DEFAULT_RTOL,
+        class_counts=None,
+        scatter: bool = True,
+        weight=None,
+        superclass=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self._template = ClassMoments(num_classes, dim, scatter=scatter, class_counts=class_counts)
         self.weighting = weighting
@@ -103,5 +115,6 @@ class NeuralCollapse(Metric):
         self._flush()
         m = self._moments()
         weight = None if self.weight is None else torch.as_tensor(self.weight).to(m.device)
-        return metrics_from_moments(m, weight=weight, superclass=self.superclass, weighting=self.weighting,
-                                    rtol=self.rtol)
+        return metrics_from_moments(
+            m, weight=weight, superclass=self.superclass, weighting=self.weighting, rtol=self.rtol
+        )

@@ -17,19 +17,30 @@ devices) to ``torch``. The environment variable NCFAST_BACKEND ("cpp", "torch" o
 overrides the choice; "cpp" on a non-CPU tensor is an error rather than a silent copy, and
 "triton" on a CPU tensor needs TRITON_INTERPRET=1.
 """
+
 from __future__ import annotations
 
 import functools
 import os
 
-from .base import (PAIR_PARAMS, Backend, BlockMoments, PairContext, PairSums, PairTileVectors, PairVectors, Sweep,
-                   ncc_block_rows, tile_vectors)
+from .base import (
+    PAIR_PARAMS,
+    Backend,
+    BlockMoments,
+    PairContext,
+    PairSums,
+    PairTileVectors,
+    PairVectors,
+    Sweep,
+    ncc_block_rows,
+    tile_vectors,
+)
 
 NAMES = ("cpp", "torch", "triton")
 
 
 # ---------------------------------------------------------------------------------- selection
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get(name: str) -> Backend:
     """The backend of this name (one instance per process)."""
     if name == "cpp":
@@ -66,13 +77,29 @@ def for_tensor(x) -> Backend:
         if forced == "cpp" and x.device.type != "cpu":
             raise ValueError(f"NCFAST_BACKEND=cpp needs CPU tensors, got one on {x.device}")
         if forced == "triton" and not triton_runs_on(x):
-            raise ValueError(f"NCFAST_BACKEND=triton needs triton installed and a CUDA tensor, or TRITON_INTERPRET=1 "
-                             f"for a CPU tensor; got one on {x.device}")
+            raise ValueError(
+                f"NCFAST_BACKEND=triton needs triton installed and a CUDA tensor, or TRITON_INTERPRET=1 "
+                f"for a CPU tensor; got one on {x.device}"
+            )
         return get(forced)
     if x.device.type == "cpu":
         return get("cpp")
     return get("triton" if x.device.type == "cuda" and triton_runs_on(x) else "torch")
 
 
-__all__ = ["NAMES", "PAIR_PARAMS", "Backend", "BlockMoments", "PairContext", "PairSums", "PairTileVectors",
-           "PairVectors", "Sweep", "for_tensor", "get", "ncc_block_rows", "tile_vectors", "triton_runs_on"]
+__all__ = [
+    "NAMES",
+    "PAIR_PARAMS",
+    "Backend",
+    "BlockMoments",
+    "PairContext",
+    "PairSums",
+    "PairTileVectors",
+    "PairVectors",
+    "Sweep",
+    "for_tensor",
+    "get",
+    "ncc_block_rows",
+    "tile_vectors",
+    "triton_runs_on",
+]

@@ -1,4 +1,5 @@
 """What every backend implements (``Backend``) and the dataclasses its kernels return."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -36,18 +37,24 @@ class BlockMoments:
     unit_sums: torch.Tensor | None  # (C, D)
     norm_sums: torch.Tensor | None  # (C,)
 
-    def merge(self, other: "BlockMoments") -> "BlockMoments":
+    def merge(self, other: BlockMoments) -> BlockMoments:
         """The statistics of both blocks' rows (Chan's merge per class)."""
         return self.combine(other)[0]
 
-    def combine(self, other: "BlockMoments"):
+    def combine(self, other: BlockMoments):
         """(merge(other), delta, weight): with ``_numerics.chan_merge``'s per-class delta and weight,
         from which a D x D scatter merges (``ClassMoments``)."""
-        n, mean, m2, delta, weight = _numerics.chan_merge(self.counts, self.means, self.m2, other.counts,
-                                                          other.means, other.m2)
+        n, mean, m2, delta, weight = _numerics.chan_merge(
+            self.counts, self.means, self.m2, other.counts, other.means, other.m2
+        )
         units = self.unit_sums is not None and other.unit_sums is not None
-        merged = BlockMoments(n, mean, m2, self.unit_sums + other.unit_sums if units else None,
-                              self.norm_sums + other.norm_sums if units else None)
+        merged = BlockMoments(
+            n,
+            mean,
+            m2,
+            self.unit_sums + other.unit_sums if units else None,
+            self.norm_sums + other.norm_sums if units else None,
+        )
         return merged, delta, weight
 
 
@@ -80,11 +87,11 @@ class PairVectors(NamedTuple):
     best_idx: Any  # its argmin (global index, int64)
     ratio_sum: Any  # sum of the CDNV ratios of the pairs of c
 
-    def take(self, part: slice) -> "PairVectors":
+    def take(self, part: slice) -> PairVectors:
         """The classes ``part`` of these (positions from start): views, so in-place updates reach these."""
         return self._make((self.start + part.start, *(None if v is None else v[part] for v in self[1:])))
 
-    def map(self, fn: Callable) -> "PairVectors":
+    def map(self, fn: Callable) -> PairVectors:
         """fn applied to every vector (None stays None)."""
         return self._make((self.start, *(None if v is None else fn(v) for v in self[1:])))
 
@@ -157,7 +164,7 @@ class PairSums:
     unif: tuple = (0, 0.0, 0.0)
 
     @classmethod
-    def of(cls, sums) -> "PairSums":
+    def of(cls, sums) -> PairSums:
         """The PairSums of any object with these fields as attributes (the C++ core's ``_C.PairSums``)."""
         return cls(**{f.name: getattr(sums, f.name) for f in fields(cls)})
 
@@ -167,7 +174,7 @@ class PairSums:
         return tuple(f.name for f in fields(cls) if isinstance(f.default, tuple))
 
     @classmethod
-    def total(cls, tiles) -> "PairSums":
+    def total(cls, tiles) -> PairSums:
         """The sums of many tiles (the triples merged by Chan's formula)."""
         tiles = list(tiles)
         triples = cls.triples()
@@ -186,8 +193,9 @@ class Backend(Protocol):
     checks_labels: bool  # block_moments checks every label's range before it writes anything
     pair_tile: int  # classes per tile side of the pairwise pass
 
-    def block_moments(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_sums: bool,
-                      check_finite: bool) -> BlockMoments:
+    def block_moments(
+        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_sums: bool, check_finite: bool
+    ) -> BlockMoments:
         """Per-class moments of all rows (any N; memory O(C D)). ``check_finite``: NaN or Inf in
         x raises ValueError (``_validation.NON_FINITE``)."""
 
@@ -199,16 +207,26 @@ class Backend(Protocol):
         both has a mean that is not finite: the caller then merges out of place
         (``BlockMoments.combine``)."""
 
-    def centred_scatters(self, x: torch.Tensor, y: torch.Tensor, means: torch.Tensor,
-                         scales: list) -> list[torch.Tensor]:
+    def centred_scatters(
+        self, x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, scales: list
+    ) -> list[torch.Tensor]:
         """For each entry s of ``scales`` (None, or a (C,) float64 per-class factor) the D x D
         float64 scatter sum_i s_{y_i}^2 (x_i - means[y_i])(x_i - means[y_i])^T (s = 1 for None)."""
 
     def sym_gram(self, a: torch.Tensor) -> torch.Tensor:
         """a^T a for a float64 (C, D) matrix, symmetric (D, D)."""
 
-    def ncc_sweep(self, x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor,
-                  starts: list[int], cmax: list[float], omax: list[float], precision: str) -> Sweep:
+    def ncc_sweep(
+        self,
+        x: torch.Tensor,
+        shift: torch.Tensor,
+        centres: torch.Tensor,
+        offsets: torch.Tensor,
+        starts: list[int],
+        cmax: list[float],
+        omax: list[float],
+        precision: str,
+    ) -> Sweep:
         """The certified argmin of offsets_c + (x_i - shift) . centres_c within each group of
         classes starts[g] .. starts[g + 1] (``ncfast.ncc``): rows whose two best scores are within
         twice the score bound at ``precision`` (rel (||x_i - shift|| cmax[g] + omax[g])) come back
@@ -227,8 +245,7 @@ class Backend(Protocol):
     def synchronize(self, x: torch.Tensor) -> None:
         """Wait for the device's queued work (for timing)."""
 
-    def pair_reducer(self, mt: torch.Tensor, tile: int,
-                     ctx: PairContext) -> Callable[[slice, slice], list[PairSums]]:
+    def pair_reducer(self, mt: torch.Tensor, tile: int, ctx: PairContext) -> Callable[[slice, slice], list[PairSums]]:
         """(rows, cols) -> the PairSums of the tile of pairs (rows x cols of the centred means mt,
         cols.start >= rows.start), one per piece the backend reduced it in (``PairSums.total``
         combines them), updating ctx.best / best_idx / ratio_sum in place."""

@@ -5,6 +5,7 @@ extension needs no libtorch. What the build offers is asked of ``_C`` (``gram_av
 ``ncc_register_tiled``, ``ncc_has_precision``). The one autotuning cache of this backend is
 ``_ENGINE_FASTER``: whether the C++ Gram engine or BLAS forms a pairwise tile faster here.
 """
+
 from __future__ import annotations
 
 import time
@@ -88,23 +89,31 @@ class CppBackend:
     def block_moments(self, x, y, num_classes, *, unit_sums, check_finite):
         # any number of rows in O(C D) memory, in one call
         buf, dtype_name = buffer(x)
-        r = _C.block_moments(buf, dtype_name, y.contiguous().numpy(), num_classes, torch.get_num_threads(),
-                             unit_sums=unit_sums)
+        r = _C.block_moments(
+            buf, dtype_name, y.contiguous().numpy(), num_classes, torch.get_num_threads(), unit_sums=unit_sums
+        )
         if check_finite and not r["finite"]:
             raise ValueError(NON_FINITE)
-        return BlockMoments(*(torch.from_numpy(r[k]) if k in r else None
-                              for k in ("counts", "means", "m2", "unit_sums", "norm_sums")))
+        return BlockMoments(
+            *(torch.from_numpy(r[k]) if k in r else None for k in ("counts", "means", "m2", "unit_sums", "norm_sums"))
+        )
 
     def merge_into(self, state, part, delta):
         # the state's own arrays, written through numpy views (CPU float64, contiguous)
         tensors = (state.counts, state.means, state.m2, state.unit_sums, state.norm_sums)
-        if not all(t is None or t.is_contiguous() for t in tensors) or (delta is not None and not delta.is_contiguous()):
+        if not all(t is None or t.is_contiguous() for t in tensors) or (
+            delta is not None and not delta.is_contiguous()
+        ):
             return None
-        view = (lambda t: None if t is None else t.numpy())
-        weight = _C.merge_moments(*(view(t) for t in tensors),
-                                  *(view(t.contiguous()) if t is not None else None
-                                    for t in (part.counts, part.means, part.m2, part.unit_sums, part.norm_sums)),
-                                  delta=view(delta))
+        view = lambda t: None if t is None else t.numpy()
+        weight = _C.merge_moments(
+            *(view(t) for t in tensors),
+            *(
+                view(t.contiguous()) if t is not None else None
+                for t in (part.counts, part.means, part.m2, part.unit_sums, part.norm_sums)
+            ),
+            delta=view(delta),
+        )
         return None if weight is None else torch.from_numpy(weight)
 
     def centred_scatters(self, x, y, means, scales):
@@ -113,6 +122,7 @@ class CppBackend:
         mu = means.contiguous().numpy()
         threads = torch.get_num_threads()
         if not _C.gram_available():
+
             def centre(xb, yb, out):
                 b, name = buffer(xb)
                 _C.centre_rows(b, name, yb.contiguous().numpy(), mu, out.numpy(), threads)
@@ -123,8 +133,9 @@ class CppBackend:
         out = []
         for s in scales:
             acc = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-            _C.centred_scatter(buf, dtype_name, labels, mu, None if s is None else s.contiguous().numpy(),
-                               acc.numpy(), threads)
+            _C.centred_scatter(
+                buf, dtype_name, labels, mu, None if s is None else s.contiguous().numpy(), acc.numpy(), threads
+            )
             out.append(acc)
         return out
 
@@ -134,8 +145,15 @@ class CppBackend:
         # one class centred at the origin: the engine's symmetric update of the plain a^T a
         c, d = a.shape
         out = torch.zeros(d, d, dtype=torch.float64)
-        _C.centred_scatter(a.contiguous().numpy(), "float64", torch.zeros(c, dtype=torch.int64).numpy(),
-                           torch.zeros(1, d, dtype=torch.float64).numpy(), None, out.numpy(), torch.get_num_threads())
+        _C.centred_scatter(
+            a.contiguous().numpy(),
+            "float64",
+            torch.zeros(c, dtype=torch.int64).numpy(),
+            torch.zeros(1, d, dtype=torch.float64).numpy(),
+            None,
+            out.numpy(),
+            torch.get_num_threads(),
+        )
         return out
 
     # --------------------------------------------------------------------------------- NCC
@@ -157,9 +175,19 @@ class CppBackend:
             rel = _numerics.rel_float(_numerics.U32, _C.ncc_sum_terms(d))
             omax = [o + _numerics.underflow_floor(_numerics.TINY32, d, c) / rel for o, c in zip(omax, cmax)]
         buf, dtype_name = buffer(x)
-        best, unsure = _C.ncc_sweep(buf, dtype_name, shift.contiguous().numpy(), centres.contiguous().numpy(),
-                                    offsets.contiguous().numpy(), starts, rel, cmax, omax, torch.get_num_threads(),
-                                    precision)
+        best, unsure = _C.ncc_sweep(
+            buf,
+            dtype_name,
+            shift.contiguous().numpy(),
+            centres.contiguous().numpy(),
+            offsets.contiguous().numpy(),
+            starts,
+            rel,
+            cmax,
+            omax,
+            torch.get_num_threads(),
+            precision,
+        )
         return Sweep(torch.from_numpy(best), torch.from_numpy(unsure).to(torch.bool))
 
     def fast_precisions(self, classes):
@@ -202,7 +230,9 @@ class CppBackend:
                 return [sweep(rows, cols)]
             step = -(-(rows.stop - rows.start) // DIAGONAL_STRIPS)
             step = -(-step // STRIP_ALIGN) * STRIP_ALIGN
-            return [sweep(slice(r0, min(rows.stop, r0 + step)), slice(r0, cols.stop))
-                    for r0 in range(rows.start, rows.stop, step)]
+            return [
+                sweep(slice(r0, min(rows.stop, r0 + step)), slice(r0, cols.stop))
+                for r0 in range(rows.start, rows.stop, step)
+            ]
 
         return reduce

@@ -4,6 +4,7 @@ It is also the toolbox the other backends share: block-wise float64 centring wit
 accumulator (``blockwise_scatters``, ``Gram``) and the GEMM-block NCC sweep (``gemm_sweep``, which
 the C++ backend uses without AVX-512 for many classes).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,6 +43,7 @@ through torch.mm. dsyrk does half a GEMM's flops, but scipy's OpenBLAS keeps its
 for milliseconds after a call, and on 2 cores the torch operations that follow (in a LayerProbe,
 the next batch's small ones) ran 10-50x slower meanwhile (a 128 x 128 triu took 3-8 ms, not 0.01)."""
 
+
 def _mirror_upper(g: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix of g's upper triangle (what a Gram accumulator keeps exact)."""
     return g.triu() + g.triu(1).T
@@ -64,8 +66,7 @@ class Gram:
             self.acc += a.T @ a
         elif a.shape[0] * a.shape[1] ** 2 >= SYRK_MIN_FLOPS:
             with blas_threads(torch.get_num_threads()):
-                self.acc = scipy_blas.dsyrk(1.0, a.numpy().T, beta=1.0, c=self.acc, trans=0, lower=0,
-                                            overwrite_c=1)
+                self.acc = scipy_blas.dsyrk(1.0, a.numpy().T, beta=1.0, c=self.acc, trans=0, lower=0, overwrite_c=1)
         else:
             self.acc += (a.T @ a).numpy()  # the full product: total() reads its upper triangle
 
@@ -121,8 +122,9 @@ def full_fp32():
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def gemm_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor, starts,
-               cmax, omax) -> Sweep:
+def gemm_sweep(
+    x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor, starts, cmax, omax
+) -> Sweep:
     """``Backend.ncc_sweep`` in float32 from GEMM blocks: each group's scores for a block of rows as
     one addmm, never the whole N x K matrix. The rows are shifted with one rounding of the exact
     difference (also for float64 input), as the bound assumes."""
@@ -149,8 +151,9 @@ def gemm_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offs
             # covers its elements below the normal range
             omax_g = omax[g] + _numerics.underflow_floor(_numerics.TINY32, d, cmax[g]) / rel
             magnitude = torch.linalg.vector_norm(xb, dim=1, dtype=torch.float64) * cmax[g] + omax_g
-            unsure[lo : lo + rows, g] = ~_numerics.certain(b1.double(), b2.double(), magnitude, rel,
-                                                           _numerics.SCORE_RANGE32)
+            unsure[lo : lo + rows, g] = ~_numerics.certain(
+                b1.double(), b2.double(), magnitude, rel, _numerics.SCORE_RANGE32
+            )
     return Sweep(best, unsure)
 
 
@@ -167,8 +170,9 @@ def block_moments_of(x: torch.Tensor, y: torch.Tensor, num_classes: int, unit_su
         return BlockMoments(counts, means, m2, None, None)
     norms = x.norm(dim=1)
     unit = x / torch.where(norms > 0, norms, torch.ones_like(norms)).unsqueeze(1)
-    return BlockMoments(counts, means, m2, torch.zeros_like(sums).index_add_(0, y, unit),
-                        torch.zeros_like(m2).index_add_(0, y, norms))
+    return BlockMoments(
+        counts, means, m2, torch.zeros_like(sums).index_add_(0, y, unit), torch.zeros_like(m2).index_add_(0, y, norms)
+    )
 
 
 def _n_mean_m2(values: torch.Tensor, sel: torch.Tensor | None) -> tuple:
@@ -254,8 +258,9 @@ class TorchBackend:
         return None  # the caller merges out of place
 
     def centred_scatters(self, x, y, means, scales):
-        return blockwise_scatters(x, y, means, scales,
-                                  lambda xb, yb, out: torch.sub(xb.to(torch.float64), means[yb], out=out))
+        return blockwise_scatters(
+            x, y, means, scales, lambda xb, yb, out: torch.sub(xb.to(torch.float64), means[yb], out=out)
+        )
 
     def sym_gram(self, a):
         return a.T @ a

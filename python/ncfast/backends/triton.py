@@ -5,6 +5,7 @@ The kernel modules are imported on first use, so this module imports without tri
 "fp32" run as ``ncfast.triton.ncc.FLOAT32`` (three TF32 tensor-core products, float32-like
 accuracy); the fast mode's low precisions are TF32 and bfloat16 tensor cores.
 """
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -124,8 +125,12 @@ def with_f64_dot(launch, device: torch.device):
                 raise
             import warnings
 
-            warnings.warn(f"ncfast: this Triton does not compile a float64 tl.dot on {device} ({type(exc).__name__}); "
-                          "class_pair_stats tiles use float64 FMAs instead", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"ncfast: this Triton does not compile a float64 tl.dot on {device} ({type(exc).__name__}); "
+                "class_pair_stats tiles use float64 FMAs instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             F64_DOT[key] = False
     return launch(False)
 

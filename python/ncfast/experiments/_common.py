@@ -18,6 +18,7 @@ Every driver formats numbers with :func:`number` / :func:`percent` (one "missing
 ``MISSING``), writes tables with :func:`table`, saves figures with :func:`save_figure` and logs with
 ``ctx.log``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -247,8 +247,14 @@ class Report:
         return path
 
     def as_dict(self) -> dict:
-        return {"title": self.title, "command": self.command, "preset": self.preset, "quick": self.quick,
-                "seconds": self.seconds, "claims": [c.as_dict() for c in self.claims]}
+        return {
+            "title": self.title,
+            "command": self.command,
+            "preset": self.preset,
+            "quick": self.quick,
+            "seconds": self.seconds,
+            "claims": [c.as_dict() for c in self.claims],
+        }
 
 
 # ----------------------------------------------------------------------------------- training runs
@@ -288,11 +294,14 @@ def check_preset(preset: str, data: str | None) -> None:
         folder = Path(data or FASHION_MNIST_DIR)
         missing = [f for f in IDX_FILES if not (folder / f).exists() and not (folder / (f + ".gz")).exists()]
         if missing:
-            raise FileNotFoundError(f"--preset fashion-mnist: {missing} not in {folder} (apt install "
-                                    f"dataset-fashion-mnist, or --data FOLDER)")
+            raise FileNotFoundError(
+                f"--preset fashion-mnist: {missing} not in {folder} (apt install "
+                f"dataset-fashion-mnist, or --data FOLDER)"
+            )
     elif preset in ("cifar10", "cifar100") and data is None:
-        raise FileNotFoundError(f"--preset {preset}: give --data, the folder holding the CIFAR archive "
-                                f"or its extracted folder")
+        raise FileNotFoundError(
+            f"--preset {preset}: give --data, the folder holding the CIFAR archive or its extracted folder"
+        )
 
 
 def command(name: str, argv) -> str:
@@ -368,9 +377,11 @@ class Driver:
         """The common flags (--out, --preset, --data, --quick, --seed, --device, --no-progress) and
         the driver's own; --help is the driver's usage."""
         names = list(self.presets)
-        p = argparse.ArgumentParser(prog=f"python -m ncfast.experiments.{self.name}",
-                                    description=self.usage.strip() + f"\n\nThe protocol, presets and claims: {DOCS}.",
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = argparse.ArgumentParser(
+            prog=f"python -m ncfast.experiments.{self.name}",
+            description=self.usage.strip() + f"\n\nThe protocol, presets and claims: {DOCS}.",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--out", default=f"runs/{self.name}", help=f"output folder (default runs/{self.name})")
         p.add_argument("--preset", choices=names, default=names[0], help=f"data set and sizes (default {names[0]})")
         p.add_argument("--data", default=None, help="folder of the preset's data files")

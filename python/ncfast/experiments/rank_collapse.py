@@ -1,9 +1,10 @@
 """Paper 002: the initial logits norm decides how far the rank of the representations collapses.
 
-    python -m ncfast.experiments.rank_collapse                    # digits, MLP-4 x 512
-    python -m ncfast.experiments.rank_collapse --quick            # a smoke run
-    python -m ncfast.experiments.rank_collapse --preset cifar10 --data DIR --ood-data SVHN_DIR
+python -m ncfast.experiments.rank_collapse                    # digits, MLP-4 x 512
+python -m ncfast.experiments.rank_collapse --quick            # a smoke run
+python -m ncfast.experiments.rank_collapse --preset cifar10 --data DIR --ood-data SVHN_DIR
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,28 +48,76 @@ class Model:
 
 
 # every setting of a preset; the flags of the same name replace them (--quick: QUICK)
-_SHARED = dict(batch_size=128, lr=0.01, weight_decay=5e-4, init="kaiming", loss="ce", train_subset=None,
-               groups=("init", "temperature", "layernorm"), init_scales=(0.5, 1.0, 1.5, 2.0), ood="auto")
+_SHARED = dict(
+    batch_size=128,
+    lr=0.01,
+    weight_decay=5e-4,
+    init="kaiming",
+    loss="ce",
+    train_subset=None,
+    groups=("init", "temperature", "layernorm"),
+    init_scales=(0.5, 1.0, 1.5, 2.0),
+    ood="auto",
+)
 PRESETS = {
-    "digits": dict(_SHARED, dataset="digits", models=[Model("mlp", 4, 512)], epochs=30, metrics_every=5,
-                   temperatures=(1.0, 2.0, 5.0, 10.0), temperature_init="kaiming"),
-    "fashion-mnist": dict(_SHARED, dataset="fashion-mnist", models=[Model("mlp", 4, 512)], epochs=30,
-                          metrics_every=10, temperatures=(1.0, 2.0, 5.0, 10.0), temperature_init="kaiming",
-                          train_subset=5000),
-    "cifar10": dict(_SHARED, dataset="cifar10", models=[Model("mlp", d, 2048) for d in (4, 6, 8)], epochs=100,
-                    metrics_every=10, temperatures=(1.0, 10.0, 100.0, 1000.0), temperature_init="default"),
-    "cifar100": dict(_SHARED, dataset="cifar100", models=[Model("vgg19", 19, None), Model("resnet18", 18, None)],
-                     epochs=200, metrics_every=10, init_scales=(), temperatures=(1.0, 10.0, 100.0, 1000.0),
-                     temperature_init="default", groups=("temperature",), train_subset=2000),
+    "digits": dict(
+        _SHARED,
+        dataset="digits",
+        models=[Model("mlp", 4, 512)],
+        epochs=30,
+        metrics_every=5,
+        temperatures=(1.0, 2.0, 5.0, 10.0),
+        temperature_init="kaiming",
+    ),
+    "fashion-mnist": dict(
+        _SHARED,
+        dataset="fashion-mnist",
+        models=[Model("mlp", 4, 512)],
+        epochs=30,
+        metrics_every=10,
+        temperatures=(1.0, 2.0, 5.0, 10.0),
+        temperature_init="kaiming",
+        train_subset=5000,
+    ),
+    "cifar10": dict(
+        _SHARED,
+        dataset="cifar10",
+        models=[Model("mlp", d, 2048) for d in (4, 6, 8)],
+        epochs=100,
+        metrics_every=10,
+        temperatures=(1.0, 10.0, 100.0, 1000.0),
+        temperature_init="default",
+    ),
+    "cifar100": dict(
+        _SHARED,
+        dataset="cifar100",
+        models=[Model("vgg19", 19, None), Model("resnet18", 18, None)],
+        epochs=200,
+        metrics_every=10,
+        init_scales=(),
+        temperatures=(1.0, 10.0, 100.0, 1000.0),
+        temperature_init="default",
+        groups=("temperature",),
+        train_subset=2000,
+    ),
 }
-QUICK = dict(models=[Model("mlp", 2, 64)], epochs=3, metrics_every=1, batch_size=256, init_scales=(2.0,),
-             temperatures=(1.0, 10.0), temperature_init="default", ood="rotated")
+QUICK = dict(
+    models=[Model("mlp", 2, 64)],
+    epochs=3,
+    metrics_every=1,
+    batch_size=256,
+    init_scales=(2.0,),
+    temperatures=(1.0, 10.0),
+    temperature_init="default",
+    ood="rotated",
+)
 
 
 # ------------------------------------------------------------------------------------------ settings
 @dataclass
 class Setting:
     """One training run of the sweep; ``groups`` are the sweeps it belongs to."""
+
     model: Model
     init: str = "default"
     init_scale: float = 1.0
@@ -93,8 +142,9 @@ class Setting:
         return keep.replace("__", "_")
 
 
-def build_settings(models, init: str, init_scales, temperatures, groups,
-                   temperature_init: str = "default") -> list[Setting]:
+def build_settings(
+    models, init: str, init_scales, temperatures, groups, temperature_init: str = "default"
+) -> list[Setting]:
     """The runs of the sweep, each trained once even when it belongs to several groups (the T = 1
     run of the temperature group, initialised by ``temperature_init`` at scale 1, is also a run of
     the init group)."""
@@ -146,7 +196,7 @@ def _normalise(x01: torch.Tensor, ds) -> torch.Tensor:
 
 
 def _seeded_rows(n: int, k: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:min(k, n)].sort().values
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(k, n)].sort().values
 
 
 def resolve_ood(kind: str, preset: str, ood_data: str | None, quick: bool) -> str:
@@ -168,15 +218,24 @@ def resolve_ood(kind: str, preset: str, ood_data: str | None, quick: bool) -> st
     return "digits"
 
 
-def load_ood(kind: str, ds, id_train_x: torch.Tensor, id_test_x: torch.Tensor, ood_data: str | None,
-             seed: int = 0, n_train: int = 2000, n_test: int = 1000) -> OOD:
+def load_ood(
+    kind: str,
+    ds,
+    id_train_x: torch.Tensor,
+    id_test_x: torch.Tensor,
+    ood_data: str | None,
+    seed: int = 0,
+    n_train: int = 2000,
+    n_test: int = 1000,
+) -> OOD:
     """The OOD set of ``kind`` ("rotated", "fashion-mnist", "digits", "svhn") shaped and normalised
     like the in-distribution images of ``ds``."""
     shape = tuple(id_train_x.shape[1:])
     if kind == "rotated":
         ytr = torch.zeros(0)  # labels come from the caller (the in-distribution ones)
-        return OOD("rotated", -torch.rot90(id_train_x.cpu(), 1, (-2, -1)), ytr,
-                   -torch.rot90(id_test_x.cpu(), 1, (-2, -1)), ytr)
+        return OOD(
+            "rotated", -torch.rot90(id_train_x.cpu(), 1, (-2, -1)), ytr, -torch.rot90(id_test_x.cpu(), 1, (-2, -1)), ytr
+        )
     if len(shape) != 3:
         raise ValueError(f"--ood {kind}: needs image data, the in-distribution data are {shape}")
     if kind in ("fashion-mnist", "digits"):
@@ -225,16 +284,29 @@ def ood_probes(trainer, ood: OOD, seed: int) -> dict[str, float]:
         ytr, yte = trainer.y_orig["train"].cpu(), trainer.y_orig["test"].cpu()
     ftr = layer_features(model, ood.train_x, trainer.layers, trainer.cfg.max_dim, trainer.device)
     fte = layer_features(model, ood.test_x, trainer.layers, trainer.cfg.max_dim, trainer.device)
-    return {name: linear_probe(ftr[name], ytr.numpy(), fte[name], yte.numpy(), seed=seed, device=trainer.device)
-            for name in trainer.layers}
+    return {
+        name: linear_probe(ftr[name], ytr.numpy(), fte[name], yte.numpy(), seed=seed, device=trainer.device)
+        for name in trainer.layers
+    }
 
 
 # ------------------------------------------------------------------------------------------ records
 def _record(s: Setting, seconds: float, **numbers) -> dict:
-    return {"name": s.name, "folder": s.folder, "groups": list(s.groups), "model": s.model.label,
-            "arch": s.model.arch, "depth": s.model.depth, "width": s.model.width, "init": s.init,
-            "init_scale": s.init_scale, "temperature": s.temperature, "layernorm": s.layernorm, **numbers,
-            "seconds": seconds}
+    return {
+        "name": s.name,
+        "folder": s.folder,
+        "groups": list(s.groups),
+        "model": s.model.label,
+        "arch": s.model.arch,
+        "depth": s.model.depth,
+        "width": s.model.width,
+        "init": s.init,
+        "init_scale": s.init_scale,
+        "temperature": s.temperature,
+        "layernorm": s.layernorm,
+        **numbers,
+        "seconds": seconds,
+    }
 
 
 def run_record(setting: Setting, run: _common.Run, ood_acc: dict | None, seconds: float) -> dict:
@@ -247,22 +319,43 @@ def run_record(setting: Setting, run: _common.Run, ood_acc: dict | None, seconds
     layers = {}
     for name in trainer.layers:
         m = last[name]["train"]
-        layers[name] = {"effective_rank": m.get("effective_rank"), "rank": m.get("rank"),
-                        "feature_norm": m.get("feature_norm"), "degenerate": m.get("degenerate", []),
-                        "linear_probe": summary["linear_probe_per_layer"].get(name),
-                        "ood_probe": None if ood_acc is None else ood_acc.get(name)}
-    evolution = [{"epoch": r["epoch"], "effective_rank": r["layers"][where]["train"].get("effective_rank"),
-                  "rank": r["layers"][where]["train"].get("rank"),
-                  "logits_norm": r["layers"][where]["train"].get("logits_norm"), "train_acc": r["train_acc"]}
-                 for r in run.measured]
+        layers[name] = {
+            "effective_rank": m.get("effective_rank"),
+            "rank": m.get("rank"),
+            "feature_norm": m.get("feature_norm"),
+            "degenerate": m.get("degenerate", []),
+            "linear_probe": summary["linear_probe_per_layer"].get(name),
+            "ood_probe": None if ood_acc is None else ood_acc.get(name),
+        }
+    evolution = [
+        {
+            "epoch": r["epoch"],
+            "effective_rank": r["layers"][where]["train"].get("effective_rank"),
+            "rank": r["layers"][where]["train"].get("rank"),
+            "logits_norm": r["layers"][where]["train"].get("logits_norm"),
+            "train_acc": r["train_acc"],
+        }
+        for r in run.measured
+    ]
     return _record(
-        setting, seconds, rank_layer=where, penultimate=pen, num_classes=summary["num_train_classes"],
-        initial_logits_norm=summary["initial_logits_norm"], final_logits_norm=final.get("logits_norm"),
-        final_effective_rank=final.get("effective_rank"), final_rank=final.get("rank"),
+        setting,
+        seconds,
+        rank_layer=where,
+        penultimate=pen,
+        num_classes=summary["num_train_classes"],
+        initial_logits_norm=summary["initial_logits_norm"],
+        final_logits_norm=final.get("logits_norm"),
+        final_effective_rank=final.get("effective_rank"),
+        final_rank=final.get("rank"),
         degenerate=list(final.get("degenerate", [])),
         final_effective_rank_penultimate=last[pen]["train"].get("effective_rank"),
-        train_accuracy=summary["train_accuracy"], test_accuracy=summary["test_accuracy"],
-        interpolation_epoch=summary["interpolation_epoch"], layers=layers, evolution=evolution, diverged=False)
+        train_accuracy=summary["train_accuracy"],
+        test_accuracy=summary["test_accuracy"],
+        interpolation_epoch=summary["interpolation_epoch"],
+        layers=layers,
+        evolution=evolution,
+        diverged=False,
+    )
 
 
 def diverged_record(setting: Setting, folder: Path, seconds: float) -> dict:
@@ -273,10 +366,29 @@ def diverged_record(setting: Setting, folder: Path, seconds: float) -> dict:
     initial = None
     if measured and measured[0]["epoch"] == 0:
         initial = next(iter(measured[0]["layers"].values()))["train"].get("logits_norm")
-    none = ("rank_layer", "penultimate", "num_classes", "final_logits_norm", "final_effective_rank", "final_rank",
-            "final_effective_rank_penultimate", "train_accuracy", "test_accuracy", "interpolation_epoch")
-    return _record(setting, seconds, initial_logits_norm=initial, **dict.fromkeys(none), degenerate=[], layers={},
-                   evolution=[], diverged=True, diverged_after_epoch=measured[-1]["epoch"] if measured else None)
+    none = (
+        "rank_layer",
+        "penultimate",
+        "num_classes",
+        "final_logits_norm",
+        "final_effective_rank",
+        "final_rank",
+        "final_effective_rank_penultimate",
+        "train_accuracy",
+        "test_accuracy",
+        "interpolation_epoch",
+    )
+    return _record(
+        setting,
+        seconds,
+        initial_logits_norm=initial,
+        **dict.fromkeys(none),
+        degenerate=[],
+        layers={},
+        evolution=[],
+        diverged=True,
+        diverged_after_epoch=measured[-1]["epoch"] if measured else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------ claims
@@ -285,8 +397,13 @@ def _corr_claim(xs, ys, sign: int) -> dict:
     rho, p = _common.spearman(xs, ys)
     n = int(np.sum(np.isfinite(np.asarray(xs, float)) & np.isfinite(np.asarray(ys, float))))
     holds = None if not math.isfinite(rho) else bool(sign * rho > 0 and p < P_VALUE)
-    return {"rho": rho, "p": p, "n": n, "holds": holds,
-            "ours": f"Spearman rho = {number(rho, '.2g')} (p = {number(p, '.2g')}, n = {n})"}
+    return {
+        "rho": rho,
+        "p": p,
+        "n": n,
+        "holds": holds,
+        "ours": f"Spearman rho = {number(rho, '.2g')} (p = {number(p, '.2g')}, n = {n})",
+    }
 
 
 def _finished(records: list[dict]) -> list[dict]:
@@ -320,13 +437,21 @@ def claim_init_scale_norm(records: list[dict]) -> dict:
             per_model.setdefault(r["model"], []).append(r)
     if not per_model:
         return {"rho": float("nan"), "p": float("nan"), "n": 0, "holds": None, "ours": "no init-scale sweep"}
-    parts = {m: _corr_claim([r["init_scale"] for r in rs], [r["initial_logits_norm"] for r in rs], +1)
-             for m, rs in per_model.items()}
+    parts = {
+        m: _corr_claim([r["init_scale"] for r in rs], [r["initial_logits_norm"] for r in rs], +1)
+        for m, rs in per_model.items()
+    }
     holds = None if any(c["holds"] is None for c in parts.values()) else all(c["holds"] for c in parts.values())
     worst = min(parts.values(), key=lambda c: c["rho"] if math.isfinite(c["rho"]) else -2)
     ours = "; ".join(f"{m}: {c['ours']}" for m, c in parts.items())
-    return {"rho": worst["rho"], "p": worst["p"], "n": sum(c["n"] for c in parts.values()), "holds": holds,
-            "per_model": parts, "ours": ours}
+    return {
+        "rho": worst["rho"],
+        "p": worst["p"],
+        "n": sum(c["n"] for c in parts.values()),
+        "holds": holds,
+        "per_model": parts,
+        "ours": ours,
+    }
 
 
 def _ln_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
@@ -344,9 +469,14 @@ def claim_layernorm_norm(records: list[dict]) -> dict:
         return {"holds": None, "ours": "no layernorm runs", "n": 0}
     ln = max(a["initial_logits_norm"] for a, _ in pairs)
     plain = max(b["initial_logits_norm"] for _, b in pairs)
-    return {"n": len(pairs), "max_ln": ln, "max_plain": plain, "holds": bool(ln < plain),
-            "ours": f"largest initial logits norm {number(ln)} with layernorm vs {number(plain)} without "
-                    f"({len(pairs)} paired settings)"}
+    return {
+        "n": len(pairs),
+        "max_ln": ln,
+        "max_plain": plain,
+        "holds": bool(ln < plain),
+        "ours": f"largest initial logits norm {number(ln)} with layernorm vs {number(plain)} without "
+        f"({len(pairs)} paired settings)",
+    }
 
 
 def claim_layernorm_rank(records: list[dict]) -> dict:
@@ -357,10 +487,14 @@ def claim_layernorm_rank(records: list[dict]) -> dict:
         return {"holds": None, "ours": "no layernorm runs", "n": 0}
     diffs = [a["final_effective_rank"] - b["final_effective_rank"] for a, b in pairs]
     higher = sum(d > 0 for d in diffs)
-    return {"n": len(pairs), "higher": higher, "mean_difference": float(np.mean(diffs)),
-            "holds": bool(2 * higher > len(pairs)),
-            "ours": f"higher effective rank with layernorm in {higher} of {len(pairs)} paired settings "
-                    f"(mean difference {number(float(np.mean(diffs)), '+.3g')})"}
+    return {
+        "n": len(pairs),
+        "higher": higher,
+        "mean_difference": float(np.mean(diffs)),
+        "holds": bool(2 * higher > len(pairs)),
+        "ours": f"higher effective rank with layernorm in {higher} of {len(pairs)} paired settings "
+        f"(mean difference {number(float(np.mean(diffs)), '+.3g')})",
+    }
 
 
 def _temperature_runs(records: list[dict]) -> dict[str, list[dict]]:
@@ -406,8 +540,9 @@ def claim_temperature(records: list[dict], what: str) -> dict:
             holds = ends if len(vs) == 2 else bool(sign * rho > 0 and ends)
         parts[m] = {"temperatures": ts, "values": vs, "rho": rho, "p": p, "holds": holds}
         verdicts.append(holds)
-        texts.append(f"{m}: " + ", ".join(f"T={t:g}: {number(v)}" for t, v in zip(ts, vs))
-                     + f" (rho = {number(rho, '.2g')})")
+        texts.append(
+            f"{m}: " + ", ".join(f"T={t:g}: {number(v)}" for t, v in zip(ts, vs)) + f" (rho = {number(rho, '.2g')})"
+        )
     holds = None if any(v is None for v in verdicts) else all(verdicts)
     return {"holds": holds, "per_model": parts, "ours": f"{label}: " + "; ".join(texts), "n": len(records)}
 
@@ -439,33 +574,74 @@ def claim_early_collapse(records: list[dict]) -> dict:
         holds = ce is not None and (it is None or ce <= it)
         parts[m] = {"temperature": r["temperature"], "collapse_epoch": ce, "interpolation_epoch": it, "holds": holds}
         verdicts.append(holds)
-        texts.append(f"{m} T={r['temperature']:g}: {int(EARLY_FRACTION * 100)}% of the rank drop by epoch "
-                     f"{'n/a (no drop)' if ce is None else ce}, interpolation at epoch {'never' if it is None else it}")
+        texts.append(
+            f"{m} T={r['temperature']:g}: {int(EARLY_FRACTION * 100)}% of the rank drop by epoch "
+            f"{'n/a (no drop)' if ce is None else ce}, interpolation at epoch {'never' if it is None else it}"
+        )
     return {"holds": all(verdicts), "per_model": parts, "ours": "; ".join(texts), "n": len(groups)}
 
 
 CLAIMS = [
-    ("rank_vs_initial_norm", "The final rank falls as the initial logits norm grows (no layernorm; Figs. 1-4)",
-     "\"almost a linear relationship\" between logits norm and final rank (no coefficient given)",
-     claim_rank_vs_initial_norm),
-    ("init_scale_norm", "The initial logits norm grows with the init scale (Fig. 1 top)",
-     "\"almost a linear relationship\" (no coefficient given)", claim_init_scale_norm),
-    ("rank_vs_final_norm", "The greater the final logits norm, the lower the final rank (Figs. 8, 11)",
-     "monotone, no number given", claim_rank_vs_final_norm),
-    ("layernorm_norm", "Layer norm at the output keeps the initial logits norm low (Fig. 1 bottom)",
-     "\"prevents increasing the logits norm\"", claim_layernorm_norm),
-    ("layernorm_rank", "... and so prevents the rank collapse (Fig. 1 bottom, Figs. 2-4)",
-     "\"prevents the collapse of the model\"", claim_layernorm_rank),
-    ("temperature_rank", "A greater T gives a lower final rank (Figs. 7, 10, 17)",
-     "CIFAR-100, 2,000 images: rank well below the 100 classes at large T", lambda r: claim_temperature(r, "rank")),
-    ("temperature_logits_norm", "A greater T gives a greater final logits norm (Figs. 8, 11)",
-     "monotone, no number given", lambda r: claim_temperature(r, "logits_norm")),
-    ("temperature_feature_norm", "A greater T gives a greater norm of the representations (Fig. 17 bottom)",
-     "\"higher representations norm\"", lambda r: claim_temperature(r, "feature_norm")),
-    ("temperature_ood", "A greater T gives worse OOD linear probes (Fig. 17, SVHN)",
-     "\"worse OOD performance\"", lambda r: claim_temperature(r, "ood")),
-    ("early_collapse", "The rank collapses early, before the terminal phase (Figs. 9, 12)",
-     "\"the rank collapses at the beginning of the training\"", claim_early_collapse),
+    (
+        "rank_vs_initial_norm",
+        "The final rank falls as the initial logits norm grows (no layernorm; Figs. 1-4)",
+        '"almost a linear relationship" between logits norm and final rank (no coefficient given)',
+        claim_rank_vs_initial_norm,
+    ),
+    (
+        "init_scale_norm",
+        "The initial logits norm grows with the init scale (Fig. 1 top)",
+        '"almost a linear relationship" (no coefficient given)',
+        claim_init_scale_norm,
+    ),
+    (
+        "rank_vs_final_norm",
+        "The greater the final logits norm, the lower the final rank (Figs. 8, 11)",
+        "monotone, no number given",
+        claim_rank_vs_final_norm,
+    ),
+    (
+        "layernorm_norm",
+        "Layer norm at the output keeps the initial logits norm low (Fig. 1 bottom)",
+        '"prevents increasing the logits norm"',
+        claim_layernorm_norm,
+    ),
+    (
+        "layernorm_rank",
+        "... and so prevents the rank collapse (Fig. 1 bottom, Figs. 2-4)",
+        '"prevents the collapse of the model"',
+        claim_layernorm_rank,
+    ),
+    (
+        "temperature_rank",
+        "A greater T gives a lower final rank (Figs. 7, 10, 17)",
+        "CIFAR-100, 2,000 images: rank well below the 100 classes at large T",
+        lambda r: claim_temperature(r, "rank"),
+    ),
+    (
+        "temperature_logits_norm",
+        "A greater T gives a greater final logits norm (Figs. 8, 11)",
+        "monotone, no number given",
+        lambda r: claim_temperature(r, "logits_norm"),
+    ),
+    (
+        "temperature_feature_norm",
+        "A greater T gives a greater norm of the representations (Fig. 17 bottom)",
+        '"higher representations norm"',
+        lambda r: claim_temperature(r, "feature_norm"),
+    ),
+    (
+        "temperature_ood",
+        "A greater T gives worse OOD linear probes (Fig. 17, SVHN)",
+        '"worse OOD performance"',
+        lambda r: claim_temperature(r, "ood"),
+    ),
+    (
+        "early_collapse",
+        "The rank collapses early, before the terminal phase (Figs. 9, 12)",
+        '"the rank collapses at the beginning of the training"',
+        claim_early_collapse,
+    ),
 ]
 
 
@@ -483,26 +659,52 @@ def settings_table(records: list[dict]) -> str:
         if r.get("diverged"):
             rows.append(head + [f"diverged (NaN / Inf) after epoch {r['diverged_after_epoch']}"] + ["-"] * 4)
             continue
-        erank = number(r["final_effective_rank"], ".4g") + (" (degenerate)" if "effective_rank" in r["degenerate"]
-                                                             else "")
+        erank = number(r["final_effective_rank"], ".4g") + (
+            " (degenerate)" if "effective_rank" in r["degenerate"] else ""
+        )
         it = "never" if r["interpolation_epoch"] is None else r["interpolation_epoch"]
-        rows.append(head + [number(r["final_logits_norm"]), erank, r["final_rank"],
-                            number(r["train_accuracy"], ".4g"), it])
-    return _common.table(["run", "groups", "initial logits norm", "final logits norm", "final eff. rank",
-                          "final rank", "train acc", "interpolation epoch"], rows)
+        rows.append(
+            head + [number(r["final_logits_norm"]), erank, r["final_rank"], number(r["train_accuracy"], ".4g"), it]
+        )
+    return _common.table(
+        [
+            "run",
+            "groups",
+            "initial logits norm",
+            "final logits norm",
+            "final eff. rank",
+            "final rank",
+            "train acc",
+            "interpolation epoch",
+        ],
+        rows,
+    )
 
 
 def layers_table(records: list[dict]) -> str:
     """Markdown: per layer of every temperature run, ID / OOD probe accuracy, effective rank, norm."""
-    rows = [[r["name"], name, number(v["linear_probe"]), number(v["ood_probe"]), number(v["effective_rank"], ".4g"),
-             number(v["feature_norm"], ".4g")]
-            for rs in _temperature_runs(records).values() for r in rs for name, v in r["layers"].items()]
+    rows = [
+        [
+            r["name"],
+            name,
+            number(v["linear_probe"]),
+            number(v["ood_probe"]),
+            number(v["effective_rank"], ".4g"),
+            number(v["feature_norm"], ".4g"),
+        ]
+        for rs in _temperature_runs(records).values()
+        for r in rs
+        for name, v in r["layers"].items()
+    ]
     return _common.table(["run", "layer", "ID probe", "OOD probe", "eff. rank", "feature norm"], rows)
 
 
 # ------------------------------------------------------------------------------------------ figures
-GROUP_TITLES = {"init": "init scale (T = 1)", "temperature": "temperature T",
-                "layernorm": "layernorm at the output (grey: the same without)"}
+GROUP_TITLES = {
+    "init": "init scale (T = 1)",
+    "temperature": "temperature T",
+    "layernorm": "layernorm at the output (grey: the same without)",
+}
 MARKERS = "osD^v<>p"
 
 
@@ -526,20 +728,43 @@ def plot_scatter(records: list[dict], path: Path) -> bool:
         members = [r for r in _finished(records) if g in r["groups"]]
         labels = list(dict.fromkeys(_short(r) for r in members))  # in run order
         colours = {lab: plt.cm.viridis(i / max(1, len(labels) - 1)) for i, lab in enumerate(labels)}
-        for row, key, ylabel in ((0, "final_effective_rank", "final effective rank"),
-                                 (1, "final_logits_norm", "final logits norm")):
+        for row, key, ylabel in (
+            (0, "final_effective_rank", "final effective rank"),
+            (1, "final_logits_norm", "final logits norm"),
+        ):
             ax = axes[row][col]
             if g == "layernorm":  # the twins without layernorm, for contrast
                 twins = [pairs[id(r)] for r in members if id(r) in pairs]
-                ax.scatter([t["initial_logits_norm"] for t in twins], [t[key] for t in twins], s=30, c="lightgrey",
-                           edgecolors="grey", zorder=1, label="without LN")
+                ax.scatter(
+                    [t["initial_logits_norm"] for t in twins],
+                    [t[key] for t in twins],
+                    s=30,
+                    c="lightgrey",
+                    edgecolors="grey",
+                    zorder=1,
+                    label="without LN",
+                )
             for r in members:
                 lab, c = _short(r), colours[_short(r)]
                 hollow = key == "final_effective_rank" and "effective_rank" in r["degenerate"]
-                ax.scatter([r["initial_logits_norm"]], [r[key]], s=46, marker=MARKERS[models.index(r["model"]) % 8],
-                           facecolors="none" if hollow else [c], edgecolors=[c], linewidths=1.5, zorder=2, label=lab)
-                ax.annotate(lab.replace(", T=1", "") if g != "temperature" else f"T={r['temperature']:g}",
-                            (r["initial_logits_norm"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                ax.scatter(
+                    [r["initial_logits_norm"]],
+                    [r[key]],
+                    s=46,
+                    marker=MARKERS[models.index(r["model"]) % 8],
+                    facecolors="none" if hollow else [c],
+                    edgecolors=[c],
+                    linewidths=1.5,
+                    zorder=2,
+                    label=lab,
+                )
+                ax.annotate(
+                    lab.replace(", T=1", "") if g != "temperature" else f"T={r['temperature']:g}",
+                    (r["initial_logits_norm"], r[key]),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
             ys = [r[key] for r in members if r[key] is not None and r[key] > 0]
@@ -555,8 +780,11 @@ def plot_scatter(records: list[dict], path: Path) -> bool:
                 seen.setdefault(t, h)
             ax.legend(seen.values(), seen.keys(), fontsize=6, loc="best")
     note = ", ".join(f"{MARKERS[i % 8]}: {m}" for i, m in enumerate(models))
-    fig.suptitle(f"rank collapse and the initial logits norm ({note}; rank of the last hidden layer, train; "
-                 f"hollow = degenerate)", fontsize=9)
+    fig.suptitle(
+        f"rank collapse and the initial logits norm ({note}; rank of the last hidden layer, train; "
+        f"hollow = degenerate)",
+        fontsize=9,
+    )
     fig.tight_layout()
     _common.save_figure(fig, path, dpi=80)
     return True
@@ -569,8 +797,12 @@ def plot_layers(records: list[dict], path: Path) -> bool:
     groups = _temperature_runs(records)
     if not groups:
         return False
-    panels = (("linear_probe", "ID linear probe acc."), ("ood_probe", "OOD linear probe acc."),
-              ("effective_rank", "effective rank (train)"), ("feature_norm", "feature norm (train)"))
+    panels = (
+        ("linear_probe", "ID linear probe acc."),
+        ("ood_probe", "OOD linear probe acc."),
+        ("effective_rank", "effective rank (train)"),
+        ("feature_norm", "feature norm (train)"),
+    )
     fig, axes = plt.subplots(len(groups), 4, figsize=(14, 3.0 * len(groups)), squeeze=False)
     for row, (m, rs) in enumerate(groups.items()):
         for col, (key, title) in enumerate(panels):
@@ -607,8 +839,13 @@ def plot_evolution(records: list[dict], path: Path) -> bool:
             colour = plt.cm.plasma(i / max(1, len(rs) - 1) * 0.85)
             ep = [e["epoch"] for e in r["evolution"]]
             for row, key in ((0, "effective_rank"), (1, "logits_norm")):
-                axes[row][col].plot(ep, [np.nan if e[key] is None else e[key] for e in r["evolution"]], marker=".",
-                                    color=colour, label=f"T={r['temperature']:g}")
+                axes[row][col].plot(
+                    ep,
+                    [np.nan if e[key] is None else e[key] for e in r["evolution"]],
+                    marker=".",
+                    color=colour,
+                    label=f"T={r['temperature']:g}",
+                )
                 if r["interpolation_epoch"] is not None:
                     axes[row][col].axvline(r["interpolation_epoch"], color=colour, linestyle=":", linewidth=1)
         axes[0][col].set_title(f"{m} ({rs[0]['rank_layer']}, train)", fontsize=9)
@@ -655,19 +892,34 @@ def plan(ctx: _common.Context) -> dict:
 
 def run_config(s: Setting, cfg: dict) -> dict:
     """The trainer's Config fields of one run (data, device, seed and progress come from ``ctx.train``)."""
-    return dict(arch=s.model.arch, depth=s.model.depth, width=s.model.width, dataset=cfg["dataset"],
-                epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                metrics_every=cfg["metrics_every"], augment=False, train_subset=cfg["train_subset"],
-                logit_scale=s.temperature, init=s.init, init_scale=s.init_scale,
-                output_norm="layernorm" if s.layernorm else None, loss=cfg["loss"], clp_embed="none",
-                max_dim=max(1024, s.model.width or 0) if s.model.arch == "mlp" else 1024)
+    return dict(
+        arch=s.model.arch,
+        depth=s.model.depth,
+        width=s.model.width,
+        dataset=cfg["dataset"],
+        epochs=cfg["epochs"],
+        batch_size=cfg["batch_size"],
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+        metrics_every=cfg["metrics_every"],
+        augment=False,
+        train_subset=cfg["train_subset"],
+        logit_scale=s.temperature,
+        init=s.init,
+        init_scale=s.init_scale,
+        output_norm="layernorm" if s.layernorm else None,
+        loss=cfg["loss"],
+        clp_embed="none",
+        max_dim=max(1024, s.model.width or 0) if s.model.arch == "mlp" else 1024,
+    )
 
 
 def run(ctx: _common.Context) -> dict:
     """Train every setting of the sweep (the trainer's run folders go to out/runs/) and evaluate the claims."""
     cfg = plan(ctx)
-    settings = build_settings(cfg["models"], cfg["init"], cfg["init_scales"], cfg["temperatures"], cfg["groups"],
-                              cfg["temperature_init"])
+    settings = build_settings(
+        cfg["models"], cfg["init"], cfg["init_scales"], cfg["temperatures"], cfg["groups"], cfg["temperature_init"]
+    )
     records, ood = [], None
     t0 = time.perf_counter()
     for i, s in enumerate(settings, start=1):
@@ -692,13 +944,21 @@ def run(ctx: _common.Context) -> dict:
             ood_acc = ood_probes(trained.trainer, ood, ctx.seed)
         r = run_record(s, trained, ood_acc, time.perf_counter() - t1)
         records.append(r)
-        ctx.log(f"{tag}: initial logits norm {number(r['initial_logits_norm'])}, final effective rank "
-                f"{number(r['final_effective_rank'], '.4g')}, train acc {number(r['train_accuracy'], '.4g')} "
-                f"({r['seconds']:.0f} s, {time.perf_counter() - t0:.0f} s in all)")
+        ctx.log(
+            f"{tag}: initial logits norm {number(r['initial_logits_norm'])}, final effective rank "
+            f"{number(r['final_effective_rank'], '.4g')}, train acc {number(r['train_accuracy'], '.4g')} "
+            f"({r['seconds']:.0f} s, {time.perf_counter() - t0:.0f} s in all)"
+        )
         del trained
     config = {**{k: v for k, v in cfg.items() if k != "models"}, "models": [asdict(m) for m in cfg["models"]]}
-    return {"preset": ctx.preset, "quick": ctx.quick, "seed": ctx.seed, "config": config, "runs": records,
-            "claims": evaluate_claims(records)}
+    return {
+        "preset": ctx.preset,
+        "quick": ctx.quick,
+        "seed": ctx.seed,
+        "config": config,
+        "runs": records,
+        "claims": evaluate_claims(records),
+    }
 
 
 def claims(results: dict) -> list[_common.Claim]:
@@ -707,14 +967,29 @@ def claims(results: dict) -> list[_common.Claim]:
 
 def figures(results: dict, out: Path) -> list[tuple[str, str]]:
     records, ood = results["runs"], results["config"]["ood"]
-    drawn = [("rank_collapse.png", plot_scatter,
-              ("Initial logits norm (epoch 0) against the final effective rank (top) and final logits norm (bottom) "
-               "of the last hidden layer, per sweep group (paper Figs. 1-4, 7-8, 10-11)")),
-             ("rank_collapse_layers.png", plot_layers,
-              (f"Per layer at the end of training, one curve per T: ID linear probe, OOD linear probe "
-               f"({ood}), effective rank, feature norm (paper Figs. 17, 22, 27)")),
-             ("rank_collapse_evolution.png", plot_evolution,
-              "Effective rank and logits norm over the epochs, one curve per T (paper Figs. 9, 12)")]
+    drawn = [
+        (
+            "rank_collapse.png",
+            plot_scatter,
+            (
+                "Initial logits norm (epoch 0) against the final effective rank (top) and final logits norm (bottom) "
+                "of the last hidden layer, per sweep group (paper Figs. 1-4, 7-8, 10-11)"
+            ),
+        ),
+        (
+            "rank_collapse_layers.png",
+            plot_layers,
+            (
+                f"Per layer at the end of training, one curve per T: ID linear probe, OOD linear probe "
+                f"({ood}), effective rank, feature norm (paper Figs. 17, 22, 27)"
+            ),
+        ),
+        (
+            "rank_collapse_evolution.png",
+            plot_evolution,
+            "Effective rank and logits norm over the epochs, one curve per T (paper Figs. 9, 12)",
+        ),
+    ]
     return [(file, caption) for file, draw, caption in drawn if draw(records, out / file)]
 
 
@@ -724,7 +999,8 @@ def sections(results: dict) -> list[tuple[str, str]]:
     scales = ", ".join(number(v, "g") for v in cfg["init_scales"]) or "-"
     temperatures = ", ".join(number(v, "g") for v in cfg["temperatures"])
     setup = (
-        f"{models} on {cfg['dataset']}" + (f" ({cfg['train_subset']} training images)" if cfg["train_subset"] else "")
+        f"{models} on {cfg['dataset']}"
+        + (f" ({cfg['train_subset']} training images)" if cfg["train_subset"] else "")
         + f", {cfg['epochs']} epochs, SGD lr {number(cfg['lr'], 'g')}, momentum 0.9, "
         f"weight decay {number(cfg['weight_decay'], 'g')}, "
         f"batch {cfg['batch_size']}, cosine schedule, no augmentation, loss {cfg['loss']}. Sweep groups "
@@ -732,15 +1008,26 @@ def sections(results: dict) -> list[tuple[str, str]]:
         f"({cfg['init']}), temperatures {temperatures} ({cfg['temperature_init']} init). "
         f"The rank is ncfast's `effective_rank` (exp of the entropy of the normalised singular values of Sigma_T) "
         f"of the last hidden layer on the train split; correlations are Spearman's (two-sided p < {P_VALUE} counts "
-        f"as shown). OOD probes: {cfg['ood']}.")
-    return [("Setup", setup), ("Runs", settings_table(records)),
-            ("Per layer (temperature runs)", layers_table(records))]
+        f"as shown). OOD probes: {cfg['ood']}."
+    )
+    return [
+        ("Setup", setup),
+        ("Runs", settings_table(records)),
+        ("Per layer (temperature runs)", layers_table(records)),
+    ]
 
 
 DRIVER = _common.Driver(
-    name="rank_collapse", title="Paper 002: rank collapse driven by the initial logits norm",
-    usage=textwrap.dedent((__doc__ or "").partition("\n\n")[2]), presets=PRESETS, quick=QUICK, run=run,
-    claims=claims, figures=figures, sections=sections, flags=[
+    name="rank_collapse",
+    title="Paper 002: rank collapse driven by the initial logits norm",
+    usage=textwrap.dedent((__doc__ or "").partition("\n\n")[2]),
+    presets=PRESETS,
+    quick=QUICK,
+    run=run,
+    claims=claims,
+    figures=figures,
+    sections=sections,
+    flags=[
         _common.flag("--depths", type=_common.int_list, metavar="D1,D2", help="MLP hidden layers (digits 4)"),
         _common.flag("--width", type=_common.positive_int, help="MLP hidden units / CNN base channels (digits 512)"),
         _common.flag("--epochs", type=_common.positive_int, help="epochs per run (digits 30)"),
@@ -748,13 +1035,18 @@ DRIVER = _common.Driver(
         _common.flag("--init", choices=("kaiming", "default"), help="scheme of the init-scale sweep (kaiming)"),
         _common.flag("--init-scales", type=positive_floats, metavar="S1,S2", help="init scales (digits 0.5,1,1.5,2)"),
         _common.flag("--temperatures", type=positive_floats, metavar="T1,T2", help="temperatures T (digits 1,2,5,10)"),
-        _common.flag("--temperature-init", choices=("kaiming", "default"),
-                     help="init of the temperature runs (digits kaiming, cifar default)"),
+        _common.flag(
+            "--temperature-init",
+            choices=("kaiming", "default"),
+            help="init of the temperature runs (digits kaiming, cifar default)",
+        ),
         _common.flag("--no-layernorm", action="store_true", help="leave out the layernorm group"),
         _common.flag("--loss", choices=("ce", "mse"), help="ce, or mse: softmax + MSE (default ce)"),
         _common.flag("--train-subset", type=_common.positive_int, metavar="N", help="train on N training images"),
         _common.flag("--ood", choices=OOD_KINDS, help="out-of-distribution set of the OOD probes (default auto)"),
-        _common.flag("--ood-data", help="folder of the OOD files (svhn: train_32x32.mat, test_32x32.mat)")])
+        _common.flag("--ood-data", help="folder of the OOD files (svhn: train_32x32.mat, test_32x32.mat)"),
+    ],
+)
 
 
 def main(argv=None) -> int:

@@ -22,21 +22,34 @@ Every rank measures its shard of each split and the statistics are merged exactl
 outputs and checkpoints. With --resume (and torchrun --max-restarts N) a run whose rank dies restarts
 from the last checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
 
-from .trainer import (Config, field_type, flag_of, init_distributed, is_flag, launched_by_torchrun, shown, train,
-                      value_type)
+from .trainer import (
+    Config,
+    field_type,
+    flag_of,
+    init_distributed,
+    is_flag,
+    launched_by_torchrun,
+    shown,
+    train,
+    value_type,
+)
 
 
 def parse_args(argv=None) -> Config:
     """The Config of a command line. Every field of Config is a flag (``trainer.option``); a value the
     Config refuses is argparse's one-line error, exit status 2."""
-    p = argparse.ArgumentParser(prog="python -m ncfast.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ncfast.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     flags = [f for f in dataclasses.fields(Config) if is_flag(f)]
     for f in flags:
@@ -47,14 +60,26 @@ def parse_args(argv=None) -> Config:
                 groups[meta["group"]] = p.add_mutually_exclusive_group()
             into = groups[meta["group"]]
         if isinstance(f.default, bool):  # the flag sets the value that is not the default
-            into.add_argument(flag_of(f), dest=f.name, action="store_false" if f.default else "store_true",
-                              default=f.default, help=meta.get("help"))
+            into.add_argument(
+                flag_of(f),
+                dest=f.name,
+                action="store_false" if f.default else "store_true",
+                default=f.default,
+                help=meta.get("help"),
+            )
             continue
         text = meta.get("help") or ""
         if f.default is not None:  # a value: --help shows it
             text = f"{text} (default: {shown(f.default)})".lstrip()
-        into.add_argument(flag_of(f), dest=f.name, type=meta.get("parse") or value_type(field_type(Config, f)),
-                          default=f.default, choices=meta.get("choices"), metavar=meta.get("metavar"), help=text)
+        into.add_argument(
+            flag_of(f),
+            dest=f.name,
+            type=meta.get("parse") or value_type(field_type(Config, f)),
+            default=f.default,
+            choices=meta.get("choices"),
+            metavar=meta.get("metavar"),
+            help=text,
+        )
     a = p.parse_args(argv)
     try:
         return Config(**{f.name: getattr(a, f.name) for f in flags})

@@ -5,6 +5,7 @@ itself (SIGKILL) before that optimizer step (1-based) of that epoch (1-based), o
 attempt only, so that the restarted attempt resumes from the last checkpoint. Unset, a training
 step pays one comparison with None.
 """
+
 from __future__ import annotations
 
 import os

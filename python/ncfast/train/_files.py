@@ -1,4 +1,5 @@
 """Files the trainer writes, written whole or not at all."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ train split. The Gaussian mixture of paper 000 appendix B comes back as generate
 sigma^2 and tau^2 are in input units. The files are parsed here (IDX for MNIST and Fashion-MNIST, the
 pickled "python version" for CIFAR); torchvision is not needed.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -34,8 +35,7 @@ DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "gmm")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 
 # base names of the four IDX files; each may also be gzipped (name + ".gz")
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 @dataclass(frozen=True)
@@ -53,23 +53,34 @@ class _CifarSource:
 
 CIFAR = {
     "cifar10": _CifarSource(
-        archive="cifar-10-python.tar.gz", folder="cifar-10-batches-py",
+        archive="cifar-10-python.tar.gz",
+        folder="cifar-10-batches-py",
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         md5="c58f30108f718f92721af3b95e74349a",
-        members_md5={"data_batch_1": "c99cafc152244af753f735de768cd75f",
-                     "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-                     "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-                     "data_batch_4": "634d18415352ddfa80567beed471001a",
-                     "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-                     "test_batch": "40351d587109b95175f43aff81a1287e"},
-        train=tuple(f"data_batch_{i}" for i in range(1, 6)), test=("test_batch",),
-        label_key=b"labels", num_classes=10),
+        members_md5={
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+        },
+        train=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test=("test_batch",),
+        label_key=b"labels",
+        num_classes=10,
+    ),
     "cifar100": _CifarSource(
-        archive="cifar-100-python.tar.gz", folder="cifar-100-python",
+        archive="cifar-100-python.tar.gz",
+        folder="cifar-100-python",
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         md5="eb9058c3a382ffc7106e4002c42a8d85",
         members_md5={"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
-        train=("train",), test=("test",), label_key=b"fine_labels", num_classes=100),
+        train=("train",),
+        test=("test",),
+        label_key=b"fine_labels",
+        num_classes=100,
+    ),
 }
 
 
@@ -89,6 +100,7 @@ class Dataset:
         coarse_of: (num_classes,) int64, the data set's own super-class of every class (CIFAR-100's 20
             official super-classes, paper 000 sec. 5; -1 for a class with no sample), or None.
     """
+
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
@@ -102,8 +114,7 @@ class Dataset:
     coarse_of: torch.Tensor | None = None
 
 
-def load_dataset(name: str, data_dir=None, download: bool = False, seed: int = 0,
-                 **gmm_options) -> Dataset:
+def load_dataset(name: str, data_dir=None, download: bool = False, seed: int = 0, **gmm_options) -> Dataset:
     """Load a data set by name: digits, mnist, fashion-mnist, cifar10, cifar100 or gmm.
 
     Args:
@@ -142,13 +153,14 @@ def load_dataset(name: str, data_dir=None, download: bool = False, seed: int = 0
 
 # ---------------------------------------------------------------------------------------------- images
 
-def _from_uint8(name, train_x, train_y, test_x, test_y, num_classes, *, scale, augment, flip,
-                coarse_of=None) -> Dataset:
+
+def _from_uint8(
+    name, train_x, train_y, test_x, test_y, num_classes, *, scale, augment, flip, coarse_of=None
+) -> Dataset:
     """Dataset from uint8 (N, C, H, W) arrays: x / scale, then (x - mean_c) / std_c of the train split."""
     for what, y in (("train", train_y), ("test", test_y)):
         if y.size and (y.min() < 0 or y.max() >= num_classes):
-            raise ValueError(f"{name}: {what} labels outside [0, {num_classes}): "
-                             f"min {y.min()}, max {y.max()}")
+            raise ValueError(f"{name}: {what} labels outside [0, {num_classes}): min {y.min()}, max {y.max()}")
     c = train_x.shape[1]
     # exact float64 per-channel moments from a 256-bin histogram of the uint8 values: no float copy
     values = np.arange(256, dtype=np.float64) / scale
@@ -168,10 +180,18 @@ def _from_uint8(name, train_x, train_y, test_x, test_y, num_classes, *, scale, a
         return t.sub_(mean_t.float().view(1, c, 1, 1)).div_(std_t.float().view(1, c, 1, 1))
 
     return Dataset(
-        train_x=normalise(train_x), train_y=torch.tensor(train_y, dtype=torch.int64),
-        test_x=normalise(test_x), test_y=torch.tensor(test_y, dtype=torch.int64),
-        num_classes=num_classes, name=name, augment=augment, flip=flip,
-        mean=mean_t, std=std_t, coarse_of=coarse_of)
+        train_x=normalise(train_x),
+        train_y=torch.tensor(train_y, dtype=torch.int64),
+        test_x=normalise(test_x),
+        test_y=torch.tensor(test_y, dtype=torch.int64),
+        num_classes=num_classes,
+        name=name,
+        augment=augment,
+        flip=flip,
+        mean=mean_t,
+        std=std_t,
+        coarse_of=coarse_of,
+    )
 
 
 def _digits(seed) -> Dataset:
@@ -179,11 +199,11 @@ def _digits(seed) -> Dataset:
     x = d.images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8), values 0..16
     y = d.target.astype(np.int64)
     train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=seed)
-    return _from_uint8("digits", x[train], y[train], x[test], y[test], 10,
-                       scale=16.0, augment=True, flip=False)
+    return _from_uint8("digits", x[train], y[train], x[test], y[test], 10, scale=16.0, augment=True, flip=False)
 
 
 # ------------------------------------------------------------------------------------ MNIST (IDX files)
+
 
 def read_idx(path, ndim: int) -> np.ndarray:
     """Read an IDX file of unsigned bytes with ``ndim`` dimensions (plain or gzipped).
@@ -199,11 +219,12 @@ def read_idx(path, ndim: int) -> np.ndarray:
         gz = f.read(2) == b"\x1f\x8b"  # gzip magic, whatever the file is called
     header = 4 + 4 * ndim
     try:
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
             head = f.read(header)
             if len(head) < 4 or head[0] != 0 or head[1] != 0:
-                raise ValueError(f"{path}: not an IDX file (magic number 0x{head[:4].hex()}: "
-                                 f"its first two bytes must be zero)")
+                raise ValueError(
+                    f"{path}: not an IDX file (magic number 0x{head[:4].hex()}: its first two bytes must be zero)"
+                )
             if head[2] != 0x08:
                 raise ValueError(f"{path}: IDX element type 0x{head[2]:02x} is not unsigned byte (0x08)")
             if head[3] != ndim:
@@ -213,33 +234,39 @@ def read_idx(path, ndim: int) -> np.ndarray:
             dims = tuple(int(v) for v in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
             count = math.prod(dims)
             if not gz and path.stat().st_size - header != count:
-                raise ValueError(f"{path}: {path.stat().st_size - header} data bytes, but the header's sizes "
-                                 f"{dims} need {count}")
+                raise ValueError(
+                    f"{path}: {path.stat().st_size - header} data bytes, but the header's sizes {dims} need {count}"
+                )
             free = available_bytes("cpu")
             if gz and free is not None and count > free:
-                raise ValueError(f"{path}: the header's sizes {dims} need {count} bytes, more than the "
-                                 f"{free} free")
+                raise ValueError(f"{path}: the header's sizes {dims} need {count} bytes, more than the {free} free")
             data = f.read(count + 1)  # one byte more: a stream longer than announced is refused too
     except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: not a readable {'gzip' if gz else 'IDX'} file ({e})") from None
     if len(data) != count:
-        raise ValueError(f"{path}: {'more' if len(data) > count else len(data)} data bytes, but the header's "
-                         f"sizes {dims} need {count}")
+        raise ValueError(
+            f"{path}: {'more' if len(data) > count else len(data)} data bytes, but the header's "
+            f"sizes {dims} need {count}"
+        )
     return np.frombuffer(data, dtype=np.uint8, count=count).reshape(dims)
 
 
 def _mnist(name, data_dir) -> Dataset:
     expected = ", ".join(IDX_FILES)
     if name == "fashion-mnist":
-        how = ("install them with `apt install dataset-fashion-mnist` (Debian/Ubuntu, into "
-               f"{FASHION_MNIST_DIR}) or pass --data DIR (data_dir=DIR) for a directory that holds them")
+        how = (
+            "install them with `apt install dataset-fashion-mnist` (Debian/Ubuntu, into "
+            f"{FASHION_MNIST_DIR}) or pass --data DIR (data_dir=DIR) for a directory that holds them"
+        )
         if data_dir is None:
             data_dir = FASHION_MNIST_DIR
     else:
         how = "pass --data DIR (data_dir=DIR) for a directory that holds them"
         if data_dir is None:
-            raise FileNotFoundError(f"{name}: no data directory given. Expected the four IDX files "
-                                    f"{expected} (each plain or .gz) in one directory; {how}.")
+            raise FileNotFoundError(
+                f"{name}: no data directory given. Expected the four IDX files "
+                f"{expected} (each plain or .gz) in one directory; {how}."
+            )
     root = Path(data_dir).expanduser()
     paths, missing = [], []
     for base in IDX_FILES:
@@ -250,27 +277,38 @@ def _mnist(name, data_dir) -> Dataset:
     if missing:
         raise FileNotFoundError(
             f"{name}: missing {', '.join(m + '[.gz]' for m in missing)} in {root}. Expected the four "
-            f"IDX files {expected} (each plain or .gz) there; {how}.")
+            f"IDX files {expected} (each plain or .gz) there; {how}."
+        )
     train_x, train_y, test_x, test_y = (read_idx(p, nd) for p, nd in zip(paths, (3, 1, 3, 1)))
     for x, y, xp, yp in ((train_x, train_y, paths[0], paths[1]), (test_x, test_y, paths[2], paths[3])):
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"{name}: {xp} has {x.shape[0]} images but {yp} has {y.shape[0]} labels")
-    return _from_uint8(name, train_x[:, None], train_y.astype(np.int64),
-                       test_x[:, None], test_y.astype(np.int64), 10,
-                       scale=255.0, augment=True, flip=False)
+    return _from_uint8(
+        name,
+        train_x[:, None],
+        train_y.astype(np.int64),
+        test_x[:, None],
+        test_y.astype(np.int64),
+        10,
+        scale=255.0,
+        augment=True,
+        flip=False,
+    )
 
 
 # ------------------------------------------------------------------------------------ CIFAR (pickles)
 
+
 def _cifar(name, data_dir, download) -> Dataset:
     src = CIFAR[name]
     files = src.train + src.test
-    layout = (f"the archive {src.archive}, or its extracted folder {src.folder}/ with "
-              f"{', '.join(files)}")
+    layout = f"the archive {src.archive}, or its extracted folder {src.folder}/ with {', '.join(files)}"
     fetch = f"add --download (download=True) to fetch {src.url} (MD5-checked) into it"
     if data_dir is None:
-        raise FileNotFoundError(f"{name}: no data directory given; pass --data DIR (data_dir=DIR) for "
-                                f"a directory holding {layout}, or {fetch}")
+        raise FileNotFoundError(
+            f"{name}: no data directory given; pass --data DIR (data_dir=DIR) for "
+            f"a directory holding {layout}, or {fetch}"
+        )
     root = Path(data_dir).expanduser()
     folder = next((d for d in (root / src.folder, root) if all((d / f).is_file() for f in files)), None)
     if folder is not None:
@@ -285,11 +323,14 @@ def _cifar(name, data_dir, download) -> Dataset:
             if not download:
                 extracted = root / src.folder
                 lacking = [f for f in files if not (extracted / f).is_file()]
-                detail = (f"{extracted}/ lacks {', '.join(lacking)}" if extracted.is_dir()
-                          else f"{extracted}/ does not exist")
-                raise FileNotFoundError(f"{name}: {archive} does not exist and {detail}. Expected "
-                                        f"{layout} in {root}; {fetch}, or pass --data DIR for "
-                                        f"another directory")
+                detail = (
+                    f"{extracted}/ lacks {', '.join(lacking)}" if extracted.is_dir() else f"{extracted}/ does not exist"
+                )
+                raise FileNotFoundError(
+                    f"{name}: {archive} does not exist and {detail}. Expected "
+                    f"{layout} in {root}; {fetch}, or pass --data DIR for "
+                    f"another directory"
+                )
             _download(src.url, archive, src.md5)
         parts = {}
         wanted = {f"{src.folder}/{m}": m for m in files}
@@ -316,10 +357,21 @@ def _cifar(name, data_dir, download) -> Dataset:
     test_x, test_y, test_c = join(src.test)
     coarse_of = None
     if train_c is not None and test_c is not None:
-        coarse_of = _coarse_of(np.concatenate([train_y, test_y]), np.concatenate([train_c, test_c]),
-                               src.num_classes, name)
-    return _from_uint8(name, train_x, train_y, test_x, test_y, src.num_classes,
-                       scale=255.0, augment=True, flip=True, coarse_of=coarse_of)
+        coarse_of = _coarse_of(
+            np.concatenate([train_y, test_y]), np.concatenate([train_c, test_c]), src.num_classes, name
+        )
+    return _from_uint8(
+        name,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        src.num_classes,
+        scale=255.0,
+        augment=True,
+        flip=True,
+        coarse_of=coarse_of,
+    )
 
 
 def _archive_problem(archive: Path, error: Exception, src) -> str:
@@ -357,10 +409,15 @@ class _BatchUnpickler(pickle.Unpickler):
     (built in by the pickle opcodes themselves) and numpy arrays. Any other global a pickle names,
     the way a payload calls code, raises UnpicklingError before it is looked up."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-               ("numpy", "ndarray"), ("numpy", "dtype"),
-               ("_codecs", "encode")}  # how a protocol-2 pickle written by Python 3 spells bytes
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }  # how a protocol-2 pickle written by Python 3 spells bytes
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -377,15 +434,18 @@ def _cifar_batch(blob: bytes, where, src, member):
     """
     digest = hashlib.md5(blob, usedforsecurity=False).hexdigest()
     if digest != src.members_md5[member]:
-        raise ValueError(f"{where}: MD5 {digest} differs from the published {src.members_md5[member]} of "
-                         f"{member}; not the CIFAR file, so it is not unpickled (pickles can run code). "
-                         f"Delete it and pass --download to fetch the archive")
+        raise ValueError(
+            f"{where}: MD5 {digest} differs from the published {src.members_md5[member]} of "
+            f"{member}; not the CIFAR file, so it is not unpickled (pickles can run code). "
+            f"Delete it and pass --download to fetch the archive"
+        )
     try:
         d = _BatchUnpickler(io.BytesIO(blob), encoding="bytes").load()
         data, labels = d[b"data"], d[src.label_key]
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, ValueError) as e:
-        raise ValueError(f"{where}: not a CIFAR batch (a pickled dict with b'data' and "
-                         f"{src.label_key!r}): {e!r}") from None
+        raise ValueError(
+            f"{where}: not a CIFAR batch (a pickled dict with b'data' and {src.label_key!r}): {e!r}"
+        ) from None
     x = np.asarray(data)
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{where}: b'data' must be uint8 (N, 3072), got {x.dtype} {x.shape}")
@@ -422,8 +482,10 @@ def _download(url, dest: Path, md5: str):
             reason = getattr(e, "reason", None) or e.strerror or e
             raise RuntimeError(f"--download: could not fetch {url} into {part}: {reason}") from None
         if digest.hexdigest() != md5:
-            raise RuntimeError(f"{url}: MD5 {digest.hexdigest()} differs from the published {md5}; "
-                               f"the download is corrupt and was deleted")
+            raise RuntimeError(
+                f"{url}: MD5 {digest.hexdigest()} differs from the published {md5}; "
+                f"the download is corrupt and was deleted"
+            )
         os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)
@@ -431,8 +493,15 @@ def _download(url, dest: Path, md5: str):
 
 # ----------------------------------------------------------------------------------- Gaussian mixture
 
-def gaussian_mixture(n_per_cluster: int = 500, clusters: int = 8, dim: int = 32, sigma2: float = 4.0,
-                     tau2: float | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+
+def gaussian_mixture(
+    n_per_cluster: int = 500,
+    clusters: int = 8,
+    dim: int = 32,
+    sigma2: float = 4.0,
+    tau2: float | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The Gaussian mixture of paper 000 appendix B (features, original labels).
 
     Cluster c has a mean mu_c ~ N(0, sigma2 I) and samples x ~ N(mu_c, I); the label is c. Training
@@ -474,7 +543,8 @@ def gaussian_mixture(n_per_cluster: int = 500, clusters: int = 8, dim: int = 32,
             members = (superclass == s).nonzero().flatten()
             centre = torch.randn(dim, generator=g, dtype=torch.float64) * math.sqrt(sigma2)
             means[members] = centre + math.sqrt(tau2) * torch.randn(
-                members.numel(), dim, generator=g, dtype=torch.float64)
+                members.numel(), dim, generator=g, dtype=torch.float64
+            )
     x = means[labels] + noise
     return x[order].to(torch.float32), labels[order]
 
@@ -482,14 +552,22 @@ def gaussian_mixture(n_per_cluster: int = 500, clusters: int = 8, dim: int = 32,
 def _gmm(seed, options) -> Dataset:
     options = {"n_per_cluster": 625, **options}
     x, y = gaussian_mixture(seed=seed, **options)
-    train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y.numpy(),
-                                   random_state=seed)
+    train, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y.numpy(), random_state=seed)
     train, test = torch.from_numpy(train), torch.from_numpy(test)
-    return Dataset(train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test],
-                   num_classes=int(y.max()) + 1, name="gmm", augment=False, flip=False)
+    return Dataset(
+        train_x=x[train],
+        train_y=y[train],
+        test_x=x[test],
+        test_y=y[test],
+        num_classes=int(y.max()) + 1,
+        name="gmm",
+        augment=False,
+        flip=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------- batches
+
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True):
     """Random crop with zero padding, and optionally a random horizontal flip, of a (B, C, H, W) batch.
@@ -520,8 +598,9 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4, fli
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True,
-            drop_last: bool = False):
+def batches(
+    n: int, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True, drop_last: bool = False
+):
     """Yield int64 index tensors covering range(n) in batches of ``batch_size``.
 
     With ``shuffle`` the order is a permutation drawn from ``generator`` (on its device, where the
@@ -539,4 +618,4 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None = None, s
         order = torch.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        yield order[start:start + batch_size]
+        yield order[start : start + batch_size]

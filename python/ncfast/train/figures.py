@@ -1,4 +1,5 @@
 """Figures of a training run, drawn from its metrics.jsonl and class-distance files."""
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ def save(fig, path, dpi: int = 120) -> None:
         plt.close(fig)
 
 
-def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path | None, title: str = "", names=None,
-                            axes=None) -> None:
+def class_distance_heatmaps(
+    distances: dict[int, np.ndarray], path: Path | None, title: str = "", names=None, axes=None
+) -> None:
     """Heatmaps of D on the original labels at up to six epochs (paper 000 fig. 5), each with its own
     colour bar (dark = small distance, as the paper draws them).
 
@@ -60,8 +62,9 @@ def class_distance_heatmaps(distances: dict[int, np.ndarray], path: Path | None,
         margin = 0.3 + 0.075 * small / 7 * max([len(t) for t in labels] or [1])
         width, height = 3.6 * len(epochs) + margin, 2.9 + margin
         fig, grid = plt.subplots(1, len(epochs), figsize=(width, height), squeeze=False)
-        fig.subplots_adjust(left=margin / width, right=1 - 0.55 / width, bottom=margin / height,
-                            top=1 - 0.55 / height, wspace=0.45)
+        fig.subplots_adjust(
+            left=margin / width, right=1 - 0.55 / width, bottom=margin / height, top=1 - 0.55 / height, wspace=0.45
+        )
         axes = grid[0]
     for ax, e in zip(axes, epochs):
         image = ax.imshow(np.asarray(distances[e]), cmap="viridis")
@@ -98,13 +101,19 @@ def nc_curves(records: list[dict], layer: str, path: Path) -> None:
             line = ax.plot(epochs, [float("nan") if f else v for v, f in zip(ys, forced)], marker=".", label=split)[0]
             if any(forced):
                 any_degenerate = True
-                ax.plot([e for e, f in zip(epochs, forced) if f], [v for v, f in zip(ys, forced) if f],
-                        linestyle="none", marker="o", markerfacecolor="none", color=line.get_color())
+                ax.plot(
+                    [e for e, f in zip(epochs, forced) if f],
+                    [v for v, f in zip(ys, forced) if f],
+                    linestyle="none",
+                    marker="o",
+                    markerfacecolor="none",
+                    color=line.get_color(),
+                )
         if name in ("nc1", "cdnv") and all(v > 0 for v in ys if v == v):
             ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("epoch")
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend()
     note = "   (hollow: degenerate, forced by the sample size: rank(Sigma_T) = N - 1)" if any_degenerate else ""
@@ -143,7 +152,7 @@ def superclass_embeddings(pictures: dict, path: Path, original_names=None) -> No
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(fontsize=6, markerscale=2)
-    for ax in list(axes.flat)[len(supers):]:
+    for ax in list(axes.flat)[len(supers) :]:
         ax.axis("off")
     fig.tight_layout()
     save(fig, path)

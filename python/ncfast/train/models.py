@@ -31,6 +31,7 @@ The knobs of paper 002 (rank collapse driven by the logits norm; its Figures 1-4
   multiplies the logits (T = 100 means logits x 100; the figure titles show 1/T, as the captions
   note). A greater T gives a greater initial logits norm and more rank collapse (its Figures 7-12).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,7 @@ MLP_MAX_DEPTH = 10_000  # the most hidden layers the MLP takes (bounds what foot
 MAX_WIDTH = 1 << 24  # the widest model taken: far beyond any machine's memory, and inside int64's element counts
 
 
-def _attach_head(model: nn.Module, features_name: str, dim: int, num_classes: int, output_norm,
-                 stages: list[str]):
+def _attach_head(model: nn.Module, features_name: str, dim: int, num_classes: int, output_norm, stages: list[str]):
     """Add ``norm`` (LayerNorm or Identity) and ``head``, and the names every model exposes."""
     if output_norm not in OUTPUT_NORMS:
         raise ValueError(f"output_norm: must be one of {OUTPUT_NORMS}, got {output_norm!r}")
@@ -73,6 +73,7 @@ def _global_pool() -> nn.Sequential:
 
 # ------------------------------------------------------------------------------------------- ResNet-18
 
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN projection) shortcut."""
 
@@ -83,8 +84,9 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels)
         if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(channels))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
+            )
         else:
             self.shortcut = nn.Identity()
 
@@ -116,8 +118,7 @@ class ResNet18(nn.Module):
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
             channels = width * mult
         self.pool = _global_pool()
-        _attach_head(self, "pool", channels, num_classes, output_norm,
-                     ["layer1", "layer2", "layer3", "layer4"])
+        _attach_head(self, "pool", channels, num_classes, output_norm, ["layer1", "layer2", "layer3", "layer4"])
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -130,6 +131,7 @@ def resnet18(num_classes: int, in_channels: int = 3, width: int = 64, output_nor
 
 
 # ----------------------------------------------------------------------------------------- DenseNet-121
+
 
 class DenseLayer(nn.Module):
     """Bottleneck BN-ReLU-conv1x1 (4 * growth) then BN-ReLU-conv3x3 (growth), concatenated to x."""
@@ -173,8 +175,15 @@ class DenseNet121(nn.Module):
     last block), then the penultimate features.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, growth: int = 32,
-                 blocks=(6, 12, 24, 16), compression: float = 0.5, output_norm=None):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        growth: int = 32,
+        blocks=(6, 12, 24, 16),
+        compression: float = 0.5,
+        output_norm=None,
+    ):
         super().__init__()
         channels = 2 * growth
         self.conv1 = nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False)
@@ -191,8 +200,9 @@ class DenseNet121(nn.Module):
         self.final = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU())
         self.pool = _global_pool()
         self._num_blocks = len(blocks)
-        _attach_head(self, "pool", channels, num_classes, output_norm,
-                     [f"trans{i}" for i in range(1, len(blocks))] + ["final"])
+        _attach_head(
+            self, "pool", channels, num_classes, output_norm, [f"trans{i}" for i in range(1, len(blocks))] + ["final"]
+        )
 
     def forward(self, x):
         out = self.conv1(x)
@@ -203,13 +213,15 @@ class DenseNet121(nn.Module):
         return self.head(self.norm(self.pool(self.final(out))))
 
 
-def densenet121(num_classes: int, in_channels: int = 3, output_norm=None, depth: int = 121,
-                width: int = 32) -> DenseNet121:
+def densenet121(
+    num_classes: int, in_channels: int = 3, output_norm=None, depth: int = 121, width: int = 32
+) -> DenseNet121:
     """DenseNet-``depth`` (121, 169, 201) with growth rate ``width``."""
     return DenseNet121(num_classes, in_channels, growth=width, blocks=DENSENET_BLOCKS[depth], output_norm=output_norm)
 
 
 # ----------------------------------------------------------------------------------------------- VGG-11
+
 
 class MaxPoolIfLarger(nn.Module):
     """2x2 max-pool, skipped once the map is 1 pixel high or wide (so 8 x 8 inputs get through)."""
@@ -237,14 +249,12 @@ class VGG11(nn.Module):
         for i, widths in enumerate(blocks, start=1):
             layers = []
             for w in widths:
-                layers += [nn.Conv2d(channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
-                           nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
                 channels = w
             layers.append(MaxPoolIfLarger())
             self.add_module(f"block{i}", nn.Sequential(*layers))
         self.pool = _global_pool()
-        _attach_head(self, "pool", channels, num_classes, output_norm,
-                     [f"block{i}" for i in range(1, 6)])
+        _attach_head(self, "pool", channels, num_classes, output_norm, [f"block{i}" for i in range(1, 6)])
 
     def forward(self, x):
         out = self.block5(self.block4(self.block3(self.block2(self.block1(x)))))
@@ -257,6 +267,7 @@ def vgg11(num_classes: int, in_channels: int = 3, output_norm=None, depth: int =
 
 
 # ------------------------------------------------------------------------------------------------- MLP
+
 
 class MLP(nn.Module):
     """Flatten, then Linear-ReLU hidden layers layer1 .. layerL, then the linear head.
@@ -275,8 +286,9 @@ class MLP(nn.Module):
             self.add_module(f"layer{i}", nn.Sequential(nn.Linear(dim, int(h)), nn.ReLU()))
             self._hidden.append(f"layer{i}")
             dim = int(h)
-        _attach_head(self, self._hidden[-1] if self._hidden else "flatten", dim, num_classes,
-                     output_norm, list(self._hidden))
+        _attach_head(
+            self, self._hidden[-1] if self._hidden else "flatten", dim, num_classes, output_norm, list(self._hidden)
+        )
 
     def forward(self, x):
         out = self.flatten(x)
@@ -290,6 +302,7 @@ def mlp(num_classes: int, in_features: int, hidden=(512, 512), output_norm=None)
 
 
 # -------------------------------------------------------------------------------------- paper 002 knobs
+
 
 def scale_init_(model: nn.Module, init_scale: float) -> nn.Module:
     """Multiply the weight of every conv and linear layer by ``init_scale`` in place; returns model."""
@@ -344,15 +357,24 @@ def resolve_arch(arch: str, depth: int | None = None) -> tuple[str, int]:
             raise ValueError(f"depth: the MLP takes at most {MLP_MAX_DEPTH:,} hidden layers, got {depth}")
         return "mlp", d
     family = arch.rstrip("0123456789")
-    d = int(arch[len(family):]) if depth is None else int(depth)
+    d = int(arch[len(family) :]) if depth is None else int(depth)
     if d not in _FAMILY_DEPTHS[family]:
         raise ValueError(f"depth: {family} comes in depths {_FAMILY_DEPTHS[family]}, got {depth}")
     return family, d
 
 
-def build_model(arch: str, num_classes: int, in_channels: int, input_size=None,
-                init_scale: float = 1.0, output_norm=None, depth: int | None = None, width: int | None = None,
-                init: str = "default", hidden=None) -> nn.Module:
+def build_model(
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    input_size=None,
+    init_scale: float = 1.0,
+    output_norm=None,
+    depth: int | None = None,
+    width: int | None = None,
+    init: str = "default",
+    hidden=None,
+) -> nn.Module:
     """One of ``ARCH_NAMES`` for inputs (N, in_channels, H, W), or (N, in_channels) when input_size is None.
 
     Args:
@@ -390,8 +412,7 @@ def build_model(arch: str, num_classes: int, in_channels: int, input_size=None,
         model = mlp(num_classes, in_features, hidden=tuple(hidden), output_norm=output_norm)
     else:
         if size is None:
-            raise ValueError(f"input_size: {arch} needs image input (N, C, H, W); "
-                             f"use arch='mlp' for flat features")
+            raise ValueError(f"input_size: {arch} needs image input (N, C, H, W); use arch='mlp' for flat features")
         options = {} if width is None else {"width": int(width)}
         builder = {"resnet": resnet18, "densenet": densenet121, "vgg": vgg11}[family]
         model = builder(num_classes, in_channels, output_norm=output_norm, depth=d, **options)
@@ -401,8 +422,16 @@ def build_model(arch: str, num_classes: int, in_channels: int, input_size=None,
     return model
 
 
-def footprint(arch: str, num_classes: int, in_channels: int, input_size=None, output_norm=None,
-              depth: int | None = None, width: int | None = None, hidden=None) -> tuple[int, int]:
+def footprint(
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    input_size=None,
+    output_norm=None,
+    depth: int | None = None,
+    width: int | None = None,
+    hidden=None,
+) -> tuple[int, int]:
     """(parameters, activation floats per sample) of the model ``build_model`` builds with these
     arguments, told without allocating it.
 
@@ -426,8 +455,11 @@ def footprint(arch: str, num_classes: int, in_channels: int, input_size=None, ou
         raise ValueError(f"output_norm: must be one of {OUTPUT_NORMS}, got {output_norm!r}")
     if int(num_classes) < 1:
         raise ValueError(f"num_classes: must be >= 1, got {num_classes}")
-    size = (1, 1) if input_size is None else (
-        (input_size, input_size) if isinstance(input_size, int) else tuple(input_size))
+    size = (
+        (1, 1)
+        if input_size is None
+        else ((input_size, input_size) if isinstance(input_size, int) else tuple(input_size))
+    )
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"input_size: must be H or (H, W) with positive sizes, got {input_size}")
     widths = [int(in_channels) * size[0] * size[1]]
@@ -439,8 +471,9 @@ def footprint(arch: str, num_classes: int, in_channels: int, input_size=None, ou
     return params, floats
 
 
-def _meta_footprint(arch, num_classes, in_channels, input_size=None, output_norm=None, depth=None, width=None,
-                    hidden=None) -> tuple[int, int]:
+def _meta_footprint(
+    arch, num_classes, in_channels, input_size=None, output_norm=None, depth=None, width=None, hidden=None
+) -> tuple[int, int]:
     """``footprint`` from the model built on the meta device and one meta forward of a sample."""
     total = [0]
 
@@ -450,11 +483,13 @@ def _meta_footprint(arch, num_classes, in_channels, input_size=None, output_norm
         total[0] += output.numel()
 
     with torch.device("meta"):
-        model = build_model(arch, num_classes, in_channels, input_size, output_norm=output_norm, depth=depth,
-                            width=width, hidden=hidden)
+        model = build_model(
+            arch, num_classes, in_channels, input_size, output_norm=output_norm, depth=depth, width=width, hidden=hidden
+        )
     params = sum(p.numel() for p in model.parameters())
-    size = () if input_size is None else (
-        (input_size, input_size) if isinstance(input_size, int) else tuple(input_size))
+    size = (
+        () if input_size is None else ((input_size, input_size) if isinstance(input_size, int) else tuple(input_size))
+    )
     for m in model.modules():
         if next(m.children(), None) is None:
             m.register_forward_hook(count)

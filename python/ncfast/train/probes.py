@@ -9,14 +9,15 @@ the original classes by the Hungarian method on the test predictions (equal to t
 permutation), and the accuracy on the original test labels is reported. The linear probe on the true
 original labels is the reference it is set beside.
 """
+
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
-import torch
-import torch.nn.functional as F
 
 EMBEDDINGS = ("tsne", "pca", "none")
 
@@ -78,8 +79,13 @@ class _Logistic:
         self.w = torch.zeros(z.shape[1], k, device=x.device)
         self.b = torch.zeros(k, device=x.device)
         onehot = F.one_hot(y, k).to(z.dtype)
-        opt = torch.optim.LBFGS([self.w, self.b], max_iter=self.max_iter, tolerance_grad=1e-6,
-                                history_size=20, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [self.w, self.b],
+            max_iter=self.max_iter,
+            tolerance_grad=1e-6,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure():
             # gradients by hand: (g^T z)^T is several times faster than autograd's z^T g for
@@ -109,8 +115,9 @@ def linear_probe(train_x, train_y, test_x, test_y, seed: int = 0, device=None) -
     return float((clf.predict(test_x) == np.asarray(test_y)).mean())
 
 
-def clp(train_x, train_sup, train_orig, test_x, test_sup, test_orig, *, embedding: str = "tsne", seed: int = 0,
-        device=None):
+def clp(
+    train_x, train_sup, train_orig, test_x, test_sup, test_orig, *, embedding: str = "tsne", seed: int = 0, device=None
+):
     """(CLP test accuracy on the original labels, embeddings {super-class: (2-D points, original labels)}).
 
     ``*_sup`` are the training labels (super-classes), ``*_orig`` the original labels; only the

@@ -15,6 +15,7 @@ shards each split without padding (``shard_indices``) and merges the ranks' stat
 outputs and the (atomic) checkpoints and runs the end-of-run probes; ``--resume`` restarts every
 rank from the last checkpoint, which is what a torchrun restart (``--max-restarts``) needs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..labels import coarse_labels, fine_labels, random_coarse_labels
 from .._distributed import Ranks, init_distributed, launched_by_torchrun  # noqa: F401 (re-exported)
 from .._validation import available_bytes
+from ..labels import coarse_labels, fine_labels, random_coarse_labels
 from ..losses import svsl_loss
 from ..probe import LayerProbe, channel_pool, flatten, shard_indices
 from . import _faults, figures
@@ -58,8 +59,17 @@ SEED_MAX = 2**32 - 1  # the largest seed every generator of a run takes (scikit-
 # ``option`` declares a dataclass field with its default and the metadata ``python -m ncfast.train`` builds
 # the field's flag from; ``check_fields`` checks every field's value against its type and choices; the
 # ``*_arg`` functions read the flags whose text is not a single int, float or string.
-def option(default, help: str = "", *, choices=None, metavar: str | None = None, parse=None, flag: str | None = None,
-           group: str | None = None, cli: bool = True):
+def option(
+    default,
+    help: str = "",
+    *,
+    choices=None,
+    metavar: str | None = None,
+    parse=None,
+    flag: str | None = None,
+    group: str | None = None,
+    cli: bool = True,
+):
     """A dataclass field with ``default`` and, in its metadata, what its command-line flag needs.
 
     Args:
@@ -73,8 +83,15 @@ def option(default, help: str = "", *, choices=None, metavar: str | None = None,
         group: fields of one group are mutually exclusive on the command line.
         cli: False for a field that is no flag.
     """
-    metadata = {"help": help, "choices": choices, "metavar": metavar, "parse": parse, "flag": flag, "group": group,
-                "cli": cli}
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "metavar": metavar,
+        "parse": parse,
+        "flag": flag,
+        "group": group,
+        "cli": cli,
+    }
     return field(default=default, metadata=metadata)
 
 
@@ -131,8 +148,13 @@ def _matches(value, tp) -> bool:
     return isinstance(value, tp)
 
 
-_NAMES = {bool: ("True or False", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
-          str: ("a string", "strings"), type(None): ("None", "None")}
+_NAMES = {
+    bool: ("True or False", "booleans"),
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    type(None): ("None", "None"),
+}
 
 
 def _describe(tp, plural: bool = False) -> str:
@@ -197,68 +219,112 @@ class Config:
     A Config is validated when it is made (``Config(...)``, ``dataclasses.replace``; ``validate``): a bad
     value is a ValueError that names the flag. What needs the data, the model or the device (--coarse K
     beyond the classes, --layers / --svsl-from names, --device, memory) ``Trainer`` checks."""
-    arch: str = option("resnet18", "network architecture (a family's name, or a deeper sibling's)",
-                       choices=ARCH_NAMES)
-    depth: int | None = option(None, "ResNet 18 / 34, VGG 11 / 13 / 16 / 19, DenseNet 121 / 169 / 201 (overrides "
-                                     "the --arch name's); the MLP's number of hidden layers (default 2)")
-    width: int | None = option(None, "base channels of ResNet / VGG (default 64), DenseNet's growth rate (32), the "
-                                     "MLP's hidden units (512)")
-    dataset: str = option("digits", "digits ships with scikit-learn; fashion-mnist reads the IDX files "
-                                    "from --data (default /usr/share/datasets/fashion-mnist, Debian package "
-                                    "dataset-fashion-mnist)", choices=DATASETS)
+
+    arch: str = option("resnet18", "network architecture (a family's name, or a deeper sibling's)", choices=ARCH_NAMES)
+    depth: int | None = option(
+        None,
+        "ResNet 18 / 34, VGG 11 / 13 / 16 / 19, DenseNet 121 / 169 / 201 (overrides "
+        "the --arch name's); the MLP's number of hidden layers (default 2)",
+    )
+    width: int | None = option(
+        None, "base channels of ResNet / VGG (default 64), DenseNet's growth rate (32), the MLP's hidden units (512)"
+    )
+    dataset: str = option(
+        "digits",
+        "digits ships with scikit-learn; fashion-mnist reads the IDX files "
+        "from --data (default /usr/share/datasets/fashion-mnist, Debian package "
+        "dataset-fashion-mnist)",
+        choices=DATASETS,
+    )
     data: str | None = option(None, "directory of the data files")
     download: bool = option(False, "CIFAR: download into --data (MD5 checked) if missing")
     # K, or "official": the data set's own super-classes (CIFAR-100's 20)
-    coarse: int | str | None = option(None, "train on y mod K (paper 000 eq. 4); 'official': CIFAR-100's 20 "
-                                            "super-classes", metavar="K", parse=coarse_arg, group="labels")
+    coarse: int | str | None = option(
+        None,
+        "train on y mod K (paper 000 eq. 4); 'official': CIFAR-100's 20 super-classes",
+        metavar="K",
+        parse=coarse_arg,
+        group="labels",
+    )
     fine: bool = option(False, "train on every class split in two (eq. 5)", group="labels")
-    random_coarse: int | None = option(None, "coarse labels after a seeded class shuffle", metavar="K",
-                                       group="labels")
+    random_coarse: int | None = option(None, "coarse labels after a seeded class shuffle", metavar="K", group="labels")
     epochs: int = option(60, "training epochs")
     batch_size: int = option(128, "samples per SGD step (all ranks' together under torchrun)")
-    train_subset: int | None = option(None, "train on N training samples drawn with --seed (paper 002's "
-                                            "2,000-sample CIFAR-100)", metavar="N")
-    augment: bool = option(True, "train on the images as they are: no random crops or flips (Papyan et al.'s "
-                                 "protocol)", flag="--no-augment")
-    lr: float = option(0.01, f"SGD learning rate (the papers sweep {LEARNING_RATES}; the default is paper 000's "
-                             f"config #1)")
+    train_subset: int | None = option(
+        None, "train on N training samples drawn with --seed (paper 002's 2,000-sample CIFAR-100)", metavar="N"
+    )
+    augment: bool = option(
+        True,
+        "train on the images as they are: no random crops or flips (Papyan et al.'s protocol)",
+        flag="--no-augment",
+    )
+    lr: float = option(
+        0.01, f"SGD learning rate (the papers sweep {LEARNING_RATES}; the default is paper 000's config #1)"
+    )
     momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, f"SGD weight decay (the papers sweep {WEIGHT_DECAYS}; the default is paper "
-                                       f"000's config #1)")
-    schedule: str = option("cosine", "learning rate over the epochs: cosine annealing to 0, or step (/ 10 at 1/2 "
-                                     "and 3/4 of --epochs)", choices=SCHEDULES)
-    metrics_every: int = option(5, "measure every N epochs (and epochs 0, last, the interpolation epoch and "
-                                   "--distance-epochs)")
+    weight_decay: float = option(
+        5e-4, f"SGD weight decay (the papers sweep {WEIGHT_DECAYS}; the default is paper 000's config #1)"
+    )
+    schedule: str = option(
+        "cosine",
+        "learning rate over the epochs: cosine annealing to 0, or step (/ 10 at 1/2 and 3/4 of --epochs)",
+        choices=SCHEDULES,
+    )
+    metrics_every: int = option(
+        5, "measure every N epochs (and epochs 0, last, the interpolation epoch and --distance-epochs)"
+    )
     # option() returns a dataclasses.field: no default list is shared between Configs
     distance_epochs: list[int] | None = option(  # noqa: RUF009
-        None, "epochs measured whatever --metrics-every says; the class-distance figure shows them",
-        metavar="E1,E2,...", parse=epochs_arg)
+        None,
+        "epochs measured whatever --metrics-every says; the class-distance figure shows them",
+        metavar="E1,E2,...",
+        parse=epochs_arg,
+    )
     layers: list[str] | None = option(  # noqa: RUF009
-        None, "comma-separated module names to probe (default: the model's stages and pooled features)",
-        parse=names_arg)
-    logit_scale: float = option(1.0, "paper 002's temperature T: the loss sees T * logits (T = 100 means logits x "
-                                     "100); a greater T gives a greater initial logits norm and more rank "
-                                     "collapse. The network's output itself is not scaled", metavar="T")
-    loss: str = option("ce", "ce: cross-entropy; mse: paper 002's MSE between softmax(T z) and the one-hot label",
-                       choices=LOSSES)
-    init: str = option("default", "initial conv / linear weights: PyTorch's default, or kaiming (He normal, zero "
-                                  "biases)", choices=INITS)
+        None, "comma-separated module names to probe (default: the model's stages and pooled features)", parse=names_arg
+    )
+    logit_scale: float = option(
+        1.0,
+        "paper 002's temperature T: the loss sees T * logits (T = 100 means logits x "
+        "100); a greater T gives a greater initial logits norm and more rank "
+        "collapse. The network's output itself is not scaled",
+        metavar="T",
+    )
+    loss: str = option(
+        "ce", "ce: cross-entropy; mse: paper 002's MSE between softmax(T z) and the one-hot label", choices=LOSSES
+    )
+    init: str = option(
+        "default",
+        "initial conv / linear weights: PyTorch's default, or kaiming (He normal, zero biases)",
+        choices=INITS,
+    )
     init_scale: float = option(1.0, "factor on the initial conv / linear weights (after --init)")
-    output_norm: str | None = option(None, "affine-free LayerNorm on the penultimate features (paper 002)",
-                                     choices=("layernorm",))
-    svsl_alpha: float = option(0.0, "alpha of paper 003's SVSL (def. 10: eta = alpha / (C (k+1-gamma) n_c), C the "
-                                    "number of training classes); 0: off. Its Table 2 values mean the same here: "
-                                    "1e-5 from Layer 1 on MNIST / Fashion-MNIST (--arch resnet18 --svsl-from "
-                                    "layer1), 4e-6 from AvgPool on CIFAR-10 (--arch resnet18 --svsl-from pool)")
-    svsl_from: str | None = option(None, "paper 003's gamma: the probed layer (a --layers name) SVSL starts at. "
-                                         "SVSL covers the probed layers from it on, in model order, and the output "
-                                         "layer: the logits the loss sees (after --logit-scale). Default: the first "
-                                         "probed layer", metavar="LAYER")
+    output_norm: str | None = option(
+        None, "affine-free LayerNorm on the penultimate features (paper 002)", choices=("layernorm",)
+    )
+    svsl_alpha: float = option(
+        0.0,
+        "alpha of paper 003's SVSL (def. 10: eta = alpha / (C (k+1-gamma) n_c), C the "
+        "number of training classes); 0: off. Its Table 2 values mean the same here: "
+        "1e-5 from Layer 1 on MNIST / Fashion-MNIST (--arch resnet18 --svsl-from "
+        "layer1), 4e-6 from AvgPool on CIFAR-10 (--arch resnet18 --svsl-from pool)",
+    )
+    svsl_from: str | None = option(
+        None,
+        "paper 003's gamma: the probed layer (a --layers name) SVSL starts at. "
+        "SVSL covers the probed layers from it on, in model order, and the output "
+        "layer: the logits the loss sees (after --logit-scale). Default: the first "
+        "probed layer",
+        metavar="LAYER",
+    )
     clp_embed: str = option("tsne", "reduction before CLP's k-means", choices=EMBEDDINGS)
     it_threshold: float = option(0.995, "train accuracy that marks the interpolation threshold")
     # wider layers: D x D metrics on channel-pooled features (eigh of 4096^2 x 3 per split is minutes)
-    max_dim: int = option(1024, "layers with more flattened features get their D x D metrics (nc1, vci, rank, ...) "
-                                "from channel-pooled features")
+    max_dim: int = option(
+        1024,
+        "layers with more flattened features get their D x D metrics (nc1, vci, rank, ...) "
+        "from channel-pooled features",
+    )
     seed: int = option(0, f"seed of every random draw of the run, in [0, {SEED_MAX}]")
     device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     out: str = option("runs/latest", "output folder")
@@ -288,8 +354,12 @@ class Config:
             raise ValueError(f"--random-coarse must be a number of super-classes >= 2, got {self.random_coarse}")
         if (self.coarse is not None) + self.fine + (self.random_coarse is not None) > 1:
             raise ValueError("--coarse, --fine and --random-coarse: choose at most one")
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
-                            ("--metrics-every", self.metrics_every), ("--max-dim", self.max_dim)):
+        for flag, value in (
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--metrics-every", self.metrics_every),
+            ("--max-dim", self.max_dim),
+        ):
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if self.train_subset is not None and self.train_subset < 1:
@@ -301,8 +371,9 @@ class Config:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.distance_epochs is not None and any(not 0 <= e <= self.epochs for e in self.distance_epochs):
-            raise ValueError(f"--distance-epochs: must lie in [0, --epochs = {self.epochs}], got "
-                             f"{self.distance_epochs}")
+            raise ValueError(
+                f"--distance-epochs: must lie in [0, --epochs = {self.epochs}], got {self.distance_epochs}"
+            )
         if self.layers is not None and not (self.layers and all(name.strip() for name in self.layers)):
             raise ValueError(f"--layers: expected comma-separated module names, got {self.layers!r}")
         if not (math.isfinite(self.logit_scale) and self.logit_scale > 0):
@@ -334,8 +405,10 @@ def _device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: the meta device holds no data to train on; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available here (no CUDA build of torch, or no GPU "
-                             f"visible); use --device cpu")
+            raise ValueError(
+                f"--device {name}: CUDA is not available here (no CUDA build of torch, or no GPU "
+                f"visible); use --device cpu"
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
@@ -354,8 +427,9 @@ def _gib(n: float) -> str:
     return f"{v:,.1f}" if v < 1000 else f"{v:,.0f}"
 
 
-def check_fits(cfg: Config, num_classes: int, in_channels: int, input_size, n_train: int, device,
-               world: int = 1) -> None:
+def check_fits(
+    cfg: Config, num_classes: int, in_channels: int, input_size, n_train: int, device, world: int = 1
+) -> None:
     """Refuse a model, or a batch, that cannot fit the memory free on ``device``, before any of it is
     allocated: a ValueError naming --width / --depth or --batch-size.
 
@@ -368,21 +442,26 @@ def check_fits(cfg: Config, num_classes: int, in_channels: int, input_size, n_tr
     free = available_bytes(device)
     if free is None:
         return
-    params, floats = footprint(cfg.arch, num_classes, in_channels, input_size, output_norm=cfg.output_norm,
-                               depth=cfg.depth, width=cfg.width)
+    params, floats = footprint(
+        cfg.arch, num_classes, in_channels, input_size, output_norm=cfg.output_norm, depth=cfg.depth, width=cfg.width
+    )
     model_bytes = params * 4 * 4
     if model_bytes > free:
         flags = " ".join(f"--{k} {v}" for k, v in (("width", cfg.width), ("depth", cfg.depth)) if v is not None)
-        raise ValueError(f"{flags or '--arch ' + cfg.arch}: {cfg.arch} has {params:.2g} parameters, "
-                         f"{_gib(model_bytes)} GiB with gradients, momentum and a checkpoint copy, more than the "
-                         f"{_gib(free)} GiB free on {torch.device(device)}; lower --width (or --depth)")
+        raise ValueError(
+            f"{flags or '--arch ' + cfg.arch}: {cfg.arch} has {params:.2g} parameters, "
+            f"{_gib(model_bytes)} GiB with gradients, momentum and a checkpoint copy, more than the "
+            f"{_gib(free)} GiB free on {torch.device(device)}; lower --width (or --depth)"
+        )
     batch = -(-min(cfg.batch_size, n_train) // max(1, world))
     batch_bytes = batch * floats * 4
     if model_bytes + batch_bytes > free:
-        raise ValueError(f"--batch-size {cfg.batch_size}: a batch of {batch:,} samples x {floats:,} activation floats "
-                         f"per sample of {cfg.arch} needs {_gib(batch_bytes)} GiB besides the model's "
-                         f"{_gib(model_bytes)} GiB, more than the {_gib(free)} GiB free on {torch.device(device)}; "
-                         f"lower --batch-size (or --width)")
+        raise ValueError(
+            f"--batch-size {cfg.batch_size}: a batch of {batch:,} samples x {floats:,} activation floats "
+            f"per sample of {cfg.arch} needs {_gib(batch_bytes)} GiB besides the model's "
+            f"{_gib(model_bytes)} GiB, more than the {_gib(free)} GiB free on {torch.device(device)}; "
+            f"lower --batch-size (or --width)"
+        )
 
 
 def finite(obj):
@@ -410,13 +489,14 @@ def layer_features(model, x: torch.Tensor, layers, max_dim: int, device, batch: 
         def fn(m, i, o):
             flat = flatten(o)
             store[name].append((channel_pool(o) if flat.shape[1] > max_dim else flat).float().cpu())
+
         return fn
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
     model.eval()
     try:
         for lo in range(0, x.shape[0], batch):
-            model(x[lo:lo + batch].to(device))
+            model(x[lo : lo + batch].to(device))
     finally:
         for h in handles:
             h.remove()
@@ -499,8 +579,9 @@ class _Progress:
             self.bar.close()
 
 
-def transform_labels(cfg: Config, y_train: torch.Tensor, y_test: torch.Tensor, num_classes: int,
-                     coarse_of: torch.Tensor | None = None):
+def transform_labels(
+    cfg: Config, y_train: torch.Tensor, y_test: torch.Tensor, num_classes: int, coarse_of: torch.Tensor | None = None
+):
     """(train labels, test labels, number of training classes) under --coarse / --fine / --random-coarse.
 
     ``--coarse official`` maps every class to the data set's own super-class ``coarse_of`` (CIFAR-100's
@@ -508,25 +589,35 @@ def transform_labels(cfg: Config, y_train: torch.Tensor, y_test: torch.Tensor, n
     transform, K >= 2); what is checked here is what depends on the data."""
     if cfg.coarse == "official":
         if coarse_of is None:
-            raise ValueError(f"--coarse official: the data set {cfg.dataset!r} has no official super-classes "
-                             f"(cifar100 has 20)")
+            raise ValueError(
+                f"--coarse official: the data set {cfg.dataset!r} has no official super-classes (cifar100 has 20)"
+            )
         present = coarse_of[coarse_of >= 0]
         return coarse_of[y_train], coarse_of[y_test], int(present.max()) + 1
     if cfg.coarse is not None:
         if not 2 <= cfg.coarse <= num_classes:
-            raise ValueError(f"--coarse: must be in [2, {num_classes}] (the metrics need 2 training classes), "
-                             f"got {cfg.coarse}")
+            raise ValueError(
+                f"--coarse: must be in [2, {num_classes}] (the metrics need 2 training classes), got {cfg.coarse}"
+            )
         return coarse_labels(y_train, cfg.coarse), coarse_labels(y_test, cfg.coarse), cfg.coarse
     if cfg.random_coarse is not None:
         if not 2 <= cfg.random_coarse <= num_classes:
-            raise ValueError(f"--random-coarse: must be in [2, {num_classes}] (the metrics need 2 training "
-                             f"classes), got {cfg.random_coarse}")
+            raise ValueError(
+                f"--random-coarse: must be in [2, {num_classes}] (the metrics need 2 training "
+                f"classes), got {cfg.random_coarse}"
+            )
         k = cfg.random_coarse
-        return (random_coarse_labels(y_train, k, num_classes, seed=cfg.seed),
-                random_coarse_labels(y_test, k, num_classes, seed=cfg.seed), k)
+        return (
+            random_coarse_labels(y_train, k, num_classes, seed=cfg.seed),
+            random_coarse_labels(y_test, k, num_classes, seed=cfg.seed),
+            k,
+        )
     if cfg.fine:
-        return (fine_labels(y_train, num_classes, seed=cfg.seed), fine_labels(y_test, num_classes, seed=cfg.seed + 1),
-                2 * num_classes)
+        return (
+            fine_labels(y_train, num_classes, seed=cfg.seed),
+            fine_labels(y_test, num_classes, seed=cfg.seed + 1),
+            2 * num_classes,
+        )
     return y_train.clone(), y_test.clone(), num_classes
 
 
@@ -569,12 +660,15 @@ class Trainer:
         ds = load_dataset(cfg.dataset, cfg.data, download=cfg.download, seed=cfg.seed)
         self.ds = ds
         self.num_original = ds.num_classes
-        y_tr, y_te, self.num_train_classes = transform_labels(cfg, ds.train_y, ds.test_y, ds.num_classes,
-                                                              coarse_of=ds.coarse_of)
+        y_tr, y_te, self.num_train_classes = transform_labels(
+            cfg, ds.train_y, ds.test_y, ds.num_classes, coarse_of=ds.coarse_of
+        )
         keep = _subset(ds.train_y.shape[0], cfg.train_subset, cfg.seed)
         if cfg.train_subset is not None and int(torch.unique(y_tr[keep]).numel()) < 2:
-            raise ValueError(f"--train-subset {cfg.train_subset}: the samples drawn hold one training class; the "
-                             f"metrics need at least 2 (draw more samples, or another --seed)")
+            raise ValueError(
+                f"--train-subset {cfg.train_subset}: the samples drawn hold one training class; the "
+                f"metrics need at least 2 (draw more samples, or another --seed)"
+            )
         dev = self.device
         # the whole data set lives on the device: batches are index gathers, augmentation runs there too
         self.x = {"train": ds.train_x[keep].to(dev), "test": ds.test_x.to(dev)}
@@ -585,25 +679,42 @@ class Trainer:
             raise ValueError(f"--arch {cfg.arch}: needs image data; {cfg.dataset} is flat (use --arch mlp)")
         self.distance_epochs = sorted(set(cfg.distance_epochs or ()))
         # sized on the meta device first: a model or batch that cannot fit is refused before it is allocated
-        check_fits(cfg, self.num_train_classes, ds.train_x.shape[1], tuple(ds.train_x.shape[2:]) if image else None,
-                   self.x["train"].shape[0], dev, self.ranks.world)
-        self.model = build_model(cfg.arch, self.num_train_classes, ds.train_x.shape[1],
-                                 tuple(ds.train_x.shape[2:]) if image else None,
-                                 init_scale=cfg.init_scale, output_norm=cfg.output_norm, depth=cfg.depth,
-                                 width=cfg.width, init=cfg.init).to(dev)
+        check_fits(
+            cfg,
+            self.num_train_classes,
+            ds.train_x.shape[1],
+            tuple(ds.train_x.shape[2:]) if image else None,
+            self.x["train"].shape[0],
+            dev,
+            self.ranks.world,
+        )
+        self.model = build_model(
+            cfg.arch,
+            self.num_train_classes,
+            ds.train_x.shape[1],
+            tuple(ds.train_x.shape[2:]) if image else None,
+            init_scale=cfg.init_scale,
+            output_norm=cfg.output_norm,
+            depth=cfg.depth,
+            width=cfg.width,
+            init=cfg.init,
+        ).to(dev)
         self.layers = list(cfg.layers) if cfg.layers else list(self.model.default_probe_layers)
         modules = dict(self.model.named_modules())
         unknown = [name for name in self.layers if name not in modules]
         if unknown:
-            raise ValueError(f"--layers: {unknown} are not modules of {cfg.arch}; it has "
-                             f"{[n for n in modules if n][:40]}")
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+            raise ValueError(
+                f"--layers: {unknown} are not modules of {cfg.arch}; it has {[n for n in modules if n][:40]}"
+            )
+        self.opt = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         if cfg.schedule == "cosine":
             self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, cfg.epochs))
         else:  # "step", the usual step schedule: / 10 at 1/2 and 3/4 of training
             self.sched = torch.optim.lr_scheduler.MultiStepLR(
-                self.opt, milestones=[max(1, cfg.epochs // 2), max(1, 3 * cfg.epochs // 4)], gamma=0.1)
+                self.opt, milestones=[max(1, cfg.epochs // 2), max(1, 3 * cfg.epochs // 4)], gamma=0.1
+            )
         self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         height = ds.train_x.shape[2] if image else 0
         self.pad = 4 if height >= 28 else max(1, height // 8)  # 4 on 28 / 32 px, 1 on the 8 x 8 digits
@@ -621,7 +732,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
         self._fault = _faults.planned(self.ranks.rank)  # None unless a restart test asks (train/_faults.py)
 
     def _svsl_layers(self, modules: dict) -> list[str]:
@@ -635,8 +747,10 @@ class Trainer:
         probed = sorted(self.layers, key=order.__getitem__)
         first = probed[0] if cfg.svsl_from is None else cfg.svsl_from
         if first not in probed:
-            raise ValueError(f"--svsl-from: {first!r} is not a probed layer; the probed layers are {probed} "
-                             f"(add it to --layers to use another module)")
+            raise ValueError(
+                f"--svsl-from: {first!r} is not a probed layer; the probed layers are {probed} "
+                f"(add it to --layers to use another module)"
+            )
         if cfg.svsl_alpha == 0:
             return []
         head = next(name for name, m in modules.items() if m is self.model.head)
@@ -652,9 +766,15 @@ class Trainer:
             self.ranks.barrier()
             return
         state = {
-            "config": asdict(self.cfg), "epoch": self.epoch, "model": self.model.state_dict(),
-            "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
-            "history": self.history, "epoch_seconds": self.epoch_seconds, "measure_seconds": self.measure_seconds,
+            "config": asdict(self.cfg),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "gen": self.gen.get_state(),
+            "history": self.history,
+            "epoch_seconds": self.epoch_seconds,
+            "measure_seconds": self.measure_seconds,
         }
         state["sha256"] = _digest(state)
         _atomic_save(state, self._checkpoint_path(), "checkpoint")
@@ -671,24 +791,33 @@ class Trainer:
         except pickle.UnpicklingError as e:
             # torch's restricted unpickler names the global it refused ("Unsupported global: ...");
             # other complaints ("Unsupported operand") are bytes that are not a pickle at all
-            detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")),
-                          str(e).strip().splitlines()[0] if str(e).strip() else "")
+            detail = next(
+                (ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")),
+                str(e).strip().splitlines()[0] if str(e).strip() else "",
+            )
             if "global" not in detail.lower():
-                raise ValueError(f"--resume: {path} is not a readable checkpoint ({detail}); delete it to start "
-                                 f"over") from None
-            raise ValueError(f"--resume: {path} holds more than a checkpoint's tensors and plain values, so it "
-                             f"is not loaded (a pickle can run code): {detail}") from None
+                raise ValueError(
+                    f"--resume: {path} is not a readable checkpoint ({detail}); delete it to start over"
+                ) from None
+            raise ValueError(
+                f"--resume: {path} holds more than a checkpoint's tensors and plain values, so it "
+                f"is not loaded (a pickle can run code): {detail}"
+            ) from None
         except Exception as e:  # noqa: BLE001 - empty, truncated, garbage: one line, not a traceback
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"--resume: {path} is not a readable checkpoint ({first}); delete it to start over") from None
+            raise ValueError(
+                f"--resume: {path} is not a readable checkpoint ({first}); delete it to start over"
+            ) from None
         if not isinstance(state, dict):
             raise ValueError(f"--resume: {path} holds a {type(state).__name__}, not a checkpoint")
         missing = [k for k in ("epoch", "model", "opt", "sched", "gen", "history", "sha256") if k not in state]
         if missing:
             raise ValueError(f"--resume: {path} lacks {missing}; delete it to start over")
         if state["sha256"] != _digest({k: v for k, v in state.items() if k != "sha256"}):
-            raise ValueError(f"--resume: {path} fails its integrity check (its contents no longer match the "
-                             f"SHA-256 saved with them: a damaged file); delete it to start over")
+            raise ValueError(
+                f"--resume: {path} fails its integrity check (its contents no longer match the "
+                f"SHA-256 saved with them: a damaged file); delete it to start over"
+            )
         try:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["opt"])
@@ -708,8 +837,12 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         captured: dict[str, torch.Tensor] = {}
-        handles = [dict(model.named_modules())[name].register_forward_hook(
-            lambda m, i, o, name=name: captured.__setitem__(name, o)) for name in self.svsl_layers]
+        handles = [
+            dict(model.named_modules())[name].register_forward_hook(
+                lambda m, i, o, name=name: captured.__setitem__(name, o)
+            )
+            for name in self.svsl_layers
+        ]
         svsl = cfg.svsl_alpha > 0
         x, y = self.x["train"], self.y["train"]
         n = x.shape[0]
@@ -735,8 +868,7 @@ class Trainer:
                     if svsl:
                         # layers gamma..k of paper 003: the probed ones, then the output layer
                         layers = [captured[name] for name in self.svsl_layers] + [scaled]
-                        loss = loss + svsl_loss(layers, yb, alpha=cfg.svsl_alpha,
-                                                num_classes=self.num_train_classes)
+                        loss = loss + svsl_loss(layers, yb, alpha=cfg.svsl_alpha, num_classes=self.num_train_classes)
                 self.opt.zero_grad(set_to_none=True)
                 # DDP averages the ranks' gradients: weight each rank's mean by its share of the batch
                 (loss * (yb.shape[0] * ranks.world / idx.shape[0]) if ranks.active else loss).backward()
@@ -759,7 +891,7 @@ class Trainer:
         if self.ranks.active:
             keep = torch.as_tensor(shard_indices(x.shape[0], self.ranks.rank, self.ranks.world), device=x.device)
             x, y, yo = x[keep], y[keep], yo[keep]
-        return [(x[lo:lo + batch], y[lo:lo + batch], yo[lo:lo + batch]) for lo in range(0, x.shape[0], batch)]
+        return [(x[lo : lo + batch], y[lo : lo + batch], yo[lo : lo + batch]) for lo in range(0, x.shape[0], batch)]
 
     @torch.no_grad()
     def accuracy(self, split: str) -> float:
@@ -785,10 +917,17 @@ class Trainer:
         pen = self.model.penultimate_name if self.model.penultimate_name in self.layers else None
         train_means = None
         for split in ("train", "test"):
-            probe = LayerProbe(self.model, self.layers, self.num_train_classes,
-                               head=self.model.head if pen else None, penultimate=pen,
-                               num_original_classes=self.num_original, class_counts=self.counts[split],
-                               max_dim=self.cfg.max_dim, logit_scale=self.logit_scale)
+            probe = LayerProbe(
+                self.model,
+                self.layers,
+                self.num_train_classes,
+                head=self.model.head if pen else None,
+                penultimate=pen,
+                num_original_classes=self.num_original,
+                class_counts=self.counts[split],
+                max_dim=self.cfg.max_dim,
+                logit_scale=self.logit_scale,
+            )
             try:
                 result = probe.measure(self._loader(split), class_means=train_means)
             except ValueError as e:  # a diverged network: say where and when, and stop
@@ -819,8 +958,9 @@ class Trainer:
             for folder in (self.out, self.out / "class_distance", self.out / "figures"):
                 folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"--out {self.out}: could not create the output folder {e.filename or folder}: "
-                             f"{e.strerror or e}") from None
+            raise ValueError(
+                f"--out {self.out}: could not create the output folder {e.filename or folder}: {e.strerror or e}"
+            ) from None
         resumed = cfg.resume and self.load()
         if resumed:
             if self.ranks.main:
@@ -848,8 +988,11 @@ class Trainer:
         if not scheduled:
             record["train_acc"], record["test_acc"] = self.accuracy("train"), self.accuracy("test")
             # the interpolation epoch is measured whatever metrics_every says (paper 003's IT)
-            scheduled = epoch > 0 and record["train_acc"] >= cfg.it_threshold and not any(
-                r["epoch"] > 0 and r["train_acc"] >= cfg.it_threshold for r in self.history)
+            scheduled = (
+                epoch > 0
+                and record["train_acc"] >= cfg.it_threshold
+                and not any(r["epoch"] > 0 and r["train_acc"] >= cfg.it_threshold for r in self.history)
+            )
         if scheduled:
             t0 = time.perf_counter()
             record["layers"], distances, train_label_distance, accuracy = self.measure()
@@ -859,19 +1002,28 @@ class Trainer:
             pen = self.model.penultimate_name
             folder = self.out / "class_distance"
             if main and distances.get((pen, "train")) is not None:
-                _atomic_npy(folder / f"epoch_{epoch:03d}.npy", "class-distance matrix",
-                            distances[(pen, "train")].cpu().numpy())
+                _atomic_npy(
+                    folder / f"epoch_{epoch:03d}.npy", "class-distance matrix", distances[(pen, "train")].cpu().numpy()
+                )
             if main and train_label_distance is not None:
                 # over the training labels: with --fine the 2C x 2C matrix of paper 000 fig. 15
-                _atomic_npy(folder / f"epoch_{epoch:03d}_train_labels.npy", "class-distance matrix",
-                            train_label_distance.cpu().numpy())
+                _atomic_npy(
+                    folder / f"epoch_{epoch:03d}_train_labels.npy",
+                    "class-distance matrix",
+                    train_label_distance.cpu().numpy(),
+                )
             # every probed layer and split, original labels: arrays named "<layer>/<split>"
             if main:
-                _atomic_npy(folder / f"epoch_{epoch:03d}_layers.npz", "class-distance matrices", **{
-                    f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None})
+                _atomic_npy(
+                    folder / f"epoch_{epoch:03d}_layers.npz",
+                    "class-distance matrices",
+                    **{f"{name}/{split}": d.cpu().numpy() for (name, split), d in distances.items() if d is not None},
+                )
             self.on_measured(record)
         self.history.append(record)
-        line = f"epoch {epoch:3d}  loss {loss:.4f}  train acc {record['train_acc']:.4f}  test acc {record['test_acc']:.4f}"
+        line = (
+            f"epoch {epoch:3d}  loss {loss:.4f}  train acc {record['train_acc']:.4f}  test acc {record['test_acc']:.4f}"
+        )
         if "layers" in record:
             m = record["layers"].get(self.model.penultimate_name, {}).get("train", {})
             line += "  " + "  ".join(f"{k} {m[k]:.4g}" for k in ("nc1", "nc2_etf", "ncc_mismatch", "msdr") if k in m)
@@ -906,9 +1058,14 @@ class Trainer:
         _atomic_text("\n".join(lines) + ("\n" if lines else ""), self.out / "metrics.jsonl", "metrics")
         keys = ("epoch", "train_loss", "lr", "train_acc", "test_acc")
         seconds = self.epoch_seconds
-        rows = [{**{k: r[k] for k in keys}, "seconds": seconds[r["epoch"] - 1] if 0 < r["epoch"] <= len(seconds) else None,
-                 "measure_seconds": self.measure_seconds.get(r["epoch"])}
-                for r in self.history]
+        rows = [
+            {
+                **{k: r[k] for k in keys},
+                "seconds": seconds[r["epoch"] - 1] if 0 < r["epoch"] <= len(seconds) else None,
+                "measure_seconds": self.measure_seconds.get(r["epoch"]),
+            }
+            for r in self.history
+        ]
         _atomic_text("".join(json.dumps(finite(row)) + "\n" for row in rows), self.out / "history.jsonl", "history")
 
     def features(self, split: str, name: str) -> np.ndarray:
@@ -932,15 +1089,26 @@ class Trainer:
         y_orig = {s: self.y_orig[s].cpu().numpy() for s in self.y}
         feats = {s: self.features(s, pen) for s in ("train", "test")}
         t0 = time.perf_counter()
-        clp_acc, pictures = clp(feats["train"], y_sup["train"], y_orig["train"], feats["test"], y_sup["test"],
-                                y_orig["test"], embedding=cfg.clp_embed, seed=cfg.seed, device=self.device)
-        lin_acc = linear_probe(feats["train"], y_orig["train"], feats["test"], y_orig["test"], seed=cfg.seed,
-                               device=self.device)
+        clp_acc, pictures = clp(
+            feats["train"],
+            y_sup["train"],
+            y_orig["train"],
+            feats["test"],
+            y_sup["test"],
+            y_orig["test"],
+            embedding=cfg.clp_embed,
+            seed=cfg.seed,
+            device=self.device,
+        )
+        lin_acc = linear_probe(
+            feats["train"], y_orig["train"], feats["test"], y_orig["test"], seed=cfg.seed, device=self.device
+        )
         per_layer = {}
         for name in self.layers:
             f = feats if name == pen else {s: self.features(s, name) for s in ("train", "test")}
-            per_layer[name] = linear_probe(f["train"], y_orig["train"], f["test"], y_orig["test"], seed=cfg.seed,
-                                           device=self.device)
+            per_layer[name] = linear_probe(
+                f["train"], y_orig["train"], f["test"], y_orig["test"], seed=cfg.seed, device=self.device
+            )
         probe_seconds = time.perf_counter() - t0
         evaluated = [r for r in self.history if "layers" in r]
         it = next((r["epoch"] for r in self.history if r["epoch"] > 0 and r["train_acc"] >= cfg.it_threshold), None)
@@ -959,8 +1127,9 @@ class Trainer:
             "num_train_classes": self.num_train_classes,
             "num_original_classes": self.num_original,
             "final_metrics": evaluated[-1]["layers"] if evaluated else {},
-            "initial_logits_norm": (evaluated[0]["layers"].get(pen, {}).get("train", {}).get("logits_norm")
-                                    if evaluated else None),
+            "initial_logits_norm": (
+                evaluated[0]["layers"].get(pen, {}).get("train", {}).get("logits_norm") if evaluated else None
+            ),
             "mean_epoch_seconds": float(np.mean(self.epoch_seconds)) if self.epoch_seconds else None,
             "probe_seconds": probe_seconds,
             "device": str(self.device),
@@ -969,29 +1138,38 @@ class Trainer:
         _atomic_text(json.dumps(finite(summary), indent=1), self.out / "summary.json", "summary")
         self._figures(evaluated, pictures)
         clp_text = "n/a (no training class holds two original classes)" if clp_acc is None else f"{clp_acc:.4f}"
-        print(f"CLP accuracy on the {self.num_original} original classes: {clp_text}   "
-              f"linear probe on the true original labels: {lin_acc:.4f}   "
-              f"train acc {last['train_acc']:.4f}  test acc {last['test_acc']:.4f}  "
-              f"interpolation epoch {it}", flush=True)
+        print(
+            f"CLP accuracy on the {self.num_original} original classes: {clp_text}   "
+            f"linear probe on the true original labels: {lin_acc:.4f}   "
+            f"train acc {last['train_acc']:.4f}  test acc {last['test_acc']:.4f}  "
+            f"interpolation epoch {it}",
+            flush=True,
+        )
         return summary
 
     def _figures(self, evaluated: list[dict], pictures: dict) -> None:
         fig_dir = self.out / "figures"
         pen = self.model.penultimate_name
-        distances = {int(p.stem.split("_")[1]): np.load(p)
-                     for p in sorted((self.out / "class_distance").glob("epoch_[0-9][0-9][0-9].npy"))}
+        distances = {
+            int(p.stem.split("_")[1]): np.load(p)
+            for p in sorted((self.out / "class_distance").glob("epoch_[0-9][0-9][0-9].npy"))
+        }
         if self.distance_epochs:
             distances = {e: d for e, d in distances.items() if e in self.distance_epochs}
         if distances:
             figures.class_distance_heatmaps(distances, fig_dir / "class_distance.png")
-        relabelled = {int(p.stem.split("_")[1]): np.load(p)
-                      for p in sorted((self.out / "class_distance").glob("epoch_[0-9][0-9][0-9]_train_labels.npy"))}
+        relabelled = {
+            int(p.stem.split("_")[1]): np.load(p)
+            for p in sorted((self.out / "class_distance").glob("epoch_[0-9][0-9][0-9]_train_labels.npy"))
+        }
         if self.distance_epochs:
             relabelled = {e: d for e, d in relabelled.items() if e in self.distance_epochs}
         if relabelled:
             figures.class_distance_heatmaps(
-                relabelled, fig_dir / "class_distance_train_labels.png",
-                title=f"class distance D ({self.num_train_classes} training labels, penultimate layer, train)")
+                relabelled,
+                fig_dir / "class_distance_train_labels.png",
+                title=f"class distance D ({self.num_train_classes} training labels, penultimate layer, train)",
+            )
         if evaluated:
             # the penultimate features, or the deepest probed layer where --layers leaves them out
             order = list(dict(self.model.named_modules()))

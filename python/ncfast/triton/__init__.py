@@ -15,13 +15,14 @@ vectors are made contiguous by the launchers), modes as ``tl.constexpr``; row an
 are int64 before they meet a stride; float64 scalars travel in tensors (a Python float argument
 reaches a kernel as float32).
 """
+
 from __future__ import annotations
 
 import functools
 import os
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def importable() -> bool:
     """Whether triton (and triton.language) import."""
     try:

@@ -24,6 +24,7 @@ chunks of each class, in chunk order, with Chan's formula
 so the result is deterministic (no floating-point atomics) and exact to float64 rounding when the
 within-class spread is tiny next to the means.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,16 +54,25 @@ def as_loadable(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 @triton.jit
 def _chunk_moments_kernel(
-    mean_ptr, stride_mean_k, stride_mean_d,  # (chunks, D) float64 out: the chunk's column means
-    unit_ptr, stride_unit_k, stride_unit_d,  # (chunks, D) float64 out: sum of h_i / ||h_i|| (UNITS)
-    m2_ptr, stride_m2_k, stride_m2_b,  # (chunks, column blocks) float64 out: centred squares of each block
+    mean_ptr,
+    stride_mean_k,
+    stride_mean_d,  # (chunks, D) float64 out: the chunk's column means
+    unit_ptr,
+    stride_unit_k,
+    stride_unit_d,  # (chunks, D) float64 out: sum of h_i / ||h_i|| (UNITS)
+    m2_ptr,
+    stride_m2_k,
+    stride_m2_b,  # (chunks, column blocks) float64 out: centred squares of each block
     norm_sum_ptr,  # (chunks,) float64 out: sum of ||h_i|| (UNITS)
-    x_ptr, stride_xm, stride_xd,  # (N, D) features, any float dtype and strides
+    x_ptr,
+    stride_xm,
+    stride_xd,  # (N, D) features, any float dtype and strides
     order_ptr,  # (N,) int64: row indices sorted by label
     start_ptr,  # (chunks,) int64: the chunk's first position in order
     count_ptr,  # (chunks,) int64: its number of rows (1 .. BLOCK_R)
     d,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     UNITS: tl.constexpr,  # also the unit sums and norm sums
     BF16_BITS: tl.constexpr,  # x holds bfloat16 as int16 bits (load_wide)
 ):
@@ -94,21 +104,36 @@ def _chunk_moments_kernel(
         # second pass over the tile in registers: squares about the chunk's own mean, no cancellation
         dev = tl.where(mask, h - mean[None, :], 0.0)
         tl.store(mean_ptr + chunk * stride_mean_k + cols * stride_mean_d, mean, mask=cmask)
-        tl.store(m2_ptr + chunk * stride_m2_k + (d0 // BLOCK_D) * stride_m2_b, tl.sum(tl.sum(dev * dev, axis=1), axis=0))
+        tl.store(
+            m2_ptr + chunk * stride_m2_k + (d0 // BLOCK_D) * stride_m2_b, tl.sum(tl.sum(dev * dev, axis=1), axis=0)
+        )
         if UNITS:
-            tl.store(unit_ptr + chunk * stride_unit_k + cols * stride_unit_d, tl.sum(h * inv[:, None], axis=0),
-                     mask=cmask)
+            tl.store(
+                unit_ptr + chunk * stride_unit_k + cols * stride_unit_d, tl.sum(h * inv[:, None], axis=0), mask=cmask
+            )
 
 
 @triton.jit
 def _merge_chunks_kernel(
-    mean_ptr, stride_mean_c, stride_mean_d,  # (C, D) float64 out: class means (0 for an absent class)
-    unit_ptr, stride_unit_c, stride_unit_d,  # (C, D) float64 out: unit sums
-    m2_ptr, stride_m2_c, stride_m2_b,  # (C, column blocks) float64 out: M2 restricted to the block
+    mean_ptr,
+    stride_mean_c,
+    stride_mean_d,  # (C, D) float64 out: class means (0 for an absent class)
+    unit_ptr,
+    stride_unit_c,
+    stride_unit_d,  # (C, D) float64 out: unit sums
+    m2_ptr,
+    stride_m2_c,
+    stride_m2_b,  # (C, column blocks) float64 out: M2 restricted to the block
     norm_sum_ptr,  # (C,) float64 out
-    cmean_ptr, stride_cmean_k, stride_cmean_d,  # the chunk partials of _chunk_moments_kernel
-    cunit_ptr, stride_cunit_k, stride_cunit_d,
-    cm2_ptr, stride_cm2_k, stride_cm2_b,
+    cmean_ptr,
+    stride_cmean_k,
+    stride_cmean_d,  # the chunk partials of _chunk_moments_kernel
+    cunit_ptr,
+    stride_cunit_k,
+    stride_cunit_d,
+    cm2_ptr,
+    stride_cm2_k,
+    stride_cm2_b,
     cnorm_sum_ptr,
     count_ptr,  # (chunks,) int64 rows per chunk
     first_ptr,  # (S + 1,) int64: segment s (a class, or a run of one class's partials) owns first[s] .. first[s + 1]
@@ -151,12 +176,20 @@ def _merge_chunks_kernel(
 
 @triton.jit
 def _centre_rows_kernel(
-    out_ptr, stride_om, stride_od,  # (N, D) float64 out: h_i - mu_{y_i}
-    x_ptr, stride_xm, stride_xd,  # (N, D) features, any float dtype and strides
+    out_ptr,
+    stride_om,
+    stride_od,  # (N, D) float64 out: h_i - mu_{y_i}
+    x_ptr,
+    stride_xm,
+    stride_xd,  # (N, D) features, any float dtype and strides
     y_ptr,  # (N,) int64 labels
-    means_ptr, stride_mc, stride_md,  # (C, D) float64
-    n, d,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    means_ptr,
+    stride_mc,
+    stride_md,  # (C, D) float64
+    n,
+    d,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BF16_BITS: tl.constexpr,  # x holds bfloat16 as int16 bits (load_wide)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -191,9 +224,17 @@ def _chunk_rows(d: int, itemsize: int, unit_sums: bool) -> int:
     return max(16, min(64, triton.next_power_of_2((128 << 10) // max(1, d * itemsize) + 1) // 2))
 
 
-def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_sums: bool = True,
-                  block_rows: int | None = None, block_d: int | None = None, fanin: int = 64,
-                  num_warps: int = 8):
+def block_moments(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    *,
+    unit_sums: bool = True,
+    block_rows: int | None = None,
+    block_d: int | None = None,
+    fanin: int = 64,
+    num_warps: int = 8,
+):
     """(counts int64 (C,), means (C, D), m2 (C,), unit_sums (C, D), norm_sums (C,)), float64, of
     the rows x (N, D; float16, bfloat16, float32 or float64, any strides) with labels y (N,) in
     [0, num_classes). The same values as ``ncfast.backends.torch.block_moments_of``, deterministic.
@@ -222,7 +263,7 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_su
     # Chunk table: class c's sorted rows start at class_start[c]; it is cut into
     # ceil(n_c / block_rows) chunks, numbered first[c] .. first[c + 1] in class order. Labels sort
     # as int32 (fewer radix passes on a GPU than int64).
-    key = y.to(torch.int32) if num_classes < 2 ** 31 else y
+    key = y.to(torch.int32) if num_classes < 2**31 else y
     order = torch.argsort(key, stable=True)
     class_start = torch.cumsum(counts, 0) - counts
     per_class = (counts + block_rows - 1) // block_rows
@@ -239,13 +280,27 @@ def block_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, unit_su
     cnorm = torch.empty(chunks, **f64) if unit_sums else cm2[:1, 0]
     xk, bits = as_loadable(x)
     _chunk_moments_kernel[(chunks,)](
-        cmean, cmean.stride(0), cmean.stride(1),
-        cunit, cunit.stride(0), cunit.stride(1),
-        cm2, cm2.stride(0), cm2.stride(1),
+        cmean,
+        cmean.stride(0),
+        cmean.stride(1),
+        cunit,
+        cunit.stride(0),
+        cunit.stride(1),
+        cm2,
+        cm2.stride(0),
+        cm2.stride(1),
         cnorm,
-        xk, xk.stride(0), xk.stride(1),
-        order, chunk_start, chunk_count, d,
-        BLOCK_R=block_rows, BLOCK_D=block_d, UNITS=unit_sums, BF16_BITS=bits,
+        xk,
+        xk.stride(0),
+        xk.stride(1),
+        order,
+        chunk_start,
+        chunk_count,
+        d,
+        BLOCK_R=block_rows,
+        BLOCK_D=block_d,
+        UNITS=unit_sums,
+        BF16_BITS=bits,
         num_warps=num_warps,
     )
     # A tree of merges: while some class has more than `fanin` partials, runs of `fanin`
@@ -281,25 +336,49 @@ def _merge(parts, bounds, segments, d, block_d, col_blocks, unit_sums, out=None)
     else:
         means, unit, norm = out
     _merge_chunks_kernel[(segments, col_blocks)](
-        means, means.stride(0), means.stride(1),
-        unit, unit.stride(0), unit.stride(1),
-        m2, m2.stride(0), m2.stride(1),
+        means,
+        means.stride(0),
+        means.stride(1),
+        unit,
+        unit.stride(0),
+        unit.stride(1),
+        m2,
+        m2.stride(0),
+        m2.stride(1),
         norm,
-        cmean, cmean.stride(0), cmean.stride(1),
-        cunit, cunit.stride(0), cunit.stride(1),
-        cm2, cm2.stride(0), cm2.stride(1),
-        cnorm, count, bounds, d,
-        BLOCK_D=block_d, UNITS=unit_sums,
+        cmean,
+        cmean.stride(0),
+        cmean.stride(1),
+        cunit,
+        cunit.stride(0),
+        cunit.stride(1),
+        cm2,
+        cm2.stride(0),
+        cm2.stride(1),
+        cnorm,
+        count,
+        bounds,
+        d,
+        BLOCK_D=block_d,
+        UNITS=unit_sums,
     )
     totals = torch.zeros(segments, dtype=torch.int64, device=dev)
-    owner = torch.repeat_interleave(torch.arange(segments, device=dev), bounds[1:] - bounds[:-1],
-                                    output_size=count.numel())
+    owner = torch.repeat_interleave(
+        torch.arange(segments, device=dev), bounds[1:] - bounds[:-1], output_size=count.numel()
+    )
     totals.index_add_(0, owner, count)
     return means, unit, m2, norm, totals
 
 
-def centre_rows(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, out: torch.Tensor | None = None, *,
-                block_rows: int = 32, block_d: int | None = None) -> torch.Tensor:
+def centre_rows(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    means: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    block_rows: int = 32,
+    block_d: int | None = None,
+) -> torch.Tensor:
     """x_i - means[y_i] in float64, (N, D), written into ``out`` when given (any strides): the
     rows whose Gram matrix is the within-class scatter (the product itself stays a matmul)."""
     _check_features(x)
@@ -316,9 +395,20 @@ def centre_rows(x: torch.Tensor, y: torch.Tensor, means: torch.Tensor, out: torc
     grid = (triton.cdiv(n, block_rows), triton.cdiv(d, block_d))
     xk, bits = as_loadable(x)
     _centre_rows_kernel[grid](
-        out, out.stride(0), out.stride(1),
-        xk, xk.stride(0), xk.stride(1),
-        y, means, means.stride(0), means.stride(1), n, d,
-        BLOCK_M=block_rows, BLOCK_D=block_d, BF16_BITS=bits,
+        out,
+        out.stride(0),
+        out.stride(1),
+        xk,
+        xk.stride(0),
+        xk.stride(1),
+        y,
+        means,
+        means.stride(0),
+        means.stride(1),
+        n,
+        d,
+        BLOCK_M=block_rows,
+        BLOCK_D=block_d,
+        BF16_BITS=bits,
     )
     return out

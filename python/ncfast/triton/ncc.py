@@ -31,6 +31,7 @@ Each precision has its own tile shape (``CONFIGS``), chosen from the sm_90 compi
 (no local-memory spills; "ieee" 24 bytes) and the pipeline within the 227 KiB of shared memory.
 128 x 256 tiles spill at every precision.
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,8 +66,20 @@ def canonical(precision: str) -> str:
 
 
 @triton.jit
-def _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d,
-                  BLOCK_D: tl.constexpr, X_F64: tl.constexpr, ROUNDED: tl.constexpr, BF16_BITS: tl.constexpr):
+def _shifted_tile(
+    x_ptr,
+    stride_xm,
+    stride_xd,
+    shift_ptr,
+    rows,
+    rmask,
+    d0,
+    d,
+    BLOCK_D: tl.constexpr,
+    X_F64: tl.constexpr,
+    ROUNDED: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
     """(BLOCK_M, BLOCK_D) float32 tile of x - shift, zero outside the matrix: one rounding of the
     exact difference (float64 input is shifted in float64 first; other dtypes widen exactly).
     ROUNDED: x already holds bfloat16(x - shift) (see ncc_sweep); the tile is returned as loaded.
@@ -101,8 +114,9 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     there the rounded tiles go back to float32 first (the same values, multiplied exactly)."""
     if PRECISION == "bf16":
         if INTERPRETED:
-            out = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
-                         input_precision="ieee")
+            out = tl.dot(
+                a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc, input_precision="ieee"
+            )
         else:
             out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     else:
@@ -112,17 +126,30 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def _ncc_sweep_kernel(
-    best_ptr, stride_bm, stride_bg,  # (N, G) int64 out: argmin within each group
-    unsure_ptr, stride_um, stride_ug,  # (N, G) bool out: top-2 gap within twice the bound
-    x_ptr, stride_xm, stride_xd,  # (N, D) rows, any float dtype and strides
+    best_ptr,
+    stride_bm,
+    stride_bg,  # (N, G) int64 out: argmin within each group
+    unsure_ptr,
+    stride_um,
+    stride_ug,  # (N, G) bool out: top-2 gap within twice the bound
+    x_ptr,
+    stride_xm,
+    stride_xd,  # (N, D) rows, any float dtype and strides
     shift_ptr,  # (D,) float32
-    centres_ptr, stride_ck, stride_cd,  # (K, D) float32
+    centres_ptr,
+    stride_ck,
+    stride_cd,  # (K, D) float32
     offsets_ptr,  # (K,) float32
     starts_ptr,  # (G + 1,) int64: group g owns classes starts[g] .. starts[g + 1]
     rel_ptr,  # (1,) float64 (a Python float argument would arrive as float32)
-    cmax_ptr, omax_ptr,  # (G,) float64
-    n, d, groups,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    cmax_ptr,
+    omax_ptr,  # (G,) float64
+    n,
+    d,
+    groups,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,  # one of PRECISIONS (see _dot)
     X_F64: tl.constexpr,
     INTERPRETED: tl.constexpr,  # TRITON_INTERPRET=1 (see _dot)
@@ -136,13 +163,13 @@ def _ncc_sweep_kernel(
     # headroom). With one feature block that tile stays in registers for the whole sweep; with
     # more, keeping the first one there cost registers (the ieee sweep spilled 3 KB a thread at
     # 128 x 128 x 32) for a few per cent of the loads, so every block is loaded where it is used.
-    x0 = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, 0, d, BLOCK_D, X_F64, ROUNDED,
-                       BF16_BITS)
+    x0 = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, 0, d, BLOCK_D, X_F64, ROUNDED, BF16_BITS)
     x0f = x0.to(tl.float32)
     sq = tl.sum(x0f * x0f, axis=1)
     for d0 in range(BLOCK_D, d, BLOCK_D):
-        xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64,
-                           ROUNDED, BF16_BITS).to(tl.float32)
+        xs = _shifted_tile(
+            x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64, ROUNDED, BF16_BITS
+        ).to(tl.float32)
         sq += tl.sum(xs * xs, axis=1)
     norm = tl.sqrt(sq.to(tl.float64))
     rel = tl.load(rel_ptr)
@@ -161,8 +188,9 @@ def _ncc_sweep_kernel(
                 acc = _dot(x0, ct, acc, PRECISION, INTERPRETED)
             else:
                 for d0 in range(0, d, BLOCK_D):
-                    xs = _shifted_tile(x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64,
-                                       ROUNDED, BF16_BITS)
+                    xs = _shifted_tile(
+                        x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64, ROUNDED, BF16_BITS
+                    )
                     ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D)
                     acc = _dot(xs, ct, acc, PRECISION, INTERPRETED)
             # columns past the group (the next group's classes, or past K) score +inf: never best
@@ -181,17 +209,34 @@ def _ncc_sweep_kernel(
         # certified: no partial sum can have overflowed (magnitude under 2^126 bounds them all), the
         # two best scores are finite and apart by more than twice the bound (NaN: not certified);
         # a group of one class is never unsure
-        ok = ((magnitude < 8.507059173023462e37) & (b1 > float("-inf")) & (b2 < float("inf"))
-              & (b2.to(tl.float64) - b1.to(tl.float64) > 2.0 * bound))
+        ok = (
+            (magnitude < 8.507059173023462e37)
+            & (b1 > float("-inf"))
+            & (b2 < float("inf"))
+            & (b2.to(tl.float64) - b1.to(tl.float64) > 2.0 * bound)
+        )
         unsure = (hi - lo > 1) & (ok == 0)
         tl.store(best_ptr + rows * stride_bm + g * stride_bg, i1 - lo, mask=rmask)
         tl.store(unsure_ptr + rows * stride_um + g * stride_ug, unsure, mask=rmask)
 
 
-def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offsets: torch.Tensor, starts,
-              rel: float, cmax, omax, precision: str = "ieee", *, block_m: int | None = None,
-              block_n: int | None = None, block_d: int | None = None, num_warps: int | None = None,
-              num_stages: int | None = None):
+def ncc_sweep(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    centres: torch.Tensor,
+    offsets: torch.Tensor,
+    starts,
+    rel: float,
+    cmax,
+    omax,
+    precision: str = "ieee",
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_d: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+):
     """(best int64 (N, G), unsure bool (N, G)): the certified argmin of every group of classes.
 
     x (N, D) any float dtype and strides; shift (D,), centres (K, D) and offsets (K,) as float32;
@@ -229,15 +274,25 @@ def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offse
     block_d = max(16, min(block_d or cfg_d, triton.next_power_of_2(max(d, 1))))
     common = (
         shift,
-        centres, centres.stride(0), centres.stride(1),
+        centres,
+        centres.stride(0),
+        centres.stride(1),
         offsets.to(**f32).contiguous(),
         torch.tensor(starts, dtype=torch.int64, device=dev),
         torch.tensor([rel], **f64),
         torch.as_tensor(cmax, **f64).reshape(groups).contiguous(),
         torch.as_tensor(omax, **f64).reshape(groups).contiguous(),
     )
-    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, INTERPRETED=interpreting(),
-                  RESIDENT=d <= block_d, num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages)
+    consts = dict(
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        PRECISION=precision,
+        INTERPRETED=interpreting(),
+        RESIDENT=d <= block_d,
+        num_warps=num_warps or cfg_warps,
+        num_stages=num_stages or cfg_stages,
+    )
     # "bf16": the rows are shifted and rounded to bfloat16 once, a block of them at a time (the
     # same values the kernel would make from float32 x - shift), so the sweep, which re-reads
     # each row block for every tile of classes, moves half the bytes and holds half in L2.
@@ -246,15 +301,30 @@ def ncc_sweep(x: torch.Tensor, shift: torch.Tensor, centres: torch.Tensor, offse
         hi = min(n, lo + step)
         xb = x[lo:hi]
         if rounded:
-            xb = ((xb.to(torch.float64) - shift.to(torch.float64)).to(torch.float32) if x.dtype == torch.float64
-                  else xb.to(torch.float32) - shift).to(torch.bfloat16)
+            xb = (
+                (xb.to(torch.float64) - shift.to(torch.float64)).to(torch.float32)
+                if x.dtype == torch.float64
+                else xb.to(torch.float32) - shift
+            ).to(torch.bfloat16)
         bb, ub = best[lo:hi], unsure[lo:hi]
         xk, bits = (xb, False) if rounded else as_loadable(xb)
         _ncc_sweep_kernel[(triton.cdiv(hi - lo, block_m),)](
-            bb, bb.stride(0), bb.stride(1),
-            ub, ub.stride(0), ub.stride(1),
-            xk, xk.stride(0), xk.stride(1),
-            *common, hi - lo, d, groups,
-            X_F64=xb.dtype == torch.float64, ROUNDED=rounded, BF16_BITS=bits, **consts,
+            bb,
+            bb.stride(0),
+            bb.stride(1),
+            ub,
+            ub.stride(0),
+            ub.stride(1),
+            xk,
+            xk.stride(0),
+            xk.stride(1),
+            *common,
+            hi - lo,
+            d,
+            groups,
+            X_F64=xb.dtype == torch.float64,
+            ROUNDED=rounded,
+            BF16_BITS=bits,
+            **consts,
         )
     return best, unsure

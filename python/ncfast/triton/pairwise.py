@@ -25,6 +25,7 @@ ratios), its uniformity (n, mean, M2) likewise, its row and column sums of the r
 and column minima (lowest index on ties). The launcher returns the partials for the caller
 (``ncfast.backends.triton``) to combine in a fixed order, so the result is deterministic.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,29 +49,57 @@ _SUMS = len(COLUMNS)
 
 @triton.jit
 def _pair_tile_kernel(
-    sums_ptr, stride_sp, stride_sq,  # (P, 9) float64 out: resid, cos_dev, coh, dist, msdr_sum, cdnv mean, cdnv M2,
-                                     # uniformity mean, uniformity M2
-    counts_ptr, stride_cp, stride_cq,  # (P, 2) int64 out: msdr_n, pairs (the n of the CDNV and uniformity moments)
-    rbest_ptr, stride_rb_b, stride_rb_i,  # (J blocks, t1) float64 out: row minima of d2 over the program's columns
-    ridx_ptr, stride_ri_b, stride_ri_i,  # (J blocks, t1) int64 out: their column (within the tile)
-    cbest_ptr, stride_cb_b, stride_cb_j,  # (I blocks, t2) float64 out: column minima (off-diagonal tiles)
-    cidx_ptr, stride_ci_b, stride_ci_j,  # (I blocks, t2) int64 out: their row (within the tile)
-    rsum_ptr, stride_rs_b, stride_rs_i,  # (J blocks, t1) float64 out: row sums of the CDNV ratios
-    csum_ptr, stride_cs_b, stride_cs_j,  # (I blocks, t2) float64 out: column sums of the CDNV ratios
-    a_ptr, stride_am, stride_ad,  # (t1, D) float64: Mt rows of I
-    b_ptr, stride_bm, stride_bd,  # (t2, D) float64: Mt rows of J
-    sq_r_ptr, sq_c_ptr,  # (t1,), (t2,) float64: ||Mt_i||^2
-    norm_r_ptr, norm_c_ptr,  # ||Mt_i||
-    var_r_ptr, var_c_ptr,  # v_i
-    sup_r_ptr, sup_c_ptr,  # (t1,), (t2,) int64 super-classes, read only when HAS_SUP
+    sums_ptr,
+    stride_sp,
+    stride_sq,  # (P, 9) float64 out: resid, cos_dev, coh, dist, msdr_sum, cdnv mean, cdnv M2,
+    # uniformity mean, uniformity M2
+    counts_ptr,
+    stride_cp,
+    stride_cq,  # (P, 2) int64 out: msdr_n, pairs (the n of the CDNV and uniformity moments)
+    rbest_ptr,
+    stride_rb_b,
+    stride_rb_i,  # (J blocks, t1) float64 out: row minima of d2 over the program's columns
+    ridx_ptr,
+    stride_ri_b,
+    stride_ri_i,  # (J blocks, t1) int64 out: their column (within the tile)
+    cbest_ptr,
+    stride_cb_b,
+    stride_cb_j,  # (I blocks, t2) float64 out: column minima (off-diagonal tiles)
+    cidx_ptr,
+    stride_ci_b,
+    stride_ci_j,  # (I blocks, t2) int64 out: their row (within the tile)
+    rsum_ptr,
+    stride_rs_b,
+    stride_rs_i,  # (J blocks, t1) float64 out: row sums of the CDNV ratios
+    csum_ptr,
+    stride_cs_b,
+    stride_cs_j,  # (I blocks, t2) float64 out: column sums of the CDNV ratios
+    a_ptr,
+    stride_am,
+    stride_ad,  # (t1, D) float64: Mt rows of I
+    b_ptr,
+    stride_bm,
+    stride_bd,  # (t2, D) float64: Mt rows of J
+    sq_r_ptr,
+    sq_c_ptr,  # (t1,), (t2,) float64: ||Mt_i||^2
+    norm_r_ptr,
+    norm_c_ptr,  # ||Mt_i||
+    var_r_ptr,
+    var_c_ptr,  # v_i
+    sup_r_ptr,
+    sup_c_ptr,  # (t1,), (t2,) int64 super-classes, read only when HAS_SUP
     params_ptr,  # (7,) float64 in PARAMS order: g, etf_diag, etf_offdiag, mean_cos, etf_cos, p, unif_floor
-                 # (float64: a Python float would arrive as float32)
-    t1, t2, d,
+    # (float64: a Python float would arrive as float32)
+    t1,
+    t2,
+    d,
     DIAGONAL: tl.constexpr,  # I = J: pairs j > i only, G_ii enters resid once
     HAS_SUP: tl.constexpr,
     UNIT_P: tl.constexpr,  # p = 1: the plain division
     F64_DOT: tl.constexpr,  # float64 tl.dot; else broadcast products summed over BLOCK_D (plain FMAs)
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -91,10 +120,12 @@ def _pair_tile_kernel(
     for d0 in range(0, d_end, BLOCK_D):
         cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         cmask = cols < d
-        a = tl.load(a_ptr + ii[:, None] * stride_am + cols[None, :] * stride_ad,
-                    mask=imask[:, None] & cmask[None, :], other=0.0)
-        b = tl.load(b_ptr + jj[None, :] * stride_bm + cols[:, None] * stride_bd,
-                    mask=cmask[:, None] & jmask[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + ii[:, None] * stride_am + cols[None, :] * stride_ad, mask=imask[:, None] & cmask[None, :], other=0.0
+        )
+        b = tl.load(
+            b_ptr + jj[None, :] * stride_bm + cols[:, None] * stride_bd, mask=cmask[:, None] & jmask[None, :], other=0.0
+        )
         if F64_DOT:
             gram = tl.dot(a, b, gram, input_precision="ieee", out_dtype=tl.float64)
         else:
@@ -211,9 +242,17 @@ def _launch(grid, args, kwargs, block_d: int, f64_dot: bool):
         _pair_tile_kernel[grid](*args, **kwargs, F64_DOT=False, BLOCK_D=min(block_d, 8))
 
 
-def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, vectors: tuple, params: torch.Tensor, *,
-                     block_i: int = 64, block_j: int = 64, block_d: int = 32,
-                     f64_dot: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def reduce_pair_tile(
+    mt_rows: torch.Tensor,
+    mt_cols: torch.Tensor,
+    vectors: tuple,
+    params: torch.Tensor,
+    *,
+    block_i: int = 64,
+    block_j: int = 64,
+    block_d: int = 32,
+    f64_dot: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduce the tile of pairs (rows of mt_rows) x (rows of mt_cols), both (t, D) float64.
 
     ``vectors``: the per-class vectors of the tile's rows and columns, a
@@ -241,13 +280,16 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, vectors: tupl
     for side, t in ((rows, t1), (cols, t2)):
         for name, v in zip(side._fields[1:], side[1:]):
             if v is not None and tuple(v.shape) != (t,):
-                raise ValueError(f"vectors.{'rows' if side is rows else 'cols'}.{name}: expected shape ({t},), "
-                                 f"got {tuple(v.shape)}")
+                raise ValueError(
+                    f"vectors.{'rows' if side is rows else 'cols'}.{name}: expected shape ({t},), got {tuple(v.shape)}"
+                )
     if (rows.sup is None) != (cols.sup is None):
         raise ValueError("vectors: sup given for one side of the tile only")
     if params.dtype != torch.float64 or tuple(params.shape) != (len(PARAMS),) or params.device.type != "cpu":
-        raise ValueError(f"params: expected a ({len(PARAMS)},) float64 CPU tensor in the order {PARAMS}, got "
-                         f"{tuple(params.shape)} {params.dtype} on {params.device}")
+        raise ValueError(
+            f"params: expected a ({len(PARAMS)},) float64 CPU tensor in the order {PARAMS}, got "
+            f"{tuple(params.shape)} {params.dtype} on {params.device}"
+        )
     dev = mt_rows.device
     f64 = dict(dtype=torch.float64, device=dev)
     a = mt_rows.to(**f64)
@@ -273,21 +315,46 @@ def reduce_pair_tile(mt_rows: torch.Tensor, mt_cols: torch.Tensor, vectors: tupl
     csum = torch.empty(grid[0], t2, **f64)
     if progs:
         args = (
-            sums, sums.stride(0), sums.stride(1),
-            counts, counts.stride(0), counts.stride(1),
-            rbest, rbest.stride(0), rbest.stride(1),
-            ridx, ridx.stride(0), ridx.stride(1),
-            cbest, cbest.stride(0), cbest.stride(1),
-            cidx, cidx.stride(0), cidx.stride(1),
-            rsum, rsum.stride(0), rsum.stride(1),
-            csum, csum.stride(0), csum.stride(1),
-            a, a.stride(0), a.stride(1),
-            b, b.stride(0), b.stride(1),
-            *vec, *sups, params, t1, t2, d,
+            sums,
+            sums.stride(0),
+            sums.stride(1),
+            counts,
+            counts.stride(0),
+            counts.stride(1),
+            rbest,
+            rbest.stride(0),
+            rbest.stride(1),
+            ridx,
+            ridx.stride(0),
+            ridx.stride(1),
+            cbest,
+            cbest.stride(0),
+            cbest.stride(1),
+            cidx,
+            cidx.stride(0),
+            cidx.stride(1),
+            rsum,
+            rsum.stride(0),
+            rsum.stride(1),
+            csum,
+            csum.stride(0),
+            csum.stride(1),
+            a,
+            a.stride(0),
+            a.stride(1),
+            b,
+            b.stride(0),
+            b.stride(1),
+            *vec,
+            *sups,
+            params,
+            t1,
+            t2,
+            d,
         )
-        kwargs = dict(DIAGONAL=diagonal, HAS_SUP=has_sup, UNIT_P=unit_p,
-                      BLOCK_I=block_i, BLOCK_J=block_j,
-                      num_warps=8)  # a 64 x 64 float64 tile and its temporaries: spread over 256 threads
+        kwargs = dict(
+            DIAGONAL=diagonal, HAS_SUP=has_sup, UNIT_P=unit_p, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=8
+        )  # a 64 x 64 float64 tile and its temporaries: spread over 256 threads
         _launch(grid, args, kwargs, block_d, f64_dot)
     if t1 and t2:
         if diagonal:
