@@ -114,7 +114,7 @@ def tune_ncc(device, rows_out: list):
         o = (centres - shift).square().sum(1)
         cmax, omax = [float(w.double().norm(dim=1).max())], [float(o.double().abs().max())]
         for precision, trials in NCC_TRIALS.items():
-            rel = rel_tensor_core(ncc.canonical(precision), d)
+            rel = rel_tensor_core(precision, d)
             for bm, bn, bd, warps, stages in trials:
 
                 def run():

@@ -166,15 +166,15 @@ def _ncc_cases(recorder: _Recorder, ncc, x, g):
     d = x.shape[1]
     k = 1000
     centres = torch.randn(k, d, generator=g)
-    for prec in ncc.PRECISIONS:
-        recorder.label = f"precision={prec}"
+    for prec in ncc.DOTS:
+        recorder.label = f"dot={prec}"
         ncc.ncc_sweep(
             x,
             torch.zeros(d),
             centres,
             torch.zeros(k),
             [0, k],
-            rel_tensor_core(ncc.canonical(prec), d),
+            rel_tensor_core(prec, d),
             [1.0],
             [1.0],
             prec,

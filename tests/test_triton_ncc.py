@@ -63,7 +63,7 @@ def _sweep(x, shift, centres, offsets, precision, **blocks):
     starts = np.cumsum([0] + [c.shape[0] for c in centres]).tolist()
     cmax = [float(c.float().double().norm(dim=1).max()) for c in centres]
     omax = [float(o.float().double().abs().max()) for o in offsets]
-    rel = _numerics.rel_tensor_core(tncc.canonical(precision), d)
+    rel = _numerics.rel_tensor_core(precision, d)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     best, unsure = tncc.ncc_sweep(
         dev(x),
@@ -96,7 +96,7 @@ def _sweep(x, shift, centres, offsets, precision, **blocks):
     return best.cpu().numpy(), unsure.cpu().numpy(), cbest, cunsure.astype(bool), bound
 
 
-@pytest.mark.parametrize("precision", tncc.PRECISIONS)
+@pytest.mark.parametrize("precision", tncc.DOTS)
 @pytest.mark.parametrize(
     "n,d,sizes,dtype,blocks",
     [
@@ -126,7 +126,7 @@ def test_ncc_sweep_certified(precision, n, d, sizes, dtype, blocks):
         assert certain[:, 0].mean() > 0.9  # ties-free data: the bound is not vacuous
 
 
-@pytest.mark.parametrize("precision", tncc.PRECISIONS)
+@pytest.mark.parametrize("precision", tncc.DOTS)
 @pytest.mark.parametrize("dtype,offset", [(torch.float32, 10.0), (torch.float64, 1e4)])
 def test_ncc_sweep_near_ties(precision, dtype, offset):
     """Rows on bisectors; with float64 input far from the origin, x - shift must be rounded once
@@ -163,9 +163,7 @@ def test_ncc_sweep_flags_at_the_threshold(precision):
     a = torch.randint(0, k - 1, (n,), generator=g)
     b = a + 1
     xs = 0.5 * (mc[a] + mc[b])  # the bisector of a and b, then moved along w_b - w_a to the target gap
-    bound = _numerics.rel_tensor_core(tncc.canonical(precision), d) * (
-        xs.norm(dim=1) * w.norm(dim=1).max() + o.abs().max()
-    )
+    bound = _numerics.rel_tensor_core(precision, d) * (xs.norm(dim=1) * w.norm(dim=1).max() + o.abs().max())
     target = 4.0 * torch.rand(n, generator=g, dtype=torch.float64) * bound
     dw = w[b] - w[a]
     xs += ((target - (o[b] - o[a]) - (xs * dw).sum(1)) / dw.square().sum(1)).unsqueeze(1) * dw
@@ -244,7 +242,7 @@ def _emulated_scores(xs: np.ndarray, w: np.ndarray, o: np.ndarray, precision: st
     return acc
 
 
-@pytest.mark.parametrize("precision", tncc.PRECISIONS)
+@pytest.mark.parametrize("precision", tncc.DOTS)
 def test_score_bound_covers_worst_roundings(precision):
     """_numerics.rel_tensor_core against an emulation of each precision's worst rounding (the interpreter
     multiplies in float32 whatever the precision, so this is where the tensor-core bounds meet
@@ -257,7 +255,7 @@ def test_score_bound_covers_worst_roundings(precision):
     o = g.uniform(0.0, 10.0, k).astype(np.float32)
     exact = o.astype(np.float64) + xs.astype(np.float64) @ w.astype(np.float64).T
     err = np.abs(_emulated_scores(xs, w, o, precision).astype(np.float64) - exact)
-    bound = _numerics.rel_tensor_core(tncc.canonical(precision), d) * (
+    bound = _numerics.rel_tensor_core(precision, d) * (
         np.linalg.norm(xs.astype(np.float64), axis=1)[:, None] * np.linalg.norm(w.astype(np.float64), axis=1).max()
         + np.abs(o).max()
     )
@@ -319,3 +317,14 @@ def test_fast_mode_probe_picks_among_tensor_core_precisions(pick, monkeypatch):
     assert {p for rows, p in seen if rows == 64} == {"fp32", "tf32", "bf16"}  # the probe, every way
     rest = [p for rows, p in seen if rows == n - 64]
     assert rest == [pick or "fp32"]
+
+
+def test_dot_of_maps_the_backend_precisions():
+    """One precision vocabulary (backends.base.PRECISIONS); the Triton dot is how a precision is formed."""
+    from ncfast.backends.base import PRECISIONS
+
+    assert {p: tncc.dot_of(p) for p in PRECISIONS} == {"fp32": "tf32x3", "tf32": "tf32", "bf16": "bf16"}
+    assert set(map(tncc.dot_of, PRECISIONS)) <= set(tncc.DOTS)
+    for bad in ("ieee", "tf32x3", "fp64"):
+        with pytest.raises(ValueError, match=r"precision: expected one of \('fp32', 'tf32', 'bf16'\)"):
+            tncc.dot_of(bad)

@@ -209,9 +209,10 @@ def rel_bf16_fma(d: int) -> float:
     return 1.1 * (2.0 * UBF16 + (1.01 * d + 4) * U32) + TENSOR_CORE_FLOOR
 
 
-def rel_tensor_core(precision: str, d: int) -> float:
-    """Relative bound of a score from GPU tensor-core products (precision "tf32", "tf32x3" or
-    "bf16"; "ieee" is float32 FMAs, ``rel_float(U32, d)``).
+def rel_tensor_core(dot: str, d: int) -> float:
+    """Relative bound of a score from GPU products, by how ``tl.dot`` forms them (``dot``, one of
+    ``ncfast.triton.ncc.DOTS``): tensor cores "tf32", "tf32x3" or "bf16"; "ieee" is float32 FMAs,
+    ``rel_float(U32, d)``.
 
     Tensor cores add each instruction's k products (k = 8 for tf32, 16 for bf16) and the
     accumulator after aligning them to the largest and truncating (Fasi, Higham, Mikaitis and
@@ -230,16 +231,16 @@ def rel_tensor_core(precision: str, d: int) -> float:
     Each adds the 2^-100 floor for flushed subnormals (``TENSOR_CORE_FLOOR``).
     """
     acc = (1.01 * d + 4) * U32
-    if precision == "ieee":
+    if dot == "ieee":
         return 1.1 * acc
     tc = 2.5 * acc
-    if precision == "tf32":
+    if dot == "tf32":
         return 1.1 * (2.0 * 2.0 * UTF32 + tc) + TENSOR_CORE_FLOOR
-    if precision == "tf32x3":
+    if dot == "tf32x3":
         return 1.1 * (4.0 * (2.0 * UTF32) ** 2 + 3.0 * tc) + TENSOR_CORE_FLOOR
-    if precision == "bf16":
+    if dot == "bf16":
         return 1.1 * (2.0 * UBF16 + tc) + TENSOR_CORE_FLOOR
-    raise ValueError(f"precision: expected 'ieee', 'tf32', 'tf32x3' or 'bf16', got {precision!r}")
+    raise ValueError(f"dot: expected 'ieee', 'tf32', 'tf32x3' or 'bf16', got {dot!r}")
 
 
 def flush_floor(d: int, cmax: float) -> float:

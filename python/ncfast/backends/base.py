@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, Literal, NamedTuple, Protocol
 
 import torch
 
@@ -56,6 +56,13 @@ class BlockMoments:
             self.norm_sums + other.norm_sums if units else None,
         )
         return merged, delta, weight
+
+
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "tf32", "bf16")
+"""What a nearest-centre sweep's products are accurate to, in every backend: "fp32" float32-level
+(the exact mode: C++ and torch float32 FMAs, Triton's three-TF32 split ``triton.ncc.FP32_DOT``),
+"tf32" and "bf16" the fast mode's low precisions (``Backend.fast_precisions``)."""
 
 
 @dataclass
@@ -225,14 +232,14 @@ class Backend(Protocol):
         starts: list[int],
         cmax: list[float],
         omax: list[float],
-        precision: str,
+        precision: Precision,
     ) -> Sweep:
         """The certified argmin of offsets_c + (x_i - shift) . centres_c within each group of
         classes starts[g] .. starts[g + 1] (``ncfast.ncc``): rows whose two best scores are within
         twice the score bound at ``precision`` (rel (||x_i - shift|| cmax[g] + omax[g])) come back
         unsure. shift (D,), centres (K, D) and offsets (K,) float32."""
 
-    def fast_precisions(self, classes: int) -> tuple[str, ...]:
+    def fast_precisions(self, classes: int) -> tuple[Precision, ...]:
         """The low precisions the fast mode may sweep ``classes`` centres with first (empty: none)."""
 
     def probe_rows(self) -> int:

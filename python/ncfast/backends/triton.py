@@ -2,8 +2,8 @@
 Triton's interpreter, TRITON_INTERPRET=1).
 
 The kernel modules are imported on first use, so this module imports without triton. Sweeps at
-"fp32" run as ``ncfast.triton.ncc.FLOAT32`` (three TF32 tensor-core products, float32-like
-accuracy); the fast mode's low precisions are TF32 and bfloat16 tensor cores.
+"fp32" (``backends.base.PRECISIONS``) run as ``ncfast.triton.ncc.FP32_DOT`` (three TF32 tensor-core
+products, float32-like accuracy); the fast mode's low precisions are TF32 and bfloat16 tensor cores.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ PROBE_ROWS = 32768
 """Rows the fast mode times each precision on: 256 programs of 128 rows, two waves of an H100."""
 
 
-def _sweep_bound(precision: str, d: int) -> tuple[float, bool]:
-    """(rel, whether the products flush subnormals) of a sweep at this kernel precision."""
+def _sweep_bound(dot: str, d: int) -> tuple[float, bool]:
+    """(rel, whether the products flush subnormals) of a sweep with this dot (``ncfast.triton.ncc.DOTS``)."""
     from ..triton import ncc
 
-    return _numerics.rel_tensor_core(precision, d), precision in ncc.TENSOR_CORES
+    return _numerics.rel_tensor_core(dot, d), dot in ncc.TENSOR_CORES
 
 
 class TritonBackend:
@@ -62,14 +62,14 @@ class TritonBackend:
     def ncc_sweep(self, x, shift, centres, offsets, starts, cmax, omax, precision):
         from ..triton import ncc
 
-        precision = ncc.FLOAT32 if precision == "fp32" else ncc.canonical(precision)
+        dot = ncc.dot_of(precision)
         d = x.shape[1]
-        rel, flushes = _sweep_bound(precision, d)
+        rel, flushes = _sweep_bound(dot, d)
         if flushes:
             omax = [o + _numerics.flush_floor(d, c) / rel for o, c in zip(omax, cmax)]
         else:  # float32 products that fall below the normal range
             omax = [o + _numerics.underflow_floor(_numerics.TINY32, d, c) / rel for o, c in zip(omax, cmax)]
-        return Sweep(*ncc.ncc_sweep(x, shift, centres, offsets, starts, rel, cmax, omax, precision))
+        return Sweep(*ncc.ncc_sweep(x, shift, centres, offsets, starts, rel, cmax, omax, dot))
 
     def fast_precisions(self, classes):
         return ("tf32", "bf16")

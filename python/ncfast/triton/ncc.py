@@ -17,19 +17,21 @@ A tile is folded at once into a running (best, second best, best index) per row 
 registers, so only one index and one flag per row and group are written. When D <= BLOCK_D the
 rows' features stay in registers for the whole sweep.
 
-Precisions of the products (``PRECISIONS``), each with its own bound (``ncfast._numerics.rel_tensor_core``):
+How ``tl.dot`` forms the products (``DOTS``), each with its own bound (``ncfast._numerics.rel_tensor_core``).
+A sweep's precision is one of the backends' ``PRECISIONS`` ("fp32", "tf32", "bf16"); ``dot_of`` says
+which dot delivers it here:
 
 - "ieee":   float32 FMAs (tl.dot's input_precision="ieee");
 - "tf32x3": three TF32 tensor-core products (a_hi b_hi + a_hi b_lo + a_lo b_hi), float32-like
-            accuracy; ncfast.ncc's exact mode uses it on a GPU (``FLOAT32``);
+            accuracy: the "fp32" precision of ncfast.ncc's exact mode on a GPU (``FP32_DOT``);
 - "tf32":   one TF32 tensor-core product; "bf16": both tiles rounded to bfloat16, one
             bfloat16 tensor-core product (the launcher rounds x - shift and the centres to
             bfloat16 before the sweep, so it reads half the bytes). The fast mode's first passes.
 
-Each precision has its own tile shape (``CONFIGS``), chosen from the sm_90 compile of
+Each dot has its own tile shape (``CONFIGS``), chosen from the sm_90 compile of
 ``bench/sm90_compile.py`` (Triton 3.6): the largest tiles that keep every value in registers
 (no local-memory spills; "ieee" 24 bytes) and the pipeline within the 227 KiB of shared memory.
-128 x 256 tiles spill at every precision.
+128 x 256 tiles spill with every dot.
 """
 
 from __future__ import annotations
@@ -41,12 +43,11 @@ import triton.language as tl
 from . import interpreting
 from .moments import as_loadable, load_wide
 
-PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
-_ALIASES = {"fp32": "ieee"}  # the C++ sweep's name for the exact float32 products
-FLOAT32 = "tf32x3"  # the float32-level precision ncfast.ncc sweeps with on a GPU (exact mode)
+DOTS = ("ieee", "tf32x3", "tf32", "bf16")
+FP32_DOT = "tf32x3"  # the dot of the "fp32" precision (ncfast.ncc's exact mode) on a GPU
 TENSOR_CORES = ("tf32x3", "tf32", "bf16")
 
-# (block_m, block_n, block_d, num_warps, num_stages) per precision: see the module docstring.
+# (block_m, block_n, block_d, num_warps, num_stages) per dot: see the module docstring.
 CONFIGS = {
     "ieee": (128, 128, 32, 8, 3),
     "tf32x3": (128, 128, 32, 8, 3),
@@ -57,12 +58,13 @@ CONFIGS = {
 _ROUNDED_BLOCK = 1 << 28  # elements of bfloat16 rows made at a time for a "bf16" sweep (512 MiB)
 
 
-def canonical(precision: str) -> str:
-    """The precision's name in PRECISIONS ("fp32" is "ieee"); ValueError naming the argument."""
-    p = _ALIASES.get(precision, precision)
-    if p not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS} (or 'fp32'), got {precision!r}")
-    return p
+def dot_of(precision: str) -> str:
+    """The dot (one of DOTS) that sweeps at a backend precision ("fp32", "tf32" or "bf16"); ValueError
+    naming the argument."""
+    dots = {"fp32": FP32_DOT, "tf32": "tf32", "bf16": "bf16"}
+    if precision not in dots:
+        raise ValueError(f"precision: expected one of {tuple(dots)}, got {precision!r}")
+    return dots[precision]
 
 
 @triton.jit
@@ -108,11 +110,11 @@ def _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D: 
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+def _dot(a, b, acc, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
     """acc + a @ b for float32 tiles: "bf16" rounds both to bfloat16 (exact products, float32
-    sums), the others are tl.dot's input precisions. The interpreter's bfloat16 dot is wrong, so
+    sums), the others are tl.dot's input precisions (DOTS). The interpreter's bfloat16 dot is wrong, so
     there the rounded tiles go back to float32 first (the same values, multiplied exactly)."""
-    if PRECISION == "bf16":
+    if DOT == "bf16":
         if INTERPRETED:
             out = tl.dot(
                 a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc, input_precision="ieee"
@@ -120,7 +122,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
         else:
             out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     else:
-        out = tl.dot(a, b, acc, input_precision=PRECISION)
+        out = tl.dot(a, b, acc, input_precision=DOT)
     return out
 
 
@@ -150,7 +152,7 @@ def _ncc_sweep_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,  # one of PRECISIONS (see _dot)
+    DOT: tl.constexpr,  # one of DOTS (see _dot)
     X_F64: tl.constexpr,
     INTERPRETED: tl.constexpr,  # TRITON_INTERPRET=1 (see _dot)
     RESIDENT: tl.constexpr,  # D <= BLOCK_D: the rows' one feature block stays in registers
@@ -185,14 +187,14 @@ def _ncc_sweep_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if RESIDENT:
                 ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, 0, d, BLOCK_D)
-                acc = _dot(x0, ct, acc, PRECISION, INTERPRETED)
+                acc = _dot(x0, ct, acc, DOT, INTERPRETED)
             else:
                 for d0 in range(0, d, BLOCK_D):
                     xs = _shifted_tile(
                         x_ptr, stride_xm, stride_xd, shift_ptr, rows, rmask, d0, d, BLOCK_D, X_F64, ROUNDED, BF16_BITS
                     )
                     ct = _centre_tile(centres_ptr, stride_ck, stride_cd, cls, kmask, d0, d, BLOCK_D)
-                    acc = _dot(xs, ct, acc, PRECISION, INTERPRETED)
+                    acc = _dot(xs, ct, acc, DOT, INTERPRETED)
             # columns past the group (the next group's classes, or past K) score +inf: never best
             off = tl.load(offsets_ptr + cls, mask=kmask, other=float("inf"))
             s = acc + off[None, :]
@@ -229,7 +231,7 @@ def ncc_sweep(
     rel: float,
     cmax,
     omax,
-    precision: str = "ieee",
+    dot: str = "ieee",
     *,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -241,12 +243,13 @@ def ncc_sweep(
 
     x (N, D) any float dtype and strides; shift (D,), centres (K, D) and offsets (K,) as float32;
     starts: G + 1 ints from 0 to K; rel, cmax, omax: the per-row error bound
-    rel * (||x_i - shift|| * cmax[g] + omax[g]) (``ncfast._numerics.rel_tensor_core(precision, D)`` gives rel);
-    precision: one of PRECISIONS (alias "fp32" = "ieee"). A group of one class gives best 0, never
-    unsure. Tile shape and launch settings default to CONFIGS[precision]; block sizes are powers
+    rel * (||x_i - shift|| * cmax[g] + omax[g]) (``ncfast._numerics.rel_tensor_core(dot, D)`` gives rel);
+    dot: one of DOTS (``dot_of`` maps a backend precision to it). A group of one class gives best 0,
+    never unsure. Tile shape and launch settings default to CONFIGS[dot]; block sizes are powers
     of two >= 16 (tl.dot's minimum), block_n and block_d shrunk to the problem.
     """
-    precision = canonical(precision)
+    if dot not in DOTS:
+        raise ValueError(f"dot: expected one of {DOTS}, got {dot!r}")
     if x.dim() != 2 or not x.dtype.is_floating_point:
         raise ValueError(f"features: expected a 2-D floating tensor, got {x.dtype} {tuple(x.shape)}")
     n, d = x.shape
@@ -265,9 +268,9 @@ def ncc_sweep(
     f32 = dict(dtype=torch.float32, device=dev)
     f64 = dict(dtype=torch.float64, device=dev)
     shift = shift.to(**f32).contiguous()
-    rounded = precision == "bf16"
+    rounded = dot == "bf16"
     centres = centres.to(torch.bfloat16 if rounded else torch.float32)
-    cfg_m, cfg_n, cfg_d, cfg_warps, cfg_stages = CONFIGS[precision]
+    cfg_m, cfg_n, cfg_d, cfg_warps, cfg_stages = CONFIGS[dot]
     widest = max(b - a for a, b in zip(starts, starts[1:]))
     block_m = block_m or cfg_m
     block_n = max(16, min(block_n or cfg_n, triton.next_power_of_2(max(widest, 1))))
@@ -287,7 +290,7 @@ def ncc_sweep(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        PRECISION=precision,
+        DOT=dot,
         INTERPRETED=interpreting(),
         RESIDENT=d <= block_d,
         num_warps=num_warps or cfg_warps,
