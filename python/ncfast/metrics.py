@@ -307,7 +307,9 @@ def msdr_from_moments(moments: ClassMoments, superclass) -> float:
     if int(moments.present.sum()) < 2:
         return math.nan
     sup = check_superclass(superclass, moments.num_classes, moments.device)
-    return class_pair_stats(moments, superclass=sup).msdr
+    msdr = class_pair_stats(moments, superclass=sup).msdr
+    assert msdr is not None  # a superclass map was given
+    return msdr
 
 
 _NC3_ETF_BLOCK = 1 << 22
@@ -597,6 +599,8 @@ def _directions(moments: ClassMoments) -> dict:
     (reference.cosine_separation).
     """
     p = moments.present
+    # the callers ask for these metrics only where the unit and norm sums are kept
+    assert moments.unit_sum is not None and moments.norm_sum is not None
     unit = moments.unit_sum[p] / moments.count[p].unsqueeze(1)
     centre = unit.mean(0)
     total = 1.0 - float(centre.square().sum())

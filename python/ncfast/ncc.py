@@ -147,7 +147,11 @@ def _check_mode(mode: str) -> str:
 
 
 def _sweep(
-    x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], precision: str, backend: backends.Backend
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    problems: list[_Problem],
+    precision: backends.Precision,
+    backend: backends.Backend,
 ) -> backends.Sweep:
     """One fused sweep over every problem at ``precision`` ("fp32", or one of the backend's
     ``fast_precisions``): Sweep(best (N, G), unsure (N, G))."""
@@ -179,7 +183,11 @@ def _low_cost(low_seconds: float, fp32_seconds: float, unsure_share: float) -> f
 
 
 def _sweep_fast(
-    x: torch.Tensor, shift: torch.Tensor, problems: list[_Problem], lows: tuple[str, ...], backend: backends.Backend
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    problems: list[_Problem],
+    lows: tuple[backends.Precision, ...],
+    backend: backends.Backend,
 ) -> backends.Sweep:
     """The fast mode's first pass: a sweep at a low precision (bf16 on CPU; tf32 or bf16 on GPU)
     whose unsure rows are swept again in float32, or float32 alone, whichever the first rows time
@@ -195,12 +203,13 @@ def _sweep_fast(
     probe_n = backend.probe_rows()
     if n <= probe_n:
         sweep = _sweep(x, shift, problems, lows[0], backend)
-        low_rows = torch.arange(n, device=x.device)
+        low_rows: torch.Tensor | None = torch.arange(n, device=x.device)
     else:
         probe = x[:probe_n]
         backend.warm_up(probe, lambda rows, precision: _sweep(rows, shift, problems, precision, backend))
         sweep, t_fp32 = _timed_sweep(probe, shift, problems, "fp32", backend)
-        choice, cost = "fp32", t_fp32
+        choice: backends.Precision = "fp32"
+        cost = t_fp32
         for low in lows:
             low_sweep, t_low = _timed_sweep(probe, shift, problems, low, backend)
             c = _low_cost(t_low, t_fp32, float(low_sweep.unsure.any(dim=1).to(torch.float64).mean()))

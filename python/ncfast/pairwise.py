@@ -192,6 +192,7 @@ def _class_pair_stats(
     full_idx[present_idx] = present_idx[best_idx]
     full_d2[present_idx] = best
     per_class = torch.full((moments.num_classes,), float("nan"), dtype=torch.float64, device=device)
+    assert ctx.ratio_sum is not None  # PairContext.__post_init__ makes it
     per_class[present_idx] = ctx.ratio_sum / (c - 1)
     n_unif, unif_mean, unif_m2 = sums.unif
     # back to the moments' scale: distances 2^2k, a CDNV ratio 2^(2k (1 - p)) (v / d^2p scaled by 2^-2k / 2^-2kp)

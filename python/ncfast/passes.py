@@ -29,7 +29,9 @@ whichever way its second pass is fed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -266,9 +268,9 @@ class Plan:
 
     def __init__(
         self,
-        streams: dict[str, Stream],
+        streams: Mapping[Any, Stream],
         *,
-        groups: dict[str, list[str]] | None = None,
+        groups: Mapping[Any, Sequence[Any]] | None = None,
         comm: Ranks | None = None,
         cache_bytes: int | None = 0,
         expected_rows: int | None = None,

@@ -402,12 +402,19 @@ class _Run:
         self.comm = comm
         self.class_means = class_means
         self.counts = counts
-        self.plan: Plan | None = None
+        self._plan: Plan | None = None  # made at the first batch (``plan``)
         self.orig: dict[str, ClassMoments] = {}
         self.superclass: dict[str, torch.Tensor] = {}  # training label of each original class (-1: not seen)
         self.split: dict[str, bool] = {}  # an original class seen under two training labels (no super-class)
-        self.norm = [0.0, 0]
-        self.correct = [0, 0]
+        self.norm: list[float] = [0.0, 0]
+        self.correct: list[float] = [0, 0]
+
+    @property
+    def plan(self) -> Plan:
+        """The passes' plan, made at the first batch (``end_first`` refuses a loader without one)."""
+        if self._plan is None:
+            raise RuntimeError("the plan is made at the first batch; none came")
+        return self._plan
 
     def _feeds(self, captured, names) -> dict:
         feats = {}
@@ -465,12 +472,12 @@ class _Run:
                 self.split[name] = False
         _check_dxd_fits(full, p.max_dim)
         expected = None if self.batches is None else self.batches * first_rows  # the loader's length x rows
-        self.plan = Plan(streams, groups=groups, comm=self.comm, cache_bytes=p.cache_bytes, expected_rows=expected)
+        self._plan = Plan(streams, groups=groups, comm=self.comm, cache_bytes=p.cache_bytes, expected_rows=expected)
 
     def first(self, captured, logits, y, y_orig) -> None:
         """The first forward pass's batch: every stream's first pass (kept for the second while the
         cache allows), the original labels' moments, the logits norm and the accuracy."""
-        if self.plan is None:
+        if self._plan is None:
             self._start(captured, y_orig is not None, first_rows=y.shape[0])
         decisions = logits.argmax(dim=1)
         feats = self._feeds(captured, self.probe.layers)
@@ -494,7 +501,7 @@ class _Run:
     def end_first(self) -> None:
         """After the first pass: an empty loader refused, every process's statistics merged."""
         comm = self.comm
-        empty = comm.scalars(float(self.plan is None))[0] if comm.active else float(self.plan is None)
+        empty = comm.scalars(float(self._plan is None))[0] if comm.active else float(self._plan is None)
         if empty:
             raise ValueError("loader: yielded no batch" + (f" on {int(empty)} process(es)" if comm.active else ""))
         self.plan.end_first()

@@ -154,6 +154,7 @@ class ClassMoments:
         self.omitted_rows = 0
         self._keeps_scatter = bool(scatter)
         self._keeps_units = bool(unit_sums)
+        self.class_counts: torch.Tensor | None = None
         if class_counts is not None:
             cc = as_tensor(class_counts, "class_counts").to(device=self.device, dtype=torch.int64).reshape(-1)
             if cc.numel() != self.num_classes:
@@ -161,8 +162,6 @@ class ClassMoments:
             if bool((cc < 0).any()):
                 raise ValueError("class_counts: negative count")
             self.class_counts = cc
-        else:
-            self.class_counts = None
 
     @property
     def _keeps_wscatter(self) -> bool:
@@ -263,8 +262,11 @@ class ClassMoments:
         if not self._keeps_scatter:
             return
         pooled = pooled or not self._keeps_wscatter
-        scales = [None] if pooled else []
-        if self._keeps_wscatter:  # rows scaled by sqrt(1 / N_c): the balanced scatter
+        scales: list[torch.Tensor | None] = [None] if pooled else []
+        if self._keeps_wscatter:
+            assert (
+                self.class_counts is not None
+            )  # _keeps_wscatter says so  # rows scaled by sqrt(1 / N_c): the balanced scatter
             scales.append((1.0 / self.class_counts.clamp_min(1).to(torch.float64)).sqrt())
         out = backend.centred_scatters(x, y, acc.mean, scales)
         acc.scatter = out[0] if pooled else None
@@ -285,6 +287,7 @@ class ClassMoments:
             corr, wcorr = self._scatter_corrections(delta, weight, a.wscatter is not None)
             scatter = a.scatter + b.scatter + corr
             if a.wscatter is not None:
+                assert b.wscatter is not None  # both parts keep the same states
                 wscatter = a.wscatter + b.wscatter + wcorr
         return _Part(moments.counts, moments.means, moments.m2, moments.unit_sums, moments.norm_sums, scatter, wscatter)
 
@@ -310,6 +313,8 @@ class ClassMoments:
             return False
         if delta is not None:
             corr, wcorr = self._scatter_corrections(delta, weight, self.wscatter is not None)
+            # delta is made only where the scatter is kept, by both (checked above)
+            assert self.scatter is not None and part.scatter is not None
             self.scatter.add_(part.scatter).add_(corr)  # (S_a + S_b) + correction, as _combine adds them
             if self.wscatter is not None:
                 self.wscatter.add_(part.wscatter).add_(wcorr)
@@ -323,6 +328,7 @@ class ClassMoments:
         corr = dsel.T @ (dsel * weight[idx].unsqueeze(1))
         if not balanced:
             return corr, None
+        assert self.class_counts is not None  # the balanced scatter is kept only with class_counts
         w = 1.0 / self.class_counts.clamp_min(1).to(torch.float64)
         return corr, dsel.T @ (dsel * (weight * w)[idx].unsqueeze(1))
 
@@ -355,7 +361,9 @@ class ClassMoments:
             or (other.unit_sum is None) != (self.unit_sum is None)
         ):
             raise ValueError("other: keeps a different set of statistics (scatter / unit_sums / class_counts)")
-        if self.class_counts is not None and not torch.equal(self.class_counts, other.class_counts.to(self.device)):
+        if self.class_counts is not None and (
+            other.class_counts is None or not torch.equal(self.class_counts, other.class_counts.to(self.device))
+        ):
             raise ValueError("other: was built with different class_counts")
         if other.device != self.device:
             raise ValueError(f"other: on device {other.device}, but this ClassMoments lives on {self.device}")
@@ -604,6 +612,7 @@ class ClassMoments:
             return self.scatter / self.num_samples
         present_counts = self.count[self.present]
         if self.wscatter is not None:
+            assert self.class_counts is not None  # the balanced scatter is kept only with class_counts
             if not torch.equal(self.class_counts, self.count):
                 raise ValueError(
                     "class_counts: the counts seen differ from the class_counts announced, so the "
@@ -615,6 +624,7 @@ class ClassMoments:
                 "weighting: 'balanced' Sigma_W on imbalanced classes needs class_counts at "
                 "construction (one-shot functions pass it); or use weighting='sample'"
             )
+        assert self.scatter is not None  # has_scatter and no wscatter: the pooled scatter is kept
         return self.scatter / self.num_samples
 
     def sigma_b(self, weighting: str = "balanced") -> torch.Tensor:
@@ -651,7 +661,7 @@ class _ScatterPass:
         counts = moments.count
         self.balanced = weighting == "balanced" and imbalanced(counts)
         self.pooled = pooled or not self.balanced
-        self.scales = [None] if self.pooled else []
+        self.scales: list[torch.Tensor | None] = [None] if self.pooled else []
         if self.balanced:
             self.scales.append((1.0 / counts.clamp_min(1).to(torch.float64)).sqrt())
         self.means = moments.mean

@@ -47,14 +47,12 @@ class BlockMoments:
         n, mean, m2, delta, weight = _numerics.chan_merge(
             self.counts, self.means, self.m2, other.counts, other.means, other.m2
         )
-        units = self.unit_sums is not None and other.unit_sums is not None
-        merged = BlockMoments(
-            n,
-            mean,
-            m2,
-            self.unit_sums + other.unit_sums if units else None,
-            self.norm_sums + other.norm_sums if units else None,
-        )
+        unit_sums = norm_sums = None
+        if self.unit_sums is not None and other.unit_sums is not None:
+            # unit and norm sums come together (block_moments' unit_sums flag)
+            assert self.norm_sums is not None and other.norm_sums is not None
+            unit_sums, norm_sums = self.unit_sums + other.unit_sums, self.norm_sums + other.norm_sums
+        merged = BlockMoments(n, mean, m2, unit_sums, norm_sums)
         return merged, delta, weight
 
 
@@ -96,11 +94,11 @@ class PairVectors(NamedTuple):
 
     def take(self, part: slice) -> PairVectors:
         """The classes ``part`` of these (positions from start): views, so in-place updates reach these."""
-        return self._make((self.start + part.start, *(None if v is None else v[part] for v in self[1:])))
+        return PairVectors(self.start + part.start, *(None if v is None else v[part] for v in self[1:]))
 
     def map(self, fn: Callable) -> PairVectors:
         """fn applied to every vector (None stays None)."""
-        return self._make((self.start, *(None if v is None else fn(v) for v in self[1:])))
+        return PairVectors(self.start, *(None if v is None else fn(v) for v in self[1:]))
 
 
 class PairTileVectors(NamedTuple):

@@ -54,6 +54,7 @@ class _TileProducts:
         self.mt, self.side = mt, side
         self.key = (side, mt.shape[1], torch.get_num_threads())
         self.seconds: dict[str, list[float]] = {"engine": [], "blas": []}
+        self.engine: bool | None  # None: not yet known
         if not _C.gram_available():
             self.engine = False
         elif tiles < PROBE_MIN_TILES:

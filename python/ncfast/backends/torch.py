@@ -71,7 +71,7 @@ class Gram:
             self.acc += (a.T @ a).numpy()  # the full product: total() reads its upper triangle
 
     def total(self) -> torch.Tensor:
-        if not self.cpu:
+        if isinstance(self.acc, torch.Tensor):  # on a GPU
             return self.acc
         return _mirror_upper(torch.from_numpy(np.ascontiguousarray(self.acc)))
 
@@ -212,7 +212,8 @@ def reduce_tile(gram: torch.Tensor, rows: slice, cols: slice, k: PairContext) ->
     ratio = vsum / (2.0 * (d2 if p == 1.0 else d2.pow(p)))
     out.cdnv = _n_mean_m2(ratio, sel)
     # each pair's ratio counts for both its classes
-    pair_ratio = torch.where(sel, ratio, 0.0) if diagonal else ratio
+    pair_ratio = torch.where(sel, ratio, 0.0) if sel is not None else ratio
+    assert k.ratio_sum is not None  # PairContext.__post_init__ makes it
     k.ratio_sum[rows] += pair_ratio.sum(1)
     k.ratio_sum[cols] += pair_ratio.sum(0)
     del ratio, pair_ratio
@@ -220,7 +221,7 @@ def reduce_tile(gram: torch.Tensor, rows: slice, cols: slice, k: PairContext) ->
     out.dist = total(dist)
     if k.sup is not None:
         same = k.sup[rows].unsqueeze(1) == k.sup[cols].unsqueeze(0)
-        if diagonal:
+        if sel is not None:
             same &= sel
         out.msdr_sum = 2.0 * float(dist[same].sum())
         out.msdr_n = 2 * int(same.sum())
