@@ -1,53 +1,32 @@
-"""Shared test data: small, seeded, with every awkward case docs/metrics.md names."""
+"""pytest's side of the shared test code (the helpers themselves are in helpers.py): Triton's
+interpreter switched on before any kernel module is imported where no GPU is present, and fixtures
+over the backend list and the tolerance table."""
 
-import math
 import os
 
-import numpy as np
+import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-"""Where the Triton tests run their kernels: a GPU, else CPU tensors in Triton's interpreter."""
 if not torch.cuda.is_available():
     # before any Triton kernel module is imported: triton.jit reads it when a kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def make_data(n=600, d=12, c=5, *, seed=0, imbalanced=False, absent=(), spread=1.0, shift=0.0, dtype=torch.float32):
-    """Gaussian classes around random means; returns (features, labels, num_classes).
-
-    imbalanced: class c gets weight proportional to (c + 1); absent: classes with no sample;
-    spread: within-class std relative to the spacing of the means; shift: added to every feature.
-    """
-    g = torch.Generator().manual_seed(seed)
-    probs = torch.arange(1, c + 1, dtype=torch.float64) if imbalanced else torch.ones(c, dtype=torch.float64)
-    for a in absent:
-        probs[a] = 0
-    present = [k for k in range(c) if k not in absent]
-    # every present class gets at least 2 samples, the rest drawn from probs
-    base = torch.tensor(present * 2)
-    rest = torch.multinomial(probs, n - base.numel(), replacement=True, generator=g)
-    y = torch.cat([base, rest])[torch.randperm(n, generator=g)]
-    means = torch.randn(c, d, generator=g, dtype=torch.float64) * math.sqrt(1.0 / d) * 4
-    x = means[y] + spread * torch.randn(n, d, generator=g, dtype=torch.float64) / math.sqrt(d)
-    return (x + shift).to(dtype), y, c
+import helpers  # noqa: E402
 
 
-def rel_err(a, b):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    both_nan = np.isnan(a) & np.isnan(b)
-    denom = np.maximum(np.abs(b), 1e-300)
-    err = np.where(both_nan, 0.0, np.abs(a - b) / denom)
-    return float(np.max(err)) if err.size else 0.0
+@pytest.fixture(scope="session")
+def backend_list() -> list[str]:
+    """The backends this machine runs (helpers.backend_names)."""
+    return helpers.backend_names()
 
 
-def assert_close(a, b, rtol, atol=0.0, what=""):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, f"{what}: shapes {a.shape} vs {b.shape}"
-    nan_a, nan_b = np.isnan(a), np.isnan(b)
-    assert (nan_a == nan_b).all(), f"{what}: NaN pattern differs"
-    ok = np.abs(a - b) <= atol + rtol * np.abs(b)
-    ok |= nan_a
-    assert ok.all(), f"{what}: max rel err {rel_err(a, b):.3e} (got {a[~ok][:3]}, want {b[~ok][:3]})"
+@pytest.fixture(scope="session")
+def tolerance():
+    """dtype -> (atol, rtol) of a value accumulated in that dtype (helpers.TOLERANCES)."""
+    return helpers.TOLERANCES.__getitem__
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes ``backend_name`` runs once per backend this machine runs."""
+    if "backend_name" in metafunc.fixturenames:
+        metafunc.parametrize("backend_name", helpers.backend_names())

@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE, assert_close, make_data
+from helpers import DEVICE, assert_close, backend_names, make_data
 from ncfast import backends
 from ncfast.backends import torch as torch_backend
 
-NAMES = ["cpp", "torch"] + (["triton"] if backends.triton_runs_on(torch.zeros(1, device=DEVICE)) else [])
+NAMES = backend_names()
 
 
-@pytest.fixture(params=NAMES)
-def impl(request):
-    return backends.get(request.param)
+@pytest.fixture
+def impl(backend_name):
+    """Each backend this machine runs (conftest parametrizes backend_name)."""
+    return backends.get(backend_name)
 
 
 def _on(impl, t: torch.Tensor) -> torch.Tensor:

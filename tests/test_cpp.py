@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close
+from helpers import assert_close
 from ncfast import _C
 
 

@@ -271,10 +271,14 @@ def test_claim_verdicts_follow_the_numbers():
 
 
 def test_number_format():
-    """_num: .3g (or the digits given), .1e for values >= 1e4 or below 1e-3 in size, n/a when missing."""
-    assert vci._num(float("nan")) == _common.MISSING == "n/a" and vci._num(None) == "n/a"
-    assert vci._num(3e-15) == "3.0e-15" and vci._num(0.12345) == "0.123" and vci._num(0.12345, 2) == "0.12"
-    assert vci._num(12345.0) == "1.2e+04" and vci._num(0.0) == "0" and vci._num(7) == "7"
+    """_common.compact: .3g (or the digits given), .1e for values >= 1e4 or below 1e-3 in size, n/a when missing."""
+    assert _common.compact(float("nan")) == _common.MISSING == "n/a" and _common.compact(None) == "n/a"
+    assert (
+        _common.compact(3e-15) == "3.0e-15"
+        and _common.compact(0.12345) == "0.123"
+        and _common.compact(0.12345, 2) == "0.12"
+    )
+    assert _common.compact(12345.0) == "1.2e+04" and _common.compact(0.0) == "0" and _common.compact(7) == "7"
     assert _common.number(0.99956, ".3f") == "1.000" and _common.number(float("nan"), ".3f") == "n/a"
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ncfast
-from conftest import assert_close
+from helpers import assert_close
 from ncfast import measure as ms
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ncfast
-from conftest import assert_close, make_data
+from helpers import assert_close, make_data
 from ncfast import reference as ref
 
 CASES = {

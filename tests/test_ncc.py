@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ncfast
-from conftest import DEVICE, make_data
+from helpers import DEVICE, make_data
 from ncfast import reference as ref
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ncfast
-from conftest import make_data
+from helpers import make_data
 from ncfast import reference as ref
 from ncfast.pairwise import class_pair_stats
 
@@ -275,7 +275,7 @@ def test_product_timing_uses_the_pass_tiles_and_is_remembered(monkeypatch, backe
 
 # ------------------------------------------- hyperspherical uniformity, per-class CDNV, exponent
 def _check_new_stats(stats, x, y, p, rel, weighting="balanced"):
-    from conftest import assert_close
+    from helpers import assert_close
 
     want_mean, want_var = ref.uniformity(x, y, weighting=weighting)
     assert stats.uniformity_mean == pytest.approx(want_mean, rel=rel)

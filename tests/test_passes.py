@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import ncfast
-from conftest import assert_close
+from helpers import assert_close
 from ncfast import measure as ms
 from ncfast import passes
 from ncfast import reference as ref

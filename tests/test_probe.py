@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import ncfast
-from conftest import assert_close
+from helpers import assert_close
 from ncfast import reference as ref
 
 

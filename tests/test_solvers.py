@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 
 import ncfast
-from conftest import assert_close
+from helpers import assert_close
 from ncfast import _linalg
 from ncfast import reference as ref
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ncfast
-from conftest import assert_close, make_data
+from helpers import assert_close, make_data
 from ncfast import _C
 from ncfast import reference as ref
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ncfast
-from conftest import make_data
+from helpers import make_data
 
 pytest.importorskip("torchmetrics")
 

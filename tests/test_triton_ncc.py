@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 import ncfast  # noqa: E402
-from conftest import DEVICE, make_data  # noqa: E402
+from helpers import DEVICE, make_data  # noqa: E402
 from ncfast import _C, _numerics, backends  # noqa: E402
 from ncfast.backends import cpp as cpp_backend  # noqa: E402
 from ncfast.triton import ncc as tncc  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("triton")
 
 import ncfast  # noqa: E402
-from conftest import DEVICE, assert_close, make_data  # noqa: E402
+from helpers import DEVICE, assert_close, make_data  # noqa: E402
 from ncfast import backends  # noqa: E402
 from ncfast.backends import torch as torch_backend  # noqa: E402
 from ncfast.backends import triton as triton_backend  # noqa: E402
