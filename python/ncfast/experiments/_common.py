@@ -70,6 +70,17 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def positive_floats(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated finite numbers > 0 ("0.5,1,2"), sorted, without repeats."""
+    try:
+        values = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0 such as 1,2.5, got {text!r}")
+    return values
+
+
 def int_list(text: str) -> list[int]:
     """An argparse type: comma-separated integers ("1,5,10"), sorted, without repeats."""
     try:
@@ -113,6 +124,15 @@ def number(v, spec: str = ".3g") -> str:
     if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)):
         return MISSING
     return format(v, spec)
+
+
+def compact(v, digits: int = 3) -> str:
+    """A float with ``digits`` significant digits, or in ".1e" at 1e4 and above or below 1e-3 in size;
+    other values (an int, a string) as str() writes them; ``MISSING`` for None or NaN."""
+    if not isinstance(v, (float, np.floating)):
+        return number(v, "")
+    tiny_or_huge = abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3)
+    return number(v, ".1e" if tiny_or_huge else f".{digits}g")
 
 
 def percent(v, digits: int = 1, sign: str = "%") -> str:

@@ -21,7 +21,7 @@ from ..labels import superclass_map
 from ..train import figures as train_figures
 from ..train.models import ARCH_NAMES
 from ..train.probes import EMBEDDINGS, embed
-from ..train.trainer import LEARNING_RATES, WEIGHT_DECAYS, Config, Trainer
+from ..train.trainer import LEARNING_RATES, WEIGHT_DECAYS, Config, Trainer, coarse_arg
 from . import _common
 from ._common import number, percent
 
@@ -825,16 +825,6 @@ def sections(results: dict) -> list[tuple[str, str]]:
 
 
 # -------------------------------------------------------------------------------------------- driver
-def _coarse_flag(text: str) -> int | str:
-    """--coarse: a number K or "official"."""
-    if text == "official":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a number K or 'official', got {text!r}") from None
-
-
 def check(s: dict) -> None:
     """Settings the trainer's Config does not check: K of --coarse / --random-coarse; then the Config of
     the coarse-label run (refused before anything trains)."""
@@ -862,7 +852,7 @@ DRIVER = _common.Driver(
     flags=[
         _flag(
             "--coarse",
-            type=_coarse_flag,
+            type=coarse_arg,
             help="K super-classes by y mod K (eq. 4; default 5 on the 10-class "
             "presets, 20 on cifar100), or 'official' (cifar100's 20 semantic super-classes)",
         ),

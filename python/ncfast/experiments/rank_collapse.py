@@ -7,7 +7,6 @@ python -m ncfast.experiments.rank_collapse --preset cifar10 --data DIR --ood-dat
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -861,17 +860,6 @@ def plot_evolution(records: list[dict], path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def positive_floats(text: str) -> tuple[float, ...]:
-    """An argparse type: comma-separated finite numbers > 0 ("0.5,1,2"), sorted, without repeats."""
-    try:
-        values = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
-    except ValueError:
-        values = ()
-    if not values or not all(math.isfinite(v) and v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0 such as 1,2.5, got {text!r}")
-    return values
-
-
 def plan(ctx: _common.Context) -> dict:
     """The settings with the flags that are not settings applied (--depths, --width, --no-layernorm)
     and ``ood`` resolved; a ValueError naming the flag where they do not fit the preset."""
@@ -1033,8 +1021,12 @@ DRIVER = _common.Driver(
         _common.flag("--epochs", type=_common.positive_int, help="epochs per run (digits 30)"),
         _common.flag("--lr", type=_common.positive_float, help="SGD learning rate (0.01)"),
         _common.flag("--init", choices=("kaiming", "default"), help="scheme of the init-scale sweep (kaiming)"),
-        _common.flag("--init-scales", type=positive_floats, metavar="S1,S2", help="init scales (digits 0.5,1,1.5,2)"),
-        _common.flag("--temperatures", type=positive_floats, metavar="T1,T2", help="temperatures T (digits 1,2,5,10)"),
+        _common.flag(
+            "--init-scales", type=_common.positive_floats, metavar="S1,S2", help="init scales (digits 0.5,1,1.5,2)"
+        ),
+        _common.flag(
+            "--temperatures", type=_common.positive_floats, metavar="T1,T2", help="temperatures T (digits 1,2,5,10)"
+        ),
         _common.flag(
             "--temperature-init",
             choices=("kaiming", "default"),

@@ -24,6 +24,7 @@ from ..metrics import DEFAULT_RTOL
 from ..train.probes import linear_probe
 from ..train.trainer import Trainer
 from . import _common
+from ._common import compact
 
 NAME = "vci"
 METRICS = ("fuzziness", "squared_distance", "cosine_separation", "vci")
@@ -395,13 +396,6 @@ def curves(measured: list[dict], layer: str) -> dict:
     return out
 
 
-def _num(v: float | int | None, digits: int = 3) -> str:
-    """``_common.number`` of a float with ``digits`` significant digits, or ".1e" at >= 1e4 or below 1e-3
-    in size; other values (int, None) as they are."""
-    tiny_or_huge = isinstance(v, float) and (abs(v) >= 1e4 or (v != 0 and abs(v) < 1e-3))
-    return _common.number(v, "" if not isinstance(v, float) else ".1e" if tiny_or_huge else f".{digits}g")
-
-
 def _scales(text: str) -> tuple[float, ...]:
     """An argparse type: at least 3 distinct logit scales > 0, comma-separated, kept in their order."""
     scales = tuple(_common.positive_float(v) for v in text.split(",") if v.strip())
@@ -560,7 +554,7 @@ def claims(results: dict) -> list[_common.Claim]:
 
     def rho(t: dict) -> str:
         return (
-            f"ρ = {_num(t['rho'], 2)}; {_num(t['first'])} → {_num(t['last'])} (epochs {t['epochs'][0]}-"
+            f"ρ = {compact(t['rho'], 2)}; {compact(t['first'])} → {compact(t['last'])} (epochs {t['epochs'][0]}-"
             f"{t['epochs'][-1]})"
             if t["first"] is not None
             else "too few epochs"
@@ -592,21 +586,21 @@ def claims(results: dict) -> list[_common.Claim]:
     claim(
         "Tr(P_B Σ_W) shrinks while Tr(P_B⊥ Σ_W) grows over training (train; Spearman ρ with the epoch)",
         "inside decreases, outside increases (Fig. 1, ResNet-50 / ImageNet)",
-        f"inside ρ = {_num(ins['rho'], 2)}, {_num(ins['first'])} → {_num(ins['last'])}; outside ρ = "
-        f"{_num(outs['rho'], 2)}, {_num(outs['first'])} → {_num(outs['last'])}",
+        f"inside ρ = {compact(ins['rho'], 2)}, {compact(ins['first'])} → {compact(ins['last'])}; outside ρ = "
+        f"{compact(outs['rho'], 2)}, {compact(outs['first'])} → {compact(outs['last'])}",
         None if any(math.isnan(v) for v in rhos) else rhos[0] < 0 and rhos[1] > 0,
     )
     claim(
         "the share Tr(P_B Σ_W) / Tr(Σ_W) falls over training (train; scale-free)",
         "falls (follows from Fig. 1)",
-        f"ρ = {_num(share['rho'], 2)}, {_num(share['first'])} → {_num(share['last'])}",
+        f"ρ = {compact(share['rho'], 2)}, {compact(share['first'])} → {compact(share['last'])}",
         None if math.isnan(share["rho"]) else share["rho"] < 0,
     )
     v = inv["verdicts"]["vci"]
     claim(
         "VCI is invariant to invertible linear maps",
         "exactly invariant (Cor. 5.4)",
-        f"max relative change {_num(v['max_same'])} over invertible, block, orthogonal and scaling maps",
+        f"max relative change {compact(v['max_same'])} over invertible, block, orthogonal and scaling maps",
         v["holds"],
     )
     texts = {
@@ -629,8 +623,8 @@ def claims(results: dict) -> list[_common.Claim]:
         claim(
             f"{LABELS[k]}: {text}",
             where,
-            f"invariant cases ≤ {_num(v['max_same'])}; general invertible map: "
-            f"{_num(inv['change']['invertible'][k])}{failed}",
+            f"invariant cases ≤ {compact(v['max_same'])}; general invertible map: "
+            f"{compact(inv['change']['invertible'][k])}{failed}",
             v["holds"],
         )
     pt, pr, pa = (paper_corr[g] for g in ("temperature", "regularizer", "all"))
@@ -672,9 +666,9 @@ def sections(results: dict) -> list[tuple[str, str]]:
                 [
                     split,
                     LABELS[k],
-                    _num(t["first"]),
-                    _num(t["last"]),
-                    _num(t["rho"], 2),
+                    compact(t["first"]),
+                    compact(t["last"]),
+                    compact(t["rho"], 2),
                     yes_no[t["collapses"]],
                     yes_no[t["consistent"]],
                 ]
@@ -685,7 +679,17 @@ def sections(results: dict) -> list[tuple[str, str]]:
             ("share_inside", "Tr(P_B Σ_W) / Tr(Σ_W)"),
         ):
             t = tr["span_trends"][split][part]
-            rows.append([split, label, _num(t["first"]), _num(t["last"]), _num(t["rho"], 2), "", ""])
+            rows.append(
+                [
+                    split,
+                    label,
+                    compact(t["first"]),
+                    compact(t["last"]),
+                    compact(t["rho"], 2),
+                    "",
+                    "",
+                ]
+            )
     trend = (
         _common.table(
             [
@@ -705,9 +709,10 @@ def sections(results: dict) -> list[tuple[str, str]]:
     )
 
     mark = {True: " (=)", False: " (≠)", None: ""}
-    rows = [["(original value)"] + [_num(inv["original"][k], 4) for k in METRICS]]
+    rows = [["(original value)"] + [compact(inv["original"][k], 4) for k in METRICS]]
     rows += [
-        [TRANSFORM_LABELS[t]] + [_num(inv["change"][t][k]) + mark[EXPECTED[k][t]] for k in METRICS] for t in TRANSFORMS
+        [TRANSFORM_LABELS[t]] + [compact(inv["change"][t][k]) + mark[EXPECTED[k][t]] for k in METRICS]
+        for t in TRANSFORMS
     ]
     invariant = (
         _common.table(["map"] + [LABELS[k] for k in METRICS], rows)
@@ -722,10 +727,10 @@ def sections(results: dict) -> list[tuple[str, str]]:
     tasks = list(sweep[0]["task_accuracy"]) if sweep else []
     rows = [
         [f"{x['logit_scale']:g}" + ("" if x.get("fitted", True) else "*"), str(x.get("seed", ""))]
-        + [_num(x["metrics"][k], 4) for k in METRICS]
-        + [_num(x["pretrain_accuracy"], 4)]
-        + [_num(x["task_accuracy"][t], 4) for t in tasks]
-        + [_num(x["mlog"], 3)]
+        + [compact(x["metrics"][k], 4) for k in METRICS]
+        + [compact(x["pretrain_accuracy"], 4)]
+        + [compact(x["task_accuracy"][t], 4) for t in tasks]
+        + [compact(x["mlog"], 3)]
         for x in sweep
     ]
     corr_rows = [["ours (logit-scale sweep)"] + [_common.number(tf["correlations"][k], ".3f") for k in METRICS]]
@@ -775,8 +780,8 @@ def sections(results: dict) -> list[tuple[str, str]]:
     summary = run.summary
     setting = (
         f"ResNet-18 ({', '.join(parts)}), seed {run.trainer.cfg.seed}, device {summary.get('device')}. "
-        f"Training run: train accuracy {_num(summary['train_accuracy'], 4)}, test accuracy "
-        f"{_num(summary['test_accuracy'], 4)}, interpolation epoch {summary.get('interpolation_epoch')}, "
+        f"Training run: train accuracy {compact(summary['train_accuracy'], 4)}, test accuracy "
+        f"{compact(summary['test_accuracy'], 4)}, interpolation epoch {summary.get('interpolation_epoch')}, "
         f"{run.seconds:.0f} s."
     )
     return [
