@@ -82,6 +82,7 @@ LAYERS = {  # module -> the ncfast modules it may import, besides the leaves
     "train.__main__": {"train.data", "train.models", "train.probes", "train.trainer"},
     "experiments": set(),
     "experiments._common": {"train.data", "train.trainer", "train.figures", "train._files"},
+    "experiments._verdicts": set(),  # numpy only: the statistics of the verdicts
     **{f"experiments.{name}": _DRIVER for name in ("coarse", "gmm", "ncc_layers", "rank_collapse", "vci")},
 }
 
