@@ -263,10 +263,8 @@ class ClassMoments:
             return
         pooled = pooled or not self._keeps_wscatter
         scales: list[torch.Tensor | None] = [None] if pooled else []
-        if self._keeps_wscatter:
-            assert (
-                self.class_counts is not None
-            )  # _keeps_wscatter says so  # rows scaled by sqrt(1 / N_c): the balanced scatter
+        if self._keeps_wscatter:  # rows scaled by sqrt(1 / N_c): the balanced scatter
+            assert self.class_counts is not None  # _keeps_wscatter says so
             scales.append((1.0 / self.class_counts.clamp_min(1).to(torch.float64)).sqrt())
         out = backend.centred_scatters(x, y, acc.mean, scales)
         acc.scatter = out[0] if pooled else None
