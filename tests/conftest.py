@@ -16,17 +16,18 @@ import helpers  # noqa: E402
 
 @pytest.fixture(scope="session")
 def backend_list() -> list[str]:
-    """The backends this machine runs (helpers.backend_names)."""
-    return helpers.backend_names()
+    """The backends this machine runs (helpers.BACKENDS): ["cpp", "torch"], plus "triton" where it runs."""
+    return list(helpers.BACKENDS)
+
+
+@pytest.fixture(params=helpers.BACKENDS)
+def backend_name(request) -> str:
+    """Each backend this machine runs in turn: a test that takes it runs once per backend."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
 def tolerance():
-    """dtype -> (atol, rtol) of a value accumulated in that dtype (helpers.TOLERANCES)."""
+    """tolerance(dtype) -> (atol, rtol) of a kernel's float64 result from inputs of that dtype against
+    the float64 reference; atol is relative to the reference's largest magnitude (helpers.TOLERANCES)."""
     return helpers.TOLERANCES.__getitem__
-
-
-def pytest_generate_tests(metafunc):
-    """A test that takes ``backend_name`` runs once per backend this machine runs."""
-    if "backend_name" in metafunc.fixturenames:
-        metafunc.parametrize("backend_name", helpers.backend_names())

@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import DEVICE, assert_close, backend_names, make_data
+from helpers import BACKENDS, DEVICE, assert_close, make_data
 from ncfast import backends
 from ncfast.backends import torch as torch_backend
-
-NAMES = backend_names()
 
 
 @pytest.fixture
@@ -43,7 +41,7 @@ def test_for_tensor_follows_the_device_and_ncfast_backend(monkeypatch):
         backends.get("cuda")
 
 
-@pytest.mark.skipif("triton" not in NAMES, reason="triton is not installed")
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
 def test_for_tensor_triton(monkeypatch):
     monkeypatch.setenv("NCFAST_BACKEND", "triton")
     assert backends.for_tensor(torch.zeros(3, 2, device=DEVICE)).name == "triton"
@@ -109,7 +107,7 @@ def _blocks_with_absent_classes():
     return a, b
 
 
-def test_merge_into_is_chans_merge():
+def test_merge_into_is_chans_merge(backend_list):
     """The C++ backend's in-place merge equals the out-of-place one (BlockMoments.combine) to float64
     rounding (the same operations; the C++ may fuse a multiply-add and sums ||delta||^2 in another
     order), delta and weights included; the backends without one write nothing and say so."""
@@ -122,7 +120,7 @@ def test_merge_into_is_chans_merge():
     for name in ("means", "m2", "unit_sums", "norm_sums"):
         assert_close(getattr(state, name).numpy(), getattr(want, name).numpy(), rtol=1e-15, atol=1e-15, what=name)
     assert torch.equal(weight, want_weight) and torch.equal(delta, want_delta)
-    for name in ("torch",) + (("triton",) if "triton" in NAMES else ()):
+    for name in [n for n in backend_list if n != "cpp"]:
         kept = a.means.clone()
         assert backends.get(name).merge_into(a, b, None) is None
         assert torch.equal(a.means, kept)

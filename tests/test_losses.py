@@ -156,13 +156,13 @@ def test_numpy_labels_and_public_export():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_low_precision_inputs(dtype, tolerance):
+def test_low_precision_inputs(dtype):
     layers, labels = _batch(dtype)
     loss = svsl_loss(layers, labels, alpha=0.3, num_classes=5)
     assert loss.dtype == torch.float32
-    # the loop sees the same rounded inputs, so only float32 accumulation differs
-    atol, rtol = tolerance(torch.float32)
-    assert loss.item() == pytest.approx(_paper_loss(layers, labels, 0.3, 5), rel=rtol, abs=atol)
+    # the loop sees the same rounded inputs, so only float32 accumulation differs: rel 1e-5, specific to
+    # this loss (the tolerance table is for the kernels' float64 accumulations)
+    assert loss.item() == pytest.approx(_paper_loss(layers, labels, 0.3, 5), rel=1e-5)
 
 
 def test_float16_is_upcast_before_squaring():
