@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 
 HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED = "holds", "does not hold", "inconclusive", "not measured"
 LEVEL = 0.95  # confidence level of the intervals
@@ -102,17 +103,6 @@ class Correlation:
         return f"{name} = {self.r:.2f}, p = {self.p:.2g}{' (exact)' if self.exact else ''}, n = {self.n}"
 
 
-def _ranks(v: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean of their positions)."""
-    order = np.argsort(v, kind="stable")
-    ranks = np.empty(v.size)
-    ranks[order] = np.arange(v.size, dtype=np.float64)
-    for value in np.unique(v):
-        tied = v == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     xc, yc = x - x.mean(), y - y.mean()
     return float((xc * yc).sum() / math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum())))
@@ -136,7 +126,7 @@ def correlation_test(x, y, method: str = "spearman", *, permutations: int = RESA
     if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return Correlation(math.nan, math.nan, n, method, exact)
     if method == "spearman":
-        x, y = _ranks(x), _ranks(y)
+        x, y = rankdata(x), rankdata(y)  # average ranks for ties
     r = _pearson(x, y)
     tol = 1e-12 * max(1.0, abs(r))  # orderings that tie the observed |r| up to rounding count as reaching it
     if exact:
